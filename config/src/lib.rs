@@ -1,0 +1,679 @@
+//! The typed Portcullis configuration.
+//!
+//! One TOML file, every key optional with a safe default, unknown keys rejected.
+//! `Config::default()` is the embedded default that `portcullis serve` runs with no
+//! file; the shipped `config/portcullis.toml` spells out exactly the same values (a
+//! test keeps the two in step). Loading never echoes a value back in an error: a
+//! misplaced secret must not end up in a terminal or a log.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The shipped, fully commented configuration file.
+pub const SHIPPED: &str = include_str!("../portcullis.toml");
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the registry, the development PKI, the admin socket and the audit log live.
+    pub data_dir: PathBuf,
+    pub listeners: Listeners,
+    pub tls: Tls,
+    pub admin: Admin,
+    pub observability: Observability,
+    pub broker: Broker,
+    pub limits: Limits,
+    pub auth: Auth,
+    pub audit: Audit,
+    pub device_groups: BTreeMap<String, DeviceGroup>,
+    pub service_groups: BTreeMap<String, ServiceGroup>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    /// Device listener, MQTT over TLS. `"off"` disables it.
+    #[serde(deserialize_with = "listen_addr")]
+    pub device_tls: Option<SocketAddr>,
+    /// Device listener, plain MQTT. Must be a loopback address.
+    #[serde(deserialize_with = "listen_addr")]
+    pub device_plain: Option<SocketAddr>,
+    /// Service listener, MQTT over TLS.
+    #[serde(deserialize_with = "listen_addr")]
+    pub service_tls: Option<SocketAddr>,
+    /// Service listener, plain MQTT. Must be a loopback address.
+    #[serde(deserialize_with = "listen_addr")]
+    pub service_plain: Option<SocketAddr>,
+}
+
+/// A listen address, or `"off"`.
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "expected an address like \"127.0.0.1:8883\" or \"off\" (got {text:?})"
+        ))
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// Server certificate chain (PEM). Default: `{data_dir}/pki/server.pem`.
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM). Default: `{data_dir}/pki/server.key`.
+    pub key: Option<PathBuf>,
+    /// Seconds a peer has to finish the TLS handshake.
+    pub handshake_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// Unix socket of the admin API. Default: `{data_dir}/admin.sock`.
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Observability {
+    /// `/healthz`, `/readyz` and `/metrics`; `"off"` disables it.
+    #[serde(deserialize_with = "listen_addr")]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Broker {
+    /// Only `embedded` exists so far.
+    pub mode: BrokerMode,
+    /// Broker links carrying device traffic to the broker (devices are spread over them).
+    pub uplinks: usize,
+    /// Size of one commit-log segment of the embedded broker, in bytes.
+    pub max_segment_size: usize,
+    /// Segments kept per topic before the oldest is dropped.
+    pub max_segment_count: usize,
+    /// Maximum links (gateway uplinks + downlink + one per connected service).
+    pub max_links: usize,
+    /// Messages queued towards one broker link before the sender waits.
+    pub link_queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerMode {
+    Embedded,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest MQTT packet accepted from a peer, in bytes.
+    pub max_packet_size: usize,
+    /// Longest topic name, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_depth: usize,
+    /// Seconds between TCP accept (or TLS handshake) and CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Concurrent connections over all listeners.
+    pub max_connections: usize,
+    /// Concurrent connections from one source address.
+    pub max_connections_per_source: usize,
+    /// Filters in one SUBSCRIBE.
+    pub max_subscribe_filters: usize,
+    /// Messages queued towards one peer before it is considered stuck and disconnected.
+    pub session_queue: usize,
+    /// Seconds SIGTERM waits for sessions to close before exiting anyway.
+    pub drain_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// Failures from one source (within `failure_window_secs`) before it is backed off.
+    pub max_failures: u32,
+    pub failure_window_secs: u64,
+    /// First back-off; doubles on every further failure, up to `backoff_max_secs`.
+    pub backoff_initial_secs: u64,
+    pub backoff_max_secs: u64,
+    /// Secret-hash key (HMAC-SHA256). Default: `{data_dir}/keys/secret-hash.key`,
+    /// created on first start.
+    pub secret_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Audit {
+    /// JSON lines audit log. Default: `{data_dir}/audit.log`.
+    pub file: Option<PathBuf>,
+    /// Entries queued towards the writer before new ones are counted as dropped.
+    pub queue: usize,
+}
+
+/// How a certificate names its principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityField {
+    /// The subject's common name.
+    Cn,
+    /// A SAN URI `urn:portcullis:{id}`.
+    SanUri,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceGroup {
+    /// CA bundles (PEM) whose certificates may claim ids in this group.
+    #[serde(default)]
+    pub trust: Vec<PathBuf>,
+    #[serde(default = "default_identity")]
+    pub identity: IdentityField,
+    /// Publish rights; must stay under `devices/{id}/`. Everything else is denied.
+    #[serde(default = "default_device_publish")]
+    pub publish: Vec<String>,
+    /// Subscribe rights; must stay under `devices/{id}/commands/`.
+    #[serde(default = "default_device_subscribe")]
+    pub subscribe: Vec<String>,
+    /// MQTT 3.1.1 cannot carry a reason: refused QoS 1 publishes are acknowledged and
+    /// dropped, or, with this set, the device is disconnected instead.
+    #[serde(default)]
+    pub disconnect_on_refusal: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceGroup {
+    #[serde(default)]
+    pub trust: Vec<PathBuf>,
+    #[serde(default = "default_identity")]
+    pub identity: IdentityField,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+fn default_identity() -> IdentityField {
+    IdentityField::Cn
+}
+
+fn default_device_publish() -> Vec<String> {
+    vec!["devices/{id}/#".into()]
+}
+
+fn default_device_subscribe() -> Vec<String> {
+    vec!["devices/{id}/commands/#".into()]
+}
+
+fn loopback(port: u16) -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let dev_ca = PathBuf::from("data/pki/ca.pem");
+        let mut device_groups = BTreeMap::new();
+        device_groups.insert(
+            "default".to_string(),
+            DeviceGroup {
+                trust: vec![dev_ca.clone()],
+                identity: IdentityField::Cn,
+                publish: default_device_publish(),
+                subscribe: default_device_subscribe(),
+                disconnect_on_refusal: false,
+            },
+        );
+        let mut service_groups = BTreeMap::new();
+        service_groups.insert(
+            "default".to_string(),
+            ServiceGroup {
+                trust: vec![dev_ca],
+                identity: IdentityField::Cn,
+                publish: vec!["devices/+/commands/#".into()],
+                subscribe: vec!["devices/+/telemetry/#".into()],
+            },
+        );
+        Config {
+            data_dir: PathBuf::from("data"),
+            listeners: Listeners::default(),
+            tls: Tls::default(),
+            admin: Admin::default(),
+            observability: Observability::default(),
+            broker: Broker::default(),
+            limits: Limits::default(),
+            auth: Auth::default(),
+            audit: Audit::default(),
+            device_groups,
+            service_groups,
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            device_tls: loopback(8883),
+            device_plain: loopback(1883),
+            service_tls: loopback(8884),
+            service_plain: None,
+        }
+    }
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            cert: None,
+            key: None,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { socket: None }
+    }
+}
+
+impl Default for Observability {
+    fn default() -> Self {
+        Observability {
+            listen: loopback(9464),
+        }
+    }
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            mode: BrokerMode::Embedded,
+            uplinks: 2,
+            max_segment_size: 16 * 1024 * 1024,
+            max_segment_count: 8,
+            max_links: 1024,
+            link_queue: 4096,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 256 * 1024,
+            max_topic_length: 256,
+            max_topic_depth: 16,
+            connect_timeout_secs: 10,
+            max_connections: 100_000,
+            max_connections_per_source: 1_000,
+            max_subscribe_filters: 16,
+            session_queue: 1024,
+            drain_timeout_secs: 5,
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            max_failures: 5,
+            failure_window_secs: 60,
+            backoff_initial_secs: 2,
+            backoff_max_secs: 300,
+            secret_key_file: None,
+        }
+    }
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            file: None,
+            queue: 4096,
+        }
+    }
+}
+
+/// A configuration error: where, which key, and why. Never the offending value when
+/// it could be a secret.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.reason)
+        }
+    }
+}
+
+impl Config {
+    /// Parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: String::new(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parse and validate configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: origin.to_string(),
+            key: String::new(),
+            reason: toml_reason(&e, text),
+        })?;
+        config.validate().map_err(|(key, reason)| ConfigError {
+            file: origin.to_string(),
+            key,
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    /// Cross-field checks serde cannot express.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let positive: [(&str, u64); 10] = [
+            ("tls.handshake_timeout_secs", self.tls.handshake_timeout_secs),
+            ("limits.max_packet_size", self.limits.max_packet_size as u64),
+            ("limits.max_topic_length", self.limits.max_topic_length as u64),
+            ("limits.max_topic_depth", self.limits.max_topic_depth as u64),
+            ("limits.connect_timeout_secs", self.limits.connect_timeout_secs),
+            ("limits.max_connections", self.limits.max_connections as u64),
+            (
+                "limits.max_connections_per_source",
+                self.limits.max_connections_per_source as u64,
+            ),
+            ("limits.session_queue", self.limits.session_queue as u64),
+            ("broker.uplinks", self.broker.uplinks as u64),
+            ("auth.max_failures", self.auth.max_failures as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err((key.to_string(), "must be > 0 (got 0)".to_string()));
+            }
+        }
+        if self.limits.max_packet_size > 256 * 1024 * 1024 {
+            return Err((
+                "limits.max_packet_size".into(),
+                format!(
+                    "must be at most 268435456, the MQTT maximum (got {})",
+                    self.limits.max_packet_size
+                ),
+            ));
+        }
+        if self.limits.max_topic_length > 65_535 {
+            return Err((
+                "limits.max_topic_length".into(),
+                format!(
+                    "must be at most 65535 (got {})",
+                    self.limits.max_topic_length
+                ),
+            ));
+        }
+        if self.broker.max_links < self.broker.uplinks + 2 {
+            return Err((
+                "broker.max_links".into(),
+                format!(
+                    "must leave room for the {} uplinks, the downlink and a service (got {})",
+                    self.broker.uplinks, self.broker.max_links
+                ),
+            ));
+        }
+        if self.broker.max_segment_size < 1024 || self.broker.max_segment_count == 0 {
+            return Err((
+                "broker.max_segment_size".into(),
+                "segments must be at least 1024 bytes and max_segment_count > 0".into(),
+            ));
+        }
+        if self.auth.backoff_initial_secs == 0
+            || self.auth.backoff_max_secs < self.auth.backoff_initial_secs
+        {
+            return Err((
+                "auth.backoff_max_secs".into(),
+                format!(
+                    "must be >= auth.backoff_initial_secs > 0 (got {} and {})",
+                    self.auth.backoff_max_secs, self.auth.backoff_initial_secs
+                ),
+            ));
+        }
+        for (key, addr) in [
+            ("listeners.device_plain", self.listeners.device_plain),
+            ("listeners.service_plain", self.listeners.service_plain),
+        ] {
+            if let Some(addr) = addr {
+                if !addr.ip().is_loopback() {
+                    return Err((
+                        key.to_string(),
+                        format!(
+                            "plain MQTT is only allowed on loopback (got {}); use the TLS listener",
+                            addr.ip()
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.device_groups.is_empty() {
+            return Err((
+                "device_groups".into(),
+                "at least one device group is required".into(),
+            ));
+        }
+        for (name, group) in &self.device_groups {
+            check_group_name(name).map_err(|r| (format!("device_groups.{name}"), r))?;
+            for (i, pattern) in group.publish.iter().enumerate() {
+                let key = format!("device_groups.{name}.publish[{i}]");
+                check_pattern(pattern).map_err(|r| (key.clone(), r))?;
+                if !pattern.starts_with("devices/{id}/") {
+                    return Err((
+                        key,
+                        format!("a device may only publish under devices/{{id}}/ (got {pattern:?})"),
+                    ));
+                }
+            }
+            for (i, pattern) in group.subscribe.iter().enumerate() {
+                let key = format!("device_groups.{name}.subscribe[{i}]");
+                check_pattern(pattern).map_err(|r| (key.clone(), r))?;
+                if !pattern.starts_with("devices/{id}/commands/") {
+                    return Err((
+                        key,
+                        format!(
+                            "a device may only subscribe under devices/{{id}}/commands/ (got {pattern:?})"
+                        ),
+                    ));
+                }
+            }
+        }
+        for (name, group) in &self.service_groups {
+            check_group_name(name).map_err(|r| (format!("service_groups.{name}"), r))?;
+            for (field, patterns) in [("publish", &group.publish), ("subscribe", &group.subscribe)]
+            {
+                for (i, pattern) in patterns.iter().enumerate() {
+                    let key = format!("service_groups.{name}.{field}[{i}]");
+                    check_pattern(pattern).map_err(|r| (key.clone(), r))?;
+                    if field == "publish" && pattern.starts_with("portcullis/") {
+                        return Err((
+                            key,
+                            "only the gateway may publish under portcullis/".to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Paths that default to a place under `data_dir`.
+    pub fn server_cert(&self) -> PathBuf {
+        self.tls
+            .cert
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki/server.pem"))
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.tls
+            .key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki/server.key"))
+    }
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+    pub fn secret_key_file(&self) -> PathBuf {
+        self.auth
+            .secret_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys/secret-hash.key"))
+    }
+    pub fn audit_file(&self) -> PathBuf {
+        self.audit
+            .file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit.log"))
+    }
+    pub fn registry_file(&self) -> PathBuf {
+        self.data_dir.join("registry.redb")
+    }
+}
+
+/// toml's message quotes the offending line, which may hold a secret: keep only the
+/// position and the reason.
+fn toml_reason(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().to_string();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+fn check_group_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err("group names are 1-64 characters of [A-Za-z0-9._-]".into())
+    }
+}
+
+/// ACL patterns: MQTT filters whose levels may also be `{id}` or `{group}`.
+fn check_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("empty pattern".into());
+    }
+    let levels: Vec<&str> = pattern.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.is_empty() {
+            return Err(format!("empty level in {pattern:?}"));
+        }
+        if *level == "#" && i + 1 != levels.len() {
+            return Err(format!("'#' must be the last level in {pattern:?}"));
+        }
+        let is_placeholder = matches!(*level, "{id}" | "{group}");
+        if !is_placeholder
+            && *level != "#"
+            && *level != "+"
+            && (level.contains(['+', '#', '\0', '{', '}']))
+        {
+            return Err(format!(
+                "level {level:?} in {pattern:?} mixes a wildcard or placeholder with text"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_is_the_embedded_default() {
+        let shipped = Config::parse(SHIPPED, "config/portcullis.toml").unwrap();
+        assert_eq!(shipped, Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(Config::parse("", "x.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let err = Config::parse("[limits]\nmax_pakcet_size = 10\n", "x.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("x.toml"), "{text}");
+        assert!(text.contains("max_pakcet_size"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    fn zero_limit_names_the_key() {
+        let err = Config::parse("[limits]\nmax_packet_size = 0\n", "x.toml").unwrap_err();
+        assert_eq!(err.key, "limits.max_packet_size");
+        assert_eq!(
+            err.to_string(),
+            "x.toml: limits.max_packet_size: must be > 0 (got 0)"
+        );
+    }
+
+    #[test]
+    fn plain_listener_off_loopback_is_rejected() {
+        let err = Config::parse("[listeners]\ndevice_plain = \"0.0.0.0:1883\"\n", "x.toml")
+            .unwrap_err();
+        assert_eq!(err.key, "listeners.device_plain");
+    }
+
+    #[test]
+    fn device_acl_outside_own_namespace_is_rejected() {
+        let text = "[device_groups.meters]\npublish = [\"devices/+/telemetry\"]\n";
+        let err = Config::parse(text, "x.toml").unwrap_err();
+        assert_eq!(err.key, "device_groups.meters.publish[0]");
+    }
+
+    #[test]
+    fn service_may_not_publish_gateway_events() {
+        let text = "[service_groups.ops]\npublish = [\"portcullis/events/#\"]\n";
+        let err = Config::parse(text, "x.toml").unwrap_err();
+        assert_eq!(err.key, "service_groups.ops.publish[0]");
+    }
+
+    #[test]
+    fn malformed_pattern_is_rejected() {
+        let text = "[service_groups.ops]\nsubscribe = [\"devices/#/x\"]\n";
+        let err = Config::parse(text, "x.toml").unwrap_err();
+        assert!(err.reason.contains("last level"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_does_not_echo_the_line() {
+        let text = "[auth]\nsecret_key_file = \"s3cr3t-value\n";
+        let err = Config::parse(text, "x.toml").unwrap_err();
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+    }
+}
