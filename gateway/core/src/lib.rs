@@ -1,1 +1,16 @@
+//! Portcullis core: principals, registry, authentication, the pipeline and the broker
+//! links. Knows nothing of MQTT framing: adapters translate their protocol into the
+//! types here and act on the verdicts they get back.
 
+pub mod acl;
+pub mod audit;
+pub mod auth;
+pub mod backoff;
+pub mod broker;
+pub mod metrics;
+pub mod pipeline;
+pub mod principal;
+pub mod registry;
+pub mod secret;
+pub mod sessions;
+pub mod topic;

@@ -1,0 +1,419 @@
+//! Authentication: who is this peer, and may it connect at all?
+//!
+//! Reads only the in-memory registry snapshot and per-group trust anchors. Every
+//! refusal carries a precise reason for the audit log and metrics, but the peer gets
+//! one and the same answer whatever went wrong, and an unknown id costs the same work
+//! as a wrong secret: nothing tells an attacker whether an id exists.
+
+use crate::acl::{Acl, AclTemplate};
+use crate::backoff::{BackoffPolicy, SourceGuard};
+use crate::principal::{GroupName, PrincipalId, PrincipalKind, PrincipalRef};
+use crate::registry::Registry;
+use crate::secret::SecretHasher;
+use portcullis_config::{Config, IdentityField};
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One group's rules, built once from the configuration.
+pub struct GroupPolicy {
+    pub kind: PrincipalKind,
+    pub name: GroupName,
+    pub acl: AclTemplate,
+    pub identity: IdentityField,
+    pub disconnect_on_refusal: bool,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl std::fmt::Debug for GroupPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupPolicy")
+            .field("kind", &self.kind)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: {reason}")]
+    Trust { path: String, reason: String },
+    #[error("{group}: {reason}")]
+    Group { group: String, reason: String },
+}
+
+/// All groups, plus the union of their CAs for the TLS handshake.
+#[derive(Debug)]
+pub struct Policies {
+    groups: HashMap<(PrincipalKind, GroupName), Arc<GroupPolicy>>,
+    /// CAs any group trusts, by listener: the TLS layer accepts a client certificate
+    /// from any of them; which group may use which CA is decided at CONNECT.
+    pub device_roots: Arc<RootCertStore>,
+    pub service_roots: Arc<RootCertStore>,
+}
+
+fn load_roots(paths: &[std::path::PathBuf]) -> Result<RootCertStore, PolicyError> {
+    let mut roots = RootCertStore::empty();
+    for path in paths {
+        let certs = read_pem_certs(path)?;
+        for cert in certs {
+            roots.add(cert).map_err(|e| PolicyError::Trust {
+                path: path.display().to_string(),
+                reason: format!("not a usable CA certificate: {e}"),
+            })?;
+        }
+    }
+    Ok(roots)
+}
+
+pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PolicyError> {
+    let err = |reason: String| PolicyError::Trust {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in file".into()));
+    }
+    Ok(certs)
+}
+
+impl Policies {
+    pub fn from_config(config: &Config) -> Result<Policies, PolicyError> {
+        let mut groups = HashMap::new();
+        let mut device_roots = RootCertStore::empty();
+        let mut service_roots = RootCertStore::empty();
+        let entries = config
+            .device_groups
+            .iter()
+            .map(|(name, g)| {
+                (
+                    PrincipalKind::Device,
+                    name,
+                    &g.trust,
+                    g.identity,
+                    &g.publish,
+                    &g.subscribe,
+                    g.disconnect_on_refusal,
+                )
+            })
+            .chain(config.service_groups.iter().map(|(name, g)| {
+                (
+                    PrincipalKind::Service,
+                    name,
+                    &g.trust,
+                    g.identity,
+                    &g.publish,
+                    &g.subscribe,
+                    false,
+                )
+            }));
+        for (kind, name, trust, identity, publish, subscribe, disconnect_on_refusal) in entries {
+            let group = GroupName::parse(name).map_err(|e| PolicyError::Group {
+                group: name.clone(),
+                reason: e.to_string(),
+            })?;
+            let roots = load_roots(trust)?;
+            let verifier = if roots.is_empty() {
+                None
+            } else {
+                let all = match kind {
+                    PrincipalKind::Device => &mut device_roots,
+                    PrincipalKind::Service => &mut service_roots,
+                };
+                for anchor in roots.roots.iter() {
+                    all.roots.push(anchor.clone());
+                }
+                Some(
+                    WebPkiClientVerifier::builder(Arc::new(roots))
+                        .build()
+                        .map_err(|e| PolicyError::Group {
+                            group: name.clone(),
+                            reason: format!("trust anchors: {e}"),
+                        })?,
+                )
+            };
+            groups.insert(
+                (kind, group.clone()),
+                Arc::new(GroupPolicy {
+                    kind,
+                    name: group,
+                    acl: AclTemplate::new(kind, publish, subscribe),
+                    identity,
+                    disconnect_on_refusal,
+                    verifier,
+                }),
+            );
+        }
+        Ok(Policies {
+            groups,
+            device_roots: Arc::new(device_roots),
+            service_roots: Arc::new(service_roots),
+        })
+    }
+
+    pub fn group(&self, kind: PrincipalKind, name: &GroupName) -> Option<&Arc<GroupPolicy>> {
+        self.groups.get(&(kind, name.clone()))
+    }
+}
+
+/// What the peer presented.
+#[derive(Debug, Default)]
+pub struct Credentials<'a> {
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    /// The verified TLS chain, end-entity first, if the peer sent one.
+    pub certs: Option<&'a [CertificateDer<'static>]>,
+}
+
+/// Why a CONNECT was refused. For the audit log and metrics only: the peer always
+/// sees the same "not authorized".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthRefusal {
+    #[error("source is backed off after repeated failures")]
+    BackedOff,
+    #[error("client id is not a valid principal id")]
+    BadClientId,
+    #[error("username differs from the client id")]
+    UsernameMismatch,
+    #[error("unknown principal")]
+    Unknown,
+    #[error("principal is disabled")]
+    Disabled,
+    #[error("no credential presented")]
+    NoCredential,
+    #[error("wrong secret")]
+    BadSecret,
+    #[error("principal has no secret credential")]
+    SecretNotAllowed,
+    #[error("principal has no certificate credential")]
+    CertNotAllowed,
+    #[error("certificate not issued by a CA the principal's group trusts")]
+    CertUntrusted,
+    #[error("certificate identity differs from the client id")]
+    CertIdentityMismatch,
+    #[error("certificate is not the one registered")]
+    CertNotPinned,
+    #[error("principal's group is not configured")]
+    NoGroup,
+}
+
+impl AuthRefusal {
+    /// Stable label for metrics and audit lines.
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthRefusal::BackedOff => "backed_off",
+            AuthRefusal::BadClientId => "bad_client_id",
+            AuthRefusal::UsernameMismatch => "username_mismatch",
+            AuthRefusal::Unknown => "unknown_principal",
+            AuthRefusal::Disabled => "disabled",
+            AuthRefusal::NoCredential => "no_credential",
+            AuthRefusal::BadSecret => "bad_secret",
+            AuthRefusal::SecretNotAllowed => "secret_not_allowed",
+            AuthRefusal::CertNotAllowed => "certificate_not_allowed",
+            AuthRefusal::CertUntrusted => "certificate_untrusted",
+            AuthRefusal::CertIdentityMismatch => "certificate_identity_mismatch",
+            AuthRefusal::CertNotPinned => "certificate_not_registered",
+            AuthRefusal::NoGroup => "group_not_configured",
+        }
+    }
+}
+
+/// A principal that proved who it is.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub principal: PrincipalRef,
+    pub generation: u64,
+    pub method: &'static str,
+    pub cert_fingerprint: Option<String>,
+    pub acl: Arc<Acl>,
+    pub policy: Arc<GroupPolicy>,
+}
+
+pub struct Authenticator {
+    registry: Arc<Registry>,
+    hasher: SecretHasher,
+    policies: Arc<Policies>,
+    guard: Mutex<SourceGuard>,
+}
+
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    hex::encode(Sha256::digest(cert.as_ref()))
+}
+
+/// The identity a certificate claims under the given field.
+pub fn cert_identity(cert: &CertificateDer<'_>, field: IdentityField) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    match field {
+        IdentityField::Cn => {
+            let mut names = parsed.subject().iter_common_name();
+            let first = names.next()?.as_str().ok()?.to_string();
+            // Exactly one identity: a certificate with two CNs names nobody.
+            if names.next().is_some() {
+                return None;
+            }
+            Some(first)
+        }
+        IdentityField::SanUri => {
+            let san = parsed.subject_alternative_name().ok()??;
+            let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(uri) => {
+                    uri.strip_prefix("urn:portcullis:").map(str::to_string)
+                }
+                _ => None,
+            });
+            let first = ids.next()?;
+            if ids.next().is_some() {
+                return None;
+            }
+            Some(first)
+        }
+    }
+}
+
+impl Authenticator {
+    pub fn new(
+        registry: Arc<Registry>,
+        hasher: SecretHasher,
+        policies: Arc<Policies>,
+        backoff: BackoffPolicy,
+    ) -> Self {
+        Authenticator {
+            registry,
+            hasher,
+            policies,
+            guard: Mutex::new(SourceGuard::new(backoff)),
+        }
+    }
+
+    pub fn hasher(&self) -> &SecretHasher {
+        &self.hasher
+    }
+
+    pub fn policies(&self) -> &Arc<Policies> {
+        &self.policies
+    }
+
+    /// Back-off check alone, before anything else is read from the peer.
+    pub fn check_source(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.guard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(source, now)
+    }
+
+    pub fn authenticate(
+        &self,
+        kind: PrincipalKind,
+        creds: &Credentials<'_>,
+        source: IpAddr,
+        now: Instant,
+    ) -> Result<Authenticated, AuthRefusal> {
+        if self.check_source(source, now).is_err() {
+            return Err(AuthRefusal::BackedOff);
+        }
+        let result = self.verify(kind, creds);
+        let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(_) => guard.record_success(source),
+            Err(_) => guard.record_failure(source, now),
+        }
+        result
+    }
+
+    fn verify(
+        &self,
+        kind: PrincipalKind,
+        creds: &Credentials<'_>,
+    ) -> Result<Authenticated, AuthRefusal> {
+        let snapshot = self.registry.snapshot();
+        let id = PrincipalId::parse(creds.client_id);
+        let record = id
+            .as_ref()
+            .ok()
+            .and_then(|id| snapshot.get(kind, id))
+            .cloned();
+        // Equal work for unknown ids: the secret is always hashed when one was sent.
+        let secret_ok = creds.password.map(|password| {
+            let stored = record.as_ref().and_then(|r| r.secret_hash_bytes());
+            self.hasher.verify(password, stored.as_ref())
+        });
+        let id = id.map_err(|_| AuthRefusal::BadClientId)?;
+        if let Some(username) = creds.username {
+            if username != creds.client_id {
+                return Err(AuthRefusal::UsernameMismatch);
+            }
+        }
+        let record = record.ok_or(AuthRefusal::Unknown)?;
+        let policy = self
+            .policies
+            .group(kind, &record.group)
+            .cloned()
+            .ok_or(AuthRefusal::NoGroup)?;
+
+        let mut fingerprint_seen = None;
+        let cert_ok = match creds.certs.and_then(|c| c.first().map(|ee| (ee, &c[1..]))) {
+            None => None,
+            Some((end_entity, intermediates)) => {
+                let pinned = record.cert.as_ref().ok_or(AuthRefusal::CertNotAllowed)?;
+                let verifier = policy.verifier.as_ref().ok_or(AuthRefusal::CertUntrusted)?;
+                verifier
+                    .verify_client_cert(end_entity, intermediates, UnixTime::now())
+                    .map_err(|_| AuthRefusal::CertUntrusted)?;
+                let claimed = cert_identity(end_entity, policy.identity)
+                    .ok_or(AuthRefusal::CertIdentityMismatch)?;
+                if claimed != id.as_str() {
+                    return Err(AuthRefusal::CertIdentityMismatch);
+                }
+                let fp = fingerprint(end_entity);
+                if let Some(expected) = &pinned.fingerprint {
+                    if !expected.eq_ignore_ascii_case(&fp) {
+                        return Err(AuthRefusal::CertNotPinned);
+                    }
+                }
+                fingerprint_seen = Some(fp);
+                Some(true)
+            }
+        };
+        let method = match (cert_ok, secret_ok) {
+            (None, None) => return Err(AuthRefusal::NoCredential),
+            (_, Some(false)) if record.secret_hash.is_none() => {
+                return Err(AuthRefusal::SecretNotAllowed);
+            }
+            (_, Some(false)) => return Err(AuthRefusal::BadSecret),
+            (Some(_), Some(true)) => "certificate+secret",
+            (Some(_), None) => "certificate",
+            (None, Some(true)) => "secret",
+        };
+        if !record.enabled {
+            return Err(AuthRefusal::Disabled);
+        }
+        let acl = policy
+            .acl
+            .expand(&record.id, &record.group)
+            .map_err(|_| AuthRefusal::NoGroup)?;
+        Ok(Authenticated {
+            principal: PrincipalRef {
+                kind,
+                id: record.id.clone(),
+                group: record.group.clone(),
+            },
+            generation: record.generation,
+            method,
+            cert_fingerprint: fingerprint_seen,
+            acl: Arc::new(acl),
+            policy,
+        })
+    }
+}

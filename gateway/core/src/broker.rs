@@ -1,0 +1,484 @@
+//! The embedded broker and the few links the gateway holds to it.
+//!
+//! rumqttd runs in-process with no network listener; the gateway reaches it through
+//! local links. A link's `send` blocks on a bounded router channel, so every link
+//! lives on its own thread with a current-thread runtime, fed by a bounded queue: a
+//! slow router slows the senders (back-pressure), never a tokio worker.
+//!
+//! - `uplinks`: a few links carrying device traffic into the broker; a device always
+//!   uses the same one, so its messages stay in order. QoS 1 goes through the link as
+//!   QoS 1 and the caller is told when the router acknowledged it.
+//! - the downlink: one link subscribed to every device's commands, routing each to
+//!   the device's session.
+//! - a link per connected service, carrying its own subscriptions.
+
+use crate::pipeline::{Message, QoS};
+use crate::principal::PrincipalId;
+use crate::topic::TopicName;
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Filter, Packet, PubAck, PubAckReason, Publish,
+    RetainForwardRule, Subscribe, Unsubscribe,
+};
+use rumqttd::{Config, Notification, RouterConfig};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker link: {0}")]
+    Link(String),
+    #[error("the broker has stopped")]
+    Stopped,
+}
+
+/// A message delivered from the broker to a peer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub topic: TopicName,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+}
+
+enum UplinkCmd {
+    Publish(Message, Option<oneshot::Sender<()>>),
+}
+
+enum DownlinkCmd {
+    Register(PrincipalId, u64, mpsc::Sender<Delivery>),
+    Unregister(PrincipalId, u64),
+}
+
+/// Commands from a service session to its link.
+#[derive(Debug)]
+pub enum ServiceCmd {
+    /// `pkid` is the service's own packet id for QoS 1; the PUBACK comes back with it.
+    Publish(Message, u16),
+    Subscribe(Vec<(String, QoS)>),
+    Unsubscribe(Vec<String>),
+}
+
+/// What a service link reports back to its session.
+#[derive(Debug)]
+pub enum ServiceEvent {
+    Delivery(Delivery),
+    PubAck(u16),
+}
+
+pub struct EmbeddedBroker {
+    broker: rumqttd::Broker,
+    uplinks: Vec<mpsc::Sender<UplinkCmd>>,
+    downlink: mpsc::Sender<DownlinkCmd>,
+    link_queue: usize,
+    service_links: AtomicU64,
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EmbeddedBroker")
+    }
+}
+
+fn router_config(cfg: &portcullis_config::Broker) -> Config {
+    Config {
+        id: 0,
+        router: RouterConfig {
+            // rumqttd's default allows zero connections.
+            max_connections: cfg.max_links,
+            max_outgoing_packet_count: 200,
+            max_segment_size: cfg.max_segment_size,
+            max_segment_count: cfg.max_segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: None,
+        v5: None,
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: None,
+    }
+}
+
+fn link_err(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Link(e.to_string())
+}
+
+/// Build a rumqttd publish with the QoS and packet id set (its constructor only makes
+/// QoS 0, but its serialized form is public and carries both).
+fn build_publish(topic: &[u8], payload: &[u8], qos: QoS, retain: bool, pkid: u16) -> Publish {
+    let mut buf = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    buf.put_u8(0b0011_0000 | retain as u8 | ((qos as u8) << 1));
+    buf.put_u16(pkid);
+    buf.put_u16(topic.len() as u16);
+    buf.put_slice(topic);
+    buf.put_slice(payload);
+    Publish::deserialize(buf.freeze())
+}
+
+/// QoS and packet id of a forwarded publish (rumqttd keeps them crate-private). The
+/// router stamps forwards with the subscription's QoS; a QoS > 0 forward counts two
+/// extra bytes for its packet id in `len()`.
+fn forward_qos_pkid(publish: &Publish) -> (QoS, u16) {
+    let plain = 2 + publish.topic.len() + publish.payload.len();
+    if publish.len() == plain {
+        return (QoS::AtMostOnce, 0);
+    }
+    let raw = publish.serialize();
+    let pkid = u16::from_be_bytes([raw[1], raw[2]]);
+    (QoS::AtLeastOnce, pkid)
+}
+
+/// The packet id of a PUBACK from the router (its `Ack` type is crate-private, but
+/// converts into the public `Packet`).
+fn acked_pkid(notification: Notification) -> Option<u16> {
+    let packet: Option<Packet> = notification.into();
+    match packet {
+        Some(Packet::PubAck(ack, _)) => Some(ack.pkid),
+        _ => None,
+    }
+}
+
+fn filter(path: &str, qos: QoS) -> Filter {
+    Filter {
+        path: path.to_string(),
+        qos: match qos {
+            QoS::AtMostOnce => rumqttd::protocol::QoS::AtMostOnce,
+            _ => rumqttd::protocol::QoS::AtLeastOnce,
+        },
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    }
+}
+
+fn to_delivery(publish: Publish, qos: QoS) -> Option<Delivery> {
+    let topic = std::str::from_utf8(&publish.topic).ok()?;
+    let topic = TopicName::parse(
+        topic,
+        crate::topic::TopicLimits {
+            max_length: usize::MAX,
+            max_depth: usize::MAX,
+        },
+    )
+    .ok()?;
+    Some(Delivery {
+        topic,
+        payload: publish.payload,
+        qos,
+        retain: publish.retain,
+    })
+}
+
+fn spawn_link_thread(name: String, body: impl FnOnce() + Send + 'static) -> Result<(), BrokerError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(body)
+        .map(|_| ())
+        .map_err(link_err)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime needs no resources that can be missing")
+}
+
+impl EmbeddedBroker {
+    pub fn start(cfg: &portcullis_config::Broker) -> Result<Arc<EmbeddedBroker>, BrokerError> {
+        let broker = rumqttd::Broker::new(router_config(cfg));
+        let mut uplinks = Vec::with_capacity(cfg.uplinks);
+        for n in 0..cfg.uplinks {
+            let (tx, rx) = broker.link(&format!("portcullis-uplink-{n}")).map_err(link_err)?;
+            let (cmd_tx, cmd_rx) = mpsc::channel(cfg.link_queue);
+            spawn_link_thread(format!("uplink-{n}"), move || {
+                runtime().block_on(run_uplink(tx, rx, cmd_rx))
+            })?;
+            uplinks.push(cmd_tx);
+        }
+        let (tx, rx) = broker.link("portcullis-downlink").map_err(link_err)?;
+        let (downlink, cmd_rx) = mpsc::channel(cfg.link_queue);
+        spawn_link_thread("downlink".into(), move || {
+            runtime().block_on(run_downlink(tx, rx, cmd_rx))
+        })?;
+        Ok(Arc::new(EmbeddedBroker {
+            broker,
+            uplinks,
+            downlink,
+            link_queue: cfg.link_queue,
+            service_links: AtomicU64::new(0),
+        }))
+    }
+
+    /// The uplink a principal always uses.
+    pub fn uplink_for(&self, id: &PrincipalId) -> Uplink {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        let n = (h.finish() % self.uplinks.len() as u64) as usize;
+        Uplink {
+            tx: self.uplinks[n].clone(),
+        }
+    }
+
+    /// Route commands for `id` to this session from now on.
+    pub async fn register_device(
+        &self,
+        id: PrincipalId,
+        session: u64,
+        tx: mpsc::Sender<Delivery>,
+    ) -> Result<(), BrokerError> {
+        self.downlink
+            .send(DownlinkCmd::Register(id, session, tx))
+            .await
+            .map_err(|_| BrokerError::Stopped)
+    }
+
+    pub async fn unregister_device(&self, id: PrincipalId, session: u64) {
+        let _ = self
+            .downlink
+            .send(DownlinkCmd::Unregister(id, session))
+            .await;
+    }
+
+    /// A link of the service's own. Blocks briefly while the router registers it.
+    pub async fn service_link(
+        self: &Arc<Self>,
+        id: &PrincipalId,
+    ) -> Result<(mpsc::Sender<ServiceCmd>, mpsc::Receiver<ServiceEvent>), BrokerError> {
+        let n = self.service_links.fetch_add(1, Ordering::Relaxed);
+        let name = format!("service-{id}-{n}");
+        let this = self.clone();
+        let link_name = name.clone();
+        let (tx, rx) = tokio::task::spawn_blocking(move || this.broker.link(&link_name))
+            .await
+            .map_err(link_err)?
+            .map_err(link_err)?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(self.link_queue);
+        let (event_tx, event_rx) = mpsc::channel(self.link_queue);
+        spawn_link_thread(name, move || {
+            runtime().block_on(run_service_link(tx, rx, cmd_rx, event_tx))
+        })?;
+        Ok((cmd_tx, event_rx))
+    }
+}
+
+/// A handle to one uplink.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    tx: mpsc::Sender<UplinkCmd>,
+}
+
+impl Uplink {
+    /// Hand a QoS 0 message to the broker (waits only for queue room).
+    pub async fn send(&self, msg: Message) -> Result<(), BrokerError> {
+        self.tx
+            .send(UplinkCmd::Publish(msg, None))
+            .await
+            .map_err(|_| BrokerError::Stopped)
+    }
+
+    /// Hand a QoS 1/2 message to the broker; the receiver fires when the router has
+    /// accepted it.
+    pub async fn send_acked(&self, msg: Message) -> Result<oneshot::Receiver<()>, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(UplinkCmd::Publish(msg, Some(tx)))
+            .await
+            .map_err(|_| BrokerError::Stopped)?;
+        Ok(rx)
+    }
+}
+
+async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<UplinkCmd>) {
+    let mut pending: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
+    let mut next_pkid: u16 = 0;
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => {
+                let Some(UplinkCmd::Publish(msg, ack)) = cmd else { break };
+                let (qos, pkid) = match &ack {
+                    None => (QoS::AtMostOnce, 0),
+                    Some(_) => {
+                        // Packet ids in flight are few (acks come back within a router
+                        // round); skip any still pending.
+                        loop {
+                            next_pkid = next_pkid.wrapping_add(1).max(1);
+                            if !pending.contains_key(&next_pkid) {
+                                break;
+                            }
+                        }
+                        (QoS::AtLeastOnce, next_pkid)
+                    }
+                };
+                let publish = build_publish(msg.topic.as_str().as_bytes(), &msg.payload, qos, msg.retain, pkid);
+                if tx.send(Packet::Publish(publish, None)).await.is_err() {
+                    break;
+                }
+                if let Some(ack) = ack {
+                    pending.insert(pkid, ack);
+                }
+            }
+            n = rx.next() => match n {
+                Ok(Some(n @ Notification::DeviceAck(_))) => {
+                    if let Some(pkid) = acked_pkid(n) {
+                        if let Some(waiter) = pending.remove(&pkid) {
+                            let _ = waiter.send(());
+                        }
+                    }
+                }
+                Ok(Some(Notification::Unschedule)) => {
+                    if rx.wake().await.is_err() { break; }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+async fn run_downlink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<DownlinkCmd>) {
+    let subscribe = Subscribe {
+        pkid: 1,
+        filters: vec![filter("devices/+/commands/#", QoS::AtLeastOnce)],
+    };
+    if tx.send(Packet::Subscribe(subscribe, None)).await.is_err() {
+        return;
+    }
+    let mut routes: HashMap<PrincipalId, Vec<(u64, mpsc::Sender<Delivery>)>> = HashMap::new();
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                None => break,
+                Some(DownlinkCmd::Register(id, session, sender)) => {
+                    routes.entry(id).or_default().push((session, sender));
+                }
+                Some(DownlinkCmd::Unregister(id, session)) => {
+                    if let Some(list) = routes.get_mut(&id) {
+                        list.retain(|(n, _)| *n != session);
+                        if list.is_empty() {
+                            routes.remove(&id);
+                        }
+                    }
+                }
+            },
+            n = rx.next() => match n {
+                Ok(Some(Notification::Forward(forward))) => {
+                    let (qos, pkid) = forward_qos_pkid(&forward.publish);
+                    let target = std::str::from_utf8(&forward.publish.topic)
+                        .ok()
+                        .and_then(|t| t.split('/').nth(1))
+                        .and_then(|id| PrincipalId::parse(id).ok());
+                    if let (Some(id), Some(delivery)) = (target, to_delivery(forward.publish, qos)) {
+                        if let Some(list) = routes.get(&id) {
+                            for (_, sender) in list {
+                                // A device that does not read its commands loses them
+                                // rather than stalling every other device's.
+                                let _ = sender.try_send(delivery.clone());
+                            }
+                        }
+                    }
+                    if qos != QoS::AtMostOnce {
+                        let ack = PubAck { pkid, reason: PubAckReason::Success };
+                        if tx.send(Packet::PubAck(ack, None)).await.is_err() { break; }
+                    }
+                }
+                Ok(Some(Notification::Unschedule)) => {
+                    if rx.wake().await.is_err() { break; }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+async fn run_service_link(
+    mut tx: LinkTx,
+    mut rx: LinkRx,
+    mut cmds: mpsc::Receiver<ServiceCmd>,
+    events: mpsc::Sender<ServiceEvent>,
+) {
+    let mut sub_pkid: u16 = 0;
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => {
+                let packet = match cmd {
+                    None => break,
+                    Some(ServiceCmd::Publish(msg, pkid)) => {
+                        let qos = if msg.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                        let publish = build_publish(msg.topic.as_str().as_bytes(), &msg.payload, qos, msg.retain, pkid);
+                        Packet::Publish(publish, None)
+                    }
+                    Some(ServiceCmd::Subscribe(filters)) => {
+                        sub_pkid = sub_pkid.wrapping_add(1).max(1);
+                        let filters = filters.iter().map(|(f, q)| filter(f, *q)).collect();
+                        Packet::Subscribe(Subscribe { pkid: sub_pkid, filters }, None)
+                    }
+                    Some(ServiceCmd::Unsubscribe(filters)) => {
+                        sub_pkid = sub_pkid.wrapping_add(1).max(1);
+                        Packet::Unsubscribe(Unsubscribe { pkid: sub_pkid, filters }, None)
+                    }
+                };
+                if tx.send(packet).await.is_err() {
+                    break;
+                }
+            }
+            n = rx.next() => match n {
+                Ok(Some(Notification::Forward(forward))) => {
+                    let (qos, pkid) = forward_qos_pkid(&forward.publish);
+                    if let Some(delivery) = to_delivery(forward.publish, qos) {
+                        // Waits while the service's queue is full: back-pressure into
+                        // the broker, which holds the backlog in its commit log.
+                        if events.send(ServiceEvent::Delivery(delivery)).await.is_err() {
+                            break;
+                        }
+                    }
+                    if qos != QoS::AtMostOnce {
+                        let ack = PubAck { pkid, reason: PubAckReason::Success };
+                        if tx.send(Packet::PubAck(ack, None)).await.is_err() { break; }
+                    }
+                }
+                Ok(Some(n @ Notification::DeviceAck(_))) => {
+                    if let Some(pkid) = acked_pkid(n) {
+                        if events.send(ServiceEvent::PubAck(pkid)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok(Some(Notification::Unschedule)) => {
+                    if rx.wake().await.is_err() { break; }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    // Tell the router this link is gone, so its slot and subscriptions are freed.
+    let disconnect = Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    };
+    let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_publish_carries_qos_and_packet_id() {
+        let p = build_publish(b"a/b", b"xyz", QoS::AtLeastOnce, false, 513);
+        assert_eq!(forward_qos_pkid(&p), (QoS::AtLeastOnce, 513));
+        let p = build_publish(b"a/b", b"xyz", QoS::AtMostOnce, true, 0);
+        assert_eq!(forward_qos_pkid(&p), (QoS::AtMostOnce, 0));
+        assert!(p.retain);
+    }
+}

@@ -1,0 +1,135 @@
+//! Counters for what the gateway decided. Rendered as Prometheus text.
+//!
+//! The hot path only touches atomics; refusal counters, keyed by stage and reason,
+//! sit behind a mutex that is taken only when something is refused.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections_accepted: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub messages_accepted: AtomicU64,
+    pub messages_delivered: AtomicU64,
+    pub messages_dropped_slow_peer: AtomicU64,
+    pub bytes_accepted: AtomicU64,
+    pub audit_dropped: AtomicU64,
+    refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl Metrics {
+    pub fn refused(&self, stage: &'static str, reason: &'static str) {
+        let mut map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((stage, reason)).or_insert(0) += 1;
+    }
+
+    pub fn refusal_count(&self, stage: &str, reason: &str) -> u64 {
+        let map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|((s, r), _)| *s == stage && *r == reason)
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        gauge(
+            &mut out,
+            "portcullis_connections_accepted_total",
+            "Connections that authenticated.",
+            "counter",
+            load(&self.connections_accepted),
+        );
+        gauge(
+            &mut out,
+            "portcullis_connections_active",
+            "Sessions currently open.",
+            "gauge",
+            load(&self.connections_active),
+        );
+        gauge(
+            &mut out,
+            "portcullis_tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out.",
+            "counter",
+            load(&self.handshake_failures),
+        );
+        gauge(
+            &mut out,
+            "portcullis_messages_accepted_total",
+            "Messages accepted by the pipeline.",
+            "counter",
+            load(&self.messages_accepted),
+        );
+        gauge(
+            &mut out,
+            "portcullis_messages_delivered_total",
+            "Messages delivered to peers.",
+            "counter",
+            load(&self.messages_delivered),
+        );
+        gauge(
+            &mut out,
+            "portcullis_messages_dropped_slow_peer_total",
+            "Messages dropped because a peer's queue was full.",
+            "counter",
+            load(&self.messages_dropped_slow_peer),
+        );
+        gauge(
+            &mut out,
+            "portcullis_accepted_bytes_total",
+            "Payload bytes accepted by the pipeline.",
+            "counter",
+            load(&self.bytes_accepted),
+        );
+        gauge(
+            &mut out,
+            "portcullis_audit_entries_dropped_total",
+            "Audit entries that could not be queued.",
+            "counter",
+            load(&self.audit_dropped),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_refusals_total Refusals by stage and reason.\n# TYPE portcullis_refusals_total counter"
+        );
+        let map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        for ((stage, reason), v) in map.iter() {
+            let _ = writeln!(
+                out,
+                "portcullis_refusals_total{{stage=\"{stage}\",reason=\"{reason}\"}} {v}"
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_rendered_with_labels() {
+        let m = Metrics::default();
+        m.refused("connect", "bad_secret");
+        m.refused("connect", "bad_secret");
+        let text = m.render();
+        assert!(
+            text.contains("portcullis_refusals_total{stage=\"connect\",reason=\"bad_secret\"} 2"),
+            "{text}"
+        );
+        assert_eq!(m.refusal_count("connect", "bad_secret"), 2);
+    }
+}

@@ -1,0 +1,117 @@
+//! Who connects: devices and services, named by validated ids and groups.
+//!
+//! Ids and group names are parsed once at the edge (`[A-Za-z0-9._-]{1,64}`), so the
+//! core never handles a raw string that could smuggle a `/`, a wildcard or a NUL into
+//! a topic built from it.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalKind {
+    Device,
+    Service,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::Device => "device",
+            PrincipalKind::Service => "service",
+        }
+    }
+}
+
+impl fmt::Display for PrincipalKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} must be 1-64 characters of [A-Za-z0-9._-]")]
+pub struct InvalidName {
+    pub what: &'static str,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+macro_rules! name_type {
+    ($name:ident, $what:literal) => {
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            pub fn parse(s: &str) -> Result<Self, InvalidName> {
+                if valid_name(s) {
+                    Ok($name(Arc::from(s)))
+                } else {
+                    Err(InvalidName { what: $what })
+                }
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = InvalidName;
+            fn try_from(s: String) -> Result<Self, InvalidName> {
+                $name::parse(&s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0.to_string()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", &*self.0)
+            }
+        }
+    };
+}
+
+name_type!(PrincipalId, "an id");
+name_type!(GroupName, "a group name");
+
+/// A principal as the pipeline sees it once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PrincipalRef {
+    pub kind: PrincipalKind,
+    pub id: PrincipalId,
+    pub group: GroupName,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_with_topic_syntax_are_refused() {
+        for bad in ["", "a/b", "a+", "#", "a b", "é", "a\0", &"x".repeat(65)] {
+            assert!(PrincipalId::parse(bad).is_err(), "{bad:?}");
+        }
+        for good in ["sensor-1", "A.b_c-9", &"x".repeat(64)] {
+            assert!(PrincipalId::parse(good).is_ok(), "{good:?}");
+        }
+    }
+}

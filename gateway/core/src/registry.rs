@@ -1,0 +1,378 @@
+//! The registry of devices and services, stored in redb.
+//!
+//! redb holds the truth and survives restarts; authentication reads an immutable
+//! in-memory `Snapshot` that is swapped whole after each committed change, so a
+//! CONNECT never touches the disk and never waits for an admin command. Mutations are
+//! rare (admin API) and run synchronously under a mutex.
+
+use crate::principal::{GroupName, PrincipalId, PrincipalKind};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+const PRINCIPALS: TableDefinition<&str, &[u8]> = TableDefinition::new("principals");
+
+/// A certificate credential: the group's CA must have issued it and its identity
+/// field must equal the id. With a fingerprint, only that exact certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertCredential {
+    pub fingerprint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrincipalRecord {
+    pub kind: PrincipalKind,
+    pub id: PrincipalId,
+    pub group: GroupName,
+    pub enabled: bool,
+    pub cert: Option<CertCredential>,
+    /// HMAC-SHA256 of the secret (hex); never the secret.
+    pub secret_hash: Option<String>,
+    /// Bumped on every credential rotation; sessions remember theirs.
+    pub generation: u64,
+    pub created_unix: u64,
+    pub updated_unix: u64,
+}
+
+impl PrincipalRecord {
+    pub fn secret_hash_bytes(&self) -> Option<[u8; 32]> {
+        let hex = self.secret_hash.as_ref()?;
+        let bytes = hex::decode(hex).ok()?;
+        bytes.try_into().ok()
+    }
+}
+
+fn key(kind: PrincipalKind, id: &PrincipalId) -> String {
+    format!("{}/{}", kind.as_str(), id)
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    principals: HashMap<(PrincipalKind, PrincipalId), Arc<PrincipalRecord>>,
+}
+
+impl Snapshot {
+    pub fn get(&self, kind: PrincipalKind, id: &PrincipalId) -> Option<&Arc<PrincipalRecord>> {
+        self.principals.get(&(kind, id.clone()))
+    }
+
+    pub fn list(&self, kind: PrincipalKind) -> Vec<Arc<PrincipalRecord>> {
+        let mut out: Vec<_> = self
+            .principals
+            .values()
+            .filter(|r| r.kind == kind)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.principals.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.principals.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("registry storage: {0}")]
+    Storage(String),
+    #[error("{kind} {id} already exists")]
+    Exists { kind: PrincipalKind, id: PrincipalId },
+    #[error("no such {kind}: {id}")]
+    NotFound { kind: PrincipalKind, id: PrincipalId },
+    #[error("corrupt registry entry {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+fn storage<E: std::fmt::Display>(e: E) -> RegistryError {
+    RegistryError::Storage(e.to_string())
+}
+
+pub struct Registry {
+    db: Database,
+    snapshot: RwLock<Arc<Snapshot>>,
+    write: Mutex<()>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Registry")
+    }
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Registry {
+    /// Open (or create) the registry file. redb locks it: a second gateway on the same
+    /// data dir fails here with a clear error.
+    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        let open_err = |reason: String| RegistryError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
+                "already open by another process (is a gateway running on this data dir?)".into(),
+            ),
+            other => open_err(other.to_string()),
+        })?;
+        {
+            let tx = db.begin_write().map_err(storage)?;
+            tx.open_table(PRINCIPALS).map_err(storage)?;
+            tx.commit().map_err(storage)?;
+        }
+        let registry = Registry {
+            db,
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            write: Mutex::new(()),
+        };
+        let snapshot = registry.load()?;
+        *registry.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+        Ok(registry)
+    }
+
+    fn load(&self) -> Result<Snapshot, RegistryError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(PRINCIPALS).map_err(storage)?;
+        let mut principals = HashMap::new();
+        for entry in table.iter().map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            let record: PrincipalRecord =
+                serde_json::from_slice(v.value()).map_err(|e| RegistryError::Corrupt {
+                    key: k.value().to_string(),
+                    reason: e.to_string(),
+                })?;
+            principals.insert((record.kind, record.id.clone()), Arc::new(record));
+        }
+        Ok(Snapshot { principals })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Apply one change to a record inside a write transaction, then publish a new
+    /// snapshot. `change` sees the current record (if any) and returns the new one
+    /// (or `None` to delete).
+    fn mutate(
+        &self,
+        kind: PrincipalKind,
+        id: &PrincipalId,
+        change: impl FnOnce(Option<PrincipalRecord>) -> Result<Option<PrincipalRecord>, RegistryError>,
+    ) -> Result<Option<PrincipalRecord>, RegistryError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let k = key(kind, id);
+        let tx = self.db.begin_write().map_err(storage)?;
+        let result = {
+            let mut table = tx.open_table(PRINCIPALS).map_err(storage)?;
+            let current = match table.get(k.as_str()).map_err(storage)? {
+                Some(v) => Some(serde_json::from_slice::<PrincipalRecord>(v.value()).map_err(
+                    |e| RegistryError::Corrupt {
+                        key: k.clone(),
+                        reason: e.to_string(),
+                    },
+                )?),
+                None => None,
+            };
+            let next = change(current)?;
+            match &next {
+                Some(record) => {
+                    let bytes = serde_json::to_vec(record).map_err(storage)?;
+                    table.insert(k.as_str(), bytes.as_slice()).map_err(storage)?;
+                }
+                None => {
+                    table.remove(k.as_str()).map_err(storage)?;
+                }
+            }
+            next
+        };
+        tx.commit().map_err(storage)?;
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        let mut principals = snapshot.principals.clone();
+        match &result {
+            Some(record) => {
+                principals.insert((kind, id.clone()), Arc::new(record.clone()));
+            }
+            None => {
+                principals.remove(&(kind, id.clone()));
+            }
+        }
+        *snapshot = Arc::new(Snapshot { principals });
+        Ok(result)
+    }
+
+    pub fn add(&self, record: PrincipalRecord) -> Result<(), RegistryError> {
+        let (kind, id) = (record.kind, record.id.clone());
+        self.mutate(kind, &id, |current| match current {
+            Some(_) => Err(RegistryError::Exists {
+                kind,
+                id: id.clone(),
+            }),
+            None => Ok(Some(record)),
+        })?;
+        Ok(())
+    }
+
+    pub fn set_enabled(
+        &self,
+        kind: PrincipalKind,
+        id: &PrincipalId,
+        enabled: bool,
+    ) -> Result<PrincipalRecord, RegistryError> {
+        self.mutate(kind, id, |current| {
+            let mut record = current.ok_or_else(|| RegistryError::NotFound {
+                kind,
+                id: id.clone(),
+            })?;
+            record.enabled = enabled;
+            record.updated_unix = now_unix();
+            Ok(Some(record))
+        })?
+        .ok_or_else(|| RegistryError::NotFound {
+            kind,
+            id: id.clone(),
+        })
+    }
+
+    pub fn remove(&self, kind: PrincipalKind, id: &PrincipalId) -> Result<(), RegistryError> {
+        self.mutate(kind, id, |current| match current {
+            Some(_) => Ok(None),
+            None => Err(RegistryError::NotFound {
+                kind,
+                id: id.clone(),
+            }),
+        })?;
+        Ok(())
+    }
+
+    /// Replace the credentials given (a `Some`), bump the generation.
+    pub fn rotate(
+        &self,
+        kind: PrincipalKind,
+        id: &PrincipalId,
+        cert: Option<CertCredential>,
+        secret_hash: Option<String>,
+    ) -> Result<PrincipalRecord, RegistryError> {
+        self.mutate(kind, id, |current| {
+            let mut record = current.ok_or_else(|| RegistryError::NotFound {
+                kind,
+                id: id.clone(),
+            })?;
+            if cert.is_some() {
+                record.cert = cert;
+            }
+            if secret_hash.is_some() {
+                record.secret_hash = secret_hash;
+            }
+            record.generation += 1;
+            record.updated_unix = now_unix();
+            Ok(Some(record))
+        })?
+        .ok_or_else(|| RegistryError::NotFound {
+            kind,
+            id: id.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> PrincipalRecord {
+        PrincipalRecord {
+            kind: PrincipalKind::Device,
+            id: PrincipalId::parse(id).unwrap(),
+            group: GroupName::parse("default").unwrap(),
+            enabled: true,
+            cert: Some(CertCredential { fingerprint: None }),
+            secret_hash: None,
+            generation: 0,
+            created_unix: 1,
+            updated_unix: 1,
+        }
+    }
+
+    #[test]
+    fn registry_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        {
+            let r = Registry::open(&path).unwrap();
+            r.add(record("sensor-1")).unwrap();
+            r.add(record("sensor-2")).unwrap();
+            r.remove(PrincipalKind::Device, &PrincipalId::parse("sensor-2").unwrap())
+                .unwrap();
+        }
+        let r = Registry::open(&path).unwrap();
+        let snap = r.snapshot();
+        assert_eq!(snap.len(), 1);
+        let got = snap
+            .get(PrincipalKind::Device, &PrincipalId::parse("sensor-1").unwrap())
+            .unwrap();
+        assert_eq!(**got, record("sensor-1"));
+    }
+
+    #[test]
+    fn duplicate_add_is_refused_and_snapshot_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        r.add(record("a")).unwrap();
+        let err = r.add(record("a")).unwrap_err();
+        assert!(matches!(err, RegistryError::Exists { .. }), "{err}");
+        assert_eq!(r.snapshot().len(), 1);
+    }
+
+    #[test]
+    fn snapshot_taken_before_a_change_is_unaffected() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        r.add(record("a")).unwrap();
+        let before = r.snapshot();
+        let id = PrincipalId::parse("a").unwrap();
+        r.set_enabled(PrincipalKind::Device, &id, false).unwrap();
+        assert!(before.get(PrincipalKind::Device, &id).unwrap().enabled);
+        assert!(!r.snapshot().get(PrincipalKind::Device, &id).unwrap().enabled);
+    }
+
+    #[test]
+    fn rotate_bumps_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        r.add(record("a")).unwrap();
+        let id = PrincipalId::parse("a").unwrap();
+        let rec = r
+            .rotate(PrincipalKind::Device, &id, None, Some("00".repeat(32)))
+            .unwrap();
+        assert_eq!(rec.generation, 1);
+        assert!(rec.secret_hash_bytes().is_some());
+    }
+
+    #[test]
+    fn second_open_of_the_same_file_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let _a = Registry::open(&path).unwrap();
+        let err = Registry::open(&path).unwrap_err().to_string();
+        assert!(err.contains("already open"), "{err}");
+    }
+}

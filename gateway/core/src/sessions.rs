@@ -1,0 +1,211 @@
+//! Live sessions: who is connected, and the handle to end a session.
+//!
+//! Touched on connect, disconnect and admin commands only, never per message.
+
+use crate::principal::{PrincipalId, PrincipalKind, PrincipalRef};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// Why the gateway ends a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    Disabled,
+    Removed,
+    CredentialRotated,
+    Operator,
+    TakenOver,
+    Shutdown,
+}
+
+impl KickReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KickReason::Disabled => "principal disabled",
+            KickReason::Removed => "principal removed",
+            KickReason::CredentialRotated => "credential rotated",
+            KickReason::Operator => "kicked by operator",
+            KickReason::TakenOver => "session taken over",
+            KickReason::Shutdown => "server shutting down",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub kind: PrincipalKind,
+    pub group: String,
+    pub protocol: &'static str,
+    pub source: String,
+    pub since_unix: u64,
+    pub auth: &'static str,
+    #[serde(skip)]
+    pub generation: u64,
+}
+
+struct Entry {
+    principal: PrincipalRef,
+    info: SessionInfo,
+    kick: watch::Sender<Option<KickReason>>,
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    next: AtomicU64,
+    inner: Mutex<HashMap<u64, Entry>>,
+}
+
+/// Held by a session for its lifetime; unregisters on drop.
+pub struct SessionGuard {
+    sessions: Arc<Sessions>,
+    pub number: u64,
+    pub kicked: watch::Receiver<Option<KickReason>>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.sessions
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.number);
+    }
+}
+
+impl Sessions {
+    pub fn new() -> Arc<Sessions> {
+        Arc::new(Sessions::default())
+    }
+
+    /// Register a new session. Earlier sessions of the same principal are taken over.
+    pub fn register(
+        self: &Arc<Self>,
+        principal: PrincipalRef,
+        generation: u64,
+        source: SocketAddr,
+        protocol: &'static str,
+        auth: &'static str,
+    ) -> SessionGuard {
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        let (kick, kicked) = watch::channel(None);
+        let info = SessionInfo {
+            id: principal.id.to_string(),
+            kind: principal.kind,
+            group: principal.group.to_string(),
+            protocol,
+            source: source.to_string(),
+            since_unix: crate::registry::now_unix(),
+            auth,
+            generation,
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in inner.values() {
+            if entry.principal.kind == principal.kind && entry.principal.id == principal.id {
+                let _ = entry.kick.send(Some(KickReason::TakenOver));
+            }
+        }
+        inner.insert(
+            number,
+            Entry {
+                principal,
+                info,
+                kick,
+            },
+        );
+        SessionGuard {
+            sessions: self.clone(),
+            number,
+            kicked,
+        }
+    }
+
+    /// End the sessions of one principal whose credential generation is below
+    /// `below_generation` (all of them with `u64::MAX`). Returns how many.
+    pub fn kick(
+        &self,
+        kind: PrincipalKind,
+        id: &PrincipalId,
+        below_generation: u64,
+        reason: KickReason,
+    ) -> usize {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for entry in inner.values() {
+            if entry.principal.kind == kind
+                && &entry.principal.id == id
+                && entry.info.generation < below_generation
+            {
+                let _ = entry.kick.send(Some(reason));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn kick_all(&self, reason: KickReason) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in inner.values() {
+            let _ = entry.kick.send(Some(reason));
+        }
+    }
+
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = inner.values().map(|e| e.info.clone()).collect();
+        out.sort_by(|a, b| (a.kind as u8, &a.id).cmp(&(b.kind as u8, &b.id)));
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::principal::GroupName;
+
+    fn p(id: &str) -> PrincipalRef {
+        PrincipalRef {
+            kind: PrincipalKind::Device,
+            id: PrincipalId::parse(id).unwrap(),
+            group: GroupName::parse("default").unwrap(),
+        }
+    }
+
+    #[test]
+    fn second_session_takes_over_the_first() {
+        let s = Sessions::new();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let first = s.register(p("a"), 0, addr, "mqtt", "certificate");
+        let other = s.register(p("b"), 0, addr, "mqtt", "certificate");
+        let second = s.register(p("a"), 0, addr, "mqtt", "certificate");
+        assert_eq!(*first.kicked.borrow(), Some(KickReason::TakenOver));
+        assert_eq!(*second.kicked.borrow(), None);
+        assert_eq!(*other.kicked.borrow(), None);
+        drop(first);
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn rotation_kicks_only_older_generations() {
+        let s = Sessions::new();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let old = s.register(p("a"), 0, addr, "mqtt", "secret");
+        let id = PrincipalId::parse("a").unwrap();
+        assert_eq!(
+            s.kick(PrincipalKind::Device, &id, 1, KickReason::CredentialRotated),
+            1
+        );
+        assert_eq!(*old.kicked.borrow(), Some(KickReason::CredentialRotated));
+    }
+}

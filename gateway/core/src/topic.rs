@@ -1,0 +1,257 @@
+//! Topic names and filters, parsed once at the edge.
+//!
+//! A `TopicName` (what a message is published to) has no wildcard, no empty level and
+//! no NUL, and fits the configured length and depth; a `TopicFilter` (what is
+//! subscribed to) may use `+` and a trailing `#`. Matching and "is this filter inside
+//! that one" are what authorization is built on.
+
+use std::fmt;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicLimits {
+    pub max_length: usize,
+    pub max_depth: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic is empty")]
+    Empty,
+    #[error("topic is {0} bytes, over the limit of {1}")]
+    TooLong(usize, usize),
+    #[error("topic has {0} levels, over the limit of {1}")]
+    TooDeep(usize, usize),
+    #[error("topic has an empty level")]
+    EmptyLevel,
+    #[error("topic name contains a wildcard")]
+    Wildcard,
+    #[error("topic contains NUL")]
+    Nul,
+    #[error("'#' must be the whole last level of a filter")]
+    MisplacedHash,
+    #[error("'+' must be a whole level of a filter")]
+    MisplacedPlus,
+}
+
+fn check_common(s: &str, limits: TopicLimits) -> Result<(), TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > limits.max_length {
+        return Err(TopicError::TooLong(s.len(), limits.max_length));
+    }
+    if s.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    let depth = s.split('/').count();
+    if depth > limits.max_depth {
+        return Err(TopicError::TooDeep(depth, limits.max_depth));
+    }
+    if s.split('/').any(str::is_empty) {
+        return Err(TopicError::EmptyLevel);
+    }
+    Ok(())
+}
+
+/// A topic a message may be published to.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TopicName(Arc<str>);
+
+impl TopicName {
+    pub fn parse(s: &str, limits: TopicLimits) -> Result<Self, TopicError> {
+        check_common(s, limits)?;
+        if s.contains(['+', '#']) {
+            return Err(TopicError::Wildcard);
+        }
+        Ok(TopicName(Arc::from(s)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn levels(&self) -> std::str::Split<'_, char> {
+        self.0.split('/')
+    }
+}
+
+impl fmt::Display for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+/// A subscription filter.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TopicFilter(Arc<str>);
+
+impl TopicFilter {
+    pub fn parse(s: &str, limits: TopicLimits) -> Result<Self, TopicError> {
+        check_common(s, limits)?;
+        Self::check_wildcards(s)?;
+        Ok(TopicFilter(Arc::from(s)))
+    }
+
+    /// A filter built by the gateway itself (ACL expansion), checked for shape only.
+    pub fn parse_unlimited(s: &str) -> Result<Self, TopicError> {
+        Self::parse(
+            s,
+            TopicLimits {
+                max_length: usize::MAX,
+                max_depth: usize::MAX,
+            },
+        )
+    }
+
+    fn check_wildcards(s: &str) -> Result<(), TopicError> {
+        let mut levels = s.split('/').peekable();
+        while let Some(level) = levels.next() {
+            if level.contains('#') && (level != "#" || levels.peek().is_some()) {
+                return Err(TopicError::MisplacedHash);
+            }
+            if level.contains('+') && level != "+" {
+                return Err(TopicError::MisplacedPlus);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Does this filter match the topic name?
+    pub fn matches(&self, topic: &TopicName) -> bool {
+        filter_matches(&self.0, &topic.0)
+    }
+
+    /// Is every topic this `inner` filter can match also matched by `self`?
+    pub fn covers(&self, inner: &TopicFilter) -> bool {
+        let mut outer = self.0.split('/');
+        let mut inner = inner.0.split('/');
+        loop {
+            match (outer.next(), inner.next()) {
+                // `a/#` matches everything below `a`, and `a` itself.
+                (Some("#"), _) => return true,
+                (None, None) => return true,
+                (Some(_), None) | (None, Some(_)) => return false,
+                (Some(o), Some(i)) => {
+                    if i == "#" || (o != "+" && o != i) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for TopicFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TopicFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+/// MQTT matching of a topic name against a filter (both already validated).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            // `a/#` matches everything below `a`, and `a` itself.
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: TopicLimits = TopicLimits {
+        max_length: 64,
+        max_depth: 5,
+    };
+
+    fn name(s: &str) -> TopicName {
+        TopicName::parse(s, L).unwrap()
+    }
+    fn filter(s: &str) -> TopicFilter {
+        TopicFilter::parse(s, L).unwrap()
+    }
+
+    #[test]
+    fn publish_topic_with_wildcard_empty_level_or_nul_is_refused() {
+        assert_eq!(TopicName::parse("a/+/b", L), Err(TopicError::Wildcard));
+        assert_eq!(TopicName::parse("a/#", L), Err(TopicError::Wildcard));
+        assert_eq!(TopicName::parse("a//b", L), Err(TopicError::EmptyLevel));
+        assert_eq!(TopicName::parse("/a", L), Err(TopicError::EmptyLevel));
+        assert_eq!(TopicName::parse("a/", L), Err(TopicError::EmptyLevel));
+        assert_eq!(TopicName::parse("a\0b", L), Err(TopicError::Nul));
+        assert_eq!(TopicName::parse("", L), Err(TopicError::Empty));
+    }
+
+    #[test]
+    fn topic_over_length_or_depth_is_refused() {
+        assert!(matches!(
+            TopicName::parse(&"a".repeat(65), L),
+            Err(TopicError::TooLong(65, 64))
+        ));
+        assert!(matches!(
+            TopicName::parse("a/b/c/d/e/f", L),
+            Err(TopicError::TooDeep(6, 5))
+        ));
+    }
+
+    #[test]
+    fn filter_wildcards_must_be_whole_levels() {
+        assert_eq!(TopicFilter::parse("a/#/b", L), Err(TopicError::MisplacedHash));
+        assert_eq!(TopicFilter::parse("a/b#", L), Err(TopicError::MisplacedHash));
+        assert_eq!(TopicFilter::parse("a/b+", L), Err(TopicError::MisplacedPlus));
+        assert!(TopicFilter::parse("a/+/#", L).is_ok());
+    }
+
+    #[test]
+    fn matching_follows_mqtt() {
+        assert!(filter("devices/+/telemetry/#").matches(&name("devices/s1/telemetry")));
+        assert!(filter("devices/+/telemetry/#").matches(&name("devices/s1/telemetry/t")));
+        assert!(!filter("devices/+/telemetry/#").matches(&name("devices/s1/commands")));
+        assert!(filter("a/+").matches(&name("a/b")));
+        assert!(!filter("a/+").matches(&name("a/b/c")));
+        assert!(!filter("a/+").matches(&name("a")));
+        assert!(filter("#").matches(&name("a/b")));
+        assert!(!filter("a/b").matches(&name("a/b/c")));
+    }
+
+    #[test]
+    fn covers_is_filter_inclusion() {
+        let acl = filter("devices/+/telemetry/#");
+        assert!(acl.covers(&filter("devices/+/telemetry/#")));
+        assert!(acl.covers(&filter("devices/s1/telemetry/#")));
+        assert!(acl.covers(&filter("devices/s1/telemetry")));
+        assert!(acl.covers(&filter("devices/+/telemetry/+/x")));
+        assert!(!acl.covers(&filter("devices/#")));
+        assert!(!acl.covers(&filter("devices/+/+/#")));
+        assert!(!acl.covers(&filter("#")));
+        assert!(!acl.covers(&filter("devices/s1/commands/#")));
+        assert!(!filter("devices/s1/commands/+").covers(&filter("devices/s1/commands/#")));
+        assert!(!filter("a/b").covers(&filter("a")));
+        assert!(!filter("a/b").covers(&filter("a/b/c")));
+    }
+}
