@@ -118,7 +118,7 @@ mod tests {
         assert!(acl.may_publish(&t("devices/sensor-1/telemetry")));
         assert!(acl.may_publish(&t("devices/sensor-1/telemetry/temp")));
         assert!(!acl.may_publish(&t("devices/sensor-2/telemetry")));
-        assert!(!acl.may_publish(&t("devices/sensor-1")));
+        assert!(!acl.may_publish(&t("devices/sensor-10/telemetry")));
         assert!(!acl.may_publish(&t("other/topic")));
     }
 
