@@ -1,1 +1,33 @@
-fn main() {}
+//! `portcullis`: the gateway binary and its command line.
+
+mod admin;
+mod cli;
+mod observability;
+mod pki;
+mod serve;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    // One crypto provider for the whole process, chosen once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            match e.downcast_ref::<cli::UsageError>() {
+                Some(_) => ExitCode::from(2),
+                None => ExitCode::from(1),
+            }
+        }
+    }
+}

@@ -1,1 +1,8 @@
+//! The MQTT adapter: turns MQTT 3.1.1 and 5 connections into the core's model
+//! (peer session, message, verdict) and the core's verdicts back into MQTT answers.
+//! No policy lives here.
 
+pub mod codec;
+pub mod listener;
+pub mod session;
+pub mod strict;

@@ -1,0 +1,186 @@
+//! Accepting MQTT connections: plain TCP (loopback only) or TLS with optional client
+//! certificates.
+//!
+//! Each connection gets its own task at once, so a peer that stalls its TLS
+//! handshake or never sends CONNECT only ever holds its own task until its deadline;
+//! other peers' handshakes proceed in parallel. Connection caps (in all and per
+//! source) are enforced before any byte is read.
+
+use crate::session::{self, Context, stopped};
+use portcullis_core::audit::AuditEntry;
+use portcullis_core::metrics::Metrics;
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Build the TLS acceptor of a listener. Clients may present a certificate from any of
+/// `roots` (or none, and use a secret); which group may use which CA is checked at
+/// CONNECT.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    roots: Arc<RootCertStore>,
+) -> Result<TlsAcceptor, TlsSetupError> {
+    let file_err = |path: &std::path::Path, reason: String| TlsSetupError::File {
+        path: path.display().to_string(),
+        reason,
+    };
+    let cert_bytes = std::fs::read(cert).map_err(|e| file_err(cert, format!("cannot read: {e}")))?;
+    let chain: Vec<_> = rustls_pemfile::certs(&mut cert_bytes.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(cert, format!("bad PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(file_err(cert, "no certificate in file".into()));
+    }
+    let key_bytes = std::fs::read(key).map_err(|e| file_err(key, format!("cannot read: {e}")))?;
+    let private_key = rustls_pemfile::private_key(&mut key_bytes.as_slice())
+        .map_err(|e| file_err(key, format!("bad PEM: {e}")))?
+        .ok_or_else(|| file_err(key, "no private key in file".into()))?;
+    let verifier = if roots.is_empty() {
+        WebPkiClientVerifier::no_client_auth()
+    } else {
+        WebPkiClientVerifier::builder(roots)
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsSetupError::Config(e.to_string()))?
+    };
+    let config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, private_key)
+        .map_err(|e| TlsSetupError::Config(format!("server certificate and key: {e}")))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Shared connection caps.
+pub struct ConnectionLimits {
+    total: Arc<Semaphore>,
+    per_source_max: usize,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl ConnectionLimits {
+    pub fn new(total: usize, per_source: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimits {
+            total: Arc::new(Semaphore::new(total)),
+            per_source_max: per_source,
+            per_source: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let permit = self.total.clone().try_acquire_owned().ok()?;
+        let mut map = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.per_source_max {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            limits: self.clone(),
+            ip,
+            _permit: permit,
+        })
+    }
+}
+
+struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .limits
+            .per_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accept connections until shutdown. Returns when the listener stops accepting;
+/// sessions already running finish on their own (they watch the same signal).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    ctx: Arc<Context>,
+    limits: Arc<ConnectionLimits>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => return,
+        };
+        let Some(slot) = limits.admit(peer.ip()) else {
+            ctx.metrics.refused("connect", "connection_limit");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            match tls {
+                None => session::run(ctx, stream, peer, None).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls_stream)) => {
+                            let certs = tls_stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+                            session::run(ctx, tls_stream, peer, certs).await
+                        }
+                        Ok(Err(e)) => handshake_failed(&ctx, peer, &e.to_string()),
+                        Err(_) => handshake_failed(&ctx, peer, "handshake not finished in time"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &str) {
+    Metrics::inc(&ctx.metrics.handshake_failures);
+    ctx.metrics.refused("handshake", "tls_handshake_failed");
+    ctx.audit.record(
+        AuditEntry::new("handshake", "refuse")
+            .source(peer)
+            .protocol("tls")
+            .reason(why.to_string()),
+    );
+}

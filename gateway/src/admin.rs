@@ -1,0 +1,391 @@
+//! The admin API: registry and session management for the `portcullis` CLI.
+//!
+//! JSON lines over a Unix socket in the data dir (mode 0600, and the peer's uid must
+//! be ours or root). The same `handle` runs in-process when no gateway is running, on
+//! a registry opened directly; then there are no live sessions to end.
+//! Secrets travel only over this socket (never argv) and are hashed on arrival.
+
+use portcullis_core::audit::{Audit, AuditEntry};
+use portcullis_core::auth::Policies;
+use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
+use portcullis_core::registry::{CertCredential, PrincipalRecord, Registry, now_unix};
+use portcullis_core::secret::{MIN_SECRET_LEN, SecretHasher};
+use portcullis_core::sessions::{KickReason, Sessions};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+/// Largest request line accepted on the socket.
+const MAX_REQUEST: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPrincipal {
+    pub id: String,
+    #[serde(default)]
+    pub group: Option<String>,
+    /// SHA-256 fingerprint to pin.
+    #[serde(default)]
+    pub cert_fingerprint: Option<String>,
+    /// Accept any certificate from the group's CA whose identity is the id.
+    #[serde(default)]
+    pub cert_any: bool,
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Add {
+        kind: PrincipalKind,
+        principal: NewPrincipal,
+    },
+    Import {
+        kind: PrincipalKind,
+        principals: Vec<NewPrincipal>,
+    },
+    List {
+        kind: PrincipalKind,
+    },
+    Show {
+        kind: PrincipalKind,
+        id: String,
+    },
+    Enable {
+        kind: PrincipalKind,
+        id: String,
+    },
+    Disable {
+        kind: PrincipalKind,
+        id: String,
+    },
+    Remove {
+        kind: PrincipalKind,
+        id: String,
+    },
+    Rotate {
+        kind: PrincipalKind,
+        id: String,
+        #[serde(default)]
+        cert_fingerprint: Option<String>,
+        #[serde(default)]
+        secret: Option<String>,
+    },
+    ClientsList,
+    ClientsKick {
+        kind: PrincipalKind,
+        id: String,
+    },
+}
+
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub hasher: SecretHasher,
+    pub policies: Arc<Policies>,
+    pub sessions: Option<Arc<Sessions>>,
+    pub audit: Option<Audit>,
+}
+
+fn parse_id(id: &str) -> Result<PrincipalId, String> {
+    PrincipalId::parse(id).map_err(|e| format!("{id:?}: {e}"))
+}
+
+fn check_fingerprint(fp: &str) -> Result<String, String> {
+    let fp = fp.to_ascii_lowercase().replace(':', "");
+    if fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(fp)
+    } else {
+        Err("certificate fingerprint must be 64 hex digits (SHA-256)".into())
+    }
+}
+
+fn check_secret(secret: &str) -> Result<(), String> {
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(format!(
+            "secret must be at least {MIN_SECRET_LEN} bytes (got {}); use --generate-secret",
+            secret.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Public view of a record: never the secret hash.
+fn view(r: &PrincipalRecord) -> Value {
+    json!({
+        "id": r.id.as_str(),
+        "kind": r.kind,
+        "group": r.group.as_str(),
+        "enabled": r.enabled,
+        "certificate": r.cert.as_ref().map(|c| match &c.fingerprint {
+            Some(fp) => format!("pinned sha256:{fp}"),
+            None => "any from the group's CA".to_string(),
+        }),
+        "secret": r.secret_hash.is_some(),
+        "generation": r.generation,
+        "created_unix": r.created_unix,
+        "updated_unix": r.updated_unix,
+    })
+}
+
+impl AdminState {
+    fn record_for(&self, kind: PrincipalKind, p: &NewPrincipal) -> Result<PrincipalRecord, String> {
+        let id = parse_id(&p.id)?;
+        let group_name = p.group.as_deref().unwrap_or("default");
+        let group = GroupName::parse(group_name).map_err(|e| format!("group: {e}"))?;
+        if self.policies.group(kind, &group).is_none() {
+            return Err(format!(
+                "{id}: no {kind} group {group:?} in the configuration"
+            ));
+        }
+        let cert = match (&p.cert_fingerprint, p.cert_any) {
+            (Some(fp), _) => Some(CertCredential {
+                fingerprint: Some(check_fingerprint(fp)?),
+            }),
+            (None, true) => Some(CertCredential { fingerprint: None }),
+            (None, false) => None,
+        };
+        let secret_hash = match &p.secret {
+            Some(s) => {
+                check_secret(s)?;
+                Some(hex::encode(self.hasher.hash(s.as_bytes())))
+            }
+            None => None,
+        };
+        if cert.is_none() && secret_hash.is_none() {
+            return Err(format!(
+                "{id}: no credential (give a certificate, --cert-any, or a secret)"
+            ));
+        }
+        let now = now_unix();
+        Ok(PrincipalRecord {
+            kind,
+            id,
+            group,
+            enabled: true,
+            cert,
+            secret_hash,
+            generation: 0,
+            created_unix: now,
+            updated_unix: now,
+        })
+    }
+
+    fn kick(&self, kind: PrincipalKind, id: &PrincipalId, below: u64, reason: KickReason) -> usize {
+        self.sessions
+            .as_ref()
+            .map(|s| s.kick(kind, id, below, reason))
+            .unwrap_or(0)
+    }
+
+    fn audit(&self, action: &str, kind: PrincipalKind, id: &str) {
+        if let Some(audit) = &self.audit {
+            audit.record(
+                AuditEntry::new("registry", "allow")
+                    .principal(kind.as_str(), id.to_string())
+                    .protocol("admin")
+                    .reason(action.to_string()),
+            );
+        }
+    }
+
+    /// Run one request. Errors are messages for the operator.
+    pub fn handle(&self, req: Request) -> Result<Value, String> {
+        let err = |e: portcullis_core::registry::RegistryError| e.to_string();
+        match req {
+            Request::Add { kind, principal } => {
+                let record = self.record_for(kind, &principal)?;
+                let out = view(&record);
+                self.registry.add(record).map_err(err)?;
+                self.audit("add", kind, &principal.id);
+                Ok(out)
+            }
+            Request::Import { kind, principals } => {
+                // Check everything first: an import is applied whole or not at all.
+                let snapshot = self.registry.snapshot();
+                let mut records = Vec::with_capacity(principals.len());
+                let mut seen = std::collections::HashSet::new();
+                for (i, p) in principals.iter().enumerate() {
+                    let record = self
+                        .record_for(kind, p)
+                        .map_err(|e| format!("entry {}: {e}", i + 1))?;
+                    if snapshot.get(kind, &record.id).is_some() || !seen.insert(record.id.clone())
+                    {
+                        return Err(format!("entry {}: {kind} {} already exists", i + 1, record.id));
+                    }
+                    records.push(record);
+                }
+                let n = records.len();
+                for record in records {
+                    let id = record.id.to_string();
+                    self.registry.add(record).map_err(err)?;
+                    self.audit("import", kind, &id);
+                }
+                Ok(json!({ "imported": n }))
+            }
+            Request::List { kind } => Ok(Value::Array(
+                self.registry
+                    .snapshot()
+                    .list(kind)
+                    .iter()
+                    .map(|r| view(r))
+                    .collect(),
+            )),
+            Request::Show { kind, id } => {
+                let id = parse_id(&id)?;
+                let snapshot = self.registry.snapshot();
+                let record = snapshot
+                    .get(kind, &id)
+                    .ok_or_else(|| format!("no such {kind}: {id}"))?;
+                let mut v = view(record);
+                if let Some(sessions) = &self.sessions {
+                    let live: Vec<_> = sessions
+                        .list()
+                        .into_iter()
+                        .filter(|s| s.kind == kind && s.id == id.as_str())
+                        .collect();
+                    v["sessions"] = serde_json::to_value(live).unwrap_or(Value::Null);
+                }
+                Ok(v)
+            }
+            Request::Enable { kind, id } => {
+                let pid = parse_id(&id)?;
+                let r = self.registry.set_enabled(kind, &pid, true).map_err(err)?;
+                self.audit("enable", kind, &id);
+                Ok(view(&r))
+            }
+            Request::Disable { kind, id } => {
+                let pid = parse_id(&id)?;
+                let r = self.registry.set_enabled(kind, &pid, false).map_err(err)?;
+                let kicked = self.kick(kind, &pid, u64::MAX, KickReason::Disabled);
+                self.audit("disable", kind, &id);
+                let mut v = view(&r);
+                v["sessions_ended"] = kicked.into();
+                Ok(v)
+            }
+            Request::Remove { kind, id } => {
+                let pid = parse_id(&id)?;
+                self.registry.remove(kind, &pid).map_err(err)?;
+                let kicked = self.kick(kind, &pid, u64::MAX, KickReason::Removed);
+                self.audit("remove", kind, &id);
+                Ok(json!({ "removed": id, "sessions_ended": kicked }))
+            }
+            Request::Rotate {
+                kind,
+                id,
+                cert_fingerprint,
+                secret,
+            } => {
+                let pid = parse_id(&id)?;
+                if cert_fingerprint.is_none() && secret.is_none() {
+                    return Err("rotate needs a new certificate or a new secret".into());
+                }
+                let cert = cert_fingerprint
+                    .map(|fp| check_fingerprint(&fp))
+                    .transpose()?
+                    .map(|fp| CertCredential {
+                        fingerprint: Some(fp),
+                    });
+                let secret_hash = match secret {
+                    Some(s) => {
+                        check_secret(&s)?;
+                        Some(hex::encode(self.hasher.hash(s.as_bytes())))
+                    }
+                    None => None,
+                };
+                let r = self
+                    .registry
+                    .rotate(kind, &pid, cert, secret_hash)
+                    .map_err(err)?;
+                let kicked = self.kick(kind, &pid, r.generation, KickReason::CredentialRotated);
+                self.audit("rotate", kind, &id);
+                let mut v = view(&r);
+                v["sessions_ended"] = kicked.into();
+                Ok(v)
+            }
+            Request::ClientsList => match &self.sessions {
+                Some(s) => serde_json::to_value(s.list()).map_err(|e| e.to_string()),
+                None => Err("the gateway is not running".into()),
+            },
+            Request::ClientsKick { kind, id } => {
+                let pid = parse_id(&id)?;
+                if self.sessions.is_none() {
+                    return Err("the gateway is not running".into());
+                }
+                let kicked = self.kick(kind, &pid, u64::MAX, KickReason::Operator);
+                self.audit("kick", kind, &id);
+                Ok(json!({ "sessions_ended": kicked }))
+            }
+        }
+    }
+}
+
+/// Bind the admin socket: owner-only permissions, stale socket replaced.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        // A live gateway holds the registry lock, so reaching here means it is stale.
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serve admin requests until the listener is dropped.
+pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
+    let me = unsafe_free_uid();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let allowed = stream
+            .peer_cred()
+            .map(|c| c.uid() == me || c.uid() == 0)
+            .unwrap_or(false);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            if !allowed {
+                let _ = wr
+                    .write_all(b"{\"ok\":false,\"error\":\"permission denied\"}\n")
+                    .await;
+                return;
+            }
+            let mut lines = BufReader::new(rd.take(MAX_REQUEST as u64)).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let response = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let state = state.clone();
+                        // Registry writes are synchronous redb commits.
+                        match tokio::task::spawn_blocking(move || state.handle(req)).await {
+                            Ok(Ok(v)) => json!({ "ok": true, "result": v }),
+                            Ok(Err(e)) => json!({ "ok": false, "error": e }),
+                            Err(e) => json!({ "ok": false, "error": e.to_string() }),
+                        }
+                    }
+                    Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
+                };
+                let mut text = response.to_string();
+                text.push('\n');
+                if wr.write_all(text.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Our effective uid, read from /proc so no `unsafe` libc call is needed.
+fn unsafe_free_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+}
+
+use tokio::io::AsyncReadExt;

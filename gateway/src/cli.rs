@@ -1,0 +1,400 @@
+//! Command-line parsing and the commands that are not `serve`.
+//!
+//! Registry commands go to the running gateway over the admin socket, so they take
+//! effect at once (live sessions included). With no gateway running they open the
+//! registry directly.
+
+use crate::admin::{AdminState, NewPrincipal, Request};
+use crate::pki::{self, PkiPaths};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use portcullis_config::Config;
+use portcullis_core::auth::Policies;
+use portcullis_core::principal::PrincipalKind;
+use portcullis_core::registry::Registry;
+use portcullis_core::secret::SecretHasher;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Bad usage or bad configuration: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+#[derive(Parser, Debug)]
+#[command(name = "portcullis", version, about = "A security gateway for connected IoT devices")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ConfigArg {
+    /// Configuration file (default: the embedded default, data in ./data).
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway.
+    Serve(ConfigArg),
+    /// Manage devices.
+    Device {
+        #[command(subcommand)]
+        action: PrincipalAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Manage services (cluster consumers of telemetry, senders of commands).
+    Service {
+        #[command(subcommand)]
+        action: PrincipalAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Live sessions.
+    Clients {
+        #[command(subcommand)]
+        action: ClientsAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Development PKI (for trying mutual TLS; not for production).
+    Pki {
+        #[command(subcommand)]
+        action: PkiAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Args, Debug)]
+struct Credentials {
+    /// Pin this certificate (PEM): only it may authenticate the principal.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Accept any certificate from the group's CA whose identity equals the id.
+    #[arg(long)]
+    cert_any: bool,
+    /// Read the secret from standard input (one line).
+    #[arg(long, conflicts_with_all = ["secret_file", "generate_secret"])]
+    secret_stdin: bool,
+    /// Read the secret from a file.
+    #[arg(long, conflicts_with = "generate_secret")]
+    secret_file: Option<PathBuf>,
+    /// Generate a random secret and print it once.
+    #[arg(long)]
+    generate_secret: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum PrincipalAction {
+    /// Register a principal.
+    Add {
+        id: String,
+        #[arg(long, short = 'g', default_value = "default")]
+        group: String,
+        #[command(flatten)]
+        creds: Credentials,
+    },
+    /// Register many from a TOML file of [[principal]] entries (all or nothing).
+    Import { file: PathBuf },
+    List,
+    Show { id: String },
+    Enable { id: String },
+    /// Refuse new connections and end live sessions.
+    Disable { id: String },
+    /// Delete, ending live sessions.
+    Remove { id: String },
+    /// Replace credentials; sessions that used the old ones end.
+    Rotate {
+        id: String,
+        #[command(flatten)]
+        creds: Credentials,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientsAction {
+    List,
+    /// End the sessions of a device (or, with --service, a service).
+    Kick {
+        id: String,
+        #[arg(long)]
+        service: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiAction {
+    /// Create a development CA and server certificate in {data_dir}/pki.
+    Init {
+        /// Extra server names (DNS or IP) besides localhost, 127.0.0.1 and ::1.
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Issue a client certificate signed by the development CA.
+    Issue {
+        name: String,
+        /// Replace an existing certificate and key of that name.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigAction {
+    /// Validate a configuration file.
+    Check { file: PathBuf },
+}
+
+pub fn load_config(path: Option<&Path>) -> Result<Config> {
+    match path {
+        None => Ok(Config::default()),
+        Some(p) => Config::load(p).map_err(|e| UsageError(e.to_string()).into()),
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(c) => {
+            let config = load_config(c.config.as_deref())?;
+            crate::serve::run(config, c.config.is_none())
+        }
+        Command::Config {
+            action: ConfigAction::Check { file },
+        } => {
+            Config::load(&file).map_err(|e| UsageError(e.to_string()))?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Pki { action, config } => {
+            let config = load_config(config.config.as_deref())?;
+            let paths = PkiPaths::new(config.data_dir.join("pki"));
+            match action {
+                PkiAction::Init { names } => {
+                    pki::init(&paths, &names)?;
+                    println!("development CA:      {}", paths.ca_cert().display());
+                    println!("server certificate:  {}", paths.server_cert().display());
+                    println!("server key:          {}", paths.server_key().display());
+                    println!("(development only: keep real CAs off the gateway's disk)");
+                }
+                PkiAction::Issue { name, force } => {
+                    let issued = pki::issue(&paths, &name, force)?;
+                    println!("certificate:  {}", issued.cert.display());
+                    println!("key:          {}", issued.key.display());
+                    println!("sha256:       {}", issued.fingerprint_sha256);
+                }
+            }
+            Ok(())
+        }
+        Command::Device { action, config } => principal(PrincipalKind::Device, action, config),
+        Command::Service { action, config } => principal(PrincipalKind::Service, action, config),
+        Command::Clients { action, config } => {
+            let config = load_config(config.config.as_deref())?;
+            let req = match action {
+                ClientsAction::List => Request::ClientsList,
+                ClientsAction::Kick { id, service } => Request::ClientsKick {
+                    kind: if service {
+                        PrincipalKind::Service
+                    } else {
+                        PrincipalKind::Device
+                    },
+                    id,
+                },
+            };
+            print(&call(&config, req)?);
+            Ok(())
+        }
+    }
+}
+
+fn read_secret(creds: &Credentials) -> Result<Option<String>> {
+    if creds.generate_secret {
+        let mut bytes = [0u8; 24];
+        rand_bytes(&mut bytes)?;
+        let secret = hex::encode(bytes);
+        // Printed once, on stdout, for the operator to hand to the device.
+        println!("secret: {secret}");
+        return Ok(Some(secret));
+    }
+    let raw = if creds.secret_stdin {
+        let mut s = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut s)
+            .context("reading the secret from stdin")?;
+        s
+    } else if let Some(file) = &creds.secret_file {
+        std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?
+    } else {
+        return Ok(None);
+    };
+    let secret = raw.trim_end_matches(['\n', '\r']).to_string();
+    if secret.is_empty() {
+        bail!(UsageError("the secret is empty".into()));
+    }
+    Ok(Some(secret))
+}
+
+fn rand_bytes(buf: &mut [u8]) -> Result<()> {
+    let mut f = std::fs::File::open("/dev/urandom").context("/dev/urandom")?;
+    f.read_exact(buf).context("/dev/urandom")?;
+    Ok(())
+}
+
+fn fingerprint(creds: &Credentials) -> Result<Option<String>> {
+    creds
+        .cert
+        .as_deref()
+        .map(pki::fingerprint_pem_file)
+        .transpose()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportFile {
+    #[serde(default)]
+    principal: Vec<ImportEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportEntry {
+    id: String,
+    #[serde(default)]
+    group: Option<String>,
+    /// PEM file to pin, relative to the import file.
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    cert_any: bool,
+    #[serde(default)]
+    secret: Option<String>,
+}
+
+fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) -> Result<()> {
+    let config = load_config(config.config.as_deref())?;
+    let req = match action {
+        PrincipalAction::Add { id, group, creds } => {
+            if !creds.cert_any && creds.cert.is_none() && !has_secret(&creds) {
+                bail!(UsageError(
+                    "give a credential: --cert FILE, --cert-any, --secret-stdin, --secret-file or --generate-secret".into()
+                ));
+            }
+            Request::Add {
+                kind,
+                principal: NewPrincipal {
+                    id,
+                    group: Some(group),
+                    cert_fingerprint: fingerprint(&creds)?,
+                    cert_any: creds.cert_any,
+                    secret: read_secret(&creds)?,
+                },
+            }
+        }
+        PrincipalAction::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("{}", file.display()))?;
+            let parsed: ImportFile = toml::from_str(&text)
+                .map_err(|e| UsageError(format!("{}: {}", file.display(), e.message())))?;
+            let base = file.parent().unwrap_or(Path::new("."));
+            let mut principals = Vec::new();
+            for (i, e) in parsed.principal.into_iter().enumerate() {
+                let cert_fingerprint = match &e.cert {
+                    Some(c) => Some(
+                        pki::fingerprint_pem_file(&base.join(c))
+                            .with_context(|| format!("{}: entry {}", file.display(), i + 1))?,
+                    ),
+                    None => None,
+                };
+                principals.push(NewPrincipal {
+                    id: e.id,
+                    group: e.group,
+                    cert_fingerprint,
+                    cert_any: e.cert_any,
+                    secret: e.secret,
+                });
+            }
+            Request::Import { kind, principals }
+        }
+        PrincipalAction::List => Request::List { kind },
+        PrincipalAction::Show { id } => Request::Show { kind, id },
+        PrincipalAction::Enable { id } => Request::Enable { kind, id },
+        PrincipalAction::Disable { id } => Request::Disable { kind, id },
+        PrincipalAction::Remove { id } => Request::Remove { kind, id },
+        PrincipalAction::Rotate { id, creds } => Request::Rotate {
+            kind,
+            id,
+            cert_fingerprint: fingerprint(&creds)?,
+            secret: read_secret(&creds)?,
+        },
+    };
+    print(&call(&config, req)?);
+    Ok(())
+}
+
+fn has_secret(c: &Credentials) -> bool {
+    c.secret_stdin || c.secret_file.is_some() || c.generate_secret
+}
+
+fn print(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+/// Send a request to the running gateway, or run it locally if none is running.
+fn call(config: &Config, req: Request) -> Result<Value> {
+    let socket = config.admin_socket();
+    match UnixStream::connect(&socket) {
+        Ok(mut stream) => {
+            let mut line = serde_json::to_string(&req)?;
+            line.push('\n');
+            stream
+                .write_all(line.as_bytes())
+                .with_context(|| format!("admin socket {}", socket.display()))?;
+            let mut reply = String::new();
+            BufReader::new(stream)
+                .read_line(&mut reply)
+                .with_context(|| format!("admin socket {}", socket.display()))?;
+            let v: Value = serde_json::from_str(&reply)
+                .with_context(|| format!("admin socket {}: bad reply", socket.display()))?;
+            if v["ok"] == Value::Bool(true) {
+                Ok(v["result"].clone())
+            } else {
+                bail!("{}", v["error"].as_str().unwrap_or("request failed"))
+            }
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            // No gateway: work on the registry directly.
+            let registry = Registry::open(&config.registry_file())?;
+            let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
+            let policies = Policies::from_config(config).map_err(|e| UsageError(e.to_string()))?;
+            let state = AdminState {
+                registry: Arc::new(registry),
+                hasher,
+                policies: Arc::new(policies),
+                sessions: None,
+                audit: None,
+            };
+            state.handle(req).map_err(|e| anyhow::anyhow!(e))
+        }
+        Err(e) => Err(e).with_context(|| format!("admin socket {}", socket.display())),
+    }
+}

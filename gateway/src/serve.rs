@@ -1,0 +1,246 @@
+//! `portcullis serve`: wire the core, the adapters and the listeners together, run
+//! until SIGTERM, then drain.
+
+use crate::admin::{self, AdminState};
+use crate::cli::UsageError;
+use crate::observability::{self, Health};
+use crate::pki::{self, PkiPaths};
+use anyhow::{Context, Result};
+use portcullis_config::Config;
+use portcullis_core::audit::{Audit, AuditEntry};
+use portcullis_core::auth::{Authenticator, Policies};
+use portcullis_core::backoff::BackoffPolicy;
+use portcullis_core::broker::EmbeddedBroker;
+use portcullis_core::metrics::Metrics;
+use portcullis_core::principal::PrincipalKind;
+use portcullis_core::registry::Registry;
+use portcullis_core::secret::SecretHasher;
+use portcullis_core::sessions::{KickReason, Sessions};
+use portcullis_core::topic::TopicLimits;
+use portcullis_mqtt::listener::{self, ConnectionLimits};
+use portcullis_mqtt::session::{Context as SessionContext, SessionLimits};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+pub fn run(config: Config, embedded_default: bool) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("portcullis")
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(config, embedded_default))
+}
+
+async fn bind(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener>> {
+    match addr {
+        None => Ok(None),
+        Some(a) => TcpListener::bind(a)
+            .await
+            .map(Some)
+            .with_context(|| format!("{what}: cannot listen on {a}")),
+    }
+}
+
+async fn serve(config: Config, embedded_default: bool) -> Result<()> {
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("data dir {}", data_dir.display()))?;
+
+    // A development PKI when the server certificate is left at its default place.
+    let pki_paths = PkiPaths::new(data_dir.join("pki"));
+    let uses_dev_pki = config.tls.cert.is_none() && config.tls.key.is_none();
+    if uses_dev_pki && pki::ensure_dev_pki(&pki_paths)? {
+        eprintln!(
+            "WARNING: created a DEVELOPMENT PKI in {} (CA key on this disk).\n\
+             WARNING: it is for trying Portcullis only; configure [tls] and group CAs for production.",
+            pki_paths.dir.display()
+        );
+    }
+
+    let registry = Arc::new(Registry::open(&config.registry_file())?);
+    let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
+    let policies =
+        Arc::new(Policies::from_config(&config).map_err(|e| UsageError(e.to_string()))?);
+    let metrics = Arc::new(Metrics::default());
+    let (audit, audit_task) =
+        Audit::start(config.audit_file(), config.audit.queue, metrics.clone())
+            .await
+            .with_context(|| format!("audit log {}", config.audit_file().display()))?;
+    let broker = EmbeddedBroker::start(&config.broker)?;
+    let sessions = Sessions::new();
+    let auth = Arc::new(Authenticator::new(
+        registry.clone(),
+        hasher.clone(),
+        policies.clone(),
+        BackoffPolicy {
+            max_failures: config.auth.max_failures,
+            window: Duration::from_secs(config.auth.failure_window_secs),
+            initial: Duration::from_secs(config.auth.backoff_initial_secs),
+            max: Duration::from_secs(config.auth.backoff_max_secs),
+        },
+    ));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let limits = SessionLimits {
+        max_packet_size: config.limits.max_packet_size,
+        topic: TopicLimits {
+            max_length: config.limits.max_topic_length,
+            max_depth: config.limits.max_topic_depth,
+        },
+        connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
+        max_subscribe_filters: config.limits.max_subscribe_filters,
+        session_queue: config.limits.session_queue,
+    };
+    let context = |kind| {
+        Arc::new(SessionContext {
+            kind,
+            auth: auth.clone(),
+            broker: broker.clone(),
+            sessions: sessions.clone(),
+            audit: audit.clone(),
+            metrics: metrics.clone(),
+            limits,
+            shutdown: shutdown_rx.clone(),
+        })
+    };
+    let device_ctx = context(PrincipalKind::Device);
+    let service_ctx = context(PrincipalKind::Service);
+
+    let l = &config.listeners;
+    let device_tls = bind(l.device_tls, "device TLS listener").await?;
+    let device_plain = bind(l.device_plain, "device plain listener").await?;
+    let service_tls = bind(l.service_tls, "service TLS listener").await?;
+    let service_plain = bind(l.service_plain, "service plain listener").await?;
+    let observability_listener = bind(config.observability.listen, "observability").await?;
+    let admin_socket = config.admin_socket();
+    let admin_listener = admin::bind(&admin_socket)
+        .with_context(|| format!("admin socket {}", admin_socket.display()))?;
+
+    let server_cert = config.server_cert();
+    let server_key = config.server_key();
+    let handshake_timeout = Duration::from_secs(config.tls.handshake_timeout_secs);
+    let conn_limits = ConnectionLimits::new(
+        config.limits.max_connections,
+        config.limits.max_connections_per_source,
+    );
+    let mut tasks = Vec::new();
+    let mut report = Vec::new();
+    for (listener, ctx, tls, label) in [
+        (
+            device_tls,
+            &device_ctx,
+            Some(policies.device_roots.clone()),
+            "device listener (MQTT over TLS)",
+        ),
+        (device_plain, &device_ctx, None, "device listener (plain MQTT)"),
+        (
+            service_tls,
+            &service_ctx,
+            Some(policies.service_roots.clone()),
+            "service listener (MQTT over TLS)",
+        ),
+        (service_plain, &service_ctx, None, "service listener (plain MQTT)"),
+    ] {
+        let Some(listener) = listener else { continue };
+        let acceptor = match tls {
+            Some(roots) => Some(
+                listener::tls_acceptor(&server_cert, &server_key, roots)
+                    .map_err(|e| UsageError(e.to_string()))?,
+            ),
+            None => None,
+        };
+        report.push((label, listener.local_addr()?.to_string()));
+        tasks.push(tokio::spawn(listener::serve(
+            listener,
+            acceptor,
+            handshake_timeout,
+            ctx.clone(),
+            conn_limits.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+    report.push(("admin socket", admin_socket.display().to_string()));
+    let admin_state = Arc::new(AdminState {
+        registry: registry.clone(),
+        hasher,
+        policies: policies.clone(),
+        sessions: Some(sessions.clone()),
+        audit: Some(audit.clone()),
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(listener) = observability_listener {
+        report.push((
+            "observability (/healthz /readyz /metrics)",
+            listener.local_addr()?.to_string(),
+        ));
+        let app = observability::router(Health {
+            ready: ready.clone(),
+            metrics: metrics.clone(),
+        });
+        let mut stop = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+        }));
+    }
+    if uses_dev_pki {
+        report.push(("development CA", pki_paths.ca_cert().display().to_string()));
+    }
+
+    println!(
+        "portcullis {} serving{} (embedded broker, data in {})",
+        env!("CARGO_PKG_VERSION"),
+        if embedded_default {
+            " on its embedded default"
+        } else {
+            ""
+        },
+        data_dir.display()
+    );
+    for (label, value) in &report {
+        println!("  {label}: {value}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    audit.record(AuditEntry::new("start", "allow").reason("gateway started"));
+    ready.store(true, Ordering::Relaxed);
+
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+
+    // Drain: stop accepting, tell every peer we are going, wait for them to close.
+    tracing::info!("shutting down");
+    ready.store(false, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    sessions.kick_all(KickReason::Shutdown);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.limits.drain_timeout_secs);
+    while !sessions.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin_task.abort();
+    let _ = std::fs::remove_file(&admin_socket);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+    }
+    audit.record(AuditEntry::new("stop", "allow").reason("gateway stopped"));
+    drop(audit);
+    drop(device_ctx);
+    drop(service_ctx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), audit_task).await;
+    // The registry commits every change as it happens; dropping it releases the lock.
+    drop(registry);
+    println!("portcullis stopped");
+    Ok(())
+}
