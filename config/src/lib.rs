@@ -390,11 +390,20 @@ impl Config {
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), (String, String)> {
         let positive: [(&str, u64); 10] = [
-            ("tls.handshake_timeout_secs", self.tls.handshake_timeout_secs),
+            (
+                "tls.handshake_timeout_secs",
+                self.tls.handshake_timeout_secs,
+            ),
             ("limits.max_packet_size", self.limits.max_packet_size as u64),
-            ("limits.max_topic_length", self.limits.max_topic_length as u64),
+            (
+                "limits.max_topic_length",
+                self.limits.max_topic_length as u64,
+            ),
             ("limits.max_topic_depth", self.limits.max_topic_depth as u64),
-            ("limits.connect_timeout_secs", self.limits.connect_timeout_secs),
+            (
+                "limits.connect_timeout_secs",
+                self.limits.connect_timeout_secs,
+            ),
             ("limits.max_connections", self.limits.max_connections as u64),
             (
                 "limits.max_connections_per_source",
@@ -483,7 +492,9 @@ impl Config {
                 if !pattern.starts_with("devices/{id}/") {
                     return Err((
                         key,
-                        format!("a device may only publish under devices/{{id}}/ (got {pattern:?})"),
+                        format!(
+                            "a device may only publish under devices/{{id}}/ (got {pattern:?})"
+                        ),
                     ));
                 }
             }
@@ -644,8 +655,8 @@ mod tests {
 
     #[test]
     fn plain_listener_off_loopback_is_rejected() {
-        let err = Config::parse("[listeners]\ndevice_plain = \"0.0.0.0:1883\"\n", "x.toml")
-            .unwrap_err();
+        let err =
+            Config::parse("[listeners]\ndevice_plain = \"0.0.0.0:1883\"\n", "x.toml").unwrap_err();
         assert_eq!(err.key, "listeners.device_plain");
     }
 

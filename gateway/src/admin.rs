@@ -212,9 +212,12 @@ impl AdminState {
                     let record = self
                         .record_for(kind, p)
                         .map_err(|e| format!("entry {}: {e}", i + 1))?;
-                    if snapshot.get(kind, &record.id).is_some() || !seen.insert(record.id.clone())
-                    {
-                        return Err(format!("entry {}: {kind} {} already exists", i + 1, record.id));
+                    if snapshot.get(kind, &record.id).is_some() || !seen.insert(record.id.clone()) {
+                        return Err(format!(
+                            "entry {}: {kind} {} already exists",
+                            i + 1,
+                            record.id
+                        ));
                     }
                     records.push(record);
                 }
@@ -385,7 +388,9 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
 /// Our effective uid, read from /proc so no `unsafe` libc call is needed.
 fn unsafe_free_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 use tokio::io::AsyncReadExt;

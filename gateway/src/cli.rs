@@ -25,7 +25,11 @@ use std::sync::Arc;
 pub struct UsageError(pub String);
 
 #[derive(Parser, Debug)]
-#[command(name = "portcullis", version, about = "A security gateway for connected IoT devices")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A security gateway for connected IoT devices"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -107,14 +111,24 @@ enum PrincipalAction {
         creds: Credentials,
     },
     /// Register many from a TOML file of [[principal]] entries (all or nothing).
-    Import { file: PathBuf },
+    Import {
+        file: PathBuf,
+    },
     List,
-    Show { id: String },
-    Enable { id: String },
+    Show {
+        id: String,
+    },
+    Enable {
+        id: String,
+    },
     /// Refuse new connections and end live sessions.
-    Disable { id: String },
+    Disable {
+        id: String,
+    },
     /// Delete, ending live sessions.
-    Remove { id: String },
+    Remove {
+        id: String,
+    },
     /// Replace credentials; sessions that used the old ones end.
     Rotate {
         id: String,
@@ -303,8 +317,8 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
             }
         }
         PrincipalAction::Import { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("{}", file.display()))?;
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
             let parsed: ImportFile = toml::from_str(&text)
                 .map_err(|e| UsageError(format!("{}: {}", file.display(), e.message())))?;
             let base = file.parent().unwrap_or(Path::new("."));

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,rumqttd=warn,rustls=error".into()),
         )
         .init();
     // One crypto provider for the whole process, chosen once.

@@ -64,8 +64,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
 
     let registry = Arc::new(Registry::open(&config.registry_file())?);
     let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
-    let policies =
-        Arc::new(Policies::from_config(&config).map_err(|e| UsageError(e.to_string()))?);
+    let policies = Arc::new(Policies::from_config(&config).map_err(|e| UsageError(e.to_string()))?);
     let metrics = Arc::new(Metrics::default());
     let (audit, audit_task) =
         Audit::start(config.audit_file(), config.audit.queue, metrics.clone())
@@ -136,14 +135,24 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
             Some(policies.device_roots.clone()),
             "device listener (MQTT over TLS)",
         ),
-        (device_plain, &device_ctx, None, "device listener (plain MQTT)"),
+        (
+            device_plain,
+            &device_ctx,
+            None,
+            "device listener (plain MQTT)",
+        ),
         (
             service_tls,
             &service_ctx,
             Some(policies.service_roots.clone()),
             "service listener (MQTT over TLS)",
         ),
-        (service_plain, &service_ctx, None, "service listener (plain MQTT)"),
+        (
+            service_plain,
+            &service_ctx,
+            None,
+            "service listener (plain MQTT)",
+        ),
     ] {
         let Some(listener) = listener else { continue };
         let acceptor = match tls {
@@ -225,7 +234,8 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     ready.store(false, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
     sessions.kick_all(KickReason::Shutdown);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.limits.drain_timeout_secs);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(config.limits.drain_timeout_secs);
     while !sessions.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -68,8 +68,14 @@ pub enum Incoming {
     PubRec(u16),
     PubRel(u16),
     PubComp(u16),
-    Subscribe { pkid: u16, filters: Vec<(String, u8)> },
-    Unsubscribe { pkid: u16, filters: Vec<String> },
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
     PingReq,
     Disconnect,
 }
@@ -77,7 +83,10 @@ pub enum Incoming {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outgoing<'a> {
     /// `code` is an MQTT 5 reason code.
-    ConnAck { code: u8, max_packet_size: u32 },
+    ConnAck {
+        code: u8,
+        max_packet_size: u32,
+    },
     Publish {
         topic: &'a str,
         payload: Bytes,
@@ -85,15 +94,33 @@ pub enum Outgoing<'a> {
         retain: bool,
         pkid: u16,
     },
-    PubAck { pkid: u16, reason: u8 },
-    PubRec { pkid: u16, reason: u8 },
-    PubRel { pkid: u16 },
-    PubComp { pkid: u16 },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRec {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRel {
+        pkid: u16,
+    },
+    PubComp {
+        pkid: u16,
+    },
     /// Per filter: `Ok(granted qos)` or `Err(reason)`.
-    SubAck { pkid: u16, codes: Vec<Result<u8, u8>> },
-    UnsubAck { pkid: u16, count: usize },
+    SubAck {
+        pkid: u16,
+        codes: Vec<Result<u8, u8>>,
+    },
+    UnsubAck {
+        pkid: u16,
+        count: usize,
+    },
     PingResp,
-    Disconnect { reason: u8 },
+    Disconnect {
+        reason: u8,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +190,11 @@ pub fn decode(
                 v4::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
                 v4::Packet::Subscribe(s) => Incoming::Subscribe {
                     pkid: s.pkid,
-                    filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+                    filters: s
+                        .filters
+                        .into_iter()
+                        .map(|f| (f.path, f.qos as u8))
+                        .collect(),
                 },
                 v4::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
                     pkid: u.pkid,
@@ -210,7 +241,11 @@ pub fn decode(
                 v5::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
                 v5::Packet::Subscribe(s) => Incoming::Subscribe {
                     pkid: s.pkid,
-                    filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+                    filters: s
+                        .filters
+                        .into_iter()
+                        .map(|f| (f.path, f.qos as u8))
+                        .collect(),
                 },
                 v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
                     pkid: u.pkid,

@@ -39,7 +39,8 @@ pub fn tls_acceptor(
         path: path.display().to_string(),
         reason,
     };
-    let cert_bytes = std::fs::read(cert).map_err(|e| file_err(cert, format!("cannot read: {e}")))?;
+    let cert_bytes =
+        std::fs::read(cert).map_err(|e| file_err(cert, format!("cannot read: {e}")))?;
     let chain: Vec<_> = rustls_pemfile::certs(&mut cert_bytes.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| file_err(cert, format!("bad PEM: {e}")))?;
@@ -155,8 +156,7 @@ pub async fn serve(
             match tls {
                 None => session::run(ctx, stream, peer, None).await,
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                    {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
                             let certs = tls_stream
                                 .get_ref()

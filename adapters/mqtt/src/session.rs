@@ -106,7 +106,13 @@ pub async fn run<S>(
     };
     let frame = match first {
         Err(_) => {
-            refuse_connect(&ctx, peer, None, "connect_timeout", "no CONNECT within the deadline");
+            refuse_connect(
+                &ctx,
+                peer,
+                None,
+                "connect_timeout",
+                "no CONNECT within the deadline",
+            );
             return;
         }
         Ok(Err(ReadError::Strict(e))) => {
@@ -428,7 +434,6 @@ impl Session {
             }
         }
     }
-
 }
 
 async fn from_broker(
@@ -465,8 +470,8 @@ impl Session {
         W: AsyncWrite + Unpin,
     {
         // A silent client is dropped at 1.5 times its keep-alive.
-        let keep_alive = (self.keep_alive > 0)
-            .then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
+        let keep_alive =
+            (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
         let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
         let mut out = BytesMut::with_capacity(4096);
         loop {
@@ -660,7 +665,12 @@ impl Session {
         }
         if let Verdict::Refuse(refusal) = verdict {
             ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
-            self.audit_refusal(ctx, "publish", Some(msg.topic.as_str()), &refusal.to_string());
+            self.audit_refusal(
+                ctx,
+                "publish",
+                Some(msg.topic.as_str()),
+                &refusal.to_string(),
+            );
             if self.version == ProtocolVersion::V311 && self.disconnect_on_refusal {
                 return Err(End::Refused(refusal.to_string()));
             }
@@ -722,8 +732,7 @@ impl Session {
                     continue;
                 }
             };
-            if let Verdict::Refuse(refusal) = pipeline::admit_subscription(&self.policy, &filter)
-            {
+            if let Verdict::Refuse(refusal) = pipeline::admit_subscription(&self.policy, &filter) {
                 ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
                 self.audit_refusal(ctx, "subscribe", Some(&raw), &refusal.to_string());
                 codes.push(Err(reason::NOT_AUTHORIZED));

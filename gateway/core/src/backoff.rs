@@ -71,8 +71,7 @@ impl SourceGuard {
             state.failures = 0;
             state.window_start = now;
         }
-        if now.saturating_duration_since(state.window_start) > policy.window && state.level == 0
-        {
+        if now.saturating_duration_since(state.window_start) > policy.window && state.level == 0 {
             state.failures = 0;
             state.window_start = now;
         }

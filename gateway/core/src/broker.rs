@@ -178,7 +178,10 @@ fn to_delivery(publish: Publish, qos: QoS) -> Option<Delivery> {
     })
 }
 
-fn spawn_link_thread(name: String, body: impl FnOnce() + Send + 'static) -> Result<(), BrokerError> {
+fn spawn_link_thread(
+    name: String,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<(), BrokerError> {
     std::thread::Builder::new()
         .name(name)
         .spawn(body)
@@ -198,7 +201,9 @@ impl EmbeddedBroker {
         let broker = rumqttd::Broker::new(router_config(cfg));
         let mut uplinks = Vec::with_capacity(cfg.uplinks);
         for n in 0..cfg.uplinks {
-            let (tx, rx) = broker.link(&format!("portcullis-uplink-{n}")).map_err(link_err)?;
+            let (tx, rx) = broker
+                .link(&format!("portcullis-uplink-{n}"))
+                .map_err(link_err)?;
             let (cmd_tx, cmd_rx) = mpsc::channel(cfg.link_queue);
             spawn_link_thread(format!("uplink-{n}"), move || {
                 runtime().block_on(run_uplink(tx, rx, cmd_rx))

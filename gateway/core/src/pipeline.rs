@@ -184,11 +184,19 @@ mod tests {
             "devices/{id}/commands/#",
         );
         assert_eq!(
-            admit(&s, &msg("devices/sensor-1/commands/reboot"), Direction::ToPeer),
+            admit(
+                &s,
+                &msg("devices/sensor-1/commands/reboot"),
+                Direction::ToPeer
+            ),
             Verdict::Accept
         );
         assert!(matches!(
-            admit(&s, &msg("devices/sensor-2/commands/reboot"), Direction::ToPeer),
+            admit(
+                &s,
+                &msg("devices/sensor-2/commands/reboot"),
+                Direction::ToPeer
+            ),
             Verdict::Refuse(_)
         ));
     }

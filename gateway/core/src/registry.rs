@@ -85,9 +85,15 @@ pub enum RegistryError {
     #[error("registry storage: {0}")]
     Storage(String),
     #[error("{kind} {id} already exists")]
-    Exists { kind: PrincipalKind, id: PrincipalId },
+    Exists {
+        kind: PrincipalKind,
+        id: PrincipalId,
+    },
     #[error("no such {kind}: {id}")]
-    NotFound { kind: PrincipalKind, id: PrincipalId },
+    NotFound {
+        kind: PrincipalKind,
+        id: PrincipalId,
+    },
     #[error("corrupt registry entry {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -185,19 +191,23 @@ impl Registry {
         let result = {
             let mut table = tx.open_table(PRINCIPALS).map_err(storage)?;
             let current = match table.get(k.as_str()).map_err(storage)? {
-                Some(v) => Some(serde_json::from_slice::<PrincipalRecord>(v.value()).map_err(
-                    |e| RegistryError::Corrupt {
-                        key: k.clone(),
-                        reason: e.to_string(),
-                    },
-                )?),
+                Some(v) => Some(
+                    serde_json::from_slice::<PrincipalRecord>(v.value()).map_err(|e| {
+                        RegistryError::Corrupt {
+                            key: k.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?,
+                ),
                 None => None,
             };
             let next = change(current)?;
             match &next {
                 Some(record) => {
                     let bytes = serde_json::to_vec(record).map_err(storage)?;
-                    table.insert(k.as_str(), bytes.as_slice()).map_err(storage)?;
+                    table
+                        .insert(k.as_str(), bytes.as_slice())
+                        .map_err(storage)?;
                 }
                 None => {
                     table.remove(k.as_str()).map_err(storage)?;
@@ -320,14 +330,20 @@ mod tests {
             let r = Registry::open(&path).unwrap();
             r.add(record("sensor-1")).unwrap();
             r.add(record("sensor-2")).unwrap();
-            r.remove(PrincipalKind::Device, &PrincipalId::parse("sensor-2").unwrap())
-                .unwrap();
+            r.remove(
+                PrincipalKind::Device,
+                &PrincipalId::parse("sensor-2").unwrap(),
+            )
+            .unwrap();
         }
         let r = Registry::open(&path).unwrap();
         let snap = r.snapshot();
         assert_eq!(snap.len(), 1);
         let got = snap
-            .get(PrincipalKind::Device, &PrincipalId::parse("sensor-1").unwrap())
+            .get(
+                PrincipalKind::Device,
+                &PrincipalId::parse("sensor-1").unwrap(),
+            )
             .unwrap();
         assert_eq!(**got, record("sensor-1"));
     }
@@ -351,7 +367,12 @@ mod tests {
         let id = PrincipalId::parse("a").unwrap();
         r.set_enabled(PrincipalKind::Device, &id, false).unwrap();
         assert!(before.get(PrincipalKind::Device, &id).unwrap().enabled);
-        assert!(!r.snapshot().get(PrincipalKind::Device, &id).unwrap().enabled);
+        assert!(
+            !r.snapshot()
+                .get(PrincipalKind::Device, &id)
+                .unwrap()
+                .enabled
+        );
     }
 
     #[test]

@@ -49,12 +49,14 @@ impl SecretHasher {
         };
         match std::fs::read(path) {
             Ok(bytes) => {
-                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    SecretKeyError::Length {
-                        path: path.display().to_string(),
-                        len: bytes.len(),
-                    }
-                })?;
+                let key: [u8; 32] =
+                    bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| SecretKeyError::Length {
+                            path: path.display().to_string(),
+                            len: bytes.len(),
+                        })?;
                 Ok(SecretHasher { key })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -221,9 +221,18 @@ mod tests {
 
     #[test]
     fn filter_wildcards_must_be_whole_levels() {
-        assert_eq!(TopicFilter::parse("a/#/b", L), Err(TopicError::MisplacedHash));
-        assert_eq!(TopicFilter::parse("a/b#", L), Err(TopicError::MisplacedHash));
-        assert_eq!(TopicFilter::parse("a/b+", L), Err(TopicError::MisplacedPlus));
+        assert_eq!(
+            TopicFilter::parse("a/#/b", L),
+            Err(TopicError::MisplacedHash)
+        );
+        assert_eq!(
+            TopicFilter::parse("a/b#", L),
+            Err(TopicError::MisplacedHash)
+        );
+        assert_eq!(
+            TopicFilter::parse("a/b+", L),
+            Err(TopicError::MisplacedPlus)
+        );
         assert!(TopicFilter::parse("a/+/#", L).is_ok());
     }
 

@@ -1,0 +1,463 @@
+//! Test harness: runs the real `portcullis` binary in its own temp dir on port-0
+//! listeners, and drives it with real clients (mosquitto_pub/sub) and raw MQTT.
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+    pub device_tls: SocketAddr,
+    pub device_plain: SocketAddr,
+    pub service_tls: SocketAddr,
+    pub service_plain: SocketAddr,
+    pub observability: SocketAddr,
+    pub banner: Vec<String>,
+    stdout_rest: Option<mpsc::Receiver<String>>,
+    extra: String,
+}
+
+fn config_text(dir: &Path, extra: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"data_dir = "{d}/data"
+[listeners]
+device_tls = "127.0.0.1:0"
+device_plain = "127.0.0.1:0"
+service_tls = "127.0.0.1:0"
+service_plain = "127.0.0.1:0"
+[observability]
+listen = "127.0.0.1:0"
+[tls]
+handshake_timeout_secs = 2
+[limits]
+connect_timeout_secs = 2
+drain_timeout_secs = 3
+[auth]
+max_failures = 3
+backoff_initial_secs = 30
+backoff_max_secs = 120
+[device_groups.default]
+trust = ["{d}/data/pki/ca.pem"]
+[device_groups.other]
+trust = ["{d}/other/pki/ca.pem"]
+[service_groups.default]
+trust = ["{d}/data/pki/ca.pem"]
+publish = ["devices/+/commands/#"]
+subscribe = ["devices/+/telemetry/#"]
+{extra}
+"#
+    )
+}
+
+impl Gateway {
+    pub fn start() -> Gateway {
+        Gateway::start_with("")
+    }
+
+    /// Start with extra TOML appended to the test configuration.
+    pub fn start_with(extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A second CA, trusted only by the "other" device group.
+        let other_cfg = dir.path().join("other.toml");
+        std::fs::write(
+            &other_cfg,
+            format!("data_dir = \"{}/other\"\n", dir.path().display()),
+        )
+        .unwrap();
+        run_ok(&["pki", "init", "--config", other_cfg.to_str().unwrap()]);
+        let config = dir.path().join("portcullis.toml");
+        std::fs::write(&config, config_text(dir.path(), extra)).unwrap();
+        let mut gw = Gateway {
+            dir,
+            config,
+            child: None,
+            device_tls: "0.0.0.0:0".parse().unwrap(),
+            device_plain: "0.0.0.0:0".parse().unwrap(),
+            service_tls: "0.0.0.0:0".parse().unwrap(),
+            service_plain: "0.0.0.0:0".parse().unwrap(),
+            observability: "0.0.0.0:0".parse().unwrap(),
+            banner: Vec::new(),
+            stdout_rest: None,
+            extra: extra.to_string(),
+        };
+        gw.spawn();
+        gw
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", self.config.to_str().unwrap()])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn portcullis");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut banner = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("gateway did not start; stdout so far: {banner:?}"));
+            banner.push(line.clone());
+            if line.contains("development CA:") {
+                break;
+            }
+        }
+        let addr = |label: &str| -> SocketAddr {
+            banner
+                .iter()
+                .find(|l| l.contains(label))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {label} in {banner:?}"))
+        };
+        self.device_tls = addr("device listener (MQTT over TLS):");
+        self.device_plain = addr("device listener (plain MQTT):");
+        self.service_tls = addr("service listener (MQTT over TLS):");
+        self.service_plain = addr("service listener (plain MQTT):");
+        self.observability = addr("observability");
+        self.banner = banner;
+        self.stdout_rest = Some(rx);
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM, wait for exit; returns the status and the rest of stdout.
+    pub fn terminate(&mut self) -> (ExitStatus, Vec<String>) {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("gateway did not exit after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let rest = self
+            .stdout_rest
+            .take()
+            .map(|rx| rx.try_iter().collect())
+            .unwrap_or_default();
+        (status, rest)
+    }
+
+    /// Stop (SIGTERM) and start again on the same data dir.
+    pub fn restart(&mut self) {
+        let (status, _) = self.terminate();
+        assert!(status.success(), "exit status {status:?}");
+        self.spawn();
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.data().join("pki/ca.pem")
+    }
+
+    /// Run the CLI against this gateway's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, None)
+    }
+
+    pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .args(["--config", self.config.to_str().unwrap()])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn cli");
+        {
+            let mut input = child.stdin.take().unwrap();
+            if let Some(text) = stdin {
+                input.write_all(text.as_bytes()).unwrap();
+            }
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Issue a client certificate from the gateway's development CA.
+    pub fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
+        self.cli_ok(&["pki", "issue", name]);
+        let dir = self.data().join("pki/clients");
+        (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        )
+    }
+
+    /// Issue a certificate from the second CA (trusted by device group "other" only).
+    pub fn issue_other(&self, name: &str) -> (PathBuf, PathBuf) {
+        let cfg = self.dir.path().join("other.toml");
+        run_ok(&["pki", "issue", name, "--config", cfg.to_str().unwrap()]);
+        let dir = self.dir.path().join("other/pki/clients");
+        (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        )
+    }
+
+    pub fn add_device_cert(&self, id: &str) -> (PathBuf, PathBuf) {
+        let paths = self.issue(id);
+        self.cli_ok(&["device", "add", id, "--cert-any"]);
+        paths
+    }
+
+    pub fn add_service_cert(&self, id: &str) -> (PathBuf, PathBuf) {
+        let paths = self.issue(id);
+        self.cli_ok(&["service", "add", id, "--cert-any"]);
+        paths
+    }
+
+    pub fn add_device_secret(&self, id: &str, secret: &str) {
+        let out = self.cli_stdin(&["device", "add", id, "--secret-stdin"], Some(secret));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// mosquitto TLS arguments for a client with this identity's certificate.
+    pub fn tls_args(&self, name: &str) -> Vec<String> {
+        let dir = self.data().join("pki/clients");
+        vec![
+            "--cafile".into(),
+            self.ca().display().to_string(),
+            "--cert".into(),
+            dir.join(format!("{name}.pem")).display().to_string(),
+            "--key".into(),
+            dir.join(format!("{name}.key")).display().to_string(),
+        ]
+    }
+
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.observability, path)
+    }
+
+    pub fn metrics(&self) -> String {
+        self.http_get("/metrics").1
+    }
+
+    /// The value of a metric line (exact name with labels), 0 if absent.
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    }
+
+    pub fn refusals(&self, stage: &str, reason: &str) -> u64 {
+        self.metric(&format!(
+            "portcullis_refusals_total{{stage=\"{stage}\",reason=\"{reason}\"}} "
+        ))
+    }
+
+    pub fn audit(&self) -> String {
+        std::fs::read_to_string(self.data().join("audit.log")).unwrap_or_default()
+    }
+
+    /// Wait until an audit line contains every needle.
+    pub fn wait_audit(&self, needles: &[&str]) -> String {
+        wait_for(Duration::from_secs(5), || {
+            self.audit()
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no audit line with {needles:?} in:\n{}", self.audit()))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// Run a mosquitto client to completion with a time limit.
+pub fn mosquitto(bin: &str, args: &[String], timeout: Duration) -> Output {
+    let child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{bin}: {e} (install mosquitto-clients)"));
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(timeout);
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let out = child.wait_with_output().unwrap();
+    drop(killer);
+    out
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A `mosquitto_sub` running in the background, its stdout read line by line.
+pub struct Sub {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Sub {
+    pub fn start(args: &[String]) -> Sub {
+        let mut child = Command::new("mosquitto_sub")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub (install mosquitto-clients)");
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Sub { child, lines: rx }
+    }
+
+    /// Wait for a line containing `needle`.
+    pub fn expect(&self, needle: &str, timeout: Duration) -> Result<String, Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(line) => seen.push(line),
+                Err(_) => return Err(seen),
+            }
+        }
+    }
+
+    /// Lines received within `window`.
+    pub fn drain(&self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            out.push(line);
+        }
+        out
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn s(v: &str) -> String {
+    v.to_string()
+}
