@@ -1,1 +1,321 @@
+//! The gateway's life and its registry: CLI commands while it runs, sessions ended by
+//! disable / remove / rotate / kick / take-over, per-source back-off, SIGTERM drain.
 
+mod common;
+
+use common::raw::Raw;
+use common::*;
+use rumqttc::v5::mqttbytes::v5;
+use std::net::IpAddr;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+const NEW_SECRET: &str = "fedcba9876543210fedcba9876543210";
+
+fn v5_connect(gw: &Gateway, id: &str, secret: &str) -> (Raw, Option<v5::ConnectReturnCode>) {
+    let mut raw = Raw::connect(gw.device_plain);
+    let code = raw.connect_v5(id, Some((id, secret)));
+    (raw, code)
+}
+
+fn expect_disconnect(raw: &mut Raw, reason: v5::DisconnectReasonCode) {
+    match raw.recv_v5(T) {
+        Some(v5::Packet::Disconnect(d)) => assert_eq!(d.reason_code, reason),
+        other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
+    }
+    assert!(raw.closed_within(T).0);
+}
+
+#[test]
+fn registry_commands_work_while_the_gateway_runs() {
+    let gw = Gateway::start();
+    let (cert, _) = gw.issue("sensor-1");
+    let added = gw.cli_ok(&[
+        "device",
+        "add",
+        "sensor-1",
+        "--cert",
+        cert.to_str().unwrap(),
+    ]);
+    assert!(added.contains("pinned sha256:"), "{added}");
+    // Duplicate, bad id, no credential: refused with a reason, nothing changed.
+    let dup = gw.cli(&["device", "add", "sensor-1", "--cert-any"]);
+    assert_eq!(dup.status.code(), Some(1));
+    assert!(text(&dup).contains("already exists"), "{}", text(&dup));
+    let bad = gw.cli(&["device", "add", "bad/id", "--cert-any"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("[A-Za-z0-9._-]"), "{}", text(&bad));
+    let none = gw.cli(&["device", "add", "sensor-9"]);
+    assert_eq!(none.status.code(), Some(2));
+    let short = gw.cli_stdin(
+        &["device", "add", "sensor-9", "--secret-stdin"],
+        Some("short"),
+    );
+    assert!(
+        text(&short).contains("at least 16 bytes"),
+        "{}",
+        text(&short)
+    );
+    let nogroup = gw.cli(&["device", "add", "sensor-9", "--group", "nope", "--cert-any"]);
+    assert!(
+        text(&nogroup).contains("no device group"),
+        "{}",
+        text(&nogroup)
+    );
+    // Import: all or nothing.
+    let import = gw.dir.path().join("fleet.toml");
+    std::fs::write(
+        &import,
+        format!(
+            "[[principal]]\nid = \"meter-1\"\nsecret = \"{SECRET}\"\n\n[[principal]]\nid = \"meter-2\"\ncert_any = true\ngroup = \"other\"\n"
+        ),
+    )
+    .unwrap();
+    assert!(
+        gw.cli_ok(&["device", "import", import.to_str().unwrap()])
+            .contains("\"imported\": 2")
+    );
+    let again = gw.cli(&["device", "import", import.to_str().unwrap()]);
+    assert!(text(&again).contains("entry 1") && text(&again).contains("already exists"));
+    let list = gw.cli_ok(&["device", "list"]);
+    for id in ["sensor-1", "meter-1", "meter-2"] {
+        assert!(list.contains(&format!("\"id\": \"{id}\"")), "{list}");
+    }
+    assert!(!list.contains("secret_hash"), "{list}");
+    assert!(!list.contains(SECRET));
+    // Generated secrets are printed once and work.
+    let out = gw.cli_ok(&["device", "add", "meter-3", "--generate-secret"]);
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .expect("secret printed")
+        .to_string();
+    let (_raw, code) = v5_connect(&gw, "meter-3", &secret);
+    assert_eq!(code, Some(v5::ConnectReturnCode::Success));
+    let show = gw.cli_ok(&["device", "show", "meter-3"]);
+    assert!(
+        show.contains("\"sessions\"") && show.contains("mqtt5"),
+        "{show}"
+    );
+    let clients = gw.cli_ok(&["clients", "list"]);
+    assert!(clients.contains("meter-3"), "{clients}");
+    gw.cli_ok(&["device", "remove", "meter-2"]);
+    assert!(!gw.cli_ok(&["device", "list"]).contains("meter-2"));
+    gw.wait_audit(&["\"registry\"", "\"meter-2\"", "remove"]);
+}
+
+#[test]
+fn disable_enable_remove_and_kick_end_or_allow_sessions() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let (mut raw, code) = v5_connect(&gw, "meter-1", SECRET);
+    assert_eq!(code, Some(v5::ConnectReturnCode::Success));
+    let out = gw.cli_ok(&["device", "disable", "meter-1"]);
+    assert!(out.contains("\"sessions_ended\": 1"), "{out}");
+    expect_disconnect(&mut raw, v5::DisconnectReasonCode::AdministrativeAction);
+    let (_, code) = v5_connect(&gw, "meter-1", SECRET);
+    assert_eq!(code, Some(v5::ConnectReturnCode::NotAuthorized));
+    gw.wait_audit(&["\"refuse\"", "\"meter-1\"", "disabled"]);
+
+    gw.cli_ok(&["device", "enable", "meter-1"]);
+    let (mut raw, code) = v5_connect(&gw, "meter-1", SECRET);
+    assert_eq!(code, Some(v5::ConnectReturnCode::Success));
+    gw.cli_ok(&["clients", "kick", "meter-1"]);
+    expect_disconnect(&mut raw, v5::DisconnectReasonCode::AdministrativeAction);
+
+    let (mut raw, _) = v5_connect(&gw, "meter-1", SECRET);
+    gw.cli_ok(&["device", "remove", "meter-1"]);
+    expect_disconnect(&mut raw, v5::DisconnectReasonCode::AdministrativeAction);
+    let (_, code) = v5_connect(&gw, "meter-1", SECRET);
+    assert_eq!(code, Some(v5::ConnectReturnCode::NotAuthorized));
+}
+
+#[test]
+fn rotation_ends_sessions_of_the_old_credential() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let (mut raw, _) = v5_connect(&gw, "meter-1", SECRET);
+    let out = gw.cli_stdin(
+        &["device", "rotate", "meter-1", "--secret-stdin"],
+        Some(NEW_SECRET),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    expect_disconnect(&mut raw, v5::DisconnectReasonCode::AdministrativeAction);
+    let (_, code) = v5_connect(&gw, "meter-1", SECRET);
+    assert_eq!(code, Some(v5::ConnectReturnCode::NotAuthorized));
+    let (_, code) = v5_connect(&gw, "meter-1", NEW_SECRET);
+    assert_eq!(code, Some(v5::ConnectReturnCode::Success));
+}
+
+#[test]
+fn rotating_a_pinned_certificate_refuses_the_old_one() {
+    let gw = Gateway::start();
+    let (cert, key) = gw.issue("sensor-1");
+    let old_cert = gw.dir.path().join("old.pem");
+    let old_key = gw.dir.path().join("old.key");
+    std::fs::copy(&cert, &old_cert).unwrap();
+    std::fs::copy(&key, &old_key).unwrap();
+    gw.cli_ok(&[
+        "device",
+        "add",
+        "sensor-1",
+        "--cert",
+        cert.to_str().unwrap(),
+    ]);
+    gw.cli_ok(&["pki", "issue", "sensor-1", "--force"]);
+    gw.cli_ok(&[
+        "device",
+        "rotate",
+        "sensor-1",
+        "--cert",
+        cert.to_str().unwrap(),
+    ]);
+    let publish = |c: &std::path::Path, k: &std::path::Path| {
+        let args = vec![
+            s("-h"),
+            s("127.0.0.1"),
+            s("-p"),
+            gw.device_tls.port().to_string(),
+            s("--cafile"),
+            gw.ca().display().to_string(),
+            s("--cert"),
+            c.display().to_string(),
+            s("--key"),
+            k.display().to_string(),
+            s("-i"),
+            s("sensor-1"),
+            s("-t"),
+            s("devices/sensor-1/telemetry"),
+            s("-m"),
+            s("x"),
+        ];
+        mosquitto("mosquitto_pub", &args, T)
+    };
+    assert!(!publish(&old_cert, &old_key).status.success());
+    assert!(publish(&cert, &key).status.success());
+}
+
+#[test]
+fn a_second_connection_with_the_same_identity_takes_over() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let (mut first, _) = v5_connect(&gw, "meter-1", SECRET);
+    let (_second, code) = v5_connect(&gw, "meter-1", SECRET);
+    assert_eq!(code, Some(v5::ConnectReturnCode::Success));
+    expect_disconnect(&mut first, v5::DisconnectReasonCode::SessionTakenOver);
+}
+
+#[test]
+fn repeated_failures_back_off_the_source_but_not_other_sources() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let attacker: IpAddr = "127.0.0.5".parse().unwrap();
+    let elsewhere: IpAddr = "127.0.0.6".parse().unwrap();
+    for _ in 0..3 {
+        let mut raw = Raw::connect_from(gw.device_plain, attacker);
+        assert_eq!(
+            raw.connect_v5("meter-1", Some(("meter-1", "not-the-secret-at-all"))),
+            Some(v5::ConnectReturnCode::NotAuthorized)
+        );
+    }
+    // Now even the right secret is refused from that source, before it is checked...
+    let mut raw = Raw::connect_from(gw.device_plain, attacker);
+    assert_eq!(
+        raw.connect_v5("meter-1", Some(("meter-1", SECRET))),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
+    gw.wait_audit(&["\"refuse\"", "127.0.0.5", "backed_off"]);
+    // ...while the device itself, connecting from elsewhere, is unaffected.
+    let mut raw = Raw::connect_from(gw.device_plain, elsewhere);
+    assert_eq!(
+        raw.connect_v5("meter-1", Some(("meter-1", SECRET))),
+        Some(v5::ConnectReturnCode::Success)
+    );
+    assert_eq!(gw.refusals("connect", "backed_off"), 1);
+    assert_eq!(gw.refusals("connect", "bad_secret"), 3);
+}
+
+#[test]
+fn sigterm_drains_sessions_and_keeps_the_registry() {
+    let mut gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    gw.add_device_cert("sensor-1");
+    let (mut v5_peer, code) = v5_connect(&gw, "meter-1", SECRET);
+    assert_eq!(code, Some(v5::ConnectReturnCode::Success));
+    let mut sub_args = vec![
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        gw.device_tls.port().to_string(),
+        s("-i"),
+        s("sensor-1"),
+        s("-t"),
+        s("devices/sensor-1/commands/#"),
+        s("-V"),
+        s("mqttv5"),
+        s("-d"),
+    ];
+    sub_args.extend(gw.tls_args("sensor-1"));
+    let sub = Sub::start(&sub_args);
+    sub.expect("SUBACK", T).expect("mosquitto_sub subscribed");
+    let (status, rest) = gw.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+    expect_disconnect(&mut v5_peer, v5::DisconnectReasonCode::ServerShuttingDown);
+    sub.expect("DISCONNECT", T)
+        .unwrap_or_else(|seen| panic!("mosquitto_sub saw no DISCONNECT: {seen:?}"));
+    // Restart on the same data dir: the registry is intact and in use.
+    gw.restart_after_stop();
+    let list = gw.cli_ok(&["device", "list"]);
+    assert!(
+        list.contains("meter-1") && list.contains("sensor-1"),
+        "{list}"
+    );
+    let (_, code) = v5_connect(&gw, "meter-1", SECRET);
+    assert_eq!(code, Some(v5::ConnectReturnCode::Success));
+}
+
+#[test]
+fn config_check_names_the_file_the_key_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, portcullis_shipped()).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["config", "check", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[limits]\nmax_packet_size = 0\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["config", "check", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let msg = text(&out);
+    assert!(
+        msg.contains("bad.toml: limits.max_packet_size: must be > 0 (got 0)"),
+        "{msg}"
+    );
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "[auth]\nsecret = \"hunter2-hunter2\"\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["config", "check", typo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("unknown field"), "{}", text(&out));
+    assert!(
+        !text(&out).contains("hunter2"),
+        "secret values are never echoed"
+    );
+}
+
+fn portcullis_shipped() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/portcullis.toml"
+    ))
+    .unwrap()
+}

@@ -179,6 +179,11 @@ impl Gateway {
         self.spawn();
     }
 
+    /// Start again after `terminate`.
+    pub fn restart_after_stop(&mut self) {
+        self.spawn();
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -361,22 +366,39 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Run a mosquitto client to completion with a time limit.
+/// Run a mosquitto client to completion with a time limit (killed past it).
 pub fn mosquitto(bin: &str, args: &[String], timeout: Duration) -> Output {
-    let child = Command::new(bin)
+    let mut child = Command::new(bin)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{bin}: {e} (install mosquitto-clients)"));
-    let pid = child.id();
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(timeout);
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
-    let out = child.wait_with_output().unwrap();
-    drop(killer);
-    out
+    let read = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 pub fn text(out: &Output) -> String {
@@ -395,7 +417,10 @@ pub struct Sub {
 
 impl Sub {
     pub fn start(args: &[String]) -> Sub {
-        let mut child = Command::new("mosquitto_sub")
+        // Line-buffered, so debug lines (-d) arrive as they happen.
+        let mut child = Command::new("stdbuf")
+            .arg("-oL")
+            .arg("mosquitto_sub")
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
