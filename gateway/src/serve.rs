@@ -204,6 +204,8 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         report.push(("development CA", pki_paths.ca_cert().display().to_string()));
     }
 
+    // Everything is bound and serving: ready before the banner announces it.
+    ready.store(true, Ordering::Relaxed);
     println!(
         "portcullis {} serving{} (embedded broker, data in {})",
         env!("CARGO_PKG_VERSION"),
@@ -220,7 +222,6 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     audit.record(AuditEntry::new("start", "allow").reason("gateway started"));
-    ready.store(true, Ordering::Relaxed);
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
