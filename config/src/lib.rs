@@ -73,7 +73,7 @@ pub struct Tls {
     pub handshake_timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     /// Unix socket of the admin API. Default: `{data_dir}/admin.sock`.
@@ -277,12 +277,6 @@ impl Default for Tls {
     }
 }
 
-impl Default for Admin {
-    fn default() -> Self {
-        Admin { socket: None }
-    }
-}
-
 impl Default for Observability {
     fn default() -> Self {
         Observability {
@@ -466,16 +460,14 @@ impl Config {
             ("listeners.device_plain", self.listeners.device_plain),
             ("listeners.service_plain", self.listeners.service_plain),
         ] {
-            if let Some(addr) = addr {
-                if !addr.ip().is_loopback() {
-                    return Err((
-                        key.to_string(),
-                        format!(
-                            "plain MQTT is only allowed on loopback (got {}); use the TLS listener",
-                            addr.ip()
-                        ),
-                    ));
-                }
+            if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+                return Err((
+                    key.to_string(),
+                    format!(
+                        "plain MQTT is only allowed on loopback (got {}); use the TLS listener",
+                        addr.ip()
+                    ),
+                ));
             }
         }
         if self.device_groups.is_empty() {

@@ -263,7 +263,7 @@ impl EmbeddedBroker {
         let name = format!("service-{id}-{n}");
         let this = self.clone();
         let link_name = name.clone();
-        let (tx, rx) = tokio::task::spawn_blocking(move || this.broker.link(&link_name))
+        let (tx, rx) = tokio::task::spawn_blocking(move || this.broker.link(&link_name).map_err(|e| e.to_string()))
             .await
             .map_err(link_err)?
             .map_err(link_err)?;
