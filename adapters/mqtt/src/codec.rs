@@ -346,7 +346,8 @@ fn disconnect_v5(code: u8) -> v5::DisconnectReasonCode {
 /// no 3.1.1 form (a server DISCONNECT) and nothing was written.
 pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) -> bool {
     let max = usize::MAX;
-    let written = match version {
+
+    match version {
         ProtocolVersion::V311 => {
             let packet = match out {
                 Outgoing::ConnAck { code, .. } => {
@@ -471,8 +472,7 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
             };
             packet.write(buf, None).is_ok()
         }
-    };
-    written
+    }
 }
 
 #[cfg(test)]
@@ -487,14 +487,17 @@ mod tests {
 
     #[test]
     fn shutdown_disconnect_carries_its_reason_in_mqtt5() {
-        match roundtrip_v5(Outgoing::Disconnect {
-            reason: reason::SHUTTING_DOWN,
-        }) {
-            v5::Packet::Disconnect(d) => {
-                assert_eq!(d.reason_code, v5::DisconnectReasonCode::ServerShuttingDown)
-            }
-            other => panic!("{other:?}"),
-        }
+        let mut buf = BytesMut::new();
+        assert!(encode(
+            &Outgoing::Disconnect {
+                reason: reason::SHUTTING_DOWN
+            },
+            ProtocolVersion::V5,
+            &mut buf
+        ));
+        // DISCONNECT, remaining length, reason 0x8B (rumqttc omits empty properties).
+        assert_eq!(&buf[..3], &[0xE0, buf[1], 0x8B]);
+        assert_eq!(buf.len(), 2 + buf[1] as usize);
     }
 
     #[test]

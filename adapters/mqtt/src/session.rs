@@ -244,10 +244,10 @@ pub async fn run<S>(
     };
     // Say why, where the protocol can.
     let mut out = BytesMut::new();
-    if let Some(code) = end.disconnect_reason() {
-        if codec::encode(&Outgoing::Disconnect { reason: code }, version, &mut out) {
-            let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
-        }
+    if let Some(code) = end.disconnect_reason()
+        && codec::encode(&Outgoing::Disconnect { reason: code }, version, &mut out)
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     if session.device_rx.is_some() {
@@ -586,10 +586,10 @@ impl Session {
                 let count = filters.len();
                 self.subscriptions
                     .retain(|(f, _)| !filters.iter().any(|g| g == f.as_str()));
-                if let Some(Link::Service { cmds, .. }) = &self.link {
-                    if cmds.send(ServiceCmd::Unsubscribe(filters)).await.is_err() {
-                        return Err(End::BrokerGone);
-                    }
+                if let Some(Link::Service { cmds, .. }) = &self.link
+                    && cmds.send(ServiceCmd::Unsubscribe(filters)).await.is_err()
+                {
+                    return Err(End::BrokerGone);
                 }
                 codec::encode(&Outgoing::UnsubAck { pkid, count }, self.version, out);
                 Ok(())

@@ -350,10 +350,10 @@ impl Authenticator {
             self.hasher.verify(password, stored.as_ref())
         });
         let id = id.map_err(|_| AuthRefusal::BadClientId)?;
-        if let Some(username) = creds.username {
-            if username != creds.client_id {
-                return Err(AuthRefusal::UsernameMismatch);
-            }
+        if let Some(username) = creds.username
+            && username != creds.client_id
+        {
+            return Err(AuthRefusal::UsernameMismatch);
         }
         let record = record.ok_or(AuthRefusal::Unknown)?;
         let policy = self
@@ -377,10 +377,10 @@ impl Authenticator {
                     return Err(AuthRefusal::CertIdentityMismatch);
                 }
                 let fp = fingerprint(end_entity);
-                if let Some(expected) = &pinned.fingerprint {
-                    if !expected.eq_ignore_ascii_case(&fp) {
-                        return Err(AuthRefusal::CertNotPinned);
-                    }
+                if let Some(expected) = &pinned.fingerprint
+                    && !expected.eq_ignore_ascii_case(&fp)
+                {
+                    return Err(AuthRefusal::CertNotPinned);
                 }
                 fingerprint_seen = Some(fp);
                 Some(true)

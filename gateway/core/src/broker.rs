@@ -263,10 +263,12 @@ impl EmbeddedBroker {
         let name = format!("service-{id}-{n}");
         let this = self.clone();
         let link_name = name.clone();
-        let (tx, rx) = tokio::task::spawn_blocking(move || this.broker.link(&link_name).map_err(|e| e.to_string()))
-            .await
-            .map_err(link_err)?
-            .map_err(link_err)?;
+        let (tx, rx) = tokio::task::spawn_blocking(move || {
+            this.broker.link(&link_name).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(link_err)?
+        .map_err(link_err)?;
         let (cmd_tx, cmd_rx) = mpsc::channel(self.link_queue);
         let (event_tx, event_rx) = mpsc::channel(self.link_queue);
         spawn_link_thread(name, move || {
@@ -334,11 +336,10 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
             }
             n = rx.next() => match n {
                 Ok(Some(n @ Notification::DeviceAck(_))) => {
-                    if let Some(pkid) = acked_pkid(n) {
-                        if let Some(waiter) = pending.remove(&pkid) {
+                    if let Some(pkid) = acked_pkid(n)
+                        && let Some(waiter) = pending.remove(&pkid) {
                             let _ = waiter.send(());
                         }
-                    }
                 }
                 Ok(Some(Notification::Unschedule)) => {
                     if rx.wake().await.is_err() { break; }
@@ -382,15 +383,14 @@ async fn run_downlink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<D
                         .ok()
                         .and_then(|t| t.split('/').nth(1))
                         .and_then(|id| PrincipalId::parse(id).ok());
-                    if let (Some(id), Some(delivery)) = (target, to_delivery(forward.publish, qos)) {
-                        if let Some(list) = routes.get(&id) {
+                    if let (Some(id), Some(delivery)) = (target, to_delivery(forward.publish, qos))
+                        && let Some(list) = routes.get(&id) {
                             for (_, sender) in list {
                                 // A device that does not read its commands loses them
                                 // rather than stalling every other device's.
                                 let _ = sender.try_send(delivery.clone());
                             }
                         }
-                    }
                     if qos != QoS::AtMostOnce {
                         let ack = PubAck { pkid, reason: PubAckReason::Success };
                         if tx.send(Packet::PubAck(ack, None)).await.is_err() { break; }
@@ -453,11 +453,10 @@ async fn run_service_link(
                     }
                 }
                 Ok(Some(n @ Notification::DeviceAck(_))) => {
-                    if let Some(pkid) = acked_pkid(n) {
-                        if events.send(ServiceEvent::PubAck(pkid)).await.is_err() {
+                    if let Some(pkid) = acked_pkid(n)
+                        && events.send(ServiceEvent::PubAck(pkid)).await.is_err() {
                             break;
                         }
-                    }
                 }
                 Ok(Some(Notification::Unschedule)) => {
                     if rx.wake().await.is_err() { break; }
