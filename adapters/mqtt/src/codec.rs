@@ -465,10 +465,12 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
                     properties: None,
                 }),
                 Outgoing::PingResp => v5::Packet::PingResp(v5::PingResp),
-                Outgoing::Disconnect { reason } => v5::Packet::Disconnect(v5::Disconnect {
-                    reason_code: disconnect_v5(*reason),
-                    properties: None,
-                }),
+                Outgoing::Disconnect { reason } => {
+                    // rumqttc's writer appends an empty property length that its own
+                    // remaining length does not count; write the two bytes ourselves.
+                    buf.extend_from_slice(&[0xE0, 0x01, disconnect_v5(*reason) as u8]);
+                    return true;
+                }
             };
             packet.write(buf, None).is_ok()
         }
@@ -495,9 +497,7 @@ mod tests {
             ProtocolVersion::V5,
             &mut buf
         ));
-        // DISCONNECT, remaining length, reason 0x8B (rumqttc omits empty properties).
-        assert_eq!(&buf[..3], &[0xE0, buf[1], 0x8B]);
-        assert_eq!(buf.len(), 2 + buf[1] as usize);
+        assert_eq!(&buf[..], &[0xE0, 0x01, 0x8B]);
     }
 
     #[test]
