@@ -417,3 +417,165 @@ impl Authenticator {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::PrincipalRecord;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn setup() -> (tempfile::TempDir, Authenticator, Arc<Registry>) {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(Registry::open(&dir.path().join("r.redb")).unwrap());
+        let mut config = Config::default();
+        for g in config.device_groups.values_mut() {
+            g.trust.clear();
+        }
+        config.service_groups.clear();
+        let policies = Arc::new(Policies::from_config(&config).unwrap());
+        let hasher = SecretHasher::from_key([9; 32]);
+        registry
+            .add(PrincipalRecord {
+                kind: PrincipalKind::Device,
+                id: PrincipalId::parse("meter-1").unwrap(),
+                group: GroupName::parse("default").unwrap(),
+                enabled: true,
+                cert: None,
+                secret_hash: Some(hex::encode(hasher.hash(SECRET))),
+                generation: 3,
+                created_unix: 0,
+                updated_unix: 0,
+            })
+            .unwrap();
+        let auth = Authenticator::new(
+            registry.clone(),
+            hasher,
+            policies,
+            BackoffPolicy {
+                max_failures: 2,
+                window: Duration::from_secs(60),
+                initial: Duration::from_secs(10),
+                max: Duration::from_secs(60),
+            },
+        );
+        (dir, auth, registry)
+    }
+
+    fn creds<'a>(id: &'a str, user: Option<&'a str>, pass: &'a [u8]) -> Credentials<'a> {
+        Credentials {
+            client_id: id,
+            username: user,
+            password: Some(pass),
+            certs: None,
+        }
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, n])
+    }
+
+    #[test]
+    fn right_secret_authenticates_with_acl_and_generation() {
+        let (_d, auth, _) = setup();
+        let ok = auth
+            .authenticate(
+                PrincipalKind::Device,
+                &creds("meter-1", Some("meter-1"), SECRET),
+                ip(1),
+                Instant::now(),
+            )
+            .unwrap();
+        assert_eq!(ok.principal.id.as_str(), "meter-1");
+        assert_eq!(ok.generation, 3);
+        assert_eq!(ok.method, "secret");
+    }
+
+    #[test]
+    fn each_refusal_has_its_own_reason() {
+        let (_d, auth, registry) = setup();
+        let now = Instant::now();
+        let check = |c: Credentials<'_>, n: u8| {
+            auth.authenticate(PrincipalKind::Device, &c, ip(n), now)
+                .unwrap_err()
+        };
+        assert_eq!(check(creds("ghost", None, SECRET), 1), AuthRefusal::Unknown);
+        assert_eq!(
+            check(creds("meter-1", None, b"wrong-wrong-wrong"), 2),
+            AuthRefusal::BadSecret
+        );
+        assert_eq!(
+            check(creds("meter-1", Some("other"), SECRET), 3),
+            AuthRefusal::UsernameMismatch
+        );
+        assert_eq!(
+            check(creds("a/b", None, SECRET), 4),
+            AuthRefusal::BadClientId
+        );
+        let none = Credentials {
+            client_id: "meter-1",
+            ..Default::default()
+        };
+        assert_eq!(check(none, 5), AuthRefusal::NoCredential);
+        // A service by the same name does not exist: kinds are separate namespaces.
+        assert_eq!(
+            auth.authenticate(
+                PrincipalKind::Service,
+                &creds("meter-1", None, SECRET),
+                ip(6),
+                now
+            )
+            .unwrap_err(),
+            AuthRefusal::Unknown
+        );
+        registry
+            .set_enabled(
+                PrincipalKind::Device,
+                &PrincipalId::parse("meter-1").unwrap(),
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            check(creds("meter-1", None, SECRET), 7),
+            AuthRefusal::Disabled
+        );
+    }
+
+    #[test]
+    fn a_backed_off_source_is_refused_before_its_credential_is_checked() {
+        let (_d, auth, _) = setup();
+        let now = Instant::now();
+        for _ in 0..2 {
+            let _ = auth.authenticate(
+                PrincipalKind::Device,
+                &creds("meter-1", None, b"wrong-wrong-wrong"),
+                ip(1),
+                now,
+            );
+        }
+        let refused = auth.authenticate(
+            PrincipalKind::Device,
+            &creds("meter-1", None, SECRET),
+            ip(1),
+            now,
+        );
+        assert_eq!(refused.unwrap_err(), AuthRefusal::BackedOff);
+        let elsewhere = auth.authenticate(
+            PrincipalKind::Device,
+            &creds("meter-1", None, SECRET),
+            ip(2),
+            now,
+        );
+        assert!(elsewhere.is_ok());
+        let later = now + Duration::from_secs(11);
+        assert!(
+            auth.authenticate(
+                PrincipalKind::Device,
+                &creds("meter-1", None, SECRET),
+                ip(1),
+                later
+            )
+            .is_ok()
+        );
+    }
+}
