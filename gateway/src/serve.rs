@@ -70,7 +70,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         Audit::start(config.audit_file(), config.audit.queue, metrics.clone())
             .await
             .with_context(|| format!("audit log {}", config.audit_file().display()))?;
-    let broker = EmbeddedBroker::start(&config.broker)?;
+    let broker = EmbeddedBroker::start(&config.broker, metrics.clone())?;
     let sessions = Sessions::new();
     let auth = Arc::new(Authenticator::new(
         registry.clone(),

@@ -12,6 +12,7 @@
 //!   the device's session.
 //! - a link per connected service, carrying its own subscriptions.
 
+use crate::metrics::Metrics;
 use crate::pipeline::{Message, QoS};
 use crate::principal::PrincipalId;
 use crate::topic::TopicName;
@@ -197,7 +198,10 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 impl EmbeddedBroker {
-    pub fn start(cfg: &portcullis_config::Broker) -> Result<Arc<EmbeddedBroker>, BrokerError> {
+    pub fn start(
+        cfg: &portcullis_config::Broker,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<EmbeddedBroker>, BrokerError> {
         let broker = rumqttd::Broker::new(router_config(cfg));
         let mut uplinks = Vec::with_capacity(cfg.uplinks);
         for n in 0..cfg.uplinks {
@@ -213,7 +217,7 @@ impl EmbeddedBroker {
         let (tx, rx) = broker.link("portcullis-downlink").map_err(link_err)?;
         let (downlink, cmd_rx) = mpsc::channel(cfg.link_queue);
         spawn_link_thread("downlink".into(), move || {
-            runtime().block_on(run_downlink(tx, rx, cmd_rx))
+            runtime().block_on(run_downlink(tx, rx, cmd_rx, metrics))
         })?;
         Ok(Arc::new(EmbeddedBroker {
             broker,
@@ -351,7 +355,12 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
     }
 }
 
-async fn run_downlink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<DownlinkCmd>) {
+async fn run_downlink(
+    mut tx: LinkTx,
+    mut rx: LinkRx,
+    mut cmds: mpsc::Receiver<DownlinkCmd>,
+    metrics: Arc<Metrics>,
+) {
     let subscribe = Subscribe {
         pkid: 1,
         filters: vec![filter("devices/+/commands/#", QoS::AtLeastOnce)],
@@ -388,7 +397,11 @@ async fn run_downlink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<D
                             for (_, sender) in list {
                                 // A device that does not read its commands loses them
                                 // rather than stalling every other device's.
-                                let _ = sender.try_send(delivery.clone());
+                                if let Err(mpsc::error::TrySendError::Full(_)) =
+                                    sender.try_send(delivery.clone())
+                                {
+                                    Metrics::inc(&metrics.messages_dropped_slow_peer);
+                                }
                             }
                         }
                     if qos != QoS::AtMostOnce {
