@@ -47,6 +47,9 @@ async fn bind(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener
 }
 
 async fn serve(config: Config, embedded_default: bool) -> Result<()> {
+    // Installed first, so a SIGTERM during start-up is a clean stop too.
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("data dir {}", data_dir.display()))?;
@@ -223,8 +226,6 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     let _ = std::io::stdout().flush();
     audit.record(AuditEntry::new("start", "allow").reason("gateway started"));
 
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     tokio::select! {
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
