@@ -277,6 +277,37 @@ fn sigterm_drains_sessions_and_keeps_the_registry() {
 }
 
 #[test]
+fn a_device_that_stops_reading_is_dropped() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let out = gw.cli_stdin(&["service", "add", "ops", "--secret-stdin"], Some(SECRET));
+    assert!(out.status.success(), "{}", text(&out));
+    // The device subscribes to its commands, then never reads again.
+    let (mut device, _) = v5_connect(&gw, "meter-1", SECRET);
+    device.send_v5(v5::Packet::Subscribe(v5::Subscribe {
+        pkid: 1,
+        filters: vec![v5::Filter::new(
+            "devices/meter-1/commands/#",
+            rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        )],
+        properties: None,
+    }));
+    assert!(matches!(device.recv_v5(T), Some(v5::Packet::SubAck(_))));
+    let mut service = Raw::connect(gw.service_plain);
+    assert_eq!(service.connect_v4("ops", Some(("ops", SECRET))), Some(0));
+    let payload = vec![b'x'; 100 * 1024];
+    for _ in 0..300 {
+        service.send(&common::raw::publish_v4_raw(
+            b"devices/meter-1/commands/firmware",
+            &payload,
+            0,
+            0,
+        ));
+    }
+    gw.wait_audit(&["\"disconnect\"", "\"meter-1\"", "peer stopped reading"]);
+}
+
+#[test]
 fn config_check_names_the_file_the_key_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");

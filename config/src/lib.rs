@@ -132,6 +132,8 @@ pub struct Limits {
     pub session_queue: usize,
     /// Seconds SIGTERM waits for sessions to close before exiting anyway.
     pub drain_timeout_secs: u64,
+    /// Seconds a peer may take to accept what the gateway writes before it is dropped.
+    pub write_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -310,6 +312,7 @@ impl Default for Limits {
             max_subscribe_filters: 16,
             session_queue: 1024,
             drain_timeout_secs: 5,
+            write_timeout_secs: 30,
         }
     }
 }
@@ -383,7 +386,8 @@ impl Config {
 
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), (String, String)> {
-        let positive: [(&str, u64); 10] = [
+        let positive: [(&str, u64); 11] = [
+            ("limits.write_timeout_secs", self.limits.write_timeout_secs),
             (
                 "tls.handshake_timeout_secs",
                 self.tls.handshake_timeout_secs,

@@ -345,8 +345,13 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
     let me = unsafe_free_uid();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let allowed = stream
             .peer_cred()

@@ -20,6 +20,7 @@ use portcullis_core::topic::TopicLimits;
 use portcullis_mqtt::listener::{self, ConnectionLimits};
 use portcullis_mqtt::session::{Context as SessionContext, SessionLimits};
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -51,7 +52,11 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir)
+    // Owner-only: the registry, keys and audit log live here.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
         .with_context(|| format!("data dir {}", data_dir.display()))?;
 
     // A development PKI when the server certificate is left at its default place.
@@ -96,6 +101,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
         max_subscribe_filters: config.limits.max_subscribe_filters,
         session_queue: config.limits.session_queue,
+        write_timeout: Duration::from_secs(config.limits.write_timeout_secs),
     };
     let context = |kind| {
         Arc::new(SessionContext {

@@ -43,6 +43,7 @@ handshake_timeout_secs = 2
 [limits]
 connect_timeout_secs = 2
 drain_timeout_secs = 3
+write_timeout_secs = 2
 [auth]
 max_failures = 3
 backoff_initial_secs = 30
@@ -309,7 +310,7 @@ impl Gateway {
 
     /// Wait until an audit line contains every needle.
     pub fn wait_audit(&self, needles: &[&str]) -> String {
-        wait_for(Duration::from_secs(5), || {
+        wait_for(Duration::from_secs(15), || {
             self.audit()
                 .lines()
                 .find(|l| needles.iter().all(|n| l.contains(n)))

@@ -33,6 +33,7 @@ pub struct SessionLimits {
     pub connect_timeout: Duration,
     pub max_subscribe_filters: usize,
     pub session_queue: usize,
+    pub write_timeout: Duration,
 }
 
 /// What every session of one listener shares.
@@ -377,6 +378,7 @@ struct Session {
 /// Why a session ended.
 enum End {
     Closed,
+    WriteTimeout,
     ClientDisconnect,
     KeepAlive,
     Kicked(KickReason),
@@ -388,7 +390,7 @@ enum End {
 impl End {
     fn disconnect_reason(&self) -> Option<u8> {
         match self {
-            End::Closed | End::ClientDisconnect => None,
+            End::Closed | End::ClientDisconnect | End::WriteTimeout => None,
             End::KeepAlive => Some(reason::KEEP_ALIVE_TIMEOUT),
             End::Kicked(KickReason::Shutdown) => Some(reason::SHUTTING_DOWN),
             End::Kicked(KickReason::TakenOver) => Some(reason::SESSION_TAKEN_OVER),
@@ -402,6 +404,7 @@ impl End {
     fn describe(&self) -> String {
         match self {
             End::Closed => "connection closed".into(),
+            End::WriteTimeout => "peer stopped reading".into(),
             End::ClientDisconnect => "client disconnected".into(),
             End::KeepAlive => "keep-alive expired".into(),
             End::Kicked(r) => r.as_str().into(),
@@ -517,8 +520,12 @@ impl Session {
                 _ = kicked.changed() => continue,
                 _ = sleep_until(deadline) => Err(End::KeepAlive),
             };
-            if !out.is_empty() && wr.write_all(&out).await.is_err() {
-                return End::Closed;
+            if !out.is_empty() {
+                match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return End::Closed,
+                    Err(_) => return End::WriteTimeout,
+                }
             }
             if let Err(end) = step {
                 return end;
