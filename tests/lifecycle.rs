@@ -41,10 +41,10 @@ fn registry_commands_work_while_the_gateway_runs() {
     assert!(added.contains("pinned sha256:"), "{added}");
     // Duplicate, bad id, no credential: refused with a reason, nothing changed.
     let dup = gw.cli(&["device", "add", "sensor-1", "--cert-any"]);
-    assert_eq!(dup.status.code(), Some(1));
+    assert_eq!(dup.status.code(), Some(2));
     assert!(text(&dup).contains("already exists"), "{}", text(&dup));
     let bad = gw.cli(&["device", "add", "bad/id", "--cert-any"]);
-    assert!(!bad.status.success());
+    assert_eq!(bad.status.code(), Some(2));
     assert!(text(&bad).contains("[A-Za-z0-9._-]"), "{}", text(&bad));
     let none = gw.cli(&["device", "add", "sensor-9"]);
     assert_eq!(none.status.code(), Some(2));
@@ -194,6 +194,48 @@ fn rotating_a_pinned_certificate_refuses_the_old_one() {
     };
     assert!(!publish(&old_cert, &old_key).status.success());
     assert!(publish(&cert, &key).status.success());
+}
+
+#[test]
+fn registry_edits_without_a_running_gateway_are_kept_and_audited() {
+    let mut gw = Gateway::start();
+    let (status, _) = gw.terminate();
+    assert!(status.success());
+    let (cert, key) = gw.issue("sensor-1");
+    gw.cli_ok(&[
+        "device",
+        "add",
+        "sensor-1",
+        "--cert",
+        cert.to_str().unwrap(),
+    ]);
+    gw.cli_ok(&["pki", "issue", "sensor-1", "--force"]);
+    // Un-pin: any certificate of the group's CA naming sensor-1 will do from now on.
+    gw.cli_ok(&["device", "rotate", "sensor-1", "--cert-any"]);
+    let show = gw.cli_ok(&["device", "show", "sensor-1"]);
+    assert!(show.contains("any from the group's CA"), "{show}");
+    gw.wait_audit(&["\"registry\"", "\"sensor-1\"", "rotate"]);
+    gw.restart_after_stop();
+    let args = vec![
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        gw.device_tls.port().to_string(),
+        s("--cafile"),
+        gw.ca().display().to_string(),
+        s("--cert"),
+        cert.display().to_string(),
+        s("--key"),
+        key.display().to_string(),
+        s("-i"),
+        s("sensor-1"),
+        s("-t"),
+        s("devices/sensor-1/telemetry"),
+        s("-m"),
+        s("x"),
+    ];
+    let out = mosquitto("mosquitto_pub", &args, T);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 #[test]

@@ -128,7 +128,7 @@ pub struct Limits {
     pub max_connections_per_source: usize,
     /// Filters in one SUBSCRIBE.
     pub max_subscribe_filters: usize,
-    /// Messages queued towards one peer before it is considered stuck and disconnected.
+    /// Commands queued towards one device; beyond it new ones are dropped and counted.
     pub session_queue: usize,
     /// Seconds SIGTERM waits for sessions to close before exiting anyway.
     pub drain_timeout_secs: u64,
@@ -220,7 +220,7 @@ fn loopback(port: u16) -> Option<SocketAddr> {
 
 impl Default for Config {
     fn default() -> Self {
-        let dev_ca = PathBuf::from("data/pki/ca.pem");
+        let dev_ca = PathBuf::from("{data_dir}/pki/ca.pem");
         let mut device_groups = BTreeMap::new();
         device_groups.insert(
             "default".to_string(),
@@ -386,7 +386,7 @@ impl Config {
 
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), (String, String)> {
-        let positive: [(&str, u64); 11] = [
+        let positive: [(&str, u64); 12] = [
             ("limits.write_timeout_secs", self.limits.write_timeout_secs),
             (
                 "tls.handshake_timeout_secs",
@@ -409,6 +409,7 @@ impl Config {
             ),
             ("limits.session_queue", self.limits.session_queue as u64),
             ("broker.uplinks", self.broker.uplinks as u64),
+            ("broker.link_queue", self.broker.link_queue as u64),
             ("auth.max_failures", self.auth.max_failures as u64),
         ];
         for (key, value) in positive {
@@ -526,6 +527,14 @@ impl Config {
         Ok(())
     }
 
+    /// A configured path with a leading `{data_dir}` replaced by the data dir.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        match path.strip_prefix("{data_dir}") {
+            Ok(rest) => self.data_dir.join(rest),
+            Err(_) => path.to_path_buf(),
+        }
+    }
+
     /// Paths that default to a place under `data_dir`.
     pub fn server_cert(&self) -> PathBuf {
         self.tls
@@ -623,6 +632,20 @@ mod tests {
     fn shipped_file_is_the_embedded_default() {
         let shipped = Config::parse(SHIPPED, "config/portcullis.toml").unwrap();
         assert_eq!(shipped, Config::default());
+    }
+
+    #[test]
+    fn data_dir_placeholder_follows_the_data_dir() {
+        let c = Config::parse("data_dir = \"/var/lib/portcullis\"\n", "x.toml").unwrap();
+        let trust = &c.device_groups["default"].trust[0];
+        assert_eq!(
+            c.resolve(trust),
+            PathBuf::from("/var/lib/portcullis/pki/ca.pem")
+        );
+        assert_eq!(
+            c.resolve(Path::new("/etc/ca.pem")),
+            PathBuf::from("/etc/ca.pem")
+        );
     }
 
     #[test]

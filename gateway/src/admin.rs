@@ -8,7 +8,9 @@
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::Policies;
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
-use portcullis_core::registry::{CertCredential, PrincipalRecord, Registry, now_unix};
+use portcullis_core::registry::{
+    CertCredential, PrincipalRecord, Registry, RegistryError, now_unix,
+};
 use portcullis_core::secret::{MIN_SECRET_LEN, SecretHasher};
 use portcullis_core::sessions::{KickReason, Sessions};
 use serde::{Deserialize, Serialize};
@@ -72,6 +74,9 @@ pub enum Request {
         id: String,
         #[serde(default)]
         cert_fingerprint: Option<String>,
+        /// Switch to "any certificate from the group's CA" (drops a pin).
+        #[serde(default)]
+        cert_any: bool,
         #[serde(default)]
         secret: Option<String>,
     },
@@ -87,7 +92,52 @@ pub struct AdminState {
     pub hasher: SecretHasher,
     pub policies: Arc<Policies>,
     pub sessions: Option<Arc<Sessions>>,
-    pub audit: Option<Audit>,
+    pub audit: AuditSink,
+}
+
+/// Where registry changes are audited: the running gateway's writer, or (with no
+/// gateway running) the audit file directly.
+pub enum AuditSink {
+    Live(Audit),
+    File(std::path::PathBuf),
+}
+
+/// An admin failure: the operator's mistake (exit 2) or the gateway's (exit 1).
+#[derive(Debug)]
+pub enum AdminError {
+    Usage(String),
+    Runtime(String),
+}
+
+impl AdminError {
+    pub fn message(&self) -> &str {
+        match self {
+            AdminError::Usage(m) | AdminError::Runtime(m) => m,
+        }
+    }
+}
+
+impl From<String> for AdminError {
+    fn from(m: String) -> Self {
+        AdminError::Usage(m)
+    }
+}
+
+impl From<&str> for AdminError {
+    fn from(m: &str) -> Self {
+        AdminError::Usage(m.to_string())
+    }
+}
+
+impl From<RegistryError> for AdminError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Exists { .. } | RegistryError::NotFound { .. } => {
+                AdminError::Usage(e.to_string())
+            }
+            other => AdminError::Runtime(other.to_string()),
+        }
+    }
 }
 
 fn parse_id(id: &str) -> Result<PrincipalId, String> {
@@ -182,24 +232,27 @@ impl AdminState {
     }
 
     fn audit(&self, action: &str, kind: PrincipalKind, id: &str) {
-        if let Some(audit) = &self.audit {
-            audit.record(
-                AuditEntry::new("registry", "allow")
-                    .principal(kind.as_str(), id.to_string())
-                    .protocol("admin")
-                    .reason(action.to_string()),
-            );
+        let entry = AuditEntry::new("registry", "allow")
+            .principal(kind.as_str(), id.to_string())
+            .protocol("admin")
+            .reason(action.to_string());
+        match &self.audit {
+            AuditSink::Live(audit) => audit.record(entry),
+            AuditSink::File(path) => {
+                if let Err(e) = append_audit_line(path, &entry) {
+                    tracing::warn!(error = %e, path = %path.display(), "audit log not written");
+                }
+            }
         }
     }
 
     /// Run one request. Errors are messages for the operator.
-    pub fn handle(&self, req: Request) -> Result<Value, String> {
-        let err = |e: portcullis_core::registry::RegistryError| e.to_string();
+    pub fn handle(&self, req: Request) -> Result<Value, AdminError> {
         match req {
             Request::Add { kind, principal } => {
                 let record = self.record_for(kind, &principal)?;
                 let out = view(&record);
-                self.registry.add(record).map_err(err)?;
+                self.registry.add(record)?;
                 self.audit("add", kind, &principal.id);
                 Ok(out)
             }
@@ -217,14 +270,15 @@ impl AdminState {
                             "entry {}: {kind} {} already exists",
                             i + 1,
                             record.id
-                        ));
+                        )
+                        .into());
                     }
                     records.push(record);
                 }
                 let n = records.len();
                 for record in records {
                     let id = record.id.to_string();
-                    self.registry.add(record).map_err(err)?;
+                    self.registry.add(record)?;
                     self.audit("import", kind, &id);
                 }
                 Ok(json!({ "imported": n }))
@@ -256,13 +310,13 @@ impl AdminState {
             }
             Request::Enable { kind, id } => {
                 let pid = parse_id(&id)?;
-                let r = self.registry.set_enabled(kind, &pid, true).map_err(err)?;
+                let r = self.registry.set_enabled(kind, &pid, true)?;
                 self.audit("enable", kind, &id);
                 Ok(view(&r))
             }
             Request::Disable { kind, id } => {
                 let pid = parse_id(&id)?;
-                let r = self.registry.set_enabled(kind, &pid, false).map_err(err)?;
+                let r = self.registry.set_enabled(kind, &pid, false)?;
                 let kicked = self.kick(kind, &pid, u64::MAX, KickReason::Disabled);
                 self.audit("disable", kind, &id);
                 let mut v = view(&r);
@@ -271,7 +325,7 @@ impl AdminState {
             }
             Request::Remove { kind, id } => {
                 let pid = parse_id(&id)?;
-                self.registry.remove(kind, &pid).map_err(err)?;
+                self.registry.remove(kind, &pid)?;
                 let kicked = self.kick(kind, &pid, u64::MAX, KickReason::Removed);
                 self.audit("remove", kind, &id);
                 Ok(json!({ "removed": id, "sessions_ended": kicked }))
@@ -280,18 +334,20 @@ impl AdminState {
                 kind,
                 id,
                 cert_fingerprint,
+                cert_any,
                 secret,
             } => {
                 let pid = parse_id(&id)?;
-                if cert_fingerprint.is_none() && secret.is_none() {
-                    return Err("rotate needs a new certificate or a new secret".into());
+                if cert_fingerprint.is_none() && !cert_any && secret.is_none() {
+                    return Err("rotate needs a new certificate, --cert-any or a new secret".into());
                 }
-                let cert = cert_fingerprint
-                    .map(|fp| check_fingerprint(&fp))
-                    .transpose()?
-                    .map(|fp| CertCredential {
-                        fingerprint: Some(fp),
-                    });
+                let cert = match (cert_fingerprint, cert_any) {
+                    (Some(fp), _) => Some(CertCredential {
+                        fingerprint: Some(check_fingerprint(&fp)?),
+                    }),
+                    (None, true) => Some(CertCredential { fingerprint: None }),
+                    (None, false) => None,
+                };
                 let secret_hash = match secret {
                     Some(s) => {
                         check_secret(&s)?;
@@ -299,10 +355,7 @@ impl AdminState {
                     }
                     None => None,
                 };
-                let r = self
-                    .registry
-                    .rotate(kind, &pid, cert, secret_hash)
-                    .map_err(err)?;
+                let r = self.registry.rotate(kind, &pid, cert, secret_hash)?;
                 let kicked = self.kick(kind, &pid, r.generation, KickReason::CredentialRotated);
                 self.audit("rotate", kind, &id);
                 let mut v = view(&r);
@@ -310,13 +363,15 @@ impl AdminState {
                 Ok(v)
             }
             Request::ClientsList => match &self.sessions {
-                Some(s) => serde_json::to_value(s.list()).map_err(|e| e.to_string()),
-                None => Err("the gateway is not running".into()),
+                Some(s) => {
+                    serde_json::to_value(s.list()).map_err(|e| AdminError::Runtime(e.to_string()))
+                }
+                None => Err(AdminError::Runtime("the gateway is not running".into())),
             },
             Request::ClientsKick { kind, id } => {
                 let pid = parse_id(&id)?;
                 if self.sessions.is_none() {
-                    return Err("the gateway is not running".into());
+                    return Err(AdminError::Runtime("the gateway is not running".into()));
                 }
                 let kicked = self.kick(kind, &pid, u64::MAX, KickReason::Operator);
                 self.audit("kick", kind, &id);
@@ -324,6 +379,20 @@ impl AdminState {
             }
         }
     }
+}
+
+/// Append one audit line synchronously (used when no gateway is running).
+fn append_audit_line(path: &Path, entry: &AuditEntry) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut line = serde_json::to_vec(entry)?;
+    line.push(b'\n');
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(&line)
 }
 
 /// Bind the admin socket: owner-only permissions, stale socket replaced.
@@ -374,7 +443,11 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
                         // Registry writes are synchronous redb commits.
                         match tokio::task::spawn_blocking(move || state.handle(req)).await {
                             Ok(Ok(v)) => json!({ "ok": true, "result": v }),
-                            Ok(Err(e)) => json!({ "ok": false, "error": e }),
+                            Ok(Err(e)) => json!({
+                                "ok": false,
+                                "error": e.message(),
+                                "usage": matches!(e, AdminError::Usage(_)),
+                            }),
                             Err(e) => json!({ "ok": false, "error": e.to_string() }),
                         }
                     }

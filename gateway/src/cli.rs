@@ -4,7 +4,7 @@
 //! effect at once (live sessions included). With no gateway running they open the
 //! registry directly.
 
-use crate::admin::{AdminState, NewPrincipal, Request};
+use crate::admin::{AdminError, AdminState, AuditSink, NewPrincipal, Request};
 use crate::pki::{self, PkiPaths};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -350,6 +350,7 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
             kind,
             id,
             cert_fingerprint: fingerprint(&creds)?,
+            cert_any: creds.cert_any,
             secret: read_secret(&creds)?,
         },
     };
@@ -384,10 +385,11 @@ fn call(config: &Config, req: Request) -> Result<Value> {
                 .with_context(|| format!("admin socket {}", socket.display()))?;
             let v: Value = serde_json::from_str(&reply)
                 .with_context(|| format!("admin socket {}: bad reply", socket.display()))?;
-            if v["ok"] == Value::Bool(true) {
-                Ok(v["result"].clone())
-            } else {
-                bail!("{}", v["error"].as_str().unwrap_or("request failed"))
+            let message = v["error"].as_str().unwrap_or("request failed").to_string();
+            match (&v["ok"], &v["usage"]) {
+                (Value::Bool(true), _) => Ok(v["result"].clone()),
+                (_, Value::Bool(true)) => Err(UsageError(message).into()),
+                _ => bail!("{message}"),
             }
         }
         Err(e)
@@ -405,9 +407,12 @@ fn call(config: &Config, req: Request) -> Result<Value> {
                 hasher,
                 policies: Arc::new(policies),
                 sessions: None,
-                audit: None,
+                audit: AuditSink::File(config.audit_file()),
             };
-            state.handle(req).map_err(|e| anyhow::anyhow!(e))
+            state.handle(req).map_err(|e| match e {
+                AdminError::Usage(m) => UsageError(m).into(),
+                AdminError::Runtime(m) => anyhow::anyhow!(m),
+            })
         }
         Err(e) => Err(e).with_context(|| format!("admin socket {}", socket.display())),
     }

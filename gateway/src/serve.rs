@@ -1,7 +1,7 @@
 //! `portcullis serve`: wire the core, the adapters and the listeners together, run
 //! until SIGTERM, then drain.
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, AuditSink};
 use crate::cli::UsageError;
 use crate::observability::{self, Health};
 use crate::pki::{self, PkiPaths};
@@ -187,7 +187,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         hasher,
         policies: policies.clone(),
         sessions: Some(sessions.clone()),
-        audit: Some(audit.clone()),
+        audit: AuditSink::Live(audit.clone()),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     let ready = Arc::new(AtomicBool::new(false));

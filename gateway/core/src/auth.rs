@@ -59,9 +59,10 @@ pub struct Policies {
     pub service_roots: Arc<RootCertStore>,
 }
 
-fn load_roots(paths: &[std::path::PathBuf]) -> Result<RootCertStore, PolicyError> {
+fn load_roots(config: &Config, paths: &[std::path::PathBuf]) -> Result<RootCertStore, PolicyError> {
     let mut roots = RootCertStore::empty();
     for path in paths {
+        let path = &config.resolve(path);
         let certs = read_pem_certs(path)?;
         for cert in certs {
             roots.add(cert).map_err(|e| PolicyError::Trust {
@@ -123,7 +124,7 @@ impl Policies {
                 group: name.clone(),
                 reason: e.to_string(),
             })?;
-            let roots = load_roots(trust)?;
+            let roots = load_roots(config, trust)?;
             let verifier = if roots.is_empty() {
                 None
             } else {
