@@ -237,7 +237,7 @@ fn device_cannot_publish_to_another_device_or_its_own_commands() {
         "\"refuse\"",
         "devices/sensor-1/commands/reboot",
     ]);
-    assert_eq!(gw.refusals("authorize", "topic not allowed by ACL"), 3);
+    assert_eq!(gw.refusals("authorize", "topic_not_allowed"), 3);
 }
 
 #[test]
@@ -296,7 +296,7 @@ fn device_cannot_subscribe_outside_its_commands() {
         );
     }
     gw.wait_audit(&["\"subscribe\"", "\"refuse\"", "devices/sensor-2/commands/#"]);
-    assert_eq!(gw.refusals("authorize", "filter not allowed by ACL"), 2);
+    assert_eq!(gw.refusals("authorize", "filter_not_allowed"), 2);
 }
 
 #[test]

@@ -664,10 +664,7 @@ impl Session {
                 pipeline::admit(&self.policy, &probe, Direction::FromPeer) == Verdict::Accept
             });
             if !ok {
-                verdict = Verdict::Refuse(pipeline::Refusal {
-                    stage: pipeline::Stage::Authorize,
-                    reason: "response topic not allowed by ACL",
-                });
+                verdict = Verdict::Refuse(pipeline::RESPONSE_TOPIC_NOT_ALLOWED);
             }
         }
         if let Verdict::Refuse(refusal) = verdict {

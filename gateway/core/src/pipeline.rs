@@ -63,15 +63,17 @@ impl Stage {
     }
 }
 
+/// Why a stage refused: a stable label for metrics and the words for the audit log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
     pub stage: Stage,
     pub reason: &'static str,
+    pub detail: &'static str,
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.stage.as_str(), self.reason)
+        write!(f, "{}: {}", self.stage.as_str(), self.detail)
     }
 }
 
@@ -88,9 +90,26 @@ pub struct SessionPolicy {
     pub acl: Arc<Acl>,
 }
 
-pub const NOT_ALLOWED_TO_PUBLISH: &str = "topic not allowed by ACL";
-pub const NOT_ALLOWED_TO_RECEIVE: &str = "principal may not receive this topic";
-pub const NOT_ALLOWED_TO_SUBSCRIBE: &str = "filter not allowed by ACL";
+pub const NOT_ALLOWED_TO_PUBLISH: Refusal = Refusal {
+    stage: Stage::Authorize,
+    reason: "topic_not_allowed",
+    detail: "topic not allowed by ACL",
+};
+pub const NOT_ALLOWED_TO_RECEIVE: Refusal = Refusal {
+    stage: Stage::Authorize,
+    reason: "receive_not_allowed",
+    detail: "principal may not receive this topic",
+};
+pub const NOT_ALLOWED_TO_SUBSCRIBE: Refusal = Refusal {
+    stage: Stage::Authorize,
+    reason: "filter_not_allowed",
+    detail: "filter not allowed by ACL",
+};
+pub const RESPONSE_TOPIC_NOT_ALLOWED: Refusal = Refusal {
+    stage: Stage::Authorize,
+    reason: "response_topic_not_allowed",
+    detail: "response topic not allowed by ACL",
+};
 
 /// Verdict for a message in either direction.
 pub fn admit(session: &SessionPolicy, msg: &Message, direction: Direction) -> Verdict {
@@ -101,12 +120,9 @@ pub fn admit(session: &SessionPolicy, msg: &Message, direction: Direction) -> Ve
     if allowed {
         Verdict::Accept
     } else {
-        Verdict::Refuse(Refusal {
-            stage: Stage::Authorize,
-            reason: match direction {
-                Direction::FromPeer => NOT_ALLOWED_TO_PUBLISH,
-                Direction::ToPeer => NOT_ALLOWED_TO_RECEIVE,
-            },
+        Verdict::Refuse(match direction {
+            Direction::FromPeer => NOT_ALLOWED_TO_PUBLISH,
+            Direction::ToPeer => NOT_ALLOWED_TO_RECEIVE,
         })
     }
 }
@@ -116,10 +132,7 @@ pub fn admit_subscription(session: &SessionPolicy, filter: &TopicFilter) -> Verd
     if session.acl.may_subscribe(filter) {
         Verdict::Accept
     } else {
-        Verdict::Refuse(Refusal {
-            stage: Stage::Authorize,
-            reason: NOT_ALLOWED_TO_SUBSCRIBE,
-        })
+        Verdict::Refuse(NOT_ALLOWED_TO_SUBSCRIBE)
     }
 }
 
@@ -169,10 +182,7 @@ mod tests {
         );
         assert_eq!(
             admit(&s, &msg("devices/sensor-2/telemetry"), Direction::FromPeer),
-            Verdict::Refuse(Refusal {
-                stage: Stage::Authorize,
-                reason: NOT_ALLOWED_TO_PUBLISH
-            })
+            Verdict::Refuse(NOT_ALLOWED_TO_PUBLISH)
         );
     }
 
