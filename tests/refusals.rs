@@ -565,3 +565,39 @@ fn malformed_packets_after_connect_end_the_session() {
     assert_eq!(gw.refusals("decode", "malformed_packet"), 3);
     gw.wait_audit(&["\"packet\"", "\"refuse\"", "\"meter-1\"", "reserved flags"]);
 }
+
+#[test]
+fn enhanced_authentication_is_refused_with_its_reason() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let mut raw = Raw::connect(gw.device_plain);
+    let mut props = v5::ConnectProperties::new();
+    props.authentication_method = Some("SCRAM-SHA-256".into());
+    let connect = v5::Connect {
+        keep_alive: 30,
+        client_id: "meter-1".into(),
+        clean_start: true,
+        properties: Some(props),
+    };
+    raw.send_v5(v5::Packet::Connect(connect, None, None));
+    match raw.recv_v5(T) {
+        Some(v5::Packet::ConnAck(a)) => {
+            assert_eq!(a.code, v5::ConnectReturnCode::BadAuthenticationMethod)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert!(raw.closed_within(T).0);
+    assert_eq!(gw.refusals("connect", "auth_method_unsupported"), 1);
+}
+
+#[test]
+fn connections_over_the_per_source_cap_are_refused() {
+    let gw = Gateway::start_full("", "max_connections_per_source = 2");
+    let _held: Vec<Raw> = (0..2).map(|_| Raw::connect(gw.device_plain)).collect();
+    // The accept loop takes connections in arrival order: the third is over the cap.
+    let mut third = Raw::connect(gw.device_plain);
+    let (closed, bytes) = third.closed_within(T);
+    assert!(closed && bytes.is_empty());
+    assert_eq!(gw.refusals("connect", "connection_limit"), 1);
+    gw.wait_audit(&["\"connect\"", "\"refuse\"", "connection_limit"]);
+}

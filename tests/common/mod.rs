@@ -27,7 +27,7 @@ pub struct Gateway {
     extra: String,
 }
 
-fn config_text(dir: &Path, extra: &str) -> String {
+fn config_text(dir: &Path, extra: &str, limits: &str) -> String {
     let d = dir.display();
     format!(
         r#"data_dir = "{d}/data"
@@ -44,6 +44,7 @@ handshake_timeout_secs = 2
 connect_timeout_secs = 2
 drain_timeout_secs = 3
 write_timeout_secs = 2
+{limits}
 [auth]
 max_failures = 3
 backoff_initial_secs = 30
@@ -68,6 +69,11 @@ impl Gateway {
 
     /// Start with extra TOML appended to the test configuration.
     pub fn start_with(extra: &str) -> Gateway {
+        Gateway::start_full(extra, "")
+    }
+
+    /// Start with extra TOML appended, and extra keys in the [limits] table.
+    pub fn start_full(extra: &str, limits: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         // A second CA, trusted only by the "other" device group.
         let other_cfg = dir.path().join("other.toml");
@@ -78,7 +84,7 @@ impl Gateway {
         .unwrap();
         run_ok(&["pki", "init", "--config", other_cfg.to_str().unwrap()]);
         let config = dir.path().join("portcullis.toml");
-        std::fs::write(&config, config_text(dir.path(), extra)).unwrap();
+        std::fs::write(&config, config_text(dir.path(), extra, limits)).unwrap();
         let mut gw = Gateway {
             dir,
             config,

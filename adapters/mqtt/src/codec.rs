@@ -28,6 +28,7 @@ pub mod reason {
     pub const PACKET_TOO_LARGE: u8 = 0x95;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
+    pub const BAD_AUTH_METHOD: u8 = 0x8C;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
 }
 
@@ -47,6 +48,8 @@ pub struct ConnectInfo {
     pub keep_alive: u16,
     pub clean_start: bool,
     pub will: Option<Will>,
+    /// MQTT 5: the client asked for enhanced authentication.
+    pub auth_method: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +171,7 @@ pub fn decode(
                         .filter(|p| !p.is_empty()),
                     keep_alive: c.keep_alive,
                     clean_start: c.clean_session,
+                    auth_method: false,
                     will: c.last_will.map(|w| Will {
                         topic: w.topic,
                         payload: w.message,
@@ -217,6 +221,10 @@ pub fn decode(
                         .filter(|p| !p.is_empty()),
                     keep_alive: c.keep_alive,
                     clean_start: c.clean_start,
+                    auth_method: c
+                        .properties
+                        .as_ref()
+                        .is_some_and(|p| p.authentication_method.is_some()),
                     will: will.map(|w| Will {
                         topic: String::from_utf8_lossy(&w.topic).into_owned(),
                         payload: w.message,
@@ -283,6 +291,7 @@ fn connack_v5(code: u8) -> v5::ConnectReturnCode {
         reason::QUOTA_EXCEEDED => C::QuotaExceeded,
         reason::TOPIC_NAME_INVALID => C::TopicNameInvalid,
         reason::QOS_NOT_SUPPORTED => C::QoSNotSupported,
+        reason::BAD_AUTH_METHOD => C::BadAuthenticationMethod,
         _ => C::NotAuthorized,
     }
 }

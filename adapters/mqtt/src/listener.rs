@@ -145,6 +145,11 @@ pub async fn serve(
         };
         let Some(slot) = limits.admit(peer.ip()) else {
             ctx.metrics.refused("connect", "connection_limit");
+            ctx.audit.record(
+                AuditEntry::new("connect", "refuse")
+                    .source(peer)
+                    .reason("connection_limit: too many connections"),
+            );
             drop(stream);
             continue;
         };

@@ -154,6 +154,27 @@ pub async fn run<S>(
             return;
         }
     };
+    // Enhanced authentication (MQTT 5 AUTH) is not offered.
+    if connect.auth_method {
+        let mut out = BytesMut::new();
+        codec::encode(
+            &Outgoing::ConnAck {
+                code: reason::BAD_AUTH_METHOD,
+                max_packet_size: 0,
+            },
+            version,
+            &mut out,
+        );
+        let _ = wr.write_all(&out).await;
+        refuse_connect(
+            &ctx,
+            peer,
+            Some(&connect.client_id),
+            "auth_method_unsupported",
+            "enhanced authentication is not supported",
+        );
+        return;
+    }
     let mut session = match authenticate(&ctx, &connect, version, peer, certs.as_deref()) {
         Ok(s) => s,
         Err(label) => {
@@ -203,6 +224,31 @@ pub async fn run<S>(
         protocol_name(version),
         session.method,
     );
+    // A disable, removal or rotation that landed after authentication but before the
+    // session could be kicked: refuse now.
+    if !ctx
+        .auth
+        .still_current(&session.policy.principal, session.generation)
+    {
+        let mut out = BytesMut::new();
+        codec::encode(
+            &Outgoing::ConnAck {
+                code: reason::NOT_AUTHORIZED,
+                max_packet_size: 0,
+            },
+            version,
+            &mut out,
+        );
+        let _ = wr.write_all(&out).await;
+        refuse_connect(
+            &ctx,
+            peer,
+            Some(&connect.client_id),
+            "registry_changed",
+            "registry changed during authentication",
+        );
+        return;
+    }
     if let Some(Link::Device { .. }) = &session.link {
         let (tx, rx) = mpsc::channel(ctx.limits.session_queue);
         if ctx
@@ -243,8 +289,20 @@ pub async fn run<S>(
             .serve(&ctx, &mut reader, &mut rd, &mut wr, &mut kicked)
             .await
     };
-    // Say why, where the protocol can.
+    // In-flight work completes on shutdown: publishes the broker is about to accept
+    // still get their acknowledgement before the DISCONNECT.
     let mut out = BytesMut::new();
+    if matches!(end, End::Kicked(KickReason::Shutdown)) {
+        let drain = async {
+            while let Some((pkid, qos, rx)) = session.pending_acks.pop_front() {
+                if rx.await.is_ok() {
+                    session.ack_publish(pkid, qos, reason::SUCCESS, &mut out);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    }
+    // Say why, where the protocol can.
     if let Some(code) = end.disconnect_reason()
         && codec::encode(&Outgoing::Disconnect { reason: code }, version, &mut out)
     {
@@ -770,7 +828,9 @@ impl Session {
             ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
             return;
         }
-        // Deliver at the highest QoS among matching subscriptions, capped by the message's.
+        // The highest QoS among matching subscriptions, capped by the message's. The
+        // embedded broker stamps forwards with the QoS its link subscribed at, so in
+        // embedded mode a QoS 0 publish reaches a QoS 1 subscriber as QoS 1.
         let Some(sub_qos) = self
             .subscriptions
             .iter()

@@ -57,6 +57,9 @@ pub struct Policies {
     /// from any of them; which group may use which CA is decided at CONNECT.
     pub device_roots: Arc<RootCertStore>,
     pub service_roots: Arc<RootCertStore>,
+    /// Verifiers over every CA of a kind, for certificates naming unknown ids.
+    device_any: Option<Arc<dyn ClientCertVerifier>>,
+    service_any: Option<Arc<dyn ClientCertVerifier>>,
 }
 
 fn load_roots(config: &Config, paths: &[std::path::PathBuf]) -> Result<RootCertStore, PolicyError> {
@@ -156,11 +159,28 @@ impl Policies {
                 }),
             );
         }
+        let any = |roots: &RootCertStore| -> Option<Arc<dyn ClientCertVerifier>> {
+            if roots.is_empty() {
+                return None;
+            }
+            WebPkiClientVerifier::builder(Arc::new(roots.clone()))
+                .build()
+                .ok()
+        };
         Ok(Policies {
             groups,
+            device_any: any(&device_roots),
+            service_any: any(&service_roots),
             device_roots: Arc::new(device_roots),
             service_roots: Arc::new(service_roots),
         })
+    }
+
+    fn any_verifier(&self, kind: PrincipalKind) -> Option<Arc<dyn ClientCertVerifier>> {
+        match kind {
+            PrincipalKind::Device => self.device_any.clone(),
+            PrincipalKind::Service => self.service_any.clone(),
+        }
     }
 
     pub fn group(&self, kind: PrincipalKind, name: &GroupName) -> Option<&Arc<GroupPolicy>> {
@@ -325,10 +345,13 @@ impl Authenticator {
             return Err(AuthRefusal::BackedOff);
         }
         let result = self.verify(kind, creds);
-        let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
-        match &result {
-            Ok(_) => guard.record_success(source),
-            Err(_) => guard.record_failure(source, now),
+        // Success does not clear the source's record: one valid credential must not
+        // let a source reset its back-off between guesses at others.
+        if result.is_err() {
+            self.guard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record_failure(source, now);
         }
         result
     }
@@ -345,49 +368,56 @@ impl Authenticator {
             .ok()
             .and_then(|id| snapshot.get(kind, id))
             .cloned();
-        // Equal work for unknown ids: the secret is always hashed when one was sent.
+        let policy = record
+            .as_ref()
+            .and_then(|r| self.policies.group(kind, &r.group))
+            .cloned();
+        // Equal work whether or not the id exists: a secret is always hashed, and a
+        // certificate always verified (against the group's CAs, or for an unknown id
+        // against every CA of this kind), before any answer is decided.
         let secret_ok = creds.password.map(|password| {
             let stored = record.as_ref().and_then(|r| r.secret_hash_bytes());
             self.hasher.verify(password, stored.as_ref())
         });
+        let cert = creds
+            .certs
+            .and_then(|c| c.split_first())
+            .map(|(end_entity, intermediates)| {
+                let verifier = match &policy {
+                    Some(p) => p.verifier.clone(),
+                    None => self.policies.any_verifier(kind),
+                };
+                let identity = policy.as_ref().map_or(IdentityField::Cn, |p| p.identity);
+                self.check_certificate(
+                    verifier,
+                    identity,
+                    end_entity,
+                    intermediates,
+                    creds.client_id,
+                )
+            });
         let id = id.map_err(|_| AuthRefusal::BadClientId)?;
-        if let Some(username) = creds.username
-            && username != creds.client_id
-        {
+        if creds.username.is_some_and(|u| u != creds.client_id) {
             return Err(AuthRefusal::UsernameMismatch);
         }
         let record = record.ok_or(AuthRefusal::Unknown)?;
-        let policy = self
-            .policies
-            .group(kind, &record.group)
-            .cloned()
-            .ok_or(AuthRefusal::NoGroup)?;
-
-        let mut fingerprint_seen = None;
-        let cert_ok = match creds.certs.and_then(|c| c.first().map(|ee| (ee, &c[1..]))) {
+        let policy = policy.ok_or(AuthRefusal::NoGroup)?;
+        let fingerprint_seen = match cert {
             None => None,
-            Some((end_entity, intermediates)) => {
+            Some(result) => {
                 let pinned = record.cert.as_ref().ok_or(AuthRefusal::CertNotAllowed)?;
-                let verifier = policy.verifier.as_ref().ok_or(AuthRefusal::CertUntrusted)?;
-                verifier
-                    .verify_client_cert(end_entity, intermediates, UnixTime::now())
-                    .map_err(|_| AuthRefusal::CertUntrusted)?;
-                let claimed = cert_identity(end_entity, policy.identity)
-                    .ok_or(AuthRefusal::CertIdentityMismatch)?;
-                if claimed != id.as_str() {
-                    return Err(AuthRefusal::CertIdentityMismatch);
-                }
-                let fp = fingerprint(end_entity);
-                if let Some(expected) = &pinned.fingerprint
-                    && !expected.eq_ignore_ascii_case(&fp)
+                let fp = result?;
+                if pinned
+                    .fingerprint
+                    .as_ref()
+                    .is_some_and(|expected| !expected.eq_ignore_ascii_case(&fp))
                 {
                     return Err(AuthRefusal::CertNotPinned);
                 }
-                fingerprint_seen = Some(fp);
-                Some(true)
+                Some(fp)
             }
         };
-        let method = match (cert_ok, secret_ok) {
+        let method = match (&fingerprint_seen, secret_ok) {
             (None, None) => return Err(AuthRefusal::NoCredential),
             (_, Some(false)) if record.secret_hash.is_none() => {
                 return Err(AuthRefusal::SecretNotAllowed);
@@ -407,7 +437,7 @@ impl Authenticator {
         Ok(Authenticated {
             principal: PrincipalRef {
                 kind,
-                id: record.id.clone(),
+                id,
                 group: record.group.clone(),
             },
             generation: record.generation,
@@ -416,6 +446,36 @@ impl Authenticator {
             acl: Arc::new(acl),
             policy,
         })
+    }
+
+    /// Chain, identity and fingerprint of a presented certificate.
+    fn check_certificate(
+        &self,
+        verifier: Option<Arc<dyn ClientCertVerifier>>,
+        identity: IdentityField,
+        end_entity: &CertificateDer<'static>,
+        intermediates: &[CertificateDer<'static>],
+        client_id: &str,
+    ) -> Result<String, AuthRefusal> {
+        let verifier = verifier.ok_or(AuthRefusal::CertUntrusted)?;
+        verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map_err(|_| AuthRefusal::CertUntrusted)?;
+        let claimed =
+            cert_identity(end_entity, identity).ok_or(AuthRefusal::CertIdentityMismatch)?;
+        if claimed != client_id {
+            return Err(AuthRefusal::CertIdentityMismatch);
+        }
+        Ok(fingerprint(end_entity))
+    }
+
+    /// Is an authenticated session still what the registry says? (For the window
+    /// between authentication and the session being registered for kicks.)
+    pub fn still_current(&self, principal: &PrincipalRef, generation: u64) -> bool {
+        self.registry
+            .snapshot()
+            .get(principal.kind, &principal.id)
+            .is_some_and(|r| r.enabled && r.generation == generation && r.group == principal.group)
     }
 }
 
@@ -540,6 +600,24 @@ mod tests {
             check(creds("meter-1", None, SECRET), 7),
             AuthRefusal::Disabled
         );
+    }
+
+    #[test]
+    fn a_valid_login_does_not_reset_the_back_off_of_its_source() {
+        let (_d, auth, _) = setup();
+        let now = Instant::now();
+        let attempt = |pass: &[u8]| {
+            auth.authenticate(
+                PrincipalKind::Device,
+                &creds("meter-1", None, pass),
+                ip(1),
+                now,
+            )
+        };
+        assert!(attempt(b"wrong-wrong-wrong").is_err());
+        assert!(attempt(SECRET).is_ok());
+        assert!(attempt(b"wrong-wrong-wrong").is_err());
+        assert_eq!(attempt(SECRET).unwrap_err(), AuthRefusal::BackedOff);
     }
 
     #[test]

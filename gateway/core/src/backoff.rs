@@ -85,10 +85,6 @@ impl SourceGuard {
         }
     }
 
-    pub fn record_success(&mut self, source: IpAddr) {
-        self.sources.remove(&source);
-    }
-
     fn evict(&mut self, now: Instant) {
         let window = self.policy.window;
         self.sources.retain(|_, s| {
@@ -172,16 +168,5 @@ mod tests {
         let later = t0 + Duration::from_secs(61);
         g.record_failure(ip(1), later);
         assert!(g.check(ip(1), later).is_ok());
-    }
-
-    #[test]
-    fn success_clears_the_record() {
-        let mut g = SourceGuard::new(policy());
-        let t0 = Instant::now();
-        g.record_failure(ip(1), t0);
-        g.record_failure(ip(1), t0);
-        g.record_success(ip(1));
-        g.record_failure(ip(1), t0);
-        assert!(g.check(ip(1), t0).is_ok());
     }
 }

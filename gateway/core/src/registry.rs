@@ -138,6 +138,10 @@ impl Registry {
             ),
             other => open_err(other.to_string()),
         })?;
+        // Owner-only: ids, groups and secret hashes.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| open_err(e.to_string()))?;
         {
             let tx = db.begin_write().map_err(storage)?;
             tx.open_table(PRINCIPALS).map_err(storage)?;
