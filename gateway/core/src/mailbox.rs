@@ -1,0 +1,208 @@
+//! A device's mailbox: messages on their way to one device, held while it is offline
+//! (persistent session) or busy, bounded in count, bytes and age.
+//!
+//! The downlink pushes, the device's session pops. The lock is per device and held
+//! for a push or a pop only; the clock is passed in, so the bounds are tested without
+//! waiting.
+
+use crate::broker::Delivery;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxLimits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+    pub max_age: Duration,
+}
+
+/// Why a message did not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    Messages,
+    Bytes,
+}
+
+impl Overflow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::Messages => "queue full (messages)",
+            Overflow::Bytes => "queue full (bytes)",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    queue: VecDeque<(Delivery, Instant)>,
+    bytes: usize,
+    expired: u64,
+}
+
+#[derive(Debug)]
+pub struct Mailbox {
+    limits: MailboxLimits,
+    state: Mutex<State>,
+    /// Wakes the device's session when something arrives.
+    pub notify: Notify,
+}
+
+fn size(d: &Delivery) -> usize {
+    d.topic.as_str().len() + d.payload.len()
+}
+
+impl Mailbox {
+    pub fn new(limits: MailboxLimits) -> Mailbox {
+        Mailbox {
+            limits,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                expired: 0,
+            }),
+            notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue a message; a full mailbox refuses the newcomer (what is queued is kept,
+    /// in order).
+    pub fn push(&self, d: Delivery, now: Instant) -> Result<(), Overflow> {
+        let mut s = self.lock();
+        Self::expire(&mut s, self.limits.max_age, now);
+        if s.queue.len() >= self.limits.max_messages {
+            return Err(Overflow::Messages);
+        }
+        let n = size(&d);
+        if s.bytes + n > self.limits.max_bytes {
+            return Err(Overflow::Bytes);
+        }
+        s.bytes += n;
+        s.queue.push_back((d, now));
+        drop(s);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// The oldest message still within its age.
+    pub fn pop(&self, now: Instant) -> Option<Delivery> {
+        let mut s = self.lock();
+        Self::expire(&mut s, self.limits.max_age, now);
+        let (d, _) = s.queue.pop_front()?;
+        s.bytes -= size(&d);
+        Some(d)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Messages dropped for age so far (taken: the counter restarts at zero).
+    pub fn take_expired(&self) -> u64 {
+        std::mem::take(&mut self.lock().expired)
+    }
+
+    pub fn clear(&self) {
+        let mut s = self.lock();
+        s.queue.clear();
+        s.bytes = 0;
+    }
+
+    fn expire(s: &mut State, max_age: Duration, now: Instant) {
+        while let Some((d, at)) = s.queue.front() {
+            if now.saturating_duration_since(*at) <= max_age {
+                break;
+            }
+            s.bytes -= size(d);
+            s.queue.pop_front();
+            s.expired += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::QoS;
+    use crate::topic::{TopicLimits, TopicName};
+    use bytes::Bytes;
+
+    fn d(payload: &str) -> Delivery {
+        Delivery {
+            topic: TopicName::parse(
+                "devices/a/commands/x",
+                TopicLimits {
+                    max_length: 64,
+                    max_depth: 8,
+                },
+            )
+            .unwrap(),
+            payload: Bytes::from(payload.to_string()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        }
+    }
+
+    fn limits() -> MailboxLimits {
+        MailboxLimits {
+            max_messages: 3,
+            max_bytes: 100,
+            max_age: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn messages_come_out_in_order() {
+        let m = Mailbox::new(limits());
+        let t = Instant::now();
+        for p in ["1", "2", "3"] {
+            m.push(d(p), t).unwrap();
+        }
+        let out: Vec<_> = std::iter::from_fn(|| m.pop(t)).map(|d| d.payload).collect();
+        assert_eq!(out, vec!["1", "2", "3"]);
+    }
+
+    #[test]
+    fn a_full_mailbox_refuses_the_newcomer_and_keeps_the_rest() {
+        let m = Mailbox::new(limits());
+        let t = Instant::now();
+        for p in ["1", "2", "3"] {
+            m.push(d(p), t).unwrap();
+        }
+        assert_eq!(m.push(d("4"), t), Err(Overflow::Messages));
+        assert_eq!(m.len(), 3);
+        assert_eq!(m.pop(t).unwrap().payload, "1");
+    }
+
+    #[test]
+    fn the_byte_bound_counts_topic_and_payload() {
+        let m = Mailbox::new(limits());
+        let t = Instant::now();
+        // 20-byte topic + 70-byte payload = 90 bytes.
+        m.push(d(&"x".repeat(70)), t).unwrap();
+        assert_eq!(m.push(d("y"), t), Err(Overflow::Bytes));
+        m.pop(t).unwrap();
+        m.push(d("y"), t).unwrap();
+    }
+
+    #[test]
+    fn messages_older_than_the_limit_are_dropped_and_counted() {
+        let m = Mailbox::new(limits());
+        let t0 = Instant::now();
+        m.push(d("old"), t0).unwrap();
+        m.push(d("new"), t0 + Duration::from_secs(30)).unwrap();
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(m.pop(later).unwrap().payload, "new");
+        assert_eq!(m.take_expired(), 1);
+        assert_eq!(m.take_expired(), 0);
+    }
+}

@@ -1,0 +1,162 @@
+//! Retained commands: the last retained message per command topic of each device,
+//! delivered when the device subscribes ("desired state").
+//!
+//! The gateway owns device sessions, so it owns their retained commands too (the
+//! broker cannot know when a device subscribes through the gateway). Bounded per
+//! device; an empty retained payload clears the topic. Touched only by retained
+//! publishes and by subscriptions, never by ordinary traffic.
+
+use crate::broker::Delivery;
+use crate::principal::PrincipalId;
+use crate::topic::{TopicFilter, TopicName};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("device already has {0} retained commands")]
+pub struct RetainedFull(pub usize);
+
+#[derive(Debug)]
+pub struct RetainedCommands {
+    max_per_device: usize,
+    inner: Mutex<HashMap<PrincipalId, BTreeMap<TopicName, Delivery>>>,
+}
+
+impl RetainedCommands {
+    pub fn new(max_per_device: usize) -> Self {
+        RetainedCommands {
+            max_per_device,
+            inner: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PrincipalId, BTreeMap<TopicName, Delivery>>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record (or, with an empty payload, clear) the retained command on a topic.
+    pub fn set(&self, device: &PrincipalId, message: Delivery) -> Result<(), RetainedFull> {
+        let mut all = self.lock();
+        if message.payload.is_empty() {
+            if let Some(topics) = all.get_mut(device) {
+                topics.remove(&message.topic);
+                if topics.is_empty() {
+                    all.remove(device);
+                }
+            }
+            return Ok(());
+        }
+        let topics = all.entry(device.clone()).or_default();
+        if !topics.contains_key(&message.topic) && topics.len() >= self.max_per_device {
+            return Err(RetainedFull(self.max_per_device));
+        }
+        topics.insert(message.topic.clone(), message);
+        Ok(())
+    }
+
+    /// Retained commands of a device that a new subscription matches, in topic order.
+    pub fn matching(&self, device: &PrincipalId, filter: &TopicFilter) -> Vec<Delivery> {
+        self.lock()
+            .get(device)
+            .map(|topics| {
+                topics
+                    .values()
+                    .filter(|d| filter.matches(&d.topic))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Forget every retained command of a device.
+    pub fn purge(&self, device: &PrincipalId) -> usize {
+        self.lock().remove(device).map_or(0, |t| t.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::QoS;
+    use crate::topic::TopicLimits;
+    use bytes::Bytes;
+
+    const L: TopicLimits = TopicLimits {
+        max_length: 128,
+        max_depth: 8,
+    };
+
+    fn cmd(topic: &str, payload: &'static str) -> Delivery {
+        Delivery {
+            topic: TopicName::parse(topic, L).unwrap(),
+            payload: Bytes::from_static(payload.as_bytes()),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        }
+    }
+
+    fn id(s: &str) -> PrincipalId {
+        PrincipalId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn latest_retained_command_per_topic_is_delivered_on_subscribe() {
+        let r = RetainedCommands::new(4);
+        r.set(&id("a"), cmd("devices/a/commands/mode", "eco"))
+            .unwrap();
+        r.set(&id("a"), cmd("devices/a/commands/mode", "boost"))
+            .unwrap();
+        r.set(&id("a"), cmd("devices/a/commands/fw", "1.2"))
+            .unwrap();
+        let all = r.matching(
+            &id("a"),
+            &TopicFilter::parse("devices/a/commands/#", L).unwrap(),
+        );
+        let got: Vec<_> = all
+            .iter()
+            .map(|d| (d.topic.as_str(), &d.payload[..]))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("devices/a/commands/fw", &b"1.2"[..]),
+                ("devices/a/commands/mode", &b"boost"[..])
+            ]
+        );
+        assert!(
+            r.matching(
+                &id("b"),
+                &TopicFilter::parse("devices/a/commands/#", L).unwrap()
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn empty_payload_clears_the_topic() {
+        let r = RetainedCommands::new(4);
+        r.set(&id("a"), cmd("devices/a/commands/mode", "eco"))
+            .unwrap();
+        r.set(&id("a"), cmd("devices/a/commands/mode", "")).unwrap();
+        assert!(
+            r.matching(&id("a"), &TopicFilter::parse("#", L).unwrap())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn retained_commands_per_device_are_capped() {
+        let r = RetainedCommands::new(2);
+        r.set(&id("a"), cmd("devices/a/commands/1", "x")).unwrap();
+        r.set(&id("a"), cmd("devices/a/commands/2", "x")).unwrap();
+        assert_eq!(
+            r.set(&id("a"), cmd("devices/a/commands/3", "x")),
+            Err(RetainedFull(2))
+        );
+        // Replacing an existing topic is always fine.
+        r.set(&id("a"), cmd("devices/a/commands/2", "y")).unwrap();
+        assert_eq!(r.purge(&id("a")), 2);
+    }
+}
