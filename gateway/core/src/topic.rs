@@ -55,7 +55,7 @@ fn check_common(s: &str, limits: TopicLimits) -> Result<(), TopicError> {
 }
 
 /// A topic a message may be published to.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicName(Arc<str>);
 
 impl TopicName {
