@@ -5,4 +5,5 @@
 pub mod codec;
 pub mod listener;
 pub mod session;
+pub mod state;
 pub mod strict;

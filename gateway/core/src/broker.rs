@@ -38,7 +38,7 @@ pub enum BrokerError {
 }
 
 /// A message delivered from the broker to a peer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub topic: TopicName,
     pub payload: Bytes,

@@ -1,0 +1,405 @@
+//! The MQTT session state machine, without I/O.
+//!
+//! What a device session must remember across packets and, when persistent, across
+//! connections: its subscriptions, the QoS 1/2 messages sent to it and not yet
+//! acknowledged (with where each stands in its handshake), the packet ids of QoS 2
+//! messages it sent us that await PUBREL, and its mailbox. Every method is a pure
+//! state transition; the caller does the reading, writing and waiting.
+
+use portcullis_core::broker::Delivery;
+use portcullis_core::mailbox::Mailbox;
+use portcullis_core::pipeline::QoS;
+use portcullis_core::topic::TopicFilter;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+/// Where an outgoing QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// QoS 1 sent, waiting for PUBACK.
+    AwaitAck,
+    /// QoS 2 sent, waiting for PUBREC.
+    AwaitRec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    AwaitComp,
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    pkid: u16,
+    delivery: Delivery,
+    qos: QoS,
+    stage: Stage,
+}
+
+/// What the caller must send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Send {
+    Publish {
+        pkid: u16,
+        delivery: Delivery,
+        qos: QoS,
+        dup: bool,
+    },
+    PubRel {
+        pkid: u16,
+    },
+}
+
+#[derive(Debug)]
+pub struct SessionState {
+    subscriptions: Vec<(TopicFilter, QoS)>,
+    inflight: VecDeque<InFlight>,
+    next_pkid: u16,
+    incoming_qos2: HashSet<u16>,
+    pub mailbox: Arc<Mailbox>,
+}
+
+impl SessionState {
+    pub fn new(mailbox: Arc<Mailbox>) -> Self {
+        SessionState {
+            subscriptions: Vec::new(),
+            inflight: VecDeque::new(),
+            next_pkid: 0,
+            incoming_qos2: HashSet::new(),
+            mailbox,
+        }
+    }
+
+    pub fn subscribe(&mut self, filter: TopicFilter, qos: QoS) {
+        self.subscriptions.retain(|(f, _)| f != &filter);
+        self.subscriptions.push((filter, qos));
+    }
+
+    pub fn unsubscribe(&mut self, filter: &str) {
+        self.subscriptions.retain(|(f, _)| f.as_str() != filter);
+    }
+
+    pub fn subscriptions(&self) -> &[(TopicFilter, QoS)] {
+        &self.subscriptions
+    }
+
+    /// The QoS to deliver at: the highest of the matching subscriptions, capped by the
+    /// message's own. `None` when nothing matches.
+    pub fn delivery_qos(&self, d: &Delivery) -> Option<QoS> {
+        self.subscriptions
+            .iter()
+            .filter(|(f, _)| f.matches(&d.topic))
+            .map(|(_, q)| *q)
+            .max()
+            .map(|q| q.min(d.qos))
+    }
+
+    /// May another QoS 1/2 message go out under this window?
+    pub fn window_open(&self, window: usize) -> bool {
+        self.inflight.len() < window
+    }
+
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    fn allocate_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            let candidate = self.next_pkid;
+            if !self.inflight.iter().any(|m| m.pkid == candidate) {
+                return candidate;
+            }
+        }
+    }
+
+    /// Start delivering a message at `qos`.
+    pub fn start(&mut self, delivery: Delivery, qos: QoS) -> Send {
+        if qos == QoS::AtMostOnce {
+            return Send::Publish {
+                pkid: 0,
+                delivery,
+                qos,
+                dup: false,
+            };
+        }
+        let pkid = self.allocate_pkid();
+        let stage = if qos == QoS::ExactlyOnce {
+            Stage::AwaitRec
+        } else {
+            Stage::AwaitAck
+        };
+        self.inflight.push_back(InFlight {
+            pkid,
+            delivery: delivery.clone(),
+            qos,
+            stage,
+        });
+        Send::Publish {
+            pkid,
+            delivery,
+            qos,
+            dup: false,
+        }
+    }
+
+    fn position(&self, pkid: u16, stage: Stage) -> Option<usize> {
+        self.inflight
+            .iter()
+            .position(|m| m.pkid == pkid && m.stage == stage)
+    }
+
+    /// PUBACK from the peer: true if it acknowledged something we sent.
+    pub fn on_puback(&mut self, pkid: u16) -> bool {
+        self.position(pkid, Stage::AwaitAck)
+            .map(|i| self.inflight.remove(i))
+            .is_some()
+    }
+
+    /// PUBREC from the peer: answer PUBREL (also for a repeated PUBREC).
+    pub fn on_pubrec(&mut self, pkid: u16) -> Option<Send> {
+        if let Some(i) = self.position(pkid, Stage::AwaitRec) {
+            self.inflight[i].stage = Stage::AwaitComp;
+        } else {
+            self.position(pkid, Stage::AwaitComp)?;
+        }
+        Some(Send::PubRel { pkid })
+    }
+
+    /// PUBCOMP from the peer ends a QoS 2 delivery.
+    pub fn on_pubcomp(&mut self, pkid: u16) -> bool {
+        self.position(pkid, Stage::AwaitComp)
+            .map(|i| self.inflight.remove(i))
+            .is_some()
+    }
+
+    /// On reconnect of a persistent session: everything unacknowledged goes out again,
+    /// in the original order, PUBLISH with DUP set or PUBREL where that was reached.
+    pub fn resume(&self) -> Vec<Send> {
+        self.inflight
+            .iter()
+            .map(|m| match m.stage {
+                Stage::AwaitComp => Send::PubRel { pkid: m.pkid },
+                _ => Send::Publish {
+                    pkid: m.pkid,
+                    delivery: m.delivery.clone(),
+                    qos: m.qos,
+                    dup: true,
+                },
+            })
+            .collect()
+    }
+
+    /// A QoS 2 PUBLISH from the peer: true the first time (forward it), false for a
+    /// retransmission of one already forwarded (answer PUBREC only).
+    pub fn incoming_qos2(&mut self, pkid: u16) -> bool {
+        self.incoming_qos2.insert(pkid)
+    }
+
+    /// PUBREL from the peer releases the packet id.
+    pub fn on_pubrel(&mut self, pkid: u16) {
+        self.incoming_qos2.remove(&pkid);
+    }
+
+    /// QoS 2 packet ids from the peer still waiting for PUBREL.
+    pub fn incoming_qos2_len(&self) -> usize {
+        self.incoming_qos2.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use portcullis_core::mailbox::MailboxLimits;
+    use portcullis_core::topic::{TopicLimits, TopicName};
+    use std::time::Duration;
+
+    const L: TopicLimits = TopicLimits {
+        max_length: 128,
+        max_depth: 8,
+    };
+
+    fn state() -> SessionState {
+        SessionState::new(Arc::new(Mailbox::new(MailboxLimits {
+            max_messages: 10,
+            max_bytes: 1000,
+            max_age: Duration::from_secs(60),
+        })))
+    }
+
+    fn d(topic: &str, qos: QoS) -> Delivery {
+        Delivery {
+            topic: TopicName::parse(topic, L).unwrap(),
+            payload: Bytes::from_static(b"p"),
+            qos,
+            retain: false,
+        }
+    }
+
+    fn f(s: &str) -> TopicFilter {
+        TopicFilter::parse(s, L).unwrap()
+    }
+
+    fn pkid(s: &Send) -> u16 {
+        match s {
+            Send::Publish { pkid, .. } | Send::PubRel { pkid } => *pkid,
+        }
+    }
+
+    #[test]
+    fn delivered_qos_is_the_lower_of_subscription_and_message() {
+        let mut s = state();
+        s.subscribe(f("devices/a/commands/#"), QoS::AtLeastOnce);
+        assert_eq!(
+            s.delivery_qos(&d("devices/a/commands/x", QoS::ExactlyOnce)),
+            Some(QoS::AtLeastOnce)
+        );
+        assert_eq!(
+            s.delivery_qos(&d("devices/a/commands/x", QoS::AtMostOnce)),
+            Some(QoS::AtMostOnce)
+        );
+        s.subscribe(f("devices/a/commands/x"), QoS::ExactlyOnce);
+        assert_eq!(
+            s.delivery_qos(&d("devices/a/commands/x", QoS::ExactlyOnce)),
+            Some(QoS::ExactlyOnce)
+        );
+        assert_eq!(
+            s.delivery_qos(&d("devices/a/other", QoS::AtLeastOnce)),
+            None
+        );
+        s.unsubscribe("devices/a/commands/x");
+        s.unsubscribe("devices/a/commands/#");
+        assert_eq!(
+            s.delivery_qos(&d("devices/a/commands/x", QoS::AtLeastOnce)),
+            None
+        );
+    }
+
+    #[test]
+    fn qos2_delivery_walks_pubrec_pubrel_pubcomp() {
+        let mut s = state();
+        let sent = s.start(
+            d("devices/a/commands/x", QoS::ExactlyOnce),
+            QoS::ExactlyOnce,
+        );
+        let id = pkid(&sent);
+        assert!(
+            !s.on_puback(id),
+            "a PUBACK does not finish a QoS 2 delivery"
+        );
+        assert_eq!(s.on_pubrec(id), Some(Send::PubRel { pkid: id }));
+        // A repeated PUBREC is answered again, without changing state.
+        assert_eq!(s.on_pubrec(id), Some(Send::PubRel { pkid: id }));
+        assert_eq!(s.inflight_len(), 1);
+        assert!(s.on_pubcomp(id));
+        assert_eq!(s.inflight_len(), 0);
+        assert!(!s.on_pubcomp(id));
+    }
+
+    #[test]
+    fn unknown_acks_change_nothing() {
+        let mut s = state();
+        s.start(
+            d("devices/a/commands/x", QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+        );
+        assert!(!s.on_puback(999));
+        assert_eq!(s.on_pubrec(999), None);
+        assert!(!s.on_pubcomp(999));
+        assert_eq!(s.inflight_len(), 1);
+    }
+
+    #[test]
+    fn resume_resends_unacknowledged_in_order_with_dup() {
+        let mut s = state();
+        let a = s.start(
+            d("devices/a/commands/1", QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+        );
+        let b = s.start(
+            d("devices/a/commands/2", QoS::ExactlyOnce),
+            QoS::ExactlyOnce,
+        );
+        let c = s.start(
+            d("devices/a/commands/3", QoS::ExactlyOnce),
+            QoS::ExactlyOnce,
+        );
+        s.on_pubrec(pkid(&c));
+        let resent = s.resume();
+        assert_eq!(resent.len(), 3);
+        match &resent[0] {
+            Send::Publish {
+                pkid: p,
+                dup,
+                delivery,
+                ..
+            } => {
+                assert_eq!(*p, pkid(&a));
+                assert!(*dup);
+                assert_eq!(delivery.topic.as_str(), "devices/a/commands/1");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&resent[1], Send::Publish { pkid: p, dup: true, .. } if *p == pkid(&b)));
+        assert_eq!(resent[2], Send::PubRel { pkid: pkid(&c) });
+    }
+
+    #[test]
+    fn packet_ids_skip_those_in_flight_and_never_zero() {
+        let mut s = state();
+        let first = pkid(&s.start(
+            d("devices/a/commands/1", QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+        ));
+        // Wrap the counter around to just before `first`.
+        s.next_pkid = first.wrapping_sub(1);
+        let next = pkid(&s.start(
+            d("devices/a/commands/2", QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+        ));
+        assert_ne!(next, first);
+        assert_ne!(next, 0);
+        s.next_pkid = u16::MAX;
+        let wrapped = pkid(&s.start(
+            d("devices/a/commands/3", QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+        ));
+        assert_ne!(wrapped, 0);
+    }
+
+    #[test]
+    fn qos0_needs_no_packet_id_and_is_not_tracked() {
+        let mut s = state();
+        let sent = s.start(d("devices/a/commands/x", QoS::AtMostOnce), QoS::AtMostOnce);
+        assert_eq!(pkid(&sent), 0);
+        assert_eq!(s.inflight_len(), 0);
+        assert!(s.window_open(1));
+    }
+
+    #[test]
+    fn window_closes_at_the_inflight_limit() {
+        let mut s = state();
+        s.start(
+            d("devices/a/commands/1", QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+        );
+        assert!(s.window_open(2));
+        s.start(
+            d("devices/a/commands/2", QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+        );
+        assert!(!s.window_open(2));
+    }
+
+    #[test]
+    fn a_retransmitted_qos2_publish_is_forwarded_once() {
+        let mut s = state();
+        assert!(s.incoming_qos2(7));
+        assert!(
+            !s.incoming_qos2(7),
+            "the DUP retransmission is not forwarded again"
+        );
+        s.on_pubrel(7);
+        assert!(
+            s.incoming_qos2(7),
+            "after PUBREL the id is free for a new message"
+        );
+    }
+}
