@@ -536,35 +536,26 @@ impl Config {
     }
 
     /// Paths that default to a place under `data_dir`.
+    fn path_or(&self, configured: &Option<PathBuf>, default: &str) -> PathBuf {
+        configured
+            .as_deref()
+            .map(|p| self.resolve(p))
+            .unwrap_or_else(|| self.data_dir.join(default))
+    }
     pub fn server_cert(&self) -> PathBuf {
-        self.tls
-            .cert
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("pki/server.pem"))
+        self.path_or(&self.tls.cert, "pki/server.pem")
     }
     pub fn server_key(&self) -> PathBuf {
-        self.tls
-            .key
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("pki/server.key"))
+        self.path_or(&self.tls.key, "pki/server.key")
     }
     pub fn admin_socket(&self) -> PathBuf {
-        self.admin
-            .socket
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+        self.path_or(&self.admin.socket, "admin.sock")
     }
     pub fn secret_key_file(&self) -> PathBuf {
-        self.auth
-            .secret_key_file
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("keys/secret-hash.key"))
+        self.path_or(&self.auth.secret_key_file, "keys/secret-hash.key")
     }
     pub fn audit_file(&self) -> PathBuf {
-        self.audit
-            .file
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("audit.log"))
+        self.path_or(&self.audit.file, "audit.log")
     }
     pub fn registry_file(&self) -> PathBuf {
         self.data_dir.join("registry.redb")

@@ -303,9 +303,10 @@ pub async fn run<S>(
         let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
     }
     // Say why, where the protocol can.
-    if let Some(code) = end.disconnect_reason()
-        && codec::encode(&Outgoing::Disconnect { reason: code }, version, &mut out)
-    {
+    if let Some(code) = end.disconnect_reason() {
+        codec::encode(&Outgoing::Disconnect { reason: code }, version, &mut out);
+    }
+    if !out.is_empty() {
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
