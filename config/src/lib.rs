@@ -26,6 +26,7 @@ pub struct Config {
     pub observability: Observability,
     pub broker: Broker,
     pub limits: Limits,
+    pub sessions: Sessions,
     pub auth: Auth,
     pub audit: Audit,
     pub device_groups: BTreeMap<String, DeviceGroup>,
@@ -128,12 +129,38 @@ pub struct Limits {
     pub max_connections_per_source: usize,
     /// Filters in one SUBSCRIBE.
     pub max_subscribe_filters: usize,
-    /// Commands queued towards one device; beyond it new ones are dropped and counted.
-    pub session_queue: usize,
     /// Seconds SIGTERM waits for sessions to close before exiting anyway.
     pub drain_timeout_secs: u64,
     /// Seconds a peer may take to accept what the gateway writes before it is dropped.
     pub write_timeout_secs: u64,
+}
+
+/// Device sessions: persistence, queues, retained commands and MQTT 5 limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sessions {
+    /// Longest session expiry granted, in seconds (MQTT 5 asks; MQTT 3.1.1
+    /// clean_session = 0 gets exactly this). 0 makes every session clean.
+    pub max_session_expiry_secs: u32,
+    /// A device's queue of undelivered commands (offline or busy): messages, bytes, age.
+    pub queue_max_messages: usize,
+    pub queue_max_bytes: usize,
+    pub queue_max_age_secs: u64,
+    /// QoS 1/2 messages sent to a device and not yet acknowledged (also capped by the
+    /// device's MQTT 5 Receive Maximum).
+    pub max_inflight: u16,
+    /// QoS 1/2 messages a peer may have unacknowledged towards the gateway (announced
+    /// as MQTT 5 Receive Maximum; exceeding it ends the session).
+    pub receive_maximum: u16,
+    /// Topic aliases a peer may define (MQTT 5 Topic Alias Maximum; 0 disables them).
+    pub topic_alias_maximum: u16,
+    /// Retained commands kept per device.
+    pub max_retained_per_device: usize,
+    /// Longest keep-alive allowed; a client asking for more (or for none) gets this
+    /// (announced as MQTT 5 Server Keep Alive).
+    pub max_keep_alive_secs: u64,
+    /// User properties allowed on one MQTT 5 message.
+    pub max_user_properties: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -250,6 +277,7 @@ impl Default for Config {
             observability: Observability::default(),
             broker: Broker::default(),
             limits: Limits::default(),
+            sessions: Sessions::default(),
             auth: Auth::default(),
             audit: Audit::default(),
             device_groups,
@@ -310,9 +338,25 @@ impl Default for Limits {
             max_connections: 100_000,
             max_connections_per_source: 1_000,
             max_subscribe_filters: 16,
-            session_queue: 1024,
             drain_timeout_secs: 5,
             write_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            max_session_expiry_secs: 86_400,
+            queue_max_messages: 1_000,
+            queue_max_bytes: 1024 * 1024,
+            queue_max_age_secs: 86_400,
+            max_inflight: 32,
+            receive_maximum: 64,
+            topic_alias_maximum: 16,
+            max_retained_per_device: 32,
+            max_keep_alive_secs: 600,
+            max_user_properties: 16,
         }
     }
 }
@@ -386,7 +430,7 @@ impl Config {
 
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), (String, String)> {
-        let positive: [(&str, u64); 12] = [
+        let positive: [(&str, u64); 15] = [
             ("limits.write_timeout_secs", self.limits.write_timeout_secs),
             (
                 "tls.handshake_timeout_secs",
@@ -407,7 +451,10 @@ impl Config {
                 "limits.max_connections_per_source",
                 self.limits.max_connections_per_source as u64,
             ),
-            ("limits.session_queue", self.limits.session_queue as u64),
+            ("sessions.queue_max_messages", self.sessions.queue_max_messages as u64),
+            ("sessions.max_inflight", self.sessions.max_inflight as u64),
+            ("sessions.receive_maximum", self.sessions.receive_maximum as u64),
+            ("sessions.max_keep_alive_secs", self.sessions.max_keep_alive_secs),
             ("broker.uplinks", self.broker.uplinks as u64),
             ("broker.link_queue", self.broker.link_queue as u64),
             ("auth.max_failures", self.auth.max_failures as u64),

@@ -78,7 +78,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         Audit::start(config.audit_file(), config.audit.queue, metrics.clone())
             .await
             .with_context(|| format!("audit log {}", config.audit_file().display()))?;
-    let broker = EmbeddedBroker::start(&config.broker, metrics.clone())?;
+    let broker = EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone())?;
     let sessions = Sessions::new();
     let auth = Arc::new(Authenticator::new(
         registry.clone(),

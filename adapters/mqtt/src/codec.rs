@@ -6,6 +6,7 @@
 
 use crate::strict::ProtocolVersion;
 use bytes::{Bytes, BytesMut};
+use portcullis_core::pipeline::Properties;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
@@ -32,12 +33,28 @@ pub mod reason {
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
 }
 
+/// MQTT 5 publish (and will) properties as the peer sent them, not yet validated
+/// against the gateway's limits.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RawProps {
+    pub payload_format: Option<u8>,
+    pub message_expiry: Option<u32>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
+    pub topic_alias: Option<u16>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Will {
     pub topic: String,
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
+    /// MQTT 5 Will Delay Interval, seconds.
+    pub delay: u32,
+    pub props: RawProps,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +64,13 @@ pub struct ConnectInfo {
     pub password: Option<Vec<u8>>,
     pub keep_alive: u16,
     pub clean_start: bool,
+    /// Seconds the session should outlive the connection: MQTT 5 Session Expiry
+    /// Interval; MQTT 3.1.1 clean_session = 0 asks for "as long as allowed".
+    pub session_expiry: u32,
     pub will: Option<Will>,
+    /// MQTT 5: the client's Receive Maximum and Maximum Packet Size.
+    pub receive_maximum: Option<u16>,
+    pub max_packet_size: Option<u32>,
     /// MQTT 5: the client asked for enhanced authentication.
     pub auth_method: bool,
 }
@@ -59,8 +82,71 @@ pub struct PublishIn {
     pub qos: u8,
     pub retain: bool,
     pub pkid: u16,
-    pub topic_alias: Option<u16>,
-    pub response_topic: Option<String>,
+    pub props: RawProps,
+}
+
+fn raw_props(p: v5::PublishProperties) -> RawProps {
+    RawProps {
+        payload_format: p.payload_format_indicator,
+        message_expiry: p.message_expiry_interval,
+        content_type: p.content_type,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+        topic_alias: p.topic_alias,
+    }
+}
+
+fn will_props(p: v5::LastWillProperties) -> (u32, RawProps) {
+    (
+        p.delay_interval.unwrap_or(0),
+        RawProps {
+            payload_format: p.payload_format_indicator,
+            message_expiry: p.message_expiry_interval,
+            content_type: p.content_type,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            topic_alias: None,
+        },
+    )
+}
+
+/// Reason code and session expiry of an MQTT 5 DISCONNECT (already strictness-checked):
+/// rumqttc cannot read the short forms the spec allows.
+fn decode_disconnect_v5(frame: &[u8]) -> Incoming {
+    let body = frame.get(2..).unwrap_or_default();
+    let reason = body.first().copied().unwrap_or(0);
+    let mut session_expiry = None;
+    // Properties: a one-byte length is enough for what a DISCONNECT can carry here;
+    // strict has validated ids and lengths.
+    if let Some(&len) = body.get(1) {
+        let mut props = body.get(2..2 + usize::from(len)).unwrap_or_default();
+        while let Some((&id, rest)) = props.split_first() {
+            let take = match id {
+                0x11 => 4,
+                0x1F | 0x1C => 2 + rest.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize),
+                0x26 => {
+                    let k = rest.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
+                    let v = rest
+                        .get(2 + k..4 + k)
+                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
+                    4 + k + v
+                }
+                _ => break,
+            };
+            if id == 0x11
+                && let Some(b) = rest.get(..4)
+            {
+                session_expiry = Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            }
+            props = rest.get(take..).unwrap_or_default();
+        }
+    }
+    Incoming::Disconnect {
+        reason,
+        session_expiry,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +241,13 @@ pub fn decode(
     // rumqttc refuses a v5 DISCONNECT with no body, which the spec allows; strict has
     // already checked the frame, so its type is all that matters here.
     if frame.first().map(|b| b >> 4) == Some(14) {
-        return Ok(Incoming::Disconnect);
+        return Ok(match version {
+            ProtocolVersion::V311 => Incoming::Disconnect {
+                reason: 0,
+                session_expiry: None,
+            },
+            ProtocolVersion::V5 => decode_disconnect_v5(&frame),
+        });
     }
     let err = |e: &dyn std::fmt::Display| DecodeError(e.to_string());
     match version {
@@ -171,12 +263,17 @@ pub fn decode(
                         .filter(|p| !p.is_empty()),
                     keep_alive: c.keep_alive,
                     clean_start: c.clean_session,
+                    session_expiry: if c.clean_session { 0 } else { u32::MAX },
+                    receive_maximum: None,
+                    max_packet_size: None,
                     auth_method: false,
                     will: c.last_will.map(|w| Will {
                         topic: w.topic,
                         payload: w.message,
                         qos: w.qos as u8,
                         retain: w.retain,
+                        delay: 0,
+                        props: RawProps::default(),
                     }),
                 }),
                 v4::Packet::Publish(p) => Incoming::Publish(PublishIn {
@@ -185,8 +282,7 @@ pub fn decode(
                     qos: p.qos as u8,
                     retain: p.retain,
                     pkid: p.pkid,
-                    topic_alias: None,
-                    response_topic: None,
+                    props: RawProps::default(),
                 }),
                 v4::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
                 v4::Packet::PubRec(a) => Incoming::PubRec(a.pkid),
@@ -205,7 +301,10 @@ pub fn decode(
                     filters: u.topics,
                 },
                 v4::Packet::PingReq => Incoming::PingReq,
-                v4::Packet::Disconnect => Incoming::Disconnect,
+                v4::Packet::Disconnect => Incoming::Disconnect {
+                    reason: 0,
+                    session_expiry: None,
+                },
                 other => return Err(DecodeError(format!("unexpected packet {other:?}"))),
             })
         }
@@ -221,15 +320,27 @@ pub fn decode(
                         .filter(|p| !p.is_empty()),
                     keep_alive: c.keep_alive,
                     clean_start: c.clean_start,
+                    session_expiry: c
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.session_expiry_interval)
+                        .unwrap_or(0),
+                    receive_maximum: c.properties.as_ref().and_then(|p| p.receive_maximum),
+                    max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
                     auth_method: c
                         .properties
                         .as_ref()
                         .is_some_and(|p| p.authentication_method.is_some()),
-                    will: will.map(|w| Will {
-                        topic: String::from_utf8_lossy(&w.topic).into_owned(),
-                        payload: w.message,
-                        qos: w.qos as u8,
-                        retain: w.retain,
+                    will: will.map(|w| {
+                        let (delay, props) = w.properties.map(will_props).unwrap_or_default();
+                        Will {
+                            topic: String::from_utf8_lossy(&w.topic).into_owned(),
+                            payload: w.message,
+                            qos: w.qos as u8,
+                            retain: w.retain,
+                            delay,
+                            props,
+                        }
                     }),
                 }),
                 v5::Packet::Publish(p) => Incoming::Publish(PublishIn {
@@ -240,8 +351,7 @@ pub fn decode(
                     qos: p.qos as u8,
                     retain: p.retain,
                     pkid: p.pkid,
-                    topic_alias: p.properties.as_ref().and_then(|pr| pr.topic_alias),
-                    response_topic: p.properties.and_then(|pr| pr.response_topic),
+                    props: p.properties.map(raw_props).unwrap_or_default(),
                 }),
                 v5::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
                 v5::Packet::PubRec(a) => Incoming::PubRec(a.pkid),
@@ -260,7 +370,10 @@ pub fn decode(
                     filters: u.filters,
                 },
                 v5::Packet::PingReq(_) => Incoming::PingReq,
-                v5::Packet::Disconnect(_) => Incoming::Disconnect,
+                v5::Packet::Disconnect(d) => Incoming::Disconnect {
+                    reason: d.reason_code as u8,
+                    session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
+                },
                 other => return Err(DecodeError(format!("unexpected packet {other:?}"))),
             })
         }
@@ -359,17 +472,21 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
     match version {
         ProtocolVersion::V311 => {
             let packet = match out {
-                Outgoing::ConnAck { code, .. } => {
-                    v4::Packet::ConnAck(v4::ConnAck::new(connack_v4(*code), false))
-                }
+                Outgoing::ConnAck {
+                    code,
+                    session_present,
+                    ..
+                } => v4::Packet::ConnAck(v4::ConnAck::new(connack_v4(*code), *session_present)),
                 Outgoing::Publish {
                     topic,
                     payload,
                     qos,
                     retain,
                     pkid,
+                    dup,
+                    ..
                 } => v4::Packet::Publish(v4::Publish {
-                    dup: false,
+                    dup: *dup,
                     qos: qos_v4(*qos),
                     retain: *retain,
                     topic: topic.to_string(),
@@ -401,29 +518,31 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
             let packet = match out {
                 Outgoing::ConnAck {
                     code,
-                    max_packet_size,
+                    session_present,
+                    props,
                 } => {
-                    let properties = (*code == reason::SUCCESS).then(|| v5::ConnAckProperties {
-                        session_expiry_interval: None,
-                        receive_max: None,
-                        max_qos: Some(1),
+                    let success = *code == reason::SUCCESS;
+                    let properties = success.then(|| v5::ConnAckProperties {
+                        session_expiry_interval: props.session_expiry,
+                        receive_max: Some(props.receive_maximum),
+                        max_qos: None,
                         retain_available: Some(1),
-                        max_packet_size: Some(*max_packet_size),
+                        max_packet_size: Some(props.max_packet_size),
                         assigned_client_identifier: None,
-                        topic_alias_max: Some(0),
+                        topic_alias_max: Some(props.topic_alias_maximum),
                         reason_string: None,
                         user_properties: Vec::new(),
                         wildcard_subscription_available: Some(1),
                         subscription_identifiers_available: Some(0),
                         shared_subscription_available: Some(0),
-                        server_keep_alive: None,
+                        server_keep_alive: props.server_keep_alive,
                         response_information: None,
                         server_reference: None,
                         authentication_method: None,
                         authentication_data: None,
                     });
                     v5::Packet::ConnAck(v5::ConnAck {
-                        session_present: false,
+                        session_present: *session_present && success,
                         code: connack_v5(*code),
                         properties,
                     })
@@ -434,14 +553,25 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
                     qos,
                     retain,
                     pkid,
+                    dup,
+                    props,
                 } => v5::Packet::Publish(v5::Publish {
-                    dup: false,
+                    dup: *dup,
                     qos: qos_v5(*qos),
                     retain: *retain,
                     topic: Bytes::copy_from_slice(topic.as_bytes()),
                     pkid: *pkid,
                     payload: payload.clone(),
-                    properties: None,
+                    properties: props.map(|p| v5::PublishProperties {
+                        payload_format_indicator: p.payload_format_utf8.map(u8::from),
+                        message_expiry_interval: p.message_expiry_secs,
+                        topic_alias: None,
+                        response_topic: p.response_topic.as_ref().map(|t| t.as_str().to_string()),
+                        correlation_data: p.correlation_data.clone(),
+                        user_properties: p.user_properties.clone(),
+                        subscription_identifiers: Vec::new(),
+                        content_type: p.content_type.clone(),
+                    }),
                 }),
                 Outgoing::PubAck { pkid, reason } => v5::Packet::PubAck(v5::PubAck {
                     pkid: *pkid,
@@ -513,7 +643,8 @@ mod tests {
     fn refused_connect_is_not_authorized_in_both_versions() {
         match roundtrip_v5(Outgoing::ConnAck {
             code: reason::NOT_AUTHORIZED,
-            max_packet_size: 1024,
+            session_present: false,
+            props: ConnAckProps::default(),
         }) {
             v5::Packet::ConnAck(c) => assert_eq!(c.code, v5::ConnectReturnCode::NotAuthorized),
             other => panic!("{other:?}"),
@@ -522,7 +653,8 @@ mod tests {
         assert!(encode(
             &Outgoing::ConnAck {
                 code: reason::NOT_AUTHORIZED,
-                max_packet_size: 1024
+                session_present: false,
+                props: ConnAckProps::default(),
             },
             ProtocolVersion::V311,
             &mut buf
@@ -546,7 +678,23 @@ mod tests {
         let frame = BytesMut::from(&[0xE0u8, 0x00][..]);
         assert_eq!(
             decode(frame, ProtocolVersion::V5, 1024).unwrap(),
-            Incoming::Disconnect
+            Incoming::Disconnect {
+                reason: 0,
+                session_expiry: None
+            }
+        );
+    }
+
+    #[test]
+    fn v5_disconnect_with_will_and_session_expiry_decodes() {
+        // Reason 0x04 (disconnect with Will), properties: session expiry 120.
+        let frame = BytesMut::from(&[0xE0u8, 0x07, 0x04, 0x05, 0x11, 0, 0, 0, 120][..]);
+        assert_eq!(
+            decode(frame, ProtocolVersion::V5, 1024).unwrap(),
+            Incoming::Disconnect {
+                reason: 0x04,
+                session_expiry: Some(120)
+            }
         );
     }
 }

@@ -230,6 +230,7 @@ mod tests {
             payload: Bytes::from_static(b"p"),
             qos,
             retain: false,
+            properties: None,
         }
     }
 

@@ -12,21 +12,24 @@
 //!   the device's session.
 //! - a link per connected service, carrying its own subscriptions.
 
+use crate::audit::{Audit, AuditEntry};
+use crate::mailbox::Mailbox;
 use crate::metrics::Metrics;
-use crate::pipeline::{Message, QoS};
+use crate::pipeline::{Message, Properties, QoS};
 use crate::principal::PrincipalId;
 use crate::topic::TopicName;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Filter, Packet, PubAck, PubAckReason, Publish,
-    RetainForwardRule, Subscribe, Unsubscribe,
+    PublishProperties, RetainForwardRule, Subscribe, Unsubscribe,
 };
 use rumqttd::{Config, Notification, RouterConfig};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,21 +41,15 @@ pub enum BrokerError {
 }
 
 /// A message delivered from the broker to a peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    pub topic: TopicName,
-    pub payload: Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-}
+pub type Delivery = Message;
 
 enum UplinkCmd {
     Publish(Message, Option<oneshot::Sender<()>>),
 }
 
 enum DownlinkCmd {
-    Register(PrincipalId, u64, mpsc::Sender<Delivery>),
-    Unregister(PrincipalId, u64),
+    Register(PrincipalId, Arc<Mailbox>),
+    Unregister(PrincipalId, Arc<Mailbox>),
 }
 
 /// Commands from a service session to its link.
@@ -161,21 +158,67 @@ fn filter(path: &str, qos: QoS) -> Filter {
     }
 }
 
-fn to_delivery(publish: Publish, qos: QoS) -> Option<Delivery> {
+/// The user property that carries a QoS 2 message's QoS through the embedded broker,
+/// which stamps every forward with the QoS of the link's subscription (at most 1).
+/// Stripped before anything reaches a peer.
+const QOS2_MARK: &str = "$portcullis.qos2";
+
+/// The broker-side properties of a message: its own, plus the QoS 2 mark.
+fn link_properties(msg: &Message) -> Option<PublishProperties> {
+    if msg.properties.is_none() && msg.qos != QoS::ExactlyOnce {
+        return None;
+    }
+    let mut out = PublishProperties::default();
+    if let Some(p) = &msg.properties {
+        out.payload_format_indicator = p.payload_format_utf8.map(u8::from);
+        out.message_expiry_interval = p.message_expiry_secs;
+        out.content_type = p.content_type.clone();
+        out.response_topic = p.response_topic.as_ref().map(|t| t.as_str().to_string());
+        out.correlation_data = p.correlation_data.clone();
+        out.user_properties = p.user_properties.clone();
+    }
+    if msg.qos == QoS::ExactlyOnce {
+        out.user_properties.push((QOS2_MARK.to_string(), String::new()));
+    }
+    Some(out)
+}
+
+const UNLIMITED: crate::topic::TopicLimits = crate::topic::TopicLimits {
+    max_length: usize::MAX,
+    max_depth: usize::MAX,
+};
+
+fn to_delivery(
+    publish: Publish,
+    properties: Option<PublishProperties>,
+    link_qos: QoS,
+) -> Option<Delivery> {
     let topic = std::str::from_utf8(&publish.topic).ok()?;
-    let topic = TopicName::parse(
-        topic,
-        crate::topic::TopicLimits {
-            max_length: usize::MAX,
-            max_depth: usize::MAX,
-        },
-    )
-    .ok()?;
+    let topic = TopicName::parse(topic, UNLIMITED).ok()?;
+    let mut qos = link_qos;
+    let properties = properties.and_then(|mut p| {
+        if let Some(i) = p.user_properties.iter().position(|(k, _)| k == QOS2_MARK) {
+            p.user_properties.remove(i);
+            qos = QoS::ExactlyOnce;
+        }
+        let out = Properties {
+            payload_format_utf8: p.payload_format_indicator.map(|v| v == 1),
+            message_expiry_secs: p.message_expiry_interval,
+            content_type: p.content_type,
+            response_topic: p
+                .response_topic
+                .and_then(|t| TopicName::parse(&t, UNLIMITED).ok()),
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+        };
+        (out != Properties::default()).then(|| Arc::new(out))
+    });
     Some(Delivery {
         topic,
         payload: publish.payload,
         qos,
         retain: publish.retain,
+        properties,
     })
 }
 
@@ -201,6 +244,7 @@ impl EmbeddedBroker {
     pub fn start(
         cfg: &portcullis_config::Broker,
         metrics: Arc<Metrics>,
+        audit: Audit,
     ) -> Result<Arc<EmbeddedBroker>, BrokerError> {
         let broker = rumqttd::Broker::new(router_config(cfg));
         let mut uplinks = Vec::with_capacity(cfg.uplinks);
@@ -217,7 +261,7 @@ impl EmbeddedBroker {
         let (tx, rx) = broker.link("portcullis-downlink").map_err(link_err)?;
         let (downlink, cmd_rx) = mpsc::channel(cfg.link_queue);
         spawn_link_thread("downlink".into(), move || {
-            runtime().block_on(run_downlink(tx, rx, cmd_rx, metrics))
+            runtime().block_on(run_downlink(tx, rx, cmd_rx, metrics, audit))
         })?;
         Ok(Arc::new(EmbeddedBroker {
             broker,
@@ -238,23 +282,23 @@ impl EmbeddedBroker {
         }
     }
 
-    /// Route commands for `id` to this session from now on.
+    /// Route commands for `id` into this mailbox from now on (replacing any other).
     pub async fn register_device(
         &self,
         id: PrincipalId,
-        session: u64,
-        tx: mpsc::Sender<Delivery>,
+        mailbox: Arc<Mailbox>,
     ) -> Result<(), BrokerError> {
         self.downlink
-            .send(DownlinkCmd::Register(id, session, tx))
+            .send(DownlinkCmd::Register(id, mailbox))
             .await
             .map_err(|_| BrokerError::Stopped)
     }
 
-    pub async fn unregister_device(&self, id: PrincipalId, session: u64) {
+    /// Stop routing commands for `id`, if they still go to this mailbox.
+    pub async fn unregister_device(&self, id: PrincipalId, mailbox: Arc<Mailbox>) {
         let _ = self
             .downlink
-            .send(DownlinkCmd::Unregister(id, session))
+            .send(DownlinkCmd::Unregister(id, mailbox))
             .await;
     }
 
@@ -331,7 +375,7 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
                     }
                 };
                 let publish = build_publish(msg.topic.as_str().as_bytes(), &msg.payload, qos, msg.retain, pkid);
-                if tx.send(Packet::Publish(publish, None)).await.is_err() {
+                if tx.send(Packet::Publish(publish, link_properties(&msg))).await.is_err() {
                     break;
                 }
                 if let Some(ack) = ack {
@@ -360,6 +404,7 @@ async fn run_downlink(
     mut rx: LinkRx,
     mut cmds: mpsc::Receiver<DownlinkCmd>,
     metrics: Arc<Metrics>,
+    audit: Audit,
 ) {
     let subscribe = Subscribe {
         pkid: 1,
@@ -368,43 +413,42 @@ async fn run_downlink(
     if tx.send(Packet::Subscribe(subscribe, None)).await.is_err() {
         return;
     }
-    let mut routes: HashMap<PrincipalId, Vec<(u64, mpsc::Sender<Delivery>)>> = HashMap::new();
+    let mut routes: HashMap<PrincipalId, Arc<Mailbox>> = HashMap::new();
     loop {
         tokio::select! {
             cmd = cmds.recv() => match cmd {
                 None => break,
-                Some(DownlinkCmd::Register(id, session, sender)) => {
-                    routes.entry(id).or_default().push((session, sender));
+                Some(DownlinkCmd::Register(id, mailbox)) => {
+                    routes.insert(id, mailbox);
                 }
-                Some(DownlinkCmd::Unregister(id, session)) => {
-                    if let Some(list) = routes.get_mut(&id) {
-                        list.retain(|(n, _)| *n != session);
-                        if list.is_empty() {
-                            routes.remove(&id);
-                        }
+                Some(DownlinkCmd::Unregister(id, mailbox)) => {
+                    if routes.get(&id).is_some_and(|m| Arc::ptr_eq(m, &mailbox)) {
+                        routes.remove(&id);
                     }
                 }
             },
             n = rx.next() => match n {
                 Ok(Some(Notification::Forward(forward))) => {
-                    let (qos, pkid) = forward_qos_pkid(&forward.publish);
+                    let (link_qos, pkid) = forward_qos_pkid(&forward.publish);
                     let target = std::str::from_utf8(&forward.publish.topic)
                         .ok()
                         .and_then(|t| t.split('/').nth(1))
                         .and_then(|id| PrincipalId::parse(id).ok());
-                    if let (Some(id), Some(delivery)) = (target, to_delivery(forward.publish, qos))
-                        && let Some(list) = routes.get(&id) {
-                            for (_, sender) in list {
-                                // A device that does not read its commands loses them
-                                // rather than stalling every other device's.
-                                if let Err(mpsc::error::TrySendError::Full(_)) =
-                                    sender.try_send(delivery.clone())
-                                {
-                                    Metrics::inc(&metrics.messages_dropped_slow_peer);
-                                }
-                            }
-                        }
-                    if qos != QoS::AtMostOnce {
+                    let delivery = to_delivery(forward.publish, forward.properties, link_qos);
+                    // A device with no session (never connected, clean session ended,
+                    // or expired) has nothing to deliver to: the command is dropped.
+                    if let (Some(id), Some(delivery)) = (target, delivery)
+                        && let Some(mailbox) = routes.get(&id)
+                        && let Err(overflow) = mailbox.push(delivery, Instant::now())
+                    {
+                        Metrics::inc(&metrics.queue_overflow);
+                        audit.record(
+                            AuditEntry::new("queue", "refuse")
+                                .principal("device", id.to_string())
+                                .reason(overflow.as_str()),
+                        );
+                    }
+                    if link_qos != QoS::AtMostOnce {
                         let ack = PubAck { pkid, reason: PubAckReason::Success };
                         if tx.send(Packet::PubAck(ack, None)).await.is_err() { break; }
                     }
@@ -434,7 +478,7 @@ async fn run_service_link(
                     Some(ServiceCmd::Publish(msg, pkid)) => {
                         let qos = if msg.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
                         let publish = build_publish(msg.topic.as_str().as_bytes(), &msg.payload, qos, msg.retain, pkid);
-                        Packet::Publish(publish, None)
+                        Packet::Publish(publish, link_properties(&msg))
                     }
                     Some(ServiceCmd::Subscribe(filters)) => {
                         sub_pkid = sub_pkid.wrapping_add(1).max(1);
@@ -453,7 +497,7 @@ async fn run_service_link(
             n = rx.next() => match n {
                 Ok(Some(Notification::Forward(forward))) => {
                     let (qos, pkid) = forward_qos_pkid(&forward.publish);
-                    if let Some(delivery) = to_delivery(forward.publish, qos) {
+                    if let Some(delivery) = to_delivery(forward.publish, forward.properties, qos) {
                         // Waits while the service's queue is full: back-pressure into
                         // the broker, which holds the backlog in its commit log.
                         if events.send(ServiceEvent::Delivery(delivery)).await.is_err() {

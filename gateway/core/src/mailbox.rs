@@ -149,6 +149,7 @@ mod tests {
             payload: Bytes::from(payload.to_string()),
             qos: QoS::AtLeastOnce,
             retain: false,
+            properties: None,
         }
     }
 

@@ -15,7 +15,10 @@ pub struct Metrics {
     pub handshake_failures: AtomicU64,
     pub messages_accepted: AtomicU64,
     pub messages_delivered: AtomicU64,
-    pub messages_dropped_slow_peer: AtomicU64,
+    pub queue_overflow: AtomicU64,
+    pub queue_expired: AtomicU64,
+    pub takeovers: AtomicU64,
+    pub wills_published: AtomicU64,
     pub bytes_accepted: AtomicU64,
     pub audit_dropped: AtomicU64,
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
@@ -85,10 +88,31 @@ impl Metrics {
         );
         gauge(
             &mut out,
-            "portcullis_messages_dropped_slow_peer_total",
-            "Messages dropped because a peer's queue was full.",
+            "portcullis_queue_overflow_total",
+            "Messages refused because a device's queue was full.",
             "counter",
-            load(&self.messages_dropped_slow_peer),
+            load(&self.queue_overflow),
+        );
+        gauge(
+            &mut out,
+            "portcullis_queue_expired_total",
+            "Queued messages dropped for age before delivery.",
+            "counter",
+            load(&self.queue_expired),
+        );
+        gauge(
+            &mut out,
+            "portcullis_session_takeovers_total",
+            "Sessions ended by a new connection with the same identity.",
+            "counter",
+            load(&self.takeovers),
+        );
+        gauge(
+            &mut out,
+            "portcullis_wills_published_total",
+            "Last Will messages published after an unexpected disconnect.",
+            "counter",
+            load(&self.wills_published),
         );
         gauge(
             &mut out,

@@ -39,6 +39,20 @@ pub struct Message {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// Request/response and application metadata, carried end to end where the
+    /// protocols on both sides can (MQTT 5); `None` for most messages.
+    pub properties: Option<Arc<Properties>>,
+}
+
+/// Message metadata (MQTT 5 publish properties, protocol-neutral).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Properties {
+    pub payload_format_utf8: Option<bool>,
+    pub message_expiry_secs: Option<u32>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<TopicName>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
 }
 
 /// Which way a message travels relative to the session asking.
@@ -166,6 +180,7 @@ mod tests {
             payload: Bytes::from_static(b"{}"),
             qos: QoS::AtLeastOnce,
             retain: false,
+            properties: None,
         }
     }
 

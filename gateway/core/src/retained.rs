@@ -94,6 +94,7 @@ mod tests {
             payload: Bytes::from_static(payload.as_bytes()),
             qos: QoS::AtLeastOnce,
             retain: true,
+            properties: None,
         }
     }
 
