@@ -451,10 +451,19 @@ impl Config {
                 "limits.max_connections_per_source",
                 self.limits.max_connections_per_source as u64,
             ),
-            ("sessions.queue_max_messages", self.sessions.queue_max_messages as u64),
+            (
+                "sessions.queue_max_messages",
+                self.sessions.queue_max_messages as u64,
+            ),
             ("sessions.max_inflight", self.sessions.max_inflight as u64),
-            ("sessions.receive_maximum", self.sessions.receive_maximum as u64),
-            ("sessions.max_keep_alive_secs", self.sessions.max_keep_alive_secs),
+            (
+                "sessions.receive_maximum",
+                self.sessions.receive_maximum as u64,
+            ),
+            (
+                "sessions.max_keep_alive_secs",
+                self.sessions.max_keep_alive_secs,
+            ),
             ("broker.uplinks", self.broker.uplinks as u64),
             ("broker.link_queue", self.broker.link_queue as u64),
             ("auth.max_failures", self.auth.max_failures as u64),

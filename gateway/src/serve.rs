@@ -11,14 +11,17 @@ use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{Authenticator, Policies};
 use portcullis_core::backoff::BackoffPolicy;
 use portcullis_core::broker::EmbeddedBroker;
+use portcullis_core::mailbox::MailboxLimits;
 use portcullis_core::metrics::Metrics;
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::registry::Registry;
+use portcullis_core::retained::RetainedCommands;
 use portcullis_core::secret::SecretHasher;
 use portcullis_core::sessions::{KickReason, Sessions};
 use portcullis_core::topic::TopicLimits;
 use portcullis_mqtt::listener::{self, ConnectionLimits};
 use portcullis_mqtt::session::{Context as SessionContext, SessionLimits};
+use portcullis_mqtt::store::SessionStore;
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
@@ -100,15 +103,31 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         },
         connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
         max_subscribe_filters: config.limits.max_subscribe_filters,
-        session_queue: config.limits.session_queue,
         write_timeout: Duration::from_secs(config.limits.write_timeout_secs),
+        max_session_expiry: config.sessions.max_session_expiry_secs,
+        mailbox: MailboxLimits {
+            max_messages: config.sessions.queue_max_messages,
+            max_bytes: config.sessions.queue_max_bytes,
+            max_age: Duration::from_secs(config.sessions.queue_max_age_secs),
+        },
+        max_inflight: config.sessions.max_inflight,
+        receive_maximum: config.sessions.receive_maximum,
+        topic_alias_maximum: config.sessions.topic_alias_maximum,
+        max_keep_alive: config.sessions.max_keep_alive_secs.min(u64::from(u16::MAX)) as u16,
+        max_user_properties: config.sessions.max_user_properties,
     };
+    let store = SessionStore::new();
+    let retained = Arc::new(RetainedCommands::new(
+        config.sessions.max_retained_per_device,
+    ));
     let context = |kind| {
         Arc::new(SessionContext {
             kind,
             auth: auth.clone(),
             broker: broker.clone(),
             sessions: sessions.clone(),
+            store: store.clone(),
+            retained: retained.clone(),
             audit: audit.clone(),
             metrics: metrics.clone(),
             limits,
@@ -190,6 +209,20 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         audit: AuditSink::Live(audit.clone()),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
+    // Parked sessions past their expiry are dropped, and their commands with them.
+    {
+        let (store, broker) = (store.clone(), broker.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                for (id, mailbox) in store.expire(std::time::Instant::now()) {
+                    mailbox.clear();
+                    broker.unregister_device(id, mailbox).await;
+                }
+            }
+        }));
+    }
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(listener) = observability_listener {
         report.push((

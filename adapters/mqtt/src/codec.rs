@@ -30,6 +30,8 @@ pub mod reason {
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
     pub const BAD_AUTH_METHOD: u8 = 0x8C;
+    pub const DISCONNECT_WITH_WILL: u8 = 0x04;
+    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
 }
 
@@ -125,9 +127,15 @@ fn decode_disconnect_v5(frame: &[u8]) -> Incoming {
         while let Some((&id, rest)) = props.split_first() {
             let take = match id {
                 0x11 => 4,
-                0x1F | 0x1C => 2 + rest.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize),
+                0x1F | 0x1C => {
+                    2 + rest
+                        .get(..2)
+                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                }
                 0x26 => {
-                    let k = rest.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
+                    let k = rest
+                        .get(..2)
+                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
                     let v = rest
                         .get(2 + k..4 + k)
                         .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
@@ -166,15 +174,32 @@ pub enum Incoming {
         filters: Vec<String>,
     },
     PingReq,
-    Disconnect,
+    /// `reason` is 0 for MQTT 3.1.1; MQTT 5 may also update the session expiry.
+    Disconnect {
+        reason: u8,
+        session_expiry: Option<u32>,
+    },
+}
+
+/// What a successful MQTT 5 CONNACK tells the client about the gateway's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnAckProps {
+    pub max_packet_size: u32,
+    pub receive_maximum: u16,
+    pub topic_alias_maximum: u16,
+    /// Set when the gateway overrides the client's keep-alive.
+    pub server_keep_alive: Option<u16>,
+    /// Set when the gateway grants a different session expiry than asked.
+    pub session_expiry: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outgoing<'a> {
-    /// `code` is an MQTT 5 reason code.
+    /// `code` is an MQTT 5 reason code; `props` go with a successful MQTT 5 CONNACK.
     ConnAck {
         code: u8,
-        max_packet_size: u32,
+        session_present: bool,
+        props: ConnAckProps,
     },
     Publish {
         topic: &'a str,
@@ -182,6 +207,8 @@ pub enum Outgoing<'a> {
         qos: u8,
         retain: bool,
         pkid: u16,
+        dup: bool,
+        props: Option<&'a Properties>,
     },
     PubAck {
         pkid: u16,
@@ -456,6 +483,7 @@ fn disconnect_v5(code: u8) -> v5::DisconnectReasonCode {
         reason::TOPIC_FILTER_INVALID => D::TopicFilterInvalid,
         reason::TOPIC_NAME_INVALID => D::TopicNameInvalid,
         reason::TOPIC_ALIAS_INVALID => D::TopicAliasInvalid,
+        reason::RECEIVE_MAXIMUM_EXCEEDED => D::ReceiveMaximumExceeded,
         reason::PACKET_TOO_LARGE => D::PacketTooLarge,
         reason::QUOTA_EXCEEDED => D::QuotaExceeded,
         reason::ADMINISTRATIVE_ACTION => D::AdministrativeAction,

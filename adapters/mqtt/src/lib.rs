@@ -6,4 +6,5 @@ pub mod codec;
 pub mod listener;
 pub mod session;
 pub mod state;
+pub mod store;
 pub mod strict;

@@ -3,27 +3,37 @@
 //! Reads frames with a deadline, runs each through `strict` and the codec, asks the
 //! core for a verdict and acts on it; delivers what the broker sends the peer; ends
 //! the session when the peer goes silent, the gateway kicks it, or it misbehaves.
-//! Every refusal is answered the protocol's way, audited and counted.
+//! Every refusal is answered the protocol's way, audited and counted. Session state
+//! that outlives a connection (subscriptions, unacknowledged messages, the mailbox)
+//! lives in `state` and is parked in `store` between connections.
 
-use crate::codec::{self, ConnectInfo, Incoming, Outgoing, PublishIn, reason};
+use crate::codec::{
+    self, ConnAckProps, ConnectInfo, Incoming, Outgoing, PublishIn, RawProps, reason,
+};
+use crate::state::{Send as Outbound, SessionState};
+use crate::store::{SessionStore, Slot};
 use crate::strict::{self, ProtocolVersion, StrictError};
 use bytes::BytesMut;
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
 use portcullis_core::broker::{Delivery, EmbeddedBroker, ServiceCmd, ServiceEvent, Uplink};
+use portcullis_core::mailbox::{Mailbox, MailboxLimits};
 use portcullis_core::metrics::Metrics;
-use portcullis_core::pipeline::{self, Direction, Message, QoS, SessionPolicy, Verdict};
-use portcullis_core::principal::PrincipalKind;
+use portcullis_core::pipeline::{
+    self, Direction, Message, Properties, QoS, Refusal, SessionPolicy, Verdict,
+};
+use portcullis_core::principal::{PrincipalId, PrincipalKind};
+use portcullis_core::retained::RetainedCommands;
 use portcullis_core::sessions::{KickReason, Sessions};
 use portcullis_core::topic::{TopicFilter, TopicLimits, TopicName};
 use rustls::pki_types::CertificateDer;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
 
 /// Limits a session enforces.
 #[derive(Debug, Clone, Copy)]
@@ -32,8 +42,14 @@ pub struct SessionLimits {
     pub topic: TopicLimits,
     pub connect_timeout: Duration,
     pub max_subscribe_filters: usize,
-    pub session_queue: usize,
     pub write_timeout: Duration,
+    pub max_session_expiry: u32,
+    pub mailbox: MailboxLimits,
+    pub max_inflight: u16,
+    pub receive_maximum: u16,
+    pub topic_alias_maximum: u16,
+    pub max_keep_alive: u16,
+    pub max_user_properties: usize,
 }
 
 /// What every session of one listener shares.
@@ -42,6 +58,8 @@ pub struct Context {
     pub auth: Arc<Authenticator>,
     pub broker: Arc<EmbeddedBroker>,
     pub sessions: Arc<Sessions>,
+    pub store: Arc<SessionStore>,
+    pub retained: Arc<RetainedCommands>,
     pub audit: Audit,
     pub metrics: Arc<Metrics>,
     pub limits: SessionLimits,
@@ -84,6 +102,20 @@ fn protocol_name(version: ProtocolVersion) -> &'static str {
         ProtocolVersion::V311 => "mqtt3.1.1",
         ProtocolVersion::V5 => "mqtt5",
     }
+}
+
+fn connack(code: u8, version: ProtocolVersion) -> BytesMut {
+    let mut out = BytesMut::new();
+    codec::encode(
+        &Outgoing::ConnAck {
+            code,
+            session_present: false,
+            props: ConnAckProps::default(),
+        },
+        version,
+        &mut out,
+    );
+    out
 }
 
 /// Run one connection to its end. `certs` is the verified TLS client chain, if any.
@@ -131,16 +163,9 @@ pub async fn run<S>(
                 e,
                 StrictError::UnsupportedProtocolLevel(_) | StrictError::BadProtocolName
             ) {
-                let mut out = BytesMut::new();
-                codec::encode(
-                    &Outgoing::ConnAck {
-                        code: reason::UNSUPPORTED_VERSION,
-                        max_packet_size: 0,
-                    },
-                    ProtocolVersion::V311,
-                    &mut out,
-                );
-                let _ = wr.write_all(&out).await;
+                let _ = wr
+                    .write_all(&connack(reason::UNSUPPORTED_VERSION, ProtocolVersion::V311))
+                    .await;
             }
             refuse_connect(&ctx, peer, None, "malformed_connect", &e.to_string());
             return;
@@ -156,16 +181,9 @@ pub async fn run<S>(
     };
     // Enhanced authentication (MQTT 5 AUTH) is not offered.
     if connect.auth_method {
-        let mut out = BytesMut::new();
-        codec::encode(
-            &Outgoing::ConnAck {
-                code: reason::BAD_AUTH_METHOD,
-                max_packet_size: 0,
-            },
-            version,
-            &mut out,
-        );
-        let _ = wr.write_all(&out).await;
+        let _ = wr
+            .write_all(&connack(reason::BAD_AUTH_METHOD, version))
+            .await;
         refuse_connect(
             &ctx,
             peer,
@@ -178,16 +196,9 @@ pub async fn run<S>(
     let mut session = match authenticate(&ctx, &connect, version, peer, certs.as_deref()) {
         Ok(s) => s,
         Err(label) => {
-            let mut out = BytesMut::new();
-            codec::encode(
-                &Outgoing::ConnAck {
-                    code: reason::NOT_AUTHORIZED,
-                    max_packet_size: 0,
-                },
-                version,
-                &mut out,
-            );
-            let _ = wr.write_all(&out).await;
+            let _ = wr
+                .write_all(&connack(reason::NOT_AUTHORIZED, version))
+                .await;
             let _ = wr.shutdown().await;
             refuse_connect(
                 &ctx,
@@ -199,24 +210,7 @@ pub async fn run<S>(
             return;
         }
     };
-    let peer_link = match session.open_link(&ctx).await {
-        Ok(link) => link,
-        Err(e) => {
-            tracing::error!(error = %e, "broker link unavailable");
-            let mut out = BytesMut::new();
-            codec::encode(
-                &Outgoing::ConnAck {
-                    code: reason::SERVER_UNAVAILABLE,
-                    max_packet_size: 0,
-                },
-                version,
-                &mut out,
-            );
-            let _ = wr.write_all(&out).await;
-            return;
-        }
-    };
-    session.link = Some(peer_link);
+    // Registering ends an earlier session of the same identity (take-over).
     let guard = ctx.sessions.register(
         session.policy.principal.clone(),
         session.generation,
@@ -230,16 +224,9 @@ pub async fn run<S>(
         .auth
         .still_current(&session.policy.principal, session.generation)
     {
-        let mut out = BytesMut::new();
-        codec::encode(
-            &Outgoing::ConnAck {
-                code: reason::NOT_AUTHORIZED,
-                max_packet_size: 0,
-            },
-            version,
-            &mut out,
-        );
-        let _ = wr.write_all(&out).await;
+        let _ = wr
+            .write_all(&connack(reason::NOT_AUTHORIZED, version))
+            .await;
         refuse_connect(
             &ctx,
             peer,
@@ -249,17 +236,38 @@ pub async fn run<S>(
         );
         return;
     }
-    if let Some(Link::Device { .. }) = &session.link {
-        let (tx, rx) = mpsc::channel(ctx.limits.session_queue);
-        if ctx
-            .broker
-            .register_device(session.policy.principal.id.clone(), guard.number, tx)
-            .await
-            .is_err()
-        {
-            return;
+    // The session's slot: wait for a taken-over connection to put the state back.
+    let slot = ctx.store.slot(&session.policy.principal.id);
+    let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
+        let _ = wr.write_all(&connack(reason::SERVER_BUSY, version)).await;
+        refuse_connect(
+            &ctx,
+            peer,
+            Some(&connect.client_id),
+            "session_busy",
+            "previous session did not end",
+        );
+        return;
+    };
+    slot.epoch += 1;
+    let now = Instant::now();
+    let resumed = if connect.clean_start || session.expiry == 0 {
+        if let Some(old) = slot.state.take() {
+            old.mailbox.clear();
         }
-        session.device_rx = Some(rx);
+        None
+    } else {
+        slot.resume(now)
+    };
+    let session_present = resumed.is_some();
+    let state =
+        resumed.unwrap_or_else(|| SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox))));
+    if let Err(e) = session.open_link(&ctx, state).await {
+        tracing::error!(error = %e, "broker link unavailable");
+        let _ = wr
+            .write_all(&connack(reason::SERVER_UNAVAILABLE, version))
+            .await;
+        return;
     }
     Metrics::inc(&ctx.metrics.connections_accepted);
     ctx.metrics
@@ -270,17 +278,30 @@ pub async fn run<S>(
             .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
             .source(peer)
             .protocol(protocol_name(version))
-            .reason(session.method),
+            .reason(format!(
+                "{}{}",
+                session.method,
+                if session_present {
+                    ", session resumed"
+                } else {
+                    ""
+                }
+            )),
     );
     let mut out = BytesMut::new();
     codec::encode(
         &Outgoing::ConnAck {
             code: reason::SUCCESS,
-            max_packet_size: ctx.limits.max_packet_size as u32,
+            session_present,
+            props: session.connack_props(&ctx, &connect),
         },
         version,
         &mut out,
     );
+    // A resumed session first finishes what the last connection left unacknowledged.
+    for send in session.state.resume() {
+        session.encode_send(&send, &mut out);
+    }
     let mut kicked = guard.kicked.clone();
     let end = if wr.write_all(&out).await.is_err() {
         End::Closed
@@ -310,14 +331,19 @@ pub async fn run<S>(
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    if session.device_rx.is_some() {
-        ctx.broker
-            .unregister_device(session.policy.principal.id.clone(), guard.number)
-            .await;
-    }
     ctx.metrics
         .connections_active
         .fetch_sub(1, Ordering::Relaxed);
+    if matches!(end, End::Kicked(KickReason::TakenOver)) {
+        Metrics::inc(&ctx.metrics.takeovers);
+        ctx.audit.record(
+            AuditEntry::new("takeover", "allow")
+                .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
+                .source(peer)
+                .protocol(protocol_name(version))
+                .reason("session taken over by a new connection with the same identity"),
+        );
+    }
     ctx.audit.record(
         AuditEntry::new("disconnect", "allow")
             .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
@@ -325,6 +351,7 @@ pub async fn run<S>(
             .protocol(protocol_name(version))
             .reason(end.describe()),
     );
+    session.finish(&ctx, &end, slot).await;
     drop(guard);
 }
 
@@ -350,6 +377,36 @@ fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
+/// Validated MQTT 5 properties of a publish (or will): the response topic must be a
+/// valid topic name, user properties are capped.
+fn properties(
+    raw: &RawProps,
+    limits: &SessionLimits,
+) -> Result<Option<Arc<Properties>>, &'static str> {
+    if raw.user_properties.len() > limits.max_user_properties {
+        return Err("too_many_user_properties");
+    }
+    let response_topic = match &raw.response_topic {
+        Some(t) => Some(TopicName::parse(t, limits.topic).map_err(|_| "response_topic_invalid")?),
+        None => None,
+    };
+    let p = Properties {
+        payload_format_utf8: raw.payload_format.map(|v| v == 1),
+        message_expiry_secs: raw.message_expiry,
+        content_type: raw.content_type.clone(),
+        response_topic,
+        correlation_data: raw.correlation_data.clone(),
+        user_properties: raw.user_properties.clone(),
+    };
+    Ok((p != Properties::default()).then(|| Arc::new(p)))
+}
+
+/// A Last Will, authorized at CONNECT, waiting for an unexpected disconnect.
+struct Will {
+    message: Message,
+    delay: Duration,
+}
+
 fn authenticate(
     ctx: &Context,
     connect: &ConnectInfo,
@@ -371,35 +428,73 @@ fn authenticate(
         principal: authed.principal.clone(),
         acl: authed.acl.clone(),
     };
-    // A Last Will is authorized like a publish, at CONNECT.
-    if let Some(will) = &connect.will {
-        let topic =
-            TopicName::parse(&will.topic, ctx.limits.topic).map_err(|_| "will_topic_invalid")?;
-        let msg = Message {
-            topic,
-            payload: will.payload.clone(),
-            qos: QoS::from_u8(will.qos).unwrap_or(QoS::AtMostOnce),
-            retain: will.retain,
-        };
-        if pipeline::admit(&policy, &msg, Direction::FromPeer) != Verdict::Accept {
-            return Err("will_not_authorized");
+    // A Last Will is authorized like a publish, at CONNECT (and again when it fires).
+    let will = match &connect.will {
+        None => None,
+        Some(w) => {
+            let topic =
+                TopicName::parse(&w.topic, ctx.limits.topic).map_err(|_| "will_topic_invalid")?;
+            let message = Message {
+                topic,
+                payload: w.payload.clone(),
+                qos: QoS::from_u8(w.qos).unwrap_or(QoS::AtMostOnce),
+                retain: w.retain,
+                properties: properties(&w.props, &ctx.limits)?,
+            };
+            if pipeline::admit(&policy, &message, Direction::FromPeer) != Verdict::Accept {
+                return Err("will_not_authorized");
+            }
+            if let Some(rt) = message
+                .properties
+                .as_ref()
+                .and_then(|p| p.response_topic.clone())
+            {
+                let probe = Message {
+                    topic: rt,
+                    ..message.clone()
+                };
+                if pipeline::admit(&policy, &probe, Direction::FromPeer) != Verdict::Accept {
+                    return Err("will_not_authorized");
+                }
+            }
+            Some(Will {
+                message,
+                delay: Duration::from_secs(u64::from(w.delay)),
+            })
         }
-    }
+    };
+    // Services get clean sessions: their durable delivery is the upstream broker's job.
+    let expiry = match ctx.kind {
+        PrincipalKind::Device => connect.session_expiry.min(ctx.limits.max_session_expiry),
+        PrincipalKind::Service => 0,
+    };
+    let keep_alive = if connect.keep_alive == 0 || connect.keep_alive > ctx.limits.max_keep_alive {
+        ctx.limits.max_keep_alive
+    } else {
+        connect.keep_alive
+    };
+    let window = connect
+        .receive_maximum
+        .unwrap_or(u16::MAX)
+        .min(ctx.limits.max_inflight)
+        .max(1);
     Ok(Session {
         version,
         peer,
-        keep_alive: connect.keep_alive,
+        keep_alive,
+        expiry,
+        window: usize::from(window),
+        peer_max_packet: connect.max_packet_size.map_or(usize::MAX, |m| m as usize),
+        will,
         policy,
         generation: authed.generation,
         method: authed.method,
         disconnect_on_refusal: authed.policy.disconnect_on_refusal,
         link: None,
-        device_rx: None,
-        subscriptions: Vec::new(),
-        next_pkid: 0,
+        state: SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox))),
         pending_acks: VecDeque::new(),
-        awaiting_rel: HashSet::new(),
-        service_qos2: HashSet::new(),
+        service_qos2: std::collections::HashSet::new(),
+        aliases: HashMap::new(),
     })
 }
 
@@ -418,27 +513,31 @@ struct Session {
     version: ProtocolVersion,
     peer: SocketAddr,
     keep_alive: u16,
+    /// Granted session expiry, seconds (0: clean).
+    expiry: u32,
+    /// Outgoing QoS 1/2 window.
+    window: usize,
+    peer_max_packet: usize,
+    will: Option<Will>,
     policy: SessionPolicy,
     generation: u64,
     method: &'static str,
     disconnect_on_refusal: bool,
     link: Option<Link>,
-    device_rx: Option<mpsc::Receiver<Delivery>>,
-    subscriptions: Vec<(TopicFilter, QoS)>,
-    next_pkid: u16,
-    /// Device QoS 1/2 publishes waiting for the broker's acceptance, in order.
+    state: SessionState,
+    /// QoS 1/2 publishes from the peer waiting for the broker's acceptance, in order.
     pending_acks: VecDeque<(u16, u8, oneshot::Receiver<()>)>,
-    /// QoS 2 packet ids answered with PUBREC, waiting for PUBREL.
-    awaiting_rel: HashSet<u16>,
     /// Service QoS 2 publishes whose broker ack must be answered with PUBREC.
-    service_qos2: HashSet<u16>,
+    service_qos2: std::collections::HashSet<u16>,
+    /// MQTT 5 topic aliases the peer defined on this connection.
+    aliases: HashMap<u16, TopicName>,
 }
 
 /// Why a session ended.
 enum End {
     Closed,
     WriteTimeout,
-    ClientDisconnect,
+    ClientDisconnect { with_will: bool },
     KeepAlive,
     Kicked(KickReason),
     Protocol(u8, String),
@@ -449,7 +548,7 @@ enum End {
 impl End {
     fn disconnect_reason(&self) -> Option<u8> {
         match self {
-            End::Closed | End::ClientDisconnect | End::WriteTimeout => None,
+            End::Closed | End::ClientDisconnect { .. } | End::WriteTimeout => None,
             End::KeepAlive => Some(reason::KEEP_ALIVE_TIMEOUT),
             End::Kicked(KickReason::Shutdown) => Some(reason::SHUTTING_DOWN),
             End::Kicked(KickReason::TakenOver) => Some(reason::SESSION_TAKEN_OVER),
@@ -464,13 +563,36 @@ impl End {
         match self {
             End::Closed => "connection closed".into(),
             End::WriteTimeout => "peer stopped reading".into(),
-            End::ClientDisconnect => "client disconnected".into(),
+            End::ClientDisconnect { with_will: false } => "client disconnected".into(),
+            End::ClientDisconnect { with_will: true } => {
+                "client disconnected, asking for its Will".into()
+            }
             End::KeepAlive => "keep-alive expired".into(),
             End::Kicked(r) => r.as_str().into(),
             End::Protocol(_, why) => format!("protocol error: {why}"),
             End::Refused(why) => format!("disconnected on refusal: {why}"),
             End::BrokerGone => "broker link closed".into(),
         }
+    }
+
+    /// The Last Will goes out only on an unexpected end: never after a normal
+    /// DISCONNECT, a kick, a take-over or a security refusal.
+    fn fires_will(&self) -> bool {
+        matches!(
+            self,
+            End::Closed
+                | End::WriteTimeout
+                | End::KeepAlive
+                | End::ClientDisconnect { with_will: true }
+        )
+    }
+
+    /// A removed or disabled principal keeps no session.
+    fn discards_session(&self) -> bool {
+        matches!(
+            self,
+            End::Kicked(KickReason::Removed | KickReason::Disabled)
+        )
     }
 }
 
@@ -480,45 +602,111 @@ enum FromBroker {
     Gone,
 }
 
+async fn from_broker(link: &mut Option<Link>) -> FromBroker {
+    match link {
+        Some(Link::Service { events, .. }) => match events.recv().await {
+            Some(ServiceEvent::Delivery(d)) => FromBroker::Delivery(d),
+            Some(ServiceEvent::PubAck(pkid)) => FromBroker::PubAck(pkid),
+            None => FromBroker::Gone,
+        },
+        _ => std::future::pending().await,
+    }
+}
+
 impl Session {
-    async fn open_link(&self, ctx: &Context) -> Result<Link, String> {
+    async fn open_link(&mut self, ctx: &Context, state: SessionState) -> Result<(), String> {
+        self.state = state;
         match ctx.kind {
-            PrincipalKind::Device => Ok(Link::Device {
-                uplink: ctx.broker.uplink_for(&self.policy.principal.id),
-            }),
+            PrincipalKind::Device => {
+                ctx.broker
+                    .register_device(self.policy.principal.id.clone(), self.state.mailbox.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.link = Some(Link::Device {
+                    uplink: ctx.broker.uplink_for(&self.policy.principal.id),
+                });
+            }
             PrincipalKind::Service => {
                 let (cmds, events) = ctx
                     .broker
                     .service_link(&self.policy.principal.id)
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok(Link::Service { cmds, events })
+                self.link = Some(Link::Service { cmds, events });
             }
         }
+        Ok(())
     }
-}
 
-async fn from_broker(
-    link: &mut Option<Link>,
-    device_rx: &mut Option<mpsc::Receiver<Delivery>>,
-) -> FromBroker {
-    {
-        match (link, device_rx) {
-            (Some(Link::Service { events, .. }), _) => match events.recv().await {
-                Some(ServiceEvent::Delivery(d)) => FromBroker::Delivery(d),
-                Some(ServiceEvent::PubAck(pkid)) => FromBroker::PubAck(pkid),
-                None => FromBroker::Gone,
-            },
-            (_, Some(rx)) => match rx.recv().await {
-                Some(d) => FromBroker::Delivery(d),
-                None => FromBroker::Gone,
-            },
-            _ => std::future::pending().await,
+    fn connack_props(&self, ctx: &Context, connect: &ConnectInfo) -> ConnAckProps {
+        ConnAckProps {
+            max_packet_size: ctx.limits.max_packet_size as u32,
+            receive_maximum: ctx.limits.receive_maximum,
+            topic_alias_maximum: ctx.limits.topic_alias_maximum,
+            server_keep_alive: (self.keep_alive != connect.keep_alive).then_some(self.keep_alive),
+            session_expiry: (self.expiry != connect.session_expiry).then_some(self.expiry),
         }
     }
-}
 
-impl Session {
+    /// After the connection: park or drop the session, fire the Will if due.
+    async fn finish(mut self, ctx: &Context, end: &End, mut slot: OwnedMutexGuard<Slot>) {
+        let id = self.policy.principal.id.clone();
+        if ctx.kind == PrincipalKind::Device {
+            if self.expiry > 0 && !end.discards_session() {
+                let expires_at = Instant::now() + Duration::from_secs(u64::from(self.expiry));
+                let mailbox = self.state.mailbox.clone();
+                slot.park(self.state, expires_at);
+                drop(mailbox);
+            } else {
+                self.state.mailbox.clear();
+                ctx.broker
+                    .unregister_device(id.clone(), self.state.mailbox.clone())
+                    .await;
+            }
+        }
+        let epoch = slot.epoch;
+        let slot = OwnedMutexGuard::mutex(&slot).clone();
+        drop(self.link.take());
+        let (Some(will), true) = (self.will.take(), end.fires_will()) else {
+            return;
+        };
+        // MQTT 5: the Will waits for its delay (never longer than the session lives),
+        // and is dropped if the device comes back first.
+        let delay = will.delay.min(Duration::from_secs(u64::from(self.expiry)));
+        let uplink = ctx.broker.uplink_for(&id);
+        let policy = self.policy.clone();
+        let auth = ctx.auth.clone();
+        let audit = ctx.audit.clone();
+        let metrics = ctx.metrics.clone();
+        let generation = self.generation;
+        let peer = self.peer;
+        let publish = async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+                if slot.lock().await.epoch != epoch {
+                    return;
+                }
+            }
+            // Re-checked as it fires: rights may have changed since CONNECT.
+            if !auth.still_current(&policy.principal, generation)
+                || pipeline::admit(&policy, &will.message, Direction::FromPeer) != Verdict::Accept
+            {
+                return;
+            }
+            let topic = will.message.topic.to_string();
+            if uplink.send(will.message).await.is_ok() {
+                Metrics::inc(&metrics.wills_published);
+                audit.record(
+                    AuditEntry::new("will", "allow")
+                        .principal("device", policy.principal.id.to_string())
+                        .source(peer)
+                        .topic(topic),
+                );
+            }
+        };
+        tokio::spawn(publish);
+    }
+
     async fn serve<R, W>(
         &mut self,
         ctx: &Context,
@@ -532,20 +720,27 @@ impl Session {
         W: AsyncWrite + Unpin,
     {
         // A silent client is dropped at 1.5 times its keep-alive.
-        let keep_alive =
-            (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
-        let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
+        let keep_alive = Duration::from_millis(u64::from(self.keep_alive) * 1500);
+        let mut deadline = tokio::time::Instant::now() + keep_alive;
+        let mailbox = self.state.mailbox.clone();
         let mut out = BytesMut::with_capacity(4096);
         loop {
             if let Some(reason) = *kicked.borrow() {
                 return End::Kicked(reason);
             }
-            out.clear();
+            if ctx.kind == PrincipalKind::Device {
+                self.pump_mailbox(ctx, &mut out);
+            }
+            if !out.is_empty() {
+                match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
+                    Ok(Ok(())) => out.clear(),
+                    Ok(Err(_)) => return End::Closed,
+                    Err(_) => return End::WriteTimeout,
+                }
+            }
             let step = tokio::select! {
                 frame = reader.next(rd) => {
-                    if let Some(k) = keep_alive {
-                        deadline = Some(tokio::time::Instant::now() + k);
-                    }
+                    deadline = tokio::time::Instant::now() + keep_alive;
                     match frame {
                         Ok(frame) => self.on_frame(ctx, frame, &mut out).await,
                         Err(ReadError::Strict(e)) => {
@@ -567,7 +762,7 @@ impl Session {
                         Err(_) => Err(End::BrokerGone),
                     }
                 }
-                from = from_broker(&mut self.link, &mut self.device_rx) => match from {
+                from = from_broker(&mut self.link) => match from {
                     FromBroker::Delivery(d) => { self.deliver(ctx, d, &mut out); Ok(()) }
                     FromBroker::PubAck(pkid) => {
                         let qos = if self.service_qos2.remove(&pkid) { 2 } else { 1 };
@@ -576,19 +771,34 @@ impl Session {
                     }
                     FromBroker::Gone => Err(End::BrokerGone),
                 },
+                _ = mailbox.notify.notified(), if ctx.kind == PrincipalKind::Device => Ok(()),
                 _ = kicked.changed() => continue,
-                _ = sleep_until(deadline) => Err(End::KeepAlive),
+                _ = tokio::time::sleep_until(deadline) => Err(End::KeepAlive),
             };
-            if !out.is_empty() {
-                match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return End::Closed,
-                    Err(_) => return End::WriteTimeout,
-                }
-            }
             if let Err(end) = step {
+                if !out.is_empty() {
+                    let _ =
+                        tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await;
+                }
                 return end;
             }
+        }
+    }
+
+    /// Move queued commands to the device while the inflight window allows.
+    fn pump_mailbox(&mut self, ctx: &Context, out: &mut BytesMut) {
+        let now = Instant::now();
+        while self.state.window_open(self.window) {
+            let Some(d) = self.state.mailbox.pop(now) else {
+                break;
+            };
+            self.deliver(ctx, d, out);
+        }
+        let expired = self.state.mailbox.take_expired();
+        if expired > 0 {
+            ctx.metrics
+                .queue_expired
+                .fetch_add(expired, Ordering::Relaxed);
         }
     }
 
@@ -606,12 +816,39 @@ impl Session {
 
     fn ack_publish(&mut self, pkid: u16, qos: u8, code: u8, out: &mut BytesMut) {
         let packet = if qos == 2 {
-            self.awaiting_rel.insert(pkid);
             Outgoing::PubRec { pkid, reason: code }
         } else {
             Outgoing::PubAck { pkid, reason: code }
         };
         codec::encode(&packet, self.version, out);
+    }
+
+    fn encode_send(&self, send: &Outbound, out: &mut BytesMut) {
+        match send {
+            Outbound::Publish {
+                pkid,
+                delivery,
+                qos,
+                dup,
+            } => {
+                codec::encode(
+                    &Outgoing::Publish {
+                        topic: delivery.topic.as_str(),
+                        payload: delivery.payload.clone(),
+                        qos: *qos as u8,
+                        retain: delivery.retain,
+                        pkid: *pkid,
+                        dup: *dup,
+                        props: delivery.properties.as_deref(),
+                    },
+                    self.version,
+                    out,
+                );
+            }
+            Outbound::PubRel { pkid } => {
+                codec::encode(&Outgoing::PubRel { pkid: *pkid }, self.version, out);
+            }
+        }
     }
 
     async fn on_frame(
@@ -636,13 +873,22 @@ impl Session {
         match packet {
             Incoming::Publish(p) => self.on_publish(ctx, p, out).await,
             Incoming::PubRel(pkid) => {
-                self.awaiting_rel.remove(&pkid);
+                self.state.on_pubrel(pkid);
                 codec::encode(&Outgoing::PubComp { pkid }, self.version, out);
                 Ok(())
             }
-            Incoming::PubAck(_) | Incoming::PubComp(_) => Ok(()),
+            Incoming::PubAck(pkid) => {
+                self.state.on_puback(pkid);
+                Ok(())
+            }
             Incoming::PubRec(pkid) => {
-                codec::encode(&Outgoing::PubRel { pkid }, self.version, out);
+                if let Some(send) = self.state.on_pubrec(pkid) {
+                    self.encode_send(&send, out);
+                }
+                Ok(())
+            }
+            Incoming::PubComp(pkid) => {
+                self.state.on_pubcomp(pkid);
                 Ok(())
             }
             Incoming::Subscribe { pkid, filters } => {
@@ -650,8 +896,9 @@ impl Session {
             }
             Incoming::Unsubscribe { pkid, filters } => {
                 let count = filters.len();
-                self.subscriptions
-                    .retain(|(f, _)| !filters.iter().any(|g| g == f.as_str()));
+                for f in &filters {
+                    self.state.unsubscribe(f);
+                }
                 if let Some(Link::Service { cmds, .. }) = &self.link
                     && cmds.send(ServiceCmd::Unsubscribe(filters)).await.is_err()
                 {
@@ -664,12 +911,91 @@ impl Session {
                 codec::encode(&Outgoing::PingResp, self.version, out);
                 Ok(())
             }
-            Incoming::Disconnect => Err(End::ClientDisconnect),
+            Incoming::Disconnect {
+                reason: code,
+                session_expiry,
+            } => {
+                if let Some(requested) = session_expiry {
+                    // A session that was clean cannot be made persistent at the end.
+                    if self.expiry == 0 && requested > 0 {
+                        return Err(End::Protocol(
+                            reason::PROTOCOL_ERROR,
+                            "session expiry set on DISCONNECT of a clean session".into(),
+                        ));
+                    }
+                    if ctx.kind == PrincipalKind::Device {
+                        self.expiry = requested.min(ctx.limits.max_session_expiry);
+                    }
+                }
+                Err(End::ClientDisconnect {
+                    with_will: code == reason::DISCONNECT_WITH_WILL,
+                })
+            }
             Incoming::Connect(_) => Err(End::Protocol(
                 reason::PROTOCOL_ERROR,
                 "second CONNECT".into(),
             )),
         }
+    }
+
+    /// Refuse a publish the MQTT way: 3.1.1 acknowledges and drops (or disconnects, by
+    /// policy); MQTT 5 says why in the acknowledgement.
+    fn refuse_publish(
+        &mut self,
+        ctx: &Context,
+        p: &PublishIn,
+        topic: &str,
+        refusal: Refusal,
+        code: u8,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
+        self.audit_refusal(ctx, "publish", Some(topic), &refusal.to_string());
+        if self.version == ProtocolVersion::V311 && self.disconnect_on_refusal {
+            return Err(End::Refused(refusal.to_string()));
+        }
+        if p.qos > 0 {
+            if p.qos == 2 {
+                // The flow still completes (PUBREL → PUBCOMP), but nothing was forwarded.
+                self.state.incoming_qos2(p.pkid);
+            }
+            self.ack_publish(p.pkid, p.qos, code, out);
+        }
+        Ok(())
+    }
+
+    /// Resolve a topic alias (MQTT 5) before anything else looks at the topic.
+    fn resolve_topic(&mut self, ctx: &Context, p: &PublishIn) -> Result<TopicName, End> {
+        let alias = p.props.topic_alias;
+        if let Some(a) = alias
+            && (a == 0 || a > ctx.limits.topic_alias_maximum)
+        {
+            return Err(End::Protocol(
+                reason::TOPIC_ALIAS_INVALID,
+                format!(
+                    "topic alias {a} outside 1..={}",
+                    ctx.limits.topic_alias_maximum
+                ),
+            ));
+        }
+        if p.topic.is_empty() {
+            return match alias.and_then(|a| self.aliases.get(&a)) {
+                Some(t) => Ok(t.clone()),
+                None => Err(End::Protocol(
+                    reason::PROTOCOL_ERROR,
+                    "empty topic with an unknown topic alias".into(),
+                )),
+            };
+        }
+        let topic = TopicName::parse(&p.topic, ctx.limits.topic).map_err(|e| {
+            ctx.metrics.refused("decode", "topic_invalid");
+            self.audit_refusal(ctx, "publish", Some(&p.topic), &e.to_string());
+            End::Protocol(reason::TOPIC_NAME_INVALID, e.to_string())
+        })?;
+        if let Some(a) = alias {
+            self.aliases.insert(a, topic.clone());
+        }
+        Ok(topic)
     }
 
     async fn on_publish(
@@ -678,71 +1004,88 @@ impl Session {
         p: PublishIn,
         out: &mut BytesMut,
     ) -> Result<(), End> {
-        if p.topic_alias.is_some() {
-            ctx.metrics.refused("decode", "topic_alias");
-            self.audit_refusal(ctx, "publish", Some(&p.topic), "topic alias not offered");
-            return Err(End::Protocol(
-                reason::TOPIC_ALIAS_INVALID,
-                "topic alias not offered".into(),
-            ));
-        }
-        let topic = match TopicName::parse(&p.topic, ctx.limits.topic) {
-            Ok(t) => t,
-            Err(e) => {
-                ctx.metrics.refused("decode", "topic_invalid");
-                self.audit_refusal(ctx, "publish", Some(&p.topic), &e.to_string());
-                return Err(End::Protocol(reason::TOPIC_NAME_INVALID, e.to_string()));
+        let topic = self.resolve_topic(ctx, &p)?;
+        // More unacknowledged QoS 1/2 publishes than the Receive Maximum announced.
+        if p.qos > 0 {
+            let unacked = self.pending_acks.iter().filter(|(_, q, _)| *q == 1).count()
+                + self.state.incoming_qos2_len()
+                + self.service_qos2.len();
+            if unacked >= usize::from(ctx.limits.receive_maximum) {
+                ctx.metrics.refused("limits", "receive_maximum_exceeded");
+                return Err(End::Protocol(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "receive maximum exceeded".into(),
+                ));
             }
-        };
+        }
         // QoS 2 retransmission: already accepted, answer again without forwarding twice.
-        if p.qos == 2 && self.awaiting_rel.contains(&p.pkid) {
-            codec::encode(
-                &Outgoing::PubRec {
-                    pkid: p.pkid,
-                    reason: reason::SUCCESS,
-                },
-                self.version,
-                out,
-            );
+        if p.qos == 2 && !self.state.incoming_qos2(p.pkid) {
+            if !self.pending_acks.iter().any(|(id, _, _)| *id == p.pkid)
+                && !self.service_qos2.contains(&p.pkid)
+            {
+                self.ack_publish(p.pkid, 2, reason::SUCCESS, out);
+            }
             return Ok(());
         }
+        let props = match properties(&p.props, &ctx.limits) {
+            Ok(props) => props,
+            Err(label) => {
+                let refusal = Refusal {
+                    stage: pipeline::Stage::Authorize,
+                    reason: label,
+                    detail: "message properties over the limits",
+                };
+                return self.refuse_publish(
+                    ctx,
+                    &p,
+                    topic.as_str(),
+                    refusal,
+                    reason::QUOTA_EXCEEDED,
+                    out,
+                );
+            }
+        };
         let msg = Message {
             topic,
-            payload: p.payload,
+            payload: p.payload.clone(),
             qos: QoS::from_u8(p.qos).unwrap_or(QoS::AtMostOnce),
             retain: p.retain,
+            properties: props,
         };
         let mut verdict = pipeline::admit(&self.policy, &msg, Direction::FromPeer);
         // A Response Topic is where the answer will be published: authorized the same way.
-        if let (Verdict::Accept, Some(rt)) = (verdict, &p.response_topic) {
-            let ok = TopicName::parse(rt, ctx.limits.topic).is_ok_and(|t| {
-                let probe = Message {
-                    topic: t,
-                    ..msg.clone()
-                };
-                pipeline::admit(&self.policy, &probe, Direction::FromPeer) == Verdict::Accept
-            });
-            if !ok {
+        if let (Verdict::Accept, Some(rt)) = (
+            verdict,
+            msg.properties
+                .as_ref()
+                .and_then(|pr| pr.response_topic.clone()),
+        ) {
+            let probe = Message {
+                topic: rt,
+                ..msg.clone()
+            };
+            if pipeline::admit(&self.policy, &probe, Direction::FromPeer) != Verdict::Accept {
                 verdict = Verdict::Refuse(pipeline::RESPONSE_TOPIC_NOT_ALLOWED);
             }
         }
         if let Verdict::Refuse(refusal) = verdict {
-            ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
-            self.audit_refusal(
-                ctx,
-                "publish",
-                Some(msg.topic.as_str()),
-                &refusal.to_string(),
-            );
-            if self.version == ProtocolVersion::V311 && self.disconnect_on_refusal {
-                return Err(End::Refused(refusal.to_string()));
-            }
-            // 3.1.1 cannot carry a reason: acknowledge so the client does not stall,
-            // and drop. MQTT 5 says why.
-            if p.qos > 0 {
-                self.ack_publish(p.pkid, p.qos, reason::NOT_AUTHORIZED, out);
-            }
-            return Ok(());
+            let topic = msg.topic.to_string();
+            return self.refuse_publish(ctx, &p, &topic, refusal, reason::NOT_AUTHORIZED, out);
+        }
+        // A retained command is the device's desired state: the gateway keeps it and
+        // hands it over when the device subscribes.
+        if msg.retain
+            && let Some(device) = command_target(&msg.topic)
+            && let Err(full) = ctx.retained.set(&device, msg.clone())
+        {
+            let refusal = Refusal {
+                stage: pipeline::Stage::Authorize,
+                reason: "retained_limit",
+                detail: "retained commands per device at their limit",
+            };
+            let topic = msg.topic.to_string();
+            tracing::debug!(%full, "retained command refused");
+            return self.refuse_publish(ctx, &p, &topic, refusal, reason::QUOTA_EXCEEDED, out);
         }
         Metrics::inc(&ctx.metrics.messages_accepted);
         ctx.metrics
@@ -785,6 +1128,7 @@ impl Session {
         }
         let mut codes = Vec::with_capacity(filters.len());
         let mut accepted = Vec::new();
+        let mut retained = Vec::new();
         for (raw, qos) in filters {
             let filter = match TopicFilter::parse(&raw, ctx.limits.topic) {
                 Ok(f) => f,
@@ -801,10 +1145,11 @@ impl Session {
                 codes.push(Err(reason::NOT_AUTHORIZED));
                 continue;
             }
-            // The embedded broker carries QoS 0 and 1.
-            let granted = QoS::from_u8(qos.min(1)).unwrap_or(QoS::AtMostOnce);
-            self.subscriptions.retain(|(f, _)| f != &filter);
-            self.subscriptions.push((filter.clone(), granted));
+            let granted = QoS::from_u8(qos).unwrap_or(QoS::AtMostOnce);
+            if ctx.kind == PrincipalKind::Device {
+                retained.extend(ctx.retained.matching(&self.policy.principal.id, &filter));
+            }
+            self.state.subscribe(filter.clone(), granted);
             accepted.push((filter.as_str().to_string(), granted));
             codes.push(Ok(granted as u8));
         }
@@ -814,53 +1159,49 @@ impl Session {
                 .map_err(|_| End::BrokerGone)?;
         }
         codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
+        // Retained commands follow the SUBACK, through the mailbox like any command.
+        let now = Instant::now();
+        for d in retained {
+            if let Err(overflow) = self.state.mailbox.push(d, now) {
+                Metrics::inc(&ctx.metrics.queue_overflow);
+                self.audit_refusal(ctx, "queue", None, overflow.as_str());
+            }
+        }
         Ok(())
     }
 
-    /// A message from the broker for this peer: through the pipeline, then out.
-    fn deliver(&mut self, ctx: &Context, d: Delivery, out: &mut BytesMut) {
-        let msg = Message {
-            topic: d.topic,
-            payload: d.payload,
-            qos: d.qos,
-            retain: d.retain,
-        };
+    /// A message for this peer: through the pipeline, then out (or into the inflight
+    /// window's wait).
+    fn deliver(&mut self, ctx: &Context, msg: Delivery, out: &mut BytesMut) {
         if let Verdict::Refuse(refusal) = pipeline::admit(&self.policy, &msg, Direction::ToPeer) {
             ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
             return;
         }
-        // The highest QoS among matching subscriptions, capped by the message's. The
-        // embedded broker stamps forwards with the QoS its link subscribed at, so in
-        // embedded mode a QoS 0 publish reaches a QoS 1 subscriber as QoS 1.
-        let Some(sub_qos) = self
-            .subscriptions
-            .iter()
-            .filter(|(f, _)| f.matches(&msg.topic))
-            .map(|(_, q)| *q)
-            .max()
-        else {
+        let Some(qos) = self.state.delivery_qos(&msg) else {
             return;
         };
-        let qos = sub_qos.min(msg.qos) as u8;
-        let pkid = if qos > 0 {
-            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
-            self.next_pkid
-        } else {
-            0
-        };
-        codec::encode(
-            &Outgoing::Publish {
-                topic: msg.topic.as_str(),
-                payload: msg.payload,
-                qos,
-                retain: false,
-                pkid,
-            },
-            self.version,
-            out,
-        );
+        // MQTT 5: never send a packet larger than the client said it accepts.
+        let approx = msg.topic.as_str().len() + msg.payload.len() + 64;
+        if approx > self.peer_max_packet {
+            ctx.metrics
+                .refused("deliver", "over_client_maximum_packet_size");
+            return;
+        }
+        let send = self.state.start(msg, qos);
+        self.encode_send(&send, out);
         Metrics::inc(&ctx.metrics.messages_delivered);
     }
+}
+
+/// `devices/{id}/commands/...` names the device a command is for.
+fn command_target(topic: &TopicName) -> Option<PrincipalId> {
+    let mut levels = topic.levels();
+    let (Some("devices"), Some(id), Some("commands")) =
+        (levels.next(), levels.next(), levels.next())
+    else {
+        return None;
+    };
+    PrincipalId::parse(id).ok()
 }
 
 async fn front_ack(
@@ -871,13 +1212,6 @@ async fn front_ack(
             let result = rx.await;
             Some((*pkid, *qos, result))
         }
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }

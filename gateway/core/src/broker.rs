@@ -178,7 +178,8 @@ fn link_properties(msg: &Message) -> Option<PublishProperties> {
         out.user_properties = p.user_properties.clone();
     }
     if msg.qos == QoS::ExactlyOnce {
-        out.user_properties.push((QOS2_MARK.to_string(), String::new()));
+        out.user_properties
+            .push((QOS2_MARK.to_string(), String::new()));
     }
     Some(out)
 }
@@ -494,15 +495,17 @@ async fn run_service_link(
                     break;
                 }
             }
-            n = rx.next() => match n {
+            // A notification is taken only when the session has room for it, so a
+            // full session queue never stops this loop from taking the session's
+            // commands (which would deadlock the two). Meanwhile the broker keeps the
+            // backlog in its commit log.
+            (permit, n) = async { (events.reserve().await, rx.next().await) } => {
+                let Ok(permit) = permit else { break };
+                match n {
                 Ok(Some(Notification::Forward(forward))) => {
                     let (qos, pkid) = forward_qos_pkid(&forward.publish);
                     if let Some(delivery) = to_delivery(forward.publish, forward.properties, qos) {
-                        // Waits while the service's queue is full: back-pressure into
-                        // the broker, which holds the backlog in its commit log.
-                        if events.send(ServiceEvent::Delivery(delivery)).await.is_err() {
-                            break;
-                        }
+                        permit.send(ServiceEvent::Delivery(delivery));
                     }
                     if qos != QoS::AtMostOnce {
                         let ack = PubAck { pkid, reason: PubAckReason::Success };
@@ -510,16 +513,16 @@ async fn run_service_link(
                     }
                 }
                 Ok(Some(n @ Notification::DeviceAck(_))) => {
-                    if let Some(pkid) = acked_pkid(n)
-                        && events.send(ServiceEvent::PubAck(pkid)).await.is_err() {
-                            break;
-                        }
+                    if let Some(pkid) = acked_pkid(n) {
+                        permit.send(ServiceEvent::PubAck(pkid));
+                    }
                 }
                 Ok(Some(Notification::Unschedule)) => {
                     if rx.wake().await.is_err() { break; }
                 }
                 Ok(_) => {}
                 Err(_) => break,
+                }
             }
         }
     }
