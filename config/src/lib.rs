@@ -161,6 +161,8 @@ pub struct Sessions {
     pub max_keep_alive_secs: u64,
     /// User properties allowed on one MQTT 5 message.
     pub max_user_properties: usize,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -357,6 +359,7 @@ impl Default for Sessions {
             max_retained_per_device: 32,
             max_keep_alive_secs: 600,
             max_user_properties: 16,
+            max_subscriptions: 64,
         }
     }
 }
@@ -507,12 +510,13 @@ impl Config {
             ));
         }
         if self.auth.backoff_initial_secs == 0
+            || self.auth.backoff_max_secs > 7 * 86_400
             || self.auth.backoff_max_secs < self.auth.backoff_initial_secs
         {
             return Err((
                 "auth.backoff_max_secs".into(),
                 format!(
-                    "must be >= auth.backoff_initial_secs > 0 (got {} and {})",
+                    "must be >= auth.backoff_initial_secs > 0 and at most 604800 (got {} and {})",
                     self.auth.backoff_max_secs, self.auth.backoff_initial_secs
                 ),
             ));

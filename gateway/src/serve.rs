@@ -115,6 +115,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         topic_alias_maximum: config.sessions.topic_alias_maximum,
         max_keep_alive: config.sessions.max_keep_alive_secs.min(u64::from(u16::MAX)) as u16,
         max_user_properties: config.sessions.max_user_properties,
+        max_subscriptions: config.sessions.max_subscriptions,
     };
     let store = SessionStore::new();
     let retained = Arc::new(RetainedCommands::new(

@@ -229,9 +229,10 @@ pub enum Outgoing<'a> {
         pkid: u16,
         codes: Vec<Result<u8, u8>>,
     },
+    /// Per filter: whether there was such a subscription.
     UnsubAck {
         pkid: u16,
-        count: usize,
+        existed: Vec<bool>,
     },
     PingResp,
     Disconnect {
@@ -626,9 +627,18 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
                     return_codes: codes.iter().map(|c| suback_v5(*c)).collect(),
                     properties: None,
                 }),
-                Outgoing::UnsubAck { pkid, count } => v5::Packet::UnsubAck(v5::UnsubAck {
+                Outgoing::UnsubAck { pkid, existed } => v5::Packet::UnsubAck(v5::UnsubAck {
                     pkid: *pkid,
-                    reasons: vec![v5::UnsubAckReason::Success; *count],
+                    reasons: existed
+                        .iter()
+                        .map(|e| {
+                            if *e {
+                                v5::UnsubAckReason::Success
+                            } else {
+                                v5::UnsubAckReason::NoSubscriptionExisted
+                            }
+                        })
+                        .collect(),
                     properties: None,
                 }),
                 Outgoing::PingResp => v5::Packet::PingResp(v5::PingResp),

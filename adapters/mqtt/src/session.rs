@@ -35,6 +35,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
 
+/// Largest CONNECT accepted (before the peer is authenticated).
+const MAX_CONNECT_SIZE: usize = 64 * 1024;
+
 /// Limits a session enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
@@ -50,6 +53,7 @@ pub struct SessionLimits {
     pub topic_alias_maximum: u16,
     pub max_keep_alive: u16,
     pub max_user_properties: usize,
+    pub max_subscriptions: usize,
 }
 
 /// What every session of one listener shares.
@@ -128,9 +132,11 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
+    // Before authentication a peer gets a small frame budget: a CONNECT with a
+    // moderate Will fits, a memory-exhausting one does not.
     let mut reader = FrameReader {
         buf: BytesMut::with_capacity(1024),
-        max: ctx.limits.max_packet_size,
+        max: ctx.limits.max_packet_size.min(MAX_CONNECT_SIZE),
     };
     let mut shutdown = ctx.shutdown.clone();
     let first = tokio::select! {
@@ -302,6 +308,7 @@ pub async fn run<S>(
     for send in session.state.resume() {
         session.encode_send(&send, &mut out);
     }
+    reader.max = ctx.limits.max_packet_size;
     let mut kicked = guard.kicked.clone();
     let end = if wr.write_all(&out).await.is_err() {
         End::Closed
@@ -723,6 +730,7 @@ impl Session {
         let keep_alive = Duration::from_millis(u64::from(self.keep_alive) * 1500);
         let mut deadline = tokio::time::Instant::now() + keep_alive;
         let mailbox = self.state.mailbox.clone();
+        let mut shutdown = ctx.shutdown.clone();
         let mut out = BytesMut::with_capacity(4096);
         loop {
             if let Some(reason) = *kicked.borrow() {
@@ -773,6 +781,8 @@ impl Session {
                 },
                 _ = mailbox.notify.notified(), if ctx.kind == PrincipalKind::Device => Ok(()),
                 _ = kicked.changed() => continue,
+                // Registered after the drain began: end like everyone else.
+                _ = stopped(&mut shutdown) => Err(End::Kicked(KickReason::Shutdown)),
                 _ = tokio::time::sleep_until(deadline) => Err(End::KeepAlive),
             };
             if let Err(end) = step {
@@ -895,16 +905,14 @@ impl Session {
                 self.on_subscribe(ctx, pkid, filters, out).await
             }
             Incoming::Unsubscribe { pkid, filters } => {
-                let count = filters.len();
-                for f in &filters {
-                    self.state.unsubscribe(f);
-                }
+                let existed: Vec<bool> =
+                    filters.iter().map(|f| self.state.unsubscribe(f)).collect();
                 if let Some(Link::Service { cmds, .. }) = &self.link
                     && cmds.send(ServiceCmd::Unsubscribe(filters)).await.is_err()
                 {
                     return Err(End::BrokerGone);
                 }
-                codec::encode(&Outgoing::UnsubAck { pkid, count }, self.version, out);
+                codec::encode(&Outgoing::UnsubAck { pkid, existed }, self.version, out);
                 Ok(())
             }
             Incoming::PingReq => {
@@ -955,8 +963,9 @@ impl Session {
             return Err(End::Refused(refusal.to_string()));
         }
         if p.qos > 0 {
-            if p.qos == 2 {
-                // The flow still completes (PUBREL → PUBCOMP), but nothing was forwarded.
+            if p.qos == 2 && self.version == ProtocolVersion::V311 {
+                // 3.1.1 completes the flow (PUBREL → PUBCOMP) though nothing was
+                // forwarded; an MQTT 5 failure PUBREC ends it, so the id is not kept.
                 self.state.incoming_qos2(p.pkid);
             }
             self.ack_publish(p.pkid, p.qos, code, out);
@@ -1072,6 +1081,27 @@ impl Session {
             let topic = msg.topic.to_string();
             return self.refuse_publish(ctx, &p, &topic, refusal, reason::NOT_AUTHORIZED, out);
         }
+        // A device's retained messages are capped: each one lives in the broker until
+        // cleared.
+        if msg.retain
+            && ctx.kind == PrincipalKind::Device
+            && ctx
+                .retained
+                .note_device_retained(
+                    &self.policy.principal.id,
+                    &msg.topic,
+                    msg.payload.is_empty(),
+                )
+                .is_err()
+        {
+            let refusal = Refusal {
+                stage: pipeline::Stage::Authorize,
+                reason: "retained_limit",
+                detail: "retained messages of this device at their limit",
+            };
+            let topic = msg.topic.to_string();
+            return self.refuse_publish(ctx, &p, &topic, refusal, reason::QUOTA_EXCEEDED, out);
+        }
         // A retained command is the device's desired state: the gateway keeps it and
         // hands it over when the device subscribes.
         if msg.retain
@@ -1143,6 +1173,14 @@ impl Session {
                 ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
                 self.audit_refusal(ctx, "subscribe", Some(&raw), &refusal.to_string());
                 codes.push(Err(reason::NOT_AUTHORIZED));
+                continue;
+            }
+            if self.state.subscriptions().len() >= ctx.limits.max_subscriptions
+                && !self.state.subscriptions().iter().any(|(f, _)| f == &filter)
+            {
+                ctx.metrics.refused("subscribe", "too_many_subscriptions");
+                self.audit_refusal(ctx, "subscribe", Some(&raw), "subscriptions at their limit");
+                codes.push(Err(reason::QUOTA_EXCEEDED));
                 continue;
             }
             let granted = QoS::from_u8(qos).unwrap_or(QoS::AtMostOnce);

@@ -71,8 +71,11 @@ impl SessionState {
         self.subscriptions.push((filter, qos));
     }
 
-    pub fn unsubscribe(&mut self, filter: &str) {
+    /// True if there was such a subscription.
+    pub fn unsubscribe(&mut self, filter: &str) -> bool {
+        let before = self.subscriptions.len();
         self.subscriptions.retain(|(f, _)| f.as_str() != filter);
+        self.subscriptions.len() != before
     }
 
     pub fn subscriptions(&self) -> &[(TopicFilter, QoS)] {
@@ -265,8 +268,9 @@ mod tests {
             s.delivery_qos(&d("devices/a/other", QoS::AtLeastOnce)),
             None
         );
-        s.unsubscribe("devices/a/commands/x");
-        s.unsubscribe("devices/a/commands/#");
+        assert!(s.unsubscribe("devices/a/commands/x"));
+        assert!(s.unsubscribe("devices/a/commands/#"));
+        assert!(!s.unsubscribe("devices/a/commands/#"));
         assert_eq!(
             s.delivery_qos(&d("devices/a/commands/x", QoS::AtLeastOnce)),
             None

@@ -383,10 +383,12 @@ impl Authenticator {
             .certs
             .and_then(|c| c.split_first())
             .map(|(end_entity, intermediates)| {
-                let verifier = match &policy {
-                    Some(p) => p.verifier.clone(),
-                    None => self.policies.any_verifier(kind),
-                };
+                // A group without CAs refuses every certificate, but only after the
+                // same verification an unknown id gets.
+                let verifier = policy
+                    .as_ref()
+                    .and_then(|p| p.verifier.clone())
+                    .or_else(|| self.policies.any_verifier(kind));
                 let identity = policy.as_ref().map_or(IdentityField::Cn, |p| p.identity);
                 self.check_certificate(
                     verifier,
@@ -397,7 +399,11 @@ impl Authenticator {
                 )
             });
         let id = id.map_err(|_| AuthRefusal::BadClientId)?;
-        if creds.username.is_some_and(|u| u != creds.client_id) {
+        // A secret is always presented as (username = id, password); MQTT 5 allows a
+        // password alone, the registry does not.
+        if creds.username.is_some_and(|u| u != creds.client_id)
+            || (creds.password.is_some() && creds.username.is_none())
+        {
             return Err(AuthRefusal::UsernameMismatch);
         }
         let record = record.ok_or(AuthRefusal::Unknown)?;
@@ -407,6 +413,9 @@ impl Authenticator {
             Some(result) => {
                 let pinned = record.cert.as_ref().ok_or(AuthRefusal::CertNotAllowed)?;
                 let fp = result?;
+                if policy.verifier.is_none() {
+                    return Err(AuthRefusal::CertUntrusted);
+                }
                 if pinned
                     .fingerprint
                     .as_ref()
@@ -532,6 +541,15 @@ mod tests {
         }
     }
 
+    fn creds_no_user<'a>(id: &'a str, pass: &'a [u8]) -> Credentials<'a> {
+        Credentials {
+            client_id: id,
+            username: None,
+            password: Some(pass),
+            certs: None,
+        }
+    }
+
     fn ip(n: u8) -> IpAddr {
         IpAddr::from([127, 0, 0, n])
     }
@@ -560,9 +578,12 @@ mod tests {
             auth.authenticate(PrincipalKind::Device, &c, ip(n), now)
                 .unwrap_err()
         };
-        assert_eq!(check(creds("ghost", None, SECRET), 1), AuthRefusal::Unknown);
         assert_eq!(
-            check(creds("meter-1", None, b"wrong-wrong-wrong"), 2),
+            check(creds("ghost", Some("ghost"), SECRET), 1),
+            AuthRefusal::Unknown
+        );
+        assert_eq!(
+            check(creds("meter-1", Some("meter-1"), b"wrong-wrong-wrong"), 2),
             AuthRefusal::BadSecret
         );
         assert_eq!(
@@ -578,11 +599,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(check(none, 5), AuthRefusal::NoCredential);
+        // A secret needs its username: MQTT 5 allows a password alone, we do not.
+        assert_eq!(
+            check(creds_no_user("meter-1", SECRET), 8),
+            AuthRefusal::UsernameMismatch
+        );
         // A service by the same name does not exist: kinds are separate namespaces.
         assert_eq!(
             auth.authenticate(
                 PrincipalKind::Service,
-                &creds("meter-1", None, SECRET),
+                &creds("meter-1", Some("meter-1"), SECRET),
                 ip(6),
                 now
             )
@@ -597,7 +623,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            check(creds("meter-1", None, SECRET), 7),
+            check(creds("meter-1", Some("meter-1"), SECRET), 7),
             AuthRefusal::Disabled
         );
     }
@@ -609,7 +635,7 @@ mod tests {
         let attempt = |pass: &[u8]| {
             auth.authenticate(
                 PrincipalKind::Device,
-                &creds("meter-1", None, pass),
+                &creds("meter-1", Some("meter-1"), pass),
                 ip(1),
                 now,
             )
@@ -627,21 +653,21 @@ mod tests {
         for _ in 0..2 {
             let _ = auth.authenticate(
                 PrincipalKind::Device,
-                &creds("meter-1", None, b"wrong-wrong-wrong"),
+                &creds("meter-1", Some("meter-1"), b"wrong-wrong-wrong"),
                 ip(1),
                 now,
             );
         }
         let refused = auth.authenticate(
             PrincipalKind::Device,
-            &creds("meter-1", None, SECRET),
+            &creds("meter-1", Some("meter-1"), SECRET),
             ip(1),
             now,
         );
         assert_eq!(refused.unwrap_err(), AuthRefusal::BackedOff);
         let elsewhere = auth.authenticate(
             PrincipalKind::Device,
-            &creds("meter-1", None, SECRET),
+            &creds("meter-1", Some("meter-1"), SECRET),
             ip(2),
             now,
         );
@@ -650,7 +676,7 @@ mod tests {
         assert!(
             auth.authenticate(
                 PrincipalKind::Device,
-                &creds("meter-1", None, SECRET),
+                &creds("meter-1", Some("meter-1"), SECRET),
                 ip(1),
                 later
             )

@@ -9,7 +9,7 @@
 use crate::broker::Delivery;
 use crate::principal::PrincipalId;
 use crate::topic::{TopicFilter, TopicName};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +20,8 @@ pub struct RetainedFull(pub usize);
 pub struct RetainedCommands {
     max_per_device: usize,
     inner: Mutex<HashMap<PrincipalId, BTreeMap<TopicName, Delivery>>>,
+    /// Topics each device holds a retained message on in the broker (telemetry).
+    device_topics: Mutex<HashMap<PrincipalId, HashSet<TopicName>>>,
 }
 
 impl RetainedCommands {
@@ -27,6 +29,7 @@ impl RetainedCommands {
         RetainedCommands {
             max_per_device,
             inner: Mutex::new(HashMap::new()),
+            device_topics: Mutex::new(HashMap::new()),
         }
     }
 
@@ -68,6 +71,32 @@ impl RetainedCommands {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Account for a retained message a device publishes (an empty one clears its
+    /// topic). Refused beyond the per-device cap of distinct retained topics.
+    pub fn note_device_retained(
+        &self,
+        device: &PrincipalId,
+        topic: &TopicName,
+        clears: bool,
+    ) -> Result<(), RetainedFull> {
+        let mut all = self.device_topics.lock().unwrap_or_else(|p| p.into_inner());
+        if clears {
+            if let Some(topics) = all.get_mut(device) {
+                topics.remove(topic);
+                if topics.is_empty() {
+                    all.remove(device);
+                }
+            }
+            return Ok(());
+        }
+        let topics = all.entry(device.clone()).or_default();
+        if !topics.contains(topic) && topics.len() >= self.max_per_device {
+            return Err(RetainedFull(self.max_per_device));
+        }
+        topics.insert(topic.clone());
+        Ok(())
     }
 
     /// Forget every retained command of a device.
@@ -145,6 +174,19 @@ mod tests {
             r.matching(&id("a"), &TopicFilter::parse("#", L).unwrap())
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn distinct_retained_topics_of_a_device_are_capped_and_clearing_frees_one() {
+        let r = RetainedCommands::new(1);
+        let t1 = TopicName::parse("devices/a/state", L).unwrap();
+        let t2 = TopicName::parse("devices/a/config", L).unwrap();
+        r.note_device_retained(&id("a"), &t1, false).unwrap();
+        r.note_device_retained(&id("a"), &t1, false).unwrap();
+        assert!(r.note_device_retained(&id("a"), &t2, false).is_err());
+        assert!(r.note_device_retained(&id("b"), &t2, false).is_ok());
+        r.note_device_retained(&id("a"), &t1, true).unwrap();
+        r.note_device_retained(&id("a"), &t2, false).unwrap();
     }
 
     #[test]

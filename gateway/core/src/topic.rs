@@ -32,6 +32,10 @@ pub enum TopicError {
     MisplacedHash,
     #[error("'+' must be a whole level of a filter")]
     MisplacedPlus,
+    #[error("topics starting with '$' are reserved")]
+    Reserved,
+    #[error("topic must start with an ASCII character")]
+    NonAsciiStart,
 }
 
 fn check_common(s: &str, limits: TopicLimits) -> Result<(), TopicError> {
@@ -50,6 +54,13 @@ fn check_common(s: &str, limits: TopicLimits) -> Result<(), TopicError> {
     }
     if s.split('/').any(str::is_empty) {
         return Err(TopicError::EmptyLevel);
+    }
+    // `$SYS`-style topics belong to brokers; and the embedded broker cannot take a
+    // topic whose first character is not a single byte.
+    match s.as_bytes().first() {
+        Some(b'$') => return Err(TopicError::Reserved),
+        Some(b) if !b.is_ascii() => return Err(TopicError::NonAsciiStart),
+        _ => {}
     }
     Ok(())
 }
@@ -205,6 +216,17 @@ mod tests {
         assert_eq!(TopicName::parse("a/", L), Err(TopicError::EmptyLevel));
         assert_eq!(TopicName::parse("a\0b", L), Err(TopicError::Nul));
         assert_eq!(TopicName::parse("", L), Err(TopicError::Empty));
+    }
+
+    #[test]
+    fn reserved_and_non_ascii_leading_topics_are_refused() {
+        assert_eq!(TopicName::parse("$SYS/x", L), Err(TopicError::Reserved));
+        assert_eq!(
+            TopicFilter::parse("$share/g/a", L),
+            Err(TopicError::Reserved)
+        );
+        assert_eq!(TopicName::parse("é/x", L), Err(TopicError::NonAsciiStart));
+        assert!(TopicName::parse("a/é", L).is_ok());
     }
 
     #[test]
