@@ -478,6 +478,12 @@ impl Sub {
         out
     }
 
+    /// End the client abruptly (no DISCONNECT), like a device losing power.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }

@@ -147,6 +147,24 @@ impl Raw {
         }
     }
 
+    /// MQTT 5 CONNECT with everything chosen by the caller; returns the CONNACK.
+    pub fn connect_v5_full(
+        &mut self,
+        connect: v5::Connect,
+        will: Option<v5::LastWill>,
+        login: Option<(&str, &str)>,
+    ) -> Option<v5::ConnAck> {
+        let login = login.map(|(u, p)| v5::Login {
+            username: u.to_string(),
+            password: p.to_string(),
+        });
+        self.send_v5(v5::Packet::Connect(connect, will, login));
+        match self.recv_v5(Duration::from_secs(5)) {
+            Some(v5::Packet::ConnAck(a)) => Some(a),
+            _ => None,
+        }
+    }
+
     /// MQTT 5 CONNECT; returns the CONNACK reason.
     pub fn connect_v5(
         &mut self,

@@ -502,6 +502,7 @@ fn authenticate(
         pending_acks: VecDeque::new(),
         service_qos2: std::collections::HashSet::new(),
         aliases: HashMap::new(),
+        pending_subacks: VecDeque::new(),
     })
 }
 
@@ -538,6 +539,8 @@ struct Session {
     service_qos2: std::collections::HashSet<u16>,
     /// MQTT 5 topic aliases the peer defined on this connection.
     aliases: HashMap<u16, TopicName>,
+    /// Service SUBACK/UNSUBACKs held until the broker confirms, in order.
+    pending_subacks: VecDeque<BytesMut>,
 }
 
 /// Why a session ended.
@@ -606,6 +609,7 @@ impl End {
 enum FromBroker {
     Delivery(Delivery),
     PubAck(u16),
+    SubAck,
     Gone,
 }
 
@@ -614,6 +618,7 @@ async fn from_broker(link: &mut Option<Link>) -> FromBroker {
         Some(Link::Service { events, .. }) => match events.recv().await {
             Some(ServiceEvent::Delivery(d)) => FromBroker::Delivery(d),
             Some(ServiceEvent::PubAck(pkid)) => FromBroker::PubAck(pkid),
+            Some(ServiceEvent::SubAck) => FromBroker::SubAck,
             None => FromBroker::Gone,
         },
         _ => std::future::pending().await,
@@ -777,6 +782,13 @@ impl Session {
                         self.ack_publish(pkid, qos, reason::SUCCESS, &mut out);
                         Ok(())
                     }
+                    FromBroker::SubAck => {
+                        // The broker has the filters: now the service may rely on them.
+                        if let Some(packet) = self.pending_subacks.pop_front() {
+                            out.extend_from_slice(&packet);
+                        }
+                        Ok(())
+                    }
                     FromBroker::Gone => Err(End::BrokerGone),
                 },
                 _ = mailbox.notify.notified(), if ctx.kind == PrincipalKind::Device => Ok(()),
@@ -907,8 +919,15 @@ impl Session {
             Incoming::Unsubscribe { pkid, filters } => {
                 let existed: Vec<bool> =
                     filters.iter().map(|f| self.state.unsubscribe(f)).collect();
-                if let Some(Link::Service { cmds, .. }) = &self.link
-                    && cmds.send(ServiceCmd::Unsubscribe(filters)).await.is_err()
+                // The broker only acknowledges filters it had; tell it about those, and
+                // answer at once (a message or two more after UNSUBACK is allowed).
+                let removed: Vec<String> = filters
+                    .into_iter()
+                    .zip(&existed)
+                    .filter_map(|(f, e)| e.then_some(f))
+                    .collect();
+                if let (Some(Link::Service { cmds, .. }), false) = (&self.link, removed.is_empty())
+                    && cmds.send(ServiceCmd::Unsubscribe(removed)).await.is_err()
                 {
                     return Err(End::BrokerGone);
                 }
@@ -1195,6 +1214,12 @@ impl Session {
             cmds.send(ServiceCmd::Subscribe(accepted))
                 .await
                 .map_err(|_| End::BrokerGone)?;
+            // SUBACK once the broker has the subscription, so nothing published right
+            // after the SUBACK can miss it.
+            let mut packet = BytesMut::new();
+            codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, &mut packet);
+            self.pending_subacks.push_back(packet);
+            return Ok(());
         }
         codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
         // Retained commands follow the SUBACK, through the mailbox like any command.

@@ -66,6 +66,8 @@ pub enum ServiceCmd {
 pub enum ServiceEvent {
     Delivery(Delivery),
     PubAck(u16),
+    /// The broker has the subscription in place.
+    SubAck,
 }
 
 pub struct EmbeddedBroker {
@@ -138,9 +140,22 @@ fn forward_qos_pkid(publish: &Publish) -> (QoS, u16) {
 /// The packet id of a PUBACK from the router (its `Ack` type is crate-private, but
 /// converts into the public `Packet`).
 fn acked_pkid(notification: Notification) -> Option<u16> {
+    match link_ack(notification) {
+        Some(LinkAck::Pub(pkid)) => Some(pkid),
+        _ => None,
+    }
+}
+
+enum LinkAck {
+    Pub(u16),
+    Sub,
+}
+
+fn link_ack(notification: Notification) -> Option<LinkAck> {
     let packet: Option<Packet> = notification.into();
     match packet {
-        Some(Packet::PubAck(ack, _)) => Some(ack.pkid),
+        Some(Packet::PubAck(ack, _)) => Some(LinkAck::Pub(ack.pkid)),
+        Some(Packet::SubAck(..)) => Some(LinkAck::Sub),
         _ => None,
     }
 }
@@ -513,8 +528,10 @@ async fn run_service_link(
                     }
                 }
                 Ok(Some(n @ Notification::DeviceAck(_))) => {
-                    if let Some(pkid) = acked_pkid(n) {
-                        permit.send(ServiceEvent::PubAck(pkid));
+                    match link_ack(n) {
+                        Some(LinkAck::Pub(pkid)) => permit.send(ServiceEvent::PubAck(pkid)),
+                        Some(LinkAck::Sub) => permit.send(ServiceEvent::SubAck),
+                        None => {}
                     }
                 }
                 Ok(Some(Notification::Unschedule)) => {

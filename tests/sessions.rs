@@ -1,0 +1,828 @@
+//! MQTT session semantics owned by the gateway: QoS 2 both ways, persistent sessions
+//! and offline command queues, retained commands, Last Will, take-over, keep-alive and
+//! the MQTT 5 limits announced in CONNACK. Real mosquitto clients where they can
+//! express it, raw MQTT where they cannot.
+
+mod common;
+
+use common::raw::Raw;
+use common::*;
+use rumqttc::v5::mqttbytes::QoS as Q5;
+use rumqttc::v5::mqttbytes::v5;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+fn base(gw: &Gateway, port: u16, id: &str) -> Vec<String> {
+    let mut a = vec![
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        port.to_string(),
+        s("-i"),
+        s(id),
+    ];
+    a.extend(gw.tls_args(id));
+    a
+}
+
+fn with(mut a: Vec<String>, extra: &[&str]) -> Vec<String> {
+    a.extend(extra.iter().map(|x| s(x)));
+    a
+}
+
+/// A service subscriber on the service listener, subscribed before returning.
+fn service_sub(gw: &Gateway, topic: &str, extra: &[&str]) -> Sub {
+    let args = with(
+        base(gw, gw.service_tls.port(), "analytics"),
+        &[&["-t", topic, "-v", "-d"], extra].concat(),
+    );
+    let sub = Sub::start(&args);
+    sub.expect("SUBACK", T).expect("service subscribed");
+    sub
+}
+
+fn service_pub(gw: &Gateway, topic: &str, msg: &str, extra: &[&str]) -> String {
+    // An empty message is -n (null message); mosquitto refuses -m "" alongside it.
+    let body: &[&str] = if msg.is_empty() {
+        &["-n"]
+    } else {
+        &["-m", msg]
+    };
+    let args = with(
+        base(gw, gw.service_tls.port(), "analytics"),
+        &[&["-t", topic, "-d"], body, extra].concat(),
+    );
+    let out = mosquitto("mosquitto_pub", &args, T);
+    assert!(out.status.success(), "{}", text(&out));
+    text(&out)
+}
+
+fn setup() -> Gateway {
+    let gw = Gateway::start();
+    gw.add_device_cert("sensor-1");
+    gw.add_service_cert("analytics");
+    gw
+}
+
+#[test]
+fn qos2_telemetry_goes_through_the_full_handshake_and_arrives_once() {
+    let gw = setup();
+    let sub = service_sub(&gw, "devices/+/telemetry/#", &["-q", "2"]);
+    let out = mosquitto(
+        "mosquitto_pub",
+        &with(
+            base(&gw, gw.device_tls.port(), "sensor-1"),
+            &[
+                "-t",
+                "devices/sensor-1/telemetry",
+                "-m",
+                "exactly-once",
+                "-q",
+                "2",
+                "-d",
+                "-V",
+                "mqttv5",
+            ],
+        ),
+        T,
+    );
+    let log = text(&out);
+    assert!(log.contains("received PUBREC"), "{log}");
+    assert!(log.contains("received PUBCOMP"), "{log}");
+    let line = sub.expect("received PUBLISH", T).expect("delivered");
+    assert!(line.contains("q2"), "delivered at QoS 2: {line}");
+    sub.expect("sending PUBREC", T)
+        .expect("the subscriber acknowledged with PUBREC");
+    sub.expect("devices/sensor-1/telemetry exactly-once", T)
+        .expect("payload");
+    let again = sub.drain(Duration::from_millis(500));
+    assert!(
+        again.iter().all(|l| !l.contains("exactly-once")),
+        "{again:?}"
+    );
+}
+
+#[test]
+fn qos2_retransmission_from_a_device_is_forwarded_once() {
+    let gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    let sub = service_sub(&gw, "devices/+/telemetry/#", &["-q", "2"]);
+    let mut raw = Raw::connect(gw.device_plain);
+    assert_eq!(
+        raw.connect_v4("meter-1", Some(("meter-1", SECRET))),
+        Some(0)
+    );
+    let publish = |dup: bool| {
+        let mut f = common::raw::publish_v4_raw(b"devices/meter-1/telemetry", b"once", 2, 9);
+        if dup {
+            f[0] |= 0x08;
+        }
+        f
+    };
+    let pubrec = |raw: &mut Raw| match raw.recv_v4(T) {
+        Some(rumqttc::mqttbytes::v4::Packet::PubRec(r)) => assert_eq!(r.pkid, 9),
+        other => panic!("expected PUBREC, got {other:?}"),
+    };
+    raw.send(&publish(false));
+    pubrec(&mut raw);
+    // The PUBREC "was lost": the device sends the PUBLISH again, with DUP.
+    raw.send(&publish(true));
+    pubrec(&mut raw);
+    raw.send(&[0x62, 0x02, 0x00, 0x09]);
+    assert!(matches!(
+        raw.recv_v4(T),
+        Some(rumqttc::mqttbytes::v4::Packet::PubComp(_))
+    ));
+    sub.expect("devices/meter-1/telemetry once", T)
+        .expect("delivered");
+    let more = sub.drain(Duration::from_millis(700));
+    assert!(
+        more.iter().all(|l| !l.contains("telemetry once")),
+        "forwarded twice: {more:?}"
+    );
+}
+
+#[test]
+fn qos2_command_reaches_a_qos2_subscriber_at_qos2() {
+    let gw = setup();
+    let device = Sub::start(&with(
+        base(&gw, gw.device_tls.port(), "sensor-1"),
+        &["-t", "devices/sensor-1/commands/#", "-q", "2", "-v", "-d"],
+    ));
+    device.expect("SUBACK", T).expect("device subscribed");
+    let log = service_pub(&gw, "devices/sensor-1/commands/reboot", "now", &["-q", "2"]);
+    assert!(log.contains("received PUBCOMP"), "{log}");
+    let line = device
+        .expect("received PUBLISH", T)
+        .expect("command delivered");
+    assert!(line.contains("q2"), "delivered at QoS 2: {line}");
+    device
+        .expect("sending PUBREC", T)
+        .expect("device acknowledged with PUBREC");
+    device
+        .expect("received PUBREL", T)
+        .expect("gateway released it");
+    device
+        .expect("devices/sensor-1/commands/reboot now", T)
+        .expect("payload");
+}
+
+#[test]
+fn commands_sent_while_a_persistent_device_is_offline_arrive_in_order_when_it_returns() {
+    let gw = setup();
+    let sub_args = |extra: &[&str]| {
+        with(
+            base(&gw, gw.device_tls.port(), "sensor-1"),
+            &[
+                &["-t", "devices/sensor-1/commands/#", "-q", "1", "-v"],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    // Subscribe with a persistent session, then leave (-E: exit once subscribed).
+    let out = mosquitto("mosquitto_sub", &sub_args(&["-c", "-E"]), T);
+    assert!(out.status.success(), "{}", text(&out));
+    for n in 1..=3 {
+        service_pub(
+            &gw,
+            "devices/sensor-1/commands/step",
+            &format!("cmd-{n}"),
+            &["-q", "1"],
+        );
+    }
+    // Back, still persistent: the three commands, in order.
+    let out = mosquitto("mosquitto_sub", &sub_args(&["-c", "-C", "3", "-W", "8"]), T);
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            "devices/sensor-1/commands/step cmd-1",
+            "devices/sensor-1/commands/step cmd-2",
+            "devices/sensor-1/commands/step cmd-3"
+        ],
+        "{}",
+        text(&out)
+    );
+    gw.wait_audit(&["\"connect\"", "\"sensor-1\"", "session resumed"]);
+}
+
+#[test]
+fn a_clean_session_discards_queued_commands_and_subscriptions() {
+    let gw = setup();
+    let sub_args = |extra: &[&str]| {
+        with(
+            base(&gw, gw.device_tls.port(), "sensor-1"),
+            &[
+                &["-t", "devices/sensor-1/commands/#", "-q", "1", "-v"],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    assert!(
+        mosquitto("mosquitto_sub", &sub_args(&["-c", "-E"]), T)
+            .status
+            .success()
+    );
+    service_pub(&gw, "devices/sensor-1/commands/step", "stale", &["-q", "1"]);
+    // Clean session: nothing from before.
+    let out = mosquitto("mosquitto_sub", &sub_args(&["-W", "2"]), T);
+    assert!(!text(&out).contains("stale"), "{}", text(&out));
+}
+
+#[test]
+fn subscriptions_survive_a_reconnect_of_a_persistent_session() {
+    let gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    let persistent = |raw: &mut Raw| {
+        let mut props = v5::ConnectProperties::new();
+        props.session_expiry_interval = Some(300);
+        let connect = v5::Connect {
+            keep_alive: 30,
+            client_id: "meter-1".into(),
+            clean_start: false,
+            properties: Some(props),
+        };
+        raw.connect_v5_full(connect, None, Some(("meter-1", SECRET)))
+            .expect("CONNACK")
+    };
+    let mut raw = Raw::connect(gw.device_plain);
+    let ack = persistent(&mut raw);
+    assert!(!ack.session_present);
+    raw.send_v5(v5::Packet::Subscribe(v5::Subscribe {
+        pkid: 1,
+        filters: vec![v5::Filter::new(
+            "devices/meter-1/commands/#",
+            Q5::AtLeastOnce,
+        )],
+        properties: None,
+    }));
+    assert!(matches!(raw.recv_v5(T), Some(v5::Packet::SubAck(_))));
+    raw.send_v5(v5::Packet::Disconnect(v5::Disconnect::new(
+        v5::DisconnectReasonCode::NormalDisconnection,
+    )));
+    assert!(raw.closed_within(T).0);
+    service_pub(
+        &gw,
+        "devices/meter-1/commands/x",
+        "while-away",
+        &["-q", "1"],
+    );
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(persistent(&mut raw).session_present);
+    // No SUBSCRIBE this time: the session remembered it.
+    match raw.recv_v5(T) {
+        Some(v5::Packet::Publish(p)) => {
+            assert_eq!(&p.topic[..], b"devices/meter-1/commands/x");
+            assert_eq!(&p.payload[..], b"while-away");
+        }
+        other => panic!("expected the queued command, got {other:?}"),
+    }
+    service_pub(&gw, "devices/meter-1/commands/y", "live", &["-q", "1"]);
+    loop {
+        match raw.recv_v5(T) {
+            Some(v5::Packet::Publish(p)) if &p.payload[..] == b"live" => break,
+            Some(_) => continue,
+            None => panic!("live command not delivered after resume"),
+        }
+    }
+}
+
+#[test]
+fn an_unacknowledged_command_is_resent_with_dup_after_reconnect() {
+    let gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    let connect = || {
+        let mut props = v5::ConnectProperties::new();
+        props.session_expiry_interval = Some(300);
+        v5::Connect {
+            keep_alive: 30,
+            client_id: "meter-1".into(),
+            clean_start: false,
+            properties: Some(props),
+        }
+    };
+    let mut raw = Raw::connect(gw.device_plain);
+    raw.connect_v5_full(connect(), None, Some(("meter-1", SECRET)));
+    raw.send_v5(v5::Packet::Subscribe(v5::Subscribe {
+        pkid: 1,
+        filters: vec![v5::Filter::new(
+            "devices/meter-1/commands/#",
+            Q5::AtLeastOnce,
+        )],
+        properties: None,
+    }));
+    assert!(matches!(raw.recv_v5(T), Some(v5::Packet::SubAck(_))));
+    service_pub(&gw, "devices/meter-1/commands/fw", "update", &["-q", "1"]);
+    let first = match raw.recv_v5(T) {
+        Some(v5::Packet::Publish(p)) => p,
+        other => panic!("{other:?}"),
+    };
+    assert!(!first.dup);
+    // Gone without PUBACK.
+    drop(raw);
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(
+        raw.connect_v5_full(connect(), None, Some(("meter-1", SECRET)))
+            .unwrap()
+            .session_present
+    );
+    match raw.recv_v5(T) {
+        Some(v5::Packet::Publish(p)) => {
+            assert!(p.dup, "a resend carries DUP");
+            assert_eq!(p.pkid, first.pkid);
+            assert_eq!(&p.payload[..], b"update");
+        }
+        other => panic!("expected the resend, got {other:?}"),
+    }
+}
+
+#[test]
+fn offline_queue_overflow_is_counted_and_audited() {
+    let gw = Gateway::start_with("[sessions]\nqueue_max_messages = 2\n");
+    gw.add_device_cert("sensor-1");
+    gw.add_service_cert("analytics");
+    let sub_args = with(
+        base(&gw, gw.device_tls.port(), "sensor-1"),
+        &["-t", "devices/sensor-1/commands/#", "-q", "1", "-c", "-E"],
+    );
+    assert!(mosquitto("mosquitto_sub", &sub_args, T).status.success());
+    for n in 1..=4 {
+        service_pub(
+            &gw,
+            "devices/sensor-1/commands/x",
+            &format!("c{n}"),
+            &["-q", "1"],
+        );
+    }
+    gw.wait_audit(&["\"queue\"", "\"refuse\"", "\"sensor-1\"", "queue full"]);
+    let overflow = wait_for(T, || {
+        let n = gw.metric("portcullis_queue_overflow_total ");
+        (n == 2).then_some(n)
+    });
+    assert_eq!(overflow, Some(2));
+}
+
+#[test]
+fn retained_command_is_delivered_on_subscribe_and_cleared_by_an_empty_one() {
+    let gw = setup();
+    service_pub(
+        &gw,
+        "devices/sensor-1/commands/config",
+        "mode=eco",
+        &["-q", "1", "-r"],
+    );
+    let fetch = || {
+        let args = with(
+            base(&gw, gw.device_tls.port(), "sensor-1"),
+            &[
+                "-t",
+                "devices/sensor-1/commands/#",
+                "-q",
+                "1",
+                "-W",
+                "2",
+                "-F",
+                "%r %t %p",
+            ],
+        );
+        String::from_utf8_lossy(&mosquitto("mosquitto_sub", &args, T).stdout).into_owned()
+    };
+    let got = fetch();
+    assert_eq!(
+        got.trim(),
+        "1 devices/sensor-1/commands/config mode=eco",
+        "{got}"
+    );
+    service_pub(
+        &gw,
+        "devices/sensor-1/commands/config",
+        "",
+        &["-q", "1", "-r"],
+    );
+    let got = fetch();
+    assert!(got.trim().is_empty(), "cleared, yet got {got:?}");
+}
+
+#[test]
+fn retained_commands_per_device_are_capped() {
+    let gw = Gateway::start_with("[sessions]\nmax_retained_per_device = 1\n");
+    gw.add_service_cert("analytics");
+    service_pub(&gw, "devices/sensor-1/commands/a", "1", &["-q", "1", "-r"]);
+    let log = service_pub(
+        &gw,
+        "devices/sensor-1/commands/b",
+        "2",
+        &["-q", "1", "-r", "-V", "mqttv5"],
+    );
+    assert!(log.contains("RC:151"), "quota exceeded: {log}");
+    gw.wait_audit(&["\"publish\"", "\"refuse\"", "retained"]);
+}
+
+#[test]
+fn retained_telemetry_reaches_a_service_that_subscribes_later() {
+    let gw = setup();
+    let out = mosquitto(
+        "mosquitto_pub",
+        &with(
+            base(&gw, gw.device_tls.port(), "sensor-1"),
+            &[
+                "-t",
+                "devices/sensor-1/telemetry/state",
+                "-m",
+                "on",
+                "-q",
+                "1",
+                "-r",
+            ],
+        ),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let args = with(
+        base(&gw, gw.service_tls.port(), "analytics"),
+        &[
+            "-t",
+            "devices/+/telemetry/#",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-W",
+            "5",
+            "-F",
+            "%r %t %p",
+        ],
+    );
+    let got = String::from_utf8_lossy(&mosquitto("mosquitto_sub", &args, T).stdout).into_owned();
+    assert_eq!(got.trim(), "1 devices/sensor-1/telemetry/state on");
+}
+
+fn will_holder(gw: &Gateway, extra: &[&str]) -> Sub {
+    let sub = Sub::start(&with(
+        base(gw, gw.device_tls.port(), "sensor-1"),
+        &[
+            &[
+                "-t",
+                "devices/sensor-1/commands/#",
+                "-d",
+                "--will-topic",
+                "devices/sensor-1/telemetry/status",
+                "--will-payload",
+                "gone",
+            ],
+            extra,
+        ]
+        .concat(),
+    ));
+    sub.expect("SUBACK", T).expect("device connected");
+    sub
+}
+
+#[test]
+fn last_will_fires_on_an_unexpected_disconnect() {
+    let gw = setup();
+    let watcher = service_sub(&gw, "devices/+/telemetry/#", &[]);
+    let mut holder = will_holder(&gw, &[]);
+    holder.kill();
+    watcher
+        .expect("devices/sensor-1/telemetry/status gone", T)
+        .expect("Will published");
+    gw.wait_audit(&["\"will\"", "\"sensor-1\""]);
+}
+
+#[test]
+fn last_will_does_not_fire_after_a_normal_disconnect_or_a_kick() {
+    let gw = setup();
+    let watcher = service_sub(&gw, "devices/+/telemetry/#", &[]);
+    // Normal DISCONNECT: mosquitto_pub with a Will, exiting cleanly.
+    let out = mosquitto(
+        "mosquitto_pub",
+        &with(
+            base(&gw, gw.device_tls.port(), "sensor-1"),
+            &[
+                "-t",
+                "devices/sensor-1/telemetry",
+                "-m",
+                "hello",
+                "--will-topic",
+                "devices/sensor-1/telemetry/status",
+                "--will-payload",
+                "gone",
+            ],
+        ),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // Kicked by the operator.
+    let _holder = will_holder(&gw, &["-V", "mqttv5"]);
+    gw.cli_ok(&["clients", "kick", "sensor-1"]);
+    gw.wait_audit(&["\"disconnect\"", "\"sensor-1\"", "kicked by operator"]);
+    let seen = watcher.drain(Duration::from_millis(1000));
+    assert!(
+        seen.iter().any(|l| l.contains("telemetry hello")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().all(|l| !l.contains("gone")),
+        "Will fired: {seen:?}"
+    );
+    assert_eq!(gw.metric("portcullis_wills_published_total "), 0);
+}
+
+#[test]
+fn a_will_delay_is_cancelled_when_the_device_returns_in_time() {
+    let gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    let watcher = service_sub(&gw, "devices/+/telemetry/#", &[]);
+    let connect_with_will = |delay: u32| {
+        let mut raw = Raw::connect(gw.device_plain);
+        let mut props = v5::ConnectProperties::new();
+        props.session_expiry_interval = Some(60);
+        let connect = v5::Connect {
+            keep_alive: 30,
+            client_id: "meter-1".into(),
+            clean_start: false,
+            properties: Some(props),
+        };
+        let will = v5::LastWill {
+            topic: "devices/meter-1/telemetry/status".into(),
+            message: format!("gone-after-{delay}").into(),
+            qos: Q5::AtMostOnce,
+            retain: false,
+            properties: Some(v5::LastWillProperties {
+                delay_interval: Some(delay),
+                payload_format_indicator: None,
+                message_expiry_interval: None,
+                content_type: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: vec![],
+            }),
+        };
+        let ack = raw.connect_v5_full(connect, Some(will), Some(("meter-1", SECRET)));
+        assert_eq!(ack.map(|a| a.code), Some(v5::ConnectReturnCode::Success));
+        raw
+    };
+    // Lost, but back within the 3 s delay: no Will.
+    drop(connect_with_will(3));
+    let _back = connect_with_will(1);
+    let seen = watcher.drain(Duration::from_millis(3500));
+    assert!(seen.iter().all(|l| !l.contains("gone-after-3")), "{seen:?}");
+    // Lost for good: the Will comes after its delay.
+    drop(_back);
+    watcher
+        .expect("devices/meter-1/telemetry/status gone-after-1", T)
+        .expect("delayed Will published");
+}
+
+#[test]
+fn take_over_ends_the_first_connection_and_keeps_the_persistent_session() {
+    let gw = setup();
+    let args = |extra: &[&str]| {
+        with(
+            base(&gw, gw.device_tls.port(), "sensor-1"),
+            &[
+                &[
+                    "-t",
+                    "devices/sensor-1/commands/#",
+                    "-q",
+                    "1",
+                    "-v",
+                    "-d",
+                    "-c",
+                    "-V",
+                    "mqttv5",
+                ],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let mut first = Sub::start(&args(&[]));
+    first.expect("SUBACK", T).expect("first connected");
+    let second = Sub::start(&args(&[]));
+    second.expect("CONNACK", T).expect("second connected");
+    first
+        .expect("DISCONNECT", T)
+        .expect("first told it was taken over");
+    // mosquitto_sub would reconnect (and take the session back): stop it here.
+    first.kill();
+    gw.wait_audit(&["\"takeover\"", "\"sensor-1\""]);
+    assert_eq!(gw.metric("portcullis_session_takeovers_total "), 1);
+    service_pub(
+        &gw,
+        "devices/sensor-1/commands/x",
+        "for-second",
+        &["-q", "1"],
+    );
+    second
+        .expect("devices/sensor-1/commands/x for-second", T)
+        .expect("the session moved to the new connection");
+}
+
+fn connack_v5(gw: &Gateway, keep_alive: u16) -> v5::ConnAck {
+    let mut raw = Raw::connect(gw.device_plain);
+    let connect = v5::Connect {
+        keep_alive,
+        client_id: "meter-1".into(),
+        clean_start: true,
+        properties: None,
+    };
+    raw.connect_v5_full(connect, None, Some(("meter-1", SECRET)))
+        .expect("CONNACK")
+}
+
+#[test]
+fn connack_announces_the_gateway_limits() {
+    let gw = Gateway::start_with(
+        "[sessions]\nreceive_maximum = 7\ntopic_alias_maximum = 3\nmax_keep_alive_secs = 120\n",
+    );
+    gw.add_device_secret("meter-1", SECRET);
+    let ack = connack_v5(&gw, 0);
+    assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+    let p = ack.properties.expect("properties");
+    assert_eq!(p.receive_max, Some(7));
+    assert_eq!(p.topic_alias_max, Some(3));
+    assert_eq!(p.max_packet_size, Some(262_144));
+    assert_eq!(p.retain_available, Some(1));
+    assert_eq!(p.max_qos, None, "absent means QoS 2 is available");
+    // Keep-alive 0 ("never") and over the cap are both replaced by the cap.
+    assert_eq!(p.server_keep_alive, Some(120));
+    let p = connack_v5(&gw, 600).properties.unwrap();
+    assert_eq!(p.server_keep_alive, Some(120));
+    let p = connack_v5(&gw, 60).properties.unwrap();
+    assert_eq!(
+        p.server_keep_alive, None,
+        "a keep-alive within the cap is kept"
+    );
+}
+
+#[test]
+fn a_silent_client_is_dropped_at_one_and_a_half_keep_alives() {
+    let gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    let mut raw = Raw::connect(gw.device_plain);
+    let connect = v5::Connect {
+        keep_alive: 1,
+        client_id: "meter-1".into(),
+        clean_start: true,
+        properties: None,
+    };
+    raw.connect_v5_full(connect, None, Some(("meter-1", SECRET)));
+    match raw.recv_v5(T) {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::KeepAliveTimeout)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    gw.wait_audit(&["\"disconnect\"", "\"meter-1\"", "keep-alive expired"]);
+}
+
+#[test]
+fn topic_aliases_are_resolved_before_authorization() {
+    let gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    let sub = service_sub(&gw, "devices/+/telemetry/#", &[]);
+    let mut raw = Raw::connect(gw.device_plain);
+    raw.connect_v5("meter-1", Some(("meter-1", SECRET)));
+    let publish = |topic: &str, payload: &str, alias: u16| {
+        let props = v5::PublishProperties {
+            topic_alias: Some(alias),
+            ..Default::default()
+        };
+        let mut p = v5::Publish::new(
+            topic,
+            Q5::AtMostOnce,
+            payload.as_bytes().to_vec(),
+            Some(props),
+        );
+        p.pkid = 0;
+        v5::Packet::Publish(p)
+    };
+    raw.send_v5(publish("devices/meter-1/telemetry/power", "first", 1));
+    raw.send_v5(publish("", "second", 1));
+    sub.expect("devices/meter-1/telemetry/power first", T)
+        .expect("first");
+    sub.expect("devices/meter-1/telemetry/power second", T)
+        .expect("alias resolved");
+    // An alias does not bypass the ACL: redefining it to a foreign topic is refused.
+    raw.send_v5(publish("devices/meter-2/telemetry", "forged", 2));
+    raw.send_v5(publish("", "forged-again", 2));
+    let seen = sub.drain(Duration::from_millis(700));
+    assert!(seen.iter().all(|l| !l.contains("forged")), "{seen:?}");
+    assert_eq!(gw.refusals("authorize", "topic_not_allowed"), 2);
+    // Beyond the announced maximum: protocol error.
+    raw.send_v5(publish("devices/meter-1/telemetry", "x", 1000));
+    match raw.recv_v5(T) {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::TopicAliasInvalid)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}
+
+#[test]
+fn response_topic_is_authorized_and_correlation_data_reaches_the_service() {
+    let gw = setup();
+    let sub = service_sub(
+        &gw,
+        "devices/+/telemetry/#",
+        &["-V", "mqttv5", "-F", "%t %p %C"],
+    );
+    let publish = |response: &str| {
+        let args = with(
+            base(&gw, gw.device_tls.port(), "sensor-1"),
+            &[
+                "-t",
+                "devices/sensor-1/telemetry/req",
+                "-m",
+                "ask",
+                "-q",
+                "1",
+                "-d",
+                "-V",
+                "mqttv5",
+                "-D",
+                "publish",
+                "response-topic",
+                response,
+                "-D",
+                "publish",
+                "correlation-data",
+                "abc123",
+            ],
+        );
+        text(&mosquitto("mosquitto_pub", &args, T))
+    };
+    let out = publish("devices/sensor-1/telemetry/reply");
+    assert!(out.contains("RC:0") || !out.contains("RC:1"), "{out}");
+    sub.expect("devices/sensor-1/telemetry/req ask", T)
+        .expect("delivered");
+    let out = publish("devices/sensor-2/telemetry/reply");
+    assert!(
+        out.contains("RC:135"),
+        "response topic outside the ACL: {out}"
+    );
+    gw.wait_audit(&["\"publish\"", "\"refuse\"", "response topic not allowed"]);
+}
+
+#[test]
+fn unsubscribe_reports_which_filters_existed_and_never_stalls_later_subscribes() {
+    let gw = setup();
+    let out = gw.cli_stdin(&["service", "add", "ops", "--secret-stdin"], Some(SECRET));
+    assert!(out.status.success(), "{}", text(&out));
+    let mut raw = Raw::connect(gw.service_plain);
+    raw.connect_v5("ops", Some(("ops", SECRET)));
+    let subscribe = |raw: &mut Raw, pkid: u16| {
+        raw.send_v5(v5::Packet::Subscribe(v5::Subscribe {
+            pkid,
+            filters: vec![v5::Filter::new("devices/+/telemetry/#", Q5::AtLeastOnce)],
+            properties: None,
+        }));
+        match raw.recv_v5(T) {
+            Some(v5::Packet::SubAck(a)) => assert_eq!(a.pkid, pkid),
+            other => panic!("expected SUBACK {pkid}, got {other:?}"),
+        }
+    };
+    subscribe(&mut raw, 1);
+    raw.send_v5(v5::Packet::Unsubscribe(v5::Unsubscribe {
+        pkid: 2,
+        filters: vec![
+            "devices/+/telemetry/#".into(),
+            "devices/never/telemetry".into(),
+        ],
+        properties: None,
+    }));
+    match raw.recv_v5(T) {
+        Some(v5::Packet::UnsubAck(a)) => assert_eq!(
+            a.reasons,
+            vec![
+                v5::UnsubAckReason::Success,
+                v5::UnsubAckReason::NoSubscriptionExisted
+            ]
+        ),
+        other => panic!("expected UNSUBACK, got {other:?}"),
+    }
+    subscribe(&mut raw, 3);
+    // And the subscription is live at once: a device publish right after the SUBACK arrives.
+    let out = mosquitto(
+        "mosquitto_pub",
+        &with(
+            base(&gw, gw.device_tls.port(), "sensor-1"),
+            &["-t", "devices/sensor-1/telemetry", "-m", "after-suback"],
+        ),
+        T,
+    );
+    assert!(out.status.success());
+    match raw.recv_v5(T) {
+        Some(v5::Packet::Publish(p)) => assert_eq!(&p.payload[..], b"after-suback"),
+        other => panic!("expected the telemetry, got {other:?}"),
+    }
+}
