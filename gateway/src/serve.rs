@@ -77,7 +77,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
     let policies = Arc::new(Policies::from_config(&config).map_err(|e| UsageError(e.to_string()))?);
     let metrics = Arc::new(Metrics::default());
-    let (audit, audit_task) =
+    let (audit, audit_writer) =
         Audit::start(config.audit_file(), config.audit.queue, metrics.clone())
             .await
             .with_context(|| format!("audit log {}", config.audit_file().display()))?;
@@ -211,9 +211,9 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     // Parked sessions past their expiry are dropped, and their commands with them.
-    {
+    let sweeper = {
         let (store, broker) = (store.clone(), broker.clone());
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
@@ -222,8 +222,8 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
                     broker.unregister_device(id, mailbox).await;
                 }
             }
-        }));
-    }
+        })
+    };
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(listener) = observability_listener {
         report.push((
@@ -282,6 +282,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     admin_task.abort();
+    sweeper.abort();
     let _ = std::fs::remove_file(&admin_socket);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
@@ -290,7 +291,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     drop(audit);
     drop(device_ctx);
     drop(service_ctx);
-    let _ = tokio::time::timeout(Duration::from_secs(2), audit_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), audit_writer.finish()).await;
     // The registry commits every change as it happens; dropping it releases the lock.
     drop(registry);
     println!("portcullis stopped");

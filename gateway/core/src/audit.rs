@@ -81,13 +81,12 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// Start the writer task. The returned handle finishes when every `Audit` clone is
-    /// dropped and the queue is flushed.
+    /// Start the writer task. `AuditWriter::finish` flushes what is queued and stops it.
     pub async fn start(
         path: PathBuf,
         queue: usize,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<(Audit, tokio::task::JoinHandle<()>)> {
+    ) -> std::io::Result<(Audit, AuditWriter)> {
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
@@ -98,28 +97,55 @@ impl Audit {
             .open(&path)
             .await?;
         let (tx, mut rx) = mpsc::channel::<AuditEntry>(queue.max(1));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let mut buf = Vec::with_capacity(4096);
-            while let Some(entry) = rx.recv().await {
+            loop {
+                let first = tokio::select! {
+                    entry = rx.recv() => entry,
+                    _ = &mut stopped => None,
+                };
                 buf.clear();
-                push_line(&mut buf, &entry);
+                if let Some(entry) = &first {
+                    push_line(&mut buf, entry);
+                }
                 while let Ok(more) = rx.try_recv() {
                     push_line(&mut buf, &more);
                 }
-                if let Err(e) = file.write_all(&buf).await {
-                    tracing::error!(error = %e, "audit log write failed");
+                if !buf.is_empty() {
+                    if let Err(e) = file.write_all(&buf).await {
+                        tracing::error!(error = %e, "audit log write failed");
+                    }
+                    let _ = file.flush().await;
                 }
-                let _ = file.flush().await;
+                if first.is_none() {
+                    break;
+                }
             }
             let _ = file.sync_all().await;
         });
-        Ok((Audit { tx, metrics }, task))
+        Ok((Audit { tx, metrics }, AuditWriter { stop, task }))
     }
 
     pub fn record(&self, entry: AuditEntry) {
         if self.tx.try_send(entry).is_err() {
             self.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// The audit writer task.
+#[derive(Debug)]
+pub struct AuditWriter {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AuditWriter {
+    /// Write out everything queued so far, sync the file, and stop.
+    pub async fn finish(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
     }
 }
 
