@@ -642,7 +642,7 @@ fn connack_v5(gw: &Gateway, keep_alive: u16) -> v5::ConnAck {
 #[test]
 fn connack_announces_the_gateway_limits() {
     let gw = Gateway::start_with(
-        "[sessions]\nreceive_maximum = 7\ntopic_alias_maximum = 3\nmax_keep_alive_secs = 120\n",
+        "[sessions]\nreceive_maximum = 7\ntopic_alias_maximum = 3\nmax_keep_alive_secs = 120\nmax_session_expiry_secs = 600\n",
     );
     gw.add_device_secret("meter-1", SECRET);
     let ack = connack_v5(&gw, 0);
