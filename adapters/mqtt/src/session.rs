@@ -695,8 +695,10 @@ impl Session {
         let publish = async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
-                if slot.lock().await.epoch != epoch {
-                    return;
+                // Held by a connection, or taken by one since: the device came back.
+                match slot.try_lock() {
+                    Ok(s) if s.epoch == epoch => {}
+                    _ => return,
                 }
             }
             // Re-checked as it fires: rights may have changed since CONNECT.
