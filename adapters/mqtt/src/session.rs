@@ -10,7 +10,7 @@
 use crate::codec::{
     self, ConnAckProps, ConnectInfo, Incoming, Outgoing, PublishIn, RawProps, reason,
 };
-use crate::state::{Send as Outbound, SessionState};
+use crate::state::{KeepAlive, Send as Outbound, SessionState, will_delay};
 use crate::store::{SessionStore, Slot};
 use crate::strict::{self, ProtocolVersion, StrictError};
 use bytes::BytesMut;
@@ -411,7 +411,7 @@ fn properties(
 /// A Last Will, authorized at CONNECT, waiting for an unexpected disconnect.
 struct Will {
     message: Message,
-    delay: Duration,
+    delay_secs: u32,
 }
 
 fn authenticate(
@@ -466,7 +466,7 @@ fn authenticate(
             }
             Some(Will {
                 message,
-                delay: Duration::from_secs(u64::from(w.delay)),
+                delay_secs: w.delay,
             })
         }
     };
@@ -475,11 +475,7 @@ fn authenticate(
         PrincipalKind::Device => connect.session_expiry.min(ctx.limits.max_session_expiry),
         PrincipalKind::Service => 0,
     };
-    let keep_alive = if connect.keep_alive == 0 || connect.keep_alive > ctx.limits.max_keep_alive {
-        ctx.limits.max_keep_alive
-    } else {
-        connect.keep_alive
-    };
+    let keep_alive = KeepAlive::effective(connect.keep_alive, ctx.limits.max_keep_alive);
     let window = connect
         .receive_maximum
         .unwrap_or(u16::MAX)
@@ -684,7 +680,7 @@ impl Session {
         };
         // MQTT 5: the Will waits for its delay (never longer than the session lives),
         // and is dropped if the device comes back first.
-        let delay = will.delay.min(Duration::from_secs(u64::from(self.expiry)));
+        let delay = will_delay(will.delay_secs, self.expiry);
         let uplink = ctx.broker.uplink_for(&id);
         let policy = self.policy.clone();
         let auth = ctx.auth.clone();
@@ -733,9 +729,7 @@ impl Session {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // A silent client is dropped at 1.5 times its keep-alive.
-        let keep_alive = Duration::from_millis(u64::from(self.keep_alive) * 1500);
-        let mut deadline = tokio::time::Instant::now() + keep_alive;
+        let mut keep_alive = KeepAlive::new(self.keep_alive, Instant::now());
         let mailbox = self.state.mailbox.clone();
         let mut shutdown = ctx.shutdown.clone();
         let mut out = BytesMut::with_capacity(4096);
@@ -755,7 +749,7 @@ impl Session {
             }
             let step = tokio::select! {
                 frame = reader.next(rd) => {
-                    deadline = tokio::time::Instant::now() + keep_alive;
+                    keep_alive.heard(Instant::now());
                     match frame {
                         Ok(frame) => self.on_frame(ctx, frame, &mut out).await,
                         Err(ReadError::Strict(e)) => {
@@ -797,7 +791,7 @@ impl Session {
                 _ = kicked.changed() => continue,
                 // Registered after the drain began: end like everyone else.
                 _ = stopped(&mut shutdown) => Err(End::Kicked(KickReason::Shutdown)),
-                _ = tokio::time::sleep_until(deadline) => Err(End::KeepAlive),
+                _ = tokio::time::sleep_until(keep_alive.deadline().into()) => Err(End::KeepAlive),
             };
             if let Err(end) = step {
                 if !out.is_empty() {

@@ -12,6 +12,52 @@ use portcullis_core::pipeline::QoS;
 use portcullis_core::topic::TopicFilter;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Keep-alive and Last Will timing, as pure functions of the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive {
+    window: Duration,
+    last_heard: Instant,
+}
+
+impl KeepAlive {
+    /// The keep-alive actually used: the client's, unless it asked for none (0) or
+    /// more than the cap, in which case the cap.
+    pub fn effective(requested: u16, cap: u16) -> u16 {
+        if requested == 0 || requested > cap {
+            cap
+        } else {
+            requested
+        }
+    }
+
+    /// A silent client is dropped at 1.5 times its keep-alive.
+    pub fn new(keep_alive_secs: u16, now: Instant) -> Self {
+        KeepAlive {
+            window: Duration::from_millis(u64::from(keep_alive_secs) * 1500),
+            last_heard: now,
+        }
+    }
+
+    pub fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.last_heard + self.window
+    }
+
+    pub fn expired(&self, now: Instant) -> bool {
+        now >= self.deadline()
+    }
+}
+
+/// When a Last Will goes out after the connection is lost: after its delay, but never
+/// after the session itself has ended.
+pub fn will_delay(will_delay_secs: u32, session_expiry_secs: u32) -> Duration {
+    Duration::from_secs(u64::from(will_delay_secs.min(session_expiry_secs)))
+}
 
 /// Where an outgoing QoS 1/2 message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +258,6 @@ mod tests {
     use bytes::Bytes;
     use portcullis_core::mailbox::MailboxLimits;
     use portcullis_core::topic::{TopicLimits, TopicName};
-    use std::time::Duration;
 
     const L: TopicLimits = TopicLimits {
         max_length: 128,
@@ -245,6 +290,31 @@ mod tests {
         match s {
             Send::Publish { pkid, .. } | Send::PubRel { pkid } => *pkid,
         }
+    }
+
+    #[test]
+    fn a_silent_client_expires_at_one_and_a_half_keep_alives() {
+        let t0 = Instant::now();
+        let mut k = KeepAlive::new(10, t0);
+        assert!(!k.expired(t0 + Duration::from_millis(14_999)));
+        assert!(k.expired(t0 + Duration::from_secs(15)));
+        k.heard(t0 + Duration::from_secs(10));
+        assert!(!k.expired(t0 + Duration::from_secs(24)));
+        assert!(k.expired(t0 + Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn keep_alive_of_zero_or_over_the_cap_becomes_the_cap() {
+        assert_eq!(KeepAlive::effective(0, 600), 600);
+        assert_eq!(KeepAlive::effective(601, 600), 600);
+        assert_eq!(KeepAlive::effective(30, 600), 30);
+    }
+
+    #[test]
+    fn a_will_never_waits_beyond_the_session() {
+        assert_eq!(will_delay(30, 10), Duration::from_secs(10));
+        assert_eq!(will_delay(5, 10), Duration::from_secs(5));
+        assert_eq!(will_delay(30, 0), Duration::ZERO, "clean session: at once");
     }
 
     #[test]
