@@ -734,7 +734,7 @@ fn response_topic_is_authorized_and_correlation_data_reaches_the_service() {
     let sub = service_sub(
         &gw,
         "devices/+/telemetry/#",
-        &["-V", "mqttv5", "-F", "%t %p %C"],
+        &["-V", "mqttv5", "-F", "%t %p rt=%R cd=%D"],
     );
     let publish = |response: &str| {
         let args = with(
@@ -757,14 +757,24 @@ fn response_topic_is_authorized_and_correlation_data_reaches_the_service() {
                 "publish",
                 "correlation-data",
                 "abc123",
+                "-D",
+                "publish",
+                "user-property",
+                "$portcullis.qos2",
+                "forged",
             ],
         );
         text(&mosquitto("mosquitto_pub", &args, T))
     };
     let out = publish("devices/sensor-1/telemetry/reply");
-    assert!(out.contains("RC:0") || !out.contains("RC:1"), "{out}");
-    sub.expect("devices/sensor-1/telemetry/req ask", T)
+    assert!(out.contains("received PUBACK (Mid: 1, RC:0)"), "{out}");
+    let line = sub
+        .expect("devices/sensor-1/telemetry/req ask", T)
         .expect("delivered");
+    assert_eq!(
+        line,
+        "devices/sensor-1/telemetry/req ask rt=devices/sensor-1/telemetry/reply cd=abc123"
+    );
     let out = publish("devices/sensor-2/telemetry/reply");
     assert!(
         out.contains("RC:135"),

@@ -11,6 +11,7 @@ use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
 use portcullis_core::registry::{
     CertCredential, PrincipalRecord, Registry, RegistryError, now_unix,
 };
+use portcullis_core::retained::RetainedCommands;
 use portcullis_core::secret::{MIN_SECRET_LEN, SecretHasher};
 use portcullis_core::sessions::{KickReason, Sessions};
 use serde::{Deserialize, Serialize};
@@ -92,6 +93,8 @@ pub struct AdminState {
     pub hasher: SecretHasher,
     pub policies: Arc<Policies>,
     pub sessions: Option<Arc<Sessions>>,
+    /// Retained commands held for devices (running gateway only).
+    pub retained: Option<Arc<RetainedCommands>>,
     pub audit: AuditSink,
 }
 
@@ -327,6 +330,10 @@ impl AdminState {
                 let pid = parse_id(&id)?;
                 self.registry.remove(kind, &pid)?;
                 let kicked = self.kick(kind, &pid, u64::MAX, KickReason::Removed);
+                // A removed device's desired state goes with it.
+                if let (PrincipalKind::Device, Some(retained)) = (kind, &self.retained) {
+                    retained.purge(&pid);
+                }
                 self.audit("remove", kind, &id);
                 Ok(json!({ "removed": id, "sessions_ended": kicked }))
             }

@@ -407,6 +407,7 @@ fn call(config: &Config, req: Request) -> Result<Value> {
                 hasher,
                 policies: Arc::new(policies),
                 sessions: None,
+                retained: None,
                 audit: AuditSink::File(config.audit_file()),
             };
             state.handle(req).map_err(|e| match e {

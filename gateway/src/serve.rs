@@ -207,6 +207,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         hasher,
         policies: policies.clone(),
         sessions: Some(sessions.clone()),
+        retained: Some(retained.clone()),
         audit: AuditSink::Live(audit.clone()),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));

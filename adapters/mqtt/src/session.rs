@@ -243,7 +243,11 @@ pub async fn run<S>(
         return;
     }
     // The session's slot: wait for a taken-over connection to put the state back.
-    let slot = ctx.store.slot(&session.policy.principal.id);
+    // Services keep no session state, so they get a slot of their own.
+    let slot = match ctx.kind {
+        PrincipalKind::Device => ctx.store.slot(&session.policy.principal.id),
+        PrincipalKind::Service => Arc::new(tokio::sync::Mutex::new(Slot::default())),
+    };
     let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
         let _ = wr.write_all(&connack(reason::SERVER_BUSY, version)).await;
         refuse_connect(
@@ -257,17 +261,25 @@ pub async fn run<S>(
     };
     slot.epoch += 1;
     let now = Instant::now();
-    let resumed = if connect.clean_start || session.expiry == 0 {
-        if let Some(old) = slot.state.take() {
-            old.mailbox.clear();
-        }
+    // Clean Start discards; otherwise a parked session resumes, if it belongs to this
+    // registration of the device (not to one removed and added again since).
+    let registered = ctx.auth.registered_since(&session.policy.principal);
+    let resumed = if connect.clean_start {
         None
     } else {
-        slot.resume(now)
+        slot.resume(now).filter(|s| s.registered == registered)
     };
+    if resumed.is_none()
+        && let Some(old) = slot.state.take()
+    {
+        old.mailbox.clear();
+    }
     let session_present = resumed.is_some();
-    let state =
-        resumed.unwrap_or_else(|| SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox))));
+    let state = resumed.unwrap_or_else(|| {
+        let mut state = SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox)));
+        state.registered = registered;
+        state
+    });
     if let Err(e) = session.open_link(&ctx, state).await {
         tracing::error!(error = %e, "broker link unavailable");
         let _ = wr
@@ -403,7 +415,13 @@ fn properties(
         content_type: raw.content_type.clone(),
         response_topic,
         correlation_data: raw.correlation_data.clone(),
-        user_properties: raw.user_properties.clone(),
+        // Names under `$portcullis` are the gateway's own marks: a peer cannot set them.
+        user_properties: raw
+            .user_properties
+            .iter()
+            .filter(|(k, _)| !k.starts_with("$portcullis"))
+            .cloned()
+            .collect(),
     };
     Ok((p != Properties::default()).then(|| Arc::new(p)))
 }
@@ -496,7 +514,7 @@ fn authenticate(
         link: None,
         state: SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox))),
         pending_acks: VecDeque::new(),
-        service_qos2: std::collections::HashSet::new(),
+        service_unacked: HashMap::new(),
         aliases: HashMap::new(),
         pending_subacks: VecDeque::new(),
     })
@@ -531,8 +549,9 @@ struct Session {
     state: SessionState,
     /// QoS 1/2 publishes from the peer waiting for the broker's acceptance, in order.
     pending_acks: VecDeque<(u16, u8, oneshot::Receiver<()>)>,
-    /// Service QoS 2 publishes whose broker ack must be answered with PUBREC.
-    service_qos2: std::collections::HashSet<u16>,
+    /// A service's QoS 1/2 publishes waiting for the broker's acceptance, by packet id
+    /// (QoS 2 ones are answered with PUBREC).
+    service_unacked: HashMap<u16, u8>,
     /// MQTT 5 topic aliases the peer defined on this connection.
     aliases: HashMap<u16, TopicName>,
     /// Service SUBACK/UNSUBACKs held until the broker confirms, in order.
@@ -682,6 +701,8 @@ impl Session {
         // and is dropped if the device comes back first.
         let delay = will_delay(will.delay_secs, self.expiry);
         let uplink = ctx.broker.uplink_for(&id);
+        let retained = ctx.retained.clone();
+        let kind = ctx.kind;
         let policy = self.policy.clone();
         let auth = ctx.auth.clone();
         let audit = ctx.audit.clone();
@@ -703,12 +724,30 @@ impl Session {
             {
                 return;
             }
+            // A retained Will counts against the same per-device retained cap.
+            if will.message.retain
+                && kind == PrincipalKind::Device
+                && retained
+                    .note_device_retained(
+                        &policy.principal.id,
+                        &will.message.topic,
+                        will.message.payload.is_empty(),
+                    )
+                    .is_err()
+            {
+                return;
+            }
             let topic = will.message.topic.to_string();
-            if uplink.send(will.message).await.is_ok() {
+            let sent = if will.message.qos == QoS::AtMostOnce {
+                uplink.send(will.message).await.is_ok()
+            } else {
+                uplink.send_acked(will.message).await.is_ok()
+            };
+            if sent {
                 Metrics::inc(&metrics.wills_published);
                 audit.record(
                     AuditEntry::new("will", "allow")
-                        .principal("device", policy.principal.id.to_string())
+                        .principal(kind.as_str(), policy.principal.id.to_string())
                         .source(peer)
                         .topic(topic),
                 );
@@ -771,10 +810,11 @@ impl Session {
                         Err(_) => Err(End::BrokerGone),
                     }
                 }
-                from = from_broker(&mut self.link) => match from {
+                // A service's deliveries wait in the broker while its window is full.
+                from = from_broker(&mut self.link), if self.state.window_open(self.window) => match from {
                     FromBroker::Delivery(d) => { self.deliver(ctx, d, &mut out); Ok(()) }
                     FromBroker::PubAck(pkid) => {
-                        let qos = if self.service_qos2.remove(&pkid) { 2 } else { 1 };
+                        let qos = self.service_unacked.remove(&pkid).unwrap_or(1);
                         self.ack_publish(pkid, qos, reason::SUCCESS, &mut out);
                         Ok(())
                     }
@@ -1031,9 +1071,11 @@ impl Session {
         let topic = self.resolve_topic(ctx, &p)?;
         // More unacknowledged QoS 1/2 publishes than the Receive Maximum announced.
         if p.qos > 0 {
+            // QoS 2 ones count from arrival until PUBREL (incoming_qos2); QoS 1 ones
+            // until the broker has them.
             let unacked = self.pending_acks.iter().filter(|(_, q, _)| *q == 1).count()
-                + self.state.incoming_qos2_len()
-                + self.service_qos2.len();
+                + self.service_unacked.values().filter(|q| **q == 1).count()
+                + self.state.incoming_qos2_len();
             if unacked >= usize::from(ctx.limits.receive_maximum) {
                 ctx.metrics.refused("limits", "receive_maximum_exceeded");
                 return Err(End::Protocol(
@@ -1045,7 +1087,7 @@ impl Session {
         // QoS 2 retransmission: already accepted, answer again without forwarding twice.
         if p.qos == 2 && !self.state.incoming_qos2(p.pkid) {
             if !self.pending_acks.iter().any(|(id, _, _)| *id == p.pkid)
-                && !self.service_qos2.contains(&p.pkid)
+                && !self.service_unacked.contains_key(&p.pkid)
             {
                 self.ack_publish(p.pkid, 2, reason::SUCCESS, out);
             }
@@ -1054,19 +1096,20 @@ impl Session {
         let props = match properties(&p.props, &ctx.limits) {
             Ok(props) => props,
             Err(label) => {
+                let (detail, code) = if label == "response_topic_invalid" {
+                    (
+                        "response topic is not a valid topic name",
+                        reason::TOPIC_NAME_INVALID,
+                    )
+                } else {
+                    ("message properties over the limits", reason::QUOTA_EXCEEDED)
+                };
                 let refusal = Refusal {
                     stage: pipeline::Stage::Authorize,
                     reason: label,
-                    detail: "message properties over the limits",
+                    detail,
                 };
-                return self.refuse_publish(
-                    ctx,
-                    &p,
-                    topic.as_str(),
-                    refusal,
-                    reason::QUOTA_EXCEEDED,
-                    out,
-                );
+                return self.refuse_publish(ctx, &p, topic.as_str(), refusal, code, out);
             }
         };
         let msg = Message {
@@ -1146,8 +1189,8 @@ impl Session {
                 }
             }
             Some(Link::Service { cmds, .. }) => {
-                if p.qos == 2 {
-                    self.service_qos2.insert(p.pkid);
+                if p.qos > 0 {
+                    self.service_unacked.insert(p.pkid, p.qos);
                 }
                 cmds.send(ServiceCmd::Publish(msg, p.pkid))
                     .await

@@ -99,6 +99,9 @@ pub struct SessionState {
     next_pkid: u16,
     incoming_qos2: HashSet<u16>,
     pub mailbox: Arc<Mailbox>,
+    /// When the device was registered: a session survives only for the registration
+    /// it was made under (not across a remove and re-add).
+    pub registered: u64,
 }
 
 impl SessionState {
@@ -109,6 +112,7 @@ impl SessionState {
             next_pkid: 0,
             incoming_qos2: HashSet::new(),
             mailbox,
+            registered: 0,
         }
     }
 
@@ -149,6 +153,7 @@ impl SessionState {
     }
 
     fn allocate_pkid(&mut self) -> u16 {
+        // Callers keep the window (at most u16::MAX - 1 in flight), so a free id exists.
         loop {
             self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
             let candidate = self.next_pkid;

@@ -478,6 +478,14 @@ impl Authenticator {
         Ok(fingerprint(end_entity))
     }
 
+    /// When the principal was registered (0 if it no longer is).
+    pub fn registered_since(&self, principal: &PrincipalRef) -> u64 {
+        self.registry
+            .snapshot()
+            .get(principal.kind, &principal.id)
+            .map_or(0, |r| r.created_unix)
+    }
+
     /// Is an authenticated session still what the registry says? (For the window
     /// between authentication and the session being registered for kicks.)
     pub fn still_current(&self, principal: &PrincipalRef, generation: u64) -> bool {

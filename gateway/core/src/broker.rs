@@ -453,8 +453,11 @@ async fn run_downlink(
                     let delivery = to_delivery(forward.publish, forward.properties, link_qos);
                     // A device with no session (never connected, clean session ended,
                     // or expired) has nothing to deliver to: the command is dropped.
-                    if let (Some(id), Some(delivery)) = (target, delivery)
-                        && let Some(mailbox) = routes.get(&id)
+                    let mailbox = target.as_ref().and_then(|id| routes.get(id));
+                    if mailbox.is_none() {
+                        Metrics::inc(&metrics.commands_undeliverable);
+                    }
+                    if let (Some(id), Some(delivery), Some(mailbox)) = (target, delivery, mailbox)
                         && let Err(overflow) = mailbox.push(delivery, Instant::now())
                     {
                         Metrics::inc(&metrics.queue_overflow);

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub messages_accepted: AtomicU64,
     pub messages_delivered: AtomicU64,
     pub queue_overflow: AtomicU64,
+    pub commands_undeliverable: AtomicU64,
     pub queue_expired: AtomicU64,
     pub takeovers: AtomicU64,
     pub wills_published: AtomicU64,
@@ -92,6 +93,13 @@ impl Metrics {
             "Messages refused because a device's queue was full.",
             "counter",
             load(&self.queue_overflow),
+        );
+        gauge(
+            &mut out,
+            "portcullis_commands_undeliverable_total",
+            "Commands for a device with no session (never connected, clean, or expired).",
+            "counter",
+            load(&self.commands_undeliverable),
         );
         gauge(
             &mut out,
