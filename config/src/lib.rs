@@ -27,6 +27,9 @@ pub struct Config {
     pub broker: Broker,
     pub limits: Limits,
     pub sessions: Sessions,
+    pub rate_limits: RateLimits,
+    /// Per-principal rate overrides, keyed `"device/ID"` or `"service/ID"`.
+    pub rate_overrides: BTreeMap<String, RateOverride>,
     pub auth: Auth,
     pub audit: Audit,
     pub device_groups: BTreeMap<String, DeviceGroup>,
@@ -165,6 +168,98 @@ pub struct Sessions {
     pub max_subscriptions: usize,
 }
 
+/// Rate limits: defaults for every principal, the per-source connection rate and the
+/// gateway-wide ingress cap.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    pub messages_per_second: f64,
+    pub message_burst: f64,
+    pub bytes_per_second: f64,
+    pub byte_burst: f64,
+    /// Longest one message is held back (back-pressure) before the action applies.
+    pub max_delay_ms: u64,
+    /// How long a principal may stay over its rate before the action applies.
+    pub sustained_secs: u64,
+    pub action: RateAction,
+    /// New connections per second from one source address, before authentication.
+    pub connections_per_second_per_source: f64,
+    pub connection_burst_per_source: f64,
+    /// Messages per second accepted from all peers together.
+    pub global_messages_per_second: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateAction {
+    /// Discard what is over the rate (acknowledged as usual).
+    Drop,
+    /// MQTT 5: acknowledge with 0x97 "quota exceeded" (3.1.1: acknowledged, dropped).
+    QuotaExceeded,
+    /// End the session (MQTT 5: 0x96 "message rate too high").
+    Disconnect,
+}
+
+/// Overrides of a group's or a principal's rates; unset fields inherit.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateOverride {
+    pub messages_per_second: Option<f64>,
+    pub message_burst: Option<f64>,
+    pub bytes_per_second: Option<f64>,
+    pub byte_burst: Option<f64>,
+}
+
+impl RateOverride {
+    fn apply(&self, to: &mut RateLimits) {
+        if let Some(v) = self.messages_per_second {
+            to.messages_per_second = v;
+        }
+        if let Some(v) = self.message_burst {
+            to.message_burst = v;
+        }
+        if let Some(v) = self.bytes_per_second {
+            to.bytes_per_second = v;
+        }
+        if let Some(v) = self.byte_burst {
+            to.byte_burst = v;
+        }
+    }
+
+    fn check(&self, key: &str) -> Result<(), (String, String)> {
+        for (name, v) in [
+            ("messages_per_second", self.messages_per_second),
+            ("message_burst", self.message_burst),
+            ("bytes_per_second", self.bytes_per_second),
+            ("byte_burst", self.byte_burst),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v > 0.0)
+            {
+                return Err((format!("{key}.{name}"), format!("must be > 0 (got {v})")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            messages_per_second: 100.0,
+            message_burst: 200.0,
+            bytes_per_second: 1_048_576.0,
+            byte_burst: 2_097_152.0,
+            max_delay_ms: 1000,
+            sustained_secs: 10,
+            action: RateAction::Drop,
+            connections_per_second_per_source: 20.0,
+            connection_burst_per_source: 50.0,
+            global_messages_per_second: 100_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
@@ -216,6 +311,9 @@ pub struct DeviceGroup {
     /// dropped, or, with this set, the device is disconnected instead.
     #[serde(default)]
     pub disconnect_on_refusal: bool,
+    /// Rates for the group's devices (unset fields: `[rate_limits]`).
+    #[serde(default)]
+    pub rate: RateOverride,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -229,6 +327,9 @@ pub struct ServiceGroup {
     pub publish: Vec<String>,
     #[serde(default)]
     pub subscribe: Vec<String>,
+    /// Rates for the group's services (unset fields: `[rate_limits]`).
+    #[serde(default)]
+    pub rate: RateOverride,
 }
 
 fn default_identity() -> IdentityField {
@@ -259,6 +360,7 @@ impl Default for Config {
                 publish: default_device_publish(),
                 subscribe: default_device_subscribe(),
                 disconnect_on_refusal: false,
+                rate: RateOverride::default(),
             },
         );
         let mut service_groups = BTreeMap::new();
@@ -269,6 +371,7 @@ impl Default for Config {
                 identity: IdentityField::Cn,
                 publish: vec!["devices/+/commands/#".into()],
                 subscribe: vec!["devices/+/telemetry/#".into()],
+                rate: RateOverride::default(),
             },
         );
         Config {
@@ -280,6 +383,8 @@ impl Default for Config {
             broker: Broker::default(),
             limits: Limits::default(),
             sessions: Sessions::default(),
+            rate_limits: RateLimits::default(),
+            rate_overrides: BTreeMap::new(),
             auth: Auth::default(),
             audit: Audit::default(),
             device_groups,
@@ -535,6 +640,47 @@ impl Config {
                 ));
             }
         }
+        let r = &self.rate_limits;
+        for (key, v) in [
+            ("rate_limits.messages_per_second", r.messages_per_second),
+            ("rate_limits.message_burst", r.message_burst),
+            ("rate_limits.bytes_per_second", r.bytes_per_second),
+            ("rate_limits.byte_burst", r.byte_burst),
+            (
+                "rate_limits.connections_per_second_per_source",
+                r.connections_per_second_per_source,
+            ),
+            (
+                "rate_limits.connection_burst_per_source",
+                r.connection_burst_per_source,
+            ),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err((key.to_string(), format!("must be > 0 (got {v})")));
+            }
+        }
+        if r.global_messages_per_second == 0 {
+            return Err((
+                "rate_limits.global_messages_per_second".into(),
+                "must be > 0 (got 0)".into(),
+            ));
+        }
+        for (name, o) in &self.rate_overrides {
+            let key = format!("rate_overrides.\"{name}\"");
+            let ok = name
+                .split_once('/')
+                .is_some_and(|(kind, id)| matches!(kind, "device" | "service") && !id.is_empty());
+            if !ok {
+                return Err((key, "keys are \"device/ID\" or \"service/ID\"".into()));
+            }
+            o.check(&key)?;
+        }
+        for (name, g) in &self.device_groups {
+            g.rate.check(&format!("device_groups.{name}.rate"))?;
+        }
+        for (name, g) in &self.service_groups {
+            g.rate.check(&format!("service_groups.{name}.rate"))?;
+        }
         if self.device_groups.is_empty() {
             return Err((
                 "device_groups".into(),
@@ -585,6 +731,22 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The rates of one principal: defaults, then its group's, then its own overrides.
+    pub fn rates_for(&self, kind: &str, group: &str, id: &str) -> RateLimits {
+        let mut r = self.rate_limits.clone();
+        let group_override = match kind {
+            "device" => self.device_groups.get(group).map(|g| &g.rate),
+            _ => self.service_groups.get(group).map(|g| &g.rate),
+        };
+        if let Some(o) = group_override {
+            o.apply(&mut r);
+        }
+        if let Some(o) = self.rate_overrides.get(&format!("{kind}/{id}")) {
+            o.apply(&mut r);
+        }
+        r
     }
 
     /// A configured path with a leading `{data_dir}` replaced by the data dir.
@@ -697,6 +859,25 @@ mod tests {
             c.resolve(Path::new("/etc/ca.pem")),
             PathBuf::from("/etc/ca.pem")
         );
+    }
+
+    #[test]
+    fn rates_layer_defaults_group_and_principal() {
+        let text = "[device_groups.default.rate]\nmessages_per_second = 10.0\n\
+                    [rate_overrides.\"device/s1\"]\nmessage_burst = 3.0\n";
+        let c = Config::parse(text, "x.toml").unwrap();
+        let r = c.rates_for("device", "default", "s1");
+        assert_eq!(r.messages_per_second, 10.0);
+        assert_eq!(r.message_burst, 3.0);
+        assert_eq!(r.bytes_per_second, RateLimits::default().bytes_per_second);
+        let other = c.rates_for("device", "default", "s2");
+        assert_eq!(other.message_burst, RateLimits::default().message_burst);
+        let err =
+            Config::parse("[rate_overrides.s1]\nmessage_burst = 1.0\n", "x.toml").unwrap_err();
+        assert!(err.key.starts_with("rate_overrides"), "{err}");
+        let err =
+            Config::parse("[rate_limits]\nmessages_per_second = 0.0\n", "x.toml").unwrap_err();
+        assert_eq!(err.key, "rate_limits.messages_per_second");
     }
 
     #[test]

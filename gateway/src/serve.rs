@@ -11,6 +11,7 @@ use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{Authenticator, Policies};
 use portcullis_core::backoff::BackoffPolicy;
 use portcullis_core::broker::EmbeddedBroker;
+use portcullis_core::limit::{GlobalBucket, Rate};
 use portcullis_core::mailbox::MailboxLimits;
 use portcullis_core::metrics::Metrics;
 use portcullis_core::principal::PrincipalKind;
@@ -121,9 +122,16 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     let retained = Arc::new(RetainedCommands::new(
         config.sessions.max_retained_per_device,
     ));
+    let shared_config = Arc::new(config.clone());
+    let global = Arc::new(GlobalBucket::new(
+        config.rate_limits.global_messages_per_second,
+        std::time::Instant::now(),
+    ));
     let context = |kind| {
         Arc::new(SessionContext {
             kind,
+            config: shared_config.clone(),
+            global: global.clone(),
             auth: auth.clone(),
             broker: broker.clone(),
             sessions: sessions.clone(),
@@ -154,6 +162,10 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     let conn_limits = ConnectionLimits::new(
         config.limits.max_connections,
         config.limits.max_connections_per_source,
+        Rate {
+            per_second: config.rate_limits.connections_per_second_per_source,
+            burst: config.rate_limits.connection_burst_per_source,
+        },
     );
     let mut tasks = Vec::new();
     let mut report = Vec::new();

@@ -27,8 +27,17 @@ pub struct Gateway {
     extra: String,
 }
 
-fn config_text(dir: &Path, extra: &str, limits: &str) -> String {
+fn config_text(dir: &Path, extra: &str, limits: &str, rates: &str) -> String {
     let d = dir.display();
+    // Tests connect often from 127.0.0.1: a generous connection rate unless a test
+    // sets its own.
+    let rates = if rates.contains("connections_per_second_per_source") {
+        rates.to_string()
+    } else {
+        format!(
+            "connections_per_second_per_source = 1000.0\nconnection_burst_per_source = 1000.0\n{rates}"
+        )
+    };
     format!(
         r#"data_dir = "{d}/data"
 [listeners]
@@ -45,6 +54,8 @@ connect_timeout_secs = 2
 drain_timeout_secs = 3
 write_timeout_secs = 2
 {limits}
+[rate_limits]
+{rates}
 [auth]
 max_failures = 3
 backoff_initial_secs = 30
@@ -74,6 +85,11 @@ impl Gateway {
 
     /// Start with extra TOML appended, and extra keys in the [limits] table.
     pub fn start_full(extra: &str, limits: &str) -> Gateway {
+        Gateway::start_all(extra, limits, "")
+    }
+
+    /// Start with extra TOML appended, extra [limits] keys and extra [rate_limits] keys.
+    pub fn start_all(extra: &str, limits: &str, rates: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         // A second CA, trusted only by the "other" device group.
         let other_cfg = dir.path().join("other.toml");
@@ -84,7 +100,7 @@ impl Gateway {
         .unwrap();
         run_ok(&["pki", "init", "--config", other_cfg.to_str().unwrap()]);
         let config = dir.path().join("portcullis.toml");
-        std::fs::write(&config, config_text(dir.path(), extra, limits)).unwrap();
+        std::fs::write(&config, config_text(dir.path(), extra, limits, rates)).unwrap();
         let mut gw = Gateway {
             dir,
             config,

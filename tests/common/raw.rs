@@ -202,7 +202,10 @@ fn reason_code(code: u8) -> v5::DisconnectReasonCode {
         0x8E => D::SessionTakenOver,
         0x90 => D::TopicNameInvalid,
         0x94 => D::TopicAliasInvalid,
+        0x93 => D::ReceiveMaximumExceeded,
         0x95 => D::PacketTooLarge,
+        0x96 => D::MessageRateTooHigh,
+        0x97 => D::QuotaExceeded,
         0x98 => D::AdministrativeAction,
         _ => D::UnspecifiedError,
     }

@@ -32,6 +32,7 @@ pub mod reason {
     pub const BAD_AUTH_METHOD: u8 = 0x8C;
     pub const DISCONNECT_WITH_WILL: u8 = 0x04;
     pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
+    pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
 }
 
@@ -485,6 +486,7 @@ fn disconnect_v5(code: u8) -> v5::DisconnectReasonCode {
         reason::TOPIC_NAME_INVALID => D::TopicNameInvalid,
         reason::TOPIC_ALIAS_INVALID => D::TopicAliasInvalid,
         reason::RECEIVE_MAXIMUM_EXCEEDED => D::ReceiveMaximumExceeded,
+        reason::MESSAGE_RATE_TOO_HIGH => D::MessageRateTooHigh,
         reason::PACKET_TOO_LARGE => D::PacketTooLarge,
         reason::QUOTA_EXCEEDED => D::QuotaExceeded,
         reason::ADMINISTRATIVE_ACTION => D::AdministrativeAction,

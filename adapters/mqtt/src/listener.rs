@@ -8,13 +8,14 @@
 
 use crate::session::{self, Context, stopped};
 use portcullis_core::audit::AuditEntry;
+use portcullis_core::limit::{Rate, TokenBucket};
 use portcullis_core::metrics::Metrics;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -71,18 +72,51 @@ pub struct ConnectionLimits {
     total: Arc<Semaphore>,
     per_source_max: usize,
     per_source: Mutex<HashMap<IpAddr, usize>>,
+    /// New connections per second from one source, before anything is read.
+    rate: Rate,
+    rates: Mutex<HashMap<IpAddr, TokenBucket>>,
+}
+
+/// Sources whose connection rate is tracked at once; beyond it the table starts over
+/// (a spray from very many addresses then meets only the per-source and total caps).
+const MAX_RATE_SOURCES: usize = 100_000;
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotAdmitted {
+    TooMany,
+    TooFast,
 }
 
 impl ConnectionLimits {
-    pub fn new(total: usize, per_source: usize) -> Arc<Self> {
+    pub fn new(total: usize, per_source: usize, rate: Rate) -> Arc<Self> {
         Arc::new(ConnectionLimits {
             total: Arc::new(Semaphore::new(total)),
             per_source_max: per_source,
             per_source: Mutex::new(HashMap::new()),
+            rate,
+            rates: Mutex::new(HashMap::new()),
         })
     }
 
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, NotAdmitted> {
+        {
+            let now = Instant::now();
+            let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+            if rates.len() >= MAX_RATE_SOURCES && !rates.contains_key(&ip) {
+                rates.clear();
+            }
+            let bucket = rates
+                .entry(ip)
+                .or_insert_with(|| TokenBucket::new(self.rate, now));
+            if bucket.take(1.0, now).is_err() {
+                return Err(NotAdmitted::TooFast);
+            }
+        }
+        self.admit_slot(ip).ok_or(NotAdmitted::TooMany)
+    }
+
+    fn admit_slot(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
         let permit = self.total.clone().try_acquire_owned().ok()?;
         let mut map = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
@@ -143,15 +177,27 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => return,
         };
-        let Some(slot) = limits.admit(peer.ip()) else {
-            ctx.metrics.refused("connect", "connection_limit");
-            ctx.audit.record(
-                AuditEntry::new("connect", "refuse")
-                    .source(peer)
-                    .reason("connection_limit: too many connections"),
-            );
-            drop(stream);
-            continue;
+        let slot = match limits.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                let (label, text) = match why {
+                    NotAdmitted::TooMany => {
+                        ("connection_limit", "connection_limit: too many connections")
+                    }
+                    NotAdmitted::TooFast => (
+                        "connection_rate",
+                        "connection_rate: too many new connections per second",
+                    ),
+                };
+                ctx.metrics.refused("connect", label);
+                ctx.audit.record(
+                    AuditEntry::new("connect", "refuse")
+                        .source(peer)
+                        .reason(text),
+                );
+                drop(stream);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();

@@ -17,6 +17,9 @@ use bytes::BytesMut;
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
 use portcullis_core::broker::{Delivery, EmbeddedBroker, ServiceCmd, ServiceEvent, Uplink};
+use portcullis_core::limit::{
+    GlobalBucket, LimitDecision, OverLimitAction, PrincipalLimiter, PrincipalRates, Rate,
+};
 use portcullis_core::mailbox::{Mailbox, MailboxLimits};
 use portcullis_core::metrics::Metrics;
 use portcullis_core::pipeline::{
@@ -59,6 +62,10 @@ pub struct SessionLimits {
 /// What every session of one listener shares.
 pub struct Context {
     pub kind: PrincipalKind,
+    /// The configuration sessions read their per-principal settings (rates) from.
+    pub config: Arc<portcullis_config::Config>,
+    /// The gateway-wide ingress cap.
+    pub global: Arc<GlobalBucket>,
     pub auth: Arc<Authenticator>,
     pub broker: Arc<EmbeddedBroker>,
     pub sessions: Arc<Sessions>,
@@ -334,9 +341,13 @@ pub async fn run<S>(
     let mut out = BytesMut::new();
     if matches!(end, End::Kicked(KickReason::Shutdown)) {
         let drain = async {
-            while let Some((pkid, qos, rx)) = session.pending_acks.pop_front() {
-                if rx.await.is_ok() {
-                    session.ack_publish(pkid, qos, reason::SUCCESS, &mut out);
+            while let Some(pending) = session.pending_acks.pop_front() {
+                let ready = match pending.rx {
+                    Some(rx) => rx.await.is_ok(),
+                    None => true,
+                };
+                if ready {
+                    session.ack_publish(pending.pkid, pending.qos, pending.code, &mut out);
                 }
             }
         };
@@ -432,6 +443,27 @@ struct Will {
     delay_secs: u32,
 }
 
+/// The configured rates as the limiter wants them.
+fn principal_rates(r: &portcullis_config::RateLimits) -> PrincipalRates {
+    PrincipalRates {
+        messages: Rate {
+            per_second: r.messages_per_second,
+            burst: r.message_burst,
+        },
+        bytes: Rate {
+            per_second: r.bytes_per_second,
+            burst: r.byte_burst,
+        },
+        max_delay: Duration::from_millis(r.max_delay_ms),
+        sustained: Duration::from_secs(r.sustained_secs),
+        action: match r.action {
+            portcullis_config::RateAction::Drop => OverLimitAction::Drop,
+            portcullis_config::RateAction::QuotaExceeded => OverLimitAction::QuotaExceeded,
+            portcullis_config::RateAction::Disconnect => OverLimitAction::Disconnect,
+        },
+    }
+}
+
 fn authenticate(
     ctx: &Context,
     connect: &ConnectInfo,
@@ -494,6 +526,12 @@ fn authenticate(
         PrincipalKind::Service => 0,
     };
     let keep_alive = KeepAlive::effective(connect.keep_alive, ctx.limits.max_keep_alive);
+    let rates = ctx.config.rates_for(
+        ctx.kind.as_str(),
+        authed.principal.group.as_str(),
+        authed.principal.id.as_str(),
+    );
+    let limiter = PrincipalLimiter::new(principal_rates(&rates), Instant::now());
     let window = connect
         .receive_maximum
         .unwrap_or(u16::MAX)
@@ -514,9 +552,10 @@ fn authenticate(
         link: None,
         state: SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox))),
         pending_acks: VecDeque::new(),
-        service_unacked: HashMap::new(),
+        service_waiters: HashMap::new(),
         aliases: HashMap::new(),
         pending_subacks: VecDeque::new(),
+        limiter,
     })
 }
 
@@ -547,15 +586,17 @@ struct Session {
     disconnect_on_refusal: bool,
     link: Option<Link>,
     state: SessionState,
-    /// QoS 1/2 publishes from the peer waiting for the broker's acceptance, in order.
-    pending_acks: VecDeque<(u16, u8, oneshot::Receiver<()>)>,
-    /// A service's QoS 1/2 publishes waiting for the broker's acceptance, by packet id
-    /// (QoS 2 ones are answered with PUBREC).
-    service_unacked: HashMap<u16, u8>,
+    /// Acknowledgements owed to the peer, in the order its publishes arrived; each
+    /// waits for the broker's acceptance (or is ready at once, for a refusal).
+    pending_acks: VecDeque<PendingAck>,
+    /// A service's QoS 1/2 publishes waiting for the broker's PUBACK, by packet id.
+    service_waiters: HashMap<u16, oneshot::Sender<()>>,
     /// MQTT 5 topic aliases the peer defined on this connection.
     aliases: HashMap<u16, TopicName>,
     /// Service SUBACK/UNSUBACKs held until the broker confirms, in order.
     pending_subacks: VecDeque<BytesMut>,
+    /// The rate-limit stage's state for this principal.
+    limiter: PrincipalLimiter,
 }
 
 /// Why a session ended.
@@ -799,23 +840,24 @@ impl Session {
                         Err(_) => Err(End::Closed),
                     }
                 }
-                Some(i) = front_ack(&mut self.pending_acks) => {
-                    let (pkid, qos, result) = i;
-                    self.pending_acks.pop_front();
-                    match result {
-                        Ok(()) => {
-                            self.ack_publish(pkid, qos, reason::SUCCESS, &mut out);
+                Some(result) = front_ack(&mut self.pending_acks) => {
+                    let done = self.pending_acks.pop_front();
+                    match (result, done) {
+                        (Ok(()), Some(p)) => {
+                            self.ack_publish(p.pkid, p.qos, p.code, &mut out);
                             Ok(())
                         }
-                        Err(_) => Err(End::BrokerGone),
+                        _ => Err(End::BrokerGone),
                     }
                 }
                 // A service's deliveries wait in the broker while its window is full.
                 from = from_broker(&mut self.link), if self.state.window_open(self.window) => match from {
                     FromBroker::Delivery(d) => { self.deliver(ctx, d, &mut out); Ok(()) }
                     FromBroker::PubAck(pkid) => {
-                        let qos = self.service_unacked.remove(&pkid).unwrap_or(1);
-                        self.ack_publish(pkid, qos, reason::SUCCESS, &mut out);
+                        // Answered in arrival order by the pending-ack queue.
+                        if let Some(waiter) = self.service_waiters.remove(&pkid) {
+                            let _ = waiter.send(());
+                        }
                         Ok(())
                     }
                     FromBroker::SubAck => {
@@ -870,6 +912,21 @@ impl Session {
             entry = entry.topic(truncate(t, 256));
         }
         ctx.audit.record(entry);
+    }
+
+    /// Acknowledge a publish from the peer, in the order publishes arrived: behind any
+    /// earlier one still waiting for the broker.
+    fn answer_publish(&mut self, pkid: u16, qos: u8, code: u8, out: &mut BytesMut) {
+        if self.pending_acks.is_empty() {
+            self.ack_publish(pkid, qos, code, out);
+        } else {
+            self.pending_acks.push_back(PendingAck {
+                pkid,
+                qos,
+                code,
+                rx: None,
+            });
+        }
     }
 
     fn ack_publish(&mut self, pkid: u16, qos: u8, code: u8, out: &mut BytesMut) {
@@ -1023,9 +1080,37 @@ impl Session {
                 // forwarded; an MQTT 5 failure PUBREC ends it, so the id is not kept.
                 self.state.incoming_qos2(p.pkid);
             }
-            self.ack_publish(p.pkid, p.qos, code, out);
+            self.answer_publish(p.pkid, p.qos, code, out);
         }
         Ok(())
+    }
+
+    /// The rate-limit stage: per-principal buckets, then the gateway-wide cap. Waits
+    /// (without reading the socket) while the principal is merely over its rate.
+    async fn rate_limit(&mut self, ctx: &Context, len: usize) -> LimitDecision {
+        let max_delay = self.limiter.rates().max_delay;
+        let started = Instant::now();
+        loop {
+            let now = Instant::now();
+            match self.limiter.admit(len, now) {
+                LimitDecision::Pass => {
+                    if ctx.global.take(now) {
+                        return LimitDecision::Pass;
+                    }
+                    // The whole gateway is at its cap: wait a turn, like everyone else.
+                    if now.saturating_duration_since(started) >= max_delay {
+                        return LimitDecision::Refuse(self.limiter.rates().action);
+                    }
+                    Metrics::inc(&ctx.metrics.rate_limit_waits);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                LimitDecision::Wait(d) => {
+                    Metrics::inc(&ctx.metrics.rate_limit_waits);
+                    tokio::time::sleep(d).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Resolve a topic alias (MQTT 5) before anything else looks at the topic.
@@ -1073,8 +1158,7 @@ impl Session {
         if p.qos > 0 {
             // QoS 2 ones count from arrival until PUBREL (incoming_qos2); QoS 1 ones
             // until the broker has them.
-            let unacked = self.pending_acks.iter().filter(|(_, q, _)| *q == 1).count()
-                + self.service_unacked.values().filter(|q| **q == 1).count()
+            let unacked = self.pending_acks.iter().filter(|a| a.qos == 1).count()
                 + self.state.incoming_qos2_len();
             if unacked >= usize::from(ctx.limits.receive_maximum) {
                 ctx.metrics.refused("limits", "receive_maximum_exceeded");
@@ -1086,10 +1170,8 @@ impl Session {
         }
         // QoS 2 retransmission: already accepted, answer again without forwarding twice.
         if p.qos == 2 && !self.state.incoming_qos2(p.pkid) {
-            if !self.pending_acks.iter().any(|(id, _, _)| *id == p.pkid)
-                && !self.service_unacked.contains_key(&p.pkid)
-            {
-                self.ack_publish(p.pkid, 2, reason::SUCCESS, out);
+            if !self.pending_acks.iter().any(|a| a.pkid == p.pkid) {
+                self.answer_publish(p.pkid, 2, reason::SUCCESS, out);
             }
             return Ok(());
         }
@@ -1139,6 +1221,40 @@ impl Session {
             let topic = msg.topic.to_string();
             return self.refuse_publish(ctx, &p, &topic, refusal, reason::NOT_AUTHORIZED, out);
         }
+        // Rate limits: held back first (the socket is read less), then the action.
+        match self.rate_limit(ctx, msg.payload.len()).await {
+            LimitDecision::Pass => {}
+            LimitDecision::Refuse(OverLimitAction::QuotaExceeded) => {
+                let topic = msg.topic.to_string();
+                return self.refuse_publish(
+                    ctx,
+                    &p,
+                    &topic,
+                    pipeline::RATE_LIMITED,
+                    reason::QUOTA_EXCEEDED,
+                    out,
+                );
+            }
+            LimitDecision::Refuse(_) => {
+                // Dropped quietly: acknowledged as if delivered.
+                let r = pipeline::RATE_LIMITED;
+                ctx.metrics.refused(r.stage.as_str(), r.reason);
+                self.audit_refusal(ctx, "publish", Some(msg.topic.as_str()), &r.to_string());
+                if p.qos > 0 {
+                    self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
+                }
+                return Ok(());
+            }
+            LimitDecision::Disconnect | LimitDecision::Wait(_) => {
+                let r = pipeline::RATE_LIMITED;
+                ctx.metrics.refused(r.stage.as_str(), r.reason);
+                self.audit_refusal(ctx, "publish", Some(msg.topic.as_str()), &r.to_string());
+                return Err(End::Protocol(
+                    reason::MESSAGE_RATE_TOO_HIGH,
+                    "message rate too high for too long".into(),
+                ));
+            }
+        }
         // A device's retained messages are capped: each one lives in the broker until
         // cleared.
         if msg.retain
@@ -1185,12 +1301,24 @@ impl Session {
                     uplink.send(msg).await.map_err(|_| End::BrokerGone)?;
                 } else {
                     let acked = uplink.send_acked(msg).await.map_err(|_| End::BrokerGone)?;
-                    self.pending_acks.push_back((p.pkid, p.qos, acked));
+                    self.pending_acks.push_back(PendingAck {
+                        pkid: p.pkid,
+                        qos: p.qos,
+                        code: reason::SUCCESS,
+                        rx: Some(acked),
+                    });
                 }
             }
             Some(Link::Service { cmds, .. }) => {
                 if p.qos > 0 {
-                    self.service_unacked.insert(p.pkid, p.qos);
+                    let (tx, rx) = oneshot::channel();
+                    self.service_waiters.insert(p.pkid, tx);
+                    self.pending_acks.push_back(PendingAck {
+                        pkid: p.pkid,
+                        qos: p.qos,
+                        code: reason::SUCCESS,
+                        rx: Some(rx),
+                    });
                 }
                 cmds.send(ServiceCmd::Publish(msg, p.pkid))
                     .await
@@ -1306,14 +1434,22 @@ fn command_target(topic: &TopicName) -> Option<PrincipalId> {
     PrincipalId::parse(id).ok()
 }
 
+/// An acknowledgement owed to the peer.
+struct PendingAck {
+    pkid: u16,
+    qos: u8,
+    code: u8,
+    /// Fires when the broker has the message; `None` when nothing is awaited.
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+/// Resolves when the oldest owed acknowledgement may go out.
 async fn front_ack(
-    pending: &mut VecDeque<(u16, u8, oneshot::Receiver<()>)>,
-) -> Option<(u16, u8, Result<(), oneshot::error::RecvError>)> {
+    pending: &mut VecDeque<PendingAck>,
+) -> Option<Result<(), oneshot::error::RecvError>> {
     match pending.front_mut() {
-        Some((pkid, qos, rx)) => {
-            let result = rx.await;
-            Some((*pkid, *qos, result))
-        }
+        Some(PendingAck { rx: Some(rx), .. }) => Some(rx.await),
+        Some(PendingAck { rx: None, .. }) => Some(Ok(())),
         None => std::future::pending().await,
     }
 }

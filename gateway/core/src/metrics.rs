@@ -16,6 +16,7 @@ pub struct Metrics {
     pub messages_accepted: AtomicU64,
     pub messages_delivered: AtomicU64,
     pub queue_overflow: AtomicU64,
+    pub rate_limit_waits: AtomicU64,
     pub commands_undeliverable: AtomicU64,
     pub queue_expired: AtomicU64,
     pub takeovers: AtomicU64,
@@ -93,6 +94,13 @@ impl Metrics {
             "Messages refused because a device's queue was full.",
             "counter",
             load(&self.queue_overflow),
+        );
+        gauge(
+            &mut out,
+            "portcullis_rate_limit_waits_total",
+            "Times a principal over its rate (or the gateway at its cap) was held back.",
+            "counter",
+            load(&self.rate_limit_waits),
         );
         gauge(
             &mut out,

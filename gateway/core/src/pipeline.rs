@@ -67,12 +67,14 @@ pub enum Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     Authorize,
+    Limit,
 }
 
 impl Stage {
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Authorize => "authorize",
+            Stage::Limit => "limits",
         }
     }
 }
@@ -118,6 +120,11 @@ pub const NOT_ALLOWED_TO_SUBSCRIBE: Refusal = Refusal {
     stage: Stage::Authorize,
     reason: "filter_not_allowed",
     detail: "filter not allowed by ACL",
+};
+pub const RATE_LIMITED: Refusal = Refusal {
+    stage: Stage::Limit,
+    reason: "rate_limited",
+    detail: "over the message or byte rate",
 };
 pub const RESPONSE_TOPIC_NOT_ALLOWED: Refusal = Refusal {
     stage: Stage::Authorize,
