@@ -392,3 +392,45 @@ fn portcullis_shipped() -> String {
     ))
     .unwrap()
 }
+
+#[test]
+fn the_audit_log_verifies_and_an_edited_line_is_found() {
+    let mut gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let (_raw, code) = v5_connect(&gw, "meter-1", "wrong-secret-wrong-secret");
+    assert_eq!(code, Some(v5::ConnectReturnCode::NotAuthorized));
+    let (status, _) = gw.terminate();
+    assert!(status.success());
+    // Registry edits with no gateway running continue the same chain.
+    gw.cli_ok(&["device", "disable", "meter-1"]);
+    let ok = gw.cli(&["audit", "verify"]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(text(&ok).contains("verified"), "{}", text(&ok));
+    // Change one decision in the middle of the log.
+    let path = gw.data().join("audit.log");
+    let log = std::fs::read_to_string(&path).unwrap();
+    let line = log
+        .lines()
+        .position(|l| l.contains("bad_secret"))
+        .expect("the refusal is in the log");
+    let edited: Vec<String> = log
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == line {
+                l.replace("refuse", "allow")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&path, edited.join("\n") + "\n").unwrap();
+    let bad = gw.cli(&["audit", "verify"]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert!(
+        text(&bad).contains(&format!("line {}", line + 1)),
+        "names the edited line {}: {}",
+        line + 1,
+        text(&bad)
+    );
+}

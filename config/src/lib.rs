@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 /// The shipped, fully commented configuration file.
 pub const SHIPPED: &str = include_str!("../portcullis.toml");
 
+pub mod validation;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -30,6 +32,8 @@ pub struct Config {
     pub rate_limits: RateLimits,
     /// Per-principal rate overrides, keyed `"device/ID"` or `"service/ID"`.
     pub rate_overrides: BTreeMap<String, RateOverride>,
+    /// Payload rules and size limits.
+    pub validation: validation::Validation,
     pub auth: Auth,
     pub audit: Audit,
     pub device_groups: BTreeMap<String, DeviceGroup>,
@@ -281,6 +285,17 @@ pub struct Audit {
     pub file: Option<PathBuf>,
     /// Entries queued towards the writer before new ones are counted as dropped.
     pub queue: usize,
+    /// Key of the HMAC chain; kept outside the data dir (created if missing).
+    pub key_file: PathBuf,
+    /// A file is rotated before it would grow past this size.
+    pub max_file_bytes: u64,
+    /// Rotated files kept.
+    pub keep_files: usize,
+    /// Identical refusals within this many seconds of the first are counted, not
+    /// written one by one. 0 turns aggregation off.
+    pub aggregate_window_secs: u64,
+    /// How often a signed checkpoint is written and published.
+    pub checkpoint_interval_secs: u64,
 }
 
 /// How a certificate names its principal.
@@ -385,6 +400,7 @@ impl Default for Config {
             sessions: Sessions::default(),
             rate_limits: RateLimits::default(),
             rate_overrides: BTreeMap::new(),
+            validation: validation::Validation::default(),
             auth: Auth::default(),
             audit: Audit::default(),
             device_groups,
@@ -486,6 +502,11 @@ impl Default for Audit {
         Audit {
             file: None,
             queue: 4096,
+            key_file: PathBuf::from("audit.key"),
+            max_file_bytes: 16 * 1024 * 1024,
+            keep_files: 8,
+            aggregate_window_secs: 60,
+            checkpoint_interval_secs: 60,
         }
     }
 }
@@ -538,7 +559,7 @@ impl Config {
 
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), (String, String)> {
-        let positive: [(&str, u64); 15] = [
+        let positive: [(&str, u64); 18] = [
             ("limits.write_timeout_secs", self.limits.write_timeout_secs),
             (
                 "tls.handshake_timeout_secs",
@@ -574,6 +595,12 @@ impl Config {
             ),
             ("broker.uplinks", self.broker.uplinks as u64),
             ("broker.link_queue", self.broker.link_queue as u64),
+            ("audit.max_file_bytes", self.audit.max_file_bytes),
+            ("audit.keep_files", self.audit.keep_files as u64),
+            (
+                "audit.checkpoint_interval_secs",
+                self.audit.checkpoint_interval_secs,
+            ),
             ("auth.max_failures", self.auth.max_failures as u64),
         ];
         for (key, value) in positive {
@@ -681,6 +708,10 @@ impl Config {
         for (name, g) in &self.service_groups {
             g.rate.check(&format!("service_groups.{name}.rate"))?;
         }
+        self.validation.check()?;
+        self.validation.check_groups(|g| {
+            self.device_groups.contains_key(g) || self.service_groups.contains_key(g)
+        })?;
         if self.device_groups.is_empty() {
             return Err((
                 "device_groups".into(),
@@ -778,6 +809,9 @@ impl Config {
     }
     pub fn audit_file(&self) -> PathBuf {
         self.path_or(&self.audit.file, "audit.log")
+    }
+    pub fn audit_key_file(&self) -> PathBuf {
+        self.resolve(&self.audit.key_file)
     }
     pub fn registry_file(&self) -> PathBuf {
         self.data_dir.join("registry.redb")

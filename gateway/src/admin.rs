@@ -5,7 +5,7 @@
 //! a registry opened directly; then there are no live sessions to end.
 //! Secrets travel only over this socket (never argv) and are hashed on arrival.
 
-use portcullis_core::audit::{Audit, AuditEntry};
+use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, append_blocking};
 use portcullis_core::auth::Policies;
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
 use portcullis_core::registry::{
@@ -102,7 +102,7 @@ pub struct AdminState {
 /// gateway running) the audit file directly.
 pub enum AuditSink {
     Live(Audit),
-    File(std::path::PathBuf),
+    File(Box<AuditSettings>),
 }
 
 /// An admin failure: the operator's mistake (exit 2) or the gateway's (exit 1).
@@ -241,9 +241,10 @@ impl AdminState {
             .reason(action.to_string());
         match &self.audit {
             AuditSink::Live(audit) => audit.record(entry),
-            AuditSink::File(path) => {
-                if let Err(e) = append_audit_line(path, &entry) {
-                    tracing::warn!(error = %e, path = %path.display(), "audit log not written");
+            AuditSink::File(settings) => {
+                // The same keyed chain the gateway writes, continued from its last line.
+                if let Err(e) = append_blocking(settings, &[entry]) {
+                    tracing::warn!(error = %e, path = %settings.path.display(), "audit log not written");
                 }
             }
         }
@@ -386,20 +387,6 @@ impl AdminState {
             }
         }
     }
-}
-
-/// Append one audit line synchronously (used when no gateway is running).
-fn append_audit_line(path: &Path, entry: &AuditEntry) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut line = serde_json::to_vec(entry)?;
-    line.push(b'\n');
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(&line)
 }
 
 /// Bind the admin socket: owner-only permissions, stale socket replaced.

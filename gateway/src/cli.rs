@@ -19,6 +19,25 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// `audit verify` found problems: exit code 1, after listing them.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} problem(s) found in the audit chain")]
+pub struct AuditProblems(pub usize);
+
+/// Read an existing audit key (verification never creates one).
+fn read_audit_key(path: &Path) -> Result<[u8; 32]> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| UsageError(format!("audit key {}: {e}", path.display())))?;
+    bytes.as_slice().try_into().map_err(|_| {
+        UsageError(format!(
+            "audit key {}: must be 32 bytes (got {})",
+            path.display(),
+            bytes.len()
+        ))
+        .into()
+    })
+}
+
 /// Bad usage or bad configuration: exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -78,6 +97,28 @@ enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditAction {
+    /// Check the keyed chain of audit files, given oldest first. Exit 0: intact;
+    /// 1: problems found (each named with file and line); 2: bad usage.
+    Verify {
+        files: Vec<PathBuf>,
+        /// Chain key (default: `[audit] key_file` of the configuration).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// A checkpoint kept off the box, `SEQ:MAC`: the files must contain it.
+        #[arg(long)]
+        checkpoint: Option<String>,
     },
 }
 
@@ -187,7 +228,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Config {
             action: ConfigAction::Check { file },
         } => {
-            Config::load(&file).map_err(|e| UsageError(e.to_string()))?;
+            let config = Config::load(&file).map_err(|e| UsageError(e.to_string()))?;
+            // Schemas are part of the configuration: they must load too.
+            portcullis_core::validate::Validator::new(&config.validation, |p| config.resolve(p))
+                .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
             println!("{}: ok", file.display());
             Ok(())
         }
@@ -210,6 +254,64 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Audit {
+            action:
+                AuditAction::Verify {
+                    files,
+                    key,
+                    checkpoint,
+                },
+            config,
+        } => {
+            let config = load_config(config.config.as_deref())?;
+            // No files named: the configured log, oldest rotated file first.
+            let files = if files.is_empty() {
+                portcullis_core::audit::log_files(&config.audit_file())
+            } else {
+                files
+            };
+            if files.is_empty() {
+                bail!(UsageError(format!(
+                    "no audit files at {}; name them, oldest first",
+                    config.audit_file().display()
+                )));
+            }
+            let key_path = key.unwrap_or_else(|| config.audit_key_file());
+            let key = read_audit_key(&key_path)?;
+            let expect = match checkpoint {
+                None => None,
+                Some(c) => {
+                    let (seq, mac) = c.split_once(':').ok_or_else(|| {
+                        UsageError(format!("--checkpoint {c:?}: expected SEQ:MAC"))
+                    })?;
+                    let seq = seq.parse::<u64>().map_err(|_| {
+                        UsageError(format!("--checkpoint {c:?}: SEQ must be a number"))
+                    })?;
+                    Some((seq, mac.to_ascii_lowercase()))
+                }
+            };
+            let report = portcullis_core::audit::verify(&files, &key, expect);
+            for note in &report.notes {
+                println!("note: {note}");
+            }
+            for problem in &report.problems {
+                println!("{problem}");
+            }
+            if report.is_clean() {
+                let last = report
+                    .last
+                    .as_ref()
+                    .map(|(seq, mac)| format!("; last seq {seq}, mac {mac}"))
+                    .unwrap_or_default();
+                println!(
+                    "ok: {} lines in {} file(s) verified{last}",
+                    report.lines, report.files
+                );
+                Ok(())
+            } else {
+                Err(AuditProblems(report.problems.len()).into())
+            }
         }
         Command::Device { action, config } => principal(PrincipalKind::Device, action, config),
         Command::Service { action, config } => principal(PrincipalKind::Service, action, config),
@@ -358,6 +460,16 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
     Ok(())
 }
 
+/// The audit chain settings, for writing with no gateway running.
+fn offline_audit(config: &Config) -> Result<portcullis_core::audit::AuditSettings> {
+    let key = portcullis_core::audit::load_or_create_key(&config.audit_key_file())
+        .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
+    let mut settings = portcullis_core::audit::AuditSettings::new(config.audit_file(), key);
+    settings.max_file_bytes = config.audit.max_file_bytes;
+    settings.keep_files = config.audit.keep_files;
+    Ok(settings)
+}
+
 fn has_secret(c: &Credentials) -> bool {
     c.secret_stdin || c.secret_file.is_some() || c.generate_secret
 }
@@ -408,7 +520,7 @@ fn call(config: &Config, req: Request) -> Result<Value> {
                 policies: Arc::new(policies),
                 sessions: None,
                 retained: None,
-                audit: AuditSink::File(config.audit_file()),
+                audit: AuditSink::File(Box::new(offline_audit(config)?)),
             };
             state.handle(req).map_err(|e| match e {
                 AdminError::Usage(m) => UsageError(m).into(),

@@ -7,19 +7,22 @@ use crate::observability::{self, Health};
 use crate::pki::{self, PkiPaths};
 use anyhow::{Context, Result};
 use portcullis_config::Config;
-use portcullis_core::audit::{Audit, AuditEntry};
+use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, Checkpoint, load_or_create_key};
 use portcullis_core::auth::{Authenticator, Policies};
 use portcullis_core::backoff::BackoffPolicy;
 use portcullis_core::broker::EmbeddedBroker;
 use portcullis_core::limit::{GlobalBucket, Rate};
 use portcullis_core::mailbox::MailboxLimits;
 use portcullis_core::metrics::Metrics;
+use portcullis_core::pipeline::{Message, QoS};
+use portcullis_core::principal::PrincipalId;
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::registry::Registry;
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::secret::SecretHasher;
 use portcullis_core::sessions::{KickReason, Sessions};
-use portcullis_core::topic::TopicLimits;
+use portcullis_core::topic::{TopicLimits, TopicName};
+use portcullis_core::validate::Validator;
 use portcullis_mqtt::listener::{self, ConnectionLimits};
 use portcullis_mqtt::session::{Context as SessionContext, SessionLimits};
 use portcullis_mqtt::store::SessionStore;
@@ -78,11 +81,45 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
     let policies = Arc::new(Policies::from_config(&config).map_err(|e| UsageError(e.to_string()))?);
     let metrics = Arc::new(Metrics::default());
-    let (audit, audit_writer) =
-        Audit::start(config.audit_file(), config.audit.queue, metrics.clone())
-            .await
-            .with_context(|| format!("audit log {}", config.audit_file().display()))?;
+    let audit_key = load_or_create_key(&config.audit_key_file())
+        .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
+    let audit_settings = AuditSettings {
+        path: config.audit_file(),
+        queue: config.audit.queue,
+        key: audit_key,
+        max_file_bytes: config.audit.max_file_bytes,
+        keep_files: config.audit.keep_files,
+        aggregate_window: Duration::from_secs(config.audit.aggregate_window_secs),
+        checkpoint_interval: Duration::from_secs(config.audit.checkpoint_interval_secs),
+    };
+    let (checkpoint_tx, mut checkpoint_rx) = tokio::sync::mpsc::channel::<Checkpoint>(16);
+    let (audit, audit_writer) = Audit::start(audit_settings, metrics.clone(), Some(checkpoint_tx))
+        .await
+        .with_context(|| format!("audit log {}", config.audit_file().display()))?;
     let broker = EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone())?;
+    // Checkpoints go to the broker, so a copy of the chain's state lives off this disk.
+    {
+        let uplink = broker.uplink_for(&PrincipalId::parse("portcullis").expect("a valid id"));
+        tokio::spawn(async move {
+            while let Some(checkpoint) = checkpoint_rx.recv().await {
+                let Ok(payload) = serde_json::to_vec(&checkpoint) else {
+                    continue;
+                };
+                let Ok(topic) = TopicName::parse_unlimited("portcullis/events/audit") else {
+                    continue;
+                };
+                let _ = uplink
+                    .send(Message {
+                        topic,
+                        payload: payload.into(),
+                        qos: QoS::AtMostOnce,
+                        retain: true,
+                        properties: None,
+                    })
+                    .await;
+            }
+        });
+    }
     let sessions = Sessions::new();
     let auth = Arc::new(Authenticator::new(
         registry.clone(),
@@ -122,6 +159,10 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     let retained = Arc::new(RetainedCommands::new(
         config.sessions.max_retained_per_device,
     ));
+    let validator = Arc::new(
+        Validator::new(&config.validation, |p| config.resolve(p))
+            .map_err(|e| UsageError(e.to_string()))?,
+    );
     let shared_config = Arc::new(config.clone());
     let global = Arc::new(GlobalBucket::new(
         config.rate_limits.global_messages_per_second,
@@ -132,6 +173,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
             kind,
             config: shared_config.clone(),
             global: global.clone(),
+            validator: validator.clone(),
             auth: auth.clone(),
             broker: broker.clone(),
             sessions: sessions.clone(),

@@ -33,6 +33,7 @@ pub mod reason {
     pub const DISCONNECT_WITH_WILL: u8 = 0x04;
     pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
+    pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
 }
 
@@ -442,6 +443,7 @@ fn puback_v5(code: u8) -> v5::PubAckReason {
     use v5::PubAckReason as R;
     match code {
         reason::SUCCESS => R::Success,
+        reason::PAYLOAD_FORMAT_INVALID => R::PayloadFormatInvalid,
         reason::NOT_AUTHORIZED => R::NotAuthorized,
         reason::TOPIC_NAME_INVALID => R::TopicNameInvalid,
         reason::QUOTA_EXCEEDED => R::QuotaExceeded,
@@ -453,6 +455,7 @@ fn pubrec_v5(code: u8) -> v5::PubRecReason {
     use v5::PubRecReason as R;
     match code {
         reason::SUCCESS => R::Success,
+        reason::PAYLOAD_FORMAT_INVALID => R::PayloadFormatInvalid,
         reason::NOT_AUTHORIZED => R::NotAuthorized,
         reason::TOPIC_NAME_INVALID => R::TopicNameInvalid,
         reason::QUOTA_EXCEEDED => R::QuotaExceeded,

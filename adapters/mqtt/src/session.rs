@@ -29,6 +29,7 @@ use portcullis_core::principal::{PrincipalId, PrincipalKind};
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::sessions::{KickReason, Sessions};
 use portcullis_core::topic::{TopicFilter, TopicLimits, TopicName};
+use portcullis_core::validate::Validator;
 use rustls::pki_types::CertificateDer;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -66,6 +67,8 @@ pub struct Context {
     pub config: Arc<portcullis_config::Config>,
     /// The gateway-wide ingress cap.
     pub global: Arc<GlobalBucket>,
+    /// Payload rules and size limits.
+    pub validator: Arc<Validator>,
     pub auth: Arc<Authenticator>,
     pub broker: Arc<EmbeddedBroker>,
     pub sessions: Arc<Sessions>,
@@ -500,6 +503,18 @@ fn authenticate(
             };
             if pipeline::admit(&policy, &message, Direction::FromPeer) != Verdict::Accept {
                 return Err("will_not_authorized");
+            }
+            if ctx
+                .validator
+                .check(
+                    &authed.principal.group,
+                    &authed.principal.id,
+                    &message.topic,
+                    &message.payload,
+                )
+                .is_err()
+            {
+                return Err("will_payload_invalid");
             }
             if let Some(rt) = message
                 .properties
@@ -1069,17 +1084,42 @@ impl Session {
         code: u8,
         out: &mut BytesMut,
     ) -> Result<(), End> {
-        ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
-        self.audit_refusal(ctx, "publish", Some(topic), &refusal.to_string());
+        let words = refusal.to_string();
+        self.refuse_publish_as(
+            ctx,
+            p,
+            topic,
+            (refusal.stage.as_str(), refusal.reason),
+            &words,
+            code,
+            out,
+        )
+    }
+
+    /// Refuse a publish with a metric label `(stage, reason)` and the words for the
+    /// audit line.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_publish_as(
+        &mut self,
+        ctx: &Context,
+        p: &PublishIn,
+        topic: &str,
+        (stage, label): (&'static str, &'static str),
+        words: &str,
+        code: u8,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        ctx.metrics.refused(stage, label);
+        self.audit_refusal(ctx, "publish", Some(topic), words);
         if self.version == ProtocolVersion::V311 && self.disconnect_on_refusal {
-            return Err(End::Refused(refusal.to_string()));
+            return Err(End::Refused(words.to_string()));
+        }
+        if p.qos == 2 && self.version == ProtocolVersion::V5 {
+            // An MQTT 5 failure PUBREC ends the flow: no PUBREL will free the id.
+            // (3.1.1 completes it, PUBREL → PUBCOMP, though nothing was forwarded.)
+            self.state.on_pubrel(p.pkid);
         }
         if p.qos > 0 {
-            if p.qos == 2 && self.version == ProtocolVersion::V311 {
-                // 3.1.1 completes the flow (PUBREL → PUBCOMP) though nothing was
-                // forwarded; an MQTT 5 failure PUBREC ends it, so the id is not kept.
-                self.state.incoming_qos2(p.pkid);
-            }
             self.answer_publish(p.pkid, p.qos, code, out);
         }
         Ok(())
@@ -1254,6 +1294,25 @@ impl Session {
                     "message rate too high for too long".into(),
                 ));
             }
+        }
+        // Validation: size limits and the payload rules of the topic.
+        if let Err(invalid) = ctx.validator.check(
+            &self.policy.principal.group,
+            &self.policy.principal.id,
+            &msg.topic,
+            &msg.payload,
+        ) {
+            let topic = msg.topic.to_string();
+            let words = format!("validate: {invalid}");
+            return self.refuse_publish_as(
+                ctx,
+                &p,
+                &topic,
+                ("validate", invalid.label),
+                &words,
+                reason::PAYLOAD_FORMAT_INVALID,
+                out,
+            );
         }
         // A device's retained messages are capped: each one lives in the broker until
         // cleared.

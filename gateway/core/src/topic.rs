@@ -78,6 +78,14 @@ impl TopicName {
         Ok(TopicName(Arc::from(s)))
     }
 
+    /// A topic built by the gateway itself (its own events), checked for shape only.
+    pub fn parse_unlimited(s: &str) -> Result<Self, TopicError> {
+        if s.is_empty() || s.contains(['+', '#', '\0']) || s.split('/').any(str::is_empty) {
+            return Err(TopicError::Wildcard);
+        }
+        Ok(TopicName(Arc::from(s)))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
