@@ -434,3 +434,83 @@ fn the_audit_log_verifies_and_an_edited_line_is_found() {
         text(&bad)
     );
 }
+
+#[test]
+fn banning_a_device_ends_its_session_and_refuses_it_until_lifted() {
+    let gw = Gateway::start();
+    gw.add_device_cert("sensor-1");
+    let mut args = vec![
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        gw.device_tls.port().to_string(),
+        s("-i"),
+        s("sensor-1"),
+        s("-t"),
+        s("devices/sensor-1/commands/#"),
+        s("-V"),
+        s("mqttv5"),
+        s("-d"),
+    ];
+    args.extend(gw.tls_args("sensor-1"));
+    let mut sub = Sub::start(&args);
+    sub.expect("SUBACK", T).expect("connected");
+    let out = gw.cli_ok(&["ban", "add", "device/sensor-1", "--reason", "cloned key"]);
+    assert!(out.contains("\"sessions_ended\": 1"), "{out}");
+    sub.expect("DISCONNECT", T)
+        .expect("the banned session ends");
+    sub.kill();
+    let pub_args: Vec<String> = [
+        vec![
+            s("-h"),
+            s("127.0.0.1"),
+            s("-p"),
+            gw.device_tls.port().to_string(),
+            s("-i"),
+            s("sensor-1"),
+        ],
+        gw.tls_args("sensor-1"),
+        vec![s("-t"), s("devices/sensor-1/telemetry"), s("-m"), s("x")],
+    ]
+    .concat();
+    let refused = mosquitto("mosquitto_pub", &pub_args, T);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    gw.wait_audit(&["\"connect\"", "\"refuse\"", "\"sensor-1\"", "banned"]);
+    let list = gw.cli_ok(&["ban", "list"]);
+    assert!(
+        list.contains("device sensor-1") && list.contains("cloned key"),
+        "{list}"
+    );
+    gw.cli_ok(&["ban", "remove", "device/sensor-1"]);
+    let ok = mosquitto("mosquitto_pub", &pub_args, T);
+    assert!(ok.status.success(), "{}", text(&ok));
+}
+
+#[test]
+fn a_banned_source_is_closed_before_anything_is_read_until_the_ban_expires() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let banned: IpAddr = "127.0.0.7".parse().unwrap();
+    let other: IpAddr = "127.0.0.8".parse().unwrap();
+    gw.cli_ok(&["ban", "add", "127.0.0.7/32", "--ttl", "2s"]);
+    let mut raw = Raw::connect_from(gw.device_plain, banned);
+    assert_eq!(raw.closed_within(T), (true, vec![]));
+    assert_eq!(gw.refusals("connect", "banned"), 1);
+    let mut ok = Raw::connect_from(gw.device_plain, other);
+    assert_eq!(ok.connect_v4("meter-1", Some(("meter-1", SECRET))), Some(0));
+    // Bad input is refused with the reason.
+    let bad = gw.cli(&["ban", "add", "127.0.0.300"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad).contains("not an address or CIDR"),
+        "{}",
+        text(&bad)
+    );
+    // After the TTL, the source may connect again.
+    std::thread::sleep(Duration::from_millis(2100));
+    let mut raw = Raw::connect_from(gw.device_plain, banned);
+    assert_eq!(
+        raw.connect_v4("meter-1", Some(("meter-1", SECRET))),
+        Some(0)
+    );
+}

@@ -7,6 +7,7 @@
 
 use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, append_blocking};
 use portcullis_core::auth::Policies;
+use portcullis_core::bans::{Ban, BanTarget, Cidr};
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
 use portcullis_core::registry::{
     CertCredential, PrincipalRecord, Registry, RegistryError, now_unix,
@@ -80,6 +81,18 @@ pub enum Request {
         cert_any: bool,
         #[serde(default)]
         secret: Option<String>,
+    },
+    BanAdd {
+        /// `device/ID`, `service/ID`, an address or a CIDR block.
+        target: String,
+        #[serde(default)]
+        ttl_secs: Option<u64>,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    BanList,
+    BanRemove {
+        target: String,
     },
     ClientsList,
     ClientsKick {
@@ -166,6 +179,32 @@ fn check_secret(secret: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `device/ID`, `service/ID`, an address or a CIDR block.
+fn parse_ban_target(s: &str) -> Result<BanTarget, String> {
+    if let Some((kind, id)) = s.split_once('/') {
+        let kind = match kind {
+            "device" => Some(PrincipalKind::Device),
+            "service" => Some(PrincipalKind::Service),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            return Ok(BanTarget::Principal(kind, parse_id(id)?));
+        }
+    }
+    s.parse::<Cidr>()
+        .map(BanTarget::Source)
+        .map_err(|e| format!("{e}, or device/ID or service/ID"))
+}
+
+fn ban_view(b: &Ban) -> Value {
+    json!({
+        "target": b.target.to_string(),
+        "reason": b.reason,
+        "created_unix": b.created_unix,
+        "expires_unix": b.expires_unix,
+    })
+}
+
 /// Public view of a record: never the secret hash.
 fn view(r: &PrincipalRecord) -> Value {
     json!({
@@ -245,6 +284,24 @@ impl AdminState {
                 // The same keyed chain the gateway writes, continued from its last line.
                 if let Err(e) = append_blocking(settings, &[entry]) {
                     tracing::warn!(error = %e, path = %settings.path.display(), "audit log not written");
+                }
+            }
+        }
+    }
+
+    fn audit_ban(&self, action: &str, target: &BanTarget) {
+        let entry = AuditEntry::new("ban", "allow")
+            .protocol("admin")
+            .reason(format!("{action} {target}"));
+        let entry = match target {
+            BanTarget::Principal(kind, id) => entry.principal(kind.as_str(), id.to_string()),
+            BanTarget::Source(cidr) => entry.source(cidr),
+        };
+        match &self.audit {
+            AuditSink::Live(audit) => audit.record(entry),
+            AuditSink::File(settings) => {
+                if let Err(e) = append_blocking(settings, &[entry]) {
+                    tracing::warn!(error = %e, "audit log not written");
                 }
             }
         }
@@ -369,6 +426,56 @@ impl AdminState {
                 let mut v = view(&r);
                 v["sessions_ended"] = kicked.into();
                 Ok(v)
+            }
+            Request::BanAdd {
+                target,
+                ttl_secs,
+                reason,
+            } => {
+                let target = parse_ban_target(&target)?;
+                let now = now_unix();
+                let reason = reason.unwrap_or_else(|| "banned by operator".into());
+                if reason.len() > 200 {
+                    return Err("the reason is limited to 200 characters".into());
+                }
+                let ban = Ban {
+                    target: target.clone(),
+                    reason,
+                    created_unix: now,
+                    expires_unix: ttl_secs.map(|t| now.saturating_add(t)),
+                };
+                self.registry.add_ban(ban.clone())?;
+                // Sessions already open under the ban end now.
+                let ended = match (&target, &self.sessions) {
+                    (BanTarget::Principal(kind, id), Some(s)) => {
+                        s.kick(*kind, id, u64::MAX, KickReason::Banned)
+                    }
+                    (BanTarget::Source(cidr), Some(s)) => {
+                        s.kick_sources(|ip| cidr.contains(ip), KickReason::Banned)
+                    }
+                    _ => 0,
+                };
+                self.audit_ban("ban", &target);
+                let mut v = ban_view(&ban);
+                v["sessions_ended"] = ended.into();
+                Ok(v)
+            }
+            Request::BanList => Ok(Value::Array(
+                self.registry
+                    .bans()
+                    .all()
+                    .iter()
+                    .filter(|b| b.active(now_unix()))
+                    .map(ban_view)
+                    .collect(),
+            )),
+            Request::BanRemove { target } => {
+                let target = parse_ban_target(&target)?;
+                if !self.registry.remove_ban(&target)? {
+                    return Err(format!("no ban on {target}").into());
+                }
+                self.audit_ban("unban", &target);
+                Ok(json!({ "removed": target.to_string() }))
             }
             Request::ClientsList => match &self.sessions {
                 Some(s) => {

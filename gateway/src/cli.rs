@@ -79,6 +79,13 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Bans on sources (address or CIDR) and principals.
+    Ban {
+        #[command(subcommand)]
+        action: BanAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Live sessions.
     Clients {
         #[command(subcommand)]
@@ -175,6 +182,24 @@ enum PrincipalAction {
         id: String,
         #[command(flatten)]
         creds: Credentials,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BanAction {
+    /// Ban `device/ID`, `service/ID`, an address or a CIDR block. Open sessions it
+    /// covers end at once.
+    Add {
+        target: String,
+        /// How long: seconds, or with a unit (90s, 15m, 2h, 7d). Default: until lifted.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    List,
+    Remove {
+        target: String,
     },
 }
 
@@ -315,6 +340,24 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Device { action, config } => principal(PrincipalKind::Device, action, config),
         Command::Service { action, config } => principal(PrincipalKind::Service, action, config),
+        Command::Ban { action, config } => {
+            let config = load_config(config.config.as_deref())?;
+            let req = match action {
+                BanAction::Add {
+                    target,
+                    ttl,
+                    reason,
+                } => Request::BanAdd {
+                    target,
+                    ttl_secs: ttl.as_deref().map(parse_ttl).transpose()?,
+                    reason,
+                },
+                BanAction::List => Request::BanList,
+                BanAction::Remove { target } => Request::BanRemove { target },
+            };
+            print(&call(&config, req)?);
+            Ok(())
+        }
         Command::Clients { action, config } => {
             let config = load_config(config.config.as_deref())?;
             let req = match action {
@@ -332,6 +375,24 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `90`, `90s`, `15m`, `2h`, `7d` → seconds.
+fn parse_ttl(s: &str) -> Result<u64> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| UsageError(format!("--ttl {s:?}: expected e.g. 90s, 15m, 2h, 7d")))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!(UsageError(format!(
+            "--ttl {s:?}: unit must be s, m, h or d"
+        ))),
+    };
+    Ok(n.saturating_mul(factor))
 }
 
 fn read_secret(creds: &Credentials) -> Result<Option<String>> {

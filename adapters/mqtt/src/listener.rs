@@ -177,6 +177,17 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => return,
         };
+        // A banned source is closed before a byte is read.
+        if let Some(ban) = ctx.auth.source_ban(peer.ip()) {
+            ctx.metrics.refused("connect", "banned");
+            ctx.audit.record(
+                AuditEntry::new("connect", "refuse")
+                    .source(peer)
+                    .reason(format!("banned: {ban}")),
+            );
+            drop(stream);
+            continue;
+        }
         let slot = match limits.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(why) => {

@@ -633,6 +633,7 @@ impl End {
             End::KeepAlive => Some(reason::KEEP_ALIVE_TIMEOUT),
             End::Kicked(KickReason::Shutdown) => Some(reason::SHUTTING_DOWN),
             End::Kicked(KickReason::TakenOver) => Some(reason::SESSION_TAKEN_OVER),
+            End::Kicked(KickReason::Banned) => Some(reason::NOT_AUTHORIZED),
             End::Kicked(_) => Some(reason::ADMINISTRATIVE_ACTION),
             End::Protocol(code, _) => Some(*code),
             End::Refused(_) => Some(reason::NOT_AUTHORIZED),
@@ -672,7 +673,7 @@ impl End {
     fn discards_session(&self) -> bool {
         matches!(
             self,
-            End::Kicked(KickReason::Removed | KickReason::Disabled)
+            End::Kicked(KickReason::Removed | KickReason::Disabled | KickReason::Banned)
         )
     }
 }

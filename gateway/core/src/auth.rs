@@ -228,6 +228,8 @@ pub enum AuthRefusal {
     CertNotPinned,
     #[error("principal's group is not configured")]
     NoGroup,
+    #[error("principal is banned")]
+    Banned,
 }
 
 impl AuthRefusal {
@@ -247,6 +249,7 @@ impl AuthRefusal {
             AuthRefusal::CertIdentityMismatch => "certificate_identity_mismatch",
             AuthRefusal::CertNotPinned => "certificate_not_registered",
             AuthRefusal::NoGroup => "group_not_configured",
+            AuthRefusal::Banned => "banned",
         }
     }
 }
@@ -439,6 +442,14 @@ impl Authenticator {
         if !record.enabled {
             return Err(AuthRefusal::Disabled);
         }
+        if self
+            .registry
+            .bans()
+            .principal(kind, &record.id, crate::registry::now_unix())
+            .is_some()
+        {
+            return Err(AuthRefusal::Banned);
+        }
         let acl = policy
             .acl
             .expand(&record.id, &record.group)
@@ -476,6 +487,14 @@ impl Authenticator {
             return Err(AuthRefusal::CertIdentityMismatch);
         }
         Ok(fingerprint(end_entity))
+    }
+
+    /// The active ban on a source address, if any: checked before anything is read.
+    pub fn source_ban(&self, ip: IpAddr) -> Option<String> {
+        self.registry
+            .bans()
+            .source(ip, crate::registry::now_unix())
+            .map(|b| format!("{} ({})", b.target, b.reason))
     }
 
     /// When the principal was registered (0 if it no longer is).

@@ -5,6 +5,7 @@
 //! CONNECT never touches the disk and never waits for an admin command. Mutations are
 //! rare (admin API) and run synchronously under a mutex.
 
+use crate::bans::{Ban, BanList, BanTarget};
 use crate::principal::{GroupName, PrincipalId, PrincipalKind};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 const PRINCIPALS: TableDefinition<&str, &[u8]> = TableDefinition::new("principals");
+const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans");
 
 /// A certificate credential: the group's CA must have issued it and its identity
 /// field must equal the id. With a fingerprint, only that exact certificate.
@@ -105,6 +107,7 @@ fn storage<E: std::fmt::Display>(e: E) -> RegistryError {
 pub struct Registry {
     db: Database,
     snapshot: RwLock<Arc<Snapshot>>,
+    bans: RwLock<Arc<BanList>>,
     write: Mutex<()>,
 }
 
@@ -150,15 +153,19 @@ impl Registry {
         {
             let tx = db.begin_write().map_err(storage)?;
             tx.open_table(PRINCIPALS).map_err(storage)?;
+            tx.open_table(BANS).map_err(storage)?;
             tx.commit().map_err(storage)?;
         }
         let registry = Registry {
             db,
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            bans: RwLock::new(Arc::new(BanList::default())),
             write: Mutex::new(()),
         };
         let snapshot = registry.load()?;
         *registry.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+        let bans = registry.load_bans()?;
+        *registry.bans.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(BanList::new(bans));
         Ok(registry)
     }
 
@@ -176,6 +183,81 @@ impl Registry {
             principals.insert((record.kind, record.id.clone()), Arc::new(record));
         }
         Ok(Snapshot { principals })
+    }
+
+    fn load_bans(&self) -> Result<Vec<Ban>, RegistryError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(BANS).map_err(storage)?;
+        let mut bans = Vec::new();
+        for entry in table.iter().map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            let ban: Ban =
+                serde_json::from_slice(v.value()).map_err(|e| RegistryError::Corrupt {
+                    key: format!("ban {}", k.value()),
+                    reason: e.to_string(),
+                })?;
+            bans.push(ban);
+        }
+        Ok(bans)
+    }
+
+    /// The bans in force (expired ones are dropped when the list next changes).
+    pub fn bans(&self) -> Arc<BanList> {
+        self.bans.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Add or replace a ban; expired bans are pruned in the same transaction.
+    pub fn add_ban(&self, ban: Ban) -> Result<(), RegistryError> {
+        self.change_bans(|table, now| {
+            let bytes = serde_json::to_vec(&ban).map_err(storage)?;
+            table
+                .insert(ban.target.key().as_str(), bytes.as_slice())
+                .map_err(storage)?;
+            let _ = now;
+            Ok(true)
+        })
+        .map(|_| ())
+    }
+
+    /// Lift a ban; false if there was none.
+    pub fn remove_ban(&self, target: &BanTarget) -> Result<bool, RegistryError> {
+        self.change_bans(|table, _| {
+            Ok(table
+                .remove(target.key().as_str())
+                .map_err(storage)?
+                .is_some())
+        })
+    }
+
+    fn change_bans(
+        &self,
+        change: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>, u64) -> Result<bool, RegistryError>,
+    ) -> Result<bool, RegistryError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_unix();
+        let tx = self.db.begin_write().map_err(storage)?;
+        let result = {
+            let mut table = tx.open_table(BANS).map_err(storage)?;
+            let result = change(&mut table, now)?;
+            // Prune what has expired.
+            let mut expired = Vec::new();
+            for entry in table.iter().map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                if let Ok(ban) = serde_json::from_slice::<Ban>(v.value())
+                    && !ban.active(now)
+                {
+                    expired.push(k.value().to_string());
+                }
+            }
+            for k in expired {
+                table.remove(k.as_str()).map_err(storage)?;
+            }
+            result
+        };
+        tx.commit().map_err(storage)?;
+        let bans = self.load_bans()?;
+        *self.bans.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(BanList::new(bans));
+        Ok(result)
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -395,6 +477,41 @@ mod tests {
             .unwrap();
         assert_eq!(rec.generation, 1);
         assert!(rec.secret_hash_bytes().is_some());
+    }
+
+    #[test]
+    fn bans_persist_and_expired_ones_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let target = BanTarget::Source("192.0.2.0/24".parse().unwrap());
+        {
+            let r = Registry::open(&path).unwrap();
+            r.add_ban(Ban {
+                target: target.clone(),
+                reason: "scanner".into(),
+                created_unix: 1,
+                expires_unix: None,
+            })
+            .unwrap();
+            r.add_ban(Ban {
+                target: BanTarget::Source("198.51.100.1".parse().unwrap()),
+                reason: "old".into(),
+                created_unix: 1,
+                expires_unix: Some(2),
+            })
+            .unwrap();
+            // The expired one was pruned when the list changed.
+            assert_eq!(r.bans().all().len(), 1);
+        }
+        let r = Registry::open(&path).unwrap();
+        assert!(
+            r.bans()
+                .source("192.0.2.9".parse().unwrap(), now_unix())
+                .is_some()
+        );
+        assert!(r.remove_ban(&target).unwrap());
+        assert!(!r.remove_ban(&target).unwrap());
+        assert!(r.bans().all().is_empty());
     }
 
     #[test]

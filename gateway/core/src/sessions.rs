@@ -17,6 +17,7 @@ pub enum KickReason {
     Removed,
     CredentialRotated,
     Operator,
+    Banned,
     TakenOver,
     Shutdown,
 }
@@ -28,6 +29,7 @@ impl KickReason {
             KickReason::Removed => "principal removed",
             KickReason::CredentialRotated => "credential rotated",
             KickReason::Operator => "kicked by operator",
+            KickReason::Banned => "banned",
             KickReason::TakenOver => "session taken over",
             KickReason::Shutdown => "server shutting down",
         }
@@ -138,6 +140,28 @@ impl Sessions {
             if entry.principal.kind == kind
                 && &entry.principal.id == id
                 && entry.info.generation < below_generation
+            {
+                let _ = entry.kick.send(Some(reason));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// End the sessions whose source address `matches`. Returns how many.
+    pub fn kick_sources(
+        &self,
+        matches: impl Fn(std::net::IpAddr) -> bool,
+        reason: KickReason,
+    ) -> usize {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for entry in inner.values() {
+            if entry
+                .info
+                .source
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| matches(a.ip()))
             {
                 let _ = entry.kick.send(Some(reason));
                 n += 1;
