@@ -314,6 +314,9 @@ pub struct DeviceGroup {
     /// CA bundles (PEM) whose certificates may claim ids in this group.
     #[serde(default)]
     pub trust: Vec<PathBuf>,
+    /// Certificate revocation lists (PEM) for those CAs; reloaded with the config.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
     #[serde(default = "default_identity")]
     pub identity: IdentityField,
     /// Publish rights; must stay under `devices/{id}/`. Everything else is denied.
@@ -336,6 +339,8 @@ pub struct DeviceGroup {
 pub struct ServiceGroup {
     #[serde(default)]
     pub trust: Vec<PathBuf>,
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
     #[serde(default = "default_identity")]
     pub identity: IdentityField,
     #[serde(default)]
@@ -371,6 +376,7 @@ impl Default for Config {
             "default".to_string(),
             DeviceGroup {
                 trust: vec![dev_ca.clone()],
+                crls: Vec::new(),
                 identity: IdentityField::Cn,
                 publish: default_device_publish(),
                 subscribe: default_device_subscribe(),
@@ -383,6 +389,7 @@ impl Default for Config {
             "default".to_string(),
             ServiceGroup {
                 trust: vec![dev_ca],
+                crls: Vec::new(),
                 identity: IdentityField::Cn,
                 publish: vec!["devices/+/commands/#".into()],
                 subscribe: vec!["devices/+/telemetry/#".into()],

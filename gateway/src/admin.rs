@@ -6,7 +6,7 @@
 //! Secrets travel only over this socket (never argv) and are hashed on arrival.
 
 use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, append_blocking};
-use portcullis_core::auth::Policies;
+use portcullis_core::auth::{Authenticator, Policies};
 use portcullis_core::bans::{Ban, BanTarget, Cidr};
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
 use portcullis_core::registry::{
@@ -94,6 +94,8 @@ pub enum Request {
     BanRemove {
         target: String,
     },
+    /// Reload the configuration file of the running gateway.
+    Reload,
     ClientsList,
     ClientsKick {
         kind: PrincipalKind,
@@ -101,10 +103,17 @@ pub enum Request {
     },
 }
 
+/// Reloads the running gateway's configuration: a summary, or why it was refused.
+pub type Reloader = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub hasher: SecretHasher,
+    /// The policies at start (used with no gateway running).
     pub policies: Arc<Policies>,
+    /// The running gateway's authenticator, whose policies follow reloads.
+    pub auth: Option<Arc<Authenticator>>,
+    pub reload: Option<Reloader>,
     pub sessions: Option<Arc<Sessions>>,
     /// Retained commands held for devices (running gateway only).
     pub retained: Option<Arc<RetainedCommands>>,
@@ -228,7 +237,11 @@ impl AdminState {
         let id = parse_id(&p.id)?;
         let group_name = p.group.as_deref().unwrap_or("default");
         let group = GroupName::parse(group_name).map_err(|e| format!("group: {e}"))?;
-        if self.policies.group(kind, &group).is_none() {
+        let policies = match &self.auth {
+            Some(auth) => auth.policies(),
+            None => self.policies.clone(),
+        };
+        if policies.group(kind, &group).is_none() {
             return Err(format!(
                 "{id}: no {kind} group {group:?} in the configuration"
             ));
@@ -477,6 +490,12 @@ impl AdminState {
                 self.audit_ban("unban", &target);
                 Ok(json!({ "removed": target.to_string() }))
             }
+            Request::Reload => match &self.reload {
+                Some(reload) => reload()
+                    .map(|summary| json!({ "reloaded": summary }))
+                    .map_err(AdminError::Usage),
+                None => Err(AdminError::Runtime("the gateway is not running".into())),
+            },
             Request::ClientsList => match &self.sessions {
                 Some(s) => {
                     serde_json::to_value(s.list()).map_err(|e| AdminError::Runtime(e.to_string()))

@@ -235,6 +235,11 @@ enum PkiAction {
 enum ConfigAction {
     /// Validate a configuration file.
     Check { file: PathBuf },
+    /// Make the running gateway reload its configuration file (like SIGHUP).
+    Reload {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 pub fn load_config(path: Option<&Path>) -> Result<Config> {
@@ -248,7 +253,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(c) => {
             let config = load_config(c.config.as_deref())?;
-            crate::serve::run(config, c.config.is_none())
+            crate::serve::run(config, c.config.clone())
         }
         Command::Config {
             action: ConfigAction::Check { file },
@@ -258,6 +263,13 @@ pub fn run(cli: Cli) -> Result<()> {
             portcullis_core::validate::Validator::new(&config.validation, |p| config.resolve(p))
                 .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
             println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Config {
+            action: ConfigAction::Reload { config },
+        } => {
+            let config = load_config(config.config.as_deref())?;
+            print(&call(&config, Request::Reload)?);
             Ok(())
         }
         Command::Pki { action, config } => {
@@ -579,6 +591,8 @@ fn call(config: &Config, req: Request) -> Result<Value> {
                 registry: Arc::new(registry),
                 hasher,
                 policies: Arc::new(policies),
+                auth: None,
+                reload: None,
                 sessions: None,
                 retained: None,
                 audit: AuditSink::File(Box::new(offline_audit(config)?)),

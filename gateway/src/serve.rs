@@ -1,7 +1,7 @@
 //! `portcullis serve`: wire the core, the adapters and the listeners together, run
 //! until SIGTERM, then drain.
 
-use crate::admin::{self, AdminState, AuditSink};
+use crate::admin::{self, AdminState, AuditSink, Reloader};
 use crate::cli::UsageError;
 use crate::observability::{self, Health};
 use crate::pki::{self, PkiPaths};
@@ -24,7 +24,7 @@ use portcullis_core::sessions::{KickReason, Sessions};
 use portcullis_core::topic::{TopicLimits, TopicName};
 use portcullis_core::validate::Validator;
 use portcullis_mqtt::listener::{self, ConnectionLimits};
-use portcullis_mqtt::session::{Context as SessionContext, SessionLimits};
+use portcullis_mqtt::session::{Context as SessionContext, Live, SessionLimits};
 use portcullis_mqtt::store::SessionStore;
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -35,13 +35,13 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-pub fn run(config: Config, embedded_default: bool) -> Result<()> {
+pub fn run(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("portcullis")
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(config, embedded_default))
+    runtime.block_on(serve(config, path))
 }
 
 async fn bind(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener>> {
@@ -54,10 +54,12 @@ async fn bind(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener
     }
 }
 
-async fn serve(config: Config, embedded_default: bool) -> Result<()> {
+async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
+    let embedded_default = path.is_none();
     // Installed first, so a SIGTERM during start-up is a clean stop too.
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let data_dir = &config.data_dir;
     // Owner-only: the registry, keys and audit log live here.
     std::fs::DirBuilder::new()
@@ -163,7 +165,10 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         Validator::new(&config.validation, |p| config.resolve(p))
             .map_err(|e| UsageError(e.to_string()))?,
     );
-    let shared_config = Arc::new(config.clone());
+    let (live_tx, live_rx) = watch::channel(Arc::new(Live {
+        config: Arc::new(config.clone()),
+        validator: validator.clone(),
+    }));
     let global = Arc::new(GlobalBucket::new(
         config.rate_limits.global_messages_per_second,
         std::time::Instant::now(),
@@ -171,9 +176,8 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     let context = |kind| {
         Arc::new(SessionContext {
             kind,
-            config: shared_config.clone(),
+            live: live_rx.clone(),
             global: global.clone(),
-            validator: validator.clone(),
             auth: auth.clone(),
             broker: broker.clone(),
             sessions: sessions.clone(),
@@ -209,13 +213,20 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
             burst: config.rate_limits.connection_burst_per_source,
         },
     );
+    let acceptor = |roots| {
+        listener::tls_acceptor(&server_cert, &server_key, roots)
+            .map_err(|e| UsageError(e.to_string()))
+    };
+    let (device_tls_tx, device_tls_rx) = watch::channel(acceptor(policies.device_roots.clone())?);
+    let (service_tls_tx, service_tls_rx) =
+        watch::channel(acceptor(policies.service_roots.clone())?);
     let mut tasks = Vec::new();
     let mut report = Vec::new();
     for (listener, ctx, tls, label) in [
         (
             device_tls,
             &device_ctx,
-            Some(policies.device_roots.clone()),
+            Some(device_tls_rx),
             "device listener (MQTT over TLS)",
         ),
         (
@@ -227,7 +238,7 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         (
             service_tls,
             &service_ctx,
-            Some(policies.service_roots.clone()),
+            Some(service_tls_rx),
             "service listener (MQTT over TLS)",
         ),
         (
@@ -238,17 +249,10 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         ),
     ] {
         let Some(listener) = listener else { continue };
-        let acceptor = match tls {
-            Some(roots) => Some(
-                listener::tls_acceptor(&server_cert, &server_key, roots)
-                    .map_err(|e| UsageError(e.to_string()))?,
-            ),
-            None => None,
-        };
         report.push((label, listener.local_addr()?.to_string()));
         tasks.push(tokio::spawn(listener::serve(
             listener,
-            acceptor,
+            tls,
             handshake_timeout,
             ctx.clone(),
             conn_limits.clone(),
@@ -256,10 +260,35 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
         )));
     }
     report.push(("admin socket", admin_socket.display().to_string()));
+    // Reload: build everything new first; swap only if all of it loads.
+    let reloader: Reloader = {
+        let running = std::sync::Mutex::new(config.clone());
+        let (auth, audit) = (auth.clone(), audit.clone());
+        let path = path.clone();
+        Arc::new(move || {
+            let result = reload(
+                path.as_deref(),
+                &running,
+                &auth,
+                &live_tx,
+                &device_tls_tx,
+                &service_tls_tx,
+            );
+            let entry = AuditEntry::new("config", if result.is_ok() { "allow" } else { "refuse" })
+                .protocol("admin");
+            audit.record(match &result {
+                Ok(summary) => entry.reason(format!("reloaded: {summary}")),
+                Err(why) => entry.reason(format!("reload refused: {why}")),
+            });
+            result
+        })
+    };
     let admin_state = Arc::new(AdminState {
         registry: registry.clone(),
         hasher,
         policies: policies.clone(),
+        auth: Some(auth.clone()),
+        reload: Some(reloader.clone()),
         sessions: Some(sessions.clone()),
         retained: Some(retained.clone()),
         audit: AuditSink::Live(audit.clone()),
@@ -321,9 +350,19 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     let _ = std::io::stdout().flush();
     audit.record(AuditEntry::new("start", "allow").reason("gateway started"));
 
-    tokio::select! {
-        _ = sigterm.recv() => {}
-        _ = sigint.recv() => {}
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                let reload = reloader.clone();
+                match tokio::task::spawn_blocking(move || reload()).await {
+                    Ok(Ok(summary)) => tracing::info!(%summary, "configuration reloaded"),
+                    Ok(Err(why)) => tracing::error!(%why, "configuration reload refused; the running one stays"),
+                    Err(e) => tracing::error!(error = %e, "configuration reload failed"),
+                }
+            }
+        }
     }
 
     // Drain: stop accepting, tell every peer we are going, wait for them to close.
@@ -351,4 +390,57 @@ async fn serve(config: Config, embedded_default: bool) -> Result<()> {
     drop(registry);
     println!("portcullis stopped");
     Ok(())
+}
+
+/// Re-read the configuration and apply what can change while running: ACLs, CAs and
+/// CRLs, the server certificate, rate limits and payload rules. Everything is built
+/// before anything is swapped, so a bad file leaves the running configuration alone.
+fn reload(
+    path: Option<&std::path::Path>,
+    running: &std::sync::Mutex<Config>,
+    auth: &Authenticator,
+    live: &watch::Sender<Arc<Live>>,
+    device_tls: &watch::Sender<tokio_rustls::TlsAcceptor>,
+    service_tls: &watch::Sender<tokio_rustls::TlsAcceptor>,
+) -> Result<String, String> {
+    let new = match path {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let mut current = running.lock().unwrap_or_else(|p| p.into_inner());
+    // What listeners, storage and the broker were built from needs a restart.
+    for (key, same) in [
+        ("data_dir", new.data_dir == current.data_dir),
+        ("listeners", new.listeners == current.listeners),
+        ("observability", new.observability == current.observability),
+        ("admin", new.admin == current.admin),
+        ("broker", new.broker == current.broker),
+        ("audit", new.audit == current.audit),
+        ("sessions", new.sessions == current.sessions),
+        ("limits", new.limits == current.limits),
+        ("auth", new.auth == current.auth),
+    ] {
+        if !same {
+            return Err(format!("{key} changed: that needs a restart"));
+        }
+    }
+    let policies = Arc::new(Policies::from_config(&new).map_err(|e| e.to_string())?);
+    let validator =
+        Arc::new(Validator::new(&new.validation, |p| new.resolve(p)).map_err(|e| e.to_string())?);
+    let (cert, key) = (new.server_cert(), new.server_key());
+    let device = listener::tls_acceptor(&cert, &key, policies.device_roots.clone())
+        .map_err(|e| e.to_string())?;
+    let service = listener::tls_acceptor(&cert, &key, policies.service_roots.clone())
+        .map_err(|e| e.to_string())?;
+    // All of it loaded: swap.
+    auth.set_policies(policies);
+    device_tls.send_replace(device);
+    service_tls.send_replace(service);
+    live.send_replace(Arc::new(Live {
+        config: Arc::new(new.clone()),
+        validator,
+    }));
+    let groups = new.device_groups.len() + new.service_groups.len();
+    *current = new;
+    Ok(format!("{groups} groups, rules and certificates in force"))
 }

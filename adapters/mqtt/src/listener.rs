@@ -158,7 +158,7 @@ impl Drop for ConnectionSlot {
 /// sessions already running finish on their own (they watch the same signal).
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<watch::Receiver<TlsAcceptor>>,
     handshake_timeout: Duration,
     ctx: Arc<Context>,
     limits: Arc<ConnectionLimits>,
@@ -212,7 +212,8 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
-        let tls = tls.clone();
+        // The acceptor of the moment: a reload swaps in a new certificate or CAs.
+        let tls = tls.as_ref().map(|rx| rx.borrow().clone());
         tokio::spawn(async move {
             let _slot = slot;
             match tls {

@@ -60,15 +60,21 @@ pub struct SessionLimits {
     pub max_subscriptions: usize,
 }
 
+/// What a configuration reload replaces for live sessions (ACLs and CAs come from the
+/// authenticator's policies, swapped at the same time).
+#[derive(Debug)]
+pub struct Live {
+    pub config: Arc<portcullis_config::Config>,
+    pub validator: Arc<Validator>,
+}
+
 /// What every session of one listener shares.
 pub struct Context {
     pub kind: PrincipalKind,
-    /// The configuration sessions read their per-principal settings (rates) from.
-    pub config: Arc<portcullis_config::Config>,
+    /// The settings that a configuration reload replaces; each session watches it.
+    pub live: watch::Receiver<Arc<Live>>,
     /// The gateway-wide ingress cap.
     pub global: Arc<GlobalBucket>,
-    /// Payload rules and size limits.
-    pub validator: Arc<Validator>,
     pub auth: Arc<Authenticator>,
     pub broker: Arc<EmbeddedBroker>,
     pub sessions: Arc<Sessions>,
@@ -505,6 +511,8 @@ fn authenticate(
                 return Err("will_not_authorized");
             }
             if ctx
+                .live
+                .borrow()
                 .validator
                 .check(
                     &authed.principal.group,
@@ -541,7 +549,8 @@ fn authenticate(
         PrincipalKind::Service => 0,
     };
     let keep_alive = KeepAlive::effective(connect.keep_alive, ctx.limits.max_keep_alive);
-    let rates = ctx.config.rates_for(
+    let live = ctx.live.borrow().clone();
+    let rates = live.config.rates_for(
         ctx.kind.as_str(),
         authed.principal.group.as_str(),
         authed.principal.id.as_str(),
@@ -571,6 +580,8 @@ fn authenticate(
         aliases: HashMap::new(),
         pending_subacks: VecDeque::new(),
         limiter,
+        live,
+        certs: certs.map(<[_]>::to_vec),
     })
 }
 
@@ -612,6 +623,10 @@ struct Session {
     pending_subacks: VecDeque<BytesMut>,
     /// The rate-limit stage's state for this principal.
     limiter: PrincipalLimiter,
+    /// The reloadable settings this session currently applies.
+    live: Arc<Live>,
+    /// The certificate chain it authenticated with, re-checked on reload.
+    certs: Option<Vec<CertificateDer<'static>>>,
 }
 
 /// Why a session ended.
@@ -828,10 +843,18 @@ impl Session {
         let mut keep_alive = KeepAlive::new(self.keep_alive, Instant::now());
         let mailbox = self.state.mailbox.clone();
         let mut shutdown = ctx.shutdown.clone();
+        let mut live = ctx.live.clone();
+        live.mark_unchanged();
         let mut out = BytesMut::with_capacity(4096);
         loop {
             if let Some(reason) = *kicked.borrow() {
                 return End::Kicked(reason);
+            }
+            if live.has_changed().unwrap_or(false) {
+                let next = live.borrow_and_update().clone();
+                if let Err(end) = self.reload(ctx, next).await {
+                    return end;
+                }
             }
             if ctx.kind == PrincipalKind::Device {
                 self.pump_mailbox(ctx, &mut out);
@@ -887,6 +910,7 @@ impl Session {
                 },
                 _ = mailbox.notify.notified(), if ctx.kind == PrincipalKind::Device => Ok(()),
                 _ = kicked.changed() => continue,
+                _ = live.changed() => continue,
                 // Registered after the drain began: end like everyone else.
                 _ = stopped(&mut shutdown) => Err(End::Kicked(KickReason::Shutdown)),
                 _ = tokio::time::sleep_until(keep_alive.deadline().into()) => Err(End::KeepAlive),
@@ -899,6 +923,53 @@ impl Session {
                 return end;
             }
         }
+    }
+
+    /// A configuration reload: the session keeps running under the new rules. Rights
+    /// it lost are gone from now on (subscriptions no longer allowed are dropped); a
+    /// certificate that no longer verifies (CA removed, or revoked by a CRL) ends it.
+    async fn reload(&mut self, ctx: &Context, live: Arc<Live>) -> Result<(), End> {
+        let principal = self.policy.principal.clone();
+        let Some(acl) = ctx.auth.current_acl(&principal) else {
+            return Err(End::Kicked(KickReason::PolicyChanged));
+        };
+        if let Some(chain) = &self.certs
+            && !ctx.auth.certificate_still_valid(&principal, chain)
+        {
+            return Err(End::Kicked(KickReason::CertificateRevoked));
+        }
+        self.policy.acl = acl;
+        let lost: Vec<String> = self
+            .state
+            .subscriptions()
+            .iter()
+            .filter(|(f, _)| pipeline::admit_subscription(&self.policy, f) != Verdict::Accept)
+            .map(|(f, _)| f.as_str().to_string())
+            .collect();
+        for f in &lost {
+            self.state.unsubscribe(f);
+            self.audit_refusal(
+                ctx,
+                "subscribe",
+                Some(f),
+                "subscription no longer allowed after reload",
+            );
+        }
+        if let (Some(Link::Service { cmds, .. }), false) = (&self.link, lost.is_empty()) {
+            cmds.send(ServiceCmd::Unsubscribe(lost))
+                .await
+                .map_err(|_| End::BrokerGone)?;
+        }
+        let rates = live.config.rates_for(
+            ctx.kind.as_str(),
+            principal.group.as_str(),
+            principal.id.as_str(),
+        );
+        if principal_rates(&rates) != self.limiter.rates() {
+            self.limiter = PrincipalLimiter::new(principal_rates(&rates), Instant::now());
+        }
+        self.live = live;
+        Ok(())
     }
 
     /// Move queued commands to the device while the inflight window allows.
@@ -1297,7 +1368,7 @@ impl Session {
             }
         }
         // Validation: size limits and the payload rules of the topic.
-        if let Err(invalid) = ctx.validator.check(
+        if let Err(invalid) = self.live.validator.check(
             &self.policy.principal.group,
             &self.policy.principal.id,
             &msg.topic,

@@ -77,6 +77,30 @@ fn load_roots(config: &Config, paths: &[std::path::PathBuf]) -> Result<RootCertS
     Ok(roots)
 }
 
+/// Revocation lists, PEM.
+fn load_crls(
+    config: &Config,
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, PolicyError> {
+    let mut out = Vec::new();
+    for path in paths {
+        let path = config.resolve(path);
+        let err = |reason: String| PolicyError::Trust {
+            path: path.display().to_string(),
+            reason,
+        };
+        let bytes = std::fs::read(&path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let crls: Vec<_> = rustls_pemfile::crls(&mut bytes.as_slice())
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(format!("bad PEM: {e}")))?;
+        if crls.is_empty() {
+            return Err(err("no CRL in file".into()));
+        }
+        out.extend(crls);
+    }
+    Ok(out)
+}
+
 pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PolicyError> {
     let err = |reason: String| PolicyError::Trust {
         path: path.display().to_string(),
@@ -104,7 +128,7 @@ impl Policies {
                 (
                     PrincipalKind::Device,
                     name,
-                    &g.trust,
+                    (&g.trust, &g.crls),
                     g.identity,
                     &g.publish,
                     &g.subscribe,
@@ -115,14 +139,16 @@ impl Policies {
                 (
                     PrincipalKind::Service,
                     name,
-                    &g.trust,
+                    (&g.trust, &g.crls),
                     g.identity,
                     &g.publish,
                     &g.subscribe,
                     false,
                 )
             }));
-        for (kind, name, trust, identity, publish, subscribe, disconnect_on_refusal) in entries {
+        for (kind, name, (trust, crls), identity, publish, subscribe, disconnect_on_refusal) in
+            entries
+        {
             let group = GroupName::parse(name).map_err(|e| PolicyError::Group {
                 group: name.clone(),
                 reason: e.to_string(),
@@ -140,6 +166,7 @@ impl Policies {
                 }
                 Some(
                     WebPkiClientVerifier::builder(Arc::new(roots))
+                        .with_crls(load_crls(config, crls)?)
                         .build()
                         .map_err(|e| PolicyError::Group {
                             group: name.clone(),
@@ -268,7 +295,8 @@ pub struct Authenticated {
 pub struct Authenticator {
     registry: Arc<Registry>,
     hasher: SecretHasher,
-    policies: Arc<Policies>,
+    /// Replaced whole on a configuration reload; read once per connection.
+    policies: std::sync::RwLock<Arc<Policies>>,
     guard: Mutex<SourceGuard>,
 }
 
@@ -316,7 +344,7 @@ impl Authenticator {
         Authenticator {
             registry,
             hasher,
-            policies,
+            policies: std::sync::RwLock::new(policies),
             guard: Mutex::new(SourceGuard::new(backoff)),
         }
     }
@@ -325,8 +353,50 @@ impl Authenticator {
         &self.hasher
     }
 
-    pub fn policies(&self) -> &Arc<Policies> {
-        &self.policies
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Swap in the policies of a reloaded configuration.
+    pub fn set_policies(&self, policies: Arc<Policies>) {
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = policies;
+    }
+
+    /// The ACL a live session should now have (after a reload), or `None` when its
+    /// group no longer exists.
+    pub fn current_acl(&self, principal: &PrincipalRef) -> Option<Arc<Acl>> {
+        let policies = self.policies();
+        let group = policies.group(principal.kind, &principal.group)?;
+        group
+            .acl
+            .expand(&principal.id, &principal.group)
+            .ok()
+            .map(Arc::new)
+    }
+
+    /// Does a certificate a session connected with still verify under the current
+    /// trust anchors and revocation lists?
+    pub fn certificate_still_valid(
+        &self,
+        principal: &PrincipalRef,
+        chain: &[CertificateDer<'static>],
+    ) -> bool {
+        let policies = self.policies();
+        let Some(verifier) = policies
+            .group(principal.kind, &principal.group)
+            .and_then(|g| g.verifier.clone())
+        else {
+            return false;
+        };
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .is_ok()
     }
 
     /// Back-off check alone, before anything else is read from the peer.
@@ -371,9 +441,10 @@ impl Authenticator {
             .ok()
             .and_then(|id| snapshot.get(kind, id))
             .cloned();
+        let policies = self.policies();
         let policy = record
             .as_ref()
-            .and_then(|r| self.policies.group(kind, &r.group))
+            .and_then(|r| policies.group(kind, &r.group))
             .cloned();
         // Equal work whether or not the id exists: a secret is always hashed, and a
         // certificate always verified (against the group's CAs, or for an unknown id
@@ -391,7 +462,7 @@ impl Authenticator {
                 let verifier = policy
                     .as_ref()
                     .and_then(|p| p.verifier.clone())
-                    .or_else(|| self.policies.any_verifier(kind));
+                    .or_else(|| policies.any_verifier(kind));
                 let identity = policy.as_ref().map_or(IdentityField::Cn, |p| p.identity);
                 self.check_certificate(
                     verifier,

@@ -18,6 +18,8 @@ pub enum KickReason {
     CredentialRotated,
     Operator,
     Banned,
+    PolicyChanged,
+    CertificateRevoked,
     TakenOver,
     Shutdown,
 }
@@ -30,6 +32,10 @@ impl KickReason {
             KickReason::CredentialRotated => "credential rotated",
             KickReason::Operator => "kicked by operator",
             KickReason::Banned => "banned",
+            KickReason::PolicyChanged => "group removed by a configuration reload",
+            KickReason::CertificateRevoked => {
+                "certificate no longer trusted (revoked or CA removed)"
+            }
             KickReason::TakenOver => "session taken over",
             KickReason::Shutdown => "server shutting down",
         }
