@@ -845,17 +845,13 @@ impl Session {
         let mut shutdown = ctx.shutdown.clone();
         let mut live = ctx.live.clone();
         live.mark_unchanged();
+        let mut live_open = true;
         let mut out = BytesMut::with_capacity(4096);
         loop {
             if let Some(reason) = *kicked.borrow() {
                 return End::Kicked(reason);
             }
-            if live.has_changed().unwrap_or(false) {
-                let next = live.borrow_and_update().clone();
-                if let Err(end) = self.reload(ctx, next).await {
-                    return end;
-                }
-            }
+
             if ctx.kind == PrincipalKind::Device {
                 self.pump_mailbox(ctx, &mut out);
             }
@@ -910,7 +906,17 @@ impl Session {
                 },
                 _ = mailbox.notify.notified(), if ctx.kind == PrincipalKind::Device => Ok(()),
                 _ = kicked.changed() => continue,
-                _ = live.changed() => continue,
+                changed = live.changed(), if live_open => match changed {
+                    Ok(()) => {
+                        let next = live.borrow_and_update().clone();
+                        self.reload(ctx, next).await
+                    }
+                    // The gateway is stopping: nothing more will be reloaded.
+                    Err(_) => {
+                        live_open = false;
+                        Ok(())
+                    }
+                },
                 // Registered after the drain began: end like everyone else.
                 _ = stopped(&mut shutdown) => Err(End::Kicked(KickReason::Shutdown)),
                 _ = tokio::time::sleep_until(keep_alive.deadline().into()) => Err(End::KeepAlive),

@@ -1,0 +1,174 @@
+//! Configuration reload while devices stay connected: new rules apply to live
+//! sessions at once, a certificate that is no longer trusted ends its session, and a
+//! broken new file is refused with the reason while the running rules stay.
+
+mod common;
+
+use common::raw::Raw;
+use common::*;
+use rumqttc::v5::mqttbytes::QoS as Q5;
+use rumqttc::v5::mqttbytes::v5;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+fn v5_device(gw: &Gateway) -> Raw {
+    let mut raw = Raw::connect(gw.device_plain);
+    assert_eq!(
+        raw.connect_v5("meter-1", Some(("meter-1", SECRET))),
+        Some(v5::ConnectReturnCode::Success)
+    );
+    raw
+}
+
+fn publish(raw: &mut Raw, topic: &str, pkid: u16) -> v5::PubAckReason {
+    let mut p = v5::Publish::new(topic, Q5::AtLeastOnce, b"x".to_vec(), None);
+    p.pkid = pkid;
+    raw.send_v5(v5::Packet::Publish(p));
+    match raw.recv_v5(T) {
+        Some(v5::Packet::PubAck(a)) => a.reason,
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+/// Rewrite the gateway's config: the test base plus `extra`.
+fn rewrite(gw: &Gateway, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    assert!(text.contains(from), "config has no {from:?}");
+    std::fs::write(&gw.config, text.replace(from, to)).unwrap();
+}
+
+#[test]
+fn a_narrowed_acl_applies_to_a_live_session_without_dropping_it() {
+    let gw = Gateway::start_with("[device_groups.meters]\npublish = [\"devices/{id}/#\"]\n");
+    let out = gw.cli_stdin(
+        &[
+            "device",
+            "add",
+            "meter-1",
+            "--group",
+            "meters",
+            "--secret-stdin",
+        ],
+        Some(SECRET),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let mut raw = v5_device(&gw);
+    assert_eq!(
+        publish(&mut raw, "devices/meter-1/status", 1),
+        v5::PubAckReason::Success
+    );
+    rewrite(
+        &gw,
+        "publish = [\"devices/{id}/#\"]",
+        "publish = [\"devices/{id}/telemetry/#\"]",
+    );
+    let out = gw.cli_ok(&["config", "reload"]);
+    assert!(out.contains("reloaded"), "{out}");
+    // Same connection: the right it lost is refused from now on; the rest still works.
+    assert_eq!(
+        publish(&mut raw, "devices/meter-1/status", 2),
+        v5::PubAckReason::NotAuthorized
+    );
+    assert_eq!(
+        publish(&mut raw, "devices/meter-1/telemetry/t", 3),
+        v5::PubAckReason::Success
+    );
+    gw.wait_audit(&["\"config\"", "\"allow\"", "reloaded"]);
+}
+
+#[test]
+fn sighup_reloads_rate_limits_for_live_sessions() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let mut raw = v5_device(&gw);
+    // Within the default rate.
+    for pkid in 1..=3 {
+        assert_eq!(
+            publish(&mut raw, "devices/meter-1/telemetry", pkid),
+            v5::PubAckReason::Success
+        );
+    }
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(
+        &gw.config,
+        text.replace(
+            "[rate_limits]\n",
+            "[rate_limits]\nmessages_per_second = 0.01\nmessage_burst = 1.0\nmax_delay_ms = 1\naction = \"quota_exceeded\"\n",
+        ),
+    )
+    .unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &gw.pid().to_string()])
+        .status();
+    gw.wait_audit(&["\"config\"", "\"allow\"", "reloaded"]);
+    assert_eq!(
+        publish(&mut raw, "devices/meter-1/telemetry", 4),
+        v5::PubAckReason::Success
+    );
+    assert_eq!(
+        publish(&mut raw, "devices/meter-1/telemetry", 5),
+        v5::PubAckReason::QuotaExceeded
+    );
+}
+
+#[test]
+fn a_broken_new_config_is_refused_and_the_running_one_stays() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    let mut raw = v5_device(&gw);
+    let good = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(&gw.config, good.clone() + "\n[limits]\nnot_a_key = 1\n").unwrap();
+    let out = gw.cli(&["config", "reload"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("portcullis.toml"), "{}", text(&out));
+    // A change that needs a restart is refused too, naming it.
+    std::fs::write(
+        &gw.config,
+        good.replace("connect_timeout_secs = 2", "connect_timeout_secs = 3"),
+    )
+    .unwrap();
+    let out = gw.cli(&["config", "reload"]);
+    assert!(text(&out).contains("limits changed"), "{}", text(&out));
+    gw.wait_audit(&["\"config\"", "\"refuse\"", "reload refused"]);
+    assert_eq!(
+        publish(&mut raw, "devices/meter-1/telemetry", 1),
+        v5::PubAckReason::Success
+    );
+}
+
+#[test]
+fn a_session_whose_ca_is_no_longer_trusted_is_closed_on_reload() {
+    let gw = Gateway::start();
+    gw.add_device_cert("sensor-1");
+    let mut args = vec![
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        gw.device_tls.port().to_string(),
+        s("-i"),
+        s("sensor-1"),
+        s("-t"),
+        s("devices/sensor-1/commands/#"),
+        s("-V"),
+        s("mqttv5"),
+        s("-d"),
+    ];
+    args.extend(gw.tls_args("sensor-1"));
+    let mut sub = Sub::start(&args);
+    sub.expect("SUBACK", T).expect("connected");
+    // The default group now trusts only the other CA.
+    let data_ca = format!("{}/data/pki/ca.pem", gw.dir.path().display());
+    let other_ca = format!("{}/other/pki/ca.pem", gw.dir.path().display());
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let first = text.find(&data_ca).expect("device group trust");
+    let mut edited = text.clone();
+    edited.replace_range(first..first + data_ca.len(), &other_ca);
+    std::fs::write(&gw.config, edited).unwrap();
+    gw.cli_ok(&["config", "reload"]);
+    sub.expect("DISCONNECT", T)
+        .expect("the untrusted session ends");
+    sub.kill();
+    gw.wait_audit(&["\"disconnect\"", "\"sensor-1\"", "no longer trusted"]);
+}
