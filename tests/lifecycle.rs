@@ -100,6 +100,8 @@ fn registry_commands_work_while_the_gateway_runs() {
     );
     let clients = gw.cli_ok(&["clients", "list"]);
     assert!(clients.contains("meter-3"), "{clients}");
+    assert!(clients.contains("\"messages_in\": 0"), "{clients}");
+    assert!(clients.contains("\"rate_in\""), "{clients}");
     gw.cli_ok(&["device", "remove", "meter-2"]);
     assert!(!gw.cli_ok(&["device", "list"]).contains("meter-2"));
     gw.wait_audit(&["\"registry\"", "\"meter-2\"", "remove"]);

@@ -113,6 +113,12 @@ fn device_telemetry_reaches_a_service_at_qos_0_and_1_in_both_protocol_versions()
         assert_eq!(line, format!("devices/sensor-1/telemetry {msg}"));
     }
     assert!(gw.metric("portcullis_messages_accepted_total ") >= 4);
+    // The gateway's own accept → broker-link latency, and sessions by protocol.
+    assert!(gw.metric("portcullis_forward_latency_seconds_count ") >= 4);
+    assert_eq!(
+        gw.metric("portcullis_sessions{protocol=\"mqtt3.1.1\",kind=\"service\"} "),
+        1
+    );
 }
 
 #[test]

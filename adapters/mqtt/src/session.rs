@@ -27,7 +27,7 @@ use portcullis_core::pipeline::{
 };
 use portcullis_core::principal::{PrincipalId, PrincipalKind};
 use portcullis_core::retained::RetainedCommands;
-use portcullis_core::sessions::{KickReason, Sessions};
+use portcullis_core::sessions::{KickReason, SessionStats, Sessions};
 use portcullis_core::topic::{TopicFilter, TopicLimits, TopicName};
 use portcullis_core::validate::Validator;
 use rustls::pki_types::CertificateDer;
@@ -240,6 +240,7 @@ pub async fn run<S>(
         protocol_name(version),
         session.method,
     );
+    session.stats = guard.stats.clone();
     // A disable, removal or rotation that landed after authentication but before the
     // session could be kicked: refuse now.
     if !ctx
@@ -307,6 +308,7 @@ pub async fn run<S>(
     ctx.metrics
         .connections_active
         .fetch_add(1, Ordering::Relaxed);
+    session_gauge(&ctx, version).fetch_add(1, Ordering::Relaxed);
     ctx.audit.record(
         AuditEntry::new("connect", "allow")
             .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
@@ -373,6 +375,7 @@ pub async fn run<S>(
     ctx.metrics
         .connections_active
         .fetch_sub(1, Ordering::Relaxed);
+    session_gauge(&ctx, version).fetch_sub(1, Ordering::Relaxed);
     if matches!(end, End::Kicked(KickReason::TakenOver)) {
         Metrics::inc(&ctx.metrics.takeovers);
         ctx.audit.record(
@@ -392,6 +395,16 @@ pub async fn run<S>(
     );
     session.finish(&ctx, &end, slot).await;
     drop(guard);
+}
+
+fn session_gauge(ctx: &Context, version: ProtocolVersion) -> &std::sync::atomic::AtomicU64 {
+    let m = &ctx.metrics;
+    match (version, ctx.kind) {
+        (ProtocolVersion::V311, PrincipalKind::Device) => &m.sessions_mqtt311_device,
+        (ProtocolVersion::V5, PrincipalKind::Device) => &m.sessions_mqtt5_device,
+        (ProtocolVersion::V311, PrincipalKind::Service) => &m.sessions_mqtt311_service,
+        (ProtocolVersion::V5, PrincipalKind::Service) => &m.sessions_mqtt5_service,
+    }
 }
 
 fn refuse_connect(
@@ -582,6 +595,7 @@ fn authenticate(
         limiter,
         live,
         certs: certs.map(<[_]>::to_vec),
+        stats: Arc::new(SessionStats::default()),
     })
 }
 
@@ -627,6 +641,8 @@ struct Session {
     live: Arc<Live>,
     /// The certificate chain it authenticated with, re-checked on reload.
     certs: Option<Vec<CertificateDer<'static>>>,
+    /// Counters shown by `portcullis clients list`.
+    stats: Arc<SessionStats>,
 }
 
 /// Why a session ended.
@@ -1271,6 +1287,7 @@ impl Session {
         p: PublishIn,
         out: &mut BytesMut,
     ) -> Result<(), End> {
+        let arrived = Instant::now();
         let topic = self.resolve_topic(ctx, &p)?;
         // More unacknowledged QoS 1/2 publishes than the Receive Maximum announced.
         if p.qos > 0 {
@@ -1429,6 +1446,7 @@ impl Session {
             return self.refuse_publish(ctx, &p, &topic, refusal, reason::QUOTA_EXCEEDED, out);
         }
         Metrics::inc(&ctx.metrics.messages_accepted);
+        self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
         ctx.metrics
             .bytes_accepted
             .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
@@ -1463,6 +1481,7 @@ impl Session {
             }
             None => return Err(End::BrokerGone),
         }
+        ctx.metrics.forward_latency.record(arrived.elapsed());
         Ok(())
     }
 
@@ -1557,6 +1576,7 @@ impl Session {
         let send = self.state.start(msg, qos);
         self.encode_send(&send, out);
         Metrics::inc(&ctx.metrics.messages_delivered);
+        self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -24,6 +24,53 @@ pub struct Metrics {
     pub bytes_accepted: AtomicU64,
     pub audit_dropped: AtomicU64,
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Open sessions by protocol and principal kind.
+    pub sessions_mqtt311_device: AtomicU64,
+    pub sessions_mqtt5_device: AtomicU64,
+    pub sessions_mqtt311_service: AtomicU64,
+    pub sessions_mqtt5_service: AtomicU64,
+    /// Accept → handed to the broker link, seconds.
+    pub forward_latency: Histogram,
+}
+
+/// Upper bounds of the forward-latency histogram, in seconds.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+/// A fixed-bucket histogram on atomics: recording is a few relaxed adds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 12],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, n) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
 }
 
 impl Metrics {
@@ -146,6 +193,27 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP portcullis_sessions Open sessions by protocol and kind.\n# TYPE portcullis_sessions gauge"
+        );
+        for (protocol, kind, v) in [
+            ("mqtt3.1.1", "device", &self.sessions_mqtt311_device),
+            ("mqtt5", "device", &self.sessions_mqtt5_device),
+            ("mqtt3.1.1", "service", &self.sessions_mqtt311_service),
+            ("mqtt5", "service", &self.sessions_mqtt5_service),
+        ] {
+            let _ = writeln!(
+                out,
+                "portcullis_sessions{{protocol=\"{protocol}\",kind=\"{kind}\"}} {}",
+                load(v)
+            );
+        }
+        self.forward_latency.render(
+            &mut out,
+            "portcullis_forward_latency_seconds",
+            "From a message's arrival to its hand-over to the broker link.",
+        );
+        let _ = writeln!(
+            out,
             "# HELP portcullis_refusals_total Refusals by stage and reason.\n# TYPE portcullis_refusals_total counter"
         );
         let map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
@@ -162,6 +230,32 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_latency_histogram_is_cumulative() {
+        let m = Metrics::default();
+        m.forward_latency
+            .record(std::time::Duration::from_micros(30));
+        m.forward_latency
+            .record(std::time::Duration::from_millis(3));
+        let text = m.render();
+        assert!(
+            text.contains("portcullis_forward_latency_seconds_bucket{le=\"0.000025\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_forward_latency_seconds_bucket{le=\"0.00005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_forward_latency_seconds_bucket{le=\"0.005\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_forward_latency_seconds_count 2"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn refusals_are_rendered_with_labels() {

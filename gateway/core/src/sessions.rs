@@ -53,11 +53,25 @@ pub struct SessionInfo {
     pub auth: &'static str,
     #[serde(skip)]
     pub generation: u64,
+    /// Messages accepted from the peer and delivered to it since it connected.
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// Average messages per second from the peer since it connected.
+    pub rate_in: f64,
+}
+
+/// Per-session counters, shared by the session (which counts) and the list.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
 }
 
 struct Entry {
     principal: PrincipalRef,
     info: SessionInfo,
+    stats: Arc<SessionStats>,
+    started: std::time::Instant,
     kick: watch::Sender<Option<KickReason>>,
 }
 
@@ -72,6 +86,7 @@ pub struct SessionGuard {
     sessions: Arc<Sessions>,
     pub number: u64,
     pub kicked: watch::Receiver<Option<KickReason>>,
+    pub stats: Arc<SessionStats>,
 }
 
 impl Drop for SessionGuard {
@@ -109,7 +124,11 @@ impl Sessions {
             since_unix: crate::registry::now_unix(),
             auth,
             generation,
+            messages_in: 0,
+            messages_out: 0,
+            rate_in: 0.0,
         };
+        let stats = Arc::new(SessionStats::default());
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for entry in inner.values() {
             if entry.principal.kind == principal.kind && entry.principal.id == principal.id {
@@ -122,12 +141,15 @@ impl Sessions {
                 principal,
                 info,
                 kick,
+                stats: stats.clone(),
+                started: std::time::Instant::now(),
             },
         );
         SessionGuard {
             sessions: self.clone(),
             number,
             kicked,
+            stats,
         }
     }
 
@@ -185,7 +207,17 @@ impl Sessions {
 
     pub fn list(&self) -> Vec<SessionInfo> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<_> = inner.values().map(|e| e.info.clone()).collect();
+        let mut out: Vec<_> = inner
+            .values()
+            .map(|e| {
+                let mut info = e.info.clone();
+                info.messages_in = e.stats.messages_in.load(Ordering::Relaxed);
+                info.messages_out = e.stats.messages_out.load(Ordering::Relaxed);
+                let secs = e.started.elapsed().as_secs_f64().max(1.0);
+                info.rate_in = (info.messages_in as f64 / secs * 10.0).round() / 10.0;
+                info
+            })
+            .collect();
         out.sort_by(|a, b| (a.kind as u8, &a.id).cmp(&(b.kind as u8, &b.id)));
         out
     }
