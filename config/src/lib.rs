@@ -509,7 +509,7 @@ impl Default for Audit {
         Audit {
             file: None,
             queue: 4096,
-            key_file: PathBuf::from("audit.key"),
+            key_file: PathBuf::from("{data_dir}/../portcullis-audit.key"),
             max_file_bytes: 16 * 1024 * 1024,
             keep_files: 8,
             aggregate_window_secs: 60,

@@ -446,6 +446,9 @@ impl AdminState {
                 reason,
             } => {
                 let target = parse_ban_target(&target)?;
+                if ttl_secs == Some(0) {
+                    return Err("a ban's TTL must be at least 1 second".into());
+                }
                 let now = now_unix();
                 let reason = reason.unwrap_or_else(|| "banned by operator".into());
                 if reason.len() > 200 {
@@ -468,7 +471,8 @@ impl AdminState {
                     }
                     _ => 0,
                 };
-                self.audit_ban("ban", &target);
+                let ttl = ttl_secs.map_or("until lifted".to_string(), |t| format!("for {t} s"));
+                self.audit_ban(&format!("ban ({}, {ttl}):", ban.reason), &target);
                 let mut v = ban_view(&ban);
                 v["sessions_ended"] = ended.into();
                 Ok(v)

@@ -318,15 +318,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let key = read_audit_key(&key_path)?;
             let expect = match checkpoint {
                 None => None,
-                Some(c) => {
-                    let (seq, mac) = c.split_once(':').ok_or_else(|| {
-                        UsageError(format!("--checkpoint {c:?}: expected SEQ:MAC"))
-                    })?;
-                    let seq = seq.parse::<u64>().map_err(|_| {
-                        UsageError(format!("--checkpoint {c:?}: SEQ must be a number"))
-                    })?;
-                    Some((seq, mac.to_ascii_lowercase()))
-                }
+                Some(c) => Some(
+                    portcullis_core::audit::parse_checkpoint_arg(&c)
+                        .map_err(|e| UsageError(format!("--checkpoint: {e}")))?,
+                ),
             };
             let report = portcullis_core::audit::verify(&files, &key, expect);
             for note in &report.notes {

@@ -878,7 +878,20 @@ impl Session {
                     Err(_) => return End::WriteTimeout,
                 }
             }
+            // Biased: owed acknowledgements go out before more is read, so a peer that
+            // is being held back still hears about what already passed.
             let step = tokio::select! {
+                biased;
+                Some(result) = front_ack(&mut self.pending_acks) => {
+                    let done = self.pending_acks.pop_front();
+                    match (result, done) {
+                        (Ok(()), Some(p)) => {
+                            self.ack_publish(p.pkid, p.qos, p.code, &mut out);
+                            Ok(())
+                        }
+                        _ => Err(End::BrokerGone),
+                    }
+                }
                 frame = reader.next(rd) => {
                     keep_alive.heard(Instant::now());
                     match frame {
@@ -889,16 +902,6 @@ impl Session {
                             Err(End::Protocol(e.reason_code(), e.to_string()))
                         }
                         Err(_) => Err(End::Closed),
-                    }
-                }
-                Some(result) = front_ack(&mut self.pending_acks) => {
-                    let done = self.pending_acks.pop_front();
-                    match (result, done) {
-                        (Ok(()), Some(p)) => {
-                            self.ack_publish(p.pkid, p.qos, p.code, &mut out);
-                            Ok(())
-                        }
-                        _ => Err(End::BrokerGone),
                     }
                 }
                 // A service's deliveries wait in the broker while its window is full.
@@ -1231,6 +1234,8 @@ impl Session {
                     if ctx.global.take(now) {
                         return LimitDecision::Pass;
                     }
+                    // Not this principal's fault: its tokens go back while it waits.
+                    self.limiter.refund(len);
                     // The whole gateway is at its cap: wait a turn, like everyone else.
                     if now.saturating_duration_since(started) >= max_delay {
                         return LimitDecision::Refuse(self.limiter.rates().action);

@@ -417,6 +417,10 @@ impl Authenticator {
         if self.check_source(source, now).is_err() {
             return Err(AuthRefusal::BackedOff);
         }
+        // A source banned after its connection was accepted is refused here.
+        if self.source_ban(source).is_some() {
+            return Err(AuthRefusal::Banned);
+        }
         let result = self.verify(kind, creds);
         // Success does not clear the source's record: one valid credential must not
         // let a source reset its back-off between guesses at others.
@@ -579,10 +583,19 @@ impl Authenticator {
     /// Is an authenticated session still what the registry says? (For the window
     /// between authentication and the session being registered for kicks.)
     pub fn still_current(&self, principal: &PrincipalRef, generation: u64) -> bool {
-        self.registry
-            .snapshot()
-            .get(principal.kind, &principal.id)
-            .is_some_and(|r| r.enabled && r.generation == generation && r.group == principal.group)
+        let banned = self
+            .registry
+            .bans()
+            .principal(principal.kind, &principal.id, crate::registry::now_unix())
+            .is_some();
+        !banned
+            && self
+                .registry
+                .snapshot()
+                .get(principal.kind, &principal.id)
+                .is_some_and(|r| {
+                    r.enabled && r.generation == generation && r.group == principal.group
+                })
     }
 }
 

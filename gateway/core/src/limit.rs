@@ -117,6 +117,13 @@ impl PrincipalLimiter {
         }
     }
 
+    /// Give back what a passed message took (it was then held up elsewhere, e.g. by
+    /// the gateway-wide cap, and will ask again).
+    pub fn refund(&mut self, len: usize) {
+        self.messages.give(1.0);
+        self.bytes.give(len as f64);
+    }
+
     pub fn rates(&self) -> PrincipalRates {
         self.rates
     }
@@ -136,7 +143,7 @@ impl PrincipalLimiter {
         let Some(wait) = wait else {
             // Headroom left in the bucket: the principal is within its rate again. A
             // flooder that waits for each token never gets here.
-            if self.messages.tokens >= 1.0 {
+            if self.messages.tokens >= 1.0 && self.bytes.tokens >= len as f64 {
                 self.pressed_since = None;
             }
             return LimitDecision::Pass;
@@ -322,6 +329,38 @@ mod tests {
             l.admit(1, t0),
             LimitDecision::Refuse(OverLimitAction::QuotaExceeded)
         );
+    }
+
+    #[test]
+    fn a_byte_flood_with_few_messages_still_counts_as_pressed() {
+        let t0 = Instant::now();
+        let mut r = rates(OverLimitAction::Disconnect);
+        r.messages = Rate {
+            per_second: 1000.0,
+            burst: 1000.0,
+        };
+        let mut l = PrincipalLimiter::new(r, t0);
+        let mut now = t0;
+        let mut last = LimitDecision::Pass;
+        for _ in 0..2000 {
+            last = l.admit(1000, now);
+            if last == LimitDecision::Disconnect {
+                break;
+            }
+            now += Duration::from_millis(100);
+        }
+        assert_eq!(last, LimitDecision::Disconnect);
+    }
+
+    #[test]
+    fn a_refund_restores_what_a_message_took() {
+        let t0 = Instant::now();
+        let mut l = PrincipalLimiter::new(rates(OverLimitAction::Drop), t0);
+        for _ in 0..5 {
+            assert_eq!(l.admit(10, t0), LimitDecision::Pass);
+            l.refund(10);
+        }
+        assert_eq!(l.admit(10, t0), LimitDecision::Pass);
     }
 
     #[test]
