@@ -172,3 +172,97 @@ fn a_session_whose_ca_is_no_longer_trusted_is_closed_on_reload() {
     sub.kill();
     gw.wait_audit(&["\"disconnect\"", "\"sensor-1\"", "no longer trusted"]);
 }
+
+/// Revoke a certificate of the gateway's development CA with openssl and return the
+/// CRL's path.
+fn revoke(gw: &Gateway, name: &str) -> std::path::PathBuf {
+    let dir = gw.dir.path().join("crl");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("crlnumber"), "01\n").unwrap();
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[ ca ]\ndefault_ca = d\n[ d ]\ndatabase = index.txt\ncrlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 30\n",
+    )
+    .unwrap();
+    let pki = gw.data().join("pki");
+    let key = pki.join("ca.key");
+    let ca = pki.join("ca.pem");
+    let cert = pki.join(format!("clients/{name}.pem"));
+    let crl = dir.join("crl.pem");
+    for args in [
+        vec!["-revoke", cert.to_str().unwrap()],
+        vec!["-gencrl", "-out", crl.to_str().unwrap()],
+    ] {
+        let out = std::process::Command::new("openssl")
+            .current_dir(&dir)
+            .args(["ca", "-config", "ca.cnf", "-keyfile", key.to_str().unwrap()])
+            .args(["-cert", ca.to_str().unwrap()])
+            .args(&args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    crl
+}
+
+#[test]
+fn a_certificate_revoked_by_a_crl_ends_its_session_on_reload() {
+    let gw = Gateway::start();
+    gw.add_device_cert("sensor-1");
+    gw.add_device_cert("sensor-2");
+    let session = |id: &str| {
+        let mut args = vec![
+            s("-h"),
+            s("127.0.0.1"),
+            s("-p"),
+            gw.device_tls.port().to_string(),
+            s("-i"),
+            s(id),
+            s("-t"),
+            format!("devices/{id}/commands/#"),
+            s("-V"),
+            s("mqttv5"),
+            s("-d"),
+        ];
+        args.extend(gw.tls_args(id));
+        let sub = Sub::start(&args);
+        sub.expect("SUBACK", T).expect("connected");
+        sub
+    };
+    let mut revoked = session("sensor-1");
+    let kept = session("sensor-2");
+    let crl = revoke(&gw, "sensor-1");
+    let data_ca = format!("trust = [\"{}/data/pki/ca.pem\"]", gw.dir.path().display());
+    rewrite(
+        &gw,
+        &data_ca,
+        &format!("{data_ca}\ncrls = [\"{}\"]", crl.display()),
+    );
+    gw.cli_ok(&["config", "reload"]);
+    revoked
+        .expect("DISCONNECT", T)
+        .expect("the revoked certificate's session ends");
+    revoked.kill();
+    // The other device stays connected, and the revoked one cannot come back.
+    assert!(
+        kept.drain(Duration::from_millis(500))
+            .iter()
+            .all(|l| !l.contains("DISCONNECT"))
+    );
+    let mut args = vec![
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        gw.device_tls.port().to_string(),
+        s("-i"),
+        s("sensor-1"),
+        s("-t"),
+        s("devices/sensor-1/telemetry"),
+        s("-m"),
+        s("x"),
+    ];
+    args.extend(gw.tls_args("sensor-1"));
+    let out = mosquitto("mosquitto_pub", &args, T);
+    assert!(!out.status.success(), "{}", text(&out));
+}
