@@ -211,3 +211,44 @@ fn a_source_opening_connections_too_fast_is_cut_off_before_reading() {
         Some(0)
     );
 }
+
+#[test]
+fn commands_to_a_device_are_held_to_its_rate_not_lost() {
+    let gw = Gateway::start_with(
+        "[rate_overrides.\"device/meter-1\"]\nmessages_per_second = 2.0\nmessage_burst = 2.0\n",
+    );
+    gw.add_device_secret("meter-1", SECRET);
+    let out = gw.cli_stdin(&["service", "add", "ops", "--secret-stdin"], Some(SECRET));
+    assert!(out.status.success(), "{}", text(&out));
+    let mut device = v5_device(&gw, "meter-1");
+    device.send_v5(v5::Packet::Subscribe(v5::Subscribe {
+        pkid: 1,
+        filters: vec![v5::Filter::new(
+            "devices/meter-1/commands/#",
+            Q5::AtMostOnce,
+        )],
+        properties: None,
+    }));
+    assert!(matches!(device.recv_v5(T), Some(v5::Packet::SubAck(_))));
+    let mut service = Raw::connect(gw.service_plain);
+    assert_eq!(service.connect_v4("ops", Some(("ops", SECRET))), Some(0));
+    let started = Instant::now();
+    for n in 0..8 {
+        service.send(&common::raw::publish_v4_raw(
+            format!("devices/meter-1/commands/c{n}").as_bytes(),
+            b"x",
+            0,
+            0,
+        ));
+    }
+    let mut times = Vec::new();
+    while times.len() < 8 {
+        match device.recv_v5(T) {
+            Some(v5::Packet::Publish(_)) => times.push(started.elapsed()),
+            other => panic!("expected command {} of 8, got {other:?}", times.len() + 1),
+        }
+    }
+    // The burst of 2 at once, then about 2 a second: the 8th after ~3 s, none lost.
+    assert!(times[7] >= Duration::from_millis(2500), "{times:?}");
+    assert!(gw.metric("portcullis_rate_limit_waits_total ") > 0);
+}

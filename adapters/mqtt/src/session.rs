@@ -19,6 +19,7 @@ use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
 use portcullis_core::broker::{Delivery, EmbeddedBroker, ServiceCmd, ServiceEvent, Uplink};
 use portcullis_core::limit::{
     GlobalBucket, LimitDecision, OverLimitAction, PrincipalLimiter, PrincipalRates, Rate,
+    TokenBucket,
 };
 use portcullis_core::mailbox::{Mailbox, MailboxLimits};
 use portcullis_core::metrics::Metrics;
@@ -596,6 +597,8 @@ fn authenticate(
         live,
         certs: certs.map(<[_]>::to_vec),
         stats: Arc::new(SessionStats::default()),
+        downlink: TokenBucket::new(principal_rates(&rates).messages, Instant::now()),
+        next_pump: None,
     })
 }
 
@@ -643,6 +646,9 @@ struct Session {
     certs: Option<Vec<CertificateDer<'static>>>,
     /// Counters shown by `portcullis clients list`.
     stats: Arc<SessionStats>,
+    /// The device's rate for commands it receives, and when to try again.
+    downlink: TokenBucket,
+    next_pump: Option<Instant>,
 }
 
 /// Why a session ended.
@@ -924,6 +930,10 @@ impl Session {
                     FromBroker::Gone => Err(End::BrokerGone),
                 },
                 _ = mailbox.notify.notified(), if ctx.kind == PrincipalKind::Device => Ok(()),
+                _ = sleep_until_opt(self.next_pump) => {
+                    self.next_pump = None;
+                    Ok(())
+                }
                 _ = kicked.changed() => continue,
                 changed = live.changed(), if live_open => match changed {
                     Ok(()) => {
@@ -992,16 +1002,25 @@ impl Session {
         );
         if principal_rates(&rates) != self.limiter.rates() {
             self.limiter = PrincipalLimiter::new(principal_rates(&rates), Instant::now());
+            self.downlink = TokenBucket::new(principal_rates(&rates).messages, Instant::now());
         }
         self.live = live;
         Ok(())
     }
 
     /// Move queued commands to the device while the inflight window allows.
+    /// Commands to a device pass its rate too (denial-of-thing): over it, they wait in
+    /// the mailbox, whose bounds then apply.
     fn pump_mailbox(&mut self, ctx: &Context, out: &mut BytesMut) {
         let now = Instant::now();
-        while self.state.window_open(self.window) {
+        while self.state.window_open(self.window) && !self.state.mailbox.is_empty() {
+            if let Err(wait) = self.downlink.take(1.0, now) {
+                Metrics::inc(&ctx.metrics.rate_limit_waits);
+                self.next_pump = Some(now + wait);
+                break;
+            }
             let Some(d) = self.state.mailbox.pop(now) else {
+                self.downlink.give(1.0);
                 break;
             };
             self.deliver(ctx, d, out);
@@ -1612,6 +1631,13 @@ async fn front_ack(
     match pending.front_mut() {
         Some(PendingAck { rx: Some(rx), .. }) => Some(rx.await),
         Some(PendingAck { rx: None, .. }) => Some(Ok(())),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }
