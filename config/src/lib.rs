@@ -838,7 +838,7 @@ fn toml_reason(e: &toml::de::Error, text: &str) -> String {
     }
 }
 
-fn check_group_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_group_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -847,14 +847,22 @@ fn check_group_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err("group names are 1-64 characters of [A-Za-z0-9._-]".into())
+        Err(format!(
+            "group names are 1-64 characters of [A-Za-z0-9._-] (got {name:?})"
+        ))
     }
 }
 
-/// ACL patterns: MQTT filters whose levels may also be `{id}` or `{group}`.
-fn check_pattern(pattern: &str) -> Result<(), String> {
+/// Topic patterns (ACLs, validation rules): MQTT filters whose levels may also be
+/// `{id}` or `{group}`.
+pub(crate) fn check_pattern(pattern: &str) -> Result<(), String> {
     if pattern.is_empty() {
-        return Err("empty pattern".into());
+        return Err("empty topic pattern".into());
+    }
+    if pattern.starts_with('$') {
+        return Err(format!(
+            "topics starting with '$' are reserved (got {pattern:?})"
+        ));
     }
     let levels: Vec<&str> = pattern.split('/').collect();
     for (i, level) in levels.iter().enumerate() {

@@ -88,12 +88,12 @@ impl Validation {
         check_size("validation.max_payload_bytes", self.max_payload_bytes)?;
         for (group, limit) in &self.group_limits {
             let key = format!("validation.group_limits.{group}");
-            check_group_name(group).map_err(|r| (key.clone(), r))?;
+            crate::check_group_name(group).map_err(|r| (key.clone(), r))?;
             check_size(&key, *limit)?;
         }
         for (i, rule) in self.rules.iter().enumerate() {
             let key = |field: &str| format!("validation.rules[{i}].{field}");
-            check_topic(&rule.topic).map_err(|r| (key("topic"), r))?;
+            crate::check_pattern(&rule.topic).map_err(|r| (key("topic"), r))?;
             if let Some(groups) = &rule.groups {
                 if groups.is_empty() {
                     return Err((
@@ -103,7 +103,8 @@ impl Validation {
                     ));
                 }
                 for (j, group) in groups.iter().enumerate() {
-                    check_group_name(group).map_err(|r| (key(&format!("groups[{j}]")), r))?;
+                    crate::check_group_name(group)
+                        .map_err(|r| (key(&format!("groups[{j}]")), r))?;
                 }
             }
             match (rule.format, &rule.schema) {
@@ -161,49 +162,6 @@ fn check_size(key: &str, value: usize) -> Result<(), (String, String)> {
             key.to_string(),
             format!("must be at most {MQTT_MAX_PAYLOAD}, the MQTT maximum (got {value})"),
         ));
-    }
-    Ok(())
-}
-
-fn check_group_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "group names are 1-64 characters of [A-Za-z0-9._-] (got {name:?})"
-        ))
-    }
-}
-
-/// An MQTT filter whose levels may also be `{id}` or `{group}`.
-fn check_topic(pattern: &str) -> Result<(), String> {
-    if pattern.is_empty() {
-        return Err("empty topic pattern".into());
-    }
-    if pattern.starts_with('$') {
-        return Err(format!(
-            "topics starting with '$' are reserved (got {pattern:?})"
-        ));
-    }
-    let depth = pattern.split('/').count();
-    for (i, level) in pattern.split('/').enumerate() {
-        if level.is_empty() {
-            return Err(format!("empty level in {pattern:?}"));
-        }
-        if level == "#" && i + 1 != depth {
-            return Err(format!("'#' must be the last level in {pattern:?}"));
-        }
-        let whole = matches!(level, "#" | "+" | "{id}" | "{group}");
-        if !whole && level.contains(['+', '#', '\0', '{', '}']) {
-            return Err(format!(
-                "level {level:?} in {pattern:?} mixes a wildcard or placeholder with text"
-            ));
-        }
     }
     Ok(())
 }
