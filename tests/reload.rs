@@ -266,3 +266,59 @@ fn a_certificate_revoked_by_a_crl_ends_its_session_on_reload() {
     let out = mosquitto("mosquitto_pub", &args, T);
     assert!(!out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn a_new_server_certificate_is_used_for_new_handshakes_after_reload() {
+    let gw = Gateway::start();
+    gw.add_device_cert("sensor-1");
+    let publish = |cafile: &std::path::Path| {
+        let args = vec![
+            s("-h"),
+            s("127.0.0.1"),
+            s("-p"),
+            gw.device_tls.port().to_string(),
+            s("-i"),
+            s("sensor-1"),
+            s("-t"),
+            s("devices/sensor-1/telemetry"),
+            s("-m"),
+            s("x"),
+            s("--cafile"),
+            cafile.display().to_string(),
+            s("--cert"),
+            gw.data()
+                .join("pki/clients/sensor-1.pem")
+                .display()
+                .to_string(),
+            s("--key"),
+            gw.data()
+                .join("pki/clients/sensor-1.key")
+                .display()
+                .to_string(),
+        ];
+        mosquitto("mosquitto_pub", &args, T).status.success()
+    };
+    let other_ca = gw.dir.path().join("other/pki/ca.pem");
+    assert!(publish(&gw.ca()));
+    assert!(
+        !publish(&other_ca),
+        "the server certificate is not from the other CA yet"
+    );
+    // Serve the other PKI's server certificate from now on.
+    let other = gw.dir.path().join("other/pki");
+    rewrite(
+        &gw,
+        "[tls]\n",
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            other.join("server.pem").display(),
+            other.join("server.key").display()
+        ),
+    );
+    gw.cli_ok(&["config", "reload"]);
+    assert!(
+        publish(&other_ca),
+        "new handshakes present the new certificate"
+    );
+    assert!(!publish(&gw.ca()));
+}
