@@ -369,12 +369,17 @@ impl Uplink {
     }
 }
 
+/// QoS 1 publishes one uplink may have waiting for the router's acknowledgement.
+const MAX_PENDING: usize = 60_000;
+
 async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<UplinkCmd>) {
     let mut pending: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
     let mut next_pkid: u16 = 0;
     loop {
         tokio::select! {
-            cmd = cmds.recv() => {
+            // Packet ids are 16 bits: with that many awaiting the router, wait for acks
+            // before taking more (the senders feel it as back-pressure).
+            cmd = cmds.recv(), if pending.len() < MAX_PENDING => {
                 let Some(UplinkCmd::Publish(msg, ack)) = cmd else { break };
                 let (qos, pkid) = match &ack {
                     None => (QoS::AtMostOnce, 0),
