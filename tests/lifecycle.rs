@@ -174,24 +174,13 @@ fn rotating_a_pinned_certificate_refuses_the_old_one() {
         cert.to_str().unwrap(),
     ]);
     let publish = |c: &std::path::Path, k: &std::path::Path| {
-        let args = vec![
-            s("-h"),
-            s("127.0.0.1"),
-            s("-p"),
-            gw.device_tls.port().to_string(),
-            s("--cafile"),
-            gw.ca().display().to_string(),
-            s("--cert"),
-            c.display().to_string(),
-            s("--key"),
-            k.display().to_string(),
-            s("-i"),
-            s("sensor-1"),
-            s("-t"),
-            s("devices/sensor-1/telemetry"),
-            s("-m"),
-            s("x"),
-        ];
+        let args = gw.client_cert(
+            gw.device_tls,
+            "sensor-1",
+            c,
+            k,
+            &["-t", "devices/sensor-1/telemetry", "-m", "x"],
+        );
         mosquitto("mosquitto_pub", &args, T)
     };
     assert!(!publish(&old_cert, &old_key).status.success());
@@ -218,24 +207,13 @@ fn registry_edits_without_a_running_gateway_are_kept_and_audited() {
     assert!(show.contains("any from the group's CA"), "{show}");
     gw.wait_audit(&["\"registry\"", "\"sensor-1\"", "rotate"]);
     gw.restart_after_stop();
-    let args = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_tls.port().to_string(),
-        s("--cafile"),
-        gw.ca().display().to_string(),
-        s("--cert"),
-        cert.display().to_string(),
-        s("--key"),
-        key.display().to_string(),
-        s("-i"),
-        s("sensor-1"),
-        s("-t"),
-        s("devices/sensor-1/telemetry"),
-        s("-m"),
-        s("x"),
-    ];
+    let args = gw.client_cert(
+        gw.device_tls,
+        "sensor-1",
+        &cert,
+        &key,
+        &["-t", "devices/sensor-1/telemetry", "-m", "x"],
+    );
     let out = mosquitto("mosquitto_pub", &args, T);
     assert!(out.status.success(), "{}", text(&out));
 }
@@ -287,20 +265,11 @@ fn sigterm_drains_sessions_and_keeps_the_registry() {
     gw.add_device_cert("sensor-1");
     let (mut v5_peer, code) = v5_connect(&gw, "meter-1", SECRET);
     assert_eq!(code, Some(v5::ConnectReturnCode::Success));
-    let mut sub_args = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_tls.port().to_string(),
-        s("-i"),
-        s("sensor-1"),
-        s("-t"),
-        s("devices/sensor-1/commands/#"),
-        s("-V"),
-        s("mqttv5"),
-        s("-d"),
-    ];
-    sub_args.extend(gw.tls_args("sensor-1"));
+    let sub_args = gw.client(
+        gw.device_tls,
+        "sensor-1",
+        &["-t", "devices/sensor-1/commands/#", "-V", "mqttv5", "-d"],
+    );
     let sub = Sub::start(&sub_args);
     sub.expect("SUBACK", T).expect("mosquitto_sub subscribed");
     let (status, rest) = gw.terminate();
@@ -444,20 +413,11 @@ fn the_audit_log_verifies_and_an_edited_line_is_found() {
 fn banning_a_device_ends_its_session_and_refuses_it_until_lifted() {
     let gw = Gateway::start();
     gw.add_device_cert("sensor-1");
-    let mut args = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_tls.port().to_string(),
-        s("-i"),
-        s("sensor-1"),
-        s("-t"),
-        s("devices/sensor-1/commands/#"),
-        s("-V"),
-        s("mqttv5"),
-        s("-d"),
-    ];
-    args.extend(gw.tls_args("sensor-1"));
+    let args = gw.client(
+        gw.device_tls,
+        "sensor-1",
+        &["-t", "devices/sensor-1/commands/#", "-V", "mqttv5", "-d"],
+    );
     let mut sub = Sub::start(&args);
     sub.expect("SUBACK", T).expect("connected");
     let out = gw.cli_ok(&["ban", "add", "device/sensor-1", "--reason", "cloned key"]);
@@ -465,19 +425,11 @@ fn banning_a_device_ends_its_session_and_refuses_it_until_lifted() {
     sub.expect("DISCONNECT", T)
         .expect("the banned session ends");
     sub.kill();
-    let pub_args: Vec<String> = [
-        vec![
-            s("-h"),
-            s("127.0.0.1"),
-            s("-p"),
-            gw.device_tls.port().to_string(),
-            s("-i"),
-            s("sensor-1"),
-        ],
-        gw.tls_args("sensor-1"),
-        vec![s("-t"), s("devices/sensor-1/telemetry"), s("-m"), s("x")],
-    ]
-    .concat();
+    let pub_args = gw.client(
+        gw.device_tls,
+        "sensor-1",
+        &["-t", "devices/sensor-1/telemetry", "-m", "x"],
+    );
     let refused = mosquitto("mosquitto_pub", &pub_args, T);
     assert!(!refused.status.success(), "{}", text(&refused));
     gw.wait_audit(&["\"connect\"", "\"refuse\"", "\"sensor-1\"", "banned"]);
@@ -538,24 +490,22 @@ fn signed_audit_checkpoints_reach_a_subscribed_service() {
     );
     assert!(out.status.success(), "{}", text(&out));
     // The checkpoint written at start is retained: a subscriber gets it at once.
-    let args = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.service_plain.port().to_string(),
-        s("-i"),
-        s("keeper"),
-        s("-u"),
-        s("keeper"),
-        s("-P"),
-        s(SECRET),
-        s("-t"),
-        s("portcullis/events/audit"),
-        s("-C"),
-        s("1"),
-        s("-W"),
-        s("5"),
-    ];
+    let args = gw.client(
+        gw.service_plain,
+        "keeper",
+        &[
+            "-u",
+            "keeper",
+            "-P",
+            SECRET,
+            "-t",
+            "portcullis/events/audit",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ],
+    );
     let out = mosquitto("mosquitto_sub", &args, T);
     let body = String::from_utf8_lossy(&out.stdout).into_owned();
     let checkpoint: serde_json::Value =

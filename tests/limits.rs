@@ -18,21 +18,19 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef";
 /// `mosquitto_pub -l` for a device on the plain listener, fed from stdin.
 fn line_publisher(gw: &Gateway, id: &str) -> std::process::Child {
     Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &gw.device_plain.port().to_string(),
-            "-i",
+        .args(gw.client(
+            gw.device_plain,
             id,
-            "-u",
-            id,
-            "-P",
-            SECRET,
-            "-t",
-            &format!("devices/{id}/telemetry"),
-            "-l",
-        ])
+            &[
+                "-u",
+                id,
+                "-P",
+                SECRET,
+                "-t",
+                &format!("devices/{id}/telemetry"),
+                "-l",
+            ],
+        ))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -50,18 +48,11 @@ fn a_flooding_device_does_not_starve_a_well_behaved_one() {
     gw.add_device_secret("flood-1", SECRET);
     gw.add_device_secret("steady-1", SECRET);
     gw.add_service_cert("analytics");
-    let mut args = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.service_tls.port().to_string(),
-        s("-i"),
-        s("analytics"),
-        s("-t"),
-        s("devices/+/telemetry/#"),
-        s("-v"),
-    ];
-    args.extend(gw.tls_args("analytics"));
+    let args = gw.client(
+        gw.service_tls,
+        "analytics",
+        &["-t", "devices/+/telemetry/#", "-v"],
+    );
     let sub = Sub::start(&args);
     gw.wait_audit(&["\"connect\"", "\"analytics\""]);
     std::thread::sleep(Duration::from_millis(300));

@@ -4,51 +4,34 @@
 mod common;
 
 use common::*;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
 
-fn sub_args(gw: &Gateway, name: &str, port: u16, topic: &str, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        port.to_string(),
-        s("-i"),
-        s(name),
-        s("-t"),
-        s(topic),
-        s("-v"),
-    ];
-    a.extend(gw.tls_args(name));
-    a.extend(extra.iter().map(|x| s(x)));
-    a
+fn sub_args(
+    gw: &Gateway,
+    name: &str,
+    listener: SocketAddr,
+    topic: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    gw.client(listener, name, &[&["-t", topic, "-v"], extra].concat())
 }
 
 fn pub_args(
     gw: &Gateway,
     name: &str,
-    port: u16,
+    listener: SocketAddr,
     topic: &str,
     msg: &str,
     extra: &[&str],
 ) -> Vec<String> {
-    let mut a = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        port.to_string(),
-        s("-i"),
-        s(name),
-        s("-t"),
-        s(topic),
-        s("-m"),
-        s(msg),
-        s("-d"),
-    ];
-    a.extend(gw.tls_args(name));
-    a.extend(extra.iter().map(|x| s(x)));
-    a
+    gw.client(
+        listener,
+        name,
+        &[&["-t", topic, "-m", msg, "-d"], extra].concat(),
+    )
 }
 
 #[test]
@@ -78,7 +61,7 @@ fn device_telemetry_reaches_a_service_at_qos_0_and_1_in_both_protocol_versions()
     let sub = Sub::start(&sub_args(
         &gw,
         "analytics",
-        gw.service_tls.port(),
+        gw.service_tls,
         "devices/+/telemetry/#",
         &["-q", "1"],
     ));
@@ -96,7 +79,7 @@ fn device_telemetry_reaches_a_service_at_qos_0_and_1_in_both_protocol_versions()
             &pub_args(
                 &gw,
                 "sensor-1",
-                gw.device_tls.port(),
+                gw.device_tls,
                 "devices/sensor-1/telemetry",
                 msg,
                 &["-V", version, "-q", qos],
@@ -130,7 +113,7 @@ fn service_command_reaches_the_device() {
         let sub = Sub::start(&sub_args(
             &gw,
             "sensor-1",
-            gw.device_tls.port(),
+            gw.device_tls,
             "devices/sensor-1/commands/#",
             &["-q", "1", "-V", version],
         ));
@@ -142,7 +125,7 @@ fn service_command_reaches_the_device() {
             &pub_args(
                 &gw,
                 "analytics",
-                gw.service_tls.port(),
+                gw.service_tls,
                 "devices/sensor-1/commands/reboot",
                 &msg,
                 &["-q", "1"],
@@ -169,7 +152,7 @@ fn a_device_with_a_secret_publishes_on_the_plain_loopback_listener() {
     let sub = Sub::start(&sub_args(
         &gw,
         "analytics",
-        gw.service_tls.port(),
+        gw.service_tls,
         "devices/+/telemetry/#",
         &[],
     ));
@@ -177,24 +160,22 @@ fn a_device_with_a_secret_publishes_on_the_plain_loopback_listener() {
     std::thread::sleep(Duration::from_millis(300));
     let out = mosquitto(
         "mosquitto_pub",
-        &[
-            s("-h"),
-            s("127.0.0.1"),
-            s("-p"),
-            gw.device_plain.port().to_string(),
-            s("-i"),
-            s("meter-7"),
-            s("-u"),
-            s("meter-7"),
-            s("-P"),
-            s("0123456789abcdef0123456789abcdef"),
-            s("-t"),
-            s("devices/meter-7/telemetry/power"),
-            s("-m"),
-            s("42"),
-            s("-q"),
-            s("1"),
-        ],
+        &gw.client(
+            gw.device_plain,
+            "meter-7",
+            &[
+                "-u",
+                "meter-7",
+                "-P",
+                "0123456789abcdef0123456789abcdef",
+                "-t",
+                "devices/meter-7/telemetry/power",
+                "-m",
+                "42",
+                "-q",
+                "1",
+            ],
+        ),
         T,
     );
     assert!(out.status.success(), "{}", text(&out));

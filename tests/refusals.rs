@@ -15,24 +15,22 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef";
 fn plain_pub(gw: &Gateway, id: &str, user: &str, pass: &str, version: &str) -> String {
     let out = mosquitto(
         "mosquitto_pub",
-        &[
-            s("-h"),
-            s("127.0.0.1"),
-            s("-p"),
-            gw.device_plain.port().to_string(),
-            s("-V"),
-            s(version),
-            s("-i"),
-            s(id),
-            s("-u"),
-            s(user),
-            s("-P"),
-            s(pass),
-            s("-t"),
-            format!("devices/{id}/telemetry"),
-            s("-m"),
-            s("x"),
-        ],
+        &gw.client(
+            gw.device_plain,
+            id,
+            &[
+                "-V",
+                version,
+                "-u",
+                user,
+                "-P",
+                pass,
+                "-t",
+                &format!("devices/{id}/telemetry"),
+                "-m",
+                "x",
+            ],
+        ),
         T,
     );
     assert!(!out.status.success());
@@ -72,25 +70,14 @@ fn tls_pub(
     key: &std::path::Path,
     extra: &[&str],
 ) -> std::process::Output {
-    let mut args = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_tls.port().to_string(),
-        s("--cafile"),
-        gw.ca().display().to_string(),
-        s("--cert"),
-        cert.display().to_string(),
-        s("--key"),
-        key.display().to_string(),
-        s("-i"),
-        s(client_id),
-        s("-t"),
-        format!("devices/{client_id}/telemetry"),
-        s("-m"),
-        s("x"),
-    ];
-    args.extend(extra.iter().map(|x| s(x)));
+    let topic = format!("devices/{client_id}/telemetry");
+    let args = gw.client_cert(
+        gw.device_tls,
+        client_id,
+        cert,
+        key,
+        &[&["-t", topic.as_str(), "-m", "x"], extra].concat(),
+    );
     mosquitto("mosquitto_pub", &args, T)
 }
 
@@ -178,42 +165,19 @@ fn device_cannot_publish_to_another_device_or_its_own_commands() {
     let gw = Gateway::start();
     gw.add_device_cert("sensor-1");
     gw.add_service_cert("analytics");
-    let sub = Sub::start(&{
-        let mut a = vec![
-            s("-h"),
-            s("127.0.0.1"),
-            s("-p"),
-            gw.service_tls.port().to_string(),
-            s("-i"),
-            s("analytics"),
-            s("-t"),
-            s("devices/+/telemetry/#"),
-            s("-v"),
-        ];
-        a.extend(gw.tls_args("analytics"));
-        a
-    });
+    let sub = Sub::start(&gw.client(
+        gw.service_tls,
+        "analytics",
+        &["-t", "devices/+/telemetry/#", "-v"],
+    ));
     gw.wait_audit(&["\"connect\"", "\"analytics\""]);
     std::thread::sleep(Duration::from_millis(300));
     let publish = |topic: &str, version: &str| {
-        let mut a = vec![
-            s("-h"),
-            s("127.0.0.1"),
-            s("-p"),
-            gw.device_tls.port().to_string(),
-            s("-i"),
-            s("sensor-1"),
-            s("-t"),
-            s(topic),
-            s("-m"),
-            s("forged"),
-            s("-q"),
-            s("1"),
-            s("-d"),
-            s("-V"),
-            s(version),
-        ];
-        a.extend(gw.tls_args("sensor-1"));
+        let a = gw.client(
+            gw.device_tls,
+            "sensor-1",
+            &["-t", topic, "-m", "forged", "-q", "1", "-d", "-V", version],
+        );
         text(&mosquitto("mosquitto_pub", &a, T))
     };
     // MQTT 5 says why: PUBACK reason 0x87 (135) not authorized.
@@ -273,22 +237,19 @@ fn device_cannot_subscribe_outside_its_commands() {
     let gw = Gateway::start();
     gw.add_device_cert("sensor-1");
     for (version, code) in [("mqttv311", "128"), ("mqttv5", "135")] {
-        let mut a = vec![
-            s("-h"),
-            s("127.0.0.1"),
-            s("-p"),
-            gw.device_tls.port().to_string(),
-            s("-i"),
-            s("sensor-1"),
-            s("-t"),
-            s("devices/sensor-2/commands/#"),
-            s("-d"),
-            s("-V"),
-            s(version),
-            s("-W"),
-            s("3"),
-        ];
-        a.extend(gw.tls_args("sensor-1"));
+        let a = gw.client(
+            gw.device_tls,
+            "sensor-1",
+            &[
+                "-t",
+                "devices/sensor-2/commands/#",
+                "-d",
+                "-V",
+                version,
+                "-W",
+                "3",
+            ],
+        );
         let out = text(&mosquitto("mosquitto_sub", &a, T));
         assert!(
             out.contains(&format!("Subscribed (mid: 1): {code}")),
@@ -303,63 +264,46 @@ fn device_cannot_subscribe_outside_its_commands() {
 fn service_outside_its_group_acl_is_refused() {
     let gw = Gateway::start();
     gw.add_service_cert("analytics");
-    let mut a = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.service_tls.port().to_string(),
-        s("-i"),
-        s("analytics"),
-        s("-t"),
-        s("devices/sensor-1/telemetry"),
-        s("-m"),
-        s("spoof"),
-        s("-q"),
-        s("1"),
-        s("-d"),
-        s("-V"),
-        s("mqttv5"),
-    ];
-    a.extend(gw.tls_args("analytics"));
+    let a = gw.client(
+        gw.service_tls,
+        "analytics",
+        &[
+            "-t",
+            "devices/sensor-1/telemetry",
+            "-m",
+            "spoof",
+            "-q",
+            "1",
+            "-d",
+            "-V",
+            "mqttv5",
+        ],
+    );
     let out = text(&mosquitto("mosquitto_pub", &a, T));
     assert!(out.contains("RC:135"), "{out}");
-    let mut a = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.service_tls.port().to_string(),
-        s("-i"),
-        s("analytics"),
-        s("-t"),
-        s("#"),
-        s("-d"),
-        s("-V"),
-        s("mqttv5"),
-        s("-W"),
-        s("3"),
-    ];
-    a.extend(gw.tls_args("analytics"));
+    let a = gw.client(
+        gw.service_tls,
+        "analytics",
+        &["-t", "#", "-d", "-V", "mqttv5", "-W", "3"],
+    );
     let out = text(&mosquitto("mosquitto_sub", &a, T));
     assert!(out.contains("Subscribed (mid: 1): 135"), "{out}");
     // Nobody but the gateway publishes gateway events.
-    let mut a = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.service_tls.port().to_string(),
-        s("-i"),
-        s("analytics"),
-        s("-t"),
-        s("portcullis/events/quarantine/x"),
-        s("-m"),
-        s("fake"),
-        s("-q"),
-        s("1"),
-        s("-d"),
-        s("-V"),
-        s("mqttv5"),
-    ];
-    a.extend(gw.tls_args("analytics"));
+    let a = gw.client(
+        gw.service_tls,
+        "analytics",
+        &[
+            "-t",
+            "portcullis/events/quarantine/x",
+            "-m",
+            "fake",
+            "-q",
+            "1",
+            "-d",
+            "-V",
+            "mqttv5",
+        ],
+    );
     assert!(text(&mosquitto("mosquitto_pub", &a, T)).contains("RC:135"));
     gw.wait_audit(&[
         "\"publish\"",
@@ -447,21 +391,11 @@ fn stalled_tls_handshake_does_not_delay_other_peers() {
     for raw in stalled.iter_mut().step_by(2) {
         raw.send(&[0x16, 0x03, 0x01, 0x01, 0x00, 0x01]);
     }
-    let mut a = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_tls.port().to_string(),
-        s("-i"),
-        s("sensor-1"),
-        s("-t"),
-        s("devices/sensor-1/telemetry"),
-        s("-m"),
-        s("x"),
-        s("-q"),
-        s("1"),
-    ];
-    a.extend(gw.tls_args("sensor-1"));
+    let a = gw.client(
+        gw.device_tls,
+        "sensor-1",
+        &["-t", "devices/sensor-1/telemetry", "-m", "x", "-q", "1"],
+    );
     let out = mosquitto("mosquitto_pub", &a, T);
     assert!(out.status.success(), "{}", text(&out));
     // The stalled peers were still waiting while the real client got through...

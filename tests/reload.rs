@@ -142,20 +142,11 @@ fn a_broken_new_config_is_refused_and_the_running_one_stays() {
 fn a_session_whose_ca_is_no_longer_trusted_is_closed_on_reload() {
     let gw = Gateway::start();
     gw.add_device_cert("sensor-1");
-    let mut args = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_tls.port().to_string(),
-        s("-i"),
-        s("sensor-1"),
-        s("-t"),
-        s("devices/sensor-1/commands/#"),
-        s("-V"),
-        s("mqttv5"),
-        s("-d"),
-    ];
-    args.extend(gw.tls_args("sensor-1"));
+    let args = gw.client(
+        gw.device_tls,
+        "sensor-1",
+        &["-t", "devices/sensor-1/commands/#", "-V", "mqttv5", "-d"],
+    );
     let mut sub = Sub::start(&args);
     sub.expect("SUBACK", T).expect("connected");
     // The default group now trusts only the other CA.
@@ -212,20 +203,17 @@ fn a_certificate_revoked_by_a_crl_ends_its_session_on_reload() {
     gw.add_device_cert("sensor-1");
     gw.add_device_cert("sensor-2");
     let session = |id: &str| {
-        let mut args = vec![
-            s("-h"),
-            s("127.0.0.1"),
-            s("-p"),
-            gw.device_tls.port().to_string(),
-            s("-i"),
-            s(id),
-            s("-t"),
-            format!("devices/{id}/commands/#"),
-            s("-V"),
-            s("mqttv5"),
-            s("-d"),
-        ];
-        args.extend(gw.tls_args(id));
+        let args = gw.client(
+            gw.device_tls,
+            id,
+            &[
+                "-t",
+                &format!("devices/{id}/commands/#"),
+                "-V",
+                "mqttv5",
+                "-d",
+            ],
+        );
         let sub = Sub::start(&args);
         sub.expect("SUBACK", T).expect("connected");
         sub
@@ -250,19 +238,11 @@ fn a_certificate_revoked_by_a_crl_ends_its_session_on_reload() {
             .iter()
             .all(|l| !l.contains("DISCONNECT"))
     );
-    let mut args = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_tls.port().to_string(),
-        s("-i"),
-        s("sensor-1"),
-        s("-t"),
-        s("devices/sensor-1/telemetry"),
-        s("-m"),
-        s("x"),
-    ];
-    args.extend(gw.tls_args("sensor-1"));
+    let args = gw.client(
+        gw.device_tls,
+        "sensor-1",
+        &["-t", "devices/sensor-1/telemetry", "-m", "x"],
+    );
     let out = mosquitto("mosquitto_pub", &args, T);
     assert!(!out.status.success(), "{}", text(&out));
 }

@@ -14,28 +14,11 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(10);
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
-fn base(gw: &Gateway, port: u16, id: &str) -> Vec<String> {
-    let mut a = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        port.to_string(),
-        s("-i"),
-        s(id),
-    ];
-    a.extend(gw.tls_args(id));
-    a
-}
-
-fn with(mut a: Vec<String>, extra: &[&str]) -> Vec<String> {
-    a.extend(extra.iter().map(|x| s(x)));
-    a
-}
-
 /// A service subscriber on the service listener, subscribed before returning.
 fn service_sub(gw: &Gateway, topic: &str, extra: &[&str]) -> Sub {
-    let args = with(
-        base(gw, gw.service_tls.port(), "analytics"),
+    let args = gw.client(
+        gw.service_tls,
+        "analytics",
         &[&["-t", topic, "-v", "-d"], extra].concat(),
     );
     let sub = Sub::start(&args);
@@ -50,8 +33,9 @@ fn service_pub(gw: &Gateway, topic: &str, msg: &str, extra: &[&str]) -> String {
     } else {
         &["-m", msg]
     };
-    let args = with(
-        base(gw, gw.service_tls.port(), "analytics"),
+    let args = gw.client(
+        gw.service_tls,
+        "analytics",
         &[&["-t", topic, "-d"], body, extra].concat(),
     );
     let out = mosquitto("mosquitto_pub", &args, T);
@@ -72,8 +56,9 @@ fn qos2_telemetry_goes_through_the_full_handshake_and_arrives_once() {
     let sub = service_sub(&gw, "devices/+/telemetry/#", &["-q", "2"]);
     let out = mosquitto(
         "mosquitto_pub",
-        &with(
-            base(&gw, gw.device_tls.port(), "sensor-1"),
+        &gw.client(
+            gw.device_tls,
+            "sensor-1",
             &[
                 "-t",
                 "devices/sensor-1/telemetry",
@@ -147,8 +132,9 @@ fn qos2_retransmission_from_a_device_is_forwarded_once() {
 #[test]
 fn qos2_command_reaches_a_qos2_subscriber_at_qos2() {
     let gw = setup();
-    let device = Sub::start(&with(
-        base(&gw, gw.device_tls.port(), "sensor-1"),
+    let device = Sub::start(&gw.client(
+        gw.device_tls,
+        "sensor-1",
         &["-t", "devices/sensor-1/commands/#", "-q", "2", "-v", "-d"],
     ));
     device.expect("SUBACK", T).expect("device subscribed");
@@ -173,8 +159,9 @@ fn qos2_command_reaches_a_qos2_subscriber_at_qos2() {
 fn commands_sent_while_a_persistent_device_is_offline_arrive_in_order_when_it_returns() {
     let gw = setup();
     let sub_args = |extra: &[&str]| {
-        with(
-            base(&gw, gw.device_tls.port(), "sensor-1"),
+        gw.client(
+            gw.device_tls,
+            "sensor-1",
             &[
                 &["-t", "devices/sensor-1/commands/#", "-q", "1", "-v"],
                 extra,
@@ -216,8 +203,9 @@ fn commands_sent_while_a_persistent_device_is_offline_arrive_in_order_when_it_re
 fn a_clean_session_discards_queued_commands_and_subscriptions() {
     let gw = setup();
     let sub_args = |extra: &[&str]| {
-        with(
-            base(&gw, gw.device_tls.port(), "sensor-1"),
+        gw.client(
+            gw.device_tls,
+            "sensor-1",
             &[
                 &["-t", "devices/sensor-1/commands/#", "-q", "1", "-v"],
                 extra,
@@ -348,8 +336,9 @@ fn offline_queue_overflow_is_counted_and_audited() {
     let gw = Gateway::start_with("[sessions]\nqueue_max_messages = 2\n");
     gw.add_device_cert("sensor-1");
     gw.add_service_cert("analytics");
-    let sub_args = with(
-        base(&gw, gw.device_tls.port(), "sensor-1"),
+    let sub_args = gw.client(
+        gw.device_tls,
+        "sensor-1",
         &["-t", "devices/sensor-1/commands/#", "-q", "1", "-c", "-E"],
     );
     assert!(mosquitto("mosquitto_sub", &sub_args, T).status.success());
@@ -379,8 +368,9 @@ fn retained_command_is_delivered_on_subscribe_and_cleared_by_an_empty_one() {
         &["-q", "1", "-r"],
     );
     let fetch = || {
-        let args = with(
-            base(&gw, gw.device_tls.port(), "sensor-1"),
+        let args = gw.client(
+            gw.device_tls,
+            "sensor-1",
             &[
                 "-t",
                 "devices/sensor-1/commands/#",
@@ -430,8 +420,9 @@ fn retained_telemetry_reaches_a_service_that_subscribes_later() {
     let gw = setup();
     let out = mosquitto(
         "mosquitto_pub",
-        &with(
-            base(&gw, gw.device_tls.port(), "sensor-1"),
+        &gw.client(
+            gw.device_tls,
+            "sensor-1",
             &[
                 "-t",
                 "devices/sensor-1/telemetry/state",
@@ -445,8 +436,9 @@ fn retained_telemetry_reaches_a_service_that_subscribes_later() {
         T,
     );
     assert!(out.status.success(), "{}", text(&out));
-    let args = with(
-        base(&gw, gw.service_tls.port(), "analytics"),
+    let args = gw.client(
+        gw.service_tls,
+        "analytics",
         &[
             "-t",
             "devices/+/telemetry/#",
@@ -465,22 +457,25 @@ fn retained_telemetry_reaches_a_service_that_subscribes_later() {
 }
 
 fn will_holder(gw: &Gateway, extra: &[&str]) -> Sub {
-    let sub = Sub::start(&with(
-        base(gw, gw.device_tls.port(), "sensor-1"),
-        &[
+    let sub = Sub::start(
+        &gw.client(
+            gw.device_tls,
+            "sensor-1",
             &[
-                "-t",
-                "devices/sensor-1/commands/#",
-                "-d",
-                "--will-topic",
-                "devices/sensor-1/telemetry/status",
-                "--will-payload",
-                "gone",
-            ],
-            extra,
-        ]
-        .concat(),
-    ));
+                &[
+                    "-t",
+                    "devices/sensor-1/commands/#",
+                    "-d",
+                    "--will-topic",
+                    "devices/sensor-1/telemetry/status",
+                    "--will-payload",
+                    "gone",
+                ],
+                extra,
+            ]
+            .concat(),
+        ),
+    );
     sub.expect("SUBACK", T).expect("device connected");
     sub
 }
@@ -504,8 +499,9 @@ fn last_will_does_not_fire_after_a_normal_disconnect_or_a_kick() {
     // Normal DISCONNECT: mosquitto_pub with a Will, exiting cleanly.
     let out = mosquitto(
         "mosquitto_pub",
-        &with(
-            base(&gw, gw.device_tls.port(), "sensor-1"),
+        &gw.client(
+            gw.device_tls,
+            "sensor-1",
             &[
                 "-t",
                 "devices/sensor-1/telemetry",
@@ -586,8 +582,9 @@ fn a_will_delay_is_cancelled_when_the_device_returns_in_time() {
 fn take_over_ends_the_first_connection_and_keeps_the_persistent_session() {
     let gw = setup();
     let args = |extra: &[&str]| {
-        with(
-            base(&gw, gw.device_tls.port(), "sensor-1"),
+        gw.client(
+            gw.device_tls,
+            "sensor-1",
             &[
                 &[
                     "-t",
@@ -737,8 +734,9 @@ fn response_topic_is_authorized_and_correlation_data_reaches_the_service() {
         &["-V", "mqttv5", "-F", "%t %p rt=%R cd=%D"],
     );
     let publish = |response: &str| {
-        let args = with(
-            base(&gw, gw.device_tls.port(), "sensor-1"),
+        let args = gw.client(
+            gw.device_tls,
+            "sensor-1",
             &[
                 "-t",
                 "devices/sensor-1/telemetry/req",
@@ -824,8 +822,9 @@ fn unsubscribe_reports_which_filters_existed_and_never_stalls_later_subscribes()
     // And the subscription is live at once: a device publish right after the SUBACK arrives.
     let out = mosquitto(
         "mosquitto_pub",
-        &with(
-            base(&gw, gw.device_tls.port(), "sensor-1"),
+        &gw.client(
+            gw.device_tls,
+            "sensor-1",
             &["-t", "devices/sensor-1/telemetry", "-m", "after-suback"],
         ),
         T,

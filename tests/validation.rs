@@ -40,42 +40,22 @@ fn gateway() -> Gateway {
 }
 
 fn publish(gw: &Gateway, topic: &str, payload: &str, version: &str) -> String {
-    let mut a = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_tls.port().to_string(),
-        s("-i"),
-        s("sensor-1"),
-        s("-t"),
-        s(topic),
-        s("-m"),
-        s(payload),
-        s("-q"),
-        s("1"),
-        s("-d"),
-        s("-V"),
-        s(version),
-    ];
-    a.extend(gw.tls_args("sensor-1"));
+    let a = gw.client(
+        gw.device_tls,
+        "sensor-1",
+        &["-t", topic, "-m", payload, "-q", "1", "-d", "-V", version],
+    );
     text(&mosquitto("mosquitto_pub", &a, T))
 }
 
 #[test]
 fn schema_breaking_telemetry_is_refused_with_its_reason() {
     let gw = gateway();
-    let mut a = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.service_tls.port().to_string(),
-        s("-i"),
-        s("analytics"),
-        s("-t"),
-        s("devices/+/telemetry/#"),
-        s("-v"),
-    ];
-    a.extend(gw.tls_args("analytics"));
+    let a = gw.client(
+        gw.service_tls,
+        "analytics",
+        &["-t", "devices/+/telemetry/#", "-v"],
+    );
     let sub = Sub::start(&a);
     gw.wait_audit(&["\"connect\"", "\"analytics\""]);
     std::thread::sleep(Duration::from_millis(300));

@@ -294,14 +294,46 @@ impl Gateway {
     /// mosquitto TLS arguments for a client with this identity's certificate.
     pub fn tls_args(&self, name: &str) -> Vec<String> {
         let dir = self.data().join("pki/clients");
+        self.cert_args(
+            &dir.join(format!("{name}.pem")),
+            &dir.join(format!("{name}.key")),
+        )
+    }
+
+    /// mosquitto TLS arguments: the development CA, this certificate and key.
+    fn cert_args(&self, cert: &Path, key: &Path) -> Vec<String> {
         vec![
             "--cafile".into(),
             self.ca().display().to_string(),
             "--cert".into(),
-            dir.join(format!("{name}.pem")).display().to_string(),
+            cert.display().to_string(),
             "--key".into(),
-            dir.join(format!("{name}.key")).display().to_string(),
+            key.display().to_string(),
         ]
+    }
+
+    /// mosquitto arguments for client `id` on `listener`: `-h 127.0.0.1 -p PORT -i ID`,
+    /// the id's own TLS material (`tls_args`) on the TLS listeners, then `extra`.
+    pub fn client(&self, listener: SocketAddr, id: &str, extra: &[&str]) -> Vec<String> {
+        let tls = if listener == self.device_tls || listener == self.service_tls {
+            self.tls_args(id)
+        } else {
+            Vec::new()
+        };
+        client_args(listener, id, tls, extra)
+    }
+
+    /// Like `client` on a TLS listener, but presenting this certificate and key (with
+    /// the development CA as `--cafile`) instead of the id's own.
+    pub fn client_cert(
+        &self,
+        listener: SocketAddr,
+        id: &str,
+        cert: &Path,
+        key: &Path,
+        extra: &[&str],
+    ) -> Vec<String> {
+        client_args(listener, id, self.cert_args(cert, key), extra)
     }
 
     pub fn http_get(&self, path: &str) -> (u16, String) {
@@ -349,6 +381,21 @@ impl Drop for Gateway {
             let _ = c.wait();
         }
     }
+}
+
+/// `-h 127.0.0.1 -p PORT -i ID`, then `tls`, then `extra`.
+fn client_args(listener: SocketAddr, id: &str, tls: Vec<String>, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        listener.port().to_string(),
+        s("-i"),
+        s(id),
+    ];
+    a.extend(tls);
+    a.extend(extra.iter().map(|x| s(x)));
+    a
 }
 
 pub fn run_ok(args: &[&str]) -> String {
