@@ -349,10 +349,6 @@ impl Authenticator {
         }
     }
 
-    pub fn hasher(&self) -> &SecretHasher {
-        &self.hasher
-    }
-
     pub fn policies(&self) -> Arc<Policies> {
         self.policies
             .read()

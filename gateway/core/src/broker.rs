@@ -137,15 +137,8 @@ fn forward_qos_pkid(publish: &Publish) -> (QoS, u16) {
     (QoS::AtLeastOnce, pkid)
 }
 
-/// The packet id of a PUBACK from the router (its `Ack` type is crate-private, but
+/// What the router acknowledged on a link (its `Ack` type is crate-private, but
 /// converts into the public `Packet`).
-fn acked_pkid(notification: Notification) -> Option<u16> {
-    match link_ack(notification) {
-        Some(LinkAck::Pub(pkid)) => Some(pkid),
-        _ => None,
-    }
-}
-
 enum LinkAck {
     Pub(u16),
     Sub,
@@ -405,7 +398,7 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
             }
             n = rx.next() => match n {
                 Ok(Some(n @ Notification::DeviceAck(_))) => {
-                    if let Some(pkid) = acked_pkid(n)
+                    if let Some(LinkAck::Pub(pkid)) = link_ack(n)
                         && let Some(waiter) = pending.remove(&pkid) {
                             let _ = waiter.send(());
                         }
