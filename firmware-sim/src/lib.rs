@@ -1,0 +1,14 @@
+//! portcullis-sim: fleets of simulated devices and services, well-behaved and hostile,
+//! run against a Portcullis gateway (or straight against a broker), and the benchmark
+//! suite that compares Portcullis with rumqttd and Mosquitto.
+
+pub mod broker;
+pub mod fleet;
+pub mod mqtt;
+pub mod provision;
+pub mod report;
+pub mod scenario;
+pub mod transport;
+
+pub use report::Report;
+pub use scenario::Scenario;

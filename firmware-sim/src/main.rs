@@ -1,0 +1,110 @@
+//! `portcullis-sim`: run simulated fleets, benchmarks, and the rumqttd baseline.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use portcullis_sim::{Scenario, broker, fleet};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis-sim",
+    version,
+    about = "Simulated device fleets and benchmarks for Portcullis"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario file and report per group.
+    Run {
+        scenario: PathBuf,
+        /// Also write the report as JSON to this file ("-" for standard output).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// No live progress line.
+        #[arg(long)]
+        quiet: bool,
+        /// Worker threads (default: the CPUs this process may run on).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Run rumqttd alone with a plain MQTT 3.1.1 listener (the benchmarks' baseline).
+    Broker {
+        #[arg(long, default_value = "127.0.0.1:1885")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Run {
+            scenario,
+            json,
+            quiet,
+            threads,
+        } => {
+            let s = match Scenario::load(&scenario) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("portcullis-sim: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            report_exit(run(&s, json, quiet, threads))
+        }
+        Command::Broker { listen } => report_exit(broker::serve(listen)),
+    }
+}
+
+fn report_exit(r: Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis-sim: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n.max(1));
+    }
+    b.enable_all().build().context("starting the runtime")
+}
+
+fn run(s: &Scenario, json: Option<PathBuf>, quiet: bool, threads: Option<usize>) -> Result<()> {
+    let progress = !quiet && std::io::stderr().is_terminal();
+    let report = runtime(threads)?.block_on(fleet::run(s, progress))?;
+    match json.as_deref() {
+        Some(p) if p.as_os_str() == "-" => {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Some(p) => {
+            std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
+                .with_context(|| format!("writing {}", p.display()))?;
+            print!("{}", report.text());
+        }
+        None => print!("{}", report.text()),
+    }
+    Ok(())
+}

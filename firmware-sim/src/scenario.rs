@@ -1,0 +1,680 @@
+//! Scenario files: the target, how the fleet gets its credentials, and the groups of
+//! simulated devices and services with their behaviour.
+
+use crate::mqtt::Version;
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    /// How long the fleet runs, in seconds.
+    pub duration_secs: f64,
+    /// After the run, how long to wait for outstanding acknowledgements and deliveries.
+    #[serde(default = "default_grace")]
+    pub grace_secs: f64,
+    /// Stagger connection starts over this many seconds (0: all at once).
+    #[serde(default)]
+    pub ramp_up_secs: f64,
+    pub target: Target,
+    #[serde(default)]
+    pub provision: Provision,
+    #[serde(rename = "group")]
+    pub groups: Vec<Group>,
+}
+
+fn default_grace() -> f64 {
+    3.0
+}
+
+/// Where the fleet connects. Addresses left out are not used; a group that needs one
+/// that is missing is an error at load.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub device_plain: Option<SocketAddr>,
+    pub device_tls: Option<SocketAddr>,
+    pub service_plain: Option<SocketAddr>,
+    pub service_tls: Option<SocketAddr>,
+    /// The CA that verifies the server's certificate.
+    pub ca: Option<PathBuf>,
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+/// How the fleet's principals get registered and their credentials made.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provision {
+    /// `cli`: register every principal with `portcullis device|service import` before
+    /// the run; `none`: the credentials are prepared in advance (certificates as
+    /// `{dir}/{id}.pem` and `{id}.key`, secrets in `{dir}/secrets.toml`).
+    #[serde(default = "default_mode")]
+    pub mode: ProvisionMode,
+    /// The gateway binary the CLI mode runs.
+    #[serde(default = "default_portcullis")]
+    pub portcullis: PathBuf,
+    /// The gateway's config file, passed to the CLI as `--config`.
+    pub config: Option<PathBuf>,
+    /// A CA the gateway's groups trust, whose key signs the fleet's certificates.
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// Where issued certificates and generated secrets are written (or, with mode
+    /// `none`, read from).
+    #[serde(default = "default_credentials_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for Provision {
+    fn default() -> Self {
+        Provision {
+            mode: default_mode(),
+            portcullis: default_portcullis(),
+            config: None,
+            ca_cert: None,
+            ca_key: None,
+            dir: default_credentials_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProvisionMode {
+    Cli,
+    None,
+}
+
+fn default_mode() -> ProvisionMode {
+    ProvisionMode::Cli
+}
+fn default_portcullis() -> PathBuf {
+    "portcullis".into()
+}
+fn default_credentials_dir() -> PathBuf {
+    "sim-credentials".into()
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Device,
+    Service,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    Plain,
+    Tls,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Credential {
+    /// A client certificate whose common name is the id (TLS only).
+    Certificate,
+    /// A secret as the MQTT password, the id as client id and username.
+    Secret,
+    /// Nothing: for brokers without authentication, and for hostile behaviours that
+    /// never get as far as authenticating.
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub name: String,
+    #[serde(default = "default_kind")]
+    pub kind: Kind,
+    pub count: usize,
+    #[serde(default = "default_protocol")]
+    pub protocol: Version,
+    #[serde(default = "default_transport")]
+    pub transport: Transport,
+    #[serde(default = "default_credential")]
+    pub credential: Credential,
+    /// Ids are `{id_prefix}{n}`, n from 1; default `{name}-`.
+    pub id_prefix: Option<String>,
+    /// The gateway group the principals are registered in.
+    #[serde(default = "default_gateway_group")]
+    pub gateway_group: String,
+    /// Source addresses, spread over this IPv4 loopback block (default 127.0.0.1 only).
+    pub sources: Option<String>,
+    pub behaviour: Behaviour,
+}
+
+fn default_kind() -> Kind {
+    Kind::Device
+}
+fn default_protocol() -> Version {
+    Version::V5
+}
+fn default_transport() -> Transport {
+    Transport::Tls
+}
+fn default_credential() -> Credential {
+    Credential::Certificate
+}
+fn default_gateway_group() -> String {
+    "default".into()
+}
+
+/// What the members of a group do.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Behaviour {
+    /// Periodic telemetry with jitter, a boot burst, a daily cycle, and command handling.
+    WellBehaved {
+        /// Mean messages per second per device.
+        rate: f64,
+        /// Each interval is the mean one times a factor in [1 - jitter, 1 + jitter].
+        #[serde(default = "default_jitter")]
+        jitter: f64,
+        /// Messages sent at once after connecting.
+        #[serde(default)]
+        boot_burst: u32,
+        /// The rate swings by this fraction over a simulated day.
+        #[serde(default)]
+        daily_amplitude: f64,
+        /// Length of the simulated day, in seconds.
+        #[serde(default = "default_day")]
+        day_secs: f64,
+        #[serde(default = "default_qos")]
+        qos: u8,
+        /// Telemetry topic suffix under `devices/{id}/`.
+        #[serde(default = "default_telemetry")]
+        topic: String,
+        /// Where command acknowledgements go, under `devices/{id}/`.
+        #[serde(default = "default_ack_topic")]
+        ack_topic: String,
+    },
+    /// A service: subscribes to device telemetry, measures delivery, sends commands.
+    Service {
+        #[serde(default = "default_service_filter")]
+        subscribe: Vec<String>,
+        /// Commands per second, sent round-robin to the devices of `command_groups`.
+        #[serde(default)]
+        commands_per_second: f64,
+        #[serde(default)]
+        command_groups: Vec<String>,
+    },
+    /// Publishes as fast as the gateway lets it, `inflight` QoS 1 messages at a time.
+    Flood {
+        #[serde(default = "default_inflight")]
+        inflight: u16,
+        #[serde(default = "default_flood_payload")]
+        payload_bytes: usize,
+    },
+    /// Publishes payloads of `bytes` bytes, `rate` per second.
+    Oversized {
+        #[serde(default = "default_oversize")]
+        bytes: usize,
+        #[serde(default = "default_hostile_rate")]
+        rate: f64,
+    },
+    /// Publishes telemetry that is not JSON, `rate` per second.
+    SchemaBreaking {
+        #[serde(default = "default_hostile_rate")]
+        rate: f64,
+    },
+    /// Publishes and subscribes outside its namespace.
+    TopicScan {
+        #[serde(default = "default_hostile_rate")]
+        rate: f64,
+    },
+    /// Tries wrong secrets for its id, `rate` attempts per second.
+    CredentialStuffing {
+        #[serde(default = "default_hostile_rate")]
+        rate: f64,
+    },
+    /// Two sessions with one identity, reconnecting in turn.
+    ClonedIdentity {
+        #[serde(default = "default_clone_interval")]
+        interval_secs: f64,
+    },
+    /// Connects and disconnects as fast as it can.
+    ReconnectStorm {
+        #[serde(default = "default_storm_rate")]
+        rate: f64,
+    },
+    /// Opens connections (TCP, and TLS on a TLS listener) and never finishes CONNECT.
+    Slowloris {
+        #[serde(default = "default_slowloris")]
+        connections: u32,
+    },
+    /// Connects properly, then sends a malformed packet; repeats `rate` times per second.
+    Malformed {
+        #[serde(default = "default_hostile_rate")]
+        rate: f64,
+    },
+    /// Starts at `rate` and grows linearly to `rate * factor` over the run.
+    SlowRamp {
+        rate: f64,
+        factor: f64,
+        #[serde(default = "default_qos")]
+        qos: u8,
+    },
+}
+
+fn default_jitter() -> f64 {
+    0.2
+}
+fn default_day() -> f64 {
+    86_400.0
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_telemetry() -> String {
+    "telemetry".into()
+}
+fn default_ack_topic() -> String {
+    "telemetry/ack".into()
+}
+fn default_service_filter() -> Vec<String> {
+    vec!["devices/+/telemetry/#".into()]
+}
+fn default_inflight() -> u16 {
+    32
+}
+fn default_flood_payload() -> usize {
+    64
+}
+fn default_oversize() -> usize {
+    1 << 20
+}
+fn default_hostile_rate() -> f64 {
+    5.0
+}
+fn default_clone_interval() -> f64 {
+    1.0
+}
+fn default_storm_rate() -> f64 {
+    200.0
+}
+fn default_slowloris() -> u32 {
+    10
+}
+
+impl Behaviour {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Behaviour::WellBehaved { .. } => "well-behaved",
+            Behaviour::Service { .. } => "service",
+            Behaviour::Flood { .. } => "flood",
+            Behaviour::Oversized { .. } => "oversized",
+            Behaviour::SchemaBreaking { .. } => "schema-breaking",
+            Behaviour::TopicScan { .. } => "topic-scan",
+            Behaviour::CredentialStuffing { .. } => "credential-stuffing",
+            Behaviour::ClonedIdentity { .. } => "cloned-identity",
+            Behaviour::ReconnectStorm { .. } => "reconnect-storm",
+            Behaviour::Slowloris { .. } => "slowloris",
+            Behaviour::Malformed { .. } => "malformed",
+            Behaviour::SlowRamp { .. } => "slow-ramp",
+        }
+    }
+
+    pub fn hostile(&self) -> bool {
+        !matches!(
+            self,
+            Behaviour::WellBehaved { .. } | Behaviour::Service { .. }
+        )
+    }
+}
+
+impl Group {
+    pub fn id(&self, n: usize) -> String {
+        match &self.id_prefix {
+            Some(p) => format!("{p}{n}"),
+            None => format!("{}-{n}", self.name),
+        }
+    }
+
+    /// The source address of member `n` (from 1).
+    pub fn source(&self, n: usize) -> Option<IpAddr> {
+        let (base, size) = parse_block(self.sources.as_deref()?).ok()?;
+        // Skip the block's first address and, for blocks over 2, its last.
+        let usable = if size > 2 { size - 2 } else { size };
+        let offset = if size > 2 { 1 } else { 0 } + (n as u32 - 1) % usable;
+        Some(IpAddr::V4(Ipv4Addr::from(u32::from(base) + offset)))
+    }
+}
+
+/// `127.a.b.c/len` → (first address, number of addresses).
+pub fn parse_block(text: &str) -> Result<(Ipv4Addr, u32)> {
+    let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
+    let addr: Ipv4Addr = addr
+        .parse()
+        .with_context(|| format!("sources {text:?}: not an IPv4 address"))?;
+    let len: u32 = len
+        .parse()
+        .ok()
+        .filter(|l| (8..=32).contains(l))
+        .with_context(|| format!("sources {text:?}: prefix length must be 8 to 32"))?;
+    if !addr.is_loopback() {
+        bail!("sources {text:?}: only loopback (127.0.0.0/8) is allowed");
+    }
+    let size = 1u32 << (32 - len);
+    let base = u32::from(addr) & !(size - 1);
+    Ok((Ipv4Addr::from(base), size))
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut s = Scenario::parse(&text).with_context(|| format!("{}", path.display()))?;
+        // Relative paths are relative to the scenario file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(ca) = s.target.ca.as_mut() {
+            fix(ca);
+        }
+        for p in [
+            s.provision.config.as_mut(),
+            s.provision.ca_cert.as_mut(),
+            s.provision.ca_key.as_mut(),
+            Some(&mut s.provision.dir),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+        if s.provision.portcullis.components().count() > 1 {
+            fix(&mut s.provision.portcullis);
+        }
+        Ok(s)
+    }
+
+    pub fn parse(text: &str) -> Result<Scenario> {
+        let s: Scenario = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e))?;
+        s.check()?;
+        Ok(s)
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(self.duration_secs > 0.0 && self.duration_secs.is_finite()) {
+            bail!("duration_secs must be a positive number");
+        }
+        if !(self.grace_secs >= 0.0 && self.ramp_up_secs >= 0.0) {
+            bail!("grace_secs and ramp_up_secs must not be negative");
+        }
+        if self.groups.is_empty() {
+            bail!("no [[group]]: a scenario needs at least one");
+        }
+        let mut names = std::collections::HashSet::new();
+        for g in &self.groups {
+            let at = format!("group {:?}", g.name);
+            if !names.insert(g.name.as_str()) {
+                bail!("{at}: the name is used twice");
+            }
+            if g.count == 0 {
+                bail!("{at}: count must be at least 1");
+            }
+            if let Some(s) = &g.sources {
+                parse_block(s).with_context(|| at.clone())?;
+            }
+            if g.credential == Credential::Certificate && g.transport == Transport::Plain {
+                bail!("{at}: a certificate needs transport = \"tls\"");
+            }
+            let service = matches!(g.behaviour, Behaviour::Service { .. });
+            if service != (g.kind == Kind::Service) {
+                bail!("{at}: behaviour \"service\" is for kind = \"service\" groups, and only it");
+            }
+            if self.listener(g).is_none() {
+                bail!(
+                    "{at}: [target] has no {} address",
+                    listener_key(g.kind, g.transport)
+                );
+            }
+            if g.transport == Transport::Tls && self.target.ca.is_none() {
+                bail!("{at}: TLS needs [target] ca, the CA that verifies the server");
+            }
+            check_behaviour(&g.behaviour, self).with_context(|| at.clone())?;
+        }
+        Ok(())
+    }
+
+    pub fn listener(&self, g: &Group) -> Option<SocketAddr> {
+        match (g.kind, g.transport) {
+            (Kind::Device, Transport::Plain) => self.target.device_plain,
+            (Kind::Device, Transport::Tls) => self.target.device_tls,
+            (Kind::Service, Transport::Plain) => self.target.service_plain,
+            (Kind::Service, Transport::Tls) => self.target.service_tls,
+        }
+    }
+
+    pub fn group(&self, name: &str) -> Option<&Group> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+}
+
+fn listener_key(kind: Kind, transport: Transport) -> &'static str {
+    match (kind, transport) {
+        (Kind::Device, Transport::Plain) => "device_plain",
+        (Kind::Device, Transport::Tls) => "device_tls",
+        (Kind::Service, Transport::Plain) => "service_plain",
+        (Kind::Service, Transport::Tls) => "service_tls",
+    }
+}
+
+fn positive(name: &str, v: f64) -> Result<()> {
+    if !(v > 0.0 && v.is_finite()) {
+        bail!("{name} must be a positive number, not {v}");
+    }
+    Ok(())
+}
+
+fn check_behaviour(b: &Behaviour, s: &Scenario) -> Result<()> {
+    match b {
+        Behaviour::WellBehaved {
+            rate,
+            jitter,
+            daily_amplitude,
+            day_secs,
+            qos,
+            ..
+        } => {
+            positive("rate", *rate)?;
+            positive("day_secs", *day_secs)?;
+            if !(0.0..1.0).contains(jitter) {
+                bail!("jitter must be in [0, 1), not {jitter}");
+            }
+            if !(0.0..1.0).contains(daily_amplitude) {
+                bail!("daily_amplitude must be in [0, 1), not {daily_amplitude}");
+            }
+            if *qos > 1 {
+                bail!("qos must be 0 or 1");
+            }
+        }
+        Behaviour::Service {
+            commands_per_second,
+            command_groups,
+            ..
+        } => {
+            if *commands_per_second < 0.0 {
+                bail!("commands_per_second must not be negative");
+            }
+            for name in command_groups {
+                match s.group(name) {
+                    Some(g) if matches!(g.behaviour, Behaviour::WellBehaved { .. }) => {}
+                    Some(_) => bail!("command_groups: {name:?} is not a well-behaved group"),
+                    None => bail!("command_groups: no group {name:?}"),
+                }
+            }
+        }
+        Behaviour::Flood { inflight, .. } => {
+            if *inflight == 0 {
+                bail!("inflight must be at least 1");
+            }
+        }
+        Behaviour::Oversized { rate, .. }
+        | Behaviour::SchemaBreaking { rate }
+        | Behaviour::TopicScan { rate }
+        | Behaviour::CredentialStuffing { rate }
+        | Behaviour::ReconnectStorm { rate }
+        | Behaviour::Malformed { rate } => positive("rate", *rate)?,
+        Behaviour::ClonedIdentity { interval_secs } => positive("interval_secs", *interval_secs)?,
+        Behaviour::Slowloris { connections } => {
+            if *connections == 0 {
+                bail!("connections must be at least 1");
+            }
+        }
+        Behaviour::SlowRamp { rate, factor, qos } => {
+            positive("rate", *rate)?;
+            positive("factor", *factor)?;
+            if *qos > 1 {
+                bail!("qos must be 0 or 1");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+name = "t"
+duration_secs = 5
+[target]
+device_plain = "127.0.0.1:1883"
+device_tls = "127.0.0.1:8883"
+service_tls = "127.0.0.1:8884"
+ca = "ca.pem"
+"#;
+
+    fn parse(groups: &str) -> Result<Scenario> {
+        Scenario::parse(&format!("{BASE}{groups}"))
+    }
+
+    #[test]
+    fn a_mixed_scenario_parses_with_defaults() {
+        let s = parse(
+            r#"
+[[group]]
+name = "sensors"
+count = 3
+sources = "127.20.0.0/24"
+behaviour = { kind = "well-behaved", rate = 2.0, boot_burst = 4 }
+[[group]]
+name = "analytics"
+kind = "service"
+count = 1
+behaviour = { kind = "service", commands_per_second = 1.0, command_groups = ["sensors"] }
+[[group]]
+name = "flooder"
+count = 1
+protocol = "mqtt311"
+transport = "plain"
+credential = "secret"
+behaviour = { kind = "flood" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.grace_secs, 3.0);
+        let g = &s.groups[0];
+        assert_eq!(g.protocol, Version::V5);
+        assert_eq!(g.transport, Transport::Tls);
+        assert_eq!(g.id(2), "sensors-2");
+        assert_eq!(g.source(1), Some("127.20.0.1".parse().unwrap()));
+        assert_eq!(g.source(254), Some("127.20.0.254".parse().unwrap()));
+        assert_eq!(g.source(255), Some("127.20.0.1".parse().unwrap()));
+        assert!(matches!(
+            g.behaviour,
+            Behaviour::WellBehaved {
+                boot_burst: 4,
+                qos: 1,
+                ..
+            }
+        ));
+        assert_eq!(s.groups[2].protocol, Version::V4);
+        assert!(s.groups[2].behaviour.hostile());
+        assert!(matches!(
+            s.groups[2].behaviour,
+            Behaviour::Flood {
+                inflight: 32,
+                payload_bytes: 64
+            }
+        ));
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_what_was_wrong() {
+        let cases = [
+            (
+                "[[group]]\nname='a'\ncount=1\nbehaviour={kind='well-behaved', rate=1.0, speed=3}",
+                "unknown field `speed`",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nbehaviour={kind='teleport'}",
+                "unknown variant `teleport`",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=0\nbehaviour={kind='flood'}",
+                "count must be at least 1",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\ntransport='plain'\nbehaviour={kind='flood'}",
+                "a certificate needs transport = \"tls\"",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nkind='service'\ntransport='plain'\ncredential='secret'\nbehaviour={kind='service'}",
+                "[target] has no service_plain address",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nsources='10.0.0.0/8'\nbehaviour={kind='flood'}",
+                "only loopback",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nbehaviour={kind='well-behaved', rate=-1.0}",
+                "rate must be a positive number",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nkind='service'\nbehaviour={kind='service', command_groups=['x']}",
+                "no group \"x\"",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nbehaviour={kind='service'}",
+                "behaviour \"service\" is for kind = \"service\"",
+            ),
+        ];
+        for (groups, want) in cases {
+            let err = format!("{:#}", parse(groups).unwrap_err());
+            assert!(err.contains(want), "{groups}\n→ {err}\nwanted {want}");
+        }
+        let err = format!(
+            "{:#}",
+            Scenario::parse("name='x'\nduration_secs=1\n[target]\n").unwrap_err()
+        );
+        assert!(err.contains("missing field `group`"), "{err}");
+    }
+
+    #[test]
+    fn source_blocks_are_loopback_and_aligned() {
+        assert_eq!(
+            parse_block("127.1.2.3/16").unwrap(),
+            ("127.1.0.0".parse().unwrap(), 65536)
+        );
+        assert_eq!(
+            parse_block("127.0.0.9").unwrap(),
+            ("127.0.0.9".parse().unwrap(), 1)
+        );
+        assert!(parse_block("127.0.0.1/4").is_err());
+        assert!(parse_block("192.168.0.1/24").is_err());
+    }
+}
