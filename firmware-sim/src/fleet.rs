@@ -11,6 +11,7 @@ use rand::Rng;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -27,8 +28,7 @@ struct Shared {
     end: Instant,
     grace: Duration,
     stats: Vec<Arc<GroupStats>>,
-    /// Device id → (group index, the group's command acknowledgement topic suffix).
-    devices: HashMap<String, (usize, Option<String>)>,
+    devices: HashMap<String, Device>,
     /// A simulated service receives telemetry: latency is publish → delivery.
     service_listens: bool,
 }
@@ -40,6 +40,15 @@ impl Shared {
     fn running(&self) -> bool {
         Instant::now() < self.end
     }
+}
+
+/// What a service needs to know about a device.
+struct Device {
+    group: usize,
+    /// The group's command acknowledgement topic suffix.
+    ack: Option<String>,
+    /// Subscribed to its commands now: a command sent now reaches it.
+    listening: AtomicBool,
 }
 
 /// One member: who it is and how it connects.
@@ -250,7 +259,14 @@ pub async fn run(s: &Scenario, progress: bool) -> Result<Report> {
             _ => None,
         };
         for n in 1..=g.count {
-            devices.insert(g.id(n), (gi, ack.clone()));
+            devices.insert(
+                g.id(n),
+                Device {
+                    group: gi,
+                    ack: ack.clone(),
+                    listening: AtomicBool::new(false),
+                },
+            );
         }
     }
     let start = Instant::now() + Duration::from_millis(50);
@@ -503,7 +519,14 @@ async fn telemetry_loop(m: &Member, shared: &Shared, stats: &GroupStats, plan: P
     // Packet id → (sent at µs, telemetry rather than a command acknowledgement).
     let mut pending: HashMap<u16, (u64, bool)> = HashMap::new();
     let mut booted = false;
+    let listening = shared.devices.get(&m.id).map(|d| &d.listening);
+    let listen = |on: bool| {
+        if let Some(l) = listening {
+            l.store(on, Relaxed);
+        }
+    };
     'session: while shared.running() {
+        listen(false);
         let Some(mut conn) = connect_retrying(m, shared).await else {
             break;
         };
@@ -577,6 +600,7 @@ async fn telemetry_loop(m: &Member, shared: &Shared, stats: &GroupStats, plan: P
                         for c in codes.iter().filter(|c| **c >= 0x80) {
                             stats.refused(reason_name(m.version, *c));
                         }
+                        listen(codes.iter().all(|c| *c < 0x80));
                     }
                     Some(Event::Publish { payload: cmd, qos, pkid, .. }) => {
                         stats.add(&stats.commands_received, 1);
@@ -606,6 +630,7 @@ async fn telemetry_loop(m: &Member, shared: &Shared, stats: &GroupStats, plan: P
             }
         }
     }
+    listen(false);
     // Anything never acknowledged by the end of the grace period.
     for _ in pending.values().filter(|(_, t)| *t) {
         stats.refused("unacknowledged");
@@ -664,14 +689,20 @@ async fn service(
                     if !commanding {
                         continue;
                     }
-                    let target = &targets[(k as usize) % targets.len()];
+                    next_cmd += Duration::from_secs_f64(1.0 / commands_per_second);
+                    // The next device (round robin) that listens for commands now.
+                    let Some(target) = (0..targets.len())
+                        .map(|i| &targets[(k as usize + i) % targets.len()])
+                        .find(|t| shared.devices.get(*t).is_some_and(|d| d.listening.load(Relaxed)))
+                    else {
+                        continue;
+                    };
                     k += 1;
                     let topic = format!("devices/{target}/commands/ping");
                     if conn.publish(&topic, 1, k.to_string().as_bytes()).await.is_err() {
                         continue 'session;
                     }
                     stats.add(&stats.commands_sent, 1);
-                    next_cmd += Duration::from_secs_f64(1.0 / commands_per_second);
                 }
                 ev = conn.rx.recv() => match ev {
                     Some(Event::SubAck(codes)) => {
@@ -717,11 +748,11 @@ fn account_delivery(shared: &Shared, topic: &str, payload: &[u8]) {
         return;
     };
     let (id, suffix) = rest.split_once('/').unwrap_or((rest, ""));
-    let Some((gi, ack)) = shared.devices.get(id) else {
+    let Some(device) = shared.devices.get(id) else {
         return;
     };
-    let g = &shared.stats[*gi];
-    if ack.as_deref() == Some(suffix) && payload.starts_with(b"{\"ack\":") {
+    let g = &shared.stats[device.group];
+    if device.ack.as_deref() == Some(suffix) && payload.starts_with(b"{\"ack\":") {
         g.add(&g.commands_acknowledged, 1);
         return;
     }

@@ -62,7 +62,13 @@ pub fn client_config(
     roots: Arc<rustls::RootCertStore>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<rustls::ClientConfig>> {
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    // The ring provider, whatever the process installed as its default.
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots);
     let config = match identity {
         Some((chain, key)) => builder
             .with_client_auth_cert(chain, key)

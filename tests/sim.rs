@@ -1,0 +1,229 @@
+//! firmware-sim against the real gateway: a small mixed fleet, asserted on its report.
+
+mod common;
+
+use common::*;
+use portcullis_sim::{Scenario, fleet};
+use serde_json::Value;
+
+fn count(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn total(map: &Value) -> u64 {
+    map.as_object()
+        .map(|m| m.values().map(count).sum())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_mixed_fleet_delivers_everything_and_every_hostile_action_is_refused() {
+    let gw = Gateway::start_all(
+        "[validation]\n[[validation.rules]]\ntopic = \"devices/+/telemetry/#\"\nformat = \"json\"\n",
+        "max_packet_size = 65536",
+        "messages_per_second = 20.0\nmessage_burst = 20.0\nmax_delay_ms = 0\naction = \"quota_exceeded\"\n\
+         connections_per_second_per_source = 5.0\nconnection_burst_per_source = 10.0\n",
+    );
+    let d = gw.dir.path().display();
+    let scenario = format!(
+        r#"name = "mixed"
+duration_secs = 4
+grace_secs = 2
+[target]
+device_plain = "{dp}"
+device_tls = "{dt}"
+service_tls = "{st}"
+ca = "{d}/data/pki/ca.pem"
+[provision]
+portcullis = "{bin}"
+config = "{cfg}"
+ca_cert = "{d}/data/pki/ca.pem"
+ca_key = "{d}/data/pki/ca.key"
+dir = "{d}/sim"
+[[group]]
+name = "analytics"
+kind = "service"
+count = 1
+behaviour = {{ kind = "service", commands_per_second = 5.0, command_groups = ["sensors"] }}
+[[group]]
+name = "sensors"
+count = 8
+sources = "127.20.0.0/24"
+behaviour = {{ kind = "well-behaved", rate = 2.0, boot_burst = 3, daily_amplitude = 0.5, day_secs = 4 }}
+[[group]]
+name = "legacy"
+count = 3
+transport = "plain"
+credential = "secret"
+protocol = "mqtt311"
+sources = "127.21.0.0/24"
+behaviour = {{ kind = "well-behaved", rate = 1.0 }}
+[[group]]
+name = "flooder"
+count = 1
+sources = "127.30.0.1"
+behaviour = {{ kind = "flood", inflight = 8 }}
+[[group]]
+name = "oversized"
+count = 1
+sources = "127.31.0.1"
+behaviour = {{ kind = "oversized", bytes = 100000, rate = 2.0 }}
+[[group]]
+name = "schema"
+count = 1
+sources = "127.32.0.1"
+behaviour = {{ kind = "schema-breaking" }}
+[[group]]
+name = "scanner"
+count = 1
+sources = "127.33.0.1"
+behaviour = {{ kind = "topic-scan" }}
+[[group]]
+name = "stuffer"
+count = 1
+transport = "plain"
+credential = "secret"
+sources = "127.34.0.1"
+behaviour = {{ kind = "credential-stuffing", rate = 4.0 }}
+[[group]]
+name = "clone"
+count = 1
+sources = "127.35.0.1"
+behaviour = {{ kind = "cloned-identity", interval_secs = 0.5 }}
+[[group]]
+name = "storm"
+count = 1
+sources = "127.36.0.1"
+behaviour = {{ kind = "reconnect-storm", rate = 40.0 }}
+[[group]]
+name = "slowloris"
+count = 1
+sources = "127.37.0.1"
+behaviour = {{ kind = "slowloris", connections = 3 }}
+[[group]]
+name = "malformed"
+count = 1
+sources = "127.38.0.1"
+behaviour = {{ kind = "malformed", rate = 2.0 }}
+[[group]]
+name = "ramp"
+count = 1
+sources = "127.39.0.1"
+behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
+"#,
+        dp = gw.device_plain,
+        dt = gw.device_tls,
+        st = gw.service_tls,
+        bin = BIN,
+        cfg = gw.config.display(),
+    );
+    let path = gw.dir.path().join("mixed.toml");
+    std::fs::write(&path, scenario).unwrap();
+    let s = Scenario::load(&path).expect("scenario");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(fleet::run(&s, false)).expect("run");
+    let json = serde_json::to_value(&report).unwrap();
+    let text = report.text();
+    let g = |name: &str| -> &Value {
+        json["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap_or_else(|| panic!("no group {name}"))
+    };
+
+    // Well-behaved devices: everything acknowledged and delivered, nothing refused.
+    for name in ["sensors", "legacy"] {
+        let r = g(name);
+        assert_eq!(r["connected"], r["members"], "{name}: {text}");
+        assert!(
+            count(&r["sent"]) >= 3 * count(&r["members"]),
+            "{name}: {text}"
+        );
+        assert_eq!(r["acknowledged"], r["sent"], "{name}: {text}");
+        assert_eq!(r["delivered"], r["sent"], "{name}: {text}");
+        assert_eq!(total(&r["refused"]), 0, "{name}: {text}");
+        assert_eq!(total(&r["disconnected"]), 0, "{name}: {text}");
+        assert!(r["latency_us"]["p99"].as_u64().is_some(), "{name}: {text}");
+    }
+    // Commands: every one the service sent arrived and was acknowledged.
+    let commands = count(&g("analytics")["commands_sent"]);
+    assert!(commands >= 10, "{text}");
+    assert_eq!(
+        count(&g("sensors")["commands_received"]),
+        commands,
+        "{text}"
+    );
+    assert_eq!(
+        count(&g("sensors")["commands_acknowledged"]),
+        commands,
+        "{text}"
+    );
+
+    // Flood: held to its rate (20/s, burst 20, over 4 s), the rest refused as quota.
+    let f = g("flooder");
+    assert!(count(&f["refused"]["quota_exceeded"]) > 0, "{text}");
+    assert!(count(&f["delivered"]) <= 20 * 5 + 20, "{text}");
+    assert!(count(&f["acknowledged"]) <= 20 * 5 + 20, "{text}");
+    assert!(
+        count(&f["acknowledged"]) + total(&f["refused"]) <= count(&f["sent"]),
+        "{text}"
+    );
+
+    // Every hostile action refused for its reason, none accepted.
+    let all_refused = |name: &str, reason: &str| {
+        let r = g(name);
+        assert!(count(&r["sent"]) > 0, "{name}: {text}");
+        assert_eq!(
+            count(&r["refused"][reason]),
+            count(&r["sent"]),
+            "{name}: {text}"
+        );
+        assert_eq!(count(&r["accepted"]), 0, "{name}: {text}");
+        assert_eq!(count(&r["delivered"]), 0, "{name}: {text}");
+    };
+    all_refused("oversized", "packet_too_large");
+    all_refused("schema", "payload_format_invalid");
+    all_refused("scanner", "not_authorized");
+
+    let m = g("malformed");
+    assert!(count(&m["sent"]) > 0, "{text}");
+    assert_eq!(
+        count(&m["refused"]["malformed_packet"]) + count(&m["refused"]["protocol_error"]),
+        count(&m["sent"]),
+        "{text}"
+    );
+    assert_eq!(count(&m["accepted"]), 0, "{text}");
+
+    let st = g("stuffer");
+    assert!(count(&st["sent"]) >= 8, "{text}");
+    assert_eq!(count(&st["connected"]), 0, "{text}");
+    assert_eq!(total(&st["connect_refused"]), count(&st["sent"]), "{text}");
+
+    // The second session with one certificate takes the first over.
+    assert!(
+        count(&g("clone")["disconnected"]["session_taken_over"]) >= 3,
+        "{text}"
+    );
+
+    // Over 5 connections/s (burst 10) from one source, the rest are closed at once.
+    let storm = g("storm");
+    assert!(count(&storm["connect_refused"]["closed"]) > 0, "{text}");
+    assert!(count(&storm["connected"]) <= 10 + 5 * 5, "{text}");
+
+    // Slowloris: every half-open connection closed at the CONNECT deadline (2 s).
+    let sl = g("slowloris");
+    assert_eq!(
+        count(&sl["connect_refused"]["closed_by_server"]),
+        3,
+        "{text}"
+    );
+    let p50 = count(&sl["latency_us"]["p50"]);
+    assert!((1_500_000..4_000_000).contains(&p50), "{text}");
+
+    // The slow ramp outgrows its rate and is refused beyond it.
+    let ramp = g("ramp");
+    assert!(count(&ramp["refused"]["quota_exceeded"]) > 0, "{text}");
+    assert!(count(&ramp["acknowledged"]) > 0, "{text}");
+}
