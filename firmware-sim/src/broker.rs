@@ -56,7 +56,10 @@ pub fn serve(listen: SocketAddr) -> Result<()> {
             .with_context(|| format!("cannot listen on {listen}"))?,
     );
     let mut broker = rumqttd::Broker::new(config(listen));
-    std::thread::spawn(move || broker.start());
+    std::thread::spawn(move || {
+        // The error is reported by the listening check below.
+        let _ = broker.start();
+    });
     for _ in 0..100 {
         if std::net::TcpStream::connect(listen).is_ok() {
             println!("rumqttd listening on {listen}");

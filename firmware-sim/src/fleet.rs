@@ -19,6 +19,9 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 /// How long a server may take to answer CONNECT or SUBSCRIBE.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// QoS 1 messages a device leaves unacknowledged at most (within any server's
+/// Receive Maximum; the gateway's default is 64).
+const MAX_UNACKNOWLEDGED: usize = 32;
 /// The largest packet the simulator reads.
 const MAX_PACKET: usize = 16 << 20;
 
@@ -327,8 +330,10 @@ pub async fn run(s: &Scenario, progress: bool) -> Result<Report> {
         let targets = command_targets(s, &m.behaviour);
         tasks.push(tokio::spawn(service(m, shared.clone(), targets, tx)));
     }
+    // A service that is never answered must not hold the fleet back forever: its
+    // report shows what went wrong.
     for rx in ready {
-        let _ = rx.await;
+        let _ = timeout(ANSWER_TIMEOUT * 2, rx).await;
     }
     let ramp = Duration::from_secs_f64(s.ramp_up_secs);
     let count = devices.len().max(1) as u32;
@@ -539,7 +544,7 @@ async fn telemetry_loop(m: &Member, shared: &Shared, stats: &GroupStats, plan: P
         }
         if !booted {
             booted = true;
-            for _ in 0..plan.boot_burst {
+            for _ in 0..plan.boot_burst.min(MAX_UNACKNOWLEDGED as u32) {
                 seq += 1;
                 let now = shared.now_us();
                 telemetry(&mut payload, seq, now, 0);
@@ -549,6 +554,8 @@ async fn telemetry_loop(m: &Member, shared: &Shared, stats: &GroupStats, plan: P
                 stats.add(&stats.sent, 1);
                 if plan.qos > 0 {
                     pending.insert(pkid, (now, true));
+                } else {
+                    stats.add(&stats.acknowledged, 1);
                 }
             }
         }
@@ -568,6 +575,12 @@ async fn telemetry_loop(m: &Member, shared: &Shared, stats: &GroupStats, plan: P
                         next = stop;
                         continue;
                     }
+                    if pending.len() >= MAX_UNACKNOWLEDGED {
+                        // The server's Receive Maximum: wait for acknowledgements, as a
+                        // real client does when it is held back.
+                        next = Instant::now() + Duration::from_millis(10);
+                        continue;
+                    }
                     seq += 1;
                     let now = shared.now_us();
                     telemetry(&mut payload, seq, now, 0);
@@ -578,7 +591,8 @@ async fn telemetry_loop(m: &Member, shared: &Shared, stats: &GroupStats, plan: P
                     stats.add(&stats.sent, 1);
                     if plan.qos > 0 {
                         pending.insert(pkid, (now, true));
-                    } else if !shared.service_listens {
+                    } else {
+                        // QoS 0 has no acknowledgement: written is as good as it gets.
                         stats.add(&stats.acknowledged, 1);
                     }
                     next += interval(&plan, shared);
@@ -837,9 +851,10 @@ async fn flood(m: &Member, shared: &Shared, stats: &GroupStats, inflight: u16, b
 }
 
 /// Wait for the answer to one hostile publish or subscribe: true when accepted.
-async fn answer(conn: &mut Conn, m: &Member, stats: &GroupStats) -> Option<bool> {
+async fn answer(conn: &mut Conn, m: &Member, stats: &GroupStats, until: Instant) -> Option<bool> {
+    let deadline = (Instant::now() + ANSWER_TIMEOUT).min(until);
     loop {
-        match timeout(ANSWER_TIMEOUT, conn.rx.recv()).await {
+        match tokio::time::timeout_at(deadline, conn.rx.recv()).await {
             Err(_) => {
                 stats.refused("timeout");
                 return None;
@@ -863,6 +878,12 @@ async fn answer(conn: &mut Conn, m: &Member, stats: &GroupStats) -> Option<bool>
                 stats.refused("closed");
                 stats.disconnected("closed");
                 return None;
+            }
+            // What a granted subscription delivers (a server that let the scan in).
+            Ok(Some(Event::Publish { qos, pkid, .. })) => {
+                if qos > 0 && conn.puback(pkid).await.is_err() {
+                    return None;
+                }
             }
             Ok(Some(_)) => {}
         }
@@ -903,9 +924,14 @@ async fn publish_hostile(
             stats.add(&stats.sent, 1);
             if conn.publish(&topic, 1, &payload).await.is_err() {
                 stats.refused("closed");
+                stats.disconnected("closed");
+                sleep_until(at + period).await;
                 continue 'session;
             }
-            if answer(&mut conn, m, stats).await.is_none() {
+            if answer(&mut conn, m, stats, shared.end + shared.grace)
+                .await
+                .is_none()
+            {
                 sleep_until(at + period).await;
                 continue 'session;
             }
@@ -945,9 +971,14 @@ async fn topic_scan(m: &Member, shared: &Shared, stats: &GroupStats, rate: f64) 
             };
             if sent.is_err() {
                 stats.refused("closed");
+                stats.disconnected("closed");
+                sleep_until(at + period).await;
                 continue 'session;
             }
-            if answer(&mut conn, m, stats).await.is_none() {
+            if answer(&mut conn, m, stats, shared.end + shared.grace)
+                .await
+                .is_none()
+            {
                 sleep_until(at + period).await;
                 continue 'session;
             }

@@ -2,6 +2,7 @@
 //! run against a Portcullis gateway (or straight against a broker), and the benchmark
 //! suite that compares Portcullis with rumqttd and Mosquitto.
 
+pub mod bench;
 pub mod broker;
 pub mod fleet;
 pub mod mqtt;

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use portcullis_sim::{Scenario, broker, fleet};
+use portcullis_sim::{Scenario, bench, broker, fleet};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +33,48 @@ enum Command {
         /// Worker threads (default: the CPUs this process may run on).
         #[arg(long)]
         threads: Option<usize>,
+    },
+    /// The benchmark suite: Portcullis (full pipeline) against rumqttd and Mosquitto,
+    /// interleaved, server and load generator pinned to their own CPUs.
+    Bench {
+        /// Repetitions of every case on every target (the report gives the median).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Seconds measured per run (after one second of warm-up).
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Targets, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "portcullis,rumqttd,mosquitto"
+        )]
+        targets: Vec<bench::Target>,
+        /// Workloads, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "throughput,latency,idle,isolation"
+        )]
+        workloads: Vec<bench::Workload>,
+        /// The gateway binary (build it with `cargo build --release`).
+        #[arg(long, default_value = "target/release/portcullis")]
+        portcullis: PathBuf,
+        /// The policy Portcullis runs under.
+        #[arg(long, default_value = "firmware-sim/bench/portcullis-bench.toml")]
+        policy: PathBuf,
+        /// Idle connections per idle run.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+        /// The CPU the server under test runs on.
+        #[arg(long, default_value_t = 0)]
+        server_cpu: usize,
+        /// The CPU the load generator runs on.
+        #[arg(long, default_value_t = 1)]
+        load_cpu: usize,
+        /// Also write every sample as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Run rumqttd alone with a plain MQTT 3.1.1 listener (the benchmarks' baseline).
     Broker {
@@ -71,6 +113,32 @@ fn main() -> ExitCode {
             report_exit(run(&s, json, quiet, threads))
         }
         Command::Broker { listen } => report_exit(broker::serve(listen)),
+        Command::Bench {
+            reps,
+            secs,
+            targets,
+            workloads,
+            portcullis,
+            policy,
+            idle,
+            server_cpu,
+            load_cpu,
+            json,
+        } => report_exit(
+            bench::run(bench::Options {
+                reps: reps.max(1),
+                secs,
+                targets,
+                workloads,
+                portcullis,
+                policy,
+                idle,
+                server_cpu,
+                load_cpu,
+                json,
+            })
+            .map(|_| ()),
+        ),
     }
 }
 
@@ -97,7 +165,13 @@ fn run(s: &Scenario, json: Option<PathBuf>, quiet: bool, threads: Option<usize>)
     let report = runtime(threads)?.block_on(fleet::run(s, progress))?;
     match json.as_deref() {
         Some(p) if p.as_os_str() == "-" => {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            use std::io::Write;
+            // A closed pipe (`| head`) is the reader's choice, not an error.
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string_pretty(&report)?
+            );
         }
         Some(p) => {
             std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")

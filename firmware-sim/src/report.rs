@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(r.sent, 3);
         assert_eq!(r.refused.get("quota_exceeded"), Some(&2));
         assert_eq!(r.connect_refused.get("banned"), Some(&1));
-        let l = r.latency_us.unwrap();
+        let l = r.latency_us.clone().unwrap();
         assert_eq!(l.count, 1000);
         assert!((499..=501).contains(&l.p50), "{l:?}");
         assert!((989..=991).contains(&l.p99), "{l:?}");

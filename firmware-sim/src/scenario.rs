@@ -66,8 +66,9 @@ pub struct Provision {
     /// A CA the gateway's groups trust, whose key signs the fleet's certificates.
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
-    /// Where issued certificates and generated secrets are written (or, with mode
-    /// `none`, read from).
+    /// Mode `cli`: where the import file is written for the moment of registration
+    /// (certificates and secrets themselves stay in memory). Mode `none`: where the
+    /// prepared credentials are read from.
     #[serde(default = "default_credentials_dir")]
     pub dir: PathBuf,
 }
@@ -178,7 +179,8 @@ pub enum Behaviour {
         /// Each interval is the mean one times a factor in [1 - jitter, 1 + jitter].
         #[serde(default = "default_jitter")]
         jitter: f64,
-        /// Messages sent at once after connecting.
+        /// Messages sent at once after connecting (at most 32: the simulator's own
+        /// limit of unacknowledged messages).
         #[serde(default)]
         boot_burst: u32,
         /// The rate swings by this fraction over a simulated day.

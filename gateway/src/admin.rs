@@ -22,8 +22,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
-/// Largest request line accepted on the socket.
-const MAX_REQUEST: usize = 1 << 20;
+/// Largest request line accepted on the socket (an import of ~500k principals).
+pub const MAX_REQUEST: usize = 64 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -556,6 +556,14 @@ fn call(config: &Config, req: Request) -> Result<Value> {
         Ok(mut stream) => {
             let mut line = serde_json::to_string(&req)?;
             line.push('\n');
+            if line.len() > crate::admin::MAX_REQUEST {
+                bail!(UsageError(format!(
+                    "the request is {} bytes, over the admin socket's limit of {} bytes; \
+                     split the import file",
+                    line.len(),
+                    crate::admin::MAX_REQUEST
+                )));
+            }
             stream
                 .write_all(line.as_bytes())
                 .with_context(|| format!("admin socket {}", socket.display()))?;

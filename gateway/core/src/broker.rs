@@ -365,14 +365,38 @@ impl Uplink {
 /// QoS 1 publishes one uplink may have waiting for the router's acknowledgement.
 const MAX_PENDING: usize = 60_000;
 
+/// Packets handed to the router in one go.
+const BATCH: usize = 256;
+
+/// Hand `batch` to the router with one wake-up: all but the last go straight into the
+/// link's buffer, the last through `send`, which tells the router to take them all.
+/// Each wake-up is a context switch; under load, one per packet cost more than the
+/// routing itself.
+async fn send_batch(
+    tx: &mut LinkTx,
+    batch: &mut Vec<Packet>,
+) -> Result<(), rumqttd::local::LinkError> {
+    let Some(last) = batch.pop() else {
+        return Ok(());
+    };
+    if !batch.is_empty() {
+        tx.buffer().extend(batch.drain(..));
+    }
+    tx.send(last).await.map(|_| ())
+}
+
 async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<UplinkCmd>) {
     let mut pending: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
     let mut next_pkid: u16 = 0;
+    let mut batch: Vec<Packet> = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
+            // Taking commands first, router notifications next, and handing the batch
+            // over when neither has more right now.
+            biased;
             // Packet ids are 16 bits: with that many awaiting the router, wait for acks
             // before taking more (the senders feel it as back-pressure).
-            cmd = cmds.recv(), if pending.len() < MAX_PENDING => {
+            cmd = cmds.recv(), if pending.len() < MAX_PENDING && batch.len() < BATCH => {
                 let Some(UplinkCmd::Publish(msg, ack)) = cmd else { break };
                 let (qos, pkid) = match &ack {
                     None => (QoS::AtMostOnce, 0),
@@ -389,9 +413,7 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
                     }
                 };
                 let publish = build_publish(msg.topic.as_str().as_bytes(), &msg.payload, qos, msg.retain, pkid);
-                if tx.send(Packet::Publish(publish, link_properties(&msg))).await.is_err() {
-                    break;
-                }
+                batch.push(Packet::Publish(publish, link_properties(&msg)));
                 if let Some(ack) = ack {
                     pending.insert(pkid, ack);
                 }
@@ -408,6 +430,11 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
                 }
                 Ok(_) => {}
                 Err(_) => break,
+            },
+            _ = std::future::ready(()), if !batch.is_empty() => {
+                if send_batch(&mut tx, &mut batch).await.is_err() {
+                    break;
+                }
             }
         }
     }
@@ -487,8 +514,11 @@ async fn run_service_link(
     events: mpsc::Sender<ServiceEvent>,
 ) {
     let mut sub_pkid: u16 = 0;
+    // Acknowledgements of forwarded messages, handed to the router in batches.
+    let mut acks: Vec<Packet> = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
+            biased;
             cmd = cmds.recv() => {
                 let packet = match cmd {
                     None => break,
@@ -507,7 +537,8 @@ async fn run_service_link(
                         Packet::Unsubscribe(Unsubscribe { pkid: sub_pkid, filters }, None)
                     }
                 };
-                if tx.send(packet).await.is_err() {
+                acks.push(packet);
+                if send_batch(&mut tx, &mut acks).await.is_err() {
                     break;
                 }
             }
@@ -515,7 +546,7 @@ async fn run_service_link(
             // full session queue never stops this loop from taking the session's
             // commands (which would deadlock the two). Meanwhile the broker keeps the
             // backlog in its commit log.
-            (permit, n) = async { (events.reserve().await, rx.next().await) } => {
+            (permit, n) = async { (events.reserve().await, rx.next().await) }, if acks.len() < BATCH => {
                 let Ok(permit) = permit else { break };
                 match n {
                 Ok(Some(Notification::Forward(forward))) => {
@@ -524,8 +555,7 @@ async fn run_service_link(
                         permit.send(ServiceEvent::Delivery(delivery));
                     }
                     if qos != QoS::AtMostOnce {
-                        let ack = PubAck { pkid, reason: PubAckReason::Success };
-                        if tx.send(Packet::PubAck(ack, None)).await.is_err() { break; }
+                        acks.push(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
                     }
                 }
                 Ok(Some(n @ Notification::DeviceAck(_))) => {
@@ -540,6 +570,11 @@ async fn run_service_link(
                 }
                 Ok(_) => {}
                 Err(_) => break,
+                }
+            }
+            _ = std::future::ready(()), if !acks.is_empty() => {
+                if send_batch(&mut tx, &mut acks).await.is_err() {
+                    break;
                 }
             }
         }

@@ -1,0 +1,1306 @@
+//! The benchmark suite: the same load against Portcullis (full pipeline), rumqttd
+//! direct and Mosquitto direct, interleaved, with the server pinned to one CPU and the
+//! load generator to another. Medians of the repetitions with min–max, and ratios.
+
+use crate::mqtt::{self, Packet, Version};
+use crate::provision::Issuer;
+use crate::transport::{self, Endpoint, Stream, Tls};
+use anyhow::{Context, Result, anyhow, bail};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, sleep};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Portcullis,
+    Rumqttd,
+    Mosquitto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    Throughput,
+    Latency,
+    Idle,
+    Isolation,
+}
+
+pub struct Options {
+    pub reps: usize,
+    pub secs: f64,
+    pub targets: Vec<Target>,
+    pub workloads: Vec<Workload>,
+    pub portcullis: PathBuf,
+    pub policy: PathBuf,
+    pub idle: usize,
+    pub server_cpu: usize,
+    pub load_cpu: usize,
+    pub json: Option<PathBuf>,
+}
+
+const PUBLISHERS: usize = 10;
+const PAYLOAD: usize = 64;
+const TOPIC_FILTER: &str = "devices/+/telemetry";
+/// QoS 1 messages a publisher keeps in flight.
+const WINDOW: usize = 32;
+
+/// One measured figure of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub workload: String,
+    pub case: String,
+    pub target: Target,
+    pub rep: usize,
+    pub figures: BTreeMap<String, f64>,
+}
+
+// ---------------------------------------------------------------------------
+// Servers
+
+struct Server {
+    child: Child,
+    target: Target,
+    device_plain: SocketAddr,
+    device_tls: Option<SocketAddr>,
+    service_plain: SocketAddr,
+    observability: Option<SocketAddr>,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in bytes.
+    fn rss(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS for pid {}", self.pid()))?;
+        Ok(kb * 1024)
+    }
+
+    /// User + system CPU time, seconds.
+    fn cpu(&self) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        Ok(ticks / clock_ticks())
+    }
+
+    fn forward_histogram(&self) -> Option<Vec<(f64, u64)>> {
+        let addr = self.observability?;
+        let text = http_get(addr, "/metrics").ok()?;
+        Some(
+            text.lines()
+                .filter_map(|l| {
+                    let rest = l.strip_prefix("portcullis_forward_latency_seconds_bucket{le=\"")?;
+                    let (le, n) = rest.split_once("\"} ")?;
+                    let le = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().ok()?
+                    };
+                    Some((le, n.trim().parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) -> Result<()> {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{what} exited at start: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("{what} is not listening on {addr}")
+}
+
+/// Everything the runs share: the work dir, credentials, binaries.
+struct Bench {
+    opts: Options,
+    dir: PathBuf,
+    secrets: BTreeMap<String, String>,
+    issuer: Issuer,
+    ca: PathBuf,
+}
+
+fn pinned(cpu: usize, program: &Path) -> Command {
+    let mut c = Command::new("taskset");
+    c.arg("-c").arg(cpu.to_string()).arg(program);
+    c
+}
+
+impl Bench {
+    fn portcullis_config(&self) -> PathBuf {
+        self.dir.join("portcullis.toml")
+    }
+
+    fn start(&self, target: Target) -> Result<Server> {
+        match target {
+            Target::Portcullis => self.start_portcullis(),
+            Target::Rumqttd => {
+                let port = free_port()?;
+                let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+                let exe = std::env::current_exe()?;
+                let mut child = pinned(self.opts.server_cpu, &exe)
+                    .args(["broker", "--listen", &addr.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting rumqttd (portcullis-sim broker)")?;
+                wait_listening(addr, &mut child, "rumqttd")?;
+                Ok(Server {
+                    child,
+                    target,
+                    device_plain: addr,
+                    device_tls: None,
+                    service_plain: addr,
+                    observability: None,
+                })
+            }
+            Target::Mosquitto => {
+                let (plain, tls) = (free_port()?, free_port()?);
+                let conf = self.dir.join("mosquitto.conf");
+                // `user root`: started by root, mosquitto would otherwise switch to its
+                // own user, which cannot read the bench's files (ignored when not root).
+                let pki = self.dir.join("data/pki");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "user root\nper_listener_settings true\npersistence false\nmax_queued_messages 0\n\
+                         max_inflight_messages 0\nlog_dest file {log}\n\
+                         listener {plain} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\n\
+                         listener {tls} 127.0.0.1\nallow_anonymous false\ncafile {ca}\ncertfile {cert}\n\
+                         keyfile {key}\nrequire_certificate true\nuse_identity_as_username true\n",
+                        pw = self.dir.join("mosquitto.passwd").display(),
+                        log = self.dir.join("mosquitto.log").display(),
+                        ca = self.ca.display(),
+                        cert = pki.join("server.pem").display(),
+                        key = pki.join("server.key").display(),
+                    ),
+                )?;
+                let mut child = pinned(self.opts.server_cpu, Path::new("mosquitto"))
+                    .arg("-c")
+                    .arg(&conf)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting mosquitto (apt-get install mosquitto)")?;
+                let addr: SocketAddr = ([127, 0, 0, 1], plain).into();
+                wait_listening(addr, &mut child, "mosquitto")?;
+                wait_listening(([127, 0, 0, 1], tls).into(), &mut child, "mosquitto (TLS)")?;
+                Ok(Server {
+                    child,
+                    target,
+                    device_plain: addr,
+                    device_tls: Some(([127, 0, 0, 1], tls).into()),
+                    service_plain: addr,
+                    observability: None,
+                })
+            }
+        }
+    }
+
+    fn start_portcullis(&self) -> Result<Server> {
+        let mut child = pinned(self.opts.server_cpu, &self.opts.portcullis)
+            .args(["serve", "--config"])
+            .arg(self.portcullis_config())
+            .current_dir(&self.dir)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.dir.join("portcullis.log"))?)
+            .spawn()
+            .with_context(|| format!("starting {}", self.opts.portcullis.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut banner = Vec::new();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    let done = line.contains("observability");
+                    banner.push(line);
+                    if done {
+                        break;
+                    }
+                }
+                _ => bail!("portcullis did not start: {banner:?}"),
+            }
+        }
+        // Keep reading stdout so the gateway never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        let addr = |label: &str| -> Result<SocketAddr> {
+            banner
+                .iter()
+                .find(|l| l.contains(label))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| anyhow!("no {label} in the banner {banner:?}"))
+        };
+        Ok(Server {
+            target: Target::Portcullis,
+            device_plain: addr("device listener (plain MQTT):")?,
+            device_tls: Some(addr("device listener (MQTT over TLS):")?),
+            service_plain: addr("service listener (plain MQTT):")?,
+            observability: Some(addr("observability")?),
+            child,
+        })
+    }
+
+    /// A client of `target`: the endpoint and what it presents.
+    fn client(&self, s: &Server, id: &str, tls: bool, service: bool) -> Result<Client> {
+        let endpoint = if tls {
+            let (cert, key) = self.issuer.issue(id)?;
+            let identity = match crate::provision::identity(&cert, &key)? {
+                crate::provision::Secret::Certificate { chain, key } => Some((chain, key)),
+                _ => None,
+            };
+            Endpoint {
+                addr: s
+                    .device_tls
+                    .ok_or_else(|| anyhow!("{:?} has no TLS listener", s.target))?,
+                tls: Some(Tls {
+                    config: transport::client_config(transport::roots(&self.ca)?, identity)?,
+                    server_name: transport::server_name("localhost")?,
+                }),
+            }
+        } else {
+            Endpoint {
+                addr: if service {
+                    s.service_plain
+                } else {
+                    s.device_plain
+                },
+                tls: None,
+            }
+        };
+        let password = match (s.target, tls) {
+            (Target::Rumqttd, _) | (_, true) => None,
+            _ => Some(
+                self.secrets
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("no secret for {id}"))?,
+            ),
+        };
+        Ok(Client {
+            id: id.to_string(),
+            endpoint,
+            password,
+            source: None,
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Client {
+    id: String,
+    endpoint: Endpoint,
+    password: Option<String>,
+    source: Option<IpAddr>,
+}
+
+impl Client {
+    /// Connected (CONNACK success), MQTT 3.1.1.
+    async fn connect(&self) -> Result<Stream> {
+        let mut s = transport::open(&self.endpoint, self.source)
+            .await
+            .with_context(|| format!("{} connecting to {}", self.id, self.endpoint.addr))?;
+        let mut out = Vec::new();
+        mqtt::connect(
+            &mut out,
+            Version::V4,
+            &mqtt::Connect {
+                client_id: &self.id,
+                username: self.password.as_ref().map(|_| self.id.as_str()),
+                password: self.password.as_deref().map(str::as_bytes),
+                keep_alive: 300,
+                clean: true,
+            },
+        );
+        s.write_all(&out).await?;
+        let mut buf = [0u8; 64];
+        let mut have = 0;
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf[have..]))
+                .await
+                .map_err(|_| anyhow!("{}: no CONNACK", self.id))??;
+            if n == 0 {
+                bail!("{}: closed before CONNACK", self.id);
+            }
+            have += n;
+            if let Some((Packet::ConnAck { code }, _)) =
+                mqtt::decode(&buf[..have], Version::V4, 64)?
+            {
+                if code != 0 {
+                    bail!("{}: refused with CONNACK {code}", self.id);
+                }
+                return Ok(s);
+            }
+        }
+    }
+}
+
+async fn subscribe(s: &mut Stream, qos: u8) -> Result<()> {
+    let mut out = Vec::new();
+    mqtt::subscribe(&mut out, Version::V4, 1, &[(TOPIC_FILTER, qos)]);
+    s.write_all(&out).await?;
+    let mut buf = [0u8; 64];
+    let mut have = 0;
+    loop {
+        let n = s.read(&mut buf[have..]).await?;
+        if n == 0 {
+            bail!("closed before SUBACK");
+        }
+        have += n;
+        if let Some((Packet::SubAck { codes, .. }, _)) =
+            mqtt::decode(&buf[..have], Version::V4, 64)?
+        {
+            if codes.iter().any(|c| *c >= 0x80) {
+                bail!("subscription refused");
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn payload(buf: &mut Vec<u8>, sent_us: u64) {
+    use std::io::Write;
+    buf.clear();
+    let _ = write!(buf, "{{\"sent_us\":{sent_us},\"v\":\"");
+    while buf.len() < PAYLOAD - 2 {
+        buf.push(b'x');
+    }
+    buf.extend_from_slice(b"\"}");
+}
+
+// ---------------------------------------------------------------------------
+// The subscriber: counts, acknowledges, measures latency.
+
+struct Sink {
+    received: AtomicU64,
+    /// Counting (and measuring) only inside the window.
+    counting: AtomicBool,
+    latency: std::sync::Mutex<Histogram<u64>>,
+    /// Only this publisher's messages count (isolation), or all.
+    only: Option<String>,
+}
+
+impl Sink {
+    fn new(only: Option<String>) -> Arc<Sink> {
+        Arc::new(Sink {
+            received: AtomicU64::new(0),
+            counting: AtomicBool::new(false),
+            latency: std::sync::Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()),
+            only,
+        })
+    }
+}
+
+async fn sink(mut s: Stream, sink: Arc<Sink>, start: Instant, measure: bool) {
+    let mut buf = vec![0u8; 1 << 17];
+    let mut have = 0;
+    let mut acks = Vec::with_capacity(4096);
+    loop {
+        let n = match s.read(&mut buf[have..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        have += n;
+        let mut used = 0;
+        let now_us = start.elapsed().as_micros() as u64;
+        let counting = sink.counting.load(Relaxed);
+        let mut count = 0;
+        {
+            let mut h = measure.then(|| sink.latency.lock().unwrap_or_else(|e| e.into_inner()));
+            while let Ok(Some((p, len))) = mqtt::decode(&buf[used..have], Version::V4, 1 << 20) {
+                if let Packet::Publish {
+                    topic,
+                    qos,
+                    pkid,
+                    payload,
+                } = p
+                {
+                    if qos > 0 {
+                        mqtt::puback(&mut acks, pkid);
+                    }
+                    let mine = match &sink.only {
+                        Some(id) => topic.split('/').nth(1) == Some(id.as_str()),
+                        None => true,
+                    };
+                    if counting && mine {
+                        count += 1;
+                        if let (Some(h), Some(sent)) = (h.as_mut(), crate::fleet::sent_us(payload))
+                        {
+                            h.saturating_record(now_us.saturating_sub(sent).max(1));
+                        }
+                    }
+                }
+                used += len;
+            }
+        }
+        sink.received.fetch_add(count, Relaxed);
+        buf.copy_within(used..have, 0);
+        have -= used;
+        if have == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        if !acks.is_empty() {
+            if s.write_all(&acks).await.is_err() {
+                return;
+            }
+            acks.clear();
+        }
+    }
+}
+
+/// The subscriber on a thread of its own (same CPU), so that publishers running
+/// flat out cannot starve it of the generator's time: connected and subscribed when
+/// this returns.
+async fn sink_thread(
+    c: Client,
+    qos: u8,
+    state: Arc<Sink>,
+    start: Instant,
+    measure: bool,
+) -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = tx.send(Err(anyhow!(e)));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let mut stream = match c.connect().await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            if let Err(e) = subscribe(&mut stream, qos).await {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            let _ = tx.send(Ok(()));
+            sink(stream, state, start, measure).await;
+        });
+    });
+    rx.await
+        .map_err(|_| anyhow!("the subscriber thread ended"))?
+}
+
+// ---------------------------------------------------------------------------
+// Publishers
+
+/// As fast as the server takes it: QoS 0 in batches, or QoS 1 with `WINDOW` in flight.
+async fn blast(
+    mut s: Stream,
+    topic: String,
+    qos: u8,
+    stop: Arc<AtomicBool>,
+    start: Instant,
+    sent: Arc<AtomicU64>,
+) {
+    let mut out = Vec::with_capacity(16 << 10);
+    // One payload for all: the throughput runs do not measure latency, and formatting
+    // a timestamp per message would cost the generator more than the server.
+    let mut body = Vec::with_capacity(PAYLOAD);
+    payload(&mut body, start.elapsed().as_micros() as u64);
+    let mut inbuf = vec![0u8; 1 << 14];
+    let mut have = 0;
+    let mut inflight = 0usize;
+    let mut pkid = 0u16;
+    while !stop.load(Relaxed) {
+        out.clear();
+        let n = if qos == 0 { 64 } else { WINDOW - inflight };
+        for _ in 0..n {
+            pkid = pkid % u16::MAX + 1;
+            mqtt::publish(&mut out, Version::V4, &topic, qos, pkid, &body);
+        }
+        if s.write_all(&out).await.is_err() {
+            return;
+        }
+        sent.fetch_add(n as u64, Relaxed);
+        if qos == 0 {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        inflight += n;
+        // Wait for at least one acknowledgement.
+        let r = match tokio::time::timeout(Duration::from_millis(500), s.read(&mut inbuf[have..]))
+            .await
+        {
+            Err(_) => continue,
+            Ok(Ok(0) | Err(_)) => return,
+            Ok(Ok(r)) => r,
+        };
+        have += r;
+        let mut used = 0;
+        while let Ok(Some((p, len))) = mqtt::decode(&inbuf[used..have], Version::V4, 1 << 16) {
+            if matches!(p, Packet::PubAck { .. }) {
+                inflight = inflight.saturating_sub(1);
+            }
+            used += len;
+        }
+        inbuf.copy_within(used..have, 0);
+        have -= used;
+    }
+}
+
+/// Publishers at a fixed total rate, paced every millisecond, round robin.
+async fn paced(
+    conns: Vec<(Stream, String)>,
+    rate: f64,
+    qos: u8,
+    stop: Arc<AtomicBool>,
+    start: Instant,
+    sent: Arc<AtomicU64>,
+) {
+    let mut writers = Vec::new();
+    for (s, topic) in conns {
+        let (mut r, w) = tokio::io::split(s);
+        // Acknowledgements are read and dropped.
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 14];
+            while let Ok(n) = r.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        writers.push((w, topic));
+    }
+    let begin = Instant::now();
+    let mut done = 0u64;
+    let mut out = Vec::new();
+    let mut body = Vec::new();
+    let mut pkid = 0u16;
+    let mut next = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_micros(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !stop.load(Relaxed) {
+        tick.tick().await;
+        let due = (begin.elapsed().as_secs_f64() * rate) as u64;
+        while done < due {
+            let len = writers.len();
+            let (w, topic) = &mut writers[next % len];
+            next += 1;
+            out.clear();
+            payload(&mut body, start.elapsed().as_micros() as u64);
+            pkid = pkid % u16::MAX + 1;
+            mqtt::publish(&mut out, Version::V4, topic, qos, pkid, &body);
+            if w.write_all(&out).await.is_err() {
+                return;
+            }
+            done += 1;
+            sent.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Workloads
+
+fn publisher_id(n: usize) -> String {
+    format!("bench-pub-{n}")
+}
+
+struct Window {
+    warm: Duration,
+    secs: Duration,
+}
+
+impl Bench {
+    fn window(&self) -> Window {
+        Window {
+            warm: Duration::from_secs(1),
+            secs: Duration::from_secs_f64(self.opts.secs),
+        }
+    }
+
+    async fn throughput(&self, s: &Server, qos: u8, tls: bool) -> Result<BTreeMap<String, f64>> {
+        let start = Instant::now();
+        let sub = self.client(s, "bench-sub", false, true)?;
+        let sink_state = Sink::new(None);
+        sink_thread(sub, qos, sink_state.clone(), start, false).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        for n in 1..=PUBLISHERS {
+            // TLS publishers are principals of their own, with certificates.
+            let id = if tls {
+                tls_publisher_id(n)
+            } else {
+                publisher_id(n)
+            };
+            let c = self.client(s, &id, tls, false)?;
+            let stream = c.connect().await?;
+            tokio::spawn(blast(
+                stream,
+                format!("devices/{}/telemetry", c.id),
+                qos,
+                stop.clone(),
+                start,
+                sent.clone(),
+            ));
+        }
+        let w = self.window();
+        sleep(w.warm).await;
+        let cpu0 = s.cpu()?;
+        let t0 = Instant::now();
+        sink_state.counting.store(true, Relaxed);
+        let sent0 = sent.load(Relaxed);
+        sleep(w.secs).await;
+        sink_state.counting.store(false, Relaxed);
+        let elapsed = t0.elapsed().as_secs_f64();
+        let cpu = s.cpu()? - cpu0;
+        let sent = sent.load(Relaxed) - sent0;
+        stop.store(true, Relaxed);
+        let received = sink_state.received.load(Relaxed) as f64;
+        let mut f = BTreeMap::new();
+        f.insert("msg_per_s".into(), received / elapsed);
+        f.insert("offered_per_s".into(), sent as f64 / elapsed);
+        f.insert(
+            "server_cpu_us_per_msg".into(),
+            cpu * 1e6 / received.max(1.0),
+        );
+        f.insert("server_cpu_share".into(), cpu / elapsed);
+        Ok(f)
+    }
+
+    async fn latency(&self, s: &Server, rate: f64) -> Result<BTreeMap<String, f64>> {
+        let start = Instant::now();
+        let sub = self.client(s, "bench-sub", false, true)?;
+        let sink_state = Sink::new(None);
+        sink_thread(sub, 1, sink_state.clone(), start, true).await?;
+        let mut conns = Vec::new();
+        for n in 1..=PUBLISHERS {
+            let c = self.client(s, &publisher_id(n), false, false)?;
+            conns.push((c.connect().await?, format!("devices/{}/telemetry", c.id)));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        tokio::spawn(paced(conns, rate, 1, stop.clone(), start, sent.clone()));
+        let w = self.window();
+        sleep(w.warm).await;
+        let fwd0 = s.forward_histogram();
+        sink_state.counting.store(true, Relaxed);
+        let sent0 = sent.load(Relaxed);
+        sleep(w.secs).await;
+        let sent = sent.load(Relaxed) - sent0;
+        // Messages sent inside the window still arriving.
+        sleep(Duration::from_millis(300)).await;
+        sink_state.counting.store(false, Relaxed);
+        stop.store(true, Relaxed);
+        let fwd1 = s.forward_histogram();
+        let h = sink_state
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut f = BTreeMap::new();
+        f.insert("offered_per_s".into(), sent as f64 / w.secs.as_secs_f64());
+        f.insert("p50_us".into(), h.value_at_quantile(0.5) as f64);
+        f.insert("p99_us".into(), h.value_at_quantile(0.99) as f64);
+        f.insert("p999_us".into(), h.value_at_quantile(0.999) as f64);
+        f.insert("max_us".into(), h.max() as f64);
+        if let (Some(a), Some(b)) = (fwd0, fwd1) {
+            if let Some(p99) = bucket_quantile(&a, &b, 0.99) {
+                f.insert("gateway_forward_p99_le_us".into(), p99 * 1e6);
+            }
+            if let Some(p50) = bucket_quantile(&a, &b, 0.5) {
+                f.insert("gateway_forward_p50_le_us".into(), p50 * 1e6);
+            }
+        }
+        Ok(f)
+    }
+
+    async fn idle(&self, s: &Server, tls: bool) -> Result<BTreeMap<String, f64>> {
+        let n = self.opts.idle;
+        sleep(Duration::from_millis(500)).await;
+        let rss0 = s.rss()?;
+        let sock0 = sockstat_tcp();
+        let mut clients = Vec::with_capacity(n);
+        for i in 1..=n {
+            let id = if tls {
+                format!("idlet-{i}")
+            } else {
+                format!("idle-{i}")
+            };
+            let mut c = self.client(s, &id, tls, false)?;
+            c.source = Some(source(i));
+            clients.push(c);
+        }
+        let t0 = Instant::now();
+        let mut streams = Vec::with_capacity(n);
+        // 256 connecting at a time.
+        for chunk in clients.chunks(256) {
+            let mut tasks = Vec::new();
+            for c in chunk {
+                let c = c.clone();
+                tasks.push(tokio::spawn(async move { c.connect().await }));
+            }
+            for t in tasks {
+                streams.push(t.await??);
+            }
+        }
+        let connect_secs = t0.elapsed().as_secs_f64();
+        sleep(Duration::from_secs(2)).await;
+        let rss1 = s.rss()?;
+        let sock1 = sockstat_tcp();
+        let mut f = BTreeMap::new();
+        f.insert("connections".into(), n as f64);
+        f.insert("connections_per_s".into(), n as f64 / connect_secs);
+        f.insert(
+            "bytes_per_connection".into(),
+            (rss1 as f64 - rss0 as f64) / n as f64,
+        );
+        f.insert("rss_idle_mb".into(), rss0 as f64 / 1e6);
+        f.insert("rss_connected_mb".into(), rss1 as f64 / 1e6);
+        if let (Some(a), Some(b)) = (sock0, sock1) {
+            f.insert(
+                "sockstat_tcp_mem_pages_delta".into(),
+                b.1 as f64 - a.1 as f64,
+            );
+            f.insert("sockstat_tcp_inuse_delta".into(), b.0 as f64 - a.0 as f64);
+        }
+        for mut st in streams {
+            let _ = st.shutdown().await;
+        }
+        Ok(f)
+    }
+
+    /// A steady device at 50 msg/s, alone or beside a device flooding QoS 0.
+    async fn isolation(&self, s: &Server, flood: bool) -> Result<BTreeMap<String, f64>> {
+        let start = Instant::now();
+        let sub = self.client(s, "bench-sub", false, true)?;
+        let sink_state = Sink::new(Some("iso-steady".into()));
+        sink_thread(sub, 1, sink_state.clone(), start, true).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        if flood {
+            let c = self.client(s, "iso-flood", false, false)?;
+            let stream = c.connect().await?;
+            tokio::spawn(blast(
+                stream,
+                "devices/iso-flood/telemetry".into(),
+                0,
+                stop.clone(),
+                start,
+                Arc::new(AtomicU64::new(0)),
+            ));
+        }
+        let c = self.client(s, "iso-steady", false, false)?;
+        let steady = c.connect().await?;
+        let sent = Arc::new(AtomicU64::new(0));
+        tokio::spawn(paced(
+            vec![(steady, "devices/iso-steady/telemetry".into())],
+            50.0,
+            1,
+            stop.clone(),
+            start,
+            sent.clone(),
+        ));
+        let w = self.window();
+        sleep(w.warm).await;
+        sink_state.counting.store(true, Relaxed);
+        let sent0 = sent.load(Relaxed);
+        sleep(w.secs).await;
+        let sent = sent.load(Relaxed) - sent0;
+        sleep(Duration::from_millis(500)).await;
+        sink_state.counting.store(false, Relaxed);
+        stop.store(true, Relaxed);
+        let received = sink_state.received.load(Relaxed);
+        let h = sink_state
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut f = BTreeMap::new();
+        f.insert(
+            "delivery_pct".into(),
+            100.0 * received.min(sent) as f64 / sent.max(1) as f64,
+        );
+        f.insert("p50_us".into(), h.value_at_quantile(0.5) as f64);
+        f.insert("p99_us".into(), h.value_at_quantile(0.99) as f64);
+        Ok(f)
+    }
+}
+
+/// Source address of idle client i: spread over 127.1.0.0/16.
+fn source(i: usize) -> IpAddr {
+    let i = i as u32;
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        1,
+        ((i >> 8) & 0xFF) as u8,
+        (i & 0xFF).max(1) as u8,
+    ))
+}
+
+/// (TCP sockets in use, TCP memory pages) from /proc/net/sockstat.
+fn sockstat_tcp() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("TCP:"))?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let get = |k: &str| {
+        f.iter()
+            .position(|x| *x == k)
+            .and_then(|i| f.get(i + 1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((get("inuse")?, get("mem")?))
+}
+
+/// The upper bound of the bucket holding quantile q of the observations between two
+/// snapshots of a cumulative histogram.
+fn bucket_quantile(a: &[(f64, u64)], b: &[(f64, u64)], q: f64) -> Option<f64> {
+    let deltas: Vec<(f64, u64)> = b
+        .iter()
+        .map(|(le, n)| {
+            let before = a
+                .iter()
+                .find(|(l, _)| l == le)
+                .map(|(_, m)| *m)
+                .unwrap_or(0);
+            (*le, n.saturating_sub(before))
+        })
+        .collect();
+    let total = deltas.iter().map(|(_, n)| *n).max()?;
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil() as u64;
+    deltas.iter().find(|(_, n)| *n >= want).map(|(le, _)| *le)
+}
+
+// ---------------------------------------------------------------------------
+// Setup and the run
+
+fn pin_self(cpu: usize) {
+    let ok = Command::new("taskset")
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &cpu.to_string(),
+            &std::process::id().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("warning: could not pin the load generator to CPU {cpu} (taskset)");
+    }
+}
+
+fn setup(mut opts: Options) -> Result<Bench> {
+    // Commands run in the work dir: the gateway binary by its absolute path.
+    opts.portcullis = std::fs::canonicalize(&opts.portcullis).with_context(|| {
+        format!(
+            "{}: no gateway binary (cargo build --release)",
+            opts.portcullis.display()
+        )
+    })?;
+    let dir = std::env::temp_dir().join(format!("portcullis-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let policy = std::fs::read_to_string(&opts.policy)
+        .with_context(|| format!("reading the policy {}", opts.policy.display()))?;
+    std::fs::write(
+        dir.join("portcullis.toml"),
+        format!(
+            "# Written by portcullis-sim bench: listeners on port 0, then {}\n\
+             data_dir = \"{}/data\"\n[listeners]\ndevice_tls = \"127.0.0.1:0\"\n\
+             device_plain = \"127.0.0.1:0\"\nservice_tls = \"127.0.0.1:0\"\n\
+             service_plain = \"127.0.0.1:0\"\n[observability]\nlisten = \"127.0.0.1:0\"\n\n{policy}",
+            opts.policy.display(),
+            dir.display()
+        ),
+    )?;
+    // Principals: throughput publishers (group bench), the subscriber service,
+    // isolation devices and idle devices (group default).
+    let mut secrets = BTreeMap::new();
+    let mut devices = String::new();
+    let mut entry =
+        |id: String, group: &str, cert: bool, secrets: &mut BTreeMap<String, String>| {
+            let secret = crate::provision::random_secret();
+            devices.push_str(&format!(
+                "[[principal]]\nid = \"{id}\"\ngroup = \"{group}\"\n{}\n",
+                if cert {
+                    "cert_any = true".to_string()
+                } else {
+                    format!("secret = \"{secret}\"")
+                }
+            ));
+            secrets.insert(id, secret);
+        };
+    for n in 1..=PUBLISHERS {
+        entry(publisher_id(n), "bench", false, &mut secrets);
+    }
+    for id in ["iso-steady", "iso-flood"] {
+        entry(id.into(), "default", false, &mut secrets);
+    }
+    for i in 1..=opts.idle {
+        entry(format!("idle-{i}"), "default", false, &mut secrets);
+        entry(format!("idlet-{i}"), "default", true, &mut secrets);
+    }
+    let sub_secret = crate::provision::random_secret();
+    secrets.insert("bench-sub".into(), sub_secret.clone());
+    for n in 1..=PUBLISHERS {
+        devices.push_str(&format!(
+            "[[principal]]\nid = \"{}\"\ngroup = \"bench\"\ncert_any = true\n",
+            tls_publisher_id(n)
+        ));
+    }
+    let exe = opts.portcullis.clone();
+    let bench = |args: &[&str]| -> Result<()> {
+        let out = Command::new(&exe)
+            .args(args)
+            .arg("--config")
+            .arg(dir.join("portcullis.toml"))
+            .current_dir(&dir)
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !out.status.success() {
+            bail!(
+                "portcullis {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    bench(&["pki", "init"])?;
+    std::fs::write(dir.join("devices.toml"), devices)?;
+    std::fs::write(
+        dir.join("services.toml"),
+        format!("[[principal]]\nid = \"bench-sub\"\nsecret = \"{sub_secret}\"\n"),
+    )?;
+    // Registered offline (no gateway running): the registry is a file.
+    let ca = dir.join("data/pki/ca.pem");
+    let issuer = Issuer::load(&ca, &dir.join("data/pki/ca.key"))?;
+    let mut b = Bench {
+        opts,
+        dir: dir.clone(),
+        secrets,
+        issuer,
+        ca,
+    };
+    {
+        let server = b.start_portcullis()?;
+        bench(&[
+            "device",
+            "import",
+            dir.join("devices.toml").to_str().unwrap(),
+        ])?;
+        bench(&[
+            "service",
+            "import",
+            dir.join("services.toml").to_str().unwrap(),
+        ])?;
+        drop(server);
+    }
+    let _ = std::fs::remove_file(dir.join("devices.toml"));
+    let _ = std::fs::remove_file(dir.join("services.toml"));
+    // Mosquitto's password file: the same ids and secrets, hashed by mosquitto_passwd.
+    let pw = dir.join("mosquitto.passwd");
+    let text: String = b
+        .secrets
+        .iter()
+        .map(|(id, s)| format!("{id}:{s}\n"))
+        .collect();
+    std::fs::write(&pw, text)?;
+    if b.opts.targets.contains(&Target::Mosquitto) {
+        let ok = Command::new("mosquitto_passwd")
+            .arg("-U")
+            .arg(&pw)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            bail!("mosquitto_passwd -U failed (apt-get install mosquitto)");
+        }
+    }
+    b.dir = dir;
+    Ok(b)
+}
+
+fn tls_publisher_id(n: usize) -> String {
+    format!("bench-tls-{n}")
+}
+
+/// Cases of a workload: a name, and what runs.
+fn cases(w: Workload) -> Vec<&'static str> {
+    match w {
+        Workload::Throughput => vec!["qos0-tcp", "qos1-tcp", "qos0-tls", "qos1-tls"],
+        Workload::Latency => vec!["1k", "10k"],
+        Workload::Idle => vec!["plain", "mtls"],
+        Workload::Isolation => vec!["solo", "flood"],
+    }
+}
+
+fn applies(target: Target, case: &str) -> bool {
+    // rumqttd direct runs without TLS (the embedded broker has no listener of its own).
+    !(target == Target::Rumqttd && (case.ends_with("tls") || case == "mtls"))
+}
+
+pub fn run(opts: Options) -> Result<Vec<Sample>> {
+    if !Path::new("/proc/self/status").exists() {
+        bail!("the benchmarks read /proc: Linux only");
+    }
+    pin_self(opts.load_cpu);
+    let b = setup(opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut samples = Vec::new();
+    for &w in &b.opts.workloads {
+        for case in cases(w) {
+            for rep in 1..=b.opts.reps {
+                for &target in &b.opts.targets {
+                    if !applies(target, case) {
+                        continue;
+                    }
+                    let server = b.start(target)?;
+                    let figures = rt.block_on(async {
+                        match (w, case) {
+                            (Workload::Throughput, c) => {
+                                let qos = if c.starts_with("qos1") { 1 } else { 0 };
+                                let tls = c.ends_with("tls");
+                                b.throughput(&server, qos, tls).await
+                            }
+                            (Workload::Latency, "1k") => b.latency(&server, 1_000.0).await,
+                            (Workload::Latency, _) => b.latency(&server, 10_000.0).await,
+                            (Workload::Idle, c) => b.idle(&server, c == "mtls").await,
+                            (Workload::Isolation, c) => b.isolation(&server, c == "flood").await,
+                        }
+                    });
+                    drop(server);
+                    // Connections of the run end before the next server starts.
+                    rt.block_on(async { sleep(Duration::from_millis(200)).await });
+                    let figures =
+                        figures.with_context(|| format!("{w:?} {case} against {target:?}"))?;
+                    let sample = Sample {
+                        workload: format!("{w:?}").to_lowercase(),
+                        case: case.to_string(),
+                        target,
+                        rep,
+                        figures,
+                    };
+                    eprintln!("{}", line(&sample));
+                    samples.push(sample);
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&b.dir);
+    println!("{}", summary(&samples));
+    if let Some(path) = &b.opts.json {
+        std::fs::write(path, serde_json::to_string_pretty(&samples)? + "\n")?;
+    }
+    Ok(samples)
+}
+
+fn line(s: &Sample) -> String {
+    let figs: Vec<String> = s
+        .figures
+        .iter()
+        .map(|(k, v)| format!("{k}={v:.1}"))
+        .collect();
+    format!(
+        "{} {} {:?} rep {}: {}",
+        s.workload,
+        s.case,
+        s.target,
+        s.rep,
+        figs.join(" ")
+    )
+}
+
+fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+/// The table: per workload, case and figure, each target's median (min–max), and
+/// Portcullis's ratio to each baseline.
+pub fn summary(samples: &[Sample]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut keys: Vec<(String, String, String)> = Vec::new();
+    for s in samples {
+        for k in s.figures.keys() {
+            let key = (s.workload.clone(), s.case.clone(), k.clone());
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "| workload | case | figure | portcullis | rumqttd | mosquitto | P/rumqttd | P/mosquitto |\n|---|---|---|---|---|---|---|---|"
+    );
+    for (w, c, k) in keys {
+        let mut medians = BTreeMap::new();
+        let mut cells = Vec::new();
+        for t in [Target::Portcullis, Target::Rumqttd, Target::Mosquitto] {
+            let v: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.workload == w && s.case == c && s.target == t)
+                .filter_map(|s| s.figures.get(&k).copied())
+                .collect();
+            if v.is_empty() {
+                cells.push("–".to_string());
+                continue;
+            }
+            let (m, lo, hi) = median_min_max(v);
+            medians.insert(t, m);
+            cells.push(format!("{} ({}–{})", fmt(m), fmt(lo), fmt(hi)));
+        }
+        let ratio = |t: Target| match (medians.get(&Target::Portcullis), medians.get(&t)) {
+            (Some(p), Some(b)) if *b != 0.0 => format!("{:.2}", p / b),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {w} | {c} | {k} | {} | {} | {} | {} | {} |",
+            cells[0],
+            cells[1],
+            cells[2],
+            ratio(Target::Rumqttd),
+            ratio(Target::Mosquitto)
+        );
+    }
+    out
+}
+
+fn fmt(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_quantile_reads_the_window_between_snapshots() {
+        let a = vec![(0.0001, 10), (0.001, 10), (f64::INFINITY, 10)];
+        let b = vec![(0.0001, 60), (0.001, 109), (f64::INFINITY, 110)];
+        // 100 new observations: 50 ≤ 100 µs, 49 more ≤ 1 ms, 1 above.
+        assert_eq!(bucket_quantile(&a, &b, 0.5), Some(0.0001));
+        assert_eq!(bucket_quantile(&a, &b, 0.99), Some(0.001));
+        assert_eq!(bucket_quantile(&a, &b, 1.0), Some(f64::INFINITY));
+        assert_eq!(bucket_quantile(&b, &b, 0.5), None);
+    }
+
+    #[test]
+    fn summary_gives_medians_ranges_and_ratios() {
+        let mk = |t, rep, v| Sample {
+            workload: "throughput".into(),
+            case: "qos0-tcp".into(),
+            target: t,
+            rep,
+            figures: BTreeMap::from([("msg_per_s".to_string(), v)]),
+        };
+        let samples = vec![
+            mk(Target::Portcullis, 1, 100.0),
+            mk(Target::Portcullis, 2, 300.0),
+            mk(Target::Portcullis, 3, 200.0),
+            mk(Target::Rumqttd, 1, 400.0),
+            mk(Target::Mosquitto, 1, 100.0),
+        ];
+        let t = summary(&samples);
+        assert!(t.contains("| throughput | qos0-tcp | msg_per_s | 200 (100–300) | 400 (400–400) | 100 (100–100) | 0.50 | 2.00 |"), "{t}");
+    }
+
+    #[test]
+    fn payload_is_64_bytes_of_json() {
+        let mut b = Vec::new();
+        payload(&mut b, 123_456_789);
+        assert_eq!(b.len(), PAYLOAD);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["sent_us"], 123_456_789);
+    }
+}
