@@ -722,6 +722,9 @@ enum FromBroker {
     Gone,
 }
 
+/// Bytes of output gathered before they are written even though more work is ready.
+const FLUSH_AT: usize = 32 * 1024;
+
 async fn from_broker(link: &mut Option<Link>) -> FromBroker {
     match link {
         Some(Link::Service { events, .. }) => match events.recv().await {
@@ -877,7 +880,10 @@ impl Session {
             if ctx.kind == PrincipalKind::Device {
                 self.pump_mailbox(ctx, &mut out);
             }
-            if !out.is_empty() {
+            // Output is written when nothing else is ready at once (the last branch
+            // below), or here when a lot has gathered: one write for many packets, not
+            // one system call per acknowledgement or delivery.
+            if out.len() >= FLUSH_AT {
                 match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
                     Ok(Ok(())) => out.clear(),
                     Ok(Err(_)) => return End::Closed,
@@ -949,6 +955,16 @@ impl Session {
                 // Registered after the drain began: end like everyone else.
                 _ = stopped(&mut shutdown) => Err(End::Kicked(KickReason::Shutdown)),
                 _ = tokio::time::sleep_until(keep_alive.deadline().into()) => Err(End::KeepAlive),
+                _ = std::future::ready(()), if !out.is_empty() => {
+                    match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
+                        Ok(Ok(())) => {
+                            out.clear();
+                            Ok(())
+                        }
+                        Ok(Err(_)) => return End::Closed,
+                        Err(_) => return End::WriteTimeout,
+                    }
+                }
             };
             if let Err(end) = step {
                 if !out.is_empty() {

@@ -256,9 +256,7 @@ impl Validator {
                     "not_utf8",
                 )),
             },
-            Format::Json => parse_json(payload)
-                .map(drop)
-                .map_err(|r| refuse(r, "not_json")),
+            Format::Json => check_json(payload).map_err(|r| refuse(r, "not_json")),
             Format::Schema(schema) => {
                 let value = parse_json(payload).map_err(|r| refuse(r, "not_json"))?;
                 if schema.is_valid(&value) {
@@ -401,6 +399,49 @@ fn parse_json(payload: &[u8]) -> Result<Value, String> {
     serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
 }
 
+/// What `parse_json` accepts, without building the document (no allocation for a
+/// payload that is only checked to be JSON).
+fn check_json(payload: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| format!("not JSON: not valid UTF-8 at byte {}", e.valid_up_to()))?;
+    // serde_json skips a value without its nesting limit: apply it first.
+    if nesting(text.as_bytes()) > MAX_NESTING {
+        return Err("not JSON: recursion limit exceeded".to_string());
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(drop)
+        .map_err(|e| format!("not JSON: {e}"))
+}
+
+/// The deepest nesting serde_json builds a value for: it refuses a 128th level.
+const MAX_NESTING: usize = 127;
+
+/// The deepest nesting of arrays and objects, outside strings.
+fn nesting(text: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0, false, false);
+    for &b in text {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// `<instance path>: <message>`, quoting at most `PATH_BUDGET` bytes of the path and
 /// `VALUE_BUDGET` bytes of the value from the payload.
 fn describe(error: &ValidationError<'_>) -> String {
@@ -506,6 +547,34 @@ impl fmt::Write for Capped<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checking_json_accepts_exactly_what_parsing_accepts() {
+        let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        let (d127, d128, d129, d200) = (deep(127), deep(128), deep(129), deep(200));
+        let strings = r#"{"a":"[[[\"{{{"}"#;
+        for text in [
+            d127.as_str(),
+            d128.as_str(),
+            d129.as_str(),
+            d200.as_str(),
+            strings,
+            r#"{"a":1}"#,
+            " [1, 2.5e3, null, true, \"x\"] ",
+            r#"{"a":1} x"#,
+            r#"{"a":}"#,
+            "",
+            "\"unterminated",
+            "01",
+        ] {
+            assert_eq!(
+                check_json(text.as_bytes()).is_ok(),
+                parse_json(text.as_bytes()).is_ok(),
+                "{text}"
+            );
+        }
+        assert!(check_json(&[0xff, b'1']).unwrap_err().contains("UTF-8"));
+    }
     use crate::topic::TopicLimits;
     use portcullis_config::validation::PayloadRule;
 
