@@ -108,6 +108,21 @@ fn registry_commands_work_while_the_gateway_runs() {
 }
 
 #[test]
+fn a_fleet_of_fifteen_thousand_imports_in_one_request() {
+    let gw = Gateway::start();
+    // Over a megabyte of request: more than the admin socket once took.
+    let file = gw.dir.path().join("big-fleet.toml");
+    let text: String = (1..=15_000)
+        .map(|n| format!("[[principal]]\nid = \"fleet-{n}\"\nsecret = \"{SECRET}-{n}\"\n"))
+        .collect();
+    std::fs::write(&file, text).unwrap();
+    let out = gw.cli_ok(&["device", "import", file.to_str().unwrap()]);
+    assert!(out.contains("\"imported\": 15000"), "{out}");
+    let (_raw, code) = v5_connect(&gw, "fleet-15000", &format!("{SECRET}-15000"));
+    assert_eq!(code, Some(v5::ConnectReturnCode::Success));
+}
+
+#[test]
 fn disable_enable_remove_and_kick_end_or_allow_sessions() {
     let gw = Gateway::start();
     gw.add_device_secret("meter-1", SECRET);

@@ -350,9 +350,10 @@ impl AdminState {
                     records.push(record);
                 }
                 let n = records.len();
-                for record in records {
-                    let id = record.id.to_string();
-                    self.registry.add(record)?;
+                let ids: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
+                // One commit for the whole import.
+                self.registry.add_all(records)?;
+                for id in ids {
                     self.audit("import", kind, &id);
                 }
                 Ok(json!({ "imported": n }))

@@ -217,7 +217,9 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             match tls {
-                None => session::run(ctx, stream, peer, None).await,
+                // Boxed: a plain connection does not carry the (larger) state of a
+                // TLS one, and the task itself stays small.
+                None => Box::pin(session::run(ctx, stream, peer, None)).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
@@ -226,7 +228,7 @@ pub async fn serve(
                                 .1
                                 .peer_certificates()
                                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-                            session::run(ctx, tls_stream, peer, certs).await
+                            Box::pin(session::run(ctx, tls_stream, peer, certs)).await
                         }
                         Ok(Err(e)) => handshake_failed(&ctx, peer, &e.to_string()),
                         Err(_) => handshake_failed(&ctx, peer, "handshake not finished in time"),

@@ -101,7 +101,13 @@ enum ReadError {
 struct FrameReader {
     buf: BytesMut,
     max: usize,
+    /// Bytes reserved for the next read: small while a peer is quiet (an idle
+    /// connection holds little), doubled each time a read fills it, up to 64 KiB.
+    want: usize,
 }
+
+const READ_MIN: usize = 256;
+const READ_MAX: usize = 64 * 1024;
 
 impl FrameReader {
     /// Cancel-safe: bytes read so far stay in the buffer.
@@ -110,9 +116,14 @@ impl FrameReader {
             if let Some(len) = strict::frame_len(&self.buf, self.max)? {
                 return Ok(self.buf.split_to(len));
             }
-            self.buf.reserve(4096);
-            if r.read_buf(&mut self.buf).await? == 0 {
+            self.buf.reserve(self.want);
+            let spare = self.buf.capacity() - self.buf.len();
+            let n = r.read_buf(&mut self.buf).await?;
+            if n == 0 {
                 return Err(ReadError::Closed);
+            }
+            if n == spare {
+                self.want = (self.want * 2).min(READ_MAX);
             }
         }
     }
@@ -152,7 +163,8 @@ pub async fn run<S>(
     // Before authentication a peer gets a small frame budget: a CONNECT with a
     // moderate Will fits, a memory-exhausting one does not.
     let mut reader = FrameReader {
-        buf: BytesMut::with_capacity(1024),
+        buf: BytesMut::with_capacity(READ_MIN),
+        want: READ_MIN,
         max: ctx.limits.max_packet_size.min(MAX_CONNECT_SIZE),
     };
     let mut shutdown = ctx.shutdown.clone();
@@ -871,7 +883,7 @@ impl Session {
         let mut live = ctx.live.clone();
         live.mark_unchanged();
         let mut live_open = true;
-        let mut out = BytesMut::with_capacity(4096);
+        let mut out = BytesMut::new();
         loop {
             if let Some(reason) = *kicked.borrow() {
                 return End::Kicked(reason);
@@ -907,7 +919,10 @@ impl Session {
                 frame = reader.next(rd) => {
                     keep_alive.heard(Instant::now());
                     match frame {
-                        Ok(frame) => self.on_frame(ctx, frame, &mut out).await,
+                        // Boxed: its state is large and needed only while a frame is
+                        // handled, not while the session waits (a few KB per idle
+                        // connection).
+                        Ok(frame) => Box::pin(self.on_frame(ctx, frame, &mut out)).await,
                         Err(ReadError::Strict(e)) => {
                             ctx.metrics.refused("decode", "malformed_packet");
                             self.audit_refusal(ctx, "packet", None, &e.to_string());
@@ -944,7 +959,7 @@ impl Session {
                 changed = live.changed(), if live_open => match changed {
                     Ok(()) => {
                         let next = live.borrow_and_update().clone();
-                        self.reload(ctx, next).await
+                        Box::pin(self.reload(ctx, next)).await
                     }
                     // The gateway is stopping: nothing more will be reloaded.
                     Err(_) => {
@@ -959,6 +974,10 @@ impl Session {
                     match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
                         Ok(Ok(())) => {
                             out.clear();
+                            // A burst's buffer is not kept by a session gone quiet.
+                            if out.capacity() > READ_MAX {
+                                out = BytesMut::new();
+                            }
                             Ok(())
                         }
                         Ok(Err(_)) => return End::Closed,

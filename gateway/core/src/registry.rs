@@ -333,6 +333,37 @@ impl Registry {
         Ok(())
     }
 
+    /// Add many records in one transaction (one commit, one new snapshot): all of
+    /// them, or none if any already exists.
+    pub fn add_all(&self, records: Vec<PrincipalRecord>) -> Result<(), RegistryError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = self.db.begin_write().map_err(storage)?;
+        {
+            let mut table = tx.open_table(PRINCIPALS).map_err(storage)?;
+            for record in &records {
+                let k = key(record.kind, &record.id);
+                if table.get(k.as_str()).map_err(storage)?.is_some() {
+                    return Err(RegistryError::Exists {
+                        kind: record.kind,
+                        id: record.id.clone(),
+                    });
+                }
+                let bytes = serde_json::to_vec(record).map_err(storage)?;
+                table
+                    .insert(k.as_str(), bytes.as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        tx.commit().map_err(storage)?;
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        let mut principals = snapshot.principals.clone();
+        for record in records {
+            principals.insert((record.kind, record.id.clone()), Arc::new(record));
+        }
+        *snapshot = Arc::new(Snapshot { principals });
+        Ok(())
+    }
+
     pub fn set_enabled(
         &self,
         kind: PrincipalKind,
@@ -437,6 +468,26 @@ mod tests {
             )
             .unwrap();
         assert_eq!(**got, record("sensor-1"));
+    }
+
+    #[test]
+    fn add_all_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        r.add(record("b")).unwrap();
+        let err = r.add_all(vec![record("a"), record("b")]).unwrap_err();
+        assert!(matches!(err, RegistryError::Exists { .. }), "{err}");
+        assert!(
+            r.snapshot()
+                .get(PrincipalKind::Device, &PrincipalId::parse("a").unwrap())
+                .is_none()
+        );
+        r.add_all(vec![record("a"), record("c")]).unwrap();
+        assert_eq!(r.snapshot().len(), 3);
+        drop(r);
+        // Committed: there after reopening.
+        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        assert_eq!(r.snapshot().len(), 3);
     }
 
     #[test]
