@@ -42,8 +42,13 @@ pub struct Options {
     pub targets: Vec<Target>,
     pub workloads: Vec<Workload>,
     pub portcullis: PathBuf,
+    /// The `portcullis-sim` binary, whose `broker` command is the rumqttd baseline.
+    pub sim: PathBuf,
     pub policy: PathBuf,
     pub idle: usize,
+    /// Pin the server and the load generator to their CPUs (`taskset`). Off only to
+    /// check the harness itself, where the figures do not matter.
+    pub pin: bool,
     pub server_cpu: usize,
     pub load_cpu: usize,
     pub json: Option<PathBuf>,
@@ -193,10 +198,16 @@ struct Bench {
     ca: PathBuf,
 }
 
-fn pinned(cpu: usize, program: &Path) -> Command {
-    let mut c = Command::new("taskset");
-    c.arg("-c").arg(cpu.to_string()).arg(program);
-    c
+/// `program`, on `cpu` when given (through `taskset`).
+fn pinned(cpu: Option<usize>, program: &Path) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl Bench {
@@ -210,8 +221,8 @@ impl Bench {
             Target::Rumqttd => {
                 let port = free_port()?;
                 let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-                let exe = std::env::current_exe()?;
-                let mut child = pinned(self.opts.server_cpu, &exe)
+                let exe = &self.opts.sim;
+                let mut child = pinned(self.opts.pin.then_some(self.opts.server_cpu), exe)
                     .args(["broker", "--listen", &addr.to_string()])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -248,13 +259,16 @@ impl Bench {
                         key = pki.join("server.key").display(),
                     ),
                 )?;
-                let mut child = pinned(self.opts.server_cpu, Path::new("mosquitto"))
-                    .arg("-c")
-                    .arg(&conf)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("starting mosquitto (apt-get install mosquitto)")?;
+                let mut child = pinned(
+                    self.opts.pin.then_some(self.opts.server_cpu),
+                    Path::new("mosquitto"),
+                )
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting mosquitto (apt-get install mosquitto)")?;
                 let addr: SocketAddr = ([127, 0, 0, 1], plain).into();
                 wait_listening(addr, &mut child, "mosquitto")?;
                 wait_listening(([127, 0, 0, 1], tls).into(), &mut child, "mosquitto (TLS)")?;
@@ -271,14 +285,17 @@ impl Bench {
     }
 
     fn start_portcullis(&self) -> Result<Server> {
-        let mut child = pinned(self.opts.server_cpu, &self.opts.portcullis)
-            .args(["serve", "--config"])
-            .arg(self.portcullis_config())
-            .current_dir(&self.dir)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(self.dir.join("portcullis.log"))?)
-            .spawn()
-            .with_context(|| format!("starting {}", self.opts.portcullis.display()))?;
+        let mut child = pinned(
+            self.opts.pin.then_some(self.opts.server_cpu),
+            &self.opts.portcullis,
+        )
+        .args(["serve", "--config"])
+        .arg(self.portcullis_config())
+        .current_dir(&self.dir)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(self.dir.join("portcullis.log"))?)
+        .spawn()
+        .with_context(|| format!("starting {}", self.opts.portcullis.display()))?;
         let stdout = child.stdout.take().expect("piped");
         let mut lines = BufReader::new(stdout).lines();
         let mut banner = Vec::new();
@@ -1082,7 +1099,11 @@ fn setup(mut opts: Options) -> Result<Bench> {
             opts.portcullis.display()
         )
     })?;
-    let dir = std::env::temp_dir().join(format!("portcullis-bench-{}", std::process::id()));
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("portcullis-bench-{}-{stamp}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let policy = std::fs::read_to_string(&opts.policy)
         .with_context(|| format!("reading the policy {}", opts.policy.display()))?;
@@ -1227,7 +1248,9 @@ pub fn run(opts: Options) -> Result<Vec<Sample>> {
     if !Path::new("/proc/self/status").exists() {
         bail!("the benchmarks read /proc: Linux only");
     }
-    pin_self(opts.load_cpu);
+    if opts.pin {
+        pin_self(opts.load_cpu);
+    }
     let b = setup(opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

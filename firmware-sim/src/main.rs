@@ -66,6 +66,10 @@ enum Command {
         /// Idle connections per idle run.
         #[arg(long, default_value_t = 10_000)]
         idle: usize,
+        /// Do not pin the server and the generator to CPUs (figures then measure the
+        /// split of the CPUs as much as the servers).
+        #[arg(long)]
+        no_pin: bool,
         /// The CPU the server under test runs on.
         #[arg(long, default_value_t = 0)]
         server_cpu: usize,
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
             portcullis,
             policy,
             idle,
+            no_pin,
             server_cpu,
             load_cpu,
             json,
@@ -131,8 +136,13 @@ fn main() -> ExitCode {
                 targets,
                 workloads,
                 portcullis,
+                sim: match std::env::current_exe() {
+                    Ok(exe) => exe,
+                    Err(e) => return report_exit(Err(e.into())),
+                },
                 policy,
                 idle,
+                pin: !no_pin,
                 server_cpu,
                 load_cpu,
                 json,
