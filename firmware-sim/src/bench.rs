@@ -191,11 +191,21 @@ fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) -> Result<()>
 
 /// Everything the runs share: the work dir, credentials, binaries.
 struct Bench {
+    _work: WorkDir,
     opts: Options,
     dir: PathBuf,
     secrets: BTreeMap<String, String>,
     issuer: Issuer,
     ca: PathBuf,
+}
+
+/// The bench's work dir, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `program`, on `cpu` when given (through `taskset`).
@@ -1105,6 +1115,13 @@ fn setup(mut opts: Options) -> Result<Bench> {
         .unwrap_or(0);
     let dir = std::env::temp_dir().join(format!("portcullis-bench-{}-{stamp}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    // Secrets, keys and the registry live here: the owner's only, gone when the bench
+    // ends (however it ends).
+    let work = WorkDir(dir.clone());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     let policy = std::fs::read_to_string(&opts.policy)
         .with_context(|| format!("reading the policy {}", opts.policy.display()))?;
     std::fs::write(
@@ -1180,6 +1197,7 @@ fn setup(mut opts: Options) -> Result<Bench> {
     let ca = dir.join("data/pki/ca.pem");
     let issuer = Issuer::load(&ca, &dir.join("data/pki/ca.key"))?;
     let mut b = Bench {
+        _work: work,
         opts,
         dir: dir.clone(),
         secrets,
@@ -1295,7 +1313,6 @@ pub fn run(opts: Options) -> Result<Vec<Sample>> {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&b.dir);
     println!("{}", summary(&samples));
     if let Some(path) = &b.opts.json {
         std::fs::write(path, serde_json::to_string_pretty(&samples)? + "\n")?;

@@ -480,19 +480,22 @@ async fn device(m: Member, shared: Arc<Shared>, delay: Duration) {
             payload_bytes,
         } => flood(&m, &shared, &stats, inflight, payload_bytes).await,
         Behaviour::Oversized { bytes, rate } => {
-            let payload = vec![b'x'; bytes];
-            publish_hostile(&m, &shared, &stats, rate, |_| {
-                ("telemetry".into(), payload.clone())
+            let (topic, payload) = (m.topic("telemetry"), vec![b'x'; bytes]);
+            hostile_actions(&m, &shared, &stats, rate, |_| {
+                Action::Publish(topic.clone(), payload.clone())
             })
             .await
         }
         Behaviour::SchemaBreaking { rate } => {
-            publish_hostile(&m, &shared, &stats, rate, |n| {
-                ("telemetry".into(), format!("not json {n}").into_bytes())
+            let topic = m.topic("telemetry");
+            hostile_actions(&m, &shared, &stats, rate, |n| {
+                Action::Publish(topic.clone(), format!("not json {n}").into_bytes())
             })
             .await
         }
-        Behaviour::TopicScan { rate } => topic_scan(&m, &shared, &stats, rate).await,
+        Behaviour::TopicScan { rate } => {
+            hostile_actions(&m, &shared, &stats, rate, |n| topic_scan(&m, n)).await
+        }
         Behaviour::CredentialStuffing { rate } => stuffing(&m, &shared, &stats, rate).await,
         Behaviour::ClonedIdentity { interval_secs } => {
             cloned(&m, &shared, &stats, interval_secs).await
@@ -902,13 +905,20 @@ fn record(stats: &GroupStats, v: Version, code: u8) -> bool {
     }
 }
 
-/// One hostile publish per 1/rate seconds, each answered before the next.
-async fn publish_hostile(
+/// One hostile publish or subscribe.
+enum Action {
+    Publish(String, Vec<u8>),
+    Subscribe(String),
+}
+
+/// One hostile action per 1/rate seconds, each answered before the next; a session
+/// the server ends is opened again.
+async fn hostile_actions(
     m: &Member,
     shared: &Shared,
     stats: &GroupStats,
     rate: f64,
-    mut make: impl FnMut(u64) -> (String, Vec<u8>),
+    mut next: impl FnMut(u64) -> Action,
 ) {
     let period = Duration::from_secs_f64(1.0 / rate);
     let mut n = 0;
@@ -918,73 +928,41 @@ async fn publish_hostile(
         };
         while shared.running() {
             n += 1;
-            let (suffix, payload) = make(n);
-            let topic = m.topic(&suffix);
             let at = Instant::now();
             stats.add(&stats.sent, 1);
-            if conn.publish(&topic, 1, &payload).await.is_err() {
-                stats.refused("closed");
-                stats.disconnected("closed");
-                sleep_until(at + period).await;
-                continue 'session;
-            }
-            if answer(&mut conn, m, stats, shared.end + shared.grace)
-                .await
-                .is_none()
-            {
-                sleep_until(at + period).await;
-                continue 'session;
-            }
+            let sent = match next(n) {
+                Action::Publish(topic, payload) => {
+                    conn.publish(&topic, 1, &payload).await.map(drop)
+                }
+                Action::Subscribe(filter) => conn.subscribe(&[(&filter, 1)]).await,
+            };
+            let answered = match sent {
+                Ok(()) => answer(&mut conn, m, stats, shared.end + shared.grace)
+                    .await
+                    .is_some(),
+                Err(_) => {
+                    stats.refused("closed");
+                    stats.disconnected("closed");
+                    false
+                }
+            };
             sleep_until(at + period).await;
+            if !answered {
+                continue 'session;
+            }
         }
         conn.close().await;
     }
 }
 
 /// Publish to other devices' topics and its own commands; subscribe to everything.
-async fn topic_scan(m: &Member, shared: &Shared, stats: &GroupStats, rate: f64) {
-    let period = Duration::from_secs_f64(1.0 / rate);
-    let mut n = 0u64;
-    'session: while shared.running() {
-        let Some(mut conn) = connect_retrying(m, shared).await else {
-            break;
-        };
-        while shared.running() {
-            n += 1;
-            let at = Instant::now();
-            stats.add(&stats.sent, 1);
-            let sent = match n % 5 {
-                0 => conn.subscribe(&[("#", 1)]).await,
-                1 => conn
-                    .publish(&format!("devices/scan-{n}/telemetry"), 1, b"{}")
-                    .await
-                    .map(|_| ()),
-                2 => conn.subscribe(&[("devices/+/telemetry/#", 1)]).await,
-                3 => conn
-                    .publish(&m.topic("commands/reboot"), 1, b"{}")
-                    .await
-                    .map(|_| ()),
-                _ => {
-                    conn.subscribe(&[(&format!("devices/scan-{n}/commands/#"), 1)])
-                        .await
-                }
-            };
-            if sent.is_err() {
-                stats.refused("closed");
-                stats.disconnected("closed");
-                sleep_until(at + period).await;
-                continue 'session;
-            }
-            if answer(&mut conn, m, stats, shared.end + shared.grace)
-                .await
-                .is_none()
-            {
-                sleep_until(at + period).await;
-                continue 'session;
-            }
-            sleep_until(at + period).await;
-        }
-        conn.close().await;
+fn topic_scan(m: &Member, n: u64) -> Action {
+    match n % 5 {
+        0 => Action::Subscribe("#".into()),
+        1 => Action::Publish(format!("devices/scan-{n}/telemetry"), b"{}".to_vec()),
+        2 => Action::Subscribe("devices/+/telemetry/#".into()),
+        3 => Action::Publish(m.topic("commands/reboot"), b"{}".to_vec()),
+        _ => Action::Subscribe(format!("devices/scan-{n}/commands/#")),
     }
 }
 
@@ -1054,10 +1032,17 @@ async fn cloned(m: &Member, shared: &Shared, stats: &GroupStats, interval: f64) 
     // Read the last takeover before closing.
     sleep(Duration::from_millis(200)).await;
     for mut c in live {
+        let mut ended = false;
         while let Ok(ev) = c.rx.try_recv() {
             match ev {
-                Event::Disconnect(code) => stats.disconnected(reason_name(m.version, code)),
-                Event::Closed => stats.disconnected("closed"),
+                Event::Disconnect(code) if !ended => {
+                    stats.disconnected(reason_name(m.version, code));
+                    ended = true;
+                }
+                Event::Closed if !ended => {
+                    stats.disconnected("closed");
+                    ended = true;
+                }
                 _ => {}
             }
         }

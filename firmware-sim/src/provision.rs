@@ -111,9 +111,12 @@ pub fn random_secret() -> String {
     hex::encode(bytes)
 }
 
-fn write_private(path: &Path, text: &str) -> Result<()> {
+/// Write a new file only its owner may read (a stale one is replaced, never reused
+/// with its old mode, and a symbolic link is not followed).
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
+    let _ = std::fs::remove_file(path);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -225,11 +228,11 @@ fn register(p: &Provision, g: &Group, entries: &str) -> Result<()> {
     if let Some(config) = &p.config {
         cmd.arg("--config").arg(config);
     }
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {}", p.portcullis.display()))?;
-    // The import file holds secrets in clear text: gone as soon as it is read.
+    let out = cmd.output();
+    // The import file holds secrets in clear text: gone as soon as it is read, or
+    // could not be.
     let _ = std::fs::remove_file(&file);
+    let out = out.with_context(|| format!("running {}", p.portcullis.display()))?;
     if !out.status.success() {
         let why = String::from_utf8_lossy(&out.stderr);
         let hint = if why.contains("already exists") {

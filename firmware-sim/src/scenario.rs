@@ -411,8 +411,15 @@ impl Scenario {
         if !(self.duration_secs > 0.0 && self.duration_secs.is_finite()) {
             bail!("duration_secs must be a positive number");
         }
-        if !(self.grace_secs >= 0.0 && self.ramp_up_secs >= 0.0) {
-            bail!("grace_secs and ramp_up_secs must not be negative");
+        for (name, v) in [
+            ("duration_secs", self.duration_secs),
+            ("grace_secs", self.grace_secs),
+            ("ramp_up_secs", self.ramp_up_secs),
+        ] {
+            // A day at most: beyond that a run is a mistake, not a scenario.
+            if !(0.0..=86_400.0).contains(&v) {
+                bail!("{name} must be between 0 and 86400 seconds, not {v}");
+            }
         }
         if self.groups.is_empty() {
             bail!("no [[group]]: a scenario needs at least one");
@@ -507,8 +514,10 @@ fn check_behaviour(b: &Behaviour, s: &Scenario) -> Result<()> {
             command_groups,
             ..
         } => {
-            if *commands_per_second < 0.0 {
-                bail!("commands_per_second must not be negative");
+            if !(0.0..=1e6).contains(commands_per_second) {
+                bail!(
+                    "commands_per_second must be between 0 and 1000000, not {commands_per_second}"
+                );
             }
             for name in command_groups {
                 match s.group(name) {

@@ -116,6 +116,10 @@ impl FrameReader {
             if let Some(len) = strict::frame_len(&self.buf, self.max)? {
                 return Ok(self.buf.split_to(len));
             }
+            if self.buf.is_empty() && self.buf.capacity() > 4 * self.want {
+                // A burst is over: its buffer is not kept while the peer is quiet.
+                self.buf = BytesMut::new();
+            }
             self.buf.reserve(self.want);
             let spare = self.buf.capacity() - self.buf.len();
             let n = r.read_buf(&mut self.buf).await?;
@@ -124,6 +128,8 @@ impl FrameReader {
             }
             if n == spare {
                 self.want = (self.want * 2).min(READ_MAX);
+            } else if n < spare / 4 {
+                self.want = (self.want / 2).max(READ_MIN);
             }
         }
     }
@@ -885,14 +891,22 @@ impl Session {
         let mut live_open = true;
         let mut out = BytesMut::new();
         loop {
-            if let Some(reason) = *kicked.borrow() {
+            let kick = *kicked.borrow();
+            if let Some(reason) = kick {
+                // What was gathered (acknowledgements the broker already took) goes
+                // out before the session ends.
+                if !out.is_empty() {
+                    let _ =
+                        tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await;
+                }
                 return End::Kicked(reason);
             }
 
             if ctx.kind == PrincipalKind::Device {
                 self.pump_mailbox(ctx, &mut out);
             }
-            // Output is written when nothing else is ready at once (the last branch
+            // Output is written once the acknowledgements and deliveries that are ready
+            // have been gathered, and always before more is read (the flush branch
             // below), or here when a lot has gathered: one write for many packets, not
             // one system call per acknowledgement or delivery.
             if out.len() >= FLUSH_AT {
@@ -902,8 +916,9 @@ impl Session {
                     Err(_) => return End::WriteTimeout,
                 }
             }
-            // Biased: owed acknowledgements go out before more is read, so a peer that
-            // is being held back still hears about what already passed.
+            // Biased: owed acknowledgements and deliveries first, then the write, then
+            // reading; a peer that is being held back still hears about what already
+            // passed before anything more of its is read.
             let step = tokio::select! {
                 biased;
                 Some(result) = front_ack(&mut self.pending_acks) => {
@@ -914,21 +929,6 @@ impl Session {
                             Ok(())
                         }
                         _ => Err(End::BrokerGone),
-                    }
-                }
-                frame = reader.next(rd) => {
-                    keep_alive.heard(Instant::now());
-                    match frame {
-                        // Boxed: its state is large and needed only while a frame is
-                        // handled, not while the session waits (a few KB per idle
-                        // connection).
-                        Ok(frame) => Box::pin(self.on_frame(ctx, frame, &mut out)).await,
-                        Err(ReadError::Strict(e)) => {
-                            ctx.metrics.refused("decode", "malformed_packet");
-                            self.audit_refusal(ctx, "packet", None, &e.to_string());
-                            Err(End::Protocol(e.reason_code(), e.to_string()))
-                        }
-                        Err(_) => Err(End::Closed),
                     }
                 }
                 // A service's deliveries wait in the broker while its window is full.
@@ -950,6 +950,36 @@ impl Session {
                     }
                     FromBroker::Gone => Err(End::BrokerGone),
                 },
+                // Nothing more ready to send at once: write what was gathered.
+                _ = std::future::ready(()), if !out.is_empty() => {
+                    match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
+                        Ok(Ok(())) => {
+                            out.clear();
+                            // A burst's buffer is not kept by a session gone quiet.
+                            if out.capacity() > READ_MAX {
+                                out = BytesMut::new();
+                            }
+                            Ok(())
+                        }
+                        Ok(Err(_)) => return End::Closed,
+                        Err(_) => return End::WriteTimeout,
+                    }
+                }
+                frame = reader.next(rd) => {
+                    keep_alive.heard(Instant::now());
+                    match frame {
+                        // Boxed: its state is large and needed only while a frame is
+                        // handled, not while the session waits (a few KB per idle
+                        // connection).
+                        Ok(frame) => Box::pin(self.on_frame(ctx, frame, &mut out)).await,
+                        Err(ReadError::Strict(e)) => {
+                            ctx.metrics.refused("decode", "malformed_packet");
+                            self.audit_refusal(ctx, "packet", None, &e.to_string());
+                            Err(End::Protocol(e.reason_code(), e.to_string()))
+                        }
+                        Err(_) => Err(End::Closed),
+                    }
+                }
                 _ = mailbox.notify.notified(), if ctx.kind == PrincipalKind::Device => Ok(()),
                 _ = sleep_until_opt(self.next_pump) => {
                     self.next_pump = None;
@@ -970,20 +1000,6 @@ impl Session {
                 // Registered after the drain began: end like everyone else.
                 _ = stopped(&mut shutdown) => Err(End::Kicked(KickReason::Shutdown)),
                 _ = tokio::time::sleep_until(keep_alive.deadline().into()) => Err(End::KeepAlive),
-                _ = std::future::ready(()), if !out.is_empty() => {
-                    match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
-                        Ok(Ok(())) => {
-                            out.clear();
-                            // A burst's buffer is not kept by a session gone quiet.
-                            if out.capacity() > READ_MAX {
-                                out = BytesMut::new();
-                            }
-                            Ok(())
-                        }
-                        Ok(Err(_)) => return End::Closed,
-                        Err(_) => return End::WriteTimeout,
-                    }
-                }
             };
             if let Err(end) = step {
                 if !out.is_empty() {

@@ -397,7 +397,11 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
             // Packet ids are 16 bits: with that many awaiting the router, wait for acks
             // before taking more (the senders feel it as back-pressure).
             cmd = cmds.recv(), if pending.len() < MAX_PENDING && batch.len() < BATCH => {
-                let Some(UplinkCmd::Publish(msg, ack)) = cmd else { break };
+                let Some(UplinkCmd::Publish(msg, ack)) = cmd else {
+                    // Closing: what was accepted still goes to the router.
+                    let _ = send_batch(&mut tx, &mut batch).await;
+                    break;
+                };
                 let (qos, pkid) = match &ack {
                     None => (QoS::AtMostOnce, 0),
                     Some(_) => {
@@ -514,12 +518,15 @@ async fn run_service_link(
     events: mpsc::Sender<ServiceEvent>,
 ) {
     let mut sub_pkid: u16 = 0;
-    // Acknowledgements of forwarded messages, handed to the router in batches.
+    // Packets for the router (the service's commands, acknowledgements of what was
+    // forwarded to it), handed over in batches.
     let mut acks: Vec<Packet> = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             biased;
-            cmd = cmds.recv() => {
+            // Up to a batch of commands at a time, so deliveries are not starved by a
+            // service that publishes without pause.
+            cmd = cmds.recv(), if acks.len() < BATCH => {
                 let packet = match cmd {
                     None => break,
                     Some(ServiceCmd::Publish(msg, pkid)) => {
@@ -538,9 +545,6 @@ async fn run_service_link(
                     }
                 };
                 acks.push(packet);
-                if send_batch(&mut tx, &mut acks).await.is_err() {
-                    break;
-                }
             }
             // A notification is taken only when the session has room for it, so a
             // full session queue never stops this loop from taking the session's
@@ -579,7 +583,9 @@ async fn run_service_link(
             }
         }
     }
-    // Tell the router this link is gone, so its slot and subscriptions are freed.
+    // What was gathered still goes to the router, then tell it this link is gone, so
+    // its slot and subscriptions are freed.
+    let _ = send_batch(&mut tx, &mut acks).await;
     let disconnect = Disconnect {
         reason_code: DisconnectReasonCode::NormalDisconnection,
     };

@@ -404,42 +404,56 @@ fn parse_json(payload: &[u8]) -> Result<Value, String> {
 fn check_json(payload: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(payload)
         .map_err(|e| format!("not JSON: not valid UTF-8 at byte {}", e.valid_up_to()))?;
-    // serde_json skips a value without its nesting limit: apply it first.
-    if nesting(text.as_bytes()) > MAX_NESTING {
-        return Err("not JSON: recursion limit exceeded".to_string());
-    }
-    serde_json::from_str::<serde::de::IgnoredAny>(text)
+    serde_json::from_str::<AnyJson>(text)
         .map(drop)
         .map_err(|e| format!("not JSON: {e}"))
 }
 
-/// The deepest nesting serde_json builds a value for: it refuses a 128th level.
-const MAX_NESTING: usize = 127;
+/// Any JSON value, read the way serde_json reads one it builds: escapes and surrogate
+/// pairs checked, numbers in range, nesting limited (skipping a value with
+/// `IgnoredAny` checks none of these), but nothing kept.
+struct AnyJson;
 
-/// The deepest nesting of arrays and objects, outside strings.
-fn nesting(text: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0, false, false);
-    for &b in text {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+impl<'de> serde::Deserialize<'de> for AnyJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AnyJson, D::Error> {
+        d.deserialize_any(AnyJsonVisitor)
     }
-    max
+}
+
+struct AnyJsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for AnyJsonVisitor {
+    type Value = AnyJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_unit<E>(self) -> Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<AnyJson, A::Error> {
+        while seq.next_element::<AnyJson>()?.is_some() {}
+        Ok(AnyJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<AnyJson, A::Error> {
+        while map.next_entry::<AnyJson, AnyJson>()?.is_some() {}
+        Ok(AnyJson)
+    }
 }
 
 /// `<instance path>: <message>`, quoting at most `PATH_BUDGET` bytes of the path and
@@ -553,12 +567,19 @@ mod tests {
         let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
         let (d127, d128, d129, d200) = (deep(127), deep(128), deep(129), deep(200));
         let strings = r#"{"a":"[[[\"{{{"}"#;
+        let surrogate = r#"{"a":"\udc00x"}"#;
         for text in [
             d127.as_str(),
             d128.as_str(),
             d129.as_str(),
             d200.as_str(),
             strings,
+            surrogate,
+            "\"\\ud800\"",
+            "1e400",
+            "[-1e309]",
+            "[1.5, -0, 1e308]",
+            "{\"\\u00e9\": [true, false, null]}",
             r#"{"a":1}"#,
             " [1, 2.5e3, null, true, \"x\"] ",
             r#"{"a":1} x"#,
@@ -574,6 +595,9 @@ mod tests {
             );
         }
         assert!(check_json(&[0xff, b'1']).unwrap_err().contains("UTF-8"));
+        for refused in ["1e400", "\"\\ud800\"", d128.as_str()] {
+            assert!(check_json(refused.as_bytes()).is_err(), "{refused}");
+        }
     }
     use crate::topic::TopicLimits;
     use portcullis_config::validation::PayloadRule;
