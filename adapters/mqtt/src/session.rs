@@ -391,6 +391,22 @@ pub async fn run<S>(
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    // A peer still sending (the rest of an oversized packet, say) would get a reset
+    // on close, and a reset can destroy the DISCONNECT before the peer reads why:
+    // after a protocol error, what it still sends is read and dropped for a moment.
+    if matches!(end, End::Protocol(..) | End::Refused(_)) {
+        let drain = async {
+            let mut scratch = vec![0u8; 16 * 1024];
+            let mut total = 0usize;
+            while total < 4 << 20 {
+                match rd.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+    }
     ctx.metrics
         .connections_active
         .fetch_sub(1, Ordering::Relaxed);
@@ -740,6 +756,20 @@ enum FromBroker {
     Gone,
 }
 
+/// The next event from a service's broker link, if one is ready now.
+fn try_from_broker(link: &mut Option<Link>) -> Option<FromBroker> {
+    match link {
+        Some(Link::Service { events, .. }) => match events.try_recv() {
+            Ok(ServiceEvent::Delivery(d)) => Some(FromBroker::Delivery(d)),
+            Ok(ServiceEvent::PubAck(pkid)) => Some(FromBroker::PubAck(pkid)),
+            Ok(ServiceEvent::SubAck) => Some(FromBroker::SubAck),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(FromBroker::Gone),
+        },
+        _ => None,
+    }
+}
+
 /// Bytes of output gathered before they are written even though more work is ready.
 const FLUSH_AT: usize = 32 * 1024;
 
@@ -905,10 +935,11 @@ impl Session {
             if ctx.kind == PrincipalKind::Device {
                 self.pump_mailbox(ctx, &mut out);
             }
-            // Output is written once the acknowledgements and deliveries that are ready
-            // have been gathered, and always before more is read (the flush branch
-            // below), or here when a lot has gathered: one write for many packets, not
-            // one system call per acknowledgement or delivery.
+            // Output is written once the acknowledgements that are ready have been
+            // gathered, and always before more is read (the flush branch below); the
+            // deliveries that are ready are taken in one go; and here, when a lot has
+            // gathered. One write for many packets, not one system call per
+            // acknowledgement or delivery.
             if out.len() >= FLUSH_AT {
                 match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
                     Ok(Ok(())) => out.clear(),
@@ -916,9 +947,9 @@ impl Session {
                     Err(_) => return End::WriteTimeout,
                 }
             }
-            // Biased: owed acknowledgements and deliveries first, then the write, then
-            // reading; a peer that is being held back still hears about what already
-            // passed before anything more of its is read.
+            // Biased: owed acknowledgements first, then the write, then reading, so a
+            // peer that is being held back still hears about what already passed
+            // before anything more of its is read.
             let step = tokio::select! {
                 biased;
                 Some(result) = front_ack(&mut self.pending_acks) => {
@@ -931,25 +962,6 @@ impl Session {
                         _ => Err(End::BrokerGone),
                     }
                 }
-                // A service's deliveries wait in the broker while its window is full.
-                from = from_broker(&mut self.link), if self.state.window_open(self.window) => match from {
-                    FromBroker::Delivery(d) => { self.deliver(ctx, d, &mut out); Ok(()) }
-                    FromBroker::PubAck(pkid) => {
-                        // Answered in arrival order by the pending-ack queue.
-                        if let Some(waiter) = self.service_waiters.remove(&pkid) {
-                            let _ = waiter.send(());
-                        }
-                        Ok(())
-                    }
-                    FromBroker::SubAck => {
-                        // The broker has the filters: now the service may rely on them.
-                        if let Some(packet) = self.pending_subacks.pop_front() {
-                            out.extend_from_slice(&packet);
-                        }
-                        Ok(())
-                    }
-                    FromBroker::Gone => Err(End::BrokerGone),
-                },
                 // Nothing more ready to send at once: write what was gathered.
                 _ = std::future::ready(()), if !out.is_empty() => {
                     match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
@@ -965,6 +977,22 @@ impl Session {
                         Err(_) => return End::WriteTimeout,
                     }
                 }
+                // Kicks, reloads and the drain before more input: a frame that arrives
+                // after a reload is judged by the new rules.
+                _ = kicked.changed() => continue,
+                changed = live.changed(), if live_open => match changed {
+                    Ok(()) => {
+                        let next = live.borrow_and_update().clone();
+                        Box::pin(self.reload(ctx, next)).await
+                    }
+                    // The gateway is stopping: nothing more will be reloaded.
+                    Err(_) => {
+                        live_open = false;
+                        Ok(())
+                    }
+                },
+                // Registered after the drain began: end like everyone else.
+                _ = stopped(&mut shutdown) => Err(End::Kicked(KickReason::Shutdown)),
                 frame = reader.next(rd) => {
                     keep_alive.heard(Instant::now());
                     match frame {
@@ -980,25 +1008,24 @@ impl Session {
                         Err(_) => Err(End::Closed),
                     }
                 }
+                // A service's deliveries wait in the broker while its window is full.
+                // What is ready is taken in one go (up to a window), so it goes out in
+                // one write.
+                from = from_broker(&mut self.link), if self.state.window_open(self.window) => {
+                    let mut step = self.on_broker(ctx, from, &mut out);
+                    let mut more = self.window;
+                    while step.is_ok() && more > 0 && self.state.window_open(self.window) {
+                        let Some(from) = try_from_broker(&mut self.link) else { break };
+                        step = self.on_broker(ctx, from, &mut out);
+                        more -= 1;
+                    }
+                    step
+                }
                 _ = mailbox.notify.notified(), if ctx.kind == PrincipalKind::Device => Ok(()),
                 _ = sleep_until_opt(self.next_pump) => {
                     self.next_pump = None;
                     Ok(())
                 }
-                _ = kicked.changed() => continue,
-                changed = live.changed(), if live_open => match changed {
-                    Ok(()) => {
-                        let next = live.borrow_and_update().clone();
-                        Box::pin(self.reload(ctx, next)).await
-                    }
-                    // The gateway is stopping: nothing more will be reloaded.
-                    Err(_) => {
-                        live_open = false;
-                        Ok(())
-                    }
-                },
-                // Registered after the drain began: end like everyone else.
-                _ = stopped(&mut shutdown) => Err(End::Kicked(KickReason::Shutdown)),
                 _ = tokio::time::sleep_until(keep_alive.deadline().into()) => Err(End::KeepAlive),
             };
             if let Err(end) = step {
@@ -1008,6 +1035,36 @@ impl Session {
                 }
                 return end;
             }
+        }
+    }
+
+    /// One event from a service's broker link.
+    fn on_broker(
+        &mut self,
+        ctx: &Context,
+        from: FromBroker,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        match from {
+            FromBroker::Delivery(d) => {
+                self.deliver(ctx, d, out);
+                Ok(())
+            }
+            FromBroker::PubAck(pkid) => {
+                // Answered in arrival order by the pending-ack queue.
+                if let Some(waiter) = self.service_waiters.remove(&pkid) {
+                    let _ = waiter.send(());
+                }
+                Ok(())
+            }
+            FromBroker::SubAck => {
+                // The broker has the filters: now the service may rely on them.
+                if let Some(packet) = self.pending_subacks.pop_front() {
+                    out.extend_from_slice(&packet);
+                }
+                Ok(())
+            }
+            FromBroker::Gone => Err(End::BrokerGone),
         }
     }
 
