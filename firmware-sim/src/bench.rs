@@ -745,9 +745,9 @@ impl Bench {
     /// the offered rate climbs in steps, and the figure is the highest rate delivered
     /// without loss (at least 95% of what was offered in the step).
     async fn throughput_qos0(&self, s: &Server, tls: bool) -> Result<BTreeMap<String, f64>> {
-        const STEPS: [f64; 15] = [
-            10e3, 20e3, 40e3, 60e3, 80e3, 100e3, 120e3, 150e3, 180e3, 220e3, 260e3, 300e3, 350e3,
-            400e3, 500e3,
+        const STEPS: [f64; 20] = [
+            10e3, 20e3, 40e3, 60e3, 80e3, 100e3, 120e3, 140e3, 160e3, 180e3, 200e3, 220e3, 240e3,
+            260e3, 280e3, 300e3, 330e3, 360e3, 400e3, 500e3,
         ];
         let start = Instant::now();
         let sub = self.client(s, "bench-sub", false, true)?;
