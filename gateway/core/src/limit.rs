@@ -141,9 +141,11 @@ impl PrincipalLimiter {
             },
         };
         let Some(wait) = wait else {
-            // Headroom left in the bucket: the principal is within its rate again. A
-            // flooder that waits for each token never gets here.
-            if self.messages.tokens >= 1.0 && self.bytes.tokens >= len as f64 {
+            // Half a burst left in the bucket: the principal has been within its rate
+            // for a while. A flooder that waits for each token never gets there, not
+            // even when a busy gateway wakes it late (a token or two to spare).
+            let refilled = |b: &TokenBucket, need: f64| b.tokens >= need.max(b.rate.burst / 2.0);
+            if refilled(&self.messages, 1.0) && refilled(&self.bytes, len as f64) {
                 self.pressed_since = None;
             }
             return LimitDecision::Pass;
@@ -294,6 +296,27 @@ mod tests {
                 "only after the sustained period"
             );
         }
+    }
+
+    #[test]
+    fn a_flooder_woken_late_is_still_pressed() {
+        // A busy gateway wakes a held-back flooder late (here 150 ms, 1.5 tokens):
+        // it takes the token it waited for and finds another in the bucket. It is
+        // still flooding, and the sustained clock must keep running.
+        let t0 = Instant::now();
+        let mut l = PrincipalLimiter::new(rates(OverLimitAction::Disconnect), t0);
+        let mut now = t0;
+        let mut last = LimitDecision::Pass;
+        while now < t0 + Duration::from_secs(30) {
+            last = l.admit(10, now);
+            match last {
+                LimitDecision::Pass => {}
+                LimitDecision::Wait(w) => now += w + Duration::from_millis(150),
+                _ => break,
+            }
+        }
+        assert_eq!(last, LimitDecision::Disconnect);
+        assert!(now < t0 + Duration::from_secs(12), "at {:?}", now - t0);
     }
 
     #[test]
