@@ -448,11 +448,8 @@ async fn device(m: Member, shared: Arc<Shared>, delay: Duration) {
             topic,
             ack_topic,
         } => {
-            let cycle = move |t: f64| {
-                rate * (1.0 + daily_amplitude * (2.0 * std::f64::consts::PI * t / day_secs).sin())
-            };
             let plan = Plan {
-                rate: Box::new(cycle),
+                rate: Box::new(move |t| daily_rate(rate, daily_amplitude, day_secs, t)),
                 jitter,
                 boot_burst,
                 qos,
@@ -464,9 +461,7 @@ async fn device(m: Member, shared: Arc<Shared>, delay: Duration) {
         Behaviour::SlowRamp { rate, factor, qos } => {
             let duration = (shared.end - shared.start).as_secs_f64();
             let plan = Plan {
-                rate: Box::new(move |t: f64| {
-                    rate * (1.0 + (factor - 1.0) * (t / duration).min(1.0))
-                }),
+                rate: Box::new(move |t| ramp_rate(rate, factor, duration, t)),
                 jitter: 0.0,
                 boot_burst: 0,
                 qos,
@@ -656,13 +651,29 @@ async fn telemetry_loop(m: &Member, shared: &Shared, stats: &GroupStats, plan: P
 
 fn interval(plan: &Plan, shared: &Shared) -> Duration {
     let t = shared.start.elapsed().as_secs_f64();
-    let rate = (plan.rate)(t).max(1e-3);
-    let j = if plan.jitter > 0.0 {
-        rand::thread_rng().gen_range(1.0 - plan.jitter..1.0 + plan.jitter)
+    jittered((plan.rate)(t), plan.jitter, &mut rand::thread_rng())
+}
+
+/// The rate of a device on a daily cycle, t seconds into the run: `rate` swinging by
+/// `amplitude` (a fraction) over `day_secs`.
+pub fn daily_rate(rate: f64, amplitude: f64, day_secs: f64, t: f64) -> f64 {
+    rate * (1.0 + amplitude * (2.0 * std::f64::consts::PI * t / day_secs).sin())
+}
+
+/// A rate growing linearly from `rate` to `rate × factor` over `duration` seconds.
+pub fn ramp_rate(rate: f64, factor: f64, duration: f64, t: f64) -> f64 {
+    rate * (1.0 + (factor - 1.0) * (t / duration).min(1.0))
+}
+
+/// The time to the next message at `rate` per second, times a factor drawn uniformly
+/// from [1 − jitter, 1 + jitter).
+pub fn jittered(rate: f64, jitter: f64, rng: &mut impl Rng) -> Duration {
+    let j = if jitter > 0.0 {
+        rng.gen_range(1.0 - jitter..1.0 + jitter)
     } else {
         1.0
     };
-    Duration::from_secs_f64(j / rate)
+    Duration::from_secs_f64(j / rate.max(1e-3))
 }
 
 /// A service: subscribes, counts what arrives by the sender's group, sends commands.
@@ -1183,6 +1194,38 @@ async fn malformed(m: &Member, shared: &Shared, stats: &GroupStats, rate: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn well_behaved_timing_has_its_jitter_and_daily_cycle() {
+        let mut rng = rand::thread_rng();
+        let n = 20_000;
+        let mut sum = 0.0;
+        for _ in 0..n {
+            let d = jittered(10.0, 0.2, &mut rng).as_secs_f64();
+            assert!((0.08..0.12).contains(&d), "{d}");
+            sum += d;
+        }
+        let mean = sum / n as f64;
+        assert!((mean - 0.1).abs() < 0.001, "mean interval {mean}");
+        assert_eq!(jittered(4.0, 0.0, &mut rng), Duration::from_millis(250));
+        // Peak a quarter into the day, trough at three quarters, the mean over a day.
+        let day = 86_400.0;
+        assert!((daily_rate(2.0, 0.5, day, day / 4.0) - 3.0).abs() < 1e-9);
+        assert!((daily_rate(2.0, 0.5, day, 3.0 * day / 4.0) - 1.0).abs() < 1e-9);
+        let mean: f64 = (0..1440)
+            .map(|m| daily_rate(2.0, 0.5, day, m as f64 * 60.0))
+            .sum::<f64>()
+            / 1440.0;
+        assert!((mean - 2.0).abs() < 1e-6, "{mean}");
+    }
+
+    #[test]
+    fn a_slow_ramp_reaches_its_factor_at_the_end_and_stays() {
+        assert_eq!(ramp_rate(5.0, 20.0, 100.0, 0.0), 5.0);
+        assert_eq!(ramp_rate(5.0, 20.0, 100.0, 50.0), 52.5);
+        assert_eq!(ramp_rate(5.0, 20.0, 100.0, 100.0), 100.0);
+        assert_eq!(ramp_rate(5.0, 20.0, 100.0, 500.0), 100.0);
+    }
 
     #[test]
     fn telemetry_payload_is_json_with_its_send_time() {
