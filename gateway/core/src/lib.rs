@@ -7,6 +7,7 @@ pub mod audit;
 pub mod auth;
 pub mod backoff;
 pub mod bans;
+pub mod behaviour;
 pub mod broker;
 pub mod limit;
 pub mod mailbox;
