@@ -131,6 +131,21 @@ fn a_broken_new_config_is_refused_and_the_running_one_stays() {
     .unwrap();
     let out = gw.cli(&["config", "reload"]);
     assert!(text(&out).contains("limits changed"), "{}", text(&out));
+    // So is the per-source connection rate, which is built once at start.
+    std::fs::write(
+        &gw.config,
+        good.replace(
+            "connections_per_second_per_source = 1000.0",
+            "connections_per_second_per_source = 999.0",
+        ),
+    )
+    .unwrap();
+    let out = gw.cli(&["config", "reload"]);
+    assert!(
+        text(&out).contains("rate_limits.connections_per_second_per_source changed"),
+        "{}",
+        text(&out)
+    );
     gw.wait_audit(&["\"config\"", "\"refuse\"", "reload refused"]);
     assert_eq!(
         publish(&mut raw, "devices/meter-1/telemetry", 1),

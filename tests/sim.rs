@@ -141,6 +141,14 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
             count(&r["sent"]) >= 3 * count(&r["members"]),
             "{name}: {text}"
         );
+        // Periodic telemetry beyond the boot burst: sensors send 3 at boot, then about
+        // 2/s for 4 s.
+        if name == "sensors" {
+            assert!(
+                count(&r["sent"]) >= 8 * count(&r["members"]),
+                "{name}: {text}"
+            );
+        }
         assert_eq!(r["acknowledged"], r["sent"], "{name}: {text}");
         assert_eq!(r["delivered"], r["sent"], "{name}: {text}");
         assert_eq!(total(&r["refused"]), 0, "{name}: {text}");
@@ -168,6 +176,11 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
     assert!(count(&f["acknowledged"]) <= 20 * 5 + 20, "{text}");
     assert!(
         count(&f["acknowledged"]) + total(&f["refused"]) <= count(&f["sent"]),
+        "{text}"
+    );
+    assert_eq!(
+        total(&f["refused"]),
+        count(&f["refused"]["quota_exceeded"]),
         "{text}"
     );
 
@@ -200,12 +213,19 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
     assert!(count(&st["sent"]) >= 8, "{text}");
     assert_eq!(count(&st["connected"]), 0, "{text}");
     assert_eq!(total(&st["connect_refused"]), count(&st["sent"]), "{text}");
+    // Wrong secrets, refused as such (not closed or timed out).
+    assert_eq!(
+        count(&st["connect_refused"]["not_authorized"]),
+        count(&st["sent"]),
+        "{text}"
+    );
 
     // The second session with one certificate takes the first over.
     assert!(
         count(&g("clone")["disconnected"]["session_taken_over"]) >= 3,
         "{text}"
     );
+    assert_eq!(count(&g("clone")["accepted"]), 0, "{text}");
 
     // Over 5 connections/s (burst 10) from one source, the rest are closed at once.
     let storm = g("storm");
@@ -225,5 +245,10 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
     // The slow ramp outgrows its rate and is refused beyond it.
     let ramp = g("ramp");
     assert!(count(&ramp["refused"]["quota_exceeded"]) > 0, "{text}");
+    assert_eq!(
+        total(&ramp["refused"]),
+        count(&ramp["refused"]["quota_exceeded"]),
+        "{text}"
+    );
     assert!(count(&ramp["acknowledged"]) > 0, "{text}");
 }

@@ -1263,6 +1263,9 @@ fn applies(target: Target, case: &str) -> bool {
 }
 
 pub fn run(opts: Options) -> Result<Vec<Sample>> {
+    if !(0.1..=3600.0).contains(&opts.secs) {
+        bail!("--secs must be from 0.1 to 3600, not {}", opts.secs);
+    }
     if !Path::new("/proc/self/status").exists() {
         bail!("the benchmarks read /proc: Linux only");
     }

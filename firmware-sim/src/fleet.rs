@@ -112,8 +112,13 @@ impl Conn {
         self.pkid
     }
 
+    /// Write what is gathered; a server that stops reading ends the connection
+    /// after `ANSWER_TIMEOUT` rather than holding the member forever.
     async fn flush(&mut self) -> std::io::Result<()> {
-        let r = self.w.write_all(&self.out).await;
+        let r = match timeout(ANSWER_TIMEOUT, self.w.write_all(&self.out)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        };
         self.out.clear();
         r
     }
@@ -766,8 +771,6 @@ async fn service(
             }
         }
     }
-    // A service that never subscribed must not hold the devices back.
-    drop(ready);
 }
 
 /// Count a message a service received against the group of the device that sent it.
@@ -804,12 +807,7 @@ async fn flood(m: &Member, shared: &Shared, stats: &GroupStats, inflight: u16, b
             while outstanding < inflight && shared.running() {
                 seq += 1;
                 telemetry(&mut payload, seq, shared.now_us(), bytes);
-                let pkid = if conn.pkid >= u16::MAX - 1 {
-                    1
-                } else {
-                    conn.pkid + 1
-                };
-                conn.pkid = pkid;
+                let pkid = conn.next_pkid();
                 mqtt::publish(&mut conn.out, m.version, &topic, 1, pkid, &payload);
                 outstanding += 1;
                 stats.add(&stats.sent, 1);
@@ -1087,10 +1085,15 @@ async fn slowloris(m: &Member, shared: &Shared, stats: &GroupStats, connections:
         let opened = Instant::now();
         // TCP, and the TLS handshake on a TLS listener: the connection is open, only
         // CONNECT never comes.
-        let mut stream = match transport::open(&m.endpoint, m.source).await {
-            Ok(s) => s,
-            Err(e) => {
+        let mut stream = match timeout(ANSWER_TIMEOUT, transport::open(&m.endpoint, m.source)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 stats.connect_refused(open_error(&e));
+                continue;
+            }
+            Err(_) => {
+                stats.connect_refused("timeout");
                 continue;
             }
         };

@@ -271,19 +271,19 @@ fn skip_properties(b: &[u8], mut at: usize) -> Option<usize> {
 }
 
 fn decode_publish(first: u8, body: &[u8], v: Version) -> Result<Packet<'_>, DecodeError> {
-    let bad = DecodeError::Malformed("PUBLISH");
+    const BAD: DecodeError = DecodeError::Malformed("PUBLISH");
     let qos = (first >> 1) & 3;
-    let tlen = u16_at(body, 0).ok_or(DecodeError::Malformed("PUBLISH"))? as usize;
+    let tlen = u16_at(body, 0).ok_or(BAD)? as usize;
     let mut at = 2 + tlen;
-    let topic = body.get(2..at).ok_or(DecodeError::Malformed("PUBLISH"))?;
-    let topic = std::str::from_utf8(topic).map_err(|_| DecodeError::Malformed("PUBLISH"))?;
+    let topic = body.get(2..at).ok_or(BAD)?;
+    let topic = std::str::from_utf8(topic).map_err(|_| BAD)?;
     let mut pkid = 0;
     if qos > 0 {
-        pkid = u16_at(body, at).ok_or(DecodeError::Malformed("PUBLISH"))?;
+        pkid = u16_at(body, at).ok_or(BAD)?;
         at += 2;
     }
     if v == Version::V5 {
-        at = skip_properties(body, at).ok_or(bad)?;
+        at = skip_properties(body, at).ok_or(BAD)?;
     }
     Ok(Packet::Publish {
         topic,

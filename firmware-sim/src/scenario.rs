@@ -425,6 +425,7 @@ impl Scenario {
             bail!("no [[group]]: a scenario needs at least one");
         }
         let mut names = std::collections::HashSet::new();
+        let mut ids = std::collections::HashSet::new();
         for g in &self.groups {
             let at = format!("group {:?}", g.name);
             if !names.insert(g.name.as_str()) {
@@ -432,6 +433,12 @@ impl Scenario {
             }
             if g.count == 0 {
                 bail!("{at}: count must be at least 1");
+            }
+            for n in 1..=g.count {
+                let id = g.id(n);
+                if !ids.insert(id.clone()) {
+                    bail!("{at}: id {id:?} is also another member's (set id_prefix apart)");
+                }
             }
             if let Some(s) = &g.sources {
                 parse_block(s).with_context(|| at.clone())?;
@@ -480,9 +487,18 @@ fn listener_key(kind: Kind, transport: Transport) -> &'static str {
     }
 }
 
+/// A rate per second the simulator can pace: 0.001 to 1 000 000.
 fn positive(name: &str, v: f64) -> Result<()> {
-    if !(v > 0.0 && v.is_finite()) {
-        bail!("{name} must be a positive number, not {v}");
+    if !(1e-3..=1e6).contains(&v) {
+        bail!("{name} must be a positive number from 0.001 to 1000000, not {v}");
+    }
+    Ok(())
+}
+
+/// A payload size MQTT can carry (and memory can hold): at most 256 MiB.
+fn size(name: &str, v: usize) -> Result<()> {
+    if v > 256 << 20 {
+        bail!("{name} must be at most 268435456 bytes, not {v}");
     }
     Ok(())
 }
@@ -510,14 +526,15 @@ fn check_behaviour(b: &Behaviour, s: &Scenario) -> Result<()> {
             }
         }
         Behaviour::Service {
+            subscribe,
             commands_per_second,
             command_groups,
-            ..
         } => {
-            if !(0.0..=1e6).contains(commands_per_second) {
-                bail!(
-                    "commands_per_second must be between 0 and 1000000, not {commands_per_second}"
-                );
+            if subscribe.is_empty() {
+                bail!("subscribe needs at least one filter");
+            }
+            if *commands_per_second != 0.0 {
+                positive("commands_per_second", *commands_per_second)?;
             }
             for name in command_groups {
                 match s.group(name) {
@@ -527,13 +544,20 @@ fn check_behaviour(b: &Behaviour, s: &Scenario) -> Result<()> {
                 }
             }
         }
-        Behaviour::Flood { inflight, .. } => {
+        Behaviour::Flood {
+            inflight,
+            payload_bytes,
+        } => {
             if *inflight == 0 {
                 bail!("inflight must be at least 1");
             }
+            size("payload_bytes", *payload_bytes)?;
         }
-        Behaviour::Oversized { rate, .. }
-        | Behaviour::SchemaBreaking { rate }
+        Behaviour::Oversized { rate, bytes } => {
+            positive("rate", *rate)?;
+            size("bytes", *bytes)?;
+        }
+        Behaviour::SchemaBreaking { rate }
         | Behaviour::TopicScan { rate }
         | Behaviour::CredentialStuffing { rate }
         | Behaviour::ReconnectStorm { rate }
@@ -662,6 +686,22 @@ behaviour = { kind = "flood" }
             (
                 "[[group]]\nname='a'\ncount=1\nbehaviour={kind='service'}",
                 "behaviour \"service\" is for kind = \"service\"",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nbehaviour={kind='oversized', rate=1e-320}",
+                "rate must be a positive number from 0.001",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nbehaviour={kind='flood', payload_bytes=1000000000000}",
+                "payload_bytes must be at most",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nkind='service'\nbehaviour={kind='service', subscribe=[]}",
+                "at least one filter",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=2\nid_prefix='b-'\nbehaviour={kind='flood'}\n[[group]]\nname='b'\ncount=1\nbehaviour={kind='flood'}",
+                "id \"b-1\" is also another member's",
             ),
         ];
         for (groups, want) in cases {

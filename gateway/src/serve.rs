@@ -419,6 +419,19 @@ fn reload(
         ("sessions", new.sessions == current.sessions),
         ("limits", new.limits == current.limits),
         ("auth", new.auth == current.auth),
+        // Built once at start (shared lock-free by all sessions and listeners).
+        (
+            "rate_limits.global_messages_per_second",
+            new.rate_limits.global_messages_per_second
+                == current.rate_limits.global_messages_per_second,
+        ),
+        (
+            "rate_limits.connections_per_second_per_source",
+            new.rate_limits.connections_per_second_per_source
+                == current.rate_limits.connections_per_second_per_source
+                && new.rate_limits.connection_burst_per_source
+                    == current.rate_limits.connection_burst_per_source,
+        ),
     ] {
         if !same {
             return Err(format!("{key} changed: that needs a restart"));

@@ -318,6 +318,15 @@ pub async fn run<S>(
     });
     if let Err(e) = session.open_link(&ctx, state).await {
         tracing::error!(error = %e, "broker link unavailable");
+        // What the session held (queued commands, unacknowledged messages) stays
+        // parked for the next connection.
+        if session_present || !connect.clean_start {
+            let state = std::mem::replace(
+                &mut session.state,
+                SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox))),
+            );
+            slot.park(state, now + Duration::from_secs(u64::from(session.expiry)));
+        }
         let _ = wr
             .write_all(&connack(reason::SERVER_UNAVAILABLE, version))
             .await;
@@ -1421,8 +1430,9 @@ impl Session {
     ) -> Result<(), End> {
         let arrived = Instant::now();
         let topic = self.resolve_topic(ctx, &p)?;
-        // More unacknowledged QoS 1/2 publishes than the Receive Maximum announced.
-        if p.qos > 0 {
+        // More unacknowledged QoS 1/2 publishes than the Receive Maximum announced. A
+        // QoS 2 retransmission (a resumed session's DUP) is not a new one.
+        if p.qos > 0 && !(p.qos == 2 && self.state.has_incoming_qos2(p.pkid)) {
             // QoS 2 ones count from arrival until PUBREL (incoming_qos2); QoS 1 ones
             // until the broker has them.
             let unacked = self.pending_acks.iter().filter(|a| a.qos == 1).count()

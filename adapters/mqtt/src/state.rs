@@ -246,6 +246,11 @@ impl SessionState {
         self.incoming_qos2.insert(pkid)
     }
 
+    /// A QoS 2 packet id already accepted and not yet released (a retransmission).
+    pub fn has_incoming_qos2(&self, pkid: u16) -> bool {
+        self.incoming_qos2.contains(&pkid)
+    }
+
     /// PUBREL from the peer releases the packet id.
     pub fn on_pubrel(&mut self, pkid: u16) {
         self.incoming_qos2.remove(&pkid);

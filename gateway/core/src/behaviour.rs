@@ -84,14 +84,9 @@ pub enum State {
 /// What the model is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observation {
-    /// A message the device offered (before any limit), with its payload size.
-    Message {
-        bytes: usize,
-    },
-    /// Verdicts on what it sent.
-    AclDenied,
-    Invalid,
-    Limited,
+    /// A message the device offered (before any limit). Byte rates and verdicts join
+    /// with their detectors.
+    Message,
     /// A failed authentication for its id.
     AuthFailure,
     /// A second concurrent session with its identity.
@@ -119,8 +114,6 @@ pub struct DeviceModel {
     window_start: Instant,
     /// The open window's counts.
     messages: u32,
-    bytes: u64,
-    refusals: u32,
     /// Baseline of the message rate per second.
     mean: f64,
     var: f64,
@@ -139,8 +132,6 @@ impl DeviceModel {
             clean_since: now,
             window_start: now,
             messages: 0,
-            bytes: 0,
-            refusals: 0,
             mean: 0.0,
             var: 0.0,
             windows: 0,
@@ -168,38 +159,27 @@ impl DeviceModel {
     pub fn observe(&mut self, obs: Observation, now: Instant, s: &Settings) -> Option<Transition> {
         let mut decided = self.tick(now, s);
         match obs {
-            Observation::Message { bytes } => {
+            Observation::Message => {
                 self.messages = self.messages.saturating_add(1);
-                self.bytes = self.bytes.saturating_add(bytes as u64);
-            }
-            Observation::AclDenied | Observation::Invalid | Observation::Limited => {
-                self.refusals = self.refusals.saturating_add(1);
             }
             Observation::AuthFailure => {
                 self.roll_auth(now, s);
                 self.auth[self.auth_bucket] = self.auth[self.auth_bucket].saturating_add(1);
                 let failures: u32 = self.auth.iter().map(|n| *n as u32).sum();
                 if failures > s.max_auth_failures {
-                    decided = decided.or_else(|| {
-                        self.quarantine(
-                            now,
-                            format!(
-                                "{failures} authentication failures in {} s (ceiling {})",
-                                s.auth_failure_window.as_secs(),
-                                s.max_auth_failures
-                            ),
-                        )
-                    });
+                    // A quarantine wins over a time-out decided at the same moment.
+                    let reason = format!(
+                        "{failures} authentication failures in {} s (ceiling {})",
+                        s.auth_failure_window.as_secs(),
+                        s.max_auth_failures
+                    );
+                    decided = self.quarantine(now, reason).or(decided);
                 }
             }
             Observation::Clone => {
                 if s.quarantine_on_clone {
-                    decided = decided.or_else(|| {
-                        self.quarantine(
-                            now,
-                            "a second session with the same identity (cloned identity)".into(),
-                        )
-                    });
+                    let reason = "a second session with the same identity (cloned identity)";
+                    decided = self.quarantine(now, reason.into()).or(decided);
                 }
             }
         }
@@ -213,22 +193,20 @@ impl DeviceModel {
         if now.saturating_duration_since(self.window_start) >= s.window {
             let rate = self.messages as f64 / s.window.as_secs_f64();
             decided = self.close_window(rate, now, s);
-            // Windows with nothing in them since: the baseline decays toward zero, in
-            // one step however many there were.
+            // Windows with nothing in them since train the baseline as rate 0 (its
+            // variance grows as it should), up to an hour of them: past that the
+            // baseline has decayed anyway. Amortized O(1): one step per idle window.
             let idle = (now
                 .saturating_duration_since(self.window_start)
                 .as_secs_f64()
-                / s.window.as_secs_f64()) as u32;
-            if idle > 1 {
-                let keep = (1.0 - self.weight(s)).powi((idle - 1) as i32);
-                self.mean *= keep;
-                self.var *= keep;
-                self.windows = self.windows.saturating_add(idle - 1);
+                / s.window.as_secs_f64())
+            .min(u32::MAX as f64) as u32;
+            let hour = (3600.0 / s.window.as_secs_f64()).max(1.0) as u32;
+            for _ in 1..idle.min(hour) {
+                self.train(0.0, s);
             }
             self.window_start += s.window * idle.max(1);
             self.messages = 0;
-            self.bytes = 0;
-            self.refusals = 0;
         }
         let clean_for = now.saturating_duration_since(self.clean_since);
         let in_state = now.saturating_duration_since(self.state_since);
@@ -258,9 +236,9 @@ impl DeviceModel {
     /// Released by an operator (or the admin API).
     pub fn release(&mut self, now: Instant, by: &str) -> Option<Transition> {
         match self.state {
-            State::Quarantined | State::Probation => {
-                self.enter(State::Released, now, format!("released by {by}"))
-            }
+            State::Quarantined => self.enter(State::Released, now, format!("released by {by}")),
+            // Probation is lighter than being watched after a quarantine.
+            State::Probation => self.enter(State::Normal, now, format!("released by {by}")),
             _ => None,
         }
     }
@@ -318,7 +296,13 @@ impl DeviceModel {
                 _ => self.quarantine(now, reason),
             };
         }
-        // A normal window: it trains the baseline, at most as fast as allowed.
+        self.train(rate, s);
+        None
+    }
+
+    /// A normal window trains the baseline, at most as fast as allowed.
+    fn train(&mut self, rate: f64, s: &Settings) {
+        let excess = rate - self.mean;
         let w = self.weight(s);
         let mut mean = self.mean + w * excess;
         if self.learned(s) {
@@ -329,7 +313,6 @@ impl DeviceModel {
         self.var = (1.0 - w) * (self.var + w * excess * excess);
         self.mean = mean;
         self.windows = self.windows.saturating_add(1);
-        None
     }
 
     fn roll_auth(&mut self, now: Instant, s: &Settings) {
@@ -389,7 +372,7 @@ mod tests {
         let step = Duration::from_secs_f64(1.0 / rate);
         let end = *now + SEC * secs as u32;
         while *now < end {
-            out.extend(m.observe(Observation::Message { bytes: 64 }, *now, s));
+            out.extend(m.observe(Observation::Message, *now, s));
             *now += step;
         }
         out
@@ -429,7 +412,7 @@ mod tests {
         let mut quarantined = None;
         let step = Duration::from_secs_f64(1.0 / 412.0);
         while now < onset + 2 * SEC {
-            if let Some(t) = m.observe(Observation::Message { bytes: 64 }, now, &s) {
+            if let Some(t) = m.observe(Observation::Message, now, &s) {
                 quarantined = Some((t, now));
                 break;
             }
@@ -534,6 +517,39 @@ mod tests {
         let t = m.observe(Observation::Clone, now, &s).expect("quarantined");
         assert_eq!((t.from, t.to), (State::Normal, State::Quarantined));
         assert!(t.reason.contains("cloned identity"));
+    }
+
+    #[test]
+    fn a_clone_at_the_moment_of_a_release_still_quarantines() {
+        let s = Settings {
+            quarantine_ttl: Some(Duration::from_secs(300)),
+            ..Settings::default()
+        };
+        let t0 = Instant::now();
+        let mut m = DeviceModel::new(t0);
+        m.observe(Observation::Clone, t0, &s);
+        let at = t0 + Duration::from_secs(300);
+        let t = m.observe(Observation::Clone, at, &s).expect("a transition");
+        assert_eq!(t.to, State::Quarantined, "{t:?}");
+        assert_eq!(m.state(), State::Quarantined);
+    }
+
+    #[test]
+    fn an_idle_device_keeps_a_baseline_with_spread() {
+        let s = Settings::default();
+        let t0 = Instant::now();
+        let mut m = DeviceModel::new(t0);
+        let mut now = t0;
+        // Bursts of 30 messages, one second in every ten, for half an hour.
+        for _ in 0..180 {
+            assert!(send(&mut m, &s, &mut now, 30.0, 1).is_empty());
+            now += 9 * SEC;
+        }
+        let (mean, sd) = m.baseline();
+        assert!((2.0..4.5).contains(&mean), "{mean}");
+        assert!(sd > 5.0, "idle windows count as rate 0: sd {sd}");
+        // The same burst again is its normal, not a flood.
+        assert!(send(&mut m, &s, &mut now, 30.0, 2).is_empty());
     }
 
     #[test]

@@ -52,9 +52,11 @@ impl TokenBucket {
         if self.rate.per_second <= 0.0 {
             return Err(Duration::MAX);
         }
-        Err(Duration::from_secs_f64(
-            (need - self.tokens) / self.rate.per_second,
-        ))
+        // A tiny rate can make the wait longer than a Duration holds: then "forever".
+        Err(
+            Duration::try_from_secs_f64((need - self.tokens) / self.rate.per_second)
+                .unwrap_or(Duration::MAX),
+        )
     }
 
     /// Give tokens back (a message taken but then not admitted elsewhere).
@@ -296,6 +298,20 @@ mod tests {
                 "only after the sustained period"
             );
         }
+    }
+
+    #[test]
+    fn a_tiny_rate_waits_forever_instead_of_panicking() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(
+            Rate {
+                per_second: 1e-20,
+                burst: 1.0,
+            },
+            t0,
+        );
+        assert_eq!(b.take(1.0, t0), Ok(()));
+        assert_eq!(b.take(1.0, t0), Err(Duration::MAX));
     }
 
     #[test]
