@@ -130,6 +130,56 @@ fn qos2_retransmission_from_a_device_is_forwarded_once() {
 }
 
 #[test]
+fn a_resumed_session_full_of_unreleased_qos2_takes_their_retransmissions() {
+    let gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    let persistent = |raw: &mut Raw| {
+        let mut props = v5::ConnectProperties::new();
+        props.session_expiry_interval = Some(300);
+        let connect = v5::Connect {
+            keep_alive: 30,
+            client_id: "meter-1".into(),
+            clean_start: false,
+            properties: Some(props),
+        };
+        raw.connect_v5_full(connect, None, Some(("meter-1", SECRET)))
+            .expect("CONNACK")
+    };
+    // A v5 QoS 2 PUBLISH, no properties.
+    let publish = |pkid: u16, dup: bool| {
+        let topic = b"devices/meter-1/telemetry";
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic);
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.push(0);
+        body.extend_from_slice(b"{}");
+        let mut f = vec![0x34 | if dup { 0x08 } else { 0 }, body.len() as u8];
+        f.extend(body);
+        f
+    };
+    let pubrec = |raw: &mut Raw, pkid: u16| match raw.recv_v5(T) {
+        Some(v5::Packet::PubRec(r)) => assert_eq!(r.pkid, pkid),
+        other => panic!("expected PUBREC {pkid}, got {other:?}"),
+    };
+    let mut raw = Raw::connect(gw.device_plain);
+    persistent(&mut raw);
+    // As many as the Receive Maximum (64) accepted, none released: the PUBRECs "lost".
+    for pkid in 1..=64 {
+        raw.send(&publish(pkid, false));
+        pubrec(&mut raw, pkid);
+    }
+    drop(raw);
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(persistent(&mut raw).session_present);
+    // The client resends them with DUP: retransmissions, not new publishes over the
+    // Receive Maximum.
+    raw.send(&publish(1, true));
+    pubrec(&mut raw, 1);
+    raw.send(&[0x62, 0x02, 0x00, 0x01]);
+    assert!(matches!(raw.recv_v5(T), Some(v5::Packet::PubComp(_))));
+}
+
+#[test]
 fn qos2_command_reaches_a_qos2_subscriber_at_qos2() {
     let gw = setup();
     let device = Sub::start(&gw.client(
