@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 /// The shipped, fully commented configuration file.
 pub const SHIPPED: &str = include_str!("../portcullis.toml");
 
+pub mod behaviour;
 pub mod validation;
+
+pub use behaviour::{Behaviour, BehaviourOverride, QuarantineCommands, QuarantineTraffic};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +39,8 @@ pub struct Config {
     pub validation: validation::Validation,
     pub auth: Auth,
     pub audit: Audit,
+    /// The per-device behaviour model; device groups may override any key.
+    pub behaviour: Behaviour,
     pub device_groups: BTreeMap<String, DeviceGroup>,
     pub service_groups: BTreeMap<String, ServiceGroup>,
 }
@@ -332,6 +337,9 @@ pub struct DeviceGroup {
     /// Rates for the group's devices (unset fields: `[rate_limits]`).
     #[serde(default)]
     pub rate: RateOverride,
+    /// Behaviour model of the group's devices (unset keys: `[behaviour]`).
+    #[serde(default)]
+    pub behaviour: BehaviourOverride,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -382,6 +390,7 @@ impl Default for Config {
                 subscribe: default_device_subscribe(),
                 disconnect_on_refusal: false,
                 rate: RateOverride::default(),
+                behaviour: BehaviourOverride::default(),
             },
         );
         let mut service_groups = BTreeMap::new();
@@ -410,6 +419,7 @@ impl Default for Config {
             validation: validation::Validation::default(),
             auth: Auth::default(),
             audit: Audit::default(),
+            behaviour: Behaviour::default(),
             device_groups,
             service_groups,
         }
@@ -551,10 +561,21 @@ impl Config {
 
     /// Parse and validate configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
-            file: origin.to_string(),
-            key: String::new(),
-            reason: toml_reason(&e, text),
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // serde names an unknown key but not the group it sits in.
+            let (key, reason) = match behaviour::unknown_group_key(text) {
+                Some(key) => (
+                    key,
+                    "unknown key; a group's behaviour table takes the keys of [behaviour]"
+                        .to_string(),
+                ),
+                None => (String::new(), toml_reason(&e, text)),
+            };
+            ConfigError {
+                file: origin.to_string(),
+                key,
+                reason,
+            }
         })?;
         config.validate().map_err(|(key, reason)| ConfigError {
             file: origin.to_string(),
@@ -715,6 +736,11 @@ impl Config {
         for (name, g) in &self.service_groups {
             g.rate.check(&format!("service_groups.{name}.rate"))?;
         }
+        self.behaviour.check("behaviour")?;
+        for name in self.device_groups.keys() {
+            self.behaviour_for(name)
+                .check(&format!("device_groups.{name}.behaviour"))?;
+        }
         self.validation.check()?;
         self.validation.check_groups(|g| {
             self.device_groups.contains_key(g) || self.service_groups.contains_key(g)
@@ -785,6 +811,16 @@ impl Config {
             o.apply(&mut r);
         }
         r
+    }
+
+    /// The behaviour model of a device group: `[behaviour]`, then the group's own keys.
+    /// A group that does not exist gets `[behaviour]`.
+    pub fn behaviour_for(&self, group: &str) -> Behaviour {
+        let mut b = self.behaviour.clone();
+        if let Some(g) = self.device_groups.get(group) {
+            g.behaviour.apply(&mut b);
+        }
+        b
     }
 
     /// A configured path with a leading `{data_dir}` replaced by the data dir.

@@ -4,11 +4,17 @@
 //! be ours or root). The same `handle` runs in-process when no gateway is running, on
 //! a registry opened directly; then there are no live sessions to end.
 //! Secrets travel only over this socket (never argv) and are hashed on arrival.
+//!
+//! Quarantine goes through the running gateway's behaviour table, so a release or a
+//! quarantine takes effect on the next message; offline, the persisted record is
+//! rewritten and the gateway starts in that state.
 
 use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, append_blocking};
 use portcullis_core::auth::{Authenticator, Policies};
 use portcullis_core::bans::{Ban, BanTarget, Cidr};
+use portcullis_core::behaviour::State;
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
+use portcullis_core::quarantine::{Behaviours, HISTORY, HistoryEntry, Record};
 use portcullis_core::registry::{
     CertCredential, PrincipalRecord, Registry, RegistryError, now_unix,
 };
@@ -101,6 +107,23 @@ pub enum Request {
         kind: PrincipalKind,
         id: String,
     },
+    /// Devices quarantined, on probation or released (every record with `all`).
+    QuarantineList {
+        #[serde(default)]
+        all: bool,
+    },
+    QuarantineShow {
+        id: String,
+    },
+    /// Quarantined → released (and watched); probation → normal.
+    QuarantineRelease {
+        id: String,
+    },
+    QuarantineAdd {
+        id: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
 }
 
 /// Reloads the running gateway's configuration: a summary, or why it was refused.
@@ -117,6 +140,8 @@ pub struct AdminState {
     pub sessions: Option<Arc<Sessions>>,
     /// Retained commands held for devices (running gateway only).
     pub retained: Option<Arc<RetainedCommands>>,
+    /// The running gateway's behaviour models and quarantine records.
+    pub behaviours: Option<Arc<Behaviours>>,
     pub audit: AuditSink,
 }
 
@@ -214,6 +239,26 @@ fn ban_view(b: &Ban) -> Value {
     })
 }
 
+fn history_view(h: &HistoryEntry) -> Value {
+    json!({
+        "at_unix": h.at_unix,
+        "from": h.from.as_str(),
+        "to": h.to.as_str(),
+        "reason": h.reason,
+    })
+}
+
+/// A quarantine reason given by an operator: shown in one table row, so one line.
+fn check_reason(reason: &str) -> Result<(), String> {
+    if reason.chars().count() > 200 {
+        return Err("the reason is limited to 200 characters".into());
+    }
+    if reason.chars().any(char::is_control) {
+        return Err("the reason must be one line without control characters".into());
+    }
+    Ok(())
+}
+
 /// Public view of a record: never the secret hash.
 fn view(r: &PrincipalRecord) -> Value {
     json!({
@@ -286,11 +331,7 @@ impl AdminState {
             .unwrap_or(0)
     }
 
-    fn audit(&self, action: &str, kind: PrincipalKind, id: &str) {
-        let entry = AuditEntry::new("registry", "allow")
-            .principal(kind.as_str(), id.to_string())
-            .protocol("admin")
-            .reason(action.to_string());
+    fn write_audit(&self, entry: AuditEntry) {
         match &self.audit {
             AuditSink::Live(audit) => audit.record(entry),
             AuditSink::File(settings) => {
@@ -302,22 +343,127 @@ impl AdminState {
         }
     }
 
+    fn audit(&self, action: &str, kind: PrincipalKind, id: &str) {
+        self.write_audit(
+            AuditEntry::new("registry", "allow")
+                .principal(kind.as_str(), id.to_string())
+                .protocol("admin")
+                .reason(action.to_string()),
+        );
+    }
+
+    /// An operator's quarantine or release: `from → to: reason`.
+    fn audit_quarantine(
+        &self,
+        event: &'static str,
+        id: &PrincipalId,
+        from: State,
+        to: State,
+        reason: &str,
+    ) {
+        self.write_audit(
+            AuditEntry::new(event, "allow")
+                .principal(PrincipalKind::Device.as_str(), id.to_string())
+                .protocol("admin")
+                .reason(format!("{} → {}: {reason}", from.as_str(), to.as_str())),
+        );
+    }
+
     fn audit_ban(&self, action: &str, target: &BanTarget) {
         let entry = AuditEntry::new("ban", "allow")
             .protocol("admin")
             .reason(format!("{action} {target}"));
-        let entry = match target {
+        self.write_audit(match target {
             BanTarget::Principal(kind, id) => entry.principal(kind.as_str(), id.to_string()),
             BanTarget::Source(cidr) => entry.source(cidr),
-        };
-        match &self.audit {
-            AuditSink::Live(audit) => audit.record(entry),
-            AuditSink::File(settings) => {
-                if let Err(e) = append_blocking(settings, &[entry]) {
-                    tracing::warn!(error = %e, "audit log not written");
-                }
-            }
+        });
+    }
+
+    /// A registered device and its group: only devices have behaviour models.
+    fn device(&self, id: &str) -> Result<(PrincipalId, GroupName), String> {
+        let pid = parse_id(id)?;
+        match self.registry.snapshot().get(PrincipalKind::Device, &pid) {
+            Some(r) => Ok((pid, r.group.clone())),
+            None => Err(format!("device {id} is not registered")),
         }
+    }
+
+    /// The behaviour records: the running gateway's, or those persisted. Records of
+    /// devices removed since are left out (the gateway drops them on start).
+    fn behaviour_records(&self, all: bool) -> Result<Vec<(PrincipalId, Record)>, AdminError> {
+        let snapshot = self.registry.snapshot();
+        let mut out = match &self.behaviours {
+            Some(b) => b.records(true),
+            None => self
+                .registry
+                .behaviour_records()?
+                .into_iter()
+                .filter_map(|(id, r)| Some((PrincipalId::parse(&id).ok()?, r)))
+                .collect(),
+        };
+        out.retain_mut(|(id, r)| {
+            r.state = self.current_state(id, r.state);
+            snapshot.get(PrincipalKind::Device, id).is_some() && (all || r.state != State::Normal)
+        });
+        out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Ok(out)
+    }
+
+    fn behaviour_record(&self, id: &PrincipalId) -> Result<Option<Record>, AdminError> {
+        let mut record = match &self.behaviours {
+            Some(b) => b.record(id),
+            None => self
+                .registry
+                .behaviour_records()?
+                .into_iter()
+                .find(|(k, _)| k == id.as_str())
+                .map(|(_, r)| r),
+        };
+        if let Some(r) = &mut record {
+            r.state = self.current_state(id, r.state);
+        }
+        Ok(record)
+    }
+
+    /// The state the pipeline acts on: the running model's, which a record catches
+    /// up with once the transition task has noted it.
+    fn current_state(&self, id: &PrincipalId, recorded: State) -> State {
+        self.behaviours
+            .as_ref()
+            .and_then(|b| b.get(id))
+            .map_or(recorded, |(_, t)| t.state())
+    }
+
+    /// With no gateway running: write a transition into the persisted record; the
+    /// gateway starts in that state.
+    fn store_transition(
+        &self,
+        id: &PrincipalId,
+        record: Option<Record>,
+        to: State,
+        reason: &str,
+    ) -> Result<State, AdminError> {
+        let now = now_unix();
+        let mut record = record.unwrap_or(Record {
+            state: State::Normal,
+            since_unix: now,
+            history: Default::default(),
+        });
+        let from = record.state;
+        record.state = to;
+        record.since_unix = now;
+        while record.history.len() >= HISTORY {
+            record.history.pop_front();
+        }
+        record.history.push_back(HistoryEntry {
+            at_unix: now,
+            from,
+            to,
+            reason: reason.to_string(),
+        });
+        self.registry
+            .put_behaviour_records(&[(id.to_string(), record)])?;
+        Ok(from)
     }
 
     /// Run one request. Errors are messages for the operator.
@@ -405,6 +551,16 @@ impl AdminState {
                 // A removed device's desired state goes with it.
                 if let (PrincipalKind::Device, Some(retained)) = (kind, &self.retained) {
                     retained.purge(&pid);
+                }
+                // And so does its behaviour: a device registered again starts afresh.
+                if kind == PrincipalKind::Device {
+                    if let Some(behaviours) = &self.behaviours {
+                        behaviours.forget(&pid);
+                    }
+                    // The device is gone already; a stray record is ignored on start.
+                    if let Err(e) = self.registry.remove_behaviour_record(&pid) {
+                        tracing::warn!(error = %e, device = %pid, "behaviour record not removed");
+                    }
                 }
                 self.audit("remove", kind, &id);
                 Ok(json!({ "removed": id, "sessions_ended": kicked }))
@@ -516,6 +672,103 @@ impl AdminState {
                 self.audit("kick", kind, &id);
                 Ok(json!({ "sessions_ended": kicked }))
             }
+            Request::QuarantineList { all } => Ok(Value::Array(
+                self.behaviour_records(all)?
+                    .iter()
+                    .map(|(id, r)| {
+                        json!({
+                            "id": id.as_str(),
+                            "state": r.state.as_str(),
+                            "since_unix": r.since_unix,
+                            "reason": r.history.back().map(|h| h.reason.as_str()),
+                        })
+                    })
+                    .collect(),
+            )),
+            Request::QuarantineShow { id } => {
+                let (id, group) = self.device(&id)?;
+                let record = self.behaviour_record(&id)?;
+                let mut v = json!({
+                    "id": id.as_str(),
+                    "group": group.as_str(),
+                    "state": record.as_ref().map_or(State::Normal, |r| r.state).as_str(),
+                    "since_unix": record.as_ref().map(|r| r.since_unix),
+                    "history": record
+                        .as_ref()
+                        .map(|r| r.history.iter().map(history_view).collect::<Vec<_>>())
+                        .unwrap_or_default(),
+                });
+                // The learned baseline lives only in the running gateway's model.
+                let tracked = self
+                    .behaviours
+                    .as_ref()
+                    .and_then(|b| Some((b.get(&id)?.1, b.policy(&group))));
+                if let Some((tracked, policy)) = tracked {
+                    let ((mps, msd), (bps, bsd), learned) = tracked.baselines(&policy.settings);
+                    v["baseline"] = json!({
+                        "messages_per_second": mps,
+                        "messages_sd": msd,
+                        "bytes_per_second": bps,
+                        "bytes_sd": bsd,
+                        "learned_secs": learned.as_secs(),
+                    });
+                }
+                Ok(v)
+            }
+            Request::QuarantineRelease { id } => {
+                let (pid, group) = self.device(&id)?;
+                let not_held = || format!("device {id} is not quarantined or on probation");
+                let (from, to, reason) = match &self.behaviours {
+                    Some(b) => {
+                        let to = b.release(&pid, &group, "operator").ok_or_else(not_held)?;
+                        let from = match to {
+                            State::Normal => State::Probation,
+                            _ => State::Quarantined,
+                        };
+                        (from, to, "released by operator")
+                    }
+                    None => {
+                        let record = self.behaviour_record(&pid)?;
+                        let to = match record.as_ref().map(|r| r.state) {
+                            Some(State::Quarantined) => State::Released,
+                            Some(State::Probation) => State::Normal,
+                            _ => return Err(not_held().into()),
+                        };
+                        let reason = "released by operator (gateway not running)";
+                        (self.store_transition(&pid, record, to, reason)?, to, reason)
+                    }
+                };
+                self.audit_quarantine("quarantine_release", &pid, from, to, reason);
+                Ok(json!({ "id": pid.as_str(), "state": to.as_str() }))
+            }
+            Request::QuarantineAdd { id, reason } => {
+                let (pid, group) = self.device(&id)?;
+                if let Some(r) = &reason {
+                    check_reason(r)?;
+                }
+                let reason = format!(
+                    "quarantined by operator{}",
+                    reason.map(|r| format!(": {r}")).unwrap_or_default()
+                );
+                let already = || format!("device {id} is already quarantined");
+                let from = match &self.behaviours {
+                    Some(b) => {
+                        let from = self.current_state(&pid, State::Normal);
+                        b.quarantine(&pid, &group, reason.clone())
+                            .ok_or_else(already)?;
+                        from
+                    }
+                    None => {
+                        let record = self.behaviour_record(&pid)?;
+                        if record.as_ref().map(|r| r.state) == Some(State::Quarantined) {
+                            return Err(already().into());
+                        }
+                        self.store_transition(&pid, record, State::Quarantined, &reason)?
+                    }
+                };
+                self.audit_quarantine("quarantine_add", &pid, from, State::Quarantined, &reason);
+                Ok(json!({ "id": pid.as_str(), "state": State::Quarantined.as_str() }))
+            }
         }
     }
 }
@@ -597,3 +850,355 @@ fn unsafe_free_uid() -> u32 {
 }
 
 use tokio::io::AsyncReadExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// An admin state with no gateway running, on a registry in a temporary dir,
+    /// with `sensor-1` and `sensor-2` registered.
+    fn offline() -> (tempfile::TempDir, AdminState) {
+        let dir = tempfile::tempdir().unwrap();
+        // No CA to read: the devices authenticate with secrets.
+        let mut config = portcullis_config::Config::default();
+        for g in config.device_groups.values_mut() {
+            g.trust.clear();
+        }
+        for g in config.service_groups.values_mut() {
+            g.trust.clear();
+        }
+        let state = AdminState {
+            registry: Arc::new(Registry::open(&dir.path().join("registry.redb")).unwrap()),
+            hasher: SecretHasher::from_key([7; 32]),
+            policies: Arc::new(Policies::from_config(&config).unwrap()),
+            auth: None,
+            reload: None,
+            sessions: None,
+            retained: None,
+            behaviours: None,
+            audit: AuditSink::File(Box::new(AuditSettings::new(
+                dir.path().join("audit.log"),
+                [9; 32],
+            ))),
+        };
+        for id in ["sensor-1", "sensor-2"] {
+            state.handle(add_device(id)).unwrap();
+        }
+        (dir, state)
+    }
+
+    fn add_device(id: &str) -> Request {
+        Request::Add {
+            kind: PrincipalKind::Device,
+            principal: NewPrincipal {
+                id: id.into(),
+                group: None,
+                cert_fingerprint: None,
+                cert_any: false,
+                secret: Some("0123456789abcdef0123456789abcdef".into()),
+            },
+        }
+    }
+
+    /// Persist a record as the gateway would have: one transition into `state`.
+    fn put(state: &AdminState, id: &str, to: State, at_unix: u64, reason: &str) {
+        let record = Record {
+            state: to,
+            since_unix: at_unix,
+            history: VecDeque::from([HistoryEntry {
+                at_unix,
+                from: State::Normal,
+                to,
+                reason: reason.into(),
+            }]),
+        };
+        state
+            .registry
+            .put_behaviour_records(&[(id.to_string(), record)])
+            .unwrap();
+    }
+
+    fn stored(state: &AdminState, id: &str) -> Option<Record> {
+        state
+            .registry
+            .behaviour_records()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k == id)
+            .map(|(_, r)| r)
+    }
+
+    fn usage(r: Result<Value, AdminError>) -> String {
+        match r {
+            Err(AdminError::Usage(m)) => m,
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    fn audit_log(dir: &tempfile::TempDir) -> String {
+        std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default()
+    }
+
+    #[test]
+    fn quarantine_requests_parse_from_json_lines() {
+        let list: Request = serde_json::from_str(r#"{"op":"quarantine_list"}"#).unwrap();
+        assert!(matches!(list, Request::QuarantineList { all: false }));
+        let add: Request =
+            serde_json::from_str(r#"{"op":"quarantine_add","id":"sensor-1"}"#).unwrap();
+        assert!(matches!(add, Request::QuarantineAdd { reason: None, .. }));
+        let release: Request =
+            serde_json::from_str(r#"{"op":"quarantine_release","id":"sensor-1"}"#).unwrap();
+        assert!(matches!(release, Request::QuarantineRelease { .. }));
+    }
+
+    #[test]
+    fn list_shows_only_devices_not_normal_unless_all() {
+        let (_dir, state) = offline();
+        put(
+            &state,
+            "sensor-1",
+            State::Quarantined,
+            1_000,
+            "message rate 40/s",
+        );
+        put(&state, "sensor-2", State::Normal, 2_000, "probation ended");
+        let list = state
+            .handle(Request::QuarantineList { all: false })
+            .unwrap();
+        assert_eq!(
+            list,
+            json!([{
+                "id": "sensor-1",
+                "state": "quarantined",
+                "since_unix": 1_000,
+                "reason": "message rate 40/s",
+            }])
+        );
+        let all = state.handle(Request::QuarantineList { all: true }).unwrap();
+        let ids: Vec<_> = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["sensor-1", "sensor-2"]);
+    }
+
+    #[test]
+    fn list_leaves_out_records_of_devices_removed_since() {
+        let (_dir, state) = offline();
+        put(&state, "gone-1", State::Quarantined, 1_000, "clone");
+        let list = state.handle(Request::QuarantineList { all: true }).unwrap();
+        assert_eq!(list, json!([]));
+    }
+
+    #[test]
+    fn show_gives_state_and_history_without_a_baseline_offline() {
+        let (_dir, state) = offline();
+        put(
+            &state,
+            "sensor-1",
+            State::Probation,
+            1_000,
+            "topic spread 12",
+        );
+        let v = state
+            .handle(Request::QuarantineShow {
+                id: "sensor-1".into(),
+            })
+            .unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "id": "sensor-1",
+                "group": "default",
+                "state": "probation",
+                "since_unix": 1_000,
+                "history": [{
+                    "at_unix": 1_000,
+                    "from": "normal",
+                    "to": "probation",
+                    "reason": "topic spread 12",
+                }],
+            })
+        );
+    }
+
+    #[test]
+    fn a_device_with_no_record_shows_normal_with_no_history() {
+        let (_dir, state) = offline();
+        let v = state
+            .handle(Request::QuarantineShow {
+                id: "sensor-2".into(),
+            })
+            .unwrap();
+        assert_eq!(v["state"], "normal");
+        assert_eq!(v["since_unix"], Value::Null);
+        assert_eq!(v["history"], json!([]));
+    }
+
+    #[test]
+    fn releasing_a_quarantined_device_offline_leaves_it_released_and_audited() {
+        let (dir, state) = offline();
+        put(&state, "sensor-1", State::Quarantined, 1_000, "clone");
+        let v = state
+            .handle(Request::QuarantineRelease {
+                id: "sensor-1".into(),
+            })
+            .unwrap();
+        assert_eq!(v, json!({ "id": "sensor-1", "state": "released" }));
+        let r = stored(&state, "sensor-1").unwrap();
+        assert_eq!(r.state, State::Released);
+        assert!(r.since_unix >= now_unix() - 5);
+        let last = r.history.back().unwrap();
+        assert_eq!((last.from, last.to), (State::Quarantined, State::Released));
+        assert_eq!(last.reason, "released by operator (gateway not running)");
+        let log = audit_log(&dir);
+        assert!(log.contains(r#""event":"quarantine_release""#), "{log}");
+        assert!(log.contains("quarantined → released"), "{log}");
+    }
+
+    #[test]
+    fn releasing_a_device_on_probation_offline_returns_it_to_normal() {
+        let (_dir, state) = offline();
+        put(
+            &state,
+            "sensor-1",
+            State::Probation,
+            1_000,
+            "rate 3 sd above",
+        );
+        let v = state
+            .handle(Request::QuarantineRelease {
+                id: "sensor-1".into(),
+            })
+            .unwrap();
+        assert_eq!(v["state"], "normal");
+        assert_eq!(stored(&state, "sensor-1").unwrap().state, State::Normal);
+    }
+
+    #[test]
+    fn releasing_a_device_not_held_is_a_usage_error() {
+        let (_dir, state) = offline();
+        put(
+            &state,
+            "sensor-1",
+            State::Released,
+            1_000,
+            "released by operator",
+        );
+        for id in ["sensor-1", "sensor-2"] {
+            let m = usage(state.handle(Request::QuarantineRelease { id: id.into() }));
+            assert_eq!(m, format!("device {id} is not quarantined or on probation"));
+        }
+        // Nothing written for the device that had no record.
+        assert!(stored(&state, "sensor-2").is_none());
+    }
+
+    #[test]
+    fn an_unregistered_id_is_a_usage_error() {
+        let (_dir, state) = offline();
+        let requests = [
+            Request::QuarantineShow { id: "ghost".into() },
+            Request::QuarantineRelease { id: "ghost".into() },
+            Request::QuarantineAdd {
+                id: "ghost".into(),
+                reason: None,
+            },
+        ];
+        for req in requests {
+            assert_eq!(usage(state.handle(req)), "device ghost is not registered");
+        }
+        let bad = usage(state.handle(Request::QuarantineShow { id: "a/b".into() }));
+        assert!(bad.starts_with("\"a/b\""), "{bad}");
+    }
+
+    #[test]
+    fn adding_offline_quarantines_once_with_the_operators_reason() {
+        let (dir, state) = offline();
+        let v = state
+            .handle(Request::QuarantineAdd {
+                id: "sensor-2".into(),
+                reason: Some("firmware under review".into()),
+            })
+            .unwrap();
+        assert_eq!(v, json!({ "id": "sensor-2", "state": "quarantined" }));
+        let r = stored(&state, "sensor-2").unwrap();
+        assert_eq!(r.state, State::Quarantined);
+        let last = r.history.back().unwrap();
+        assert_eq!((last.from, last.to), (State::Normal, State::Quarantined));
+        assert_eq!(
+            last.reason,
+            "quarantined by operator: firmware under review"
+        );
+        assert!(audit_log(&dir).contains(r#""event":"quarantine_add""#));
+        let again = usage(state.handle(Request::QuarantineAdd {
+            id: "sensor-2".into(),
+            reason: None,
+        }));
+        assert_eq!(again, "device sensor-2 is already quarantined");
+    }
+
+    #[test]
+    fn an_operators_reason_must_be_one_short_line() {
+        let (_dir, state) = offline();
+        for reason in ["two\nlines".to_string(), "x".repeat(201)] {
+            let m = usage(state.handle(Request::QuarantineAdd {
+                id: "sensor-1".into(),
+                reason: Some(reason),
+            }));
+            assert!(m.starts_with("the reason"), "{m}");
+        }
+        assert!(stored(&state, "sensor-1").is_none());
+    }
+
+    #[test]
+    fn history_keeps_only_the_latest_transitions() {
+        let (_dir, state) = offline();
+        for _ in 0..HISTORY {
+            state
+                .handle(Request::QuarantineAdd {
+                    id: "sensor-1".into(),
+                    reason: None,
+                })
+                .unwrap();
+            state
+                .handle(Request::QuarantineRelease {
+                    id: "sensor-1".into(),
+                })
+                .unwrap();
+        }
+        let r = stored(&state, "sensor-1").unwrap();
+        assert_eq!(r.history.len(), HISTORY);
+        assert_eq!(r.history.back().unwrap().to, State::Released);
+    }
+
+    #[test]
+    fn removing_a_device_forgets_its_behaviour_record() {
+        let (_dir, state) = offline();
+        put(&state, "sensor-1", State::Quarantined, 1_000, "clone");
+        state
+            .handle(Request::Remove {
+                kind: PrincipalKind::Device,
+                id: "sensor-1".into(),
+            })
+            .unwrap();
+        assert!(stored(&state, "sensor-1").is_none());
+        // Registered again, it starts afresh.
+        state.handle(add_device("sensor-1")).unwrap();
+        let v = state
+            .handle(Request::QuarantineShow {
+                id: "sensor-1".into(),
+            })
+            .unwrap();
+        assert_eq!(v["state"], "normal");
+        // A device with no record is removed all the same.
+        state
+            .handle(Request::Remove {
+                kind: PrincipalKind::Device,
+                id: "sensor-2".into(),
+            })
+            .unwrap();
+    }
+}

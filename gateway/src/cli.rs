@@ -86,6 +86,13 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Devices quarantined or on probation by their behaviour model.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Live sessions.
     Clients {
         #[command(subcommand)]
@@ -200,6 +207,35 @@ enum BanAction {
     List,
     Remove {
         target: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QuarantineAction {
+    /// Devices quarantined, on probation or released and watched.
+    List {
+        /// Every device with a behaviour record, normal ones included.
+        #[arg(long)]
+        all: bool,
+        /// The admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A device's state, its transitions and (gateway running) its learned baseline.
+    Show {
+        id: String,
+        /// The admin API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a quarantined device (it is then watched: an anomaly quarantines it
+    /// again at once), or end a probation.
+    Release { id: String },
+    /// Quarantine a device now.
+    Add {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -363,6 +399,34 @@ pub fn run(cli: Cli) -> Result<()> {
                 BanAction::Remove { target } => Request::BanRemove { target },
             };
             print(&call(&config, req)?);
+            Ok(())
+        }
+        Command::Quarantine { action, config } => {
+            let config = load_config(config.config.as_deref())?;
+            match action {
+                QuarantineAction::List { all, json } => {
+                    let v = call(&config, Request::QuarantineList { all })?;
+                    if json {
+                        print(&v);
+                    } else {
+                        print_quarantine_table(&v, all);
+                    }
+                }
+                QuarantineAction::Show { id, json } => {
+                    let v = call(&config, Request::QuarantineShow { id })?;
+                    if json {
+                        print(&v);
+                    } else {
+                        print_quarantine_show(&v);
+                    }
+                }
+                QuarantineAction::Release { id } => {
+                    print(&call(&config, Request::QuarantineRelease { id })?)
+                }
+                QuarantineAction::Add { id, reason } => {
+                    print(&call(&config, Request::QuarantineAdd { id, reason })?)
+                }
+            }
             Ok(())
         }
         Command::Clients { action, config } => {
@@ -549,6 +613,114 @@ fn print(v: &Value) {
     );
 }
 
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn utc(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+fn utc_or_dash(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "-".to_string(), utc)
+}
+
+/// `quarantine list` as a table: ID, STATE, SINCE (UTC), REASON.
+fn print_quarantine_table(v: &Value, all: bool) {
+    let rows: Vec<[String; 4]> = v
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            [
+                r["id"].as_str().unwrap_or("?").to_string(),
+                r["state"].as_str().unwrap_or("?").to_string(),
+                utc_or_dash(&r["since_unix"]),
+                r["reason"].as_str().unwrap_or("-").to_string(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!(
+            "{}",
+            if all {
+                "no device has a behaviour record"
+            } else {
+                "no device is quarantined, on probation or released"
+            }
+        );
+        return;
+    }
+    let header = ["ID", "STATE", "SINCE", "REASON"].map(String::from);
+    let width = |i: usize| {
+        std::iter::once(&header)
+            .chain(&rows)
+            .map(|r| r[i].chars().count())
+            .max()
+            .unwrap_or(0)
+    };
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    for r in std::iter::once(&header).chain(&rows) {
+        println!("{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3]);
+    }
+}
+
+/// `quarantine show` as text: state and since, the baseline, then the history.
+fn print_quarantine_show(v: &Value) {
+    let id = v["id"].as_str().unwrap_or("?");
+    let group = v["group"].as_str().unwrap_or("?");
+    let state = v["state"].as_str().unwrap_or("?");
+    println!("device:    {id} (group {group})");
+    match v["since_unix"].as_u64() {
+        Some(since) => println!("state:     {state} since {} UTC", utc(since)),
+        None => println!("state:     {state} (no transition recorded)"),
+    }
+    let b = &v["baseline"];
+    if b.is_object() {
+        let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
+        println!(
+            "baseline:  {:.2} msg/s (sd {:.2}), {:.0} B/s (sd {:.0}), learned over {} s",
+            f("messages_per_second"),
+            f("messages_sd"),
+            f("bytes_per_second"),
+            f("bytes_sd"),
+            b["learned_secs"].as_u64().unwrap_or(0)
+        );
+    }
+    let history = v["history"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default();
+    if history.is_empty() {
+        println!("history:   none");
+        return;
+    }
+    println!("history (UTC):");
+    for h in history {
+        println!(
+            "  {}  {} → {}  {}",
+            utc_or_dash(&h["at_unix"]),
+            h["from"].as_str().unwrap_or("?"),
+            h["to"].as_str().unwrap_or("?"),
+            h["reason"].as_str().unwrap_or("")
+        );
+    }
+}
+
 /// Send a request to the running gateway, or run it locally if none is running.
 fn call(config: &Config, req: Request) -> Result<Value> {
     let socket = config.admin_socket();
@@ -598,6 +770,7 @@ fn call(config: &Config, req: Request) -> Result<Value> {
                 reload: None,
                 sessions: None,
                 retained: None,
+                behaviours: None,
                 audit: AuditSink::File(Box::new(offline_audit(config)?)),
             };
             state.handle(req).map_err(|e| match e {

@@ -17,6 +17,7 @@ use portcullis_core::metrics::Metrics;
 use portcullis_core::pipeline::{Message, QoS};
 use portcullis_core::principal::PrincipalId;
 use portcullis_core::principal::PrincipalKind;
+use portcullis_core::quarantine::{self, Behaviours};
 use portcullis_core::registry::Registry;
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::secret::SecretHasher;
@@ -123,6 +124,10 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         });
     }
     let sessions = Sessions::new();
+    // Behaviour models and quarantine: kept states come back as they were.
+    let (behaviours, behaviour_changes) =
+        Behaviours::load(&registry, quarantine::Policies::from_config(&config))
+            .context("behaviour records")?;
     let auth = Arc::new(Authenticator::new(
         registry.clone(),
         hasher.clone(),
@@ -183,6 +188,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             sessions: sessions.clone(),
             store: store.clone(),
             retained: retained.clone(),
+            behaviours: behaviours.clone(),
             audit: audit.clone(),
             metrics: metrics.clone(),
             limits,
@@ -263,13 +269,14 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     // Reload: build everything new first; swap only if all of it loads.
     let reloader: Reloader = {
         let running = std::sync::Mutex::new(config.clone());
-        let (auth, audit) = (auth.clone(), audit.clone());
+        let (auth, audit, behaviours) = (auth.clone(), audit.clone(), behaviours.clone());
         let path = path.clone();
         Arc::new(move || {
             let result = reload(
                 path.as_deref(),
                 &running,
                 &auth,
+                &behaviours,
                 &live_tx,
                 &device_tls_tx,
                 &service_tls_tx,
@@ -291,16 +298,33 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         reload: Some(reloader.clone()),
         sessions: Some(sessions.clone()),
         retained: Some(retained.clone()),
+        behaviours: Some(behaviours.clone()),
         audit: AuditSink::Live(audit.clone()),
     });
+    // Transitions are persisted, audited and published by one task; time-outs
+    // (quarantine TTL, end of probation and watch) are applied each second.
+    let (behaviour_stop, behaviour_stopped) = tokio::sync::oneshot::channel();
+    let behaviour_task = tokio::spawn(quarantine::run(
+        behaviours.clone(),
+        behaviour_changes,
+        quarantine::Effects {
+            registry: registry.clone(),
+            broker: broker.clone(),
+            retained: retained.clone(),
+            audit: audit.clone(),
+            metrics: metrics.clone(),
+        },
+        behaviour_stopped,
+    ));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     // Parked sessions past their expiry are dropped, and their commands with them.
     let sweeper = {
-        let (store, broker) = (store.clone(), broker.clone());
+        let (store, broker, behaviours) = (store.clone(), broker.clone(), behaviours.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
+                behaviours.sweep(std::time::Instant::now());
                 for (id, mailbox) in store.expire(std::time::Instant::now()) {
                     mailbox.clear();
                     broker.unregister_device(id, mailbox).await;
@@ -377,6 +401,9 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     }
     admin_task.abort();
     sweeper.abort();
+    // What transitions are still queued are persisted before the registry closes.
+    let _ = behaviour_stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), behaviour_task).await;
     let _ = std::fs::remove_file(&admin_socket);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
@@ -399,6 +426,7 @@ fn reload(
     path: Option<&std::path::Path>,
     running: &std::sync::Mutex<Config>,
     auth: &Authenticator,
+    behaviours: &Behaviours,
     live: &watch::Sender<Arc<Live>>,
     device_tls: &watch::Sender<tokio_rustls::TlsAcceptor>,
     service_tls: &watch::Sender<tokio_rustls::TlsAcceptor>,
@@ -445,8 +473,9 @@ fn reload(
         .map_err(|e| e.to_string())?;
     let service = listener::tls_acceptor(&cert, &key, policies.service_roots.clone())
         .map_err(|e| e.to_string())?;
-    // All of it loaded: swap.
+    // All of it loaded: swap (behaviour settings before the sessions hear of it).
     auth.set_policies(policies);
+    behaviours.set_policies(quarantine::Policies::from_config(&new));
     device_tls.send_replace(device);
     service_tls.send_replace(service);
     live.send_replace(Arc::new(Live {

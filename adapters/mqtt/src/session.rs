@@ -16,6 +16,7 @@ use crate::strict::{self, ProtocolVersion, StrictError};
 use bytes::BytesMut;
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
+use portcullis_core::behaviour::{Observation, State as Behaviour};
 use portcullis_core::broker::{Delivery, EmbeddedBroker, ServiceCmd, ServiceEvent, Uplink};
 use portcullis_core::limit::{
     GlobalBucket, LimitDecision, OverLimitAction, PrincipalLimiter, PrincipalRates, Rate,
@@ -27,6 +28,7 @@ use portcullis_core::pipeline::{
     self, Direction, Message, Properties, QoS, Refusal, SessionPolicy, Verdict,
 };
 use portcullis_core::principal::{PrincipalId, PrincipalKind};
+use portcullis_core::quarantine::{self, Behaviours, Policy as BehaviourPolicy, Tracked};
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::sessions::{KickReason, SessionStats, Sessions};
 use portcullis_core::topic::{TopicFilter, TopicLimits, TopicName};
@@ -81,6 +83,8 @@ pub struct Context {
     pub sessions: Arc<Sessions>,
     pub store: Arc<SessionStore>,
     pub retained: Arc<RetainedCommands>,
+    /// Per-device behaviour models and quarantine (devices only).
+    pub behaviours: Arc<Behaviours>,
     pub audit: Audit,
     pub metrics: Arc<Metrics>,
     pub limits: SessionLimits,
@@ -237,6 +241,7 @@ pub async fn run<S>(
     let mut session = match authenticate(&ctx, &connect, version, peer, certs.as_deref()) {
         Ok(s) => s,
         Err(label) => {
+            note_auth_failure(&ctx, &connect.client_id, label);
             let _ = wr
                 .write_all(&connack(reason::NOT_AUTHORIZED, version))
                 .await;
@@ -260,6 +265,28 @@ pub async fn run<S>(
         session.method,
     );
     session.stats = guard.stats.clone();
+    if let Some(tracked) = &session.tracked {
+        let now = Instant::now();
+        let source = ctx.behaviours.hash(peer.ip());
+        tracked.observe(Observation::Connect { source }, now, &session.behaviour);
+        // Two connections taking turns with one identity: the session just taken
+        // over had itself taken over another a moment ago.
+        let window = session.behaviour.settings.rule_window;
+        if guard
+            .displaced_took_over_at
+            .is_some_and(|at| now.saturating_duration_since(at) < window)
+        {
+            tracked.observe(Observation::Clone, now, &session.behaviour);
+            ctx.audit.record(
+                AuditEntry::new("clone", "refuse")
+                    .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
+                    .source(peer)
+                    .protocol(protocol_name(version))
+                    .reason("two connections taking turns with one identity (cloned identity)"),
+            );
+        }
+        session.sync_behaviour();
+    }
     // A disable, removal or rotation that landed after authentication but before the
     // session could be kicked: refuse now.
     if !ctx
@@ -343,12 +370,17 @@ pub async fn run<S>(
             .source(peer)
             .protocol(protocol_name(version))
             .reason(format!(
-                "{}{}",
+                "{}{}{}",
                 session.method,
                 if session_present {
                     ", session resumed"
                 } else {
                     ""
+                },
+                match session.tracked.as_ref().map(|t| t.state()) {
+                    Some(Behaviour::Quarantined) => ", device quarantined",
+                    Some(Behaviour::Probation) => ", device on probation",
+                    _ => "",
                 }
             )),
     );
@@ -467,6 +499,29 @@ fn refuse_connect(
         entry = entry.principal(ctx.kind.as_str(), truncate(id, 128));
     }
     ctx.audit.record(entry);
+}
+
+/// A failed authentication for a registered device's id counts against it (credential
+/// stuffing); failures for unknown ids are the source's business (back-off, bans).
+fn note_auth_failure(ctx: &Context, client_id: &str, label: &'static str) {
+    if ctx.kind != PrincipalKind::Device
+        || matches!(
+            label,
+            "backed_off" | "banned" | "unknown_principal" | "bad_client_id"
+        )
+    {
+        return;
+    }
+    let Ok(id) = PrincipalId::parse(client_id) else {
+        return;
+    };
+    let Some(group) = ctx.auth.group_of(PrincipalKind::Device, &id) else {
+        return;
+    };
+    let policy = ctx.behaviours.policy(&group);
+    ctx.behaviours
+        .track(&id, &group)
+        .observe(Observation::AuthFailure, Instant::now(), &policy);
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -613,6 +668,11 @@ fn authenticate(
         authed.principal.id.as_str(),
     );
     let limiter = PrincipalLimiter::new(principal_rates(&rates), Instant::now());
+    let behaviour = ctx.behaviours.policy(&authed.principal.group);
+    let tracked = (ctx.kind == PrincipalKind::Device && behaviour.enabled).then(|| {
+        ctx.behaviours
+            .track(&authed.principal.id, &authed.principal.group)
+    });
     let window = connect
         .receive_maximum
         .unwrap_or(u16::MAX)
@@ -642,6 +702,17 @@ fn authenticate(
         stats: Arc::new(SessionStats::default()),
         downlink: TokenBucket::new(principal_rates(&rates).messages, Instant::now()),
         next_pump: None,
+        rates: principal_rates(&rates),
+        forensic: TokenBucket::new(
+            Rate {
+                per_second: behaviour.forensic_per_second,
+                burst: behaviour.forensic_per_second.max(1.0),
+            },
+            Instant::now(),
+        ),
+        behaviour,
+        tracked,
+        limits_for: Behaviour::Normal,
     })
 }
 
@@ -692,6 +763,15 @@ struct Session {
     /// The device's rate for commands it receives, and when to try again.
     downlink: TokenBucket,
     next_pump: Option<Instant>,
+    /// The principal's configured rates (probation tightens them).
+    rates: PrincipalRates,
+    /// The behaviour settings of its group, and its model (devices only).
+    behaviour: Arc<BehaviourPolicy>,
+    tracked: Option<Arc<Tracked>>,
+    /// The behaviour state the limiter was last set for.
+    limits_for: Behaviour,
+    /// The rate at which a quarantined device's messages are diverted.
+    forensic: TokenBucket,
 }
 
 /// Why a session ended.
@@ -848,9 +928,18 @@ impl Session {
         let epoch = slot.epoch;
         let slot = OwnedMutexGuard::mutex(&slot).clone();
         drop(self.link.take());
+        // A quarantined device's Last Will is suppressed: the device is not trusted.
+        if self
+            .tracked
+            .as_ref()
+            .is_some_and(|t| t.state() == Behaviour::Quarantined)
+        {
+            self.will = None;
+        }
         let (Some(will), true) = (self.will.take(), end.fires_will()) else {
             return;
         };
+        let tracked = self.tracked.clone();
         // MQTT 5: the Will waits for its delay (never longer than the session lives),
         // and is dropped if the device comes back first.
         let delay = will_delay(will.delay_secs, self.expiry);
@@ -872,8 +961,12 @@ impl Session {
                     _ => return,
                 }
             }
-            // Re-checked as it fires: rights may have changed since CONNECT.
-            if !auth.still_current(&policy.principal, generation)
+            // Re-checked as it fires: rights may have changed since CONNECT, and the
+            // device may have been quarantined since.
+            if tracked
+                .as_ref()
+                .is_some_and(|t| t.state() == Behaviour::Quarantined)
+                || !auth.still_current(&policy.principal, generation)
                 || pipeline::admit(&policy, &will.message, Direction::FromPeer) != Verdict::Accept
             {
                 return;
@@ -1117,10 +1210,15 @@ impl Session {
             principal.group.as_str(),
             principal.id.as_str(),
         );
-        if principal_rates(&rates) != self.limiter.rates() {
-            self.limiter = PrincipalLimiter::new(principal_rates(&rates), Instant::now());
-            self.downlink = TokenBucket::new(principal_rates(&rates).messages, Instant::now());
+        self.behaviour = ctx.behaviours.policy(&principal.group);
+        if principal_rates(&rates) != self.rates {
+            self.rates = principal_rates(&rates);
+            self.downlink = TokenBucket::new(self.rates.messages, Instant::now());
+            // Set again for the current behaviour state below.
+            self.limits_for = Behaviour::Normal;
+            self.limiter = PrincipalLimiter::new(self.rates, Instant::now());
         }
+        self.sync_behaviour();
         self.live = live;
         Ok(())
     }
@@ -1130,6 +1228,16 @@ impl Session {
     /// the mailbox, whose bounds then apply.
     fn pump_mailbox(&mut self, ctx: &Context, out: &mut BytesMut) {
         let now = Instant::now();
+        // A quarantined device's commands wait (within the mailbox's bounds) until it
+        // is released, if its group's policy holds them; looked at again each second.
+        if self.sync_behaviour() == Behaviour::Quarantined
+            && self.behaviour.commands == portcullis_config::QuarantineCommands::Hold
+        {
+            if !self.state.mailbox.is_empty() {
+                self.next_pump = Some(now + Duration::from_secs(1));
+            }
+            return;
+        }
         while self.state.window_open(self.window) && !self.state.mailbox.is_empty() {
             if let Err(wait) = self.downlink.take(1.0, now) {
                 Metrics::inc(&ctx.metrics.rate_limit_waits);
@@ -1344,6 +1452,11 @@ impl Session {
     ) -> Result<(), End> {
         ctx.metrics.refused(stage, label);
         self.audit_refusal(ctx, "publish", Some(topic), words);
+        match stage {
+            "authorize" => self.observe(Observation::Denied, Instant::now()),
+            "validate" => self.observe(Observation::Invalid, Instant::now()),
+            _ => {}
+        }
         if self.version == ProtocolVersion::V311 && self.disconnect_on_refusal {
             return Err(End::Refused(words.to_string()));
         }
@@ -1358,14 +1471,92 @@ impl Session {
         Ok(())
     }
 
+    /// Tell the behaviour model (devices only).
+    fn observe(&self, obs: Observation, now: Instant) {
+        if let Some(tracked) = &self.tracked {
+            tracked.observe(obs, now, &self.behaviour);
+        }
+    }
+
+    /// The device's behaviour state; probation tightens its rate limits, and they
+    /// are restored when it ends.
+    fn sync_behaviour(&mut self) -> Behaviour {
+        let Some(state) = self.tracked.as_ref().map(|t| t.state()) else {
+            return Behaviour::Normal;
+        };
+        let tight = state == Behaviour::Probation;
+        if tight != (self.limits_for == Behaviour::Probation) {
+            let mut rates = self.rates;
+            if tight {
+                let f = self.behaviour.probation_rate_factor;
+                rates.messages.per_second *= f;
+                rates.messages.burst = (rates.messages.burst * f).max(1.0);
+                rates.bytes.per_second *= f;
+                rates.bytes.burst *= f;
+            }
+            self.limiter = PrincipalLimiter::new(rates, Instant::now());
+        }
+        self.limits_for = state;
+        state
+    }
+
+    /// A quarantined device's publish: acknowledged (so it does not retry), then
+    /// dropped, or diverted to its forensic topic at the policy's reduced rate.
+    async fn quarantined(
+        &mut self,
+        ctx: &Context,
+        p: &PublishIn,
+        msg: Message,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        let divert = self.behaviour.traffic == portcullis_config::QuarantineTraffic::Divert
+            && self.forensic.take(1.0, Instant::now()).is_ok();
+        let forensic = divert
+            .then(|| quarantine::forensic_topic(&self.policy.principal.id, &msg.topic))
+            .flatten();
+        match (forensic, &self.link) {
+            (Some(topic), Some(Link::Device { uplink })) => {
+                Metrics::inc(&ctx.metrics.quarantine_diverted);
+                let diverted = Message {
+                    topic,
+                    qos: QoS::AtMostOnce,
+                    retain: false,
+                    ..msg
+                };
+                uplink.send(diverted).await.map_err(|_| End::BrokerGone)?;
+            }
+            _ => {
+                Metrics::inc(&ctx.metrics.quarantine_dropped);
+                ctx.metrics.refused("quarantine", "quarantined");
+                self.audit_refusal(
+                    ctx,
+                    "publish",
+                    Some(msg.topic.as_str()),
+                    "quarantine: device quarantined, message dropped",
+                );
+            }
+        }
+        if p.qos > 0 {
+            self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
+        }
+        Ok(())
+    }
+
     /// The rate-limit stage: per-principal buckets, then the gateway-wide cap. Waits
     /// (without reading the socket) while the principal is merely over its rate.
     async fn rate_limit(&mut self, ctx: &Context, len: usize) -> LimitDecision {
         let max_delay = self.limiter.rates().max_delay;
         let started = Instant::now();
+        // The behaviour model hears of each message the limit held back, once.
+        let mut hit = false;
         loop {
             let now = Instant::now();
-            match self.limiter.admit(len, now) {
+            let decision = self.limiter.admit(len, now);
+            if !hit && !matches!(decision, LimitDecision::Pass) {
+                hit = true;
+                self.observe(Observation::LimitHit, now);
+            }
+            match decision {
                 LimitDecision::Pass => {
                     if ctx.global.take(now) {
                         return LimitDecision::Pass;
@@ -1478,6 +1669,15 @@ impl Session {
             retain: p.retain,
             properties: props,
         };
+        // Stage 1, quarantine: the model hears what the device offered, before any
+        // limit; a quarantined device's message never reaches a service.
+        if self.tracked.is_some() {
+            let topic = ctx.behaviours.hash(msg.topic.as_str());
+            self.observe(Observation::message(msg.payload.len(), topic), arrived);
+            if self.sync_behaviour() == Behaviour::Quarantined {
+                return self.quarantined(ctx, &p, msg, out).await;
+            }
+        }
         let mut verdict = pipeline::admit(&self.policy, &msg, Direction::FromPeer);
         // A Response Topic is where the answer will be published: authorized the same way.
         if let (Verdict::Accept, Some(rt)) = (
@@ -1655,6 +1855,7 @@ impl Session {
             };
             if let Verdict::Refuse(refusal) = pipeline::admit_subscription(&self.policy, &filter) {
                 ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
+                self.observe(Observation::Denied, Instant::now());
                 self.audit_refusal(ctx, "subscribe", Some(&raw), &refusal.to_string());
                 codes.push(Err(reason::NOT_AUTHORIZED));
                 continue;

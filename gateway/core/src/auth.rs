@@ -569,6 +569,14 @@ impl Authenticator {
     }
 
     /// When the principal was registered (0 if it no longer is).
+    /// The group of a registered principal.
+    pub fn group_of(&self, kind: PrincipalKind, id: &PrincipalId) -> Option<GroupName> {
+        self.registry
+            .snapshot()
+            .get(kind, id)
+            .map(|r| r.group.clone())
+    }
+
     pub fn registered_since(&self, principal: &PrincipalRef) -> u64 {
         self.registry
             .snapshot()

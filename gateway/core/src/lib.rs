@@ -14,6 +14,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod pipeline;
 pub mod principal;
+pub mod quarantine;
 pub mod registry;
 pub mod retained;
 pub mod secret;

@@ -23,6 +23,14 @@ pub struct Metrics {
     pub wills_published: AtomicU64,
     pub bytes_accepted: AtomicU64,
     pub audit_dropped: AtomicU64,
+    /// Behaviour transitions: into quarantine, into probation, out of either.
+    pub quarantined: AtomicU64,
+    pub probations: AtomicU64,
+    pub releases: AtomicU64,
+    /// Messages of quarantined devices kept from services: dropped, or diverted to
+    /// the forensic topic.
+    pub quarantine_dropped: AtomicU64,
+    pub quarantine_diverted: AtomicU64,
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Open sessions by protocol and principal kind.
     pub sessions_mqtt311_device: AtomicU64,
@@ -191,6 +199,35 @@ impl Metrics {
             "counter",
             load(&self.audit_dropped),
         );
+        for (name, help, c) in [
+            (
+                "portcullis_quarantines_total",
+                "Devices put in quarantine by the behaviour model or an operator.",
+                &self.quarantined,
+            ),
+            (
+                "portcullis_probations_total",
+                "Devices put on probation by the behaviour model.",
+                &self.probations,
+            ),
+            (
+                "portcullis_quarantine_releases_total",
+                "Devices released from quarantine or probation (by time, a clean window or an operator).",
+                &self.releases,
+            ),
+            (
+                "portcullis_quarantine_dropped_total",
+                "Messages of quarantined devices dropped.",
+                &self.quarantine_dropped,
+            ),
+            (
+                "portcullis_quarantine_diverted_total",
+                "Messages of quarantined devices diverted to the forensic topic.",
+                &self.quarantine_diverted,
+            ),
+        ] {
+            gauge(&mut out, name, help, "counter", load(c));
+        }
         let _ = writeln!(
             out,
             "# HELP portcullis_sessions Open sessions by protocol and kind.\n# TYPE portcullis_sessions gauge"

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 const PRINCIPALS: TableDefinition<&str, &[u8]> = TableDefinition::new("principals");
 const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans");
+/// Behaviour states and their history, by device id (`quarantine::Record` as JSON).
+const BEHAVIOUR: TableDefinition<&str, &[u8]> = TableDefinition::new("behaviour");
 
 /// A certificate credential: the group's CA must have issued it and its identity
 /// field must equal the id. With a fingerprint, only that exact certificate.
@@ -154,6 +156,7 @@ impl Registry {
             let tx = db.begin_write().map_err(storage)?;
             tx.open_table(PRINCIPALS).map_err(storage)?;
             tx.open_table(BANS).map_err(storage)?;
+            tx.open_table(BEHAVIOUR).map_err(storage)?;
             tx.commit().map_err(storage)?;
         }
         let registry = Registry {
@@ -199,6 +202,54 @@ impl Registry {
             bans.push(ban);
         }
         Ok(bans)
+    }
+
+    /// The kept behaviour records (quarantine state and history), by device id.
+    pub fn behaviour_records(
+        &self,
+    ) -> Result<Vec<(String, crate::quarantine::Record)>, RegistryError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(BEHAVIOUR).map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            let record = serde_json::from_slice(v.value()).map_err(|e| RegistryError::Corrupt {
+                key: format!("behaviour {}", k.value()),
+                reason: e.to_string(),
+            })?;
+            out.push((k.value().to_string(), record));
+        }
+        Ok(out)
+    }
+
+    /// Store behaviour records, all in one commit.
+    pub fn put_behaviour_records(
+        &self,
+        records: &[(String, crate::quarantine::Record)],
+    ) -> Result<(), RegistryError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = self.db.begin_write().map_err(storage)?;
+        {
+            let mut table = tx.open_table(BEHAVIOUR).map_err(storage)?;
+            for (id, record) in records {
+                let bytes = serde_json::to_vec(record).map_err(storage)?;
+                table
+                    .insert(id.as_str(), bytes.as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        tx.commit().map_err(storage)
+    }
+
+    /// Forget a device's behaviour record (the device was removed).
+    pub fn remove_behaviour_record(&self, id: &PrincipalId) -> Result<(), RegistryError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = self.db.begin_write().map_err(storage)?;
+        tx.open_table(BEHAVIOUR)
+            .map_err(storage)?
+            .remove(id.as_str())
+            .map_err(storage)?;
+        tx.commit().map_err(storage)
     }
 
     /// The bans in force (expired ones are dropped when the list next changes).

@@ -99,6 +99,15 @@ impl RetainedCommands {
         Ok(())
     }
 
+    /// The topics a device holds retained messages on in the broker, forgotten here:
+    /// the caller clears them (a quarantined device's retained messages are purged).
+    pub fn take_device_retained(&self, device: &PrincipalId) -> Vec<TopicName> {
+        let mut all = self.device_topics.lock().unwrap_or_else(|p| p.into_inner());
+        all.remove(device)
+            .map(|t| t.into_iter().collect())
+            .unwrap_or_default()
+    }
+
     /// Forget every retained command of a device.
     pub fn purge(&self, device: &PrincipalId) -> usize {
         self.lock().remove(device).map_or(0, |t| t.len())

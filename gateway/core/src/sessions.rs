@@ -72,6 +72,8 @@ struct Entry {
     info: SessionInfo,
     stats: Arc<SessionStats>,
     started: std::time::Instant,
+    /// When this session took over an earlier one of the same principal.
+    took_over_at: Option<std::time::Instant>,
     kick: watch::Sender<Option<KickReason>>,
 }
 
@@ -87,6 +89,9 @@ pub struct SessionGuard {
     pub number: u64,
     pub kicked: watch::Receiver<Option<KickReason>>,
     pub stats: Arc<SessionStats>,
+    /// A session this one took over had itself taken over another, at this time:
+    /// two connections taking turns with one identity (a clone) when it is recent.
+    pub displaced_took_over_at: Option<std::time::Instant>,
 }
 
 impl Drop for SessionGuard {
@@ -130,8 +135,16 @@ impl Sessions {
         };
         let stats = Arc::new(SessionStats::default());
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let mut took_over = false;
+        let mut displaced_took_over_at = None;
         for entry in inner.values() {
             if entry.principal.kind == principal.kind && entry.principal.id == principal.id {
+                // One already ending (kicked) is not a live rival.
+                if entry.kick.borrow().is_none() {
+                    took_over = true;
+                    displaced_took_over_at = displaced_took_over_at.max(entry.took_over_at);
+                }
                 let _ = entry.kick.send(Some(KickReason::TakenOver));
             }
         }
@@ -142,7 +155,8 @@ impl Sessions {
                 info,
                 kick,
                 stats: stats.clone(),
-                started: std::time::Instant::now(),
+                started: now,
+                took_over_at: took_over.then_some(now),
             },
         );
         SessionGuard {
@@ -150,6 +164,7 @@ impl Sessions {
             number,
             kicked,
             stats,
+            displaced_took_over_at,
         }
     }
 

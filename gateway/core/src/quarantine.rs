@@ -1,0 +1,494 @@
+//! Per-device behaviour and quarantine, shared by every session: the model of each
+//! device (`behaviour`), its state as the pipeline's first stage reads it, and the
+//! record of its transitions, kept across restarts.
+//!
+//! The per-message path locks only its own device's model (uncontended: one session
+//! per device) and reads one atomic for the quarantine stage. Transitions are rare;
+//! they go through a channel to one task that persists them (batched redb commits),
+//! audits them, publishes them under `portcullis/events/quarantine/{id}`, and purges
+//! a newly quarantined device's retained messages.
+
+use crate::audit::{Audit, AuditEntry};
+use crate::behaviour::{DeviceModel, Observation, Settings, State, Transition};
+use crate::broker::EmbeddedBroker;
+use crate::metrics::Metrics;
+use crate::pipeline::{Message, QoS};
+use crate::principal::{GroupName, PrincipalId};
+use crate::registry::{Registry, now_unix};
+use crate::retained::RetainedCommands;
+use crate::topic::TopicName;
+use portcullis_config::{Config, QuarantineCommands, QuarantineTraffic};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Transitions kept per device (the oldest are dropped).
+pub const HISTORY: usize = 32;
+
+/// What a device group's behaviour settings decide.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Off: the group's devices are neither modelled nor quarantined.
+    pub enabled: bool,
+    pub settings: Settings,
+    /// Probation multiplies the device's rate limits by this.
+    pub probation_rate_factor: f64,
+    pub traffic: QuarantineTraffic,
+    /// Diverted messages per second (to `portcullis/forensic/{id}/…`).
+    pub forensic_per_second: f64,
+    pub commands: QuarantineCommands,
+}
+
+impl Policy {
+    pub fn from_config(b: &portcullis_config::Behaviour) -> Policy {
+        Policy {
+            enabled: b.enabled,
+            settings: Settings::from_config(b),
+            probation_rate_factor: b.probation_rate_factor,
+            traffic: b.quarantine_traffic,
+            forensic_per_second: b.forensic_messages_per_second,
+            commands: b.quarantine_commands,
+        }
+    }
+}
+
+/// The policies of every device group, swapped whole on a reload.
+#[derive(Debug, Clone)]
+pub struct Policies {
+    default: Arc<Policy>,
+    groups: HashMap<String, Arc<Policy>>,
+}
+
+impl Policies {
+    pub fn from_config(config: &Config) -> Policies {
+        Policies {
+            default: Arc::new(Policy::from_config(&config.behaviour)),
+            groups: config
+                .device_groups
+                .keys()
+                .map(|g| {
+                    (
+                        g.clone(),
+                        Arc::new(Policy::from_config(&config.behaviour_for(g))),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub fn for_group(&self, group: &GroupName) -> Arc<Policy> {
+        self.groups
+            .get(group.as_str())
+            .unwrap_or(&self.default)
+            .clone()
+    }
+}
+
+/// One transition, as kept and shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at_unix: u64,
+    pub from: State,
+    pub to: State,
+    pub reason: String,
+}
+
+/// A device's state, since when, and its recent transitions: what persists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub state: State,
+    pub since_unix: u64,
+    pub history: VecDeque<HistoryEntry>,
+}
+
+/// A transition on its way to be persisted, audited and published.
+#[derive(Debug)]
+pub struct Change {
+    pub id: PrincipalId,
+    pub transition: Transition,
+    pub at_unix: u64,
+}
+
+/// One device's model and the state the pipeline reads.
+pub struct Tracked {
+    pub id: PrincipalId,
+    state: AtomicU8,
+    model: Mutex<DeviceModel>,
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+impl Tracked {
+    /// The state the quarantine stage acts on (one atomic load).
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Feed the model; a transition is applied to the state and sent on.
+    pub fn observe(&self, obs: Observation, now: Instant, policy: &Policy) -> Option<State> {
+        if !policy.enabled {
+            return None;
+        }
+        let t = {
+            let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
+            m.observe(obs, now, &policy.settings)
+        }?;
+        Some(self.apply(t))
+    }
+
+    fn with_model<T>(&self, f: impl FnOnce(&mut DeviceModel) -> Option<T>) -> Option<T> {
+        let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut m)
+    }
+
+    fn apply(&self, t: Transition) -> State {
+        let to = t.to;
+        self.state.store(to.to_u8(), Ordering::Relaxed);
+        let _ = self.changes.send(Change {
+            id: self.id.clone(),
+            transition: t,
+            at_unix: now_unix(),
+        });
+        to
+    }
+
+    /// The learned baselines: (messages/s mean, sd), (bytes/s mean, sd), learned over.
+    pub fn baselines(&self, s: &Settings) -> ((f64, f64), (f64, f64), Duration) {
+        let m = self.model.lock().unwrap_or_else(|p| p.into_inner());
+        (m.baseline(), m.byte_baseline(), m.learned_over(s))
+    }
+}
+
+const SHARDS: usize = 16;
+
+/// Every device's behaviour, and the records of their transitions.
+pub struct Behaviours {
+    shards: [Mutex<HashMap<PrincipalId, (GroupName, Arc<Tracked>)>>; SHARDS],
+    policies: RwLock<Arc<Policies>>,
+    records: Mutex<HashMap<PrincipalId, Record>>,
+    changes: mpsc::UnboundedSender<Change>,
+    hasher: std::hash::RandomState,
+}
+
+impl Behaviours {
+    /// The table, with the records kept in the registry: devices quarantined,
+    /// released or on probation come back in that state. The receiver goes to
+    /// `run`.
+    pub fn load(
+        registry: &Registry,
+        policies: Policies,
+    ) -> Result<(Arc<Behaviours>, mpsc::UnboundedReceiver<Change>), crate::registry::RegistryError>
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let b = Arc::new(Behaviours {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            policies: RwLock::new(Arc::new(policies)),
+            records: Mutex::new(HashMap::new()),
+            changes: tx,
+            hasher: std::hash::RandomState::new(),
+        });
+        let snapshot = registry.snapshot();
+        let (now, now_u) = (Instant::now(), now_unix());
+        let mut records = b.records.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, record) in registry.behaviour_records()? {
+            let Ok(id) = PrincipalId::parse(&id) else {
+                continue;
+            };
+            // A device removed since keeps no record.
+            let Some(principal) = snapshot.get(crate::principal::PrincipalKind::Device, &id) else {
+                continue;
+            };
+            if record.state != State::Normal {
+                let policy = b.policy(&principal.group);
+                let age = Duration::from_secs(now_u.saturating_sub(record.since_unix));
+                let since = now.checked_sub(age).unwrap_or(now);
+                let model = DeviceModel::restored(record.state, since, now, &policy.settings);
+                b.insert(&id, &principal.group, model);
+            }
+            records.insert(id, record);
+        }
+        drop(records);
+        Ok((b, rx))
+    }
+
+    fn shard(&self, id: &PrincipalId) -> &Mutex<HashMap<PrincipalId, (GroupName, Arc<Tracked>)>> {
+        &self.shards[(self.hasher.hash_one(id.as_str()) as usize) % SHARDS]
+    }
+
+    fn insert(&self, id: &PrincipalId, group: &GroupName, model: DeviceModel) -> Arc<Tracked> {
+        let tracked = Arc::new(Tracked {
+            id: id.clone(),
+            state: AtomicU8::new(model.state().to_u8()),
+            model: Mutex::new(model),
+            changes: self.changes.clone(),
+        });
+        self.shard(id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), (group.clone(), tracked.clone()));
+        tracked
+    }
+
+    /// The policy of a device group.
+    pub fn policy(&self, group: &GroupName) -> Arc<Policy> {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_group(group)
+    }
+
+    /// A reload: new settings for every group (models and states are kept).
+    pub fn set_policies(&self, policies: Policies) {
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policies);
+    }
+
+    /// A hash of a topic or an address, for the model's distinct counts (seeded per
+    /// process, so a device cannot pick colliding topics).
+    pub fn hash(&self, s: impl std::hash::Hash) -> u64 {
+        self.hasher.hash_one(s) | 1
+    }
+
+    /// The model of a registered device, created on first use.
+    pub fn track(&self, id: &PrincipalId, group: &GroupName) -> Arc<Tracked> {
+        let shard = self.shard(id);
+        {
+            let mut devices = shard.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((g, t)) = devices.get_mut(id) {
+                // Moved to another group: the new group's settings apply.
+                if g != group {
+                    *g = group.clone();
+                }
+                return t.clone();
+            }
+        }
+        let policy = self.policy(group);
+        self.insert(
+            id,
+            group,
+            DeviceModel::new(Instant::now(), &policy.settings),
+        )
+    }
+
+    /// The model of a device if it is tracked.
+    pub fn get(&self, id: &PrincipalId) -> Option<(GroupName, Arc<Tracked>)> {
+        self.shard(id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// A removed device: its model and record go.
+    pub fn forget(&self, id: &PrincipalId) {
+        self.shard(id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Released by an operator: the new state, or `None` if it was not quarantined
+    /// or on probation.
+    pub fn release(&self, id: &PrincipalId, group: &GroupName, by: &str) -> Option<State> {
+        let tracked = self.track(id, group);
+        let t = tracked.with_model(|m| m.release(Instant::now(), by))?;
+        Some(tracked.apply(t))
+    }
+
+    /// Quarantined by an operator.
+    pub fn quarantine(&self, id: &PrincipalId, group: &GroupName, reason: String) -> Option<State> {
+        let tracked = self.track(id, group);
+        let t = tracked.with_model(|m| m.quarantine(Instant::now(), reason))?;
+        Some(tracked.apply(t))
+    }
+
+    /// Apply time-outs (quarantine TTL, end of probation, end of watch) to every
+    /// device not in the normal state. Called about once a second.
+    pub fn sweep(&self, now: Instant) {
+        for shard in &self.shards {
+            let devices: Vec<(GroupName, Arc<Tracked>)> = shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|(_, t)| t.state() != State::Normal)
+                .cloned()
+                .collect();
+            for (group, tracked) in devices {
+                let policy = self.policy(&group);
+                if !policy.enabled {
+                    continue;
+                }
+                if let Some(t) = tracked.with_model(|m| m.tick(now, &policy.settings)) {
+                    tracked.apply(t);
+                }
+            }
+        }
+    }
+
+    /// Records of devices not in the normal state (or every record with `all`).
+    pub fn records(&self, all: bool) -> Vec<(PrincipalId, Record)> {
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(PrincipalId, Record)> = records
+            .iter()
+            .filter(|(_, r)| all || r.state != State::Normal)
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        out
+    }
+
+    pub fn record(&self, id: &PrincipalId) -> Option<Record> {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Note a change in the records; the record to persist.
+    fn note(&self, change: &Change) -> Record {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let record = records.entry(change.id.clone()).or_insert_with(|| Record {
+            state: State::Normal,
+            since_unix: change.at_unix,
+            history: VecDeque::new(),
+        });
+        record.state = change.transition.to;
+        record.since_unix = change.at_unix;
+        if record.history.len() >= HISTORY {
+            record.history.pop_front();
+        }
+        record.history.push_back(HistoryEntry {
+            at_unix: change.at_unix,
+            from: change.transition.from,
+            to: change.transition.to,
+            reason: change.transition.reason.clone(),
+        });
+        record.clone()
+    }
+}
+
+/// What the transition task needs besides the table.
+pub struct Effects {
+    pub registry: Arc<Registry>,
+    pub broker: Arc<EmbeddedBroker>,
+    pub retained: Arc<RetainedCommands>,
+    pub audit: Audit,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The topic of a device's quarantine events.
+pub fn event_topic(id: &PrincipalId) -> Option<TopicName> {
+    TopicName::parse_unlimited(&format!("portcullis/events/quarantine/{id}")).ok()
+}
+
+/// Where a quarantined device's message goes when it is diverted.
+pub fn forensic_topic(id: &PrincipalId, topic: &TopicName) -> Option<TopicName> {
+    TopicName::parse_unlimited(&format!("portcullis/forensic/{id}/{topic}")).ok()
+}
+
+/// Persist, audit and publish transitions until `stop` fires (then what is queued is
+/// handled, and the task ends). Each batch of changes is one registry commit.
+pub async fn run(
+    behaviours: Arc<Behaviours>,
+    mut changes: mpsc::UnboundedReceiver<Change>,
+    fx: Effects,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let uplink = fx
+        .broker
+        .uplink_for(&PrincipalId::parse("portcullis").expect("a valid id"));
+    let mut batch = Vec::new();
+    let mut stopping = false;
+    while !stopping {
+        tokio::select! {
+            n = changes.recv_many(&mut batch, 256) => if n == 0 {
+                break;
+            },
+            _ = &mut stop => {
+                stopping = true;
+                while let Ok(change) = changes.try_recv() {
+                    batch.push(change);
+                }
+            }
+        }
+        let mut writes = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for change in batch.drain(..) {
+            let record = behaviours.note(&change);
+            let t = &change.transition;
+            Metrics::inc(match t.to {
+                State::Quarantined => &fx.metrics.quarantined,
+                State::Probation => &fx.metrics.probations,
+                State::Released | State::Normal => &fx.metrics.releases,
+            });
+            fx.audit.record(
+                AuditEntry::new("quarantine", t.to.as_str())
+                    .principal("device", change.id.to_string())
+                    .reason(format!(
+                        "{} → {}: {}",
+                        t.from.as_str(),
+                        t.to.as_str(),
+                        t.reason
+                    )),
+            );
+            tracing::warn!(
+                device = %change.id,
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                reason = %t.reason,
+                "device behaviour"
+            );
+            if t.to == State::Quarantined {
+                // Its retained messages are no longer what services should see.
+                for topic in fx.retained.take_device_retained(&change.id) {
+                    let _ = uplink
+                        .send(Message {
+                            topic,
+                            payload: bytes::Bytes::new(),
+                            qos: QoS::AtMostOnce,
+                            retain: true,
+                            properties: None,
+                        })
+                        .await;
+                }
+            }
+            let event = serde_json::json!({
+                "device": change.id.as_str(),
+                "from": t.from.as_str(),
+                "to": t.to.as_str(),
+                "reason": t.reason,
+                "at_unix": change.at_unix,
+            });
+            if let (Some(topic), Ok(payload)) =
+                (event_topic(&change.id), serde_json::to_vec(&event))
+            {
+                events.push(Message {
+                    topic,
+                    payload: payload.into(),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    properties: None,
+                });
+            }
+            writes.push((change.id.to_string(), record));
+        }
+        let registry = fx.registry.clone();
+        let stored = tokio::task::spawn_blocking(move || registry.put_behaviour_records(&writes))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "quarantine state not persisted");
+        }
+        for event in events {
+            let _ = uplink.send(event).await;
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Behaviour and quarantine as a user sees them: a device that starts flooding is
+//! quarantined and nothing it sends after the event reaches a service; quarantine
+//! survives a restart and ends on an operator's release; credential stuffing and a
+//! cloned identity are flagged; a quarantined device's Will is suppressed, its
+//! commands held, and its traffic diverted to the forensic topic when policy says so.
+
+mod common;
+
+use common::raw::{Raw, publish_v4_raw};
+use common::*;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(10);
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+/// A service group that may watch telemetry, quarantine events and the forensic
+/// topic; the model learns in 3 s, so a test can show a learned baseline quickly.
+const OPS: &str = r#"
+[behaviour]
+learning_secs = 3
+[service_groups.ops]
+trust = ["{data_dir}/pki/ca.pem"]
+publish = ["devices/+/commands/#"]
+subscribe = ["devices/+/telemetry/#", "portcullis/events/quarantine/#", "portcullis/forensic/#"]
+"#;
+
+fn ops_subscriber(gw: &Gateway, filters: &[&str]) -> Sub {
+    if !gw.data().join("pki/clients/ops.pem").exists() {
+        gw.issue("ops");
+        gw.cli_ok(&["service", "add", "ops", "--cert-any", "--group", "ops"]);
+    }
+    let mut extra = vec!["-v"];
+    for f in filters {
+        extra.extend(["-t", f]);
+    }
+    let sub = Sub::start(&gw.client(gw.service_tls, "ops", &extra));
+    gw.wait_audit(&["\"connect\"", "\"ops\"", "\"allow\""]);
+    std::thread::sleep(Duration::from_millis(300));
+    sub
+}
+
+/// A device on the plain listener, authenticated with its secret (MQTT 3.1.1).
+fn device(gw: &Gateway, id: &str) -> Raw {
+    let mut raw = Raw::connect(gw.device_plain);
+    assert_eq!(
+        raw.connect_v4(id, Some((id, SECRET))),
+        Some(0),
+        "{id} connects"
+    );
+    raw
+}
+
+fn publish(raw: &mut Raw, id: &str, payload: &str) {
+    let topic = format!("devices/{id}/telemetry");
+    raw.send(&publish_v4_raw(topic.as_bytes(), payload.as_bytes(), 0, 0));
+}
+
+/// `portcullis quarantine show ID` as text.
+fn show(gw: &Gateway, id: &str) -> String {
+    gw.cli_ok(&["quarantine", "show", id])
+}
+
+#[test]
+fn a_flooding_device_is_quarantined_persists_across_restart_and_is_released() {
+    let mut gw = Gateway::start_with(OPS);
+    gw.add_device_secret("pump-1", SECRET);
+    let sub = ops_subscriber(
+        &gw,
+        &["devices/+/telemetry/#", "portcullis/events/quarantine/#"],
+    );
+
+    // Five seconds of its normal, 5 messages a second: the model learns it.
+    let mut dev = device(&gw, "pump-1");
+    let mut seq = 0u32;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        publish(&mut dev, "pump-1", &format!("n={seq}"));
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Then it floods, as fast as the socket takes it, for up to 4 s.
+    dev.stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let flood = Instant::now();
+    while flood.elapsed() < Duration::from_secs(4) {
+        publish(&mut dev, "pump-1", &format!("n={seq}"));
+        seq += 1;
+    }
+    let event = sub
+        .expect("portcullis/events/quarantine/pump-1", T)
+        .expect("a quarantine event");
+    assert!(event.contains("\"to\":\"quarantined\""), "{event}");
+    assert!(
+        event.contains("above baseline") || event.contains("rate-limit hits"),
+        "the reason in words and numbers: {event}"
+    );
+    // Nothing it sent after the event reaches the service.
+    let after = sub.drain(Duration::from_secs(2));
+    assert!(
+        !after.iter().any(|l| l.starts_with("devices/pump-1/")),
+        "telemetry after the quarantine event: {:?}",
+        &after[..after.len().min(5)]
+    );
+    assert!(gw.metric("portcullis_quarantine_dropped_total ") > 0);
+    assert!(gw.metric("portcullis_quarantines_total ") >= 1);
+    let line = gw.wait_audit(&["\"quarantine\"", "\"pump-1\"", "normal → quarantined"]);
+    assert!(line.contains("\"decision\":\"quarantined\""), "{line}");
+    let list = gw.cli_ok(&["quarantine", "list"]);
+    assert!(
+        list.contains("pump-1") && list.contains("quarantined"),
+        "{list}"
+    );
+    drop(dev);
+    drop(sub);
+
+    // A restart keeps the quarantine and its reason.
+    gw.restart();
+    let shown = show(&gw, "pump-1");
+    assert!(shown.contains("quarantined"), "{shown}");
+    assert!(
+        shown.contains("above baseline") || shown.contains("rate-limit hits"),
+        "{shown}"
+    );
+    let sub = ops_subscriber(&gw, &["devices/+/telemetry/#"]);
+    let mut dev = device(&gw, "pump-1");
+    publish(&mut dev, "pump-1", "after-restart");
+    let seen = sub.drain(Duration::from_secs(1));
+    assert!(
+        !seen.iter().any(|l| l.contains("after-restart")),
+        "still quarantined after the restart: {seen:?}"
+    );
+
+    // Released by the operator: it publishes normally again.
+    let out = gw.cli_ok(&["quarantine", "release", "pump-1"]);
+    assert!(out.contains("released"), "{out}");
+    publish(&mut dev, "pump-1", "after-release");
+    sub.expect("after-release", T)
+        .expect("delivered after the release");
+    let shown = show(&gw, "pump-1");
+    assert!(shown.contains("released by operator"), "{shown}");
+    gw.wait_audit(&["\"quarantine\"", "\"pump-1\"", "quarantined → released"]);
+}
+
+#[test]
+fn credential_stuffing_against_a_device_id_is_flagged() {
+    let gw = Gateway::start_with("[behaviour]\nmax_auth_failures = 5\n");
+    gw.add_device_secret("lock-7", SECRET);
+    // Guesses from many sources (each source's own back-off never starts).
+    for i in 0..6u8 {
+        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 20 + i));
+        let mut raw = Raw::connect_from(gw.device_plain, source);
+        let code = raw.connect_v4("lock-7", Some(("lock-7", "wrong-guess-wrong-guess-000")));
+        assert_eq!(code, Some(5), "refused as not authorized");
+    }
+    let shown = wait_for(T, || {
+        let s = show(&gw, "lock-7");
+        s.contains("quarantined").then_some(s)
+    })
+    .expect("quarantined");
+    assert!(
+        shown.contains("6 authentication failures in 60 s (ceiling 5)"),
+        "{shown}"
+    );
+    // An unknown id is the sources' business, not a device's.
+    let out = gw.cli(&["quarantine", "show", "nobody"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn a_cloned_identity_is_flagged() {
+    let gw = Gateway::start();
+    gw.add_device_secret("twin", SECRET);
+    // Three connections with one identity, each taking over the one before: the
+    // second take-over displaces a session that had itself just taken over.
+    let _a = device(&gw, "twin");
+    let _b = device(&gw, "twin");
+    let _c = device(&gw, "twin");
+    let shown = wait_for(T, || {
+        let s = show(&gw, "twin");
+        s.contains("quarantined").then_some(s)
+    })
+    .expect("quarantined");
+    assert!(shown.contains("cloned identity"), "{shown}");
+    gw.wait_audit(&["\"clone\"", "\"twin\""]);
+
+    // One take-over (a device reconnecting while its old connection lingers) is
+    // not a clone.
+    gw.add_device_secret("roamer", SECRET);
+    let _a = device(&gw, "roamer");
+    let _b = device(&gw, "roamer");
+    std::thread::sleep(Duration::from_millis(500));
+    let shown = show(&gw, "roamer");
+    assert!(shown.contains("normal"), "{shown}");
+}
+
+#[test]
+fn a_quarantined_device_has_its_commands_held_and_its_will_suppressed() {
+    let gw = Gateway::start_with(OPS);
+    gw.add_device_secret("valve-2", SECRET);
+    let sub = ops_subscriber(&gw, &["devices/+/telemetry/#"]);
+    let out = gw.cli_ok(&[
+        "quarantine",
+        "add",
+        "valve-2",
+        "--reason",
+        "tampered casing",
+    ]);
+    assert!(out.contains("quarantined"), "{out}");
+
+    // The device listens for commands (persistent session) and leaves a Will.
+    let mut holder = Sub::start(&gw.client(
+        gw.device_plain,
+        "valve-2",
+        &[
+            "-u",
+            "valve-2",
+            "-P",
+            SECRET,
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "devices/valve-2/commands/#",
+            "-v",
+            "-d",
+            "--will-topic",
+            "devices/valve-2/telemetry/status",
+            "--will-payload",
+            "valve-2 lost",
+        ],
+    ));
+    holder.expect("SUBACK", T).expect("device connected");
+
+    // A command for it waits while it is quarantined, and arrives on release.
+    let cmd = gw.client(
+        gw.service_tls,
+        "ops",
+        &[
+            "-t",
+            "devices/valve-2/commands/open",
+            "-m",
+            "open-now",
+            "-q",
+            "1",
+        ],
+    );
+    let out = mosquitto("mosquitto_pub", &cmd, T);
+    assert!(out.status.success(), "{}", text(&out));
+    let held = holder.drain(Duration::from_secs(2));
+    assert!(!held.iter().any(|l| l.contains("open-now")), "{held:?}");
+    gw.cli_ok(&["quarantine", "release", "valve-2"]);
+    holder
+        .expect("open-now", T)
+        .expect("the held command arrives after the release");
+
+    // Quarantined again, its Will does not fire on an unexpected disconnect.
+    gw.cli_ok(&["quarantine", "add", "valve-2"]);
+    holder.kill();
+    let seen = sub.drain(Duration::from_secs(2));
+    assert!(!seen.iter().any(|l| l.contains("valve-2 lost")), "{seen:?}");
+    assert_eq!(gw.metric("portcullis_wills_published_total "), 0);
+    let shown = show(&gw, "valve-2");
+    assert!(
+        shown.contains("quarantined by operator: tampered casing"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn diverted_traffic_goes_to_the_forensic_topic_at_a_reduced_rate() {
+    let extra = format!(
+        "{OPS}\n[device_groups.lab]\ntrust = [\"{{data_dir}}/pki/ca.pem\"]\n\
+         [device_groups.lab.behaviour]\nquarantine_traffic = \"divert\"\n\
+         forensic_messages_per_second = 2.0\n"
+    );
+    let gw = Gateway::start_with(&extra);
+    let out = gw.cli_stdin(
+        &["device", "add", "cam-9", "--group", "lab", "--secret-stdin"],
+        Some(SECRET),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let sub = ops_subscriber(&gw, &["devices/+/telemetry/#", "portcullis/forensic/#"]);
+    gw.cli_ok(&["quarantine", "add", "cam-9"]);
+    let mut dev = device(&gw, "cam-9");
+    for i in 0..20 {
+        publish(&mut dev, "cam-9", &format!("frame-{i}"));
+    }
+    let seen = sub.drain(Duration::from_secs(2));
+    let forensic: Vec<&String> = seen
+        .iter()
+        .filter(|l| l.starts_with("portcullis/forensic/cam-9/devices/cam-9/telemetry frame-"))
+        .collect();
+    assert!(
+        !seen.iter().any(|l| l.starts_with("devices/cam-9/")),
+        "{seen:?}"
+    );
+    // The forensic rate (2/s, burst 2) over ~2 s: a handful, not all twenty.
+    assert!(
+        (1..=8).contains(&forensic.len()),
+        "{} diverted: {seen:?}",
+        forensic.len()
+    );
+    assert!(gw.metric("portcullis_quarantine_diverted_total ") >= 1);
+}
