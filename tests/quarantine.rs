@@ -304,3 +304,48 @@ fn diverted_traffic_goes_to_the_forensic_topic_at_a_reduced_rate() {
     );
     assert!(gw.metric("portcullis_quarantine_diverted_total ") >= 1);
 }
+
+#[test]
+fn a_quarantined_devices_retained_messages_are_purged() {
+    let gw = Gateway::start_with(OPS);
+    gw.add_device_secret("meter-4", SECRET);
+    let retained = |payload: &str| {
+        let args = gw.client(
+            gw.device_plain,
+            "meter-4",
+            &[
+                "-u",
+                "meter-4",
+                "-P",
+                SECRET,
+                "-t",
+                "devices/meter-4/telemetry/state",
+                "-m",
+                payload,
+                "-r",
+                "-q",
+                "1",
+            ],
+        );
+        let out = mosquitto("mosquitto_pub", &args, T);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    retained("{\"v\":1}");
+    // A service subscribing now gets the retained state ...
+    let sub = ops_subscriber(&gw, &["devices/meter-4/telemetry/#"]);
+    sub.expect("devices/meter-4/telemetry/state {\"v\":1}", T)
+        .expect("retained message delivered before quarantine");
+    drop(sub);
+    // ... and after the quarantine, none.
+    gw.cli_ok(&["quarantine", "add", "meter-4"]);
+    gw.wait_audit(&["\"quarantine\"", "\"meter-4\"", "normal → quarantined"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let sub = ops_subscriber(&gw, &["devices/meter-4/telemetry/#"]);
+    let seen = sub.drain(Duration::from_secs(2));
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.contains("devices/meter-4/telemetry/state")),
+        "{seen:?}"
+    );
+}

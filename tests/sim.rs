@@ -169,11 +169,12 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
         "{text}"
     );
 
-    // Flood: held to its rate (20/s, burst 20, over 4 s), the rest refused as quota.
+    // Flood: held to its rate (20/s, burst 20, over 4 s), the rest refused as quota,
+    // until its rate-limit hits quarantine it: from then on what it sends is
+    // acknowledged and dropped (it is not told), and nothing more is delivered.
     let f = g("flooder");
     assert!(count(&f["refused"]["quota_exceeded"]) > 0, "{text}");
     assert!(count(&f["delivered"]) <= 20 * 5 + 20, "{text}");
-    assert!(count(&f["acknowledged"]) <= 20 * 5 + 20, "{text}");
     assert!(
         count(&f["acknowledged"]) + total(&f["refused"]) <= count(&f["sent"]),
         "{text}"
@@ -241,6 +242,23 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
     );
     let p50 = count(&sl["latency_us"]["p50"]);
     assert!((1_500_000..4_000_000).contains(&p50), "{text}");
+
+    // The behaviour model: the flooder (rate-limit hits) and the clone are
+    // quarantined; no well-behaved device is.
+    let list = gw.cli_ok(&["quarantine", "list"]);
+    let quarantined: Vec<&str> = list
+        .lines()
+        .filter(|l| l.contains("quarantined"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(quarantined.contains(&"flooder-1"), "{list}");
+    assert!(quarantined.contains(&"clone-1"), "{list}");
+    assert!(
+        !quarantined
+            .iter()
+            .any(|id| id.starts_with("sensors-") || id.starts_with("legacy-")),
+        "{list}"
+    );
 
     // The slow ramp outgrows its rate and is refused beyond it.
     let ramp = g("ramp");

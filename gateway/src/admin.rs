@@ -691,7 +691,9 @@ impl AdminState {
                 let mut v = json!({
                     "id": id.as_str(),
                     "group": group.as_str(),
-                    "state": record.as_ref().map_or(State::Normal, |r| r.state).as_str(),
+                    "state": self
+                        .current_state(&id, record.as_ref().map_or(State::Normal, |r| r.state))
+                        .as_str(),
                     "since_unix": record.as_ref().map(|r| r.since_unix),
                     "history": record
                         .as_ref()
@@ -753,6 +755,16 @@ impl AdminState {
                 let already = || format!("device {id} is already quarantined");
                 let from = match &self.behaviours {
                     Some(b) => {
+                        // Sessions of such a group are not modelled: nothing would enforce it.
+                        if !b.policy(&group).enabled {
+                            return Err(format!(
+                                "device {id}: the behaviour model is off for its group {} \
+                                 (behaviour.enabled = false), so a quarantine would not be \
+                                 enforced; disable or ban the device instead",
+                                group.as_str()
+                            )
+                            .into());
+                        }
                         let from = self.current_state(&pid, State::Normal);
                         b.quarantine(&pid, &group, reason.clone())
                             .ok_or_else(already)?;
@@ -856,11 +868,8 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
 
-    /// An admin state with no gateway running, on a registry in a temporary dir,
-    /// with `sensor-1` and `sensor-2` registered.
-    fn offline() -> (tempfile::TempDir, AdminState) {
-        let dir = tempfile::tempdir().unwrap();
-        // No CA to read: the devices authenticate with secrets.
+    /// No CA to read: the devices authenticate with secrets.
+    fn config() -> portcullis_config::Config {
         let mut config = portcullis_config::Config::default();
         for g in config.device_groups.values_mut() {
             g.trust.clear();
@@ -868,15 +877,27 @@ mod tests {
         for g in config.service_groups.values_mut() {
             g.trust.clear();
         }
+        config
+    }
+
+    /// An admin state on a registry in a temporary dir, with `sensor-1` and
+    /// `sensor-2` registered.
+    fn state(
+        config: &portcullis_config::Config,
+        behaviours: impl FnOnce(&Registry) -> Option<Arc<Behaviours>>,
+    ) -> (tempfile::TempDir, AdminState) {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("registry.redb")).unwrap();
+        let behaviours = behaviours(&registry);
         let state = AdminState {
-            registry: Arc::new(Registry::open(&dir.path().join("registry.redb")).unwrap()),
+            registry: Arc::new(registry),
             hasher: SecretHasher::from_key([7; 32]),
-            policies: Arc::new(Policies::from_config(&config).unwrap()),
+            policies: Arc::new(Policies::from_config(config).unwrap()),
             auth: None,
             reload: None,
             sessions: None,
             retained: None,
-            behaviours: None,
+            behaviours,
             audit: AuditSink::File(Box::new(AuditSettings::new(
                 dir.path().join("audit.log"),
                 [9; 32],
@@ -886,6 +907,24 @@ mod tests {
             state.handle(add_device(id)).unwrap();
         }
         (dir, state)
+    }
+
+    /// No gateway running.
+    fn offline() -> (tempfile::TempDir, AdminState) {
+        state(&config(), |_| None)
+    }
+
+    /// With a gateway's behaviour table (its transitions go nowhere: no task runs).
+    fn running(config: portcullis_config::Config) -> (tempfile::TempDir, AdminState) {
+        state(&config.clone(), move |registry| {
+            let policies = portcullis_core::quarantine::Policies::from_config(&config);
+            Some(Behaviours::load(registry, policies).unwrap().0)
+        })
+    }
+
+    fn tracked_state(state: &AdminState, id: &str) -> Option<State> {
+        let id = PrincipalId::parse(id).unwrap();
+        Some(state.behaviours.as_ref()?.get(&id)?.1.state())
     }
 
     fn add_device(id: &str) -> Request {
@@ -1200,5 +1239,75 @@ mod tests {
                 id: "sensor-2".into(),
             })
             .unwrap();
+    }
+
+    #[test]
+    fn running_add_and_release_go_through_the_gateways_model() {
+        let (dir, state) = running(config());
+        let v = state
+            .handle(Request::QuarantineAdd {
+                id: "sensor-1".into(),
+                reason: None,
+            })
+            .unwrap();
+        assert_eq!(v["state"], "quarantined");
+        assert_eq!(tracked_state(&state, "sensor-1"), Some(State::Quarantined));
+        let again = usage(state.handle(Request::QuarantineAdd {
+            id: "sensor-1".into(),
+            reason: None,
+        }));
+        assert_eq!(again, "device sensor-1 is already quarantined");
+        // The gateway's model carries the learned baseline.
+        let show = state
+            .handle(Request::QuarantineShow {
+                id: "sensor-1".into(),
+            })
+            .unwrap();
+        assert_eq!(show["state"], "quarantined");
+        assert!(show["baseline"]["learned_secs"].is_u64(), "{show}");
+        let v = state
+            .handle(Request::QuarantineRelease {
+                id: "sensor-1".into(),
+            })
+            .unwrap();
+        assert_eq!(v, json!({ "id": "sensor-1", "state": "released" }));
+        assert_eq!(tracked_state(&state, "sensor-1"), Some(State::Released));
+        let log = audit_log(&dir);
+        assert!(log.contains("released by operator\""), "{log}");
+        let m = usage(state.handle(Request::QuarantineRelease {
+            id: "sensor-2".into(),
+        }));
+        assert_eq!(m, "device sensor-2 is not quarantined or on probation");
+    }
+
+    #[test]
+    fn running_add_is_refused_where_the_model_is_off() {
+        let mut config = config();
+        config.behaviour.enabled = false;
+        let (_dir, state) = running(config);
+        let m = usage(state.handle(Request::QuarantineAdd {
+            id: "sensor-1".into(),
+            reason: None,
+        }));
+        assert!(m.contains("behaviour model is off"), "{m}");
+        assert_eq!(tracked_state(&state, "sensor-1"), None);
+    }
+
+    #[test]
+    fn removing_a_device_forgets_its_model_in_the_running_gateway() {
+        let (_dir, state) = running(config());
+        state
+            .handle(Request::QuarantineAdd {
+                id: "sensor-1".into(),
+                reason: None,
+            })
+            .unwrap();
+        state
+            .handle(Request::Remove {
+                kind: PrincipalKind::Device,
+                id: "sensor-1".into(),
+            })
+            .unwrap();
+        assert_eq!(tracked_state(&state, "sensor-1"), None);
     }
 }

@@ -781,3 +781,16 @@ fn call(config: &Config, req: Request) -> Result<Value> {
         Err(e) => Err(e).with_context(|| format!("admin socket {}", socket.display())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_seconds_print_as_utc_calendar_time() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_795_754_798), "2026-11-27 04:46:38");
+        assert_eq!(utc(4_107_542_399), "2100-02-28 23:59:59");
+    }
+}

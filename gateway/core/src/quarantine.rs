@@ -164,9 +164,12 @@ impl Tracked {
 
 const SHARDS: usize = 16;
 
+/// One shard of the table: each tracked device with its group.
+type Shard = Mutex<HashMap<PrincipalId, (GroupName, Arc<Tracked>)>>;
+
 /// Every device's behaviour, and the records of their transitions.
 pub struct Behaviours {
-    shards: [Mutex<HashMap<PrincipalId, (GroupName, Arc<Tracked>)>>; SHARDS],
+    shards: [Shard; SHARDS],
     policies: RwLock<Arc<Policies>>,
     records: Mutex<HashMap<PrincipalId, Record>>,
     changes: mpsc::UnboundedSender<Change>,
@@ -214,7 +217,7 @@ impl Behaviours {
         Ok((b, rx))
     }
 
-    fn shard(&self, id: &PrincipalId) -> &Mutex<HashMap<PrincipalId, (GroupName, Arc<Tracked>)>> {
+    fn shard(&self, id: &PrincipalId) -> &Shard {
         &self.shards[(self.hasher.hash_one(id.as_str()) as usize) % SHARDS]
     }
 
@@ -351,8 +354,10 @@ impl Behaviours {
             .cloned()
     }
 
-    /// Note a change in the records; the record to persist.
-    fn note(&self, change: &Change) -> Record {
+    /// Note a change in the records; the record to persist (none for a device
+    /// forgotten since: removed devices keep no record).
+    fn note(&self, change: &Change) -> Option<Record> {
+        self.get(&change.id)?;
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         let record = records.entry(change.id.clone()).or_insert_with(|| Record {
             state: State::Normal,
@@ -370,7 +375,7 @@ impl Behaviours {
             to: change.transition.to,
             reason: change.transition.reason.clone(),
         });
-        record.clone()
+        Some(record.clone())
     }
 }
 
@@ -401,9 +406,6 @@ pub async fn run(
     fx: Effects,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let uplink = fx
-        .broker
-        .uplink_for(&PrincipalId::parse("portcullis").expect("a valid id"));
     let mut batch = Vec::new();
     let mut stopping = false;
     while !stopping {
@@ -421,7 +423,9 @@ pub async fn run(
         let mut writes = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         for change in batch.drain(..) {
-            let record = behaviours.note(&change);
+            let Some(record) = behaviours.note(&change) else {
+                continue;
+            };
             let t = &change.transition;
             Metrics::inc(match t.to {
                 State::Quarantined => &fx.metrics.quarantined,
@@ -445,6 +449,9 @@ pub async fn run(
                 reason = %t.reason,
                 "device behaviour"
             );
+            // Through the device's own uplink: its event and purge go behind whatever
+            // it sent before, so a subscriber sees nothing of it after the event.
+            let uplink = fx.broker.uplink_for(&change.id);
             if t.to == State::Quarantined {
                 // Its retained messages are no longer what services should see.
                 for topic in fx.retained.take_device_retained(&change.id) {
@@ -469,13 +476,16 @@ pub async fn run(
             if let (Some(topic), Ok(payload)) =
                 (event_topic(&change.id), serde_json::to_vec(&event))
             {
-                events.push(Message {
-                    topic,
-                    payload: payload.into(),
-                    qos: QoS::AtLeastOnce,
-                    retain: false,
-                    properties: None,
-                });
+                events.push((
+                    uplink,
+                    Message {
+                        topic,
+                        payload: payload.into(),
+                        qos: QoS::AtLeastOnce,
+                        retain: false,
+                        properties: None,
+                    },
+                ));
             }
             writes.push((change.id.to_string(), record));
         }
@@ -487,7 +497,7 @@ pub async fn run(
         if let Err(e) = stored {
             tracing::error!(error = %e, "quarantine state not persisted");
         }
-        for event in events {
+        for (uplink, event) in events {
             let _ = uplink.send(event).await;
         }
     }
