@@ -469,6 +469,11 @@ pub async fn run<S>(
             .protocol(protocol_name(version))
             .reason(end.describe()),
     );
+    // A packet that broke the protocol (malformed, oversized) is a failed
+    // validation too, as far as the device's behaviour goes.
+    if matches!(end, End::Protocol(..)) {
+        session.observe(Observation::Invalid, Instant::now());
+    }
     session.finish(&ctx, &end, slot).await;
     drop(guard);
 }
@@ -1509,6 +1514,14 @@ impl Session {
         msg: Message,
         out: &mut BytesMut,
     ) -> Result<(), End> {
+        // Still held to its rate (back-pressure first): dropping is cheaper than
+        // forwarding, but a quarantined flooder must not get to send faster.
+        if self.rate_limit(ctx, msg.payload.len()).await == LimitDecision::Disconnect {
+            return Err(End::Protocol(
+                reason::MESSAGE_RATE_TOO_HIGH,
+                "message rate too high for too long".into(),
+            ));
+        }
         let divert = self.behaviour.traffic == portcullis_config::QuarantineTraffic::Divert
             && self.forensic.take(1.0, Instant::now()).is_ok();
         let forensic = divert
