@@ -502,3 +502,115 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{CertCredential, PrincipalRecord};
+
+    fn device(id: &str) -> PrincipalRecord {
+        PrincipalRecord {
+            kind: crate::principal::PrincipalKind::Device,
+            id: PrincipalId::parse(id).unwrap(),
+            group: GroupName::parse("default").unwrap(),
+            enabled: true,
+            cert: Some(CertCredential { fingerprint: None }),
+            secret_hash: None,
+            generation: 0,
+            created_unix: 1,
+            updated_unix: 1,
+        }
+    }
+
+    fn policies() -> Policies {
+        Policies::from_config(&Config::default())
+    }
+
+    #[test]
+    fn kept_states_come_back_and_removed_devices_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("registry.redb")).unwrap();
+        registry.add(device("held")).unwrap();
+        registry.add(device("fine")).unwrap();
+        let record = |state, reason: &str| Record {
+            state,
+            since_unix: now_unix() - 30,
+            history: VecDeque::from([HistoryEntry {
+                at_unix: now_unix() - 30,
+                from: State::Normal,
+                to: state,
+                reason: reason.into(),
+            }]),
+        };
+        registry
+            .put_behaviour_records(&[
+                ("held".into(), record(State::Quarantined, "flood")),
+                ("fine".into(), record(State::Normal, "clean for 60 s")),
+                ("gone".into(), record(State::Quarantined, "clone")),
+            ])
+            .unwrap();
+        let (b, _rx) = Behaviours::load(&registry, policies()).unwrap();
+        let held = PrincipalId::parse("held").unwrap();
+        let (_, tracked) = b.get(&held).expect("tracked");
+        assert_eq!(tracked.state(), State::Quarantined);
+        assert_eq!(b.records(false).len(), 1, "only the one not normal");
+        assert_eq!(
+            b.records(true).len(),
+            2,
+            "the removed device's record is left out"
+        );
+        assert_eq!(b.record(&held).unwrap().history[0].reason, "flood");
+    }
+
+    #[test]
+    fn a_transition_reaches_the_state_and_the_change_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("registry.redb")).unwrap();
+        let (b, mut rx) = Behaviours::load(&registry, policies()).unwrap();
+        let (id, group) = (
+            PrincipalId::parse("d1").unwrap(),
+            GroupName::parse("default").unwrap(),
+        );
+        let tracked = b.track(&id, &group);
+        let policy = b.policy(&group);
+        assert_eq!(
+            tracked.observe(Observation::Clone, Instant::now(), &policy),
+            Some(State::Quarantined)
+        );
+        assert_eq!(tracked.state(), State::Quarantined);
+        let change = rx.try_recv().expect("a change");
+        assert_eq!(change.transition.to, State::Quarantined);
+        let record = b.note(&change).expect("noted");
+        assert_eq!(record.history.len(), 1);
+        assert_eq!(b.release(&id, &group, "operator"), Some(State::Released));
+        assert_eq!(
+            b.release(&id, &group, "operator"),
+            None,
+            "not held any more"
+        );
+        // A removed device's late change is not written back.
+        b.forget(&id);
+        let late = rx.try_recv().expect("the release");
+        assert_eq!(b.note(&late), None);
+    }
+
+    #[test]
+    fn a_group_with_the_model_off_is_not_observed() {
+        let mut config = Config::default();
+        config.behaviour.enabled = false;
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("registry.redb")).unwrap();
+        let (b, _rx) = Behaviours::load(&registry, Policies::from_config(&config)).unwrap();
+        let (id, group) = (
+            PrincipalId::parse("d1").unwrap(),
+            GroupName::parse("default").unwrap(),
+        );
+        let policy = b.policy(&group);
+        let tracked = b.track(&id, &group);
+        assert_eq!(
+            tracked.observe(Observation::Clone, Instant::now(), &policy),
+            None
+        );
+        assert_eq!(tracked.state(), State::Normal);
+    }
+}
