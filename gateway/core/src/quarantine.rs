@@ -481,7 +481,7 @@ pub async fn run(
                     Message {
                         topic,
                         payload: payload.into(),
-                        qos: QoS::AtLeastOnce,
+                        qos: QoS::AtMostOnce,
                         retain: false,
                         properties: None,
                     },
