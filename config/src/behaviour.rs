@@ -73,7 +73,7 @@ behaviour_keys! {
     /// Messages above the baseline allowed at once (a boot burst).
     burst_messages: f64 = 64.0,
     /// Bytes above the baseline allowed at once.
-    burst_bytes: f64 = 65536.0,
+    burst_bytes: f64 = 262144.0,
     /// Time for the burst allowance to refill completely.
     burst_recovery_secs: u64 = 60,
     /// Absolute ceiling on messages per second, learned or not.

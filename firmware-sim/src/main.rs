@@ -101,6 +101,10 @@ enum Command {
         /// Worker threads (default: the CPUs this process may run on).
         #[arg(long)]
         threads: Option<usize>,
+        /// Instead of the report, what one device did, event by event (all but single
+        /// messages), with its transitions: `wb-N` (well-behaved) or `h-BEHAVIOUR-N`.
+        #[arg(long, value_name = "DEVICE")]
+        trace: Option<String>,
     },
     /// Run rumqttd alone with a plain MQTT 3.1.1 listener (the benchmarks' baseline).
     Broker {
@@ -146,6 +150,7 @@ fn main() -> ExitCode {
             hostile,
             json,
             threads,
+            trace,
         } => {
             if !(days.is_finite() && days > 0.0 && days <= 3650.0) {
                 eprintln!(
@@ -160,6 +165,21 @@ fn main() -> ExitCode {
                 hostile,
                 threads,
             };
+            if let Some(device) = trace {
+                return match model::trace(&o, &device) {
+                    Some(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    None => {
+                        eprintln!(
+                            "portcullis-sim: --trace {device:?}: no such device (wb-1 to \
+                             wb-{devices}, or h-BEHAVIOUR-1 to h-BEHAVIOUR-{hostile})"
+                        );
+                        ExitCode::from(2)
+                    }
+                };
+            }
             report_exit(run_model(&o, json))
         }
         Command::Bench {

@@ -89,7 +89,10 @@ pub struct Gateway {
     pub byte_burst: f64,
     pub max_delay_ms: u64,
     pub sustained_secs: u64,
+    /// What happens to a principal over its rate for too long.
     pub action: &'static str,
+    #[serde(skip)]
+    over_limit: OverLimitAction,
     pub probation_rate_factor: f64,
     pub connections_per_second_per_source: f64,
     pub connection_burst_per_source: f64,
@@ -108,6 +111,11 @@ impl Gateway {
     pub fn from_config(c: &Config) -> Gateway {
         use portcullis_config::RateAction;
         let r = &c.rate_limits;
+        let (action, over_limit) = match r.action {
+            RateAction::Drop => ("drop", OverLimitAction::Drop),
+            RateAction::QuotaExceeded => ("quota_exceeded", OverLimitAction::QuotaExceeded),
+            RateAction::Disconnect => ("disconnect", OverLimitAction::Disconnect),
+        };
         Gateway {
             messages_per_second: r.messages_per_second,
             message_burst: r.message_burst,
@@ -115,11 +123,8 @@ impl Gateway {
             byte_burst: r.byte_burst,
             max_delay_ms: r.max_delay_ms,
             sustained_secs: r.sustained_secs,
-            action: match r.action {
-                RateAction::Drop => "drop",
-                RateAction::QuotaExceeded => "quota_exceeded",
-                RateAction::Disconnect => "disconnect",
-            },
+            action,
+            over_limit,
             probation_rate_factor: c.behaviour.probation_rate_factor,
             connections_per_second_per_source: r.connections_per_second_per_source,
             connection_burst_per_source: r.connection_burst_per_source,
@@ -153,11 +158,7 @@ impl Gateway {
             },
             max_delay: Duration::from_millis(self.max_delay_ms),
             sustained: Duration::from_secs(self.sustained_secs),
-            action: match self.action {
-                "quota_exceeded" => OverLimitAction::QuotaExceeded,
-                "disconnect" => OverLimitAction::Disconnect,
-                _ => OverLimitAction::Drop,
-            },
+            action: self.over_limit,
         }
     }
 
@@ -182,7 +183,7 @@ impl Gateway {
 #[derive(Debug, Clone, Serialize)]
 pub struct Evaluation {
     pub options: Options,
-    /// The model's settings (`Settings::default()`).
+    /// The model's settings.
     pub settings: BTreeMap<&'static str, serde_json::Value>,
     pub gateway: Gateway,
     pub false_positives: FalsePositives,
@@ -299,12 +300,17 @@ pub struct Detection {
     pub detected: usize,
     /// Quarantined while still well-behaved (a false positive).
     pub quarantined_before_onset: usize,
+    /// Devices that went through probation after the onset.
+    pub probation_first: usize,
     /// Onset to quarantine.
     pub median_secs: Option<f64>,
     pub max_secs: Option<f64>,
     /// The quarantine reason of the first device detected.
     pub first_reason: Option<String>,
     pub reasons: BTreeMap<String, usize>,
+    /// Credential stuffing: most authentication failures the model saw in one rule
+    /// window, over all devices.
+    pub most_auth_failures_in_a_rule_window: Option<usize>,
     pub detail: Option<String>,
 }
 
@@ -314,9 +320,14 @@ pub struct NotDevice {
     pub handled_by: &'static str,
 }
 
-/// Run the evaluation.
+/// Run the evaluation with the model's default settings.
 pub fn evaluate(o: &Options) -> Evaluation {
-    let s = Settings::default();
+    evaluate_with(o, &Settings::default())
+}
+
+/// Run the evaluation with these model settings (a device group's, or a candidate
+/// default) and the gateway's embedded defaults otherwise.
+pub fn evaluate_with(o: &Options, s: &Settings) -> Evaluation {
     let gw = Gateway::from_config(&Config::default());
     let threads = o
         .threads
@@ -325,7 +336,7 @@ pub fn evaluate(o: &Options) -> Evaluation {
         .max(1);
     let end = o.days * DAY;
     let runs = parallel(o.devices, threads, |i| {
-        well_behaved_device(o.seed, i, end, &s)
+        well_behaved_device(o.seed, i, end, s, &gw)
     });
     let false_positives = tally_false_positives(o, &runs);
     let jobs: Vec<(Hostile, usize)> = Hostile::ALL
@@ -334,7 +345,7 @@ pub fn evaluate(o: &Options) -> Evaluation {
         .collect();
     let hostile_runs = parallel(jobs.len(), threads, |j| {
         let (h, i) = jobs[j];
-        hostile_device(h, o.seed, i, &s, &gw)
+        hostile_device(h, o.seed, i, s, &gw, false)
     });
     let true_positives = Hostile::ALL
         .iter()
@@ -350,7 +361,7 @@ pub fn evaluate(o: &Options) -> Evaluation {
         .collect();
     Evaluation {
         options: o.clone(),
-        settings: settings_map(&s),
+        settings: settings_map(s),
         gateway: gw,
         false_positives,
         true_positives,
@@ -361,22 +372,23 @@ pub fn evaluate(o: &Options) -> Evaluation {
 const NOT_DEVICE: &[NotDevice] = &[
     NotDevice {
         behaviour: "slowloris",
-        handled_by: "the CONNECT deadline (limits.connect_timeout_secs) closes each \
-                     connection; the per-source connection rate and cap \
+        handled_by: "the CONNECT deadline (limits.connect_timeout_secs), which closes \
+                     each connection; the per-source connection rate and cap \
                      (rate_limits.connections_per_second_per_source, \
-                     limits.max_connections_per_source) and source bans bound how many",
+                     limits.max_connections_per_source); source bans",
     },
     NotDevice {
         behaviour: "malformed (before CONNECT)",
-        handled_by: "strict decoding refuses the CONNECT before any credential is looked \
-                     at (malformed_connect, 64 KiB cap); the per-source connection rate \
-                     and source bans",
+        handled_by: "strict decoding, which refuses a malformed CONNECT (or one over \
+                     64 KiB) before any credential is looked at (malformed_connect); the \
+                     per-source connection rate; source bans",
     },
     NotDevice {
         behaviour: "credential-stuffing (unknown ids)",
-        handled_by: "uniform refusals (an unknown id costs the same as a wrong secret), \
-                     per-source back-off (auth.max_failures, doubling to \
-                     auth.backoff_max_secs), the per-source connection rate and source bans",
+        handled_by: "uniform refusals (an unknown id costs the same work and gets the \
+                     same answer as a wrong secret); per-source back-off \
+                     (auth.max_failures, doubling up to auth.backoff_max_secs); the \
+                     per-source connection rate; source bans",
     },
 ];
 
@@ -485,6 +497,10 @@ struct Session {
     gone_at: f64,
     /// When it took over an earlier session of the same identity.
     took_over_at: Option<f64>,
+    /// When its peer last sent anything (its CONNECT at first).
+    heard_at: f64,
+    /// Whether the model has been told it ended.
+    ended: bool,
 }
 
 /// One device's model, fed on the simulated clock.
@@ -501,10 +517,16 @@ struct Feed<'a> {
     connects: u64,
     takeovers: u64,
     auth_failures: u64,
+    /// Everything but single messages, in words (only when a device is traced).
+    log: Option<Vec<String>>,
+    /// The last observation's time: the model's clock never goes back.
+    last: f64,
+    /// How long the gateway holds a session that went silent.
+    silent_session_secs: f64,
 }
 
 impl<'a> Feed<'a> {
-    fn new(base: Instant, s: &'a Settings) -> Feed<'a> {
+    fn new(base: Instant, s: &'a Settings, gw: &Gateway) -> Feed<'a> {
         Feed {
             s,
             base,
@@ -518,6 +540,15 @@ impl<'a> Feed<'a> {
             connects: 0,
             takeovers: 0,
             auth_failures: 0,
+            log: None,
+            last: 0.0,
+            silent_session_secs: gw.silent_session_secs,
+        }
+    }
+
+    fn log(&mut self, t: f64, what: impl FnOnce() -> String) {
+        if let Some(log) = &mut self.log {
+            log.push(format!("{}  {}", moment(t), what()));
         }
     }
 
@@ -530,6 +561,9 @@ impl<'a> Feed<'a> {
     }
 
     fn note(&mut self, t: f64, obs: Observation) {
+        self.end_session_by(t);
+        debug_assert!(t >= self.last, "{obs:?} at {t} after {}", self.last);
+        self.last = t;
         let now = self.at(t);
         if let Some(tr) = self.model.observe(obs, now, self.s) {
             self.record(t, tr);
@@ -537,6 +571,17 @@ impl<'a> Feed<'a> {
     }
 
     fn record(&mut self, t: f64, tr: portcullis_core::behaviour::Transition) {
+        if self.log.is_some() {
+            let (rate, sd) = self.model.baseline();
+            let (bytes, bytes_sd) = self.model.byte_baseline();
+            let line = format!(
+                "{} -> {}: {} [baseline {rate:.2}/s sd {sd:.2}, {bytes:.0} B/s sd {bytes_sd:.0}]",
+                tr.from.as_str(),
+                tr.to.as_str(),
+                tr.reason
+            );
+            self.log(t, || line);
+        }
         if tr.to == State::Quarantined && self.quarantined.is_none() {
             self.quarantined = Some((t, tr.reason.clone()));
         }
@@ -554,6 +599,7 @@ impl<'a> Feed<'a> {
         if obs == Observation::AuthFailure {
             self.auth_failures += 1;
         }
+        self.log(t, || format!("{obs:?}"));
         self.note(t, obs);
     }
 
@@ -561,6 +607,7 @@ impl<'a> Feed<'a> {
     /// told at once: the model counts them the same way.
     fn messages(&mut self, t: f64, topic: u64, count: u32, bytes: u64) {
         self.messages += count as u64;
+        self.heard(t);
         let window = (t / self.window_secs) as u64;
         if let Some(b) = &mut self.batch
             && b.window == window
@@ -584,6 +631,7 @@ impl<'a> Feed<'a> {
     fn message_now(&mut self, t: f64, topic: u64, bytes: usize) {
         self.flush();
         self.messages += 1;
+        self.heard(t);
         self.note(t, Observation::message(bytes, topic));
     }
 
@@ -600,35 +648,84 @@ impl<'a> Feed<'a> {
         }
     }
 
+    /// The gateway lets go of a session that ended by `t`: the model hears of it then.
+    fn end_session_by(&mut self, t: f64) {
+        if let Some(s) = &mut self.session
+            && !s.ended
+            && s.gone_at <= t
+        {
+            s.ended = true;
+            let at = s.gone_at.max(self.last);
+            self.last = at;
+            let now = self.at(at);
+            if let Some(tr) = self.model.observe(Observation::Disconnect, now, self.s) {
+                self.record(at, tr);
+            }
+        }
+    }
+
     fn tick(&mut self, t: f64) {
         self.flush();
+        self.end_session_by(t);
+        debug_assert!(t >= self.last, "tick at {t} after {}", self.last);
+        self.last = t;
         let now = self.at(t);
         if let Some(tr) = self.model.tick(now, self.s) {
             self.record(t, tr);
         }
     }
 
+    /// The live session's peer sent something at `t`.
+    fn heard(&mut self, t: f64) {
+        if let Some(s) = &mut self.session
+            && s.gone_at > t
+        {
+            s.heard_at = t;
+        }
+    }
+
     /// A session accepted from `source`. As the gateway does: a session still
-    /// registered is taken over, and taking over a session that had itself taken over
-    /// another within the rule window is a clone.
+    /// registered is taken over, and the gateway's own rule
+    /// (`portcullis_core::sessions::is_clone`) says whether that is a clone.
     fn connect(&mut self, t: f64, source: u64) {
         self.flush();
+        self.end_session_by(t);
         self.connects += 1;
-        let window = self.s.rule_window.as_secs_f64();
         let displaced = self.session.filter(|s| s.gone_at > t);
-        let clone = displaced
-            .and_then(|d| d.took_over_at)
-            .is_some_and(|at| t - at < window);
+        let rival = displaced.map(|d| portcullis_core::sessions::Rival {
+            took_over_at: d.took_over_at.map(|at| self.at(at)),
+            heard_at: self.at(d.heard_at),
+        });
+        let clone = portcullis_core::sessions::is_clone(rival, self.at(t), self.s.rule_window);
         if displaced.is_some() {
             self.takeovers += 1;
         }
+        self.log(t, || {
+            let how = match displaced {
+                Some(d) => match d.took_over_at {
+                    Some(at) => format!(
+                        ", taking over a session that took over {:.1} s before",
+                        t - at
+                    ),
+                    None => ", taking over a session still registered".into(),
+                },
+                None => String::new(),
+            };
+            format!("connect from source {source:016x}{how}")
+        });
         self.note(t, Observation::Connect { source });
         if clone {
             self.note(t, Observation::Clone);
         }
+        // The session taken over ends now.
+        if displaced.is_some() {
+            self.note(t, Observation::Disconnect);
+        }
         self.session = Some(Session {
             gone_at: f64::INFINITY,
             took_over_at: displaced.map(|_| t),
+            heard_at: t,
+            ended: false,
         });
     }
 
@@ -638,6 +735,13 @@ impl<'a> Feed<'a> {
         if let Some(s) = &mut self.session {
             s.gone_at = s.gone_at.min(t + linger);
         }
+        self.log(t, || {
+            if linger > 0.0 {
+                format!("connection lost silently (the gateway lets go {linger:.0} s later)")
+            } else {
+                "disconnected (the gateway sees it)".into()
+            }
+        });
     }
 }
 
@@ -667,6 +771,10 @@ struct WellBehaved {
     next_loss: f64,
     next_new_source: f64,
     source_changes: u64,
+    /// When it last sent anything.
+    last_sent: f64,
+    /// Away (connection lost) until then.
+    back_at: Option<f64>,
 }
 
 impl WellBehaved {
@@ -690,6 +798,8 @@ impl WellBehaved {
             next_loss,
             next_new_source,
             source_changes: 0,
+            last_sent: t,
+            back_at: None,
         };
         d.connected(feed, t);
         d
@@ -721,28 +831,38 @@ impl WellBehaved {
         let n = self.p.boot_burst;
         let bytes: u64 = (0..n).map(|_| self.payload() as u64).sum();
         feed.messages(t, self.topics[0], n, bytes);
+        feed.log(t, || format!("boot burst: {n} messages, {bytes} B"));
+        self.last_sent = t;
         self.next_message = t + self.interval(t);
     }
 
-    /// Lose the connection, stay away for seconds or minutes, come back (from a new
-    /// address when its lease changed; sometimes after a failed login or two).
-    fn reconnect(&mut self, feed: &mut Feed) {
+    /// Lose the connection, to stay away for seconds or minutes.
+    fn lose(&mut self, feed: &mut Feed) {
         let lost = self.next_loss;
-        let silent = self.rng.gen_bool(0.5);
-        feed.disconnect(
-            lost,
-            if silent {
-                1.5 * DEVICE_KEEP_ALIVE_SECS
-            } else {
-                0.0
-            },
-        );
+        // Half the losses are silent (no FIN, no RST): the gateway lets go of the
+        // session one and a half keep-alives after it last heard from the device,
+        // which pings when it has sent nothing for a keep-alive.
+        let linger = if self.rng.gen_bool(0.5) {
+            let pinged = lost - self.rng.gen_range(0.0..DEVICE_KEEP_ALIVE_SECS);
+            let heard = self.last_sent.max(pinged);
+            (heard + feed.silent_session_secs - lost).max(0.0)
+        } else {
+            0.0
+        };
+        feed.disconnect(lost, linger);
         let outage = if self.rng.gen_bool(self.p.outage_chance) {
             self.rng.gen_range(60.0..1800.0)
         } else {
             self.rng.gen_range(1.0..20.0)
         };
-        let mut t = lost + outage;
+        feed.log(lost, || format!("away for {outage:.1} s"));
+        self.back_at = Some(lost + outage);
+    }
+
+    /// Come back at `t` (from a new address when its lease changed; sometimes after
+    /// a failed login or two just before).
+    fn come_back(&mut self, feed: &mut Feed, t: f64) {
+        self.back_at = None;
         if t >= self.next_new_source {
             self.sources += 1;
             self.source = source_hash(self.index, self.sources);
@@ -750,23 +870,29 @@ impl WellBehaved {
             self.next_new_source = t + exponential(&mut self.rng, self.p.new_source_every_secs);
         }
         if self.rng.gen_bool(self.p.auth_failure_chance) {
-            for _ in 0..self.rng.gen_range(1..=2) {
-                feed.observe(t, Observation::AuthFailure);
-                t += 1.0;
+            // Within the outage, which is a second at least.
+            let n = self.rng.gen_range(1..=2);
+            for k in (1..=n).rev() {
+                feed.observe(t - 0.4 * k as f64, Observation::AuthFailure);
             }
         }
         self.connected(feed, t);
         self.next_loss = t + exponential(&mut self.rng, self.p.reconnect_every_secs);
     }
 
-    /// Everything up to `until`.
+    /// Everything before `until` (and no more: another behaviour may follow).
     fn run(&mut self, feed: &mut Feed, until: f64) {
         loop {
-            if self.next_loss <= self.next_message {
+            if let Some(back) = self.back_at {
+                if back >= until {
+                    break;
+                }
+                self.come_back(feed, back);
+            } else if self.next_loss <= self.next_message {
                 if self.next_loss >= until {
                     break;
                 }
-                self.reconnect(feed);
+                self.lose(feed);
             } else {
                 let t = self.next_message;
                 if t >= until {
@@ -774,6 +900,7 @@ impl WellBehaved {
                 }
                 let (topic, bytes) = (self.topic(), self.payload());
                 feed.messages(t, topic, 1, bytes as u64);
+                self.last_sent = t;
                 self.next_message = t + self.interval(t);
             }
         }
@@ -800,13 +927,61 @@ struct WellBehavedRun {
 
 const STREAM_FLEET: u64 = 0;
 
-fn well_behaved_device(seed: u64, index: usize, end: f64, s: &Settings) -> WellBehavedRun {
+fn well_behaved_device(
+    seed: u64,
+    index: usize,
+    end: f64,
+    s: &Settings,
+    gw: &Gateway,
+) -> WellBehavedRun {
+    well_behaved_traced(seed, index, end, s, gw, false).0
+}
+
+/// What a well-behaved device of the fleet did, event by event (all but single
+/// messages), with its transitions and the baseline at each: `wb-N` as in the report.
+pub fn trace(o: &Options, device: &str) -> Option<String> {
+    let s = Settings::default();
+    let gw = Gateway::from_config(&Config::default());
+    let (params, log) = match device.strip_prefix("wb-") {
+        Some(n) => {
+            let n: usize = n.parse().ok().filter(|n| (1..=o.devices).contains(n))?;
+            let (run, log) = well_behaved_traced(o.seed, n - 1, o.days * DAY, &s, &gw, true);
+            (run.params, log)
+        }
+        // A hostile device: `h-{behaviour}-N`.
+        None => {
+            let (kind, n) = device.strip_prefix("h-")?.rsplit_once('-')?;
+            let h = *Hostile::ALL.iter().find(|h| h.slug() == kind)?;
+            let n: usize = n.parse().ok().filter(|n| (1..=o.hostile).contains(n))?;
+            let run = hostile_device(h, o.seed, n - 1, &s, &gw, true);
+            (run.params, run.log)
+        }
+    };
+    let mut out = format!("{device}: {params:?}\n");
+    for line in log {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    Some(out)
+}
+
+fn well_behaved_traced(
+    seed: u64,
+    index: usize,
+    end: f64,
+    s: &Settings,
+    gw: &Gateway,
+    traced: bool,
+) -> (WellBehavedRun, Vec<String>) {
     let id = format!("wb-{}", index + 1);
-    let mut feed = Feed::new(base(), s);
+    let mut feed = Feed::new(base(), s, gw);
+    if traced {
+        feed.log = Some(Vec::new());
+    }
     let rng = Rng64::new(seed, STREAM_FLEET, index as u64);
     let mut d = WellBehaved::start(&id, index as u64, rng, &mut feed, 0.0);
     d.run(&mut feed, end);
-    WellBehavedRun {
+    let run = WellBehavedRun {
         id,
         params: d.p,
         steps: feed.steps,
@@ -815,7 +990,8 @@ fn well_behaved_device(seed: u64, index: usize, end: f64, s: &Settings) -> WellB
         takeovers: feed.takeovers,
         source_changes: d.source_changes,
         auth_failures: feed.auth_failures,
-    }
+    };
+    (run, feed.log.unwrap_or_default())
 }
 
 /// The detector a reason names.
@@ -970,6 +1146,17 @@ impl Hostile {
         }
     }
 
+    /// Its part of a device id (`h-{slug}-N`).
+    pub fn slug(self) -> &'static str {
+        match self {
+            Hostile::OversizedPacket => "oversized-packet",
+            Hostile::StuffingOneSource => "stuffing-one-source",
+            Hostile::StuffingManySources => "stuffing-many-sources",
+            Hostile::Malformed => "malformed",
+            other => other.kind(),
+        }
+    }
+
     /// The simulator's kind (for its default parameters).
     fn kind(self) -> &'static str {
         match self {
@@ -997,7 +1184,8 @@ impl Hostile {
             }
             Hostile::OversizedPacket => {
                 "payloads over max_packet_size: DISCONNECT packet_too_large before the \
-                 message is read, so only a connection per attempt"
+                 message is read: a connection and a validation failure (the protocol \
+                 error) per attempt"
             }
             Hostile::SchemaBreaking => {
                 "non-JSON payloads refused by a json rule: the message, then a validation \
@@ -1021,7 +1209,10 @@ impl Hostile {
             Hostile::ReconnectStorm => {
                 "a connection per attempt the per-source connection rate accepts"
             }
-            Hostile::Malformed => "a connection per attempt (each ends with a protocol error)",
+            Hostile::Malformed => {
+                "a connection and a validation failure per attempt (each ends with a \
+                 protocol error)"
+            }
             Hostile::SlowRamp => {
                 "telemetry ramping from the device's rate to 400/s over 6 h, read as the \
                  rate limiter allows (32 unacknowledged), a rate-limit hit per message \
@@ -1103,7 +1294,8 @@ impl<'g> Limited<'g> {
                     feed.observe(now, Observation::LimitHit);
                 }
                 match decision {
-                    LimitDecision::Wait(d) => now += d.as_secs_f64(),
+                    // The session sleeps on tokio's timer: a millisecond at least.
+                    LimitDecision::Wait(d) => now += d.as_secs_f64().max(0.001),
                     _ => break,
                 }
             }
@@ -1156,14 +1348,28 @@ struct HostileRun {
     /// Most authentication failures the model saw in one rule window.
     auth_failures_per_window: Option<usize>,
     guesses: u64,
+    /// It was in probation after the onset.
+    probation: bool,
+    params: Params,
+    log: Vec<String>,
 }
 
 const STREAM_HOSTILE: u64 = 1_000;
 
-fn hostile_device(h: Hostile, seed: u64, index: usize, s: &Settings, gw: &Gateway) -> HostileRun {
-    let id = format!("h-{}-{}", h.kind(), index + 1);
+fn hostile_device(
+    h: Hostile,
+    seed: u64,
+    index: usize,
+    s: &Settings,
+    gw: &Gateway,
+    traced: bool,
+) -> HostileRun {
+    let id = format!("h-{}-{}", h.slug(), index + 1);
     let stream = STREAM_HOSTILE + Hostile::ALL.iter().position(|k| *k == h).unwrap_or(0) as u64;
-    let mut feed = Feed::new(base(), s);
+    let mut feed = Feed::new(base(), s, gw);
+    if traced {
+        feed.log = Some(Vec::new());
+    }
     let rng = Rng64::new(seed, stream, index as u64);
     let dev_index = (stream << 32) | index as u64;
     let mut d = WellBehaved::start(&id, dev_index, rng, &mut feed, 0.0);
@@ -1173,14 +1379,20 @@ fn hostile_device(h: Hostile, seed: u64, index: usize, s: &Settings, gw: &Gatewa
         onset,
         quarantined: None,
         before_onset: feed.done(),
+        params: d.p.clone(),
+        log: Vec::new(),
         ramp_rate: None,
         auth_failures_per_window: None,
         guesses: 0,
+        probation: false,
     };
+    let prefix_steps = feed.steps.len();
     if run.before_onset {
         run.quarantined = feed.quarantined.clone();
+        run.log = feed.log.unwrap_or_default();
         return run;
     }
+    feed.log(onset, || format!("onset of {}", h.name()));
     let end = onset
         + if h == Hostile::SlowRamp {
             SLOW_RAMP_SECS + HORIZON_SECS
@@ -1225,7 +1437,9 @@ fn hostile_device(h: Hostile, seed: u64, index: usize, s: &Settings, gw: &Gatewa
             assert!(bytes > gw.max_packet_size);
             every(&mut feed, onset, end, rate, |feed, t, _| {
                 if connections.take(1.0, feed.at(t)).is_ok() {
+                    // A session ended by a protocol error counts as a failed validation.
                     feed.connect(t, source);
+                    feed.observe(t, Observation::Invalid);
                     feed.disconnect(t, 0.0);
                 }
             });
@@ -1296,11 +1510,19 @@ fn hostile_device(h: Hostile, seed: u64, index: usize, s: &Settings, gw: &Gatewa
                 feed.connect(t, if n % 2 == 1 { clone } else { source });
             });
         }
-        (Hostile::ReconnectStorm, Behaviour::ReconnectStorm { rate })
-        | (Hostile::Malformed, Behaviour::Malformed { rate }) => {
+        (Hostile::ReconnectStorm, Behaviour::ReconnectStorm { rate }) => {
             every(&mut feed, onset, end, rate, |feed, t, _| {
                 if connections.take(1.0, feed.at(t)).is_ok() {
                     feed.connect(t, source);
+                    feed.disconnect(t, 0.0);
+                }
+            });
+        }
+        (Hostile::Malformed, Behaviour::Malformed { rate }) => {
+            every(&mut feed, onset, end, rate, |feed, t, _| {
+                if connections.take(1.0, feed.at(t)).is_ok() {
+                    feed.connect(t, source);
+                    feed.observe(t, Observation::Invalid);
                     feed.disconnect(t, 0.0);
                 }
             });
@@ -1330,7 +1552,11 @@ fn hostile_device(h: Hostile, seed: u64, index: usize, s: &Settings, gw: &Gatewa
     if !feed.done() {
         feed.tick(end);
     }
+    run.probation = feed.steps[prefix_steps..]
+        .iter()
+        .any(|s| s.to == "probation");
     run.quarantined = feed.quarantined;
+    run.log = feed.log.unwrap_or_default();
     run
 }
 
@@ -1362,6 +1588,8 @@ fn tally_detection(h: Hostile, runs: &[&HostileRun], gw: &Gateway) -> Detection 
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut first_reason = None;
     let mut before = 0;
+    let probation_first = runs.iter().filter(|r| r.probation).count();
+    let most_failures = runs.iter().filter_map(|r| r.auth_failures_per_window).max();
     for r in runs {
         if r.before_onset {
             before += 1;
@@ -1388,11 +1616,7 @@ fn tally_detection(h: Hostile, runs: &[&HostileRun], gw: &Gateway) -> Detection 
             })
         }
         Hostile::StuffingOneSource => {
-            let most = runs
-                .iter()
-                .filter_map(|r| r.auth_failures_per_window)
-                .max()
-                .unwrap_or(0);
+            let most = most_failures.unwrap_or(0);
             let guesses = runs.iter().map(|r| r.guesses).max().unwrap_or(0);
             Some(format!(
                 "of {guesses} guesses in {:.0} min, at most {most} reached the credential \
@@ -1410,10 +1634,12 @@ fn tally_detection(h: Hostile, runs: &[&HostileRun], gw: &Gateway) -> Detection 
         devices: runs.len(),
         detected: times.len(),
         quarantined_before_onset: before,
+        probation_first,
         median_secs: median(&times),
         max_secs: times.last().copied(),
         first_reason,
         reasons,
+        most_auth_failures_in_a_rule_window: most_failures,
         detail,
     }
 }
@@ -1491,7 +1717,7 @@ impl Evaluation {
             "Behaviour model evaluation on a simulated clock (seed {})\n",
             o.seed
         );
-        let _ = writeln!(out, "Model settings (Settings::default()):");
+        let _ = writeln!(out, "Model settings:");
         let mut line = String::from(" ");
         for (k, v) in &self.settings {
             let item = format!(" {k}={v}");
@@ -1624,6 +1850,13 @@ impl Evaluation {
         let _ = writeln!(out, "  What the model observes of each:");
         for d in &self.true_positives {
             let _ = writeln!(out, "    {}: {}.", d.behaviour, d.observed_as);
+            if d.probation_first > 0 {
+                let _ = writeln!(
+                    out,
+                    "      {} of {} went through probation first",
+                    d.probation_first, d.devices
+                );
+            }
             if d.quarantined_before_onset > 0 {
                 let _ = writeln!(
                     out,
@@ -1643,7 +1876,11 @@ impl Evaluation {
             "\nNot device behaviours (never authenticated as the device):"
         );
         for n in &self.not_device_behaviours {
-            let _ = writeln!(out, "  {}: handled by {}.", n.behaviour, n.handled_by);
+            let _ = writeln!(
+                out,
+                "  {}: not a device behaviour: handled by {}.",
+                n.behaviour, n.handled_by
+            );
         }
         out
     }

@@ -265,28 +265,6 @@ pub async fn run<S>(
         session.method,
     );
     session.stats = guard.stats.clone();
-    if let Some(tracked) = &session.tracked {
-        let now = Instant::now();
-        let source = ctx.behaviours.hash(peer.ip());
-        tracked.observe(Observation::Connect { source }, now, &session.behaviour);
-        // Two connections taking turns with one identity: the session just taken
-        // over had itself taken over another a moment ago.
-        let window = session.behaviour.settings.rule_window;
-        if guard
-            .displaced_took_over_at
-            .is_some_and(|at| now.saturating_duration_since(at) < window)
-        {
-            tracked.observe(Observation::Clone, now, &session.behaviour);
-            ctx.audit.record(
-                AuditEntry::new("clone", "refuse")
-                    .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
-                    .source(peer)
-                    .protocol(protocol_name(version))
-                    .reason("two connections taking turns with one identity (cloned identity)"),
-            );
-        }
-        session.sync_behaviour();
-    }
     // A disable, removal or rotation that landed after authentication but before the
     // session could be kicked: refuse now.
     if !ctx
@@ -358,6 +336,26 @@ pub async fn run<S>(
             .write_all(&connack(reason::SERVER_UNAVAILABLE, version))
             .await;
         return;
+    }
+    // The model hears of the connection once it is open (and of its end below).
+    if let Some(tracked) = &session.tracked {
+        let now = Instant::now();
+        let source = ctx.behaviours.hash(peer.ip());
+        tracked.observe(Observation::Connect { source }, now, &session.behaviour);
+        // Two connections taking turns with one identity: the session just taken
+        // over had itself taken over another a moment ago.
+        let window = session.behaviour.settings.rule_window;
+        if portcullis_core::sessions::is_clone(guard.displaced, now, window) {
+            tracked.observe(Observation::Clone, now, &session.behaviour);
+            ctx.audit.record(
+                AuditEntry::new("clone", "refuse")
+                    .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
+                    .source(peer)
+                    .protocol(protocol_name(version))
+                    .reason("two connections taking turns with one identity (cloned identity)"),
+            );
+        }
+        session.sync_behaviour();
     }
     Metrics::inc(&ctx.metrics.connections_accepted);
     ctx.metrics
@@ -474,6 +472,7 @@ pub async fn run<S>(
     if matches!(end, End::Protocol(..)) {
         session.observe(Observation::Invalid, Instant::now());
     }
+    session.observe(Observation::Disconnect, Instant::now());
     session.finish(&ctx, &end, slot).await;
     drop(guard);
 }
@@ -1101,7 +1100,9 @@ impl Session {
                 // Registered after the drain began: end like everyone else.
                 _ = stopped(&mut shutdown) => Err(End::Kicked(KickReason::Shutdown)),
                 frame = reader.next(rd) => {
-                    keep_alive.heard(Instant::now());
+                    let now = Instant::now();
+                    keep_alive.heard(now);
+                    self.stats.heard(now);
                     match frame {
                         // Boxed: its state is large and needed only while a frame is
                         // handled, not while the session waits (a few KB per idle

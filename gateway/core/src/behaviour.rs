@@ -87,7 +87,7 @@ impl Default for Settings {
             floor_bytes: 16384.0,
             max_rise_per_hour: 2.0,
             burst_messages: 64.0,
-            burst_bytes: 65536.0,
+            burst_bytes: 262144.0,
             burst_recovery: Duration::from_secs(60),
             max_messages_per_s: 500.0,
             max_bytes_per_s: 1_048_576.0,
@@ -192,8 +192,12 @@ pub enum Observation {
     LimitHit,
     /// A failed authentication for its id.
     AuthFailure,
-    /// A connection accepted, from a source (a hash of its address).
+    /// A connection accepted, from a source (a hash of its address). Its boot burst
+    /// is expected: the burst allowance is full again.
     Connect { source: u64 },
+    /// A connection ended. While the device has none, quiet windows do not train
+    /// its baseline: it was away, not quiet.
+    Disconnect,
     /// A second concurrent session with its identity.
     Clone,
 }
@@ -320,6 +324,10 @@ pub struct DeviceModel {
     topics_start: Instant,
     /// Hash of the last source it connected from (0: none yet).
     source: u64,
+    /// Its connections open now (two during a take-over), and whether it has none
+    /// since it was last connected.
+    sessions: u8,
+    offline: bool,
 }
 
 impl DeviceModel {
@@ -343,6 +351,8 @@ impl DeviceModel {
             topics: [0; TOPIC_BITS / 64],
             topics_start: now,
             source: 0,
+            sessions: 0,
+            offline: false,
         }
     }
 
@@ -399,11 +409,20 @@ impl DeviceModel {
             Observation::Connect { source } => {
                 let changed = self.source != 0 && self.source != source;
                 self.source = source;
+                self.sessions = self.sessions.saturating_add(1);
+                self.offline = false;
+                self.credit_messages = s.burst_messages;
+                self.credit_bytes = s.burst_bytes;
                 self.count(Rule::Connects, now, s).or_else(|| {
                     changed
                         .then(|| self.count(Rule::SourceChanges, now, s))
                         .flatten()
                 })
+            }
+            Observation::Disconnect => {
+                self.sessions = self.sessions.saturating_sub(1);
+                self.offline = self.sessions == 0;
+                None
             }
             Observation::Clone => s
                 .quarantine_on_clone
@@ -424,9 +443,11 @@ impl DeviceModel {
             let secs = s.window.as_secs_f64();
             decided = self.close_window(now, s);
             // Windows with nothing in them since train the baselines as rate 0 (their
-            // variance grows as it should).
+            // variance grows as it should), unless the device was away.
             let idle = (elapsed.as_secs_f64() / secs).min(u32::MAX as f64) as u32;
-            self.train_idle(idle.saturating_sub(1), s);
+            if !self.offline {
+                self.train_idle(idle.saturating_sub(1), s);
+            }
             self.refill(idle.saturating_sub(1), s);
             self.window_start += s.window.saturating_mul(idle.max(1));
             self.messages = 0;
@@ -505,8 +526,9 @@ impl DeviceModel {
             *credit -= used;
             (count - used) / secs
         };
-        // Judged with the allowance; trained with what was sent (a burst is part of
-        // the device's normal, to the extent the capped rise lets it be).
+        // Judged with the allowance. Trained with what was sent while learning (its
+        // bursts are part of its normal), and with what was judged after: what the
+        // allowance took does not widen the baseline (a flood's first seconds would).
         let (raw_rate, raw_bytes) = (self.messages as f64 / secs, self.bytes as f64 / secs);
         let rate = judged(
             self.messages as f64,
@@ -557,8 +579,13 @@ impl DeviceModel {
                 cap(&self.rate, s.floor_messages),
                 cap(&self.byte_rate, s.floor_bytes),
             );
-            self.rate.train(raw_rate, w, cap_rate);
-            self.byte_rate.train(raw_bytes, w, cap_bytes);
+            let (rate, byte_rate) = if learned {
+                (rate, byte_rate)
+            } else {
+                (raw_rate, raw_bytes)
+            };
+            self.rate.train(rate, w, cap_rate);
+            self.byte_rate.train(byte_rate, w, cap_bytes);
             self.windows = self.windows.saturating_add(1);
             return None;
         };
@@ -726,7 +753,11 @@ fn judge(
     if !learned || excess <= floor || excess <= s.sigma * sd {
         return None;
     }
-    let sigmas = if sd > 0.0 { excess / sd } else { f64::INFINITY };
+    // Beyond a thousand the number says no more than "far above".
+    let sigmas = match excess / sd {
+        x if x.is_finite() && x < 1000.0 => format!("{x:.1}σ"),
+        _ => ">1000σ".to_string(),
+    };
     let severity = if rate > s.flood_factor * b.mean.max(floor) {
         Severity::Flood
     } else {
@@ -735,7 +766,7 @@ fn judge(
     Some((
         severity,
         format!(
-            "{name} {rate:.0}{unit}/s is {sigmas:.1}σ above baseline {:.0}{unit}/s",
+            "{name} {rate:.0}{unit}/s is {sigmas} above baseline {:.0}{unit}/s",
             b.mean
         ),
     ))
@@ -1188,5 +1219,32 @@ mod tests {
             .tick(now + Duration::from_secs(300), &s)
             .expect("released");
         assert_eq!(t.to, State::Released);
+    }
+
+    #[test]
+    fn time_away_does_not_decay_the_baseline_and_a_reconnect_may_burst() {
+        let s = Settings::default();
+        let t0 = Instant::now();
+        let mut m = DeviceModel::new(t0, &s);
+        let mut now = t0;
+        m.observe(Observation::Connect { source: 3 }, now, &s);
+        assert!(send(&mut m, &s, &mut now, 5.0, 1200).is_empty());
+        let before = m.baseline().0;
+        // Gone for half an hour (an outage), then back with a boot burst of 60.
+        m.observe(Observation::Disconnect, now, &s);
+        now += Duration::from_secs(1800);
+        m.observe(Observation::Connect { source: 3 }, now, &s);
+        let (after, _) = m.baseline();
+        assert!((after - before).abs() < 0.2, "{before} → {after}");
+        for i in 0..60u64 {
+            let at = now + Duration::from_millis(i);
+            assert_eq!(m.observe(Observation::message(16, 1), at, &s), None);
+        }
+        now += Duration::from_millis(200);
+        assert!(send(&mut m, &s, &mut now, 5.0, 60).is_empty());
+        // Quiet while connected is its normal, and does train the baseline down.
+        now += Duration::from_secs(1800);
+        m.tick(now, &s);
+        assert!(m.baseline().0 < before / 10.0, "{:?}", m.baseline());
     }
 }

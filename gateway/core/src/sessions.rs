@@ -65,6 +65,57 @@ pub struct SessionInfo {
 pub struct SessionStats {
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
+    /// When the peer was last heard from, in milliseconds since `EPOCH`.
+    heard_ms: AtomicU64,
+}
+
+/// The origin of `SessionStats::heard_ms`.
+static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+fn epoch() -> std::time::Instant {
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+impl SessionStats {
+    /// The peer sent something at `now`.
+    pub fn heard(&self, now: std::time::Instant) {
+        let ms = now.saturating_duration_since(epoch()).as_millis() as u64;
+        self.heard_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn heard_at(&self) -> std::time::Instant {
+        epoch() + std::time::Duration::from_millis(self.heard_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A live session of the same identity that a new connection takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rival {
+    /// When it took over an earlier session itself, if it did.
+    pub took_over_at: Option<std::time::Instant>,
+    /// When its peer was last heard from (its CONNECT at the latest).
+    pub heard_at: std::time::Instant,
+}
+
+/// A rival last heard longer ago than this may be a connection that died silently
+/// (its device reconnecting), not a second device.
+pub const CLONE_ACTIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Two connections taking turns with one identity: the session taken over had itself
+/// taken over another within `window`, and was heard from just now. A device that
+/// reconnects after losing its network takes over a connection that went silent; one
+/// that does so twice within the window is still not a clone, because the session it
+/// takes over the second time went silent too.
+pub fn is_clone(
+    rival: Option<Rival>,
+    now: std::time::Instant,
+    window: std::time::Duration,
+) -> bool {
+    rival.is_some_and(|r| {
+        r.took_over_at
+            .is_some_and(|at| now.saturating_duration_since(at) < window)
+            && now.saturating_duration_since(r.heard_at) <= CLONE_ACTIVE
+    })
 }
 
 struct Entry {
@@ -89,9 +140,9 @@ pub struct SessionGuard {
     pub number: u64,
     pub kicked: watch::Receiver<Option<KickReason>>,
     pub stats: Arc<SessionStats>,
-    /// A session this one took over had itself taken over another, at this time:
-    /// two connections taking turns with one identity (a clone) when it is recent.
-    pub displaced_took_over_at: Option<std::time::Instant>,
+    /// The live session of the same identity this one took over, if any (see
+    /// `is_clone`).
+    pub displaced: Option<Rival>,
 }
 
 impl Drop for SessionGuard {
@@ -137,13 +188,19 @@ impl Sessions {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         let mut took_over = false;
-        let mut displaced_took_over_at = None;
+        let mut displaced: Option<Rival> = None;
         for entry in inner.values() {
             if entry.principal.kind == principal.kind && entry.principal.id == principal.id {
                 // One already ending (kicked) is not a live rival.
                 if entry.kick.borrow().is_none() {
                     took_over = true;
-                    displaced_took_over_at = displaced_took_over_at.max(entry.took_over_at);
+                    let rival = Rival {
+                        took_over_at: entry.took_over_at,
+                        heard_at: entry.stats.heard_at().max(entry.started),
+                    };
+                    if displaced.is_none_or(|d| rival.heard_at > d.heard_at) {
+                        displaced = Some(rival);
+                    }
                 }
                 let _ = entry.kick.send(Some(KickReason::TakenOver));
             }
@@ -164,7 +221,7 @@ impl Sessions {
             number,
             kicked,
             stats,
-            displaced_took_over_at,
+            displaced,
         }
     }
 
