@@ -61,6 +61,23 @@ fn show(gw: &Gateway, id: &str) -> String {
     gw.cli_ok(&["quarantine", "show", id])
 }
 
+/// The device's state, as `show` gives it (`quarantined`, `normal`, ...).
+fn state(gw: &Gateway, id: &str) -> String {
+    let shown = show(gw, id);
+    shown
+        .lines()
+        .find_map(|l| l.strip_prefix("state:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no state in {shown}"))
+        .to_string()
+}
+
+/// Wait until the device is in `want`; `show`'s text then.
+fn wait_state(gw: &Gateway, id: &str, want: &str) -> String {
+    wait_for(T, || (state(gw, id) == want).then(|| show(gw, id)))
+        .unwrap_or_else(|| panic!("{id} not {want}: {}", show(gw, id)))
+}
+
 #[test]
 fn a_flooding_device_is_quarantined_persists_across_restart_and_is_released() {
     let mut gw = Gateway::start_with(OPS);
@@ -117,8 +134,8 @@ fn a_flooding_device_is_quarantined_persists_across_restart_and_is_released() {
 
     // A restart keeps the quarantine and its reason.
     gw.restart();
+    assert_eq!(state(&gw, "pump-1"), "quarantined");
     let shown = show(&gw, "pump-1");
-    assert!(shown.contains("quarantined"), "{shown}");
     assert!(
         shown.contains("above baseline") || shown.contains("rate-limit hits"),
         "{shown}"
@@ -138,6 +155,7 @@ fn a_flooding_device_is_quarantined_persists_across_restart_and_is_released() {
     publish(&mut dev, "pump-1", "after-release");
     sub.expect("after-release", T)
         .expect("delivered after the release");
+    assert_eq!(state(&gw, "pump-1"), "released");
     let shown = show(&gw, "pump-1");
     assert!(shown.contains("released by operator"), "{shown}");
     gw.wait_audit(&["\"quarantine\"", "\"pump-1\"", "quarantined → released"]);
@@ -154,11 +172,7 @@ fn credential_stuffing_against_a_device_id_is_flagged() {
         let code = raw.connect_v4("lock-7", Some(("lock-7", "wrong-guess-wrong-guess-000")));
         assert_eq!(code, Some(5), "refused as not authorized");
     }
-    let shown = wait_for(T, || {
-        let s = show(&gw, "lock-7");
-        s.contains("quarantined").then_some(s)
-    })
-    .expect("quarantined");
+    let shown = wait_state(&gw, "lock-7", "quarantined");
     assert!(
         shown.contains("6 authentication failures in 60 s (ceiling 5)"),
         "{shown}"
@@ -168,31 +182,49 @@ fn credential_stuffing_against_a_device_id_is_flagged() {
     assert!(!out.status.success());
 }
 
+/// A device connecting from a chosen loopback address.
+fn device_from(gw: &Gateway, id: &str, last_octet: u8) -> Raw {
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet));
+    let mut raw = Raw::connect_from(gw.device_plain, source);
+    assert_eq!(
+        raw.connect_v4(id, Some((id, SECRET))),
+        Some(0),
+        "{id} connects"
+    );
+    raw
+}
+
 #[test]
 fn a_cloned_identity_is_flagged() {
     let gw = Gateway::start();
     gw.add_device_secret("twin", SECRET);
-    // Three connections with one identity, each taking over the one before: the
-    // second take-over displaces a session that had itself just taken over.
-    let _a = device(&gw, "twin");
-    let _b = device(&gw, "twin");
-    let _c = device(&gw, "twin");
-    let shown = wait_for(T, || {
-        let s = show(&gw, "twin");
-        s.contains("quarantined").then_some(s)
-    })
-    .expect("quarantined");
+    // Two places taking turns with one identity: the second take-over displaces a
+    // session (from the other address) that had itself just taken over.
+    let _a = device_from(&gw, "twin", 41);
+    let _b = device_from(&gw, "twin", 42);
+    let _c = device_from(&gw, "twin", 41);
+    let shown = wait_state(&gw, "twin", "quarantined");
     assert!(shown.contains("cloned identity"), "{shown}");
     gw.wait_audit(&["\"clone\"", "\"twin\""]);
 
-    // One take-over (a device reconnecting while its old connection lingers) is
-    // not a clone.
-    gw.add_device_secret("roamer", SECRET);
-    let _a = device(&gw, "roamer");
-    let _b = device(&gw, "roamer");
+    // A device reconnecting from its own address while its old connections linger,
+    // even twice in a row, is not a clone; nor is one take-over from a new address
+    // (a device that moved).
+    gw.add_device_secret("flaky", SECRET);
+    let _a = device_from(&gw, "flaky", 43);
+    let _b = device_from(&gw, "flaky", 43);
+    let _c = device_from(&gw, "flaky", 43);
+    gw.add_device_secret("mover", SECRET);
+    let _a = device_from(&gw, "mover", 45);
+    let _b = device_from(&gw, "mover", 46);
     std::thread::sleep(Duration::from_millis(500));
-    let shown = show(&gw, "roamer");
-    assert!(shown.contains("normal"), "{shown}");
+    for id in ["flaky", "mover"] {
+        assert_eq!(state(&gw, id), "normal", "{}", show(&gw, id));
+    }
+    // The device that moved and then had its old address back at once is a clone.
+    let _c = device_from(&gw, "mover", 45);
+    let shown = wait_state(&gw, "mover", "quarantined");
+    assert!(shown.contains("cloned identity"), "{shown}");
 }
 
 #[test]
@@ -261,6 +293,7 @@ fn a_quarantined_device_has_its_commands_held_and_its_will_suppressed() {
     let seen = sub.drain(Duration::from_secs(2));
     assert!(!seen.iter().any(|l| l.contains("valve-2 lost")), "{seen:?}");
     assert_eq!(gw.metric("portcullis_wills_published_total "), 0);
+    assert_eq!(state(&gw, "valve-2"), "quarantined");
     let shown = show(&gw, "valve-2");
     assert!(
         shown.contains("quarantined by operator: tampered casing"),

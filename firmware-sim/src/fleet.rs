@@ -211,7 +211,16 @@ fn open_error(e: &std::io::Error) -> &'static str {
 impl Member {
     /// TCP (+ TLS), CONNECT, CONNACK: a session, or the reason there is none.
     async fn session(&self, password: Option<&str>) -> Result<Conn, &'static str> {
-        let stream = timeout(ANSWER_TIMEOUT, transport::open(&self.endpoint, self.source))
+        self.session_from(password, self.source).await
+    }
+
+    /// A session from a chosen source address.
+    async fn session_from(
+        &self,
+        password: Option<&str>,
+        source: Option<IpAddr>,
+    ) -> Result<Conn, &'static str> {
+        let stream = timeout(ANSWER_TIMEOUT, transport::open(&self.endpoint, source))
             .await
             .map_err(|_| "timeout")?
             .map_err(|e| open_error(&e))?;
@@ -994,14 +1003,30 @@ async fn stuffing(m: &Member, shared: &Shared, stats: &GroupStats, rate: f64) {
     }
 }
 
-/// Two sessions with one identity, each connecting in turn every `interval` seconds.
+/// Two sessions with one identity, each connecting in turn every `interval` seconds,
+/// from two places: the member's address and its twin (the last octet's top bit
+/// flipped, still loopback), when the member has a loopback IPv4 source.
 async fn cloned(m: &Member, shared: &Shared, stats: &GroupStats, interval: f64) {
     let period = Duration::from_secs_f64(interval);
+    let twin = match m.source {
+        Some(IpAddr::V4(ip)) if ip.is_loopback() => {
+            let [a, b, c, d] = ip.octets();
+            Some(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d ^ 0x80)))
+        }
+        other => other,
+    };
     let mut live: Vec<Conn> = Vec::new();
+    let mut turn = 0u64;
     while shared.running() {
         let at = Instant::now();
         stats.add(&stats.sent, 1);
-        match m.session(None).await {
+        turn += 1;
+        let source = if turn.is_multiple_of(2) {
+            twin
+        } else {
+            m.source
+        };
+        match m.session_from(None, source).await {
             Ok(conn) => {
                 stats.add(&stats.connected, 1);
                 live.push(conn);

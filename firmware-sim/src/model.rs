@@ -501,6 +501,8 @@ struct Session {
     heard_at: f64,
     /// Whether the model has been told it ended.
     ended: bool,
+    /// The source it came from (a hash of its address).
+    source: u64,
 }
 
 /// One device's model, fed on the simulated clock.
@@ -695,6 +697,7 @@ impl<'a> Feed<'a> {
         let rival = displaced.map(|d| portcullis_core::sessions::Rival {
             took_over_at: d.took_over_at.map(|at| self.at(at)),
             heard_at: self.at(d.heard_at),
+            same_source: d.source == source,
         });
         let clone = portcullis_core::sessions::is_clone(rival, self.at(t), self.s.rule_window);
         if displaced.is_some() {
@@ -726,6 +729,7 @@ impl<'a> Feed<'a> {
             took_over_at: displaced.map(|_| t),
             heard_at: t,
             ended: false,
+            source,
         });
     }
 

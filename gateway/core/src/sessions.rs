@@ -95,25 +95,28 @@ pub struct Rival {
     pub took_over_at: Option<std::time::Instant>,
     /// When its peer was last heard from (its CONNECT at the latest).
     pub heard_at: std::time::Instant,
+    /// Whether it came from the same address as the new connection.
+    pub same_source: bool,
 }
 
 /// A rival last heard longer ago than this may be a connection that died silently
 /// (its device reconnecting), not a second device.
 pub const CLONE_ACTIVE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Two connections taking turns with one identity: the session taken over had itself
-/// taken over another within `window`, and was heard from just now. A device that
-/// reconnects after losing its network takes over a connection that went silent; one
-/// that does so twice within the window is still not a clone, because the session it
-/// takes over the second time went silent too.
+/// Two connections taking turns with one identity, from two places: the session taken
+/// over came from another address, had itself taken over another within `window`,
+/// and was heard from just now. A device that reconnects after losing its network
+/// takes over a connection that went silent, usually from the same address; one that
+/// does so twice within the window is still not a clone.
 pub fn is_clone(
     rival: Option<Rival>,
     now: std::time::Instant,
     window: std::time::Duration,
 ) -> bool {
     rival.is_some_and(|r| {
-        r.took_over_at
-            .is_some_and(|at| now.saturating_duration_since(at) < window)
+        !r.same_source
+            && r.took_over_at
+                .is_some_and(|at| now.saturating_duration_since(at) < window)
             && now.saturating_duration_since(r.heard_at) <= CLONE_ACTIVE
     })
 }
@@ -125,6 +128,7 @@ struct Entry {
     started: std::time::Instant,
     /// When this session took over an earlier one of the same principal.
     took_over_at: Option<std::time::Instant>,
+    source: SocketAddr,
     kick: watch::Sender<Option<KickReason>>,
 }
 
@@ -197,6 +201,7 @@ impl Sessions {
                     let rival = Rival {
                         took_over_at: entry.took_over_at,
                         heard_at: entry.stats.heard_at().max(entry.started),
+                        same_source: entry.source.ip() == source.ip(),
                     };
                     if displaced.is_none_or(|d| rival.heard_at > d.heard_at) {
                         displaced = Some(rival);
@@ -214,6 +219,7 @@ impl Sessions {
                 stats: stats.clone(),
                 started: now,
                 took_over_at: took_over.then_some(now),
+                source,
             },
         );
         SessionGuard {
