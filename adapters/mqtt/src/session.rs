@@ -506,14 +506,22 @@ fn refuse_connect(
 }
 
 /// A failed authentication for a registered device's id counts against it (credential
-/// stuffing); failures for unknown ids are the source's business (back-off, bans).
+/// stuffing). Only a credential that did not verify counts: refusals for the source
+/// (back-off, bans), unknown ids, and a CONNECT refused for its Will or properties
+/// are not guesses at the device's credential.
 fn note_auth_failure(ctx: &Context, client_id: &str, label: &'static str) {
-    if ctx.kind != PrincipalKind::Device
-        || matches!(
-            label,
-            "backed_off" | "banned" | "unknown_principal" | "bad_client_id"
-        )
-    {
+    let guess = matches!(
+        label,
+        "bad_secret"
+            | "no_credential"
+            | "username_mismatch"
+            | "secret_not_allowed"
+            | "certificate_not_allowed"
+            | "certificate_untrusted"
+            | "certificate_identity_mismatch"
+            | "certificate_not_registered"
+    );
+    if ctx.kind != PrincipalKind::Device || !guess {
         return;
     }
     let Ok(id) = PrincipalId::parse(client_id) else {
@@ -1484,14 +1492,15 @@ impl Session {
         }
     }
 
-    /// The device's behaviour state; probation tightens its rate limits, and they
-    /// are restored when it ends.
+    /// The device's behaviour state; probation tightens its rate limits (and they stay
+    /// tight in quarantine), and they are restored when it is normal or released.
     fn sync_behaviour(&mut self) -> Behaviour {
         let Some(state) = self.tracked.as_ref().map(|t| t.state()) else {
             return Behaviour::Normal;
         };
-        let tight = state == Behaviour::Probation;
-        if tight != (self.limits_for == Behaviour::Probation) {
+        let held = |s: Behaviour| matches!(s, Behaviour::Probation | Behaviour::Quarantined);
+        let tight = held(state);
+        if tight != held(self.limits_for) {
             let mut rates = self.rates;
             if tight {
                 let f = self.behaviour.probation_rate_factor;
