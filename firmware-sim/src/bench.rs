@@ -1,6 +1,8 @@
 //! The benchmark suite: the same load against Portcullis (full pipeline), rumqttd
 //! direct and Mosquitto direct, interleaved, with the server pinned to one CPU and the
 //! load generator to another. Medians of the repetitions with min–max, and ratios.
+//! On request, the same gateway and policy with the behaviour model off runs beside
+//! them, so the model's cost is measured in the same run.
 
 use crate::mqtt::{self, Packet, Version};
 use crate::provision::Issuer;
@@ -20,11 +22,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, sleep};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Target {
+    /// The gateway under the bench policy: the full pipeline.
     Portcullis,
+    /// rumqttd direct (plain TCP only).
     Rumqttd,
+    /// Mosquitto direct.
     Mosquitto,
+    /// The gateway under the same policy with `[behaviour] enabled = false`: the
+    /// baseline for the behaviour model's cost.
+    PortcullisNoModel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -59,6 +67,8 @@ const PAYLOAD: usize = 64;
 const TOPIC_FILTER: &str = "devices/+/telemetry";
 /// QoS 1 messages a publisher keeps in flight.
 const WINDOW: usize = 32;
+/// The gateway's configuration for `Target::PortcullisNoModel`, in the work dir.
+const NO_MODEL_CONFIG: &str = "portcullis-no-model.toml";
 
 /// One measured figure of one run.
 #[derive(Debug, Clone, Serialize)]
@@ -221,13 +231,17 @@ fn pinned(cpu: Option<usize>, program: &Path) -> Command {
 }
 
 impl Bench {
-    fn portcullis_config(&self) -> PathBuf {
-        self.dir.join("portcullis.toml")
+    /// The gateway's configuration for `target` (one of the gateway's).
+    fn portcullis_config(&self, target: Target) -> PathBuf {
+        match target {
+            Target::PortcullisNoModel => self.dir.join(NO_MODEL_CONFIG),
+            _ => self.dir.join("portcullis.toml"),
+        }
     }
 
     fn start(&self, target: Target) -> Result<Server> {
         match target {
-            Target::Portcullis => self.start_portcullis(),
+            Target::Portcullis | Target::PortcullisNoModel => self.start_portcullis(target),
             Target::Rumqttd => {
                 let port = free_port()?;
                 let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -294,13 +308,13 @@ impl Bench {
         }
     }
 
-    fn start_portcullis(&self) -> Result<Server> {
+    fn start_portcullis(&self, target: Target) -> Result<Server> {
         let mut child = pinned(
             self.opts.pin.then_some(self.opts.server_cpu),
             &self.opts.portcullis,
         )
         .args(["serve", "--config"])
-        .arg(self.portcullis_config())
+        .arg(self.portcullis_config(target))
         .current_dir(&self.dir)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(self.dir.join("portcullis.log"))?)
@@ -332,7 +346,7 @@ impl Bench {
                 .ok_or_else(|| anyhow!("no {label} in the banner {banner:?}"))
         };
         Ok(Server {
-            target: Target::Portcullis,
+            target,
             device_plain: addr("device listener (plain MQTT):")?,
             device_tls: Some(addr("device listener (MQTT over TLS):")?),
             service_plain: addr("service listener (plain MQTT):")?,
@@ -1124,17 +1138,21 @@ fn setup(mut opts: Options) -> Result<Bench> {
     }
     let policy = std::fs::read_to_string(&opts.policy)
         .with_context(|| format!("reading the policy {}", opts.policy.display()))?;
-    std::fs::write(
-        dir.join("portcullis.toml"),
-        format!(
-            "# Written by portcullis-sim bench: listeners on port 0, then {}\n\
-             data_dir = \"{}/data\"\n[listeners]\ndevice_tls = \"127.0.0.1:0\"\n\
-             device_plain = \"127.0.0.1:0\"\nservice_tls = \"127.0.0.1:0\"\n\
-             service_plain = \"127.0.0.1:0\"\n[observability]\nlisten = \"127.0.0.1:0\"\n\n{policy}",
-            opts.policy.display(),
-            dir.display()
-        ),
-    )?;
+    let config = format!(
+        "# Written by portcullis-sim bench: listeners on port 0, then {}\n\
+         data_dir = \"{}/data\"\n[listeners]\ndevice_tls = \"127.0.0.1:0\"\n\
+         device_plain = \"127.0.0.1:0\"\nservice_tls = \"127.0.0.1:0\"\n\
+         service_plain = \"127.0.0.1:0\"\n[observability]\nlisten = \"127.0.0.1:0\"\n\n{policy}",
+        opts.policy.display(),
+        dir.display()
+    );
+    std::fs::write(dir.join("portcullis.toml"), &config)?;
+    if opts.targets.contains(&Target::PortcullisNoModel) {
+        std::fs::write(
+            dir.join(NO_MODEL_CONFIG),
+            no_model_config(&config, &opts.policy)?,
+        )?;
+    }
     // Principals: throughput publishers (group bench), the subscriber service,
     // isolation devices and idle devices (group default).
     let mut secrets = BTreeMap::new();
@@ -1188,6 +1206,21 @@ fn setup(mut opts: Options) -> Result<Bench> {
         Ok(())
     };
     bench(&["pki", "init"])?;
+    if opts.targets.contains(&Target::PortcullisNoModel) {
+        // Found now rather than when the first no-model run fails to start.
+        let out = Command::new(&exe)
+            .args(["config", "check"])
+            .arg(dir.join(NO_MODEL_CONFIG))
+            .current_dir(&dir)
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !out.status.success() {
+            bail!(
+                "the portcullis-no-model configuration does not load: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     std::fs::write(dir.join("devices.toml"), devices)?;
     std::fs::write(
         dir.join("services.toml"),
@@ -1205,7 +1238,7 @@ fn setup(mut opts: Options) -> Result<Bench> {
         ca,
     };
     {
-        let server = b.start_portcullis()?;
+        let server = b.start_portcullis(Target::Portcullis)?;
         bench(&[
             "device",
             "import",
@@ -1241,6 +1274,38 @@ fn setup(mut opts: Options) -> Result<Bench> {
     }
     b.dir = dir;
     Ok(b)
+}
+
+/// `config` with the behaviour model off for every group: a top-level `[behaviour]`
+/// table with `enabled = false`, which no group's own `behaviour` table overrides.
+fn no_model_config(config: &str, policy: &Path) -> Result<String> {
+    let table: toml::Table =
+        toml::from_str(config).with_context(|| format!("{}: not valid TOML", policy.display()))?;
+    if table.contains_key("behaviour") {
+        bail!(
+            "{}: has a top-level [behaviour] table; the portcullis-no-model target appends \
+             its own ([behaviour] enabled = false): remove it from the policy, or leave the \
+             target out",
+            policy.display()
+        );
+    }
+    let groups = table.get("device_groups").and_then(|g| g.as_table());
+    for (name, group) in groups.into_iter().flatten() {
+        let enabled = group
+            .get("behaviour")
+            .and_then(|b| b.get("enabled"))
+            .is_some();
+        if enabled {
+            bail!(
+                "{}: device_groups.{name}.behaviour sets enabled, which would override the \
+                 portcullis-no-model target's [behaviour] enabled = false: remove it from the \
+                 policy, or leave the target out",
+                policy.display()
+            );
+        }
+    }
+    let sep = if config.ends_with('\n') { "" } else { "\n" };
+    Ok(format!("{config}{sep}\n[behaviour]\nenabled = false\n"))
 }
 
 fn tls_publisher_id(n: usize) -> String {
@@ -1351,7 +1416,8 @@ fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 /// The table: per workload, case and figure, each target's median (min–max), and
-/// Portcullis's ratio to each baseline.
+/// Portcullis's ratio to each baseline. The no-model columns appear only when that
+/// target ran.
 pub fn summary(samples: &[Sample]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -1364,14 +1430,24 @@ pub fn summary(samples: &[Sample]) -> String {
             }
         }
     }
+    let no_model = samples
+        .iter()
+        .any(|s| s.target == Target::PortcullisNoModel);
+    let mut targets = vec![Target::Portcullis, Target::Rumqttd, Target::Mosquitto];
+    let (head, rule) = if no_model {
+        targets.push(Target::PortcullisNoModel);
+        (" portcullis-no-model | P/no-model |", "---|---|")
+    } else {
+        ("", "")
+    };
     let _ = writeln!(
         out,
-        "| workload | case | figure | portcullis | rumqttd | mosquitto | P/rumqttd | P/mosquitto |\n|---|---|---|---|---|---|---|---|"
+        "| workload | case | figure | portcullis | rumqttd | mosquitto | P/rumqttd | P/mosquitto |{head}\n|---|---|---|---|---|---|---|---|{rule}"
     );
     for (w, c, k) in keys {
         let mut medians = BTreeMap::new();
         let mut cells = Vec::new();
-        for t in [Target::Portcullis, Target::Rumqttd, Target::Mosquitto] {
+        for &t in &targets {
             let v: Vec<f64> = samples
                 .iter()
                 .filter(|s| s.workload == w && s.case == c && s.target == t)
@@ -1389,7 +1465,7 @@ pub fn summary(samples: &[Sample]) -> String {
             (Some(p), Some(b)) if *b != 0.0 => format!("{:.2}", p / b),
             _ => "–".into(),
         };
-        let _ = writeln!(
+        let _ = write!(
             out,
             "| {w} | {c} | {k} | {} | {} | {} | {} | {} |",
             cells[0],
@@ -1398,6 +1474,15 @@ pub fn summary(samples: &[Sample]) -> String {
             ratio(Target::Rumqttd),
             ratio(Target::Mosquitto)
         );
+        if no_model {
+            let _ = write!(
+                out,
+                " {} | {} |",
+                cells[3],
+                ratio(Target::PortcullisNoModel)
+            );
+        }
+        out.push('\n');
     }
     out
 }
@@ -1442,7 +1527,83 @@ mod tests {
             mk(Target::Mosquitto, 1, 100.0),
         ];
         let t = summary(&samples);
-        assert!(t.contains("| throughput | qos0-tcp | msg_per_s | 200 (100–300) | 400 (400–400) | 100 (100–100) | 0.50 | 2.00 |"), "{t}");
+        assert!(t.contains("| throughput | qos0-tcp | msg_per_s | 200 (100–300) | 400 (400–400) | 100 (100–100) | 0.50 | 2.00 |\n"), "{t}");
+        assert!(!t.contains("no-model"), "{t}");
+    }
+
+    #[test]
+    fn summary_compares_the_gateway_with_its_model_off_when_that_ran() {
+        let mk = |t, rep, v| Sample {
+            workload: "throughput".into(),
+            case: "qos1-tls".into(),
+            target: t,
+            rep,
+            figures: BTreeMap::from([("msg_per_s".to_string(), v)]),
+        };
+        let samples = vec![
+            mk(Target::Portcullis, 1, 90.0),
+            mk(Target::PortcullisNoModel, 1, 100.0),
+            mk(Target::Portcullis, 2, 95.0),
+            mk(Target::PortcullisNoModel, 2, 98.0),
+            mk(Target::Portcullis, 3, 93.0),
+            mk(Target::PortcullisNoModel, 3, 102.0),
+        ];
+        let t = summary(&samples);
+        let mut lines = t.lines();
+        assert_eq!(
+            lines.next(),
+            Some(
+                "| workload | case | figure | portcullis | rumqttd | mosquitto | P/rumqttd | P/mosquitto | portcullis-no-model | P/no-model |"
+            ),
+            "{t}"
+        );
+        assert_eq!(
+            lines.next(),
+            Some("|---|---|---|---|---|---|---|---|---|---|")
+        );
+        // Baselines that did not run stay empty; the ratio is with the model over without.
+        assert_eq!(
+            lines.next(),
+            Some(
+                "| throughput | qos1-tls | msg_per_s | 93.00 (90.00–95.00) | – | – | – | – | 100 (98.00–102) | 0.93 |"
+            ),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn no_model_target_is_named_the_same_on_the_command_line_and_in_json() {
+        use clap::ValueEnum;
+        let parsed = Target::from_str("portcullis-no-model", false).unwrap();
+        assert_eq!(parsed, Target::PortcullisNoModel);
+        assert_eq!(
+            serde_json::to_value(parsed).unwrap(),
+            serde_json::json!("portcullis-no-model")
+        );
+        assert_eq!(
+            serde_json::to_value(Target::Portcullis).unwrap(),
+            serde_json::json!("portcullis")
+        );
+    }
+
+    #[test]
+    fn no_model_config_turns_the_model_off_for_every_group() {
+        let policy = Path::new("bench.toml");
+        let config = "[device_groups.bench.behaviour]\nmax_messages_per_second = 1.0\n";
+        let off = no_model_config(config, policy).unwrap();
+        let c = portcullis_config::Config::parse(&off, "no-model").unwrap();
+        assert!(!c.behaviour.enabled);
+        assert!(!c.behaviour_for("bench").enabled);
+        assert_eq!(c.behaviour_for("bench").max_messages_per_second, 1.0);
+        // Either would leave the model on somewhere: refused with the key to remove.
+        let top = no_model_config("[behaviour]\nsigma = 5.0\n", policy).unwrap_err();
+        assert!(top.to_string().contains("[behaviour]"), "{top}");
+        let group = "[device_groups.legacy.behaviour]\nenabled = true\n";
+        let err = no_model_config(group, policy).unwrap_err();
+        assert!(
+            err.to_string().contains("device_groups.legacy.behaviour"),
+            "{err}"
+        );
     }
 
     #[test]
