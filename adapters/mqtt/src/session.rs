@@ -715,6 +715,7 @@ fn authenticate(
         downlink: TokenBucket::new(principal_rates(&rates).messages, Instant::now()),
         next_pump: None,
         rates: principal_rates(&rates),
+        pace: TokenBucket::new(principal_rates(&rates).messages, Instant::now()),
         forensic: TokenBucket::new(
             Rate {
                 per_second: behaviour.forensic_per_second,
@@ -784,6 +785,8 @@ struct Session {
     limits_for: Behaviour,
     /// The rate at which a quarantined device's messages are diverted.
     forensic: TokenBucket,
+    /// The pace at which a quarantined device is read (its tightened message rate).
+    pace: TokenBucket,
 }
 
 /// Why a session ended.
@@ -1510,6 +1513,7 @@ impl Session {
                 rates.bytes.burst *= f;
             }
             self.limiter = PrincipalLimiter::new(rates, Instant::now());
+            self.pace = TokenBucket::new(rates.messages, Instant::now());
         }
         self.limits_for = state;
         state
@@ -1524,13 +1528,22 @@ impl Session {
         msg: Message,
         out: &mut BytesMut,
     ) -> Result<(), End> {
-        // Still held to its rate (back-pressure first): dropping is cheaper than
-        // forwarding, but a quarantined flooder must not get to send faster.
-        if self.rate_limit(ctx, msg.payload.len()).await == LimitDecision::Disconnect {
-            return Err(End::Protocol(
-                reason::MESSAGE_RATE_TOO_HIGH,
-                "message rate too high for too long".into(),
-            ));
+        // Held to its (tightened) message rate by back-pressure alone, however long
+        // it floods: what it sends goes nowhere, so it is never read faster (the rate
+        // limit's "drop" after sustained abuse would read it as fast as it sends).
+        let started = Instant::now();
+        let max_delay = self.limiter.rates().max_delay.max(Duration::from_secs(1));
+        loop {
+            let now = Instant::now();
+            let Err(wait) = self.pace.take(1.0, now) else {
+                break;
+            };
+            let left = max_delay.saturating_sub(now.saturating_duration_since(started));
+            if left.is_zero() {
+                break;
+            }
+            Metrics::inc(&ctx.metrics.rate_limit_waits);
+            tokio::time::sleep(wait.min(left)).await;
         }
         let divert = self.behaviour.traffic == portcullis_config::QuarantineTraffic::Divert
             && self.forensic.take(1.0, Instant::now()).is_ok();
