@@ -410,3 +410,31 @@ fn a_quarantined_flooder_is_read_no_faster_than_its_rate() {
     assert!(read > 0, "nothing read");
     assert!(read <= 60, "{read} of {sent} read in 3 s");
 }
+
+#[test]
+fn a_reload_changes_the_quarantine_policy_of_a_live_session() {
+    let gw = Gateway::start_with(OPS);
+    gw.add_device_secret("gate-5", SECRET);
+    let sub = ops_subscriber(&gw, &["portcullis/forensic/#"]);
+    gw.cli_ok(&["quarantine", "add", "gate-5"]);
+    let mut dev = device(&gw, "gate-5");
+    publish(&mut dev, "gate-5", "before-reload");
+    let seen = sub.drain(Duration::from_secs(1));
+    assert!(seen.is_empty(), "dropped, not diverted: {seen:?}");
+
+    // Divert from now on: the live session follows the new policy.
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let text = text.replace(
+        "[behaviour]\nlearning_secs = 3\n",
+        "[behaviour]\nlearning_secs = 3\nquarantine_traffic = \"divert\"\n",
+    );
+    assert!(text.contains("divert"));
+    std::fs::write(&gw.config, text).unwrap();
+    gw.cli_ok(&["config", "reload"]);
+    publish(&mut dev, "gate-5", "after-reload");
+    sub.expect(
+        "portcullis/forensic/gate-5/devices/gate-5/telemetry after-reload",
+        T,
+    )
+    .expect("diverted after the reload");
+}
