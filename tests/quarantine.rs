@@ -438,3 +438,37 @@ fn a_reload_changes_the_quarantine_policy_of_a_live_session() {
     )
     .expect("diverted after the reload");
 }
+
+#[test]
+fn probation_tightens_the_rate_limit() {
+    // 40 msg/s is plenty for a device sending 20/s; probation cuts it to 10/s, and
+    // over it MQTT 5 would hear "quota exceeded" (3.1.1: dropped and counted).
+    let gw = Gateway::start_all(
+        "[behaviour]\nlearning_secs = 3\nprobation_rate_factor = 0.25\n",
+        "",
+        "messages_per_second = 40.0\nmessage_burst = 40.0\nmax_delay_ms = 0\naction = \"quota_exceeded\"\n",
+    );
+    gw.add_device_secret("fan-8", SECRET);
+    let mut dev = device(&gw, "fan-8");
+    let paced = |dev: &mut Raw, per_second: u64, secs: u64| {
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            publish(dev, "fan-8", "{}");
+            n += 1;
+            let next = start + Duration::from_millis(n * 1000 / per_second);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+    };
+    // Its normal: 5 a second. Nothing is refused.
+    paced(&mut dev, 5, 5);
+    assert_eq!(gw.refusals("limits", "rate_limited"), 0);
+    // Four times that: within its configured rate, but an anomaly.
+    paced(&mut dev, 20, 8);
+    let shown = show(&gw, "fan-8");
+    assert!(shown.contains("normal → probation"), "{shown}");
+    assert!(
+        gw.refusals("limits", "rate_limited") > 0,
+        "probation did not tighten the limit: {shown}"
+    );
+}
