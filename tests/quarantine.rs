@@ -180,6 +180,11 @@ fn credential_stuffing_against_a_device_id_is_flagged() {
     // An unknown id is the sources' business, not a device's.
     let out = gw.cli(&["quarantine", "show", "nobody"]);
     assert!(!out.status.success());
+    assert!(
+        text(&out).contains("device nobody is not registered"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// A device connecting from a chosen loopback address.
@@ -444,7 +449,8 @@ fn probation_tightens_the_rate_limit() {
     // 40 msg/s is plenty for a device sending 20/s; probation cuts it to 10/s, and
     // over it MQTT 5 would hear "quota exceeded" (3.1.1: dropped and counted).
     let gw = Gateway::start_all(
-        "[behaviour]\nlearning_secs = 3\nprobation_rate_factor = 0.25\n",
+        // Kept on probation (no quarantine after a few windows), to see it alone.
+        "[behaviour]\nlearning_secs = 3\nprobation_rate_factor = 0.25\nprobation_windows = 1000\n",
         "",
         "messages_per_second = 40.0\nmessage_burst = 40.0\nmax_delay_ms = 0\naction = \"quota_exceeded\"\n",
     );
@@ -467,6 +473,7 @@ fn probation_tightens_the_rate_limit() {
     paced(&mut dev, 20, 8);
     let shown = show(&gw, "fan-8");
     assert!(shown.contains("normal → probation"), "{shown}");
+    assert_eq!(state(&gw, "fan-8"), "probation", "{shown}");
     assert!(
         gw.refusals("limits", "rate_limited") > 0,
         "probation did not tighten the limit: {shown}"

@@ -253,6 +253,13 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
         .collect();
     assert!(quarantined.contains(&"flooder-1"), "{list}");
     assert!(quarantined.contains(&"clone-1"), "{list}");
+    // Not even on probation: no well-behaved device is listed at all.
+    assert!(
+        !list
+            .lines()
+            .any(|l| l.starts_with("sensors-") || l.starts_with("legacy-")),
+        "{list}"
+    );
     assert!(
         !quarantined
             .iter()

@@ -167,6 +167,31 @@ impl Behaviour {
     /// `device_groups.NAME.behaviour`).
     pub(crate) fn check(&self, table: &str) -> Result<(), (String, String)> {
         let key = |name: &str| format!("{table}.{name}");
+        // The counted rules sum six 16-bit buckets; the topic sketch saturates near
+        // 1420 distinct topics: a ceiling beyond either could never trip.
+        const MAX_COUNT: u64 = 100_000;
+        const MAX_TOPICS: u64 = 1_000;
+        let ceilings = [
+            ("max_auth_failures", self.max_auth_failures),
+            ("max_denials", self.max_denials),
+            ("max_validation_failures", self.max_validation_failures),
+            ("max_limit_hits", self.max_limit_hits),
+            ("max_connects", self.max_connects),
+            ("max_source_changes", self.max_source_changes),
+        ];
+        for (name, v) in ceilings {
+            if u64::from(v) > MAX_COUNT {
+                return Err((key(name), format!("must be at most {MAX_COUNT} (got {v})")));
+            }
+        }
+        if u64::from(self.max_topics) > MAX_TOPICS {
+            return Err((
+                key("max_topics"),
+                format!("must be at most {MAX_TOPICS} (got {})", self.max_topics),
+            ));
+        }
+        // Learning for less than three windows leaves a baseline of nothing; probation
+        // and watch shorter than a window end before the next window is judged.
         let whole: [(&str, u64, u64, u64); 7] = [
             ("window_ms", self.window_ms, 100, 60_000),
             ("learning_secs", self.learning_secs, 0, MAX_LEARNING_SECS),
@@ -194,6 +219,34 @@ impl Behaviour {
                     _ => format!("between {min} and {max}"),
                 };
                 return Err((key(name), format!("must be {bound} (got {v})")));
+            }
+        }
+        let window = self.window_ms;
+        for (name, v, at_least_ms, words) in [
+            (
+                "learning_secs",
+                self.learning_secs,
+                3 * window,
+                "three windows",
+            ),
+            (
+                "probation_clear_secs",
+                self.probation_clear_secs,
+                window + 1,
+                "longer than a window",
+            ),
+            (
+                "watch_secs",
+                self.watch_secs,
+                window + 1,
+                "longer than a window",
+            ),
+        ] {
+            if v.saturating_mul(1000) < at_least_ms {
+                return Err((
+                    key(name),
+                    format!("must be {words} ({window} ms each) at least (got {v})"),
+                ));
             }
         }
         let numbers = [
@@ -368,6 +421,33 @@ mod tests {
         let err = refused("[device_groups.cameras.behaviour]\ndecay = 1.5\n");
         assert_eq!(err.key, "device_groups.cameras.behaviour.decay");
         assert_eq!(err.reason, "must be in (0, 1] (got 1.5)");
+    }
+
+    #[test]
+    fn settings_that_could_never_act_are_refused() {
+        // Learning over fewer than three windows, probation or watch no longer than
+        // a window, a ceiling the counters or the topic sketch cannot reach.
+        for (text, key) in [
+            ("learning_secs = 2", "learning_secs"),
+            (
+                "window_ms = 2000\nprobation_clear_secs = 2",
+                "probation_clear_secs",
+            ),
+            ("window_ms = 5000\nwatch_secs = 5", "watch_secs"),
+            ("max_topics = 1001", "max_topics"),
+            ("max_denials = 100001", "max_denials"),
+        ] {
+            let err = refused(&format!("[behaviour]\n{text}\n"));
+            assert_eq!(err.key, format!("behaviour.{key}"), "{text}");
+        }
+        let err = refused("[behaviour]\nlearning_secs = 2\n");
+        assert_eq!(
+            err.reason,
+            "must be three windows (1000 ms each) at least (got 2)"
+        );
+        // At the edges: accepted.
+        let ok = "[behaviour]\nlearning_secs = 3\nwindow_ms = 2000\nlearning_secs = 6\n";
+        assert!(Config::parse(&ok.replacen("learning_secs = 3\n", "", 1), "x.toml").is_ok());
     }
 
     #[test]

@@ -1499,6 +1499,17 @@ fn fmt(v: f64) -> String {
 mod tests {
     use super::*;
 
+    /// One throughput repetition's msg/s for a case and target.
+    fn throughput_sample(case: &str, target: Target, rep: usize, v: f64) -> Sample {
+        Sample {
+            workload: "throughput".into(),
+            case: case.into(),
+            target,
+            rep,
+            figures: BTreeMap::from([("msg_per_s".to_string(), v)]),
+        }
+    }
+
     #[test]
     fn bucket_quantile_reads_the_window_between_snapshots() {
         let a = vec![(0.0001, 10), (0.001, 10), (f64::INFINITY, 10)];
@@ -1512,13 +1523,7 @@ mod tests {
 
     #[test]
     fn summary_gives_medians_ranges_and_ratios() {
-        let mk = |t, rep, v| Sample {
-            workload: "throughput".into(),
-            case: "qos0-tcp".into(),
-            target: t,
-            rep,
-            figures: BTreeMap::from([("msg_per_s".to_string(), v)]),
-        };
+        let mk = |t, rep, v| throughput_sample("qos0-tcp", t, rep, v);
         let samples = vec![
             mk(Target::Portcullis, 1, 100.0),
             mk(Target::Portcullis, 2, 300.0),
@@ -1533,13 +1538,7 @@ mod tests {
 
     #[test]
     fn summary_compares_the_gateway_with_its_model_off_when_that_ran() {
-        let mk = |t, rep, v| Sample {
-            workload: "throughput".into(),
-            case: "qos1-tls".into(),
-            target: t,
-            rep,
-            figures: BTreeMap::from([("msg_per_s".to_string(), v)]),
-        };
+        let mk = |t, rep, v| throughput_sample("qos1-tls", t, rep, v);
         let samples = vec![
             mk(Target::Portcullis, 1, 90.0),
             mk(Target::PortcullisNoModel, 1, 100.0),

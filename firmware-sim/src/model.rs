@@ -18,9 +18,7 @@ use crate::scenario::Behaviour;
 use portcullis_config::Config;
 use portcullis_core::backoff::{BackoffPolicy, SourceGuard};
 use portcullis_core::behaviour::{DeviceModel, Observation, Settings, State};
-use portcullis_core::limit::{
-    LimitDecision, OverLimitAction, PrincipalLimiter, PrincipalRates, Rate, TokenBucket,
-};
+use portcullis_core::limit::{LimitDecision, PrincipalLimiter, PrincipalRates, Rate, TokenBucket};
 use rand::{Rng, RngCore};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
@@ -91,8 +89,6 @@ pub struct Gateway {
     pub sustained_secs: u64,
     /// What happens to a principal over its rate for too long.
     pub action: &'static str,
-    #[serde(skip)]
-    over_limit: OverLimitAction,
     pub probation_rate_factor: f64,
     pub connections_per_second_per_source: f64,
     pub connection_burst_per_source: f64,
@@ -105,16 +101,21 @@ pub struct Gateway {
     pub max_connections_per_source: usize,
     /// A session that goes silent is dropped this long after it was last heard.
     pub silent_session_secs: f64,
+    /// The gateway's own reading of the rates and the back-off above.
+    #[serde(skip)]
+    principal: PrincipalRates,
+    #[serde(skip)]
+    backoff: BackoffPolicy,
 }
 
 impl Gateway {
     pub fn from_config(c: &Config) -> Gateway {
         use portcullis_config::RateAction;
         let r = &c.rate_limits;
-        let (action, over_limit) = match r.action {
-            RateAction::Drop => ("drop", OverLimitAction::Drop),
-            RateAction::QuotaExceeded => ("quota_exceeded", OverLimitAction::QuotaExceeded),
-            RateAction::Disconnect => ("disconnect", OverLimitAction::Disconnect),
+        let action = match r.action {
+            RateAction::Drop => "drop",
+            RateAction::QuotaExceeded => "quota_exceeded",
+            RateAction::Disconnect => "disconnect",
         };
         Gateway {
             messages_per_second: r.messages_per_second,
@@ -124,7 +125,6 @@ impl Gateway {
             max_delay_ms: r.max_delay_ms,
             sustained_secs: r.sustained_secs,
             action,
-            over_limit,
             probation_rate_factor: c.behaviour.probation_rate_factor,
             connections_per_second_per_source: r.connections_per_second_per_source,
             connection_burst_per_source: r.connection_burst_per_source,
@@ -137,28 +137,17 @@ impl Gateway {
             max_connections_per_source: c.limits.max_connections_per_source,
             silent_session_secs: 1.5
                 * DEVICE_KEEP_ALIVE_SECS.min(c.sessions.max_keep_alive_secs as f64),
+            principal: PrincipalRates::from_config(&c.rate_limits),
+            backoff: BackoffPolicy::from_config(&c.auth),
         }
     }
 
     /// A session's rates; in probation, cut by the probation factor as the gateway does.
     fn rates(&self, probation: bool) -> PrincipalRates {
-        let f = if probation {
-            self.probation_rate_factor
+        if probation {
+            self.principal.tightened(self.probation_rate_factor)
         } else {
-            1.0
-        };
-        PrincipalRates {
-            messages: Rate {
-                per_second: self.messages_per_second * f,
-                burst: (self.message_burst * f).max(1.0),
-            },
-            bytes: Rate {
-                per_second: self.bytes_per_second * f,
-                burst: self.byte_burst * f,
-            },
-            max_delay: Duration::from_millis(self.max_delay_ms),
-            sustained: Duration::from_secs(self.sustained_secs),
-            action: self.over_limit,
+            self.principal
         }
     }
 
@@ -170,12 +159,7 @@ impl Gateway {
     }
 
     fn backoff(&self) -> BackoffPolicy {
-        BackoffPolicy {
-            max_failures: self.auth_max_failures,
-            window: Duration::from_secs(self.auth_failure_window_secs),
-            initial: Duration::from_secs(self.auth_backoff_initial_secs),
-            max: Duration::from_secs(self.auth_backoff_max_secs),
-        }
+        self.backoff
     }
 }
 
@@ -226,7 +210,8 @@ impl Params {
             daily_phase_secs: rng.gen_range(0.0..DAY),
             payload_min,
             payload_max: (payload_min as f64 * rng.gen_range(1.0..4.0)).round() as usize,
-            boot_burst: rng.gen_range(5..=40),
+            // The simulator sends at most 32 at once (its unacknowledged cap).
+            boot_burst: rng.gen_range(5..=32),
             topics: rng.gen_range(1..=8),
             reconnect_every_secs: rng.gen_range(2.0 * HOUR..8.0 * HOUR),
             outage_chance: rng.gen_range(0.1..0.5),
@@ -682,7 +667,7 @@ impl<'a> Feed<'a> {
         if let Some(s) = &mut self.session
             && s.gone_at > t
         {
-            s.heard_at = t;
+            s.heard_at = s.heard_at.max(t);
         }
     }
 
@@ -849,6 +834,8 @@ impl WellBehaved {
         let linger = if self.rng.gen_bool(0.5) {
             let pinged = lost - self.rng.gen_range(0.0..DEVICE_KEEP_ALIVE_SECS);
             let heard = self.last_sent.max(pinged);
+            // Its pings are heard too (the clone rule looks at when).
+            feed.heard(heard);
             (heard + feed.silent_session_secs - lost).max(0.0)
         } else {
             0.0
@@ -1137,9 +1124,9 @@ impl Hostile {
     pub fn name(self) -> &'static str {
         match self {
             Hostile::Flood => "flood",
-            Hostile::Oversized => "oversized",
+            Hostile::Oversized => "oversized (with a size rule)",
             Hostile::OversizedPacket => "oversized (over max_packet_size)",
-            Hostile::SchemaBreaking => "schema-breaking",
+            Hostile::SchemaBreaking => "schema-breaking (with a json rule)",
             Hostile::TopicScan => "topic-scan",
             Hostile::StuffingOneSource => "credential-stuffing (one source)",
             Hostile::StuffingManySources => "credential-stuffing (many sources)",
@@ -1183,8 +1170,9 @@ impl Hostile {
                  a rate-limit hit per message held back or dropped"
             }
             Hostile::Oversized => {
-                "200000 B payloads (under max_packet_size) that a validation size limit \
-                 refuses: the message (its bytes), then a validation failure"
+                "200000 B payloads (under max_packet_size) refused by a validation size \
+                 rule (max_payload_bytes under 200000, not the embedded default): the \
+                 message (its bytes), then a validation failure"
             }
             Hostile::OversizedPacket => {
                 "payloads over max_packet_size: DISCONNECT packet_too_large before the \
@@ -1192,8 +1180,9 @@ impl Hostile {
                  error) per attempt"
             }
             Hostile::SchemaBreaking => {
-                "non-JSON payloads refused by a json rule: the message, then a validation \
-                 failure (the default gateway has no rule: then only messages)"
+                "non-JSON payloads refused by a json rule on telemetry (not the embedded \
+                 default, which has none and so sees only messages and quarantines \
+                 nothing): the message, then a validation failure"
             }
             Hostile::TopicScan => {
                 "an ACL denial per action; its two publishes per cycle are messages too \
@@ -1293,7 +1282,8 @@ impl<'g> Limited<'g> {
                 if decision == LimitDecision::Pass {
                     break;
                 }
-                if !hit {
+                // As the gateway: hits count against the configured rates only.
+                if !hit && !self.probation {
                     hit = true;
                     feed.observe(now, Observation::LimitHit);
                 }
@@ -1762,7 +1752,7 @@ impl Evaluation {
             out,
             "  rate 0.01-5 msg/s (log-uniform), jitter 0-0.5, daily amplitude 0-0.8, \
              1-8 topics,\n  reconnect every 2-8 h (outage of 1-20 s or 1-30 min), boot \
-             burst 5-40, new address every 2-6 days,\n  0-10 % of reconnects with 1-2 \
+             burst 5-32, new address every 2-6 days,\n  0-10 % of reconnects with 1-2 \
              authentication failures"
         );
         let _ = writeln!(

@@ -66,9 +66,11 @@ fn bound_secs(d: &Detection) -> f64 {
         // decided when that window closes.
         "flood" => 2.0,
         // Five 200 kB payloads in a window are a byte flood (over 5 × 16 KiB/s).
-        "oversized" => 2.0,
+        "oversized (with a size rule)" => 2.0,
         // 21 validation failures, ACL denials or authentication failures at 5/s: 4 s.
-        "schema-breaking" | "topic-scan" | "credential-stuffing (many sources)" => 10.0,
+        "schema-breaking (with a json rule)"
+        | "topic-scan"
+        | "credential-stuffing (many sources)" => 10.0,
         // 31 connections at 5/s: 6 s.
         "oversized (over max_packet_size)" | "malformed (after CONNECT)" => 10.0,
         // A take-over of a take-over: the second or third session, one a second.

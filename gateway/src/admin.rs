@@ -14,7 +14,7 @@ use portcullis_core::auth::{Authenticator, Policies};
 use portcullis_core::bans::{Ban, BanTarget, Cidr};
 use portcullis_core::behaviour::State;
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
-use portcullis_core::quarantine::{Behaviours, HISTORY, HistoryEntry, Record};
+use portcullis_core::quarantine::{Behaviours, HistoryEntry, Record};
 use portcullis_core::registry::{
     CertCredential, PrincipalRecord, Registry, RegistryError, now_unix,
 };
@@ -444,23 +444,8 @@ impl AdminState {
         reason: &str,
     ) -> Result<State, AdminError> {
         let now = now_unix();
-        let mut record = record.unwrap_or(Record {
-            state: State::Normal,
-            since_unix: now,
-            history: Default::default(),
-        });
-        let from = record.state;
-        record.state = to;
-        record.since_unix = now;
-        while record.history.len() >= HISTORY {
-            record.history.pop_front();
-        }
-        record.history.push_back(HistoryEntry {
-            at_unix: now,
-            from,
-            to,
-            reason: reason.to_string(),
-        });
+        let mut record = record.unwrap_or_else(|| Record::new(now));
+        let from = record.push(now, to, reason.to_string());
         self.registry
             .put_behaviour_records(&[(id.to_string(), record)])?;
         Ok(from)
@@ -866,6 +851,7 @@ use tokio::io::AsyncReadExt;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portcullis_core::quarantine::HISTORY;
     use std::collections::VecDeque;
 
     /// No CA to read: the devices authenticate with secrets.

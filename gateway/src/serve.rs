@@ -132,12 +132,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         registry.clone(),
         hasher.clone(),
         policies.clone(),
-        BackoffPolicy {
-            max_failures: config.auth.max_failures,
-            window: Duration::from_secs(config.auth.failure_window_secs),
-            initial: Duration::from_secs(config.auth.backoff_initial_secs),
-            max: Duration::from_secs(config.auth.backoff_max_secs),
-        },
+        BackoffPolicy::from_config(&config.auth),
     ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let limits = SessionLimits {

@@ -241,7 +241,6 @@ pub async fn run<S>(
     let mut session = match authenticate(&ctx, &connect, version, peer, certs.as_deref()) {
         Ok(s) => s,
         Err(label) => {
-            note_auth_failure(&ctx, &connect.client_id, label);
             let _ = wr
                 .write_all(&connack(reason::NOT_AUTHORIZED, version))
                 .await;
@@ -345,7 +344,7 @@ pub async fn run<S>(
         // Two connections taking turns with one identity: the session just taken
         // over had itself taken over another a moment ago.
         let window = session.behaviour.settings.rule_window;
-        if portcullis_core::sessions::is_clone(guard.displaced, now, window) {
+        if portcullis_core::sessions::is_clone(guard.displaced, guard.registered_at, window) {
             tracked.observe(Observation::Clone, now, &session.behaviour);
             ctx.audit.record(
                 AuditEntry::new("clone", "refuse")
@@ -469,7 +468,10 @@ pub async fn run<S>(
     );
     // A packet that broke the protocol (malformed, oversized) is a failed
     // validation too, as far as the device's behaviour goes.
-    if matches!(end, End::Protocol(..)) {
+    if let End::Protocol(code, _) = end
+        && code != reason::MESSAGE_RATE_TOO_HIGH
+        && code != reason::RECEIVE_MAXIMUM_EXCEEDED
+    {
         session.observe(Observation::Invalid, Instant::now());
     }
     session.observe(Observation::Disconnect, Instant::now());
@@ -505,23 +507,11 @@ fn refuse_connect(
     ctx.audit.record(entry);
 }
 
-/// A failed authentication for a registered device's id counts against it (credential
-/// stuffing). Only a credential that did not verify counts: refusals for the source
-/// (back-off, bans), unknown ids, and a CONNECT refused for its Will or properties
-/// are not guesses at the device's credential.
-fn note_auth_failure(ctx: &Context, client_id: &str, label: &'static str) {
-    let guess = matches!(
-        label,
-        "bad_secret"
-            | "no_credential"
-            | "username_mismatch"
-            | "secret_not_allowed"
-            | "certificate_not_allowed"
-            | "certificate_untrusted"
-            | "certificate_identity_mismatch"
-            | "certificate_not_registered"
-    );
-    if ctx.kind != PrincipalKind::Device || !guess {
+/// A credential offered for a registered device's id that did not verify counts
+/// against the device (credential stuffing). Refusals of the source (back-off, bans),
+/// of unknown ids, or of a CONNECT with no credential are not guesses at it.
+fn note_auth_failure(ctx: &Context, client_id: &str, refusal: AuthRefusal) {
+    if ctx.kind != PrincipalKind::Device || !refusal.is_credential_failure() {
         return;
     }
     let Ok(id) = PrincipalId::parse(client_id) else {
@@ -531,9 +521,13 @@ fn note_auth_failure(ctx: &Context, client_id: &str, label: &'static str) {
         return;
     };
     let policy = ctx.behaviours.policy(&group);
-    ctx.behaviours
-        .track(&id, &group)
-        .observe(Observation::AuthFailure, Instant::now(), &policy);
+    if policy.enabled {
+        ctx.behaviours.track(&id, &group).observe(
+            Observation::AuthFailure,
+            Instant::now(),
+            &policy,
+        );
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -576,27 +570,6 @@ struct Will {
     delay_secs: u32,
 }
 
-/// The configured rates as the limiter wants them.
-fn principal_rates(r: &portcullis_config::RateLimits) -> PrincipalRates {
-    PrincipalRates {
-        messages: Rate {
-            per_second: r.messages_per_second,
-            burst: r.message_burst,
-        },
-        bytes: Rate {
-            per_second: r.bytes_per_second,
-            burst: r.byte_burst,
-        },
-        max_delay: Duration::from_millis(r.max_delay_ms),
-        sustained: Duration::from_secs(r.sustained_secs),
-        action: match r.action {
-            portcullis_config::RateAction::Drop => OverLimitAction::Drop,
-            portcullis_config::RateAction::QuotaExceeded => OverLimitAction::QuotaExceeded,
-            portcullis_config::RateAction::Disconnect => OverLimitAction::Disconnect,
-        },
-    }
-}
-
 fn authenticate(
     ctx: &Context,
     connect: &ConnectInfo,
@@ -613,7 +586,10 @@ fn authenticate(
     let authed = ctx
         .auth
         .authenticate(ctx.kind, &creds, peer.ip(), Instant::now())
-        .map_err(AuthRefusal::label)?;
+        .map_err(|refusal| {
+            note_auth_failure(ctx, &connect.client_id, refusal);
+            refusal.label()
+        })?;
     let policy = SessionPolicy {
         principal: authed.principal.clone(),
         acl: authed.acl.clone(),
@@ -679,7 +655,8 @@ fn authenticate(
         authed.principal.group.as_str(),
         authed.principal.id.as_str(),
     );
-    let limiter = PrincipalLimiter::new(principal_rates(&rates), Instant::now());
+    let rates = PrincipalRates::from_config(&rates);
+    let limiter = PrincipalLimiter::new(rates, Instant::now());
     let behaviour = ctx.behaviours.policy(&authed.principal.group);
     let tracked = (ctx.kind == PrincipalKind::Device && behaviour.enabled).then(|| {
         ctx.behaviours
@@ -712,21 +689,29 @@ fn authenticate(
         live,
         certs: certs.map(<[_]>::to_vec),
         stats: Arc::new(SessionStats::default()),
-        downlink: TokenBucket::new(principal_rates(&rates).messages, Instant::now()),
+        downlink: TokenBucket::new(rates.messages, Instant::now()),
         next_pump: None,
-        rates: principal_rates(&rates),
-        pace: TokenBucket::new(principal_rates(&rates).messages, Instant::now()),
-        forensic: TokenBucket::new(
-            Rate {
-                per_second: behaviour.forensic_per_second,
-                burst: behaviour.forensic_per_second.max(1.0),
-            },
-            Instant::now(),
-        ),
+        rates,
+        pace: TokenBucket::new(rates.messages, Instant::now()),
+        forensic: forensic_bucket(&behaviour),
         behaviour,
         tracked,
         limits_for: Behaviour::Normal,
     })
+}
+
+/// The pace at which a quarantined device's messages are diverted.
+fn forensic_bucket(policy: &BehaviourPolicy) -> TokenBucket {
+    let rate = Rate {
+        per_second: policy.forensic_per_second,
+        burst: policy.forensic_per_second.max(1.0),
+    };
+    TokenBucket::new(rate, Instant::now())
+}
+
+/// Probation and quarantine tighten a device's rate limits.
+fn tightened(state: Behaviour) -> bool {
+    matches!(state, Behaviour::Probation | Behaviour::Quarantined)
 }
 
 /// How the session talks to the broker.
@@ -1133,7 +1118,11 @@ impl Session {
                 from = from_broker(&mut self.link), if self.state.window_open(self.window) => {
                     let mut step = self.on_broker(ctx, from, &mut out);
                     let mut more = self.window;
-                    while step.is_ok() && more > 0 && self.state.window_open(self.window) {
+                    while step.is_ok()
+                        && more > 0
+                        && out.len() < FLUSH_AT
+                        && self.state.window_open(self.window)
+                    {
                         let Some(from) = try_from_broker(&mut self.link) else { break };
                         step = self.on_broker(ctx, from, &mut out);
                         more -= 1;
@@ -1227,9 +1216,17 @@ impl Session {
             principal.group.as_str(),
             principal.id.as_str(),
         );
-        self.behaviour = ctx.behaviours.policy(&principal.group);
-        if principal_rates(&rates) != self.rates {
-            self.rates = principal_rates(&rates);
+        let behaviour = ctx.behaviours.policy(&principal.group);
+        if behaviour != self.behaviour {
+            // New factors and rates: the limiter and the forensic pace are set again.
+            self.forensic = forensic_bucket(&behaviour);
+            self.limits_for = Behaviour::Normal;
+            self.limiter = PrincipalLimiter::new(self.rates, Instant::now());
+            self.pace = TokenBucket::new(self.rates.messages, Instant::now());
+            self.behaviour = behaviour;
+        }
+        if PrincipalRates::from_config(&rates) != self.rates {
+            self.rates = PrincipalRates::from_config(&rates);
             self.downlink = TokenBucket::new(self.rates.messages, Instant::now());
             // Set again for the current behaviour state below.
             self.limits_for = Behaviour::Normal;
@@ -1496,22 +1493,20 @@ impl Session {
     }
 
     /// The device's behaviour state; probation tightens its rate limits (and they stay
-    /// tight in quarantine), and they are restored when it is normal or released.
+    /// tight in quarantine), and they are restored when it is normal or released. A
+    /// group whose model is off (by a reload, say) acts as normal.
     fn sync_behaviour(&mut self) -> Behaviour {
-        let Some(state) = self.tracked.as_ref().map(|t| t.state()) else {
-            return Behaviour::Normal;
+        let state = match &self.tracked {
+            Some(t) if self.behaviour.enabled => t.state(),
+            _ => Behaviour::Normal,
         };
-        let held = |s: Behaviour| matches!(s, Behaviour::Probation | Behaviour::Quarantined);
-        let tight = held(state);
-        if tight != held(self.limits_for) {
-            let mut rates = self.rates;
-            if tight {
-                let f = self.behaviour.probation_rate_factor;
-                rates.messages.per_second *= f;
-                rates.messages.burst = (rates.messages.burst * f).max(1.0);
-                rates.bytes.per_second *= f;
-                rates.bytes.burst *= f;
-            }
+        let tight = tightened(state);
+        if tight != tightened(self.limits_for) {
+            let rates = if tight {
+                self.rates.tightened(self.behaviour.probation_rate_factor)
+            } else {
+                self.rates
+            };
             self.limiter = PrincipalLimiter::new(rates, Instant::now());
             self.pace = TokenBucket::new(rates.messages, Instant::now());
         }
@@ -1588,9 +1583,13 @@ impl Session {
         loop {
             let now = Instant::now();
             let decision = self.limiter.admit(len, now);
+            // Only against its configured rates: probation's tighter ones would
+            // otherwise turn its own tightening into hits.
             if !hit && !matches!(decision, LimitDecision::Pass) {
                 hit = true;
-                self.observe(Observation::LimitHit, now);
+                if !tightened(self.limits_for) {
+                    self.observe(Observation::LimitHit, now);
+                }
             }
             match decision {
                 LimitDecision::Pass => {

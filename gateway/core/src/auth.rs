@@ -279,6 +279,22 @@ impl AuthRefusal {
             AuthRefusal::Banned => "banned",
         }
     }
+
+    /// A credential was offered for the id and did not verify: a guess at the
+    /// principal's credential (what the behaviour model counts as an authentication
+    /// failure). Refusals of the source, of an unknown id, or with no credential are
+    /// not.
+    pub fn is_credential_failure(self) -> bool {
+        matches!(
+            self,
+            AuthRefusal::BadSecret
+                | AuthRefusal::SecretNotAllowed
+                | AuthRefusal::CertNotAllowed
+                | AuthRefusal::CertUntrusted
+                | AuthRefusal::CertIdentityMismatch
+                | AuthRefusal::CertNotPinned
+        )
+    }
 }
 
 /// A principal that proved who it is.
@@ -568,7 +584,6 @@ impl Authenticator {
             .map(|b| format!("{} ({})", b.target, b.reason))
     }
 
-    /// When the principal was registered (0 if it no longer is).
     /// The group of a registered principal.
     pub fn group_of(&self, kind: PrincipalKind, id: &PrincipalId) -> Option<GroupName> {
         self.registry
@@ -577,6 +592,7 @@ impl Authenticator {
             .map(|r| r.group.clone())
     }
 
+    /// When the principal was registered (0 if it no longer is).
     pub fn registered_since(&self, principal: &PrincipalRef) -> u64 {
         self.registry
             .snapshot()

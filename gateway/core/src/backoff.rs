@@ -18,6 +18,17 @@ pub struct BackoffPolicy {
     pub max: Duration,
 }
 
+impl BackoffPolicy {
+    pub fn from_config(a: &portcullis_config::Auth) -> BackoffPolicy {
+        BackoffPolicy {
+            max_failures: a.max_failures,
+            window: Duration::from_secs(a.failure_window_secs),
+            initial: Duration::from_secs(a.backoff_initial_secs),
+            max: Duration::from_secs(a.backoff_max_secs),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct SourceState {
     window_start: Instant,

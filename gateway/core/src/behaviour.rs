@@ -285,6 +285,15 @@ impl Baseline {
         self.var = ak * (self.var + self.mean * self.mean * (1.0 - ak));
         self.mean *= ak;
     }
+
+    /// While learning (the plain average of `n` windows so far), `k` windows of rate
+    /// 0 in closed form: the mean of n + k values and their population variance.
+    fn learn_idle(&mut self, n: u32, k: u32) {
+        let (n, k) = (n as f64, k as f64);
+        let mean = self.mean * n / (n + k);
+        self.var = (n * (self.var + self.mean * self.mean) / (n + k) - mean * mean).max(0.0);
+        self.mean = mean;
+    }
 }
 
 /// How bad a window looked.
@@ -356,10 +365,17 @@ impl DeviceModel {
         }
     }
 
+    /// A model for a device not connected now (until it connects, time does not
+    /// train its baseline).
+    pub fn away(mut self) -> DeviceModel {
+        self.offline = true;
+        self
+    }
+
     /// A model that resumes a state kept across a restart (its baseline is learned
-    /// again).
+    /// again); the device is not connected yet.
     pub fn restored(state: State, since: Instant, now: Instant, s: &Settings) -> DeviceModel {
-        let mut m = DeviceModel::new(now, s);
+        let mut m = DeviceModel::new(now, s).away();
         m.state = state;
         m.state_since = since;
         m
@@ -518,6 +534,11 @@ impl DeviceModel {
 
     /// Judge the window that just closed, then train on it if it was normal.
     fn close_window(&mut self, now: Instant, s: &Settings) -> Option<Transition> {
+        // Away, nothing was sent: there is nothing to judge, and its absence is not
+        // its normal.
+        if self.offline && self.messages == 0 && self.bytes == 0 {
+            return None;
+        }
         let secs = s.window.as_secs_f64();
         // The burst allowance takes what is above the baseline first.
         let judged = |count: f64, mean: f64, credit: &mut f64| {
@@ -616,18 +637,18 @@ impl DeviceModel {
         }
     }
 
-    /// `k` windows with nothing in them train the baselines as rate 0: one step per
-    /// window while learning (at most the learning period's worth, once), then in
-    /// closed form. Amortized O(1).
+    /// `k` windows with nothing in them train the baselines as rate 0, in closed form
+    /// (the plain average while learning, then the decay): O(1) however long.
     fn train_idle(&mut self, k: u32, s: &Settings) {
-        let mut k = k;
-        while k > 0 && !self.learned(s) {
-            let w = self.weight(s);
-            self.rate.train(0.0, w, f64::INFINITY);
-            self.byte_rate.train(0.0, w, f64::INFINITY);
-            self.windows = self.windows.saturating_add(1);
-            k -= 1;
+        let learning = Self::learning_windows(s)
+            .saturating_sub(self.windows)
+            .min(k);
+        if learning > 0 {
+            self.rate.learn_idle(self.windows, learning);
+            self.byte_rate.learn_idle(self.windows, learning);
+            self.windows += learning;
         }
+        let k = k - learning;
         if k > 0 {
             self.rate.train_idle(k, s.decay);
             self.byte_rate.train_idle(k, s.decay);
@@ -689,7 +710,8 @@ impl DeviceModel {
             self.topics = [0; TOPIC_BITS / 64];
             self.topics_start = now;
         }
-        let bit = (topic % TOPIC_BITS as u64) as usize;
+        // The top bits: the caller's hash may fix the lowest one.
+        let bit = (topic >> (64 - TOPIC_BITS.trailing_zeros())) as usize;
         let (word, mask) = (bit / 64, 1u64 << (bit % 64));
         if self.topics[word] & mask != 0 {
             return None;
@@ -1145,7 +1167,8 @@ mod tests {
     fn a_topic_scan_is_caught_by_the_distinct_topic_ceiling() {
         let s = Settings::default();
         let t0 = Instant::now();
-        let hash = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 7;
+        // Like the gateway's hash: all 64 bits used, the lowest one set.
+        let hash = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         // Forty topics, over and over: well under the ceiling.
         let mut m = DeviceModel::new(t0, &s);
         for i in 0..4000u64 {
@@ -1192,6 +1215,31 @@ mod tests {
             stepped.mean
         );
         assert!((sd - stepped.var.sqrt()).abs() < 1e-9 * (1.0 + sd), "{sd}");
+        // While learning: the plain average, one window at a time, equals the closed
+        // form over the whole gap.
+        let t0 = Instant::now();
+        let mut learning = DeviceModel::new(t0, &s);
+        let mut at = t0;
+        send(&mut learning, &s, &mut at, 7.0, 100);
+        // Close the window still open, then 300 empty ones.
+        let end = learning.window_start + s.window;
+        learning.tick(end, &s);
+        let mut stepped = learning.rate;
+        for n in learning.windows..learning.windows + 300 {
+            stepped.train(0.0, 1.0 / (n as f64 + 1.0), f64::INFINITY);
+        }
+        learning.tick(end + Duration::from_secs(300), &s);
+        let (mean, sd) = learning.baseline();
+        assert!(
+            (mean - stepped.mean).abs() < 1e-9,
+            "{mean} {}",
+            stepped.mean
+        );
+        assert!(
+            (sd - stepped.var.sqrt()).abs() < 1e-6,
+            "{sd} {}",
+            stepped.var.sqrt()
+        );
         // A year idle is one step too.
         let mut m2 = m.clone();
         let year = now + Duration::from_secs(365 * 86400);
@@ -1242,6 +1290,11 @@ mod tests {
         }
         now += Duration::from_millis(200);
         assert!(send(&mut m, &s, &mut now, 5.0, 60).is_empty());
+        // A model made while the device is away (an auth failure, an operator) learns
+        // nothing from the time before it connects.
+        let mut away = DeviceModel::new(now, &s).away();
+        away.tick(now + Duration::from_secs(7200), &s);
+        assert_eq!(away.learned_over(&s), Duration::ZERO);
         // Quiet while connected is its normal, and does train the baseline down.
         now += Duration::from_secs(1800);
         m.tick(now, &s);

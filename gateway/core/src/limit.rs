@@ -84,6 +84,41 @@ pub struct PrincipalRates {
     pub action: OverLimitAction,
 }
 
+impl PrincipalRates {
+    /// The rates a principal's configuration gives (group and principal overrides
+    /// already applied by `Config::rates_for`).
+    pub fn from_config(r: &portcullis_config::RateLimits) -> PrincipalRates {
+        use portcullis_config::RateAction;
+        PrincipalRates {
+            messages: Rate {
+                per_second: r.messages_per_second,
+                burst: r.message_burst,
+            },
+            bytes: Rate {
+                per_second: r.bytes_per_second,
+                burst: r.byte_burst,
+            },
+            max_delay: Duration::from_millis(r.max_delay_ms),
+            sustained: Duration::from_secs(r.sustained_secs),
+            action: match r.action {
+                RateAction::Drop => OverLimitAction::Drop,
+                RateAction::QuotaExceeded => OverLimitAction::QuotaExceeded,
+                RateAction::Disconnect => OverLimitAction::Disconnect,
+            },
+        }
+    }
+
+    /// Rates and bursts multiplied by `factor` (probation), at least one message of
+    /// burst.
+    pub fn tightened(mut self, factor: f64) -> PrincipalRates {
+        self.messages.per_second *= factor;
+        self.messages.burst = (self.messages.burst * factor).max(1.0);
+        self.bytes.per_second *= factor;
+        self.bytes.burst *= factor;
+        self
+    }
+}
+
 /// The verdict of the rate-limit stage for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitDecision {

@@ -105,6 +105,35 @@ pub struct Record {
     pub history: VecDeque<HistoryEntry>,
 }
 
+impl Record {
+    /// A device with no transition yet.
+    pub fn new(at_unix: u64) -> Record {
+        Record {
+            state: State::Normal,
+            since_unix: at_unix,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// Enter `to` at `at_unix`, keeping the last `HISTORY` transitions; the state
+    /// it left.
+    pub fn push(&mut self, at_unix: u64, to: State, reason: String) -> State {
+        let from = self.state;
+        self.state = to;
+        self.since_unix = at_unix;
+        while self.history.len() >= HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(HistoryEntry {
+            at_unix,
+            from,
+            to,
+            reason,
+        });
+        from
+    }
+}
+
 /// A transition on its way to be persisted, audited and published.
 #[derive(Debug)]
 pub struct Change {
@@ -132,16 +161,15 @@ impl Tracked {
         if !policy.enabled {
             return None;
         }
-        let t = {
-            let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
-            m.observe(obs, now, &policy.settings)
-        }?;
-        Some(self.apply(t))
+        self.decide(|m| m.observe(obs, now, &policy.settings))
     }
 
-    fn with_model<T>(&self, f: impl FnOnce(&mut DeviceModel) -> Option<T>) -> Option<T> {
+    /// Run `f` on the model; a transition it decides is applied to the state and sent
+    /// on while the model is still locked, so two deciders cannot reorder them.
+    fn decide(&self, f: impl FnOnce(&mut DeviceModel) -> Option<Transition>) -> Option<State> {
         let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut m)
+        let t = f(&mut m)?;
+        Some(self.apply(t))
     }
 
     fn apply(&self, t: Transition) -> State {
@@ -271,7 +299,8 @@ impl Behaviours {
         self.insert(
             id,
             group,
-            DeviceModel::new(Instant::now(), &policy.settings),
+            // Away until its session says it connected.
+            DeviceModel::new(Instant::now(), &policy.settings).away(),
         )
     }
 
@@ -299,16 +328,14 @@ impl Behaviours {
     /// Released by an operator: the new state, or `None` if it was not quarantined
     /// or on probation.
     pub fn release(&self, id: &PrincipalId, group: &GroupName, by: &str) -> Option<State> {
-        let tracked = self.track(id, group);
-        let t = tracked.with_model(|m| m.release(Instant::now(), by))?;
-        Some(tracked.apply(t))
+        self.track(id, group)
+            .decide(|m| m.release(Instant::now(), by))
     }
 
     /// Quarantined by an operator.
     pub fn quarantine(&self, id: &PrincipalId, group: &GroupName, reason: String) -> Option<State> {
-        let tracked = self.track(id, group);
-        let t = tracked.with_model(|m| m.quarantine(Instant::now(), reason))?;
-        Some(tracked.apply(t))
+        self.track(id, group)
+            .decide(|m| m.quarantine(Instant::now(), reason))
     }
 
     /// Apply time-outs (quarantine TTL, end of probation, end of watch) to every
@@ -327,9 +354,7 @@ impl Behaviours {
                 if !policy.enabled {
                     continue;
                 }
-                if let Some(t) = tracked.with_model(|m| m.tick(now, &policy.settings)) {
-                    tracked.apply(t);
-                }
+                tracked.decide(|m| m.tick(now, &policy.settings));
             }
         }
     }
@@ -359,22 +384,11 @@ impl Behaviours {
     fn note(&self, change: &Change) -> Option<Record> {
         self.get(&change.id)?;
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        let record = records.entry(change.id.clone()).or_insert_with(|| Record {
-            state: State::Normal,
-            since_unix: change.at_unix,
-            history: VecDeque::new(),
-        });
-        record.state = change.transition.to;
-        record.since_unix = change.at_unix;
-        if record.history.len() >= HISTORY {
-            record.history.pop_front();
-        }
-        record.history.push_back(HistoryEntry {
-            at_unix: change.at_unix,
-            from: change.transition.from,
-            to: change.transition.to,
-            reason: change.transition.reason.clone(),
-        });
+        let record = records
+            .entry(change.id.clone())
+            .or_insert_with(|| Record::new(change.at_unix));
+        let t = &change.transition;
+        record.push(change.at_unix, t.to, t.reason.clone());
         Some(record.clone())
     }
 }
@@ -506,21 +520,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{CertCredential, PrincipalRecord};
-
-    fn device(id: &str) -> PrincipalRecord {
-        PrincipalRecord {
-            kind: crate::principal::PrincipalKind::Device,
-            id: PrincipalId::parse(id).unwrap(),
-            group: GroupName::parse("default").unwrap(),
-            enabled: true,
-            cert: Some(CertCredential { fingerprint: None }),
-            secret_hash: None,
-            generation: 0,
-            created_unix: 1,
-            updated_unix: 1,
-        }
-    }
+    use crate::registry::tests::record as device;
 
     fn policies() -> Policies {
         Policies::from_config(&Config::default())

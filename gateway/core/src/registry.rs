@@ -213,11 +213,15 @@ impl Registry {
         let mut out = Vec::new();
         for entry in table.iter().map_err(storage)? {
             let (k, v) = entry.map_err(storage)?;
-            let record = serde_json::from_slice(v.value()).map_err(|e| RegistryError::Corrupt {
-                key: format!("behaviour {}", k.value()),
-                reason: e.to_string(),
-            })?;
-            out.push((k.value().to_string(), record));
+            // One unreadable record costs that device its history, not the start.
+            match serde_json::from_slice(v.value()) {
+                Ok(record) => out.push((k.value().to_string(), record)),
+                Err(e) => tracing::warn!(
+                    device = k.value(),
+                    error = %e,
+                    "behaviour record unreadable: skipped"
+                ),
+            }
         }
         Ok(out)
     }
@@ -478,10 +482,11 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record(id: &str) -> PrincipalRecord {
+    /// A device of group `default` with a certificate from the group's CA.
+    pub(crate) fn record(id: &str) -> PrincipalRecord {
         PrincipalRecord {
             kind: PrincipalKind::Device,
             id: PrincipalId::parse(id).unwrap(),
@@ -614,6 +619,26 @@ mod tests {
         assert!(r.remove_ban(&target).unwrap());
         assert!(!r.remove_ban(&target).unwrap());
         assert!(r.bans().all().is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_behaviour_record_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        let good = crate::quarantine::Record {
+            state: crate::behaviour::State::Quarantined,
+            since_unix: 5,
+            history: Default::default(),
+        };
+        r.put_behaviour_records(&[("good".into(), good.clone())])
+            .unwrap();
+        let tx = r.db.begin_write().unwrap();
+        tx.open_table(BEHAVIOUR)
+            .unwrap()
+            .insert("bad", b"{not json".as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(r.behaviour_records().unwrap(), vec![("good".into(), good)]);
     }
 
     #[test]

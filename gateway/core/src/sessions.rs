@@ -144,9 +144,10 @@ pub struct SessionGuard {
     pub number: u64,
     pub kicked: watch::Receiver<Option<KickReason>>,
     pub stats: Arc<SessionStats>,
-    /// The live session of the same identity this one took over, if any (see
-    /// `is_clone`).
+    /// The live session of the same identity this one took over, if any, and when
+    /// (see `is_clone`).
     pub displaced: Option<Rival>,
+    pub registered_at: std::time::Instant,
 }
 
 impl Drop for SessionGuard {
@@ -228,6 +229,7 @@ impl Sessions {
             kicked,
             stats,
             displaced,
+            registered_at: now,
         }
     }
 
