@@ -521,7 +521,11 @@ async fn sink(mut s: Stream, sink: Arc<Sink>, start: Instant, measure: bool) {
         let mut count = 0;
         {
             let mut h = measure.then(|| sink.latency.lock().unwrap_or_else(|e| e.into_inner()));
-            while let Ok(Some((p, len))) = mqtt::decode(&buf[used..have], Version::V4, 1 << 20) {
+            // A packet that does not decode ends the reader: it would never be consumed.
+            while let Some((p, len)) = match mqtt::decode(&buf[used..have], Version::V4, 1 << 20) {
+                Ok(next) => next,
+                Err(_) => return,
+            } {
                 if let Packet::Publish {
                     topic,
                     qos,
@@ -651,7 +655,10 @@ async fn blast(
         };
         have += r;
         let mut used = 0;
-        while let Ok(Some((p, len))) = mqtt::decode(&inbuf[used..have], Version::V4, 1 << 16) {
+        while let Some((p, len)) = match mqtt::decode(&inbuf[used..have], Version::V4, 1 << 16) {
+            Ok(next) => next,
+            Err(_) => return,
+        } {
             if matches!(p, Packet::PubAck { .. }) {
                 inflight = inflight.saturating_sub(1);
             }

@@ -431,8 +431,11 @@ impl Scenario {
             if !names.insert(g.name.as_str()) {
                 bail!("{at}: the name is used twice");
             }
-            if g.count == 0 {
-                bail!("{at}: count must be at least 1");
+            // Every member is a connection and a registered principal: beyond this, a
+            // run would exhaust the machine before it started.
+            const MAX_MEMBERS: usize = 1_000_000;
+            if g.count == 0 || g.count > MAX_MEMBERS {
+                bail!("{at}: count must be between 1 and {MAX_MEMBERS}");
             }
             for n in 1..=g.count {
                 let id = g.id(n);
@@ -442,6 +445,11 @@ impl Scenario {
             }
             if let Some(s) = &g.sources {
                 parse_block(s).with_context(|| at.clone())?;
+            }
+            // The clone connects from a second address (the member's twin): with none
+            // given, both would share one and no gateway would see a clone.
+            if matches!(g.behaviour, Behaviour::ClonedIdentity { .. }) && g.sources.is_none() {
+                bail!("{at}: cloned-identity needs `sources` (a loopback block)");
             }
             if g.credential == Credential::Certificate && g.transport == Transport::Plain {
                 bail!("{at}: a certificate needs transport = \"tls\"");
@@ -661,7 +669,15 @@ behaviour = { kind = "flood" }
             ),
             (
                 "[[group]]\nname='a'\ncount=0\nbehaviour={kind='flood'}",
-                "count must be at least 1",
+                "count must be between 1 and 1000000",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nbehaviour={kind='cloned-identity'}",
+                "cloned-identity needs `sources`",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1000001\nbehaviour={kind='flood'}",
+                "count must be between 1 and 1000000",
             ),
             (
                 "[[group]]\nname='a'\ncount=1\ntransport='plain'\nbehaviour={kind='flood'}",
