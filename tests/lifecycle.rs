@@ -305,6 +305,19 @@ fn sigterm_drains_sessions_and_keeps_the_registry() {
 }
 
 #[test]
+fn a_log_written_to_a_file_carries_no_colour_codes() {
+    let mut gw = Gateway::start();
+    let (status, _) = gw.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let log = gw.stderr();
+    assert!(log.contains("shutting down"), "no log line in {log:?}");
+    assert!(
+        !log.contains('\x1b'),
+        "ANSI escape codes in a log file: {log:?}"
+    );
+}
+
+#[test]
 fn a_device_that_stops_reading_is_dropped() {
     // The sending service is exempt from rate limits here: the point is the device.
     let gw = Gateway::start_with(

@@ -7,13 +7,27 @@ mod pki;
 mod serve;
 
 use clap::Parser;
+use std::io::IsTerminal;
 use std::process::ExitCode;
+
+/// Logs are coloured only on a terminal, and never when `NO_COLOR` is set to anything
+/// but the empty string (no-color.org): a log file or a journal gets plain text.
+fn log_colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     use tracing_subscriber::prelude::*;
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(log_colour(
+                    std::io::stderr().is_terminal(),
+                    std::env::var_os("NO_COLOR"),
+                )),
+        )
         .with(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,rumqttd=warn,rustls=error".into()),
@@ -35,5 +49,21 @@ fn main() -> ExitCode {
                 None => ExitCode::from(1),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_colour;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(log_colour(true, None));
+        assert!(!log_colour(false, None), "a pipe or a file gets plain text");
+        assert!(!log_colour(true, Some("1".into())));
+        assert!(
+            log_colour(true, Some("".into())),
+            "an empty NO_COLOR does not count"
+        );
     }
 }

@@ -119,11 +119,18 @@ impl Gateway {
     }
 
     fn spawn(&mut self) {
+        // Appended to across restarts: what the gateway logged, as a log file gets it.
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("stderr.log"))
+            .expect("stderr log");
         let mut child = Command::new(BIN)
             .args(["serve", "--config", self.config.to_str().unwrap()])
             .current_dir(self.dir.path())
+            .env_remove("NO_COLOR")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn portcullis");
         let stdout = child.stdout.take().unwrap();
@@ -205,6 +212,11 @@ impl Gateway {
     /// Start again after `terminate`.
     pub fn restart_after_stop(&mut self) {
         self.spawn();
+    }
+
+    /// What the gateway wrote to stderr (its log), across restarts.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
 
     pub fn data(&self) -> PathBuf {
