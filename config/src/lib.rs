@@ -112,10 +112,13 @@ pub struct Broker {
     pub max_segment_size: usize,
     /// Segments kept per topic before the oldest is dropped.
     pub max_segment_count: usize,
-    /// Maximum links (gateway uplinks + downlink + one per connected service).
+    /// Maximum links (gateway uplinks + the downlink + the fan-out).
     pub max_links: usize,
     /// Messages queued towards one broker link before the sender waits.
     pub link_queue: usize,
+    /// Retained messages kept for services, at most, and their topic + payload bytes.
+    pub max_retained_messages: usize,
+    pub max_retained_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -158,6 +161,10 @@ pub struct Sessions {
     pub queue_max_messages: usize,
     pub queue_max_bytes: usize,
     pub queue_max_age_secs: u64,
+    /// A service's queue of undelivered messages (offline persistent session, or
+    /// reading slower than the messages come): messages and bytes. Age as above.
+    pub service_queue_max_messages: usize,
+    pub service_queue_max_bytes: usize,
     /// QoS 1/2 messages sent to a device and not yet acknowledged (also capped by the
     /// device's MQTT 5 Receive Maximum).
     pub max_inflight: u16,
@@ -464,6 +471,8 @@ impl Default for Broker {
             max_segment_count: 8,
             max_links: 1024,
             link_queue: 4096,
+            max_retained_messages: 100_000,
+            max_retained_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -491,6 +500,8 @@ impl Default for Sessions {
             queue_max_messages: 1_000,
             queue_max_bytes: 1024 * 1024,
             queue_max_age_secs: 86_400,
+            service_queue_max_messages: 10_000,
+            service_queue_max_bytes: 16 * 1024 * 1024,
             max_inflight: 32,
             receive_maximum: 64,
             topic_alias_maximum: 16,
@@ -587,7 +598,7 @@ impl Config {
 
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), (String, String)> {
-        let positive: [(&str, u64); 18] = [
+        let positive: [(&str, u64); 21] = [
             ("limits.write_timeout_secs", self.limits.write_timeout_secs),
             (
                 "tls.handshake_timeout_secs",
@@ -611,6 +622,18 @@ impl Config {
             (
                 "sessions.queue_max_messages",
                 self.sessions.queue_max_messages as u64,
+            ),
+            (
+                "sessions.service_queue_max_messages",
+                self.sessions.service_queue_max_messages as u64,
+            ),
+            (
+                "broker.max_retained_messages",
+                self.broker.max_retained_messages as u64,
+            ),
+            (
+                "broker.max_retained_bytes",
+                self.broker.max_retained_bytes as u64,
             ),
             ("sessions.max_inflight", self.sessions.max_inflight as u64),
             (
@@ -658,7 +681,7 @@ impl Config {
             return Err((
                 "broker.max_links".into(),
                 format!(
-                    "must leave room for the {} uplinks, the downlink and a service (got {})",
+                    "must leave room for the {} uplinks, the downlink and the fan-out (got {})",
                     self.broker.uplinks, self.broker.max_links
                 ),
             ));

@@ -150,6 +150,11 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             max_bytes: config.sessions.queue_max_bytes,
             max_age: Duration::from_secs(config.sessions.queue_max_age_secs),
         },
+        service_mailbox: MailboxLimits {
+            max_messages: config.sessions.service_queue_max_messages,
+            max_bytes: config.sessions.service_queue_max_bytes,
+            max_age: Duration::from_secs(config.sessions.queue_max_age_secs),
+        },
         max_inflight: config.sessions.max_inflight,
         receive_maximum: config.sessions.receive_maximum,
         topic_alias_maximum: config.sessions.topic_alias_maximum,
@@ -157,7 +162,9 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         max_user_properties: config.sessions.max_user_properties,
         max_subscriptions: config.sessions.max_subscriptions,
     };
-    let store = SessionStore::new();
+    // Devices and services are separate namespaces: a session slot each.
+    let device_store = SessionStore::new();
+    let service_store = SessionStore::new();
     let retained = Arc::new(RetainedCommands::new(
         config.sessions.max_retained_per_device,
     ));
@@ -174,6 +181,10 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         std::time::Instant::now(),
     ));
     let context = |kind| {
+        let store = match kind {
+            PrincipalKind::Device => device_store.clone(),
+            PrincipalKind::Service => service_store.clone(),
+        };
         Arc::new(SessionContext {
             kind,
             live: live_rx.clone(),
@@ -181,7 +192,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             auth: auth.clone(),
             broker: broker.clone(),
             sessions: sessions.clone(),
-            store: store.clone(),
+            store,
             retained: retained.clone(),
             behaviours: behaviours.clone(),
             audit: audit.clone(),
@@ -312,17 +323,27 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         behaviour_stopped,
     ));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
-    // Parked sessions past their expiry are dropped, and their commands with them.
+    // Parked sessions past their expiry are dropped, and what they held with them
+    // (counted as expired): a device's queued commands, a service's queued messages
+    // and its subscriptions.
     let sweeper = {
-        let (store, broker, behaviours) = (store.clone(), broker.clone(), behaviours.clone());
+        let (broker, behaviours, metrics) = (broker.clone(), behaviours.clone(), metrics.clone());
+        let (devices, services) = (device_store.clone(), service_store.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                behaviours.sweep(std::time::Instant::now());
-                for (id, mailbox) in store.expire(std::time::Instant::now()) {
-                    mailbox.clear();
+                let now = std::time::Instant::now();
+                behaviours.sweep(now);
+                for (id, mailbox) in devices.expire(now) {
+                    let dropped = mailbox.clear() as u64;
+                    metrics.queue_expired.fetch_add(dropped, Ordering::Relaxed);
                     broker.unregister_device(id, mailbox).await;
+                }
+                for (id, mailbox) in services.expire(now) {
+                    let dropped = mailbox.clear() as u64;
+                    metrics.queue_expired.fetch_add(dropped, Ordering::Relaxed);
+                    broker.detach_service(id, mailbox).await;
                 }
             }
         })

@@ -159,6 +159,29 @@ fn decode_disconnect_v5(frame: &[u8]) -> Incoming {
     }
 }
 
+/// One filter of a SUBSCRIBE, with its options as sent (MQTT 3.1.1: only the QoS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeFilter {
+    pub path: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// 0, 1 or 2 (the strict decoder refuses 3).
+    pub retain_handling: u8,
+}
+
+impl SubscribeFilter {
+    fn v311(path: String, qos: u8) -> Self {
+        SubscribeFilter {
+            path,
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     Connect(ConnectInfo),
@@ -169,7 +192,9 @@ pub enum Incoming {
     PubComp(u16),
     Subscribe {
         pkid: u16,
-        filters: Vec<(String, u8)>,
+        filters: Vec<SubscribeFilter>,
+        /// MQTT 5 Subscription Identifier (1..=268435455).
+        identifier: Option<u32>,
     },
     Unsubscribe {
         pkid: u16,
@@ -193,6 +218,9 @@ pub struct ConnAckProps {
     pub server_keep_alive: Option<u16>,
     /// Set when the gateway grants a different session expiry than asked.
     pub session_expiry: Option<u32>,
+    /// Shared subscriptions and Subscription Identifiers (service sessions).
+    pub shared_subscriptions: bool,
+    pub subscription_identifiers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +239,8 @@ pub enum Outgoing<'a> {
         pkid: u16,
         dup: bool,
         props: Option<&'a Properties>,
+        /// MQTT 5 Subscription Identifiers of the subscriptions that matched.
+        subscription_ids: &'a [u32],
     },
     PubAck {
         pkid: u16,
@@ -323,8 +353,9 @@ pub fn decode(
                     filters: s
                         .filters
                         .into_iter()
-                        .map(|f| (f.path, f.qos as u8))
+                        .map(|f| SubscribeFilter::v311(f.path, f.qos as u8))
                         .collect(),
+                    identifier: None,
                 },
                 v4::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
                     pkid: u.pkid,
@@ -392,8 +423,22 @@ pub fn decode(
                     filters: s
                         .filters
                         .into_iter()
-                        .map(|f| (f.path, f.qos as u8))
+                        .map(|f| SubscribeFilter {
+                            path: f.path,
+                            qos: f.qos as u8,
+                            no_local: f.nolocal,
+                            retain_as_published: f.preserve_retain,
+                            retain_handling: match f.retain_forward_rule {
+                                v5::RetainForwardRule::OnEverySubscribe => 0,
+                                v5::RetainForwardRule::OnNewSubscribe => 1,
+                                v5::RetainForwardRule::Never => 2,
+                            },
+                        })
                         .collect(),
+                    identifier: s
+                        .properties
+                        .and_then(|p| p.id)
+                        .and_then(|id| u32::try_from(id).ok()),
                 },
                 v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
                     pkid: u.pkid,
@@ -498,6 +543,32 @@ fn disconnect_v5(code: u8) -> v5::DisconnectReasonCode {
     }
 }
 
+fn publish_properties(
+    props: Option<&Properties>,
+    subscription_ids: &[u32],
+) -> Option<v5::PublishProperties> {
+    if props.is_none() && subscription_ids.is_empty() {
+        return None;
+    }
+    let ids = subscription_ids.iter().map(|&i| i as usize).collect();
+    Some(match props {
+        Some(p) => v5::PublishProperties {
+            payload_format_indicator: p.payload_format_utf8.map(u8::from),
+            message_expiry_interval: p.message_expiry_secs,
+            topic_alias: None,
+            response_topic: p.response_topic.as_ref().map(|t| t.as_str().to_string()),
+            correlation_data: p.correlation_data.clone(),
+            user_properties: p.user_properties.clone(),
+            subscription_identifiers: ids,
+            content_type: p.content_type.clone(),
+        },
+        None => v5::PublishProperties {
+            subscription_identifiers: ids,
+            ..v5::PublishProperties::default()
+        },
+    })
+}
+
 /// Encode a packet for a peer of the given version. Returns false when the packet has
 /// no 3.1.1 form (a server DISCONNECT) and nothing was written.
 pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) -> bool {
@@ -567,8 +638,10 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
                         reason_string: None,
                         user_properties: Vec::new(),
                         wildcard_subscription_available: Some(1),
-                        subscription_identifiers_available: Some(0),
-                        shared_subscription_available: Some(0),
+                        subscription_identifiers_available: Some(u8::from(
+                            props.subscription_identifiers,
+                        )),
+                        shared_subscription_available: Some(u8::from(props.shared_subscriptions)),
                         server_keep_alive: props.server_keep_alive,
                         response_information: None,
                         server_reference: None,
@@ -589,6 +662,7 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
                     pkid,
                     dup,
                     props,
+                    subscription_ids,
                 } => v5::Packet::Publish(v5::Publish {
                     dup: *dup,
                     qos: qos_v5(*qos),
@@ -596,16 +670,7 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
                     topic: Bytes::copy_from_slice(topic.as_bytes()),
                     pkid: *pkid,
                     payload: payload.clone(),
-                    properties: props.map(|p| v5::PublishProperties {
-                        payload_format_indicator: p.payload_format_utf8.map(u8::from),
-                        message_expiry_interval: p.message_expiry_secs,
-                        topic_alias: None,
-                        response_topic: p.response_topic.as_ref().map(|t| t.as_str().to_string()),
-                        correlation_data: p.correlation_data.clone(),
-                        user_properties: p.user_properties.clone(),
-                        subscription_identifiers: Vec::new(),
-                        content_type: p.content_type.clone(),
-                    }),
+                    properties: publish_properties(*props, subscription_ids),
                 }),
                 Outgoing::PubAck { pkid, reason } => v5::Packet::PubAck(v5::PubAck {
                     pkid: *pkid,

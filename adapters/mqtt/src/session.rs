@@ -8,7 +8,8 @@
 //! lives in `state` and is parked in `store` between connections.
 
 use crate::codec::{
-    self, ConnAckProps, ConnectInfo, Incoming, Outgoing, PublishIn, RawProps, reason,
+    self, ConnAckProps, ConnectInfo, Incoming, Outgoing, PublishIn, RawProps, SubscribeFilter,
+    reason,
 };
 use crate::state::{KeepAlive, Send as Outbound, SessionState, will_delay};
 use crate::store::{SessionStore, Slot};
@@ -17,12 +18,12 @@ use bytes::BytesMut;
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
 use portcullis_core::behaviour::{Observation, State as Behaviour};
-use portcullis_core::broker::{Delivery, EmbeddedBroker, ServiceCmd, ServiceEvent, Uplink};
+use portcullis_core::broker::{EmbeddedBroker, Uplink};
 use portcullis_core::limit::{
     GlobalBucket, LimitDecision, OverLimitAction, PrincipalLimiter, PrincipalRates, Rate,
     TokenBucket,
 };
-use portcullis_core::mailbox::{Mailbox, MailboxLimits};
+use portcullis_core::mailbox::{Delivery, Mailbox, MailboxLimits};
 use portcullis_core::metrics::Metrics;
 use portcullis_core::pipeline::{
     self, Direction, Message, Properties, QoS, Refusal, SessionPolicy, Verdict,
@@ -31,7 +32,10 @@ use portcullis_core::principal::{PrincipalId, PrincipalKind};
 use portcullis_core::quarantine::{self, Behaviours, Policy as BehaviourPolicy, Tracked};
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::sessions::{KickReason, SessionStats, Sessions};
-use portcullis_core::topic::{TopicFilter, TopicLimits, TopicName};
+use portcullis_core::subscription::{
+    RetainHandling, Subscription, SubscriptionKey, SubscriptionOptions,
+};
+use portcullis_core::topic::{TopicLimits, TopicName};
 use portcullis_core::validate::Validator;
 use rustls::pki_types::CertificateDer;
 use std::collections::{HashMap, VecDeque};
@@ -40,7 +44,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
+use tokio::sync::{OwnedMutexGuard, oneshot, watch};
 
 /// Largest CONNECT accepted (before the peer is authenticated).
 const MAX_CONNECT_SIZE: usize = 64 * 1024;
@@ -54,7 +58,9 @@ pub struct SessionLimits {
     pub max_subscribe_filters: usize,
     pub write_timeout: Duration,
     pub max_session_expiry: u32,
+    /// A device's command mailbox, and a service's delivery queue.
     pub mailbox: MailboxLimits,
+    pub service_mailbox: MailboxLimits,
     pub max_inflight: u16,
     pub receive_maximum: u16,
     pub topic_alias_maximum: u16,
@@ -89,6 +95,16 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub limits: SessionLimits,
     pub shutdown: watch::Receiver<bool>,
+}
+
+impl Context {
+    /// A new, empty mailbox with the bounds of this listener's principals.
+    fn new_mailbox(&self) -> Arc<Mailbox> {
+        Arc::new(Mailbox::new(match self.kind {
+            PrincipalKind::Device => self.limits.mailbox,
+            PrincipalKind::Service => self.limits.service_mailbox,
+        }))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,11 +299,7 @@ pub async fn run<S>(
         return;
     }
     // The session's slot: wait for a taken-over connection to put the state back.
-    // Services keep no session state, so they get a slot of their own.
-    let slot = match ctx.kind {
-        PrincipalKind::Device => ctx.store.slot(&session.policy.principal.id),
-        PrincipalKind::Service => Arc::new(tokio::sync::Mutex::new(Slot::default())),
-    };
+    let slot = ctx.store.slot(&session.policy.principal.id);
     let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
         let _ = wr.write_all(&connack(reason::SERVER_BUSY, version)).await;
         refuse_connect(
@@ -316,7 +328,7 @@ pub async fn run<S>(
     }
     let session_present = resumed.is_some();
     let state = resumed.unwrap_or_else(|| {
-        let mut state = SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox)));
+        let mut state = SessionState::new(ctx.new_mailbox());
         state.registered = registered;
         state
     });
@@ -325,10 +337,7 @@ pub async fn run<S>(
         // What the session held (queued commands, unacknowledged messages) stays
         // parked for the next connection.
         if session_present || !connect.clean_start {
-            let state = std::mem::replace(
-                &mut session.state,
-                SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox))),
-            );
+            let state = std::mem::replace(&mut session.state, SessionState::new(ctx.new_mailbox()));
             slot.park(state, now + Duration::from_secs(u64::from(session.expiry)));
         }
         let _ = wr
@@ -643,11 +652,7 @@ fn authenticate(
             })
         }
     };
-    // Services get clean sessions: their durable delivery is the upstream broker's job.
-    let expiry = match ctx.kind {
-        PrincipalKind::Device => connect.session_expiry.min(ctx.limits.max_session_expiry),
-        PrincipalKind::Service => 0,
-    };
+    let expiry = connect.session_expiry.min(ctx.limits.max_session_expiry);
     let keep_alive = KeepAlive::effective(connect.keep_alive, ctx.limits.max_keep_alive);
     let live = ctx.live.borrow().clone();
     let rates = live.config.rates_for(
@@ -680,11 +685,9 @@ fn authenticate(
         method: authed.method,
         disconnect_on_refusal: authed.policy.disconnect_on_refusal,
         link: None,
-        state: SessionState::new(Arc::new(Mailbox::new(ctx.limits.mailbox))),
+        state: SessionState::new(ctx.new_mailbox()),
         pending_acks: VecDeque::new(),
-        service_waiters: HashMap::new(),
         aliases: HashMap::new(),
-        pending_subacks: VecDeque::new(),
         limiter,
         live,
         certs: certs.map(<[_]>::to_vec),
@@ -714,17 +717,6 @@ fn tightened(state: Behaviour) -> bool {
     matches!(state, Behaviour::Probation | Behaviour::Quarantined)
 }
 
-/// How the session talks to the broker.
-enum Link {
-    Device {
-        uplink: Uplink,
-    },
-    Service {
-        cmds: mpsc::Sender<ServiceCmd>,
-        events: mpsc::Receiver<ServiceEvent>,
-    },
-}
-
 struct Session {
     version: ProtocolVersion,
     peer: SocketAddr,
@@ -739,17 +731,14 @@ struct Session {
     generation: u64,
     method: &'static str,
     disconnect_on_refusal: bool,
-    link: Option<Link>,
+    /// The broker uplink the peer's messages go through, once the session is open.
+    link: Option<Uplink>,
     state: SessionState,
     /// Acknowledgements owed to the peer, in the order its publishes arrived; each
     /// waits for the broker's acceptance (or is ready at once, for a refusal).
     pending_acks: VecDeque<PendingAck>,
-    /// A service's QoS 1/2 publishes waiting for the broker's PUBACK, by packet id.
-    service_waiters: HashMap<u16, oneshot::Sender<()>>,
     /// MQTT 5 topic aliases the peer defined on this connection.
     aliases: HashMap<u16, TopicName>,
-    /// Service SUBACK/UNSUBACKs held until the broker confirms, in order.
-    pending_subacks: VecDeque<BytesMut>,
     /// The rate-limit stage's state for this principal.
     limiter: PrincipalLimiter,
     /// The reloadable settings this session currently applies.
@@ -838,64 +827,33 @@ impl End {
     }
 }
 
-enum FromBroker {
-    Delivery(Delivery),
-    PubAck(u16),
-    SubAck,
-    Gone,
-}
-
-/// The next event from a service's broker link, if one is ready now.
-fn try_from_broker(link: &mut Option<Link>) -> Option<FromBroker> {
-    match link {
-        Some(Link::Service { events, .. }) => match events.try_recv() {
-            Ok(ServiceEvent::Delivery(d)) => Some(FromBroker::Delivery(d)),
-            Ok(ServiceEvent::PubAck(pkid)) => Some(FromBroker::PubAck(pkid)),
-            Ok(ServiceEvent::SubAck) => Some(FromBroker::SubAck),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(FromBroker::Gone),
-        },
-        _ => None,
-    }
-}
-
 /// Bytes of output gathered before they are written even though more work is ready.
 const FLUSH_AT: usize = 32 * 1024;
 
-async fn from_broker(link: &mut Option<Link>) -> FromBroker {
-    match link {
-        Some(Link::Service { events, .. }) => match events.recv().await {
-            Some(ServiceEvent::Delivery(d)) => FromBroker::Delivery(d),
-            Some(ServiceEvent::PubAck(pkid)) => FromBroker::PubAck(pkid),
-            Some(ServiceEvent::SubAck) => FromBroker::SubAck,
-            None => FromBroker::Gone,
-        },
-        _ => std::future::pending().await,
-    }
-}
-
 impl Session {
+    /// Route what is for this session into its mailbox (a device's commands, or what
+    /// a service's subscriptions match), and take the uplink its messages go through.
     async fn open_link(&mut self, ctx: &Context, state: SessionState) -> Result<(), String> {
         self.state = state;
-        match ctx.kind {
+        let id = self.policy.principal.id.clone();
+        let mailbox = self.state.mailbox.clone();
+        let link = match ctx.kind {
             PrincipalKind::Device => {
                 ctx.broker
-                    .register_device(self.policy.principal.id.clone(), self.state.mailbox.clone())
+                    .register_device(id.clone(), mailbox)
                     .await
                     .map_err(|e| e.to_string())?;
-                self.link = Some(Link::Device {
-                    uplink: ctx.broker.uplink_for(&self.policy.principal.id),
-                });
+                ctx.broker.uplink_for(&id)
             }
             PrincipalKind::Service => {
-                let (cmds, events) = ctx
-                    .broker
-                    .service_link(&self.policy.principal.id)
+                ctx.broker
+                    .attach_service(id.clone(), mailbox)
                     .await
                     .map_err(|e| e.to_string())?;
-                self.link = Some(Link::Service { cmds, events });
+                ctx.broker.service_uplink(&id)
             }
-        }
+        };
+        self.link = Some(link);
         Ok(())
     }
 
@@ -906,23 +864,28 @@ impl Session {
             topic_alias_maximum: ctx.limits.topic_alias_maximum,
             server_keep_alive: (self.keep_alive != connect.keep_alive).then_some(self.keep_alive),
             session_expiry: (self.expiry != connect.session_expiry).then_some(self.expiry),
+            shared_subscriptions: ctx.kind == PrincipalKind::Service,
+            subscription_identifiers: ctx.kind == PrincipalKind::Service,
         }
     }
 
     /// After the connection: park or drop the session, fire the Will if due.
     async fn finish(mut self, ctx: &Context, end: &End, mut slot: OwnedMutexGuard<Slot>) {
         let id = self.policy.principal.id.clone();
-        if ctx.kind == PrincipalKind::Device {
-            if self.expiry > 0 && !end.discards_session() {
-                let expires_at = Instant::now() + Duration::from_secs(u64::from(self.expiry));
-                let mailbox = self.state.mailbox.clone();
-                slot.park(self.state, expires_at);
-                drop(mailbox);
-            } else {
-                self.state.mailbox.clear();
-                ctx.broker
-                    .unregister_device(id.clone(), self.state.mailbox.clone())
-                    .await;
+        let mailbox = self.state.mailbox.clone();
+        if self.expiry > 0 && !end.discards_session() {
+            // Parked: its mailbox keeps collecting (within its bounds) until the peer
+            // returns or the session expires.
+            let expires_at = Instant::now() + Duration::from_secs(u64::from(self.expiry));
+            slot.park(self.state, expires_at);
+            if ctx.kind == PrincipalKind::Service {
+                ctx.broker.service_online(id.clone(), false).await;
+            }
+        } else {
+            mailbox.clear();
+            match ctx.kind {
+                PrincipalKind::Device => ctx.broker.unregister_device(id.clone(), mailbox).await,
+                PrincipalKind::Service => ctx.broker.detach_service(id.clone(), mailbox).await,
             }
         }
         let epoch = slot.epoch;
@@ -943,7 +906,10 @@ impl Session {
         // MQTT 5: the Will waits for its delay (never longer than the session lives),
         // and is dropped if the device comes back first.
         let delay = will_delay(will.delay_secs, self.expiry);
-        let uplink = ctx.broker.uplink_for(&id);
+        let uplink = match ctx.kind {
+            PrincipalKind::Device => ctx.broker.uplink_for(&id),
+            PrincipalKind::Service => ctx.broker.service_uplink(&id),
+        };
         let retained = ctx.retained.clone();
         let kind = ctx.kind;
         let policy = self.policy.clone();
@@ -1034,9 +1000,7 @@ impl Session {
                 return End::Kicked(reason);
             }
 
-            if ctx.kind == PrincipalKind::Device {
-                self.pump_mailbox(ctx, &mut out);
-            }
+            self.pump_mailbox(ctx, &mut out);
             // Output is written once the acknowledgements that are ready have been
             // gathered, and always before more is read (the flush branch below); the
             // deliveries that are ready are taken in one go; and here, when a lot has
@@ -1112,24 +1076,7 @@ impl Session {
                         Err(_) => Err(End::Closed),
                     }
                 }
-                // A service's deliveries wait in the broker while its window is full.
-                // What is ready is taken in one go (up to a window), so it goes out in
-                // one write.
-                from = from_broker(&mut self.link), if self.state.window_open(self.window) => {
-                    let mut step = self.on_broker(ctx, from, &mut out);
-                    let mut more = self.window;
-                    while step.is_ok()
-                        && more > 0
-                        && out.len() < FLUSH_AT
-                        && self.state.window_open(self.window)
-                    {
-                        let Some(from) = try_from_broker(&mut self.link) else { break };
-                        step = self.on_broker(ctx, from, &mut out);
-                        more -= 1;
-                    }
-                    step
-                }
-                _ = mailbox.notify.notified(), if ctx.kind == PrincipalKind::Device => Ok(()),
+                _ = mailbox.notify.notified() => Ok(()),
                 _ = sleep_until_opt(self.next_pump) => {
                     self.next_pump = None;
                     Ok(())
@@ -1143,36 +1090,6 @@ impl Session {
                 }
                 return end;
             }
-        }
-    }
-
-    /// One event from a service's broker link.
-    fn on_broker(
-        &mut self,
-        ctx: &Context,
-        from: FromBroker,
-        out: &mut BytesMut,
-    ) -> Result<(), End> {
-        match from {
-            FromBroker::Delivery(d) => {
-                self.deliver(ctx, d, out);
-                Ok(())
-            }
-            FromBroker::PubAck(pkid) => {
-                // Answered in arrival order by the pending-ack queue.
-                if let Some(waiter) = self.service_waiters.remove(&pkid) {
-                    let _ = waiter.send(());
-                }
-                Ok(())
-            }
-            FromBroker::SubAck => {
-                // The broker has the filters: now the service may rely on them.
-                if let Some(packet) = self.pending_subacks.pop_front() {
-                    out.extend_from_slice(&packet);
-                }
-                Ok(())
-            }
-            FromBroker::Gone => Err(End::BrokerGone),
         }
     }
 
@@ -1190,24 +1107,27 @@ impl Session {
             return Err(End::Kicked(KickReason::CertificateRevoked));
         }
         self.policy.acl = acl;
-        let lost: Vec<String> = self
+        let lost: Vec<SubscriptionKey> = self
             .state
             .subscriptions()
             .iter()
-            .filter(|(f, _)| pipeline::admit_subscription(&self.policy, f) != Verdict::Accept)
-            .map(|(f, _)| f.as_str().to_string())
+            .filter(|s| {
+                pipeline::admit_subscription(&self.policy, &s.key.filter) != Verdict::Accept
+            })
+            .map(|s| s.key.clone())
             .collect();
-        for f in &lost {
-            self.state.unsubscribe(f);
+        for key in &lost {
+            self.state.unsubscribe(key);
             self.audit_refusal(
                 ctx,
                 "subscribe",
-                Some(f),
+                Some(&key.to_string()),
                 "subscription no longer allowed after reload",
             );
         }
-        if let (Some(Link::Service { cmds, .. }), false) = (&self.link, lost.is_empty()) {
-            cmds.send(ServiceCmd::Unsubscribe(lost))
+        if ctx.kind == PrincipalKind::Service && !lost.is_empty() {
+            ctx.broker
+                .unsubscribe(self.policy.principal.id.clone(), lost)
                 .await
                 .map_err(|_| End::BrokerGone)?;
         }
@@ -1237,9 +1157,10 @@ impl Session {
         Ok(())
     }
 
-    /// Move queued commands to the device while the inflight window allows.
-    /// Commands to a device pass its rate too (denial-of-thing): over it, they wait in
-    /// the mailbox, whose bounds then apply.
+    /// Move queued messages to the peer while the inflight window allows (and, past
+    /// a burst's worth of output, again once that is written). Commands to a device
+    /// pass its rate too (denial-of-thing): over it, they wait in the mailbox, whose
+    /// bounds then apply.
     fn pump_mailbox(&mut self, ctx: &Context, out: &mut BytesMut) {
         let now = Instant::now();
         // A quarantined device's commands wait (within the mailbox's bounds) until it
@@ -1252,14 +1173,22 @@ impl Session {
             }
             return;
         }
+        let device = ctx.kind == PrincipalKind::Device;
         while self.state.window_open(self.window) && !self.state.mailbox.is_empty() {
-            if let Err(wait) = self.downlink.take(1.0, now) {
+            if out.len() >= FLUSH_AT {
+                // The session writes what gathered, then comes straight back here.
+                self.next_pump = Some(now);
+                break;
+            }
+            if device && let Err(wait) = self.downlink.take(1.0, now) {
                 Metrics::inc(&ctx.metrics.rate_limit_waits);
                 self.next_pump = Some(now + wait);
                 break;
             }
             let Some(d) = self.state.mailbox.pop(now) else {
-                self.downlink.give(1.0);
+                if device {
+                    self.downlink.give(1.0);
+                }
                 break;
             };
             self.deliver(ctx, d, out);
@@ -1316,15 +1245,17 @@ impl Session {
                 qos,
                 dup,
             } => {
+                let m = &delivery.message;
                 codec::encode(
                     &Outgoing::Publish {
-                        topic: delivery.topic.as_str(),
-                        payload: delivery.payload.clone(),
+                        topic: m.topic.as_str(),
+                        payload: m.payload.clone(),
                         qos: *qos as u8,
-                        retain: delivery.retain,
+                        retain: m.retain,
                         pkid: *pkid,
                         dup: *dup,
-                        props: delivery.properties.as_deref(),
+                        props: m.properties.as_deref(),
+                        subscription_ids: &delivery.subscription_ids,
                     },
                     self.version,
                     out,
@@ -1376,23 +1307,34 @@ impl Session {
                 self.state.on_pubcomp(pkid);
                 Ok(())
             }
-            Incoming::Subscribe { pkid, filters } => {
-                self.on_subscribe(ctx, pkid, filters, out).await
-            }
+            Incoming::Subscribe {
+                pkid,
+                filters,
+                identifier,
+            } => self.on_subscribe(ctx, pkid, filters, identifier, out).await,
             Incoming::Unsubscribe { pkid, filters } => {
-                let existed: Vec<bool> =
-                    filters.iter().map(|f| self.state.unsubscribe(f)).collect();
-                // The broker only acknowledges filters it had; tell it about those, and
-                // answer at once (a message or two more after UNSUBACK is allowed).
-                let removed: Vec<String> = filters
+                let shared = ctx.kind == PrincipalKind::Service;
+                // A filter that does not parse was never subscribed to.
+                let keys: Vec<Option<SubscriptionKey>> = filters
+                    .iter()
+                    .map(|f| SubscriptionKey::parse(f, ctx.limits.topic, shared).ok())
+                    .collect();
+                let existed: Vec<bool> = keys
+                    .iter()
+                    .map(|k| k.as_ref().is_some_and(|k| self.state.unsubscribe(k)))
+                    .collect();
+                let removed: Vec<SubscriptionKey> = keys
                     .into_iter()
                     .zip(&existed)
-                    .filter_map(|(f, e)| e.then_some(f))
+                    .filter_map(|(k, e)| k.filter(|_| *e))
                     .collect();
-                if let (Some(Link::Service { cmds, .. }), false) = (&self.link, removed.is_empty())
-                    && cmds.send(ServiceCmd::Unsubscribe(removed)).await.is_err()
-                {
-                    return Err(End::BrokerGone);
+                // A service's subscriptions are gone from the fan-out before the
+                // UNSUBACK (a message or two already queued may still follow it).
+                if shared && !removed.is_empty() {
+                    ctx.broker
+                        .unsubscribe(self.policy.principal.id.clone(), removed)
+                        .await
+                        .map_err(|_| End::BrokerGone)?;
                 }
                 codec::encode(&Outgoing::UnsubAck { pkid, existed }, self.version, out);
                 Ok(())
@@ -1413,9 +1355,7 @@ impl Session {
                             "session expiry set on DISCONNECT of a clean session".into(),
                         ));
                     }
-                    if ctx.kind == PrincipalKind::Device {
-                        self.expiry = requested.min(ctx.limits.max_session_expiry);
-                    }
+                    self.expiry = requested.min(ctx.limits.max_session_expiry);
                 }
                 Err(End::ClientDisconnect {
                     with_will: code == reason::DISCONNECT_WITH_WILL,
@@ -1546,7 +1486,7 @@ impl Session {
             .then(|| quarantine::forensic_topic(&self.policy.principal.id, &msg.topic))
             .flatten();
         match (forensic, &self.link) {
-            (Some(topic), Some(Link::Device { uplink })) => {
+            (Some(topic), Some(uplink)) => {
                 Metrics::inc(&ctx.metrics.quarantine_diverted);
                 let diverted = Message {
                     topic,
@@ -1827,36 +1767,21 @@ impl Session {
         ctx.metrics
             .bytes_accepted
             .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
-        match &self.link {
-            Some(Link::Device { uplink }) => {
-                if p.qos == 0 {
-                    uplink.send(msg).await.map_err(|_| End::BrokerGone)?;
-                } else {
-                    let acked = uplink.send_acked(msg).await.map_err(|_| End::BrokerGone)?;
-                    self.pending_acks.push_back(PendingAck {
-                        pkid: p.pkid,
-                        qos: p.qos,
-                        code: reason::SUCCESS,
-                        rx: Some(acked),
-                    });
-                }
-            }
-            Some(Link::Service { cmds, .. }) => {
-                if p.qos > 0 {
-                    let (tx, rx) = oneshot::channel();
-                    self.service_waiters.insert(p.pkid, tx);
-                    self.pending_acks.push_back(PendingAck {
-                        pkid: p.pkid,
-                        qos: p.qos,
-                        code: reason::SUCCESS,
-                        rx: Some(rx),
-                    });
-                }
-                cmds.send(ServiceCmd::Publish(msg, p.pkid))
-                    .await
-                    .map_err(|_| End::BrokerGone)?;
-            }
-            None => return Err(End::BrokerGone),
+        // The acknowledgement waits for the broker, in its own queue: never behind
+        // deliveries held by the peer's Receive Maximum.
+        let Some(uplink) = &self.link else {
+            return Err(End::BrokerGone);
+        };
+        if p.qos == 0 {
+            uplink.send(msg).await.map_err(|_| End::BrokerGone)?;
+        } else {
+            let acked = uplink.send_acked(msg).await.map_err(|_| End::BrokerGone)?;
+            self.pending_acks.push_back(PendingAck {
+                pkid: p.pkid,
+                qos: p.qos,
+                code: reason::SUCCESS,
+                rx: Some(acked),
+            });
         }
         ctx.metrics.forward_latency.record(arrived.elapsed());
         Ok(())
@@ -1866,7 +1791,8 @@ impl Session {
         &mut self,
         ctx: &Context,
         pkid: u16,
-        filters: Vec<(String, u8)>,
+        filters: Vec<SubscribeFilter>,
+        identifier: Option<u32>,
         out: &mut BytesMut,
     ) -> Result<(), End> {
         if filters.len() > ctx.limits.max_subscribe_filters {
@@ -1875,58 +1801,99 @@ impl Session {
             codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
             return Ok(());
         }
+        let service = ctx.kind == PrincipalKind::Service;
         let mut codes = Vec::with_capacity(filters.len());
-        let mut accepted = Vec::new();
+        // Per accepted filter, its place in `codes`.
+        let mut accepted: Vec<(usize, Subscription)> = Vec::new();
         let mut retained = Vec::new();
-        for (raw, qos) in filters {
-            let filter = match TopicFilter::parse(&raw, ctx.limits.topic) {
-                Ok(f) => f,
+        for f in filters {
+            let key = match SubscriptionKey::parse(&f.path, ctx.limits.topic, service) {
+                Ok(k) => k,
                 Err(e) => {
                     ctx.metrics.refused("subscribe", "filter_invalid");
-                    self.audit_refusal(ctx, "subscribe", Some(&raw), &e.to_string());
+                    self.audit_refusal(ctx, "subscribe", Some(&f.path), &e.to_string());
                     codes.push(Err(reason::TOPIC_FILTER_INVALID));
                     continue;
                 }
             };
-            if let Verdict::Refuse(refusal) = pipeline::admit_subscription(&self.policy, &filter) {
+            // MQTT 5: No Local on a shared subscription is a protocol error.
+            if key.share.is_some() && f.no_local {
+                return Err(End::Protocol(
+                    reason::PROTOCOL_ERROR,
+                    "No Local set on a shared subscription".into(),
+                ));
+            }
+            // A shared subscription is authorized by its filter, like any other.
+            if let Verdict::Refuse(refusal) =
+                pipeline::admit_subscription(&self.policy, &key.filter)
+            {
                 ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
                 self.observe(Observation::Denied, Instant::now());
-                self.audit_refusal(ctx, "subscribe", Some(&raw), &refusal.to_string());
+                self.audit_refusal(ctx, "subscribe", Some(&f.path), &refusal.to_string());
                 codes.push(Err(reason::NOT_AUTHORIZED));
                 continue;
             }
-            if self.state.subscriptions().len() >= ctx.limits.max_subscriptions
-                && !self.state.subscriptions().iter().any(|(f, _)| f == &filter)
-            {
+            let held = self.state.subscriptions().len()
+                + accepted
+                    .iter()
+                    .filter(|(_, s)| !self.state.has_subscription(&s.key))
+                    .count();
+            if held >= ctx.limits.max_subscriptions && !self.state.has_subscription(&key) {
                 ctx.metrics.refused("subscribe", "too_many_subscriptions");
-                self.audit_refusal(ctx, "subscribe", Some(&raw), "subscriptions at their limit");
+                self.audit_refusal(
+                    ctx,
+                    "subscribe",
+                    Some(&f.path),
+                    "subscriptions at their limit",
+                );
                 codes.push(Err(reason::QUOTA_EXCEEDED));
                 continue;
             }
-            let granted = QoS::from_u8(qos).unwrap_or(QoS::AtMostOnce);
-            if ctx.kind == PrincipalKind::Device {
-                retained.extend(ctx.retained.matching(&self.policy.principal.id, &filter));
+            let granted = QoS::from_u8(f.qos).unwrap_or(QoS::AtMostOnce);
+            let options = SubscriptionOptions {
+                qos: granted,
+                no_local: f.no_local,
+                retain_as_published: f.retain_as_published,
+                retain_handling: RetainHandling::from_u8(f.retain_handling).unwrap_or_default(),
+                identifier,
+            };
+            let sub = Subscription { key, options };
+            if !service {
+                let existed = self.state.has_subscription(&sub.key);
+                let send = match options.retain_handling {
+                    RetainHandling::OnSubscribe => true,
+                    RetainHandling::OnNewSubscription => !existed,
+                    RetainHandling::Never => false,
+                };
+                if send {
+                    retained.extend(
+                        ctx.retained
+                            .matching(&self.policy.principal.id, &sub.key.filter),
+                    );
+                }
             }
-            self.state.subscribe(filter.clone(), granted);
-            accepted.push((filter.as_str().to_string(), granted));
             codes.push(Ok(granted as u8));
+            accepted.push((codes.len() - 1, sub));
         }
-        if let (Some(Link::Service { cmds, .. }), false) = (&self.link, accepted.is_empty()) {
-            cmds.send(ServiceCmd::Subscribe(accepted))
+        for (_, sub) in &accepted {
+            self.state.subscribe(sub.clone());
+        }
+        if service && !accepted.is_empty() {
+            // SUBACK once the fan-out has the subscriptions (and has queued the
+            // retained messages they asked for, which follow the SUBACK): nothing
+            // published after the SUBACK can miss them.
+            let subs = accepted.into_iter().map(|(_, s)| s).collect();
+            ctx.broker
+                .subscribe(self.policy.principal.id.clone(), subs)
                 .await
                 .map_err(|_| End::BrokerGone)?;
-            // SUBACK once the broker has the subscription, so nothing published right
-            // after the SUBACK can miss it.
-            let mut packet = BytesMut::new();
-            codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, &mut packet);
-            self.pending_subacks.push_back(packet);
-            return Ok(());
         }
         codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
-        // Retained commands follow the SUBACK, through the mailbox like any command.
+        // A device's retained commands follow the SUBACK, through the mailbox like any
+        // command.
         let now = Instant::now();
-        for d in retained {
-            if let Err(overflow) = self.state.mailbox.push(d, now) {
+        for m in retained {
+            if let Err(overflow) = self.state.mailbox.push(Delivery::from(m), now) {
                 Metrics::inc(&ctx.metrics.queue_overflow);
                 self.audit_refusal(ctx, "queue", None, overflow.as_str());
             }
@@ -1936,23 +1903,38 @@ impl Session {
 
     /// A message for this peer: through the pipeline, then out (or into the inflight
     /// window's wait).
-    fn deliver(&mut self, ctx: &Context, msg: Delivery, out: &mut BytesMut) {
-        if let Verdict::Refuse(refusal) = pipeline::admit(&self.policy, &msg, Direction::ToPeer) {
+    fn deliver(&mut self, ctx: &Context, d: Delivery, out: &mut BytesMut) {
+        if let Verdict::Refuse(refusal) =
+            pipeline::admit(&self.policy, &d.message, Direction::ToPeer)
+        {
             ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
             return;
         }
-        let Some(qos) = self.state.delivery_qos(&msg) else {
-            return;
+        // A service's fan-out already applied its subscriptions; a device's commands
+        // are matched here.
+        let qos = match ctx.kind {
+            PrincipalKind::Service => d.message.qos,
+            PrincipalKind::Device => match self.state.delivery_qos(&d) {
+                Some(q) => q,
+                None => return,
+            },
         };
-        // MQTT 5: never send a packet larger than the client said it accepts.
-        let approx = msg.topic.as_str().len() + msg.payload.len() + 64;
-        if approx > self.peer_max_packet {
+        let before = out.len();
+        let send = self.state.start(d, qos);
+        self.encode_send(&send, out);
+        // MQTT 5: never send a packet larger than the client said it accepts; such a
+        // message is dropped as if delivered.
+        if out.len() - before > self.peer_max_packet {
+            out.truncate(before);
+            if let Outbound::Publish { pkid, .. } = send
+                && qos != QoS::AtMostOnce
+            {
+                self.state.abandon(pkid);
+            }
             ctx.metrics
                 .refused("deliver", "over_client_maximum_packet_size");
             return;
         }
-        let send = self.state.start(msg, qos);
-        self.encode_send(&send, out);
         Metrics::inc(&ctx.metrics.messages_delivered);
         self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
     }

@@ -1,15 +1,16 @@
 //! The MQTT session state machine, without I/O.
 //!
-//! What a device session must remember across packets and, when persistent, across
+//! What a session must remember across packets and, when persistent, across
 //! connections: its subscriptions, the QoS 1/2 messages sent to it and not yet
 //! acknowledged (with where each stands in its handshake), the packet ids of QoS 2
 //! messages it sent us that await PUBREL, and its mailbox. Every method is a pure
-//! state transition; the caller does the reading, writing and waiting.
+//! state transition; the caller does the reading, writing and waiting. (A service's
+//! subscriptions are matched by the broker's fan-out; the list here is what the
+//! session holds, for its limits and for reloads.)
 
-use portcullis_core::broker::Delivery;
-use portcullis_core::mailbox::Mailbox;
+use portcullis_core::mailbox::{Delivery, Mailbox};
 use portcullis_core::pipeline::QoS;
-use portcullis_core::topic::TopicFilter;
+use portcullis_core::subscription::{Subscription, SubscriptionKey};
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,7 +95,7 @@ pub enum Send {
 
 #[derive(Debug)]
 pub struct SessionState {
-    subscriptions: Vec<(TopicFilter, QoS)>,
+    subscriptions: Vec<Subscription>,
     inflight: VecDeque<InFlight>,
     next_pkid: u16,
     incoming_qos2: HashSet<u16>,
@@ -116,31 +117,38 @@ impl SessionState {
         }
     }
 
-    pub fn subscribe(&mut self, filter: TopicFilter, qos: QoS) {
-        self.subscriptions.retain(|(f, _)| f != &filter);
-        self.subscriptions.push((filter, qos));
+    /// Add a subscription, or replace the options of one with the same filter; true
+    /// if it existed.
+    pub fn subscribe(&mut self, sub: Subscription) -> bool {
+        let existed = self.unsubscribe(&sub.key);
+        self.subscriptions.push(sub);
+        existed
     }
 
     /// True if there was such a subscription.
-    pub fn unsubscribe(&mut self, filter: &str) -> bool {
+    pub fn unsubscribe(&mut self, key: &SubscriptionKey) -> bool {
         let before = self.subscriptions.len();
-        self.subscriptions.retain(|(f, _)| f.as_str() != filter);
+        self.subscriptions.retain(|s| &s.key != key);
         self.subscriptions.len() != before
     }
 
-    pub fn subscriptions(&self) -> &[(TopicFilter, QoS)] {
+    pub fn subscriptions(&self) -> &[Subscription] {
         &self.subscriptions
     }
 
-    /// The QoS to deliver at: the highest of the matching subscriptions, capped by the
-    /// message's own. `None` when nothing matches.
+    pub fn has_subscription(&self, key: &SubscriptionKey) -> bool {
+        self.subscriptions.iter().any(|s| &s.key == key)
+    }
+
+    /// The QoS to deliver a device's command at: the highest of the matching
+    /// subscriptions, capped by the message's own. `None` when nothing matches.
     pub fn delivery_qos(&self, d: &Delivery) -> Option<QoS> {
         self.subscriptions
             .iter()
-            .filter(|(f, _)| f.matches(&d.topic))
-            .map(|(_, q)| *q)
+            .filter(|s| s.key.share.is_none() && s.key.filter.matches(&d.message.topic))
+            .map(|s| s.options.qos)
             .max()
-            .map(|q| q.min(d.qos))
+            .map(|q| q.min(d.message.qos))
     }
 
     /// May another QoS 1/2 message go out under this window?
@@ -191,6 +199,12 @@ impl SessionState {
             qos,
             dup: false,
         }
+    }
+
+    /// Forget a delivery just started that could not be sent after all (too large
+    /// for the peer): as if it had completed.
+    pub fn abandon(&mut self, pkid: u16) {
+        self.inflight.retain(|m| m.pkid != pkid);
     }
 
     fn position(&self, pkid: u16, stage: Stage) -> Option<usize> {
@@ -267,6 +281,8 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use portcullis_core::mailbox::MailboxLimits;
+    use portcullis_core::pipeline::Message;
+    use portcullis_core::subscription::SubscriptionOptions;
     use portcullis_core::topic::{TopicLimits, TopicName};
 
     const L: TopicLimits = TopicLimits {
@@ -283,17 +299,24 @@ mod tests {
     }
 
     fn d(topic: &str, qos: QoS) -> Delivery {
-        Delivery {
+        Delivery::from(Message {
             topic: TopicName::parse(topic, L).unwrap(),
             payload: Bytes::from_static(b"p"),
             qos,
             retain: false,
             properties: None,
-        }
+        })
     }
 
-    fn f(s: &str) -> TopicFilter {
-        TopicFilter::parse(s, L).unwrap()
+    fn key(s: &str) -> SubscriptionKey {
+        SubscriptionKey::parse(s, L, false).unwrap()
+    }
+
+    fn sub(s: &str, qos: QoS) -> Subscription {
+        Subscription {
+            key: key(s),
+            options: SubscriptionOptions::qos(qos),
+        }
     }
 
     fn pkid(s: &Send) -> u16 {
@@ -330,7 +353,7 @@ mod tests {
     #[test]
     fn delivered_qos_is_the_lower_of_subscription_and_message() {
         let mut s = state();
-        s.subscribe(f("devices/a/commands/#"), QoS::AtLeastOnce);
+        assert!(!s.subscribe(sub("devices/a/commands/#", QoS::AtLeastOnce)));
         assert_eq!(
             s.delivery_qos(&d("devices/a/commands/x", QoS::ExactlyOnce)),
             Some(QoS::AtLeastOnce)
@@ -339,7 +362,7 @@ mod tests {
             s.delivery_qos(&d("devices/a/commands/x", QoS::AtMostOnce)),
             Some(QoS::AtMostOnce)
         );
-        s.subscribe(f("devices/a/commands/x"), QoS::ExactlyOnce);
+        s.subscribe(sub("devices/a/commands/x", QoS::ExactlyOnce));
         assert_eq!(
             s.delivery_qos(&d("devices/a/commands/x", QoS::ExactlyOnce)),
             Some(QoS::ExactlyOnce)
@@ -348,9 +371,14 @@ mod tests {
             s.delivery_qos(&d("devices/a/other", QoS::AtLeastOnce)),
             None
         );
-        assert!(s.unsubscribe("devices/a/commands/x"));
-        assert!(s.unsubscribe("devices/a/commands/#"));
-        assert!(!s.unsubscribe("devices/a/commands/#"));
+        assert!(
+            s.subscribe(sub("devices/a/commands/x", QoS::ExactlyOnce)),
+            "the same filter again replaces it"
+        );
+        assert_eq!(s.subscriptions().len(), 2);
+        assert!(s.unsubscribe(&key("devices/a/commands/x")));
+        assert!(s.unsubscribe(&key("devices/a/commands/#")));
+        assert!(!s.unsubscribe(&key("devices/a/commands/#")));
         assert_eq!(
             s.delivery_qos(&d("devices/a/commands/x", QoS::AtLeastOnce)),
             None
@@ -418,7 +446,7 @@ mod tests {
             } => {
                 assert_eq!(*p, pkid(&a));
                 assert!(*dup);
-                assert_eq!(delivery.topic.as_str(), "devices/a/commands/1");
+                assert_eq!(delivery.message.topic.as_str(), "devices/a/commands/1");
             }
             other => panic!("{other:?}"),
         }

@@ -5,30 +5,38 @@
 //! lives on its own thread with a current-thread runtime, fed by a bounded queue: a
 //! slow router slows the senders (back-pressure), never a tokio worker.
 //!
-//! - `uplinks`: a few links carrying device traffic into the broker; a device always
-//!   uses the same one, so its messages stay in order. QoS 1 goes through the link as
-//!   QoS 1 and the caller is told when the router acknowledged it.
+//! - `uplinks`: a few links carrying every peer's messages into the broker; a
+//!   principal always uses the same one, so its messages stay in order. QoS 1 and 2
+//!   go through the link as QoS 1 and the caller is told when the router acknowledged
+//!   it.
 //! - the downlink: one link subscribed to every device's commands, routing each to
 //!   the device's session.
-//! - a link per connected service, carrying its own subscriptions.
+//! - the fan-out: one link subscribed to everything, routing each message to the
+//!   service sessions whose subscriptions match (`fanout`). Service sessions hold no
+//!   link of their own, so a service's subscriptions cost the broker nothing.
+//!
+//! Messages cross the broker in an envelope (`seal`/`open`): the router stamps each
+//! forward with its link subscription's QoS and clears the retain flag, and does not
+//! say who published; the envelope keeps the message's own QoS and retain flag and, for
+//! a service's publish, the service's id (for MQTT 5 No Local).
 
 use crate::audit::{Audit, AuditEntry};
-use crate::mailbox::Mailbox;
+use crate::fanout::{Fanout, FanoutLimits, Routed};
+use crate::mailbox::{Delivery, Mailbox};
 use crate::metrics::Metrics;
 use crate::pipeline::{Message, Properties, QoS};
 use crate::principal::PrincipalId;
+use crate::subscription::{Subscription, SubscriptionKey};
 use crate::topic::TopicName;
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, Packet, PubAck, PubAckReason, Publish,
-    PublishProperties, RetainForwardRule, Subscribe, Unsubscribe,
+    Filter, Packet, PubAck, PubAckReason, Publish, PublishProperties, RetainForwardRule, Subscribe,
 };
 use rumqttd::{Config, Notification, RouterConfig};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,11 +48,12 @@ pub enum BrokerError {
     Stopped,
 }
 
-/// A message delivered from the broker to a peer.
-pub type Delivery = Message;
-
-enum UplinkCmd {
-    Publish(Message, Option<oneshot::Sender<()>>),
+struct UplinkCmd {
+    message: Message,
+    /// Told when the router has the message (QoS 1 and 2).
+    ack: Option<oneshot::Sender<()>>,
+    /// The publishing service, if a service published it.
+    origin: Option<PrincipalId>,
 }
 
 enum DownlinkCmd {
@@ -52,30 +61,27 @@ enum DownlinkCmd {
     Unregister(PrincipalId, Arc<Mailbox>),
 }
 
-/// Commands from a service session to its link.
-#[derive(Debug)]
-pub enum ServiceCmd {
-    /// `pkid` is the service's own packet id for QoS 1; the PUBACK comes back with it.
-    Publish(Message, u16),
-    Subscribe(Vec<(String, QoS)>),
-    Unsubscribe(Vec<String>),
-}
-
-/// What a service link reports back to its session.
-#[derive(Debug)]
-pub enum ServiceEvent {
-    Delivery(Delivery),
-    PubAck(u16),
-    /// The broker has the subscription in place.
-    SubAck,
+/// What service sessions ask of the fan-out.
+enum FanoutCmd {
+    Attach(PrincipalId, Arc<Mailbox>),
+    Detach(PrincipalId, Arc<Mailbox>),
+    Online(PrincipalId, bool),
+    /// Answered, per subscription, with whether it existed before.
+    Subscribe(PrincipalId, Vec<Subscription>, oneshot::Sender<Vec<bool>>),
+    /// Answered, per filter, with whether there was such a subscription.
+    Unsubscribe(
+        PrincipalId,
+        Vec<SubscriptionKey>,
+        oneshot::Sender<Vec<bool>>,
+    ),
 }
 
 pub struct EmbeddedBroker {
+    #[allow(dead_code)] // Owns the router: dropping it would stop the broker.
     broker: rumqttd::Broker,
     uplinks: Vec<mpsc::Sender<UplinkCmd>>,
     downlink: mpsc::Sender<DownlinkCmd>,
-    link_queue: usize,
-    service_links: AtomicU64,
+    fanout: mpsc::Sender<FanoutCmd>,
 }
 
 impl std::fmt::Debug for EmbeddedBroker {
@@ -112,16 +118,82 @@ fn link_err(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Link(e.to_string())
 }
 
-/// Build a rumqttd publish with the QoS and packet id set (its constructor only makes
-/// QoS 0, but its serialized form is public and carries both).
-fn build_publish(topic: &[u8], payload: &[u8], qos: QoS, retain: bool, pkid: u16) -> Publish {
-    let mut buf = BytesMut::with_capacity(5 + topic.len() + payload.len());
-    buf.put_u8(0b0011_0000 | retain as u8 | ((qos as u8) << 1));
+/// Envelope flags: the message's QoS (two bits), its retain flag, and whether the
+/// publishing service's id follows.
+const SEAL_QOS: u8 = 0b0011;
+const SEAL_RETAIN: u8 = 0b0100;
+const SEAL_ORIGIN: u8 = 0b1000;
+
+/// A rumqttd publish carrying `message` in its envelope: the payload is the flags
+/// byte, the origin (a length byte and the id) if any, then the message's payload.
+/// `link_qos` and `pkid` are for the link's own acknowledgement. (rumqttd's
+/// constructor only makes QoS 0, but its serialized form is public and carries both.)
+fn seal(message: &Message, origin: Option<&PrincipalId>, link_qos: QoS, pkid: u16) -> Publish {
+    let topic = message.topic.as_str().as_bytes();
+    let origin = origin.map(|o| o.as_str().as_bytes());
+    let envelope = 1 + origin.map_or(0, |o| 1 + o.len());
+    let mut buf = BytesMut::with_capacity(5 + topic.len() + envelope + message.payload.len());
+    buf.put_u8(0b0011_0000 | ((link_qos as u8) << 1));
     buf.put_u16(pkid);
     buf.put_u16(topic.len() as u16);
     buf.put_slice(topic);
-    buf.put_slice(payload);
+    let mut flags = message.qos as u8 & SEAL_QOS;
+    if message.retain {
+        flags |= SEAL_RETAIN;
+    }
+    if origin.is_some() {
+        flags |= SEAL_ORIGIN;
+    }
+    buf.put_u8(flags);
+    if let Some(o) = origin {
+        // Principal ids are at most 64 bytes.
+        buf.put_u8(o.len() as u8);
+        buf.put_slice(o);
+    }
+    buf.put_slice(&message.payload);
     Publish::deserialize(buf.freeze())
+}
+
+/// The message (and its publishing service) out of a forward's envelope. `None` for
+/// anything that did not come sealed from an uplink.
+fn open(
+    publish: Publish,
+    properties: Option<PublishProperties>,
+) -> Option<(Message, Option<PrincipalId>)> {
+    let topic = std::str::from_utf8(&publish.topic).ok()?;
+    let topic = TopicName::parse(topic, UNLIMITED).ok()?;
+    let mut payload = publish.payload;
+    let flags = *payload.first()?;
+    payload.advance(1);
+    let origin = if flags & SEAL_ORIGIN != 0 {
+        let len = usize::from(*payload.first()?);
+        let id = payload.get(1..1 + len)?;
+        let id = PrincipalId::parse(std::str::from_utf8(id).ok()?).ok()?;
+        payload.advance(1 + len);
+        Some(id)
+    } else {
+        None
+    };
+    let properties = properties.map(|p| Properties {
+        payload_format_utf8: p.payload_format_indicator.map(|v| v == 1),
+        message_expiry_secs: p.message_expiry_interval,
+        content_type: p.content_type,
+        response_topic: p
+            .response_topic
+            .and_then(|t| TopicName::parse(&t, UNLIMITED).ok()),
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+    });
+    let message = Message {
+        topic,
+        payload,
+        qos: QoS::from_u8(flags & SEAL_QOS)?,
+        retain: flags & SEAL_RETAIN != 0,
+        properties: properties
+            .filter(|p| *p != Properties::default())
+            .map(Arc::new),
+    };
+    Some((message, origin))
 }
 
 /// QoS and packet id of a forwarded publish (rumqttd keeps them crate-private). The
@@ -166,70 +238,24 @@ fn filter(path: &str, qos: QoS) -> Filter {
     }
 }
 
-/// The user property that carries a QoS 2 message's QoS through the embedded broker,
-/// which stamps every forward with the QoS of the link's subscription (at most 1).
-/// Stripped before anything reaches a peer.
-const QOS2_MARK: &str = "$portcullis.qos2";
-
-/// The broker-side properties of a message: its own, plus the QoS 2 mark.
+/// The broker-side properties of a message.
 fn link_properties(msg: &Message) -> Option<PublishProperties> {
-    if msg.properties.is_none() && msg.qos != QoS::ExactlyOnce {
-        return None;
-    }
-    let mut out = PublishProperties::default();
-    if let Some(p) = &msg.properties {
-        out.payload_format_indicator = p.payload_format_utf8.map(u8::from);
-        out.message_expiry_interval = p.message_expiry_secs;
-        out.content_type = p.content_type.clone();
-        out.response_topic = p.response_topic.as_ref().map(|t| t.as_str().to_string());
-        out.correlation_data = p.correlation_data.clone();
-        out.user_properties = p.user_properties.clone();
-    }
-    if msg.qos == QoS::ExactlyOnce {
-        out.user_properties
-            .push((QOS2_MARK.to_string(), String::new()));
-    }
-    Some(out)
+    let p = msg.properties.as_ref()?;
+    Some(PublishProperties {
+        payload_format_indicator: p.payload_format_utf8.map(u8::from),
+        message_expiry_interval: p.message_expiry_secs,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.as_ref().map(|t| t.as_str().to_string()),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        ..PublishProperties::default()
+    })
 }
 
 const UNLIMITED: crate::topic::TopicLimits = crate::topic::TopicLimits {
     max_length: usize::MAX,
     max_depth: usize::MAX,
 };
-
-fn to_delivery(
-    publish: Publish,
-    properties: Option<PublishProperties>,
-    link_qos: QoS,
-) -> Option<Delivery> {
-    let topic = std::str::from_utf8(&publish.topic).ok()?;
-    let topic = TopicName::parse(topic, UNLIMITED).ok()?;
-    let mut qos = link_qos;
-    let properties = properties.and_then(|mut p| {
-        if let Some(i) = p.user_properties.iter().position(|(k, _)| k == QOS2_MARK) {
-            p.user_properties.remove(i);
-            qos = QoS::ExactlyOnce;
-        }
-        let out = Properties {
-            payload_format_utf8: p.payload_format_indicator.map(|v| v == 1),
-            message_expiry_secs: p.message_expiry_interval,
-            content_type: p.content_type,
-            response_topic: p
-                .response_topic
-                .and_then(|t| TopicName::parse(&t, UNLIMITED).ok()),
-            correlation_data: p.correlation_data,
-            user_properties: p.user_properties,
-        };
-        (out != Properties::default()).then(|| Arc::new(out))
-    });
-    Some(Delivery {
-        topic,
-        payload: publish.payload,
-        qos,
-        retain: publish.retain,
-        properties,
-    })
-}
 
 fn spawn_link_thread(
     name: String,
@@ -269,25 +295,47 @@ impl EmbeddedBroker {
         }
         let (tx, rx) = broker.link("portcullis-downlink").map_err(link_err)?;
         let (downlink, cmd_rx) = mpsc::channel(cfg.link_queue);
+        let (m, a) = (metrics.clone(), audit.clone());
         spawn_link_thread("downlink".into(), move || {
-            runtime().block_on(run_downlink(tx, rx, cmd_rx, metrics, audit))
+            runtime().block_on(run_downlink(tx, rx, cmd_rx, m, a))
+        })?;
+        let (tx, rx) = broker.link("portcullis-fanout").map_err(link_err)?;
+        let (fanout, cmd_rx) = mpsc::channel(cfg.link_queue);
+        let table = Fanout::new(FanoutLimits {
+            max_retained_messages: cfg.max_retained_messages,
+            max_retained_bytes: cfg.max_retained_bytes,
+        });
+        spawn_link_thread("fanout".into(), move || {
+            runtime().block_on(run_fanout(tx, rx, cmd_rx, table, metrics, audit))
         })?;
         Ok(Arc::new(EmbeddedBroker {
             broker,
             uplinks,
             downlink,
-            link_queue: cfg.link_queue,
-            service_links: AtomicU64::new(0),
+            fanout,
         }))
     }
 
-    /// The uplink a principal always uses.
-    pub fn uplink_for(&self, id: &PrincipalId) -> Uplink {
+    fn uplink_index(&self, id: &PrincipalId) -> usize {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         id.hash(&mut h);
-        let n = (h.finish() % self.uplinks.len() as u64) as usize;
+        (h.finish() % self.uplinks.len() as u64) as usize
+    }
+
+    /// The uplink a device (or the gateway itself, for its own events) always uses.
+    pub fn uplink_for(&self, id: &PrincipalId) -> Uplink {
         Uplink {
-            tx: self.uplinks[n].clone(),
+            tx: self.uplinks[self.uplink_index(id)].clone(),
+            origin: None,
+        }
+    }
+
+    /// The uplink a service always uses; its messages carry its id, so that its own
+    /// No Local subscriptions pass them over.
+    pub fn service_uplink(&self, id: &PrincipalId) -> Uplink {
+        Uplink {
+            tx: self.uplinks[self.uplink_index(id)].clone(),
+            origin: Some(id.clone()),
         }
     }
 
@@ -311,27 +359,58 @@ impl EmbeddedBroker {
             .await;
     }
 
-    /// A link of the service's own. Blocks briefly while the router registers it.
-    pub async fn service_link(
-        self: &Arc<Self>,
-        id: &PrincipalId,
-    ) -> Result<(mpsc::Sender<ServiceCmd>, mpsc::Receiver<ServiceEvent>), BrokerError> {
-        let n = self.service_links.fetch_add(1, Ordering::Relaxed);
-        let name = format!("service-{id}-{n}");
-        let this = self.clone();
-        let link_name = name.clone();
-        let (tx, rx) = tokio::task::spawn_blocking(move || {
-            this.broker.link(&link_name).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(link_err)?
-        .map_err(link_err)?;
-        let (cmd_tx, cmd_rx) = mpsc::channel(self.link_queue);
-        let (event_tx, event_rx) = mpsc::channel(self.link_queue);
-        spawn_link_thread(name, move || {
-            runtime().block_on(run_service_link(tx, rx, cmd_rx, event_tx))
-        })?;
-        Ok((cmd_tx, event_rx))
+    async fn to_fanout(&self, cmd: FanoutCmd) -> Result<(), BrokerError> {
+        self.fanout
+            .send(cmd)
+            .await
+            .map_err(|_| BrokerError::Stopped)
+    }
+
+    /// Route to this mailbox what the service's subscriptions match, from now on. A
+    /// resumed session attaches its mailbox again and keeps its subscriptions; another
+    /// mailbox starts the service afresh, with none.
+    pub async fn attach_service(
+        &self,
+        id: PrincipalId,
+        mailbox: Arc<Mailbox>,
+    ) -> Result<(), BrokerError> {
+        self.to_fanout(FanoutCmd::Attach(id, mailbox)).await
+    }
+
+    /// The service's session is gone for good: its subscriptions go too (if this
+    /// mailbox is still the attached one).
+    pub async fn detach_service(&self, id: PrincipalId, mailbox: Arc<Mailbox>) {
+        let _ = self.to_fanout(FanoutCmd::Detach(id, mailbox)).await;
+    }
+
+    /// Whether the service has a connection (a parked persistent session has none).
+    pub async fn service_online(&self, id: PrincipalId, online: bool) {
+        let _ = self.to_fanout(FanoutCmd::Online(id, online)).await;
+    }
+
+    /// Add or replace subscriptions of an attached service. Once this returns, every
+    /// message the broker takes afterwards is matched against them, and the retained
+    /// messages they asked for are in the mailbox. Per subscription: whether it
+    /// existed before.
+    pub async fn subscribe(
+        &self,
+        id: PrincipalId,
+        subs: Vec<Subscription>,
+    ) -> Result<Vec<bool>, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.to_fanout(FanoutCmd::Subscribe(id, subs, tx)).await?;
+        rx.await.map_err(|_| BrokerError::Stopped)
+    }
+
+    /// Remove subscriptions of a service; per filter, whether there was one.
+    pub async fn unsubscribe(
+        &self,
+        id: PrincipalId,
+        keys: Vec<SubscriptionKey>,
+    ) -> Result<Vec<bool>, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.to_fanout(FanoutCmd::Unsubscribe(id, keys, tx)).await?;
+        rx.await.map_err(|_| BrokerError::Stopped)
     }
 }
 
@@ -339,23 +418,32 @@ impl EmbeddedBroker {
 #[derive(Debug, Clone)]
 pub struct Uplink {
     tx: mpsc::Sender<UplinkCmd>,
+    origin: Option<PrincipalId>,
 }
 
 impl Uplink {
     /// Hand a QoS 0 message to the broker (waits only for queue room).
-    pub async fn send(&self, msg: Message) -> Result<(), BrokerError> {
+    pub async fn send(&self, message: Message) -> Result<(), BrokerError> {
         self.tx
-            .send(UplinkCmd::Publish(msg, None))
+            .send(UplinkCmd {
+                message,
+                ack: None,
+                origin: self.origin.clone(),
+            })
             .await
             .map_err(|_| BrokerError::Stopped)
     }
 
     /// Hand a QoS 1/2 message to the broker; the receiver fires when the router has
     /// accepted it.
-    pub async fn send_acked(&self, msg: Message) -> Result<oneshot::Receiver<()>, BrokerError> {
+    pub async fn send_acked(&self, message: Message) -> Result<oneshot::Receiver<()>, BrokerError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(UplinkCmd::Publish(msg, Some(tx)))
+            .send(UplinkCmd {
+                message,
+                ack: Some(tx),
+                origin: self.origin.clone(),
+            })
             .await
             .map_err(|_| BrokerError::Stopped)?;
         Ok(rx)
@@ -397,7 +485,7 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
             // Packet ids are 16 bits: with that many awaiting the router, wait for acks
             // before taking more (the senders feel it as back-pressure).
             cmd = cmds.recv(), if pending.len() < MAX_PENDING && batch.len() < BATCH => {
-                let Some(UplinkCmd::Publish(msg, ack)) = cmd else {
+                let Some(UplinkCmd { message, ack, origin }) = cmd else {
                     // Closing: what was accepted still goes to the router.
                     let _ = send_batch(&mut tx, &mut batch).await;
                     break;
@@ -416,8 +504,8 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
                         (QoS::AtLeastOnce, next_pkid)
                     }
                 };
-                let publish = build_publish(msg.topic.as_str().as_bytes(), &msg.payload, qos, msg.retain, pkid);
-                batch.push(Packet::Publish(publish, link_properties(&msg)));
+                let publish = seal(&message, origin.as_ref(), qos, pkid);
+                batch.push(Packet::Publish(publish, link_properties(&message)));
                 if let Some(ack) = ack {
                     pending.insert(pkid, ack);
                 }
@@ -479,7 +567,11 @@ async fn run_downlink(
                         .ok()
                         .and_then(|t| t.split('/').nth(1))
                         .and_then(|id| PrincipalId::parse(id).ok());
-                    let delivery = to_delivery(forward.publish, forward.properties, link_qos);
+                    // A live command: its retain flag is not the device's business
+                    // (retained commands reach it when it subscribes).
+                    let delivery = open(forward.publish, forward.properties).map(|(message, _)| {
+                        Delivery::from(Message { retain: false, ..message })
+                    });
                     // A device with no session (never connected, clean session ended,
                     // or expired) has nothing to deliver to: the command is dropped.
                     let mailbox = target.as_ref().and_then(|id| routes.get(id));
@@ -511,62 +603,86 @@ async fn run_downlink(
     }
 }
 
-async fn run_service_link(
+/// Count and audit what a routing step could not place.
+fn report(routed: Routed, topic: &str, metrics: &Metrics, audit: &Audit) {
+    for (id, overflow) in routed.overflows {
+        Metrics::inc(&metrics.queue_overflow);
+        audit.record(
+            AuditEntry::new("queue", "refuse")
+                .principal("service", id.to_string())
+                .topic(topic.to_string())
+                .reason(overflow.as_str()),
+        );
+    }
+    if routed.retained_refused {
+        Metrics::inc(&metrics.retained_refused);
+        audit.record(
+            AuditEntry::new("retain", "refuse")
+                .topic(topic.to_string())
+                .reason("retained messages at their limit (broker.max_retained_messages / max_retained_bytes): delivered, not retained"),
+        );
+    }
+}
+
+async fn run_fanout(
     mut tx: LinkTx,
     mut rx: LinkRx,
-    mut cmds: mpsc::Receiver<ServiceCmd>,
-    events: mpsc::Sender<ServiceEvent>,
+    mut cmds: mpsc::Receiver<FanoutCmd>,
+    mut table: Fanout,
+    metrics: Arc<Metrics>,
+    audit: Audit,
 ) {
-    let mut sub_pkid: u16 = 0;
-    // Packets for the router (the service's commands, acknowledgements of what was
-    // forwarded to it), handed over in batches.
-    let mut acks: Vec<Packet> = Vec::with_capacity(BATCH);
+    // Everything, at QoS 0: the table decides each session's QoS, and nothing waits
+    // for acknowledgements on this link.
+    let subscribe = Subscribe {
+        pkid: 1,
+        filters: vec![filter("#", QoS::AtMostOnce)],
+    };
+    if tx.send(Packet::Subscribe(subscribe, None)).await.is_err() {
+        return;
+    }
     loop {
         tokio::select! {
+            // Session requests first: a SUBSCRIBE is answered before more traffic is
+            // routed, so nothing the broker takes after its SUBACK misses it.
             biased;
-            // Up to a batch of commands at a time, so deliveries are not starved by a
-            // service that publishes without pause.
-            cmd = cmds.recv(), if acks.len() < BATCH => {
-                let packet = match cmd {
+            cmd = cmds.recv() => {
+                let now = Instant::now();
+                match cmd {
                     None => break,
-                    Some(ServiceCmd::Publish(msg, pkid)) => {
-                        let qos = if msg.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                        let publish = build_publish(msg.topic.as_str().as_bytes(), &msg.payload, qos, msg.retain, pkid);
-                        Packet::Publish(publish, link_properties(&msg))
+                    Some(FanoutCmd::Attach(id, mailbox)) => table.attach(&id, mailbox),
+                    Some(FanoutCmd::Detach(id, mailbox)) => {
+                        table.detach(&id, &mailbox);
                     }
-                    Some(ServiceCmd::Subscribe(filters)) => {
-                        sub_pkid = sub_pkid.wrapping_add(1).max(1);
-                        let filters = filters.iter().map(|(f, q)| filter(f, *q)).collect();
-                        Packet::Subscribe(Subscribe { pkid: sub_pkid, filters }, None)
+                    Some(FanoutCmd::Online(id, online)) => table.set_online(&id, online),
+                    Some(FanoutCmd::Subscribe(id, subs, reply)) => {
+                        let mut existed = Vec::with_capacity(subs.len());
+                        for sub in subs {
+                            let filter = sub.key.to_string();
+                            match table.subscribe(&id, sub, now) {
+                                Ok(done) => {
+                                    existed.push(done.existed);
+                                    report(done.routed, &filter, &metrics, &audit);
+                                }
+                                Err(_) => existed.push(false),
+                            }
+                        }
+                        let _ = reply.send(existed);
                     }
-                    Some(ServiceCmd::Unsubscribe(filters)) => {
-                        sub_pkid = sub_pkid.wrapping_add(1).max(1);
-                        Packet::Unsubscribe(Unsubscribe { pkid: sub_pkid, filters }, None)
-                    }
-                };
-                acks.push(packet);
-            }
-            // A notification is taken only when the session has room for it, so a
-            // full session queue never stops this loop from taking the session's
-            // commands (which would deadlock the two). Meanwhile the broker keeps the
-            // backlog in its commit log.
-            (permit, n) = async { (events.reserve().await, rx.next().await) }, if acks.len() < BATCH => {
-                let Ok(permit) = permit else { break };
-                match n {
-                Ok(Some(Notification::Forward(forward))) => {
-                    let (qos, pkid) = forward_qos_pkid(&forward.publish);
-                    if let Some(delivery) = to_delivery(forward.publish, forward.properties, qos) {
-                        permit.send(ServiceEvent::Delivery(delivery));
-                    }
-                    if qos != QoS::AtMostOnce {
-                        acks.push(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
+                    Some(FanoutCmd::Unsubscribe(id, keys, reply)) => {
+                        let existed = keys.iter().map(|k| table.unsubscribe(&id, k)).collect();
+                        let _ = reply.send(existed);
                     }
                 }
-                Ok(Some(n @ Notification::DeviceAck(_))) => {
-                    match link_ack(n) {
-                        Some(LinkAck::Pub(pkid)) => permit.send(ServiceEvent::PubAck(pkid)),
-                        Some(LinkAck::Sub) => permit.send(ServiceEvent::SubAck),
-                        None => {}
+            }
+            n = rx.next() => match n {
+                Ok(Some(Notification::Forward(forward))) => {
+                    let Some((message, origin)) = open(forward.publish, forward.properties) else {
+                        continue;
+                    };
+                    let routed = table.publish(&message, origin.as_ref(), Instant::now());
+                    if !routed.overflows.is_empty() || routed.retained_refused {
+                        report(routed, message.topic.as_str(), &metrics, &audit);
                     }
                 }
                 Ok(Some(Notification::Unschedule)) => {
@@ -574,34 +690,63 @@ async fn run_service_link(
                 }
                 Ok(_) => {}
                 Err(_) => break,
-                }
-            }
-            _ = std::future::ready(()), if !acks.is_empty() => {
-                if send_batch(&mut tx, &mut acks).await.is_err() {
-                    break;
-                }
             }
         }
     }
-    // What was gathered still goes to the router, then tell it this link is gone, so
-    // its slot and subscriptions are freed.
-    let _ = send_batch(&mut tx, &mut acks).await;
-    let disconnect = Disconnect {
-        reason_code: DisconnectReasonCode::NormalDisconnection,
-    };
-    let _ = tx.send(Packet::Disconnect(disconnect, None)).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    fn message(qos: QoS, retain: bool, payload: &'static [u8]) -> Message {
+        Message {
+            topic: TopicName::parse_unlimited("devices/a/telemetry").unwrap(),
+            payload: Bytes::from_static(payload),
+            qos,
+            retain,
+            properties: None,
+        }
+    }
 
     #[test]
-    fn built_publish_carries_qos_and_packet_id() {
-        let p = build_publish(b"a/b", b"xyz", QoS::AtLeastOnce, false, 513);
-        assert_eq!(forward_qos_pkid(&p), (QoS::AtLeastOnce, 513));
-        let p = build_publish(b"a/b", b"xyz", QoS::AtMostOnce, true, 0);
+    fn a_sealed_message_opens_with_its_own_qos_retain_flag_and_origin() {
+        let origin = PrincipalId::parse("analytics").unwrap();
+        for (qos, retain, from) in [
+            (QoS::AtMostOnce, false, None),
+            (QoS::AtLeastOnce, true, Some(&origin)),
+            (QoS::ExactlyOnce, false, Some(&origin)),
+        ] {
+            let m = message(qos, retain, b"{\"t\":1}");
+            let p = seal(&m, from, QoS::AtLeastOnce, 513);
+            assert_eq!(forward_qos_pkid(&p), (QoS::AtLeastOnce, 513));
+            assert!(!p.retain, "the broker never keeps a retained copy");
+            let (opened, who) = open(p, None).unwrap();
+            assert_eq!(opened, m);
+            assert_eq!(who.as_ref(), from);
+        }
+        let p = seal(
+            &message(QoS::AtMostOnce, false, b""),
+            None,
+            QoS::AtMostOnce,
+            0,
+        );
         assert_eq!(forward_qos_pkid(&p), (QoS::AtMostOnce, 0));
-        assert!(p.retain);
+        assert_eq!(open(p, None).unwrap().0.payload, Bytes::new());
+    }
+
+    #[test]
+    fn a_publish_without_an_envelope_is_not_opened() {
+        let mut p = seal(
+            &message(QoS::AtMostOnce, false, b""),
+            None,
+            QoS::AtMostOnce,
+            0,
+        );
+        p.payload = Bytes::new();
+        assert!(open(p.clone(), None).is_none());
+        p.payload = Bytes::from_static(&[SEAL_ORIGIN, 9, b'x']);
+        assert!(open(p, None).is_none(), "origin longer than what follows");
     }
 }

@@ -1,15 +1,61 @@
-//! A device's mailbox: messages on their way to one device, held while it is offline
+//! A session's mailbox: messages on their way to one peer, held while it is offline
 //! (persistent session) or busy, bounded in count, bytes and age.
 //!
-//! The downlink pushes, the device's session pops. The lock is per device and held
+//! The broker side pushes (the downlink for a device's commands, the fan-out for a
+//! service's subscriptions), the peer's session pops. The lock is per session and held
 //! for a push or a pop only; the clock is passed in, so the bounds are tested without
 //! waiting.
 
-use crate::broker::Delivery;
+use crate::pipeline::{Message, Properties};
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+
+/// A message on its way to one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// For a service, `qos` and `retain` are already what its subscriptions make of
+    /// them; for a device, the message as published (its session applies its own).
+    pub message: Message,
+    /// MQTT 5 Subscription Identifiers of the subscriptions that matched, if any.
+    pub subscription_ids: Vec<u32>,
+}
+
+impl From<Message> for Delivery {
+    fn from(message: Message) -> Self {
+        Delivery {
+            message,
+            subscription_ids: Vec::new(),
+        }
+    }
+}
+
+impl Delivery {
+    /// What the message has left of its MQTT 5 Message Expiry Interval after waiting
+    /// `waited`: `None` once it has expired (it must not be delivered), otherwise the
+    /// message with the interval counted down, as the peer must receive it.
+    pub fn aged(mut self, waited: Duration) -> Option<Delivery> {
+        let Some(expiry) = self
+            .message
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_secs)
+        else {
+            return Some(self);
+        };
+        let waited = waited.as_secs();
+        if waited >= u64::from(expiry) {
+            return None;
+        }
+        if waited > 0 {
+            let mut props: Properties = self.message.properties.as_deref().cloned()?;
+            props.message_expiry_secs = Some(expiry - waited as u32);
+            self.message.properties = Some(Arc::new(props));
+        }
+        Some(self)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MailboxLimits {
@@ -50,7 +96,7 @@ pub struct Mailbox {
 }
 
 fn size(d: &Delivery) -> usize {
-    d.topic.as_str().len() + d.payload.len()
+    d.message.topic.as_str().len() + d.message.payload.len()
 }
 
 impl Mailbox {
@@ -89,13 +135,19 @@ impl Mailbox {
         Ok(())
     }
 
-    /// The oldest message still within its age.
+    /// The oldest message still within its age and its own Message Expiry Interval
+    /// (counted down by the time it waited).
     pub fn pop(&self, now: Instant) -> Option<Delivery> {
         let mut s = self.lock();
         Self::expire(&mut s, self.limits.max_age, now);
-        let (d, _) = s.queue.pop_front()?;
-        s.bytes -= size(&d);
-        Some(d)
+        while let Some((d, at)) = s.queue.pop_front() {
+            s.bytes -= size(&d);
+            match d.aged(now.saturating_duration_since(at)) {
+                Some(d) => return Some(d),
+                None => s.expired += 1,
+            }
+        }
+        None
     }
 
     pub fn len(&self) -> usize {
@@ -111,10 +163,13 @@ impl Mailbox {
         std::mem::take(&mut self.lock().expired)
     }
 
-    pub fn clear(&self) {
+    /// Empty the mailbox; returns how many messages it held.
+    pub fn clear(&self) -> usize {
         let mut s = self.lock();
+        let n = s.queue.len();
         s.queue.clear();
         s.bytes = 0;
+        n
     }
 
     fn expire(s: &mut State, max_age: Duration, now: Instant) {
@@ -137,7 +192,7 @@ mod tests {
     use bytes::Bytes;
 
     fn d(payload: &str) -> Delivery {
-        Delivery {
+        Delivery::from(Message {
             topic: TopicName::parse(
                 "devices/a/commands/x",
                 TopicLimits {
@@ -150,7 +205,7 @@ mod tests {
             qos: QoS::AtLeastOnce,
             retain: false,
             properties: None,
-        }
+        })
     }
 
     fn limits() -> MailboxLimits {
@@ -168,7 +223,9 @@ mod tests {
         for p in ["1", "2", "3"] {
             m.push(d(p), t).unwrap();
         }
-        let out: Vec<_> = std::iter::from_fn(|| m.pop(t)).map(|d| d.payload).collect();
+        let out: Vec<_> = std::iter::from_fn(|| m.pop(t))
+            .map(|d| d.message.payload)
+            .collect();
         assert_eq!(out, vec!["1", "2", "3"]);
     }
 
@@ -181,7 +238,7 @@ mod tests {
         }
         assert_eq!(m.push(d("4"), t), Err(Overflow::Messages));
         assert_eq!(m.len(), 3);
-        assert_eq!(m.pop(t).unwrap().payload, "1");
+        assert_eq!(m.pop(t).unwrap().message.payload, "1");
     }
 
     #[test]
@@ -202,8 +259,41 @@ mod tests {
         m.push(d("old"), t0).unwrap();
         m.push(d("new"), t0 + Duration::from_secs(30)).unwrap();
         let later = t0 + Duration::from_secs(61);
-        assert_eq!(m.pop(later).unwrap().payload, "new");
+        assert_eq!(m.pop(later).unwrap().message.payload, "new");
         assert_eq!(m.take_expired(), 1);
         assert_eq!(m.take_expired(), 0);
+    }
+
+    fn expiring(payload: &str, secs: u32) -> Delivery {
+        let mut d = d(payload);
+        d.message.properties = Some(Arc::new(Properties {
+            message_expiry_secs: Some(secs),
+            ..Properties::default()
+        }));
+        d
+    }
+
+    #[test]
+    fn a_message_past_its_own_expiry_interval_is_not_delivered() {
+        let m = Mailbox::new(limits());
+        let t0 = Instant::now();
+        m.push(expiring("short", 1), t0).unwrap();
+        m.push(expiring("long", 6), t0).unwrap();
+        let later = t0 + Duration::from_secs(3);
+        let got = m.pop(later).unwrap();
+        assert_eq!(got.message.payload, "long");
+        let left = got.message.properties.unwrap().message_expiry_secs;
+        assert_eq!(left, Some(3), "the interval is counted down by the wait");
+        assert_eq!(m.take_expired(), 1);
+        assert!(m.pop(later).is_none());
+    }
+
+    #[test]
+    fn a_message_delivered_at_once_keeps_its_expiry_interval() {
+        let m = Mailbox::new(limits());
+        let t0 = Instant::now();
+        m.push(expiring("x", 6), t0).unwrap();
+        let got = m.pop(t0 + Duration::from_millis(900)).unwrap();
+        assert_eq!(got.message.properties.unwrap().message_expiry_secs, Some(6));
     }
 }

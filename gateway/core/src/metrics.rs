@@ -19,6 +19,8 @@ pub struct Metrics {
     pub rate_limit_waits: AtomicU64,
     pub commands_undeliverable: AtomicU64,
     pub queue_expired: AtomicU64,
+    /// Retained messages the broker's retained store had no room for.
+    pub retained_refused: AtomicU64,
     pub takeovers: AtomicU64,
     pub wills_published: AtomicU64,
     pub bytes_accepted: AtomicU64,
@@ -146,7 +148,7 @@ impl Metrics {
         gauge(
             &mut out,
             "portcullis_queue_overflow_total",
-            "Messages refused because a device's queue was full.",
+            "Messages refused because a session's queue (device or service) was full.",
             "counter",
             load(&self.queue_overflow),
         );
@@ -167,9 +169,16 @@ impl Metrics {
         gauge(
             &mut out,
             "portcullis_queue_expired_total",
-            "Queued messages dropped for age before delivery.",
+            "Queued messages dropped for age (or their own expiry interval), or with a parked session that expired.",
             "counter",
             load(&self.queue_expired),
+        );
+        gauge(
+            &mut out,
+            "portcullis_retained_refused_total",
+            "Retained messages delivered but not retained: the retained store was full.",
+            "counter",
+            load(&self.retained_refused),
         );
         gauge(
             &mut out,

@@ -6,7 +6,7 @@
 //! device; an empty retained payload clears the topic. Touched only by retained
 //! publishes and by subscriptions, never by ordinary traffic.
 
-use crate::broker::Delivery;
+use crate::pipeline::Message;
 use crate::principal::PrincipalId;
 use crate::topic::{TopicFilter, TopicName};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -19,7 +19,7 @@ pub struct RetainedFull(pub usize);
 #[derive(Debug)]
 pub struct RetainedCommands {
     max_per_device: usize,
-    inner: Mutex<HashMap<PrincipalId, BTreeMap<TopicName, Delivery>>>,
+    inner: Mutex<HashMap<PrincipalId, BTreeMap<TopicName, Message>>>,
     /// Topics each device holds a retained message on in the broker (telemetry).
     device_topics: Mutex<HashMap<PrincipalId, HashSet<TopicName>>>,
 }
@@ -35,12 +35,12 @@ impl RetainedCommands {
 
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<PrincipalId, BTreeMap<TopicName, Delivery>>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<PrincipalId, BTreeMap<TopicName, Message>>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Record (or, with an empty payload, clear) the retained command on a topic.
-    pub fn set(&self, device: &PrincipalId, message: Delivery) -> Result<(), RetainedFull> {
+    pub fn set(&self, device: &PrincipalId, message: Message) -> Result<(), RetainedFull> {
         let mut all = self.lock();
         if message.payload.is_empty() {
             if let Some(topics) = all.get_mut(device) {
@@ -60,7 +60,7 @@ impl RetainedCommands {
     }
 
     /// Retained commands of a device that a new subscription matches, in topic order.
-    pub fn matching(&self, device: &PrincipalId, filter: &TopicFilter) -> Vec<Delivery> {
+    pub fn matching(&self, device: &PrincipalId, filter: &TopicFilter) -> Vec<Message> {
         self.lock()
             .get(device)
             .map(|topics| {
@@ -126,8 +126,8 @@ mod tests {
         max_depth: 8,
     };
 
-    fn cmd(topic: &str, payload: &'static str) -> Delivery {
-        Delivery {
+    fn cmd(topic: &str, payload: &'static str) -> Message {
+        Message {
             topic: TopicName::parse(topic, L).unwrap(),
             payload: Bytes::from_static(payload.as_bytes()),
             qos: QoS::AtLeastOnce,
