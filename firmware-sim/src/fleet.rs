@@ -3,7 +3,7 @@
 
 use crate::mqtt::{self, Packet, Version, reason_name};
 use crate::provision::{self, Secret};
-use crate::report::{GroupStats, Report};
+use crate::report::{GroupStats, Quarantined, Report};
 use crate::scenario::{Behaviour, Group, Scenario, Transport};
 use crate::transport::{self, Endpoint, Stream, Tls};
 use anyhow::Result;
@@ -360,13 +360,48 @@ pub async fn run(s: &Scenario, progress: bool) -> Result<Report> {
     }
     if let Some(p) = progress {
         p.abort();
-        eprintln!();
+        let _ = p.await;
     }
+    let mut groups: Vec<_> = shared.stats.iter().map(|g| g.report()).collect();
+    let quarantine_unknown = match behaviour_states(&s.provision) {
+        Ok(states) => {
+            for q in states {
+                if let Some(d) = shared.devices.get(&q.id) {
+                    groups[d.group].quarantined.push(q);
+                }
+            }
+            None
+        }
+        Err(why) => Some(why),
+    };
     Ok(Report {
         scenario: s.name.clone(),
         duration_secs: s.duration_secs,
-        groups: shared.stats.iter().map(|g| g.report()).collect(),
+        groups,
+        quarantine_unknown,
     })
+}
+
+/// Devices the gateway does not hold as normal (`portcullis quarantine list --json`,
+/// through the CLI the scenario provisions with).
+fn behaviour_states(p: &crate::scenario::Provision) -> Result<Vec<Quarantined>, String> {
+    let mut cmd = std::process::Command::new(&p.portcullis);
+    cmd.args(["quarantine", "list", "--json"]);
+    if let Some(config) = &p.config {
+        cmd.arg("--config").arg(config);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("running {}: {e}", p.portcullis.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{} quarantine list` failed: {}",
+            p.portcullis.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("`{} quarantine list --json`: {e}", p.portcullis.display()))
 }
 
 fn command_targets(s: &Scenario, b: &Behaviour) -> Vec<String> {
@@ -380,23 +415,54 @@ fn command_targets(s: &Scenario, b: &Behaviour) -> Vec<String> {
         .collect()
 }
 
+/// One line on the terminal (cut to its width): the time through the run and the
+/// whole fleet's totals; past the run's end, that it is waiting out its grace period.
 async fn show_progress(shared: Arc<Shared>) {
-    use std::io::Write;
+    let run = shared.end.saturating_duration_since(shared.start);
+    let bar = indicatif::ProgressBar::new(run.as_secs().max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>14} [{bar:20}] {wide_msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let _clear = ClearOnDrop(bar.clone());
     loop {
-        sleep(Duration::from_secs(1)).await;
-        let mut line = format!("\r{:>6.1} s ", shared.start.elapsed().as_secs_f64());
+        let now = Instant::now();
+        let (mut conn, mut sent, mut ack, mut refused, mut dlv) = (0, 0, 0, 0, 0);
         for g in &shared.stats {
             let r = g.report();
-            let refused: u64 =
-                r.refused.values().sum::<u64>() + r.connect_refused.values().sum::<u64>();
-            line.push_str(&format!(
-                "| {} conn {} sent {} ack {} ref {} dlv {} ",
-                r.name, r.connected, r.sent, r.acknowledged, refused, r.delivered
-            ));
+            conn += r.connected;
+            sent += r.sent;
+            ack += r.acknowledged;
+            refused += r.refused.values().sum::<u64>() + r.connect_refused.values().sum::<u64>();
+            dlv += r.delivered;
         }
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "{line}");
-        let _ = err.flush();
+        let totals = format!("conn {conn} sent {sent} ack {ack} refused {refused} dlv {dlv}");
+        if now < shared.end {
+            let done = now.saturating_duration_since(shared.start);
+            bar.set_position(done.as_secs());
+            bar.set_prefix(format!("{}/{} s", done.as_secs(), run.as_secs()));
+            bar.set_message(totals);
+        } else {
+            let over = now.saturating_duration_since(shared.end);
+            bar.set_position(run.as_secs().max(1));
+            bar.set_prefix(format!(
+                "grace {}/{} s",
+                over.as_secs(),
+                shared.grace.as_secs()
+            ));
+            bar.set_message(format!("run over; waiting for the last answers · {totals}"));
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Takes the progress line off the terminal when the task showing it ends.
+struct ClearOnDrop(indicatif::ProgressBar);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
     }
 }
 

@@ -261,7 +261,25 @@ fn run(s: &Scenario, json: Option<PathBuf>, quiet: bool, threads: Option<usize>)
 fn run_model(o: &model::Options, json: Option<PathBuf>) -> Result<()> {
     use std::io::Write;
     let started = std::time::Instant::now();
-    let evaluation = model::evaluate(o);
+    // A progress line on a terminal (indicatif draws nothing elsewhere), cut to its
+    // width: the evaluation takes tens of seconds before it can print anything.
+    let bar = indicatif::ProgressBar::new(model::devices_simulated(o) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed:>4} [{bar:30}] {pos}/{len} devices {wide_msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    let evaluation = model::evaluate_reporting(o, &Default::default(), &|p| {
+        bar.set_position(p.done as u64);
+        if p.hostile {
+            bar.set_message("hostile");
+        } else {
+            bar.set_message(format!("well-behaved, {} days each", o.days));
+        }
+    });
+    bar.finish_and_clear();
     let took = started.elapsed().as_secs_f64();
     let mut value = serde_json::to_value(&evaluation)?;
     value["run_secs"] = serde_json::json!(took);

@@ -313,6 +313,30 @@ pub fn evaluate(o: &Options) -> Evaluation {
 /// Run the evaluation with these model settings (a device group's, or a candidate
 /// default) and the gateway's embedded defaults otherwise.
 pub fn evaluate_with(o: &Options, s: &Settings) -> Evaluation {
+    evaluate_reporting(o, s, &|_| {})
+}
+
+/// How far an evaluation has come: devices simulated so far, of all it will simulate
+/// (the well-behaved ones first, then the hostile ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub done: usize,
+    pub total: usize,
+    pub hostile: bool,
+}
+
+/// The number of devices an evaluation simulates.
+pub fn devices_simulated(o: &Options) -> usize {
+    o.devices + Hostile::ALL.len() * o.hostile
+}
+
+/// `evaluate_with`, telling `progress` after each simulated device (from the worker
+/// threads, so it must be cheap).
+pub fn evaluate_reporting(
+    o: &Options,
+    s: &Settings,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Evaluation {
     let gw = Gateway::from_config(&Config::default());
     let threads = o
         .threads
@@ -320,8 +344,20 @@ pub fn evaluate_with(o: &Options, s: &Settings) -> Evaluation {
         .unwrap_or(1)
         .max(1);
     let end = o.days * DAY;
+    let total = devices_simulated(o);
+    let done = AtomicUsize::new(0);
+    let tick = |hostile| {
+        let done = done.fetch_add(1, Ordering::Relaxed) + 1;
+        progress(Progress {
+            done,
+            total,
+            hostile,
+        });
+    };
     let runs = parallel(o.devices, threads, |i| {
-        well_behaved_device(o.seed, i, end, s, &gw)
+        let run = well_behaved_device(o.seed, i, end, s, &gw);
+        tick(false);
+        run
     });
     let false_positives = tally_false_positives(o, &runs);
     let jobs: Vec<(Hostile, usize)> = Hostile::ALL
@@ -330,7 +366,9 @@ pub fn evaluate_with(o: &Options, s: &Settings) -> Evaluation {
         .collect();
     let hostile_runs = parallel(jobs.len(), threads, |j| {
         let (h, i) = jobs[j];
-        hostile_device(h, o.seed, i, s, &gw, false)
+        let run = hostile_device(h, o.seed, i, s, &gw, false);
+        tick(true);
+        run
     });
     let true_positives = Hostile::ALL
         .iter()

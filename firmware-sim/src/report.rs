@@ -1,7 +1,7 @@
 //! Per-group counters while a fleet runs, and the report at the end (text and JSON).
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -113,6 +113,7 @@ impl GroupStats {
             commands_received: self.commands_received.load(Relaxed),
             commands_acknowledged: self.commands_acknowledged.load(Relaxed),
             latency_us: latency,
+            quarantined: Vec::new(),
         }
     }
 }
@@ -148,6 +149,18 @@ pub struct GroupReport {
     /// Publish → delivery at a simulated service when one listens, otherwise publish →
     /// acknowledgement; microseconds.
     pub latency_us: Option<Latency>,
+    /// Members the gateway holds in probation or quarantine (or released and watched)
+    /// at the end of the run, as `portcullis quarantine list` tells.
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// A member's behaviour state at the gateway, when it is not normal.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub id: String,
+    pub state: String,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -155,6 +168,8 @@ pub struct Report {
     pub scenario: String,
     pub duration_secs: f64,
     pub groups: Vec<GroupReport>,
+    /// Why the members' behaviour states could not be read, if they could not.
+    pub quarantine_unknown: Option<String>,
 }
 
 impl Report {
@@ -207,6 +222,21 @@ impl Report {
                     l.p50, l.p90, l.p99, l.p999, l.max, l.count
                 );
             }
+            if self.quarantine_unknown.is_none() {
+                let _ = writeln!(out, "  not normal at the gateway: {}", g.quarantined.len());
+            }
+            for q in &g.quarantined {
+                let _ = writeln!(
+                    out,
+                    "    {} {}: {}",
+                    q.id,
+                    q.state,
+                    q.reason.as_deref().unwrap_or("(no reason recorded)")
+                );
+            }
+        }
+        if let Some(why) = &self.quarantine_unknown {
+            let _ = writeln!(out, "\nbehaviour states not read: {why}");
         }
         out
     }

@@ -72,9 +72,11 @@ pub struct ConnectInfo {
     /// Interval; MQTT 3.1.1 clean_session = 0 asks for "as long as allowed".
     pub session_expiry: u32,
     pub will: Option<Will>,
-    /// MQTT 5: the client's Receive Maximum and Maximum Packet Size.
+    /// MQTT 5: the client's Receive Maximum, Maximum Packet Size and Topic Alias
+    /// Maximum (aliases the gateway may define towards it).
     pub receive_maximum: Option<u16>,
     pub max_packet_size: Option<u32>,
+    pub topic_alias_maximum: u16,
     /// MQTT 5: the client asked for enhanced authentication.
     pub auth_method: bool,
 }
@@ -241,6 +243,9 @@ pub enum Outgoing<'a> {
         props: Option<&'a Properties>,
         /// MQTT 5 Subscription Identifiers of the subscriptions that matched.
         subscription_ids: &'a [u32],
+        /// MQTT 5 Topic Alias: with a topic, it defines the alias; with an empty
+        /// topic, it stands for the topic it was defined for.
+        topic_alias: Option<u16>,
     },
     PubAck {
         pkid: u16,
@@ -326,6 +331,7 @@ pub fn decode(
                     session_expiry: if c.clean_session { 0 } else { u32::MAX },
                     receive_maximum: None,
                     max_packet_size: None,
+                    topic_alias_maximum: 0,
                     auth_method: false,
                     will: c.last_will.map(|w| Will {
                         topic: w.topic,
@@ -388,6 +394,11 @@ pub fn decode(
                         .unwrap_or(0),
                     receive_maximum: c.properties.as_ref().and_then(|p| p.receive_maximum),
                     max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+                    topic_alias_maximum: c
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.topic_alias_max)
+                        .unwrap_or(0),
                     auth_method: c
                         .properties
                         .as_ref()
@@ -546,8 +557,9 @@ fn disconnect_v5(code: u8) -> v5::DisconnectReasonCode {
 fn publish_properties(
     props: Option<&Properties>,
     subscription_ids: &[u32],
+    topic_alias: Option<u16>,
 ) -> Option<v5::PublishProperties> {
-    if props.is_none() && subscription_ids.is_empty() {
+    if props.is_none() && subscription_ids.is_empty() && topic_alias.is_none() {
         return None;
     }
     let ids = subscription_ids.iter().map(|&i| i as usize).collect();
@@ -555,7 +567,7 @@ fn publish_properties(
         Some(p) => v5::PublishProperties {
             payload_format_indicator: p.payload_format_utf8.map(u8::from),
             message_expiry_interval: p.message_expiry_secs,
-            topic_alias: None,
+            topic_alias,
             response_topic: p.response_topic.as_ref().map(|t| t.as_str().to_string()),
             correlation_data: p.correlation_data.clone(),
             user_properties: p.user_properties.clone(),
@@ -564,6 +576,7 @@ fn publish_properties(
         },
         None => v5::PublishProperties {
             subscription_identifiers: ids,
+            topic_alias,
             ..v5::PublishProperties::default()
         },
     })
@@ -663,6 +676,7 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
                     dup,
                     props,
                     subscription_ids,
+                    topic_alias,
                 } => v5::Packet::Publish(v5::Publish {
                     dup: *dup,
                     qos: qos_v5(*qos),
@@ -670,7 +684,7 @@ pub fn encode(out: &Outgoing<'_>, version: ProtocolVersion, buf: &mut BytesMut) 
                     topic: Bytes::copy_from_slice(topic.as_bytes()),
                     pkid: *pkid,
                     payload: payload.clone(),
-                    properties: publish_properties(*props, subscription_ids),
+                    properties: publish_properties(*props, subscription_ids, *topic_alias),
                 }),
                 Outgoing::PubAck { pkid, reason } => v5::Packet::PubAck(v5::PubAck {
                     pkid: *pkid,

@@ -688,6 +688,8 @@ fn authenticate(
         state: SessionState::new(ctx.new_mailbox()),
         pending_acks: VecDeque::new(),
         aliases: HashMap::new(),
+        out_aliases: HashMap::new(),
+        out_alias_max: connect.topic_alias_maximum,
         limiter,
         live,
         certs: certs.map(<[_]>::to_vec),
@@ -739,6 +741,10 @@ struct Session {
     pending_acks: VecDeque<PendingAck>,
     /// MQTT 5 topic aliases the peer defined on this connection.
     aliases: HashMap<u16, TopicName>,
+    /// Topic aliases the gateway defined towards the peer on this connection, and how
+    /// many the peer allows (its Topic Alias Maximum; 0: none).
+    out_aliases: HashMap<TopicName, u16>,
+    out_alias_max: u16,
     /// The rate-limit stage's state for this principal.
     limiter: PrincipalLimiter,
     /// The reloadable settings this session currently applies.
@@ -1237,7 +1243,10 @@ impl Session {
         codec::encode(&packet, self.version, out);
     }
 
-    fn encode_send(&self, send: &Outbound, out: &mut BytesMut) {
+    /// Encode a packet for the peer. A PUBLISH uses a topic alias where the peer
+    /// allows them: the first one to a topic defines it, later ones send the alias
+    /// alone. Returns the topic whose alias this packet defined, if it did.
+    fn encode_send(&mut self, send: &Outbound, out: &mut BytesMut) -> Option<TopicName> {
         match send {
             Outbound::Publish {
                 pkid,
@@ -1246,9 +1255,18 @@ impl Session {
                 dup,
             } => {
                 let m = &delivery.message;
+                let (topic, topic_alias, defined) = match self.out_aliases.get(&m.topic) {
+                    Some(&a) => ("", Some(a), None),
+                    None if self.out_aliases.len() < usize::from(self.out_alias_max) => {
+                        let a = self.out_aliases.len() as u16 + 1;
+                        self.out_aliases.insert(m.topic.clone(), a);
+                        (m.topic.as_str(), Some(a), Some(m.topic.clone()))
+                    }
+                    None => (m.topic.as_str(), None, None),
+                };
                 codec::encode(
                     &Outgoing::Publish {
-                        topic: m.topic.as_str(),
+                        topic,
                         payload: m.payload.clone(),
                         qos: *qos as u8,
                         retain: m.retain,
@@ -1256,13 +1274,16 @@ impl Session {
                         dup: *dup,
                         props: m.properties.as_deref(),
                         subscription_ids: &delivery.subscription_ids,
+                        topic_alias,
                     },
                     self.version,
                     out,
                 );
+                defined
             }
             Outbound::PubRel { pkid } => {
                 codec::encode(&Outgoing::PubRel { pkid: *pkid }, self.version, out);
+                None
             }
         }
     }
@@ -1921,11 +1942,15 @@ impl Session {
         };
         let before = out.len();
         let send = self.state.start(d, qos);
-        self.encode_send(&send, out);
+        let defined = self.encode_send(&send, out);
         // MQTT 5: never send a packet larger than the client said it accepts; such a
-        // message is dropped as if delivered.
+        // message is dropped as if delivered (and an alias it would have defined is
+        // not).
         if out.len() - before > self.peer_max_packet {
             out.truncate(before);
+            if let Some(topic) = defined {
+                self.out_aliases.remove(&topic);
+            }
             if let Outbound::Publish { pkid, .. } = send
                 && qos != QoS::AtMostOnce
             {
