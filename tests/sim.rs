@@ -266,6 +266,31 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
             .any(|id| id.starts_with("sensors-") || id.starts_with("legacy-")),
         "{list}"
     );
+    // The report says the same, per group.
+    assert!(json["quarantine_unknown"].is_null(), "{text}");
+    let states = |name: &str| -> Vec<(String, String)> {
+        g(name)["quarantined"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| {
+                (
+                    q["id"].as_str().unwrap().into(),
+                    q["state"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        states("flooder"),
+        vec![("flooder-1".into(), "quarantined".into())],
+        "{text}"
+    );
+    assert!(
+        states("sensors").is_empty() && states("legacy").is_empty(),
+        "{text}"
+    );
+    assert!(text.contains("flooder-1 quarantined: "), "{text}");
 
     // The slow ramp outgrows its rate and is refused beyond it.
     let ramp = g("ramp");

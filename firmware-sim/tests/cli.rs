@@ -362,3 +362,128 @@ fn rumqttd_accepts_what_the_gateway_would_refuse_and_the_report_says_so() {
         "{text}"
     );
 }
+
+/// Run `portcullis-sim ARGS` on a pseudo-terminal 80 columns wide (script(1), from
+/// util-linux): what it drew, as the terminal received it.
+fn on_terminal(args: &str, limit: Duration) -> String {
+    let cmd = format!("stty cols 80 rows 24; exec {SIM} {args}");
+    let child = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) (util-linux) runs a command on a pseudo-terminal");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("script output"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("portcullis-sim {args} did not finish within {limit:?}");
+        }
+    };
+    assert!(out.status.success(), "{args}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The lines a terminal shows one after another (each `\r` or `\n` starts over),
+/// without ANSI escape sequences.
+fn screen_lines(raw: &str) -> Vec<String> {
+    let mut plain = String::new();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters, then a final byte in @..~.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        plain.push(c);
+    }
+    plain
+        .split(['\r', '\n'])
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn model_shows_its_progress_on_one_line_that_fits_the_terminal() {
+    let lines = screen_lines(&on_terminal(
+        "model --devices 30 --days 1 --hostile 1",
+        Duration::from_secs(120),
+    ));
+    let is_progress = |l: &String| l.contains("] ") && l.contains(" devices");
+    let progress: Vec<&String> = lines.iter().filter(|l| is_progress(l)).collect();
+    assert!(!progress.is_empty(), "no progress line in {lines:?}");
+    // `done/total devices`: it counts up to all of them (30 well-behaved, then the
+    // hostile ones).
+    let counts: Vec<(u64, u64)> = progress
+        .iter()
+        .filter_map(|l| {
+            let field = l.split_whitespace().find(|w| w.contains('/'))?;
+            let (done, total) = field.split_once('/')?;
+            Some((done.parse().ok()?, total.parse().ok()?))
+        })
+        .collect();
+    assert!(
+        counts
+            .iter()
+            .any(|&(done, total)| done == total && total > 30),
+        "{progress:?}"
+    );
+    for l in &progress {
+        assert!(l.chars().count() <= 80, "wider than the terminal: {l:?}");
+    }
+    // The progress comes first, then the report.
+    let first_report = lines
+        .iter()
+        .position(|l| l.starts_with("Behaviour model evaluation"))
+        .expect("the report");
+    let first_progress = lines.iter().position(is_progress).unwrap();
+    assert!(first_progress < first_report);
+}
+
+#[test]
+fn a_run_shows_one_line_that_fits_the_terminal_and_says_when_it_waits_out_the_grace() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("progress.toml");
+    let addr = broker.addr;
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"progress\"\nduration_secs = 2\ngrace_secs = 2\n\
+             [target]\ndevice_plain = \"{addr}\"\nservice_plain = \"{addr}\"\n\
+             [provision]\nmode = \"none\"\n\
+             [[group]]\nname = \"a-group-with-a-rather-long-name-to-test-the-width\"\ncount = 3\n{PLAIN_311}\
+             behaviour = {{ kind = \"well-behaved\", rate = 5.0 }}\n"
+        ),
+    )
+    .unwrap();
+    let lines = screen_lines(&on_terminal(
+        &format!("run {}", path.display()),
+        Duration::from_secs(60),
+    ));
+    let progress: Vec<&String> = lines.iter().filter(|l| l.contains(" sent ")).collect();
+    assert!(!progress.is_empty(), "no progress line in {lines:?}");
+    for l in &progress {
+        assert!(l.chars().count() <= 80, "wider than the terminal: {l:?}");
+    }
+    assert!(
+        progress.iter().any(|l| l.contains("grace")),
+        "the grace period is not shown: {progress:?}"
+    );
+}
