@@ -22,6 +22,7 @@ use crate::subscription::{
 };
 use crate::topic::{TopicFilter, TopicName};
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -407,7 +408,15 @@ impl Fanout {
             return;
         };
         let mut expired = Vec::new();
-        for (topic, (message, at)) in &self.retained {
+        // Only the topics that start with the filter's literal part can match (less
+        // its last '/': `a/#` matches `a`).
+        let literal = filter.as_str().split(['+', '#']).next().unwrap_or_default();
+        let literal = literal.strip_suffix('/').unwrap_or(literal);
+        let candidates = self
+            .retained
+            .range::<str, _>((Bound::Included(literal), Bound::Unbounded))
+            .take_while(|(topic, _)| topic.as_str().starts_with(literal));
+        for (topic, (message, at)) in candidates {
             if !filter.matches(topic) {
                 continue;
             }
@@ -788,6 +797,35 @@ mod tests {
         f.subscribe(&id("a"), sub("r/#", rh(RetainHandling::Never)), t)
             .unwrap();
         assert!(drain(&q, t).is_empty(), "2: never");
+    }
+
+    #[test]
+    fn retained_messages_are_found_by_the_filters_literal_prefix_and_wildcards() {
+        let mut f = Fanout::new(FanoutLimits {
+            max_retained_messages: 100,
+            max_retained_bytes: 100_000,
+        });
+        let t = Instant::now();
+        for topic in ["a", "a/b", "a/b/c", "ab/c", "b/b/c", "a/x/c"] {
+            f.publish(&msg(topic, QoS::AtMostOnce, true, "v"), None, t);
+        }
+        let q = attached(&mut f, "s");
+        for (filter, want) in [
+            ("a/#", vec!["a", "a/b", "a/b/c", "a/x/c"]),
+            ("a/+/c", vec!["a/b/c", "a/x/c"]),
+            ("+/b/c", vec!["a/b/c", "b/b/c"]),
+            ("a/b", vec!["a/b"]),
+            ("ab/c", vec!["ab/c"]),
+            ("#", vec!["a", "a/b", "a/b/c", "a/x/c", "ab/c", "b/b/c"]),
+        ] {
+            f.subscribe(&id("s"), sub(filter, plain(QoS::AtMostOnce)), t)
+                .unwrap();
+            let got: Vec<String> = drain(&q, t)
+                .iter()
+                .map(|d| d.message.topic.to_string())
+                .collect();
+            assert_eq!(got, want, "{filter}");
+        }
     }
 
     #[test]

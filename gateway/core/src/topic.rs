@@ -95,6 +95,13 @@ impl TopicName {
     }
 }
 
+// Ordered and hashed as its text, so maps keyed by topic can be searched by `&str`.
+impl std::borrow::Borrow<str> for TopicName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for TopicName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
