@@ -577,7 +577,10 @@ fn a_device_cannot_use_a_shared_subscription() {
         )],
         None,
     );
-    assert_eq!(codes, vec![v5::SubscribeReasonCode::TopicFilterInvalid]);
+    assert_eq!(
+        codes,
+        vec![v5::SubscribeReasonCode::SharedSubscriptionsNotSupported]
+    );
 }
 
 #[test]
@@ -647,4 +650,39 @@ fn repeated_topics_go_out_as_topic_aliases_when_the_client_allows_them() {
     assert!(plain.received(true).iter().all(|p| {
         p.properties.as_ref().and_then(|p| p.topic_alias).is_none() && !p.topic.is_empty()
     }));
+}
+
+#[test]
+fn a_message_resent_on_reconnect_respects_the_new_maximum_packet_size() {
+    let gw = setup("");
+    let (mut svc, _) = Client::service(&gw, "alpha", persistent(300));
+    svc.sub("devices/+/telemetry/#", Q5::AtLeastOnce);
+    let mut d = Client::device(&gw);
+    d.publish(
+        "devices/sensor-1/telemetry",
+        &"x".repeat(100),
+        Q5::AtLeastOnce,
+        false,
+    );
+    // Received, never acknowledged: it is resent on the next connection.
+    assert_eq!(svc.received(false).len(), 1);
+    drop(svc);
+    let small = Opts {
+        max_packet_size: Some(64),
+        ..persistent(300)
+    };
+    let (mut svc, ack) = Client::service(&gw, "alpha", small);
+    assert!(ack.session_present);
+    assert!(
+        svc.received(true).is_empty(),
+        "too large for this connection"
+    );
+    assert_eq!(gw.refusals("deliver", "over_client_maximum_packet_size"), 1);
+    // And it is gone, not resent for ever.
+    svc.disconnect();
+    let (mut svc, _) = Client::service(&gw, "alpha", persistent(300));
+    assert!(svc.received(true).is_empty());
+    // The session still works.
+    d.publish("devices/sensor-1/telemetry", "next", Q5::AtLeastOnce, false);
+    assert_eq!(payloads(&svc.received(true)), vec!["next"]);
 }

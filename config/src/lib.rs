@@ -116,7 +116,8 @@ pub struct Broker {
     pub max_links: usize,
     /// Messages queued towards one broker link before the sender waits.
     pub link_queue: usize,
-    /// Retained messages kept for services, at most, and their topic + payload bytes.
+    /// Retained messages kept for services, at most, and their bytes (topic, payload,
+    /// properties).
     pub max_retained_messages: usize,
     pub max_retained_bytes: usize,
 }

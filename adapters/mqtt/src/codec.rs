@@ -35,6 +35,7 @@ pub mod reason {
     pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
     pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+    pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
 }
 
 /// MQTT 5 publish (and will) properties as the peer sent them, not yet validated
@@ -526,6 +527,7 @@ fn suback_v5(code: Result<u8, u8>) -> v5::SubscribeReasonCode {
         Err(reason::NOT_AUTHORIZED) => S::NotAuthorized,
         Err(reason::TOPIC_FILTER_INVALID) => S::TopicFilterInvalid,
         Err(reason::QUOTA_EXCEEDED) => S::QuotaExceeded,
+        Err(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED) => S::SharedSubscriptionsNotSupported,
         Err(_) => S::Unspecified,
     }
 }

@@ -130,6 +130,11 @@ const READ_MIN: usize = 256;
 const READ_MAX: usize = 64 * 1024;
 
 impl FrameReader {
+    /// A whole frame is already buffered (reading it will not wait).
+    fn has_frame(&self) -> bool {
+        matches!(strict::frame_len(&self.buf, self.max), Ok(Some(_)))
+    }
+
     /// Cancel-safe: bytes read so far stay in the buffer.
     async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<BytesMut, ReadError> {
         loop {
@@ -401,9 +406,7 @@ pub async fn run<S>(
         &mut out,
     );
     // A resumed session first finishes what the last connection left unacknowledged.
-    for send in session.state.resume() {
-        session.encode_send(&send, &mut out);
-    }
+    session.resend(&ctx, &mut out);
     reader.max = ctx.limits.max_packet_size;
     let mut kicked = guard.kicked.clone();
     let end = if wr.write_all(&out).await.is_err() {
@@ -1006,7 +1009,12 @@ impl Session {
                 return End::Kicked(reason);
             }
 
-            self.pump_mailbox(ctx, &mut out);
+            // Queued messages go out once the frames the peer already sent are taken
+            // (its acknowledgements free the window), so that many deliveries leave in
+            // one write, not one per acknowledgement; and at least once per read.
+            if !reader.has_frame() {
+                self.pump_mailbox(ctx, &mut out);
+            }
             // Output is written once the acknowledgements that are ready have been
             // gathered, and always before more is read (the flush branch below); the
             // deliveries that are ready are taken in one go; and here, when a lot has
@@ -1243,6 +1251,27 @@ impl Session {
         codec::encode(&packet, self.version, out);
     }
 
+    /// What the last connection left unacknowledged, again (DUP), within this
+    /// connection's Maximum Packet Size: one that no longer fits is dropped as if
+    /// delivered, like any delivery too large for the peer.
+    fn resend(&mut self, ctx: &Context, out: &mut BytesMut) {
+        for send in self.state.resume() {
+            let before = out.len();
+            let defined = self.encode_send(&send, out);
+            if out.len() - before > self.peer_max_packet {
+                out.truncate(before);
+                if let Some(topic) = defined {
+                    self.out_aliases.remove(&topic);
+                }
+                if let Outbound::Publish { pkid, .. } = send {
+                    self.state.abandon(pkid);
+                }
+                ctx.metrics
+                    .refused("deliver", "over_client_maximum_packet_size");
+            }
+        }
+    }
+
     /// Encode a packet for the peer. A PUBLISH uses a topic alias where the peer
     /// allows them: the first one to a topic defines it, later ones send the alias
     /// alone. Returns the topic whose alias this packet defined, if it did.
@@ -1255,8 +1284,12 @@ impl Session {
                 dup,
             } => {
                 let m = &delivery.message;
-                let (topic, topic_alias, defined) = match self.out_aliases.get(&m.topic) {
-                    Some(&a) => ("", Some(a), None),
+                let known = match self.out_alias_max {
+                    0 => None,
+                    _ => self.out_aliases.get(&m.topic).copied(),
+                };
+                let (topic, topic_alias, defined) = match known {
+                    Some(a) => ("", Some(a), None),
                     None if self.out_aliases.len() < usize::from(self.out_alias_max) => {
                         let a = self.out_aliases.len() as u16 + 1;
                         self.out_aliases.insert(m.topic.clone(), a);
@@ -1833,7 +1866,13 @@ impl Session {
                 Err(e) => {
                     ctx.metrics.refused("subscribe", "filter_invalid");
                     self.audit_refusal(ctx, "subscribe", Some(&f.path), &e.to_string());
-                    codes.push(Err(reason::TOPIC_FILTER_INVALID));
+                    // Devices are told shares do not exist for them (CONNACK said so).
+                    let code = if !service && f.path.starts_with("$share/") {
+                        reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+                    } else {
+                        reason::TOPIC_FILTER_INVALID
+                    };
+                    codes.push(Err(code));
                     continue;
                 }
             };

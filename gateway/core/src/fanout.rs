@@ -188,7 +188,7 @@ pub struct Fanout {
 }
 
 fn retained_size(m: &Message) -> usize {
-    m.topic.as_str().len() + m.payload.len()
+    m.size()
 }
 
 impl Fanout {
@@ -432,7 +432,11 @@ impl Fanout {
                 expired.push(topic.clone());
                 continue;
             };
-            push(subscriber, delivery, now, routed);
+            // A full queue takes none of the rest either: refused once, not once per
+            // retained message.
+            if !push(subscriber, delivery, now, routed) {
+                break;
+            }
         }
         for topic in expired {
             self.forget_retained(&topic);
@@ -445,23 +449,49 @@ impl Fanout {
         }
     }
 
-    /// Keep (or, with an empty payload, clear) the retained message of its topic.
+    fn retained_fits(&self, message: &Message) -> bool {
+        let old = self
+            .retained
+            .get(&message.topic)
+            .map_or(0, |(m, _)| retained_size(m));
+        let count = self.retained.len() + usize::from(old == 0);
+        count <= self.limits.max_retained_messages
+            && self.retained_bytes - old + retained_size(message) <= self.limits.max_retained_bytes
+    }
+
+    /// Keep (or, with an empty payload, clear) the retained message of its topic. When
+    /// the store is full, expired messages make room first; a message that still does
+    /// not fit is not kept, and neither is the older one it replaces (a subscriber
+    /// gets no retained message rather than a stale one).
     fn retain(&mut self, message: &Message, now: Instant) -> bool {
         if message.payload.is_empty() {
             self.forget_retained(&message.topic);
             return true;
+        }
+        if !self.retained_fits(message) {
+            let expired: Vec<TopicName> = self
+                .retained
+                .iter()
+                .filter(|(_, (m, at))| {
+                    Delivery::from(m.clone())
+                        .aged(now.saturating_duration_since(*at))
+                        .is_none()
+                })
+                .map(|(t, _)| t.clone())
+                .collect();
+            for topic in expired {
+                self.forget_retained(&topic);
+            }
+        }
+        if !self.retained_fits(message) {
+            self.forget_retained(&message.topic);
+            return false;
         }
         let old = self
             .retained
             .get(&message.topic)
             .map_or(0, |(m, _)| retained_size(m));
         let new = retained_size(message);
-        let count = self.retained.len() + usize::from(old == 0);
-        if count > self.limits.max_retained_messages
-            || self.retained_bytes - old + new > self.limits.max_retained_bytes
-        {
-            return false;
-        }
         self.retained_bytes = self.retained_bytes - old + new;
         let stored = Message {
             retain: true,
@@ -565,40 +595,64 @@ impl Fanout {
         if n == 0 {
             return;
         }
-        // The next member in turn that has a connection; if none has, the next in
-        // turn (its persistent session queues the message).
+        // Members with a connection in turn, then (if none took it) the others: a
+        // parked persistent session queues the message. A member whose queue is full
+        // passes it on; only when none can take it is it refused, once.
         let start = share.next % n;
-        let pick = (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&k| {
-                self.slots[share.members[k].0 as usize]
-                    .as_ref()
-                    .is_some_and(|s| s.online)
-            })
-            .unwrap_or(start);
-        share.next = pick + 1;
-        let (slot, options) = share.members[pick];
-        let Some(subscriber) = self.slots[slot as usize].as_ref() else {
-            return;
+        let online = |k: &usize| {
+            self.slots[share.members[*k].0 as usize]
+                .as_ref()
+                .is_some_and(|s| s.online)
         };
-        let delivery = Delivery {
-            message: Message {
-                qos: options.qos.min(message.qos),
-                retain: options.retain_as_published && message.retain,
-                ..message.clone()
-            },
-            subscription_ids: options.identifier.into_iter().collect(),
-        };
-        push(subscriber, delivery, now, routed);
+        let order = (0..n).map(|k| (start + k) % n);
+        let candidates: Vec<usize> = order
+            .clone()
+            .filter(online)
+            .chain(order.filter(|k| !online(k)))
+            .collect();
+        let mut refused = None;
+        for k in candidates {
+            let (slot, options) = share.members[k];
+            let Some(subscriber) = self.slots[slot as usize].as_ref() else {
+                continue;
+            };
+            let delivery = Delivery {
+                message: Message {
+                    qos: options.qos.min(message.qos),
+                    retain: options.retain_as_published && message.retain,
+                    ..message.clone()
+                },
+                subscription_ids: options.identifier.into_iter().collect(),
+            };
+            match subscriber.queue.push(delivery, now) {
+                Ok(()) => {
+                    share.next = k + 1;
+                    routed.delivered += 1;
+                    return;
+                }
+                Err(overflow) => {
+                    refused.get_or_insert((subscriber.principal.clone(), overflow));
+                }
+            }
+        }
+        share.next = start + 1;
+        routed.overflows.extend(refused);
     }
 }
 
-fn push(subscriber: &Subscriber, delivery: Delivery, now: Instant, routed: &mut Routed) {
+/// Into the subscriber's queue; false (and reported) when it is full.
+fn push(subscriber: &Subscriber, delivery: Delivery, now: Instant, routed: &mut Routed) -> bool {
     match subscriber.queue.push(delivery, now) {
-        Ok(()) => routed.delivered += 1,
-        Err(overflow) => routed
-            .overflows
-            .push((subscriber.principal.clone(), overflow)),
+        Ok(()) => {
+            routed.delivered += 1;
+            true
+        }
+        Err(overflow) => {
+            routed
+                .overflows
+                .push((subscriber.principal.clone(), overflow));
+            false
+        }
     }
 }
 
@@ -932,6 +986,86 @@ mod tests {
         );
         f.publish(&msg("t/x", QoS::AtLeastOnce, false, "new"), None, t);
         assert_eq!(drain(&q, t).len(), 2);
+    }
+
+    #[test]
+    fn a_share_member_with_a_full_queue_passes_the_message_on() {
+        let mut f = fanout();
+        let t = Instant::now();
+        let qa = attached(&mut f, "a");
+        let qb = attached(&mut f, "b");
+        for who in ["a", "b"] {
+            f.subscribe(&id(who), sub("$share/g/t", plain(QoS::AtLeastOnce)), t)
+                .unwrap();
+        }
+        for _ in 0..8 {
+            qa.push(Delivery::from(msg("x", QoS::AtMostOnce, false, "f")), t)
+                .unwrap();
+        }
+        for _ in 0..4 {
+            let routed = f.publish(&msg("t", QoS::AtLeastOnce, false, "p"), None, t);
+            assert!(routed.overflows.is_empty());
+        }
+        assert_eq!(qb.len(), 4, "b took what a had no room for");
+        for _ in 0..8 {
+            let _ = qb.push(Delivery::from(msg("x", QoS::AtMostOnce, false, "f")), t);
+        }
+        let routed = f.publish(&msg("t", QoS::AtLeastOnce, false, "p"), None, t);
+        assert_eq!(
+            routed.overflows.len(),
+            1,
+            "refused once when no member has room"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_stops_the_retained_messages_of_a_subscribe_after_one_refusal() {
+        let mut f = Fanout::new(FanoutLimits {
+            max_retained_messages: 100,
+            max_retained_bytes: 100_000,
+        });
+        let t = Instant::now();
+        for n in 0..20 {
+            let m = Message {
+                topic: TopicName::parse(&format!("r/{n}"), L).unwrap(),
+                ..msg("x", QoS::AtMostOnce, true, "v")
+            };
+            f.publish(&m, None, t);
+        }
+        let q = attached(&mut f, "a");
+        let s = f
+            .subscribe(&id("a"), sub("r/#", plain(QoS::AtMostOnce)), t)
+            .unwrap();
+        assert_eq!(q.len(), 8);
+        assert_eq!(s.routed.overflows.len(), 1);
+    }
+
+    #[test]
+    fn a_full_retained_store_makes_room_from_expired_messages_and_never_keeps_a_stale_one() {
+        let mut f = fanout();
+        let t = Instant::now();
+        let short = |topic: &str| Message {
+            topic: TopicName::parse(topic, L).unwrap(),
+            properties: Some(Arc::new(Properties {
+                message_expiry_secs: Some(1),
+                ..Properties::default()
+            })),
+            ..msg("x", QoS::AtMostOnce, true, "v")
+        };
+        for n in 0..4 {
+            f.publish(&short(&format!("r/{n}")), None, t);
+        }
+        let later = t + Duration::from_secs(2);
+        let routed = f.publish(&msg("r/new", QoS::AtMostOnce, true, "v"), None, later);
+        assert!(!routed.retained_refused, "the expired ones made room");
+        assert_eq!(f.retained_count(), 1);
+        // A replacement that does not fit takes the old value with it.
+        let big = Message {
+            payload: Bytes::from(vec![b'x'; 2000]),
+            ..msg("r/new", QoS::AtMostOnce, true, "")
+        };
+        assert!(f.publish(&big, None, later).retained_refused);
+        assert_eq!(f.retained_count(), 0);
     }
 
     #[test]

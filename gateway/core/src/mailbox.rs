@@ -8,6 +8,7 @@
 
 use crate::pipeline::{Message, Properties};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -84,19 +85,22 @@ impl Overflow {
 struct State {
     queue: VecDeque<(Delivery, Instant)>,
     bytes: usize,
-    expired: u64,
 }
 
 #[derive(Debug)]
 pub struct Mailbox {
     limits: MailboxLimits,
     state: Mutex<State>,
+    /// The queue's length and the messages dropped for age, readable without the lock
+    /// (the session looks at both on every turn).
+    len: AtomicUsize,
+    expired: AtomicU64,
     /// Wakes the device's session when something arrives.
     pub notify: Notify,
 }
 
 fn size(d: &Delivery) -> usize {
-    d.message.topic.as_str().len() + d.message.payload.len()
+    d.message.size()
 }
 
 impl Mailbox {
@@ -106,8 +110,9 @@ impl Mailbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
-                expired: 0,
             }),
+            len: AtomicUsize::new(0),
+            expired: AtomicU64::new(0),
             notify: Notify::new(),
         }
     }
@@ -120,7 +125,7 @@ impl Mailbox {
     /// in order).
     pub fn push(&self, d: Delivery, now: Instant) -> Result<(), Overflow> {
         let mut s = self.lock();
-        Self::expire(&mut s, self.limits.max_age, now);
+        self.expire(&mut s, now);
         if s.queue.len() >= self.limits.max_messages {
             return Err(Overflow::Messages);
         }
@@ -130,6 +135,7 @@ impl Mailbox {
         }
         s.bytes += n;
         s.queue.push_back((d, now));
+        self.len.store(s.queue.len(), Ordering::Release);
         drop(s);
         self.notify.notify_one();
         Ok(())
@@ -139,19 +145,26 @@ impl Mailbox {
     /// (counted down by the time it waited).
     pub fn pop(&self, now: Instant) -> Option<Delivery> {
         let mut s = self.lock();
-        Self::expire(&mut s, self.limits.max_age, now);
+        self.expire(&mut s, now);
+        let mut found = None;
         while let Some((d, at)) = s.queue.pop_front() {
             s.bytes -= size(&d);
             match d.aged(now.saturating_duration_since(at)) {
-                Some(d) => return Some(d),
-                None => s.expired += 1,
+                Some(d) => {
+                    found = Some(d);
+                    break;
+                }
+                None => {
+                    self.expired.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-        None
+        self.len.store(s.queue.len(), Ordering::Release);
+        found
     }
 
     pub fn len(&self) -> usize {
-        self.lock().queue.len()
+        self.len.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -160,7 +173,10 @@ impl Mailbox {
 
     /// Messages dropped for age so far (taken: the counter restarts at zero).
     pub fn take_expired(&self) -> u64 {
-        std::mem::take(&mut self.lock().expired)
+        if self.expired.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.expired.swap(0, Ordering::Relaxed)
     }
 
     /// Empty the mailbox; returns how many messages it held.
@@ -169,18 +185,20 @@ impl Mailbox {
         let n = s.queue.len();
         s.queue.clear();
         s.bytes = 0;
+        self.len.store(0, Ordering::Release);
         n
     }
 
-    fn expire(s: &mut State, max_age: Duration, now: Instant) {
+    fn expire(&self, s: &mut State, now: Instant) {
         while let Some((d, at)) = s.queue.front() {
-            if now.saturating_duration_since(*at) <= max_age {
+            if now.saturating_duration_since(*at) <= self.limits.max_age {
                 break;
             }
             s.bytes -= size(d);
             s.queue.pop_front();
-            s.expired += 1;
+            self.expired.fetch_add(1, Ordering::Relaxed);
         }
+        self.len.store(s.queue.len(), Ordering::Release);
     }
 }
 
@@ -239,6 +257,18 @@ mod tests {
         assert_eq!(m.push(d("4"), t), Err(Overflow::Messages));
         assert_eq!(m.len(), 3);
         assert_eq!(m.pop(t).unwrap().message.payload, "1");
+    }
+
+    #[test]
+    fn the_byte_bound_counts_properties_too() {
+        let m = Mailbox::new(limits());
+        let t = Instant::now();
+        let mut heavy = d("x");
+        heavy.message.properties = Some(Arc::new(Properties {
+            user_properties: vec![("k".into(), "v".repeat(90))],
+            ..Properties::default()
+        }));
+        assert_eq!(m.push(heavy, t), Err(Overflow::Bytes), "20 + 1 + 91 > 100");
     }
 
     #[test]

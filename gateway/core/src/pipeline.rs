@@ -44,6 +44,23 @@ pub struct Message {
     pub properties: Option<Arc<Properties>>,
 }
 
+impl Message {
+    /// The bytes it holds: topic, payload and properties (what bounded queues and
+    /// stores count).
+    pub fn size(&self) -> usize {
+        let props = self.properties.as_deref().map_or(0, |p| {
+            p.content_type.as_ref().map_or(0, String::len)
+                + p.response_topic.as_ref().map_or(0, |t| t.as_str().len())
+                + p.correlation_data.as_ref().map_or(0, |c| c.len())
+                + p.user_properties
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        });
+        self.topic.as_str().len() + self.payload.len() + props
+    }
+}
+
 /// Message metadata (MQTT 5 publish properties, protocol-neutral).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Properties {
