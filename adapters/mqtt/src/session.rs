@@ -689,6 +689,7 @@ fn authenticate(
         disconnect_on_refusal: authed.policy.disconnect_on_refusal,
         link: None,
         state: SessionState::new(ctx.new_mailbox()),
+        staged: VecDeque::new(),
         pending_acks: VecDeque::new(),
         aliases: HashMap::new(),
         out_aliases: HashMap::new(),
@@ -739,6 +740,9 @@ struct Session {
     /// The broker uplink the peer's messages go through, once the session is open.
     link: Option<Uplink>,
     state: SessionState,
+    /// Messages taken from the mailbox in a batch and not yet sent; they go back to
+    /// the mailbox if the session ends first.
+    staged: VecDeque<Delivery>,
     /// Acknowledgements owed to the peer, in the order its publishes arrived; each
     /// waits for the broker's acceptance (or is ready at once, for a refusal).
     pending_acks: VecDeque<PendingAck>,
@@ -836,6 +840,9 @@ impl End {
     }
 }
 
+/// Messages a session takes from its mailbox at a time.
+const PUMP_BATCH: usize = 64;
+
 /// Bytes of output gathered before they are written even though more work is ready.
 const FLUSH_AT: usize = 32 * 1024;
 
@@ -882,6 +889,7 @@ impl Session {
     async fn finish(mut self, ctx: &Context, end: &End, mut slot: OwnedMutexGuard<Slot>) {
         let id = self.policy.principal.id.clone();
         let mailbox = self.state.mailbox.clone();
+        mailbox.put_back(std::mem::take(&mut self.staged), Instant::now());
         if self.expiry > 0 && !end.discards_session() {
             // Parked: its mailbox keeps collecting (within its bounds) until the peer
             // returns or the session expires.
@@ -1182,13 +1190,15 @@ impl Session {
         if self.sync_behaviour() == Behaviour::Quarantined
             && self.behaviour.commands == portcullis_config::QuarantineCommands::Hold
         {
-            if !self.state.mailbox.is_empty() {
+            if !self.state.mailbox.is_empty() || !self.staged.is_empty() {
                 self.next_pump = Some(now + Duration::from_secs(1));
             }
             return;
         }
         let device = ctx.kind == PrincipalKind::Device;
-        while self.state.window_open(self.window) && !self.state.mailbox.is_empty() {
+        while self.state.window_open(self.window)
+            && !(self.staged.is_empty() && self.state.mailbox.is_empty())
+        {
             if out.len() >= FLUSH_AT {
                 // The session writes what gathered, then comes straight back here.
                 self.next_pump = Some(now);
@@ -1199,7 +1209,12 @@ impl Session {
                 self.next_pump = Some(now + wait);
                 break;
             }
-            let Some(d) = self.state.mailbox.pop(now) else {
+            if self.staged.is_empty() {
+                self.state
+                    .mailbox
+                    .pop_many(now, PUMP_BATCH, &mut self.staged);
+            }
+            let Some(d) = self.staged.pop_front() else {
                 if device {
                     self.downlink.give(1.0);
                 }

@@ -163,6 +163,44 @@ impl Mailbox {
         found
     }
 
+    /// Up to `max` messages, as `pop` would give them one by one, taken under one
+    /// lock (a busy session holds the lock far less often).
+    pub fn pop_many(&self, now: Instant, max: usize, into: &mut VecDeque<Delivery>) {
+        let mut s = self.lock();
+        self.expire(&mut s, now);
+        let mut taken = 0;
+        while taken < max {
+            let Some((d, at)) = s.queue.pop_front() else {
+                break;
+            };
+            s.bytes -= size(&d);
+            match d.aged(now.saturating_duration_since(at)) {
+                Some(d) => {
+                    into.push_back(d);
+                    taken += 1;
+                }
+                None => {
+                    self.expired.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.len.store(s.queue.len(), Ordering::Release);
+    }
+
+    /// Messages taken but not delivered go back to the front, in their order (their
+    /// age counts from now; the bounds held them already).
+    pub fn put_back(&self, taken: VecDeque<Delivery>, now: Instant) {
+        if taken.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        for d in taken.into_iter().rev() {
+            s.bytes += size(&d);
+            s.queue.push_front((d, now));
+        }
+        self.len.store(s.queue.len(), Ordering::Release);
+    }
+
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)
     }
@@ -245,6 +283,25 @@ mod tests {
             .map(|d| d.message.payload)
             .collect();
         assert_eq!(out, vec!["1", "2", "3"]);
+    }
+
+    #[test]
+    fn messages_taken_in_a_batch_and_put_back_keep_their_order() {
+        let m = Mailbox::new(limits());
+        let t = Instant::now();
+        for p in ["1", "2", "3"] {
+            m.push(d(p), t).unwrap();
+        }
+        let mut taken = VecDeque::new();
+        m.pop_many(t, 2, &mut taken);
+        assert_eq!(m.len(), 1);
+        let first = taken.pop_front().unwrap();
+        assert_eq!(first.message.payload, "1");
+        m.put_back(taken, t);
+        let out: Vec<_> = std::iter::from_fn(|| m.pop(t))
+            .map(|d| d.message.payload)
+            .collect();
+        assert_eq!(out, vec!["2", "3"]);
     }
 
     #[test]
