@@ -135,9 +135,15 @@ impl Mailbox {
         }
         s.bytes += n;
         s.queue.push_back((d, now));
+        let was_empty = s.queue.len() == 1;
         self.len.store(s.queue.len(), Ordering::Release);
         drop(s);
-        self.notify.notify_one();
+        // The session is woken when its mailbox stops being empty; until it has taken
+        // everything (and looks at the length again before it waits), it needs no
+        // other wake-up.
+        if was_empty {
+            self.notify.notify_one();
+        }
         Ok(())
     }
 
