@@ -700,6 +700,7 @@ fn authenticate(
         stats: Arc::new(SessionStats::default()),
         downlink: TokenBucket::new(rates.messages, Instant::now()),
         next_pump: None,
+        pump_more: false,
         rates,
         pace: TokenBucket::new(rates.messages, Instant::now()),
         forensic: forensic_bucket(&behaviour),
@@ -763,6 +764,8 @@ struct Session {
     /// The device's rate for commands it receives, and when to try again.
     downlink: TokenBucket,
     next_pump: Option<Instant>,
+    /// The mailbox has more for the peer than one write took.
+    pump_more: bool,
     /// The principal's configured rates (probation tightens them).
     rates: PrincipalRates,
     /// The behaviour settings of its group, and its model (devices only).
@@ -1098,6 +1101,10 @@ impl Session {
                         Err(_) => Err(End::Closed),
                     }
                 }
+                _ = std::future::ready(()), if self.pump_more => {
+                    self.pump_more = false;
+                    Ok(())
+                }
                 _ = mailbox.notify.notified() => Ok(()),
                 _ = sleep_until_opt(self.next_pump) => {
                     self.next_pump = None;
@@ -1200,8 +1207,9 @@ impl Session {
             && !(self.staged.is_empty() && self.state.mailbox.is_empty())
         {
             if out.len() >= FLUSH_AT {
-                // The session writes what gathered, then comes straight back here.
-                self.next_pump = Some(now);
+                // The session writes what gathered, then comes straight back here
+                // (not through a timer: its resolution would stall every burst).
+                self.pump_more = true;
                 break;
             }
             if device && let Err(wait) = self.downlink.take(1.0, now) {
