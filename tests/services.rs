@@ -60,6 +60,9 @@ const CLEAN: Opts = Opts {
 struct Client {
     raw: Raw,
     next_pkid: u16,
+    /// Publishes that arrived while waiting for something else (a SUBACK, a PUBACK),
+    /// kept for `received`.
+    early: Vec<v5::Publish>,
 }
 
 impl Client {
@@ -82,7 +85,14 @@ impl Client {
             .connect_v5_full(connect, None, Some((id, SECRET)))
             .expect("CONNACK");
         assert_eq!(ack.code, v5::ConnectReturnCode::Success, "{id}");
-        (Client { raw, next_pkid: 1 }, ack)
+        (
+            Client {
+                raw,
+                next_pkid: 1,
+                early: Vec::new(),
+            },
+            ack,
+        )
     }
 
     fn service(gw: &Gateway, id: &str, o: Opts) -> (Client, v5::ConnAck) {
@@ -121,7 +131,7 @@ impl Client {
                     assert_eq!(a.pkid, pkid);
                     return a.return_codes;
                 }
-                Some(v5::Packet::Publish(_)) => {}
+                Some(v5::Packet::Publish(p)) => self.early.push(p),
                 other => panic!("no SUBACK: {other:?}"),
             }
         }
@@ -150,6 +160,7 @@ impl Client {
                         assert_eq!(a.reason, v5::PubAckReason::Success, "{topic}");
                         return;
                     }
+                    Some(v5::Packet::Publish(p)) => self.early.push(p),
                     Some(_) => {}
                     None => panic!("no PUBACK for {topic}"),
                 }
@@ -160,7 +171,13 @@ impl Client {
     /// Every PUBLISH that arrives until the line stays quiet for `QUIET`; QoS 1
     /// ones are acknowledged when `ack` is set.
     fn received(&mut self, ack: bool) -> Vec<v5::Publish> {
-        let mut got = Vec::new();
+        let mut got = std::mem::take(&mut self.early);
+        for p in &got {
+            if ack && p.qos == Q5::AtLeastOnce {
+                self.raw
+                    .send_v5(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)));
+            }
+        }
         while let Some(p) = self.raw.recv_v5(QUIET) {
             if let v5::Packet::Publish(p) = p {
                 if ack && p.qos == Q5::AtLeastOnce {
@@ -312,6 +329,11 @@ fn a_full_service_queue_refuses_counts_and_audits() {
             false,
         );
     }
+    // Every message through the broker before the service returns.
+    wait_for(T, || {
+        (gw.metric("portcullis_queue_overflow_total ") == 3).then_some(())
+    })
+    .expect("three refused by the full queue");
     let (mut svc, _) = Client::service(&gw, "alpha", persistent(300));
     assert_eq!(
         payloads(&svc.received(true)),
@@ -408,10 +430,15 @@ fn retain_as_published_keeps_the_flag_on_live_messages() {
 #[test]
 fn retain_handling_decides_when_retained_messages_are_sent() {
     let gw = setup("");
+    // A witness: once it has both, the broker has routed them (and kept them as
+    // retained). A publish still on its way when a service subscribes reaches it live.
+    let (mut witness, _) = Client::service(&gw, "beta", CLEAN);
+    witness.sub("devices/+/telemetry/#", Q5::AtLeastOnce);
     let mut d = Client::device(&gw);
     for (t, qos) in [("a", Q5::AtMostOnce), ("b", Q5::AtLeastOnce)] {
         d.publish(&format!("devices/sensor-1/telemetry/{t}"), t, qos, true);
     }
+    assert_eq!(witness.received(true).len(), 2);
     let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
     let with = |rh| {
         let mut f = v5::Filter::new("devices/+/telemetry/#", Q5::AtLeastOnce);

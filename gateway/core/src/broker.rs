@@ -294,11 +294,12 @@ impl EmbeddedBroker {
             })?;
             uplinks.push(cmd_tx);
         }
+        let (ready_tx, ready) = std::sync::mpsc::channel();
         let (tx, rx) = broker.link("portcullis-downlink").map_err(link_err)?;
         let (downlink, cmd_rx) = mpsc::channel(cfg.link_queue);
-        let (m, a) = (metrics.clone(), audit.clone());
+        let (m, a, r) = (metrics.clone(), audit.clone(), ready_tx.clone());
         spawn_link_thread("downlink".into(), move || {
-            runtime().block_on(run_downlink(tx, rx, cmd_rx, m, a))
+            runtime().block_on(run_downlink(tx, rx, cmd_rx, m, a, r))
         })?;
         let (tx, rx) = broker.link("portcullis-fanout").map_err(link_err)?;
         let (fanout, cmd_rx) = mpsc::channel(cfg.link_queue);
@@ -307,8 +308,14 @@ impl EmbeddedBroker {
             max_retained_bytes: cfg.max_retained_bytes,
         });
         spawn_link_thread("fanout".into(), move || {
-            runtime().block_on(run_fanout(tx, rx, cmd_rx, table, metrics, audit))
+            runtime().block_on(run_fanout(tx, rx, cmd_rx, table, metrics, audit, ready_tx))
         })?;
+        // Both reading links subscribed before anything is published.
+        for link in ["downlink", "fan-out"] {
+            ready
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .map_err(|_| BrokerError::Link(format!("the {link} link did not subscribe")))?;
+        }
         Ok(Arc::new(EmbeddedBroker {
             broker,
             uplinks,
@@ -533,18 +540,59 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
     }
 }
 
+/// Subscribe a reading link and wait for the router's SUBACK; then tell `ready`. The
+/// gateway does not start taking messages before its reading links are in place:
+/// what the router takes before a filter exists is forwarded to nobody.
+async fn subscribe_link(
+    tx: &mut LinkTx,
+    rx: &mut LinkRx,
+    path: &str,
+    qos: QoS,
+    ready: std::sync::mpsc::Sender<()>,
+) -> bool {
+    let subscribe = Subscribe {
+        pkid: 1,
+        filters: vec![filter(path, qos)],
+    };
+    if tx.send(Packet::Subscribe(subscribe, None)).await.is_err() {
+        return false;
+    }
+    loop {
+        match rx.next().await {
+            Ok(Some(n @ Notification::DeviceAck(_))) => {
+                if let Some(LinkAck::Sub) = link_ack(n) {
+                    let _ = ready.send(());
+                    return true;
+                }
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.wake().await.is_err() {
+                    return false;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
 async fn run_downlink(
     mut tx: LinkTx,
     mut rx: LinkRx,
     mut cmds: mpsc::Receiver<DownlinkCmd>,
     metrics: Arc<Metrics>,
     audit: Audit,
+    ready: std::sync::mpsc::Sender<()>,
 ) {
-    let subscribe = Subscribe {
-        pkid: 1,
-        filters: vec![filter("devices/+/commands/#", QoS::AtLeastOnce)],
-    };
-    if tx.send(Packet::Subscribe(subscribe, None)).await.is_err() {
+    if !subscribe_link(
+        &mut tx,
+        &mut rx,
+        "devices/+/commands/#",
+        QoS::AtLeastOnce,
+        ready,
+    )
+    .await
+    {
         return;
     }
     let mut routes: HashMap<PrincipalId, Arc<Mailbox>> = HashMap::new();
@@ -632,14 +680,11 @@ async fn run_fanout(
     mut table: Fanout,
     metrics: Arc<Metrics>,
     audit: Audit,
+    ready: std::sync::mpsc::Sender<()>,
 ) {
     // Everything, at QoS 0: the table decides each session's QoS, and nothing waits
     // for acknowledgements on this link.
-    let subscribe = Subscribe {
-        pkid: 1,
-        filters: vec![filter("#", QoS::AtMostOnce)],
-    };
-    if tx.send(Packet::Subscribe(subscribe, None)).await.is_err() {
+    if !subscribe_link(&mut tx, &mut rx, "#", QoS::AtMostOnce, ready).await {
         return;
     }
     loop {
