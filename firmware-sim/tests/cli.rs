@@ -112,18 +112,23 @@ fn sim(args: &[&str], limit: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn portcullis-sim");
+    finish_within(child, limit, &format!("portcullis-sim {args:?}"))
+}
+
+/// The child's output once it exits; killed (and the test failed) past `limit`.
+fn finish_within(child: Child, limit: Duration, what: &str) -> Output {
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
     match rx.recv_timeout(limit) {
-        Ok(out) => out.expect("portcullis-sim output"),
+        Ok(out) => out.expect("child output"),
         Err(_) => {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
-            panic!("portcullis-sim {args:?} did not finish within {limit:?}");
+            panic!("{what} did not finish within {limit:?}");
         }
     }
 }
@@ -374,20 +379,11 @@ fn on_terminal(args: &str, limit: Duration) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("script(1) (util-linux) runs a command on a pseudo-terminal");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(limit) {
-        Ok(out) => out.expect("script output"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("portcullis-sim {args} did not finish within {limit:?}");
-        }
-    };
+    let out = finish_within(
+        child,
+        limit,
+        &format!("portcullis-sim {args} (on a terminal)"),
+    );
     assert!(out.status.success(), "{args}: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
