@@ -20,14 +20,22 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef";
 /// `cluster`: they may publish and subscribe under `jobs/`, read telemetry and
 /// commands, and send commands).
 fn setup(extra: &str) -> Gateway {
-    let gw = Gateway::start_with(&format!(
-        r#"
+    setup_limits(extra, "")
+}
+
+/// As `setup`, with extra keys in the `[limits]` table.
+fn setup_limits(extra: &str, limits: &str) -> Gateway {
+    let gw = Gateway::start_full(
+        &format!(
+            r#"
 [service_groups.cluster]
 trust = []
 publish = ["devices/+/commands/#", "jobs/#"]
 subscribe = ["devices/+/telemetry/#", "devices/+/commands/#", "jobs/#"]
 {extra}"#
-    ));
+        ),
+        limits,
+    );
     gw.add_device_secret("sensor-1", SECRET);
     for id in ["alpha", "beta"] {
         let out = gw.cli_stdin(
@@ -712,4 +720,113 @@ fn a_message_resent_on_reconnect_respects_the_new_maximum_packet_size() {
     // The session still works.
     d.publish("devices/sensor-1/telemetry", "next", Q5::AtLeastOnce, false);
     assert_eq!(payloads(&svc.received(true)), vec!["next"]);
+}
+
+/// The gateway's resident memory, in KiB.
+fn rss_kib(gw: &Gateway) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+fn unsubscribe(c: &mut Client, filter: &str) {
+    let pkid = c.pkid();
+    c.raw.send_v5(v5::Packet::Unsubscribe(v5::Unsubscribe {
+        pkid,
+        filters: vec![s(filter)],
+        properties: None,
+    }));
+    match c.raw.recv_v5(T) {
+        Some(v5::Packet::UnsubAck(u)) => {
+            assert_eq!(u.reasons, vec![v5::UnsubAckReason::Success], "{filter}")
+        }
+        other => panic!("no UNSUBACK for {filter}: {other:?}"),
+    }
+}
+
+#[test]
+fn subscribing_and_unsubscribing_unique_filters_holds_no_memory() {
+    // The attack: a service subscribes and unsubscribes unique filters as fast as it
+    // can. Each one used to leave ~6 KB in the embedded broker for good.
+    let gw = setup_limits(
+        "",
+        "subscribe_rate = 1000000.0\nsubscribe_burst = 1000000.0",
+    );
+    let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
+    // Warm up (allocator arenas, the session's buffers) before the baseline.
+    for i in 0..500 {
+        let f = format!("jobs/warm/{i}");
+        svc.sub(&f, Q5::AtMostOnce);
+        unsubscribe(&mut svc, &f);
+    }
+    let before = rss_kib(&gw);
+    for i in 0..10_000 {
+        let f = format!("jobs/churn/{i}/x");
+        svc.sub(&f, Q5::AtLeastOnce);
+        unsubscribe(&mut svc, &f);
+    }
+    assert_eq!(gw.metric("portcullis_service_subscriptions"), 0);
+    let after = rss_kib(&gw);
+    // 10 000 filters at the old ~6 KB each would be ~60 MiB.
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} KiB to {after} KiB over 10 000 unique filters"
+    );
+    svc.disconnect();
+}
+
+#[test]
+fn new_filters_over_the_subscribe_rate_are_refused_with_quota_exceeded() {
+    let gw = setup_limits("", "subscribe_rate = 0.01\nsubscribe_burst = 5");
+    let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
+    let filters: Vec<v5::Filter> = (0..8)
+        .map(|i| v5::Filter::new(format!("jobs/{i}"), Q5::AtMostOnce))
+        .collect();
+    let codes = svc.subscribe(filters, None);
+    assert_eq!(
+        codes[..5],
+        vec![v5::SubscribeReasonCode::Success(Q5::AtMostOnce); 5][..]
+    );
+    assert_eq!(
+        codes[5..],
+        vec![v5::SubscribeReasonCode::QuotaExceeded; 3][..]
+    );
+    // Changing a subscription it holds adds nothing: still allowed.
+    assert_eq!(
+        svc.subscribe(vec![v5::Filter::new("jobs/0", Q5::AtLeastOnce)], None),
+        vec![v5::SubscribeReasonCode::Success(Q5::AtLeastOnce)]
+    );
+    assert_eq!(gw.refusals("subscribe", "subscribe_rate"), 3);
+    assert_eq!(gw.metric("portcullis_service_subscriptions"), 5);
+    gw.wait_audit(&["subscribe", "limits.subscribe_rate"]);
+}
+
+#[test]
+fn service_subscriptions_are_bounded_over_all_sessions_and_freed_ones_count_again() {
+    let gw = setup("[broker]\nmax_subscriptions = 3\n");
+    let (mut a, _) = Client::service(&gw, "alpha", CLEAN);
+    let (mut b, _) = Client::service(&gw, "beta", CLEAN);
+    a.sub("jobs/a/1", Q5::AtMostOnce);
+    a.sub("jobs/a/2", Q5::AtMostOnce);
+    b.sub("jobs/b/1", Q5::AtMostOnce);
+    assert_eq!(
+        b.subscribe(vec![v5::Filter::new("jobs/b/2", Q5::AtMostOnce)], None),
+        vec![v5::SubscribeReasonCode::QuotaExceeded]
+    );
+    assert_eq!(gw.refusals("subscribe", "subscriptions_full"), 1);
+    a.disconnect();
+    let freed = wait_for(T, || {
+        (gw.metric("portcullis_service_subscriptions") == 1).then_some(())
+    });
+    assert!(
+        freed.is_some(),
+        "alpha's clean session left its subscriptions"
+    );
+    b.sub("jobs/b/2", Q5::AtLeastOnce);
+    b.publish("jobs/b/2", "hello", Q5::AtLeastOnce, false);
+    let got = b.received(true);
+    assert_eq!(got.len(), 1, "{got:?}");
 }

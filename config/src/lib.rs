@@ -120,6 +120,9 @@ pub struct Broker {
     /// properties).
     pub max_retained_messages: usize,
     pub max_retained_bytes: usize,
+    /// Service subscriptions held at once over all sessions (each session is also
+    /// capped by `sessions.max_subscriptions`).
+    pub max_subscriptions: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -149,6 +152,10 @@ pub struct Limits {
     pub drain_timeout_secs: u64,
     /// Seconds a peer may take to accept what the gateway writes before it is dropped.
     pub write_timeout_secs: u64,
+    /// Topic filters one session may subscribe to per second, sustained, and at once
+    /// (a token bucket); filters over it are refused with Quota exceeded.
+    pub subscribe_rate: f64,
+    pub subscribe_burst: f64,
 }
 
 /// Device sessions: persistence, queues, retained commands and MQTT 5 limits.
@@ -474,6 +481,7 @@ impl Default for Broker {
             link_queue: 4096,
             max_retained_messages: 100_000,
             max_retained_bytes: 64 * 1024 * 1024,
+            max_subscriptions: 100_000,
         }
     }
 }
@@ -490,6 +498,8 @@ impl Default for Limits {
             max_subscribe_filters: 16,
             drain_timeout_secs: 5,
             write_timeout_secs: 30,
+            subscribe_rate: 10.0,
+            subscribe_burst: 64.0,
         }
     }
 }
@@ -599,7 +609,11 @@ impl Config {
 
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), (String, String)> {
-        let positive: [(&str, u64); 21] = [
+        let positive: [(&str, u64); 22] = [
+            (
+                "broker.max_subscriptions",
+                self.broker.max_subscriptions as u64,
+            ),
             ("limits.write_timeout_secs", self.limits.write_timeout_secs),
             (
                 "tls.handshake_timeout_secs",
@@ -659,6 +673,24 @@ impl Config {
             if value == 0 {
                 return Err((key.to_string(), "must be > 0 (got 0)".to_string()));
             }
+        }
+        if !(self.limits.subscribe_rate.is_finite() && self.limits.subscribe_rate > 0.0) {
+            return Err((
+                "limits.subscribe_rate".into(),
+                format!(
+                    "must be a number of filters per second > 0 (got {})",
+                    self.limits.subscribe_rate
+                ),
+            ));
+        }
+        if !(self.limits.subscribe_burst.is_finite() && self.limits.subscribe_burst >= 1.0) {
+            return Err((
+                "limits.subscribe_burst".into(),
+                format!(
+                    "must be at least 1 filter (got {})",
+                    self.limits.subscribe_burst
+                ),
+            ));
         }
         if self.limits.max_packet_size > 256 * 1024 * 1024 {
             return Err((

@@ -161,6 +161,10 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         max_keep_alive: config.sessions.max_keep_alive_secs.min(u64::from(u16::MAX)) as u16,
         max_user_properties: config.sessions.max_user_properties,
         max_subscriptions: config.sessions.max_subscriptions,
+        subscribe_rate: Rate {
+            per_second: config.limits.subscribe_rate,
+            burst: config.limits.subscribe_burst,
+        },
     };
     // Devices and services are separate namespaces: a session slot each.
     let device_store = SessionStore::new();

@@ -67,6 +67,8 @@ pub struct SessionLimits {
     pub max_keep_alive: u16,
     pub max_user_properties: usize,
     pub max_subscriptions: usize,
+    /// New topic filters a session may add, per second and at once.
+    pub subscribe_rate: Rate,
 }
 
 /// What a configuration reload replaces for live sessions (ACLs and CAs come from the
@@ -699,6 +701,8 @@ fn authenticate(
         certs: certs.map(<[_]>::to_vec),
         stats: Arc::new(SessionStats::default()),
         downlink: TokenBucket::new(rates.messages, Instant::now()),
+        subscribes: TokenBucket::new(ctx.limits.subscribe_rate, Instant::now()),
+        subscribe_rate_audited: None,
         next_pump: None,
         pump_more: false,
         rates,
@@ -763,6 +767,10 @@ struct Session {
     stats: Arc<SessionStats>,
     /// The device's rate for commands it receives, and when to try again.
     downlink: TokenBucket,
+    /// New subscriptions this connection may add (SUBSCRIBE churn is bounded).
+    subscribes: TokenBucket,
+    /// When a filter over that rate was last audited (at most one line a second).
+    subscribe_rate_audited: Option<Instant>,
     next_pump: Option<Instant>,
     /// The mailbox has more for the peer than one write took.
     pump_more: bool,
@@ -1932,6 +1940,26 @@ impl Session {
                 codes.push(Err(reason::QUOTA_EXCEEDED));
                 continue;
             }
+            let replaces =
+                self.state.has_subscription(&key) || accepted.iter().any(|(_, s)| s.key == key);
+            if !replaces && self.subscribes.take(1.0, Instant::now()).is_err() {
+                ctx.metrics.refused("subscribe", "subscribe_rate");
+                let now = Instant::now();
+                if self
+                    .subscribe_rate_audited
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                {
+                    self.subscribe_rate_audited = Some(now);
+                    self.audit_refusal(
+                        ctx,
+                        "subscribe",
+                        Some(&f.path),
+                        "new topic filters over their rate (limits.subscribe_rate)",
+                    );
+                }
+                codes.push(Err(reason::QUOTA_EXCEEDED));
+                continue;
+            }
             let granted = QoS::from_u8(f.qos).unwrap_or(QoS::AtMostOnce);
             let options = SubscriptionOptions {
                 qos: granted,
@@ -1958,18 +1986,33 @@ impl Session {
             codes.push(Ok(granted as u8));
             accepted.push((codes.len() - 1, sub));
         }
-        for (_, sub) in &accepted {
-            self.state.subscribe(sub.clone());
-        }
         if service && !accepted.is_empty() {
             // SUBACK once the fan-out has the subscriptions (and has queued the
             // retained messages they asked for, which follow the SUBACK): nothing
             // published after the SUBACK can miss them.
-            let subs = accepted.into_iter().map(|(_, s)| s).collect();
-            ctx.broker
+            let subs = accepted.iter().map(|(_, s)| s.clone()).collect();
+            let added = ctx
+                .broker
                 .subscribe(self.policy.principal.id.clone(), subs)
                 .await
                 .map_err(|_| End::BrokerGone)?;
+            for ((at, sub), added) in accepted.into_iter().zip(added) {
+                match added {
+                    Ok(_) => {
+                        self.state.subscribe(sub);
+                    }
+                    Err(e) => {
+                        ctx.metrics.refused("subscribe", "subscriptions_full");
+                        let filter = sub.key.to_string();
+                        self.audit_refusal(ctx, "subscribe", Some(&filter), &e.to_string());
+                        codes[at] = Err(reason::QUOTA_EXCEEDED);
+                    }
+                }
+            }
+        } else {
+            for (_, sub) in accepted {
+                self.state.subscribe(sub);
+            }
         }
         codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
         // A device's retained commands follow the SUBACK, through the mailbox like any

@@ -21,7 +21,7 @@
 //! a service's publish, the service's id (for MQTT 5 No Local).
 
 use crate::audit::{Audit, AuditEntry};
-use crate::fanout::{Fanout, FanoutLimits, Routed};
+use crate::fanout::{Fanout, FanoutLimits, Routed, SubscribeError};
 use crate::mailbox::{Delivery, Mailbox};
 use crate::metrics::Metrics;
 use crate::pipeline::{Message, Properties, QoS};
@@ -37,6 +37,7 @@ use rumqttd::{Config, Notification, RouterConfig};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
@@ -66,8 +67,13 @@ enum FanoutCmd {
     Attach(PrincipalId, Arc<Mailbox>),
     Detach(PrincipalId, Arc<Mailbox>),
     Online(PrincipalId, bool),
-    /// Answered, per subscription, with whether it existed before.
-    Subscribe(PrincipalId, Vec<Subscription>, oneshot::Sender<Vec<bool>>),
+    /// Answered, per subscription, with whether it existed before (or why it was not
+    /// added).
+    Subscribe(
+        PrincipalId,
+        Vec<Subscription>,
+        oneshot::Sender<Vec<Result<bool, SubscribeError>>>,
+    ),
     /// Answered, per filter, with whether there was such a subscription.
     Unsubscribe(
         PrincipalId,
@@ -306,6 +312,7 @@ impl EmbeddedBroker {
         let table = Fanout::new(FanoutLimits {
             max_retained_messages: cfg.max_retained_messages,
             max_retained_bytes: cfg.max_retained_bytes,
+            max_subscriptions: cfg.max_subscriptions,
         });
         spawn_link_thread("fanout".into(), move || {
             runtime().block_on(run_fanout(tx, rx, cmd_rx, table, metrics, audit, ready_tx))
@@ -399,12 +406,12 @@ impl EmbeddedBroker {
     /// Add or replace subscriptions of an attached service. Once this returns, every
     /// message the broker takes afterwards is matched against them, and the retained
     /// messages they asked for are in the mailbox. Per subscription: whether it
-    /// existed before.
+    /// existed before, or why it was not added.
     pub async fn subscribe(
         &self,
         id: PrincipalId,
         subs: Vec<Subscription>,
-    ) -> Result<Vec<bool>, BrokerError> {
+    ) -> Result<Vec<Result<bool, SubscribeError>>, BrokerError> {
         let (tx, rx) = oneshot::channel();
         self.to_fanout(FanoutCmd::Subscribe(id, subs, tx)).await?;
         rx.await.map_err(|_| BrokerError::Stopped)
@@ -707,10 +714,10 @@ async fn run_fanout(
                             let filter = sub.key.to_string();
                             match table.subscribe(&id, sub, now) {
                                 Ok(done) => {
-                                    existed.push(done.existed);
+                                    existed.push(Ok(done.existed));
                                     report(done.routed, &filter, &metrics, &audit);
                                 }
-                                Err(_) => existed.push(false),
+                                Err(e) => existed.push(Err(e)),
                             }
                         }
                         let _ = reply.send(existed);
@@ -720,6 +727,9 @@ async fn run_fanout(
                         let _ = reply.send(existed);
                     }
                 }
+                metrics
+                    .service_subscriptions
+                    .store(table.subscription_count() as u64, Ordering::Relaxed);
             }
             n = rx.next() => match n {
                 Ok(Some(Notification::Forward(forward))) => {

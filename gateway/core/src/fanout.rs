@@ -32,6 +32,8 @@ pub struct FanoutLimits {
     pub max_retained_messages: usize,
     /// Topic + payload bytes of all retained messages.
     pub max_retained_bytes: usize,
+    /// Subscriptions of all sessions together.
+    pub max_subscriptions: usize,
 }
 
 /// What happened to one message or subscription, for the caller to count.
@@ -54,9 +56,14 @@ pub struct Subscribed {
     pub routed: Routed,
 }
 
+/// Why a subscription was not added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("no such session")]
-pub struct NotAttached;
+pub enum SubscribeError {
+    #[error("no such session")]
+    NotAttached,
+    #[error("subscriptions of all sessions at their limit (broker.max_subscriptions)")]
+    Full,
+}
 
 type Slot = u32;
 
@@ -181,6 +188,8 @@ pub struct Fanout {
     free_shares: Vec<Slot>,
     share_ids: HashMap<(ShareName, TopicFilter), Slot>,
     root: Node,
+    /// Subscriptions of all attached sessions.
+    subscriptions: usize,
     retained: BTreeMap<TopicName, (Message, Instant)>,
     retained_bytes: usize,
     /// Reused per message, so routing allocates nothing of its own.
@@ -202,6 +211,7 @@ impl Fanout {
             free_shares: Vec::new(),
             share_ids: HashMap::new(),
             root: Node::default(),
+            subscriptions: 0,
             retained: BTreeMap::new(),
             retained_bytes: 0,
             matched: Vec::new(),
@@ -266,11 +276,7 @@ impl Fanout {
 
     /// Subscriptions of sessions attached now (for a look from outside).
     pub fn subscription_count(&self) -> usize {
-        self.slots
-            .iter()
-            .flatten()
-            .map(|s| s.subscriptions.len())
-            .sum()
+        self.subscriptions
     }
 
     pub fn retained_count(&self) -> usize {
@@ -286,6 +292,7 @@ impl Fanout {
         let Some(subscriber) = self.slots[slot as usize].take() else {
             return;
         };
+        self.subscriptions -= subscriber.subscriptions.len();
         for key in subscriber.subscriptions.keys() {
             self.remove_entry(slot, key);
         }
@@ -328,15 +335,25 @@ impl Fanout {
         who: &PrincipalId,
         sub: Subscription,
         now: Instant,
-    ) -> Result<Subscribed, NotAttached> {
-        let slot = *self.by_principal.get(who).ok_or(NotAttached)?;
-        let subscriber = self.slots[slot as usize].as_mut().ok_or(NotAttached)?;
-        let existed = subscriber
+    ) -> Result<Subscribed, SubscribeError> {
+        let slot = *self
+            .by_principal
+            .get(who)
+            .ok_or(SubscribeError::NotAttached)?;
+        let subscriber = self.slots[slot as usize]
+            .as_mut()
+            .ok_or(SubscribeError::NotAttached)?;
+        let existed = subscriber.subscriptions.contains_key(&sub.key);
+        if !existed && self.subscriptions >= self.limits.max_subscriptions {
+            return Err(SubscribeError::Full);
+        }
+        subscriber
             .subscriptions
-            .insert(sub.key.clone(), sub.options)
-            .is_some();
+            .insert(sub.key.clone(), sub.options);
         if existed {
             self.remove_entry(slot, &sub.key);
+        } else {
+            self.subscriptions += 1;
         }
         match &sub.key.share {
             None => self
@@ -391,6 +408,7 @@ impl Fanout {
             .as_mut()
             .is_some_and(|s| s.subscriptions.remove(key).is_some());
         if existed {
+            self.subscriptions -= 1;
             self.remove_entry(slot, key);
         }
         existed
@@ -674,6 +692,7 @@ mod tests {
         Fanout::new(FanoutLimits {
             max_retained_messages: 4,
             max_retained_bytes: 1000,
+            max_subscriptions: 1000,
         })
     }
 
@@ -858,6 +877,7 @@ mod tests {
         let mut f = Fanout::new(FanoutLimits {
             max_retained_messages: 100,
             max_retained_bytes: 100_000,
+            max_subscriptions: 1000,
         });
         let t = Instant::now();
         for topic in ["a", "a/b", "a/b/c", "ab/c", "b/b/c", "a/x/c"] {
@@ -1023,6 +1043,7 @@ mod tests {
         let mut f = Fanout::new(FanoutLimits {
             max_retained_messages: 100,
             max_retained_bytes: 100_000,
+            max_subscriptions: 1000,
         });
         let t = Instant::now();
         for n in 0..20 {
@@ -1095,6 +1116,47 @@ mod tests {
         assert_eq!(f.subscription_count(), 0);
         f.publish(&msg("x/1/y", QoS::AtLeastOnce, false, "p"), None, t);
         assert!(drain(&q, t).is_empty());
+    }
+
+    #[test]
+    fn subscriptions_of_all_sessions_are_bounded_and_freed_ones_count_again() {
+        let mut f = Fanout::new(FanoutLimits {
+            max_retained_messages: 10,
+            max_retained_bytes: 1000,
+            max_subscriptions: 3,
+        });
+        let t = Instant::now();
+        let a = attached(&mut f, "a");
+        attached(&mut f, "b");
+        for filter in ["a/1", "a/2"] {
+            f.subscribe(&id("a"), sub(filter, plain(QoS::AtMostOnce)), t)
+                .unwrap();
+        }
+        f.subscribe(&id("b"), sub("b/1", plain(QoS::AtMostOnce)), t)
+            .unwrap();
+        assert_eq!(
+            f.subscribe(&id("b"), sub("b/2", plain(QoS::AtMostOnce)), t),
+            Err(SubscribeError::Full)
+        );
+        // Replacing a subscription's options adds none.
+        assert!(
+            f.subscribe(&id("b"), sub("b/1", plain(QoS::AtLeastOnce)), t)
+                .unwrap()
+                .existed
+        );
+        assert!(f.unsubscribe(&id("b"), &SubscriptionKey::parse("b/1", L, true).unwrap()));
+        f.subscribe(&id("b"), sub("b/2", plain(QoS::AtMostOnce)), t)
+            .unwrap();
+        assert!(f.detach(&id("a"), &a));
+        assert_eq!(f.subscription_count(), 1);
+        for filter in ["b/3", "b/4"] {
+            f.subscribe(&id("b"), sub(filter, plain(QoS::AtMostOnce)), t)
+                .unwrap();
+        }
+        assert_eq!(
+            f.subscribe(&id("b"), sub("b/5", plain(QoS::AtMostOnce)), t),
+            Err(SubscribeError::Full)
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub queue_expired: AtomicU64,
     /// Retained messages the broker's retained store had no room for.
     pub retained_refused: AtomicU64,
+    /// Service subscriptions held now, over all sessions (the fan-out's table).
+    pub service_subscriptions: AtomicU64,
     pub takeovers: AtomicU64,
     pub wills_published: AtomicU64,
     pub bytes_accepted: AtomicU64,
@@ -123,6 +125,13 @@ impl Metrics {
             "Sessions currently open.",
             "gauge",
             load(&self.connections_active),
+        );
+        gauge(
+            &mut out,
+            "portcullis_service_subscriptions",
+            "Service subscriptions held now, over all sessions (bounded by broker.max_subscriptions).",
+            "gauge",
+            load(&self.service_subscriptions),
         );
         gauge(
             &mut out,
