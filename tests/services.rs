@@ -830,3 +830,70 @@ fn service_subscriptions_are_bounded_over_all_sessions_and_freed_ones_count_agai
     let got = b.received(true);
     assert_eq!(got.len(), 1, "{got:?}");
 }
+
+#[test]
+fn a_service_that_reads_nothing_pins_bounded_memory_audited_once_and_returned() {
+    let gw = Gateway::start_all(
+        r#"
+[service_groups.cluster]
+trust = []
+publish = ["jobs/#"]
+subscribe = ["devices/+/telemetry/#"]
+"#,
+        "",
+        "messages_per_second = 100000.0\nmessage_burst = 100000.0\nbytes_per_second = 1e12\nbyte_burst = 1e12",
+    );
+    gw.add_device_secret("sensor-1", SECRET);
+    let out = gw.cli_stdin(
+        &[
+            "service",
+            "add",
+            "alpha",
+            "--group",
+            "cluster",
+            "--secret-stdin",
+        ],
+        Some(SECRET),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
+    svc.sub("devices/+/telemetry/#", Q5::AtLeastOnce);
+    // From here on the service reads nothing.
+    let mut d = Client::device(&gw);
+    let payload = "x".repeat(200 * 1024);
+    let before = rss_kib(&gw);
+    let mut peak = before;
+    for _ in 0..600 {
+        d.publish(
+            "devices/sensor-1/telemetry",
+            &payload,
+            Q5::AtLeastOnce,
+            false,
+        );
+        peak = peak.max(rss_kib(&gw));
+    }
+    // 117 MiB went by. What stays is the service's queue (16 MiB by default), its
+    // delivery window, and the broker's bounded logs, not everything sent.
+    assert!(
+        peak < before + 80 * 1024,
+        "RSS rose from {before} KiB to {peak} KiB behind a consumer that reads nothing"
+    );
+    let overflowed = gw.metric("portcullis_queue_overflow_total ");
+    assert!(overflowed > 400, "{overflowed} refused");
+    let audit = gw.audit();
+    let lines = audit
+        .lines()
+        .filter(|l| l.contains("\"queue\"") && l.contains("\"alpha\""))
+        .count();
+    assert_eq!(lines, 1, "one audit line for one run of refusals:\n{audit}");
+    // Its clean session ends with the connection: the queue's memory goes back.
+    drop(svc);
+    let back = wait_for(Duration::from_secs(10), || {
+        let now = rss_kib(&gw);
+        (now + 8 * 1024 < peak).then_some(now)
+    });
+    assert!(
+        back.is_some(),
+        "RSS stayed near {peak} KiB after the consumer left"
+    );
+}

@@ -475,8 +475,8 @@ impl Default for Broker {
         Broker {
             mode: BrokerMode::Embedded,
             uplinks: 2,
-            max_segment_size: 16 * 1024 * 1024,
-            max_segment_count: 8,
+            max_segment_size: 8 * 1024 * 1024,
+            max_segment_count: 4,
             max_links: 1024,
             link_queue: 4096,
             max_retained_messages: 100_000,

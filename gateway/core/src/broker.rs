@@ -638,11 +638,13 @@ async fn run_downlink(
                         && let Err(overflow) = mailbox.push(delivery, Instant::now())
                     {
                         Metrics::inc(&metrics.queue_overflow);
-                        audit.record(
-                            AuditEntry::new("queue", "refuse")
-                                .principal("device", id.to_string())
-                                .reason(overflow.as_str()),
-                        );
+                        if mailbox.first_refusal() {
+                            audit.record(
+                                AuditEntry::new("queue", "refuse")
+                                    .principal("device", id.to_string())
+                                    .reason(overflow.as_str()),
+                            );
+                        }
                     }
                     if link_qos != QoS::AtMostOnce {
                         let ack = PubAck { pkid, reason: PubAckReason::Success };
@@ -661,14 +663,18 @@ async fn run_downlink(
 
 /// Count and audit what a routing step could not place.
 fn report(routed: Routed, topic: &str, metrics: &Metrics, audit: &Audit) {
-    for (id, overflow) in routed.overflows {
+    for (id, overflow, first) in routed.overflows {
         Metrics::inc(&metrics.queue_overflow);
-        audit.record(
-            AuditEntry::new("queue", "refuse")
-                .principal("service", id.to_string())
-                .topic(topic.to_string())
-                .reason(overflow.as_str()),
-        );
+        // One line per run of refusals: a consumer that falls behind is counted per
+        // message (portcullis_queue_overflow_total) but audited once until it has room.
+        if first {
+            audit.record(
+                AuditEntry::new("queue", "refuse")
+                    .principal("service", id.to_string())
+                    .topic(topic.to_string())
+                    .reason(overflow.as_str()),
+            );
+        }
     }
     if routed.retained_refused {
         Metrics::inc(&metrics.retained_refused);

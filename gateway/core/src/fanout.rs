@@ -41,8 +41,9 @@ pub struct FanoutLimits {
 pub struct Routed {
     /// Copies put into session mailboxes.
     pub delivered: usize,
-    /// Copies a full mailbox refused: the session's principal and why.
-    pub overflows: Vec<(PrincipalId, Overflow)>,
+    /// Copies a full mailbox refused: the session's principal, why, and whether it
+    /// began a run of refusals for that mailbox (what is audited; all are counted).
+    pub overflows: Vec<(PrincipalId, Overflow, bool)>,
     /// A retained message that did not fit in the store (delivered live all the same).
     pub retained_refused: bool,
 }
@@ -649,7 +650,8 @@ impl Fanout {
                     return;
                 }
                 Err(overflow) => {
-                    refused.get_or_insert((subscriber.principal.clone(), overflow));
+                    let first = subscriber.queue.first_refusal();
+                    refused.get_or_insert((subscriber.principal.clone(), overflow, first));
                 }
             }
         }
@@ -666,9 +668,10 @@ fn push(subscriber: &Subscriber, delivery: Delivery, now: Instant, routed: &mut 
             true
         }
         Err(overflow) => {
+            let first = subscriber.queue.first_refusal();
             routed
                 .overflows
-                .push((subscriber.principal.clone(), overflow));
+                .push((subscriber.principal.clone(), overflow, first));
             false
         }
     }
@@ -1183,7 +1186,7 @@ mod tests {
             f.publish(&msg("t", QoS::AtLeastOnce, false, "p"), None, t);
         }
         let routed = f.publish(&msg("t", QoS::AtLeastOnce, false, "p"), None, t);
-        assert_eq!(routed.overflows, vec![(id("a"), Overflow::Messages)]);
+        assert_eq!(routed.overflows, vec![(id("a"), Overflow::Messages, true)]);
         assert_eq!(q.len(), 8);
     }
 

@@ -95,6 +95,10 @@ pub struct Mailbox {
     /// (the session looks at both on every turn).
     len: AtomicUsize,
     expired: AtomicU64,
+    /// Messages refused since the last one that fit: callers audit the first of each
+    /// such run (and count them all), so a consumer that falls behind costs one audit
+    /// line per episode, not one per message.
+    refused_in_a_row: AtomicU64,
     /// Wakes the device's session when something arrives.
     pub notify: Notify,
 }
@@ -113,6 +117,7 @@ impl Mailbox {
             }),
             len: AtomicUsize::new(0),
             expired: AtomicU64::new(0),
+            refused_in_a_row: AtomicU64::new(0),
             notify: Notify::new(),
         }
     }
@@ -127,11 +132,16 @@ impl Mailbox {
         let mut s = self.lock();
         self.expire(&mut s, now);
         if s.queue.len() >= self.limits.max_messages {
+            self.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
             return Err(Overflow::Messages);
         }
         let n = size(&d);
         if s.bytes + n > self.limits.max_bytes {
+            self.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
             return Err(Overflow::Bytes);
+        }
+        if self.refused_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.refused_in_a_row.store(0, Ordering::Relaxed);
         }
         s.bytes += n;
         s.queue.push_back((d, now));
@@ -145,6 +155,12 @@ impl Mailbox {
             self.notify.notify_one();
         }
         Ok(())
+    }
+
+    /// Whether the refusal just returned by `push` began a run of refusals (the one to
+    /// audit).
+    pub fn first_refusal(&self) -> bool {
+        self.refused_in_a_row.load(Ordering::Relaxed) == 1
     }
 
     /// The oldest message still within its age and its own Message Expiry Interval
@@ -320,6 +336,28 @@ mod tests {
         assert_eq!(m.push(d("4"), t), Err(Overflow::Messages));
         assert_eq!(m.len(), 3);
         assert_eq!(m.pop(t).unwrap().message.payload, "1");
+    }
+
+    #[test]
+    fn only_the_first_refusal_of_a_run_is_flagged_for_the_audit() {
+        let m = Mailbox::new(limits());
+        let t = Instant::now();
+        for p in ["1", "2", "3"] {
+            m.push(d(p), t).unwrap();
+            assert!(!m.first_refusal());
+        }
+        let flags: Vec<bool> = (0..3)
+            .map(|_| {
+                assert!(m.push(d("x"), t).is_err());
+                m.first_refusal()
+            })
+            .collect();
+        assert_eq!(flags, [true, false, false]);
+        // Room again: the next refusal starts a new run.
+        m.pop(t).unwrap();
+        m.push(d("4"), t).unwrap();
+        assert!(m.push(d("5"), t).is_err());
+        assert!(m.first_refusal());
     }
 
     #[test]
