@@ -897,3 +897,59 @@ subscribe = ["devices/+/telemetry/#"]
         "RSS stayed near {peak} KiB after the consumer left"
     );
 }
+
+#[test]
+fn sixty_four_overlapping_filters_deliver_each_message_once() {
+    let gw = setup("");
+    let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
+    let levels = ["a", "b", "c", "d", "e", "f"];
+    // Every choice of a literal or `+` per level: 64 filters matching one topic.
+    let filters: Vec<String> = (0..64u32)
+        .map(|mask| {
+            let parts: Vec<&str> = levels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| if mask & (1 << i) != 0 { "+" } else { *l })
+                .collect();
+            format!("jobs/{}", parts.join("/"))
+        })
+        .collect();
+    for chunk in filters.chunks(16) {
+        let codes = svc.subscribe(
+            chunk
+                .iter()
+                .map(|f| v5::Filter::new(f.clone(), Q5::AtLeastOnce))
+                .collect(),
+            None,
+        );
+        assert!(
+            codes
+                .iter()
+                .all(|c| matches!(c, v5::SubscribeReasonCode::Success(_))),
+            "{codes:?}"
+        );
+    }
+    let (mut publisher, _) = Client::service(&gw, "beta", CLEAN);
+    publisher.publish("jobs/a/b/c/d/e/f", "once", Q5::AtLeastOnce, false);
+    assert_eq!(payloads(&svc.received(true)), vec!["once"]);
+}
+
+#[test]
+fn service_sessions_coming_and_going_leave_no_broker_errors() {
+    let gw = setup("");
+    for _ in 0..20 {
+        let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
+        svc.sub("jobs/#", Q5::AtLeastOnce);
+        svc.disconnect();
+    }
+    let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
+    svc.sub("jobs/#", Q5::AtLeastOnce);
+    drop(svc);
+    let (mut last, _) = Client::service(&gw, "beta", CLEAN);
+    last.publish("jobs/x", "y", Q5::AtLeastOnce, false);
+    let log = gw.stderr();
+    assert!(
+        !log.contains("ERROR") && !log.contains("already gone"),
+        "the gateway logged errors for ordinary sessions:\n{log}"
+    );
+}
