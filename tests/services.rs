@@ -953,3 +953,31 @@ fn service_sessions_coming_and_going_leave_no_broker_errors() {
         "the gateway logged errors for ordinary sessions:\n{log}"
     );
 }
+
+#[test]
+fn the_gateway_keeps_no_more_topic_aliases_for_a_client_than_its_own_maximum() {
+    // A client may allow 65 535 aliases; the gateway keeps at most
+    // sessions.topic_alias_maximum of them (here 2) per connection.
+    let gw = setup("[sessions]\ntopic_alias_maximum = 2\n");
+    let o = Opts {
+        topic_alias_max: Some(u16::MAX),
+        ..CLEAN
+    };
+    let (mut svc, _) = Client::service(&gw, "alpha", o);
+    svc.sub("devices/+/telemetry/#", Q5::AtLeastOnce);
+    let mut d = Client::device(&gw);
+    for n in 0..5 {
+        d.publish(
+            &format!("devices/sensor-1/telemetry/{n}"),
+            "x",
+            Q5::AtLeastOnce,
+            false,
+        );
+    }
+    let aliases: Vec<_> = svc
+        .received(true)
+        .iter()
+        .map(|p| p.properties.as_ref().and_then(|p| p.topic_alias))
+        .collect();
+    assert_eq!(aliases, vec![Some(1), Some(2), None, None, None]);
+}

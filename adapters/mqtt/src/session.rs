@@ -695,7 +695,10 @@ fn authenticate(
         pending_acks: VecDeque::new(),
         aliases: HashMap::new(),
         out_aliases: HashMap::new(),
-        out_alias_max: connect.topic_alias_maximum,
+        // The peer may allow up to 65 535; the gateway keeps no more than its own cap.
+        out_alias_max: connect
+            .topic_alias_maximum
+            .min(ctx.limits.topic_alias_maximum),
         limiter,
         live,
         certs: certs.map(<[_]>::to_vec),
