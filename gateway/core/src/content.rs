@@ -28,6 +28,23 @@ pub fn first_forbidden(s: &str) -> Option<(usize, char)> {
     s.char_indices().find(|&(_, c)| is_forbidden(c))
 }
 
+/// `s` with each forbidden character written `\u{XXXX}`, for logs and audit lines.
+pub fn escaped(s: &str) -> std::borrow::Cow<'_, str> {
+    if first_forbidden(s).is_none() {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if is_forbidden(c) {
+                format!("\\u{{{:04X}}}", u32::from(c))
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// Where a message carries text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
@@ -53,7 +70,9 @@ impl fmt::Display for Field {
 /// A message refused for its content; counted as a validation failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Poison {
-    #[error("{field} contains U+{code:04X} at byte {at} (control characters, noncharacters and U+FEFF are refused)")]
+    #[error(
+        "{field} contains U+{code:04X} at byte {at} (control characters, noncharacters and U+FEFF are refused)"
+    )]
     Character { field: Field, code: u32, at: usize },
     #[error("payload format indicator says UTF-8 but the payload is not valid UTF-8 at byte {0}")]
     PayloadNotUtf8(usize),
@@ -174,6 +193,12 @@ mod tests {
     }
 
     #[test]
+    fn escaped_text_shows_forbidden_characters_as_code_points() {
+        assert_eq!(escaped("a/é"), "a/é");
+        assert_eq!(escaped("a/\u{1}\u{FEFF}b"), "a/\\u{0001}\\u{FEFF}b");
+    }
+
+    #[test]
     fn every_carried_string_is_checked() {
         let props = vec![("k".to_string(), "v\u{FEFF}".to_string())];
         let carried = Carried {
@@ -193,7 +218,10 @@ mod tests {
             user_properties: &props,
             ..Carried::default()
         };
-        assert_eq!(check("a/b", &carried).unwrap_err().label(), "property_forbidden_character");
+        assert_eq!(
+            check("a/b", &carried).unwrap_err().label(),
+            "property_forbidden_character"
+        );
         for carried in [
             Carried {
                 content_type: Some("text/\u{85}plain"),
@@ -207,7 +235,11 @@ mod tests {
             let err = check("a/b", &carried).unwrap_err();
             assert!(!err.is_topic(), "{err}");
         }
-        assert!(check("a/\u{0}", &Carried::default()).unwrap_err().is_topic());
+        assert!(
+            check("a/\u{0}", &Carried::default())
+                .unwrap_err()
+                .is_topic()
+        );
     }
 
     #[test]
