@@ -314,10 +314,16 @@ mod tests {
             Err(RetainedRefused::DeviceBytes(66, 60))
         );
         // Replacing a command counts only the difference.
-        r.set(&id("a"), cmd("devices/a/commands/1", "0123456789abcdef0123"))
-            .unwrap();
-        r.set(&id("b"), cmd("devices/b/commands/1", "0123456789abcdef0123"))
-            .unwrap();
+        r.set(
+            &id("a"),
+            cmd("devices/a/commands/1", "0123456789abcdef0123"),
+        )
+        .unwrap();
+        r.set(
+            &id("b"),
+            cmd("devices/b/commands/1", "0123456789abcdef0123"),
+        )
+        .unwrap();
         assert_eq!(r.bytes(), 80);
         assert_eq!(
             r.set(&id("c"), cmd("devices/c/commands/1", "x")),

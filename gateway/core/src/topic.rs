@@ -251,7 +251,13 @@ mod tests {
 
     #[test]
     fn topic_or_filter_with_a_control_character_or_noncharacter_is_refused() {
-        for bad in ["a/\u{1}", "a/b\u{FFFF}", "\u{FEFF}a", "a/\u{9F}", "a/\u{10FFFE}"] {
+        for bad in [
+            "a/\u{1}",
+            "a/b\u{FFFF}",
+            "\u{FEFF}a",
+            "a/\u{9F}",
+            "a/\u{10FFFE}",
+        ] {
             assert!(
                 matches!(
                     TopicName::parse(bad, L),
