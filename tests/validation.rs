@@ -470,3 +470,40 @@ fn retained_commands_over_the_per_device_byte_cap_are_refused_and_the_rest_kept(
     assert!(out.contains("devices/valve-1/commands/a kept"), "{out}");
     assert!(!out.contains("commands/b"), "{out}");
 }
+
+#[test]
+fn a_removed_device_loses_its_retained_commands_and_gets_no_new_ones() {
+    let gw = Gateway::start_with(SECRET_SERVICES);
+    gw.add_device_secret("valve-1", SECRET);
+    add_secret_service(&gw, "ops");
+    let mut ops = Client::connect(gw.service_plain, "ops");
+    assert_eq!(
+        ops.publish("devices/valve-1/commands/mode", b"eco", true, None),
+        v5::PubAckReason::Success
+    );
+    gw.cli_ok(&["device", "remove", "valve-1"]);
+    assert_eq!(
+        ops.publish("devices/valve-1/commands/mode", b"boost", true, None),
+        v5::PubAckReason::TopicNameInvalid,
+        "a removed device is not registered"
+    );
+    // Registered again, it starts with no desired state.
+    gw.add_device_secret("valve-1", SECRET);
+    let a = gw.client(
+        gw.device_plain,
+        "valve-1",
+        &[
+            "-u",
+            "valve-1",
+            "-P",
+            SECRET,
+            "-t",
+            "devices/valve-1/commands/#",
+            "-v",
+            "-W",
+            "2",
+        ],
+    );
+    let out = text(&mosquitto("mosquitto_sub", &a, T));
+    assert!(!out.contains("commands/mode"), "{out}");
+}
