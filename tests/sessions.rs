@@ -453,6 +453,8 @@ fn retained_command_is_delivered_on_subscribe_and_cleared_by_an_empty_one() {
 #[test]
 fn retained_commands_per_device_are_capped() {
     let gw = Gateway::start_with("[sessions]\nmax_retained_per_device = 1\n");
+    // Commands are only for registered devices.
+    gw.add_device_cert("sensor-1");
     gw.add_service_cert("analytics");
     service_pub(&gw, "devices/sensor-1/commands/a", "1", &["-q", "1", "-r"]);
     let log = service_pub(

@@ -183,6 +183,10 @@ pub struct Sessions {
     pub topic_alias_maximum: u16,
     /// Retained commands kept per device.
     pub max_retained_per_device: usize,
+    /// Bytes (topic + payload) of the retained commands kept for one device, and for
+    /// all devices together.
+    pub max_retained_command_bytes_per_device: usize,
+    pub max_retained_command_bytes: usize,
     /// Longest keep-alive allowed; a client asking for more (or for none) gets this
     /// (announced as MQTT 5 Server Keep Alive).
     pub max_keep_alive_secs: u64,
@@ -517,6 +521,8 @@ impl Default for Sessions {
             receive_maximum: 64,
             topic_alias_maximum: 16,
             max_retained_per_device: 32,
+            max_retained_command_bytes_per_device: 1024 * 1024,
+            max_retained_command_bytes: 64 * 1024 * 1024,
             max_keep_alive_secs: 600,
             max_user_properties: 16,
             max_subscriptions: 64,
@@ -689,6 +695,16 @@ impl Config {
                 format!(
                     "must be at least 1 filter (got {})",
                     self.limits.subscribe_burst
+                ),
+            ));
+        }
+        let per_device = self.sessions.max_retained_command_bytes_per_device;
+        let total = self.sessions.max_retained_command_bytes;
+        if per_device == 0 || per_device > total {
+            return Err((
+                "sessions.max_retained_command_bytes_per_device".into(),
+                format!(
+                    "must be > 0 and at most sessions.max_retained_command_bytes ({total}) (got {per_device})"
                 ),
             ));
         }
@@ -1043,6 +1059,18 @@ mod tests {
             err.to_string(),
             "x.toml: limits.max_packet_size: must be > 0 (got 0)"
         );
+    }
+
+    #[test]
+    fn retained_command_bytes_per_device_must_fit_the_total() {
+        for text in [
+            "[sessions]\nmax_retained_command_bytes_per_device = 0\n",
+            "[sessions]\nmax_retained_command_bytes_per_device = 2000\n\
+             max_retained_command_bytes = 1000\n",
+        ] {
+            let err = Config::parse(text, "x.toml").unwrap_err();
+            assert_eq!(err.key, "sessions.max_retained_command_bytes_per_device");
+        }
     }
 
     #[test]

@@ -169,9 +169,12 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     // Devices and services are separate namespaces: a session slot each.
     let device_store = SessionStore::new();
     let service_store = SessionStore::new();
-    let retained = Arc::new(RetainedCommands::new(
-        config.sessions.max_retained_per_device,
-    ));
+    let retained = Arc::new(
+        RetainedCommands::new(config.sessions.max_retained_per_device).with_byte_limits(
+            config.sessions.max_retained_command_bytes_per_device,
+            config.sessions.max_retained_command_bytes,
+        ),
+    );
     let validator = Arc::new(
         Validator::new(&config.validation, |p| config.resolve(p))
             .map_err(|e| UsageError(e.to_string()))?,

@@ -500,14 +500,20 @@ pub struct Sub {
 impl Sub {
     pub fn start(args: &[String]) -> Sub {
         // Line-buffered, so debug lines (-d) arrive as they happen.
-        let mut child = Command::new("stdbuf")
-            .arg("-oL")
-            .arg("mosquitto_sub")
-            .args(args)
+        let mut cmd = Command::new("stdbuf");
+        cmd.arg("-oL").arg("mosquitto_sub").args(args);
+        Sub::spawn(cmd, "mosquitto_sub (install mosquitto-clients)")
+    }
+
+    /// Any client printing what it receives line by line (stdin stays open until the
+    /// `Sub` is dropped).
+    pub fn spawn(mut cmd: Command, what: &str) -> Sub {
+        let mut child = cmd
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("mosquitto_sub (install mosquitto-clients)");
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         let (tx, rx) = mpsc::channel();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,

@@ -19,6 +19,7 @@ use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
 use portcullis_core::behaviour::{Observation, State as Behaviour};
 use portcullis_core::broker::{EmbeddedBroker, Uplink};
+use portcullis_core::content;
 use portcullis_core::limit::{
     GlobalBucket, LimitDecision, OverLimitAction, PrincipalLimiter, PrincipalRates, Rate,
     TokenBucket,
@@ -548,6 +549,17 @@ fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
+/// What a publish (or Will) carries, for `content::check`.
+fn carried<'a>(raw: &'a RawProps, payload: &'a [u8]) -> content::Carried<'a> {
+    content::Carried {
+        response_topic: raw.response_topic.as_deref(),
+        content_type: raw.content_type.as_deref(),
+        user_properties: &raw.user_properties,
+        payload_utf8: raw.payload_format == Some(1),
+        payload,
+    }
+}
+
 /// Validated MQTT 5 properties of a publish (or will): the response topic must be a
 /// valid topic name, user properties are capped.
 fn properties(
@@ -614,6 +626,9 @@ fn authenticate(
         Some(w) => {
             let topic =
                 TopicName::parse(&w.topic, ctx.limits.topic).map_err(|_| "will_topic_invalid")?;
+            if content::check(&w.topic, &carried(&w.props, &w.payload)).is_err() {
+                return Err("will_content_invalid");
+            }
             let message = Message {
                 topic,
                 payload: w.payload.clone(),
@@ -1683,6 +1698,26 @@ impl Session {
         out: &mut BytesMut,
     ) -> Result<(), End> {
         let arrived = Instant::now();
+        // Content standard consumers refuse, from anyone: refused as a payload is (a
+        // validation failure), before the topic is parsed or an alias is recorded.
+        if let Err(poison) = content::check(&p.topic, &carried(&p.props, &p.payload)) {
+            let code = if poison.is_topic() {
+                reason::TOPIC_NAME_INVALID
+            } else {
+                reason::PAYLOAD_FORMAT_INVALID
+            };
+            let words = format!("validate: {poison}");
+            let topic = content::escaped(&p.topic);
+            return self.refuse_publish_as(
+                ctx,
+                &p,
+                &topic,
+                ("validate", poison.label()),
+                &words,
+                code,
+                out,
+            );
+        }
         let topic = self.resolve_topic(ctx, &p)?;
         // More unacknowledged QoS 1/2 publishes than the Receive Maximum announced. A
         // QoS 2 retransmission (a resumed session's DUP) is not a new one.
@@ -1760,6 +1795,22 @@ impl Session {
         if let Verdict::Refuse(refusal) = verdict {
             let topic = msg.topic.to_string();
             return self.refuse_publish(ctx, &p, &topic, refusal, reason::NOT_AUTHORIZED, out);
+        }
+        // A command names its device: one that is not registered gets nothing, live or
+        // retained (nobody could ever receive it).
+        if let Some(level) = command_level(&msg.topic)
+            && !PrincipalId::parse(level)
+                .is_ok_and(|id| ctx.auth.group_of(PrincipalKind::Device, &id).is_some())
+        {
+            let topic = msg.topic.to_string();
+            return self.refuse_publish(
+                ctx,
+                &p,
+                &topic,
+                UNKNOWN_DEVICE,
+                reason::TOPIC_NAME_INVALID,
+                out,
+            );
         }
         // Rate limits: held back first (the socket is read less), then the action.
         match self.rate_limit(ctx, msg.payload.len()).await {
@@ -1841,14 +1892,17 @@ impl Session {
             && let Some(device) = command_target(&msg.topic)
             && let Err(full) = ctx.retained.set(&device, msg.clone())
         {
-            let refusal = Refusal {
-                stage: pipeline::Stage::Authorize,
-                reason: "retained_limit",
-                detail: "retained commands per device at their limit",
-            };
             let topic = msg.topic.to_string();
-            tracing::debug!(%full, "retained command refused");
-            return self.refuse_publish(ctx, &p, &topic, refusal, reason::QUOTA_EXCEEDED, out);
+            let words = format!("authorize: retained command not kept: {full}");
+            return self.refuse_publish_as(
+                ctx,
+                &p,
+                &topic,
+                ("authorize", full.label()),
+                &words,
+                reason::QUOTA_EXCEEDED,
+                out,
+            );
         }
         Metrics::inc(&ctx.metrics.messages_accepted);
         self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
@@ -2075,14 +2129,25 @@ impl Session {
 
 /// `devices/{id}/commands/...` names the device a command is for.
 fn command_target(topic: &TopicName) -> Option<PrincipalId> {
+    command_level(topic).and_then(|id| PrincipalId::parse(id).ok())
+}
+
+/// The `{id}` level of `devices/{id}/commands/...`, as written.
+fn command_level(topic: &TopicName) -> Option<&str> {
     let mut levels = topic.levels();
     let (Some("devices"), Some(id), Some("commands")) =
         (levels.next(), levels.next(), levels.next())
     else {
         return None;
     };
-    PrincipalId::parse(id).ok()
+    Some(id)
 }
+
+const UNKNOWN_DEVICE: Refusal = Refusal {
+    stage: pipeline::Stage::Authorize,
+    reason: "unknown_device",
+    detail: "command for an id that is not a registered device",
+};
 
 /// An acknowledgement owed to the peer.
 struct PendingAck {

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod bans;
 pub mod behaviour;
 pub mod broker;
+pub mod content;
 pub mod fanout;
 pub mod limit;
 pub mod mailbox;

@@ -16,55 +16,141 @@ use std::sync::Mutex;
 #[error("device already has {0} retained commands")]
 pub struct RetainedFull(pub usize);
 
+/// Why a retained command was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RetainedRefused {
+    #[error("the device already has {0} retained commands (sessions.max_retained_per_device)")]
+    Count(usize),
+    #[error(
+        "retained commands of the device would take {0} bytes, over {1} (sessions.max_retained_command_bytes_per_device)"
+    )]
+    DeviceBytes(usize, usize),
+    #[error(
+        "retained commands of all devices would take {0} bytes, over {1} (sessions.max_retained_command_bytes)"
+    )]
+    TotalBytes(usize, usize),
+}
+
+impl RetainedRefused {
+    /// Stable metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RetainedRefused::Count(_) => "retained_limit",
+            RetainedRefused::DeviceBytes(..) => "retained_device_bytes",
+            RetainedRefused::TotalBytes(..) => "retained_total_bytes",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DeviceCommands {
+    topics: BTreeMap<TopicName, Message>,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Store {
+    devices: HashMap<PrincipalId, DeviceCommands>,
+    bytes: usize,
+}
+
+/// What one retained command costs: its topic and payload.
+fn size(m: &Message) -> usize {
+    m.topic.as_str().len() + m.payload.len()
+}
+
 #[derive(Debug)]
 pub struct RetainedCommands {
     max_per_device: usize,
-    inner: Mutex<HashMap<PrincipalId, BTreeMap<TopicName, Message>>>,
+    max_bytes_per_device: usize,
+    max_bytes: usize,
+    inner: Mutex<Store>,
     /// Topics each device holds a retained message on in the broker (telemetry).
     device_topics: Mutex<HashMap<PrincipalId, HashSet<TopicName>>>,
 }
 
 impl RetainedCommands {
+    /// At most `max_per_device` retained commands per device, with no byte limit until
+    /// `with_byte_limits`.
     pub fn new(max_per_device: usize) -> Self {
         RetainedCommands {
             max_per_device,
-            inner: Mutex::new(HashMap::new()),
+            max_bytes_per_device: usize::MAX,
+            max_bytes: usize::MAX,
+            inner: Mutex::new(Store::default()),
             device_topics: Mutex::new(HashMap::new()),
         }
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<PrincipalId, BTreeMap<TopicName, Message>>> {
+    /// Cap the bytes kept for one device and for all of them.
+    pub fn with_byte_limits(mut self, per_device: usize, total: usize) -> Self {
+        self.max_bytes_per_device = per_device;
+        self.max_bytes = total;
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Record (or, with an empty payload, clear) the retained command on a topic.
-    pub fn set(&self, device: &PrincipalId, message: Message) -> Result<(), RetainedFull> {
-        let mut all = self.lock();
+    pub fn set(&self, device: &PrincipalId, message: Message) -> Result<(), RetainedRefused> {
+        let mut store = self.lock();
+        let store = &mut *store;
         if message.payload.is_empty() {
-            if let Some(topics) = all.get_mut(device) {
-                topics.remove(&message.topic);
-                if topics.is_empty() {
-                    all.remove(device);
+            if let Some(d) = store.devices.get_mut(device) {
+                if let Some(old) = d.topics.remove(&message.topic) {
+                    d.bytes -= size(&old);
+                    store.bytes -= size(&old);
+                }
+                if d.topics.is_empty() {
+                    store.devices.remove(device);
                 }
             }
             return Ok(());
         }
-        let topics = all.entry(device.clone()).or_default();
-        if !topics.contains_key(&message.topic) && topics.len() >= self.max_per_device {
-            return Err(RetainedFull(self.max_per_device));
+        let (count, held, replaced) = match store.devices.get(device) {
+            Some(d) => (
+                d.topics.len(),
+                d.bytes,
+                d.topics.get(&message.topic).map(size),
+            ),
+            None => (0, 0, None),
+        };
+        if replaced.is_none() && count >= self.max_per_device {
+            return Err(RetainedRefused::Count(self.max_per_device));
         }
-        topics.insert(message.topic.clone(), message);
+        let replaced = replaced.unwrap_or(0);
+        let device_bytes = held - replaced + size(&message);
+        if device_bytes > self.max_bytes_per_device {
+            return Err(RetainedRefused::DeviceBytes(
+                device_bytes,
+                self.max_bytes_per_device,
+            ));
+        }
+        let total = store.bytes - replaced + size(&message);
+        if total > self.max_bytes {
+            return Err(RetainedRefused::TotalBytes(total, self.max_bytes));
+        }
+        let d = store.devices.entry(device.clone()).or_default();
+        d.bytes = device_bytes;
+        store.bytes = total;
+        d.topics.insert(message.topic.clone(), message);
         Ok(())
+    }
+
+    /// Bytes of retained commands held for all devices.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     /// Retained commands of a device that a new subscription matches, in topic order.
     pub fn matching(&self, device: &PrincipalId, filter: &TopicFilter) -> Vec<Message> {
         self.lock()
+            .devices
             .get(device)
-            .map(|topics| {
-                topics
+            .map(|d| {
+                d.topics
                     .values()
                     .filter(|d| filter.matches(&d.topic))
                     .cloned()
@@ -110,7 +196,12 @@ impl RetainedCommands {
 
     /// Forget every retained command of a device.
     pub fn purge(&self, device: &PrincipalId) -> usize {
-        self.lock().remove(device).map_or(0, |t| t.len())
+        let mut store = self.lock();
+        let Some(d) = store.devices.remove(device) else {
+            return 0;
+        };
+        store.bytes -= d.bytes;
+        d.topics.len()
     }
 }
 
@@ -205,10 +296,44 @@ mod tests {
         r.set(&id("a"), cmd("devices/a/commands/2", "x")).unwrap();
         assert_eq!(
             r.set(&id("a"), cmd("devices/a/commands/3", "x")),
-            Err(RetainedFull(2))
+            Err(RetainedRefused::Count(2))
         );
         // Replacing an existing topic is always fine.
         r.set(&id("a"), cmd("devices/a/commands/2", "y")).unwrap();
         assert_eq!(r.purge(&id("a")), 2);
+    }
+
+    #[test]
+    fn retained_command_bytes_are_capped_per_device_and_in_total() {
+        // "devices/a/commands/1" is 20 bytes: each command below costs 20 + payload.
+        let r = RetainedCommands::new(8).with_byte_limits(60, 100);
+        r.set(&id("a"), cmd("devices/a/commands/1", "0123456789"))
+            .unwrap();
+        assert_eq!(
+            r.set(&id("a"), cmd("devices/a/commands/2", "0123456789abcdef")),
+            Err(RetainedRefused::DeviceBytes(66, 60))
+        );
+        // Replacing a command counts only the difference.
+        r.set(
+            &id("a"),
+            cmd("devices/a/commands/1", "0123456789abcdef0123"),
+        )
+        .unwrap();
+        r.set(
+            &id("b"),
+            cmd("devices/b/commands/1", "0123456789abcdef0123"),
+        )
+        .unwrap();
+        assert_eq!(r.bytes(), 80);
+        assert_eq!(
+            r.set(&id("c"), cmd("devices/c/commands/1", "x")),
+            Err(RetainedRefused::TotalBytes(101, 100))
+        );
+        // Clearing and purging give the bytes back.
+        r.set(&id("a"), cmd("devices/a/commands/1", "")).unwrap();
+        assert_eq!(r.bytes(), 40);
+        assert_eq!(r.purge(&id("b")), 1);
+        assert_eq!(r.bytes(), 0);
+        r.set(&id("c"), cmd("devices/c/commands/1", "x")).unwrap();
     }
 }

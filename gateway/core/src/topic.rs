@@ -28,6 +28,8 @@ pub enum TopicError {
     Wildcard,
     #[error("topic contains NUL")]
     Nul,
+    #[error("topic contains U+{0:04X} (control characters, noncharacters and U+FEFF are refused)")]
+    ForbiddenCharacter(u32),
     #[error("'#' must be the whole last level of a filter")]
     MisplacedHash,
     #[error("'+' must be a whole level of a filter")]
@@ -47,6 +49,10 @@ fn check_common(s: &str, limits: TopicLimits) -> Result<(), TopicError> {
     }
     if s.contains('\0') {
         return Err(TopicError::Nul);
+    }
+    // What standard consumers refuse never becomes a topic (`content`).
+    if let Some((_, c)) = crate::content::first_forbidden(s) {
+        return Err(TopicError::ForbiddenCharacter(u32::from(c)));
     }
     let depth = s.split('/').count();
     if depth > limits.max_depth {
@@ -86,7 +92,11 @@ impl TopicName {
 
     /// A topic built by the gateway itself (its own events), checked for shape only.
     pub fn parse_unlimited(s: &str) -> Result<Self, TopicError> {
-        if s.is_empty() || s.contains(['+', '#', '\0']) || s.split('/').any(str::is_empty) {
+        if s.is_empty()
+            || s.contains(['+', '#'])
+            || crate::content::first_forbidden(s).is_some()
+            || s.split('/').any(str::is_empty)
+        {
             return Err(TopicError::Wildcard);
         }
         Ok(TopicName(Arc::from(s)))
@@ -237,6 +247,31 @@ mod tests {
         assert_eq!(TopicName::parse("a/", L), Err(TopicError::EmptyLevel));
         assert_eq!(TopicName::parse("a\0b", L), Err(TopicError::Nul));
         assert_eq!(TopicName::parse("", L), Err(TopicError::Empty));
+    }
+
+    #[test]
+    fn topic_or_filter_with_a_control_character_or_noncharacter_is_refused() {
+        for bad in [
+            "a/\u{1}",
+            "a/b\u{FFFF}",
+            "\u{FEFF}a",
+            "a/\u{9F}",
+            "a/\u{10FFFE}",
+        ] {
+            assert!(
+                matches!(
+                    TopicName::parse(bad, L),
+                    Err(TopicError::ForbiddenCharacter(_))
+                ),
+                "{bad:?}"
+            );
+            assert!(TopicFilter::parse(bad, L).is_err(), "{bad:?}");
+            assert!(TopicName::parse_unlimited(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            TopicName::parse("a/\u{1}", L).unwrap_err().to_string(),
+            "topic contains U+0001 (control characters, noncharacters and U+FEFF are refused)"
+        );
     }
 
     #[test]
