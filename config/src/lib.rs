@@ -149,6 +149,12 @@ pub struct Limits {
     pub drain_timeout_secs: u64,
     /// Seconds a peer may take to accept what the gateway writes before it is dropped.
     pub write_timeout_secs: u64,
+    /// Concurrent connections not yet authenticated (TLS handshake or waiting for
+    /// CONNECT); a new one past it sheds the oldest.
+    pub max_unauthenticated: usize,
+    /// File descriptors kept back from connections (registry, audit log, files): the
+    /// connection cap is at most the descriptor limit minus this.
+    pub fd_reserve: u64,
 }
 
 /// Device sessions: persistence, queues, retained commands and MQTT 5 limits.
@@ -490,6 +496,8 @@ impl Default for Limits {
             max_subscribe_filters: 16,
             drain_timeout_secs: 5,
             write_timeout_secs: 30,
+            max_unauthenticated: 1_024,
+            fd_reserve: 128,
         }
     }
 }
@@ -666,6 +674,21 @@ impl Config {
                 format!(
                     "must be at most 268435456, the MQTT maximum (got {})",
                     self.limits.max_packet_size
+                ),
+            ));
+        }
+        if self.limits.max_unauthenticated == 0 {
+            return Err((
+                "limits.max_unauthenticated".into(),
+                "must be > 0 (got 0)".into(),
+            ));
+        }
+        if !(32..=1_000_000).contains(&self.limits.fd_reserve) {
+            return Err((
+                "limits.fd_reserve".into(),
+                format!(
+                    "must be between 32 and 1000000 (got {})",
+                    self.limits.fd_reserve
                 ),
             ));
         }
@@ -1011,6 +1034,17 @@ mod tests {
             err.to_string(),
             "x.toml: limits.max_packet_size: must be > 0 (got 0)"
         );
+    }
+
+    #[test]
+    fn descriptor_limits_are_bounds_checked_by_name() {
+        let err = Config::parse("[limits]\nfd_reserve = 8\n", "x.toml").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "x.toml: limits.fd_reserve: must be between 32 and 1000000 (got 8)"
+        );
+        let err = Config::parse("[limits]\nmax_unauthenticated = 0\n", "x.toml").unwrap_err();
+        assert_eq!(err.key, "limits.max_unauthenticated");
     }
 
     #[test]

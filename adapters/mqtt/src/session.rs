@@ -198,6 +198,7 @@ pub async fn run<S>(
     stream: S,
     peer: SocketAddr,
     certs: Option<Vec<CertificateDer<'static>>>,
+    mut pre_auth: crate::listener::PreAuth,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -213,6 +214,10 @@ pub async fn run<S>(
     let first = tokio::select! {
         r = tokio::time::timeout(ctx.limits.connect_timeout, reader.next(&mut rd)) => r,
         _ = stopped(&mut shutdown) => return,
+        _ = pre_auth.shed() => {
+            crate::listener::shed_unauthenticated(&ctx, peer);
+            return;
+        }
     };
     let frame = match first {
         Err(_) => {
@@ -299,6 +304,7 @@ pub async fn run<S>(
             return;
         }
     };
+    pre_auth.authenticated();
     // Registering ends an earlier session of the same identity (take-over).
     let guard = ctx.sessions.register(
         session.policy.principal.clone(),
