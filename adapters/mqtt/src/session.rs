@@ -293,7 +293,7 @@ pub async fn run<S>(
                 ctx.limits.write_timeout,
             )
             .await;
-            let _ = wr.shutdown().await;
+            let _ = tokio::time::timeout(ctx.limits.write_timeout, wr.shutdown()).await;
             refuse_connect(
                 &ctx,
                 peer,
