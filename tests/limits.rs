@@ -243,3 +243,88 @@ fn commands_to_a_device_are_held_to_its_rate_not_lost() {
     assert!(times[7] >= Duration::from_millis(2500), "{times:?}");
     assert!(gw.metric("portcullis_rate_limit_waits_total ") > 0);
 }
+
+/// A flood of connections that never log in, more than the gateway has descriptors
+/// (run under `prlimit --nofile=256:256`), while connections time out and the audit
+/// log rotates every few lines: the oldest unauthenticated connections are shed, a
+/// device logs in, and the audit log keeps every entry, its chain intact.
+#[test]
+fn connections_that_never_log_in_cannot_exhaust_descriptors_or_the_audit_log() {
+    let gw = Gateway::start_limited(
+        Some(256),
+        "[audit]\nmax_file_bytes = 8192\nkeep_files = 100000\naggregate_window_secs = 0\n",
+        "",
+        "",
+    );
+    gw.add_device_secret("meter-1", SECRET);
+    let addr = gw.device_plain;
+    let flood = std::thread::spawn(move || {
+        let held: Vec<_> = (0..600)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()
+            })
+            .collect();
+        // Held past a connect timeout (2 s): those refused are audited meanwhile.
+        std::thread::sleep(Duration::from_secs(5));
+        held.len()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let out = mosquitto(
+        "mosquitto_pub",
+        &gw.client(
+            gw.device_plain,
+            "meter-1",
+            &[
+                "-u",
+                "meter-1",
+                "-P",
+                SECRET,
+                "-t",
+                "devices/meter-1/telemetry",
+                "-m",
+                "still here",
+                "-q",
+                "1",
+            ],
+        ),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(flood.join().unwrap() > 256);
+    // Every audit file, rotated ones too.
+    let audit = || -> Vec<String> {
+        gw.data()
+            .read_dir()
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("audit.log") && !name.ends_with(".lock")
+            })
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    };
+    let logged = |needles: &[&str]| {
+        audit()
+            .iter()
+            .flat_map(|f| f.lines())
+            .any(|l| needles.iter().all(|n| l.contains(n)))
+    };
+    wait_for(T, || {
+        logged(&["\"connect\"", "\"allow\"", "\"meter-1\""]).then_some(())
+    })
+    .expect("the device's login is audited");
+    assert_eq!(gw.metric("portcullis_audit_entries_dropped_total "), 0);
+    assert_eq!(gw.metric("portcullis_audit_rotation_failures_total "), 0);
+    let files = audit();
+    assert!(files.len() > 1, "the audit log rotated");
+    assert!(
+        !files.iter().any(|f| f.contains("audit-dropped")),
+        "audit entries were lost"
+    );
+    // The oldest of those that never logged in were shed to make room.
+    wait_for(T, || logged(&["unauthenticated_shed"]).then_some(())).expect("shedding is audited");
+    assert!(gw.refusals("connect", "unauthenticated_shed") > 0);
+    let verified = gw.cli(&["audit", "verify"]);
+    assert!(verified.status.success(), "{}", text(&verified));
+}

@@ -887,3 +887,144 @@ fn unsubscribe_reports_which_filters_existed_and_never_stalls_later_subscribes()
         other => panic!("expected the telemetry, got {other:?}"),
     }
 }
+
+/// Commands big enough that resending the in-flight ones fills a socket many times
+/// over (32 in flight × 200 KB).
+const STALL_COMMANDS: usize = 40;
+
+/// A persistent device with `STALL_COMMANDS` large commands queued while it is away,
+/// resumed by a peer holding its credential that never reads: the first such peer is
+/// dropped by the write deadline with the commands in flight, the second is stuck in
+/// the resend that follows CONNACK (the write the attack found without a deadline).
+fn stalled_session() -> (Gateway, std::net::TcpStream) {
+    let gw = Gateway::start_with("[sessions]\nqueue_max_bytes = 16777216\n");
+    gw.add_device_secret("meter-1", SECRET);
+    gw.add_service_cert("analytics");
+    let out = mosquitto("mosquitto_sub", &device_sub_args(&gw, &["-E"]), T);
+    assert!(out.status.success(), "{}", text(&out));
+    let body = gw.dir.path().join("command.bin");
+    for n in 0..STALL_COMMANDS {
+        let payload = format!("cmd-{n:02}-{}", "x".repeat(200_000));
+        std::fs::write(&body, payload).unwrap();
+        let args = gw.client(
+            gw.service_tls,
+            "analytics",
+            &[
+                "-t",
+                "devices/meter-1/commands/big",
+                "-q",
+                "1",
+                "-f",
+                body.to_str().unwrap(),
+            ],
+        );
+        let out = mosquitto("mosquitto_pub", &args, T);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let first = stalled_peer(&gw);
+    gw.wait_audit(&["\"disconnect\"", "\"meter-1\"", "peer stopped reading"]);
+    let second = stalled_peer(&gw);
+    wait_for(T, || {
+        (gw.audit().matches("session resumed").count() >= 2).then_some(())
+    })
+    .expect("the second stalled peer resumed the session");
+    drop(first);
+    (gw, second)
+}
+
+/// CONNECT as meter-1 (persistent) on a socket with a tiny receive buffer, and never
+/// read.
+fn stalled_peer(gw: &Gateway) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(gw.device_plain).await.expect("connect")
+    });
+    let mut stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    let mut connect = rumqttc::mqttbytes::v4::Connect::new("meter-1");
+    connect.keep_alive = 600;
+    connect.clean_session = false;
+    connect.set_login("meter-1", SECRET);
+    let mut frame = bytes::BytesMut::new();
+    rumqttc::mqttbytes::v4::Packet::Connect(connect)
+        .write(&mut frame, usize::MAX)
+        .unwrap();
+    std::io::Write::write_all(&mut stream, &frame).unwrap();
+    stream
+}
+
+fn device_sub_args(gw: &Gateway, extra: &[&str]) -> Vec<String> {
+    gw.client(
+        gw.device_plain,
+        "meter-1",
+        &[
+            &[
+                "-u",
+                "meter-1",
+                "-P",
+                SECRET,
+                "-c",
+                "-q",
+                "1",
+                "-t",
+                "devices/meter-1/commands/#",
+            ],
+            extra,
+        ]
+        .concat(),
+    )
+}
+
+/// The real device connects (persistent) and receives every queued command.
+fn device_gets_every_command(gw: &Gateway) {
+    let count = STALL_COMMANDS.to_string();
+    let out = mosquitto(
+        "mosquitto_sub",
+        &device_sub_args(gw, &["-C", &count, "-W", "30", "-F", "%p"]),
+        Duration::from_secs(40),
+    );
+    let got: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.get(..7).map(str::to_string))
+        .collect();
+    let want: std::collections::BTreeSet<String> = (0..STALL_COMMANDS)
+        .map(|n| format!("cmd-{n:02}-"))
+        .collect();
+    assert!(
+        out.status.success() && got == want,
+        "the device got {} of {STALL_COMMANDS} commands: {}",
+        got.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kick_ends_a_session_stuck_writing_to_a_peer_that_never_reads() {
+    let (gw, _peer) = stalled_session();
+    let out = gw.cli_ok(&["clients", "kick", "meter-1"]);
+    assert!(out.contains("\"sessions_ended\": 1"), "{out}");
+    device_gets_every_command(&gw);
+}
+
+#[test]
+fn the_real_device_takes_over_a_session_stuck_writing_to_a_peer_that_never_reads() {
+    let (gw, _peer) = stalled_session();
+    device_gets_every_command(&gw);
+    assert!(!gw.audit().contains("session_busy"), "{}", gw.audit());
+}
+
+#[test]
+fn a_peer_that_never_reads_the_resent_commands_is_dropped_at_the_write_deadline() {
+    let (gw, _peer) = stalled_session();
+    // Nothing else connects: the write deadline alone ends the stuck session.
+    wait_for(Duration::from_secs(60), || {
+        (gw.audit().matches("peer stopped reading").count() >= 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the stuck session never ended:\n{}", gw.audit()));
+    device_gets_every_command(&gw);
+}

@@ -156,6 +156,12 @@ pub struct Limits {
     /// (a token bucket); filters over it are refused with Quota exceeded.
     pub subscribe_rate: f64,
     pub subscribe_burst: f64,
+    /// Concurrent connections not yet authenticated (TLS handshake or waiting for
+    /// CONNECT); a new one past it sheds the oldest.
+    pub max_unauthenticated: usize,
+    /// File descriptors kept back from connections (registry, audit log, files): the
+    /// connection cap is at most the descriptor limit minus this.
+    pub fd_reserve: u64,
 }
 
 /// Device sessions: persistence, queues, retained commands and MQTT 5 limits.
@@ -504,6 +510,8 @@ impl Default for Limits {
             write_timeout_secs: 30,
             subscribe_rate: 10.0,
             subscribe_burst: 64.0,
+            max_unauthenticated: 1_024,
+            fd_reserve: 128,
         }
     }
 }
@@ -714,6 +722,21 @@ impl Config {
                 format!(
                     "must be at most 268435456, the MQTT maximum (got {})",
                     self.limits.max_packet_size
+                ),
+            ));
+        }
+        if self.limits.max_unauthenticated == 0 {
+            return Err((
+                "limits.max_unauthenticated".into(),
+                "must be > 0 (got 0)".into(),
+            ));
+        }
+        if !(32..=1_000_000).contains(&self.limits.fd_reserve) {
+            return Err((
+                "limits.fd_reserve".into(),
+                format!(
+                    "must be between 32 and 1000000 (got {})",
+                    self.limits.fd_reserve
                 ),
             ));
         }
@@ -1071,6 +1094,17 @@ mod tests {
             let err = Config::parse(text, "x.toml").unwrap_err();
             assert_eq!(err.key, "sessions.max_retained_command_bytes_per_device");
         }
+    }
+
+    #[test]
+    fn descriptor_limits_are_bounds_checked_by_name() {
+        let err = Config::parse("[limits]\nfd_reserve = 8\n", "x.toml").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "x.toml: limits.fd_reserve: must be between 32 and 1000000 (got 8)"
+        );
+        let err = Config::parse("[limits]\nmax_unauthenticated = 0\n", "x.toml").unwrap_err();
+        assert_eq!(err.key, "limits.max_unauthenticated");
     }
 
     #[test]

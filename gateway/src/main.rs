@@ -2,6 +2,7 @@
 
 mod admin;
 mod cli;
+mod descriptors;
 mod observability;
 mod pki;
 mod serve;

@@ -3,6 +3,7 @@
 
 use crate::admin::{self, AdminState, AuditSink, Reloader};
 use crate::cli::UsageError;
+use crate::descriptors;
 use crate::observability::{self, Health};
 use crate::pki::{self, PkiPaths};
 use anyhow::{Context, Result};
@@ -224,8 +225,33 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let server_cert = config.server_cert();
     let server_key = config.server_key();
     let handshake_timeout = Duration::from_secs(config.tls.handshake_timeout_secs);
-    let conn_limits = ConnectionLimits::new(
+    // Descriptors: as many as allowed, and connections capped below them.
+    let nofile = descriptors::raise_nofile_limit();
+    let caps = descriptors::connection_caps(
+        nofile.soft,
+        config.limits.fd_reserve,
         config.limits.max_connections,
+        config.limits.max_unauthenticated,
+    )
+    .map_err(UsageError)?;
+    match (&nofile.error, nofile.raised_from) {
+        (Some(e), _) => {
+            tracing::warn!(soft = nofile.soft, error = %e, "could not raise the file descriptor limit")
+        }
+        (None, Some(from)) => {
+            tracing::info!(from, to = nofile.soft, "file descriptor limit raised")
+        }
+        (None, None) => tracing::info!(limit = nofile.soft, "file descriptor limit"),
+    }
+    tracing::info!(
+        connections = caps.total,
+        unauthenticated = caps.unauthenticated,
+        reserve = config.limits.fd_reserve,
+        "connection caps"
+    );
+    let conn_limits = ConnectionLimits::new(
+        caps.total,
+        caps.unauthenticated,
         config.limits.max_connections_per_source,
         Rate {
             per_second: config.rate_limits.connections_per_second_per_source,

@@ -25,6 +25,8 @@ pub struct Gateway {
     pub banner: Vec<String>,
     stdout_rest: Option<mpsc::Receiver<String>>,
     extra: String,
+    /// `prlimit --nofile=N:N`, if the gateway runs with a descriptor limit.
+    nofile: Option<u64>,
 }
 
 fn config_text(dir: &Path, extra: &str, limits: &str, rates: &str) -> String {
@@ -90,6 +92,11 @@ impl Gateway {
 
     /// Start with extra TOML appended, extra [limits] keys and extra [rate_limits] keys.
     pub fn start_all(extra: &str, limits: &str, rates: &str) -> Gateway {
+        Gateway::start_limited(None, extra, limits, rates)
+    }
+
+    /// Like `start_all`, run under `prlimit --nofile=N:N` when `nofile` is given.
+    pub fn start_limited(nofile: Option<u64>, extra: &str, limits: &str, rates: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         // A second CA, trusted only by the "other" device group.
         let other_cfg = dir.path().join("other.toml");
@@ -113,6 +120,7 @@ impl Gateway {
             banner: Vec::new(),
             stdout_rest: None,
             extra: extra.to_string(),
+            nofile,
         };
         gw.spawn();
         gw
@@ -125,7 +133,15 @@ impl Gateway {
             .append(true)
             .open(self.dir.path().join("stderr.log"))
             .expect("stderr log");
-        let mut child = Command::new(BIN)
+        let mut command = match self.nofile {
+            None => Command::new(BIN),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.args([format!("--nofile={n}:{n}").as_str(), "--", BIN]);
+                c
+            }
+        };
+        let mut child = command
             .args(["serve", "--config", self.config.to_str().unwrap()])
             .current_dir(self.dir.path())
             .env_remove("NO_COLOR")

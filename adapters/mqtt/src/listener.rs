@@ -12,12 +12,12 @@ use portcullis_core::limit::{Rate, TokenBucket};
 use portcullis_core::metrics::Metrics;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,9 @@ pub fn tls_acceptor(
 /// Shared connection caps.
 pub struct ConnectionLimits {
     total: Arc<Semaphore>,
+    /// Connections not yet authenticated, oldest first; each holds the sender whose
+    /// drop sheds it.
+    unauthenticated: Mutex<Unauthenticated>,
     per_source_max: usize,
     per_source: Mutex<HashMap<IpAddr, usize>>,
     /// New connections per second from one source, before anything is read.
@@ -89,9 +92,14 @@ enum NotAdmitted {
 }
 
 impl ConnectionLimits {
-    pub fn new(total: usize, per_source: usize, rate: Rate) -> Arc<Self> {
+    pub fn new(total: usize, unauthenticated: usize, per_source: usize, rate: Rate) -> Arc<Self> {
         Arc::new(ConnectionLimits {
             total: Arc::new(Semaphore::new(total)),
+            unauthenticated: Mutex::new(Unauthenticated {
+                cap: unauthenticated.max(1),
+                next: 0,
+                waiting: BTreeMap::new(),
+            }),
             per_source_max: per_source,
             per_source: Mutex::new(HashMap::new()),
             rate,
@@ -129,6 +137,80 @@ impl ConnectionLimits {
             ip,
             _permit: permit,
         })
+    }
+}
+
+/// Connections that have not logged in yet, by age.
+struct Unauthenticated {
+    cap: usize,
+    next: u64,
+    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl ConnectionLimits {
+    /// Count a new connection as not yet authenticated; at the cap, the oldest such
+    /// connection is shed to make room (a flood of connections that never log in
+    /// cannot keep a device out). Returns the new one's token, and whether one was shed.
+    fn pre_auth(self: &Arc<Self>) -> (PreAuth, bool) {
+        let (tx, rx) = oneshot::channel();
+        let mut u = self
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut shed = false;
+        while u.waiting.len() >= u.cap {
+            // Dropping its sender wakes the connection, which ends.
+            u.waiting.pop_first();
+            shed = true;
+        }
+        let number = u.next;
+        u.next += 1;
+        u.waiting.insert(number, tx);
+        (
+            PreAuth {
+                limits: Some(self.clone()),
+                number,
+                shed: rx,
+            },
+            shed,
+        )
+    }
+}
+
+/// Held by a connection until it authenticates (or ends): it counts against
+/// `limits.max_unauthenticated`, and `shed` resolves when a newer one displaces it.
+pub struct PreAuth {
+    limits: Option<Arc<ConnectionLimits>>,
+    number: u64,
+    shed: oneshot::Receiver<()>,
+}
+
+impl PreAuth {
+    /// Resolves when the connection is shed for a newer one. Cancel-safe.
+    pub async fn shed(&mut self) {
+        let _ = (&mut self.shed).await;
+    }
+
+    /// The peer logged in: it no longer counts as unauthenticated.
+    pub fn authenticated(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if let Some(limits) = self.limits.take() {
+            limits
+                .unauthenticated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .waiting
+                .remove(&self.number);
+        }
+    }
+}
+
+impl Drop for PreAuth {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -210,6 +292,10 @@ pub async fn serve(
                 continue;
             }
         };
+        let (mut pre_auth, shed) = limits.pre_auth();
+        if shed {
+            ctx.metrics.refused("connect", "unauthenticated_shed");
+        }
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         // The acceptor of the moment: a reload swaps in a new certificate or CAs.
@@ -219,16 +305,23 @@ pub async fn serve(
             match tls {
                 // Boxed: a plain connection does not carry the (larger) state of a
                 // TLS one, and the task itself stays small.
-                None => Box::pin(session::run(ctx, stream, peer, None)).await,
+                None => Box::pin(session::run(ctx, stream, peer, None, pre_auth)).await,
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    let handshake = tokio::select! {
+                        done = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => done,
+                        _ = pre_auth.shed() => {
+                            shed_unauthenticated(&ctx, peer);
+                            return;
+                        }
+                    };
+                    match handshake {
                         Ok(Ok(tls_stream)) => {
                             let certs = tls_stream
                                 .get_ref()
                                 .1
                                 .peer_certificates()
                                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-                            Box::pin(session::run(ctx, tls_stream, peer, certs)).await
+                            Box::pin(session::run(ctx, tls_stream, peer, certs, pre_auth)).await
                         }
                         Ok(Err(e)) => handshake_failed(&ctx, peer, &e.to_string()),
                         Err(_) => handshake_failed(&ctx, peer, "handshake not finished in time"),
@@ -237,6 +330,15 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// A connection that had not logged in was shed for a newer one.
+pub(crate) fn shed_unauthenticated(ctx: &Context, peer: SocketAddr) {
+    ctx.audit.record(
+        AuditEntry::new("connect", "refuse")
+            .source(peer)
+            .reason("unauthenticated_shed: not logged in, shed for a newer connection at limits.max_unauthenticated"),
+    );
 }
 
 fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &str) {
@@ -248,4 +350,50 @@ fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &str) {
             .protocol("tls")
             .reason(why.to_string()),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(unauthenticated: usize) -> Arc<ConnectionLimits> {
+        let rate = Rate {
+            per_second: 1000.0,
+            burst: 1000.0,
+        };
+        ConnectionLimits::new(100, unauthenticated, 100, rate)
+    }
+
+    fn is_shed(token: &mut PreAuth) -> bool {
+        matches!(
+            token.shed.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        )
+    }
+
+    #[test]
+    fn a_connection_past_the_cap_sheds_the_oldest_unauthenticated_one() {
+        let limits = limits(2);
+        let (mut oldest, shed) = limits.pre_auth();
+        assert!(!shed);
+        let (mut middle, _) = limits.pre_auth();
+        let (mut newest, shed) = limits.pre_auth();
+        assert!(shed);
+        assert!(is_shed(&mut oldest));
+        assert!(!is_shed(&mut middle));
+        assert!(!is_shed(&mut newest));
+    }
+
+    #[test]
+    fn an_authenticated_connection_no_longer_counts_and_is_never_shed() {
+        let limits = limits(1);
+        let (first, _) = limits.pre_auth();
+        first.authenticated();
+        let (mut second, shed) = limits.pre_auth();
+        assert!(!shed);
+        assert!(!is_shed(&mut second));
+        drop(second);
+        let (_third, shed) = limits.pre_auth();
+        assert!(!shed, "an ended connection frees its place");
+    }
 }

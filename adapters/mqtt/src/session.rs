@@ -170,6 +170,17 @@ fn protocol_name(version: ProtocolVersion) -> &'static str {
     }
 }
 
+/// A refusal's CONNACK, written within the write deadline (a peer that does not read
+/// it holds nothing).
+async fn refusal_connack<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    code: u8,
+    version: ProtocolVersion,
+    deadline: Duration,
+) {
+    let _ = tokio::time::timeout(deadline, wr.write_all(&connack(code, version))).await;
+}
+
 fn connack(code: u8, version: ProtocolVersion) -> BytesMut {
     let mut out = BytesMut::new();
     codec::encode(
@@ -190,6 +201,7 @@ pub async fn run<S>(
     stream: S,
     peer: SocketAddr,
     certs: Option<Vec<CertificateDer<'static>>>,
+    mut pre_auth: crate::listener::PreAuth,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -205,6 +217,10 @@ pub async fn run<S>(
     let first = tokio::select! {
         r = tokio::time::timeout(ctx.limits.connect_timeout, reader.next(&mut rd)) => r,
         _ = stopped(&mut shutdown) => return,
+        _ = pre_auth.shed() => {
+            crate::listener::shed_unauthenticated(&ctx, peer);
+            return;
+        }
     };
     let frame = match first {
         Err(_) => {
@@ -232,9 +248,13 @@ pub async fn run<S>(
                 e,
                 StrictError::UnsupportedProtocolLevel(_) | StrictError::BadProtocolName
             ) {
-                let _ = wr
-                    .write_all(&connack(reason::UNSUPPORTED_VERSION, ProtocolVersion::V311))
-                    .await;
+                refusal_connack(
+                    &mut wr,
+                    reason::UNSUPPORTED_VERSION,
+                    ProtocolVersion::V311,
+                    ctx.limits.write_timeout,
+                )
+                .await;
             }
             refuse_connect(&ctx, peer, None, "malformed_connect", &e.to_string());
             return;
@@ -250,9 +270,13 @@ pub async fn run<S>(
     };
     // Enhanced authentication (MQTT 5 AUTH) is not offered.
     if connect.auth_method {
-        let _ = wr
-            .write_all(&connack(reason::BAD_AUTH_METHOD, version))
-            .await;
+        refusal_connack(
+            &mut wr,
+            reason::BAD_AUTH_METHOD,
+            version,
+            ctx.limits.write_timeout,
+        )
+        .await;
         refuse_connect(
             &ctx,
             peer,
@@ -265,10 +289,14 @@ pub async fn run<S>(
     let mut session = match authenticate(&ctx, &connect, version, peer, certs.as_deref()) {
         Ok(s) => s,
         Err(label) => {
-            let _ = wr
-                .write_all(&connack(reason::NOT_AUTHORIZED, version))
-                .await;
-            let _ = wr.shutdown().await;
+            refusal_connack(
+                &mut wr,
+                reason::NOT_AUTHORIZED,
+                version,
+                ctx.limits.write_timeout,
+            )
+            .await;
+            let _ = tokio::time::timeout(ctx.limits.write_timeout, wr.shutdown()).await;
             refuse_connect(
                 &ctx,
                 peer,
@@ -279,6 +307,7 @@ pub async fn run<S>(
             return;
         }
     };
+    pre_auth.authenticated();
     // Registering ends an earlier session of the same identity (take-over).
     let guard = ctx.sessions.register(
         session.policy.principal.clone(),
@@ -294,9 +323,13 @@ pub async fn run<S>(
         .auth
         .still_current(&session.policy.principal, session.generation)
     {
-        let _ = wr
-            .write_all(&connack(reason::NOT_AUTHORIZED, version))
-            .await;
+        refusal_connack(
+            &mut wr,
+            reason::NOT_AUTHORIZED,
+            version,
+            ctx.limits.write_timeout,
+        )
+        .await;
         refuse_connect(
             &ctx,
             peer,
@@ -309,7 +342,13 @@ pub async fn run<S>(
     // The session's slot: wait for a taken-over connection to put the state back.
     let slot = ctx.store.slot(&session.policy.principal.id);
     let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
-        let _ = wr.write_all(&connack(reason::SERVER_BUSY, version)).await;
+        refusal_connack(
+            &mut wr,
+            reason::SERVER_BUSY,
+            version,
+            ctx.limits.write_timeout,
+        )
+        .await;
         refuse_connect(
             &ctx,
             peer,
@@ -348,9 +387,13 @@ pub async fn run<S>(
             let state = std::mem::replace(&mut session.state, SessionState::new(ctx.new_mailbox()));
             slot.park(state, now + Duration::from_secs(u64::from(session.expiry)));
         }
-        let _ = wr
-            .write_all(&connack(reason::SERVER_UNAVAILABLE, version))
-            .await;
+        refusal_connack(
+            &mut wr,
+            reason::SERVER_UNAVAILABLE,
+            version,
+            ctx.limits.write_timeout,
+        )
+        .await;
         return;
     }
     // The model hears of the connection once it is open (and of its end below).
@@ -412,12 +455,29 @@ pub async fn run<S>(
     session.resend(&ctx, &mut out);
     reader.max = ctx.limits.max_packet_size;
     let mut kicked = guard.kicked.clone();
-    let end = if wr.write_all(&out).await.is_err() {
-        End::Closed
+    // Every write has a deadline, this one too: a resumed session's resend can be
+    // megabytes, and a peer holding the credential may never read it.
+    let work = async {
+        match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
+            Ok(Ok(())) => {
+                session
+                    .serve(&ctx, &mut reader, &mut rd, &mut wr, &mut kicked)
+                    .await
+            }
+            Ok(Err(_)) => End::Closed,
+            Err(_) => End::WriteTimeout,
+        }
+    };
+    let grace = ctx.limits.write_timeout.min(KICK_GRACE);
+    let (end, cut_off) = until_kicked(work, guard.kicked.clone(), grace).await;
+    if let End::Internal(why) = &end {
+        tracing::error!(peer = %peer, error = %why, "session failed; its state is kept");
+    }
+    // A peer that is not reading gets no farewell: writing one would only wait.
+    let farewell = if cut_off || matches!(end, End::WriteTimeout) {
+        Duration::ZERO
     } else {
-        session
-            .serve(&ctx, &mut reader, &mut rd, &mut wr, &mut kicked)
-            .await
+        Duration::from_secs(1)
     };
     // In-flight work completes on shutdown: publishes the broker is about to accept
     // still get their acknowledgement before the DISCONNECT.
@@ -440,10 +500,12 @@ pub async fn run<S>(
     if let Some(code) = end.disconnect_reason() {
         codec::encode(&Outgoing::Disconnect { reason: code }, version, &mut out);
     }
-    if !out.is_empty() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+    if !out.is_empty() && !farewell.is_zero() {
+        let _ = tokio::time::timeout(farewell, wr.write_all(&out)).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    if !farewell.is_zero() {
+        let _ = tokio::time::timeout(farewell, wr.shutdown()).await;
+    }
     // A peer still sending (the rest of an oversized packet, say) would get a reset
     // on close, and a reset can destroy the DISCONNECT before the peer reads why:
     // after a protocol error, what it still sends is read and dropped for a moment.
@@ -492,6 +554,72 @@ pub async fn run<S>(
     session.observe(Observation::Disconnect, Instant::now());
     session.finish(&ctx, &end, slot).await;
     drop(guard);
+}
+
+/// How long a kicked session may take to end by itself (flushing what it owes)
+/// before it is cut off, at most.
+const KICK_GRACE: Duration = Duration::from_secs(1);
+
+/// Run a session's work until it ends or the gateway ends it. A kick (operator, ban,
+/// disable, take-over, shutdown) ends the session whatever the work is blocked on: a
+/// write to a peer that never reads, a read, a lock. The work sees the kick itself
+/// between steps and gets `grace` to finish; past that it is dropped (its state lives
+/// in the session, so the cleanup that follows parks it). A panic in the work ends
+/// the session the same way, as an internal error, so that its slot, mailbox and
+/// registration are still released. Returns the end, and whether it was cut off.
+async fn until_kicked(
+    work: impl Future<Output = End>,
+    mut kicked: watch::Receiver<Option<KickReason>>,
+    grace: Duration,
+) -> (End, bool) {
+    let mut work = CatchUnwind(std::pin::pin!(work));
+    let reason = tokio::select! {
+        biased;
+        end = &mut work => return (end.unwrap_or_else(End::Internal), false),
+        reason = kick_of(&mut kicked) => reason,
+    };
+    match tokio::time::timeout(grace, &mut work).await {
+        Ok(end) => (end.unwrap_or_else(End::Internal), false),
+        Err(_) => (End::Kicked(reason), true),
+    }
+}
+
+/// Resolves with the reason once the session is kicked.
+async fn kick_of(kicked: &mut watch::Receiver<Option<KickReason>>) -> KickReason {
+    loop {
+        if let Some(reason) = *kicked.borrow_and_update() {
+            return reason;
+        }
+        if kicked.changed().await.is_err() {
+            // The registration is gone: nothing can kick this session any more.
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// A future whose panic is returned as an error instead of unwinding the task.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.0;
+        // Not polled again after a panic: the caller takes the error and drops it.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(&mut *inner).poll(cx)
+        })) {
+            Ok(poll) => poll.map(Ok),
+            Err(panic) => std::task::Poll::Ready(Err(panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into()))),
+        }
+    }
 }
 
 fn session_gauge(ctx: &Context, version: ProtocolVersion) -> &std::sync::atomic::AtomicU64 {
@@ -809,12 +937,16 @@ struct Session {
 enum End {
     Closed,
     WriteTimeout,
-    ClientDisconnect { with_will: bool },
+    ClientDisconnect {
+        with_will: bool,
+    },
     KeepAlive,
     Kicked(KickReason),
     Protocol(u8, String),
     Refused(String),
     BrokerGone,
+    /// The session's own code failed (a panic, contained).
+    Internal(String),
 }
 
 impl End {
@@ -829,6 +961,7 @@ impl End {
             End::Protocol(code, _) => Some(*code),
             End::Refused(_) => Some(reason::NOT_AUTHORIZED),
             End::BrokerGone => Some(reason::SERVER_UNAVAILABLE),
+            End::Internal(_) => Some(reason::UNSPECIFIED),
         }
     }
 
@@ -845,6 +978,7 @@ impl End {
             End::Protocol(_, why) => format!("protocol error: {why}"),
             End::Refused(why) => format!("disconnected on refusal: {why}"),
             End::BrokerGone => "broker link closed".into(),
+            End::Internal(why) => format!("internal error: {why}"),
         }
     }
 
@@ -2179,4 +2313,41 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// Resolves once shutdown is signalled (without holding the watch's guard).
 pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_kick_ends_work_blocked_forever_once_the_grace_is_over() {
+        let (kick, kicked) = watch::channel(None);
+        kick.send(Some(KickReason::Operator)).unwrap();
+        let (end, cut_off) = until_kicked(
+            std::future::pending::<End>(),
+            kicked,
+            Duration::from_millis(10),
+        )
+        .await;
+        assert!(matches!(end, End::Kicked(KickReason::Operator)));
+        assert!(cut_off);
+    }
+
+    #[tokio::test]
+    async fn kicked_work_that_ends_within_the_grace_ends_its_own_way() {
+        let (kick, kicked) = watch::channel(None);
+        kick.send(Some(KickReason::TakenOver)).unwrap();
+        let work = async { End::Kicked(KickReason::TakenOver) };
+        let (end, cut_off) = until_kicked(work, kicked, Duration::from_secs(1)).await;
+        assert!(matches!(end, End::Kicked(KickReason::TakenOver)));
+        assert!(!cut_off);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_session_ends_as_an_internal_error_instead_of_unwinding() {
+        let (_kick, kicked) = watch::channel(None);
+        let work = async { panic!("bug in a handler") };
+        let (end, _) = until_kicked(work, kicked, Duration::from_secs(1)).await;
+        assert!(matches!(end, End::Internal(ref why) if why == "bug in a handler"));
+    }
 }

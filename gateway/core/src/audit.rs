@@ -800,6 +800,18 @@ struct LogFile {
     max_bytes: u64,
     keep: usize,
     _lock: File,
+    /// A descriptor held in reserve, given up for the next file if the process has
+    /// no other to give (see `rotate`).
+    spare: Option<File>,
+    /// Opens the next file; replaced in tests to fail like descriptor exhaustion.
+    open_next: fn(&Path) -> io::Result<File>,
+    /// Rotations that failed since the writer last counted them.
+    rotation_failures: u64,
+}
+
+/// The process (or system) has no descriptor left.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
 }
 
 impl LogFile {
@@ -879,20 +891,32 @@ impl LogFile {
             max_bytes: settings.max_file_bytes,
             keep: settings.keep_files.max(1),
             _lock: lock,
+            spare: File::open("/dev/null").ok(),
+            open_next: open_append,
+            rotation_failures: 0,
         };
         Ok((log, Resume { last, notes }))
     }
 
     /// Append the lines, rotating first whenever one would take the file past its size.
+    /// A rotation that fails (no descriptor for the next file, say) loses nothing: the
+    /// lines go on into the current file, the failure is logged and counted, and the
+    /// next batch tries again.
     fn write_lines(&mut self, lines: &[Vec<u8>]) -> io::Result<()> {
         let mut buf = Vec::new();
+        let mut rotation_failed = false;
         for line in lines {
             let size = self.size + buf.len() as u64;
-            if size > 0 && size + line.len() as u64 > self.max_bytes {
+            if !rotation_failed && size > 0 && size + line.len() as u64 > self.max_bytes {
                 self.file.write_all(&buf)?;
                 self.size += buf.len() as u64;
                 buf.clear();
-                self.rotate()?;
+                if let Err(e) = self.rotate() {
+                    rotation_failed = true;
+                    self.rotation_failures += 1;
+                    let path = self.path.display();
+                    tracing::error!(error = %e, path = %path, "audit log rotation failed; writing on in the current file");
+                }
             }
             buf.extend_from_slice(line);
         }
@@ -902,16 +926,38 @@ impl LogFile {
     }
 
     /// `{path}` becomes `{path}.1`, `.1` becomes `.2`, …; the one past `keep` goes.
+    /// The next file is opened before anything is renamed, so that without a
+    /// descriptor for it the log stays as it was; the spare descriptor is given up
+    /// for it when the process has no other.
     fn rotate(&mut self) -> io::Result<()> {
         self.file.sync_all()?;
+        let next_path = sibling(&self.path, ".next");
+        // Left by a crash mid-rotation: empty, or lines also in the current file.
+        let _ = std::fs::remove_file(&next_path);
+        let next = match (self.open_next)(&next_path) {
+            Err(e) if out_of_descriptors(&e) && self.spare.is_some() => {
+                self.spare = None;
+                let next = (self.open_next)(&next_path);
+                self.spare = File::open("/dev/null").ok();
+                next?
+            }
+            other => other?,
+        };
         for n in (1..self.keep).rev() {
             match std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    let _ = std::fs::remove_file(&next_path);
+                    return Err(e);
+                }
                 _ => {}
             }
         }
-        std::fs::rename(&self.path, rotated(&self.path, 1))?;
-        self.file = open_append(&self.path)?;
+        if let Err(e) = std::fs::rename(&self.path, rotated(&self.path, 1)) {
+            let _ = std::fs::remove_file(&next_path);
+            return Err(e);
+        }
+        std::fs::rename(&next_path, &self.path)?;
+        self.file = next;
         self.size = 0;
         sync_dir(&self.path);
         Ok(())
@@ -1065,6 +1111,10 @@ impl Engine {
         let written = log
             .write_lines(&batch.lines)
             .and_then(|()| if finishing { log.sync() } else { Ok(()) });
+        let failures = std::mem::take(&mut log.rotation_failures);
+        self.metrics
+            .audit_rotation_failures
+            .fetch_add(failures, Ordering::Relaxed);
         match written {
             Ok(()) => {
                 self.notes.clear();
@@ -1822,6 +1872,81 @@ mod tests {
         let report = check(&s, Some(checkpoint.expectation()));
         assert_eq!(kinds(&report), vec![(6, ProblemKind::MissingCheckpoint)]);
         assert!(report.problems[0].detail.contains("rewritten"));
+    }
+
+    fn no_descriptor(_: &Path) -> io::Result<File> {
+        Err(io::Error::from_raw_os_error(24))
+    }
+
+    #[test]
+    fn a_rotation_without_a_descriptor_loses_no_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = AuditSettings {
+            max_file_bytes: 1_000,
+            ..settings(dir.path())
+        };
+        let now = Instant::now();
+        let mut engine = engine(&s, now);
+        engine.log.as_mut().unwrap().open_next = no_descriptor;
+        for i in 0..12 {
+            engine.step(vec![connect(&format!("sensor-{i}"))], now, 1_000, false);
+        }
+        // Every entry went on into the one file; each failed rotation was counted.
+        assert_eq!(log_files(&s.path), vec![s.path.clone()]);
+        assert_eq!(engine.metrics.audit_dropped.load(Ordering::Relaxed), 0);
+        assert!(
+            engine
+                .metrics
+                .audit_rotation_failures
+                .load(Ordering::Relaxed)
+                > 0
+        );
+        // Descriptors again: the next batch rotates, and the chain runs on.
+        engine.log.as_mut().unwrap().open_next = open_append;
+        engine.step(vec![connect("sensor-12")], now, 1_000, true);
+        drop(engine);
+        let files = log_files(&s.path);
+        assert_eq!(files.len(), 2, "{files:?}");
+        let report = verify(&files, &KEY, None);
+        assert!(report.is_clean(), "{:?}", report.problems);
+        let text: String = files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        for i in 0..=12 {
+            assert!(text.contains(&format!("\"sensor-{i}\"")), "sensor-{i} lost");
+        }
+    }
+
+    #[test]
+    fn a_rotation_short_of_descriptors_uses_the_spare_one() {
+        fn only_without_spare(path: &Path) -> io::Result<File> {
+            // Succeeds only once the spare was given up (stands for EMFILE until then).
+            static GIVEN_UP: AtomicU64 = AtomicU64::new(0);
+            if GIVEN_UP.fetch_add(1, Ordering::Relaxed) == 0 {
+                return Err(io::Error::from_raw_os_error(24));
+            }
+            open_append(path)
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let s = AuditSettings {
+            max_file_bytes: 1_000,
+            ..settings(dir.path())
+        };
+        let now = Instant::now();
+        let mut engine = engine(&s, now);
+        engine.log.as_mut().unwrap().open_next = only_without_spare;
+        for i in 0..8 {
+            engine.step(vec![connect(&format!("sensor-{i}"))], now, 1_000, false);
+        }
+        assert_eq!(
+            engine
+                .metrics
+                .audit_rotation_failures
+                .load(Ordering::Relaxed),
+            0
+        );
+        assert!(log_files(&s.path).len() >= 2);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub wills_published: AtomicU64,
     pub bytes_accepted: AtomicU64,
     pub audit_dropped: AtomicU64,
+    /// Audit log rotations that failed (the log went on in its current file).
+    pub audit_rotation_failures: AtomicU64,
     /// Behaviour transitions: into quarantine, into probation, out of either.
     pub quarantined: AtomicU64,
     pub probations: AtomicU64,
@@ -216,6 +218,13 @@ impl Metrics {
             "Audit entries that could not be queued.",
             "counter",
             load(&self.audit_dropped),
+        );
+        gauge(
+            &mut out,
+            "portcullis_audit_rotation_failures_total",
+            "Audit log rotations that failed; the log went on in its current file.",
+            "counter",
+            load(&self.audit_rotation_failures),
         );
         for (name, help, c) in [
             (
