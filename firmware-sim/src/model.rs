@@ -1504,8 +1504,8 @@ fn hostile_device(
             every(&mut feed, onset, end, rate, |feed, t, _| {
                 guesses += 1;
                 let now = feed.at(t);
-                if guard.check(ip, now).is_ok() {
-                    guard.record_failure(ip, now);
+                if guard.check(ip, "victim", now).is_ok() {
+                    guard.record_failure(ip, "victim", now);
                     failures.push(t);
                     feed.observe(t, Observation::AuthFailure);
                 }
@@ -1528,8 +1528,8 @@ fn hostile_device(
             every(&mut feed, onset, end, rate, |feed, t, n| {
                 let ip = IpAddr::V4(Ipv4Addr::from(0x0A00_0000 + n as u32));
                 let now = feed.at(t);
-                if guard.check(ip, now).is_ok() {
-                    guard.record_failure(ip, now);
+                if guard.check(ip, "victim", now).is_ok() {
+                    guard.record_failure(ip, "victim", now);
                     feed.observe(t, Observation::AuthFailure);
                 }
             });

@@ -13,6 +13,7 @@ use portcullis_core::metrics::Metrics;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use std::collections::HashMap;
+use portcullis_core::source_key::SourceKey;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,10 +72,12 @@ pub fn tls_acceptor(
 pub struct ConnectionLimits {
     total: Arc<Semaphore>,
     per_source_max: usize,
-    per_source: Mutex<HashMap<IpAddr, usize>>,
+    per_source: Mutex<HashMap<SourceKey, usize>>,
     /// New connections per second from one source, before anything is read.
     rate: Rate,
-    rates: Mutex<HashMap<IpAddr, TokenBucket>>,
+    rates: Mutex<HashMap<SourceKey, TokenBucket>>,
+    /// Prefix length of one IPv6 source (an IPv4 address is one source).
+    ipv6_prefix: u8,
 }
 
 /// Sources whose connection rate is tracked at once; beyond it the table starts over
@@ -89,17 +92,19 @@ enum NotAdmitted {
 }
 
 impl ConnectionLimits {
-    pub fn new(total: usize, per_source: usize, rate: Rate) -> Arc<Self> {
+    pub fn new(total: usize, per_source: usize, rate: Rate, ipv6_prefix: u8) -> Arc<Self> {
         Arc::new(ConnectionLimits {
             total: Arc::new(Semaphore::new(total)),
             per_source_max: per_source,
             per_source: Mutex::new(HashMap::new()),
             rate,
             rates: Mutex::new(HashMap::new()),
+            ipv6_prefix,
         })
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, NotAdmitted> {
+        let ip = SourceKey::new(ip, self.ipv6_prefix);
         {
             let now = Instant::now();
             let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
@@ -116,7 +121,7 @@ impl ConnectionLimits {
         self.admit_slot(ip).ok_or(NotAdmitted::TooMany)
     }
 
-    fn admit_slot(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+    fn admit_slot(self: &Arc<Self>, ip: SourceKey) -> Option<ConnectionSlot> {
         let permit = self.total.clone().try_acquire_owned().ok()?;
         let mut map = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
@@ -134,7 +139,7 @@ impl ConnectionLimits {
 
 struct ConnectionSlot {
     limits: Arc<ConnectionLimits>,
-    ip: IpAddr,
+    ip: SourceKey,
     _permit: OwnedSemaphorePermit,
 }
 

@@ -6,7 +6,7 @@
 //! as a wrong secret: nothing tells an attacker whether an id exists.
 
 use crate::acl::{Acl, AclTemplate};
-use crate::backoff::{BackoffPolicy, SourceGuard};
+use crate::backoff::{BackedOff, BackoffPolicy, SourceGuard};
 use crate::principal::{GroupName, PrincipalId, PrincipalKind, PrincipalRef};
 use crate::registry::Registry;
 use crate::secret::SecretHasher;
@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// One group's rules, built once from the configuration.
 pub struct GroupPolicy {
@@ -411,12 +411,12 @@ impl Authenticator {
             .is_ok()
     }
 
-    /// Back-off check alone, before anything else is read from the peer.
-    pub fn check_source(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+    /// Back-off check alone: is this source, or this id from it, backed off?
+    pub fn check_source(&self, source: IpAddr, id: &str, now: Instant) -> Result<(), BackedOff> {
         self.guard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .check(source, now)
+            .check(source, id, now)
     }
 
     pub fn authenticate(
@@ -426,7 +426,7 @@ impl Authenticator {
         source: IpAddr,
         now: Instant,
     ) -> Result<Authenticated, AuthRefusal> {
-        if self.check_source(source, now).is_err() {
+        if self.check_source(source, creds.client_id, now).is_err() {
             return Err(AuthRefusal::BackedOff);
         }
         // A source banned after its connection was accepted is refused here.
@@ -434,13 +434,12 @@ impl Authenticator {
             return Err(AuthRefusal::Banned);
         }
         let result = self.verify(kind, creds);
-        // Success does not clear the source's record: one valid credential must not
-        // let a source reset its back-off between guesses at others.
-        if result.is_err() {
-            self.guard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .record_failure(source, now);
+        let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        // Success clears only its own (id, source) record: one valid credential must
+        // not let a source reset its back-off between guesses at others.
+        match &result {
+            Ok(_) => guard.record_success(source, creds.client_id),
+            Err(_) => guard.record_failure(source, creds.client_id, now),
         }
         result
     }
@@ -623,6 +622,7 @@ impl Authenticator {
 mod tests {
     use super::*;
     use crate::registry::PrincipalRecord;
+    use std::time::Duration;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -658,6 +658,11 @@ mod tests {
                 window: Duration::from_secs(60),
                 initial: Duration::from_secs(10),
                 max: Duration::from_secs(60),
+                forget: Duration::from_secs(3600),
+                source_max_ids: 3,
+                source_max_failures: 100,
+                max_entries: 1000,
+                ipv6_prefix: 64,
             },
         );
         (dir, auth, registry)
@@ -763,6 +768,26 @@ mod tests {
     fn a_valid_login_does_not_reset_the_back_off_of_its_source() {
         let (_d, auth, _) = setup();
         let now = Instant::now();
+        let attempt = |id: &str, pass: &[u8]| {
+            auth.authenticate(PrincipalKind::Device, &creds(id, Some(id), pass), ip(1), now)
+        };
+        // Guesses at other ids, a valid login between them: the source's count of
+        // distinct ids goes on, and the third id backs the source off.
+        assert!(attempt("ghost-1", SECRET).is_err());
+        assert!(attempt("meter-1", SECRET).is_ok());
+        assert!(attempt("ghost-2", SECRET).is_err());
+        assert!(attempt("meter-1", SECRET).is_ok());
+        assert!(attempt("ghost-3", SECRET).is_err());
+        assert_eq!(
+            attempt("meter-1", SECRET).unwrap_err(),
+            AuthRefusal::BackedOff
+        );
+    }
+
+    #[test]
+    fn a_valid_login_clears_its_own_failures() {
+        let (_d, auth, _) = setup();
+        let now = Instant::now();
         let attempt = |pass: &[u8]| {
             auth.authenticate(
                 PrincipalKind::Device,
@@ -774,7 +799,7 @@ mod tests {
         assert!(attempt(b"wrong-wrong-wrong").is_err());
         assert!(attempt(SECRET).is_ok());
         assert!(attempt(b"wrong-wrong-wrong").is_err());
-        assert_eq!(attempt(SECRET).unwrap_err(), AuthRefusal::BackedOff);
+        assert!(attempt(SECRET).is_ok());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod registry;
 pub mod retained;
 pub mod secret;
 pub mod sessions;
+pub mod source_key;
 pub mod subscription;
 pub mod topic;
 pub mod validate;
