@@ -299,6 +299,9 @@ pub struct Auth {
     pub backoff_max_entries: usize,
     /// Prefix length of one IPv6 source for back-off, connection rates and caps.
     pub ipv6_source_prefix: u8,
+    /// Failed logins naming one registered id within `failure_window_secs` that
+    /// raise an alert (audit, metric, event); at most one alert per id per window.
+    pub alert_failures: u32,
     /// Secret-hash key (HMAC-SHA256). Default: `{data_dir}/keys/secret-hash.key`,
     /// created on first start.
     pub secret_key_file: Option<PathBuf>,
@@ -539,6 +542,7 @@ impl Default for Auth {
             source_max_failures: 100,
             backoff_max_entries: 100_000,
             ipv6_source_prefix: 64,
+            alert_failures: 10,
             secret_key_file: None,
         }
     }
@@ -745,6 +749,7 @@ impl Config {
                 10_000_000,
             ),
             ("auth.ipv6_source_prefix", a.ipv6_source_prefix.into(), 32, 128),
+            ("auth.alert_failures", a.alert_failures.into(), 1, 100_000),
         ] {
             if !(lo..=hi).contains(&value) {
                 return Err((
@@ -1070,6 +1075,7 @@ mod tests {
             ("source_max_failures = 2", "auth.source_max_failures"),
             ("backoff_forget_secs = 10", "auth.backoff_forget_secs"),
             ("backoff_max_entries = 10", "auth.backoff_max_entries"),
+            ("alert_failures = 0", "auth.alert_failures"),
         ] {
             let err = Config::parse(&format!("[auth]\n{text}\n"), "x.toml").unwrap_err();
             assert_eq!(err.key, key, "{err}");

@@ -6,10 +6,12 @@
 //! as a wrong secret: nothing tells an attacker whether an id exists.
 
 use crate::acl::{Acl, AclTemplate};
+use crate::auth_alert::{Alert, FailureAlerts};
 use crate::backoff::{BackedOff, BackoffPolicy, SourceGuard};
 use crate::principal::{GroupName, PrincipalId, PrincipalKind, PrincipalRef};
 use crate::registry::Registry;
 use crate::secret::SecretHasher;
+use crate::source_key::SourceKey;
 use portcullis_config::{Config, IdentityField};
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -314,6 +316,8 @@ pub struct Authenticator {
     /// Replaced whole on a configuration reload; read once per connection.
     policies: std::sync::RwLock<Arc<Policies>>,
     guard: Mutex<SourceGuard>,
+    alerts: Mutex<FailureAlerts>,
+    ipv6_prefix: u8,
 }
 
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
@@ -362,6 +366,12 @@ impl Authenticator {
             hasher,
             policies: std::sync::RwLock::new(policies),
             guard: Mutex::new(SourceGuard::new(backoff)),
+            alerts: Mutex::new(FailureAlerts::new(
+                backoff.alert_failures,
+                backoff.window,
+                backoff.max_entries,
+            )),
+            ipv6_prefix: backoff.ipv6_prefix,
         }
     }
 
@@ -442,6 +452,30 @@ impl Authenticator {
             Err(_) => guard.record_failure(source, creds.client_id, now),
         }
         result
+    }
+
+    /// A refused login, for the alert on failed logins naming a registered id. An
+    /// unknown id is tallied the same way (the same work), never alerted on.
+    pub fn note_failure(
+        &self,
+        client_id: &str,
+        refusal: AuthRefusal,
+        source: IpAddr,
+        now: Instant,
+    ) -> Option<Alert> {
+        let registered = refusal.is_credential_failure();
+        if !registered && refusal != AuthRefusal::Unknown {
+            return None;
+        }
+        self.alerts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(
+                client_id,
+                SourceKey::new(source, self.ipv6_prefix),
+                registered,
+                now,
+            )
     }
 
     fn verify(
@@ -663,6 +697,7 @@ mod tests {
                 source_max_failures: 100,
                 max_entries: 1000,
                 ipv6_prefix: 64,
+                alert_failures: 10,
             },
         );
         (dir, auth, registry)

@@ -33,6 +33,8 @@ pub struct BackoffPolicy {
     pub max_entries: usize,
     /// Prefix length that makes one IPv6 source.
     pub ipv6_prefix: u8,
+    /// Failed logins naming one registered id within `window` that raise an alert.
+    pub alert_failures: u32,
 }
 
 impl BackoffPolicy {
@@ -47,6 +49,7 @@ impl BackoffPolicy {
             source_max_failures: a.source_max_failures,
             max_entries: a.backoff_max_entries,
             ipv6_prefix: a.ipv6_source_prefix,
+            alert_failures: a.alert_failures,
         }
     }
 }
@@ -242,6 +245,7 @@ mod tests {
             source_max_failures: 100,
             max_entries: 1000,
             ipv6_prefix: 64,
+            alert_failures: 10,
         }
     }
 

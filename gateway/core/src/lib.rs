@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod audit;
 pub mod auth;
+pub mod auth_alert;
 pub mod backoff;
 pub mod bans;
 pub mod behaviour;
