@@ -9,7 +9,7 @@ use crate::acl::{Acl, AclTemplate};
 use crate::auth_alert::{Alert, FailureAlerts};
 use crate::backoff::{BackedOff, BackoffPolicy, SourceGuard};
 use crate::principal::{GroupName, PrincipalId, PrincipalKind, PrincipalRef};
-use crate::registry::Registry;
+use crate::registry::{PrincipalRecord, Registry};
 use crate::secret::SecretHasher;
 use crate::source_key::SourceKey;
 use portcullis_config::{Config, IdentityField};
@@ -318,6 +318,9 @@ pub struct Authenticator {
     guard: Mutex<SourceGuard>,
     alerts: Mutex<FailureAlerts>,
     ipv6_prefix: u8,
+    /// Stands in for the record of an unknown id, so that it is read, decoded and
+    /// verified against like a real one: the same work either way.
+    dummy: Arc<PrincipalRecord>,
 }
 
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
@@ -372,6 +375,20 @@ impl Authenticator {
                 backoff.max_entries,
             )),
             ipv6_prefix: backoff.ipv6_prefix,
+            dummy: Arc::new(PrincipalRecord {
+                kind: PrincipalKind::Device,
+                id: PrincipalId::parse("unknown").expect("a valid id"),
+                group: GroupName::parse("default").expect("a valid group name"),
+                enabled: true,
+                cert: Some(crate::registry::CertCredential {
+                    fingerprint: Some(hex::encode([0u8; 32])),
+                }),
+                // A hash no secret has: HMAC output is never all zero bytes in practice.
+                secret_hash: Some(hex::encode([0u8; 32])),
+                generation: 0,
+                created_unix: 0,
+                updated_unix: 0,
+            }),
         }
     }
 
@@ -485,23 +502,25 @@ impl Authenticator {
     ) -> Result<Authenticated, AuthRefusal> {
         let snapshot = self.registry.snapshot();
         let id = PrincipalId::parse(creds.client_id);
-        let record = id
+        let found = id
             .as_ref()
             .ok()
             .and_then(|id| snapshot.get(kind, id))
             .cloned();
+        let known = found.is_some();
+        // Equal work whether or not the id exists: an unknown id is read, its group
+        // looked up, its hash decoded and verified against, through a stand-in record;
+        // a certificate is always verified (against the group's CAs, or for an unknown
+        // id against every CA of this kind), before any answer is decided.
+        let stand_in = found.unwrap_or_else(|| self.dummy.clone());
         let policies = self.policies();
-        let policy = record
-            .as_ref()
-            .and_then(|r| policies.group(kind, &r.group))
-            .cloned();
-        // Equal work whether or not the id exists: a secret is always hashed, and a
-        // certificate always verified (against the group's CAs, or for an unknown id
-        // against every CA of this kind), before any answer is decided.
+        let policy = policies.group(kind, &stand_in.group).cloned();
         let secret_ok = creds.password.map(|password| {
-            let stored = record.as_ref().and_then(|r| r.secret_hash_bytes());
-            self.hasher.verify(password, stored.as_ref())
+            let stored = stand_in.secret_hash_bytes();
+            self.hasher.verify(password, stored.as_ref()) && known
         });
+        let record = known.then_some(stand_in);
+        let policy = policy.filter(|_| known);
         let cert = creds
             .certs
             .and_then(|c| c.split_first())
@@ -655,7 +674,6 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::PrincipalRecord;
     use std::time::Duration;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
