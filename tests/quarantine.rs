@@ -197,7 +197,18 @@ fn failed_logins_by_others_never_quarantine_a_device_and_raise_an_alert() {
     let args = gw.client(
         gw.device_plain,
         "lock-7",
-        &["-u", "lock-7", "-P", SECRET, "-t", "devices/lock-7/telemetry", "-m", "lock-ok", "-q", "1"],
+        &[
+            "-u",
+            "lock-7",
+            "-P",
+            SECRET,
+            "-t",
+            "devices/lock-7/telemetry",
+            "-m",
+            "lock-ok",
+            "-q",
+            "1",
+        ],
     );
     let out = mosquitto("mosquitto_pub", &args, T);
     assert!(out.status.success(), "{}", text(&out));
@@ -213,7 +224,10 @@ fn failed_logins_by_others_never_quarantine_a_device_and_raise_an_alert() {
     sub.expect("devices/cam-9/telemetry cam-ok", T)
         .expect("the cert-only device's telemetry still reaches services");
     let list = gw.cli_ok(&["quarantine", "list"]);
-    assert!(!list.contains("lock-7") && !list.contains("cam-9"), "{list}");
+    assert!(
+        !list.contains("lock-7") && !list.contains("cam-9"),
+        "{list}"
+    );
     assert_eq!(gw.metric("portcullis_quarantines_total "), 0);
 }
 

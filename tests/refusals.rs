@@ -539,7 +539,12 @@ fn connections_over_the_per_source_cap_are_refused() {
     gw.wait_audit(&["\"connect\"", "\"refuse\"", "connection_limit"]);
 }
 
-fn connect_from(gw: &Gateway, source: &str, id: &str, secret: &str) -> Option<v5::ConnectReturnCode> {
+fn connect_from(
+    gw: &Gateway,
+    source: &str,
+    id: &str,
+    secret: &str,
+) -> Option<v5::ConnectReturnCode> {
     let mut raw = Raw::connect_from(gw.device_plain, source.parse().unwrap());
     raw.connect_v5(id, Some((id, secret)))
 }

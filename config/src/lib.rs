@@ -748,7 +748,12 @@ impl Config {
                 1_000,
                 10_000_000,
             ),
-            ("auth.ipv6_source_prefix", a.ipv6_source_prefix.into(), 32, 128),
+            (
+                "auth.ipv6_source_prefix",
+                a.ipv6_source_prefix.into(),
+                32,
+                128,
+            ),
             ("auth.alert_failures", a.alert_failures.into(), 1, 100_000),
         ] {
             if !(lo..=hi).contains(&value) {

@@ -822,7 +822,12 @@ mod tests {
         let (_d, auth, _) = setup();
         let now = Instant::now();
         let attempt = |id: &str, pass: &[u8]| {
-            auth.authenticate(PrincipalKind::Device, &creds(id, Some(id), pass), ip(1), now)
+            auth.authenticate(
+                PrincipalKind::Device,
+                &creds(id, Some(id), pass),
+                ip(1),
+                now,
+            )
         };
         // Guesses at other ids, a valid login between them: the source's count of
         // distinct ids goes on, and the third id backs the source off.

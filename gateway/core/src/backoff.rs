@@ -219,7 +219,11 @@ fn evict<K: std::hash::Hash + Eq>(
     map.retain(|_, r| {
         r.blocked(now).is_some()
             || now.saturating_duration_since(r.last_failure)
-                <= if r.level > 0 { policy.forget } else { policy.window }
+                <= if r.level > 0 {
+                    policy.forget
+                } else {
+                    policy.window
+                }
     });
     if map.len() >= policy.max_entries {
         let mut ages: Vec<Instant> = map.values().map(|r| r.last_failure).collect();
