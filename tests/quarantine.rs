@@ -1,8 +1,9 @@
 //! Behaviour and quarantine as a user sees them: a device that starts flooding is
 //! quarantined and nothing it sends after the event reaches a service; quarantine
-//! survives a restart and ends on an operator's release; credential stuffing
-//! raises an alert but never quarantines the device, a cloned identity is flagged; a quarantined device's Will is suppressed, its
-//! commands held, and its traffic diverted to the forensic topic when policy says so.
+//! survives a restart and ends on an operator's release; credential stuffing raises an
+//! alert but never quarantines the device; a cloned identity is flagged; a quarantined
+//! device's Will is suppressed, its commands held, and its traffic diverted to the
+//! forensic topic when policy says so.
 
 mod common;
 
