@@ -108,6 +108,20 @@ fn registry_commands_work_while_the_gateway_runs() {
 }
 
 #[test]
+fn a_generated_secret_is_printed_only_when_the_gateway_accepts_it() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    // The id exists: the gateway refuses, and no secret that nobody stored is shown.
+    let out = gw.cli(&["device", "add", "meter-1", "--generate-secret"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("already exists"), "{}", text(&out));
+    assert!(!text(&out).contains("secret:"), "{}", text(&out));
+    let out = gw.cli(&["device", "rotate", "ghost", "--generate-secret"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("secret:"), "{}", text(&out));
+}
+
+#[test]
 fn a_fleet_of_fifteen_thousand_imports_in_one_request() {
     let gw = Gateway::start();
     // Over a megabyte of request: more than the admin socket once took.

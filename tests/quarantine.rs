@@ -1,8 +1,9 @@
 //! Behaviour and quarantine as a user sees them: a device that starts flooding is
 //! quarantined and nothing it sends after the event reaches a service; quarantine
-//! survives a restart and ends on an operator's release; credential stuffing and a
-//! cloned identity are flagged; a quarantined device's Will is suppressed, its
-//! commands held, and its traffic diverted to the forensic topic when policy says so.
+//! survives a restart and ends on an operator's release; credential stuffing raises an
+//! alert but never quarantines the device; a cloned identity is flagged; a quarantined
+//! device's Will is suppressed, its commands held, and its traffic diverted to the
+//! forensic topic when policy says so.
 
 mod common;
 
@@ -22,7 +23,7 @@ learning_secs = 3
 [service_groups.ops]
 trust = ["{data_dir}/pki/ca.pem"]
 publish = ["devices/+/commands/#"]
-subscribe = ["devices/+/telemetry/#", "portcullis/events/quarantine/#", "portcullis/forensic/#"]
+subscribe = ["devices/+/telemetry/#", "portcullis/events/quarantine/#", "portcullis/events/auth_failures/#", "portcullis/forensic/#"]
 "#;
 
 fn ops_subscriber(gw: &Gateway, filters: &[&str]) -> Sub {
@@ -162,29 +163,73 @@ fn a_flooding_device_is_quarantined_persists_across_restart_and_is_released() {
 }
 
 #[test]
-fn credential_stuffing_against_a_device_id_is_flagged() {
-    let gw = Gateway::start_with("[behaviour]\nmax_auth_failures = 5\n");
+fn failed_logins_by_others_never_quarantine_a_device_and_raise_an_alert() {
+    let gw = Gateway::start_with(OPS);
     gw.add_device_secret("lock-7", SECRET);
-    // Guesses from many sources (each source's own back-off never starts).
-    for i in 0..6u8 {
-        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 20 + i));
-        let mut raw = Raw::connect_from(gw.device_plain, source);
-        let code = raw.connect_v4("lock-7", Some(("lock-7", "wrong-guess-wrong-guess-000")));
-        assert_eq!(code, Some(5), "refused as not authorized");
+    gw.add_device_cert("cam-9");
+    let sub = ops_subscriber(
+        &gw,
+        &[
+            "devices/+/telemetry/#",
+            "portcullis/events/auth_failures/#",
+            "portcullis/events/quarantine/#",
+        ],
+    );
+    // 25 wrong secrets naming each device, from 25 sources (so no source's own
+    // back-off starts); the cert-only device gets password guesses too.
+    for id in ["lock-7", "cam-9"] {
+        for i in 0..25u8 {
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 20 + i));
+            let mut raw = Raw::connect_from(gw.device_plain, source);
+            let code = raw.connect_v4(id, Some((id, "wrong-guess-wrong-guess-000")));
+            assert_eq!(code, Some(5), "refused as not authorized");
+        }
     }
-    let shown = wait_state(&gw, "lock-7", "quarantined");
-    assert!(
-        shown.contains("6 authentication failures in 60 s (ceiling 5)"),
-        "{shown}"
+    // The operator is told, with the sources named...
+    for id in ["lock-7", "cam-9"] {
+        let event = sub
+            .expect(&format!("portcullis/events/auth_failures/{id}"), T)
+            .expect("an auth-failure alert");
+        assert!(event.contains("127.0.0.20"), "{event}");
+        gw.wait_audit(&["\"auth_failures\"", "\"alert\"", &format!("\"{id}\"")]);
+    }
+    assert_eq!(gw.metric("portcullis_auth_failure_alerts_total "), 2);
+    // ...and the devices themselves are treated as before: their telemetry flows.
+    let args = gw.client(
+        gw.device_plain,
+        "lock-7",
+        &[
+            "-u",
+            "lock-7",
+            "-P",
+            SECRET,
+            "-t",
+            "devices/lock-7/telemetry",
+            "-m",
+            "lock-ok",
+            "-q",
+            "1",
+        ],
     );
-    // An unknown id is the sources' business, not a device's.
-    let out = gw.cli(&["quarantine", "show", "nobody"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains("device nobody is not registered"),
-        "{}",
-        text(&out)
+    let out = mosquitto("mosquitto_pub", &args, T);
+    assert!(out.status.success(), "{}", text(&out));
+    sub.expect("devices/lock-7/telemetry lock-ok", T)
+        .expect("the device's telemetry still reaches services");
+    let args = gw.client(
+        gw.device_tls,
+        "cam-9",
+        &["-t", "devices/cam-9/telemetry", "-m", "cam-ok", "-q", "1"],
     );
+    let out = mosquitto("mosquitto_pub", &args, T);
+    assert!(out.status.success(), "{}", text(&out));
+    sub.expect("devices/cam-9/telemetry cam-ok", T)
+        .expect("the cert-only device's telemetry still reaches services");
+    let list = gw.cli_ok(&["quarantine", "list"]);
+    assert!(
+        !list.contains("lock-7") && !list.contains("cam-9"),
+        "{list}"
+    );
+    assert_eq!(gw.metric("portcullis_quarantines_total "), 0);
 }
 
 /// A device connecting from a chosen loopback address.

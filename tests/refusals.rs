@@ -53,12 +53,16 @@ fn unknown_device_and_wrong_secret_get_the_same_answer() {
         assert!(unknown.to_lowercase().contains("not authori"), "{unknown}");
         assert_eq!(unknown, wrong, "the answers must not differ");
     }
+    // The third failure for meter-1 from this source backs the pair off
+    // (max_failures = 3), and even the back-off's answer is the same.
+    let third = plain_pub(&gw, "meter-1", "meter-1", "wrong-secret-3", "mqttv5");
+    let backed_off = plain_pub(&gw, "meter-1", "meter-1", SECRET, "mqttv5");
+    assert_eq!(third, backed_off, "the answers must not differ");
     gw.wait_audit(&["\"refuse\"", "\"ghost\"", "unknown_principal"]);
     gw.wait_audit(&["\"refuse\"", "\"meter-1\"", "bad_secret"]);
-    // The fourth failure from this source hits the back-off (max_failures = 3), and
-    // even that answer is the same.
+    gw.wait_audit(&["\"refuse\"", "\"meter-1\"", "backed_off"]);
     assert_eq!(gw.refusals("connect", "unknown_principal"), 2);
-    assert_eq!(gw.refusals("connect", "bad_secret"), 1);
+    assert_eq!(gw.refusals("connect", "bad_secret"), 3);
     assert_eq!(gw.refusals("connect", "backed_off"), 1);
     assert!(!gw.audit().contains("wrong-secret"));
 }
@@ -534,4 +538,97 @@ fn connections_over_the_per_source_cap_are_refused() {
     assert!(closed && bytes.is_empty());
     assert_eq!(gw.refusals("connect", "connection_limit"), 1);
     gw.wait_audit(&["\"connect\"", "\"refuse\"", "connection_limit"]);
+}
+
+fn connect_from(
+    gw: &Gateway,
+    source: &str,
+    id: &str,
+    secret: &str,
+) -> Option<v5::ConnectReturnCode> {
+    let mut raw = Raw::connect_from(gw.device_plain, source.parse().unwrap());
+    raw.connect_v5(id, Some((id, secret)))
+}
+
+#[test]
+fn wrong_secrets_for_one_device_do_not_lock_out_another_behind_the_same_address() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-a", SECRET);
+    gw.add_device_secret("meter-b", SECRET);
+    for _ in 0..10 {
+        assert_eq!(
+            connect_from(&gw, "127.0.0.5", "meter-a", "not-the-secret-at-all"),
+            Some(v5::ConnectReturnCode::NotAuthorized)
+        );
+    }
+    // Behind the same NAT address, another device logs in...
+    assert_eq!(
+        connect_from(&gw, "127.0.0.5", "meter-b", SECRET),
+        Some(v5::ConnectReturnCode::Success)
+    );
+    // ...while the guessed id stays backed off from there, even with its secret.
+    assert_eq!(
+        connect_from(&gw, "127.0.0.5", "meter-a", SECRET),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
+    assert_eq!(
+        connect_from(&gw, "127.0.0.6", "meter-a", SECRET),
+        Some(v5::ConnectReturnCode::Success)
+    );
+}
+
+#[test]
+fn spraying_unknown_ids_from_one_source_backs_the_source_off() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    for n in 0..50 {
+        assert_eq!(
+            connect_from(&gw, "127.0.0.7", &format!("ghost-{n}"), SECRET),
+            Some(v5::ConnectReturnCode::NotAuthorized)
+        );
+    }
+    // The source as a whole is now refused before any credential is checked.
+    assert_eq!(
+        connect_from(&gw, "127.0.0.7", "meter-1", SECRET),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
+    gw.wait_audit(&["\"refuse\"", "127.0.0.7", "\"meter-1\"", "backed_off"]);
+    assert!(gw.refusals("connect", "backed_off") >= 1);
+    assert!(gw.refusals("connect", "unknown_principal") < 50);
+    assert_eq!(
+        connect_from(&gw, "127.0.0.8", "meter-1", SECRET),
+        Some(v5::ConnectReturnCode::Success)
+    );
+}
+
+#[test]
+fn a_guesser_is_still_backed_off_after_waiting_out_the_cap() {
+    let gw = Gateway::start_with(
+        "[auth]\nmax_failures = 3\nbackoff_initial_secs = 2\nbackoff_max_secs = 2\n",
+    );
+    gw.add_device_secret("meter-1", SECRET);
+    for _ in 0..3 {
+        connect_from(&gw, "127.0.0.9", "meter-1", "not-the-secret-at-all");
+    }
+    assert_eq!(
+        connect_from(&gw, "127.0.0.9", "meter-1", SECRET),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    // The cap (2 s) is over: one guess is let through and checked...
+    assert_eq!(
+        connect_from(&gw, "127.0.0.9", "meter-1", "still-not-the-secret"),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
+    // ...and backs the pair off again at once, rather than starting a fresh count.
+    assert_eq!(
+        connect_from(&gw, "127.0.0.9", "meter-1", SECRET),
+        Some(v5::ConnectReturnCode::NotAuthorized)
+    );
+    // Counted just after the CONNACK is written.
+    wait_for(T, || {
+        (gw.refusals("connect", "backed_off") == 2).then_some(())
+    })
+    .expect("both right-secret attempts refused by the back-off");
+    assert_eq!(gw.refusals("connect", "bad_secret"), 4);
 }

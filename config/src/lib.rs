@@ -303,6 +303,22 @@ pub struct Auth {
     /// First back-off; doubles on every further failure, up to `backoff_max_secs`.
     pub backoff_initial_secs: u64,
     pub backoff_max_secs: u64,
+    /// An (id, source) pair or a source with no failure for this long starts over;
+    /// until then, every failure after a back-off backs it off again.
+    pub backoff_forget_secs: u64,
+    /// Distinct ids one source fails against within `failure_window_secs` before the
+    /// source as a whole is backed off.
+    pub source_max_ids: u32,
+    /// Failures from one source within `failure_window_secs`, whatever the ids,
+    /// before the source as a whole is backed off.
+    pub source_max_failures: u32,
+    /// Back-off records kept (pairs and sources each); the oldest are evicted beyond.
+    pub backoff_max_entries: usize,
+    /// Prefix length of one IPv6 source for back-off, connection rates and caps.
+    pub ipv6_source_prefix: u8,
+    /// Failed logins naming one registered id within `failure_window_secs` that
+    /// raise an alert (audit, metric, event); at most one alert per id per window.
+    pub alert_failures: u32,
     /// Secret-hash key (HMAC-SHA256). Default: `{data_dir}/keys/secret-hash.key`,
     /// created on first start.
     pub secret_key_file: Option<PathBuf>,
@@ -545,6 +561,12 @@ impl Default for Auth {
             failure_window_secs: 60,
             backoff_initial_secs: 2,
             backoff_max_secs: 300,
+            backoff_forget_secs: 86_400,
+            source_max_ids: 10,
+            source_max_failures: 100,
+            backoff_max_entries: 100_000,
+            ipv6_source_prefix: 64,
+            alert_failures: 10,
             secret_key_file: None,
         }
     }
@@ -775,6 +797,42 @@ impl Config {
                     self.auth.backoff_max_secs, self.auth.backoff_initial_secs
                 ),
             ));
+        }
+        let a = &self.auth;
+        for (key, value, lo, hi) in [
+            (
+                "auth.backoff_forget_secs",
+                a.backoff_forget_secs,
+                a.backoff_max_secs,
+                30 * 86_400,
+            ),
+            ("auth.source_max_ids", a.source_max_ids.into(), 2, 10_000),
+            (
+                "auth.source_max_failures",
+                a.source_max_failures.into(),
+                a.max_failures.into(),
+                1_000_000,
+            ),
+            (
+                "auth.backoff_max_entries",
+                a.backoff_max_entries as u64,
+                1_000,
+                10_000_000,
+            ),
+            (
+                "auth.ipv6_source_prefix",
+                a.ipv6_source_prefix.into(),
+                32,
+                128,
+            ),
+            ("auth.alert_failures", a.alert_failures.into(), 1, 100_000),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                return Err((
+                    key.to_string(),
+                    format!("must be between {lo} and {hi} (got {value})"),
+                ));
+            }
         }
         for (key, addr) in [
             ("listeners.device_plain", self.listeners.device_plain),
@@ -1105,6 +1163,25 @@ mod tests {
         );
         let err = Config::parse("[limits]\nmax_unauthenticated = 0\n", "x.toml").unwrap_err();
         assert_eq!(err.key, "limits.max_unauthenticated");
+    }
+
+    #[test]
+    fn back_off_keys_out_of_bounds_name_the_key() {
+        for (text, key) in [
+            ("ipv6_source_prefix = 16", "auth.ipv6_source_prefix"),
+            ("ipv6_source_prefix = 129", "auth.ipv6_source_prefix"),
+            ("source_max_ids = 1", "auth.source_max_ids"),
+            ("source_max_failures = 2", "auth.source_max_failures"),
+            ("backoff_forget_secs = 10", "auth.backoff_forget_secs"),
+            ("backoff_max_entries = 10", "auth.backoff_max_entries"),
+            ("alert_failures = 0", "auth.alert_failures"),
+        ] {
+            let err = Config::parse(&format!("[auth]\n{text}\n"), "x.toml").unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+            assert!(err.to_string().contains("must be between"), "{err}");
+        }
+        let ok = Config::parse("[auth]\nipv6_source_prefix = 128\n", "x.toml").unwrap();
+        assert_eq!(ok.auth.ipv6_source_prefix, 128);
     }
 
     #[test]

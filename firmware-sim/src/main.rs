@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use portcullis_sim::{Scenario, bench, broker, fleet, model};
+use portcullis_sim::{Scenario, bench, broker, fleet, model, timing};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -106,6 +106,29 @@ enum Command {
         #[arg(long, value_name = "DEVICE")]
         trace: Option<String>,
     },
+    /// Can ids be enumerated by timing? Against a running gateway, CONNECTs naming
+    /// unknown ids and a registered id with wrong secrets, interleaved, each from its
+    /// own loopback source: medians, difference and a Mann-Whitney U p-value. Exit
+    /// status 1 when the two are distinguishable at --alpha.
+    Timing {
+        /// The gateway's plain device listener.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        addr: SocketAddr,
+        /// A registered device id (wrong secrets are sent for it).
+        #[arg(long)]
+        known: String,
+        /// Samples of each kind.
+        #[arg(long, default_value_t = 1000)]
+        samples: usize,
+        /// Samples of each kind discarded first.
+        #[arg(long, default_value_t = 50)]
+        warmup: usize,
+        #[arg(long, default_value_t = 0.001)]
+        alpha: f64,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Run rumqttd alone with a plain MQTT 3.1.1 listener (the benchmarks' baseline).
     Broker {
         #[arg(long, default_value = "127.0.0.1:1885")]
@@ -143,6 +166,43 @@ fn main() -> ExitCode {
             report_exit(run(&s, json, quiet, threads))
         }
         Command::Broker { listen } => report_exit(broker::serve(listen)),
+        Command::Timing {
+            addr,
+            known,
+            samples,
+            warmup,
+            alpha,
+            json,
+        } => {
+            let o = timing::Options {
+                addr,
+                known,
+                samples,
+                warmup,
+                alpha,
+            };
+            let report = match runtime(Some(1)).and_then(|rt| rt.block_on(timing::run(&o))) {
+                Ok(r) => r,
+                Err(e) => return report_exit(Err(e)),
+            };
+            print!("{}", report.text());
+            if let Some(p) = json {
+                let written = serde_json::to_string_pretty(&report)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|t| {
+                        std::fs::write(&p, t + "\n")
+                            .with_context(|| format!("writing {}", p.display()))
+                    });
+                if let Err(e) = written {
+                    return report_exit(Err(e));
+                }
+            }
+            if report.distinguishable {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
         Command::Model {
             devices,
             days,

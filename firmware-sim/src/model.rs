@@ -899,11 +899,9 @@ impl WellBehaved {
             self.next_new_source = t + exponential(&mut self.rng, self.p.new_source_every_secs);
         }
         if self.rng.gen_bool(self.p.auth_failure_chance) {
-            // Within the outage, which is a second at least.
-            let n = self.rng.gen_range(1..=2);
-            for k in (1..=n).rev() {
-                feed.observe(t - 0.4 * k as f64, Observation::AuthFailure);
-            }
+            // Within the outage, which is a second at least. Counted, but not fed to
+            // the model: failed logins are never the device's observations.
+            feed.auth_failures += self.rng.gen_range(1..=2);
         }
         self.connected(feed, t);
         self.next_loss = t + exponential(&mut self.rng, self.p.reconnect_every_secs);
@@ -1227,11 +1225,12 @@ impl Hostile {
                  (one to a new topic)"
             }
             Hostile::StuffingOneSource => {
-                "an authentication failure per guess that the per-source back-off lets \
-                 through to the credential check"
+                "a failed login per guess that the (id, source) back-off lets through to \
+                 the credential check (not fed to the device's model)"
             }
             Hostile::StuffingManySources => {
-                "an authentication failure per guess, each from a new source (no back-off)"
+                "a failed login per guess, each from a new source (no back-off), not fed to \
+                 the device's model"
             }
             Hostile::ClonedIdentity => {
                 "a connection per interval from two places in turn, each taking the other \
@@ -1254,14 +1253,25 @@ impl Hostile {
 
     /// Whether stopping it is the model's job.
     pub fn model_detects(self) -> bool {
-        self != Hostile::StuffingOneSource
+        !matches!(
+            self,
+            Hostile::StuffingOneSource | Hostile::StuffingManySources
+        )
     }
 
     fn handled_by(self) -> Option<&'static str> {
-        (self == Hostile::StuffingOneSource).then_some(
-            "per-source back-off (auth.max_failures, doubling to auth.backoff_max_secs): \
-             the model sees too few failures to count it as stuffing",
-        )
+        match self {
+            Hostile::StuffingOneSource => Some(
+                "per-(id, source) back-off (auth.max_failures, doubling to \
+                 auth.backoff_max_secs, not reset until auth.backoff_forget_secs of quiet)",
+            ),
+            // Failed logins by others never change how the device is treated.
+            Hostile::StuffingManySources => Some(
+                "an alert (auth.alert_failures in a window: audit, metric and \
+                 portcullis/events/auth_failures/{id}); never the device's model",
+            ),
+            _ => None,
+        }
     }
 
     fn session_based(self) -> bool {
@@ -1504,10 +1514,9 @@ fn hostile_device(
             every(&mut feed, onset, end, rate, |feed, t, _| {
                 guesses += 1;
                 let now = feed.at(t);
-                if guard.check(ip, now).is_ok() {
-                    guard.record_failure(ip, now);
+                if guard.check(ip, "victim", now).is_ok() {
+                    guard.record_failure(ip, "victim", now);
                     failures.push(t);
-                    feed.observe(t, Observation::AuthFailure);
                 }
             });
             run.guesses = guesses;
@@ -1528,9 +1537,9 @@ fn hostile_device(
             every(&mut feed, onset, end, rate, |feed, t, n| {
                 let ip = IpAddr::V4(Ipv4Addr::from(0x0A00_0000 + n as u32));
                 let now = feed.at(t);
-                if guard.check(ip, now).is_ok() {
-                    guard.record_failure(ip, now);
-                    feed.observe(t, Observation::AuthFailure);
+                if guard.check(ip, "victim", now).is_ok() {
+                    guard.record_failure(ip, "victim", now);
+                    feed.auth_failures += 1;
                 }
             });
         }

@@ -67,10 +67,8 @@ fn bound_secs(d: &Detection) -> f64 {
         "flood" => 2.0,
         // Five 200 kB payloads in a window are a byte flood (over 5 × 16 KiB/s).
         "oversized (with a size rule)" => 2.0,
-        // 21 validation failures, ACL denials or authentication failures at 5/s: 4 s.
-        "schema-breaking (with a json rule)"
-        | "topic-scan"
-        | "credential-stuffing (many sources)" => 10.0,
+        // 21 validation failures or ACL denials at 5/s: 4 s.
+        "schema-breaking (with a json rule)" | "topic-scan" => 10.0,
         // 31 connections at 5/s: 6 s.
         "oversized (over max_packet_size)" | "malformed (after CONNECT)" => 10.0,
         // A take-over of a take-over: the second or third session, one a second.
@@ -95,7 +93,9 @@ fn every_hostile_behaviour_the_model_sees_is_quarantined_within_its_bound() {
         .iter()
         .filter(|d| d.model_detects)
         .collect();
-    assert_eq!(seen.len(), 10, "{:?}", e.true_positives);
+    // Credential stuffing is not among them: failed logins by others are the back-off's
+    // and an alert's business, never the device's model (issue 12).
+    assert_eq!(seen.len(), 9, "{:?}", e.true_positives);
     for d in seen {
         assert_eq!(d.quarantined_before_onset, 0, "{d:#?}");
         assert_eq!((d.detected, d.devices), (10, 10), "{d:#?}");
@@ -128,6 +128,15 @@ fn stuffing_from_one_source_is_left_to_the_back_off() {
         "{most}\n{d:#?}"
     );
     assert_eq!(d.detected, 0, "{d:#?}");
+    let many = e
+        .true_positives
+        .iter()
+        .find(|d| d.behaviour == "credential-stuffing (many sources)")
+        .expect("row");
+    assert!(
+        !many.model_detects && many.handled_by.is_some() && many.detected == 0,
+        "{many:#?}"
+    );
     let names: Vec<&str> = e
         .not_device_behaviours
         .iter()

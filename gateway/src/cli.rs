@@ -470,10 +470,8 @@ fn read_secret(creds: &Credentials) -> Result<Option<String>> {
     if creds.generate_secret {
         let mut bytes = [0u8; 24];
         rand_bytes(&mut bytes)?;
-        let secret = hex::encode(bytes);
-        // Printed once, on stdout, for the operator to hand to the device.
-        println!("secret: {secret}");
-        return Ok(Some(secret));
+        // Printed once, by the caller, only after the gateway stored it.
+        return Ok(Some(hex::encode(bytes)));
     }
     let raw = if creds.secret_stdin {
         let mut s = String::new();
@@ -532,6 +530,14 @@ struct ImportEntry {
 
 fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) -> Result<()> {
     let config = load_config(config.config.as_deref())?;
+    let mut generated = None;
+    let mut secret_of = |creds: &Credentials| -> Result<Option<String>> {
+        let secret = read_secret(creds)?;
+        if creds.generate_secret {
+            generated.clone_from(&secret);
+        }
+        Ok(secret)
+    };
     let req = match action {
         PrincipalAction::Add { id, group, creds } => {
             if !creds.cert_any && creds.cert.is_none() && !has_secret(&creds) {
@@ -546,7 +552,7 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
                     group: Some(group),
                     cert_fingerprint: fingerprint(&creds)?,
                     cert_any: creds.cert_any,
-                    secret: read_secret(&creds)?,
+                    secret: secret_of(&creds)?,
                 },
             }
         }
@@ -585,10 +591,16 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
             id,
             cert_fingerprint: fingerprint(&creds)?,
             cert_any: creds.cert_any,
-            secret: read_secret(&creds)?,
+            secret: secret_of(&creds)?,
         },
     };
-    print(&call(&config, req)?);
+    let reply = call(&config, req)?;
+    print(&reply);
+    // A generated secret is shown once, on stdout, for the operator to hand to the
+    // device, and only once the gateway has accepted it: a refused one exists nowhere.
+    if let Some(secret) = generated {
+        println!("secret: {secret}");
+    }
     Ok(())
 }
 

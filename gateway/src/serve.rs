@@ -257,6 +257,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             per_second: config.rate_limits.connections_per_second_per_source,
             burst: config.rate_limits.connection_burst_per_source,
         },
+        config.auth.ipv6_source_prefix,
     );
     let acceptor = |roots| {
         listener::tls_acceptor(&server_cert, &server_key, roots)

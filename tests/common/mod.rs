@@ -40,6 +40,12 @@ fn config_text(dir: &Path, extra: &str, limits: &str, rates: &str) -> String {
             "connections_per_second_per_source = 1000.0\nconnection_burst_per_source = 1000.0\n{rates}"
         )
     };
+    // A test that brings its own [auth] table gets only that.
+    let auth = if extra.contains("[auth]") {
+        ""
+    } else {
+        "[auth]\nmax_failures = 3\nbackoff_initial_secs = 30\nbackoff_max_secs = 120"
+    };
     format!(
         r#"data_dir = "{d}/data"
 [listeners]
@@ -58,10 +64,7 @@ write_timeout_secs = 2
 {limits}
 [rate_limits]
 {rates}
-[auth]
-max_failures = 3
-backoff_initial_secs = 30
-backoff_max_secs = 120
+{auth}
 [device_groups.default]
 trust = ["{d}/data/pki/ca.pem"]
 [device_groups.other]

@@ -10,6 +10,7 @@ use crate::session::{self, Context, stopped};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::limit::{Rate, TokenBucket};
 use portcullis_core::metrics::Metrics;
+use portcullis_core::source_key::SourceKey;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use std::collections::{BTreeMap, HashMap};
@@ -74,10 +75,12 @@ pub struct ConnectionLimits {
     /// drop sheds it.
     unauthenticated: Mutex<Unauthenticated>,
     per_source_max: usize,
-    per_source: Mutex<HashMap<IpAddr, usize>>,
+    per_source: Mutex<HashMap<SourceKey, usize>>,
     /// New connections per second from one source, before anything is read.
     rate: Rate,
-    rates: Mutex<HashMap<IpAddr, TokenBucket>>,
+    rates: Mutex<HashMap<SourceKey, TokenBucket>>,
+    /// Prefix length of one IPv6 source (an IPv4 address is one source).
+    ipv6_prefix: u8,
 }
 
 /// Sources whose connection rate is tracked at once; beyond it the table starts over
@@ -92,7 +95,13 @@ enum NotAdmitted {
 }
 
 impl ConnectionLimits {
-    pub fn new(total: usize, unauthenticated: usize, per_source: usize, rate: Rate) -> Arc<Self> {
+    pub fn new(
+        total: usize,
+        unauthenticated: usize,
+        per_source: usize,
+        rate: Rate,
+        ipv6_prefix: u8,
+    ) -> Arc<Self> {
         Arc::new(ConnectionLimits {
             total: Arc::new(Semaphore::new(total)),
             unauthenticated: Mutex::new(Unauthenticated {
@@ -104,10 +113,12 @@ impl ConnectionLimits {
             per_source: Mutex::new(HashMap::new()),
             rate,
             rates: Mutex::new(HashMap::new()),
+            ipv6_prefix,
         })
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, NotAdmitted> {
+        let ip = SourceKey::new(ip, self.ipv6_prefix);
         {
             let now = Instant::now();
             let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,7 +135,7 @@ impl ConnectionLimits {
         self.admit_slot(ip).ok_or(NotAdmitted::TooMany)
     }
 
-    fn admit_slot(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+    fn admit_slot(self: &Arc<Self>, ip: SourceKey) -> Option<ConnectionSlot> {
         let permit = self.total.clone().try_acquire_owned().ok()?;
         let mut map = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
@@ -216,7 +227,7 @@ impl Drop for PreAuth {
 
 struct ConnectionSlot {
     limits: Arc<ConnectionLimits>,
-    ip: IpAddr,
+    ip: SourceKey,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -361,7 +372,7 @@ mod tests {
             per_second: 1000.0,
             burst: 1000.0,
         };
-        ConnectionLimits::new(100, unauthenticated, 100, rate)
+        ConnectionLimits::new(100, unauthenticated, 100, rate, 64)
     }
 
     fn is_shed(token: &mut PreAuth) -> bool {

@@ -17,6 +17,7 @@ use crate::strict::{self, ProtocolVersion, StrictError};
 use bytes::BytesMut;
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
+use portcullis_core::auth_alert;
 use portcullis_core::behaviour::{Observation, State as Behaviour};
 use portcullis_core::broker::{EmbeddedBroker, Uplink};
 use portcullis_core::content;
@@ -650,27 +651,46 @@ fn refuse_connect(
     ctx.audit.record(entry);
 }
 
-/// A credential offered for a registered device's id that did not verify counts
-/// against the device (credential stuffing). Refusals of the source (back-off, bans),
-/// of unknown ids, or of a CONNECT with no credential are not guesses at it.
-fn note_auth_failure(ctx: &Context, client_id: &str, refusal: AuthRefusal) {
-    if ctx.kind != PrincipalKind::Device || !refusal.is_credential_failure() {
+/// Failed logins naming a device never change how the device is treated (they are
+/// the sources' doing, and the back-off answers them): enough of them in a window
+/// raise one alert, audited, counted and published on
+/// `portcullis/events/auth_failures/{id}` with the sources named.
+fn note_auth_failure(ctx: &Context, client_id: &str, refusal: AuthRefusal, peer: SocketAddr) {
+    if ctx.kind != PrincipalKind::Device {
         return;
     }
+    let Some(alert) = ctx
+        .auth
+        .note_failure(client_id, refusal, peer.ip(), Instant::now())
+    else {
+        return;
+    };
     let Ok(id) = PrincipalId::parse(client_id) else {
         return;
     };
-    let Some(group) = ctx.auth.group_of(PrincipalKind::Device, &id) else {
+    Metrics::inc(&ctx.metrics.auth_failure_alerts);
+    ctx.audit.record(
+        AuditEntry::new("auth_failures", "alert")
+            .principal("device", id.to_string())
+            .reason(alert.reason()),
+    );
+    tracing::warn!(device = %id, sources = %alert.sources_text(), failures = alert.failures, "failed logins naming a device");
+    let Some(topic) = auth_alert::event_topic(&id) else {
         return;
     };
-    let policy = ctx.behaviours.policy(&group);
-    if policy.enabled {
-        ctx.behaviours.track(&id, &group).observe(
-            Observation::AuthFailure,
-            Instant::now(),
-            &policy,
-        );
-    }
+    let payload = alert.event(&id, portcullis_core::registry::now_unix());
+    let uplink = ctx.broker.uplink_for(&id);
+    tokio::spawn(async move {
+        let _ = uplink
+            .send(Message {
+                topic,
+                payload: payload.into(),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                properties: None,
+            })
+            .await;
+    });
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -741,7 +761,7 @@ fn authenticate(
         .auth
         .authenticate(ctx.kind, &creds, peer.ip(), Instant::now())
         .map_err(|refusal| {
-            note_auth_failure(ctx, &connect.client_id, refusal);
+            note_auth_failure(ctx, &connect.client_id, refusal, peer);
             refusal.label()
         })?;
     let policy = SessionPolicy {

@@ -6,10 +6,12 @@
 //! as a wrong secret: nothing tells an attacker whether an id exists.
 
 use crate::acl::{Acl, AclTemplate};
-use crate::backoff::{BackoffPolicy, SourceGuard};
+use crate::auth_alert::{Alert, FailureAlerts};
+use crate::backoff::{BackedOff, BackoffPolicy, SourceGuard};
 use crate::principal::{GroupName, PrincipalId, PrincipalKind, PrincipalRef};
-use crate::registry::Registry;
+use crate::registry::{PrincipalRecord, Registry};
 use crate::secret::SecretHasher;
+use crate::source_key::SourceKey;
 use portcullis_config::{Config, IdentityField};
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -20,7 +22,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// One group's rules, built once from the configuration.
 pub struct GroupPolicy {
@@ -314,6 +316,11 @@ pub struct Authenticator {
     /// Replaced whole on a configuration reload; read once per connection.
     policies: std::sync::RwLock<Arc<Policies>>,
     guard: Mutex<SourceGuard>,
+    alerts: Mutex<FailureAlerts>,
+    ipv6_prefix: u8,
+    /// Stands in for the record of an unknown id, so that it is read, decoded and
+    /// verified against like a real one: the same work either way.
+    dummy: Arc<PrincipalRecord>,
 }
 
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
@@ -362,6 +369,26 @@ impl Authenticator {
             hasher,
             policies: std::sync::RwLock::new(policies),
             guard: Mutex::new(SourceGuard::new(backoff)),
+            alerts: Mutex::new(FailureAlerts::new(
+                backoff.alert_failures,
+                backoff.window,
+                backoff.max_entries,
+            )),
+            ipv6_prefix: backoff.ipv6_prefix,
+            dummy: Arc::new(PrincipalRecord {
+                kind: PrincipalKind::Device,
+                id: PrincipalId::parse("unknown").expect("a valid id"),
+                group: GroupName::parse("default").expect("a valid group name"),
+                enabled: true,
+                cert: Some(crate::registry::CertCredential {
+                    fingerprint: Some(hex::encode([0u8; 32])),
+                }),
+                // A hash no secret has: HMAC output is never all zero bytes in practice.
+                secret_hash: Some(hex::encode([0u8; 32])),
+                generation: 0,
+                created_unix: 0,
+                updated_unix: 0,
+            }),
         }
     }
 
@@ -411,12 +438,12 @@ impl Authenticator {
             .is_ok()
     }
 
-    /// Back-off check alone, before anything else is read from the peer.
-    pub fn check_source(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+    /// Back-off check alone: is this source, or this id from it, backed off?
+    pub fn check_source(&self, source: IpAddr, id: &str, now: Instant) -> Result<(), BackedOff> {
         self.guard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .check(source, now)
+            .check(source, id, now)
     }
 
     pub fn authenticate(
@@ -426,7 +453,7 @@ impl Authenticator {
         source: IpAddr,
         now: Instant,
     ) -> Result<Authenticated, AuthRefusal> {
-        if self.check_source(source, now).is_err() {
+        if self.check_source(source, creds.client_id, now).is_err() {
             return Err(AuthRefusal::BackedOff);
         }
         // A source banned after its connection was accepted is refused here.
@@ -434,15 +461,38 @@ impl Authenticator {
             return Err(AuthRefusal::Banned);
         }
         let result = self.verify(kind, creds);
-        // Success does not clear the source's record: one valid credential must not
-        // let a source reset its back-off between guesses at others.
-        if result.is_err() {
-            self.guard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .record_failure(source, now);
+        let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        // Success clears only its own (id, source) record: one valid credential must
+        // not let a source reset its back-off between guesses at others.
+        match &result {
+            Ok(_) => guard.record_success(source, creds.client_id),
+            Err(_) => guard.record_failure(source, creds.client_id, now),
         }
         result
+    }
+
+    /// A refused login, for the alert on failed logins naming a registered id. An
+    /// unknown id is tallied the same way (the same work), never alerted on.
+    pub fn note_failure(
+        &self,
+        client_id: &str,
+        refusal: AuthRefusal,
+        source: IpAddr,
+        now: Instant,
+    ) -> Option<Alert> {
+        let registered = refusal.is_credential_failure();
+        if !registered && refusal != AuthRefusal::Unknown {
+            return None;
+        }
+        self.alerts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(
+                client_id,
+                SourceKey::new(source, self.ipv6_prefix),
+                registered,
+                now,
+            )
     }
 
     fn verify(
@@ -452,23 +502,25 @@ impl Authenticator {
     ) -> Result<Authenticated, AuthRefusal> {
         let snapshot = self.registry.snapshot();
         let id = PrincipalId::parse(creds.client_id);
-        let record = id
+        let found = id
             .as_ref()
             .ok()
             .and_then(|id| snapshot.get(kind, id))
             .cloned();
+        let known = found.is_some();
+        // Equal work whether or not the id exists: an unknown id is read, its group
+        // looked up, its hash decoded and verified against, through a stand-in record;
+        // a certificate is always verified (against the group's CAs, or for an unknown
+        // id against every CA of this kind), before any answer is decided.
+        let stand_in = found.unwrap_or_else(|| self.dummy.clone());
         let policies = self.policies();
-        let policy = record
-            .as_ref()
-            .and_then(|r| policies.group(kind, &r.group))
-            .cloned();
-        // Equal work whether or not the id exists: a secret is always hashed, and a
-        // certificate always verified (against the group's CAs, or for an unknown id
-        // against every CA of this kind), before any answer is decided.
+        let policy = policies.group(kind, &stand_in.group).cloned();
         let secret_ok = creds.password.map(|password| {
-            let stored = record.as_ref().and_then(|r| r.secret_hash_bytes());
-            self.hasher.verify(password, stored.as_ref())
+            let stored = stand_in.secret_hash_bytes();
+            self.hasher.verify(password, stored.as_ref()) && known
         });
+        let record = known.then_some(stand_in);
+        let policy = policy.filter(|_| known);
         let cert = creds
             .certs
             .and_then(|c| c.split_first())
@@ -622,7 +674,7 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::PrincipalRecord;
+    use std::time::Duration;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -658,6 +710,12 @@ mod tests {
                 window: Duration::from_secs(60),
                 initial: Duration::from_secs(10),
                 max: Duration::from_secs(60),
+                forget: Duration::from_secs(3600),
+                source_max_ids: 3,
+                source_max_failures: 100,
+                max_entries: 1000,
+                ipv6_prefix: 64,
+                alert_failures: 10,
             },
         );
         (dir, auth, registry)
@@ -763,6 +821,31 @@ mod tests {
     fn a_valid_login_does_not_reset_the_back_off_of_its_source() {
         let (_d, auth, _) = setup();
         let now = Instant::now();
+        let attempt = |id: &str, pass: &[u8]| {
+            auth.authenticate(
+                PrincipalKind::Device,
+                &creds(id, Some(id), pass),
+                ip(1),
+                now,
+            )
+        };
+        // Guesses at other ids, a valid login between them: the source's count of
+        // distinct ids goes on, and the third id backs the source off.
+        assert!(attempt("ghost-1", SECRET).is_err());
+        assert!(attempt("meter-1", SECRET).is_ok());
+        assert!(attempt("ghost-2", SECRET).is_err());
+        assert!(attempt("meter-1", SECRET).is_ok());
+        assert!(attempt("ghost-3", SECRET).is_err());
+        assert_eq!(
+            attempt("meter-1", SECRET).unwrap_err(),
+            AuthRefusal::BackedOff
+        );
+    }
+
+    #[test]
+    fn a_valid_login_clears_its_own_failures() {
+        let (_d, auth, _) = setup();
+        let now = Instant::now();
         let attempt = |pass: &[u8]| {
             auth.authenticate(
                 PrincipalKind::Device,
@@ -774,7 +857,7 @@ mod tests {
         assert!(attempt(b"wrong-wrong-wrong").is_err());
         assert!(attempt(SECRET).is_ok());
         assert!(attempt(b"wrong-wrong-wrong").is_err());
-        assert_eq!(attempt(SECRET).unwrap_err(), AuthRefusal::BackedOff);
+        assert!(attempt(SECRET).is_ok());
     }
 
     #[test]

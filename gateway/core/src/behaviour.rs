@@ -190,7 +190,10 @@ pub enum Observation {
     Invalid,
     /// A message the rate-limit stage held back or refused.
     LimitHit,
-    /// A failed authentication for its id.
+    /// A failed authentication caused by the authenticated device's own session. No
+    /// adapter has one today: failed logins by others naming the id are never the
+    /// device's observations (they raise an alert, `auth_alert`), so a stranger who
+    /// knows an id cannot quarantine it (issue 12).
     AuthFailure,
     /// A connection accepted, from a source (a hash of its address). Its boot burst
     /// is expected: the burst allowance is full again.

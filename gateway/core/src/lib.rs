@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod audit;
 pub mod auth;
+pub mod auth_alert;
 pub mod backoff;
 pub mod bans;
 pub mod behaviour;
@@ -21,6 +22,7 @@ pub mod registry;
 pub mod retained;
 pub mod secret;
 pub mod sessions;
+pub mod source_key;
 pub mod subscription;
 pub mod topic;
 pub mod validate;

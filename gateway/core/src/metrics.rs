@@ -37,6 +37,8 @@ pub struct Metrics {
     /// the forensic topic.
     pub quarantine_dropped: AtomicU64,
     pub quarantine_diverted: AtomicU64,
+    /// Alerts on failed logins naming a registered device (at most one per id per window).
+    pub auth_failure_alerts: AtomicU64,
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Open sessions by protocol and principal kind.
     pub sessions_mqtt311_device: AtomicU64,
@@ -190,6 +192,13 @@ impl Metrics {
             "Retained messages delivered but not retained: the retained store was full.",
             "counter",
             load(&self.retained_refused),
+        );
+        gauge(
+            &mut out,
+            "portcullis_auth_failure_alerts_total",
+            "Alerts raised on failed logins naming a registered device (auth.alert_failures in a window).",
+            "counter",
+            load(&self.auth_failure_alerts),
         );
         gauge(
             &mut out,
