@@ -339,7 +339,12 @@ fn run_model(o: &model::Options, json: Option<PathBuf>) -> Result<()> {
             bar.set_message(format!("well-behaved, {} days each", o.days));
         }
     });
-    bar.finish_and_clear();
+    // The last line says it is all done (drawn whatever the redraw rate skipped), and
+    // stays above the report.
+    bar.finish_with_message("done");
+    if !bar.is_hidden() {
+        eprintln!();
+    }
     let took = started.elapsed().as_secs_f64();
     let mut value = serde_json::to_value(&evaluation)?;
     value["run_secs"] = serde_json::json!(took);
