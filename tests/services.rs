@@ -981,3 +981,49 @@ fn the_gateway_keeps_no_more_topic_aliases_for_a_client_than_its_own_maximum() {
         .collect();
     assert_eq!(aliases, vec![Some(1), Some(2), None, None, None]);
 }
+
+#[test]
+fn one_device_cannot_fill_the_retained_store_with_its_telemetry() {
+    let gw = setup("[sessions]\nmax_retained_telemetry_bytes_per_device = 524288\n");
+    let mut d = Client::device(&gw);
+    let payload = vec![b'r'; 200 * 1024];
+    let mut codes = Vec::new();
+    for n in 0..3 {
+        let mut p = v5::Publish::new(
+            format!("devices/sensor-1/telemetry/state{n}"),
+            Q5::AtLeastOnce,
+            payload.clone(),
+            None,
+        );
+        p.retain = true;
+        p.pkid = d.pkid();
+        d.raw.send_v5(v5::Packet::Publish(p));
+        match d.raw.recv_v5(T) {
+            Some(v5::Packet::PubAck(a)) => codes.push(a.reason),
+            other => panic!("no PUBACK: {other:?}"),
+        }
+    }
+    assert_eq!(
+        codes,
+        vec![
+            v5::PubAckReason::Success,
+            v5::PubAckReason::Success,
+            v5::PubAckReason::QuotaExceeded
+        ]
+    );
+    let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
+    svc.sub("devices/+/telemetry/#", Q5::AtLeastOnce);
+    let mut topics: Vec<String> = svc
+        .received(true)
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.topic).into_owned())
+        .collect();
+    topics.sort();
+    assert_eq!(
+        topics,
+        vec![
+            "devices/sensor-1/telemetry/state0",
+            "devices/sensor-1/telemetry/state1"
+        ]
+    );
+}

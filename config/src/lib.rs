@@ -193,6 +193,9 @@ pub struct Sessions {
     /// all devices together.
     pub max_retained_command_bytes_per_device: usize,
     pub max_retained_command_bytes: usize,
+    /// Bytes (topic + payload) of the retained telemetry one device holds for services
+    /// (so one device cannot fill the gateway-wide retained store).
+    pub max_retained_telemetry_bytes_per_device: usize,
     /// Longest keep-alive allowed; a client asking for more (or for none) gets this
     /// (announced as MQTT 5 Server Keep Alive).
     pub max_keep_alive_secs: u64,
@@ -547,6 +550,7 @@ impl Default for Sessions {
             max_retained_per_device: 32,
             max_retained_command_bytes_per_device: 1024 * 1024,
             max_retained_command_bytes: 64 * 1024 * 1024,
+            max_retained_telemetry_bytes_per_device: 1024 * 1024,
             max_keep_alive_secs: 600,
             max_user_properties: 16,
             max_subscriptions: 64,
@@ -645,7 +649,11 @@ impl Config {
 
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), (String, String)> {
-        let positive: [(&str, u64); 22] = [
+        let positive: [(&str, u64); 23] = [
+            (
+                "sessions.max_retained_telemetry_bytes_per_device",
+                self.sessions.max_retained_telemetry_bytes_per_device as u64,
+            ),
             (
                 "broker.max_subscriptions",
                 self.broker.max_subscriptions as u64,

@@ -171,10 +171,14 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let device_store = SessionStore::new();
     let service_store = SessionStore::new();
     let retained = Arc::new(
-        RetainedCommands::new(config.sessions.max_retained_per_device).with_byte_limits(
-            config.sessions.max_retained_command_bytes_per_device,
-            config.sessions.max_retained_command_bytes,
-        ),
+        RetainedCommands::new(config.sessions.max_retained_per_device)
+            .with_byte_limits(
+                config.sessions.max_retained_command_bytes_per_device,
+                config.sessions.max_retained_command_bytes,
+            )
+            .with_telemetry_bytes_per_device(
+                config.sessions.max_retained_telemetry_bytes_per_device,
+            ),
     );
     let validator = Arc::new(
         Validator::new(&config.validation, |p| config.resolve(p))

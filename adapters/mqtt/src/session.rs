@@ -1141,11 +1141,7 @@ impl Session {
             if will.message.retain
                 && kind == PrincipalKind::Device
                 && retained
-                    .note_device_retained(
-                        &policy.principal.id,
-                        &will.message.topic,
-                        will.message.payload.is_empty(),
-                    )
+                    .note_device_retained(&policy.principal.id, &will.message)
                     .is_err()
             {
                 return;
@@ -2025,11 +2021,7 @@ impl Session {
             && ctx.kind == PrincipalKind::Device
             && ctx
                 .retained
-                .note_device_retained(
-                    &self.policy.principal.id,
-                    &msg.topic,
-                    msg.payload.is_empty(),
-                )
+                .note_device_retained(&self.policy.principal.id, &msg)
                 .is_err()
         {
             let refusal = Refusal {

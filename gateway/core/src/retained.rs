@@ -9,12 +9,21 @@
 use crate::pipeline::Message;
 use crate::principal::PrincipalId;
 use crate::topic::{TopicFilter, TopicName};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
+/// Why a device's retained telemetry was not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("device already has {0} retained commands")]
-pub struct RetainedFull(pub usize);
+pub enum RetainedFull {
+    #[error(
+        "the device already holds retained messages on {0} topics (sessions.max_retained_per_device)"
+    )]
+    Topics(usize),
+    #[error(
+        "retained messages of the device would take {0} bytes, over {1} (sessions.max_retained_telemetry_bytes_per_device)"
+    )]
+    Bytes(usize, usize),
+}
 
 /// Why a retained command was not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -65,8 +74,16 @@ pub struct RetainedCommands {
     max_bytes_per_device: usize,
     max_bytes: usize,
     inner: Mutex<Store>,
-    /// Topics each device holds a retained message on in the broker (telemetry).
-    device_topics: Mutex<HashMap<PrincipalId, HashSet<TopicName>>>,
+    /// Topics each device holds a retained message on in the broker (telemetry), with
+    /// the size of each, and the bytes they take in all.
+    device_topics: Mutex<HashMap<PrincipalId, DeviceTelemetry>>,
+    max_telemetry_bytes_per_device: usize,
+}
+
+#[derive(Debug, Default)]
+struct DeviceTelemetry {
+    topics: HashMap<TopicName, usize>,
+    bytes: usize,
 }
 
 impl RetainedCommands {
@@ -79,6 +96,7 @@ impl RetainedCommands {
             max_bytes: usize::MAX,
             inner: Mutex::new(Store::default()),
             device_topics: Mutex::new(HashMap::new()),
+            max_telemetry_bytes_per_device: usize::MAX,
         }
     }
 
@@ -86,6 +104,13 @@ impl RetainedCommands {
     pub fn with_byte_limits(mut self, per_device: usize, total: usize) -> Self {
         self.max_bytes_per_device = per_device;
         self.max_bytes = total;
+        self
+    }
+
+    /// Cap the bytes (topic and payload) of the retained telemetry one device holds in
+    /// the broker, so one device cannot fill the gateway-wide retained store.
+    pub fn with_telemetry_bytes_per_device(mut self, per_device: usize) -> Self {
+        self.max_telemetry_bytes_per_device = per_device;
         self
     }
 
@@ -160,28 +185,43 @@ impl RetainedCommands {
     }
 
     /// Account for a retained message a device publishes (an empty one clears its
-    /// topic). Refused beyond the per-device cap of distinct retained topics.
+    /// topic). Refused beyond the per-device caps of distinct retained topics and of
+    /// their bytes (topic and payload).
     pub fn note_device_retained(
         &self,
         device: &PrincipalId,
-        topic: &TopicName,
-        clears: bool,
+        message: &Message,
     ) -> Result<(), RetainedFull> {
+        let topic = &message.topic;
         let mut all = self.device_topics.lock().unwrap_or_else(|p| p.into_inner());
-        if clears {
-            if let Some(topics) = all.get_mut(device) {
-                topics.remove(topic);
-                if topics.is_empty() {
+        if message.payload.is_empty() {
+            if let Some(held) = all.get_mut(device) {
+                if let Some(old) = held.topics.remove(topic) {
+                    held.bytes -= old;
+                }
+                if held.topics.is_empty() {
                     all.remove(device);
                 }
             }
             return Ok(());
         }
-        let topics = all.entry(device.clone()).or_default();
-        if !topics.contains(topic) && topics.len() >= self.max_per_device {
-            return Err(RetainedFull(self.max_per_device));
+        let held = all.entry(device.clone()).or_default();
+        let replaced = held.topics.get(topic).copied();
+        if replaced.is_none() && held.topics.len() >= self.max_per_device {
+            return Err(RetainedFull::Topics(self.max_per_device));
         }
-        topics.insert(topic.clone());
+        let bytes = held.bytes - replaced.unwrap_or(0) + size(message);
+        if bytes > self.max_telemetry_bytes_per_device {
+            if held.topics.is_empty() {
+                all.remove(device);
+            }
+            return Err(RetainedFull::Bytes(
+                bytes,
+                self.max_telemetry_bytes_per_device,
+            ));
+        }
+        held.topics.insert(topic.clone(), size(message));
+        held.bytes = bytes;
         Ok(())
     }
 
@@ -190,7 +230,7 @@ impl RetainedCommands {
     pub fn take_device_retained(&self, device: &PrincipalId) -> Vec<TopicName> {
         let mut all = self.device_topics.lock().unwrap_or_else(|p| p.into_inner());
         all.remove(device)
-            .map(|t| t.into_iter().collect())
+            .map(|t| t.topics.into_keys().collect())
             .unwrap_or_default()
     }
 
@@ -279,14 +319,45 @@ mod tests {
     #[test]
     fn distinct_retained_topics_of_a_device_are_capped_and_clearing_frees_one() {
         let r = RetainedCommands::new(1);
-        let t1 = TopicName::parse("devices/a/state", L).unwrap();
-        let t2 = TopicName::parse("devices/a/config", L).unwrap();
-        r.note_device_retained(&id("a"), &t1, false).unwrap();
-        r.note_device_retained(&id("a"), &t1, false).unwrap();
-        assert!(r.note_device_retained(&id("a"), &t2, false).is_err());
-        assert!(r.note_device_retained(&id("b"), &t2, false).is_ok());
-        r.note_device_retained(&id("a"), &t1, true).unwrap();
-        r.note_device_retained(&id("a"), &t2, false).unwrap();
+        let m1 = cmd("devices/a/state", "on");
+        let m2 = cmd("devices/a/config", "x");
+        r.note_device_retained(&id("a"), &m1).unwrap();
+        r.note_device_retained(&id("a"), &m1).unwrap();
+        assert_eq!(
+            r.note_device_retained(&id("a"), &m2),
+            Err(RetainedFull::Topics(1))
+        );
+        assert!(
+            r.note_device_retained(&id("b"), &cmd("devices/b/config", "x"))
+                .is_ok()
+        );
+        r.note_device_retained(&id("a"), &cmd("devices/a/state", ""))
+            .unwrap();
+        r.note_device_retained(&id("a"), &m2).unwrap();
+    }
+
+    #[test]
+    fn retained_telemetry_bytes_of_a_device_are_capped_and_replacing_counts_once() {
+        // "devices/a/t1" + 8 bytes = 20 bytes each; 50 allowed.
+        let r = RetainedCommands::new(10).with_telemetry_bytes_per_device(50);
+        r.note_device_retained(&id("a"), &cmd("devices/a/t1", "12345678"))
+            .unwrap();
+        r.note_device_retained(&id("a"), &cmd("devices/a/t2", "12345678"))
+            .unwrap();
+        assert_eq!(
+            r.note_device_retained(&id("a"), &cmd("devices/a/t3", "12345678")),
+            Err(RetainedFull::Bytes(60, 50))
+        );
+        // Replacing a topic's message counts its new size only.
+        r.note_device_retained(&id("a"), &cmd("devices/a/t2", "1234567890"))
+            .unwrap();
+        // Another device has its own allowance; clearing gives bytes back.
+        r.note_device_retained(&id("b"), &cmd("devices/b/t1", "12345678"))
+            .unwrap();
+        r.note_device_retained(&id("a"), &cmd("devices/a/t1", ""))
+            .unwrap();
+        r.note_device_retained(&id("a"), &cmd("devices/a/t3", "12345678"))
+            .unwrap();
     }
 
     #[test]
