@@ -1148,6 +1148,34 @@ fn check_property_value(
     Ok(())
 }
 
+/// Run arbitrary bytes through the decoder as a connection's stream: frames are cut
+/// with [`frame_len`], the first checked as CONNECT, every frame also under both
+/// protocol versions. Returns how many frames were accepted. For the fuzz target and
+/// the test that replays its corpus: whatever the bytes, this returns.
+pub fn replay(data: &[u8]) -> usize {
+    const MAX_PACKET: usize = 1 << 20;
+    let mut rest = data;
+    let mut accepted = 0;
+    let mut first = true;
+    while let Ok(Some(len)) = frame_len(rest, MAX_PACKET) {
+        let Some((frame, tail)) = rest.split_at_checked(len) else {
+            break;
+        };
+        if first {
+            accepted += usize::from(check_connect(frame).is_ok());
+            first = false;
+        }
+        for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
+            accepted += usize::from(check_frame(frame, version).is_ok());
+        }
+        if len == 0 {
+            break;
+        }
+        rest = tail;
+    }
+    accepted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
