@@ -180,7 +180,7 @@ pub enum RegistryError {
     #[error("corrupt registry entry {key}: {reason}")]
     Corrupt { key: String, reason: String },
     /// redb panicked on the file's content (contained at the storage boundary).
-    #[error("the storage library panicked on the file's content ({0})")]
+    #[error("the storage library (redb) stopped on an internal check of the file's content: {0}")]
     StoragePanic(String),
 }
 
@@ -322,6 +322,14 @@ impl Registry {
                 .mode(0o700)
                 .create(dir)
                 .map_err(|e| open_err(e.to_string()))?;
+        }
+        // redb makes a new database of an empty file: a registry truncated to nothing
+        // would come back empty, every principal silently gone.
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(RegistryError::CorruptFile {
+                path: display.clone(),
+                reason: "the file is empty (0 bytes)".into(),
+            });
         }
         contain(|| Self::open_checked(path, sealer)).map_err(|e| match e {
             e @ (RegistryError::Open { .. } | RegistryError::CorruptFile { .. }) => e,
@@ -523,18 +531,21 @@ impl Registry {
             path: dest.display().to_string(),
             reason,
         };
-        {
+        let file = {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(dest)
-                .map_err(|e| dest_err(e.to_string()))?;
-        }
+                .map_err(|e| dest_err(e.to_string()))?
+        };
         let copied = contain(|| {
             self.verify().map_err(|e| self.file_error(e))?;
-            let out = Database::create(dest).map_err(|e| dest_err(e.to_string()))?;
+            let out = Database::builder()
+                .create_file(file)
+                .map_err(|e| dest_err(e.to_string()))?;
             let rx = self.db.begin_read().map_err(storage)?;
             let wx = out.begin_write().map_err(storage)?;
             for name in SEALED_TABLES.iter().chain([&META_TABLE]) {
