@@ -1181,6 +1181,19 @@ mod tests {
     use super::*;
     use ProtocolVersion::{V5, V311};
 
+    #[test]
+    fn replay_checks_a_stream_frame_by_frame_and_stops_at_a_partial_one() {
+        // CONNECT (3.1.1, client id "d"), PINGREQ, then half a frame.
+        let connect = [
+            0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 1, b'd',
+        ];
+        let mut stream = connect.to_vec();
+        stream.extend_from_slice(&[0xc0, 0x00, 0x30, 0x05, 0x00]);
+        // CONNECT accepted once; PINGREQ under both versions.
+        assert_eq!(replay(&stream), 3);
+        assert_eq!(replay(&[0xff; 3]), 0);
+    }
+
     // ---- frame builders ----------------------------------------------------------
 
     fn vbi(mut n: usize) -> Vec<u8> {
