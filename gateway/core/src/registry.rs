@@ -446,9 +446,9 @@ impl Registry {
         self.write_manifest(&tx, &manifest)?;
         tx.commit().map_err(storage)?;
         if sealed > 0 {
-            tracing::info!(
+            tracing::warn!(
                 records = sealed,
-                "registry records sealed (first start with sealing)"
+                "registry records were unsealed (written before sealing): sealed now"
             );
         }
         Ok(())
