@@ -222,6 +222,8 @@ fn a_backup_taken_while_running_restores_the_registry() {
         gw.cli_ok(&["device", "list"]),
         gw.cli_ok(&["quarantine", "list", "--all"]),
     );
+    let check = gw.cli_ok(&["registry", "check"]);
+    assert!(check.starts_with("ok: 1 principal(s), 1 ban(s)"), "{check}");
     // The backup is never overwritten.
     let again = gw.cli(&["registry", "backup", backup.to_str().unwrap()]);
     assert_eq!(again.status.code(), Some(2), "{}", err(&again));
@@ -240,6 +242,17 @@ fn a_backup_taken_while_running_restores_the_registry() {
     alter_record(&live, "kept-1");
     let check = gw.cli(&["registry", "check"]);
     assert_eq!(check.status.code(), Some(1), "{}", err(&check));
+    // A damaged backup is refused before anything is replaced.
+    let bad = gw.dir.path().join("backups/damaged.redb");
+    std::fs::copy(&backup, &bad).unwrap();
+    alter_record(&bad, "kept-1");
+    let refused = gw.cli(&["registry", "restore", bad.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1), "{}", err(&refused));
+    assert!(
+        err(&refused).contains("failed its check"),
+        "{}",
+        err(&refused)
+    );
     let restored = gw.cli_ok(&["registry", "restore", backup.to_str().unwrap()]);
     assert!(
         restored.contains("kept aside") || restored.contains("kept at"),
