@@ -349,6 +349,12 @@ impl Registry {
             redb::DatabaseError::DatabaseAlreadyOpen => open_err(
                 "already open by another process (is a gateway running on this data dir?)".into(),
             ),
+            // Not the content's fault: no restore needed.
+            redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                if e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                open_err(e.to_string())
+            }
             other => RegistryError::CorruptFile {
                 path: path.display().to_string(),
                 reason: other.to_string(),
