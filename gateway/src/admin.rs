@@ -23,7 +23,7 @@ use portcullis_core::secret::{MIN_SECRET_LEN, SecretHasher};
 use portcullis_core::sessions::{KickReason, Sessions};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -123,6 +123,12 @@ pub enum Request {
         id: String,
         #[serde(default)]
         reason: Option<String>,
+    },
+    /// Verify every registry record.
+    RegistryCheck,
+    /// Copy the registry, consistently, to a new file (an absolute path).
+    RegistryBackup {
+        path: PathBuf,
     },
 }
 
@@ -728,6 +734,13 @@ impl AdminState {
                 self.audit_quarantine("quarantine_release", &pid, from, to, reason);
                 Ok(json!({ "id": pid.as_str(), "state": to.as_str() }))
             }
+            Request::RegistryCheck => Ok(json!(self.registry.check()?)),
+            Request::RegistryBackup { path } => {
+                if !path.is_absolute() {
+                    return Err(format!("backup path {} must be absolute", path.display()).into());
+                }
+                Ok(json!(self.registry.backup(&path)?))
+            }
             Request::QuarantineAdd { id, reason } => {
                 let (pid, group) = self.device(&id)?;
                 if let Some(r) = &reason {
@@ -873,7 +886,11 @@ mod tests {
         behaviours: impl FnOnce(&Registry) -> Option<Arc<Behaviours>>,
     ) -> (tempfile::TempDir, AdminState) {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(&dir.path().join("registry.redb")).unwrap();
+        let registry = Registry::open(
+            &dir.path().join("registry.redb"),
+            portcullis_core::record::RecordSealer::derive(&[5; 32]),
+        )
+        .unwrap();
         let behaviours = behaviours(&registry);
         let state = AdminState {
             registry: Arc::new(registry),

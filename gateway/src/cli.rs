@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use portcullis_config::Config;
 use portcullis_core::auth::Policies;
 use portcullis_core::principal::PrincipalKind;
+use portcullis_core::record::RecordSealer;
 use portcullis_core::registry::Registry;
 use portcullis_core::secret::SecretHasher;
 use serde_json::Value;
@@ -119,6 +120,24 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// The registry file: check it, back it up, restore a backup.
+    Registry {
+        #[command(subcommand)]
+        action: RegistryAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RegistryAction {
+    /// Verify every record (MAC, content, counts). Exit 1 if the registry is corrupt.
+    Check,
+    /// Copy the registry to a new FILE; consistent while the gateway runs.
+    Backup { file: PathBuf },
+    /// Replace the registry with a backup, after checking it (gateway stopped). The
+    /// current file is kept aside.
+    Restore { file: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -429,6 +448,10 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Registry { action, config } => {
+            let config = load_config(config.config.as_deref())?;
+            registry(&config, action)
+        }
         Command::Clients { action, config } => {
             let config = load_config(config.config.as_deref())?;
             let req = match action {
@@ -604,6 +627,94 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
     Ok(())
 }
 
+/// The key registry records are sealed under: derived from the audit key, which lives
+/// outside the data dir.
+pub fn registry_sealer(config: &Config) -> Result<RecordSealer> {
+    let key = portcullis_core::audit::load_or_create_key(&config.audit_key_file())
+        .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
+    Ok(RecordSealer::derive(&key))
+}
+
+fn summary(v: &Value) -> String {
+    format!(
+        "{} principal(s), {} ban(s), {} behaviour record(s)",
+        v["principals"], v["bans"], v["behaviour"]
+    )
+}
+
+fn registry(config: &Config, action: RegistryAction) -> Result<()> {
+    match action {
+        RegistryAction::Check => {
+            let v = call(config, Request::RegistryCheck)?;
+            println!(
+                "ok: {} verified in {}",
+                summary(&v),
+                config.registry_file().display()
+            );
+        }
+        RegistryAction::Backup { file } => {
+            let path = std::path::absolute(&file)
+                .map_err(|e| UsageError(format!("backup file {}: {e}", file.display())))?;
+            if path.exists() {
+                bail!(UsageError(format!(
+                    "backup file {} exists; name a new file",
+                    path.display()
+                )));
+            }
+            let v = call(config, Request::RegistryBackup { path: path.clone() })?;
+            println!("backed up {} to {}", summary(&v), path.display());
+        }
+        RegistryAction::Restore { file } => {
+            let socket = config.admin_socket();
+            if UnixStream::connect(&socket).is_ok() {
+                bail!(UsageError(format!(
+                    "the gateway is running (admin socket {}): stop it before restoring",
+                    socket.display()
+                )));
+            }
+            if !file.is_file() {
+                bail!(UsageError(format!(
+                    "backup file {}: not found",
+                    file.display()
+                )));
+            }
+            let sealer = registry_sealer(config)?;
+            let checked = Registry::open(&file, sealer.clone())
+                .and_then(|r| r.check())
+                .with_context(|| {
+                    format!("backup {} failed its check; not restored", file.display())
+                })?;
+            let live = config.registry_file();
+            let staged = live.with_extension("redb.restoring");
+            std::fs::copy(&file, &staged)
+                .and_then(|_| std::fs::File::open(&staged)?.sync_all())
+                .with_context(|| format!("copying {} to {}", file.display(), staged.display()))?;
+            let aside = live.with_extension(format!(
+                "redb.before-restore-{}",
+                portcullis_core::registry::now_unix()
+            ));
+            if live.exists() {
+                std::fs::rename(&live, &aside).with_context(|| {
+                    format!("moving {} aside to {}", live.display(), aside.display())
+                })?;
+            }
+            std::fs::rename(&staged, &live)
+                .with_context(|| format!("moving {} to {}", staged.display(), live.display()))?;
+            drop(Registry::open(&live, sealer)?);
+            println!(
+                "restored {} from {} to {}",
+                summary(&serde_json::to_value(&checked)?),
+                file.display(),
+                live.display()
+            );
+            if live.exists() && aside.exists() {
+                println!("the previous file is kept at {}", aside.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The audit chain settings, for writing with no gateway running.
 fn offline_audit(config: &Config) -> Result<portcullis_core::audit::AuditSettings> {
     let key = portcullis_core::audit::load_or_create_key(&config.audit_key_file())
@@ -771,7 +882,7 @@ fn call(config: &Config, req: Request) -> Result<Value> {
             ) =>
         {
             // No gateway: work on the registry directly.
-            let registry = Registry::open(&config.registry_file())?;
+            let registry = Registry::open(&config.registry_file(), registry_sealer(config)?)?;
             let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
             let policies = Policies::from_config(config).map_err(|e| UsageError(e.to_string()))?;
             let state = AdminState {

@@ -19,6 +19,7 @@ use portcullis_core::pipeline::{Message, QoS};
 use portcullis_core::principal::PrincipalId;
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::quarantine::{self, Behaviours};
+use portcullis_core::record::RecordSealer;
 use portcullis_core::registry::Registry;
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::secret::SecretHasher;
@@ -81,12 +82,17 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         );
     }
 
-    let registry = Arc::new(Registry::open(&config.registry_file())?);
     let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
     let policies = Arc::new(Policies::from_config(&config).map_err(|e| UsageError(e.to_string()))?);
     let metrics = Arc::new(Metrics::default());
     let audit_key = load_or_create_key(&config.audit_key_file())
         .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
+    // Registry records are sealed under a key derived from the audit key, which lives
+    // outside the data dir.
+    let registry = Arc::new(Registry::open(
+        &config.registry_file(),
+        RecordSealer::derive(&audit_key),
+    )?);
     let audit_settings = AuditSettings {
         path: config.audit_file(),
         queue: config.audit.queue,

@@ -680,7 +680,13 @@ mod tests {
 
     fn setup() -> (tempfile::TempDir, Authenticator, Arc<Registry>) {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Arc::new(Registry::open(&dir.path().join("r.redb")).unwrap());
+        let registry = Arc::new(
+            Registry::open(
+                &dir.path().join("r.redb"),
+                crate::record::RecordSealer::derive(&[5; 32]),
+            )
+            .unwrap(),
+        );
         let mut config = Config::default();
         for g in config.device_groups.values_mut() {
             g.trust.clear();

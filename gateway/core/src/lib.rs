@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod principal;
 pub mod quarantine;
+pub mod record;
 pub mod registry;
 pub mod retained;
 pub mod secret;

@@ -529,7 +529,11 @@ mod tests {
     #[test]
     fn kept_states_come_back_and_removed_devices_do_not() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(&dir.path().join("registry.redb")).unwrap();
+        let registry = Registry::open(
+            &dir.path().join("registry.redb"),
+            crate::record::RecordSealer::derive(&[5; 32]),
+        )
+        .unwrap();
         registry.add(device("held")).unwrap();
         registry.add(device("fine")).unwrap();
         let record = |state, reason: &str| Record {
@@ -565,7 +569,11 @@ mod tests {
     #[test]
     fn a_transition_reaches_the_state_and_the_change_channel() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(&dir.path().join("registry.redb")).unwrap();
+        let registry = Registry::open(
+            &dir.path().join("registry.redb"),
+            crate::record::RecordSealer::derive(&[5; 32]),
+        )
+        .unwrap();
         let (b, mut rx) = Behaviours::load(&registry, policies()).unwrap();
         let (id, group) = (
             PrincipalId::parse("d1").unwrap(),
@@ -599,7 +607,11 @@ mod tests {
         let mut config = Config::default();
         config.behaviour.enabled = false;
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(&dir.path().join("registry.redb")).unwrap();
+        let registry = Registry::open(
+            &dir.path().join("registry.redb"),
+            crate::record::RecordSealer::derive(&[5; 32]),
+        )
+        .unwrap();
         let (b, _rx) = Behaviours::load(&registry, Policies::from_config(&config)).unwrap();
         let (id, group) = (
             PrincipalId::parse("d1").unwrap(),

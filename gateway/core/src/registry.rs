@@ -4,19 +4,41 @@
 //! in-memory `Snapshot` that is swapped whole after each committed change, so a
 //! CONNECT never touches the disk and never waits for an admin command. Mutations are
 //! rare (admin API) and run synchronously under a mutex.
+//!
+//! Every stored value is sealed (`record.rs`: a MAC bound to its table and key), and a
+//! sealed manifest keeps each table's record count and a digest of its records, so a
+//! record altered, moved, added or lost outside Portcullis is found when the file is
+//! opened: every record is checked then, and a corrupt file is refused whole.
 
 use crate::bans::{Ban, BanList, BanTarget};
 use crate::principal::{GroupName, PrincipalId, PrincipalKind};
-use redb::{Database, ReadableTable, TableDefinition};
+use crate::record::{RecordError, RecordSealer, SEALED_V1, decode_payload};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use sha2::{Digest, Sha256};
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Once, RwLock};
 
-const PRINCIPALS: TableDefinition<&str, &[u8]> = TableDefinition::new("principals");
-const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans");
+const PRINCIPALS_TABLE: &str = "principals";
+const BANS_TABLE: &str = "bans";
 /// Behaviour states and their history, by device id (`quarantine::Record` as JSON).
-const BEHAVIOUR: TableDefinition<&str, &[u8]> = TableDefinition::new("behaviour");
+const BEHAVIOUR_TABLE: &str = "behaviour";
+/// The sealed manifest; its presence also marks a registry whose records are sealed.
+const META_TABLE: &str = "meta";
+const MANIFEST_KEY: &str = "manifest";
+/// The tables of sealed records, in the order they are checked.
+const SEALED_TABLES: [&str; 3] = [PRINCIPALS_TABLE, BANS_TABLE, BEHAVIOUR_TABLE];
+
+fn table(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+/// How to recover, in every error that says the file is corrupt.
+pub const RECOVERY_HINT: &str = "restore a backup with `portcullis registry restore FILE` \
+     (the gateway stopped; see docs/operations.md)";
 
 /// A certificate credential: the group's CA must have issued it and its identity
 /// field must equal the id. With a fingerprint, only that exact certificate.
@@ -50,6 +72,61 @@ impl PrincipalRecord {
 
 fn key(kind: PrincipalKind, id: &PrincipalId) -> String {
     format!("{}/{}", kind.as_str(), id)
+}
+
+/// Each table's record count and the XOR of a hash of each (key, stored value): kept
+/// up to date in every write, so a record lost or added behind our back changes it.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Manifest {
+    tables: BTreeMap<String, TableSum>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct TableSum {
+    count: u64,
+    digest: [u8; 32],
+}
+
+impl TableSum {
+    fn toggle(&mut self, key: &str, value: &[u8]) {
+        let mut h = Sha256::new();
+        h.update((key.len() as u64).to_be_bytes());
+        h.update(key.as_bytes());
+        h.update(value);
+        for (d, e) in self.digest.iter_mut().zip(h.finalize()) {
+            *d ^= e;
+        }
+    }
+    fn add(&mut self, key: &str, value: &[u8]) {
+        self.toggle(key, value);
+        self.count = self.count.wrapping_add(1);
+    }
+    fn sub(&mut self, key: &str, value: &[u8]) {
+        self.toggle(key, value);
+        self.count = self.count.wrapping_sub(1);
+    }
+}
+
+/// Every decoding a stored value can go through, on arbitrary bytes: for the fuzz
+/// target and the test that replays its corpus. Returns; never panics.
+pub fn decode_any(value: &[u8]) {
+    let sealer = RecordSealer::derive(&[0; 32]);
+    for name in SEALED_TABLES.iter().chain([&META_TABLE]) {
+        let _ = sealer.open(name, "device/fuzz", value);
+    }
+    // What follows a MAC is JSON; legacy (unsealed) records are the JSON alone.
+    let _ = decode_payload::<PrincipalRecord>(value);
+    let _ = decode_payload::<Ban>(value);
+    let _ = decode_payload::<crate::quarantine::Record>(value);
+    let _ = decode_payload::<Manifest>(value);
+}
+
+/// What `check` found: the records of each table, all verified.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSummary {
+    pub principals: u64,
+    pub bans: u64,
+    pub behaviour: u64,
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +163,8 @@ impl Snapshot {
 pub enum RegistryError {
     #[error("registry {path}: {reason}")]
     Open { path: String, reason: String },
+    #[error("registry {path} is corrupt: {reason}; {hint}", hint = RECOVERY_HINT)]
+    CorruptFile { path: String, reason: String },
     #[error("registry storage: {0}")]
     Storage(String),
     #[error("{kind} {id} already exists")]
@@ -100,14 +179,111 @@ pub enum RegistryError {
     },
     #[error("corrupt registry entry {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// redb panicked on the file's content (contained at the storage boundary).
+    #[error("the storage library (redb) stopped on an internal check of the file's content: {0}")]
+    StoragePanic(String),
 }
 
 fn storage<E: std::fmt::Display>(e: E) -> RegistryError {
     RegistryError::Storage(e.to_string())
 }
 
+fn corrupt(table: &str, key: &str) -> impl FnOnce(RecordError) -> RegistryError {
+    let key = format!("{table}/{key}");
+    move |e| RegistryError::Corrupt {
+        key,
+        reason: e.to_string(),
+    }
+}
+
+thread_local! {
+    static IN_STORAGE: Cell<bool> = const { Cell::new(false) };
+}
+static QUIET_STORAGE_PANICS: Once = Once::new();
+
+/// Run storage work so that a panic inside it becomes an error. redb trusts its own
+/// pages and panics (index out of bounds, failed asserts) on some corrupt ones; a
+/// flipped byte on disk must give "corrupt registry", not an aborted process. The panic
+/// hook stays silent for these (the error says what happened); every other panic is
+/// reported as before.
+fn contain<T>(work: impl FnOnce() -> Result<T, RegistryError>) -> Result<T, RegistryError> {
+    QUIET_STORAGE_PANICS.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_STORAGE.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let outer = IN_STORAGE.with(|s| s.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    IN_STORAGE.with(|s| s.set(outer));
+    result.unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(RegistryError::StoragePanic(message))
+    })
+}
+
+/// A table of sealed records inside a write transaction, keeping its manifest sum.
+struct SealedTable<'t, 's> {
+    table: redb::Table<'t, &'static str, &'static [u8]>,
+    name: &'static str,
+    sealer: &'s RecordSealer,
+    sum: TableSum,
+}
+
+impl SealedTable<'_, '_> {
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, RegistryError> {
+        match self.table.get(key).map_err(storage)? {
+            Some(v) => Ok(Some(
+                self.sealer
+                    .decode(self.name, key, v.value())
+                    .map_err(corrupt(self.name, key))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn insert(&mut self, key: &str, payload: &[u8]) -> Result<(), RegistryError> {
+        let value = self.sealer.seal(self.name, key, payload);
+        if let Some(old) = self.table.insert(key, value.as_slice()).map_err(storage)? {
+            self.sum.sub(key, old.value());
+        }
+        self.sum.add(key, &value);
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) -> Result<bool, RegistryError> {
+        match self.table.remove(key).map_err(storage)? {
+            Some(old) => {
+                self.sum.sub(key, old.value());
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Every record that decodes as `T` (for pruning; the open check verified all).
+    fn entries<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, RegistryError> {
+        let mut out = Vec::new();
+        for entry in self.table.iter().map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            if let Ok(record) = self.sealer.decode(self.name, k.value(), v.value()) {
+                out.push((k.value().to_string(), record));
+            }
+        }
+        Ok(out)
+    }
+}
+
 pub struct Registry {
     db: Database,
+    path: PathBuf,
+    sealer: RecordSealer,
     snapshot: RwLock<Arc<Snapshot>>,
     bans: RwLock<Arc<BanList>>,
     write: Mutex<()>,
@@ -127,14 +303,19 @@ pub fn now_unix() -> u64 {
 }
 
 impl Registry {
-    /// Open (or create) the registry file. redb locks it: a second gateway on the same
-    /// data dir fails here with a clear error.
-    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+    /// Open (or create) the registry file and check every record in it; a corrupt file
+    /// is refused with an error naming it and the way to recover. redb locks the file:
+    /// a second gateway on the same data dir fails here with a clear error.
+    ///
+    /// A registry written before records were sealed (no manifest) has its records
+    /// sealed once, here.
+    pub fn open(path: &Path, sealer: RecordSealer) -> Result<Registry, RegistryError> {
+        let display = path.display().to_string();
         let open_err = |reason: String| RegistryError::Open {
-            path: path.display().to_string(),
+            path: display.clone(),
             reason,
         };
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -142,11 +323,42 @@ impl Registry {
                 .create(dir)
                 .map_err(|e| open_err(e.to_string()))?;
         }
+        // redb makes a new database of an empty file: a registry truncated to nothing
+        // would come back empty, every principal silently gone.
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(RegistryError::CorruptFile {
+                path: display.clone(),
+                reason: "the file is empty (0 bytes)".into(),
+            });
+        }
+        contain(|| Self::open_checked(path, sealer)).map_err(|e| match e {
+            e @ (RegistryError::Open { .. } | RegistryError::CorruptFile { .. }) => e,
+            other => RegistryError::CorruptFile {
+                path: display.clone(),
+                reason: other.to_string(),
+            },
+        })
+    }
+
+    fn open_checked(path: &Path, sealer: RecordSealer) -> Result<Registry, RegistryError> {
+        let open_err = |reason: String| RegistryError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => open_err(
                 "already open by another process (is a gateway running on this data dir?)".into(),
             ),
-            other => open_err(other.to_string()),
+            // Not the content's fault: no restore needed.
+            redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                if e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                open_err(e.to_string())
+            }
+            other => RegistryError::CorruptFile {
+                path: path.display().to_string(),
+                reason: other.to_string(),
+            },
         })?;
         // Owner-only: ids, groups and secret hashes.
         use std::os::unix::fs::PermissionsExt;
@@ -154,17 +366,23 @@ impl Registry {
             .map_err(|e| open_err(e.to_string()))?;
         {
             let tx = db.begin_write().map_err(storage)?;
-            tx.open_table(PRINCIPALS).map_err(storage)?;
-            tx.open_table(BANS).map_err(storage)?;
-            tx.open_table(BEHAVIOUR).map_err(storage)?;
+            for name in SEALED_TABLES.iter().chain([&META_TABLE]) {
+                tx.open_table(table(name)).map_err(storage)?;
+            }
             tx.commit().map_err(storage)?;
         }
         let registry = Registry {
             db,
+            path: path.to_path_buf(),
+            sealer,
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             bans: RwLock::new(Arc::new(BanList::default())),
             write: Mutex::new(()),
         };
+        if registry.manifest()?.is_none() {
+            registry.seal_legacy()?;
+        }
+        registry.verify()?;
         let snapshot = registry.load()?;
         *registry.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
         let bans = registry.load_bans()?;
@@ -172,17 +390,197 @@ impl Registry {
         Ok(registry)
     }
 
+    fn manifest(&self) -> Result<Option<Manifest>, RegistryError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let meta = tx.open_table(table(META_TABLE)).map_err(storage)?;
+        let value = meta.get(MANIFEST_KEY).map_err(storage)?;
+        value
+            .map(|v| {
+                self.sealer
+                    .decode(META_TABLE, MANIFEST_KEY, v.value())
+                    .map_err(corrupt(META_TABLE, MANIFEST_KEY))
+            })
+            .transpose()
+    }
+
+    /// Seal the records of a registry written before records were sealed, and write
+    /// its manifest, in one transaction. A sealed record here means the manifest was
+    /// lost: that is corruption, not an old file.
+    fn seal_legacy(&self) -> Result<(), RegistryError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = self.db.begin_write().map_err(storage)?;
+        let mut manifest = Manifest::default();
+        let mut sealed = 0usize;
+        for name in SEALED_TABLES {
+            let mut t = tx.open_table(table(name)).map_err(storage)?;
+            let mut old = Vec::new();
+            for entry in t.iter().map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                old.push((k.value().to_string(), v.value().to_vec()));
+            }
+            let mut sum = TableSum::default();
+            for (k, v) in old {
+                if v.first() == Some(&SEALED_V1) {
+                    return Err(RegistryError::Corrupt {
+                        key: format!("{META_TABLE}/{MANIFEST_KEY}"),
+                        reason: "missing, but the records are sealed".into(),
+                    });
+                }
+                let readable = match name {
+                    PRINCIPALS_TABLE => decode_payload::<PrincipalRecord>(&v).map(|_| ()),
+                    BANS_TABLE => decode_payload::<Ban>(&v).map(|_| ()),
+                    _ => decode_payload::<crate::quarantine::Record>(&v).map(|_| ()),
+                };
+                match (readable, name) {
+                    (Ok(()), _) => {
+                        let value = self.sealer.seal(name, &k, &v);
+                        t.insert(k.as_str(), value.as_slice()).map_err(storage)?;
+                        sum.add(&k, &value);
+                        sealed += 1;
+                    }
+                    // As before sealing: an unreadable behaviour record costs that
+                    // device its history, not the start.
+                    (Err(e), BEHAVIOUR_TABLE) => {
+                        tracing::warn!(device = k, error = %e, "behaviour record unreadable: dropped");
+                        t.remove(k.as_str()).map_err(storage)?;
+                    }
+                    (Err(e), _) => return Err(corrupt(name, &k)(e)),
+                }
+            }
+            manifest.tables.insert(name.to_string(), sum);
+        }
+        self.write_manifest(&tx, &manifest)?;
+        tx.commit().map_err(storage)?;
+        if sealed > 0 {
+            tracing::warn!(
+                records = sealed,
+                "registry records were unsealed (written before sealing): sealed now"
+            );
+        }
+        Ok(())
+    }
+
+    fn write_manifest(
+        &self,
+        tx: &redb::WriteTransaction,
+        manifest: &Manifest,
+    ) -> Result<(), RegistryError> {
+        let payload = serde_json::to_vec(manifest).map_err(storage)?;
+        let value = self.sealer.seal(META_TABLE, MANIFEST_KEY, &payload);
+        tx.open_table(table(META_TABLE))
+            .map_err(storage)?
+            .insert(MANIFEST_KEY, value.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Check every record: its MAC, its content, and each table against the manifest.
+    fn verify(&self) -> Result<CheckSummary, RegistryError> {
+        let manifest = self.manifest()?.ok_or_else(|| RegistryError::Corrupt {
+            key: format!("{META_TABLE}/{MANIFEST_KEY}"),
+            reason: "missing".into(),
+        })?;
+        let tx = self.db.begin_read().map_err(storage)?;
+        let mut counts = [0u64; 3];
+        for (i, name) in SEALED_TABLES.into_iter().enumerate() {
+            let t = tx.open_table(table(name)).map_err(storage)?;
+            let mut sum = TableSum::default();
+            for entry in t.iter().map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                let (k, v) = (k.value(), v.value());
+                let payload = self.sealer.open(name, k, v).map_err(corrupt(name, k))?;
+                let readable = match name {
+                    PRINCIPALS_TABLE => decode_payload::<PrincipalRecord>(payload).map(|_| ()),
+                    BANS_TABLE => decode_payload::<Ban>(payload).map(|_| ()),
+                    _ => decode_payload::<crate::quarantine::Record>(payload).map(|_| ()),
+                };
+                readable.map_err(corrupt(name, k))?;
+                sum.add(k, v);
+            }
+            let expected = manifest.tables.get(name).copied().unwrap_or_default();
+            if sum != expected || t.len().map_err(storage)? != sum.count {
+                return Err(RegistryError::Corrupt {
+                    key: name.to_string(),
+                    reason: format!(
+                        "holds {} records that do not match the manifest's {} \
+                         (records lost, added or replaced outside Portcullis)",
+                        sum.count, expected.count
+                    ),
+                });
+            }
+            counts[i] = sum.count;
+        }
+        Ok(CheckSummary {
+            principals: counts[0],
+            bans: counts[1],
+            behaviour: counts[2],
+        })
+    }
+
+    /// Check every record again (the `registry check` command).
+    pub fn check(&self) -> Result<CheckSummary, RegistryError> {
+        contain(|| self.verify()).map_err(|e| self.file_error(e))
+    }
+
+    fn file_error(&self, e: RegistryError) -> RegistryError {
+        RegistryError::CorruptFile {
+            path: self.path.display().to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Copy the registry, as of one read transaction, to a new file `dest` (never
+    /// overwritten), then open the copy to check it. Consistent while the gateway
+    /// runs: writers do not wait for it and it sees no half-made change.
+    pub fn backup(&self, dest: &Path) -> Result<CheckSummary, RegistryError> {
+        let dest_err = |reason: String| RegistryError::Open {
+            path: dest.display().to_string(),
+            reason,
+        };
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dest)
+                .map_err(|e| dest_err(e.to_string()))?
+        };
+        let copied = contain(|| {
+            self.verify().map_err(|e| self.file_error(e))?;
+            let out = Database::builder()
+                .create_file(file)
+                .map_err(|e| dest_err(e.to_string()))?;
+            let rx = self.db.begin_read().map_err(storage)?;
+            let wx = out.begin_write().map_err(storage)?;
+            for name in SEALED_TABLES.iter().chain([&META_TABLE]) {
+                let from = rx.open_table(table(name)).map_err(storage)?;
+                let mut to = wx.open_table(table(name)).map_err(storage)?;
+                for entry in from.iter().map_err(storage)? {
+                    let (k, v) = entry.map_err(storage)?;
+                    to.insert(k.value(), v.value()).map_err(storage)?;
+                }
+            }
+            wx.commit().map_err(storage)
+        });
+        let checked = copied.and_then(|()| Registry::open(dest, self.sealer.clone())?.check());
+        if checked.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        checked
+    }
+
     fn load(&self) -> Result<Snapshot, RegistryError> {
         let tx = self.db.begin_read().map_err(storage)?;
-        let table = tx.open_table(PRINCIPALS).map_err(storage)?;
+        let t = tx.open_table(table(PRINCIPALS_TABLE)).map_err(storage)?;
         let mut principals = HashMap::new();
-        for entry in table.iter().map_err(storage)? {
+        for entry in t.iter().map_err(storage)? {
             let (k, v) = entry.map_err(storage)?;
-            let record: PrincipalRecord =
-                serde_json::from_slice(v.value()).map_err(|e| RegistryError::Corrupt {
-                    key: k.value().to_string(),
-                    reason: e.to_string(),
-                })?;
+            let record: PrincipalRecord = self
+                .sealer
+                .decode(PRINCIPALS_TABLE, k.value(), v.value())
+                .map_err(corrupt(PRINCIPALS_TABLE, k.value()))?;
             principals.insert((record.kind, record.id.clone()), Arc::new(record));
         }
         Ok(Snapshot { principals })
@@ -190,15 +588,14 @@ impl Registry {
 
     fn load_bans(&self) -> Result<Vec<Ban>, RegistryError> {
         let tx = self.db.begin_read().map_err(storage)?;
-        let table = tx.open_table(BANS).map_err(storage)?;
+        let t = tx.open_table(table(BANS_TABLE)).map_err(storage)?;
         let mut bans = Vec::new();
-        for entry in table.iter().map_err(storage)? {
+        for entry in t.iter().map_err(storage)? {
             let (k, v) = entry.map_err(storage)?;
-            let ban: Ban =
-                serde_json::from_slice(v.value()).map_err(|e| RegistryError::Corrupt {
-                    key: format!("ban {}", k.value()),
-                    reason: e.to_string(),
-                })?;
+            let ban: Ban = self
+                .sealer
+                .decode(BANS_TABLE, k.value(), v.value())
+                .map_err(corrupt(BANS_TABLE, k.value()))?;
             bans.push(ban);
         }
         Ok(bans)
@@ -208,22 +605,46 @@ impl Registry {
     pub fn behaviour_records(
         &self,
     ) -> Result<Vec<(String, crate::quarantine::Record)>, RegistryError> {
-        let tx = self.db.begin_read().map_err(storage)?;
-        let table = tx.open_table(BEHAVIOUR).map_err(storage)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(storage)? {
-            let (k, v) = entry.map_err(storage)?;
-            // One unreadable record costs that device its history, not the start.
-            match serde_json::from_slice(v.value()) {
-                Ok(record) => out.push((k.value().to_string(), record)),
-                Err(e) => tracing::warn!(
-                    device = k.value(),
-                    error = %e,
-                    "behaviour record unreadable: skipped"
-                ),
+        contain(|| {
+            let tx = self.db.begin_read().map_err(storage)?;
+            let t = tx.open_table(table(BEHAVIOUR_TABLE)).map_err(storage)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                let record = self
+                    .sealer
+                    .decode(BEHAVIOUR_TABLE, k.value(), v.value())
+                    .map_err(corrupt(BEHAVIOUR_TABLE, k.value()))?;
+                out.push((k.value().to_string(), record));
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+    }
+
+    /// One write transaction on one table of sealed records, its manifest sum kept.
+    fn write<R>(
+        &self,
+        name: &'static str,
+        change: impl FnOnce(&mut SealedTable<'_, '_>) -> Result<R, RegistryError>,
+    ) -> Result<R, RegistryError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        contain(|| {
+            let mut manifest = self.manifest()?.unwrap_or_default();
+            let tx = self.db.begin_write().map_err(storage)?;
+            let (result, sum) = {
+                let mut sealed = SealedTable {
+                    table: tx.open_table(table(name)).map_err(storage)?,
+                    name,
+                    sealer: &self.sealer,
+                    sum: manifest.tables.get(name).copied().unwrap_or_default(),
+                };
+                (change(&mut sealed)?, sealed.sum)
+            };
+            manifest.tables.insert(name.to_string(), sum);
+            self.write_manifest(&tx, &manifest)?;
+            tx.commit().map_err(storage)?;
+            Ok(result)
+        })
     }
 
     /// Store behaviour records, all in one commit.
@@ -231,29 +652,18 @@ impl Registry {
         &self,
         records: &[(String, crate::quarantine::Record)],
     ) -> Result<(), RegistryError> {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = self.db.begin_write().map_err(storage)?;
-        {
-            let mut table = tx.open_table(BEHAVIOUR).map_err(storage)?;
+        self.write(BEHAVIOUR_TABLE, |t| {
             for (id, record) in records {
                 let bytes = serde_json::to_vec(record).map_err(storage)?;
-                table
-                    .insert(id.as_str(), bytes.as_slice())
-                    .map_err(storage)?;
+                t.insert(id, &bytes)?;
             }
-        }
-        tx.commit().map_err(storage)
+            Ok(())
+        })
     }
 
     /// Forget a device's behaviour record (the device was removed).
     pub fn remove_behaviour_record(&self, id: &PrincipalId) -> Result<(), RegistryError> {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = self.db.begin_write().map_err(storage)?;
-        tx.open_table(BEHAVIOUR)
-            .map_err(storage)?
-            .remove(id.as_str())
-            .map_err(storage)?;
-        tx.commit().map_err(storage)
+        self.write(BEHAVIOUR_TABLE, |t| t.remove(id.as_str()).map(|_| ()))
     }
 
     /// The bans in force (expired ones are dropped when the list next changes).
@@ -263,12 +673,9 @@ impl Registry {
 
     /// Add or replace a ban; expired bans are pruned in the same transaction.
     pub fn add_ban(&self, ban: Ban) -> Result<(), RegistryError> {
-        self.change_bans(|table, now| {
+        self.change_bans(|t| {
             let bytes = serde_json::to_vec(&ban).map_err(storage)?;
-            table
-                .insert(ban.target.key().as_str(), bytes.as_slice())
-                .map_err(storage)?;
-            let _ = now;
+            t.insert(&ban.target.key(), &bytes)?;
             Ok(true)
         })
         .map(|_| ())
@@ -276,41 +683,25 @@ impl Registry {
 
     /// Lift a ban; false if there was none.
     pub fn remove_ban(&self, target: &BanTarget) -> Result<bool, RegistryError> {
-        self.change_bans(|table, _| {
-            Ok(table
-                .remove(target.key().as_str())
-                .map_err(storage)?
-                .is_some())
-        })
+        self.change_bans(|t| t.remove(&target.key()))
     }
 
     fn change_bans(
         &self,
-        change: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>, u64) -> Result<bool, RegistryError>,
+        change: impl FnOnce(&mut SealedTable<'_, '_>) -> Result<bool, RegistryError>,
     ) -> Result<bool, RegistryError> {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_unix();
-        let tx = self.db.begin_write().map_err(storage)?;
-        let result = {
-            let mut table = tx.open_table(BANS).map_err(storage)?;
-            let result = change(&mut table, now)?;
+        let result = self.write(BANS_TABLE, |t| {
+            let result = change(t)?;
             // Prune what has expired.
-            let mut expired = Vec::new();
-            for entry in table.iter().map_err(storage)? {
-                let (k, v) = entry.map_err(storage)?;
-                if let Ok(ban) = serde_json::from_slice::<Ban>(v.value())
-                    && !ban.active(now)
-                {
-                    expired.push(k.value().to_string());
+            for (k, ban) in t.entries::<Ban>()? {
+                if !ban.active(now) {
+                    t.remove(&k)?;
                 }
             }
-            for k in expired {
-                table.remove(k.as_str()).map_err(storage)?;
-            }
-            result
-        };
-        tx.commit().map_err(storage)?;
-        let bans = self.load_bans()?;
+            Ok(result)
+        })?;
+        let bans = contain(|| self.load_bans())?;
         *self.bans.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(BanList::new(bans));
         Ok(result)
     }
@@ -331,37 +722,20 @@ impl Registry {
         id: &PrincipalId,
         change: impl FnOnce(Option<PrincipalRecord>) -> Result<Option<PrincipalRecord>, RegistryError>,
     ) -> Result<Option<PrincipalRecord>, RegistryError> {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let k = key(kind, id);
-        let tx = self.db.begin_write().map_err(storage)?;
-        let result = {
-            let mut table = tx.open_table(PRINCIPALS).map_err(storage)?;
-            let current = match table.get(k.as_str()).map_err(storage)? {
-                Some(v) => Some(
-                    serde_json::from_slice::<PrincipalRecord>(v.value()).map_err(|e| {
-                        RegistryError::Corrupt {
-                            key: k.clone(),
-                            reason: e.to_string(),
-                        }
-                    })?,
-                ),
-                None => None,
-            };
-            let next = change(current)?;
+        let result = self.write(PRINCIPALS_TABLE, |t| {
+            let next = change(t.get::<PrincipalRecord>(&k)?)?;
             match &next {
                 Some(record) => {
                     let bytes = serde_json::to_vec(record).map_err(storage)?;
-                    table
-                        .insert(k.as_str(), bytes.as_slice())
-                        .map_err(storage)?;
+                    t.insert(&k, &bytes)?;
                 }
                 None => {
-                    table.remove(k.as_str()).map_err(storage)?;
+                    t.remove(&k)?;
                 }
             }
-            next
-        };
-        tx.commit().map_err(storage)?;
+            Ok(next)
+        })?;
         let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
         let mut principals = snapshot.principals.clone();
         match &result {
@@ -391,25 +765,20 @@ impl Registry {
     /// Add many records in one transaction (one commit, one new snapshot): all of
     /// them, or none if any already exists.
     pub fn add_all(&self, records: Vec<PrincipalRecord>) -> Result<(), RegistryError> {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = self.db.begin_write().map_err(storage)?;
-        {
-            let mut table = tx.open_table(PRINCIPALS).map_err(storage)?;
+        self.write(PRINCIPALS_TABLE, |t| {
             for record in &records {
                 let k = key(record.kind, &record.id);
-                if table.get(k.as_str()).map_err(storage)?.is_some() {
+                if t.table.get(k.as_str()).map_err(storage)?.is_some() {
                     return Err(RegistryError::Exists {
                         kind: record.kind,
                         id: record.id.clone(),
                     });
                 }
                 let bytes = serde_json::to_vec(record).map_err(storage)?;
-                table
-                    .insert(k.as_str(), bytes.as_slice())
-                    .map_err(storage)?;
+                t.insert(&k, &bytes)?;
             }
-        }
-        tx.commit().map_err(storage)?;
+            Ok(())
+        })?;
         let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
         let mut principals = snapshot.principals.clone();
         for record in records {
@@ -505,7 +874,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("registry.redb");
         {
-            let r = Registry::open(&path).unwrap();
+            let r = Registry::open(&path, RecordSealer::derive(&[5; 32])).unwrap();
             r.add(record("sensor-1")).unwrap();
             r.add(record("sensor-2")).unwrap();
             r.remove(
@@ -514,7 +883,7 @@ pub(crate) mod tests {
             )
             .unwrap();
         }
-        let r = Registry::open(&path).unwrap();
+        let r = Registry::open(&path, RecordSealer::derive(&[5; 32])).unwrap();
         let snap = r.snapshot();
         assert_eq!(snap.len(), 1);
         let got = snap
@@ -529,7 +898,7 @@ pub(crate) mod tests {
     #[test]
     fn add_all_is_all_or_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        let r = Registry::open(&dir.path().join("r.redb"), RecordSealer::derive(&[5; 32])).unwrap();
         r.add(record("b")).unwrap();
         let err = r.add_all(vec![record("a"), record("b")]).unwrap_err();
         assert!(matches!(err, RegistryError::Exists { .. }), "{err}");
@@ -542,14 +911,14 @@ pub(crate) mod tests {
         assert_eq!(r.snapshot().len(), 3);
         drop(r);
         // Committed: there after reopening.
-        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        let r = Registry::open(&dir.path().join("r.redb"), RecordSealer::derive(&[5; 32])).unwrap();
         assert_eq!(r.snapshot().len(), 3);
     }
 
     #[test]
     fn duplicate_add_is_refused_and_snapshot_unchanged() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        let r = Registry::open(&dir.path().join("r.redb"), RecordSealer::derive(&[5; 32])).unwrap();
         r.add(record("a")).unwrap();
         let err = r.add(record("a")).unwrap_err();
         assert!(matches!(err, RegistryError::Exists { .. }), "{err}");
@@ -559,7 +928,7 @@ pub(crate) mod tests {
     #[test]
     fn snapshot_taken_before_a_change_is_unaffected() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        let r = Registry::open(&dir.path().join("r.redb"), RecordSealer::derive(&[5; 32])).unwrap();
         r.add(record("a")).unwrap();
         let before = r.snapshot();
         let id = PrincipalId::parse("a").unwrap();
@@ -576,7 +945,7 @@ pub(crate) mod tests {
     #[test]
     fn rotate_bumps_generation() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
+        let r = Registry::open(&dir.path().join("r.redb"), RecordSealer::derive(&[5; 32])).unwrap();
         r.add(record("a")).unwrap();
         let id = PrincipalId::parse("a").unwrap();
         let rec = r
@@ -592,7 +961,7 @@ pub(crate) mod tests {
         let path = dir.path().join("r.redb");
         let target = BanTarget::Source("192.0.2.0/24".parse().unwrap());
         {
-            let r = Registry::open(&path).unwrap();
+            let r = Registry::open(&path, RecordSealer::derive(&[5; 32])).unwrap();
             r.add_ban(Ban {
                 target: target.clone(),
                 reason: "scanner".into(),
@@ -610,7 +979,7 @@ pub(crate) mod tests {
             // The expired one was pruned when the list changed.
             assert_eq!(r.bans().all().len(), 1);
         }
-        let r = Registry::open(&path).unwrap();
+        let r = Registry::open(&path, RecordSealer::derive(&[5; 32])).unwrap();
         assert!(
             r.bans()
                 .source("192.0.2.9".parse().unwrap(), now_unix())
@@ -621,32 +990,164 @@ pub(crate) mod tests {
         assert!(r.bans().all().is_empty());
     }
 
-    #[test]
-    fn an_unreadable_behaviour_record_is_skipped_not_fatal() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = Registry::open(&dir.path().join("r.redb")).unwrap();
-        let good = crate::quarantine::Record {
+    fn sealer() -> RecordSealer {
+        RecordSealer::derive(&[5; 32])
+    }
+
+    /// Write `value` at `key` of `name` behind the registry's back.
+    fn poke(path: &Path, name: &str, key: &str, value: Option<&[u8]>) {
+        let db = Database::create(path).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(table(name)).unwrap();
+            match value {
+                Some(v) => drop(t.insert(key, v).unwrap()),
+                None => drop(t.remove(key).unwrap()),
+            }
+        }
+        tx.commit().unwrap();
+    }
+
+    fn stored(path: &Path, name: &str, key: &str) -> Vec<u8> {
+        let db = Database::create(path).unwrap();
+        let tx = db.begin_read().unwrap();
+        let t = tx.open_table(table(name)).unwrap();
+        t.get(key).unwrap().unwrap().value().to_vec()
+    }
+
+    fn quarantined() -> crate::quarantine::Record {
+        crate::quarantine::Record {
             state: crate::behaviour::State::Quarantined,
             since_unix: 5,
             history: Default::default(),
-        };
-        r.put_behaviour_records(&[("good".into(), good.clone())])
+        }
+    }
+
+    #[test]
+    fn an_altered_record_refuses_the_registry_naming_the_file_and_the_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        drop(Registry::open(&path, sealer()).unwrap().add(record("a")));
+        let mut v = stored(&path, PRINCIPALS_TABLE, "device/a");
+        let last = v.len() - 2;
+        v[last] ^= 0x01;
+        poke(&path, PRINCIPALS_TABLE, "device/a", Some(&v));
+        let err = Registry::open(&path, sealer()).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("principals/device/a"), "{err}");
+        assert!(err.contains("portcullis registry restore"), "{err}");
+    }
+
+    #[test]
+    fn a_record_copied_to_another_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        {
+            let r = Registry::open(&path, sealer()).unwrap();
+            r.add(record("a")).unwrap();
+            r.put_behaviour_records(&[("a".into(), quarantined())])
+                .unwrap();
+            r.put_behaviour_records(&[(
+                "b".into(),
+                crate::quarantine::Record {
+                    state: crate::behaviour::State::Normal,
+                    ..quarantined()
+                },
+            )])
             .unwrap();
-        let tx = r.db.begin_write().unwrap();
-        tx.open_table(BEHAVIOUR)
-            .unwrap()
-            .insert("bad", b"{not json".as_slice())
+        }
+        // Swap the quarantined device's record for the other's: "a" looks released.
+        let b = stored(&path, BEHAVIOUR_TABLE, "b");
+        poke(&path, BEHAVIOUR_TABLE, "a", Some(&b));
+        let err = Registry::open(&path, sealer()).unwrap_err().to_string();
+        assert!(err.contains("behaviour/a"), "{err}");
+    }
+
+    #[test]
+    fn a_lost_record_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        {
+            let r = Registry::open(&path, sealer()).unwrap();
+            r.put_behaviour_records(&[("a".into(), quarantined())])
+                .unwrap();
+        }
+        poke(&path, BEHAVIOUR_TABLE, "a", None);
+        let err = Registry::open(&path, sealer()).unwrap_err().to_string();
+        assert!(
+            err.contains("behaviour") && err.contains("manifest"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn records_sealed_under_another_key_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        drop(Registry::open(&path, sealer()).unwrap().add(record("a")));
+        let err = Registry::open(&path, RecordSealer::derive(&[6; 32])).unwrap_err();
+        assert!(matches!(err, RegistryError::CorruptFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_registry_from_before_sealing_is_sealed_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let legacy = serde_json::to_vec(&record("old")).unwrap();
+        poke(&path, PRINCIPALS_TABLE, "device/old", Some(&legacy));
+        poke(
+            &path,
+            BEHAVIOUR_TABLE,
+            "old",
+            Some(&serde_json::to_vec(&quarantined()).unwrap()),
+        );
+        poke(&path, BEHAVIOUR_TABLE, "junk", Some(b"{not json"));
+        let r = Registry::open(&path, sealer()).unwrap();
+        let id = PrincipalId::parse("old").unwrap();
+        assert_eq!(
+            **r.snapshot().get(PrincipalKind::Device, &id).unwrap(),
+            record("old")
+        );
+        assert_eq!(
+            r.behaviour_records().unwrap(),
+            vec![("old".into(), quarantined())]
+        );
+        drop(r);
+        assert_eq!(stored(&path, PRINCIPALS_TABLE, "device/old")[0], SEALED_V1);
+        // Once sealed, an unsealed record is an alteration, not an old file.
+        poke(&path, PRINCIPALS_TABLE, "device/new", Some(&legacy));
+        assert!(Registry::open(&path, sealer()).is_err());
+    }
+
+    #[test]
+    fn a_backup_is_a_checked_copy_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("r.redb"), sealer()).unwrap();
+        r.add(record("a")).unwrap();
+        r.put_behaviour_records(&[("a".into(), quarantined())])
             .unwrap();
-        tx.commit().unwrap();
-        assert_eq!(r.behaviour_records().unwrap(), vec![("good".into(), good)]);
+        let dest = dir.path().join("backup.redb");
+        let summary = r.backup(&dest).unwrap();
+        assert_eq!((summary.principals, summary.behaviour), (1, 1));
+        let copy = Registry::open(&dest, sealer()).unwrap();
+        assert_eq!(copy.snapshot().len(), 1);
+        assert_eq!(
+            copy.behaviour_records().unwrap(),
+            r.behaviour_records().unwrap()
+        );
+        drop(copy);
+        let err = r.backup(&dest).unwrap_err().to_string();
+        assert!(err.contains("backup.redb"), "{err}");
     }
 
     #[test]
     fn second_open_of_the_same_file_fails_clearly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.redb");
-        let _a = Registry::open(&path).unwrap();
-        let err = Registry::open(&path).unwrap_err().to_string();
+        let _a = Registry::open(&path, RecordSealer::derive(&[5; 32])).unwrap();
+        let err = Registry::open(&path, RecordSealer::derive(&[5; 32]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("already open"), "{err}");
     }
 }
