@@ -930,6 +930,10 @@ impl LogFile {
     /// descriptor for it the log stays as it was; the spare descriptor is given up
     /// for it when the process has no other.
     fn rotate(&mut self) -> io::Result<()> {
+        // A rotation that failed after giving the spare up has left it to take back.
+        if self.spare.is_none() {
+            self.spare = File::open("/dev/null").ok();
+        }
         self.file.sync_all()?;
         let next_path = sibling(&self.path, ".next");
         // Left by a crash mid-rotation: empty, or lines also in the current file.
@@ -937,9 +941,7 @@ impl LogFile {
         let next = match (self.open_next)(&next_path) {
             Err(e) if out_of_descriptors(&e) && self.spare.is_some() => {
                 self.spare = None;
-                let next = (self.open_next)(&next_path);
-                self.spare = File::open("/dev/null").ok();
-                next?
+                (self.open_next)(&next_path)?
             }
             other => other?,
         };
@@ -957,7 +959,12 @@ impl LogFile {
             return Err(e);
         }
         std::fs::rename(&next_path, &self.path)?;
+        // The old file's descriptor is free now: take the spare back with it (at
+        // once, before another thread's accept can), for the next rotation.
         self.file = next;
+        if self.spare.is_none() {
+            self.spare = File::open("/dev/null").ok();
+        }
         self.size = 0;
         sync_dir(&self.path);
         Ok(())
@@ -1947,6 +1954,10 @@ mod tests {
             0
         );
         assert!(log_files(&s.path).len() >= 2);
+        assert!(
+            engine.log.as_ref().unwrap().spare.is_some(),
+            "the spare is taken back for the next rotation"
+        );
     }
 
     #[test]

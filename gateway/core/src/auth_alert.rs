@@ -103,7 +103,19 @@ impl FailureAlerts {
             self.ids
                 .retain(|_, t| now.saturating_duration_since(t.window_start) <= window);
             if self.ids.len() >= self.max_entries {
-                self.ids.clear();
+                // A spray of unknown ids must not wipe the tallies of registered ones:
+                // with no room, an id that cannot alert is not tracked, and room for
+                // one that can is made from the oldest tenth.
+                if !alert {
+                    return None;
+                }
+                let mut starts: Vec<(Instant, u64)> =
+                    self.ids.iter().map(|(k, t)| (t.window_start, *k)).collect();
+                let tenth = (starts.len() / 10).max(1);
+                starts.select_nth_unstable(tenth - 1);
+                for (_, k) in &starts[..tenth] {
+                    self.ids.remove(k);
+                }
             }
         }
         let tally = self.ids.entry(key).or_insert(Tally {
@@ -181,5 +193,21 @@ mod tests {
             a.record(&format!("id-{n}"), src(1), true, t0);
         }
         assert!(a.ids.len() <= 100);
+    }
+
+    #[test]
+    fn a_spray_of_unknown_ids_does_not_wipe_a_registered_ids_tally() {
+        let mut a = FailureAlerts::new(3, Duration::from_secs(60), 100);
+        let t0 = Instant::now();
+        a.record("lock", src(1), true, t0);
+        a.record("lock", src(2), true, t0);
+        for n in 0..10_000 {
+            a.record(&format!("ghost-{n}"), src(3), false, t0);
+        }
+        assert!(a.ids.len() <= 100);
+        let alert = a
+            .record("lock", src(4), true, t0)
+            .expect("the third failure alerts");
+        assert_eq!(alert.failures, 3);
     }
 }

@@ -172,19 +172,27 @@ impl SourceGuard {
         let key = self.key(source);
         let id = self.id_hash(id);
         if self.pairs.len() >= policy.max_entries && !self.pairs.contains_key(&(key, id)) {
-            evict(&mut self.pairs, &policy, now);
+            evict(&mut self.pairs, &policy, now, false);
         }
-        let pair = self
-            .pairs
-            .entry((key, id))
-            .or_insert_with(|| Record::new(now));
-        pair.count(&policy, now);
-        // A pair backed off before (and not quiet since) is backed off again at once.
-        if pair.level > 0 || pair.failures >= policy.max_failures {
-            pair.block(&policy, now);
+        // With every record a guesser's that is backed off, a new pair gets none: the
+        // failure still counts against its source below.
+        if self.pairs.len() < policy.max_entries || self.pairs.contains_key(&(key, id)) {
+            let pair = self
+                .pairs
+                .entry((key, id))
+                .or_insert_with(|| Record::new(now));
+            pair.count(&policy, now);
+            // A pair backed off before (and not quiet since) is backed off again at once.
+            if pair.level > 0 || pair.failures >= policy.max_failures {
+                pair.block(&policy, now);
+            }
         }
         if self.sources.len() >= policy.max_entries && !self.sources.contains_key(&key) {
-            evict(&mut self.sources, &policy, now);
+            evict(&mut self.sources, &policy, now, true);
+            if self.sources.len() >= policy.max_entries {
+                // Every source tracked is backed off right now: the table stays bounded.
+                return;
+            }
         }
         let src = self.sources.entry(key).or_insert_with(|| Record::new(now));
         src.count(&policy, now);
@@ -210,11 +218,16 @@ impl SourceGuard {
     }
 }
 
-/// Make room: forget what is quiet; under a spray, the oldest half.
-fn evict<K: std::hash::Hash + Eq>(
+/// Make room, down to nine tenths of `max_entries` so that the next inserts are cheap:
+/// first what is quiet, then the oldest records that were never backed off. A record
+/// that earned a back-off (`level > 0`) is a guesser's: a spray of fresh failures must
+/// not make the table forget it. Only when `escalated_too` (sources, whose table must
+/// always take a new one) are the oldest of those evicted, and never one blocked now.
+fn evict<K: std::hash::Hash + Eq + Clone>(
     map: &mut HashMap<K, Record>,
     policy: &BackoffPolicy,
     now: Instant,
+    escalated_too: bool,
 ) {
     map.retain(|_, r| {
         r.blocked(now).is_some()
@@ -225,12 +238,37 @@ fn evict<K: std::hash::Hash + Eq>(
                     policy.window
                 }
     });
-    if map.len() >= policy.max_entries {
-        let mut ages: Vec<Instant> = map.values().map(|r| r.last_failure).collect();
-        ages.sort_unstable();
-        if let Some(&cutoff) = ages.get(ages.len() / 2) {
-            map.retain(|_, r| r.last_failure > cutoff);
-        }
+    let low_water = policy.max_entries - policy.max_entries / 10;
+    shed_oldest(map, low_water, |r| r.level == 0 && r.blocked(now).is_none());
+    if escalated_too {
+        shed_oldest(map, low_water, |r| r.blocked(now).is_none());
+    }
+}
+
+/// Remove the oldest records that `may_go` allows until at most `target` remain (or
+/// none of them is left).
+fn shed_oldest<K: std::hash::Hash + Eq + Clone>(
+    map: &mut HashMap<K, Record>,
+    target: usize,
+    may_go: impl Fn(&Record) -> bool,
+) {
+    if map.len() <= target {
+        return;
+    }
+    let mut ages: Vec<(Instant, &K)> = map
+        .iter()
+        .filter(|(_, r)| may_go(r))
+        .map(|(k, r)| (r.last_failure, k))
+        .collect();
+    if ages.is_empty() {
+        return;
+    }
+    // Exactly the `excess` oldest, ties or not.
+    let excess = (map.len() - target).min(ages.len());
+    ages.select_nth_unstable_by_key(excess - 1, |(at, _)| *at);
+    let gone: Vec<K> = ages[..excess].iter().map(|(_, k)| (*k).clone()).collect();
+    for k in gone {
+        map.remove(&k);
     }
 }
 
@@ -425,5 +463,34 @@ mod tests {
         }
         let (pairs, sources) = g.tracked();
         assert!(pairs <= 100 && sources <= 100, "{pairs} {sources}");
+    }
+
+    #[test]
+    fn a_spray_of_fresh_failures_does_not_make_the_table_forget_a_guesser() {
+        let mut p = policy();
+        p.max_entries = 100;
+        let mut g = SourceGuard::new(p);
+        let t0 = Instant::now();
+        // The guesser earns a back-off for its pair.
+        for _ in 0..3 {
+            g.record_failure(ip(9), "victim", t0);
+        }
+        let guessed = |g: &SourceGuard, at| g.check(ip(9), "victim", at);
+        assert!(matches!(guessed(&g, t0), Err(BackedOff::Pair(_))));
+        // Then 5 000 fresh failures, one per new (id, source), all at once (same
+        // instant: "the oldest half" used to be everything).
+        let t1 = t0 + secs(1);
+        for n in 0..5000u32 {
+            let addr = IpAddr::from(n.wrapping_add(0x0a00_0000).to_be_bytes());
+            g.record_failure(addr, &format!("id-{n}"), t1);
+        }
+        let (pairs, sources) = g.tracked();
+        assert!(pairs <= 100 && sources <= 100, "{pairs} {sources}");
+        // Its back-off expired meanwhile, but the pair is remembered: its next failure
+        // backs it off again at once, with no fresh guesses.
+        let t2 = t0 + secs(3);
+        assert!(guessed(&g, t2).is_ok());
+        g.record_failure(ip(9), "victim", t2);
+        assert!(matches!(guessed(&g, t2), Err(BackedOff::Pair(_))));
     }
 }
