@@ -604,7 +604,7 @@ fn spraying_unknown_ids_from_one_source_backs_the_source_off() {
 #[test]
 fn a_guesser_is_still_backed_off_after_waiting_out_the_cap() {
     let gw = Gateway::start_with(
-        "[auth]\nmax_failures = 3\nbackoff_initial_secs = 2\nbackoff_max_secs = 2\n",
+        "[auth]\nmax_failures = 3\nbackoff_initial_secs = 4\nbackoff_max_secs = 4\n",
     );
     gw.add_device_secret("meter-1", SECRET);
     for _ in 0..3 {
@@ -614,8 +614,10 @@ fn a_guesser_is_still_backed_off_after_waiting_out_the_cap() {
         connect_from(&gw, "127.0.0.9", "meter-1", SECRET),
         Some(v5::ConnectReturnCode::NotAuthorized)
     );
-    std::thread::sleep(Duration::from_millis(2500));
-    // The cap (2 s) is over: one guess is let through and checked...
+    // Each back-off lasts the cap, 4 s: the attempts that must meet it have that long
+    // to arrive, even on a loaded machine.
+    std::thread::sleep(Duration::from_millis(4200));
+    // The cap is over: one guess is let through and checked...
     assert_eq!(
         connect_from(&gw, "127.0.0.9", "meter-1", "still-not-the-secret"),
         Some(v5::ConnectReturnCode::NotAuthorized)
