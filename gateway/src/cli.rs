@@ -629,6 +629,38 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
 
 /// The key registry records are sealed under: derived from the audit key, which lives
 /// outside the data dir.
+/// Open the registry of `config`. Once a registry has been sealed under this
+/// gateway's audit key, a marker beside the key (outside the data dir) says so: an
+/// unsealed file found later is one put in its place, and is refused rather than
+/// sealed (which would launder whatever it holds).
+pub fn open_registry(config: &Config, sealer: RecordSealer) -> Result<Registry> {
+    let mut marker = config.audit_key_file().into_os_string();
+    marker.push(".registry-sealed");
+    let marker = PathBuf::from(marker);
+    let legacy = if marker.exists() {
+        portcullis_core::registry::Legacy::Refuse
+    } else {
+        portcullis_core::registry::Legacy::Seal
+    };
+    let registry = Registry::open_with(&config.registry_file(), sealer, legacy)?;
+    if legacy == portcullis_core::registry::Legacy::Seal {
+        use std::os::unix::fs::OpenOptionsExt;
+        let note = format!(
+            "the registry {} is sealed under the key beside this file; an unsealed one is refused\n",
+            config.registry_file().display()
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&marker)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, note.as_bytes()))
+            .with_context(|| format!("writing {}", marker.display()))?;
+    }
+    Ok(registry)
+}
+
 pub fn registry_sealer(config: &Config) -> Result<RecordSealer> {
     let key = portcullis_core::audit::load_or_create_key(&config.audit_key_file())
         .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
@@ -679,16 +711,29 @@ fn registry(config: &Config, action: RegistryAction) -> Result<()> {
                 )));
             }
             let sealer = registry_sealer(config)?;
-            let checked = Registry::open(&file, sealer.clone())
-                .and_then(|r| r.check())
-                .with_context(|| {
-                    format!("backup {} failed its check; not restored", file.display())
-                })?;
+            // The copy is checked, not the operator's file (opening it must not change
+            // it), and a backup is always sealed: one without a seal is refused.
             let live = config.registry_file();
             let staged = live.with_extension("redb.restoring");
             std::fs::copy(&file, &staged)
                 .and_then(|_| std::fs::File::open(&staged)?.sync_all())
                 .with_context(|| format!("copying {} to {}", file.display(), staged.display()))?;
+            let checked = Registry::open_with(
+                &staged,
+                sealer.clone(),
+                portcullis_core::registry::Legacy::Refuse,
+            )
+            .and_then(|r| r.check());
+            let checked = match checked {
+                Ok(checked) => checked,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&staged);
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "backup {} failed its check; not restored",
+                        file.display()
+                    )));
+                }
+            };
             let aside = live.with_extension(format!(
                 "redb.before-restore-{}",
                 portcullis_core::registry::now_unix()
@@ -700,7 +745,7 @@ fn registry(config: &Config, action: RegistryAction) -> Result<()> {
             }
             std::fs::rename(&staged, &live)
                 .with_context(|| format!("moving {} to {}", staged.display(), live.display()))?;
-            drop(Registry::open(&live, sealer)?);
+            drop(open_registry(config, sealer)?);
             println!(
                 "restored {} from {} to {}",
                 summary(&serde_json::to_value(&checked)?),
@@ -882,7 +927,7 @@ fn call(config: &Config, req: Request) -> Result<Value> {
             ) =>
         {
             // No gateway: work on the registry directly.
-            let registry = Registry::open(&config.registry_file(), registry_sealer(config)?)?;
+            let registry = open_registry(config, registry_sealer(config)?)?;
             let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
             let policies = Policies::from_config(config).map_err(|e| UsageError(e.to_string()))?;
             let state = AdminState {

@@ -20,7 +20,6 @@ use portcullis_core::principal::PrincipalId;
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::quarantine::{self, Behaviours};
 use portcullis_core::record::RecordSealer;
-use portcullis_core::registry::Registry;
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::secret::SecretHasher;
 use portcullis_core::sessions::{KickReason, Sessions};
@@ -89,8 +88,8 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
     // Registry records are sealed under a key derived from the audit key, which lives
     // outside the data dir.
-    let registry = Arc::new(Registry::open(
-        &config.registry_file(),
+    let registry = Arc::new(crate::cli::open_registry(
+        &config,
         RecordSealer::derive(&audit_key),
     )?);
     let audit_settings = AuditSettings {

@@ -4,8 +4,9 @@
 //! JSON payload. The MAC covers the table name and the record's key as well as the
 //! payload, so a flipped byte, a record moved to another key or table, or one edited
 //! without the key is refused instead of served. The key is derived (with its own
-//! label) from the audit chain key, which lives outside the data dir: a copy of the
-//! data dir alone cannot forge a record.
+//! label) from the audit chain key, which lives outside the data dir: with the data
+//! dir alone nobody can forge a sealed record (an unsealed file is refused once the
+//! gateway has sealed its registry: see `Registry::open_with`).
 //!
 //! Everything here is pure, so it can be fuzzed: no storage, no clock.
 

@@ -302,6 +302,15 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// What `Registry::open_with` does with a file that has no manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Legacy {
+    /// Seal its records (a registry from before sealing, or a new file).
+    Seal,
+    /// Refuse it as corrupt.
+    Refuse,
+}
+
 impl Registry {
     /// Open (or create) the registry file and check every record in it; a corrupt file
     /// is refused with an error naming it and the way to recover. redb locks the file:
@@ -310,6 +319,18 @@ impl Registry {
     /// A registry written before records were sealed (no manifest) has its records
     /// sealed once, here.
     pub fn open(path: &Path, sealer: RecordSealer) -> Result<Registry, RegistryError> {
+        Self::open_with(path, sealer, Legacy::Seal)
+    }
+
+    /// As `open`, saying what to do with a file that has no manifest: seal it (a
+    /// registry from before sealing, or a new one), or refuse it (this gateway has
+    /// sealed its registry before, so an unsealed file is one put in its place; and a
+    /// backup is always sealed).
+    pub fn open_with(
+        path: &Path,
+        sealer: RecordSealer,
+        legacy: Legacy,
+    ) -> Result<Registry, RegistryError> {
         let display = path.display().to_string();
         let open_err = |reason: String| RegistryError::Open {
             path: display.clone(),
@@ -331,7 +352,7 @@ impl Registry {
                 reason: "the file is empty (0 bytes)".into(),
             });
         }
-        contain(|| Self::open_checked(path, sealer)).map_err(|e| match e {
+        contain(|| Self::open_checked(path, sealer, legacy)).map_err(|e| match e {
             e @ (RegistryError::Open { .. } | RegistryError::CorruptFile { .. }) => e,
             other => RegistryError::CorruptFile {
                 path: display.clone(),
@@ -340,7 +361,11 @@ impl Registry {
         })
     }
 
-    fn open_checked(path: &Path, sealer: RecordSealer) -> Result<Registry, RegistryError> {
+    fn open_checked(
+        path: &Path,
+        sealer: RecordSealer,
+        legacy: Legacy,
+    ) -> Result<Registry, RegistryError> {
         let open_err = |reason: String| RegistryError::Open {
             path: path.display().to_string(),
             reason,
@@ -380,6 +405,15 @@ impl Registry {
             write: Mutex::new(()),
         };
         if registry.manifest()?.is_none() {
+            if legacy == Legacy::Refuse {
+                return Err(RegistryError::Corrupt {
+                    key: format!("{META_TABLE}/{MANIFEST_KEY}"),
+                    reason: "missing: the file is not sealed, but a sealed registry is \
+                             expected here (this gateway sealed its registry before, or \
+                             this is a backup)"
+                        .into(),
+                });
+            }
             registry.seal_legacy()?;
         }
         registry.verify()?;
@@ -1117,6 +1151,22 @@ pub(crate) mod tests {
         // Once sealed, an unsealed record is an alteration, not an old file.
         poke(&path, PRINCIPALS_TABLE, "device/new", Some(&legacy));
         assert!(Registry::open(&path, sealer()).is_err());
+    }
+
+    #[test]
+    fn an_unsealed_file_is_refused_where_a_sealed_one_is_expected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let legacy = serde_json::to_vec(&record("planted")).unwrap();
+        poke(&path, PRINCIPALS_TABLE, "device/planted", Some(&legacy));
+        let err = Registry::open_with(&path, sealer(), Legacy::Refuse).unwrap_err();
+        assert!(matches!(err, RegistryError::CorruptFile { .. }), "{err}");
+        assert!(err.to_string().contains("not sealed"), "{err}");
+        // Refusing changed nothing: the file is still unsealed.
+        assert_ne!(
+            stored(&path, PRINCIPALS_TABLE, "device/planted")[0],
+            SEALED_V1
+        );
     }
 
     #[test]
