@@ -1028,3 +1028,38 @@ fn a_peer_that_never_reads_the_resent_commands_is_dropped_at_the_write_deadline(
     .unwrap_or_else(|| panic!("the stuck session never ended:\n{}", gw.audit()));
     device_gets_every_command(&gw);
 }
+
+#[test]
+fn a_ban_ends_a_session_stuck_writing_to_a_peer_that_never_reads() {
+    let (gw, _peer) = stalled_session();
+    let out = gw.cli_ok(&["ban", "add", "device/meter-1", "--reason", "stolen key"]);
+    assert!(out.contains("\"sessions_ended\": 1"), "{out}");
+    // Ended, not only told to end: no session of meter-1 is left while it is banned.
+    wait_for(T, || {
+        (!gw.cli_ok(&["clients", "list"]).contains("meter-1")).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the banned session is still there"));
+    // A banned session is discarded with its commands (as on disable); unbanned, the
+    // real device connects at once, not "session busy".
+    gw.cli_ok(&["ban", "remove", "device/meter-1"]);
+    let out = mosquitto(
+        "mosquitto_pub",
+        &gw.client(
+            gw.device_plain,
+            "meter-1",
+            &[
+                "-u",
+                "meter-1",
+                "-P",
+                SECRET,
+                "-t",
+                "devices/meter-1/telemetry",
+                "-m",
+                "back",
+            ],
+        ),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!gw.audit().contains("session_busy"), "{}", gw.audit());
+}

@@ -53,6 +53,26 @@ fn publish(gw: &Gateway, topic: &str, payload: &str, version: &str) -> String {
     text(&mosquitto("mosquitto_pub", &a, T))
 }
 
+/// What `valve-1` receives on its commands within two seconds of subscribing.
+fn valve_commands_for_two_seconds(gw: &Gateway) -> String {
+    let a = gw.client(
+        gw.device_plain,
+        "valve-1",
+        &[
+            "-u",
+            "valve-1",
+            "-P",
+            SECRET,
+            "-t",
+            "devices/valve-1/commands/#",
+            "-v",
+            "-W",
+            "2",
+        ],
+    );
+    text(&mosquitto("mosquitto_sub", &a, T))
+}
+
 #[test]
 fn schema_breaking_telemetry_is_refused_with_its_reason() {
     let gw = gateway();
@@ -451,22 +471,7 @@ fn retained_commands_over_the_per_device_byte_cap_are_refused_and_the_rest_kept(
         ops.publish("devices/valve-1/commands/a", b"kept", true, None),
         v5::PubAckReason::Success
     );
-    let a = gw.client(
-        gw.device_plain,
-        "valve-1",
-        &[
-            "-u",
-            "valve-1",
-            "-P",
-            SECRET,
-            "-t",
-            "devices/valve-1/commands/#",
-            "-v",
-            "-W",
-            "2",
-        ],
-    );
-    let out = text(&mosquitto("mosquitto_sub", &a, T));
+    let out = valve_commands_for_two_seconds(&gw);
     assert!(out.contains("devices/valve-1/commands/a kept"), "{out}");
     assert!(!out.contains("commands/b"), "{out}");
 }
@@ -489,21 +494,6 @@ fn a_removed_device_loses_its_retained_commands_and_gets_no_new_ones() {
     );
     // Registered again, it starts with no desired state.
     gw.add_device_secret("valve-1", SECRET);
-    let a = gw.client(
-        gw.device_plain,
-        "valve-1",
-        &[
-            "-u",
-            "valve-1",
-            "-P",
-            SECRET,
-            "-t",
-            "devices/valve-1/commands/#",
-            "-v",
-            "-W",
-            "2",
-        ],
-    );
-    let out = text(&mosquitto("mosquitto_sub", &a, T));
+    let out = valve_commands_for_two_seconds(&gw);
     assert!(!out.contains("commands/mode"), "{out}");
 }

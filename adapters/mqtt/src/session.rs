@@ -2127,38 +2127,44 @@ impl Session {
                 codes.push(Err(reason::NOT_AUTHORIZED));
                 continue;
             }
+            // A filter the session holds (or that this SUBSCRIBE already added) only
+            // changes options: it costs neither room nor rate.
+            let is_new =
+                !self.state.has_subscription(&key) && !accepted.iter().any(|(_, s)| s.key == key);
             let held = self.state.subscriptions().len()
                 + accepted
                     .iter()
                     .filter(|(_, s)| !self.state.has_subscription(&s.key))
                     .count();
-            if held >= ctx.limits.max_subscriptions && !self.state.has_subscription(&key) {
-                ctx.metrics.refused("subscribe", "too_many_subscriptions");
-                self.audit_refusal(
-                    ctx,
-                    "subscribe",
-                    Some(&f.path),
+            let now = Instant::now();
+            let over = if !is_new {
+                None
+            } else if held >= ctx.limits.max_subscriptions {
+                Some((
+                    "too_many_subscriptions",
                     "subscriptions at their limit",
-                );
-                codes.push(Err(reason::QUOTA_EXCEEDED));
-                continue;
-            }
-            let replaces =
-                self.state.has_subscription(&key) || accepted.iter().any(|(_, s)| s.key == key);
-            if !replaces && self.subscribes.take(1.0, Instant::now()).is_err() {
-                ctx.metrics.refused("subscribe", "subscribe_rate");
-                let now = Instant::now();
-                if self
+                    true,
+                ))
+            } else if self.subscribes.take(1.0, now).is_err() {
+                // Audited at most once a second: a churner is counted, not transcribed.
+                let due = self
                     .subscribe_rate_audited
-                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-                {
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+                if due {
                     self.subscribe_rate_audited = Some(now);
-                    self.audit_refusal(
-                        ctx,
-                        "subscribe",
-                        Some(&f.path),
-                        "new topic filters over their rate (limits.subscribe_rate)",
-                    );
+                }
+                Some((
+                    "subscribe_rate",
+                    "new topic filters over their rate (limits.subscribe_rate)",
+                    due,
+                ))
+            } else {
+                None
+            };
+            if let Some((label, why, audit)) = over {
+                ctx.metrics.refused("subscribe", label);
+                if audit {
+                    self.audit_refusal(ctx, "subscribe", Some(&f.path), why);
                 }
                 codes.push(Err(reason::QUOTA_EXCEEDED));
                 continue;

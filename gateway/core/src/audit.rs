@@ -1687,6 +1687,21 @@ mod tests {
         }
     }
 
+    /// Settings whose files rotate after a few entries.
+    fn small_files(dir: &Path) -> AuditSettings {
+        AuditSettings {
+            max_file_bytes: 1_000,
+            ..settings(dir)
+        }
+    }
+
+    /// One `connect` entry per number, each its own batch (unsynced).
+    fn log_connects(engine: &mut Engine, numbers: std::ops::Range<usize>, now: Instant) {
+        for i in numbers {
+            engine.step(vec![connect(&format!("sensor-{i}"))], now, 1_000, false);
+        }
+    }
+
     fn engine(settings: &AuditSettings, now: Instant) -> Engine {
         let metrics = Arc::new(Metrics::default());
         Engine::open(settings.clone(), metrics, Arc::default(), now).unwrap()
@@ -1888,16 +1903,11 @@ mod tests {
     #[test]
     fn a_rotation_without_a_descriptor_loses_no_entry() {
         let dir = tempfile::tempdir().unwrap();
-        let s = AuditSettings {
-            max_file_bytes: 1_000,
-            ..settings(dir.path())
-        };
+        let s = small_files(dir.path());
         let now = Instant::now();
         let mut engine = engine(&s, now);
         engine.log.as_mut().unwrap().open_next = no_descriptor;
-        for i in 0..12 {
-            engine.step(vec![connect(&format!("sensor-{i}"))], now, 1_000, false);
-        }
+        log_connects(&mut engine, 0..12, now);
         // Every entry went on into the one file; each failed rotation was counted.
         assert_eq!(log_files(&s.path), vec![s.path.clone()]);
         assert_eq!(engine.metrics.audit_dropped.load(Ordering::Relaxed), 0);
@@ -1936,16 +1946,11 @@ mod tests {
             open_append(path)
         }
         let dir = tempfile::tempdir().unwrap();
-        let s = AuditSettings {
-            max_file_bytes: 1_000,
-            ..settings(dir.path())
-        };
+        let s = small_files(dir.path());
         let now = Instant::now();
         let mut engine = engine(&s, now);
         engine.log.as_mut().unwrap().open_next = only_without_spare;
-        for i in 0..8 {
-            engine.step(vec![connect(&format!("sensor-{i}"))], now, 1_000, false);
-        }
+        log_connects(&mut engine, 0..8, now);
         assert_eq!(
             engine
                 .metrics
@@ -1963,15 +1968,10 @@ mod tests {
     #[test]
     fn rotation_keeps_the_chain_across_files() {
         let dir = tempfile::tempdir().unwrap();
-        let s = AuditSettings {
-            max_file_bytes: 1_000,
-            ..settings(dir.path())
-        };
+        let s = small_files(dir.path());
         let now = Instant::now();
         let mut engine = engine(&s, now);
-        for i in 0..12 {
-            engine.step(vec![connect(&format!("sensor-{i}"))], now, 1_000, false);
-        }
+        log_connects(&mut engine, 0..12, now);
         engine.step(Vec::new(), now, 1_000, true);
         drop(engine);
         let files = log_files(&s.path);
