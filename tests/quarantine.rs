@@ -524,3 +524,30 @@ fn probation_tightens_the_rate_limit() {
         "probation did not tighten the limit: {shown}"
     );
 }
+
+#[test]
+fn retained_quota_refusals_are_not_counted_as_acl_denials() {
+    let gw = Gateway::start_with("[sessions]\nmax_retained_per_device = 1\n");
+    gw.add_device_secret("meter-6", SECRET);
+    gw.add_device_secret("meter-7", SECRET);
+    // 30 retained messages on new topics: one kept, 29 over the device's quota (more
+    // than the 20 ACL denials a minute that quarantine a device).
+    let mut raw = device(&gw, "meter-6");
+    for n in 0..30u16 {
+        let topic = format!("devices/meter-6/state/{n}");
+        let mut frame = publish_v4_raw(topic.as_bytes(), b"1", 1, n + 1);
+        frame[0] |= 0x01;
+        raw.send(&frame);
+        assert!(raw.recv_v4(T).is_some(), "PUBACK {n}");
+    }
+    assert_eq!(gw.refusals("limits", "retained_limit"), 29);
+    assert_eq!(gw.refusals("authorize", "retained_limit"), 0);
+    // The same number of ACL denials does quarantine (the contrast the rule is for).
+    let mut other = device(&gw, "meter-7");
+    for n in 0..30u16 {
+        other.send(&publish_v4_raw(b"devices/meter-6/state/x", b"1", 1, n + 1));
+        let _ = other.recv_v4(Duration::from_millis(500));
+    }
+    wait_state(&gw, "meter-7", "quarantined");
+    assert_eq!(state(&gw, "meter-6"), "normal", "{}", show(&gw, "meter-6"));
+}

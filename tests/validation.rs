@@ -464,7 +464,7 @@ fn retained_commands_over_the_per_device_byte_cap_are_refused_and_the_rest_kept(
         v5::PubAckReason::QuotaExceeded,
         "the second 3000 bytes are over the 4096 of this device"
     );
-    assert_eq!(gw.refusals("authorize", "retained_device_bytes"), 1);
+    assert_eq!(gw.refusals("limits", "retained_device_bytes"), 1);
     gw.wait_audit(&["\"refuse\"", "max_retained_command_bytes_per_device"]);
     // Replacing the kept one is fine; the device gets only what was kept.
     assert_eq!(

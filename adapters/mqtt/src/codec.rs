@@ -6,7 +6,7 @@
 
 use crate::strict::ProtocolVersion;
 use bytes::{Bytes, BytesMut};
-use portcullis_core::pipeline::Properties;
+use portcullis_core::message::Properties;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 

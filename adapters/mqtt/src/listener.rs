@@ -10,6 +10,7 @@ use crate::session::{self, Context, stopped};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::limit::{Rate, TokenBucket};
 use portcullis_core::metrics::Metrics;
+use portcullis_core::refusal::Refusal;
 use portcullis_core::source_key::SourceKey;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -272,7 +273,7 @@ pub async fn serve(
         };
         // A banned source is closed before a byte is read.
         if let Some(ban) = ctx.auth.source_ban(peer.ip()) {
-            ctx.metrics.refused("connect", "banned");
+            ctx.metrics.refused(Refusal::Banned);
             ctx.audit.record(
                 AuditEntry::new("connect", "refuse")
                     .source(peer)
@@ -284,20 +285,15 @@ pub async fn serve(
         let slot = match limits.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(why) => {
-                let (label, text) = match why {
-                    NotAdmitted::TooMany => {
-                        ("connection_limit", "connection_limit: too many connections")
-                    }
-                    NotAdmitted::TooFast => (
-                        "connection_rate",
-                        "connection_rate: too many new connections per second",
-                    ),
+                let refusal = match why {
+                    NotAdmitted::TooMany => Refusal::ConnectionLimit,
+                    NotAdmitted::TooFast => Refusal::ConnectionRate,
                 };
-                ctx.metrics.refused("connect", label);
+                ctx.metrics.refused(refusal);
                 ctx.audit.record(
                     AuditEntry::new("connect", "refuse")
                         .source(peer)
-                        .reason(text),
+                        .reason(format!("{}: {}", refusal.label(), refusal.detail())),
                 );
                 drop(stream);
                 continue;
@@ -305,7 +301,7 @@ pub async fn serve(
         };
         let (mut pre_auth, shed) = limits.pre_auth();
         if shed {
-            ctx.metrics.refused("connect", "unauthenticated_shed");
+            ctx.metrics.refused(Refusal::UnauthenticatedShed);
         }
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
@@ -354,7 +350,7 @@ pub(crate) fn shed_unauthenticated(ctx: &Context, peer: SocketAddr) {
 
 fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &str) {
     Metrics::inc(&ctx.metrics.handshake_failures);
-    ctx.metrics.refused("handshake", "tls_handshake_failed");
+    ctx.metrics.refused(Refusal::TlsHandshakeFailed);
     ctx.audit.record(
         AuditEntry::new("handshake", "refuse")
             .source(peer)

@@ -15,23 +15,20 @@ use crate::state::{KeepAlive, Send as Outbound, SessionState, will_delay};
 use crate::store::{SessionStore, Slot};
 use crate::strict::{self, ProtocolVersion, StrictError};
 use bytes::BytesMut;
+use portcullis_core::admission::{self, Admission, Offer, Peer, Rules, Verdict};
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
 use portcullis_core::auth_alert;
 use portcullis_core::behaviour::{Observation, State as Behaviour};
 use portcullis_core::broker::{EmbeddedBroker, Uplink};
 use portcullis_core::content;
-use portcullis_core::limit::{
-    GlobalBucket, LimitDecision, OverLimitAction, PrincipalLimiter, PrincipalRates, Rate,
-    TokenBucket,
-};
+use portcullis_core::limit::{GlobalBucket, PrincipalRates, Rate, TokenBucket};
 use portcullis_core::mailbox::{Delivery, Mailbox, MailboxLimits};
+use portcullis_core::message::{Message, Properties, QoS};
 use portcullis_core::metrics::Metrics;
-use portcullis_core::pipeline::{
-    self, Direction, Message, Properties, QoS, Refusal, SessionPolicy, Verdict,
-};
-use portcullis_core::principal::{PrincipalId, PrincipalKind};
-use portcullis_core::quarantine::{self, Behaviours, Policy as BehaviourPolicy, Tracked};
+use portcullis_core::principal::{PrincipalId, PrincipalKind, PrincipalRef};
+use portcullis_core::quarantine::Behaviours;
+use portcullis_core::refusal::{Refusal, Stage};
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::sessions::{KickReason, SessionStats, Sessions};
 use portcullis_core::subscription::{
@@ -229,13 +226,13 @@ pub async fn run<S>(
                 &ctx,
                 peer,
                 None,
-                "connect_timeout",
+                Refusal::ConnectTimeout,
                 "no CONNECT within the deadline",
             );
             return;
         }
         Ok(Err(ReadError::Strict(e))) => {
-            refuse_connect(&ctx, peer, None, "malformed_connect", &e.to_string());
+            refuse_connect(&ctx, peer, None, Refusal::MalformedConnect, &e.to_string());
             return;
         }
         Ok(Err(_)) => return,
@@ -257,7 +254,7 @@ pub async fn run<S>(
                 )
                 .await;
             }
-            refuse_connect(&ctx, peer, None, "malformed_connect", &e.to_string());
+            refuse_connect(&ctx, peer, None, Refusal::MalformedConnect, &e.to_string());
             return;
         }
     };
@@ -265,7 +262,7 @@ pub async fn run<S>(
         Ok(Incoming::Connect(c)) => c,
         Ok(_) => return,
         Err(e) => {
-            refuse_connect(&ctx, peer, None, "malformed_connect", &e.to_string());
+            refuse_connect(&ctx, peer, None, Refusal::MalformedConnect, &e.to_string());
             return;
         }
     };
@@ -282,14 +279,14 @@ pub async fn run<S>(
             &ctx,
             peer,
             Some(&connect.client_id),
-            "auth_method_unsupported",
+            Refusal::AuthMethodUnsupported,
             "enhanced authentication is not supported",
         );
         return;
     }
     let mut session = match authenticate(&ctx, &connect, version, peer, certs.as_deref()) {
         Ok(s) => s,
-        Err(label) => {
+        Err(refusal) => {
             refusal_connack(
                 &mut wr,
                 reason::NOT_AUTHORIZED,
@@ -302,7 +299,7 @@ pub async fn run<S>(
                 &ctx,
                 peer,
                 Some(&connect.client_id),
-                label,
+                refusal,
                 "authentication refused",
             );
             return;
@@ -311,7 +308,7 @@ pub async fn run<S>(
     pre_auth.authenticated();
     // Registering ends an earlier session of the same identity (take-over).
     let guard = ctx.sessions.register(
-        session.policy.principal.clone(),
+        session.principal().clone(),
         session.generation,
         peer,
         protocol_name(version),
@@ -322,7 +319,7 @@ pub async fn run<S>(
     // session could be kicked: refuse now.
     if !ctx
         .auth
-        .still_current(&session.policy.principal, session.generation)
+        .still_current(session.principal(), session.generation)
     {
         refusal_connack(
             &mut wr,
@@ -335,13 +332,13 @@ pub async fn run<S>(
             &ctx,
             peer,
             Some(&connect.client_id),
-            "registry_changed",
+            Refusal::RegistryChanged,
             "registry changed during authentication",
         );
         return;
     }
     // The session's slot: wait for a taken-over connection to put the state back.
-    let slot = ctx.store.slot(&session.policy.principal.id);
+    let slot = ctx.store.slot(&session.principal().id);
     let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
         refusal_connack(
             &mut wr,
@@ -354,7 +351,7 @@ pub async fn run<S>(
             &ctx,
             peer,
             Some(&connect.client_id),
-            "session_busy",
+            Refusal::SessionBusy,
             "previous session did not end",
         );
         return;
@@ -363,7 +360,7 @@ pub async fn run<S>(
     let now = Instant::now();
     // Clean Start discards; otherwise a parked session resumes, if it belongs to this
     // registration of the device (not to one removed and added again since).
-    let registered = ctx.auth.registered_since(&session.policy.principal);
+    let registered = ctx.auth.registered_since(session.principal());
     let resumed = if connect.clean_start {
         None
     } else {
@@ -398,24 +395,25 @@ pub async fn run<S>(
         return;
     }
     // The model hears of the connection once it is open (and of its end below).
-    if let Some(tracked) = &session.tracked {
+    if session.admission.tracked().is_some() {
         let now = Instant::now();
         let source = ctx.behaviours.hash(peer.ip());
-        tracked.observe(Observation::Connect { source }, now, &session.behaviour);
+        session
+            .admission
+            .observe(Observation::Connect { source }, now);
         // Two connections taking turns with one identity: the session just taken
         // over had itself taken over another a moment ago.
-        let window = session.behaviour.settings.rule_window;
+        let window = session.admission.behaviour_policy().settings.rule_window;
         if portcullis_core::sessions::is_clone(guard.displaced, guard.registered_at, window) {
-            tracked.observe(Observation::Clone, now, &session.behaviour);
+            session.admission.observe(Observation::Clone, now);
             ctx.audit.record(
                 AuditEntry::new("clone", "refuse")
-                    .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
+                    .principal(ctx.kind.as_str(), session.principal().id.to_string())
                     .source(peer)
                     .protocol(protocol_name(version))
                     .reason("two connections taking turns with one identity (cloned identity)"),
             );
         }
-        session.sync_behaviour();
     }
     Metrics::inc(&ctx.metrics.connections_accepted);
     ctx.metrics
@@ -424,7 +422,7 @@ pub async fn run<S>(
     session_gauge(&ctx, version).fetch_add(1, Ordering::Relaxed);
     ctx.audit.record(
         AuditEntry::new("connect", "allow")
-            .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
+            .principal(ctx.kind.as_str(), session.principal().id.to_string())
             .source(peer)
             .protocol(protocol_name(version))
             .reason(format!(
@@ -435,9 +433,9 @@ pub async fn run<S>(
                 } else {
                     ""
                 },
-                match session.tracked.as_ref().map(|t| t.state()) {
-                    Some(Behaviour::Quarantined) => ", device quarantined",
-                    Some(Behaviour::Probation) => ", device on probation",
+                match session.admission.behaviour() {
+                    Behaviour::Quarantined => ", device quarantined",
+                    Behaviour::Probation => ", device on probation",
                     _ => "",
                 }
             )),
@@ -531,7 +529,7 @@ pub async fn run<S>(
         Metrics::inc(&ctx.metrics.takeovers);
         ctx.audit.record(
             AuditEntry::new("takeover", "allow")
-                .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
+                .principal(ctx.kind.as_str(), session.principal().id.to_string())
                 .source(peer)
                 .protocol(protocol_name(version))
                 .reason("session taken over by a new connection with the same identity"),
@@ -539,7 +537,7 @@ pub async fn run<S>(
     }
     ctx.audit.record(
         AuditEntry::new("disconnect", "allow")
-            .principal(ctx.kind.as_str(), session.policy.principal.id.to_string())
+            .principal(ctx.kind.as_str(), session.principal().id.to_string())
             .source(peer)
             .protocol(protocol_name(version))
             .reason(end.describe()),
@@ -550,9 +548,13 @@ pub async fn run<S>(
         && code != reason::MESSAGE_RATE_TOO_HIGH
         && code != reason::RECEIVE_MAXIMUM_EXCEEDED
     {
-        session.observe(Observation::Invalid, Instant::now());
+        session
+            .admission
+            .observe(Observation::Invalid, Instant::now());
     }
-    session.observe(Observation::Disconnect, Instant::now());
+    session
+        .admission
+        .observe(Observation::Disconnect, Instant::now());
     session.finish(&ctx, &end, slot).await;
     drop(guard);
 }
@@ -637,13 +639,13 @@ fn refuse_connect(
     ctx: &Context,
     peer: SocketAddr,
     client_id: Option<&str>,
-    label: &'static str,
+    refusal: Refusal,
     detail: &str,
 ) {
-    ctx.metrics.refused("connect", label);
+    ctx.metrics.refused(refusal);
     let mut entry = AuditEntry::new("connect", "refuse")
         .source(peer)
-        .reason(format!("{label}: {detail}"));
+        .reason(format!("{}: {detail}", refusal.label()));
     if let Some(id) = client_id {
         // The claimed id is the peer's words, kept for the operator; it is not a secret.
         entry = entry.principal(ctx.kind.as_str(), truncate(id, 128));
@@ -710,15 +712,14 @@ fn carried<'a>(raw: &'a RawProps, payload: &'a [u8]) -> content::Carried<'a> {
 
 /// Validated MQTT 5 properties of a publish (or will): the response topic must be a
 /// valid topic name, user properties are capped.
-fn properties(
-    raw: &RawProps,
-    limits: &SessionLimits,
-) -> Result<Option<Arc<Properties>>, &'static str> {
+fn properties(raw: &RawProps, limits: &SessionLimits) -> Result<Option<Arc<Properties>>, Refusal> {
     if raw.user_properties.len() > limits.max_user_properties {
-        return Err("too_many_user_properties");
+        return Err(Refusal::TooManyUserProperties);
     }
     let response_topic = match &raw.response_topic {
-        Some(t) => Some(TopicName::parse(t, limits.topic).map_err(|_| "response_topic_invalid")?),
+        Some(t) => {
+            Some(TopicName::parse(t, limits.topic).map_err(|_| Refusal::ResponseTopicInvalid)?)
+        }
         None => None,
     };
     let p = Properties {
@@ -750,70 +751,60 @@ fn authenticate(
     version: ProtocolVersion,
     peer: SocketAddr,
     certs: Option<&[CertificateDer<'static>]>,
-) -> Result<Session, &'static str> {
+) -> Result<Session, Refusal> {
     let creds = Credentials {
         client_id: &connect.client_id,
         username: connect.username.as_deref(),
         password: connect.password.as_deref(),
         certs,
     };
+    let now = Instant::now();
     let authed = ctx
         .auth
-        .authenticate(ctx.kind, &creds, peer.ip(), Instant::now())
+        .authenticate(ctx.kind, &creds, peer.ip(), now)
         .map_err(|refusal| {
             note_auth_failure(ctx, &connect.client_id, refusal, peer);
-            refusal.label()
+            Refusal::from(refusal)
         })?;
-    let policy = SessionPolicy {
-        principal: authed.principal.clone(),
-        acl: authed.acl.clone(),
-    };
+    let live = ctx.live.borrow().clone();
+    let principal = authed.principal.clone();
+    let admission = Admission::new(
+        Peer {
+            principal: principal.clone(),
+            source: peer,
+            protocol: protocol_name(version),
+        },
+        rules(ctx, &live, &principal, authed.acl.clone()),
+        admission::Shared {
+            global: ctx.global.clone(),
+            retained: ctx.retained.clone(),
+            behaviours: ctx.behaviours.clone(),
+            directory: ctx.auth.clone(),
+            metrics: ctx.metrics.clone(),
+            audit: ctx.audit.clone(),
+        },
+        now,
+    );
     // A Last Will is authorized like a publish, at CONNECT (and again when it fires).
     let will = match &connect.will {
         None => None,
         Some(w) => {
-            let topic =
-                TopicName::parse(&w.topic, ctx.limits.topic).map_err(|_| "will_topic_invalid")?;
+            let topic = TopicName::parse(&w.topic, ctx.limits.topic)
+                .map_err(|_| Refusal::WillTopicInvalid)?;
             if content::check(&w.topic, &carried(&w.props, &w.payload)).is_err() {
-                return Err("will_content_invalid");
+                return Err(Refusal::WillContentInvalid);
             }
             let message = Message {
                 topic,
                 payload: w.payload.clone(),
                 qos: QoS::from_u8(w.qos).unwrap_or(QoS::AtMostOnce),
                 retain: w.retain,
-                properties: properties(&w.props, &ctx.limits)?,
+                properties: properties(&w.props, &ctx.limits).map_err(|r| match r {
+                    Refusal::ResponseTopicInvalid => Refusal::WillResponseTopicInvalid,
+                    _ => Refusal::WillTooManyUserProperties,
+                })?,
             };
-            if pipeline::admit(&policy, &message, Direction::FromPeer) != Verdict::Accept {
-                return Err("will_not_authorized");
-            }
-            if ctx
-                .live
-                .borrow()
-                .validator
-                .check(
-                    &authed.principal.group,
-                    &authed.principal.id,
-                    &message.topic,
-                    &message.payload,
-                )
-                .is_err()
-            {
-                return Err("will_payload_invalid");
-            }
-            if let Some(rt) = message
-                .properties
-                .as_ref()
-                .and_then(|p| p.response_topic.clone())
-            {
-                let probe = Message {
-                    topic: rt,
-                    ..message.clone()
-                };
-                if pipeline::admit(&policy, &probe, Direction::FromPeer) != Verdict::Accept {
-                    return Err("will_not_authorized");
-                }
-            }
+            admission.check_will(&message)?;
             Some(Will {
                 message,
                 delay_secs: w.delay,
@@ -822,19 +813,6 @@ fn authenticate(
     };
     let expiry = connect.session_expiry.min(ctx.limits.max_session_expiry);
     let keep_alive = KeepAlive::effective(connect.keep_alive, ctx.limits.max_keep_alive);
-    let live = ctx.live.borrow().clone();
-    let rates = live.config.rates_for(
-        ctx.kind.as_str(),
-        authed.principal.group.as_str(),
-        authed.principal.id.as_str(),
-    );
-    let rates = PrincipalRates::from_config(&rates);
-    let limiter = PrincipalLimiter::new(rates, Instant::now());
-    let behaviour = ctx.behaviours.policy(&authed.principal.group);
-    let tracked = (ctx.kind == PrincipalKind::Device && behaviour.enabled).then(|| {
-        ctx.behaviours
-            .track(&authed.principal.id, &authed.principal.group)
-    });
     let window = connect
         .receive_maximum
         .unwrap_or(u16::MAX)
@@ -848,7 +826,6 @@ fn authenticate(
         window: usize::from(window),
         peer_max_packet: connect.max_packet_size.map_or(usize::MAX, |m| m as usize),
         will,
-        policy,
         generation: authed.generation,
         method: authed.method,
         disconnect_on_refusal: authed.policy.disconnect_on_refusal,
@@ -862,36 +839,34 @@ fn authenticate(
         out_alias_max: connect
             .topic_alias_maximum
             .min(ctx.limits.topic_alias_maximum),
-        limiter,
-        live,
+        admission,
         certs: certs.map(<[_]>::to_vec),
         stats: Arc::new(SessionStats::default()),
-        downlink: TokenBucket::new(rates.messages, Instant::now()),
-        subscribes: TokenBucket::new(ctx.limits.subscribe_rate, Instant::now()),
+        subscribes: TokenBucket::new(ctx.limits.subscribe_rate, now),
         subscribe_rate_audited: None,
         next_pump: None,
         pump_more: false,
-        rates,
-        pace: TokenBucket::new(rates.messages, Instant::now()),
-        forensic: forensic_bucket(&behaviour),
-        behaviour,
-        tracked,
-        limits_for: Behaviour::Normal,
     })
 }
 
-/// The pace at which a quarantined device's messages are diverted.
-fn forensic_bucket(policy: &BehaviourPolicy) -> TokenBucket {
-    let rate = Rate {
-        per_second: policy.forensic_per_second,
-        burst: policy.forensic_per_second.max(1.0),
-    };
-    TokenBucket::new(rate, Instant::now())
-}
-
-/// Probation and quarantine tighten a device's rate limits.
-fn tightened(state: Behaviour) -> bool {
-    matches!(state, Behaviour::Probation | Behaviour::Quarantined)
+/// The rules a principal is admitted under, from the settings in force.
+fn rules(
+    ctx: &Context,
+    live: &Live,
+    principal: &PrincipalRef,
+    acl: Arc<portcullis_core::acl::Acl>,
+) -> Rules {
+    let rates = live.config.rates_for(
+        ctx.kind.as_str(),
+        principal.group.as_str(),
+        principal.id.as_str(),
+    );
+    Rules {
+        acl,
+        validator: live.validator.clone(),
+        rates: PrincipalRates::from_config(&rates),
+        behaviour: ctx.behaviours.policy(&principal.group),
+    }
 }
 
 struct Session {
@@ -904,7 +879,6 @@ struct Session {
     window: usize,
     peer_max_packet: usize,
     will: Option<Will>,
-    policy: SessionPolicy,
     generation: u64,
     method: &'static str,
     disconnect_on_refusal: bool,
@@ -923,16 +897,12 @@ struct Session {
     /// many the peer allows (its Topic Alias Maximum; 0: none).
     out_aliases: HashMap<TopicName, u16>,
     out_alias_max: u16,
-    /// The rate-limit stage's state for this principal.
-    limiter: PrincipalLimiter,
-    /// The reloadable settings this session currently applies.
-    live: Arc<Live>,
+    /// The pipeline's state for this peer: every stage decides there.
+    admission: Admission,
     /// The certificate chain it authenticated with, re-checked on reload.
     certs: Option<Vec<CertificateDer<'static>>>,
     /// Counters shown by `portcullis clients list`.
     stats: Arc<SessionStats>,
-    /// The device's rate for commands it receives, and when to try again.
-    downlink: TokenBucket,
     /// New subscriptions this connection may add (SUBSCRIBE churn is bounded).
     subscribes: TokenBucket,
     /// When a filter over that rate was last audited (at most one line a second).
@@ -940,17 +910,6 @@ struct Session {
     next_pump: Option<Instant>,
     /// The mailbox has more for the peer than one write took.
     pump_more: bool,
-    /// The principal's configured rates (probation tightens them).
-    rates: PrincipalRates,
-    /// The behaviour settings of its group, and its model (devices only).
-    behaviour: Arc<BehaviourPolicy>,
-    tracked: Option<Arc<Tracked>>,
-    /// The behaviour state the limiter was last set for.
-    limits_for: Behaviour,
-    /// The rate at which a quarantined device's messages are diverted.
-    forensic: TokenBucket,
-    /// The pace at which a quarantined device is read (its tightened message rate).
-    pace: TokenBucket,
 }
 
 /// Why a session ended.
@@ -1030,11 +989,15 @@ const PUMP_BATCH: usize = 64;
 const FLUSH_AT: usize = 32 * 1024;
 
 impl Session {
+    fn principal(&self) -> &PrincipalRef {
+        &self.admission.peer().principal
+    }
+
     /// Route what is for this session into its mailbox (a device's commands, or what
     /// a service's subscriptions match), and take the uplink its messages go through.
     async fn open_link(&mut self, ctx: &Context, state: SessionState) -> Result<(), String> {
         self.state = state;
-        let id = self.policy.principal.id.clone();
+        let id = self.principal().id.clone();
         let mailbox = self.state.mailbox.clone();
         let link = match ctx.kind {
             PrincipalKind::Device => {
@@ -1070,7 +1033,7 @@ impl Session {
 
     /// After the connection: park or drop the session, fire the Will if due.
     async fn finish(mut self, ctx: &Context, end: &End, mut slot: OwnedMutexGuard<Slot>) {
-        let id = self.policy.principal.id.clone();
+        let id = self.principal().id.clone();
         let mailbox = self.state.mailbox.clone();
         mailbox.put_back(std::mem::take(&mut self.staged), Instant::now());
         if self.expiry > 0 && !end.discards_session() {
@@ -1091,18 +1054,14 @@ impl Session {
         let epoch = slot.epoch;
         let slot = OwnedMutexGuard::mutex(&slot).clone();
         drop(self.link.take());
+        let gate = self.admission.will_gate();
         // A quarantined device's Last Will is suppressed: the device is not trusted.
-        if self
-            .tracked
-            .as_ref()
-            .is_some_and(|t| t.state() == Behaviour::Quarantined)
-        {
+        if gate.quarantined() {
             self.will = None;
         }
         let (Some(will), true) = (self.will.take(), end.fires_will()) else {
             return;
         };
-        let tracked = self.tracked.clone();
         // MQTT 5: the Will waits for its delay (never longer than the session lives),
         // and is dropped if the device comes back first.
         let delay = will_delay(will.delay_secs, self.expiry);
@@ -1110,9 +1069,8 @@ impl Session {
             PrincipalKind::Device => ctx.broker.uplink_for(&id),
             PrincipalKind::Service => ctx.broker.service_uplink(&id),
         };
-        let retained = ctx.retained.clone();
         let kind = ctx.kind;
-        let policy = self.policy.clone();
+        let principal = self.admission.peer().principal.clone();
         let auth = ctx.auth.clone();
         let audit = ctx.audit.clone();
         let metrics = ctx.metrics.clone();
@@ -1129,21 +1087,7 @@ impl Session {
             }
             // Re-checked as it fires: rights may have changed since CONNECT, and the
             // device may have been quarantined since.
-            if tracked
-                .as_ref()
-                .is_some_and(|t| t.state() == Behaviour::Quarantined)
-                || !auth.still_current(&policy.principal, generation)
-                || pipeline::admit(&policy, &will.message, Direction::FromPeer) != Verdict::Accept
-            {
-                return;
-            }
-            // A retained Will counts against the same per-device retained cap.
-            if will.message.retain
-                && kind == PrincipalKind::Device
-                && retained
-                    .note_device_retained(&policy.principal.id, &will.message)
-                    .is_err()
-            {
+            if !auth.still_current(&principal, generation) || !gate.admit(&will.message) {
                 return;
             }
             let topic = will.message.topic.to_string();
@@ -1156,7 +1100,7 @@ impl Session {
                 Metrics::inc(&metrics.wills_published);
                 audit.record(
                     AuditEntry::new("will", "allow")
-                        .principal(kind.as_str(), policy.principal.id.to_string())
+                        .principal(kind.as_str(), principal.id.to_string())
                         .source(peer)
                         .topic(topic),
                 );
@@ -1270,7 +1214,7 @@ impl Session {
                         // connection).
                         Ok(frame) => Box::pin(self.on_frame(ctx, frame, &mut out)).await,
                         Err(ReadError::Strict(e)) => {
-                            ctx.metrics.refused("decode", "malformed_packet");
+                            ctx.metrics.refused(Refusal::MalformedPacket);
                             self.audit_refusal(ctx, "packet", None, &e.to_string());
                             Err(End::Protocol(e.reason_code(), e.to_string()))
                         }
@@ -1302,7 +1246,7 @@ impl Session {
     /// it lost are gone from now on (subscriptions no longer allowed are dropped); a
     /// certificate that no longer verifies (CA removed, or revoked by a CRL) ends it.
     async fn reload(&mut self, ctx: &Context, live: Arc<Live>) -> Result<(), End> {
-        let principal = self.policy.principal.clone();
+        let principal = self.principal().clone();
         let Some(acl) = ctx.auth.current_acl(&principal) else {
             return Err(End::Kicked(KickReason::PolicyChanged));
         };
@@ -1311,14 +1255,13 @@ impl Session {
         {
             return Err(End::Kicked(KickReason::CertificateRevoked));
         }
-        self.policy.acl = acl;
+        self.admission
+            .reload(rules(ctx, &live, &principal, acl), Instant::now());
         let lost: Vec<SubscriptionKey> = self
             .state
             .subscriptions()
             .iter()
-            .filter(|s| {
-                pipeline::admit_subscription(&self.policy, &s.key.filter) != Verdict::Accept
-            })
+            .filter(|s| !self.admission.may_subscribe(&s.key.filter))
             .map(|s| s.key.clone())
             .collect();
         for key in &lost {
@@ -1332,33 +1275,10 @@ impl Session {
         }
         if ctx.kind == PrincipalKind::Service && !lost.is_empty() {
             ctx.broker
-                .unsubscribe(self.policy.principal.id.clone(), lost)
+                .unsubscribe(principal.id.clone(), lost)
                 .await
                 .map_err(|_| End::BrokerGone)?;
         }
-        let rates = live.config.rates_for(
-            ctx.kind.as_str(),
-            principal.group.as_str(),
-            principal.id.as_str(),
-        );
-        let behaviour = ctx.behaviours.policy(&principal.group);
-        if behaviour != self.behaviour {
-            // New factors and rates: the limiter and the forensic pace are set again.
-            self.forensic = forensic_bucket(&behaviour);
-            self.limits_for = Behaviour::Normal;
-            self.limiter = PrincipalLimiter::new(self.rates, Instant::now());
-            self.pace = TokenBucket::new(self.rates.messages, Instant::now());
-            self.behaviour = behaviour;
-        }
-        if PrincipalRates::from_config(&rates) != self.rates {
-            self.rates = PrincipalRates::from_config(&rates);
-            self.downlink = TokenBucket::new(self.rates.messages, Instant::now());
-            // Set again for the current behaviour state below.
-            self.limits_for = Behaviour::Normal;
-            self.limiter = PrincipalLimiter::new(self.rates, Instant::now());
-        }
-        self.sync_behaviour();
-        self.live = live;
         Ok(())
     }
 
@@ -1370,15 +1290,12 @@ impl Session {
         let now = Instant::now();
         // A quarantined device's commands wait (within the mailbox's bounds) until it
         // is released, if its group's policy holds them; looked at again each second.
-        if self.sync_behaviour() == Behaviour::Quarantined
-            && self.behaviour.commands == portcullis_config::QuarantineCommands::Hold
-        {
+        if self.admission.holds_commands(now) {
             if !self.state.mailbox.is_empty() || !self.staged.is_empty() {
                 self.next_pump = Some(now + Duration::from_secs(1));
             }
             return;
         }
-        let device = ctx.kind == PrincipalKind::Device;
         while self.state.window_open(self.window)
             && !(self.staged.is_empty() && self.state.mailbox.is_empty())
         {
@@ -1388,8 +1305,7 @@ impl Session {
                 self.pump_more = true;
                 break;
             }
-            if device && let Err(wait) = self.downlink.take(1.0, now) {
-                Metrics::inc(&ctx.metrics.rate_limit_waits);
+            if let Err(wait) = self.admission.downlink_budget(now) {
                 self.next_pump = Some(now + wait);
                 break;
             }
@@ -1399,9 +1315,7 @@ impl Session {
                     .pop_many(now, PUMP_BATCH, &mut self.staged);
             }
             let Some(d) = self.staged.pop_front() else {
-                if device {
-                    self.downlink.give(1.0);
-                }
+                self.admission.return_budget();
                 break;
             };
             self.deliver(ctx, d, out);
@@ -1416,7 +1330,7 @@ impl Session {
 
     fn audit_refusal(&self, ctx: &Context, event: &'static str, topic: Option<&str>, why: &str) {
         let mut entry = AuditEntry::new(event, "refuse")
-            .principal(ctx.kind.as_str(), self.policy.principal.id.to_string())
+            .principal(ctx.kind.as_str(), self.principal().id.to_string())
             .source(self.peer)
             .protocol(protocol_name(self.version))
             .reason(why.to_string());
@@ -1465,8 +1379,7 @@ impl Session {
                 if let Outbound::Publish { pkid, .. } = send {
                     self.state.abandon(pkid);
                 }
-                ctx.metrics
-                    .refused("deliver", "over_client_maximum_packet_size");
+                ctx.metrics.refused(Refusal::OverClientMaximumPacketSize);
             }
         }
     }
@@ -1527,14 +1440,14 @@ impl Session {
         out: &mut BytesMut,
     ) -> Result<(), End> {
         if let Err(e) = strict::check_frame(&frame, self.version) {
-            ctx.metrics.refused("decode", "malformed_packet");
+            ctx.metrics.refused(Refusal::MalformedPacket);
             self.audit_refusal(ctx, "packet", None, &e.to_string());
             return Err(End::Protocol(e.reason_code(), e.to_string()));
         }
         let packet = match codec::decode(frame, self.version, ctx.limits.max_packet_size) {
             Ok(p) => p,
             Err(e) => {
-                ctx.metrics.refused("decode", "malformed_packet");
+                ctx.metrics.refused(Refusal::MalformedPacket);
                 self.audit_refusal(ctx, "packet", None, &e.to_string());
                 return Err(End::Protocol(reason::MALFORMED, e.to_string()));
             }
@@ -1585,7 +1498,7 @@ impl Session {
                 // UNSUBACK (a message or two already queued may still follow it).
                 if shared && !removed.is_empty() {
                     ctx.broker
-                        .unsubscribe(self.policy.principal.id.clone(), removed)
+                        .unsubscribe(self.principal().id.clone(), removed)
                         .await
                         .map_err(|_| End::BrokerGone)?;
                 }
@@ -1621,51 +1534,17 @@ impl Session {
         }
     }
 
-    /// Refuse a publish the MQTT way: 3.1.1 acknowledges and drops (or disconnects, by
-    /// policy); MQTT 5 says why in the acknowledgement.
+    /// Answer a refused publish the MQTT way (the core has counted, audited and
+    /// observed it): 3.1.1 acknowledges and drops (or disconnects, by policy); MQTT 5
+    /// says why in the acknowledgement.
     fn refuse_publish(
         &mut self,
-        ctx: &Context,
         p: &PublishIn,
-        topic: &str,
         refusal: Refusal,
-        code: u8,
         out: &mut BytesMut,
     ) -> Result<(), End> {
-        let words = refusal.to_string();
-        self.refuse_publish_as(
-            ctx,
-            p,
-            topic,
-            (refusal.stage.as_str(), refusal.reason),
-            &words,
-            code,
-            out,
-        )
-    }
-
-    /// Refuse a publish with a metric label `(stage, reason)` and the words for the
-    /// audit line.
-    #[allow(clippy::too_many_arguments)]
-    fn refuse_publish_as(
-        &mut self,
-        ctx: &Context,
-        p: &PublishIn,
-        topic: &str,
-        (stage, label): (&'static str, &'static str),
-        words: &str,
-        code: u8,
-        out: &mut BytesMut,
-    ) -> Result<(), End> {
-        ctx.metrics.refused(stage, label);
-        self.audit_refusal(ctx, "publish", Some(topic), words);
-        match stage {
-            "authorize" => self.observe(Observation::Denied, Instant::now()),
-            "validate" => self.observe(Observation::Invalid, Instant::now()),
-            _ => {}
-        }
         if self.version == ProtocolVersion::V311 && self.disconnect_on_refusal {
-            return Err(End::Refused(words.to_string()));
+            return Err(End::Refused(refusal.to_string()));
         }
         if p.qos == 2 && self.version == ProtocolVersion::V5 {
             // An MQTT 5 failure PUBREC ends the flow: no PUBREL will free the id.
@@ -1673,138 +1552,9 @@ impl Session {
             self.state.on_pubrel(p.pkid);
         }
         if p.qos > 0 {
-            self.answer_publish(p.pkid, p.qos, code, out);
+            self.answer_publish(p.pkid, p.qos, publish_code(refusal), out);
         }
         Ok(())
-    }
-
-    /// Tell the behaviour model (devices only).
-    fn observe(&self, obs: Observation, now: Instant) {
-        if let Some(tracked) = &self.tracked {
-            tracked.observe(obs, now, &self.behaviour);
-        }
-    }
-
-    /// The device's behaviour state; probation tightens its rate limits (and they stay
-    /// tight in quarantine), and they are restored when it is normal or released. A
-    /// group whose model is off (by a reload, say) acts as normal.
-    fn sync_behaviour(&mut self) -> Behaviour {
-        let state = match &self.tracked {
-            Some(t) if self.behaviour.enabled => t.state(),
-            _ => Behaviour::Normal,
-        };
-        let tight = tightened(state);
-        if tight != tightened(self.limits_for) {
-            let rates = if tight {
-                self.rates.tightened(self.behaviour.probation_rate_factor)
-            } else {
-                self.rates
-            };
-            self.limiter = PrincipalLimiter::new(rates, Instant::now());
-            self.pace = TokenBucket::new(rates.messages, Instant::now());
-        }
-        self.limits_for = state;
-        state
-    }
-
-    /// A quarantined device's publish: acknowledged (so it does not retry), then
-    /// dropped, or diverted to its forensic topic at the policy's reduced rate.
-    async fn quarantined(
-        &mut self,
-        ctx: &Context,
-        p: &PublishIn,
-        msg: Message,
-        out: &mut BytesMut,
-    ) -> Result<(), End> {
-        // Held to its (tightened) message rate by back-pressure alone, however long
-        // it floods: what it sends goes nowhere, so it is never read faster (the rate
-        // limit's "drop" after sustained abuse would read it as fast as it sends).
-        let started = Instant::now();
-        let max_delay = self.limiter.rates().max_delay.max(Duration::from_secs(1));
-        loop {
-            let now = Instant::now();
-            let Err(wait) = self.pace.take(1.0, now) else {
-                break;
-            };
-            let left = max_delay.saturating_sub(now.saturating_duration_since(started));
-            if left.is_zero() {
-                break;
-            }
-            Metrics::inc(&ctx.metrics.rate_limit_waits);
-            tokio::time::sleep(wait.min(left)).await;
-        }
-        let divert = self.behaviour.traffic == portcullis_config::QuarantineTraffic::Divert
-            && self.forensic.take(1.0, Instant::now()).is_ok();
-        let forensic = divert
-            .then(|| quarantine::forensic_topic(&self.policy.principal.id, &msg.topic))
-            .flatten();
-        match (forensic, &self.link) {
-            (Some(topic), Some(uplink)) => {
-                Metrics::inc(&ctx.metrics.quarantine_diverted);
-                let diverted = Message {
-                    topic,
-                    qos: QoS::AtMostOnce,
-                    retain: false,
-                    ..msg
-                };
-                uplink.send(diverted).await.map_err(|_| End::BrokerGone)?;
-            }
-            _ => {
-                Metrics::inc(&ctx.metrics.quarantine_dropped);
-                ctx.metrics.refused("quarantine", "quarantined");
-                self.audit_refusal(
-                    ctx,
-                    "publish",
-                    Some(msg.topic.as_str()),
-                    "quarantine: device quarantined, message dropped",
-                );
-            }
-        }
-        if p.qos > 0 {
-            self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
-        }
-        Ok(())
-    }
-
-    /// The rate-limit stage: per-principal buckets, then the gateway-wide cap. Waits
-    /// (without reading the socket) while the principal is merely over its rate.
-    async fn rate_limit(&mut self, ctx: &Context, len: usize) -> LimitDecision {
-        let max_delay = self.limiter.rates().max_delay;
-        let started = Instant::now();
-        // The behaviour model hears of each message the limit held back, once.
-        let mut hit = false;
-        loop {
-            let now = Instant::now();
-            let decision = self.limiter.admit(len, now);
-            // Only against its configured rates: probation's tighter ones would
-            // otherwise turn its own tightening into hits.
-            if !hit && !matches!(decision, LimitDecision::Pass) {
-                hit = true;
-                if !tightened(self.limits_for) {
-                    self.observe(Observation::LimitHit, now);
-                }
-            }
-            match decision {
-                LimitDecision::Pass => {
-                    if ctx.global.take(now) {
-                        return LimitDecision::Pass;
-                    }
-                    // Not this principal's fault: its tokens go back while it waits.
-                    self.limiter.refund(len);
-                    // The whole gateway is at its cap: wait a turn, like everyone else.
-                    if now.saturating_duration_since(started) >= max_delay {
-                        return LimitDecision::Refuse(self.limiter.rates().action);
-                    }
-                    Metrics::inc(&ctx.metrics.rate_limit_waits);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                LimitDecision::Wait(d) => {
-                    Metrics::inc(&ctx.metrics.rate_limit_waits);
-                    tokio::time::sleep(d).await;
-                }
-                other => return other,
-            }
-        }
     }
 
     /// Resolve a topic alias (MQTT 5) before anything else looks at the topic.
@@ -1831,7 +1581,7 @@ impl Session {
             };
         }
         let topic = TopicName::parse(&p.topic, ctx.limits.topic).map_err(|e| {
-            ctx.metrics.refused("decode", "topic_invalid");
+            ctx.metrics.refused(Refusal::TopicInvalid);
             self.audit_refusal(ctx, "publish", Some(&p.topic), &e.to_string());
             End::Protocol(reason::TOPIC_NAME_INVALID, e.to_string())
         })?;
@@ -1850,23 +1600,11 @@ impl Session {
         let arrived = Instant::now();
         // Content standard consumers refuse, from anyone: refused as a payload is (a
         // validation failure), before the topic is parsed or an alias is recorded.
-        if let Err(poison) = content::check(&p.topic, &carried(&p.props, &p.payload)) {
-            let code = if poison.is_topic() {
-                reason::TOPIC_NAME_INVALID
-            } else {
-                reason::PAYLOAD_FORMAT_INVALID
-            };
-            let words = format!("validate: {poison}");
-            let topic = content::escaped(&p.topic);
-            return self.refuse_publish_as(
-                ctx,
-                &p,
-                &topic,
-                ("validate", poison.label()),
-                &words,
-                code,
-                out,
-            );
+        if let Err(refusal) =
+            self.admission
+                .screen(&p.topic, &carried(&p.props, &p.payload), arrived)
+        {
+            return self.refuse_publish(&p, refusal, out);
         }
         let topic = self.resolve_topic(ctx, &p)?;
         // More unacknowledged QoS 1/2 publishes than the Receive Maximum announced. A
@@ -1877,7 +1615,7 @@ impl Session {
             let unacked = self.pending_acks.iter().filter(|a| a.qos == 1).count()
                 + self.state.incoming_qos2_len();
             if unacked >= usize::from(ctx.limits.receive_maximum) {
-                ctx.metrics.refused("limits", "receive_maximum_exceeded");
+                ctx.metrics.refused(Refusal::ReceiveMaximumExceeded);
                 return Err(End::Protocol(
                     reason::RECEIVE_MAXIMUM_EXCEEDED,
                     "receive maximum exceeded".into(),
@@ -1893,21 +1631,10 @@ impl Session {
         }
         let props = match properties(&p.props, &ctx.limits) {
             Ok(props) => props,
-            Err(label) => {
-                let (detail, code) = if label == "response_topic_invalid" {
-                    (
-                        "response topic is not a valid topic name",
-                        reason::TOPIC_NAME_INVALID,
-                    )
-                } else {
-                    ("message properties over the limits", reason::QUOTA_EXCEEDED)
-                };
-                let refusal = Refusal {
-                    stage: pipeline::Stage::Authorize,
-                    reason: label,
-                    detail,
-                };
-                return self.refuse_publish(ctx, &p, topic.as_str(), refusal, code, out);
+            Err(refusal) => {
+                self.admission
+                    .refused(refusal, "publish", Some(topic.as_str()), None, arrived);
+                return self.refuse_publish(&p, refusal, out);
             }
         };
         let msg = Message {
@@ -1917,144 +1644,47 @@ impl Session {
             retain: p.retain,
             properties: props,
         };
-        // Stage 1, quarantine: the model hears what the device offered, before any
-        // limit; a quarantined device's message never reaches a service.
-        if self.tracked.is_some() {
-            let topic = ctx.behaviours.hash(msg.topic.as_str());
-            self.observe(Observation::message(msg.payload.len(), topic), arrived);
-            if self.sync_behaviour() == Behaviour::Quarantined {
-                return self.quarantined(ctx, &p, msg, out).await;
+        // The pipeline decides; while it holds the peer back, nothing more is read.
+        let mut offer = Offer::new(msg, arrived);
+        let verdict = loop {
+            match self.admission.uplink(offer, Instant::now()) {
+                Verdict::Wait(again, at) => {
+                    tokio::time::sleep_until(at.into()).await;
+                    offer = again;
+                }
+                verdict => break verdict,
             }
-        }
-        let mut verdict = pipeline::admit(&self.policy, &msg, Direction::FromPeer);
-        // A Response Topic is where the answer will be published: authorized the same way.
-        if let (Verdict::Accept, Some(rt)) = (
-            verdict,
-            msg.properties
-                .as_ref()
-                .and_then(|pr| pr.response_topic.clone()),
-        ) {
-            let probe = Message {
-                topic: rt,
-                ..msg.clone()
-            };
-            if pipeline::admit(&self.policy, &probe, Direction::FromPeer) != Verdict::Accept {
-                verdict = Verdict::Refuse(pipeline::RESPONSE_TOPIC_NOT_ALLOWED);
-            }
-        }
-        if let Verdict::Refuse(refusal) = verdict {
-            let topic = msg.topic.to_string();
-            return self.refuse_publish(ctx, &p, &topic, refusal, reason::NOT_AUTHORIZED, out);
-        }
-        // A command names its device: one that is not registered gets nothing, live or
-        // retained (nobody could ever receive it).
-        if let Some(level) = command_level(&msg.topic)
-            && !PrincipalId::parse(level)
-                .is_ok_and(|id| ctx.auth.group_of(PrincipalKind::Device, &id).is_some())
-        {
-            let topic = msg.topic.to_string();
-            return self.refuse_publish(
-                ctx,
-                &p,
-                &topic,
-                UNKNOWN_DEVICE,
-                reason::TOPIC_NAME_INVALID,
-                out,
-            );
-        }
-        // Rate limits: held back first (the socket is read less), then the action.
-        match self.rate_limit(ctx, msg.payload.len()).await {
-            LimitDecision::Pass => {}
-            LimitDecision::Refuse(OverLimitAction::QuotaExceeded) => {
-                let topic = msg.topic.to_string();
-                return self.refuse_publish(
-                    ctx,
-                    &p,
-                    &topic,
-                    pipeline::RATE_LIMITED,
-                    reason::QUOTA_EXCEEDED,
-                    out,
-                );
-            }
-            LimitDecision::Refuse(_) => {
-                // Dropped quietly: acknowledged as if delivered.
-                let r = pipeline::RATE_LIMITED;
-                ctx.metrics.refused(r.stage.as_str(), r.reason);
-                self.audit_refusal(ctx, "publish", Some(msg.topic.as_str()), &r.to_string());
+        };
+        let msg = match verdict {
+            Verdict::Forward(msg) => msg,
+            Verdict::Divert(forensic) => {
+                let Some(uplink) = &self.link else {
+                    return Err(End::BrokerGone);
+                };
+                uplink.send(forensic).await.map_err(|_| End::BrokerGone)?;
                 if p.qos > 0 {
                     self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
                 }
                 return Ok(());
             }
-            LimitDecision::Disconnect | LimitDecision::Wait(_) => {
-                let r = pipeline::RATE_LIMITED;
-                ctx.metrics.refused(r.stage.as_str(), r.reason);
-                self.audit_refusal(ctx, "publish", Some(msg.topic.as_str()), &r.to_string());
+            // Dropped (quarantine, or the rate limit's "drop"): acknowledged as if
+            // delivered, so the device does not retry.
+            Verdict::Discard(_) => {
+                if p.qos > 0 {
+                    self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
+                }
+                return Ok(());
+            }
+            Verdict::Refuse(refusal) => return self.refuse_publish(&p, refusal, out),
+            Verdict::Disconnect(_) => {
                 return Err(End::Protocol(
                     reason::MESSAGE_RATE_TOO_HIGH,
                     "message rate too high for too long".into(),
                 ));
             }
-        }
-        // Validation: size limits and the payload rules of the topic.
-        if let Err(invalid) = self.live.validator.check(
-            &self.policy.principal.group,
-            &self.policy.principal.id,
-            &msg.topic,
-            &msg.payload,
-        ) {
-            let topic = msg.topic.to_string();
-            let words = format!("validate: {invalid}");
-            return self.refuse_publish_as(
-                ctx,
-                &p,
-                &topic,
-                ("validate", invalid.label),
-                &words,
-                reason::PAYLOAD_FORMAT_INVALID,
-                out,
-            );
-        }
-        // A device's retained messages are capped: each one lives in the broker until
-        // cleared.
-        if msg.retain
-            && ctx.kind == PrincipalKind::Device
-            && ctx
-                .retained
-                .note_device_retained(&self.policy.principal.id, &msg)
-                .is_err()
-        {
-            let refusal = Refusal {
-                stage: pipeline::Stage::Authorize,
-                reason: "retained_limit",
-                detail: "retained messages of this device at their limit",
-            };
-            let topic = msg.topic.to_string();
-            return self.refuse_publish(ctx, &p, &topic, refusal, reason::QUOTA_EXCEEDED, out);
-        }
-        // A retained command is the device's desired state: the gateway keeps it and
-        // hands it over when the device subscribes.
-        if msg.retain
-            && let Some(device) = command_target(&msg.topic)
-            && let Err(full) = ctx.retained.set(&device, msg.clone())
-        {
-            let topic = msg.topic.to_string();
-            let words = format!("authorize: retained command not kept: {full}");
-            return self.refuse_publish_as(
-                ctx,
-                &p,
-                &topic,
-                ("authorize", full.label()),
-                &words,
-                reason::QUOTA_EXCEEDED,
-                out,
-            );
-        }
-        Metrics::inc(&ctx.metrics.messages_accepted);
+            Verdict::Wait(..) => unreachable!("waited above"),
+        };
         self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-        ctx.metrics
-            .bytes_accepted
-            .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
         // The acknowledgement waits for the broker, in its own queue: never behind
         // deliveries held by the peer's Receive Maximum.
         let Some(uplink) = &self.link else {
@@ -2084,7 +1714,7 @@ impl Session {
         out: &mut BytesMut,
     ) -> Result<(), End> {
         if filters.len() > ctx.limits.max_subscribe_filters {
-            ctx.metrics.refused("subscribe", "too_many_filters");
+            ctx.metrics.refused(Refusal::TooManyFilters);
             let codes = vec![Err(reason::QUOTA_EXCEEDED); filters.len()];
             codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
             return Ok(());
@@ -2098,7 +1728,7 @@ impl Session {
             let key = match SubscriptionKey::parse(&f.path, ctx.limits.topic, service) {
                 Ok(k) => k,
                 Err(e) => {
-                    ctx.metrics.refused("subscribe", "filter_invalid");
+                    ctx.metrics.refused(Refusal::FilterInvalid);
                     self.audit_refusal(ctx, "subscribe", Some(&f.path), &e.to_string());
                     // Devices are told shares do not exist for them (CONNACK said so).
                     let code = if !service && f.path.starts_with("$share/") {
@@ -2118,12 +1748,11 @@ impl Session {
                 ));
             }
             // A shared subscription is authorized by its filter, like any other.
-            if let Verdict::Refuse(refusal) =
-                pipeline::admit_subscription(&self.policy, &key.filter)
+            if self
+                .admission
+                .admit_subscription(&key.filter, &f.path, Instant::now())
+                .is_err()
             {
-                ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
-                self.observe(Observation::Denied, Instant::now());
-                self.audit_refusal(ctx, "subscribe", Some(&f.path), &refusal.to_string());
                 codes.push(Err(reason::NOT_AUTHORIZED));
                 continue;
             }
@@ -2140,11 +1769,7 @@ impl Session {
             let over = if !is_new {
                 None
             } else if held >= ctx.limits.max_subscriptions {
-                Some((
-                    "too_many_subscriptions",
-                    "subscriptions at their limit",
-                    true,
-                ))
+                Some((Refusal::TooManySubscriptions, true))
             } else if self.subscribes.take(1.0, now).is_err() {
                 // Audited at most once a second: a churner is counted, not transcribed.
                 let due = self
@@ -2153,18 +1778,14 @@ impl Session {
                 if due {
                     self.subscribe_rate_audited = Some(now);
                 }
-                Some((
-                    "subscribe_rate",
-                    "new topic filters over their rate (limits.subscribe_rate)",
-                    due,
-                ))
+                Some((Refusal::SubscribeRate, due))
             } else {
                 None
             };
-            if let Some((label, why, audit)) = over {
-                ctx.metrics.refused("subscribe", label);
+            if let Some((refusal, audit)) = over {
+                ctx.metrics.refused(refusal);
                 if audit {
-                    self.audit_refusal(ctx, "subscribe", Some(&f.path), why);
+                    self.audit_refusal(ctx, "subscribe", Some(&f.path), refusal.detail());
                 }
                 codes.push(Err(reason::QUOTA_EXCEEDED));
                 continue;
@@ -2186,10 +1807,7 @@ impl Session {
                     RetainHandling::Never => false,
                 };
                 if send {
-                    retained.extend(
-                        ctx.retained
-                            .matching(&self.policy.principal.id, &sub.key.filter),
-                    );
+                    retained.extend(ctx.retained.matching(&self.principal().id, &sub.key.filter));
                 }
             }
             codes.push(Ok(granted as u8));
@@ -2202,7 +1820,7 @@ impl Session {
             let subs = accepted.iter().map(|(_, s)| s.clone()).collect();
             let added = ctx
                 .broker
-                .subscribe(self.policy.principal.id.clone(), subs)
+                .subscribe(self.principal().id.clone(), subs)
                 .await
                 .map_err(|_| End::BrokerGone)?;
             for ((at, sub), added) in accepted.into_iter().zip(added) {
@@ -2211,7 +1829,7 @@ impl Session {
                         self.state.subscribe(sub);
                     }
                     Err(e) => {
-                        ctx.metrics.refused("subscribe", "subscriptions_full");
+                        ctx.metrics.refused(Refusal::SubscriptionsFull);
                         let filter = sub.key.to_string();
                         self.audit_refusal(ctx, "subscribe", Some(&filter), &e.to_string());
                         codes[at] = Err(reason::QUOTA_EXCEEDED);
@@ -2239,10 +1857,7 @@ impl Session {
     /// A message for this peer: through the pipeline, then out (or into the inflight
     /// window's wait).
     fn deliver(&mut self, ctx: &Context, d: Delivery, out: &mut BytesMut) {
-        if let Verdict::Refuse(refusal) =
-            pipeline::admit(&self.policy, &d.message, Direction::ToPeer)
-        {
-            ctx.metrics.refused(refusal.stage.as_str(), refusal.reason);
+        if self.admission.may_receive(&d.message).is_err() {
             return;
         }
         // A service's fan-out already applied its subscriptions; a device's commands
@@ -2270,8 +1885,7 @@ impl Session {
             {
                 self.state.abandon(pkid);
             }
-            ctx.metrics
-                .refused("deliver", "over_client_maximum_packet_size");
+            ctx.metrics.refused(Refusal::OverClientMaximumPacketSize);
             return;
         }
         Metrics::inc(&ctx.metrics.messages_delivered);
@@ -2279,27 +1893,19 @@ impl Session {
     }
 }
 
-/// `devices/{id}/commands/...` names the device a command is for.
-fn command_target(topic: &TopicName) -> Option<PrincipalId> {
-    command_level(topic).and_then(|id| PrincipalId::parse(id).ok())
+/// The MQTT 5 reason code that tells a publisher why its message was refused.
+fn publish_code(refusal: Refusal) -> u8 {
+    match refusal {
+        Refusal::TopicForbiddenCharacter
+        | Refusal::ResponseTopicInvalid
+        | Refusal::UnknownDevice
+        | Refusal::TopicInvalid => reason::TOPIC_NAME_INVALID,
+        r if r.stage() == Stage::Validate => reason::PAYLOAD_FORMAT_INVALID,
+        r if r.stage() == Stage::Limit => reason::QUOTA_EXCEEDED,
+        Refusal::Quarantined => reason::SUCCESS,
+        _ => reason::NOT_AUTHORIZED,
+    }
 }
-
-/// The `{id}` level of `devices/{id}/commands/...`, as written.
-fn command_level(topic: &TopicName) -> Option<&str> {
-    let mut levels = topic.levels();
-    let (Some("devices"), Some(id), Some("commands")) =
-        (levels.next(), levels.next(), levels.next())
-    else {
-        return None;
-    };
-    Some(id)
-}
-
-const UNKNOWN_DEVICE: Refusal = Refusal {
-    stage: pipeline::Stage::Authorize,
-    reason: "unknown_device",
-    detail: "command for an id that is not a registered device",
-};
 
 /// An acknowledgement owed to the peer.
 struct PendingAck {

@@ -9,7 +9,7 @@
 //! session holds, for its limits and for reloads.)
 
 use portcullis_core::mailbox::{Delivery, Mailbox};
-use portcullis_core::pipeline::QoS;
+use portcullis_core::message::QoS;
 use portcullis_core::subscription::{Subscription, SubscriptionKey};
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -281,7 +281,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use portcullis_core::mailbox::MailboxLimits;
-    use portcullis_core::pipeline::Message;
+    use portcullis_core::message::Message;
     use portcullis_core::subscription::SubscriptionOptions;
     use portcullis_core::topic::{TopicLimits, TopicName};
 

@@ -23,8 +23,8 @@
 use crate::audit::{Audit, AuditEntry};
 use crate::fanout::{Fanout, FanoutLimits, Routed, SubscribeError};
 use crate::mailbox::{Delivery, Mailbox};
+use crate::message::{Message, Properties, QoS};
 use crate::metrics::Metrics;
-use crate::pipeline::{Message, Properties, QoS};
 use crate::principal::PrincipalId;
 use crate::subscription::{Subscription, SubscriptionKey};
 use crate::topic::TopicName;

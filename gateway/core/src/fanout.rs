@@ -15,7 +15,7 @@
 //! frees its branch.
 
 use crate::mailbox::{Delivery, Mailbox, Overflow};
-use crate::pipeline::{Message, QoS};
+use crate::message::{Message, QoS};
 use crate::principal::PrincipalId;
 use crate::subscription::{
     RetainHandling, ShareName, Subscription, SubscriptionKey, SubscriptionOptions,
@@ -681,7 +681,7 @@ fn push(subscriber: &Subscriber, delivery: Delivery, now: Instant, routed: &mut 
 mod tests {
     use super::*;
     use crate::mailbox::MailboxLimits;
-    use crate::pipeline::Properties;
+    use crate::message::Properties;
     use crate::topic::TopicLimits;
     use bytes::Bytes;
     use std::time::Duration;

@@ -3,6 +3,7 @@
 //! types here and act on the verdicts they get back.
 
 pub mod acl;
+pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod auth_alert;
@@ -14,11 +15,12 @@ pub mod content;
 pub mod fanout;
 pub mod limit;
 pub mod mailbox;
+pub mod message;
 pub mod metrics;
-pub mod pipeline;
 pub mod principal;
 pub mod quarantine;
 pub mod record;
+pub mod refusal;
 pub mod registry;
 pub mod retained;
 pub mod secret;

@@ -6,7 +6,7 @@
 //! for a push or a pop only; the clock is passed in, so the bounds are tested without
 //! waiting.
 
-use crate::pipeline::{Message, Properties};
+use crate::message::{Message, Properties};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -265,7 +265,7 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::QoS;
+    use crate::message::QoS;
     use crate::topic::{TopicLimits, TopicName};
     use bytes::Bytes;
 

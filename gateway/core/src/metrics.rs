@@ -1,11 +1,10 @@
 //! Counters for what the gateway decided. Rendered as Prometheus text.
 //!
-//! The hot path only touches atomics; refusal counters, keyed by stage and reason,
-//! sit behind a mutex that is taken only when something is refused.
+//! The hot path only touches atomics: every refusal reason has its own counter slot
+//! (`Refusal::slot`), so counting one takes no lock.
 
-use std::collections::BTreeMap;
+use crate::refusal::Refusal;
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
@@ -39,7 +38,7 @@ pub struct Metrics {
     pub quarantine_diverted: AtomicU64,
     /// Alerts on failed logins naming a registered device (at most one per id per window).
     pub auth_failure_alerts: AtomicU64,
-    refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    refusals: RefusalCounters,
     /// Open sessions by protocol and principal kind.
     pub sessions_mqtt311_device: AtomicU64,
     pub sessions_mqtt5_device: AtomicU64,
@@ -89,18 +88,23 @@ impl Histogram {
     }
 }
 
+/// One counter per refusal reason.
+#[derive(Debug)]
+struct RefusalCounters([AtomicU64; Refusal::COUNT]);
+
+impl Default for RefusalCounters {
+    fn default() -> Self {
+        RefusalCounters(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
 impl Metrics {
-    pub fn refused(&self, stage: &'static str, reason: &'static str) {
-        let mut map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((stage, reason)).or_insert(0) += 1;
+    pub fn refused(&self, refusal: Refusal) {
+        self.refusals.0[refusal.slot()].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn refusal_count(&self, stage: &str, reason: &str) -> u64 {
-        let map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
-            .filter(|((s, r), _)| *s == stage && *r == reason)
-            .map(|(_, v)| *v)
-            .sum()
+    pub fn refusal_count(&self, refusal: Refusal) -> u64 {
+        self.refusals.0[refusal.slot()].load(Ordering::Relaxed)
     }
 
     pub fn inc(counter: &AtomicU64) {
@@ -289,8 +293,12 @@ impl Metrics {
             out,
             "# HELP portcullis_refusals_total Refusals by stage and reason.\n# TYPE portcullis_refusals_total counter"
         );
-        let map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-        for ((stage, reason), v) in map.iter() {
+        for r in Refusal::ALL {
+            let v = self.refusal_count(*r);
+            if v == 0 {
+                continue;
+            }
+            let (stage, reason) = (r.stage(), r.label());
             let _ = writeln!(
                 out,
                 "portcullis_refusals_total{{stage=\"{stage}\",reason=\"{reason}\"}} {v}"
@@ -333,13 +341,14 @@ mod tests {
     #[test]
     fn refusals_are_rendered_with_labels() {
         let m = Metrics::default();
-        m.refused("connect", "bad_secret");
-        m.refused("connect", "bad_secret");
+        m.refused(Refusal::BadSecret);
+        m.refused(Refusal::BadSecret);
         let text = m.render();
         assert!(
             text.contains("portcullis_refusals_total{stage=\"connect\",reason=\"bad_secret\"} 2"),
             "{text}"
         );
-        assert_eq!(m.refusal_count("connect", "bad_secret"), 2);
+        assert_eq!(m.refusal_count(Refusal::BadSecret), 2);
+        assert!(!text.contains("reason=\"banned\""), "{text}");
     }
 }

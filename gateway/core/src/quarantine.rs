@@ -11,8 +11,8 @@
 use crate::audit::{Audit, AuditEntry};
 use crate::behaviour::{DeviceModel, Observation, Settings, State, Transition};
 use crate::broker::EmbeddedBroker;
+use crate::message::{Message, QoS};
 use crate::metrics::Metrics;
-use crate::pipeline::{Message, QoS};
 use crate::principal::{GroupName, PrincipalId};
 use crate::registry::{Registry, now_unix};
 use crate::retained::RetainedCommands;
@@ -213,14 +213,7 @@ impl Behaviours {
         policies: Policies,
     ) -> Result<(Arc<Behaviours>, mpsc::UnboundedReceiver<Change>), crate::registry::RegistryError>
     {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let b = Arc::new(Behaviours {
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
-            policies: RwLock::new(Arc::new(policies)),
-            records: Mutex::new(HashMap::new()),
-            changes: tx,
-            hasher: std::hash::RandomState::new(),
-        });
+        let (b, rx) = Behaviours::new(policies);
         let snapshot = registry.snapshot();
         let (now, now_u) = (Instant::now(), now_unix());
         let mut records = b.records.lock().unwrap_or_else(|p| p.into_inner());
@@ -245,6 +238,20 @@ impl Behaviours {
         Ok((b, rx))
     }
 
+    /// An empty table with no records (the simulator's, and tests'). The receiver
+    /// gets every transition.
+    pub fn new(policies: Policies) -> (Arc<Behaviours>, mpsc::UnboundedReceiver<Change>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let b = Arc::new(Behaviours {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            policies: RwLock::new(Arc::new(policies)),
+            records: Mutex::new(HashMap::new()),
+            changes: tx,
+            hasher: std::hash::RandomState::new(),
+        });
+        (b, rx)
+    }
+
     fn shard(&self, id: &PrincipalId) -> &Shard {
         &self.shards[(self.hasher.hash_one(id.as_str()) as usize) % SHARDS]
     }
@@ -261,6 +268,24 @@ impl Behaviours {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), (group.clone(), tracked.clone()));
         tracked
+    }
+
+    /// Put a device in `state`, as if it had been there since `since` (as a record kept
+    /// in the registry restores it).
+    pub fn restore(
+        &self,
+        id: &PrincipalId,
+        group: &GroupName,
+        state: State,
+        since: Instant,
+        now: Instant,
+    ) -> Arc<Tracked> {
+        let policy = self.policy(group);
+        self.insert(
+            id,
+            group,
+            DeviceModel::restored(state, since, now, &policy.settings),
+        )
     }
 
     /// The policy of a device group.

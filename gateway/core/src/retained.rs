@@ -6,7 +6,7 @@
 //! device; an empty retained payload clears the topic. Touched only by retained
 //! publishes and by subscriptions, never by ordinary traffic.
 
-use crate::pipeline::Message;
+use crate::message::Message;
 use crate::principal::PrincipalId;
 use crate::topic::{TopicFilter, TopicName};
 use std::collections::{BTreeMap, HashMap};
@@ -248,7 +248,7 @@ impl RetainedCommands {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::QoS;
+    use crate::message::QoS;
     use crate::topic::TopicLimits;
     use bytes::Bytes;
 

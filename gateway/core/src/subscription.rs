@@ -5,7 +5,7 @@
 //! gets its own subset of the matching messages (one member per message), which is
 //! how the replicas of a cluster service split the telemetry between them.
 
-use crate::pipeline::QoS;
+use crate::message::QoS;
 use crate::topic::{TopicError, TopicFilter, TopicLimits};
 use std::fmt;
 use std::sync::Arc;

@@ -44,8 +44,29 @@ pub struct Invalid {
     pub rule: String,
     /// What failed: `temperature: 912 is greater than the maximum of 150`.
     pub reason: String,
-    /// Stable metric label: `too_large`, `not_utf8`, `not_json` or `schema`.
-    pub label: &'static str,
+    /// Which kind of failure (its metric label: `too_large`, `not_utf8`, `not_json`
+    /// or `schema`).
+    pub kind: InvalidKind,
+}
+
+/// The kinds of validation failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidKind {
+    TooLarge,
+    NotUtf8,
+    NotJson,
+    Schema,
+}
+
+impl InvalidKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            InvalidKind::TooLarge => "too_large",
+            InvalidKind::NotUtf8 => "not_utf8",
+            InvalidKind::NotJson => "not_json",
+            InvalidKind::Schema => "schema",
+        }
+    }
 }
 
 /// The validation configuration could not be loaded: the config key and why (a schema
@@ -235,17 +256,17 @@ impl Validator {
                     LimitSource::Rule(rule) => format!("size limit ({})", rule.name),
                 },
                 reason: format!("payload is {} bytes, limit {limit}", payload.len()),
-                label: "too_large",
+                kind: InvalidKind::TooLarge,
             });
         }
 
         let Some(rule) = rule else {
             return Ok(());
         };
-        let refuse = |reason: String, label| Invalid {
+        let refuse = |reason: String, kind| Invalid {
             rule: rule.name.to_string(),
             reason,
-            label,
+            kind,
         };
         match &rule.format {
             Format::Binary => Ok(()),
@@ -253,18 +274,18 @@ impl Validator {
                 Ok(_) => Ok(()),
                 Err(e) => Err(refuse(
                     format!("not valid UTF-8 at byte {}", e.valid_up_to()),
-                    "not_utf8",
+                    InvalidKind::NotUtf8,
                 )),
             },
-            Format::Json => check_json(payload).map_err(|r| refuse(r, "not_json")),
+            Format::Json => check_json(payload).map_err(|r| refuse(r, InvalidKind::NotJson)),
             Format::Schema(schema) => {
-                let value = parse_json(payload).map_err(|r| refuse(r, "not_json"))?;
+                let value = parse_json(payload).map_err(|r| refuse(r, InvalidKind::NotJson))?;
                 if schema.is_valid(&value) {
                     return Ok(());
                 }
                 match schema.validate(&value) {
                     Ok(()) => Ok(()),
-                    Err(error) => Err(refuse(describe(&error), "schema")),
+                    Err(error) => Err(refuse(describe(&error), InvalidKind::Schema)),
                 }
             }
         }
@@ -689,7 +710,7 @@ mod tests {
         let err = meter(&v, &vec![0; 262_145]).unwrap_err();
         assert_eq!(err.rule, "size limit (global)");
         assert_eq!(err.reason, "payload is 262145 bytes, limit 262144");
-        assert_eq!(err.label, "too_large");
+        assert_eq!(err.kind.label(), "too_large");
     }
 
     #[test]
@@ -711,7 +732,7 @@ mod tests {
         let err = meter(&v, b"seventeen bytes..\xff").unwrap_err();
         assert_eq!(err.rule, "rule 1 (devices/+/telemetry, utf8)");
         assert_eq!(err.reason, "not valid UTF-8 at byte 17");
-        assert_eq!(err.label, "not_utf8");
+        assert_eq!(err.kind.label(), "not_utf8");
     }
 
     #[test]
@@ -724,7 +745,7 @@ mod tests {
         assert_eq!(meter(&v, b"[1, 2, 3]"), Ok(()));
         let err = meter(&v, b"<temperature>21</temperature>").unwrap_err();
         assert_eq!(err.reason, "not JSON: expected value at line 1 column 1");
-        assert_eq!(err.label, "not_json");
+        assert_eq!(err.kind.label(), "not_json");
         let err = meter(&v, b"{} {}").unwrap_err();
         assert!(
             err.reason.starts_with("not JSON: trailing characters"),
@@ -751,7 +772,7 @@ mod tests {
             err.reason,
             "temperature: 912 is greater than the maximum of 150"
         );
-        assert_eq!(err.label, "schema");
+        assert_eq!(err.kind.label(), "schema");
         assert_eq!(
             err.to_string(),
             "rule 1 (devices/+/telemetry/#, json-schema telemetry.schema.json): \
@@ -762,7 +783,7 @@ mod tests {
         let err = meter(&v, br#"{"temperature": "hot"}"#).unwrap_err();
         assert_eq!(err.reason, "temperature: \"hot\" is not of type \"number\"");
         let err = meter(&v, b"not json").unwrap_err();
-        assert_eq!(err.label, "not_json");
+        assert_eq!(err.kind.label(), "not_json");
     }
 
     #[test]
@@ -813,7 +834,7 @@ mod tests {
         let serial = format!("{}b", "a".repeat(30));
         let payload = format!(r#"{{"temperature": 20, "serial": "{serial}"}}"#);
         let err = meter(&v, payload.as_bytes()).unwrap_err();
-        assert_eq!(err.label, "schema");
+        assert_eq!(err.kind.label(), "schema");
         assert!(err.reason.starts_with("serial: \"aaaa"), "{}", err.reason);
         assert!(
             err.reason.ends_with("does not match \"^(a+)+$\""),
@@ -884,7 +905,10 @@ mod tests {
         cfg.max_payload_bytes = 10;
         let v = build(&cfg);
         assert_eq!(
-            meter(&v, b"not json, and too long").unwrap_err().label,
+            meter(&v, b"not json, and too long")
+                .unwrap_err()
+                .kind
+                .label(),
             "too_large"
         );
     }
@@ -1167,7 +1191,7 @@ mod tests {
             ),
         ] {
             let err = telemetry(payload);
-            assert_eq!((err.reason.as_str(), err.label), (reason, label));
+            assert_eq!((err.reason.as_str(), err.kind.label()), (reason, label));
         }
         let err = check(
             &v,
