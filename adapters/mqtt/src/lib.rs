@@ -6,5 +6,4 @@ pub mod codec;
 pub mod listener;
 pub mod session;
 pub mod state;
-pub mod store;
 pub mod strict;

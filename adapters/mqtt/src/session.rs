@@ -12,20 +12,20 @@ use crate::codec::{
     reason,
 };
 use crate::state::{KeepAlive, Send as Outbound, SessionState, will_delay};
-use crate::store::{SessionStore, Slot};
+use crate::state::{SessionStore, Slot};
 use crate::strict::{self, ProtocolVersion, StrictError};
 use bytes::BytesMut;
 use portcullis_core::admission::{self, Admission, Offer, Peer, Rules, Verdict};
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
 use portcullis_core::auth_alert;
-use portcullis_core::behaviour::{Observation, State as Behaviour};
 use portcullis_core::broker::{EmbeddedBroker, Uplink};
 use portcullis_core::content;
 use portcullis_core::limit::{GlobalBucket, PrincipalRates, Rate, TokenBucket};
 use portcullis_core::mailbox::{Delivery, Mailbox, MailboxLimits};
 use portcullis_core::message::{Message, Properties, QoS};
 use portcullis_core::metrics::Metrics;
+use portcullis_core::peer::{Closed, Ended, Lifecycle, Protocol, until_kicked};
 use portcullis_core::principal::{PrincipalId, PrincipalKind, PrincipalRef};
 use portcullis_core::quarantine::Behaviours;
 use portcullis_core::refusal::{Refusal, Stage};
@@ -99,6 +99,17 @@ pub struct Context {
 }
 
 impl Context {
+    /// What a peer's life touches, for `peer::Lifecycle`.
+    fn lifecycle(&self) -> Lifecycle {
+        Lifecycle {
+            sessions: self.sessions.clone(),
+            auth: self.auth.clone(),
+            behaviours: self.behaviours.clone(),
+            metrics: self.metrics.clone(),
+            audit: self.audit.clone(),
+        }
+    }
+
     /// A new, empty mailbox with the bounds of this listener's principals.
     fn new_mailbox(&self) -> Arc<Mailbox> {
         Arc::new(Mailbox::new(match self.kind {
@@ -161,13 +172,6 @@ impl FrameReader {
     }
 }
 
-fn protocol_name(version: ProtocolVersion) -> &'static str {
-    match version {
-        ProtocolVersion::V311 => "mqtt3.1.1",
-        ProtocolVersion::V5 => "mqtt5",
-    }
-}
-
 /// A refusal's CONNACK, written within the write deadline (a peer that does not read
 /// it holds nothing).
 async fn refusal_connack<W: AsyncWrite + Unpin>(
@@ -199,7 +203,7 @@ pub async fn run<S>(
     stream: S,
     peer: SocketAddr,
     certs: Option<Vec<CertificateDer<'static>>>,
-    mut pre_auth: crate::listener::PreAuth,
+    mut pre_auth: portcullis_core::source_gate::PreAuth,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -307,36 +311,28 @@ pub async fn run<S>(
     };
     pre_auth.authenticated();
     // Registering ends an earlier session of the same identity (take-over).
-    let guard = ctx.sessions.register(
-        session.principal().clone(),
-        session.generation,
-        peer,
-        protocol_name(version),
-        session.method,
-    );
+    let lifecycle = ctx.lifecycle();
+    let guard = match lifecycle.register(&session.admission, session.generation, session.method) {
+        Ok(guard) => guard,
+        Err(refusal) => {
+            refusal_connack(
+                &mut wr,
+                reason::NOT_AUTHORIZED,
+                version,
+                ctx.limits.write_timeout,
+            )
+            .await;
+            refuse_connect(
+                &ctx,
+                peer,
+                Some(&connect.client_id),
+                refusal,
+                "registry changed during authentication",
+            );
+            return;
+        }
+    };
     session.stats = guard.stats.clone();
-    // A disable, removal or rotation that landed after authentication but before the
-    // session could be kicked: refuse now.
-    if !ctx
-        .auth
-        .still_current(session.principal(), session.generation)
-    {
-        refusal_connack(
-            &mut wr,
-            reason::NOT_AUTHORIZED,
-            version,
-            ctx.limits.write_timeout,
-        )
-        .await;
-        refuse_connect(
-            &ctx,
-            peer,
-            Some(&connect.client_id),
-            Refusal::RegistryChanged,
-            "registry changed during authentication",
-        );
-        return;
-    }
     // The session's slot: wait for a taken-over connection to put the state back.
     let slot = ctx.store.slot(&session.principal().id);
     let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
@@ -395,50 +391,15 @@ pub async fn run<S>(
         return;
     }
     // The model hears of the connection once it is open (and of its end below).
-    if session.admission.tracked().is_some() {
-        let now = Instant::now();
-        let source = ctx.behaviours.hash(peer.ip());
-        session
-            .admission
-            .observe(Observation::Connect { source }, now);
-        // Two connections taking turns with one identity: the session just taken
-        // over had itself taken over another a moment ago.
-        let window = session.admission.behaviour_policy().settings.rule_window;
-        if portcullis_core::sessions::is_clone(guard.displaced, guard.registered_at, window) {
-            session.admission.observe(Observation::Clone, now);
-            ctx.audit.record(
-                AuditEntry::new("clone", "refuse")
-                    .principal(ctx.kind.as_str(), session.principal().id.to_string())
-                    .source(peer)
-                    .protocol(protocol_name(version))
-                    .reason("two connections taking turns with one identity (cloned identity)"),
-            );
-        }
-    }
-    Metrics::inc(&ctx.metrics.connections_accepted);
-    ctx.metrics
-        .connections_active
-        .fetch_add(1, Ordering::Relaxed);
-    session_gauge(&ctx, version).fetch_add(1, Ordering::Relaxed);
-    ctx.audit.record(
-        AuditEntry::new("connect", "allow")
-            .principal(ctx.kind.as_str(), session.principal().id.to_string())
-            .source(peer)
-            .protocol(protocol_name(version))
-            .reason(format!(
-                "{}{}{}",
-                session.method,
-                if session_present {
-                    ", session resumed"
-                } else {
-                    ""
-                },
-                match session.admission.behaviour() {
-                    Behaviour::Quarantined => ", device quarantined",
-                    Behaviour::Probation => ", device on probation",
-                    _ => "",
-                }
-            )),
+    lifecycle.opened(
+        &session.admission,
+        &guard,
+        session.method,
+        if session_present {
+            ", session resumed"
+        } else {
+            ""
+        },
     );
     let mut out = BytesMut::new();
     codec::encode(
@@ -468,7 +429,11 @@ pub async fn run<S>(
         }
     };
     let grace = ctx.limits.write_timeout.min(KICK_GRACE);
-    let (end, cut_off) = until_kicked(work, guard.kicked.clone(), grace).await;
+    let (end, cut_off) = match until_kicked(work, guard.kicked.clone(), grace).await {
+        Ended::Finished(end) => (end, false),
+        Ended::Panicked(why) => (End::Internal(why), false),
+        Ended::CutOff(reason) => (End::Kicked(reason), true),
+    };
     if let End::Internal(why) = &end {
         tracing::error!(peer = %peer, error = %why, "session failed; its state is kept");
     }
@@ -521,40 +486,18 @@ pub async fn run<S>(
         };
         let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
     }
-    ctx.metrics
-        .connections_active
-        .fetch_sub(1, Ordering::Relaxed);
-    session_gauge(&ctx, version).fetch_sub(1, Ordering::Relaxed);
-    if matches!(end, End::Kicked(KickReason::TakenOver)) {
-        Metrics::inc(&ctx.metrics.takeovers);
-        ctx.audit.record(
-            AuditEntry::new("takeover", "allow")
-                .principal(ctx.kind.as_str(), session.principal().id.to_string())
-                .source(peer)
-                .protocol(protocol_name(version))
-                .reason("session taken over by a new connection with the same identity"),
-        );
-    }
-    ctx.audit.record(
-        AuditEntry::new("disconnect", "allow")
-            .principal(ctx.kind.as_str(), session.principal().id.to_string())
-            .source(peer)
-            .protocol(protocol_name(version))
-            .reason(end.describe()),
+    // A packet that broke the protocol (malformed, oversized) is a failed validation
+    // too, as far as the device's behaviour goes.
+    let broke_protocol = matches!(end, End::Protocol(code, _)
+        if code != reason::MESSAGE_RATE_TOO_HIGH && code != reason::RECEIVE_MAXIMUM_EXCEEDED);
+    lifecycle.closed(
+        &session.admission,
+        &Closed {
+            why: end.describe(),
+            taken_over: matches!(end, End::Kicked(KickReason::TakenOver)),
+            broke_protocol,
+        },
     );
-    // A packet that broke the protocol (malformed, oversized) is a failed
-    // validation too, as far as the device's behaviour goes.
-    if let End::Protocol(code, _) = end
-        && code != reason::MESSAGE_RATE_TOO_HIGH
-        && code != reason::RECEIVE_MAXIMUM_EXCEEDED
-    {
-        session
-            .admission
-            .observe(Observation::Invalid, Instant::now());
-    }
-    session
-        .admission
-        .observe(Observation::Disconnect, Instant::now());
     session.finish(&ctx, &end, slot).await;
     drop(guard);
 }
@@ -563,75 +506,10 @@ pub async fn run<S>(
 /// before it is cut off, at most.
 const KICK_GRACE: Duration = Duration::from_secs(1);
 
-/// Run a session's work until it ends or the gateway ends it. A kick (operator, ban,
-/// disable, take-over, shutdown) ends the session whatever the work is blocked on: a
-/// write to a peer that never reads, a read, a lock. The work sees the kick itself
-/// between steps and gets `grace` to finish; past that it is dropped (its state lives
-/// in the session, so the cleanup that follows parks it). A panic in the work ends
-/// the session the same way, as an internal error, so that its slot, mailbox and
-/// registration are still released. Returns the end, and whether it was cut off.
-async fn until_kicked(
-    work: impl Future<Output = End>,
-    mut kicked: watch::Receiver<Option<KickReason>>,
-    grace: Duration,
-) -> (End, bool) {
-    let mut work = CatchUnwind(std::pin::pin!(work));
-    let reason = tokio::select! {
-        biased;
-        end = &mut work => return (end.unwrap_or_else(End::Internal), false),
-        reason = kick_of(&mut kicked) => reason,
-    };
-    match tokio::time::timeout(grace, &mut work).await {
-        Ok(end) => (end.unwrap_or_else(End::Internal), false),
-        Err(_) => (End::Kicked(reason), true),
-    }
-}
-
-/// Resolves with the reason once the session is kicked.
-async fn kick_of(kicked: &mut watch::Receiver<Option<KickReason>>) -> KickReason {
-    loop {
-        if let Some(reason) = *kicked.borrow_and_update() {
-            return reason;
-        }
-        if kicked.changed().await.is_err() {
-            // The registration is gone: nothing can kick this session any more.
-            return std::future::pending().await;
-        }
-    }
-}
-
-/// A future whose panic is returned as an error instead of unwinding the task.
-struct CatchUnwind<F>(F);
-
-impl<F: Future + Unpin> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, String>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let inner = &mut self.0;
-        // Not polled again after a panic: the caller takes the error and drops it.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            std::pin::Pin::new(&mut *inner).poll(cx)
-        })) {
-            Ok(poll) => poll.map(Ok),
-            Err(panic) => std::task::Poll::Ready(Err(panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into()))),
-        }
-    }
-}
-
-fn session_gauge(ctx: &Context, version: ProtocolVersion) -> &std::sync::atomic::AtomicU64 {
-    let m = &ctx.metrics;
-    match (version, ctx.kind) {
-        (ProtocolVersion::V311, PrincipalKind::Device) => &m.sessions_mqtt311_device,
-        (ProtocolVersion::V5, PrincipalKind::Device) => &m.sessions_mqtt5_device,
-        (ProtocolVersion::V311, PrincipalKind::Service) => &m.sessions_mqtt311_service,
-        (ProtocolVersion::V5, PrincipalKind::Service) => &m.sessions_mqtt5_service,
+fn protocol(version: ProtocolVersion) -> Protocol {
+    match version {
+        ProtocolVersion::V311 => Protocol::Mqtt311,
+        ProtocolVersion::V5 => Protocol::Mqtt5,
     }
 }
 
@@ -772,7 +650,7 @@ fn authenticate(
         Peer {
             principal: principal.clone(),
             source: peer,
-            protocol: protocol_name(version),
+            protocol: protocol(version),
         },
         rules(ctx, &live, &principal, authed.acl.clone()),
         admission::Shared {
@@ -1332,7 +1210,7 @@ impl Session {
         let mut entry = AuditEntry::new(event, "refuse")
             .principal(ctx.kind.as_str(), self.principal().id.to_string())
             .source(self.peer)
-            .protocol(protocol_name(self.version))
+            .protocol(protocol(self.version).as_str())
             .reason(why.to_string());
         if let Some(t) = topic {
             entry = entry.topic(truncate(t, 256));
@@ -1937,41 +1815,4 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// Resolves once shutdown is signalled (without holding the watch's guard).
 pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_kick_ends_work_blocked_forever_once_the_grace_is_over() {
-        let (kick, kicked) = watch::channel(None);
-        kick.send(Some(KickReason::Operator)).unwrap();
-        let (end, cut_off) = until_kicked(
-            std::future::pending::<End>(),
-            kicked,
-            Duration::from_millis(10),
-        )
-        .await;
-        assert!(matches!(end, End::Kicked(KickReason::Operator)));
-        assert!(cut_off);
-    }
-
-    #[tokio::test]
-    async fn kicked_work_that_ends_within_the_grace_ends_its_own_way() {
-        let (kick, kicked) = watch::channel(None);
-        kick.send(Some(KickReason::TakenOver)).unwrap();
-        let work = async { End::Kicked(KickReason::TakenOver) };
-        let (end, cut_off) = until_kicked(work, kicked, Duration::from_secs(1)).await;
-        assert!(matches!(end, End::Kicked(KickReason::TakenOver)));
-        assert!(!cut_off);
-    }
-
-    #[tokio::test]
-    async fn a_panicking_session_ends_as_an_internal_error_instead_of_unwinding() {
-        let (_kick, kicked) = watch::channel(None);
-        let work = async { panic!("bug in a handler") };
-        let (end, _) = until_kicked(work, kicked, Duration::from_secs(1)).await;
-        assert!(matches!(end, End::Internal(ref why) if why == "bug in a handler"));
-    }
 }

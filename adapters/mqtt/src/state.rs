@@ -276,6 +276,16 @@ impl SessionState {
     }
 }
 
+impl portcullis_core::parking::Parked for SessionState {
+    fn mailbox(&self) -> &Arc<Mailbox> {
+        &self.mailbox
+    }
+}
+
+/// MQTT sessions parked between connections.
+pub type SessionStore = portcullis_core::parking::ParkedSessions<SessionState>;
+pub type Slot = portcullis_core::parking::Slot<SessionState>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

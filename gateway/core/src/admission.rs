@@ -34,6 +34,7 @@ use crate::limit::{
 };
 use crate::message::{Message, QoS};
 use crate::metrics::Metrics;
+use crate::peer::Protocol;
 use crate::principal::{PrincipalId, PrincipalKind, PrincipalRef};
 use crate::quarantine::{self, Behaviours, Policy as BehaviourPolicy, Tracked};
 use crate::refusal::Refusal;
@@ -74,8 +75,7 @@ pub struct Shared {
 pub struct Peer {
     pub principal: PrincipalRef,
     pub source: SocketAddr,
-    /// As audited: `mqtt3.1.1`, `mqtt5`, `coap`, `serial`.
-    pub protocol: &'static str,
+    pub protocol: Protocol,
 }
 
 /// The policy a peer is admitted under; a reload replaces it.
@@ -321,7 +321,7 @@ impl Admission {
         let mut entry = AuditEntry::new(event, "refuse")
             .principal(p.principal.kind.as_str(), p.principal.id.to_string())
             .source(p.source)
-            .protocol(p.protocol)
+            .protocol(p.protocol.as_str())
             .reason(reason);
         if let Some(t) = topic {
             entry = entry.topic(t.chars().take(256).collect::<String>());
@@ -803,7 +803,7 @@ mod tests {
                 group,
             },
             source: "127.0.0.1:40000".parse().unwrap(),
-            protocol: "test",
+            protocol: Protocol::Mqtt5,
         };
         let admission = Admission::new(peer, rules(&c, &Arc::new(acl), validator), shared, t0);
         Fixture {
@@ -869,7 +869,7 @@ mod tests {
             line.reason.as_deref(),
             Some("authorize: topic not allowed by ACL")
         );
-        assert_eq!(line.protocol, Some("test"));
+        assert_eq!(line.protocol, Some("mqtt5"));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! The hot path only touches atomics: every refusal reason has its own counter slot
 //! (`Refusal::slot`), so counting one takes no lock.
 
+use crate::peer::Protocol;
+use crate::principal::PrincipalKind;
 use crate::refusal::Refusal;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,11 +41,8 @@ pub struct Metrics {
     /// Alerts on failed logins naming a registered device (at most one per id per window).
     pub auth_failure_alerts: AtomicU64,
     refusals: RefusalCounters,
-    /// Open sessions by protocol and principal kind.
-    pub sessions_mqtt311_device: AtomicU64,
-    pub sessions_mqtt5_device: AtomicU64,
-    pub sessions_mqtt311_service: AtomicU64,
-    pub sessions_mqtt5_service: AtomicU64,
+    /// Open sessions by protocol and principal kind (`session_gauge`).
+    sessions: [[AtomicU64; 2]; Protocol::ALL.len()],
     /// Accept → handed to the broker link, seconds.
     pub forward_latency: Histogram,
 }
@@ -99,6 +98,15 @@ impl Default for RefusalCounters {
 }
 
 impl Metrics {
+    /// The gauge of open sessions of one protocol and kind.
+    pub fn session_gauge(&self, protocol: Protocol, kind: PrincipalKind) -> &AtomicU64 {
+        let k = match kind {
+            PrincipalKind::Device => 0,
+            PrincipalKind::Service => 1,
+        };
+        &self.sessions[protocol as usize][k]
+    }
+
     pub fn refused(&self, refusal: Refusal) {
         self.refusals.0[refusal.slot()].fetch_add(1, Ordering::Relaxed);
     }
@@ -272,17 +280,16 @@ impl Metrics {
             out,
             "# HELP portcullis_sessions Open sessions by protocol and kind.\n# TYPE portcullis_sessions gauge"
         );
-        for (protocol, kind, v) in [
-            ("mqtt3.1.1", "device", &self.sessions_mqtt311_device),
-            ("mqtt5", "device", &self.sessions_mqtt5_device),
-            ("mqtt3.1.1", "service", &self.sessions_mqtt311_service),
-            ("mqtt5", "service", &self.sessions_mqtt5_service),
-        ] {
-            let _ = writeln!(
-                out,
-                "portcullis_sessions{{protocol=\"{protocol}\",kind=\"{kind}\"}} {}",
-                load(v)
-            );
+        for kind in [PrincipalKind::Device, PrincipalKind::Service] {
+            for protocol in Protocol::ALL {
+                let _ = writeln!(
+                    out,
+                    "portcullis_sessions{{protocol=\"{}\",kind=\"{}\"}} {}",
+                    protocol.as_str(),
+                    kind.as_str(),
+                    load(self.session_gauge(protocol, kind))
+                );
+            }
         }
         self.forward_latency.render(
             &mut out,

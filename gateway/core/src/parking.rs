@@ -1,23 +1,28 @@
-//! Device sessions that outlive their connection (MQTT 3.1.1 clean_session = 0, MQTT 5
-//! session expiry).
+//! Sessions that outlive their connection (MQTT 3.1.1 clean_session = 0, MQTT 5
+//! session expiry; any protocol whose peers keep state between connections).
 //!
-//! One slot per device. A connection holds its slot's lock for as long as it runs, so
+//! One slot per principal; what a session keeps is the adapter's (`S`), with the
+//! mailbox every session has. A connection holds its slot's lock for as long as it runs, so
 //! a take-over waits for the old connection to put the session back before taking it:
 //! the state is never shared by two connections. A parked session expires after the
 //! interval it was granted; its mailbox keeps collecting commands until then.
 
-use crate::state::SessionState;
-use portcullis_core::mailbox::Mailbox;
-use portcullis_core::principal::PrincipalId;
+use crate::mailbox::Mailbox;
+use crate::principal::PrincipalId;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::Mutex as AsyncMutex;
 
-#[derive(Debug, Default)]
-pub struct Slot {
+/// What a parked session holds: at least the mailbox that keeps collecting for it.
+pub trait Parked: Send + 'static {
+    fn mailbox(&self) -> &Arc<Mailbox>;
+}
+
+#[derive(Debug)]
+pub struct Slot<S> {
     /// The session, while parked (or held by the connection using it).
-    pub state: Option<SessionState>,
+    pub state: Option<S>,
     /// When a parked session expires.
     pub expires_at: Option<Instant>,
     /// Bumped by every connection that takes the slot: a delayed Last Will fires only
@@ -25,32 +30,45 @@ pub struct Slot {
     pub epoch: u64,
 }
 
-impl Slot {
+impl<S> Default for Slot<S> {
+    fn default() -> Self {
+        Slot {
+            state: None,
+            expires_at: None,
+            epoch: 0,
+        }
+    }
+}
+
+impl<S> Slot<S> {
     /// Take the parked session unless it has expired.
-    pub fn resume(&mut self, now: Instant) -> Option<SessionState> {
+    pub fn resume(&mut self, now: Instant) -> Option<S> {
         let expired = self.expires_at.is_some_and(|at| at <= now);
         self.expires_at = None;
         let state = self.state.take()?;
         (!expired).then_some(state)
     }
 
-    pub fn park(&mut self, state: SessionState, expires_at: Instant) {
+    pub fn park(&mut self, state: S, expires_at: Instant) {
         self.state = Some(state);
         self.expires_at = Some(expires_at);
     }
 }
 
-#[derive(Debug, Default)]
-pub struct SessionStore {
-    slots: Mutex<HashMap<PrincipalId, Arc<AsyncMutex<Slot>>>>,
+/// Every principal's slot.
+#[derive(Debug)]
+pub struct ParkedSessions<S> {
+    slots: Mutex<HashMap<PrincipalId, Arc<AsyncMutex<Slot<S>>>>>,
 }
 
-impl SessionStore {
-    pub fn new() -> Arc<SessionStore> {
-        Arc::new(SessionStore::default())
+impl<S: Parked> ParkedSessions<S> {
+    pub fn new() -> Arc<ParkedSessions<S>> {
+        Arc::new(ParkedSessions {
+            slots: Mutex::new(HashMap::new()),
+        })
     }
 
-    pub fn slot(&self, id: &PrincipalId) -> Arc<AsyncMutex<Slot>> {
+    pub fn slot(&self, id: &PrincipalId) -> Arc<AsyncMutex<Slot<S>>> {
         self.slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -72,7 +90,7 @@ impl SessionStore {
             if s.expires_at.is_some_and(|at| at <= now) {
                 s.expires_at = None;
                 if let Some(state) = s.state.take() {
-                    gone.push((id.clone(), state.mailbox.clone()));
+                    gone.push((id.clone(), state.mailbox().clone()));
                 }
             }
             s.state.is_some() || Arc::strong_count(slot) > 1
@@ -92,11 +110,21 @@ impl SessionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use portcullis_core::mailbox::MailboxLimits;
+    use crate::mailbox::MailboxLimits;
     use std::time::Duration;
 
-    fn state() -> SessionState {
-        SessionState::new(Arc::new(Mailbox::new(MailboxLimits {
+    struct State(Arc<Mailbox>);
+
+    impl Parked for State {
+        fn mailbox(&self) -> &Arc<Mailbox> {
+            &self.0
+        }
+    }
+
+    type SessionStore = ParkedSessions<State>;
+
+    fn state() -> State {
+        State(Arc::new(Mailbox::new(MailboxLimits {
             max_messages: 4,
             max_bytes: 1024,
             max_age: Duration::from_secs(60),
