@@ -10,6 +10,7 @@ pub mod auth_alert;
 pub mod backoff;
 pub mod bans;
 pub mod behaviour;
+pub mod behaviour_record;
 pub mod broker;
 pub mod content;
 pub mod fanout;

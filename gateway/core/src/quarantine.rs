@@ -18,16 +18,15 @@ use crate::registry::{Registry, now_unix};
 use crate::retained::RetainedCommands;
 use crate::topic::TopicName;
 use portcullis_config::{Config, QuarantineCommands, QuarantineTraffic};
-use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Transitions kept per device (the oldest are dropped).
-pub const HISTORY: usize = 32;
+/// The record the quarantine keeps, still found here by its callers.
+pub use crate::behaviour_record::{HISTORY, HistoryEntry, Record};
 
 /// What a device group's behaviour settings decide.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,52 +84,6 @@ impl Policies {
             .get(group.as_str())
             .unwrap_or(&self.default)
             .clone()
-    }
-}
-
-/// One transition, as kept and shown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    pub at_unix: u64,
-    pub from: State,
-    pub to: State,
-    pub reason: String,
-}
-
-/// A device's state, since when, and its recent transitions: what persists.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    pub state: State,
-    pub since_unix: u64,
-    pub history: VecDeque<HistoryEntry>,
-}
-
-impl Record {
-    /// A device with no transition yet.
-    pub fn new(at_unix: u64) -> Record {
-        Record {
-            state: State::Normal,
-            since_unix: at_unix,
-            history: VecDeque::new(),
-        }
-    }
-
-    /// Enter `to` at `at_unix`, keeping the last `HISTORY` transitions; the state
-    /// it left.
-    pub fn push(&mut self, at_unix: u64, to: State, reason: String) -> State {
-        let from = self.state;
-        self.state = to;
-        self.since_unix = at_unix;
-        while self.history.len() >= HISTORY {
-            self.history.pop_front();
-        }
-        self.history.push_back(HistoryEntry {
-            at_unix,
-            from,
-            to,
-            reason,
-        });
-        from
     }
 }
 
@@ -546,6 +499,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::registry::tests::record as device;
+    use std::collections::VecDeque;
 
     fn policies() -> Policies {
         Policies::from_config(&Config::default())

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, Once, RwLock};
 
 const PRINCIPALS_TABLE: &str = "principals";
 const BANS_TABLE: &str = "bans";
-/// Behaviour states and their history, by device id (`quarantine::Record` as JSON).
+/// Behaviour states and their history, by device id (`behaviour_record::Record` as JSON).
 const BEHAVIOUR_TABLE: &str = "behaviour";
 /// The sealed manifest; its presence also marks a registry whose records are sealed.
 const META_TABLE: &str = "meta";
@@ -117,7 +117,7 @@ pub fn decode_any(value: &[u8]) {
     // What follows a MAC is JSON; legacy (unsealed) records are the JSON alone.
     let _ = decode_payload::<PrincipalRecord>(value);
     let _ = decode_payload::<Ban>(value);
-    let _ = decode_payload::<crate::quarantine::Record>(value);
+    let _ = decode_payload::<crate::behaviour_record::Record>(value);
     let _ = decode_payload::<Manifest>(value);
 }
 
@@ -463,7 +463,7 @@ impl Registry {
                 let readable = match name {
                     PRINCIPALS_TABLE => decode_payload::<PrincipalRecord>(&v).map(|_| ()),
                     BANS_TABLE => decode_payload::<Ban>(&v).map(|_| ()),
-                    _ => decode_payload::<crate::quarantine::Record>(&v).map(|_| ()),
+                    _ => decode_payload::<crate::behaviour_record::Record>(&v).map(|_| ()),
                 };
                 match (readable, name) {
                     (Ok(()), _) => {
@@ -526,7 +526,7 @@ impl Registry {
                 let readable = match name {
                     PRINCIPALS_TABLE => decode_payload::<PrincipalRecord>(payload).map(|_| ()),
                     BANS_TABLE => decode_payload::<Ban>(payload).map(|_| ()),
-                    _ => decode_payload::<crate::quarantine::Record>(payload).map(|_| ()),
+                    _ => decode_payload::<crate::behaviour_record::Record>(payload).map(|_| ()),
                 };
                 readable.map_err(corrupt(name, k))?;
                 sum.add(k, v);
@@ -638,7 +638,7 @@ impl Registry {
     /// The kept behaviour records (quarantine state and history), by device id.
     pub fn behaviour_records(
         &self,
-    ) -> Result<Vec<(String, crate::quarantine::Record)>, RegistryError> {
+    ) -> Result<Vec<(String, crate::behaviour_record::Record)>, RegistryError> {
         contain(|| {
             let tx = self.db.begin_read().map_err(storage)?;
             let t = tx.open_table(table(BEHAVIOUR_TABLE)).map_err(storage)?;
@@ -684,7 +684,7 @@ impl Registry {
     /// Store behaviour records, all in one commit.
     pub fn put_behaviour_records(
         &self,
-        records: &[(String, crate::quarantine::Record)],
+        records: &[(String, crate::behaviour_record::Record)],
     ) -> Result<(), RegistryError> {
         self.write(BEHAVIOUR_TABLE, |t| {
             for (id, record) in records {
@@ -1049,8 +1049,8 @@ pub(crate) mod tests {
         t.get(key).unwrap().unwrap().value().to_vec()
     }
 
-    fn quarantined() -> crate::quarantine::Record {
-        crate::quarantine::Record {
+    fn quarantined() -> crate::behaviour_record::Record {
+        crate::behaviour_record::Record {
             state: crate::behaviour::State::Quarantined,
             since_unix: 5,
             history: Default::default(),
@@ -1083,7 +1083,7 @@ pub(crate) mod tests {
                 .unwrap();
             r.put_behaviour_records(&[(
                 "b".into(),
-                crate::quarantine::Record {
+                crate::behaviour_record::Record {
                     state: crate::behaviour::State::Normal,
                     ..quarantined()
                 },
