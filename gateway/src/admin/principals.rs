@@ -246,3 +246,73 @@ impl Handler for RotateCredentials {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::testing::{offline, usage, wire};
+
+    #[test]
+    fn disable_and_remove_answer_the_record_and_the_sessions_ended_side_by_side() {
+        let (_dir, state) = offline();
+        let kind = PrincipalKind::Device;
+        let disabled = DisablePrincipal {
+            kind,
+            id: "sensor-1".into(),
+        }
+        .run(&state)
+        .unwrap();
+        let v = wire(disabled);
+        assert_eq!(
+            (v["id"].as_str(), v["enabled"].as_bool()),
+            (Some("sensor-1"), Some(false))
+        );
+        assert_eq!(v["sessions_ended"], 0);
+        assert_eq!(v["certificate"], serde_json::Value::Null);
+        let removed = RemovePrincipal {
+            kind,
+            id: "sensor-1".into(),
+        }
+        .run(&state)
+        .unwrap();
+        assert_eq!(
+            wire(removed),
+            serde_json::json!({ "removed": "sensor-1", "sessions_ended": 0 })
+        );
+    }
+
+    #[test]
+    fn show_offline_has_no_sessions_and_a_missing_one_is_a_usage_error() {
+        let (_dir, state) = offline();
+        let show = |id: &str| {
+            ShowPrincipal {
+                kind: PrincipalKind::Device,
+                id: id.into(),
+            }
+            .run(&state)
+        };
+        let v = wire(show("sensor-2").unwrap());
+        assert_eq!(v["secret"], true);
+        assert_eq!(v.get("sessions"), None);
+        assert_eq!(usage(show("nope")), "no such device: nope");
+    }
+
+    #[test]
+    fn rotate_needs_a_new_credential() {
+        let (_dir, state) = offline();
+        let m = usage(
+            RotateCredentials {
+                kind: PrincipalKind::Device,
+                id: "sensor-1".into(),
+                cert_fingerprint: None,
+                cert_any: false,
+                secret: None,
+            }
+            .run(&state),
+        );
+        assert_eq!(
+            m,
+            "rotate needs a new certificate, --cert-any or a new secret"
+        );
+    }
+}
