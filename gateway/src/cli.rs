@@ -4,17 +4,25 @@
 //! effect at once (live sessions included). With no gateway running they open the
 //! registry directly.
 
-use crate::admin::{AdminError, AdminState, AuditSink, NewPrincipal, Request};
+use crate::admin::protocol::{
+    AddBan, AddPrincipal, BackupRegistry, CheckRegistry, DisablePrincipal, EnablePrincipal,
+    ImportPrincipals, KickClient, ListBans, ListClients, ListPrincipals, ListQuarantine,
+    NewPrincipal, QuarantineDevice, QuarantineRow, QuarantineShown, ReleaseDevice, Reload,
+    RemoveBan, RemovePrincipal, Reply, RotateCredentials, ShowPrincipal, ShowQuarantine,
+    request_line,
+};
+use crate::admin::{AdminError, AdminState, AuditSink, Handler};
 use crate::pki::{self, PkiPaths};
+use crate::registry_file::{open_registry, registry_sealer};
+use crate::usage::UsageError;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use portcullis_config::Config;
 use portcullis_core::auth::Policies;
 use portcullis_core::principal::PrincipalKind;
-use portcullis_core::record::RecordSealer;
-use portcullis_core::registry::Registry;
+use portcullis_core::registry::{CheckSummary, Registry};
 use portcullis_core::secret::SecretHasher;
-use serde_json::Value;
+use serde::Serialize;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -38,11 +46,6 @@ fn read_audit_key(path: &Path) -> Result<[u8; 32]> {
         .into()
     })
 }
-
-/// Bad usage or bad configuration: exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -324,7 +327,7 @@ pub fn run(cli: Cli) -> Result<()> {
             action: ConfigAction::Reload { config },
         } => {
             let config = load_config(config.config.as_deref())?;
-            print(&call(&config, Request::Reload)?);
+            print(&call(&config, Reload {})?);
             Ok(())
         }
         Command::Pki { action, config } => {
@@ -404,46 +407,47 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Service { action, config } => principal(PrincipalKind::Service, action, config),
         Command::Ban { action, config } => {
             let config = load_config(config.config.as_deref())?;
-            let req = match action {
+            match action {
                 BanAction::Add {
                     target,
                     ttl,
                     reason,
-                } => Request::BanAdd {
-                    target,
-                    ttl_secs: ttl.as_deref().map(parse_ttl).transpose()?,
-                    reason,
-                },
-                BanAction::List => Request::BanList,
-                BanAction::Remove { target } => Request::BanRemove { target },
-            };
-            print(&call(&config, req)?);
+                } => {
+                    let ttl_secs = ttl.as_deref().map(parse_ttl).transpose()?;
+                    let op = AddBan {
+                        target,
+                        ttl_secs,
+                        reason,
+                    };
+                    print(&call(&config, op)?)
+                }
+                BanAction::List => print(&call(&config, ListBans {})?),
+                BanAction::Remove { target } => print(&call(&config, RemoveBan { target })?),
+            }
             Ok(())
         }
         Command::Quarantine { action, config } => {
             let config = load_config(config.config.as_deref())?;
             match action {
                 QuarantineAction::List { all, json } => {
-                    let v = call(&config, Request::QuarantineList { all })?;
+                    let rows = call(&config, ListQuarantine { all })?;
                     if json {
-                        print(&v);
+                        print(&rows);
                     } else {
-                        print_quarantine_table(&v, all);
+                        print_quarantine_table(&rows, all);
                     }
                 }
                 QuarantineAction::Show { id, json } => {
-                    let v = call(&config, Request::QuarantineShow { id })?;
+                    let shown = call(&config, ShowQuarantine { id })?;
                     if json {
-                        print(&v);
+                        print(&shown);
                     } else {
-                        print_quarantine_show(&v);
+                        print_quarantine_show(&shown);
                     }
                 }
-                QuarantineAction::Release { id } => {
-                    print(&call(&config, Request::QuarantineRelease { id })?)
-                }
+                QuarantineAction::Release { id } => print(&call(&config, ReleaseDevice { id })?),
                 QuarantineAction::Add { id, reason } => {
-                    print(&call(&config, Request::QuarantineAdd { id, reason })?)
+                    print(&call(&config, QuarantineDevice { id, reason })?)
                 }
             }
             Ok(())
@@ -454,18 +458,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Clients { action, config } => {
             let config = load_config(config.config.as_deref())?;
-            let req = match action {
-                ClientsAction::List => Request::ClientsList,
-                ClientsAction::Kick { id, service } => Request::ClientsKick {
-                    kind: if service {
+            match action {
+                ClientsAction::List => print(&call(&config, ListClients {})?),
+                ClientsAction::Kick { id, service } => {
+                    let kind = if service {
                         PrincipalKind::Service
                     } else {
                         PrincipalKind::Device
-                    },
-                    id,
-                },
-            };
-            print(&call(&config, req)?);
+                    };
+                    print(&call(&config, KickClient { kind, id })?)
+                }
+            }
             Ok(())
         }
     }
@@ -561,23 +564,22 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
         }
         Ok(secret)
     };
-    let req = match action {
+    let config = &config;
+    match action {
         PrincipalAction::Add { id, group, creds } => {
             if !creds.cert_any && creds.cert.is_none() && !has_secret(&creds) {
                 bail!(UsageError(
                     "give a credential: --cert FILE, --cert-any, --secret-stdin, --secret-file or --generate-secret".into()
                 ));
             }
-            Request::Add {
-                kind,
-                principal: NewPrincipal {
-                    id,
-                    group: Some(group),
-                    cert_fingerprint: fingerprint(&creds)?,
-                    cert_any: creds.cert_any,
-                    secret: secret_of(&creds)?,
-                },
-            }
+            let principal = NewPrincipal {
+                id,
+                group: Some(group),
+                cert_fingerprint: fingerprint(&creds)?,
+                cert_any: creds.cert_any,
+                secret: secret_of(&creds)?,
+            };
+            print(&call(config, AddPrincipal { kind, principal })?)
         }
         PrincipalAction::Import { file } => {
             let text =
@@ -602,23 +604,24 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
                     secret: e.secret,
                 });
             }
-            Request::Import { kind, principals }
+            print(&call(config, ImportPrincipals { kind, principals })?)
         }
-        PrincipalAction::List => Request::List { kind },
-        PrincipalAction::Show { id } => Request::Show { kind, id },
-        PrincipalAction::Enable { id } => Request::Enable { kind, id },
-        PrincipalAction::Disable { id } => Request::Disable { kind, id },
-        PrincipalAction::Remove { id } => Request::Remove { kind, id },
-        PrincipalAction::Rotate { id, creds } => Request::Rotate {
-            kind,
-            id,
-            cert_fingerprint: fingerprint(&creds)?,
-            cert_any: creds.cert_any,
-            secret: secret_of(&creds)?,
-        },
-    };
-    let reply = call(&config, req)?;
-    print(&reply);
+        PrincipalAction::List => print(&call(config, ListPrincipals { kind })?),
+        PrincipalAction::Show { id } => print(&call(config, ShowPrincipal { kind, id })?),
+        PrincipalAction::Enable { id } => print(&call(config, EnablePrincipal { kind, id })?),
+        PrincipalAction::Disable { id } => print(&call(config, DisablePrincipal { kind, id })?),
+        PrincipalAction::Remove { id } => print(&call(config, RemovePrincipal { kind, id })?),
+        PrincipalAction::Rotate { id, creds } => {
+            let op = RotateCredentials {
+                kind,
+                id,
+                cert_fingerprint: fingerprint(&creds)?,
+                cert_any: creds.cert_any,
+                secret: secret_of(&creds)?,
+            };
+            print(&call(config, op)?)
+        }
+    }
     // A generated secret is shown once, on stdout, for the operator to hand to the
     // device, and only once the gateway has accepted it: a refused one exists nowhere.
     if let Some(secret) = generated {
@@ -627,60 +630,20 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
     Ok(())
 }
 
-/// The key registry records are sealed under: derived from the audit key, which lives
-/// outside the data dir.
-/// Open the registry of `config`. Once a registry has been sealed under this
-/// gateway's audit key, a marker beside the key (outside the data dir) says so: an
-/// unsealed file found later is one put in its place, and is refused rather than
-/// sealed (which would launder whatever it holds).
-pub fn open_registry(config: &Config, sealer: RecordSealer) -> Result<Registry> {
-    let mut marker = config.audit_key_file().into_os_string();
-    marker.push(".registry-sealed");
-    let marker = PathBuf::from(marker);
-    let legacy = if marker.exists() {
-        portcullis_core::registry::Legacy::Refuse
-    } else {
-        portcullis_core::registry::Legacy::Seal
-    };
-    let registry = Registry::open_with(&config.registry_file(), sealer, legacy)?;
-    if legacy == portcullis_core::registry::Legacy::Seal {
-        use std::os::unix::fs::OpenOptionsExt;
-        let note = format!(
-            "the registry {} is sealed under the key beside this file; an unsealed one is refused\n",
-            config.registry_file().display()
-        );
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&marker)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, note.as_bytes()))
-            .with_context(|| format!("writing {}", marker.display()))?;
-    }
-    Ok(registry)
-}
-
-pub fn registry_sealer(config: &Config) -> Result<RecordSealer> {
-    let key = portcullis_core::audit::load_or_create_key(&config.audit_key_file())
-        .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
-    Ok(RecordSealer::derive(&key))
-}
-
-fn summary(v: &Value) -> String {
+fn summary(s: &CheckSummary) -> String {
     format!(
         "{} principal(s), {} ban(s), {} behaviour record(s)",
-        v["principals"], v["bans"], v["behaviour"]
+        s.principals, s.bans, s.behaviour
     )
 }
 
 fn registry(config: &Config, action: RegistryAction) -> Result<()> {
     match action {
         RegistryAction::Check => {
-            let v = call(config, Request::RegistryCheck)?;
+            let checked = call(config, CheckRegistry {})?;
             println!(
                 "ok: {} verified in {}",
-                summary(&v),
+                summary(&checked),
                 config.registry_file().display()
             );
         }
@@ -693,8 +656,8 @@ fn registry(config: &Config, action: RegistryAction) -> Result<()> {
                     path.display()
                 )));
             }
-            let v = call(config, Request::RegistryBackup { path: path.clone() })?;
-            println!("backed up {} to {}", summary(&v), path.display());
+            let copied = call(config, BackupRegistry { path: path.clone() })?;
+            println!("backed up {} to {}", summary(&copied), path.display());
         }
         RegistryAction::Restore { file } => {
             let socket = config.admin_socket();
@@ -748,7 +711,7 @@ fn registry(config: &Config, action: RegistryAction) -> Result<()> {
             drop(open_registry(config, sealer)?);
             println!(
                 "restored {} from {} to {}",
-                summary(&serde_json::to_value(&checked)?),
+                summary(&checked),
                 file.display(),
                 live.display()
             );
@@ -774,11 +737,15 @@ fn has_secret(c: &Credentials) -> bool {
     c.secret_stdin || c.secret_file.is_some() || c.generate_secret
 }
 
-fn print(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-    );
+/// A result as the admin API's JSON, keys sorted.
+fn print(result: &impl Serialize) {
+    match serde_json::to_value(result) {
+        Ok(v) => println!(
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+        ),
+        Err(e) => eprintln!("portcullis: the result cannot be shown: {e}"),
+    }
 }
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
@@ -802,23 +769,16 @@ fn utc(unix: u64) -> String {
     )
 }
 
-fn utc_or_dash(v: &Value) -> String {
-    v.as_u64().map_or_else(|| "-".to_string(), utc)
-}
-
 /// `quarantine list` as a table: ID, STATE, SINCE (UTC), REASON.
-fn print_quarantine_table(v: &Value, all: bool) {
-    let rows: Vec<[String; 4]> = v
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+fn print_quarantine_table(rows: &[QuarantineRow], all: bool) {
+    let rows: Vec<[String; 4]> = rows
         .iter()
         .map(|r| {
             [
-                r["id"].as_str().unwrap_or("?").to_string(),
-                r["state"].as_str().unwrap_or("?").to_string(),
-                utc_or_dash(&r["since_unix"]),
-                r["reason"].as_str().unwrap_or("-").to_string(),
+                r.id.to_string(),
+                r.state.as_str().to_string(),
+                utc(r.since_unix),
+                r.reason.clone().unwrap_or_else(|| "-".to_string()),
             ]
         })
         .collect();
@@ -848,60 +808,47 @@ fn print_quarantine_table(v: &Value, all: bool) {
 }
 
 /// `quarantine show` as text: state and since, the baseline, then the history.
-fn print_quarantine_show(v: &Value) {
-    let id = v["id"].as_str().unwrap_or("?");
-    let group = v["group"].as_str().unwrap_or("?");
-    let state = v["state"].as_str().unwrap_or("?");
-    println!("device:    {id} (group {group})");
-    match v["since_unix"].as_u64() {
+fn print_quarantine_show(v: &QuarantineShown) {
+    let state = v.state.as_str();
+    println!("device:    {} (group {})", v.id, v.group);
+    match v.since_unix {
         Some(since) => println!("state:     {state} since {} UTC", utc(since)),
         None => println!("state:     {state} (no transition recorded)"),
     }
-    let b = &v["baseline"];
-    if b.is_object() {
-        let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
+    if let Some(b) = &v.baseline {
         println!(
             "baseline:  {:.2} msg/s (sd {:.2}), {:.0} B/s (sd {:.0}), learned over {} s",
-            f("messages_per_second"),
-            f("messages_sd"),
-            f("bytes_per_second"),
-            f("bytes_sd"),
-            b["learned_secs"].as_u64().unwrap_or(0)
+            b.messages_per_second, b.messages_sd, b.bytes_per_second, b.bytes_sd, b.learned_secs
         );
     }
-    let history = v["history"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default();
-    if history.is_empty() {
+    if v.history.is_empty() {
         println!("history:   none");
         return;
     }
     println!("history (UTC):");
-    for h in history {
+    for h in &v.history {
         println!(
             "  {}  {} → {}  {}",
-            utc_or_dash(&h["at_unix"]),
-            h["from"].as_str().unwrap_or("?"),
-            h["to"].as_str().unwrap_or("?"),
-            h["reason"].as_str().unwrap_or("")
+            utc(h.at_unix),
+            h.from.as_str(),
+            h.to.as_str(),
+            h.reason
         );
     }
 }
 
-/// Send a request to the running gateway, or run it locally if none is running.
-fn call(config: &Config, req: Request) -> Result<Value> {
+/// Send a request to the running gateway, or run it here if none is running.
+fn call<O: Handler>(config: &Config, op: O) -> Result<O::Reply> {
     let socket = config.admin_socket();
     match UnixStream::connect(&socket) {
         Ok(mut stream) => {
-            let mut line = serde_json::to_string(&req)?;
-            line.push('\n');
-            if line.len() > crate::admin::MAX_REQUEST {
+            let line = request_line(op)?;
+            if line.len() > crate::admin::protocol::MAX_REQUEST {
                 bail!(UsageError(format!(
                     "the request is {} bytes, over the admin socket's limit of {} bytes; \
                      split the import file",
                     line.len(),
-                    crate::admin::MAX_REQUEST
+                    crate::admin::protocol::MAX_REQUEST
                 )));
             }
             stream
@@ -911,14 +858,9 @@ fn call(config: &Config, req: Request) -> Result<Value> {
             BufReader::new(stream)
                 .read_line(&mut reply)
                 .with_context(|| format!("admin socket {}", socket.display()))?;
-            let v: Value = serde_json::from_str(&reply)
+            let reply: Reply<O::Reply> = serde_json::from_str(&reply)
                 .with_context(|| format!("admin socket {}: bad reply", socket.display()))?;
-            let message = v["error"].as_str().unwrap_or("request failed").to_string();
-            match (&v["ok"], &v["usage"]) {
-                (Value::Bool(true), _) => Ok(v["result"].clone()),
-                (_, Value::Bool(true)) => Err(UsageError(message).into()),
-                _ => bail!("{message}"),
-            }
+            reply.into_result().map_err(failure)
         }
         Err(e)
             if matches!(
@@ -941,12 +883,17 @@ fn call(config: &Config, req: Request) -> Result<Value> {
                 behaviours: None,
                 audit: AuditSink::File(Box::new(offline_audit(config)?)),
             };
-            state.handle(req).map_err(|e| match e {
-                AdminError::Usage(m) => UsageError(m).into(),
-                AdminError::Runtime(m) => anyhow::anyhow!(m),
-            })
+            op.run(&state).map_err(failure)
         }
         Err(e) => Err(e).with_context(|| format!("admin socket {}", socket.display())),
+    }
+}
+
+/// The operator's mistake exits 2, the gateway's 1.
+fn failure(e: AdminError) -> anyhow::Error {
+    match e {
+        AdminError::Usage(m) => UsageError(m).into(),
+        AdminError::Runtime(m) => anyhow::anyhow!(m),
     }
 }
 

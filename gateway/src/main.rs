@@ -5,7 +5,9 @@ mod cli;
 mod descriptors;
 mod observability;
 mod pki;
+mod registry_file;
 mod serve;
+mod usage;
 
 use clap::Parser;
 use std::io::IsTerminal;
@@ -65,7 +67,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("portcullis: {e:#}");
-            match e.downcast_ref::<cli::UsageError>() {
+            match e.downcast_ref::<usage::UsageError>() {
                 Some(_) => ExitCode::from(2),
                 None => ExitCode::from(1),
             }

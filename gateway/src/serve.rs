@@ -2,10 +2,10 @@
 //! until SIGTERM, then drain.
 
 use crate::admin::{self, AdminState, AuditSink, Reloader};
-use crate::cli::UsageError;
 use crate::descriptors;
 use crate::observability::{self, Health};
 use crate::pki::{self, PkiPaths};
+use crate::usage::UsageError;
 use anyhow::{Context, Result};
 use portcullis_config::Config;
 use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, Checkpoint, load_or_create_key};
@@ -89,7 +89,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
     // Registry records are sealed under a key derived from the audit key, which lives
     // outside the data dir.
-    let registry = Arc::new(crate::cli::open_registry(
+    let registry = Arc::new(crate::registry_file::open_registry(
         &config,
         RecordSealer::derive(&audit_key),
     )?);

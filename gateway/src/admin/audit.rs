@@ -1,0 +1,37 @@
+//! Where admin changes are recorded: every registry change, ban and operator's
+//! quarantine is an audit entry with protocol `admin`.
+
+use super::AdminState;
+use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, append_blocking};
+use portcullis_core::principal::PrincipalKind;
+
+/// Where registry changes are audited: the running gateway's writer, or (with no
+/// gateway running) the audit file directly.
+pub enum AuditSink {
+    Live(Audit),
+    File(Box<AuditSettings>),
+}
+
+impl AdminState {
+    pub(super) fn write_audit(&self, entry: AuditEntry) {
+        match &self.audit {
+            AuditSink::Live(audit) => audit.record(entry),
+            AuditSink::File(settings) => {
+                // The same keyed chain the gateway writes, continued from its last line.
+                if let Err(e) = append_blocking(settings, &[entry]) {
+                    tracing::warn!(error = %e, path = %settings.path.display(), "audit log not written");
+                }
+            }
+        }
+    }
+
+    /// A registry change: `action` on a principal.
+    pub(super) fn audit(&self, action: &str, kind: PrincipalKind, id: &str) {
+        self.write_audit(
+            AuditEntry::new("registry", "allow")
+                .principal(kind.as_str(), id.to_string())
+                .protocol("admin")
+                .reason(action.to_string()),
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! Devices and services in the registry: register, list, show, enable, disable,
+//! remove, rotate credentials. Changes that revoke access end the live sessions
+//! they cover.
+
+use super::protocol::{
+    AddPrincipal, DisablePrincipal, EnablePrincipal, ImportPrincipals, Imported, ListPrincipals,
+    LiveSession, NewPrincipal, Principal, PrincipalChanged, PrincipalRemoved, PrincipalShown,
+    RemovePrincipal, RotateCredentials, ShowPrincipal,
+};
+use super::{AdminError, AdminState, Handler, parse_id};
+use portcullis_core::principal::{GroupName, PrincipalKind};
+use portcullis_core::registry::{CertCredential, PrincipalRecord, now_unix};
+use portcullis_core::secret::MIN_SECRET_LEN;
+use portcullis_core::sessions::KickReason;
+
+fn check_fingerprint(fp: &str) -> Result<String, String> {
+    let fp = fp.to_ascii_lowercase().replace(':', "");
+    if fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(fp)
+    } else {
+        Err("certificate fingerprint must be 64 hex digits (SHA-256)".into())
+    }
+}
+
+fn check_secret(secret: &str) -> Result<(), String> {
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(format!(
+            "secret must be at least {MIN_SECRET_LEN} bytes (got {}); use --generate-secret",
+            secret.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A pinned fingerprint wins over "any from the group's CA".
+fn cert_credential(fingerprint: Option<&str>, any: bool) -> Result<Option<CertCredential>, String> {
+    Ok(match (fingerprint, any) {
+        (Some(fp), _) => Some(CertCredential {
+            fingerprint: Some(check_fingerprint(fp)?),
+        }),
+        (None, true) => Some(CertCredential { fingerprint: None }),
+        (None, false) => None,
+    })
+}
+
+impl From<&PrincipalRecord> for Principal {
+    fn from(r: &PrincipalRecord) -> Self {
+        Principal {
+            id: r.id.clone(),
+            kind: r.kind,
+            group: r.group.clone(),
+            enabled: r.enabled,
+            certificate: r.cert.as_ref().map(|c| match &c.fingerprint {
+                Some(fp) => format!("pinned sha256:{fp}"),
+                None => "any from the group's CA".to_string(),
+            }),
+            secret: r.secret_hash.is_some(),
+            generation: r.generation,
+            created_unix: r.created_unix,
+            updated_unix: r.updated_unix,
+        }
+    }
+}
+
+impl AdminState {
+    /// Only the secret's hash is kept.
+    fn hash_secret(&self, secret: Option<&str>) -> Result<Option<String>, String> {
+        secret
+            .map(|s| {
+                check_secret(s)?;
+                Ok(hex::encode(self.hasher.hash(s.as_bytes())))
+            })
+            .transpose()
+    }
+
+    fn record_for(&self, kind: PrincipalKind, p: &NewPrincipal) -> Result<PrincipalRecord, String> {
+        let id = parse_id(&p.id)?;
+        let group_name = p.group.as_deref().unwrap_or("default");
+        let group = GroupName::parse(group_name).map_err(|e| format!("group: {e}"))?;
+        let policies = match &self.auth {
+            Some(auth) => auth.policies(),
+            None => self.policies.clone(),
+        };
+        if policies.group(kind, &group).is_none() {
+            return Err(format!(
+                "{id}: no {kind} group {group:?} in the configuration"
+            ));
+        }
+        let cert = cert_credential(p.cert_fingerprint.as_deref(), p.cert_any)?;
+        let secret_hash = self.hash_secret(p.secret.as_deref())?;
+        if cert.is_none() && secret_hash.is_none() {
+            return Err(format!(
+                "{id}: no credential (give a certificate, --cert-any, or a secret)"
+            ));
+        }
+        let now = now_unix();
+        Ok(PrincipalRecord {
+            kind,
+            id,
+            group,
+            enabled: true,
+            cert,
+            secret_hash,
+            generation: 0,
+            created_unix: now,
+            updated_unix: now,
+        })
+    }
+}
+
+impl Handler for AddPrincipal {
+    fn run(self, state: &AdminState) -> Result<Principal, AdminError> {
+        let record = state.record_for(self.kind, &self.principal)?;
+        let shown = Principal::from(&record);
+        state.registry.add(record)?;
+        state.audit("add", self.kind, &self.principal.id);
+        Ok(shown)
+    }
+}
+
+impl Handler for ImportPrincipals {
+    fn run(self, state: &AdminState) -> Result<Imported, AdminError> {
+        let kind = self.kind;
+        // Check everything first: an import is applied whole or not at all.
+        let snapshot = state.registry.snapshot();
+        let mut records = Vec::with_capacity(self.principals.len());
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.principals.iter().enumerate() {
+            let record = state
+                .record_for(kind, p)
+                .map_err(|e| format!("entry {}: {e}", i + 1))?;
+            if snapshot.get(kind, &record.id).is_some() || !seen.insert(record.id.clone()) {
+                return Err(format!("entry {}: {kind} {} already exists", i + 1, record.id).into());
+            }
+            records.push(record);
+        }
+        let imported = records.len();
+        let ids: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
+        // One commit for the whole import.
+        state.registry.add_all(records)?;
+        for id in ids {
+            state.audit("import", kind, &id);
+        }
+        Ok(Imported { imported })
+    }
+}
+
+impl Handler for ListPrincipals {
+    fn run(self, state: &AdminState) -> Result<Vec<Principal>, AdminError> {
+        let snapshot = state.registry.snapshot();
+        Ok(snapshot
+            .list(self.kind)
+            .iter()
+            .map(|r| Principal::from(&**r))
+            .collect())
+    }
+}
+
+impl Handler for ShowPrincipal {
+    fn run(self, state: &AdminState) -> Result<PrincipalShown, AdminError> {
+        let id = parse_id(&self.id)?;
+        let snapshot = state.registry.snapshot();
+        let record = snapshot
+            .get(self.kind, &id)
+            .ok_or_else(|| format!("no such {}: {id}", self.kind))?;
+        let sessions = state.sessions.as_ref().map(|sessions| {
+            sessions
+                .list()
+                .into_iter()
+                .filter(|s| s.kind == self.kind && s.id == id.as_str())
+                .map(LiveSession::from)
+                .collect()
+        });
+        Ok(PrincipalShown {
+            principal: Principal::from(&**record),
+            sessions,
+        })
+    }
+}
+
+impl Handler for EnablePrincipal {
+    fn run(self, state: &AdminState) -> Result<Principal, AdminError> {
+        let pid = parse_id(&self.id)?;
+        let r = state.registry.set_enabled(self.kind, &pid, true)?;
+        state.audit("enable", self.kind, &self.id);
+        Ok(Principal::from(&r))
+    }
+}
+
+impl Handler for DisablePrincipal {
+    fn run(self, state: &AdminState) -> Result<PrincipalChanged, AdminError> {
+        let pid = parse_id(&self.id)?;
+        let r = state.registry.set_enabled(self.kind, &pid, false)?;
+        let ended = state.kick(self.kind, &pid, u64::MAX, KickReason::Disabled);
+        state.audit("disable", self.kind, &self.id);
+        Ok(PrincipalChanged {
+            principal: Principal::from(&r),
+            sessions_ended: ended,
+        })
+    }
+}
+
+impl Handler for RemovePrincipal {
+    fn run(self, state: &AdminState) -> Result<PrincipalRemoved, AdminError> {
+        let kind = self.kind;
+        let pid = parse_id(&self.id)?;
+        state.registry.remove(kind, &pid)?;
+        let ended = state.kick(kind, &pid, u64::MAX, KickReason::Removed);
+        if kind == PrincipalKind::Device {
+            // A removed device's desired state goes with it.
+            if let Some(retained) = &state.retained {
+                retained.purge(&pid);
+            }
+            // And so does its behaviour: a device registered again starts afresh.
+            if let Some(behaviours) = &state.behaviours {
+                behaviours.forget(&pid);
+            }
+            // The device is gone already; a stray record is ignored on start.
+            if let Err(e) = state.registry.remove_behaviour_record(&pid) {
+                tracing::warn!(error = %e, device = %pid, "behaviour record not removed");
+            }
+        }
+        state.audit("remove", kind, &self.id);
+        Ok(PrincipalRemoved {
+            removed: pid,
+            sessions_ended: ended,
+        })
+    }
+}
+
+impl Handler for RotateCredentials {
+    fn run(self, state: &AdminState) -> Result<PrincipalChanged, AdminError> {
+        let pid = parse_id(&self.id)?;
+        if self.cert_fingerprint.is_none() && !self.cert_any && self.secret.is_none() {
+            return Err("rotate needs a new certificate, --cert-any or a new secret".into());
+        }
+        let cert = cert_credential(self.cert_fingerprint.as_deref(), self.cert_any)?;
+        let secret_hash = state.hash_secret(self.secret.as_deref())?;
+        let r = state.registry.rotate(self.kind, &pid, cert, secret_hash)?;
+        // Sessions authenticated with the old credentials end.
+        let ended = state.kick(self.kind, &pid, r.generation, KickReason::CredentialRotated);
+        state.audit("rotate", self.kind, &self.id);
+        Ok(PrincipalChanged {
+            principal: Principal::from(&r),
+            sessions_ended: ended,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::testing::{offline, usage, wire};
+
+    #[test]
+    fn disable_and_remove_answer_the_record_and_the_sessions_ended_side_by_side() {
+        let (_dir, state) = offline();
+        let kind = PrincipalKind::Device;
+        let disabled = DisablePrincipal {
+            kind,
+            id: "sensor-1".into(),
+        }
+        .run(&state)
+        .unwrap();
+        let v = wire(disabled);
+        assert_eq!(
+            (v["id"].as_str(), v["enabled"].as_bool()),
+            (Some("sensor-1"), Some(false))
+        );
+        assert_eq!(v["sessions_ended"], 0);
+        assert_eq!(v["certificate"], serde_json::Value::Null);
+        let removed = RemovePrincipal {
+            kind,
+            id: "sensor-1".into(),
+        }
+        .run(&state)
+        .unwrap();
+        assert_eq!(
+            wire(removed),
+            serde_json::json!({ "removed": "sensor-1", "sessions_ended": 0 })
+        );
+    }
+
+    #[test]
+    fn show_offline_has_no_sessions_and_a_missing_one_is_a_usage_error() {
+        let (_dir, state) = offline();
+        let show = |id: &str| {
+            ShowPrincipal {
+                kind: PrincipalKind::Device,
+                id: id.into(),
+            }
+            .run(&state)
+        };
+        let v = wire(show("sensor-2").unwrap());
+        assert_eq!(v["secret"], true);
+        assert_eq!(v.get("sessions"), None);
+        assert_eq!(usage(show("nope")), "no such device: nope");
+    }
+
+    #[test]
+    fn rotate_needs_a_new_credential() {
+        let (_dir, state) = offline();
+        let m = usage(
+            RotateCredentials {
+                kind: PrincipalKind::Device,
+                id: "sensor-1".into(),
+                cert_fingerprint: None,
+                cert_any: false,
+                secret: None,
+            }
+            .run(&state),
+        );
+        assert_eq!(
+            m,
+            "rotate needs a new certificate, --cert-any or a new secret"
+        );
+    }
+}
