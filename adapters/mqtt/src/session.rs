@@ -241,8 +241,8 @@ pub async fn run<S>(
         Ok(Err(_)) => return,
         Ok(Ok(frame)) => frame,
     };
-    let version = match strict::check_connect(&frame) {
-        Ok(v) => v,
+    let (version, connect) = match codec::decode_connect(frame) {
+        Ok(decoded) => decoded,
         Err(e) => {
             // An unsupported level gets the 3.1.1 answer that every client understands.
             if matches!(
@@ -257,14 +257,6 @@ pub async fn run<S>(
                 )
                 .await;
             }
-            refuse_connect(&ctx, peer, None, "malformed_connect", &e.to_string());
-            return;
-        }
-    };
-    let connect = match codec::decode(frame, version, ctx.limits.max_packet_size) {
-        Ok(Incoming::Connect(c)) => c,
-        Ok(_) => return,
-        Err(e) => {
             refuse_connect(&ctx, peer, None, "malformed_connect", &e.to_string());
             return;
         }
@@ -1526,17 +1518,12 @@ impl Session {
         frame: BytesMut,
         out: &mut BytesMut,
     ) -> Result<(), End> {
-        if let Err(e) = strict::check_frame(&frame, self.version) {
-            ctx.metrics.refused("decode", "malformed_packet");
-            self.audit_refusal(ctx, "packet", None, &e.to_string());
-            return Err(End::Protocol(e.reason_code(), e.to_string()));
-        }
-        let packet = match codec::decode(frame, self.version, ctx.limits.max_packet_size) {
+        let packet = match codec::decode(frame, self.version) {
             Ok(p) => p,
             Err(e) => {
                 ctx.metrics.refused("decode", "malformed_packet");
                 self.audit_refusal(ctx, "packet", None, &e.to_string());
-                return Err(End::Protocol(reason::MALFORMED, e.to_string()));
+                return Err(End::Protocol(e.reason_code(), e.to_string()));
             }
         };
         match packet {
@@ -1614,10 +1601,6 @@ impl Session {
                     with_will: code == reason::DISCONNECT_WITH_WILL,
                 })
             }
-            Incoming::Connect(_) => Err(End::Protocol(
-                reason::PROTOCOL_ERROR,
-                "second CONNECT".into(),
-            )),
         }
     }
 
