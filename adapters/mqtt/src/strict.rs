@@ -1,9 +1,9 @@
 //! The strict MQTT decoder: the one pass that turns a client's raw frame into the
 //! packet the session acts on.
 //!
-//! Lenient codecs accept reserved header flags, QoS 3, wildcards in topic names, NUL
-//! characters in strings, duplicated or misplaced MQTT 5 properties, and more. This
-//! module owns the rules the specifications impose on the client → server direction
+//! General-purpose MQTT codecs are lenient: they accept reserved header flags, QoS 3,
+//! wildcards in topic names, NUL characters in strings, duplicated or misplaced MQTT 5
+//! properties, and more. This module owns the rules the specifications impose on the client → server direction
 //! and reads each *complete* raw frame (fixed header + remaining length + body) once,
 //! refusing it at the first broken rule or producing its [`Incoming`] packet.
 //!
