@@ -133,18 +133,6 @@ fn qos2_retransmission_from_a_device_is_forwarded_once() {
 fn a_resumed_session_full_of_unreleased_qos2_takes_their_retransmissions() {
     let gw = setup();
     gw.add_device_secret("meter-1", SECRET);
-    let persistent = |raw: &mut Raw| {
-        let mut props = v5::ConnectProperties::new();
-        props.session_expiry_interval = Some(300);
-        let connect = v5::Connect {
-            keep_alive: 30,
-            client_id: "meter-1".into(),
-            clean_start: false,
-            properties: Some(props),
-        };
-        raw.connect_v5_full(connect, None, Some(("meter-1", SECRET)))
-            .expect("CONNACK")
-    };
     // A v5 QoS 2 PUBLISH, no properties.
     let publish = |pkid: u16, dup: bool| {
         let topic = b"devices/meter-1/telemetry";
@@ -162,7 +150,7 @@ fn a_resumed_session_full_of_unreleased_qos2_takes_their_retransmissions() {
         other => panic!("expected PUBREC {pkid}, got {other:?}"),
     };
     let mut raw = Raw::connect(gw.device_plain);
-    persistent(&mut raw);
+    connect_persistent(&mut raw);
     // As many as the Receive Maximum (64) accepted, none released: the PUBRECs "lost".
     for pkid in 1..=64 {
         raw.send(&publish(pkid, false));
@@ -170,7 +158,7 @@ fn a_resumed_session_full_of_unreleased_qos2_takes_their_retransmissions() {
     }
     drop(raw);
     let mut raw = Raw::connect(gw.device_plain);
-    assert!(persistent(&mut raw).session_present);
+    assert!(connect_persistent(&mut raw).session_present);
     // The client resends them with DUP: retransmissions, not new publishes over the
     // Receive Maximum.
     raw.send(&publish(1, true));
@@ -274,24 +262,26 @@ fn a_clean_session_discards_queued_commands_and_subscriptions() {
     assert!(!text(&out).contains("stale"), "{}", text(&out));
 }
 
+/// meter-1 connects over MQTT 5 asking to resume a session kept for 300 s.
+fn connect_persistent(raw: &mut Raw) -> v5::ConnAck {
+    let mut props = v5::ConnectProperties::new();
+    props.session_expiry_interval = Some(300);
+    let connect = v5::Connect {
+        keep_alive: 30,
+        client_id: "meter-1".into(),
+        clean_start: false,
+        properties: Some(props),
+    };
+    raw.connect_v5_full(connect, None, Some(("meter-1", SECRET)))
+        .expect("CONNACK")
+}
+
 #[test]
 fn subscriptions_survive_a_reconnect_of_a_persistent_session() {
     let gw = setup();
     gw.add_device_secret("meter-1", SECRET);
-    let persistent = |raw: &mut Raw| {
-        let mut props = v5::ConnectProperties::new();
-        props.session_expiry_interval = Some(300);
-        let connect = v5::Connect {
-            keep_alive: 30,
-            client_id: "meter-1".into(),
-            clean_start: false,
-            properties: Some(props),
-        };
-        raw.connect_v5_full(connect, None, Some(("meter-1", SECRET)))
-            .expect("CONNACK")
-    };
     let mut raw = Raw::connect(gw.device_plain);
-    let ack = persistent(&mut raw);
+    let ack = connect_persistent(&mut raw);
     assert!(!ack.session_present);
     raw.send_v5(v5::Packet::Subscribe(v5::Subscribe {
         pkid: 1,
@@ -313,7 +303,7 @@ fn subscriptions_survive_a_reconnect_of_a_persistent_session() {
         &["-q", "1"],
     );
     let mut raw = Raw::connect(gw.device_plain);
-    assert!(persistent(&mut raw).session_present);
+    assert!(connect_persistent(&mut raw).session_present);
     // No SUBSCRIBE this time: the session remembered it.
     match raw.recv_v5(T) {
         Some(v5::Packet::Publish(p)) => {
@@ -330,6 +320,29 @@ fn subscriptions_survive_a_reconnect_of_a_persistent_session() {
             None => panic!("live command not delivered after resume"),
         }
     }
+}
+
+#[test]
+fn a_disconnect_with_a_long_reason_string_still_sets_the_session_expiry() {
+    let gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(!connect_persistent(&mut raw).session_present);
+    // A Reason String long enough that the property length takes two bytes, then
+    // Session Expiry Interval 0: the session ends with this connection.
+    let reason = "sensor retired by its operator ".repeat(8);
+    let mut props = vec![0x1F];
+    props.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    props.extend_from_slice(reason.as_bytes());
+    props.extend_from_slice(&[0x11, 0, 0, 0, 0]);
+    assert!(props.len() > 127);
+    raw.send(&common::raw::disconnect_v5_raw(0x00, &props));
+    assert!(raw.closed_within(T).0);
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(
+        !connect_persistent(&mut raw).session_present,
+        "the DISCONNECT's session expiry 0 ended the session"
+    );
 }
 
 #[test]

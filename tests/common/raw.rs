@@ -220,19 +220,38 @@ pub fn publish_v4_raw(topic: &[u8], payload: &[u8], qos: u8, pkid: u16) -> Vec<u
         body.extend_from_slice(&pkid.to_be_bytes());
     }
     body.extend_from_slice(payload);
-    let mut frame = vec![0x30 | (qos << 1)];
-    let mut len = body.len();
+    frame(0x30 | (qos << 1), &body)
+}
+
+/// An MQTT 5 DISCONNECT frame with a reason code and raw properties (identifier,
+/// value pairs), whatever their length.
+pub fn disconnect_v5_raw(reason: u8, properties: &[u8]) -> Vec<u8> {
+    let mut body = vec![reason];
+    body.extend(vbi(properties.len()));
+    body.extend_from_slice(properties);
+    frame(0xE0, &body)
+}
+
+/// A frame: its first byte, the remaining length, then the body.
+fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut frame = vec![first];
+    frame.extend(vbi(body.len()));
+    frame.extend_from_slice(body);
+    frame
+}
+
+/// An MQTT variable byte integer.
+fn vbi(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
     loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
             b |= 0x80;
         }
-        frame.push(b);
-        if len == 0 {
-            break;
+        out.push(b);
+        if n == 0 {
+            return out;
         }
     }
-    frame.extend_from_slice(&body);
-    frame
 }

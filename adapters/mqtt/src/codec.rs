@@ -1,10 +1,12 @@
 //! MQTT 3.1.1 and 5 packets, translated to and from one small model.
 //!
-//! Parsing and encoding are rumqttc's `mqttbytes` codecs; every frame has already
-//! passed `strict` before it gets here. The session logic above sees only
-//! `Incoming`/`Outgoing` and a reason code, whichever version the peer speaks.
+//! Incoming frames are decoded once, by `strict`, which checks every rule as it
+//! reads; outgoing packets are encoded with rumqttc's `mqttbytes` codecs. The session
+//! logic above sees only `Incoming`/`Outgoing` and a reason code, whichever version
+//! the peer speaks.
 
-use crate::strict::ProtocolVersion;
+pub use crate::incoming::{ConnectInfo, Incoming, PublishIn, RawProps, SubscribeFilter, Will};
+use crate::strict::{self, ProtocolVersion, StrictError};
 use bytes::{Bytes, BytesMut};
 use portcullis_core::message::Properties;
 use rumqttc::mqttbytes::v4;
@@ -36,179 +38,6 @@ pub mod reason {
     pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
-}
-
-/// MQTT 5 publish (and will) properties as the peer sent them, not yet validated
-/// against the gateway's limits.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RawProps {
-    pub payload_format: Option<u8>,
-    pub message_expiry: Option<u32>,
-    pub content_type: Option<String>,
-    pub response_topic: Option<String>,
-    pub correlation_data: Option<Bytes>,
-    pub user_properties: Vec<(String, String)>,
-    pub topic_alias: Option<u16>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Will {
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: u8,
-    pub retain: bool,
-    /// MQTT 5 Will Delay Interval, seconds.
-    pub delay: u32,
-    pub props: RawProps,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectInfo {
-    pub client_id: String,
-    pub username: Option<String>,
-    pub password: Option<Vec<u8>>,
-    pub keep_alive: u16,
-    pub clean_start: bool,
-    /// Seconds the session should outlive the connection: MQTT 5 Session Expiry
-    /// Interval; MQTT 3.1.1 clean_session = 0 asks for "as long as allowed".
-    pub session_expiry: u32,
-    pub will: Option<Will>,
-    /// MQTT 5: the client's Receive Maximum, Maximum Packet Size and Topic Alias
-    /// Maximum (aliases the gateway may define towards it).
-    pub receive_maximum: Option<u16>,
-    pub max_packet_size: Option<u32>,
-    pub topic_alias_maximum: u16,
-    /// MQTT 5: the client asked for enhanced authentication.
-    pub auth_method: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishIn {
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: u8,
-    pub retain: bool,
-    pub pkid: u16,
-    pub props: RawProps,
-}
-
-fn raw_props(p: v5::PublishProperties) -> RawProps {
-    RawProps {
-        payload_format: p.payload_format_indicator,
-        message_expiry: p.message_expiry_interval,
-        content_type: p.content_type,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user_properties: p.user_properties,
-        topic_alias: p.topic_alias,
-    }
-}
-
-fn will_props(p: v5::LastWillProperties) -> (u32, RawProps) {
-    (
-        p.delay_interval.unwrap_or(0),
-        RawProps {
-            payload_format: p.payload_format_indicator,
-            message_expiry: p.message_expiry_interval,
-            content_type: p.content_type,
-            response_topic: p.response_topic,
-            correlation_data: p.correlation_data,
-            user_properties: p.user_properties,
-            topic_alias: None,
-        },
-    )
-}
-
-/// Reason code and session expiry of an MQTT 5 DISCONNECT (already strictness-checked):
-/// rumqttc cannot read the short forms the spec allows.
-fn decode_disconnect_v5(frame: &[u8]) -> Incoming {
-    let body = frame.get(2..).unwrap_or_default();
-    let reason = body.first().copied().unwrap_or(0);
-    let mut session_expiry = None;
-    // Properties: a one-byte length is enough for what a DISCONNECT can carry here;
-    // strict has validated ids and lengths.
-    if let Some(&len) = body.get(1) {
-        let mut props = body.get(2..2 + usize::from(len)).unwrap_or_default();
-        while let Some((&id, rest)) = props.split_first() {
-            let take = match id {
-                0x11 => 4,
-                0x1F | 0x1C => {
-                    2 + rest
-                        .get(..2)
-                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize)
-                }
-                0x26 => {
-                    let k = rest
-                        .get(..2)
-                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
-                    let v = rest
-                        .get(2 + k..4 + k)
-                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
-                    4 + k + v
-                }
-                _ => break,
-            };
-            if id == 0x11
-                && let Some(b) = rest.get(..4)
-            {
-                session_expiry = Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-            }
-            props = rest.get(take..).unwrap_or_default();
-        }
-    }
-    Incoming::Disconnect {
-        reason,
-        session_expiry,
-    }
-}
-
-/// One filter of a SUBSCRIBE, with its options as sent (MQTT 3.1.1: only the QoS).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubscribeFilter {
-    pub path: String,
-    pub qos: u8,
-    pub no_local: bool,
-    pub retain_as_published: bool,
-    /// 0, 1 or 2 (the strict decoder refuses 3).
-    pub retain_handling: u8,
-}
-
-impl SubscribeFilter {
-    fn v311(path: String, qos: u8) -> Self {
-        SubscribeFilter {
-            path,
-            qos,
-            no_local: false,
-            retain_as_published: false,
-            retain_handling: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Incoming {
-    Connect(ConnectInfo),
-    Publish(PublishIn),
-    PubAck(u16),
-    PubRec(u16),
-    PubRel(u16),
-    PubComp(u16),
-    Subscribe {
-        pkid: u16,
-        filters: Vec<SubscribeFilter>,
-        /// MQTT 5 Subscription Identifier (1..=268435455).
-        identifier: Option<u32>,
-    },
-    Unsubscribe {
-        pkid: u16,
-        filters: Vec<String>,
-    },
-    PingReq,
-    /// `reason` is 0 for MQTT 3.1.1; MQTT 5 may also update the session expiry.
-    Disconnect {
-        reason: u8,
-        session_expiry: Option<u32>,
-    },
 }
 
 /// What a successful MQTT 5 CONNACK tells the client about the gateway's limits.
@@ -278,10 +107,6 @@ pub enum Outgoing<'a> {
     },
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DecodeError(String);
-
 fn qos_v4(q: u8) -> rumqttc::mqttbytes::QoS {
     match q {
         0 => rumqttc::mqttbytes::QoS::AtMostOnce,
@@ -298,173 +123,15 @@ fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
     }
 }
 
-/// Decode one complete, strictness-checked frame.
-pub fn decode(
-    mut frame: BytesMut,
-    version: ProtocolVersion,
-    max_size: usize,
-) -> Result<Incoming, DecodeError> {
-    // rumqttc refuses a v5 DISCONNECT with no body, which the spec allows; strict has
-    // already checked the frame, so its type is all that matters here.
-    if frame.first().map(|b| b >> 4) == Some(14) {
-        return Ok(match version {
-            ProtocolVersion::V311 => Incoming::Disconnect {
-                reason: 0,
-                session_expiry: None,
-            },
-            ProtocolVersion::V5 => decode_disconnect_v5(&frame),
-        });
-    }
-    let err = |e: &dyn std::fmt::Display| DecodeError(e.to_string());
-    match version {
-        ProtocolVersion::V311 => {
-            let packet = v4::Packet::read(&mut frame, max_size).map_err(|e| err(&e))?;
-            Ok(match packet {
-                v4::Packet::Connect(c) => Incoming::Connect(ConnectInfo {
-                    client_id: c.client_id,
-                    username: c.login.as_ref().map(|l| l.username.clone()),
-                    password: c
-                        .login
-                        .map(|l| l.password.into_bytes())
-                        .filter(|p| !p.is_empty()),
-                    keep_alive: c.keep_alive,
-                    clean_start: c.clean_session,
-                    session_expiry: if c.clean_session { 0 } else { u32::MAX },
-                    receive_maximum: None,
-                    max_packet_size: None,
-                    topic_alias_maximum: 0,
-                    auth_method: false,
-                    will: c.last_will.map(|w| Will {
-                        topic: w.topic,
-                        payload: w.message,
-                        qos: w.qos as u8,
-                        retain: w.retain,
-                        delay: 0,
-                        props: RawProps::default(),
-                    }),
-                }),
-                v4::Packet::Publish(p) => Incoming::Publish(PublishIn {
-                    topic: p.topic,
-                    payload: p.payload,
-                    qos: p.qos as u8,
-                    retain: p.retain,
-                    pkid: p.pkid,
-                    props: RawProps::default(),
-                }),
-                v4::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
-                v4::Packet::PubRec(a) => Incoming::PubRec(a.pkid),
-                v4::Packet::PubRel(a) => Incoming::PubRel(a.pkid),
-                v4::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
-                v4::Packet::Subscribe(s) => Incoming::Subscribe {
-                    pkid: s.pkid,
-                    filters: s
-                        .filters
-                        .into_iter()
-                        .map(|f| SubscribeFilter::v311(f.path, f.qos as u8))
-                        .collect(),
-                    identifier: None,
-                },
-                v4::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
-                    pkid: u.pkid,
-                    filters: u.topics,
-                },
-                v4::Packet::PingReq => Incoming::PingReq,
-                v4::Packet::Disconnect => Incoming::Disconnect {
-                    reason: 0,
-                    session_expiry: None,
-                },
-                other => return Err(DecodeError(format!("unexpected packet {other:?}"))),
-            })
-        }
-        ProtocolVersion::V5 => {
-            let packet =
-                v5::Packet::read(&mut frame, Some(max_size as u32)).map_err(|e| err(&e))?;
-            Ok(match packet {
-                v5::Packet::Connect(c, will, login) => Incoming::Connect(ConnectInfo {
-                    client_id: c.client_id,
-                    username: login.as_ref().map(|l| l.username.clone()),
-                    password: login
-                        .map(|l| l.password.into_bytes())
-                        .filter(|p| !p.is_empty()),
-                    keep_alive: c.keep_alive,
-                    clean_start: c.clean_start,
-                    session_expiry: c
-                        .properties
-                        .as_ref()
-                        .and_then(|p| p.session_expiry_interval)
-                        .unwrap_or(0),
-                    receive_maximum: c.properties.as_ref().and_then(|p| p.receive_maximum),
-                    max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
-                    topic_alias_maximum: c
-                        .properties
-                        .as_ref()
-                        .and_then(|p| p.topic_alias_max)
-                        .unwrap_or(0),
-                    auth_method: c
-                        .properties
-                        .as_ref()
-                        .is_some_and(|p| p.authentication_method.is_some()),
-                    will: will.map(|w| {
-                        let (delay, props) = w.properties.map(will_props).unwrap_or_default();
-                        Will {
-                            topic: String::from_utf8_lossy(&w.topic).into_owned(),
-                            payload: w.message,
-                            qos: w.qos as u8,
-                            retain: w.retain,
-                            delay,
-                            props,
-                        }
-                    }),
-                }),
-                v5::Packet::Publish(p) => Incoming::Publish(PublishIn {
-                    topic: std::str::from_utf8(&p.topic)
-                        .map_err(|_| DecodeError("topic is not UTF-8".into()))?
-                        .to_string(),
-                    payload: p.payload,
-                    qos: p.qos as u8,
-                    retain: p.retain,
-                    pkid: p.pkid,
-                    props: p.properties.map(raw_props).unwrap_or_default(),
-                }),
-                v5::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
-                v5::Packet::PubRec(a) => Incoming::PubRec(a.pkid),
-                v5::Packet::PubRel(a) => Incoming::PubRel(a.pkid),
-                v5::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
-                v5::Packet::Subscribe(s) => Incoming::Subscribe {
-                    pkid: s.pkid,
-                    filters: s
-                        .filters
-                        .into_iter()
-                        .map(|f| SubscribeFilter {
-                            path: f.path,
-                            qos: f.qos as u8,
-                            no_local: f.nolocal,
-                            retain_as_published: f.preserve_retain,
-                            retain_handling: match f.retain_forward_rule {
-                                v5::RetainForwardRule::OnEverySubscribe => 0,
-                                v5::RetainForwardRule::OnNewSubscribe => 1,
-                                v5::RetainForwardRule::Never => 2,
-                            },
-                        })
-                        .collect(),
-                    identifier: s
-                        .properties
-                        .and_then(|p| p.id)
-                        .and_then(|id| u32::try_from(id).ok()),
-                },
-                v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
-                    pkid: u.pkid,
-                    filters: u.filters,
-                },
-                v5::Packet::PingReq(_) => Incoming::PingReq,
-                v5::Packet::Disconnect(d) => Incoming::Disconnect {
-                    reason: d.reason_code as u8,
-                    session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
-                },
-                other => return Err(DecodeError(format!("unexpected packet {other:?}"))),
-            })
-        }
-    }
+/// Decode the first frame of a connection, which must be CONNECT; it also tells
+/// which version the peer speaks.
+pub fn decode_connect(frame: BytesMut) -> Result<(ProtocolVersion, ConnectInfo), StrictError> {
+    strict::decode_connect(&frame.freeze())
+}
+
+/// Decode one complete frame after CONNECT.
+pub fn decode(frame: BytesMut, version: ProtocolVersion) -> Result<Incoming, StrictError> {
+    strict::decode_frame(&frame.freeze(), version)
 }
 
 fn connack_v4(code: u8) -> v4::ConnectReturnCode {
@@ -801,7 +468,7 @@ mod tests {
     fn empty_v5_disconnect_decodes() {
         let frame = BytesMut::from(&[0xE0u8, 0x00][..]);
         assert_eq!(
-            decode(frame, ProtocolVersion::V5, 1024).unwrap(),
+            decode(frame, ProtocolVersion::V5).unwrap(),
             Incoming::Disconnect {
                 reason: 0,
                 session_expiry: None
@@ -814,11 +481,41 @@ mod tests {
         // Reason 0x04 (disconnect with Will), properties: session expiry 120.
         let frame = BytesMut::from(&[0xE0u8, 0x07, 0x04, 0x05, 0x11, 0, 0, 0, 120][..]);
         assert_eq!(
-            decode(frame, ProtocolVersion::V5, 1024).unwrap(),
+            decode(frame, ProtocolVersion::V5).unwrap(),
             Incoming::Disconnect {
                 reason: 0x04,
                 session_expiry: Some(120)
             }
         );
+    }
+
+    #[test]
+    fn v5_disconnect_keeps_its_session_expiry_behind_a_long_reason_string() {
+        // Properties of 208 bytes: the property length takes two bytes.
+        let mut props = vec![0x1F, 0, 200];
+        props.extend_from_slice(&[b'r'; 200]);
+        props.extend_from_slice(&[0x11, 0, 0, 0, 0]);
+        let mut frame = BytesMut::from(&[0xE0u8, 0xD3, 0x01, 0x00, 0xD0, 0x01][..]);
+        frame.extend_from_slice(&props);
+        assert_eq!(
+            decode(frame, ProtocolVersion::V5).unwrap(),
+            Incoming::Disconnect {
+                reason: 0,
+                session_expiry: Some(0)
+            }
+        );
+    }
+
+    #[test]
+    fn a_frame_that_breaks_a_rule_is_refused_with_its_reason() {
+        // PINGREQ with a body.
+        let err = decode(
+            BytesMut::from(&[0xC0u8, 0x01, 0x00][..]),
+            ProtocolVersion::V311,
+        )
+        .unwrap_err();
+        assert_eq!(err.reason_code(), reason::MALFORMED);
+        let err = decode_connect(BytesMut::from(&[0xC0u8, 0x00][..])).unwrap_err();
+        assert_eq!(err, StrictError::ExpectedConnect(12));
     }
 }

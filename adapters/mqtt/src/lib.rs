@@ -3,6 +3,7 @@
 //! No policy lives here.
 
 pub mod codec;
+mod incoming;
 pub mod listener;
 pub mod session;
 pub mod state;

@@ -1,6 +1,6 @@
 //! One MQTT connection, from CONNECT to close.
 //!
-//! Reads frames with a deadline, runs each through `strict` and the codec, asks the
+//! Reads frames with a deadline, decodes each once (`strict`, through the codec), asks the
 //! core for a verdict and acts on it; delivers what the broker sends the peer; ends
 //! the session when the peer goes silent, the gateway kicks it, or it misbehaves.
 //! Every refusal is answered the protocol's way, audited and counted. Session state
@@ -242,8 +242,8 @@ pub async fn run<S>(
         Ok(Err(_)) => return,
         Ok(Ok(frame)) => frame,
     };
-    let version = match strict::check_connect(&frame) {
-        Ok(v) => v,
+    let (version, connect) = match codec::decode_connect(frame) {
+        Ok(decoded) => decoded,
         Err(e) => {
             // An unsupported level gets the 3.1.1 answer that every client understands.
             if matches!(
@@ -258,14 +258,6 @@ pub async fn run<S>(
                 )
                 .await;
             }
-            refuse_connect(&ctx, peer, None, Refusal::MalformedConnect, &e.to_string());
-            return;
-        }
-    };
-    let connect = match codec::decode(frame, version, ctx.limits.max_packet_size) {
-        Ok(Incoming::Connect(c)) => c,
-        Ok(_) => return,
-        Err(e) => {
             refuse_connect(&ctx, peer, None, Refusal::MalformedConnect, &e.to_string());
             return;
         }
@@ -1317,17 +1309,12 @@ impl Session {
         frame: BytesMut,
         out: &mut BytesMut,
     ) -> Result<(), End> {
-        if let Err(e) = strict::check_frame(&frame, self.version) {
-            ctx.metrics.refused(Refusal::MalformedPacket);
-            self.audit_refusal(ctx, "packet", None, &e.to_string());
-            return Err(End::Protocol(e.reason_code(), e.to_string()));
-        }
-        let packet = match codec::decode(frame, self.version, ctx.limits.max_packet_size) {
+        let packet = match codec::decode(frame, self.version) {
             Ok(p) => p,
             Err(e) => {
                 ctx.metrics.refused(Refusal::MalformedPacket);
                 self.audit_refusal(ctx, "packet", None, &e.to_string());
-                return Err(End::Protocol(reason::MALFORMED, e.to_string()));
+                return Err(End::Protocol(e.reason_code(), e.to_string()));
             }
         };
         match packet {
@@ -1405,10 +1392,6 @@ impl Session {
                     with_will: code == reason::DISCONNECT_WITH_WILL,
                 })
             }
-            Incoming::Connect(_) => Err(End::Protocol(
-                reason::PROTOCOL_ERROR,
-                "second CONNECT".into(),
-            )),
         }
     }
 

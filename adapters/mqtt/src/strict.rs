@@ -1,22 +1,23 @@
-//! Strict, pre-codec validation of raw MQTT frames received from devices.
+//! The strict MQTT decoder: the one pass that turns a client's raw frame into the
+//! packet the session acts on.
 //!
-//! The gateway decodes device traffic with rumqttc's `mqttbytes` codecs (v4 for
-//! MQTT 3.1.1, v5 for MQTT 5.0). Those codecs are deliberately lenient: they accept
-//! reserved header flags, QoS 3, wildcards in topic names, NUL characters in strings,
-//! duplicated or misplaced MQTT 5 properties, and more. This module owns the rules the
-//! specifications impose on the client → server direction and enforces them on each
-//! *complete* raw frame (fixed header + remaining length + body) before a codec sees it.
+//! General-purpose MQTT codecs are lenient: they accept reserved header flags, QoS 3,
+//! wildcards in topic names, NUL characters in strings, duplicated or misplaced MQTT 5
+//! properties, and more. This module owns the rules the specifications impose on the client → server direction
+//! and reads each *complete* raw frame (fixed header + remaining length + body) once,
+//! refusing it at the first broken rule or producing its [`Incoming`] packet.
 //!
 //! * [`frame_len`] delimits frames in a receive buffer and refuses oversized frames as
 //!   soon as the remaining length is known, so a peer cannot make us buffer them.
-//! * [`check_connect`] validates the first frame of a connection, which must be CONNECT,
-//!   and picks the protocol version (and therefore the codec).
-//! * [`check_frame`] validates every later frame for the negotiated version.
+//! * [`decode_connect`] reads the first frame of a connection, which must be CONNECT,
+//!   and picks the protocol version.
+//! * [`decode_frame`] reads every later frame for the negotiated version.
 //!
-//! Everything here is pure (no I/O), allocation-free, and never panics on any input:
-//! all reads go through a small bounds-checked cursor. Failures are reported as a
-//! [`StrictError`] naming the rule that was broken; [`StrictError::reason_code`] gives
-//! the MQTT 5 reason code to put in a CONNACK or DISCONNECT.
+//! Everything here is pure (no I/O) and never panics on any input: all reads go
+//! through a small bounds-checked cursor, and payloads and binary properties are
+//! shares of the frame, not copies. Failures are reported as a [`StrictError`] naming
+//! the rule that was broken; [`StrictError::reason_code`] gives the MQTT 5 reason code
+//! to put in a CONNACK or DISCONNECT.
 //!
 //! Rules that need connection state (topic alias ranges, receive maximum, whether a
 //! DISCONNECT may set a session expiry interval, packet identifier reuse) or policy
@@ -25,6 +26,8 @@
 
 #![forbid(unsafe_code)]
 
+use crate::incoming::{ConnectInfo, Incoming, PublishIn, RawProps, SubscribeFilter, Will};
+use bytes::Bytes;
 use std::fmt;
 
 /// MQTT protocol version negotiated by the CONNECT packet.
@@ -391,7 +394,8 @@ pub fn frame_len(buf: &[u8], max_packet_size: usize) -> Result<Option<usize>, St
     match decode_vbi(after_type) {
         Vbi::Incomplete => Ok(None),
         Vbi::Malformed => Err(StrictError::MalformedRemainingLength),
-        // Non-minimal remaining lengths are accepted, as the codec accepts them.
+        // Non-minimal remaining lengths are accepted; only the body's integers must be
+        // minimal.
         Vbi::Complete { value, len, .. } => {
             let total = 1usize.saturating_add(len).saturating_add(to_usize(value));
             if total > max_packet_size {
@@ -405,12 +409,12 @@ pub fn frame_len(buf: &[u8], max_packet_size: usize) -> Result<Option<usize>, St
     }
 }
 
-/// Validates the first frame of a connection, which must be CONNECT.
+/// Decodes the first frame of a connection, which must be CONNECT.
 ///
 /// The protocol name must be exactly `"MQTT"` and the level 4 (MQTT 3.1.1) or 5
-/// (MQTT 5.0); anything else (including MQTT 3.1's `"MQIsdp"`/3) is refused before a
-/// codec is chosen. The rest of the packet is then checked with that version's rules.
-pub fn check_connect(frame: &[u8]) -> Result<ProtocolVersion, StrictError> {
+/// (MQTT 5.0); anything else (including MQTT 3.1's `"MQIsdp"`/3) is refused before
+/// the rest is read. The rest of the packet is then read with that version's rules.
+pub fn decode_connect(frame: &Bytes) -> Result<(ProtocolVersion, ConnectInfo), StrictError> {
     let (header, body) = split_frame(frame)?;
     let type_bits = header >> 4;
     if type_bits != 1 {
@@ -418,7 +422,7 @@ pub fn check_connect(frame: &[u8]) -> Result<ProtocolVersion, StrictError> {
     }
     check_fixed_flags(PacketType::Connect, header & 0x0f)?;
 
-    let mut c = Cursor::new(body);
+    let mut c = Cursor::new(frame, body);
     if c.binary(Field::ProtocolName)? != b"MQTT" {
         return Err(StrictError::BadProtocolName);
     }
@@ -427,13 +431,13 @@ pub fn check_connect(frame: &[u8]) -> Result<ProtocolVersion, StrictError> {
         5 => ProtocolVersion::V5,
         level => return Err(StrictError::UnsupportedProtocolLevel(level)),
     };
-    check_connect_rest(&mut c, version)?;
-    Ok(version)
+    let connect = read_connect_rest(&mut c, version)?;
+    Ok((version, connect))
 }
 
-/// Validates one complete frame (anything after CONNECT) from a client speaking
+/// Decodes one complete frame (anything after CONNECT) from a client speaking
 /// `version`.
-pub fn check_frame(frame: &[u8], version: ProtocolVersion) -> Result<(), StrictError> {
+pub fn decode_frame(frame: &Bytes, version: ProtocolVersion) -> Result<Incoming, StrictError> {
     let (header, body) = split_frame(frame)?;
     let (type_bits, flags) = (header >> 4, header & 0x0f);
     let packet = match PacketType::from_nibble(type_bits) {
@@ -451,17 +455,18 @@ pub fn check_frame(frame: &[u8], version: ProtocolVersion) -> Result<(), StrictE
         _ => check_fixed_flags(packet, flags)?,
     }
 
-    let mut c = Cursor::new(body);
+    let mut c = Cursor::new(frame, body);
     match packet {
-        PacketType::Publish => check_publish(&mut c, flags, version),
-        PacketType::Puback | PacketType::Pubrec | PacketType::Pubrel | PacketType::Pubcomp => {
-            check_pub_response(&mut c, packet, version)
-        }
-        PacketType::Subscribe => check_subscribe(&mut c, version),
-        PacketType::Unsubscribe => check_unsubscribe(&mut c, version),
-        PacketType::Pingreq => expect_remaining_length(packet, body, 0),
-        PacketType::Disconnect => check_disconnect(&mut c, version),
-        PacketType::Auth => check_auth(&mut c),
+        PacketType::Publish => read_publish(&mut c, flags, version).map(Incoming::Publish),
+        PacketType::Puback => read_pub_response(&mut c, packet, version).map(Incoming::PubAck),
+        PacketType::Pubrec => read_pub_response(&mut c, packet, version).map(Incoming::PubRec),
+        PacketType::Pubrel => read_pub_response(&mut c, packet, version).map(Incoming::PubRel),
+        PacketType::Pubcomp => read_pub_response(&mut c, packet, version).map(Incoming::PubComp),
+        PacketType::Subscribe => read_subscribe(&mut c, version),
+        PacketType::Unsubscribe => read_unsubscribe(&mut c, version),
+        PacketType::Pingreq => expect_remaining_length(packet, body, 0).map(|()| Incoming::PingReq),
+        PacketType::Disconnect => read_disconnect(&mut c, version),
+        PacketType::Auth => read_auth(&mut c),
         // Refused above; repeated so that this match stays exhaustive.
         PacketType::Connect => Err(StrictError::UnexpectedConnect),
         PacketType::Connack | PacketType::Suback | PacketType::Unsuback | PacketType::Pingresp => {
@@ -564,11 +569,14 @@ fn expect_remaining_length(
 /// that running out of bytes is reported as `Truncated(field)`.
 struct Cursor<'a> {
     buf: &'a [u8],
+    /// The whole frame `buf` lies in: binary fields are handed out as shares of it,
+    /// not copies.
+    frame: &'a Bytes,
 }
 
 impl<'a> Cursor<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Self { buf }
+    fn new(frame: &'a Bytes, buf: &'a [u8]) -> Self {
+        Self { buf, frame }
     }
 
     fn is_empty(&self) -> bool {
@@ -581,6 +589,23 @@ impl<'a> Cursor<'a> {
         };
         self.buf = tail;
         Ok(head)
+    }
+
+    /// A cursor over the next `n` bytes (a property section), which this one skips.
+    fn section(&mut self, n: usize, field: Field) -> Result<Cursor<'a>, StrictError> {
+        let part = self.take(n, field)?;
+        Ok(Cursor::new(self.frame, part))
+    }
+
+    /// `part` (read through this cursor, so inside the frame) without copying it.
+    fn share(&self, part: &'a [u8]) -> Bytes {
+        self.frame.slice_ref(part)
+    }
+
+    /// Everything left (a PUBLISH payload).
+    fn rest(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.buf);
+        self.share(rest)
     }
 
     fn u8(&mut self, field: Field) -> Result<u8, StrictError> {
@@ -611,8 +636,8 @@ impl<'a> Cursor<'a> {
     }
 
     /// Variable byte integer inside a packet body. Unlike the remaining length it must
-    /// be minimally encoded ([MQTT-1.5.5-1]): the codec reads property identifiers as
-    /// single bytes, so `0x91 0x00` must not pass here as property 0x11.
+    /// be minimally encoded ([MQTT-1.5.5-1]): `0x91 0x00` must not pass as property
+    /// 0x11 to a reader that takes identifiers as single bytes.
     fn vbi(&mut self, field: Field) -> Result<u32, StrictError> {
         match decode_vbi(self.buf) {
             Vbi::Complete {
@@ -663,9 +688,13 @@ impl<'a> Cursor<'a> {
 // ---- packets ---------------------------------------------------------------------
 
 /// CONNECT after protocol name and level: flags, keep alive, properties, payload.
-fn check_connect_rest(c: &mut Cursor<'_>, version: ProtocolVersion) -> Result<(), StrictError> {
+fn read_connect_rest(
+    c: &mut Cursor<'_>,
+    version: ProtocolVersion,
+) -> Result<ConnectInfo, StrictError> {
     let flags = c.u8(Field::ConnectFlags)?;
     let reserved = flags & 0x01 != 0;
+    let clean_start = flags & 0x02 != 0;
     let will = flags & 0x04 != 0;
     let will_qos = (flags >> 3) & 0x03;
     let will_retain = flags & 0x20 != 0;
@@ -685,40 +714,83 @@ fn check_connect_rest(c: &mut Cursor<'_>, version: ProtocolVersion) -> Result<()
         return Err(StrictError::PasswordWithoutUserName);
     }
 
-    c.u16(Field::KeepAlive)?;
-    if version == ProtocolVersion::V5 {
-        let section = PropertySection::Packet(PacketType::Connect);
-        let seen = check_properties(c, section)?;
-        if seen.has(prop::AUTHENTICATION_DATA) && !seen.has(prop::AUTHENTICATION_METHOD) {
-            return Err(StrictError::AuthDataWithoutMethod(section));
+    let keep_alive = c.u16(Field::KeepAlive)?;
+    let props = match version {
+        ProtocolVersion::V311 => Props::default(),
+        ProtocolVersion::V5 => {
+            let section = PropertySection::Packet(PacketType::Connect);
+            let props = read_properties(c, section)?;
+            if props.has(prop::AUTHENTICATION_DATA) && !props.has(prop::AUTHENTICATION_METHOD) {
+                return Err(StrictError::AuthDataWithoutMethod(section));
+            }
+            props
         }
-    }
+    };
 
-    c.utf8(Field::ClientId)?;
-    if will {
-        if version == ProtocolVersion::V5 {
-            check_properties(c, PropertySection::Will)?;
-        }
+    let client_id = c.utf8(Field::ClientId)?.to_owned();
+    let will = if will {
+        let will_props = match version {
+            ProtocolVersion::V311 => Props::default(),
+            ProtocolVersion::V5 => read_properties(c, PropertySection::Will)?,
+        };
         let topic = c.utf8(Field::WillTopic)?;
         check_topic_name(topic, Field::WillTopic)?;
-        c.binary(Field::WillPayload)?;
-    }
-    if user_name {
-        c.utf8(Field::UserName)?;
-    }
-    if password {
-        c.binary(Field::Password)?;
-    }
-    c.finish(PacketType::Connect)
+        let payload = c.binary(Field::WillPayload)?;
+        Some(Will {
+            topic: topic.to_owned(),
+            payload: c.share(payload),
+            qos: will_qos,
+            retain: will_retain,
+            delay: will_props.will_delay.unwrap_or(0),
+            props: will_props.publish,
+        })
+    } else {
+        None
+    };
+    let user_name = if user_name {
+        c.utf8(Field::UserName)?
+    } else {
+        ""
+    };
+    let password = if password {
+        c.binary(Field::Password)?
+    } else {
+        &[]
+    };
+    c.finish(PacketType::Connect)?;
+
+    let session_expiry = match version {
+        // 3.1.1 clean_session = 0 asks for "as long as allowed".
+        ProtocolVersion::V311 if !clean_start => u32::MAX,
+        ProtocolVersion::V311 => 0,
+        ProtocolVersion::V5 => props.session_expiry.unwrap_or(0),
+    };
+    // An empty user name with no password is no login at all; an empty password
+    // is none.
+    let login = !user_name.is_empty() || !password.is_empty();
+    Ok(ConnectInfo {
+        client_id,
+        username: login.then(|| user_name.to_owned()),
+        password: (!password.is_empty()).then(|| password.to_vec()),
+        keep_alive,
+        clean_start,
+        session_expiry,
+        will,
+        receive_maximum: props.receive_maximum,
+        max_packet_size: props.max_packet_size,
+        topic_alias_maximum: props.topic_alias_maximum.unwrap_or(0),
+        auth_method: props.has(prop::AUTHENTICATION_METHOD),
+    })
 }
 
-fn check_publish(
+fn read_publish(
     c: &mut Cursor<'_>,
     flags: u8,
     version: ProtocolVersion,
-) -> Result<(), StrictError> {
+) -> Result<PublishIn, StrictError> {
     let dup = flags & 0x08 != 0;
     let qos = (flags >> 1) & 0x03;
+    let retain = flags & 0x01 != 0;
     if qos == 3 {
         return Err(StrictError::PublishQos3);
     }
@@ -733,49 +805,66 @@ fn check_publish(
     if topic.is_empty() && version == ProtocolVersion::V311 {
         return Err(StrictError::EmptyTopic(Field::TopicName));
     }
-    if qos > 0 && c.u16(Field::PacketId)? == 0 {
+    let pkid = if qos > 0 { c.u16(Field::PacketId)? } else { 0 };
+    if qos > 0 && pkid == 0 {
         return Err(StrictError::ZeroPacketId(PacketType::Publish));
     }
-    if version == ProtocolVersion::V5 {
-        let seen = check_properties(c, PropertySection::Packet(PacketType::Publish))?;
-        // Whether the alias is actually known is connection state: the caller's call.
-        if topic.is_empty() && !seen.has(prop::TOPIC_ALIAS) {
-            return Err(StrictError::EmptyTopicWithoutAlias);
+    let props = match version {
+        ProtocolVersion::V311 => RawProps::default(),
+        ProtocolVersion::V5 => {
+            let props = read_properties(c, PropertySection::Packet(PacketType::Publish))?;
+            // Whether the alias is actually known is connection state: the caller's call.
+            if topic.is_empty() && !props.has(prop::TOPIC_ALIAS) {
+                return Err(StrictError::EmptyTopicWithoutAlias);
+            }
+            props.publish
         }
-    }
-    // The rest is the application payload.
-    Ok(())
+    };
+    Ok(PublishIn {
+        topic: topic.to_owned(),
+        // The rest is the application payload.
+        payload: c.rest(),
+        qos,
+        retain,
+        pkid,
+        props,
+    })
 }
 
-/// PUBACK, PUBREC, PUBREL, PUBCOMP.
-fn check_pub_response(
+/// PUBACK, PUBREC, PUBREL, PUBCOMP: their packet identifier.
+fn read_pub_response(
     c: &mut Cursor<'_>,
     packet: PacketType,
     version: ProtocolVersion,
-) -> Result<(), StrictError> {
+) -> Result<u16, StrictError> {
     if version == ProtocolVersion::V311 {
         expect_remaining_length(packet, c.buf, 2)?;
     }
-    if c.u16(Field::PacketId)? == 0 {
+    let pkid = c.u16(Field::PacketId)?;
+    if pkid == 0 {
         return Err(StrictError::ZeroPacketId(packet));
     }
     if version == ProtocolVersion::V5 {
-        check_reason_and_properties(c, packet)?;
+        read_reason_and_properties(c, packet)?;
     }
-    c.finish(packet)
+    c.finish(packet)?;
+    Ok(pkid)
 }
 
-fn check_subscribe(c: &mut Cursor<'_>, version: ProtocolVersion) -> Result<(), StrictError> {
+fn read_subscribe(c: &mut Cursor<'_>, version: ProtocolVersion) -> Result<Incoming, StrictError> {
     let packet = PacketType::Subscribe;
-    if c.u16(Field::PacketId)? == 0 {
+    let pkid = c.u16(Field::PacketId)?;
+    if pkid == 0 {
         return Err(StrictError::ZeroPacketId(packet));
     }
-    if version == ProtocolVersion::V5 {
-        check_properties(c, PropertySection::Packet(packet))?;
-    }
+    let identifier = match version {
+        ProtocolVersion::V311 => None,
+        ProtocolVersion::V5 => read_properties(c, PropertySection::Packet(packet))?.subscription_id,
+    };
     if c.is_empty() {
         return Err(StrictError::NoTopicFilters(packet));
     }
+    let mut filters = Vec::new();
     while !c.is_empty() {
         let filter = c.utf8(Field::TopicFilter)?;
         if filter.is_empty() {
@@ -789,58 +878,84 @@ fn check_subscribe(c: &mut Cursor<'_>, version: ProtocolVersion) -> Result<(), S
         if options & reserved_mask != 0 {
             return Err(StrictError::SubscriptionOptionsReserved(options));
         }
-        if options & 0b11 == 3 {
+        let qos = options & 0b11;
+        if qos == 3 {
             return Err(StrictError::SubscriptionQos3);
         }
-        if version == ProtocolVersion::V5 {
-            if (options >> 4) & 0b11 == 3 {
-                return Err(StrictError::RetainHandling3);
-            }
-            let no_local = options & 0b0100 != 0;
-            if no_local && filter.starts_with("$share/") {
-                return Err(StrictError::NoLocalOnSharedSubscription);
-            }
+        // MQTT 3.1.1 options carry only the QoS (the reserved bits are checked above).
+        let no_local = options & 0b0100 != 0;
+        let retain_handling = (options >> 4) & 0b11;
+        if retain_handling == 3 {
+            return Err(StrictError::RetainHandling3);
         }
+        if no_local && filter.starts_with("$share/") {
+            return Err(StrictError::NoLocalOnSharedSubscription);
+        }
+        filters.push(SubscribeFilter {
+            path: filter.to_owned(),
+            qos,
+            no_local,
+            retain_as_published: options & 0b1000 != 0,
+            retain_handling,
+        });
     }
-    Ok(())
+    Ok(Incoming::Subscribe {
+        pkid,
+        filters,
+        identifier,
+    })
 }
 
-fn check_unsubscribe(c: &mut Cursor<'_>, version: ProtocolVersion) -> Result<(), StrictError> {
+fn read_unsubscribe(c: &mut Cursor<'_>, version: ProtocolVersion) -> Result<Incoming, StrictError> {
     let packet = PacketType::Unsubscribe;
-    if c.u16(Field::PacketId)? == 0 {
+    let pkid = c.u16(Field::PacketId)?;
+    if pkid == 0 {
         return Err(StrictError::ZeroPacketId(packet));
     }
     if version == ProtocolVersion::V5 {
-        check_properties(c, PropertySection::Packet(packet))?;
+        read_properties(c, PropertySection::Packet(packet))?;
     }
     if c.is_empty() {
         return Err(StrictError::NoTopicFilters(packet));
     }
+    let mut filters = Vec::new();
     while !c.is_empty() {
-        if c.utf8(Field::TopicFilter)?.is_empty() {
+        let filter = c.utf8(Field::TopicFilter)?;
+        if filter.is_empty() {
             return Err(StrictError::EmptyTopic(Field::TopicFilter));
         }
+        filters.push(filter.to_owned());
     }
-    Ok(())
+    Ok(Incoming::Unsubscribe { pkid, filters })
 }
 
-fn check_disconnect(c: &mut Cursor<'_>, version: ProtocolVersion) -> Result<(), StrictError> {
+fn read_disconnect(c: &mut Cursor<'_>, version: ProtocolVersion) -> Result<Incoming, StrictError> {
     let packet = PacketType::Disconnect;
     match version {
-        ProtocolVersion::V311 => expect_remaining_length(packet, c.buf, 0),
+        ProtocolVersion::V311 => {
+            expect_remaining_length(packet, c.buf, 0)?;
+            Ok(Incoming::Disconnect {
+                reason: 0,
+                session_expiry: None,
+            })
+        }
         ProtocolVersion::V5 => {
-            check_reason_and_properties(c, packet)?;
-            c.finish(packet)
+            let (reason, props) = read_reason_and_properties(c, packet)?;
+            c.finish(packet)?;
+            Ok(Incoming::Disconnect {
+                reason,
+                session_expiry: props.session_expiry,
+            })
         }
     }
 }
 
-/// MQTT 5 AUTH: validated like any other packet so that malformed input is reported
-/// as such, then refused because the gateway does not do enhanced authentication.
-fn check_auth(c: &mut Cursor<'_>) -> Result<(), StrictError> {
+/// MQTT 5 AUTH: read like any other packet so that malformed input is reported as
+/// such, then refused because the gateway does not do enhanced authentication.
+fn read_auth(c: &mut Cursor<'_>) -> Result<Incoming, StrictError> {
     let packet = PacketType::Auth;
-    let seen = check_reason_and_properties(c, packet)?;
-    if seen.has(prop::AUTHENTICATION_DATA) && !seen.has(prop::AUTHENTICATION_METHOD) {
+    let (_, props) = read_reason_and_properties(c, packet)?;
+    if props.has(prop::AUTHENTICATION_DATA) && !props.has(prop::AUTHENTICATION_METHOD) {
         return Err(StrictError::AuthDataWithoutMethod(PropertySection::Packet(
             packet,
         )));
@@ -851,21 +966,21 @@ fn check_auth(c: &mut Cursor<'_>) -> Result<(), StrictError> {
 
 /// Optional reason code, then optional properties (MQTT 5 PUBACK family, DISCONNECT,
 /// AUTH). An absent reason code means 0x00; absent properties mean none.
-fn check_reason_and_properties(
+fn read_reason_and_properties(
     c: &mut Cursor<'_>,
     packet: PacketType,
-) -> Result<Seen, StrictError> {
+) -> Result<(u8, Props), StrictError> {
     if c.is_empty() {
-        return Ok(Seen::default());
+        return Ok((0, Props::default()));
     }
     let code = c.u8(Field::ReasonCode)?;
     if !client_reason_code_allowed(packet, code) {
         return Err(StrictError::InvalidReasonCode { packet, code });
     }
     if c.is_empty() {
-        return Ok(Seen::default());
+        return Ok((code, Props::default()));
     }
-    check_properties(c, PropertySection::Packet(packet))
+    Ok((code, read_properties(c, PropertySection::Packet(packet))?))
 }
 
 /// Reason codes a client may send (MQTT 5.0 §3.4.2.1, §3.5.2.1, §3.6.2.1, §3.7.2.1,
@@ -1056,13 +1171,74 @@ impl Seen {
     }
 }
 
-/// Walks one property section: property length, then (identifier, value) pairs.
-fn check_properties(c: &mut Cursor<'_>, section: PropertySection) -> Result<Seen, StrictError> {
+/// What one property section said, as far as the session uses it.
+#[derive(Debug, Default)]
+struct Props {
+    seen: Seen,
+    /// PUBLISH and will properties (user properties are kept only there).
+    publish: RawProps,
+    session_expiry: Option<u32>,
+    receive_maximum: Option<u16>,
+    max_packet_size: Option<u32>,
+    topic_alias_maximum: Option<u16>,
+    will_delay: Option<u32>,
+    subscription_id: Option<u32>,
+}
+
+impl Props {
+    fn has(&self, id: u8) -> bool {
+        self.seen.has(id)
+    }
+
+    fn keep(&mut self, id: u8, value: Value<'_>, section: PropertySection) {
+        use prop::*;
+        let p = &mut self.publish;
+        match (id, value) {
+            (PAYLOAD_FORMAT_INDICATOR, Value::Byte(v)) => p.payload_format = Some(v),
+            (MESSAGE_EXPIRY_INTERVAL, Value::FourByteInt(v)) => p.message_expiry = Some(v),
+            (CONTENT_TYPE, Value::Utf8(s)) => p.content_type = Some(s.to_owned()),
+            (RESPONSE_TOPIC, Value::Utf8(s)) => p.response_topic = Some(s.to_owned()),
+            (CORRELATION_DATA, Value::Binary(b)) => p.correlation_data = Some(b),
+            (TOPIC_ALIAS, Value::TwoByteInt(v)) => p.topic_alias = Some(v),
+            (USER_PROPERTY, Value::Utf8Pair(k, v))
+                if matches!(
+                    section,
+                    PropertySection::Will | PropertySection::Packet(PacketType::Publish)
+                ) =>
+            {
+                p.user_properties.push((k.to_owned(), v.to_owned()));
+            }
+            (SESSION_EXPIRY_INTERVAL, Value::FourByteInt(v)) => self.session_expiry = Some(v),
+            (RECEIVE_MAXIMUM, Value::TwoByteInt(v)) => self.receive_maximum = Some(v),
+            (MAXIMUM_PACKET_SIZE, Value::FourByteInt(v)) => self.max_packet_size = Some(v),
+            (TOPIC_ALIAS_MAXIMUM, Value::TwoByteInt(v)) => self.topic_alias_maximum = Some(v),
+            (WILL_DELAY_INTERVAL, Value::FourByteInt(v)) => self.will_delay = Some(v),
+            (SUBSCRIPTION_IDENTIFIER, Value::VarInt(v)) => self.subscription_id = Some(v),
+            // Checked, not used (reason string, authentication data, ...).
+            _ => {}
+        }
+    }
+}
+
+/// One property value, as its type reads it.
+#[derive(Debug)]
+enum Value<'a> {
+    Byte(u8),
+    TwoByteInt(u16),
+    FourByteInt(u32),
+    VarInt(u32),
+    Utf8(&'a str),
+    Binary(Bytes),
+    Utf8Pair(&'a str, &'a str),
+}
+
+/// Reads one property section: property length, then (identifier, value) pairs.
+fn read_properties(c: &mut Cursor<'_>, section: PropertySection) -> Result<Props, StrictError> {
     let len = c.vbi(Field::Properties)?;
-    let mut props = Cursor::new(c.take(to_usize(len), Field::Properties)?);
-    let mut seen = Seen::default();
-    while !props.is_empty() {
-        let raw_id = props.vbi(Field::PropertyId)?;
+    let mut section_bytes = c.section(to_usize(len), Field::Properties)?;
+    let mut props = Props::default();
+    while !section_bytes.is_empty() {
+        let raw_id = section_bytes.vbi(Field::PropertyId)?;
         let Some((id, value_type)) = u8::try_from(raw_id)
             .ok()
             .and_then(|id| property_spec(id).map(|(_, value_type)| (id, value_type)))
@@ -1076,30 +1252,31 @@ fn check_properties(c: &mut Cursor<'_>, section: PropertySection) -> Result<Seen
         if !property_allowed(section, id) {
             return Err(StrictError::PropertyNotAllowed { property, section });
         }
-        if id != prop::USER_PROPERTY && seen.has(id) {
+        if id != prop::USER_PROPERTY && props.has(id) {
             return Err(StrictError::DuplicateProperty { property, section });
         }
-        seen.insert(id);
-        check_property_value(&mut props, property, value_type, section)?;
+        props.seen.insert(id);
+        let value = read_property_value(&mut section_bytes, property, value_type, section)?;
+        props.keep(id, value, section);
     }
-    Ok(seen)
+    Ok(props)
 }
 
 /// Reads one property value of the given type and applies the value rules a
 /// server must enforce on client properties.
-fn check_property_value(
-    props: &mut Cursor<'_>,
+fn read_property_value<'a>(
+    props: &mut Cursor<'a>,
     property: PropertyId,
     value_type: ValueType,
     section: PropertySection,
-) -> Result<(), StrictError> {
+) -> Result<Value<'a>, StrictError> {
     let field = Field::Property(property);
     let invalid = |value: u32| StrictError::InvalidPropertyValue {
         property,
         section,
         value,
     };
-    match value_type {
+    Ok(match value_type {
         ValueType::Byte => {
             let value = props.u8(field)?;
             let boolean = matches!(
@@ -1111,6 +1288,7 @@ fn check_property_value(
             if boolean && value > 1 {
                 return Err(invalid(value.into()));
             }
+            Value::Byte(value)
         }
         ValueType::TwoByteInt => {
             let value = props.u16(field)?;
@@ -1118,60 +1296,66 @@ fn check_property_value(
             if nonzero && value == 0 {
                 return Err(invalid(0));
             }
+            Value::TwoByteInt(value)
         }
         ValueType::FourByteInt => {
             let value = props.u32(field)?;
             if property.0 == prop::MAXIMUM_PACKET_SIZE && value == 0 {
                 return Err(invalid(0));
             }
+            Value::FourByteInt(value)
         }
         ValueType::VarInt => {
             let value = props.vbi(field)?;
             if property.0 == prop::SUBSCRIPTION_IDENTIFIER && value == 0 {
                 return Err(invalid(0));
             }
+            Value::VarInt(value)
         }
         ValueType::Utf8 => {
             let text = props.utf8(field)?;
             if property.0 == prop::RESPONSE_TOPIC {
                 check_topic_name(text, field)?;
             }
+            Value::Utf8(text)
         }
         ValueType::Binary => {
-            props.binary(field)?;
+            let bytes = props.binary(field)?;
+            Value::Binary(props.share(bytes))
         }
-        ValueType::Utf8Pair => {
-            props.utf8(Field::UserPropertyName)?;
-            props.utf8(Field::UserPropertyValue)?;
-        }
-    }
-    Ok(())
+        ValueType::Utf8Pair => Value::Utf8Pair(
+            props.utf8(Field::UserPropertyName)?,
+            props.utf8(Field::UserPropertyValue)?,
+        ),
+    })
 }
 
 /// Run arbitrary bytes through the decoder as a connection's stream: frames are cut
-/// with [`frame_len`], the first checked as CONNECT, every frame also under both
+/// with [`frame_len`], the first decoded as CONNECT, every frame also under both
 /// protocol versions. Returns how many frames were accepted. For the fuzz target and
 /// the test that replays its corpus: whatever the bytes, this returns.
 pub fn replay(data: &[u8]) -> usize {
     const MAX_PACKET: usize = 1 << 20;
-    let mut rest = data;
+    let data = Bytes::copy_from_slice(data);
+    let mut at = 0;
     let mut accepted = 0;
     let mut first = true;
-    while let Ok(Some(len)) = frame_len(rest, MAX_PACKET) {
-        let Some((frame, tail)) = rest.split_at_checked(len) else {
+    while let Ok(Some(len)) = frame_len(data.get(at..).unwrap_or_default(), MAX_PACKET) {
+        let Some(frame) = at.checked_add(len).and_then(|end| data.get(at..end)) else {
             break;
         };
+        let frame = data.slice_ref(frame);
         if first {
-            accepted += usize::from(check_connect(frame).is_ok());
+            accepted += usize::from(decode_connect(&frame).is_ok());
             first = false;
         }
         for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
-            accepted += usize::from(check_frame(frame, version).is_ok());
+            accepted += usize::from(decode_frame(&frame, version).is_ok());
         }
         if len == 0 {
             break;
         }
-        rest = tail;
+        at += len;
     }
     accepted
 }
@@ -1180,6 +1364,16 @@ pub fn replay(data: &[u8]) -> usize {
 mod tests {
     use super::*;
     use ProtocolVersion::{V5, V311};
+
+    /// The rules alone: whether the first frame decodes, and as which version.
+    fn check_connect(frame: &[u8]) -> Result<ProtocolVersion, StrictError> {
+        decode_connect(&Bytes::copy_from_slice(frame)).map(|(version, _)| version)
+    }
+
+    /// The rules alone: whether a later frame decodes.
+    fn check_frame(frame: &[u8], version: ProtocolVersion) -> Result<(), StrictError> {
+        decode_frame(&Bytes::copy_from_slice(frame), version).map(drop)
+    }
 
     #[test]
     fn replay_checks_a_stream_frame_by_frame_and_stops_at_a_partial_one() {
@@ -1452,6 +1646,228 @@ mod tests {
         for f in frames {
             assert_eq!(check_frame(&f, V5), Ok(()), "{f:02x?}");
         }
+    }
+
+    // ---- what a frame decodes to -------------------------------------------------------
+
+    fn connect_info(frame: &[u8]) -> ConnectInfo {
+        decode_connect(&Bytes::copy_from_slice(frame)).unwrap().1
+    }
+
+    fn incoming(frame: &[u8], version: ProtocolVersion) -> Incoming {
+        decode_frame(&Bytes::copy_from_slice(frame), version).unwrap()
+    }
+
+    #[test]
+    fn v311_connect_decodes_its_will_and_login() {
+        let c = connect_info(&valid_connect_v311());
+        assert_eq!(c.client_id, "dev-1");
+        assert_eq!(c.username.as_deref(), Some("user"));
+        assert_eq!(c.password.as_deref(), Some(&b"secret"[..]));
+        assert_eq!(c.keep_alive, 60);
+        assert!(c.clean_start);
+        assert_eq!(c.session_expiry, 0);
+        assert_eq!(
+            c.will,
+            Some(Will {
+                topic: "devices/dev-1/status".into(),
+                payload: Bytes::from_static(b"offline"),
+                qos: 1,
+                retain: true,
+                delay: 0,
+                props: RawProps::default(),
+            })
+        );
+        assert_eq!((c.receive_maximum, c.max_packet_size), (None, None));
+        assert_eq!(c.topic_alias_maximum, 0);
+        assert!(!c.auth_method);
+    }
+
+    #[test]
+    fn v311_connect_without_clean_session_asks_for_the_longest_session() {
+        let c = connect_info(&connect_v311(0x00, &s("dev")));
+        assert!(!c.clean_start);
+        assert_eq!(c.session_expiry, u32::MAX);
+        assert_eq!((c.username, c.password, c.will), (None, None, None));
+    }
+
+    #[test]
+    fn v5_connect_decodes_its_properties_and_will_properties() {
+        let c = connect_info(&valid_connect_v5());
+        assert_eq!(c.client_id, "dev-5");
+        assert_eq!(c.session_expiry, 3600);
+        assert_eq!(c.receive_maximum, Some(10));
+        assert_eq!(c.max_packet_size, Some(262_144));
+        assert_eq!(c.topic_alias_maximum, 5);
+        let will = c.will.expect("will");
+        assert_eq!(will.topic, "devices/dev-5/status");
+        assert_eq!(will.delay, 5);
+        assert_eq!(
+            will.props,
+            RawProps {
+                payload_format: Some(1),
+                message_expiry: Some(30),
+                content_type: Some("text/plain".into()),
+                response_topic: Some("devices/dev-5/replies".into()),
+                correlation_data: Some(Bytes::from_static(b"corr")),
+                user_properties: vec![("k".into(), "v".into())],
+                topic_alias: None,
+            }
+        );
+    }
+
+    #[test]
+    fn v5_connect_with_an_authentication_method_says_so() {
+        let c = connect_info(&connect_with_props(&str_prop(0x15, b"SCRAM")));
+        assert!(c.auth_method);
+    }
+
+    #[test]
+    fn a_password_is_binary_and_an_empty_login_is_none() {
+        // MQTT 5 password without user name, not UTF-8.
+        let c = connect_info(&connect_v5(
+            0x42,
+            &[],
+            &[s("dev"), bin(&[0xff, 0])].concat(),
+        ));
+        assert_eq!(c.username.as_deref(), Some(""));
+        assert_eq!(c.password.as_deref(), Some(&[0xff, 0][..]));
+        // User name flag with an empty name and no password: no login at all.
+        let c = connect_info(&connect_v311(0x82, &[s("dev"), s("")].concat()));
+        assert_eq!((c.username, c.password), (None, None));
+        // An empty password is none.
+        let c = connect_info(&connect_v311(0xc2, &[s("dev"), s("u"), bin(b"")].concat()));
+        assert_eq!((c.username.as_deref(), c.password), (Some("u"), None));
+    }
+
+    #[test]
+    fn publish_decodes_its_properties_and_shares_the_payload_with_the_frame() {
+        let f = Bytes::from(valid_frames(V5).swap_remove(2));
+        let Ok(Incoming::Publish(p)) = decode_frame(&f, V5) else {
+            panic!("not a publish");
+        };
+        assert_eq!(
+            (p.topic.as_str(), p.qos, p.retain, p.pkid),
+            ("a/b", 1, true, 7)
+        );
+        assert_eq!(&p.payload[..], b"payload");
+        let inside = f.as_ptr_range();
+        assert!(inside.contains(&p.payload.as_ptr()), "payload not copied");
+        assert_eq!(
+            p.props,
+            RawProps {
+                payload_format: Some(1),
+                message_expiry: Some(60),
+                content_type: Some("application/json".into()),
+                response_topic: Some("replies/x".into()),
+                correlation_data: Some(Bytes::from_static(b"id")),
+                user_properties: vec![("a".into(), "b".into())],
+                topic_alias: Some(1),
+            }
+        );
+        let v311 = incoming(&publish(V311, 0x00, b"a/b", None, &[]), V311);
+        assert_eq!(
+            v311,
+            Incoming::Publish(PublishIn {
+                topic: "a/b".into(),
+                payload: Bytes::from_static(b"payload"),
+                qos: 0,
+                retain: false,
+                pkid: 0,
+                props: RawProps::default(),
+            })
+        );
+    }
+
+    #[test]
+    fn subscribe_decodes_each_filter_with_its_options_and_the_identifier() {
+        let f = subscribe(
+            V5,
+            3,
+            &[0x0b, 0x80, 0x01],
+            &[(b"$share/g/a", 0x2a), (b"b", 0x05)],
+        );
+        let filter =
+            |path: &str, qos, no_local, retain_as_published, retain_handling| SubscribeFilter {
+                path: path.into(),
+                qos,
+                no_local,
+                retain_as_published,
+                retain_handling,
+            };
+        assert_eq!(
+            incoming(&f, V5),
+            Incoming::Subscribe {
+                pkid: 3,
+                filters: vec![
+                    filter("$share/g/a", 2, false, true, 2),
+                    filter("b", 1, true, false, 0)
+                ],
+                identifier: Some(128),
+            }
+        );
+        let f = subscribe(V311, 1, &[], &[(b"a/+/c", 0x01)]);
+        assert_eq!(
+            incoming(&f, V311),
+            Incoming::Subscribe {
+                pkid: 1,
+                filters: vec![filter("a/+/c", 1, false, false, 0)],
+                identifier: None,
+            }
+        );
+    }
+
+    #[test]
+    fn other_packets_decode_to_what_the_session_needs() {
+        for version in [V311, V5] {
+            let unsubscribe = unsubscribe(version, 2, &[], &[b"a/+/c", b"x/#"]);
+            assert_eq!(
+                incoming(&unsubscribe, version),
+                Incoming::Unsubscribe {
+                    pkid: 2,
+                    filters: vec!["a/+/c".into(), "x/#".into()],
+                }
+            );
+            assert_eq!(
+                incoming(&frame(0x40, &[0, 1]), version),
+                Incoming::PubAck(1)
+            );
+            assert_eq!(
+                incoming(&frame(0x50, &[0, 2]), version),
+                Incoming::PubRec(2)
+            );
+            assert_eq!(
+                incoming(&frame(0x62, &[0, 3]), version),
+                Incoming::PubRel(3)
+            );
+            assert_eq!(
+                incoming(&frame(0x70, &[0, 4]), version),
+                Incoming::PubComp(4)
+            );
+            assert_eq!(incoming(&frame(0xc0, &[]), version), Incoming::PingReq);
+            assert_eq!(
+                incoming(&frame(0xe0, &[]), version),
+                Incoming::Disconnect {
+                    reason: 0,
+                    session_expiry: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn v5_disconnect_reads_a_property_length_of_two_bytes() {
+        let reason_string = str_prop(0x1f, &[b'r'; 200]);
+        let properties = [&reason_string[..], &[0x11, 0, 0, 0, 0]].concat();
+        assert!(properties.len() > 127);
+        let f = frame(0xe0, &[&[0x04][..], &props(&properties)].concat());
+        assert_eq!(
+            incoming(&f, V5),
+            Incoming::Disconnect {
+                reason: 0x04,
+                session_expiry: Some(0)
+            }
+        );
     }
 
     // ---- frame_len ---------------------------------------------------------------------
@@ -2438,7 +2854,7 @@ mod tests {
             check_frame(&f, V5),
             Err(StrictError::MalformedVarInt(Field::Properties))
         );
-        // Property identifier 0x11 encoded in two bytes (the codec would read 0x91).
+        // Property identifier 0x11 encoded in two bytes (a one-byte reader would see 0x91).
         assert_eq!(
             check_connect(&connect_with_props(&[0x91, 0x00, 0, 0, 0, 1])),
             Err(StrictError::MalformedVarInt(Field::PropertyId))

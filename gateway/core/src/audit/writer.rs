@@ -251,6 +251,21 @@ impl Audit {
         ))
     }
 
+    /// An audit whose entries go to the returned receiver instead of a log: for the
+    /// simulator, which runs the pipeline without a gateway, and for tests.
+    pub fn detached(capacity: usize, metrics: Arc<Metrics>) -> (Audit, mpsc::Receiver<AuditEntry>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        (
+            Audit {
+                tx,
+                metrics,
+                dropped,
+            },
+            rx,
+        )
+    }
+
     pub fn record(&self, entry: AuditEntry) {
         if self.tx.try_send(entry).is_err() {
             self.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
