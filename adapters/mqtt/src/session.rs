@@ -17,7 +17,7 @@ use crate::strict::{self, ProtocolVersion, StrictError};
 use bytes::BytesMut;
 use portcullis_core::admission::{self, Admission, Offer, Peer, Rules, Verdict};
 use portcullis_core::audit::{Audit, AuditEntry};
-use portcullis_core::auth::{AuthRefusal, Authenticator, Credentials};
+use portcullis_core::auth::{AuthRefusal, Authenticator, Credential, Credentials};
 use portcullis_core::auth_alert;
 use portcullis_core::broker::{EmbeddedBroker, Uplink};
 use portcullis_core::content;
@@ -622,20 +622,41 @@ fn authenticate(
     peer: SocketAddr,
     certs: Option<&[CertificateDer<'static>]>,
 ) -> Result<Session, Refusal> {
-    let creds = Credentials {
-        client_id: &connect.client_id,
-        username: connect.username.as_deref(),
-        password: connect.password.as_deref(),
-        certs,
-    };
     let now = Instant::now();
+    let refused = |refusal: AuthRefusal| {
+        note_auth_failure(ctx, &connect.client_id, refusal, peer);
+        Refusal::from(refusal)
+    };
+    // MQTT's rule: a secret is the password of the user name that is the client id
+    // (MQTT 5 allows a password alone; the registry does not).
+    let username = connect.username.as_deref();
+    let password = connect.password.as_deref();
+    if username.is_some_and(|u| u != connect.client_id)
+        || (password.is_some() && username.is_none())
+    {
+        let refusal = ctx.auth.refuse_early(
+            &connect.client_id,
+            AuthRefusal::UsernameMismatch,
+            peer.ip(),
+            now,
+        );
+        return Err(refused(refusal));
+    }
+    let mut presented = Vec::with_capacity(2);
+    if let Some(secret) = password {
+        presented.push(Credential::Secret(secret));
+    }
+    if let Some(chain) = certs {
+        presented.push(Credential::Certificate(chain));
+    }
+    let creds = Credentials {
+        id: &connect.client_id,
+        presented,
+    };
     let authed = ctx
         .auth
         .authenticate(ctx.kind, &creds, peer.ip(), now)
-        .map_err(|refusal| {
-            note_auth_failure(ctx, &connect.client_id, refusal, peer);
-            Refusal::from(refusal)
-        })?;
+        .map_err(refused)?;
     let live = ctx.live.borrow().clone();
     let principal = authed.principal.clone();
     let admission = Admission::new(

@@ -217,14 +217,50 @@ impl Policies {
     }
 }
 
-/// What the peer presented.
-#[derive(Debug, Default)]
+/// One proof of identity a peer presented. Which ones a protocol can carry, and how
+/// (MQTT: a secret as the password, a certificate from TLS; CoAP: the DTLS handshake's
+/// pre-shared key; serial: frames tagged under a per-device key), is its adapter's
+/// business; the rules of the protocol (MQTT: user name = client id) are checked there.
+#[derive(Debug, Clone, Copy)]
+pub enum Credential<'a> {
+    Secret(&'a [u8]),
+    /// The verified TLS chain, end-entity first.
+    Certificate(&'a [CertificateDer<'static>]),
+    /// The DTLS handshake completed with the device's pre-shared key.
+    PreSharedKey,
+    /// Frames authenticated under the device's serial frame key.
+    FrameKey,
+}
+
+/// Who the peer claims to be, and what it presented to prove it.
+#[derive(Debug, Clone, Default)]
 pub struct Credentials<'a> {
-    pub client_id: &'a str,
-    pub username: Option<&'a str>,
-    pub password: Option<&'a [u8]>,
-    /// The verified TLS chain, end-entity first, if the peer sent one.
-    pub certs: Option<&'a [CertificateDer<'static>]>,
+    /// The claimed identity (MQTT client id, DTLS PSK identity, a frame's device id).
+    pub id: &'a str,
+    pub presented: Vec<Credential<'a>>,
+}
+
+impl<'a> Credentials<'a> {
+    fn secret(&self) -> Option<&'a [u8]> {
+        self.presented.iter().find_map(|c| match c {
+            Credential::Secret(s) => Some(*s),
+            _ => None,
+        })
+    }
+
+    fn certs(&self) -> Option<&'a [CertificateDer<'static>]> {
+        self.presented.iter().find_map(|c| match c {
+            Credential::Certificate(chain) => Some(*chain),
+            _ => None,
+        })
+    }
+
+    /// A key only a future adapter's handshake proves (no registry record holds one yet).
+    fn keyed(&self) -> bool {
+        self.presented
+            .iter()
+            .any(|c| matches!(c, Credential::PreSharedKey | Credential::FrameKey))
+    }
 }
 
 /// Why a CONNECT was refused. For the audit log and metrics only: the peer always
@@ -237,6 +273,8 @@ pub enum AuthRefusal {
     BadClientId,
     #[error("username differs from the client id")]
     UsernameMismatch,
+    #[error("a credential of a kind not registered for this identity")]
+    CredentialNotRegistered,
     #[error("unknown principal")]
     Unknown,
     #[error("principal is disabled")]
@@ -268,6 +306,7 @@ impl AuthRefusal {
             AuthRefusal::BackedOff => "backed_off",
             AuthRefusal::BadClientId => "bad_client_id",
             AuthRefusal::UsernameMismatch => "username_mismatch",
+            AuthRefusal::CredentialNotRegistered => "credential_not_registered",
             AuthRefusal::Unknown => "unknown_principal",
             AuthRefusal::Disabled => "disabled",
             AuthRefusal::NoCredential => "no_credential",
@@ -291,6 +330,7 @@ impl AuthRefusal {
             self,
             AuthRefusal::BadSecret
                 | AuthRefusal::SecretNotAllowed
+                | AuthRefusal::CredentialNotRegistered
                 | AuthRefusal::CertNotAllowed
                 | AuthRefusal::CertUntrusted
                 | AuthRefusal::CertIdentityMismatch
@@ -453,7 +493,7 @@ impl Authenticator {
         source: IpAddr,
         now: Instant,
     ) -> Result<Authenticated, AuthRefusal> {
-        if self.check_source(source, creds.client_id, now).is_err() {
+        if self.check_source(source, creds.id, now).is_err() {
             return Err(AuthRefusal::BackedOff);
         }
         // A source banned after its connection was accepted is refused here.
@@ -465,10 +505,30 @@ impl Authenticator {
         // Success clears only its own (id, source) record: one valid credential must
         // not let a source reset its back-off between guesses at others.
         match &result {
-            Ok(_) => guard.record_success(source, creds.client_id),
-            Err(_) => guard.record_failure(source, creds.client_id, now),
+            Ok(_) => guard.record_success(source, creds.id),
+            Err(_) => guard.record_failure(source, creds.id, now),
         }
         result
+    }
+
+    /// A login the adapter refused before asking (it broke its protocol's rules, e.g.
+    /// MQTT's user name = client id): counted against the source's back-off like any
+    /// failure. Returns the refusal to report (`BackedOff` if the source already is).
+    pub fn refuse_early(
+        &self,
+        id: &str,
+        refusal: AuthRefusal,
+        source: IpAddr,
+        now: Instant,
+    ) -> AuthRefusal {
+        if self.check_source(source, id, now).is_err() {
+            return AuthRefusal::BackedOff;
+        }
+        self.guard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record_failure(source, id, now);
+        refusal
     }
 
     /// A refused login, for the alert on failed logins naming a registered id. An
@@ -501,7 +561,7 @@ impl Authenticator {
         creds: &Credentials<'_>,
     ) -> Result<Authenticated, AuthRefusal> {
         let snapshot = self.registry.snapshot();
-        let id = PrincipalId::parse(creds.client_id);
+        let id = PrincipalId::parse(creds.id);
         let found = id
             .as_ref()
             .ok()
@@ -515,40 +575,31 @@ impl Authenticator {
         let stand_in = found.unwrap_or_else(|| self.dummy.clone());
         let policies = self.policies();
         let policy = policies.group(kind, &stand_in.group).cloned();
-        let secret_ok = creds.password.map(|password| {
+        let secret_ok = creds.secret().map(|password| {
             let stored = stand_in.secret_hash_bytes();
             self.hasher.verify(password, stored.as_ref()) && known
         });
         let record = known.then_some(stand_in);
         let policy = policy.filter(|_| known);
-        let cert = creds
-            .certs
-            .and_then(|c| c.split_first())
-            .map(|(end_entity, intermediates)| {
-                // A group without CAs refuses every certificate, but only after the
-                // same verification an unknown id gets.
-                let verifier = policy
-                    .as_ref()
-                    .and_then(|p| p.verifier.clone())
-                    .or_else(|| policies.any_verifier(kind));
-                let identity = policy.as_ref().map_or(IdentityField::Cn, |p| p.identity);
-                self.check_certificate(
-                    verifier,
-                    identity,
-                    end_entity,
-                    intermediates,
-                    creds.client_id,
-                )
-            });
+        let cert =
+            creds
+                .certs()
+                .and_then(|c| c.split_first())
+                .map(|(end_entity, intermediates)| {
+                    // A group without CAs refuses every certificate, but only after the
+                    // same verification an unknown id gets.
+                    let verifier = policy
+                        .as_ref()
+                        .and_then(|p| p.verifier.clone())
+                        .or_else(|| policies.any_verifier(kind));
+                    let identity = policy.as_ref().map_or(IdentityField::Cn, |p| p.identity);
+                    self.check_certificate(verifier, identity, end_entity, intermediates, creds.id)
+                });
         let id = id.map_err(|_| AuthRefusal::BadClientId)?;
-        // A secret is always presented as (username = id, password); MQTT 5 allows a
-        // password alone, the registry does not.
-        if creds.username.is_some_and(|u| u != creds.client_id)
-            || (creds.password.is_some() && creds.username.is_none())
-        {
-            return Err(AuthRefusal::UsernameMismatch);
-        }
         let record = record.ok_or(AuthRefusal::Unknown)?;
+        if creds.keyed() {
+            return Err(AuthRefusal::CredentialNotRegistered);
+        }
         let policy = policy.ok_or(AuthRefusal::NoGroup)?;
         let fingerprint_seen = match cert {
             None => None,
@@ -727,21 +778,10 @@ mod tests {
         (dir, auth, registry)
     }
 
-    fn creds<'a>(id: &'a str, user: Option<&'a str>, pass: &'a [u8]) -> Credentials<'a> {
+    fn creds<'a>(id: &'a str, pass: &'a [u8]) -> Credentials<'a> {
         Credentials {
-            client_id: id,
-            username: user,
-            password: Some(pass),
-            certs: None,
-        }
-    }
-
-    fn creds_no_user<'a>(id: &'a str, pass: &'a [u8]) -> Credentials<'a> {
-        Credentials {
-            client_id: id,
-            username: None,
-            password: Some(pass),
-            certs: None,
+            id,
+            presented: vec![Credential::Secret(pass)],
         }
     }
 
@@ -755,7 +795,7 @@ mod tests {
         let ok = auth
             .authenticate(
                 PrincipalKind::Device,
-                &creds("meter-1", Some("meter-1"), SECRET),
+                &creds("meter-1", SECRET),
                 ip(1),
                 Instant::now(),
             )
@@ -766,6 +806,23 @@ mod tests {
     }
 
     #[test]
+    fn a_login_the_adapter_refused_early_counts_towards_the_back_off() {
+        let (_d, auth, _) = setup();
+        let now = Instant::now();
+        let mut last = None;
+        for _ in 0..10 {
+            last = Some(auth.refuse_early("meter-1", AuthRefusal::UsernameMismatch, ip(9), now));
+        }
+        assert_eq!(last, Some(AuthRefusal::BackedOff));
+        // The right secret from that source is backed off too, until the back-off ends.
+        assert_eq!(
+            auth.authenticate(PrincipalKind::Device, &creds("meter-1", SECRET), ip(9), now)
+                .unwrap_err(),
+            AuthRefusal::BackedOff
+        );
+    }
+
+    #[test]
     fn each_refusal_has_its_own_reason() {
         let (_d, auth, registry) = setup();
         let now = Instant::now();
@@ -773,37 +830,28 @@ mod tests {
             auth.authenticate(PrincipalKind::Device, &c, ip(n), now)
                 .unwrap_err()
         };
+        assert_eq!(check(creds("ghost", SECRET), 1), AuthRefusal::Unknown);
         assert_eq!(
-            check(creds("ghost", Some("ghost"), SECRET), 1),
-            AuthRefusal::Unknown
-        );
-        assert_eq!(
-            check(creds("meter-1", Some("meter-1"), b"wrong-wrong-wrong"), 2),
+            check(creds("meter-1", b"wrong-wrong-wrong"), 2),
             AuthRefusal::BadSecret
         );
-        assert_eq!(
-            check(creds("meter-1", Some("other"), SECRET), 3),
-            AuthRefusal::UsernameMismatch
-        );
-        assert_eq!(
-            check(creds("a/b", None, SECRET), 4),
-            AuthRefusal::BadClientId
-        );
+        // A key no record holds yet (a DTLS pre-shared key, a serial frame key).
+        let psk = Credentials {
+            id: "meter-1",
+            presented: vec![Credential::PreSharedKey],
+        };
+        assert_eq!(check(psk, 3), AuthRefusal::CredentialNotRegistered);
+        assert_eq!(check(creds("a/b", SECRET), 4), AuthRefusal::BadClientId);
         let none = Credentials {
-            client_id: "meter-1",
+            id: "meter-1",
             ..Default::default()
         };
         assert_eq!(check(none, 5), AuthRefusal::NoCredential);
-        // A secret needs its username: MQTT 5 allows a password alone, we do not.
-        assert_eq!(
-            check(creds_no_user("meter-1", SECRET), 8),
-            AuthRefusal::UsernameMismatch
-        );
         // A service by the same name does not exist: kinds are separate namespaces.
         assert_eq!(
             auth.authenticate(
                 PrincipalKind::Service,
-                &creds("meter-1", Some("meter-1"), SECRET),
+                &creds("meter-1", SECRET),
                 ip(6),
                 now
             )
@@ -817,10 +865,7 @@ mod tests {
                 false,
             )
             .unwrap();
-        assert_eq!(
-            check(creds("meter-1", Some("meter-1"), SECRET), 7),
-            AuthRefusal::Disabled
-        );
+        assert_eq!(check(creds("meter-1", SECRET), 7), AuthRefusal::Disabled);
     }
 
     #[test]
@@ -828,12 +873,7 @@ mod tests {
         let (_d, auth, _) = setup();
         let now = Instant::now();
         let attempt = |id: &str, pass: &[u8]| {
-            auth.authenticate(
-                PrincipalKind::Device,
-                &creds(id, Some(id), pass),
-                ip(1),
-                now,
-            )
+            auth.authenticate(PrincipalKind::Device, &creds(id, pass), ip(1), now)
         };
         // Guesses at other ids, a valid login between them: the source's count of
         // distinct ids goes on, and the third id backs the source off.
@@ -853,12 +893,7 @@ mod tests {
         let (_d, auth, _) = setup();
         let now = Instant::now();
         let attempt = |pass: &[u8]| {
-            auth.authenticate(
-                PrincipalKind::Device,
-                &creds("meter-1", Some("meter-1"), pass),
-                ip(1),
-                now,
-            )
+            auth.authenticate(PrincipalKind::Device, &creds("meter-1", pass), ip(1), now)
         };
         assert!(attempt(b"wrong-wrong-wrong").is_err());
         assert!(attempt(SECRET).is_ok());
@@ -873,30 +908,22 @@ mod tests {
         for _ in 0..2 {
             let _ = auth.authenticate(
                 PrincipalKind::Device,
-                &creds("meter-1", Some("meter-1"), b"wrong-wrong-wrong"),
+                &creds("meter-1", b"wrong-wrong-wrong"),
                 ip(1),
                 now,
             );
         }
-        let refused = auth.authenticate(
-            PrincipalKind::Device,
-            &creds("meter-1", Some("meter-1"), SECRET),
-            ip(1),
-            now,
-        );
+        let refused =
+            auth.authenticate(PrincipalKind::Device, &creds("meter-1", SECRET), ip(1), now);
         assert_eq!(refused.unwrap_err(), AuthRefusal::BackedOff);
-        let elsewhere = auth.authenticate(
-            PrincipalKind::Device,
-            &creds("meter-1", Some("meter-1"), SECRET),
-            ip(2),
-            now,
-        );
+        let elsewhere =
+            auth.authenticate(PrincipalKind::Device, &creds("meter-1", SECRET), ip(2), now);
         assert!(elsewhere.is_ok());
         let later = now + Duration::from_secs(11);
         assert!(
             auth.authenticate(
                 PrincipalKind::Device,
-                &creds("meter-1", Some("meter-1"), SECRET),
+                &creds("meter-1", SECRET),
                 ip(1),
                 later
             )

@@ -100,6 +100,7 @@ refusals! {
     BackedOff => Connect, "backed_off", "too many failed attempts: backed off";
     BadClientId => Connect, "bad_client_id", "client id is not a valid identity";
     UsernameMismatch => Connect, "username_mismatch", "user name differs from the client id";
+    CredentialNotRegistered => Connect, "credential_not_registered", "a credential of a kind not registered for this identity";
     UnknownPrincipal => Connect, "unknown_principal", "unknown identity";
     Disabled => Connect, "disabled", "identity disabled";
     NoCredential => Connect, "no_credential", "no credential offered";
@@ -184,6 +185,7 @@ impl From<AuthRefusal> for Refusal {
             AuthRefusal::BackedOff => Refusal::BackedOff,
             AuthRefusal::BadClientId => Refusal::BadClientId,
             AuthRefusal::UsernameMismatch => Refusal::UsernameMismatch,
+            AuthRefusal::CredentialNotRegistered => Refusal::CredentialNotRegistered,
             AuthRefusal::Unknown => Refusal::UnknownPrincipal,
             AuthRefusal::Disabled => Refusal::Disabled,
             AuthRefusal::NoCredential => Refusal::NoCredential,
