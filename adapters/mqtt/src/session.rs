@@ -1528,43 +1528,39 @@ impl Session {
         };
         // The pipeline decides; while it holds the peer back, nothing more is read.
         let mut offer = Offer::new(msg, arrived);
-        let verdict = loop {
+        let msg = loop {
             match self.admission.uplink(offer, Instant::now()) {
+                Verdict::Forward(msg) => break msg,
                 Verdict::Wait(again, at) => {
                     tokio::time::sleep_until(at.into()).await;
                     offer = again;
                 }
-                verdict => break verdict,
-            }
-        };
-        let msg = match verdict {
-            Verdict::Forward(msg) => msg,
-            Verdict::Divert(forensic) => {
-                let Some(uplink) = &self.link else {
-                    return Err(End::BrokerGone);
-                };
-                uplink.send(forensic).await.map_err(|_| End::BrokerGone)?;
-                if p.qos > 0 {
-                    self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
+                Verdict::Divert(forensic) => {
+                    let Some(uplink) = &self.link else {
+                        return Err(End::BrokerGone);
+                    };
+                    uplink.send(forensic).await.map_err(|_| End::BrokerGone)?;
+                    if p.qos > 0 {
+                        self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            // Dropped (quarantine, or the rate limit's "drop"): acknowledged as if
-            // delivered, so the device does not retry.
-            Verdict::Discard(_) => {
-                if p.qos > 0 {
-                    self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
+                // Dropped (quarantine, or the rate limit's "drop"): acknowledged as if
+                // delivered, so the device does not retry.
+                Verdict::Discard(_) => {
+                    if p.qos > 0 {
+                        self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
+                    }
+                    return Ok(());
                 }
-                return Ok(());
+                Verdict::Refuse(refusal) => return self.refuse_publish(&p, refusal, out),
+                Verdict::Disconnect(_) => {
+                    return Err(End::Protocol(
+                        reason::MESSAGE_RATE_TOO_HIGH,
+                        "message rate too high for too long".into(),
+                    ));
+                }
             }
-            Verdict::Refuse(refusal) => return self.refuse_publish(&p, refusal, out),
-            Verdict::Disconnect(_) => {
-                return Err(End::Protocol(
-                    reason::MESSAGE_RATE_TOO_HIGH,
-                    "message rate too high for too long".into(),
-                ));
-            }
-            Verdict::Wait(..) => unreachable!("waited above"),
         };
         self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
         // The acknowledgement waits for the broker, in its own queue: never behind

@@ -92,21 +92,16 @@ pub struct Rules {
 pub struct Offer {
     message: Message,
     arrived: Instant,
-    progress: Progress,
+    /// How far the stages took it (`None`: not yet looked at).
+    progress: Option<Progress>,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Progress {
-    New,
     /// Quarantined: held to the device's tightened rate, since then.
-    Pacing {
-        since: Instant,
-    },
+    Pacing { since: Instant },
     /// Held back by the rate limits since then; `hit` once the model heard of it.
-    Limiting {
-        since: Instant,
-        hit: bool,
-    },
+    Limiting { since: Instant, hit: bool },
 }
 
 impl Offer {
@@ -114,7 +109,7 @@ impl Offer {
         Offer {
             message,
             arrived,
-            progress: Progress::New,
+            progress: None,
         }
     }
 
@@ -380,50 +375,52 @@ impl Admission {
 
     /// The uplink pipeline for one message from the peer.
     pub fn uplink(&mut self, mut offer: Offer, now: Instant) -> Verdict {
-        if let Progress::New = offer.progress {
-            // Stage 1, quarantine: the model hears what the device offered, before any
-            // limit; a quarantined device's message never reaches a service.
-            if self.tracked.is_some() {
-                let topic = self.shared.behaviours.hash(offer.message.topic.as_str());
-                self.observe(
-                    Observation::message(offer.message.payload.len(), topic),
-                    offer.arrived,
-                );
-            }
-            if self.sync_behaviour(now) == Behaviour::Quarantined {
-                offer.progress = Progress::Pacing { since: now };
-            } else {
-                // Stage 2, authorize.
-                if let Err(refusal) = self.authorize(&offer.message) {
-                    self.refused(
-                        refusal,
-                        "publish",
-                        Some(offer.message.topic.as_str()),
-                        None,
-                        now,
-                    );
-                    return Verdict::Refuse(refusal);
-                }
-                offer.progress = Progress::Limiting {
-                    since: now,
-                    hit: false,
-                };
-            }
-        }
-        match offer.progress {
+        let progress = match offer.progress {
+            Some(progress) => progress,
+            None => match self.enter(&offer.message, offer.arrived, now) {
+                Ok(progress) => progress,
+                Err(verdict) => return verdict,
+            },
+        };
+        match progress {
             Progress::Pacing { since } => self.quarantined(offer, since, now),
             Progress::Limiting { since, hit } => {
                 match self.limit(&offer.message, since, hit, now) {
                     Limited::Pass => self.validate_and_forward(offer.message, now),
                     Limited::Wait(at, hit) => {
-                        offer.progress = Progress::Limiting { since, hit };
+                        offer.progress = Some(Progress::Limiting { since, hit });
                         Verdict::Wait(offer, at)
                     }
                     Limited::Over(verdict) => verdict,
                 }
             }
-            Progress::New => unreachable!("set above"),
         }
+    }
+
+    /// A message's first look: stage 1, quarantine (the model hears what the device
+    /// offered, before any limit; a quarantined device's message never reaches a
+    /// service), then stage 2, authorize.
+    fn enter(
+        &mut self,
+        msg: &Message,
+        arrived: Instant,
+        now: Instant,
+    ) -> Result<Progress, Verdict> {
+        if self.tracked.is_some() {
+            let topic = self.shared.behaviours.hash(msg.topic.as_str());
+            self.observe(Observation::message(msg.payload.len(), topic), arrived);
+        }
+        if self.sync_behaviour(now) == Behaviour::Quarantined {
+            return Ok(Progress::Pacing { since: now });
+        }
+        if let Err(refusal) = self.authorize(msg) {
+            self.refused(refusal, "publish", Some(msg.topic.as_str()), None, now);
+            return Err(Verdict::Refuse(refusal));
+        }
+        Ok(Progress::Limiting {
+            since: now,
+            hit: false,
+        })
     }
 
     /// A quarantined device's message: held to its tightened rate by back-pressure
@@ -435,6 +432,8 @@ impl Admission {
             let left = max_delay.saturating_sub(now.saturating_duration_since(since));
             if !left.is_zero() {
                 Metrics::inc(&self.shared.metrics.rate_limit_waits);
+                let mut offer = offer;
+                offer.progress = Some(Progress::Pacing { since });
                 return Verdict::Wait(offer, now + wait.min(left));
             }
         }
@@ -1013,9 +1012,16 @@ mod tests {
         let v = f.offer(msg("devices/sensor-2/t", b"x"), Duration::ZERO);
         assert!(matches!(v, Verdict::Discard(Refusal::Quarantined)), "{v:?}");
         assert_eq!(f.metrics.quarantine_dropped.load(Ordering::Relaxed), 1);
-        // Its tightened pace (burst of 1 at probation's factor): the next one waits.
+        // Its tightened pace (burst of 1 at probation's factor): the next one waits,
+        // and is dropped when offered again in its turn.
         let v = f.offer(msg("devices/sensor-1/t", b"x"), Duration::ZERO);
-        assert!(matches!(v, Verdict::Wait(..)), "{v:?}");
+        let Verdict::Wait(offer, at) = v else {
+            panic!("{v:?}")
+        };
+        assert!(at > f.t0);
+        let v = f.admission.uplink(offer, at);
+        assert!(matches!(v, Verdict::Discard(Refusal::Quarantined)), "{v:?}");
+        assert_eq!(f.metrics.quarantine_dropped.load(Ordering::Relaxed), 2);
     }
 
     #[test]
