@@ -1,12 +1,15 @@
 //! rumqttd on its own, with a plain TCP listener: the "rumqttd direct" baseline of the
-//! benchmarks (the same broker Portcullis embeds, in its own process).
+//! benchmarks (the same broker Portcullis embeds, with the same router settings, in
+//! its own process).
 
 use anyhow::{Context, Result, bail};
-use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Config, ConnectionSettings, ServerSettings};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// The gateway's own router settings (its default `[broker]` section, through the
+/// function the embedded forwarder uses), plus a plain MQTT 3.1.1 listener.
 fn config(listen: SocketAddr) -> Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
@@ -25,27 +28,11 @@ fn config(listen: SocketAddr) -> Config {
     };
     let mut v4 = HashMap::new();
     v4.insert("v4".to_string(), server("v4", listen));
-    Config {
-        id: 0,
-        router: RouterConfig {
-            // rumqttd's default allows zero connections.
-            max_connections: 100_000,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 16 << 20,
-            max_segment_count: 8,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(v4),
-        v5: None,
-        ws: None,
-        cluster: None,
-        console: None,
-        bridge: None,
-        prometheus: None,
-        metrics: None,
-    }
+    let mut config = portcullis_embedded::router_config(&portcullis_config::Broker::default());
+    config.v4 = Some(v4);
+    // The gateway's router holds a few links; this one holds every benchmark client.
+    config.router.max_connections = 100_000;
+    config
 }
 
 /// Run rumqttd with an MQTT 3.1.1 listener on `listen` until the process is killed.

@@ -11,12 +11,11 @@ use portcullis_config::Config;
 use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, Checkpoint, load_or_create_key};
 use portcullis_core::auth::{Authenticator, Policies};
 use portcullis_core::backoff::BackoffPolicy;
-use portcullis_core::broker::EmbeddedBroker;
+use portcullis_core::forward::Forwarder;
 use portcullis_core::limit::{GlobalBucket, Rate};
 use portcullis_core::mailbox::MailboxLimits;
 use portcullis_core::message::{Message, QoS};
 use portcullis_core::metrics::Metrics;
-use portcullis_core::principal::PrincipalId;
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::quarantine::{self, Behaviours};
 use portcullis_core::record::RecordSealer;
@@ -26,6 +25,7 @@ use portcullis_core::sessions::{KickReason, Sessions};
 use portcullis_core::source_gate::ConnectionLimits;
 use portcullis_core::topic::{TopicLimits, TopicName};
 use portcullis_core::validate::Validator;
+use portcullis_embedded::EmbeddedBroker;
 use portcullis_mqtt::listener;
 use portcullis_mqtt::session::{Context as SessionContext, Live, SessionLimits};
 use portcullis_mqtt::state::SessionStore;
@@ -106,10 +106,11 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let (audit, audit_writer) = Audit::start(audit_settings, metrics.clone(), Some(checkpoint_tx))
         .await
         .with_context(|| format!("audit log {}", config.audit_file().display()))?;
-    let broker = EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone())?;
-    // Checkpoints go to the broker, so a copy of the chain's state lives off this disk.
+    let forwarder: Arc<dyn Forwarder> =
+        EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone())?;
+    // Checkpoints are forwarded, so a copy of the chain's state lives off this disk.
     {
-        let uplink = broker.uplink_for(&PrincipalId::parse("portcullis").expect("a valid id"));
+        let uplink = forwarder.events();
         tokio::spawn(async move {
             while let Some(checkpoint) = checkpoint_rx.recv().await {
                 let Ok(payload) = serde_json::to_vec(&checkpoint) else {
@@ -208,7 +209,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             live: live_rx.clone(),
             global: global.clone(),
             auth: auth.clone(),
-            broker: broker.clone(),
+            forwarder: forwarder.clone(),
             sessions: sessions.clone(),
             store,
             retained: retained.clone(),
@@ -359,7 +360,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         behaviour_changes,
         quarantine::Effects {
             registry: registry.clone(),
-            broker: broker.clone(),
+            forwarder: forwarder.clone(),
             retained: retained.clone(),
             audit: audit.clone(),
             metrics: metrics.clone(),
@@ -371,7 +372,8 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     // (counted as expired): a device's queued commands, a service's queued messages
     // and its subscriptions.
     let sweeper = {
-        let (broker, behaviours, metrics) = (broker.clone(), behaviours.clone(), metrics.clone());
+        let (forwarder, behaviours, metrics) =
+            (forwarder.clone(), behaviours.clone(), metrics.clone());
         let (devices, services) = (device_store.clone(), service_store.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -382,12 +384,12 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
                 for (id, mailbox) in devices.expire(now) {
                     let dropped = mailbox.clear() as u64;
                     metrics.queue_expired.fetch_add(dropped, Ordering::Relaxed);
-                    broker.unregister_device(id, mailbox).await;
+                    forwarder.unregister_device(id, mailbox).await;
                 }
                 for (id, mailbox) in services.expire(now) {
                     let dropped = mailbox.clear() as u64;
                     metrics.queue_expired.fetch_add(dropped, Ordering::Relaxed);
-                    broker.detach_service(id, mailbox).await;
+                    forwarder.detach_service(id, mailbox).await;
                 }
             }
         })

@@ -19,8 +19,8 @@ use portcullis_core::admission::{self, Admission, Offer, Peer, Rules, Verdict};
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credential, Credentials};
 use portcullis_core::auth_alert;
-use portcullis_core::broker::{EmbeddedBroker, Uplink};
 use portcullis_core::content;
+use portcullis_core::forward::{Forwarder, Uplink};
 use portcullis_core::limit::{GlobalBucket, PrincipalRates, Rate, TokenBucket};
 use portcullis_core::mailbox::{Delivery, Mailbox, MailboxLimits};
 use portcullis_core::message::{Message, Properties, QoS};
@@ -86,7 +86,8 @@ pub struct Context {
     /// The gateway-wide ingress cap.
     pub global: Arc<GlobalBucket>,
     pub auth: Arc<Authenticator>,
-    pub broker: Arc<EmbeddedBroker>,
+    /// Where clean traffic goes, and commands and service deliveries come from.
+    pub forwarder: Arc<dyn Forwarder>,
     pub sessions: Arc<Sessions>,
     pub store: Arc<SessionStore>,
     pub retained: Arc<RetainedCommands>,
@@ -551,7 +552,7 @@ fn note_auth_failure(ctx: &Context, client_id: &str, refusal: AuthRefusal, peer:
         return;
     };
     let payload = alert.event(&id, portcullis_core::registry::now_unix());
-    let uplink = ctx.broker.uplink_for(&id);
+    let uplink = ctx.forwarder.events();
     tokio::spawn(async move {
         let _ = uplink
             .send(Message {
@@ -892,18 +893,18 @@ impl Session {
         let mailbox = self.state.mailbox.clone();
         let link = match ctx.kind {
             PrincipalKind::Device => {
-                ctx.broker
+                ctx.forwarder
                     .register_device(id.clone(), mailbox)
                     .await
                     .map_err(|e| e.to_string())?;
-                ctx.broker.uplink_for(&id)
+                ctx.forwarder.uplink_for(&id)
             }
             PrincipalKind::Service => {
-                ctx.broker
+                ctx.forwarder
                     .attach_service(id.clone(), mailbox)
                     .await
                     .map_err(|e| e.to_string())?;
-                ctx.broker.service_uplink(&id)
+                ctx.forwarder.service_uplink(&id)
             }
         };
         self.link = Some(link);
@@ -933,13 +934,13 @@ impl Session {
             let expires_at = Instant::now() + Duration::from_secs(u64::from(self.expiry));
             slot.park(self.state, expires_at);
             if ctx.kind == PrincipalKind::Service {
-                ctx.broker.service_online(id.clone(), false).await;
+                ctx.forwarder.service_online(id.clone(), false).await;
             }
         } else {
             mailbox.clear();
             match ctx.kind {
-                PrincipalKind::Device => ctx.broker.unregister_device(id.clone(), mailbox).await,
-                PrincipalKind::Service => ctx.broker.detach_service(id.clone(), mailbox).await,
+                PrincipalKind::Device => ctx.forwarder.unregister_device(id.clone(), mailbox).await,
+                PrincipalKind::Service => ctx.forwarder.detach_service(id.clone(), mailbox).await,
             }
         }
         let epoch = slot.epoch;
@@ -957,8 +958,8 @@ impl Session {
         // and is dropped if the device comes back first.
         let delay = will_delay(will.delay_secs, self.expiry);
         let uplink = match ctx.kind {
-            PrincipalKind::Device => ctx.broker.uplink_for(&id),
-            PrincipalKind::Service => ctx.broker.service_uplink(&id),
+            PrincipalKind::Device => ctx.forwarder.uplink_for(&id),
+            PrincipalKind::Service => ctx.forwarder.service_uplink(&id),
         };
         let kind = ctx.kind;
         let principal = self.admission.peer().principal.clone();
@@ -1165,7 +1166,7 @@ impl Session {
             );
         }
         if ctx.kind == PrincipalKind::Service && !lost.is_empty() {
-            ctx.broker
+            ctx.forwarder
                 .unsubscribe(principal.id.clone(), lost)
                 .await
                 .map_err(|_| End::BrokerGone)?;
@@ -1383,7 +1384,7 @@ impl Session {
                 // A service's subscriptions are gone from the fan-out before the
                 // UNSUBACK (a message or two already queued may still follow it).
                 if shared && !removed.is_empty() {
-                    ctx.broker
+                    ctx.forwarder
                         .unsubscribe(self.principal().id.clone(), removed)
                         .await
                         .map_err(|_| End::BrokerGone)?;
@@ -1697,7 +1698,7 @@ impl Session {
             // published after the SUBACK can miss them.
             let subs = accepted.iter().map(|(_, s)| s.clone()).collect();
             let added = ctx
-                .broker
+                .forwarder
                 .subscribe(self.principal().id.clone(), subs)
                 .await
                 .map_err(|_| End::BrokerGone)?;

@@ -1,5 +1,5 @@
-//! Portcullis core: principals, registry, authentication, the pipeline and the broker
-//! links. Knows nothing of MQTT framing: adapters translate their protocol into the
+//! Portcullis core: principals, registry, authentication, the pipeline and the
+//! forwarder seam. Knows nothing of MQTT framing: adapters translate their protocol into the
 //! types here and act on the verdicts they get back.
 
 pub mod acl;
@@ -11,9 +11,9 @@ pub mod backoff;
 pub mod bans;
 pub mod behaviour;
 pub mod behaviour_record;
-pub mod broker;
 pub mod content;
 pub mod fanout;
+pub mod forward;
 pub mod limit;
 pub mod mailbox;
 pub mod message;

@@ -10,7 +10,7 @@
 
 use crate::audit::{Audit, AuditEntry};
 use crate::behaviour::{DeviceModel, Observation, Settings, State, Transition};
-use crate::broker::EmbeddedBroker;
+use crate::forward::Forwarder;
 use crate::message::{Message, QoS};
 use crate::metrics::Metrics;
 use crate::principal::{GroupName, PrincipalId};
@@ -374,7 +374,7 @@ impl Behaviours {
 /// What the transition task needs besides the table.
 pub struct Effects {
     pub registry: Arc<Registry>,
-    pub broker: Arc<EmbeddedBroker>,
+    pub forwarder: Arc<dyn Forwarder>,
     pub retained: Arc<RetainedCommands>,
     pub audit: Audit,
     pub metrics: Arc<Metrics>,
@@ -443,7 +443,7 @@ pub async fn run(
             );
             // Through the device's own uplink: its event and purge go behind whatever
             // it sent before, so a subscriber sees nothing of it after the event.
-            let uplink = fx.broker.uplink_for(&change.id);
+            let uplink = fx.forwarder.uplink_for(&change.id);
             if t.to == State::Quarantined {
                 // Its retained messages are no longer what services should see.
                 for topic in fx.retained.take_device_retained(&change.id) {

@@ -84,9 +84,10 @@ impl TopicName {
         Ok(TopicName(Arc::from(s)))
     }
 
-    /// A topic that was a `TopicName` when the gateway handed it to the embedded
-    /// broker (which has no other writer): not checked again on the way out.
-    pub(crate) fn from_broker(s: &str) -> Self {
+    /// A topic that was a `TopicName` when the gateway handed it to a forwarder whose
+    /// only writer is the gateway (the embedded broker): not checked again on the way
+    /// back. A forwarder with other writers parses what it receives.
+    pub fn from_forwarded(s: &str) -> Self {
         TopicName(Arc::from(s))
     }
 

@@ -1,4 +1,5 @@
-//! The embedded broker and the few links the gateway holds to it.
+//! The embedded forwarder: rumqttd in-process, and the few links the gateway holds
+//! to it. It implements the core's `Forwarder` seam (`portcullis_core::forward`).
 //!
 //! rumqttd runs in-process with no network listener; the gateway reaches it through
 //! local links. A link's `send` blocks on a bounded router channel, so every link
@@ -20,15 +21,16 @@
 //! say who published; the envelope keeps the message's own QoS and retain flag and, for
 //! a service's publish, the service's id (for MQTT 5 No Local).
 
-use crate::audit::{Audit, AuditEntry};
-use crate::fanout::{Fanout, FanoutLimits, Routed, SubscribeError};
-use crate::mailbox::{Delivery, Mailbox};
-use crate::message::{Message, Properties, QoS};
-use crate::metrics::Metrics;
-use crate::principal::PrincipalId;
-use crate::subscription::{Subscription, SubscriptionKey};
-use crate::topic::TopicName;
 use bytes::{Buf, BufMut, BytesMut};
+use portcullis_core::audit::{Audit, AuditEntry};
+use portcullis_core::fanout::{Fanout, FanoutLimits, Routed, SubscribeError};
+use portcullis_core::forward::{ForwardError, ForwardFuture, Forwarder, Uplink, UplinkItem};
+use portcullis_core::mailbox::{Delivery, Mailbox};
+use portcullis_core::message::{Message, Properties, QoS};
+use portcullis_core::metrics::Metrics;
+use portcullis_core::principal::PrincipalId;
+use portcullis_core::subscription::{Subscription, SubscriptionKey};
+use portcullis_core::topic::TopicName;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Filter, Packet, PubAck, PubAckReason, Publish, PublishProperties, RetainForwardRule, Subscribe,
@@ -40,22 +42,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
-
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("broker link: {0}")]
-    Link(String),
-    #[error("the broker has stopped")]
-    Stopped,
-}
-
-struct UplinkCmd {
-    message: Message,
-    /// Told when the router has the message (QoS 1 and 2).
-    ack: Option<oneshot::Sender<()>>,
-    /// The publishing service, if a service published it.
-    origin: Option<PrincipalId>,
-}
 
 enum DownlinkCmd {
     Register(PrincipalId, Arc<Mailbox>),
@@ -85,7 +71,9 @@ enum FanoutCmd {
 pub struct EmbeddedBroker {
     #[allow(dead_code)] // Owns the router: dropping it would stop the broker.
     broker: rumqttd::Broker,
-    uplinks: Vec<mpsc::Sender<UplinkCmd>>,
+    uplinks: Vec<mpsc::Sender<UplinkItem>>,
+    /// The gateway's own id, whose uplink carries its events.
+    gateway_id: PrincipalId,
     downlink: mpsc::Sender<DownlinkCmd>,
     fanout: mpsc::Sender<FanoutCmd>,
 }
@@ -96,7 +84,9 @@ impl std::fmt::Debug for EmbeddedBroker {
     }
 }
 
-fn router_config(cfg: &portcullis_config::Broker) -> Config {
+/// The router settings of the embedded broker, from the `[broker]` section: the one
+/// place they are set (the benchmark's "rumqttd direct" baseline uses them too).
+pub fn router_config(cfg: &portcullis_config::Broker) -> Config {
     Config {
         id: 0,
         router: RouterConfig {
@@ -120,8 +110,8 @@ fn router_config(cfg: &portcullis_config::Broker) -> Config {
     }
 }
 
-fn link_err(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Link(e.to_string())
+fn link_err(e: impl std::fmt::Display) -> ForwardError {
+    ForwardError::Link(e.to_string())
 }
 
 /// Envelope flags: the message's QoS (two bits), its retain flag, and whether the
@@ -168,7 +158,7 @@ fn open(
 ) -> Option<(Message, Option<PrincipalId>)> {
     // Every publish the router forwards came sealed from an uplink, its topic a
     // `TopicName` already.
-    let topic = TopicName::from_broker(std::str::from_utf8(&publish.topic).ok()?);
+    let topic = TopicName::from_forwarded(std::str::from_utf8(&publish.topic).ok()?);
     let mut payload = publish.payload;
     let flags = *payload.first()?;
     payload.advance(1);
@@ -259,7 +249,7 @@ fn link_properties(msg: &Message) -> Option<PublishProperties> {
     })
 }
 
-const UNLIMITED: crate::topic::TopicLimits = crate::topic::TopicLimits {
+const UNLIMITED: portcullis_core::topic::TopicLimits = portcullis_core::topic::TopicLimits {
     max_length: usize::MAX,
     max_depth: usize::MAX,
 };
@@ -267,7 +257,7 @@ const UNLIMITED: crate::topic::TopicLimits = crate::topic::TopicLimits {
 fn spawn_link_thread(
     name: String,
     body: impl FnOnce() + Send + 'static,
-) -> Result<(), BrokerError> {
+) -> Result<(), ForwardError> {
     std::thread::Builder::new()
         .name(name)
         .spawn(body)
@@ -287,7 +277,7 @@ impl EmbeddedBroker {
         cfg: &portcullis_config::Broker,
         metrics: Arc<Metrics>,
         audit: Audit,
-    ) -> Result<Arc<EmbeddedBroker>, BrokerError> {
+    ) -> Result<Arc<EmbeddedBroker>, ForwardError> {
         let broker = rumqttd::Broker::new(router_config(cfg));
         let mut uplinks = Vec::with_capacity(cfg.uplinks);
         for n in 0..cfg.uplinks {
@@ -321,10 +311,11 @@ impl EmbeddedBroker {
         for link in ["downlink", "fan-out"] {
             ready
                 .recv_timeout(std::time::Duration::from_secs(10))
-                .map_err(|_| BrokerError::Link(format!("the {link} link did not subscribe")))?;
+                .map_err(|_| ForwardError::Link(format!("the {link} link did not subscribe")))?;
         }
         Ok(Arc::new(EmbeddedBroker {
             broker,
+            gateway_id: PrincipalId::parse("portcullis").expect("a valid id"),
             uplinks,
             downlink,
             fanout,
@@ -337,131 +328,94 @@ impl EmbeddedBroker {
         (h.finish() % self.uplinks.len() as u64) as usize
     }
 
-    /// The uplink a device (or the gateway itself, for its own events) always uses.
-    pub fn uplink_for(&self, id: &PrincipalId) -> Uplink {
-        Uplink {
-            tx: self.uplinks[self.uplink_index(id)].clone(),
-            origin: None,
-        }
-    }
-
-    /// The uplink a service always uses; its messages carry its id, so that its own
-    /// No Local subscriptions pass them over.
-    pub fn service_uplink(&self, id: &PrincipalId) -> Uplink {
-        Uplink {
-            tx: self.uplinks[self.uplink_index(id)].clone(),
-            origin: Some(id.clone()),
-        }
-    }
-
-    /// Route commands for `id` into this mailbox from now on (replacing any other).
-    pub async fn register_device(
-        &self,
-        id: PrincipalId,
-        mailbox: Arc<Mailbox>,
-    ) -> Result<(), BrokerError> {
-        self.downlink
-            .send(DownlinkCmd::Register(id, mailbox))
-            .await
-            .map_err(|_| BrokerError::Stopped)
-    }
-
-    /// Stop routing commands for `id`, if they still go to this mailbox.
-    pub async fn unregister_device(&self, id: PrincipalId, mailbox: Arc<Mailbox>) {
-        let _ = self
-            .downlink
-            .send(DownlinkCmd::Unregister(id, mailbox))
-            .await;
-    }
-
-    async fn to_fanout(&self, cmd: FanoutCmd) -> Result<(), BrokerError> {
+    async fn to_fanout(&self, cmd: FanoutCmd) -> Result<(), ForwardError> {
         self.fanout
             .send(cmd)
             .await
-            .map_err(|_| BrokerError::Stopped)
+            .map_err(|_| ForwardError::Stopped)
+    }
+}
+
+impl Forwarder for EmbeddedBroker {
+    fn uplink_for(&self, id: &PrincipalId) -> Uplink {
+        Uplink::new(self.uplinks[self.uplink_index(id)].clone(), None)
     }
 
-    /// Route to this mailbox what the service's subscriptions match, from now on. A
-    /// resumed session attaches its mailbox again and keeps its subscriptions; another
-    /// mailbox starts the service afresh, with none.
-    pub async fn attach_service(
+    fn service_uplink(&self, id: &PrincipalId) -> Uplink {
+        Uplink::new(
+            self.uplinks[self.uplink_index(id)].clone(),
+            Some(id.clone()),
+        )
+    }
+
+    fn events(&self) -> Uplink {
+        self.uplink_for(&self.gateway_id)
+    }
+
+    fn register_device(
         &self,
         id: PrincipalId,
         mailbox: Arc<Mailbox>,
-    ) -> Result<(), BrokerError> {
-        self.to_fanout(FanoutCmd::Attach(id, mailbox)).await
+    ) -> ForwardFuture<'_, Result<(), ForwardError>> {
+        Box::pin(async move {
+            self.downlink
+                .send(DownlinkCmd::Register(id, mailbox))
+                .await
+                .map_err(|_| ForwardError::Stopped)
+        })
     }
 
-    /// The service's session is gone for good: its subscriptions go too (if this
-    /// mailbox is still the attached one).
-    pub async fn detach_service(&self, id: PrincipalId, mailbox: Arc<Mailbox>) {
-        let _ = self.to_fanout(FanoutCmd::Detach(id, mailbox)).await;
+    fn unregister_device(&self, id: PrincipalId, mailbox: Arc<Mailbox>) -> ForwardFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self
+                .downlink
+                .send(DownlinkCmd::Unregister(id, mailbox))
+                .await;
+        })
     }
 
-    /// Whether the service has a connection (a parked persistent session has none).
-    pub async fn service_online(&self, id: PrincipalId, online: bool) {
-        let _ = self.to_fanout(FanoutCmd::Online(id, online)).await;
+    fn attach_service(
+        &self,
+        id: PrincipalId,
+        mailbox: Arc<Mailbox>,
+    ) -> ForwardFuture<'_, Result<(), ForwardError>> {
+        Box::pin(self.to_fanout(FanoutCmd::Attach(id, mailbox)))
     }
 
-    /// Add or replace subscriptions of an attached service. Once this returns, every
-    /// message the broker takes afterwards is matched against them, and the retained
-    /// messages they asked for are in the mailbox. Per subscription: whether it
-    /// existed before, or why it was not added.
-    pub async fn subscribe(
+    fn detach_service(&self, id: PrincipalId, mailbox: Arc<Mailbox>) -> ForwardFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.to_fanout(FanoutCmd::Detach(id, mailbox)).await;
+        })
+    }
+
+    fn service_online(&self, id: PrincipalId, online: bool) -> ForwardFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.to_fanout(FanoutCmd::Online(id, online)).await;
+        })
+    }
+
+    fn subscribe(
         &self,
         id: PrincipalId,
         subs: Vec<Subscription>,
-    ) -> Result<Vec<Result<bool, SubscribeError>>, BrokerError> {
-        let (tx, rx) = oneshot::channel();
-        self.to_fanout(FanoutCmd::Subscribe(id, subs, tx)).await?;
-        rx.await.map_err(|_| BrokerError::Stopped)
+    ) -> ForwardFuture<'_, Result<Vec<Result<bool, SubscribeError>>, ForwardError>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            self.to_fanout(FanoutCmd::Subscribe(id, subs, tx)).await?;
+            rx.await.map_err(|_| ForwardError::Stopped)
+        })
     }
 
-    /// Remove subscriptions of a service; per filter, whether there was one.
-    pub async fn unsubscribe(
+    fn unsubscribe(
         &self,
         id: PrincipalId,
         keys: Vec<SubscriptionKey>,
-    ) -> Result<Vec<bool>, BrokerError> {
-        let (tx, rx) = oneshot::channel();
-        self.to_fanout(FanoutCmd::Unsubscribe(id, keys, tx)).await?;
-        rx.await.map_err(|_| BrokerError::Stopped)
-    }
-}
-
-/// A handle to one uplink.
-#[derive(Debug, Clone)]
-pub struct Uplink {
-    tx: mpsc::Sender<UplinkCmd>,
-    origin: Option<PrincipalId>,
-}
-
-impl Uplink {
-    /// Hand a QoS 0 message to the broker (waits only for queue room).
-    pub async fn send(&self, message: Message) -> Result<(), BrokerError> {
-        self.tx
-            .send(UplinkCmd {
-                message,
-                ack: None,
-                origin: self.origin.clone(),
-            })
-            .await
-            .map_err(|_| BrokerError::Stopped)
-    }
-
-    /// Hand a QoS 1/2 message to the broker; the receiver fires when the router has
-    /// accepted it.
-    pub async fn send_acked(&self, message: Message) -> Result<oneshot::Receiver<()>, BrokerError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(UplinkCmd {
-                message,
-                ack: Some(tx),
-                origin: self.origin.clone(),
-            })
-            .await
-            .map_err(|_| BrokerError::Stopped)?;
-        Ok(rx)
+    ) -> ForwardFuture<'_, Result<Vec<bool>, ForwardError>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            self.to_fanout(FanoutCmd::Unsubscribe(id, keys, tx)).await?;
+            rx.await.map_err(|_| ForwardError::Stopped)
+        })
     }
 }
 
@@ -488,7 +442,7 @@ async fn send_batch(
     tx.send(last).await.map(|_| ())
 }
 
-async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<UplinkCmd>) {
+async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<UplinkItem>) {
     let mut pending: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
     let mut next_pkid: u16 = 0;
     let mut batch: Vec<Packet> = Vec::with_capacity(BATCH);
@@ -500,7 +454,7 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
             // Packet ids are 16 bits: with that many awaiting the router, wait for acks
             // before taking more (the senders feel it as back-pressure).
             cmd = cmds.recv(), if pending.len() < MAX_PENDING && batch.len() < BATCH => {
-                let Some(UplinkCmd { message, ack, origin }) = cmd else {
+                let Some(UplinkItem { message, ack, origin }) = cmd else {
                     // Closing: what was accepted still goes to the router.
                     let _ = send_batch(&mut tx, &mut batch).await;
                     break;
