@@ -1,0 +1,250 @@
+//! PUBLISH from the peer: MQTT's own rules (topic aliases, Receive Maximum, QoS 2
+//! duplicates, properties), the core's verdict, and the acknowledgement in arrival
+//! order once the forwarder has the message.
+
+use super::*;
+
+/// The MQTT 5 reason code that tells a publisher why its message was refused.
+pub(super) fn publish_code(refusal: Refusal) -> u8 {
+    match refusal {
+        Refusal::TopicForbiddenCharacter
+        | Refusal::ResponseTopicInvalid
+        | Refusal::UnknownDevice
+        | Refusal::TopicInvalid => reason::TOPIC_NAME_INVALID,
+        r if r.stage() == Stage::Validate => reason::PAYLOAD_FORMAT_INVALID,
+        r if r.stage() == Stage::Limit => reason::QUOTA_EXCEEDED,
+        Refusal::Quarantined => reason::SUCCESS,
+        _ => reason::NOT_AUTHORIZED,
+    }
+}
+
+/// An acknowledgement owed to the peer.
+pub(super) struct PendingAck {
+    pub(super) pkid: u16,
+    pub(super) qos: u8,
+    pub(super) code: u8,
+    /// Fires when the broker has the message; `None` when nothing is awaited.
+    pub(super) rx: Option<oneshot::Receiver<()>>,
+}
+
+/// Resolves when the oldest owed acknowledgement may go out.
+pub(super) async fn front_ack(
+    pending: &mut VecDeque<PendingAck>,
+) -> Option<Result<(), oneshot::error::RecvError>> {
+    match pending.front_mut() {
+        Some(PendingAck { rx: Some(rx), .. }) => Some(rx.await),
+        Some(PendingAck { rx: None, .. }) => Some(Ok(())),
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    pub(super) fn audit_refusal(
+        &self,
+        ctx: &Context,
+        event: &'static str,
+        topic: Option<&str>,
+        why: &str,
+    ) {
+        let mut entry = AuditEntry::new(event, "refuse")
+            .principal(ctx.kind.as_str(), self.principal().id.to_string())
+            .source(self.peer)
+            .protocol(protocol(self.version).as_str())
+            .reason(why.to_string());
+        if let Some(t) = topic {
+            entry = entry.topic(truncate(t, 256));
+        }
+        ctx.audit.record(entry);
+    }
+
+    /// Acknowledge a publish from the peer, in the order publishes arrived: behind any
+    /// earlier one still waiting for the broker.
+    pub(super) fn answer_publish(&mut self, pkid: u16, qos: u8, code: u8, out: &mut BytesMut) {
+        if self.pending_acks.is_empty() {
+            self.ack_publish(pkid, qos, code, out);
+        } else {
+            self.pending_acks.push_back(PendingAck {
+                pkid,
+                qos,
+                code,
+                rx: None,
+            });
+        }
+    }
+
+    pub(super) fn ack_publish(&mut self, pkid: u16, qos: u8, code: u8, out: &mut BytesMut) {
+        let packet = if qos == 2 {
+            Outgoing::PubRec { pkid, reason: code }
+        } else {
+            Outgoing::PubAck { pkid, reason: code }
+        };
+        codec::encode(&packet, self.version, out);
+    }
+
+    /// Answer a refused publish the MQTT way (the core has counted, audited and
+    /// observed it): 3.1.1 acknowledges and drops (or disconnects, by policy); MQTT 5
+    /// says why in the acknowledgement.
+    pub(super) fn refuse_publish(
+        &mut self,
+        p: &PublishIn,
+        refusal: Refusal,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        if self.version == ProtocolVersion::V311 && self.disconnect_on_refusal {
+            return Err(End::Refused(refusal.to_string()));
+        }
+        if p.qos == 2 && self.version == ProtocolVersion::V5 {
+            // An MQTT 5 failure PUBREC ends the flow: no PUBREL will free the id.
+            // (3.1.1 completes it, PUBREL → PUBCOMP, though nothing was forwarded.)
+            self.state.on_pubrel(p.pkid);
+        }
+        if p.qos > 0 {
+            self.answer_publish(p.pkid, p.qos, publish_code(refusal), out);
+        }
+        Ok(())
+    }
+
+    /// Resolve a topic alias (MQTT 5) before anything else looks at the topic.
+    pub(super) fn resolve_topic(&mut self, ctx: &Context, p: &PublishIn) -> Result<TopicName, End> {
+        let alias = p.props.topic_alias;
+        if let Some(a) = alias
+            && (a == 0 || a > ctx.limits.topic_alias_maximum)
+        {
+            return Err(End::Protocol(
+                reason::TOPIC_ALIAS_INVALID,
+                format!(
+                    "topic alias {a} outside 1..={}",
+                    ctx.limits.topic_alias_maximum
+                ),
+            ));
+        }
+        if p.topic.is_empty() {
+            return match alias.and_then(|a| self.aliases.get(&a)) {
+                Some(t) => Ok(t.clone()),
+                None => Err(End::Protocol(
+                    reason::PROTOCOL_ERROR,
+                    "empty topic with an unknown topic alias".into(),
+                )),
+            };
+        }
+        let topic = TopicName::parse(&p.topic, ctx.limits.topic).map_err(|e| {
+            ctx.metrics.refused(Refusal::TopicInvalid);
+            self.audit_refusal(ctx, "publish", Some(&p.topic), &e.to_string());
+            End::Protocol(reason::TOPIC_NAME_INVALID, e.to_string())
+        })?;
+        if let Some(a) = alias {
+            self.aliases.insert(a, topic.clone());
+        }
+        Ok(topic)
+    }
+
+    pub(super) async fn on_publish(
+        &mut self,
+        ctx: &Context,
+        p: PublishIn,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        let arrived = Instant::now();
+        // Content standard consumers refuse, from anyone: refused as a payload is (a
+        // validation failure), before the topic is parsed or an alias is recorded.
+        if let Err(refusal) =
+            self.admission
+                .screen(&p.topic, &carried(&p.props, &p.payload), arrived)
+        {
+            return self.refuse_publish(&p, refusal, out);
+        }
+        let topic = self.resolve_topic(ctx, &p)?;
+        // More unacknowledged QoS 1/2 publishes than the Receive Maximum announced. A
+        // QoS 2 retransmission (a resumed session's DUP) is not a new one.
+        if p.qos > 0 && !(p.qos == 2 && self.state.has_incoming_qos2(p.pkid)) {
+            // QoS 2 ones count from arrival until PUBREL (incoming_qos2); QoS 1 ones
+            // until the broker has them.
+            let unacked = self.pending_acks.iter().filter(|a| a.qos == 1).count()
+                + self.state.incoming_qos2_len();
+            if unacked >= usize::from(ctx.limits.receive_maximum) {
+                ctx.metrics.refused(Refusal::ReceiveMaximumExceeded);
+                return Err(End::Protocol(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "receive maximum exceeded".into(),
+                ));
+            }
+        }
+        // QoS 2 retransmission: already accepted, answer again without forwarding twice.
+        if p.qos == 2 && !self.state.incoming_qos2(p.pkid) {
+            if !self.pending_acks.iter().any(|a| a.pkid == p.pkid) {
+                self.answer_publish(p.pkid, 2, reason::SUCCESS, out);
+            }
+            return Ok(());
+        }
+        let props = match properties(&p.props, &ctx.limits) {
+            Ok(props) => props,
+            Err(refusal) => {
+                self.admission
+                    .refused(refusal, "publish", Some(topic.as_str()), None, arrived);
+                return self.refuse_publish(&p, refusal, out);
+            }
+        };
+        let msg = Message {
+            topic,
+            payload: p.payload.clone(),
+            qos: QoS::from_u8(p.qos).unwrap_or(QoS::AtMostOnce),
+            retain: p.retain,
+            properties: props,
+        };
+        // The pipeline decides; while it holds the peer back, nothing more is read.
+        let mut offer = Offer::new(msg, arrived);
+        let msg = loop {
+            match self.admission.uplink(offer, Instant::now()) {
+                Verdict::Forward(msg) => break msg,
+                Verdict::Wait(again, at) => {
+                    tokio::time::sleep_until(at.into()).await;
+                    offer = again;
+                }
+                Verdict::Divert(forensic) => {
+                    let Some(uplink) = &self.link else {
+                        return Err(End::BrokerGone);
+                    };
+                    uplink.send(forensic).await.map_err(|_| End::BrokerGone)?;
+                    if p.qos > 0 {
+                        self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
+                    }
+                    return Ok(());
+                }
+                // Dropped (quarantine, or the rate limit's "drop"): acknowledged as if
+                // delivered, so the device does not retry.
+                Verdict::Discard(_) => {
+                    if p.qos > 0 {
+                        self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
+                    }
+                    return Ok(());
+                }
+                Verdict::Refuse(refusal) => return self.refuse_publish(&p, refusal, out),
+                Verdict::Disconnect(_) => {
+                    return Err(End::Protocol(
+                        reason::MESSAGE_RATE_TOO_HIGH,
+                        "message rate too high for too long".into(),
+                    ));
+                }
+            }
+        };
+        self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        // The acknowledgement waits for the broker, in its own queue: never behind
+        // deliveries held by the peer's Receive Maximum.
+        let Some(uplink) = &self.link else {
+            return Err(End::BrokerGone);
+        };
+        if p.qos == 0 {
+            uplink.send(msg).await.map_err(|_| End::BrokerGone)?;
+        } else {
+            let acked = uplink.send_acked(msg).await.map_err(|_| End::BrokerGone)?;
+            self.pending_acks.push_back(PendingAck {
+                pkid: p.pkid,
+                qos: p.qos,
+                code: reason::SUCCESS,
+                rx: Some(acked),
+            });
+        }
+        ctx.metrics.forward_latency.record(arrived.elapsed());
+        Ok(())
+    }
+}
