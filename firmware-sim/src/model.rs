@@ -22,6 +22,7 @@ use crate::fleet::{daily_rate, jittered, ramp_rate};
 use crate::scenario::Behaviour;
 use bytes::Bytes;
 use portcullis_config::Config;
+use portcullis_config::validation::{PayloadFormat, PayloadRule, Validation};
 use portcullis_core::acl::AclTemplate;
 use portcullis_core::admission::{Admission, Directory, Offer, Peer, Rules, Shared, Verdict};
 use portcullis_core::audit::Audit;
@@ -33,7 +34,7 @@ use portcullis_core::metrics::Metrics;
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind, PrincipalRef};
 use portcullis_core::quarantine::{Behaviours, Change, Policies, Policy, Tracked};
 use portcullis_core::retained::RetainedCommands;
-use portcullis_core::topic::TopicName;
+use portcullis_core::topic::{TopicFilter, TopicName};
 use portcullis_core::validate::Validator;
 use rand::{Rng, RngCore};
 use serde::Serialize;
@@ -59,6 +60,8 @@ pub const FLOOD_LINK_RATE: f64 = 2000.0;
 /// `limits.max_packet_size` (256 KiB), over a configured `validation.max_payload_bytes`
 /// such as 64 KiB.
 pub const OVERSIZE_REFUSED_BYTES: usize = 200_000;
+/// The size rule it meets.
+pub const OVERSIZE_RULE_BYTES: usize = 64 * 1024;
 /// A slow ramp ends at the rate `hostile.toml` ramps to (50/s × 8) ...
 pub const SLOW_RAMP_END_RATE: f64 = 400.0;
 /// ... over six hours, starting at the device's own rate: slow next to the baseline's
@@ -348,8 +351,10 @@ pub fn evaluate_reporting(
     b: &portcullis_config::Behaviour,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Evaluation {
-    let mut config = Config::default();
-    config.behaviour = b.clone();
+    let config = Config {
+        behaviour: b.clone(),
+        ..Config::default()
+    };
     let gw = Gateway::from_config(&config);
     let threads = o
         .threads
@@ -696,22 +701,13 @@ impl Feed {
         });
     }
 
-    /// A message told on its own, at once (a hostile stream reacts to the state).
-    fn message_now(&mut self, t: f64, topic: u64, bytes: usize) {
-        self.flush();
-        self.messages += 1;
-        self.heard(t);
-        self.note(t, Observation::message(bytes, topic));
-    }
-
-    /// A message the session reads at `t` and hands to the admission, which tells the
+    /// A packet the session reads at `t` and hands to the admission, which tells the
     /// model itself.
     fn read(&mut self, t: f64) {
         self.flush();
         self.end_session_by(t);
-        debug_assert!(t >= self.last, "a message at {t} after {}", self.last);
+        debug_assert!(t >= self.last, "a packet at {t} after {}", self.last);
         self.last = t;
-        self.messages += 1;
         self.heard(t);
     }
 
@@ -1377,6 +1373,11 @@ impl Admitted {
     /// A session of the feed's device, accepted at `t`, under the default device
     /// group's rules.
     fn new(gw: &Gateway, feed: &Feed, t: f64) -> Admitted {
+        Admitted::with_validation(gw, feed, t, &gw.config.validation)
+    }
+
+    /// `new`, with this validation policy instead of the configured one.
+    fn with_validation(gw: &Gateway, feed: &Feed, t: f64, validation: &Validation) -> Admitted {
         let (c, now) = (&gw.config, feed.at(t));
         let group = c.device_groups.get(GROUP);
         let (publish, subscribe) = group
@@ -1402,7 +1403,10 @@ impl Admitted {
         };
         let rules = Rules {
             acl: Arc::new(acl),
-            validator: Arc::new(Validator::default()),
+            validator: Arc::new(
+                Validator::new(validation, |p| gw.config.resolve(p))
+                    .expect("the simulator's validation policies have no schema file"),
+            ),
             rates: PrincipalRates::from_config(&c.rates_for("device", GROUP, feed.id.as_str())),
             behaviour: feed.policy.clone(),
         };
@@ -1427,6 +1431,7 @@ impl Admitted {
     fn offer(&mut self, feed: &mut Feed, t: f64, message: Message) -> f64 {
         let read = t.max(self.free_at);
         feed.read(read);
+        feed.messages += 1;
         let mut offer = Offer::new(message, feed.at(read));
         let mut now = read;
         loop {
@@ -1444,6 +1449,17 @@ impl Admitted {
         feed.last = now;
         self.free_at = now;
         now
+    }
+
+    /// A SUBSCRIBE to `filter` at `t`, asked of the admission (which tells the model
+    /// of a refusal).
+    fn subscribe(&mut self, feed: &mut Feed, t: f64, filter: &str) {
+        let read = t.max(self.free_at);
+        feed.read(read);
+        let f = TopicFilter::parse_unlimited(filter).expect("the simulator's filters are valid");
+        let _ = self.admission.admit_subscription(&f, filter, feed.at(read));
+        feed.drain(read);
+        self.free_at = read;
     }
 }
 
@@ -1535,7 +1551,6 @@ fn hostile_device(h: Hostile, seed: u64, index: usize, gw: &Gateway, traced: boo
             HORIZON_SECS
         };
     let telemetry_topic = format!("devices/{id}/telemetry");
-    let telemetry = feed.hash(&telemetry_topic);
     let source = d.source;
     // A compromised firmware starts over: a session of its own.
     if h.session_based() && h != Hostile::ClonedIdentity {
@@ -1565,9 +1580,14 @@ fn hostile_device(h: Hostile, seed: u64, index: usize, gw: &Gateway, traced: boo
         (Hostile::Oversized, Behaviour::Oversized { rate, .. }) => {
             assert!(OVERSIZE_REFUSED_BYTES <= gw.max_packet_size);
             feed.connect(onset, source);
+            let size_rule = Validation {
+                max_payload_bytes: OVERSIZE_RULE_BYTES,
+                ..Validation::default()
+            };
+            let mut session = Admitted::with_validation(gw, &feed, onset, &size_rule);
+            let message = publish(&telemetry_topic, OVERSIZE_REFUSED_BYTES);
             every(&mut feed, onset, end, rate, |feed, t, _| {
-                feed.message_now(t, telemetry, OVERSIZE_REFUSED_BYTES);
-                feed.observe(t, Observation::Invalid);
+                session.offer(feed, t, message.clone());
             });
         }
         (Hostile::OversizedPacket, Behaviour::Oversized { bytes, rate }) => {
@@ -1583,25 +1603,43 @@ fn hostile_device(h: Hostile, seed: u64, index: usize, gw: &Gateway, traced: boo
         }
         (Hostile::SchemaBreaking, Behaviour::SchemaBreaking { rate }) => {
             feed.connect(onset, source);
+            let json_rule = Validation {
+                rules: vec![PayloadRule {
+                    topic: "devices/+/telemetry/#".into(),
+                    groups: None,
+                    format: PayloadFormat::Json,
+                    schema: None,
+                    max_bytes: None,
+                }],
+                ..Validation::default()
+            };
+            let mut session = Admitted::with_validation(gw, &feed, onset, &json_rule);
             every(&mut feed, onset, end, rate, |feed, t, n| {
-                feed.message_now(t, telemetry, format!("not json {n}").len());
-                feed.observe(t, Observation::Invalid);
+                let mut message = publish(&telemetry_topic, 0);
+                message.payload = Bytes::from(format!("not json {n}"));
+                session.offer(feed, t, message);
             });
         }
         (Hostile::TopicScan, Behaviour::TopicScan { rate }) => {
             feed.connect(onset, source);
-            let reboot = feed.hash(&format!("devices/{id}/commands/reboot"));
+            let mut session = Admitted::new(gw, &feed, onset);
             // The simulator's cycle of five actions (`fleet::topic_scan`), from n = 1.
             every(&mut feed, onset, end, rate, |feed, t, n| {
-                match n % 5 {
-                    1 => {
-                        let topic = feed.hash(&format!("devices/scan-{n}/telemetry"));
-                        feed.message_now(t, topic, 2)
+                let (publish_to, subscribe_to) = match n % 5 {
+                    0 => (None, "#".to_string()),
+                    1 => (Some(format!("devices/scan-{n}/telemetry")), String::new()),
+                    2 => (None, "devices/+/telemetry/#".to_string()),
+                    3 => (Some(format!("devices/{id}/commands/reboot")), String::new()),
+                    _ => (None, format!("devices/scan-{n}/commands/#")),
+                };
+                match publish_to {
+                    Some(topic) => {
+                        let mut message = publish(&topic, 0);
+                        message.payload = Bytes::from_static(b"{}");
+                        session.offer(feed, t, message);
                     }
-                    3 => feed.message_now(t, reboot, 2),
-                    _ => {}
+                    None => session.subscribe(feed, t, &subscribe_to),
                 }
-                feed.observe(t, Observation::Denied);
             });
         }
         (Hostile::StuffingOneSource, Behaviour::CredentialStuffing { rate }) => {
