@@ -5,28 +5,46 @@
 //! Nothing here opens a socket or reads the wall clock. A device is a generator of
 //! what the gateway would tell its model, each observation stamped with a fixed base
 //! `Instant` plus simulated seconds, so a week of a thousand devices takes seconds and
-//! a run is the same for a seed on any number of threads. The well-behaved timing is
-//! the simulator's own (`fleet::jittered`, `fleet::daily_rate`, `fleet::ramp_rate`).
-//! A hostile behaviour is translated into what the gateway's model observes of it:
-//! through the gateway's own rate limiter, per-source back-off and per-source
-//! connection rate (`portcullis_core::limit`, `portcullis_core::backoff`) at their
-//! default configuration, and with the simulator's default parameters for the
-//! behaviour.
+//! a run is the same for a seed on any number of threads. The model is the gateway's
+//! own: each device is the `Tracked` of a behaviour table of its own (hashing topics
+//! the same way in every process), and its transitions are read, with their reasons,
+//! from the table's change channel. The well-behaved timing is the simulator's own
+//! (`fleet::jittered`, `fleet::daily_rate`, `fleet::ramp_rate`); its messages are told
+//! to the model a window's worth at a time. A hostile behaviour is translated into
+//! what the gateway's model observes of it: a flood's and a ramp's messages pass the
+//! gateway's own admission (`portcullis_core::admission`: quarantine, ACL, rate
+//! limits with their waits, validation) on the simulated clock; logins and
+//! connections pass its per-source back-off and connection rate
+//! (`portcullis_core::backoff`, `portcullis_core::limit`). All at the default
+//! configuration, with the simulator's default parameters for the behaviour.
 
 use crate::fleet::{daily_rate, jittered, ramp_rate};
 use crate::scenario::Behaviour;
+use bytes::Bytes;
 use portcullis_config::Config;
+use portcullis_config::validation::{PayloadFormat, PayloadRule, Validation};
+use portcullis_core::acl::AclTemplate;
+use portcullis_core::admission::{Admission, Directory, Offer, Peer, Rules, Shared, Verdict};
+use portcullis_core::audit::Audit;
 use portcullis_core::backoff::{BackoffPolicy, SourceGuard};
-use portcullis_core::behaviour::{DeviceModel, Observation, Settings, State};
-use portcullis_core::limit::{LimitDecision, PrincipalLimiter, PrincipalRates, Rate, TokenBucket};
+use portcullis_core::behaviour::{Observation, Settings, State, Transition};
+use portcullis_core::limit::{GlobalBucket, PrincipalRates, Rate, TokenBucket};
+use portcullis_core::message::{Message, QoS};
+use portcullis_core::metrics::Metrics;
+use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind, PrincipalRef};
+use portcullis_core::quarantine::{Behaviours, Change, Policies, Policy, Tracked};
+use portcullis_core::retained::RetainedCommands;
+use portcullis_core::topic::{TopicFilter, TopicName};
+use portcullis_core::validate::Validator;
 use rand::{Rng, RngCore};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Mutex;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 const HOUR: f64 = 3600.0;
 const DAY: f64 = 86_400.0;
@@ -42,6 +60,8 @@ pub const FLOOD_LINK_RATE: f64 = 2000.0;
 /// `limits.max_packet_size` (256 KiB), over a configured `validation.max_payload_bytes`
 /// such as 64 KiB.
 pub const OVERSIZE_REFUSED_BYTES: usize = 200_000;
+/// The size rule it meets.
+pub const OVERSIZE_RULE_BYTES: usize = 64 * 1024;
 /// A slow ramp ends at the rate `hostile.toml` ramps to (50/s × 8) ...
 pub const SLOW_RAMP_END_RATE: f64 = 400.0;
 /// ... over six hours, starting at the device's own rate: slow next to the baseline's
@@ -101,9 +121,11 @@ pub struct Gateway {
     pub max_connections_per_source: usize,
     /// A session that goes silent is dropped this long after it was last heard.
     pub silent_session_secs: f64,
-    /// The gateway's own reading of the rates and the back-off above.
+    /// The configuration itself, for the gateway's own reading of it.
     #[serde(skip)]
-    principal: PrincipalRates,
+    config: Arc<Config>,
+    #[serde(skip)]
+    policies: Policies,
     #[serde(skip)]
     backoff: BackoffPolicy,
 }
@@ -137,17 +159,9 @@ impl Gateway {
             max_connections_per_source: c.limits.max_connections_per_source,
             silent_session_secs: 1.5
                 * DEVICE_KEEP_ALIVE_SECS.min(c.sessions.max_keep_alive_secs as f64),
-            principal: PrincipalRates::from_config(&c.rate_limits),
+            policies: Policies::from_config(c),
             backoff: BackoffPolicy::from_config(&c.auth),
-        }
-    }
-
-    /// A session's rates; in probation, cut by the probation factor as the gateway does.
-    fn rates(&self, probation: bool) -> PrincipalRates {
-        if probation {
-            self.principal.tightened(self.probation_rate_factor)
-        } else {
-            self.principal
+            config: Arc::new(c.clone()),
         }
     }
 
@@ -307,13 +321,13 @@ pub struct NotDevice {
 
 /// Run the evaluation with the model's default settings.
 pub fn evaluate(o: &Options) -> Evaluation {
-    evaluate_with(o, &Settings::default())
+    evaluate_with(o, &Config::default().behaviour)
 }
 
-/// Run the evaluation with these model settings (a device group's, or a candidate
+/// Run the evaluation with this behaviour model (a device group's, or a candidate
 /// default) and the gateway's embedded defaults otherwise.
-pub fn evaluate_with(o: &Options, s: &Settings) -> Evaluation {
-    evaluate_reporting(o, s, &|_| {})
+pub fn evaluate_with(o: &Options, b: &portcullis_config::Behaviour) -> Evaluation {
+    evaluate_reporting(o, b, &|_| {})
 }
 
 /// How far an evaluation has come: devices simulated so far, of all it will simulate
@@ -334,10 +348,14 @@ pub fn devices_simulated(o: &Options) -> usize {
 /// threads, so it must be cheap).
 pub fn evaluate_reporting(
     o: &Options,
-    s: &Settings,
+    b: &portcullis_config::Behaviour,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Evaluation {
-    let gw = Gateway::from_config(&Config::default());
+    let config = Config {
+        behaviour: b.clone(),
+        ..Config::default()
+    };
+    let gw = Gateway::from_config(&config);
     let threads = o
         .threads
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
@@ -355,7 +373,7 @@ pub fn evaluate_reporting(
         });
     };
     let runs = parallel(o.devices, threads, |i| {
-        let run = well_behaved_device(o.seed, i, end, s, &gw);
+        let run = well_behaved_device(o.seed, i, end, &gw);
         tick(false);
         run
     });
@@ -366,7 +384,7 @@ pub fn evaluate_reporting(
         .collect();
     let hostile_runs = parallel(jobs.len(), threads, |j| {
         let (h, i) = jobs[j];
-        let run = hostile_device(h, o.seed, i, s, &gw, false);
+        let run = hostile_device(h, o.seed, i, &gw, false);
         tick(true);
         run
     });
@@ -384,7 +402,7 @@ pub fn evaluate_reporting(
         .collect();
     Evaluation {
         options: o.clone(),
-        settings: settings_map(s),
+        settings: settings_map(&Settings::from_config(b)),
         gateway: gw,
         false_positives,
         true_positives,
@@ -462,15 +480,6 @@ fn exponential(rng: &mut Rng64, mean: f64) -> f64 {
     -mean * (1.0 - rng.r#gen::<f64>()).ln()
 }
 
-/// A topic's hash as the model gets it (FNV-1a, then mixed: stable across builds).
-fn topic_hash(topic: &str) -> u64 {
-    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-    for b in topic.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
-    }
-    mix(h)
-}
-
 /// A source address's hash (never 0: the model's "none yet").
 fn source_hash(device: u64, n: u64) -> u64 {
     mix(device.wrapping_mul(0x1_0000).wrapping_add(n)) | 1
@@ -528,12 +537,17 @@ struct Session {
     source: u64,
 }
 
-/// One device's model, fed on the simulated clock.
-struct Feed<'a> {
-    s: &'a Settings,
+/// One device's model, fed on the simulated clock: the `Tracked` of a behaviour table
+/// of its own, whose change channel tells the transitions.
+struct Feed {
+    id: PrincipalId,
+    group: GroupName,
+    behaviours: Arc<Behaviours>,
+    tracked: Arc<Tracked>,
+    changes: UnboundedReceiver<Change>,
+    policy: Arc<Policy>,
     base: Instant,
     window_secs: f64,
-    model: DeviceModel,
     batch: Option<Batch>,
     session: Option<Session>,
     steps: Vec<Step>,
@@ -550,13 +564,28 @@ struct Feed<'a> {
     silent_session_secs: f64,
 }
 
-impl<'a> Feed<'a> {
-    fn new(base: Instant, s: &'a Settings, gw: &Gateway) -> Feed<'a> {
+/// The group every simulated device is in.
+const GROUP: &str = "default";
+
+impl Feed {
+    /// The model of device `id`, new at `base`.
+    fn new(id: &str, base: Instant, gw: &Gateway) -> Feed {
+        let id = PrincipalId::parse(id).expect("the simulator's device ids are valid");
+        let group = GroupName::parse(GROUP).expect("a valid group name");
+        let (behaviours, changes) = Behaviours::with_fixed_hasher(gw.policies.clone());
+        // A device with no transition kept, at the simulated clock's start (tracking it
+        // the gateway's way would start its model on the wall clock).
+        let tracked = behaviours.restore(&id, &group, State::Normal, base, base);
+        let policy = behaviours.policy(&group);
         Feed {
-            s,
+            window_secs: policy.settings.window.as_secs_f64(),
+            id,
+            group,
+            behaviours,
+            tracked,
+            changes,
+            policy,
             base,
-            window_secs: s.window.as_secs_f64(),
-            model: DeviceModel::new(base, s),
             batch: None,
             session: None,
             steps: Vec::new(),
@@ -581,6 +610,20 @@ impl<'a> Feed<'a> {
         self.base + Duration::from_secs_f64(t)
     }
 
+    /// Simulated seconds of an instant.
+    fn secs(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.base).as_secs_f64()
+    }
+
+    fn settings(&self) -> &Settings {
+        &self.policy.settings
+    }
+
+    /// A topic's hash, as the gateway tells it to the model.
+    fn hash(&self, topic: &str) -> u64 {
+        self.behaviours.hash(topic)
+    }
+
     fn done(&self) -> bool {
         self.quarantined.is_some()
     }
@@ -590,15 +633,21 @@ impl<'a> Feed<'a> {
         debug_assert!(t >= self.last, "{obs:?} at {t} after {}", self.last);
         self.last = t;
         let now = self.at(t);
-        if let Some(tr) = self.model.observe(obs, now, self.s) {
-            self.record(t, tr);
+        if self.tracked.observe(obs, now, &self.policy).is_some() {
+            self.drain(t);
         }
     }
 
-    fn record(&mut self, t: f64, tr: portcullis_core::behaviour::Transition) {
+    /// Record the transitions the model decided (at `t`), as the gateway hears of them.
+    fn drain(&mut self, t: f64) {
+        while let Ok(change) = self.changes.try_recv() {
+            self.record(t, change.transition);
+        }
+    }
+
+    fn record(&mut self, t: f64, tr: Transition) {
         if self.log.is_some() {
-            let (rate, sd) = self.model.baseline();
-            let (bytes, bytes_sd) = self.model.byte_baseline();
+            let ((rate, sd), (bytes, bytes_sd), _) = self.tracked.baselines(self.settings());
             let line = format!(
                 "{} -> {}: {} [baseline {rate:.2}/s sd {sd:.2}, {bytes:.0} B/s sd {bytes_sd:.0}]",
                 tr.from.as_str(),
@@ -652,12 +701,14 @@ impl<'a> Feed<'a> {
         });
     }
 
-    /// A message told on its own, at once (a hostile stream reacts to the state).
-    fn message_now(&mut self, t: f64, topic: u64, bytes: usize) {
+    /// A packet the session reads at `t` and hands to the admission, which tells the
+    /// model itself.
+    fn read(&mut self, t: f64) {
         self.flush();
-        self.messages += 1;
+        self.end_session_by(t);
+        debug_assert!(t >= self.last, "a packet at {t} after {}", self.last);
+        self.last = t;
         self.heard(t);
-        self.note(t, Observation::message(bytes, topic));
     }
 
     fn flush(&mut self) {
@@ -683,8 +734,12 @@ impl<'a> Feed<'a> {
             let at = s.gone_at.max(self.last);
             self.last = at;
             let now = self.at(at);
-            if let Some(tr) = self.model.observe(Observation::Disconnect, now, self.s) {
-                self.record(at, tr);
+            if self
+                .tracked
+                .observe(Observation::Disconnect, now, &self.policy)
+                .is_some()
+            {
+                self.drain(at);
             }
         }
     }
@@ -695,8 +750,8 @@ impl<'a> Feed<'a> {
         debug_assert!(t >= self.last, "tick at {t} after {}", self.last);
         self.last = t;
         let now = self.at(t);
-        if let Some(tr) = self.model.tick(now, self.s) {
-            self.record(t, tr);
+        if self.tracked.tick(now, &self.policy).is_some() {
+            self.drain(t);
         }
     }
 
@@ -722,7 +777,8 @@ impl<'a> Feed<'a> {
             heard_at: self.at(d.heard_at),
             same_source: d.source == source,
         });
-        let clone = portcullis_core::sessions::is_clone(rival, self.at(t), self.s.rule_window);
+        let clone =
+            portcullis_core::sessions::is_clone(rival, self.at(t), self.settings().rule_window);
         if displaced.is_some() {
             self.takeovers += 1;
         }
@@ -810,7 +866,7 @@ impl WellBehaved {
         let p = Params::draw(&mut rng);
         let topics = TOPICS[..p.topics]
             .iter()
-            .map(|suffix| topic_hash(&format!("devices/{id}/{suffix}")))
+            .map(|suffix| feed.hash(&format!("devices/{id}/{suffix}")))
             .collect();
         let next_loss = t + exponential(&mut rng, p.reconnect_every_secs);
         let next_new_source = t + exponential(&mut rng, p.new_source_every_secs);
@@ -954,25 +1010,18 @@ struct WellBehavedRun {
 
 const STREAM_FLEET: u64 = 0;
 
-fn well_behaved_device(
-    seed: u64,
-    index: usize,
-    end: f64,
-    s: &Settings,
-    gw: &Gateway,
-) -> WellBehavedRun {
-    well_behaved_traced(seed, index, end, s, gw, false).0
+fn well_behaved_device(seed: u64, index: usize, end: f64, gw: &Gateway) -> WellBehavedRun {
+    well_behaved_traced(seed, index, end, gw, false).0
 }
 
 /// What a well-behaved device of the fleet did, event by event (all but single
 /// messages), with its transitions and the baseline at each: `wb-N` as in the report.
 pub fn trace(o: &Options, device: &str) -> Option<String> {
-    let s = Settings::default();
     let gw = Gateway::from_config(&Config::default());
     let (params, log) = match device.strip_prefix("wb-") {
         Some(n) => {
             let n: usize = n.parse().ok().filter(|n| (1..=o.devices).contains(n))?;
-            let (run, log) = well_behaved_traced(o.seed, n - 1, o.days * DAY, &s, &gw, true);
+            let (run, log) = well_behaved_traced(o.seed, n - 1, o.days * DAY, &gw, true);
             (run.params, log)
         }
         // A hostile device: `h-{behaviour}-N`.
@@ -980,7 +1029,7 @@ pub fn trace(o: &Options, device: &str) -> Option<String> {
             let (kind, n) = device.strip_prefix("h-")?.rsplit_once('-')?;
             let h = *Hostile::ALL.iter().find(|h| h.slug() == kind)?;
             let n: usize = n.parse().ok().filter(|n| (1..=o.hostile).contains(n))?;
-            let run = hostile_device(h, o.seed, n - 1, &s, &gw, true);
+            let run = hostile_device(h, o.seed, n - 1, &gw, true);
             (run.params, run.log)
         }
     };
@@ -996,12 +1045,11 @@ fn well_behaved_traced(
     seed: u64,
     index: usize,
     end: f64,
-    s: &Settings,
     gw: &Gateway,
     traced: bool,
 ) -> (WellBehavedRun, Vec<String>) {
     let id = format!("wb-{}", index + 1);
-    let mut feed = Feed::new(base(), s, gw);
+    let mut feed = Feed::new(&id, base(), gw);
     if traced {
         feed.log = Some(Vec::new());
     }
@@ -1292,58 +1340,126 @@ fn sim_default(kind: &str) -> Behaviour {
     toml::from_str(&text).unwrap_or_else(|e| panic!("default {kind}: {e}"))
 }
 
-/// The rate-limit stage of one session, reading one message at a time.
-struct Limited<'g> {
-    gw: &'g Gateway,
-    limiter: PrincipalLimiter,
-    probation: bool,
+/// A QoS 1 telemetry message of `len` bytes.
+fn publish(topic: &str, len: usize) -> Message {
+    Message {
+        topic: TopicName::parse_unlimited(topic).expect("the simulator's topics are valid"),
+        payload: Bytes::from(vec![b'x'; len]),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: None,
+    }
+}
+
+/// The registry, as far as the admission asks: only the device itself is registered.
+struct Registered(PrincipalId);
+
+impl Directory for Registered {
+    fn is_device(&self, id: &PrincipalId) -> bool {
+        *id == self.0
+    }
+}
+
+/// A hostile device's session, reading one message at a time and handing each to the
+/// gateway's own admission (the device's ACL, rates, validation and behaviour model),
+/// as the MQTT session does.
+struct Admitted {
+    admission: Admission,
     /// When the session reads its next packet.
     free_at: f64,
 }
 
-impl<'g> Limited<'g> {
-    fn new(gw: &'g Gateway, feed: &Feed, t: f64) -> Limited<'g> {
-        Limited {
-            gw,
-            limiter: PrincipalLimiter::new(gw.rates(false), feed.at(t)),
-            probation: false,
+impl Admitted {
+    /// A session of the feed's device, accepted at `t`, under the default device
+    /// group's rules.
+    fn new(gw: &Gateway, feed: &Feed, t: f64) -> Admitted {
+        Admitted::with_validation(gw, feed, t, &gw.config.validation)
+    }
+
+    /// `new`, with this validation policy instead of the configured one.
+    fn with_validation(gw: &Gateway, feed: &Feed, t: f64, validation: &Validation) -> Admitted {
+        let (c, now) = (&gw.config, feed.at(t));
+        let group = c.device_groups.get(GROUP);
+        let (publish, subscribe) = group
+            .map(|g| (g.publish.clone(), g.subscribe.clone()))
+            .unwrap_or_default();
+        let acl = AclTemplate::new(PrincipalKind::Device, &publish, &subscribe)
+            .expand(&feed.id, &feed.group)
+            .expect("the default device group's ACL expands for a valid id");
+        let metrics = Arc::new(Metrics::default());
+        // Its audit lines go nowhere: the receiver is dropped.
+        let (audit, _) = Audit::detached(1, metrics.clone());
+        let shared = Shared {
+            // One device alone never reaches the gateway-wide cap.
+            global: Arc::new(GlobalBucket::new(
+                c.rate_limits.global_messages_per_second,
+                now,
+            )),
+            retained: Arc::new(RetainedCommands::new(c.sessions.max_retained_per_device)),
+            behaviours: feed.behaviours.clone(),
+            directory: Arc::new(Registered(feed.id.clone())),
+            metrics,
+            audit,
+        };
+        let rules = Rules {
+            acl: Arc::new(acl),
+            validator: Arc::new(
+                Validator::new(validation, |p| gw.config.resolve(p))
+                    .expect("the simulator's validation policies have no schema file"),
+            ),
+            rates: PrincipalRates::from_config(&c.rates_for("device", GROUP, feed.id.as_str())),
+            behaviour: feed.policy.clone(),
+        };
+        let peer = Peer {
+            principal: PrincipalRef {
+                kind: PrincipalKind::Device,
+                id: feed.id.clone(),
+                group: feed.group.clone(),
+            },
+            source: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            protocol: "mqtt3.1.1",
+        };
+        Admitted {
+            admission: Admission::new(peer, rules, shared, now),
             free_at: t,
         }
     }
 
-    /// A message sent at `t`: read when the session gets to it, told to the model,
-    /// then held back or dropped by the limit. When the session is done with it.
-    fn offer(&mut self, feed: &mut Feed, t: f64, len: usize, topic: u64) -> f64 {
+    /// A message sent at `t`: read when the session gets to it, then offered to the
+    /// admission, and again at each wait, until it is forwarded, dropped or refused
+    /// (or the device is quarantined). When the session is done with it.
+    fn offer(&mut self, feed: &mut Feed, t: f64, message: Message) -> f64 {
         let read = t.max(self.free_at);
-        feed.message_now(read, topic, len);
-        // Probation tightens the limits (fresh buckets), as the session does.
-        let probation = feed.model.state() == State::Probation;
-        if probation != self.probation {
-            self.probation = probation;
-            self.limiter = PrincipalLimiter::new(self.gw.rates(probation), feed.at(read));
-        }
+        feed.read(read);
+        feed.messages += 1;
+        let mut offer = Offer::new(message, feed.at(read));
         let mut now = read;
-        if !feed.done() {
-            let mut hit = false;
-            loop {
-                let decision = self.limiter.admit(len, feed.at(now));
-                if decision == LimitDecision::Pass {
-                    break;
-                }
-                // As the gateway: hits count against the configured rates only.
-                if !hit && !self.probation {
-                    hit = true;
-                    feed.observe(now, Observation::LimitHit);
-                }
-                match decision {
+        loop {
+            let verdict = self.admission.uplink(offer, feed.at(now));
+            feed.drain(now);
+            match verdict {
+                Verdict::Wait(again, at) if !feed.done() => {
                     // The session sleeps on tokio's timer: a millisecond at least.
-                    LimitDecision::Wait(d) => now += d.as_secs_f64().max(0.001),
-                    _ => break,
+                    now = feed.secs(at).max(now + 0.001);
+                    offer = again;
                 }
+                _ => break,
             }
         }
+        feed.last = now;
         self.free_at = now;
         now
+    }
+
+    /// A SUBSCRIBE to `filter` at `t`, asked of the admission (which tells the model
+    /// of a refusal).
+    fn subscribe(&mut self, feed: &mut Feed, t: f64, filter: &str) {
+        let read = t.max(self.free_at);
+        feed.read(read);
+        let f = TopicFilter::parse_unlimited(filter).expect("the simulator's filters are valid");
+        let _ = self.admission.admit_subscription(&f, filter, feed.at(read));
+        feed.drain(read);
+        self.free_at = read;
     }
 }
 
@@ -1398,17 +1514,10 @@ struct HostileRun {
 
 const STREAM_HOSTILE: u64 = 1_000;
 
-fn hostile_device(
-    h: Hostile,
-    seed: u64,
-    index: usize,
-    s: &Settings,
-    gw: &Gateway,
-    traced: bool,
-) -> HostileRun {
+fn hostile_device(h: Hostile, seed: u64, index: usize, gw: &Gateway, traced: bool) -> HostileRun {
     let id = format!("h-{}-{}", h.slug(), index + 1);
     let stream = STREAM_HOSTILE + Hostile::ALL.iter().position(|k| *k == h).unwrap_or(0) as u64;
-    let mut feed = Feed::new(base(), s, gw);
+    let mut feed = Feed::new(&id, base(), gw);
     if traced {
         feed.log = Some(Vec::new());
     }
@@ -1441,7 +1550,7 @@ fn hostile_device(
         } else {
             HORIZON_SECS
         };
-    let telemetry = topic_hash(&format!("devices/{id}/telemetry"));
+    let telemetry_topic = format!("devices/{id}/telemetry");
     let source = d.source;
     // A compromised firmware starts over: a session of its own.
     if h.session_based() && h != Hostile::ClonedIdentity {
@@ -1458,21 +1567,27 @@ fn hostile_device(
             },
         ) => {
             feed.connect(onset, source);
-            let mut limit = Limited::new(gw, &feed, onset);
+            let mut session = Admitted::new(gw, &feed, onset);
+            let message = publish(&telemetry_topic, payload_bytes);
             let mut inflight = InFlight::new(inflight as usize);
             let mut t = onset;
             while !feed.done() && t < end {
                 let sent = inflight.ready(t);
-                inflight.acked(limit.offer(&mut feed, sent, payload_bytes, telemetry));
+                inflight.acked(session.offer(&mut feed, sent, message.clone()));
                 t = sent + 1.0 / FLOOD_LINK_RATE;
             }
         }
         (Hostile::Oversized, Behaviour::Oversized { rate, .. }) => {
             assert!(OVERSIZE_REFUSED_BYTES <= gw.max_packet_size);
             feed.connect(onset, source);
+            let size_rule = Validation {
+                max_payload_bytes: OVERSIZE_RULE_BYTES,
+                ..Validation::default()
+            };
+            let mut session = Admitted::with_validation(gw, &feed, onset, &size_rule);
+            let message = publish(&telemetry_topic, OVERSIZE_REFUSED_BYTES);
             every(&mut feed, onset, end, rate, |feed, t, _| {
-                feed.message_now(t, telemetry, OVERSIZE_REFUSED_BYTES);
-                feed.observe(t, Observation::Invalid);
+                session.offer(feed, t, message.clone());
             });
         }
         (Hostile::OversizedPacket, Behaviour::Oversized { bytes, rate }) => {
@@ -1488,22 +1603,43 @@ fn hostile_device(
         }
         (Hostile::SchemaBreaking, Behaviour::SchemaBreaking { rate }) => {
             feed.connect(onset, source);
+            let json_rule = Validation {
+                rules: vec![PayloadRule {
+                    topic: "devices/+/telemetry/#".into(),
+                    groups: None,
+                    format: PayloadFormat::Json,
+                    schema: None,
+                    max_bytes: None,
+                }],
+                ..Validation::default()
+            };
+            let mut session = Admitted::with_validation(gw, &feed, onset, &json_rule);
             every(&mut feed, onset, end, rate, |feed, t, n| {
-                feed.message_now(t, telemetry, format!("not json {n}").len());
-                feed.observe(t, Observation::Invalid);
+                let mut message = publish(&telemetry_topic, 0);
+                message.payload = Bytes::from(format!("not json {n}"));
+                session.offer(feed, t, message);
             });
         }
         (Hostile::TopicScan, Behaviour::TopicScan { rate }) => {
             feed.connect(onset, source);
-            let reboot = topic_hash(&format!("devices/{id}/commands/reboot"));
+            let mut session = Admitted::new(gw, &feed, onset);
             // The simulator's cycle of five actions (`fleet::topic_scan`), from n = 1.
             every(&mut feed, onset, end, rate, |feed, t, n| {
-                match n % 5 {
-                    1 => feed.message_now(t, topic_hash(&format!("devices/scan-{n}/telemetry")), 2),
-                    3 => feed.message_now(t, reboot, 2),
-                    _ => {}
+                let (publish_to, subscribe_to) = match n % 5 {
+                    0 => (None, "#".to_string()),
+                    1 => (Some(format!("devices/scan-{n}/telemetry")), String::new()),
+                    2 => (None, "devices/+/telemetry/#".to_string()),
+                    3 => (Some(format!("devices/{id}/commands/reboot")), String::new()),
+                    _ => (None, format!("devices/scan-{n}/commands/#")),
+                };
+                match publish_to {
+                    Some(topic) => {
+                        let mut message = publish(&topic, 0);
+                        message.payload = Bytes::from_static(b"{}");
+                        session.offer(feed, t, message);
+                    }
+                    None => session.subscribe(feed, t, &subscribe_to),
                 }
-                feed.observe(t, Observation::Denied);
             });
         }
         (Hostile::StuffingOneSource, Behaviour::CredentialStuffing { rate }) => {
@@ -1520,7 +1656,7 @@ fn hostile_device(
                 }
             });
             run.guesses = guesses;
-            let window = s.rule_window.as_secs_f64();
+            let window = feed.settings().rule_window.as_secs_f64();
             let most = (0..failures.len())
                 .map(|i| {
                     failures[i..]
@@ -1572,7 +1708,8 @@ fn hostile_device(
             let (rate, payload) = (d.p.rate, d.p.payload_min);
             let factor = SLOW_RAMP_END_RATE / rate;
             feed.connect(onset, source);
-            let mut limit = Limited::new(gw, &feed, onset);
+            let mut session = Admitted::new(gw, &feed, onset);
+            let message = publish(&telemetry_topic, payload);
             // The simulator's telemetry loop: at most 32 unacknowledged; a device held
             // back sends when it can and its schedule starts over from there.
             let mut inflight = InFlight::new(32);
@@ -1580,7 +1717,7 @@ fn hostile_device(
             let mut rng = d.rng.clone();
             while !feed.done() && next < end {
                 let sent = inflight.ready(next);
-                inflight.acked(limit.offer(&mut feed, sent, payload, telemetry));
+                inflight.acked(session.offer(&mut feed, sent, message.clone()));
                 let r = ramp_rate(rate, factor, SLOW_RAMP_SECS, sent - onset);
                 next = sent + jittered(r, 0.0, &mut rng).as_secs_f64();
             }

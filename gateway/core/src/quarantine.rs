@@ -117,6 +117,15 @@ impl Tracked {
         self.decide(|m| m.observe(obs, now, &policy.settings))
     }
 
+    /// Let time pass on the model (windows close, time-outs apply); a transition is
+    /// applied to the state and sent on.
+    pub fn tick(&self, now: Instant, policy: &Policy) -> Option<State> {
+        if !policy.enabled {
+            return None;
+        }
+        self.decide(|m| m.tick(now, &policy.settings))
+    }
+
     /// Run `f` on the model; a transition it decides is applied to the state and sent
     /// on while the model is still locked, so two deciders cannot reorder them.
     fn decide(&self, f: impl FnOnce(&mut DeviceModel) -> Option<Transition>) -> Option<State> {
@@ -154,7 +163,26 @@ pub struct Behaviours {
     policies: RwLock<Arc<Policies>>,
     records: Mutex<HashMap<PrincipalId, Record>>,
     changes: mpsc::UnboundedSender<Change>,
-    hasher: std::hash::RandomState,
+    hasher: Hashing,
+}
+
+/// How ids, topics and addresses are hashed.
+enum Hashing {
+    /// Seeded per process: a device cannot pick topics that collide.
+    Random(std::hash::RandomState),
+    /// The same in every process (the simulator's: a run is the same for a seed).
+    Fixed,
+}
+
+impl Hashing {
+    fn hash_one(&self, s: impl std::hash::Hash) -> u64 {
+        match self {
+            Hashing::Random(r) => r.hash_one(s),
+            Hashing::Fixed => {
+                std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(s)
+            }
+        }
+    }
 }
 
 impl Behaviours {
@@ -194,13 +222,29 @@ impl Behaviours {
     /// An empty table with no records (the simulator's, and tests'). The receiver
     /// gets every transition.
     pub fn new(policies: Policies) -> (Arc<Behaviours>, mpsc::UnboundedReceiver<Change>) {
+        Behaviours::hashing(policies, Hashing::Random(std::hash::RandomState::new()))
+    }
+
+    /// `new`, with a hash of topics and addresses that is the same in every process
+    /// (the simulator's evaluation: a run is the same for a seed). Not for a gateway:
+    /// a device that knows the hash could pick topics that collide.
+    pub fn with_fixed_hasher(
+        policies: Policies,
+    ) -> (Arc<Behaviours>, mpsc::UnboundedReceiver<Change>) {
+        Behaviours::hashing(policies, Hashing::Fixed)
+    }
+
+    fn hashing(
+        policies: Policies,
+        hasher: Hashing,
+    ) -> (Arc<Behaviours>, mpsc::UnboundedReceiver<Change>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let b = Arc::new(Behaviours {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             policies: RwLock::new(Arc::new(policies)),
             records: Mutex::new(HashMap::new()),
             changes: tx,
-            hasher: std::hash::RandomState::new(),
+            hasher,
         });
         (b, rx)
     }
@@ -579,6 +623,45 @@ mod tests {
         b.forget(&id);
         let late = rx.try_recv().expect("the release");
         assert_eq!(b.note(&late), None);
+    }
+
+    #[test]
+    fn time_passing_ends_probation_through_the_change_channel() {
+        let (b, mut rx) = Behaviours::new(policies());
+        let (id, group) = (
+            PrincipalId::parse("d1").unwrap(),
+            GroupName::parse("default").unwrap(),
+        );
+        let t0 = Instant::now();
+        let tracked = b.restore(&id, &group, State::Probation, t0, t0);
+        let policy = b.policy(&group);
+        let clear = policy.settings.probation_clear;
+        assert_eq!(tracked.tick(t0 + clear / 2, &policy), None);
+        assert_eq!(tracked.tick(t0 + clear, &policy), Some(State::Normal));
+        assert_eq!(tracked.state(), State::Normal);
+        let change = rx.try_recv().expect("a change");
+        assert_eq!(
+            (change.transition.from, change.transition.to),
+            (State::Probation, State::Normal)
+        );
+        assert!(change.transition.reason.starts_with("clean for"));
+        // A group with the model off: time changes nothing.
+        let tracked = b.restore(&id, &group, State::Probation, t0, t0);
+        let off = Policy {
+            enabled: false,
+            ..(*policy).clone()
+        };
+        assert_eq!(tracked.tick(t0 + clear, &off), None);
+        assert_eq!(tracked.state(), State::Probation);
+    }
+
+    #[test]
+    fn a_fixed_hasher_hashes_alike_in_every_table_and_a_gateways_does_not() {
+        let topic = "devices/d1/telemetry";
+        let fixed = || Behaviours::with_fixed_hasher(policies()).0.hash(topic);
+        assert_eq!(fixed(), fixed());
+        let random = || Behaviours::new(policies()).0.hash(topic);
+        assert_ne!(random(), random());
     }
 
     #[test]
