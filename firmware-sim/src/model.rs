@@ -1417,7 +1417,7 @@ impl Admitted {
                 group: feed.group.clone(),
             },
             source: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            protocol: "mqtt3.1.1",
+            protocol: portcullis_core::peer::Protocol::Mqtt311,
         };
         Admitted {
             admission: Admission::new(peer, rules, shared, now),
