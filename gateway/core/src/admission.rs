@@ -87,6 +87,16 @@ pub struct Rules {
     pub behaviour: Arc<BehaviourPolicy>,
 }
 
+impl Peer {
+    /// An audit line about this peer: who, from where, over what.
+    pub fn entry(&self, event: &'static str, decision: &'static str) -> AuditEntry {
+        AuditEntry::new(event, decision)
+            .principal(self.principal.kind.as_str(), self.principal.id.to_string())
+            .source(self.source)
+            .protocol(self.protocol.as_str())
+    }
+}
+
 /// A message offered by the peer, with how far the stages have taken it.
 #[derive(Debug)]
 pub struct Offer {
@@ -215,10 +225,6 @@ impl Admission {
         &self.peer
     }
 
-    pub fn acl(&self) -> &Arc<Acl> {
-        &self.rules.acl
-    }
-
     /// Its behaviour model, if it has one.
     pub fn tracked(&self) -> Option<&Arc<Tracked>> {
         self.tracked.as_ref()
@@ -310,14 +316,9 @@ impl Admission {
         }
     }
 
-    /// Record an audit line about this peer.
+    /// Audit a refusal of something this peer sent (`topic` kept to 256 characters).
     pub fn audit(&self, event: &'static str, topic: Option<&str>, reason: String) {
-        let p = &self.peer;
-        let mut entry = AuditEntry::new(event, "refuse")
-            .principal(p.principal.kind.as_str(), p.principal.id.to_string())
-            .source(p.source)
-            .protocol(p.protocol.as_str())
-            .reason(reason);
+        let mut entry = self.peer.entry(event, "refuse").reason(reason);
         if let Some(t) = topic {
             entry = entry.topic(t.chars().take(256).collect::<String>());
         }

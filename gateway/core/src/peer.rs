@@ -5,7 +5,7 @@
 //! Will decision is `admission::WillGate`, parking a persistent session is `parking`.
 
 use crate::admission::Admission;
-use crate::audit::{Audit, AuditEntry};
+use crate::audit::Audit;
 use crate::auth::Authenticator;
 use crate::behaviour::{Observation, State as Behaviour};
 use crate::metrics::Metrics;
@@ -70,19 +70,6 @@ pub struct Closed {
 }
 
 impl Lifecycle {
-    fn entry(
-        &self,
-        admission: &Admission,
-        event: &'static str,
-        decision: &'static str,
-    ) -> AuditEntry {
-        let p = admission.peer();
-        AuditEntry::new(event, decision)
-            .principal(p.principal.kind.as_str(), p.principal.id.to_string())
-            .source(p.source)
-            .protocol(p.protocol.as_str())
-    }
-
     /// Register an authenticated peer: an earlier session of the same identity is
     /// taken over. A disable, removal or rotation that landed after authentication
     /// but before the session could be kicked refuses it now.
@@ -118,10 +105,12 @@ impl Lifecycle {
             let window = admission.behaviour_policy().settings.rule_window;
             if is_clone(guard.displaced, guard.registered_at, window) {
                 admission.observe(Observation::Clone, now);
-                self.audit
-                    .record(self.entry(admission, "clone", "refuse").reason(
-                        "two connections taking turns with one identity (cloned identity)",
-                    ));
+                self.audit.record(
+                    admission
+                        .peer()
+                        .entry("clone", "refuse")
+                        .reason("two connections taking turns with one identity (cloned identity)"),
+                );
             }
         }
         let p = admission.peer();
@@ -138,7 +127,9 @@ impl Lifecycle {
             _ => "",
         };
         self.audit.record(
-            self.entry(admission, "connect", "allow")
+            admission
+                .peer()
+                .entry("connect", "allow")
                 .reason(format!("{method}{detail}{state}")),
         );
     }
@@ -155,12 +146,16 @@ impl Lifecycle {
         if closed.taken_over {
             Metrics::inc(&self.metrics.takeovers);
             self.audit.record(
-                self.entry(admission, "takeover", "allow")
+                admission
+                    .peer()
+                    .entry("takeover", "allow")
                     .reason("session taken over by a new connection with the same identity"),
             );
         }
         self.audit.record(
-            self.entry(admission, "disconnect", "allow")
+            admission
+                .peer()
+                .entry("disconnect", "allow")
                 .reason(closed.why.clone()),
         );
         let now = Instant::now();

@@ -174,7 +174,7 @@ impl Session {
                         Ok(frame) => Box::pin(self.on_frame(ctx, frame, &mut out)).await,
                         Err(ReadError::Strict(e)) => {
                             ctx.metrics.refused(Refusal::MalformedPacket);
-                            self.audit_refusal(ctx, "packet", None, &e.to_string());
+                            self.audit_refusal("packet", None, &e.to_string());
                             Err(End::Protocol(e.reason_code(), e.to_string()))
                         }
                         Err(_) => Err(End::Closed),
@@ -226,7 +226,6 @@ impl Session {
         for key in &lost {
             self.state.unsubscribe(key);
             self.audit_refusal(
-                ctx,
                 "subscribe",
                 Some(&key.to_string()),
                 "subscription no longer allowed after reload",
@@ -251,7 +250,7 @@ impl Session {
             Ok(p) => p,
             Err(e) => {
                 ctx.metrics.refused(Refusal::MalformedPacket);
-                self.audit_refusal(ctx, "packet", None, &e.to_string());
+                self.audit_refusal("packet", None, &e.to_string());
                 return Err(End::Protocol(e.reason_code(), e.to_string()));
             }
         };

@@ -55,7 +55,7 @@ mod end;
 mod publish;
 mod subscribe;
 
-use connect::{Will, authenticate, carried, properties, refuse_connect, rules, truncate};
+use connect::{Will, authenticate, carried, properties, refuse_connect, rules};
 use deliver::FLUSH_AT;
 use driver::{FrameReader, READ_MIN, ReadError};
 use end::End;
@@ -147,6 +147,21 @@ async fn refusal_connack<W: AsyncWrite + Unpin>(
     let _ = tokio::time::timeout(deadline, wr.write_all(&connack(code, version))).await;
 }
 
+/// Refuse a login: the peer is told (a CONNACK with `code`), then the refusal is counted
+/// and audited with the id it claimed.
+async fn refuse_login<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    ctx: &Context,
+    (version, code): (ProtocolVersion, u8),
+    peer: SocketAddr,
+    client_id: &str,
+    refusal: Refusal,
+    detail: &str,
+) {
+    refusal_connack(wr, code, version, ctx.limits.write_timeout).await;
+    refuse_connect(ctx, peer, Some(client_id), refusal, detail);
+}
+
 fn connack(code: u8, version: ProtocolVersion) -> BytesMut {
     let mut out = BytesMut::new();
     codec::encode(
@@ -228,40 +243,32 @@ pub async fn run<S>(
     };
     // Enhanced authentication (MQTT 5 AUTH) is not offered.
     if connect.auth_method {
-        refusal_connack(
+        refuse_login(
             &mut wr,
-            reason::BAD_AUTH_METHOD,
-            version,
-            ctx.limits.write_timeout,
-        )
-        .await;
-        refuse_connect(
             &ctx,
+            (version, reason::BAD_AUTH_METHOD),
             peer,
-            Some(&connect.client_id),
+            &connect.client_id,
             Refusal::AuthMethodUnsupported,
             "enhanced authentication is not supported",
-        );
+        )
+        .await;
         return;
     }
     let mut session = match authenticate(&ctx, &connect, version, peer, certs.as_deref()) {
         Ok(s) => s,
         Err(refusal) => {
-            refusal_connack(
+            refuse_login(
                 &mut wr,
-                reason::NOT_AUTHORIZED,
-                version,
-                ctx.limits.write_timeout,
+                &ctx,
+                (version, reason::NOT_AUTHORIZED),
+                peer,
+                &connect.client_id,
+                refusal,
+                "authentication refused",
             )
             .await;
             let _ = tokio::time::timeout(ctx.limits.write_timeout, wr.shutdown()).await;
-            refuse_connect(
-                &ctx,
-                peer,
-                Some(&connect.client_id),
-                refusal,
-                "authentication refused",
-            );
             return;
         }
     };
@@ -271,20 +278,16 @@ pub async fn run<S>(
     let guard = match lifecycle.register(&session.admission, session.generation, session.method) {
         Ok(guard) => guard,
         Err(refusal) => {
-            refusal_connack(
+            refuse_login(
                 &mut wr,
-                reason::NOT_AUTHORIZED,
-                version,
-                ctx.limits.write_timeout,
-            )
-            .await;
-            refuse_connect(
                 &ctx,
+                (version, reason::NOT_AUTHORIZED),
                 peer,
-                Some(&connect.client_id),
+                &connect.client_id,
                 refusal,
                 "registry changed during authentication",
-            );
+            )
+            .await;
             return;
         }
     };
@@ -292,20 +295,16 @@ pub async fn run<S>(
     // The session's slot: wait for a taken-over connection to put the state back.
     let slot = ctx.store.slot(&session.principal().id);
     let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
-        refusal_connack(
+        refuse_login(
             &mut wr,
-            reason::SERVER_BUSY,
-            version,
-            ctx.limits.write_timeout,
-        )
-        .await;
-        refuse_connect(
             &ctx,
+            (version, reason::SERVER_BUSY),
             peer,
-            Some(&connect.client_id),
+            &connect.client_id,
             Refusal::SessionBusy,
             "previous session did not end",
-        );
+        )
+        .await;
         return;
     };
     slot.epoch += 1;

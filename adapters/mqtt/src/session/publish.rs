@@ -39,22 +39,9 @@ pub(super) async fn front_ack(
 }
 
 impl Session {
-    pub(super) fn audit_refusal(
-        &self,
-        ctx: &Context,
-        event: &'static str,
-        topic: Option<&str>,
-        why: &str,
-    ) {
-        let mut entry = AuditEntry::new(event, "refuse")
-            .principal(ctx.kind.as_str(), self.principal().id.to_string())
-            .source(self.peer)
-            .protocol(protocol(self.version).as_str())
-            .reason(why.to_string());
-        if let Some(t) = topic {
-            entry = entry.topic(truncate(t, 256));
-        }
-        ctx.audit.record(entry);
+    /// Audit a refusal of something the peer sent.
+    pub(super) fn audit_refusal(&self, event: &'static str, topic: Option<&str>, why: &str) {
+        self.admission.audit(event, topic, why.to_string());
     }
 
     /// Acknowledge a publish from the peer, in the order publishes arrived: behind any
@@ -129,7 +116,7 @@ impl Session {
         }
         let topic = TopicName::parse(&p.topic, ctx.limits.topic).map_err(|e| {
             ctx.metrics.refused(Refusal::TopicInvalid);
-            self.audit_refusal(ctx, "publish", Some(&p.topic), &e.to_string());
+            self.audit_refusal("publish", Some(&p.topic), &e.to_string());
             End::Protocol(reason::TOPIC_NAME_INVALID, e.to_string())
         })?;
         if let Some(a) = alias {

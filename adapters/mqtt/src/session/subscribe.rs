@@ -28,7 +28,7 @@ impl Session {
                 Ok(k) => k,
                 Err(e) => {
                     ctx.metrics.refused(Refusal::FilterInvalid);
-                    self.audit_refusal(ctx, "subscribe", Some(&f.path), &e.to_string());
+                    self.audit_refusal("subscribe", Some(&f.path), &e.to_string());
                     // Devices are told shares do not exist for them (CONNACK said so).
                     let code = if !service && f.path.starts_with("$share/") {
                         reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
@@ -84,7 +84,7 @@ impl Session {
             if let Some((refusal, audit)) = over {
                 ctx.metrics.refused(refusal);
                 if audit {
-                    self.audit_refusal(ctx, "subscribe", Some(&f.path), refusal.detail());
+                    self.audit_refusal("subscribe", Some(&f.path), refusal.detail());
                 }
                 codes.push(Err(reason::QUOTA_EXCEEDED));
                 continue;
@@ -130,7 +130,7 @@ impl Session {
                     Err(e) => {
                         ctx.metrics.refused(Refusal::SubscriptionsFull);
                         let filter = sub.key.to_string();
-                        self.audit_refusal(ctx, "subscribe", Some(&filter), &e.to_string());
+                        self.audit_refusal("subscribe", Some(&filter), &e.to_string());
                         codes[at] = Err(reason::QUOTA_EXCEEDED);
                     }
                 }
@@ -147,7 +147,7 @@ impl Session {
         for m in retained {
             if let Err(overflow) = self.state.mailbox.push(Delivery::from(m), now) {
                 Metrics::inc(&ctx.metrics.queue_overflow);
-                self.audit_refusal(ctx, "queue", None, overflow.as_str());
+                self.audit_refusal("queue", None, overflow.as_str());
             }
         }
         Ok(())
