@@ -171,7 +171,11 @@ impl Session {
                         // Boxed: its state is large and needed only while a frame is
                         // handled, not while the session waits (a few KB per idle
                         // connection).
-                        Ok(frame) => Box::pin(self.on_frame(ctx, frame, &mut out)).await,
+                        Ok(frame) => match self.on_frame(ctx, frame, now, &mut out) {
+                            Ok(Step::Done) => Ok(()),
+                            Ok(step) => Box::pin(self.carry_out(ctx, step, &mut out)).await,
+                            Err(end) => Err(end),
+                        },
                         Err(ReadError::Strict(e)) => {
                             ctx.metrics.refused(Refusal::MalformedPacket);
                             self.audit_refusal("packet", None, &e.to_string());
@@ -240,12 +244,92 @@ impl Session {
         Ok(())
     }
 
-    pub(super) async fn on_frame(
+    /// Do what a frame's handler asked for: wait, forward, change a service's
+    /// fan-out; then let the session go on from there.
+    pub(super) async fn carry_out(
+        &mut self,
+        ctx: &Context,
+        mut step: Step,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        loop {
+            step = match step {
+                Step::Done => return Ok(()),
+                Step::Wait(held) => {
+                    tokio::time::sleep_until(held.until.into()).await;
+                    self.offer(held.offer, held.pkid, held.qos, Instant::now(), out)?
+                }
+                Step::Forward(f) => return self.forward(ctx, f, out).await,
+                Step::Subscribe(s) => {
+                    let subs = s.accepted.iter().map(|(_, s)| s.clone()).collect();
+                    let added = ctx
+                        .forwarder
+                        .subscribe(self.principal().id.clone(), subs)
+                        .await
+                        .map_err(|_| End::BrokerGone)?;
+                    self.subscribed(ctx, s, added, out);
+                    return Ok(());
+                }
+                Step::Unsubscribe {
+                    pkid,
+                    existed,
+                    removed,
+                } => {
+                    ctx.forwarder
+                        .unsubscribe(self.principal().id.clone(), removed)
+                        .await
+                        .map_err(|_| End::BrokerGone)?;
+                    codec::encode(&Outgoing::UnsubAck { pkid, existed }, self.version, out);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Hand a message to the forwarder. The acknowledgement of a clean QoS 1/2
+    /// message waits for the forwarder's, in its own queue: never behind deliveries
+    /// held by the peer's Receive Maximum.
+    async fn forward(&mut self, ctx: &Context, f: Forward, out: &mut BytesMut) -> Result<(), End> {
+        let Some(uplink) = &self.link else {
+            return Err(End::BrokerGone);
+        };
+        match f.why {
+            Why::Diverted => {
+                uplink.send(f.message).await.map_err(|_| End::BrokerGone)?;
+                if f.qos > 0 {
+                    self.answer_publish(f.pkid, f.qos, reason::SUCCESS, out);
+                }
+            }
+            Why::Clean { arrived } => {
+                if f.qos == 0 {
+                    uplink.send(f.message).await.map_err(|_| End::BrokerGone)?;
+                } else {
+                    let acked = uplink
+                        .send_acked(f.message)
+                        .await
+                        .map_err(|_| End::BrokerGone)?;
+                    self.pending_acks.push_back(PendingAck {
+                        pkid: f.pkid,
+                        qos: f.qos,
+                        code: reason::SUCCESS,
+                        rx: Some(acked),
+                    });
+                }
+                ctx.metrics.forward_latency.record(arrived.elapsed());
+            }
+        }
+        Ok(())
+    }
+
+    /// One frame from the peer, without I/O: answers go into `out`; what needs the
+    /// outside world comes back as a step.
+    pub(super) fn on_frame(
         &mut self,
         ctx: &Context,
         frame: BytesMut,
+        now: Instant,
         out: &mut BytesMut,
-    ) -> Result<(), End> {
+    ) -> Result<Step, End> {
         let packet = match codec::decode(frame, self.version) {
             Ok(p) => p,
             Err(e) => {
@@ -255,31 +339,31 @@ impl Session {
             }
         };
         match packet {
-            Incoming::Publish(p) => self.on_publish(ctx, p, out).await,
+            Incoming::Publish(p) => self.on_publish(ctx, p, now, out),
             Incoming::PubRel(pkid) => {
                 self.state.on_pubrel(pkid);
                 codec::encode(&Outgoing::PubComp { pkid }, self.version, out);
-                Ok(())
+                Ok(Step::Done)
             }
             Incoming::PubAck(pkid) => {
                 self.state.on_puback(pkid);
-                Ok(())
+                Ok(Step::Done)
             }
             Incoming::PubRec(pkid) => {
                 if let Some(send) = self.state.on_pubrec(pkid) {
                     self.encode_send(&send, out);
                 }
-                Ok(())
+                Ok(Step::Done)
             }
             Incoming::PubComp(pkid) => {
                 self.state.on_pubcomp(pkid);
-                Ok(())
+                Ok(Step::Done)
             }
             Incoming::Subscribe {
                 pkid,
                 filters,
                 identifier,
-            } => self.on_subscribe(ctx, pkid, filters, identifier, out).await,
+            } => self.on_subscribe(ctx, pkid, filters, identifier, now, out),
             Incoming::Unsubscribe { pkid, filters } => {
                 let shared = ctx.kind == PrincipalKind::Service;
                 // A filter that does not parse was never subscribed to.
@@ -299,17 +383,18 @@ impl Session {
                 // A service's subscriptions are gone from the fan-out before the
                 // UNSUBACK (a message or two already queued may still follow it).
                 if shared && !removed.is_empty() {
-                    ctx.forwarder
-                        .unsubscribe(self.principal().id.clone(), removed)
-                        .await
-                        .map_err(|_| End::BrokerGone)?;
+                    return Ok(Step::Unsubscribe {
+                        pkid,
+                        existed,
+                        removed,
+                    });
                 }
                 codec::encode(&Outgoing::UnsubAck { pkid, existed }, self.version, out);
-                Ok(())
+                Ok(Step::Done)
             }
             Incoming::PingReq => {
                 codec::encode(&Outgoing::PingResp, self.version, out);
-                Ok(())
+                Ok(Step::Done)
             }
             Incoming::Disconnect {
                 reason: code,

@@ -4,6 +4,7 @@
 use super::*;
 
 /// Why a session ended.
+#[derive(Debug)]
 pub(super) enum End {
     Closed,
     WriteTimeout,

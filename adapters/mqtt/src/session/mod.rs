@@ -23,6 +23,7 @@ use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credential, Credentials};
 use portcullis_core::auth_alert;
 use portcullis_core::content;
+use portcullis_core::fanout::SubscribeError;
 use portcullis_core::forward::{Forwarder, Uplink};
 use portcullis_core::limit::{GlobalBucket, PrincipalRates, Rate, TokenBucket};
 use portcullis_core::mailbox::{Delivery, Mailbox, MailboxLimits};
@@ -53,13 +54,17 @@ mod deliver;
 mod driver;
 mod end;
 mod publish;
+mod step;
 mod subscribe;
+#[cfg(test)]
+mod tests;
 
 use connect::{Will, authenticate, carried, properties, refuse_connect, rules};
 use deliver::FLUSH_AT;
 use driver::{FrameReader, READ_MIN, ReadError};
 use end::End;
 use publish::{PendingAck, front_ack};
+use step::{Forward, Held, Step, Subscribing, Why};
 
 /// Largest CONNECT accepted (before the peer is authenticated).
 const MAX_CONNECT_SIZE: usize = 64 * 1024;

@@ -73,22 +73,23 @@ impl Session {
     /// says why in the acknowledgement.
     pub(super) fn refuse_publish(
         &mut self,
-        p: &PublishIn,
+        pkid: u16,
+        qos: u8,
         refusal: Refusal,
         out: &mut BytesMut,
-    ) -> Result<(), End> {
+    ) -> Result<Step, End> {
         if self.version == ProtocolVersion::V311 && self.disconnect_on_refusal {
             return Err(End::Refused(refusal.to_string()));
         }
-        if p.qos == 2 && self.version == ProtocolVersion::V5 {
+        if qos == 2 && self.version == ProtocolVersion::V5 {
             // An MQTT 5 failure PUBREC ends the flow: no PUBREL will free the id.
             // (3.1.1 completes it, PUBREL → PUBCOMP, though nothing was forwarded.)
-            self.state.on_pubrel(p.pkid);
+            self.state.on_pubrel(pkid);
         }
-        if p.qos > 0 {
-            self.answer_publish(p.pkid, p.qos, publish_code(refusal), out);
+        if qos > 0 {
+            self.answer_publish(pkid, qos, publish_code(refusal), out);
         }
-        Ok(())
+        Ok(Step::Done)
     }
 
     /// Resolve a topic alias (MQTT 5) before anything else looks at the topic.
@@ -125,20 +126,22 @@ impl Session {
         Ok(topic)
     }
 
-    pub(super) async fn on_publish(
+    /// A PUBLISH from the peer, up to the core's first verdict.
+    pub(super) fn on_publish(
         &mut self,
         ctx: &Context,
         p: PublishIn,
+        now: Instant,
         out: &mut BytesMut,
-    ) -> Result<(), End> {
-        let arrived = Instant::now();
+    ) -> Result<Step, End> {
+        let arrived = now;
         // Content standard consumers refuse, from anyone: refused as a payload is (a
         // validation failure), before the topic is parsed or an alias is recorded.
         if let Err(refusal) =
             self.admission
                 .screen(&p.topic, &carried(&p.props, &p.payload), arrived)
         {
-            return self.refuse_publish(&p, refusal, out);
+            return self.refuse_publish(p.pkid, p.qos, refusal, out);
         }
         let topic = self.resolve_topic(ctx, &p)?;
         // More unacknowledged QoS 1/2 publishes than the Receive Maximum announced. A
@@ -161,77 +164,70 @@ impl Session {
             if !self.pending_acks.iter().any(|a| a.pkid == p.pkid) {
                 self.answer_publish(p.pkid, 2, reason::SUCCESS, out);
             }
-            return Ok(());
+            return Ok(Step::Done);
         }
         let props = match properties(&p.props, &ctx.limits) {
             Ok(props) => props,
             Err(refusal) => {
                 self.admission
                     .refused(refusal, "publish", Some(topic.as_str()), None, arrived);
-                return self.refuse_publish(&p, refusal, out);
+                return self.refuse_publish(p.pkid, p.qos, refusal, out);
             }
         };
         let msg = Message {
             topic,
-            payload: p.payload.clone(),
+            payload: p.payload,
             qos: QoS::from_u8(p.qos).unwrap_or(QoS::AtMostOnce),
             retain: p.retain,
             properties: props,
         };
-        // The pipeline decides; while it holds the peer back, nothing more is read.
-        let mut offer = Offer::new(msg, arrived);
-        let msg = loop {
-            match self.admission.uplink(offer, Instant::now()) {
-                Verdict::Forward(msg) => break msg,
-                Verdict::Wait(again, at) => {
-                    tokio::time::sleep_until(at.into()).await;
-                    offer = again;
-                }
-                Verdict::Divert(forensic) => {
-                    let Some(uplink) = &self.link else {
-                        return Err(End::BrokerGone);
-                    };
-                    uplink.send(forensic).await.map_err(|_| End::BrokerGone)?;
-                    if p.qos > 0 {
-                        self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
-                    }
-                    return Ok(());
-                }
-                // Dropped (quarantine, or the rate limit's "drop"): acknowledged as if
-                // delivered, so the device does not retry.
-                Verdict::Discard(_) => {
-                    if p.qos > 0 {
-                        self.answer_publish(p.pkid, p.qos, reason::SUCCESS, out);
-                    }
-                    return Ok(());
-                }
-                Verdict::Refuse(refusal) => return self.refuse_publish(&p, refusal, out),
-                Verdict::Disconnect(_) => {
-                    return Err(End::Protocol(
-                        reason::MESSAGE_RATE_TOO_HIGH,
-                        "message rate too high for too long".into(),
-                    ));
-                }
+        self.offer(Offer::new(msg, arrived), p.pkid, p.qos, now, out)
+    }
+
+    /// Offer a message to the core (again, after a wait) and act on its verdict.
+    pub(super) fn offer(
+        &mut self,
+        offer: Offer,
+        pkid: u16,
+        qos: u8,
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> Result<Step, End> {
+        let arrived = offer.arrived();
+        let forward = |message, why| {
+            Step::Forward(Forward {
+                message,
+                pkid,
+                qos,
+                why,
+            })
+        };
+        match self.admission.uplink(offer, now) {
+            Verdict::Forward(msg) => {
+                self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                Ok(forward(msg, Why::Clean { arrived }))
             }
-        };
-        self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-        // The acknowledgement waits for the broker, in its own queue: never behind
-        // deliveries held by the peer's Receive Maximum.
-        let Some(uplink) = &self.link else {
-            return Err(End::BrokerGone);
-        };
-        if p.qos == 0 {
-            uplink.send(msg).await.map_err(|_| End::BrokerGone)?;
-        } else {
-            let acked = uplink.send_acked(msg).await.map_err(|_| End::BrokerGone)?;
-            self.pending_acks.push_back(PendingAck {
-                pkid: p.pkid,
-                qos: p.qos,
-                code: reason::SUCCESS,
-                rx: Some(acked),
-            });
+            // While the pipeline holds the peer back, nothing more is read.
+            Verdict::Wait(offer, until) => Ok(Step::Wait(Held {
+                offer,
+                until,
+                pkid,
+                qos,
+            })),
+            Verdict::Divert(forensic) => Ok(forward(forensic, Why::Diverted)),
+            // Dropped (quarantine, or the rate limit's "drop"): acknowledged as if
+            // delivered, so the device does not retry.
+            Verdict::Discard(_) => {
+                if qos > 0 {
+                    self.answer_publish(pkid, qos, reason::SUCCESS, out);
+                }
+                Ok(Step::Done)
+            }
+            Verdict::Refuse(refusal) => self.refuse_publish(pkid, qos, refusal, out),
+            Verdict::Disconnect(_) => Err(End::Protocol(
+                reason::MESSAGE_RATE_TOO_HIGH,
+                "message rate too high for too long".into(),
+            )),
         }
-        ctx.metrics.forward_latency.record(arrived.elapsed());
-        Ok(())
     }
 }

@@ -4,19 +4,22 @@
 use super::*;
 
 impl Session {
-    pub(super) async fn on_subscribe(
+    /// A SUBSCRIBE: every filter checked here; a service's accepted ones go to the
+    /// fan-out (`Step::Subscribe`, then `subscribed`) before the SUBACK.
+    pub(super) fn on_subscribe(
         &mut self,
         ctx: &Context,
         pkid: u16,
         filters: Vec<SubscribeFilter>,
         identifier: Option<u32>,
+        now: Instant,
         out: &mut BytesMut,
-    ) -> Result<(), End> {
+    ) -> Result<Step, End> {
         if filters.len() > ctx.limits.max_subscribe_filters {
             ctx.metrics.refused(Refusal::TooManyFilters);
             let codes = vec![Err(reason::QUOTA_EXCEEDED); filters.len()];
             codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
-            return Ok(());
+            return Ok(Step::Done);
         }
         let service = ctx.kind == PrincipalKind::Service;
         let mut codes = Vec::with_capacity(filters.len());
@@ -49,7 +52,7 @@ impl Session {
             // A shared subscription is authorized by its filter, like any other.
             if self
                 .admission
-                .admit_subscription(&key.filter, &f.path, Instant::now())
+                .admit_subscription(&key.filter, &f.path, now)
                 .is_err()
             {
                 codes.push(Err(reason::NOT_AUTHORIZED));
@@ -64,7 +67,6 @@ impl Session {
                     .iter()
                     .filter(|(_, s)| !self.state.has_subscription(&s.key))
                     .count();
-            let now = Instant::now();
             let over = if !is_new {
                 None
             } else if held >= ctx.limits.max_subscriptions {
@@ -116,40 +118,54 @@ impl Session {
             // SUBACK once the fan-out has the subscriptions (and has queued the
             // retained messages they asked for, which follow the SUBACK): nothing
             // published after the SUBACK can miss them.
-            let subs = accepted.iter().map(|(_, s)| s.clone()).collect();
-            let added = ctx
-                .forwarder
-                .subscribe(self.principal().id.clone(), subs)
-                .await
-                .map_err(|_| End::BrokerGone)?;
-            for ((at, sub), added) in accepted.into_iter().zip(added) {
-                match added {
-                    Ok(_) => {
-                        self.state.subscribe(sub);
-                    }
-                    Err(e) => {
-                        ctx.metrics.refused(Refusal::SubscriptionsFull);
-                        let filter = sub.key.to_string();
-                        self.audit_refusal("subscribe", Some(&filter), &e.to_string());
-                        codes[at] = Err(reason::QUOTA_EXCEEDED);
-                    }
-                }
-            }
-        } else {
-            for (_, sub) in accepted {
-                self.state.subscribe(sub);
-            }
+            return Ok(Step::Subscribe(Subscribing {
+                pkid,
+                codes,
+                accepted,
+            }));
+        }
+        for (_, sub) in accepted {
+            self.state.subscribe(sub);
         }
         codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
         // A device's retained commands follow the SUBACK, through the mailbox like any
         // command.
-        let now = Instant::now();
         for m in retained {
             if let Err(overflow) = self.state.mailbox.push(Delivery::from(m), now) {
                 Metrics::inc(&ctx.metrics.queue_overflow);
                 self.audit_refusal("queue", None, overflow.as_str());
             }
         }
-        Ok(())
+        Ok(Step::Done)
+    }
+
+    /// The fan-out's answer to a service's SUBSCRIBE (per accepted filter, whether it
+    /// was added), and the SUBACK.
+    pub(super) fn subscribed(
+        &mut self,
+        ctx: &Context,
+        s: Subscribing,
+        added: Vec<Result<bool, SubscribeError>>,
+        out: &mut BytesMut,
+    ) {
+        let Subscribing {
+            pkid,
+            mut codes,
+            accepted,
+        } = s;
+        for ((at, sub), added) in accepted.into_iter().zip(added) {
+            match added {
+                Ok(_) => {
+                    self.state.subscribe(sub);
+                }
+                Err(e) => {
+                    ctx.metrics.refused(Refusal::SubscriptionsFull);
+                    let filter = sub.key.to_string();
+                    self.audit_refusal("subscribe", Some(&filter), &e.to_string());
+                    codes[at] = Err(reason::QUOTA_EXCEEDED);
+                }
+            }
+        }
+        codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
     }
 }
