@@ -357,9 +357,51 @@ pub enum IdentityField {
     SanUri,
 }
 
+/// What differs between a device group and a service group: the rights a group has
+/// when its table does not set them, and the name of its tables.
+pub trait GroupKind {
+    /// `device_groups` or `service_groups`.
+    const TABLE: &'static str;
+    fn default_publish() -> Vec<String>;
+    fn default_subscribe() -> Vec<String>;
+}
+
+/// Device groups: by default a device publishes under its own `devices/{id}/` and
+/// subscribes to its own commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Devices;
+
+/// Service groups: by default a service may do nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Services;
+
+impl GroupKind for Devices {
+    const TABLE: &'static str = "device_groups";
+    fn default_publish() -> Vec<String> {
+        vec!["devices/{id}/#".into()]
+    }
+    fn default_subscribe() -> Vec<String> {
+        vec!["devices/{id}/commands/#".into()]
+    }
+}
+
+impl GroupKind for Services {
+    const TABLE: &'static str = "service_groups";
+    fn default_publish() -> Vec<String> {
+        Vec::new()
+    }
+    fn default_subscribe() -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// A group of principals (`[device_groups.NAME]` or `[service_groups.NAME]`): who may
+/// claim its ids and what its members may do. One type for both kinds; the keys only
+/// devices have (`disconnect_on_refusal`, `behaviour`) are refused in a service group
+/// by `Config::check`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceGroup {
+#[serde(deny_unknown_fields, bound = "")]
+pub struct Group<K: GroupKind> {
     /// CA bundles (PEM) whose certificates may claim ids in this group.
     #[serde(default)]
     pub trust: Vec<PathBuf>,
@@ -368,52 +410,49 @@ pub struct DeviceGroup {
     pub crls: Vec<PathBuf>,
     #[serde(default = "default_identity")]
     pub identity: IdentityField,
-    /// Publish rights; must stay under `devices/{id}/`. Everything else is denied.
-    #[serde(default = "default_device_publish")]
+    /// Publish rights. Everything else is denied; a device's stay under
+    /// `devices/{id}/`.
+    #[serde(default = "K::default_publish")]
     pub publish: Vec<String>,
-    /// Subscribe rights; must stay under `devices/{id}/commands/`.
-    #[serde(default = "default_device_subscribe")]
+    /// Subscribe rights; a device's stay under `devices/{id}/commands/`.
+    #[serde(default = "K::default_subscribe")]
     pub subscribe: Vec<String>,
-    /// MQTT 3.1.1 cannot carry a reason: refused QoS 1 publishes are acknowledged and
-    /// dropped, or, with this set, the device is disconnected instead.
+    /// Devices only. MQTT 3.1.1 cannot carry a reason: refused QoS 1 publishes are
+    /// acknowledged and dropped, or, with this set, the device is disconnected instead.
     #[serde(default)]
     pub disconnect_on_refusal: bool,
-    /// Rates for the group's devices (unset fields: `[rate_limits]`).
+    /// Rates for the group's members (unset fields: `[rate_limits]`).
     #[serde(default)]
     pub rate: RateOverride,
-    /// Behaviour model of the group's devices (unset keys: `[behaviour]`).
+    /// Devices only. Behaviour model of the group's devices (unset keys: `[behaviour]`).
     #[serde(default)]
     pub behaviour: BehaviourOverride,
+    #[serde(skip)]
+    pub kind: std::marker::PhantomData<K>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceGroup {
-    #[serde(default)]
-    pub trust: Vec<PathBuf>,
-    #[serde(default)]
-    pub crls: Vec<PathBuf>,
-    #[serde(default = "default_identity")]
-    pub identity: IdentityField,
-    #[serde(default)]
-    pub publish: Vec<String>,
-    #[serde(default)]
-    pub subscribe: Vec<String>,
-    /// Rates for the group's services (unset fields: `[rate_limits]`).
-    #[serde(default)]
-    pub rate: RateOverride,
+impl<K: GroupKind> Default for Group<K> {
+    /// A group with the kind's default rights, trusting no CA.
+    fn default() -> Self {
+        Group {
+            trust: Vec::new(),
+            crls: Vec::new(),
+            identity: default_identity(),
+            publish: K::default_publish(),
+            subscribe: K::default_subscribe(),
+            disconnect_on_refusal: false,
+            rate: RateOverride::default(),
+            behaviour: BehaviourOverride::default(),
+            kind: std::marker::PhantomData,
+        }
+    }
 }
+
+pub type DeviceGroup = Group<Devices>;
+pub type ServiceGroup = Group<Services>;
 
 fn default_identity() -> IdentityField {
     IdentityField::Cn
-}
-
-fn default_device_publish() -> Vec<String> {
-    vec!["devices/{id}/#".into()]
-}
-
-fn default_device_subscribe() -> Vec<String> {
-    vec!["devices/{id}/commands/#".into()]
 }
 
 fn loopback(port: u16) -> Option<SocketAddr> {
@@ -428,13 +467,7 @@ impl Default for Config {
             "default".to_string(),
             DeviceGroup {
                 trust: vec![dev_ca.clone()],
-                crls: Vec::new(),
-                identity: IdentityField::Cn,
-                publish: default_device_publish(),
-                subscribe: default_device_subscribe(),
-                disconnect_on_refusal: false,
-                rate: RateOverride::default(),
-                behaviour: BehaviourOverride::default(),
+                ..DeviceGroup::default()
             },
         );
         let mut service_groups = BTreeMap::new();
@@ -442,11 +475,9 @@ impl Default for Config {
             "default".to_string(),
             ServiceGroup {
                 trust: vec![dev_ca],
-                crls: Vec::new(),
-                identity: IdentityField::Cn,
                 publish: vec!["devices/+/commands/#".into()],
                 subscribe: vec!["devices/+/telemetry/#".into()],
-                rate: RateOverride::default(),
+                ..ServiceGroup::default()
             },
         );
         Config {
@@ -941,6 +972,20 @@ impl Config {
         }
         for (name, group) in &self.service_groups {
             check_group_name(name).map_err(|r| (format!("service_groups.{name}"), r))?;
+            // One group type for both kinds: the keys only devices have are refused
+            // here, as unknown keys are.
+            if group.disconnect_on_refusal {
+                return Err((
+                    format!("service_groups.{name}.disconnect_on_refusal"),
+                    "only device groups have this key".into(),
+                ));
+            }
+            if group.behaviour != BehaviourOverride::default() {
+                return Err((
+                    format!("service_groups.{name}.behaviour"),
+                    "only device groups have a behaviour model".into(),
+                ));
+            }
             for (field, patterns) in [("publish", &group.publish), ("subscribe", &group.subscribe)]
             {
                 for (i, pattern) in patterns.iter().enumerate() {
@@ -1129,6 +1174,40 @@ mod tests {
     #[test]
     fn empty_file_is_the_default() {
         assert_eq!(Config::parse("", "x.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn device_and_service_groups_share_one_type_with_their_own_defaults() {
+        let text = "[device_groups.meters]\n[service_groups.billing]\n";
+        let c = Config::parse(text, "x.toml").unwrap();
+        let meters = &c.device_groups["meters"];
+        assert_eq!(meters.publish, ["devices/{id}/#"]);
+        assert_eq!(meters.subscribe, ["devices/{id}/commands/#"]);
+        let billing = &c.service_groups["billing"];
+        assert!(billing.publish.is_empty() && billing.subscribe.is_empty());
+        assert_eq!(meters.trust, billing.trust);
+    }
+
+    #[test]
+    fn a_service_group_refuses_the_keys_only_devices_have() {
+        for (key, text) in [
+            (
+                "service_groups.billing.behaviour",
+                "[service_groups.billing.behaviour]\nenabled = false\n",
+            ),
+            (
+                "service_groups.billing.disconnect_on_refusal",
+                "[service_groups.billing]\ndisconnect_on_refusal = true\n",
+            ),
+        ] {
+            let err = Config::parse(text, "x.toml").unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+            assert!(err.contains("only device groups"), "{err}");
+        }
+        // The same keys in a device group are fine.
+        let ok = "[device_groups.meters]\ndisconnect_on_refusal = true\n\
+                  [device_groups.meters.behaviour]\nenabled = false\n";
+        assert!(Config::parse(ok, "x.toml").is_ok());
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl Policies {
                     g.identity,
                     &g.publish,
                     &g.subscribe,
-                    false,
+                    g.disconnect_on_refusal,
                 )
             }));
         for (kind, name, (trust, crls), identity, publish, subscribe, disconnect_on_refusal) in
