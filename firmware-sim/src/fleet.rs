@@ -7,7 +7,7 @@ use crate::report::{GroupStats, Quarantined, Report};
 use crate::scenario::{Behaviour, Group, Scenario, Transport};
 use crate::transport::{self, Endpoint, Stream, Tls};
 use anyhow::Result;
-use rand::Rng;
+use rand::RngExt;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -731,7 +731,7 @@ async fn telemetry_loop(m: &Member, shared: &Shared, stats: &GroupStats, plan: P
 
 fn interval(plan: &Plan, shared: &Shared) -> Duration {
     let t = shared.start.elapsed().as_secs_f64();
-    jittered((plan.rate)(t), plan.jitter, &mut rand::thread_rng())
+    jittered((plan.rate)(t), plan.jitter, &mut rand::rng())
 }
 
 /// The rate of a device on a daily cycle, t seconds into the run: `rate` swinging by
@@ -747,9 +747,9 @@ pub fn ramp_rate(rate: f64, factor: f64, duration: f64, t: f64) -> f64 {
 
 /// The time to the next message at `rate` per second, times a factor drawn uniformly
 /// from [1 − jitter, 1 + jitter).
-pub fn jittered(rate: f64, jitter: f64, rng: &mut impl Rng) -> Duration {
+pub fn jittered(rate: f64, jitter: f64, rng: &mut impl RngExt) -> Duration {
     let j = if jitter > 0.0 {
-        rng.gen_range(1.0 - jitter..1.0 + jitter)
+        rng.random_range(1.0 - jitter..1.0 + jitter)
     } else {
         1.0
     };
@@ -1291,7 +1291,7 @@ mod tests {
 
     #[test]
     fn well_behaved_timing_has_its_jitter_and_daily_cycle() {
-        let mut rng = rand::thread_rng();
+        let mut rng = rand::rng();
         let n = 20_000;
         let mut sum = 0.0;
         for _ in 0..n {

@@ -36,9 +36,10 @@ use portcullis_core::quarantine::{Behaviours, Change, Policies, Policy, Tracked}
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::topic::{TopicFilter, TopicName};
 use portcullis_core::validate::Validator;
-use rand::{Rng, RngCore};
+use rand::{RngExt, TryRng};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -219,18 +220,18 @@ impl Params {
         let payload_min = log_uniform(rng, 16.0, 1024.0).round() as usize;
         Params {
             rate: log_uniform(rng, 0.01, 5.0),
-            jitter: rng.gen_range(0.0..0.5),
-            daily_amplitude: rng.gen_range(0.0..0.8),
-            daily_phase_secs: rng.gen_range(0.0..DAY),
+            jitter: rng.random_range(0.0..0.5),
+            daily_amplitude: rng.random_range(0.0..0.8),
+            daily_phase_secs: rng.random_range(0.0..DAY),
             payload_min,
-            payload_max: (payload_min as f64 * rng.gen_range(1.0..4.0)).round() as usize,
+            payload_max: (payload_min as f64 * rng.random_range(1.0..4.0)).round() as usize,
             // The simulator sends at most 32 at once (its unacknowledged cap).
-            boot_burst: rng.gen_range(5..=32),
-            topics: rng.gen_range(1..=8),
-            reconnect_every_secs: rng.gen_range(2.0 * HOUR..8.0 * HOUR),
-            outage_chance: rng.gen_range(0.1..0.5),
-            new_source_every_secs: rng.gen_range(2.0 * DAY..6.0 * DAY),
-            auth_failure_chance: rng.gen_range(0.0..0.1),
+            boot_burst: rng.random_range(5..=32),
+            topics: rng.random_range(1..=8),
+            reconnect_every_secs: rng.random_range(2.0 * HOUR..8.0 * HOUR),
+            outage_chance: rng.random_range(0.1..0.5),
+            new_source_every_secs: rng.random_range(2.0 * DAY..6.0 * DAY),
+            auth_failure_chance: rng.random_range(0.0..0.1),
         }
     }
 }
@@ -452,32 +453,30 @@ impl Rng64 {
     }
 }
 
-impl RngCore for Rng64 {
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
+impl TryRng for Rng64 {
+    type Error = Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        Ok((self.try_next_u64()? >> 32) as u32)
     }
-    fn next_u64(&mut self) -> u64 {
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
+        Ok(mix(self.0))
     }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), Infallible> {
         for chunk in dest.chunks_mut(8) {
-            let b = self.next_u64().to_le_bytes();
+            let b = self.try_next_u64()?.to_le_bytes();
             chunk.copy_from_slice(&b[..chunk.len()]);
         }
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
-        self.fill_bytes(dest);
         Ok(())
     }
 }
 
 fn log_uniform(rng: &mut Rng64, lo: f64, hi: f64) -> f64 {
-    (lo.ln() + rng.r#gen::<f64>() * (hi.ln() - lo.ln())).exp()
+    (lo.ln() + rng.random::<f64>() * (hi.ln() - lo.ln())).exp()
 }
 
 fn exponential(rng: &mut Rng64, mean: f64) -> f64 {
-    -mean * (1.0 - rng.r#gen::<f64>()).ln()
+    -mean * (1.0 - rng.random::<f64>()).ln()
 }
 
 /// A source address's hash (never 0: the model's "none yet").
@@ -896,15 +895,16 @@ impl WellBehaved {
     }
 
     fn payload(&mut self) -> usize {
-        self.rng.gen_range(self.p.payload_min..=self.p.payload_max)
+        self.rng
+            .random_range(self.p.payload_min..=self.p.payload_max)
     }
 
     fn topic(&mut self) -> u64 {
         let n = self.topics.len();
-        if n == 1 || self.rng.gen_bool(0.7) {
+        if n == 1 || self.rng.random_bool(0.7) {
             self.topics[0]
         } else {
-            self.topics[self.rng.gen_range(0..n)]
+            self.topics[self.rng.random_range(0..n)]
         }
     }
 
@@ -925,8 +925,8 @@ impl WellBehaved {
         // Half the losses are silent (no FIN, no RST): the gateway lets go of the
         // session one and a half keep-alives after it last heard from the device,
         // which pings when it has sent nothing for a keep-alive.
-        let linger = if self.rng.gen_bool(0.5) {
-            let pinged = lost - self.rng.gen_range(0.0..DEVICE_KEEP_ALIVE_SECS);
+        let linger = if self.rng.random_bool(0.5) {
+            let pinged = lost - self.rng.random_range(0.0..DEVICE_KEEP_ALIVE_SECS);
             let heard = self.last_sent.max(pinged);
             // Its pings are heard too (the clone rule looks at when).
             feed.heard(heard);
@@ -935,10 +935,10 @@ impl WellBehaved {
             0.0
         };
         feed.disconnect(lost, linger);
-        let outage = if self.rng.gen_bool(self.p.outage_chance) {
-            self.rng.gen_range(60.0..1800.0)
+        let outage = if self.rng.random_bool(self.p.outage_chance) {
+            self.rng.random_range(60.0..1800.0)
         } else {
-            self.rng.gen_range(1.0..20.0)
+            self.rng.random_range(1.0..20.0)
         };
         feed.log(lost, || format!("away for {outage:.1} s"));
         self.back_at = Some(lost + outage);
@@ -954,10 +954,10 @@ impl WellBehaved {
             self.source_changes += 1;
             self.next_new_source = t + exponential(&mut self.rng, self.p.new_source_every_secs);
         }
-        if self.rng.gen_bool(self.p.auth_failure_chance) {
+        if self.rng.random_bool(self.p.auth_failure_chance) {
             // Within the outage, which is a second at least. Counted, but not fed to
             // the model: failed logins are never the device's observations.
-            feed.auth_failures += self.rng.gen_range(1..=2);
+            feed.auth_failures += self.rng.random_range(1..=2);
         }
         self.connected(feed, t);
         self.next_loss = t + exponential(&mut self.rng, self.p.reconnect_every_secs);

@@ -8,6 +8,7 @@ use rcgen::{
     PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::pem::PemObject;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,8 +26,8 @@ pub enum Secret {
 
 /// A CA that can sign client certificates.
 pub struct Issuer {
-    cert: rcgen::Certificate,
-    key: KeyPair,
+    cert_pem: String,
+    ca: rcgen::Issuer<'static, KeyPair>,
 }
 
 impl Issuer {
@@ -38,12 +39,11 @@ impl Issuer {
             std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
         let key = KeyPair::from_pem(&key_pem)
             .with_context(|| format!("{}: not a PKCS#8 PEM private key", key.display()))?;
-        let params = CertificateParams::from_ca_cert_pem(&cert_pem)
+        // The issuer's subject and key identifier are read from the certificate, so
+        // what it signs chains to it.
+        let ca = rcgen::Issuer::from_ca_cert_pem(&cert_pem, key)
             .with_context(|| format!("{}: not a CA certificate", cert.display()))?;
-        // Re-signed with the same subject and key, it issues certificates that chain
-        // to the original.
-        let cert = params.self_signed(&key).context("loading the CA")?;
-        Ok(Issuer { cert, key })
+        Ok(Issuer { cert_pem, ca })
     }
 
     /// A new CA (for benchmarks: the gateway under test is configured to trust it).
@@ -55,16 +55,19 @@ impl Issuer {
             .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key)?;
-        Ok(Issuer { cert, key })
+        let cert_pem = params.self_signed(&key)?.pem();
+        Ok(Issuer {
+            cert_pem,
+            ca: rcgen::Issuer::new(params, key),
+        })
     }
 
     pub fn cert_pem(&self) -> String {
-        self.cert.pem()
+        self.cert_pem.clone()
     }
 
     pub fn key_pem(&self) -> String {
-        self.key.serialize_pem()
+        self.ca.key().serialize_pem()
     }
 
     /// A client certificate with `cn` as its common name: (certificate PEM, key PEM).
@@ -77,7 +80,7 @@ impl Issuer {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let cert = params
-            .signed_by(&key, &self.cert, &self.key)
+            .signed_by(&key, &self.ca)
             .with_context(|| format!("signing a certificate for {cn:?}"))?;
         Ok((cert.pem(), key.serialize_pem()))
     }
@@ -93,16 +96,16 @@ impl Issuer {
             .distinguished_name
             .push(DnType::CommonName, "localhost");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let cert = params.signed_by(&key, &self.ca)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
 }
 
 /// A certificate and key in PEM form, as rustls wants them.
 pub fn identity(cert_pem: &str, key_pem: &str) -> Result<Secret> {
-    let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?
-        .ok_or_else(|| anyhow!("no private key"))?;
+    let chain =
+        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
     Ok(Secret::Certificate { chain, key })
 }
 
@@ -265,7 +268,7 @@ mod tests {
         let (cert, _key) = loaded.issue("dev-7").unwrap();
         // The original certificate (not the re-signed copy) verifies the new one.
         let roots = crate::transport::roots(&cp).unwrap();
-        let chain: Vec<_> = rustls_pemfile::certs(&mut cert.as_bytes())
+        let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
             .collect::<Result<_, _>>()
             .unwrap();
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(

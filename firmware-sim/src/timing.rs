@@ -10,7 +10,7 @@
 
 use crate::mqtt::{self, Connect, Packet, Version};
 use anyhow::{Context, Result, bail};
-use rand::Rng;
+use rand::RngExt;
 use rand::seq::SliceRandom;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -133,7 +133,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     if o.samples < 20 {
         bail!("--samples must be at least 20 (got {})", o.samples);
     }
-    let mut rng = rand::thread_rng();
+    let mut rng = rand::rng();
     let total = o.samples + o.warmup;
     // Both kinds in one shuffled order: drift in the machine's load hits both alike.
     let mut order: Vec<bool> = (0..total).flat_map(|_| [true, false]).collect();
@@ -141,9 +141,9 @@ pub async fn run(o: &Options) -> Result<Report> {
     let (mut known, mut unknown) = (Vec::new(), Vec::new());
     let (mut seen_known, mut seen_unknown) = (0, 0);
     for (n, is_known) in order.into_iter().enumerate() {
-        let secret: [u8; 16] = rng.r#gen();
+        let secret: [u8; 16] = rng.random();
         let secret = hex::encode(secret);
-        let ghost = format!("ghost-{:016x}", rng.r#gen::<u64>());
+        let ghost = format!("ghost-{:016x}", rng.random::<u64>());
         let id = if is_known { o.known.as_str() } else { &ghost };
         let took = attempt(o.addr, source(n), id, secret.as_bytes()).await?;
         let (seen, into) = if is_known {

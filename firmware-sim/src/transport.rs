@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, anyhow};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::pem::{Error as PemError, PemObject};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ pub struct Tls {
 
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{}: not a PEM certificate file", path.display()))?;
     if certs.is_empty() {
@@ -41,9 +42,10 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .with_context(|| format!("{}: not a PEM private key", path.display()))?
-        .ok_or_else(|| anyhow!("{}: no private key in it", path.display()))
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        PemError::NoItemsFound => anyhow!("{}: no private key in it", path.display()),
+        e => anyhow!("{}: not a PEM private key: {e}", path.display()),
+    })
 }
 
 /// Roots that verify the server: the certificates in `ca`.

@@ -37,9 +37,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::{Error as PemError, PemObject};
 use sha2::{Digest, Sha256};
 
 /// Subject common name of the development CA.
@@ -65,7 +67,6 @@ const KEY_MODE: u32 = 0o600;
 const CERT_MODE: u32 = 0o644;
 
 const PEM_CERT_BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-const PEM_CERT_END: &str = "-----END CERTIFICATE-----";
 
 /// Where the development PKI lives on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,13 +153,15 @@ pub fn init(paths: &PkiPaths, extra_names: &[String]) -> Result<()> {
     }
 
     let ca_key = generate_key()?;
-    let ca_cert = ca_params()?
+    let ca_params = ca_params()?;
+    let ca_cert = ca_params
         .self_signed(&ca_key)
         .context("self-signing the development CA certificate")?;
+    let ca = Issuer::from_params(&ca_params, &ca_key);
 
     let server_key = generate_key()?;
     let server_cert = server_params(sans)?
-        .signed_by(&server_key, &ca_cert, &ca_key)
+        .signed_by(&server_key, &ca)
         .context("signing the development server certificate")?;
 
     create_private_dir(&paths.dir)?;
@@ -234,7 +237,7 @@ pub fn issue(paths: &PkiPaths, name: &str, overwrite: bool) -> Result<Issued> {
 
     let key = generate_key()?;
     let cert = client_params(name)?
-        .signed_by(&key, &ca.cert, &ca.key)
+        .signed_by(&key, &Issuer::from_params(&ca.params, &ca.key))
         .with_context(|| format!("signing the client certificate for {name:?}"))?;
 
     create_private_dir(&paths.clients_dir())?;
@@ -429,17 +432,16 @@ fn validate_client_name(name: &str) -> Result<()> {
 
 /// The development CA, reloaded from disk, ready to sign.
 struct DevCa {
-    /// Rebuilt from [`ca_params`] and self-signed with `key`: only its subject
-    /// name and key matter to rcgen when signing (issuer name, AKI).
-    cert: Certificate,
+    /// The CA's deterministic [`ca_params`]: only its subject name and key
+    /// identifier method matter to rcgen when signing (issuer name, AKI).
+    params: CertificateParams,
     key: KeyPair,
 }
 
-/// rcgen 0.13 can only parse an existing CA certificate with its `x509-parser`
-/// feature, which this crate does not enable. So the CA is rebuilt from its
-/// deterministic parameters and the key in `ca.key`, then the rebuilt subject
-/// name and public key are checked byte for byte against `ca.pem`, so that what
-/// is issued always chains to the `ca.pem` that clients and servers trust.
+/// The CA is rebuilt from its deterministic parameters and the key in `ca.key`,
+/// then the rebuilt subject name and public key are checked byte for byte
+/// against `ca.pem` (parsed by x509-parser), so that what is issued always
+/// chains to the `ca.pem` that clients and servers trust.
 fn load_ca(paths: &PkiPaths) -> Result<DevCa> {
     let cert_path = paths.ca_cert();
     let key_path = paths.ca_key();
@@ -470,7 +472,8 @@ fn load_ca(paths: &PkiPaths) -> Result<DevCa> {
         )
     })?;
 
-    let cert = ca_params()?
+    let params = ca_params()?;
+    let cert = params
         .self_signed(&key)
         .with_context(|| format!("rebuilding the CA certificate with {}", key_path.display()))?;
     let (want_subject, want_spki) = subject_and_spki(cert.der())
@@ -488,145 +491,41 @@ fn load_ca(paths: &PkiPaths) -> Result<DevCa> {
          `portcullis pki init` can sign here",
         cert_path.display()
     );
-    Ok(DevCa { cert, key })
+    Ok(DevCa { params, key })
 }
 
 // ---------------------------------------------------------------------------
-// Minimal PEM and DER reading
+// Reading certificates (PEM by rustls-pki-types, DER by x509-parser)
 
-/// DER bytes of the first `CERTIFICATE` block of a PEM file.
+/// DER bytes of the first `CERTIFICATE` block of a PEM file, checked to be one
+/// whole X.509 certificate.
 fn read_first_cert_der(path: &Path) -> Result<Vec<u8>> {
-    let text = fs::read_to_string(path)
+    let bytes = fs::read(path)
         .with_context(|| format!("reading the certificate file {}", path.display()))?;
-    let start = text.find(PEM_CERT_BEGIN).ok_or_else(|| {
-        anyhow!(
+    let der = CertificateDer::from_pem_slice(&bytes).map_err(|e| match e {
+        PemError::NoItemsFound => anyhow!(
             "{}: no \"{PEM_CERT_BEGIN}\" block found; is it a PEM certificate?",
             path.display()
-        )
-    })?;
-    let body_and_rest = &text[start + PEM_CERT_BEGIN.len()..];
-    let end = body_and_rest.find(PEM_CERT_END).ok_or_else(|| {
-        anyhow!(
-            "{}: the first certificate block has no \"{PEM_CERT_END}\" line",
+        ),
+        e => anyhow!(
+            "{}: the first certificate block is not valid PEM (base64 between BEGIN and END \
+             lines): {e}",
             path.display()
-        )
-    })?;
-    let der = base64_decode(&body_and_rest[..end]).map_err(|why| {
-        anyhow!(
-            "{}: the first certificate block is not valid base64: {why}",
-            path.display()
-        )
+        ),
     })?;
     ensure!(
-        der_sequence(&der).is_some_and(|cert| cert.rest.is_empty()),
+        matches!(x509_parser::parse_x509_certificate(&der), Ok((rest, _)) if rest.is_empty()),
         "{}: the first certificate block does not hold a DER certificate",
         path.display()
     );
-    Ok(der)
+    Ok(der.to_vec())
 }
 
-/// Standard base64 (RFC 4648) ignoring ASCII whitespace; padding optional.
-fn base64_decode(text: &str) -> std::result::Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let mut acc: u32 = 0;
-    let mut bits: u32 = 0;
-    let mut padding = 0usize;
-    for c in text.bytes() {
-        let value = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => {
-                padding += 1;
-                continue;
-            }
-            c if c.is_ascii_whitespace() => continue,
-            other => return Err(format!("unexpected character {:?}", char::from(other))),
-        };
-        if padding > 0 {
-            return Err("data after '=' padding".into());
-        }
-        acc = (acc << 6) | u32::from(value);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    if bits >= 6 || padding > 2 {
-        return Err("truncated data".into());
-    }
-    Ok(out)
-}
-
-/// One DER element: a tag, its contents, and what follows it.
-struct Tlv<'a> {
-    tag: u8,
-    /// The whole element, header included.
-    raw: &'a [u8],
-    contents: &'a [u8],
-    rest: &'a [u8],
-}
-
-const DER_SEQUENCE: u8 = 0x30;
-const DER_CONTEXT_0: u8 = 0xa0;
-
-/// Splits one DER element off `input`. Only low tag numbers and definite
-/// lengths, which is all that X.509 uses.
-fn der_tlv(input: &[u8]) -> Option<Tlv<'_>> {
-    let (&tag, after_tag) = input.split_first()?;
-    if tag & 0x1f == 0x1f {
-        return None;
-    }
-    let (&first, after_len) = after_tag.split_first()?;
-    let (len, header) = if first < 0x80 {
-        (usize::from(first), 2)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || after_len.len() < n {
-            return None;
-        }
-        let len = after_len[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        (len, 2 + n)
-    };
-    let total = header.checked_add(len)?;
-    if input.len() < total {
-        return None;
-    }
-    Some(Tlv {
-        tag,
-        raw: &input[..total],
-        contents: &input[header..total],
-        rest: &input[total..],
-    })
-}
-
-/// Like [`der_tlv`], but only a SEQUENCE.
-fn der_sequence(input: &[u8]) -> Option<Tlv<'_>> {
-    der_tlv(input).filter(|tlv| tlv.tag == DER_SEQUENCE)
-}
-
-/// The raw subject Name and SubjectPublicKeyInfo elements of a DER certificate.
-fn subject_and_spki(cert_der: &[u8]) -> Option<(&[u8], &[u8])> {
-    let cert = der_sequence(cert_der)?;
-    let tbs = der_sequence(cert.contents)?;
-    let mut rest = tbs.contents;
-    // Optional explicit [0] version.
-    if let Some(version) = der_tlv(rest).filter(|tlv| tlv.tag == DER_CONTEXT_0) {
-        rest = version.rest;
-    }
-    // serialNumber, signature, issuer, validity.
-    for _ in 0..4 {
-        rest = der_tlv(rest)?.rest;
-    }
-    let subject = der_sequence(rest)?;
-    let spki = der_sequence(subject.rest)?;
-    Some((subject.raw, spki.raw))
+/// The raw subject Name and SubjectPublicKeyInfo of a DER certificate.
+fn subject_and_spki(cert_der: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let tbs = &cert.tbs_certificate;
+    Some((tbs.subject.as_raw().to_vec(), tbs.subject_pki.raw.to_vec()))
 }
 
 fn sha256_hex(der: &[u8]) -> String {
@@ -1039,7 +938,10 @@ mod tests {
         let client = parse(&client_der);
 
         assert_eq!(common_name(&client), "sensor-01.hall_A");
-        assert_eq!(client.public_key().raw, key.public_key_der().as_slice());
+        assert_eq!(
+            client.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        );
         assert_chains(&client, &ca);
         assert!(!client.is_ca());
         let constraints = client.basic_constraints().unwrap().unwrap().value;
@@ -1183,35 +1085,15 @@ mod tests {
         let garbled = tmp.path().join("garbled.pem");
         fs::write(
             &garbled,
-            format!("{PEM_CERT_BEGIN}\nMII!!\n{PEM_CERT_END}\n"),
+            format!("{PEM_CERT_BEGIN}\nMII!!\n-----END CERTIFICATE-----\n"),
         )
         .unwrap();
         let err = fingerprint_pem_file(&garbled).unwrap_err().to_string();
         assert!(err.contains(&garbled.display().to_string()), "{err}");
-        assert!(err.contains("base64"), "{err}");
+        assert!(err.contains("not valid PEM"), "{err}");
 
         let missing = tmp.path().join("missing.pem");
         let err = format!("{:#}", fingerprint_pem_file(&missing).unwrap_err());
         assert!(err.contains(&missing.display().to_string()), "{err}");
-    }
-
-    #[test]
-    fn base64_decoder() {
-        let cases: &[(&str, &[u8])] = &[
-            ("", b""),
-            ("Zg==", b"f"),
-            ("Zm8=", b"fo"),
-            ("Zm9v", b"foo"),
-            ("Zm9vYg==", b"foob"),
-            ("Zm9v\r\nYmE=", b"fooba"),
-            ("Zm9vYmFy", b"foobar"),
-            ("+/8=", &[0xfb, 0xff]),
-        ];
-        for (text, bytes) in cases {
-            assert_eq!(base64_decode(text).unwrap(), *bytes, "{text:?}");
-        }
-        for bad in ["Z", "Zm9vY", "Zg==Zg", "Zm9v-", "Zg==="] {
-            assert!(base64_decode(bad).is_err(), "{bad:?}");
-        }
     }
 }

@@ -13,6 +13,8 @@ use portcullis_core::refusal::Refusal;
 use portcullis_core::source_gate::{Admitted, ConnectionLimits, SourceGate};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::{Error as PemError, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,16 +44,17 @@ pub fn tls_acceptor(
     };
     let cert_bytes =
         std::fs::read(cert).map_err(|e| file_err(cert, format!("cannot read: {e}")))?;
-    let chain: Vec<_> = rustls_pemfile::certs(&mut cert_bytes.as_slice())
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(&cert_bytes)
         .collect::<Result<_, _>>()
         .map_err(|e| file_err(cert, format!("bad PEM: {e}")))?;
     if chain.is_empty() {
         return Err(file_err(cert, "no certificate in file".into()));
     }
     let key_bytes = std::fs::read(key).map_err(|e| file_err(key, format!("cannot read: {e}")))?;
-    let private_key = rustls_pemfile::private_key(&mut key_bytes.as_slice())
-        .map_err(|e| file_err(key, format!("bad PEM: {e}")))?
-        .ok_or_else(|| file_err(key, "no private key in file".into()))?;
+    let private_key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| match e {
+        PemError::NoItemsFound => file_err(key, "no private key in file".into()),
+        e => file_err(key, format!("bad PEM: {e}")),
+    })?;
     let verifier = if roots.is_empty() {
         WebPkiClientVerifier::no_client_auth()
     } else {

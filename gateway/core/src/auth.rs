@@ -17,6 +17,7 @@ use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
+use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -92,7 +93,7 @@ fn load_crls(
             reason,
         };
         let bytes = std::fs::read(&path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let crls: Vec<_> = rustls_pemfile::crls(&mut bytes.as_slice())
+        let crls: Vec<_> = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&bytes)
             .collect::<Result<_, _>>()
             .map_err(|e| err(format!("bad PEM: {e}")))?;
         if crls.is_empty() {
@@ -109,7 +110,7 @@ pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Polic
         reason,
     };
     let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut bytes.as_slice())
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
         .map_err(|e| err(format!("bad PEM: {e}")))?;
     if certs.is_empty() {

@@ -6,17 +6,18 @@
 //! restarts) and read from an in-memory list, like the registry snapshot.
 
 use crate::principal::{PrincipalId, PrincipalKind};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-/// An address block.
+/// An address block. Parsing and matching are ipnet's; the host bits are dropped.
+///
+/// Stored (with the registry's bans) as `{"addr": ..., "prefix": ...}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
+#[serde(into = "StoredCidr", try_from = "StoredCidr")]
+pub struct Cidr(IpNet);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not an address or CIDR block (e.g. 192.0.2.7, 192.0.2.0/24, 2001:db8::/32)")]
@@ -25,47 +26,11 @@ pub struct BadCidr(pub String);
 impl FromStr for Cidr {
     type Err = BadCidr;
     fn from_str(s: &str) -> Result<Self, BadCidr> {
-        let bad = || BadCidr(s.to_string());
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
+        let net = match s.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => IpNet::from(s.parse::<IpAddr>().map_err(|_| BadCidr(s.to_string()))?),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.parse::<u8>().map_err(|_| bad())?,
-            None => max,
-        };
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Cidr {
-            addr: mask(addr, prefix),
-            prefix,
-        })
-    }
-}
-
-fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let bits = u32::from(a);
-            let m = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(prefix))
-            };
-            IpAddr::from((bits & m).to_be_bytes())
-        }
-        IpAddr::V6(a) => {
-            let bits = u128::from(a);
-            let m = if prefix == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(prefix))
-            };
-            IpAddr::from((bits & m).to_be_bytes())
-        }
+        Ok(Cidr(net.trunc()))
     }
 }
 
@@ -76,13 +41,38 @@ impl Cidr {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
+        self.0.contains(&ip)
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        self.0.fmt(f)
+    }
+}
+
+/// The stored form of a [`Cidr`], as written since bans were first kept.
+#[derive(Serialize, Deserialize)]
+struct StoredCidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl From<Cidr> for StoredCidr {
+    fn from(c: Cidr) -> Self {
+        StoredCidr {
+            addr: c.0.addr(),
+            prefix: c.0.prefix_len(),
+        }
+    }
+}
+
+impl TryFrom<StoredCidr> for Cidr {
+    type Error = String;
+    fn try_from(s: StoredCidr) -> Result<Self, String> {
+        IpNet::new(s.addr, s.prefix)
+            .map(|net| Cidr(net.trunc()))
+            .map_err(|_| format!("prefix /{} is too long for {}", s.prefix, s.addr))
     }
 }
 
@@ -180,6 +170,15 @@ mod tests {
         assert!(!cidr("0.0.0.0/0").contains("::1".parse().unwrap()));
         // The host bits of a block are ignored.
         assert_eq!(cidr("192.0.2.77/24"), cidr("192.0.2.0/24"));
+    }
+
+    #[test]
+    fn a_block_is_stored_as_address_and_prefix() {
+        let json = serde_json::to_string(&cidr("192.0.2.77/24")).unwrap();
+        assert_eq!(json, r#"{"addr":"192.0.2.0","prefix":24}"#);
+        let back: Cidr = serde_json::from_str(r#"{"addr":"2001:db8::","prefix":32}"#).unwrap();
+        assert_eq!(back, cidr("2001:db8::/32"));
+        assert!(serde_json::from_str::<Cidr>(r#"{"addr":"10.0.0.0","prefix":40}"#).is_err());
     }
 
     #[test]

@@ -69,7 +69,9 @@ impl SecretHasher {
                         .map_err(io)?;
                 }
                 let mut key = [0u8; 32];
-                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+                getrandom::fill(&mut key)
+                    .map_err(std::io::Error::other)
+                    .map_err(io)?;
                 use std::os::unix::fs::OpenOptionsExt;
                 let mut file = std::fs::OpenOptions::new()
                     .write(true)

@@ -24,7 +24,9 @@ pub fn load_or_create_key(path: &Path) -> io::Result<[u8; 32]> {
             .map_err(context)?;
     }
     let mut key = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+    getrandom::fill(&mut key)
+        .map_err(std::io::Error::other)
+        .map_err(context)?;
     let created = OpenOptions::new()
         .write(true)
         .create_new(true)
