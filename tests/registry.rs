@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{BIN, Gateway};
+use common::{BIN, Gateway, mosquitto, text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -276,4 +276,168 @@ fn a_backup_taken_while_running_restores_the_registry() {
     gw.restart_after_stop();
     assert_eq!(gw.cli_ok(&["device", "list"]), at_backup.0);
     assert_eq!(gw.cli_ok(&["quarantine", "list", "--all"]), at_backup.1);
+}
+
+/// A data dir written by the gateway before redb 5 (redb 2, file format 2): made by
+/// `portcullis` at b8d20ff with `device add` (sensor-1..3 with secrets
+/// `fixture-secret-0123456789-N`, camera-1 with any certificate), `service add ingest`,
+/// `ban add 192.0.2.0/24`, `ban add device/sensor-3`, `quarantine add sensor-2` and
+/// `device disable sensor-1`.
+const REDB2_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/registry-redb2"
+);
+
+#[test]
+fn a_registry_written_by_redb_2_is_upgraded_with_everything_in_it() {
+    let mut gw = Gateway::start_seeded(Path::new(REDB2_FIXTURE));
+    let live = gw.data().join("registry.redb");
+    let original = std::fs::read(format!("{REDB2_FIXTURE}/data/registry.redb")).unwrap();
+    // The original is kept beside the upgraded file, byte for byte, owner-only.
+    let copy = gw.data().join("registry.redb.format2");
+    assert_eq!(std::fs::read(&copy).unwrap(), original);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_ne!(std::fs::read(&live).unwrap(), original, "upgraded in place");
+    assert!(gw.stderr().contains("upgraded from redb file format 2"));
+
+    let devices = gw.cli_ok(&["device", "list"]);
+    for id in ["camera-1", "sensor-1", "sensor-2", "sensor-3"] {
+        assert!(devices.contains(&format!("\"id\": \"{id}\"")), "{devices}");
+    }
+    assert!(
+        gw.cli_ok(&["service", "list"])
+            .contains("\"id\": \"ingest\"")
+    );
+    let bans = gw.cli_ok(&["ban", "list"]);
+    assert!(bans.contains("source 192.0.2.0/24") && bans.contains("device sensor-3"));
+    assert!(
+        gw.cli_ok(&["quarantine", "list", "--all"])
+            .contains("sensor-2")
+    );
+
+    // The secrets still verify (their hashes and the key beside them came through):
+    // sensor-2 (quarantined, not refused) connects with its own secret only.
+    let publish = |secret: &str| {
+        let mut args = gw.client(
+            gw.device_plain,
+            "sensor-2",
+            &["-u", "sensor-2", "-P", secret],
+        );
+        args.extend(["-t", "devices/sensor-2/telemetry/t", "-m", "1"].map(String::from));
+        mosquitto("mosquitto_pub", &args, Duration::from_secs(10))
+    };
+    let ok = publish("fixture-secret-0123456789-2");
+    assert!(ok.status.success(), "{}", text(&ok));
+    let wrong = publish("fixture-secret-0123456789-9");
+    assert!(!wrong.status.success(), "{}", text(&wrong));
+    // sensor-1 stays disabled: refused with its right secret.
+    let mut args = gw.client(
+        gw.device_plain,
+        "sensor-1",
+        &["-u", "sensor-1", "-P", "fixture-secret-0123456789-1"],
+    );
+    args.extend(["-t", "devices/sensor-1/telemetry/t", "-m", "1"].map(String::from));
+    let disabled = mosquitto("mosquitto_pub", &args, Duration::from_secs(10));
+    assert!(!disabled.status.success(), "{}", text(&disabled));
+
+    // Upgraded once: a restart opens the new file as it is.
+    gw.restart();
+    assert_eq!(gw.cli_ok(&["device", "list"]), devices);
+    assert_eq!(
+        gw.stderr()
+            .matches("upgraded from redb file format 2")
+            .count(),
+        1
+    );
+    let (status, _) = gw.terminate();
+    assert!(status.success());
+    let check = run(&gw.config, &["registry", "check"]);
+    assert!(check.status.success(), "{}", err(&check));
+    assert!(
+        out(&check).starts_with("ok: 5 principal(s), 2 ban(s)"),
+        "{}",
+        out(&check)
+    );
+}
+
+/// The fixture's data dir in a temp dir, with `registry.redb` damaged by `damage`.
+fn damaged_redb2(damage: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("keys")).unwrap();
+    for f in [
+        "data/keys/secret-hash.key",
+        "portcullis-audit.key",
+        "portcullis-audit.key.registry-sealed",
+    ] {
+        std::fs::copy(format!("{REDB2_FIXTURE}/{f}"), dir.path().join(f)).unwrap();
+    }
+    let mut bytes = std::fs::read(format!("{REDB2_FIXTURE}/data/registry.redb")).unwrap();
+    damage(&mut bytes);
+    let live = data.join("registry.redb");
+    std::fs::write(&live, &bytes).unwrap();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, format!("data_dir = \"{}\"\n", data.display())).unwrap();
+    let pki = run(&config, &["pki", "init"]);
+    assert!(pki.status.success(), "{}", err(&pki));
+    (dir, config, live)
+}
+
+#[test]
+fn a_damaged_redb_2_registry_is_refused_naming_the_file_and_keeping_the_original() {
+    // A sealed record altered: the upgrade goes through, the check refuses the file.
+    let (_dir, config, live) = damaged_redb2(|bytes| {
+        let needle = b"\"id\":\"sensor-3\"";
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap();
+        bytes[at + 7] ^= 0x01;
+    });
+    let damaged = std::fs::read(&live).unwrap();
+    let o = run(&config, &["device", "list"]);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    let stderr = err(&o);
+    assert!(stderr.contains(&live.display().to_string()), "{stderr}");
+    assert!(stderr.contains("portcullis registry restore"), "{stderr}");
+    assert_eq!(
+        std::fs::read(format!("{}.format2", live.display())).unwrap(),
+        damaged
+    );
+
+    // Damage redb itself reads (the header's commit slots, the allocator, half the
+    // file gone): never a panic; a listing is the original's or the file is named.
+    let original = {
+        let (_dir, config, _) = damaged_redb2(|_| {});
+        let o = run(&config, &["device", "list"]);
+        assert!(o.status.success(), "{}", err(&o));
+        out(&o)
+    };
+    type Damage = fn(&mut Vec<u8>);
+    let damages: [(&str, Damage); 3] = [
+        ("header", |b| b[64..128].iter_mut().for_each(|x| *x ^= 0xa5)),
+        ("second page", |b| {
+            let at = PAGE + b[PAGE..].iter().position(|&x| x != 0).unwrap();
+            b[at..at + 64].iter_mut().for_each(|x| *x ^= 0xa5)
+        }),
+        ("truncated", |b| b.truncate(b.len() / 2)),
+    ];
+    for (what, damage) in damages {
+        let (_dir, config, live) = damaged_redb2(damage);
+        let o = run(&config, &["device", "list"]);
+        let stderr = err(&o);
+        assert_ne!(o.status.code(), Some(101), "{what}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        eprintln!("{what}: {}", stderr.lines().last().unwrap_or("listed"));
+        if o.status.success() {
+            assert_eq!(out(&o), original, "{what}: altered data");
+        } else {
+            assert!(
+                stderr.contains(&live.display().to_string()),
+                "{what}: {stderr}"
+            );
+        }
+    }
 }

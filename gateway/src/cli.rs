@@ -687,6 +687,9 @@ fn registry(config: &Config, action: RegistryAction) -> Result<()> {
                 portcullis_core::registry::Legacy::Refuse,
             )
             .and_then(|r| r.check());
+            // A backup from an older gateway was upgraded on the staged copy; the
+            // operator's file is its original, so that copy is not kept.
+            let _ = std::fs::remove_file(portcullis_core::registry::format2_copy(&staged));
             let checked = match checked {
                 Ok(checked) => checked,
                 Err(e) => {

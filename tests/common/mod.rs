@@ -100,7 +100,27 @@ impl Gateway {
 
     /// Like `start_all`, run under `prlimit --nofile=N:N` when `nofile` is given.
     pub fn start_limited(nofile: Option<u64>, extra: &str, limits: &str, rates: &str) -> Gateway {
+        Gateway::start_on(None, nofile, extra, limits, rates)
+    }
+
+    /// Start on a copy of `seed`: its files are copied into the gateway's directory
+    /// (`data/…` into the data dir, the audit key beside it) before the first start,
+    /// with owner-only modes as the gateway writes them.
+    pub fn start_seeded(seed: &Path) -> Gateway {
+        Gateway::start_on(Some(seed), None, "", "", "")
+    }
+
+    fn start_on(
+        seed: Option<&Path>,
+        nofile: Option<u64>,
+        extra: &str,
+        limits: &str,
+        rates: &str,
+    ) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
+        if let Some(seed) = seed {
+            copy_tree(seed, dir.path());
+        }
         // A second CA, trusted only by the "other" device group.
         let other_cfg = dir.path().join("other.toml");
         std::fs::write(
@@ -499,6 +519,26 @@ pub fn mosquitto(bin: &str, args: &[String], timeout: Duration) -> Output {
         status,
         stdout: out.join().unwrap(),
         stderr: err.join().unwrap(),
+    }
+}
+
+/// Copy the files under `from` into `to`, directories 0700 and files 0600.
+fn copy_tree(from: &Path, to: &Path) {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(to)
+        .unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
     }
 }
 

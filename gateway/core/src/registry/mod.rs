@@ -10,10 +10,14 @@
 //! record altered, moved, added or lost outside Portcullis is found when the file is
 //! opened: every record is checked then, and a corrupt file is refused whole.
 
+mod upgrade;
+
+pub use upgrade::format2_copy;
+
 use crate::bans::{Ban, BanList, BanTarget};
 use crate::principal::{GroupName, PrincipalId, PrincipalKind};
 use crate::record::{RecordError, RecordSealer, SEALED_V1, decode_payload};
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -370,7 +374,14 @@ impl Registry {
             path: path.display().to_string(),
             reason,
         };
-        let db = Database::create(path).map_err(|e| match e {
+        let db = match Database::create(path) {
+            Err(redb::DatabaseError::UpgradeRequired(2)) => {
+                upgrade::upgrade(path)?;
+                Database::create(path)
+            }
+            other => other,
+        };
+        let db = db.map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => open_err(
                 "already open by another process (is a gateway running on this data dir?)".into(),
             ),
@@ -584,7 +595,7 @@ impl Registry {
         let copied = contain(|| {
             self.verify().map_err(|e| self.file_error(e))?;
             let out = Database::builder()
-                .create_file(file)
+                .create_with_backend(redb::backends::FileBackend::new(file))
                 .map_err(|e| dest_err(e.to_string()))?;
             let rx = self.db.begin_read().map_err(storage)?;
             let wx = out.begin_write().map_err(storage)?;
