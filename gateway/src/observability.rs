@@ -2,9 +2,10 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
-use portcullis_core::metrics::Metrics;
+use portcullis_core::metrics::{Exposition, Metrics};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -29,10 +30,12 @@ pub fn router(health: Health) -> Router {
         )
         .route(
             "/metrics",
-            get(|State(h): State<Health>| async move {
+            get(|State(h): State<Health>, headers: HeaderMap| async move {
+                let accept = headers.get(ACCEPT).and_then(|v| v.to_str().ok());
+                let format = Exposition::negotiate(accept);
                 (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    h.metrics.render(),
+                    [(CONTENT_TYPE, format.content_type())],
+                    h.metrics.render(format),
                 )
             }),
         )

@@ -1,4 +1,5 @@
-//! Counters for what the gateway decided. Rendered as Prometheus text.
+//! Counters for what the gateway decided. Rendered by prometheus-client, as
+//! Prometheus text or OpenMetrics.
 //!
 //! The hot path only touches atomics: every refusal reason has its own counter slot
 //! (`Refusal::slot`), so counting one takes no lock.
@@ -6,7 +7,15 @@
 use crate::peer::Protocol;
 use crate::principal::PrincipalKind;
 use crate::refusal::Refusal;
-use std::fmt::Write;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeMetric, NoLabelSet, prometheus_text, text as openmetrics_text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
@@ -72,19 +81,6 @@ impl Histogram {
             Ordering::Relaxed,
         );
     }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (b, n) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
-            cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
-    }
 }
 
 /// One counter per refusal reason.
@@ -119,199 +115,255 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self) -> String {
+    /// The page for a scrape, in the Prometheus text format (0.0.4) or, when the
+    /// scraper asks for it, in OpenMetrics (ending with `# EOF`). prometheus-client
+    /// writes both; the values are read from the atomics at this moment.
+    pub fn render(self: &Arc<Self>, format: Exposition) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Arc::clone(self)));
         let mut out = String::new();
-        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
+        let written = match format {
+            Exposition::Prometheus => prometheus_text::encode(&mut out, &registry),
+            Exposition::OpenMetrics => openmetrics_text::encode(&mut out, &registry),
         };
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        gauge(
-            &mut out,
-            "portcullis_connections_accepted_total",
-            "Connections that authenticated.",
-            "counter",
-            load(&self.connections_accepted),
-        );
-        gauge(
-            &mut out,
-            "portcullis_connections_active",
-            "Sessions currently open.",
-            "gauge",
-            load(&self.connections_active),
-        );
-        gauge(
-            &mut out,
-            "portcullis_service_subscriptions",
-            "Service subscriptions held now, over all sessions (bounded by broker.max_subscriptions).",
-            "gauge",
-            load(&self.service_subscriptions),
-        );
-        gauge(
-            &mut out,
-            "portcullis_tls_handshake_failures_total",
-            "TLS handshakes that failed or timed out.",
-            "counter",
-            load(&self.handshake_failures),
-        );
-        gauge(
-            &mut out,
-            "portcullis_messages_accepted_total",
-            "Messages accepted by the pipeline.",
-            "counter",
-            load(&self.messages_accepted),
-        );
-        gauge(
-            &mut out,
-            "portcullis_messages_delivered_total",
-            "Messages delivered to peers.",
-            "counter",
-            load(&self.messages_delivered),
-        );
-        gauge(
-            &mut out,
-            "portcullis_queue_overflow_total",
-            "Messages refused because a session's queue (device or service) was full.",
-            "counter",
-            load(&self.queue_overflow),
-        );
-        gauge(
-            &mut out,
-            "portcullis_rate_limit_waits_total",
-            "Times a principal over its rate (or the gateway at its cap) was held back.",
-            "counter",
-            load(&self.rate_limit_waits),
-        );
-        gauge(
-            &mut out,
-            "portcullis_commands_undeliverable_total",
-            "Commands for a device with no session (never connected, clean, or expired).",
-            "counter",
-            load(&self.commands_undeliverable),
-        );
-        gauge(
-            &mut out,
-            "portcullis_queue_expired_total",
-            "Queued messages dropped for age (or their own expiry interval), or with a parked session that expired.",
-            "counter",
-            load(&self.queue_expired),
-        );
-        gauge(
-            &mut out,
-            "portcullis_retained_refused_total",
-            "Retained messages delivered but not retained: the retained store was full.",
-            "counter",
-            load(&self.retained_refused),
-        );
-        gauge(
-            &mut out,
-            "portcullis_auth_failure_alerts_total",
-            "Alerts raised on failed logins naming a registered device (auth.alert_failures in a window).",
-            "counter",
-            load(&self.auth_failure_alerts),
-        );
-        gauge(
-            &mut out,
-            "portcullis_session_takeovers_total",
-            "Sessions ended by a new connection with the same identity.",
-            "counter",
-            load(&self.takeovers),
-        );
-        gauge(
-            &mut out,
-            "portcullis_wills_published_total",
-            "Last Will messages published after an unexpected disconnect.",
-            "counter",
-            load(&self.wills_published),
-        );
-        gauge(
-            &mut out,
-            "portcullis_accepted_bytes_total",
-            "Payload bytes accepted by the pipeline.",
-            "counter",
-            load(&self.bytes_accepted),
-        );
-        gauge(
-            &mut out,
-            "portcullis_audit_entries_dropped_total",
-            "Audit entries that could not be queued.",
-            "counter",
-            load(&self.audit_dropped),
-        );
-        gauge(
-            &mut out,
-            "portcullis_audit_rotation_failures_total",
-            "Audit log rotations that failed; the log went on in its current file.",
-            "counter",
-            load(&self.audit_rotation_failures),
-        );
-        for (name, help, c) in [
+        // Writing to a String fails only if an encoder refuses a name or label, which
+        // are all fixed here (the unit tests render every one).
+        debug_assert!(written.is_ok(), "{written:?}");
+        out
+    }
+}
+
+/// The text formats `/metrics` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    Prometheus,
+    OpenMetrics,
+}
+
+impl Exposition {
+    /// OpenMetrics when the scraper's `Accept` header lists it, else Prometheus text.
+    pub fn negotiate(accept: Option<&str>) -> Exposition {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Exposition::OpenMetrics,
+            _ => Exposition::Prometheus,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::Prometheus => prometheus_text::CONTENT_TYPE,
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// A counter or gauge with no labels: family name (counters without `_total`, which
+/// the encoders add), help, type, value.
+type Plain<'m> = (&'static str, &'static str, MetricType, &'m AtomicU64);
+
+impl Metrics {
+    fn plain(&self) -> [Plain<'_>; 22] {
+        use MetricType::{Counter, Gauge};
+        [
             (
-                "portcullis_quarantines_total",
+                "portcullis_connections_accepted",
+                "Connections that authenticated.",
+                Counter,
+                &self.connections_accepted,
+            ),
+            (
+                "portcullis_connections_active",
+                "Sessions currently open.",
+                Gauge,
+                &self.connections_active,
+            ),
+            (
+                "portcullis_service_subscriptions",
+                "Service subscriptions held now, over all sessions (bounded by broker.max_subscriptions).",
+                Gauge,
+                &self.service_subscriptions,
+            ),
+            (
+                "portcullis_tls_handshake_failures",
+                "TLS handshakes that failed or timed out.",
+                Counter,
+                &self.handshake_failures,
+            ),
+            (
+                "portcullis_messages_accepted",
+                "Messages accepted by the pipeline.",
+                Counter,
+                &self.messages_accepted,
+            ),
+            (
+                "portcullis_messages_delivered",
+                "Messages delivered to peers.",
+                Counter,
+                &self.messages_delivered,
+            ),
+            (
+                "portcullis_queue_overflow",
+                "Messages refused because a session's queue (device or service) was full.",
+                Counter,
+                &self.queue_overflow,
+            ),
+            (
+                "portcullis_rate_limit_waits",
+                "Times a principal over its rate (or the gateway at its cap) was held back.",
+                Counter,
+                &self.rate_limit_waits,
+            ),
+            (
+                "portcullis_commands_undeliverable",
+                "Commands for a device with no session (never connected, clean, or expired).",
+                Counter,
+                &self.commands_undeliverable,
+            ),
+            (
+                "portcullis_queue_expired",
+                "Queued messages dropped for age (or their own expiry interval), or with a parked session that expired.",
+                Counter,
+                &self.queue_expired,
+            ),
+            (
+                "portcullis_retained_refused",
+                "Retained messages delivered but not retained: the retained store was full.",
+                Counter,
+                &self.retained_refused,
+            ),
+            (
+                "portcullis_auth_failure_alerts",
+                "Alerts raised on failed logins naming a registered device (auth.alert_failures in a window).",
+                Counter,
+                &self.auth_failure_alerts,
+            ),
+            (
+                "portcullis_session_takeovers",
+                "Sessions ended by a new connection with the same identity.",
+                Counter,
+                &self.takeovers,
+            ),
+            (
+                "portcullis_wills_published",
+                "Last Will messages published after an unexpected disconnect.",
+                Counter,
+                &self.wills_published,
+            ),
+            (
+                "portcullis_accepted_bytes",
+                "Payload bytes accepted by the pipeline.",
+                Counter,
+                &self.bytes_accepted,
+            ),
+            (
+                "portcullis_audit_entries_dropped",
+                "Audit entries that could not be queued.",
+                Counter,
+                &self.audit_dropped,
+            ),
+            (
+                "portcullis_audit_rotation_failures",
+                "Audit log rotations that failed; the log went on in its current file.",
+                Counter,
+                &self.audit_rotation_failures,
+            ),
+            (
+                "portcullis_quarantines",
                 "Devices put in quarantine by the behaviour model or an operator.",
+                Counter,
                 &self.quarantined,
             ),
             (
-                "portcullis_probations_total",
+                "portcullis_probations",
                 "Devices put on probation by the behaviour model.",
+                Counter,
                 &self.probations,
             ),
             (
-                "portcullis_quarantine_releases_total",
+                "portcullis_quarantine_releases",
                 "Devices released from quarantine or probation (by time, a clean window or an operator).",
+                Counter,
                 &self.releases,
             ),
             (
-                "portcullis_quarantine_dropped_total",
+                "portcullis_quarantine_dropped",
                 "Messages of quarantined devices dropped.",
+                Counter,
                 &self.quarantine_dropped,
             ),
             (
-                "portcullis_quarantine_diverted_total",
+                "portcullis_quarantine_diverted",
                 "Messages of quarantined devices diverted to the forensic topic.",
+                Counter,
                 &self.quarantine_diverted,
             ),
-        ] {
-            gauge(&mut out, name, help, "counter", load(c));
+        ]
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (name, help, kind, value) in self.plain() {
+            let metric = encoder.encode_descriptor(name, help, None, kind)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(load(value)).encode(metric)?,
+                _ => ConstGauge::new(load(value)).encode(metric)?,
+            }
         }
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_sessions Open sessions by protocol and kind.\n# TYPE portcullis_sessions gauge"
-        );
+        let mut sessions = encoder.encode_descriptor(
+            "portcullis_sessions",
+            "Open sessions by protocol and kind.",
+            None,
+            MetricType::Gauge,
+        )?;
         for kind in [PrincipalKind::Device, PrincipalKind::Service] {
             for protocol in Protocol::ALL {
-                let _ = writeln!(
-                    out,
-                    "portcullis_sessions{{protocol=\"{}\",kind=\"{}\"}} {}",
-                    protocol.as_str(),
-                    kind.as_str(),
-                    load(self.session_gauge(protocol, kind))
-                );
+                let labels = [("protocol", protocol.as_str()), ("kind", kind.as_str())];
+                ConstGauge::new(load(self.session_gauge(protocol, kind)))
+                    .encode(sessions.encode_family(&labels)?)?;
             }
         }
-        self.forward_latency.render(
-            &mut out,
-            "portcullis_forward_latency_seconds",
-            "From a message's arrival to its hand-over to the broker link.",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_refusals_total Refusals by stage and reason.\n# TYPE portcullis_refusals_total counter"
-        );
+        let h = &self.forward_latency;
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .zip(&h.buckets)
+            .map(|(bound, n)| (*bound, load(n)))
+            .collect();
+        // Read while messages are recorded: the count may lag its bucket by one.
+        let bounded: u64 = buckets.iter().map(|(_, n)| n).sum();
+        let count = load(&h.count).max(bounded);
+        // Given explicitly: the OpenMetrics encoder writes only the buckets it gets.
+        buckets.push((f64::INFINITY, count - bounded));
+        encoder
+            .encode_descriptor(
+                "portcullis_forward_latency_seconds",
+                "From a message's arrival to its hand-over to the broker link.",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(
+                load(&h.sum_nanos) as f64 / 1e9,
+                count,
+                &buckets,
+                None,
+            )?;
+        // Every reason from the start, at 0 until it happens: a rate over a series
+        // that appears only at its first refusal misses that refusal.
+        let mut refusals = encoder.encode_descriptor(
+            "portcullis_refusals",
+            "Refusals by stage and reason.",
+            None,
+            MetricType::Counter,
+        )?;
         for r in Refusal::ALL {
-            let v = self.refusal_count(*r);
-            if v == 0 {
-                continue;
-            }
-            let (stage, reason) = (r.stage(), r.label());
-            let _ = writeln!(
-                out,
-                "portcullis_refusals_total{{stage=\"{stage}\",reason=\"{reason}\"}} {v}"
-            );
+            let labels = [
+                ("stage", r.stage().to_string()),
+                ("reason", r.label().to_string()),
+            ];
+            ConstCounter::new(self.refusal_count(*r)).encode(refusals.encode_family(&labels)?)?;
         }
-        out
+        Ok(())
     }
 }
 
@@ -319,43 +371,157 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
     #[test]
     fn the_latency_histogram_is_cumulative() {
-        let m = Metrics::default();
+        let m = metrics();
         m.forward_latency
             .record(std::time::Duration::from_micros(30));
         m.forward_latency
             .record(std::time::Duration::from_millis(3));
-        let text = m.render();
+        let text = m.render(Exposition::Prometheus);
+        let bucket = |le: &str| {
+            let line = format!("portcullis_forward_latency_seconds_bucket{{le=\"{le}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .unwrap_or_else(|| panic!("no {line} in {text}"))
+                .parse::<u64>()
+                .unwrap()
+        };
+        // The bounds as Prometheus's own clients write them (Go's float format).
+        assert_eq!(bucket("2.5e-05"), 0);
+        assert_eq!(bucket("5e-05"), 1);
+        assert_eq!(bucket("0.005"), 2);
+        assert_eq!(bucket("+Inf"), 2);
+        m.forward_latency.record(std::time::Duration::from_secs(2));
+        let open = m.render(Exposition::OpenMetrics);
+        assert!(open.contains("_bucket{le=\"1.0\"} 2\n"), "{open}");
+        assert!(open.contains("_bucket{le=\"+Inf\"} 3\n"), "{open}");
         assert!(
-            text.contains("portcullis_forward_latency_seconds_bucket{le=\"0.000025\"} 0"),
+            text.contains("portcullis_forward_latency_seconds_count 2\n"),
             "{text}"
         );
         assert!(
-            text.contains("portcullis_forward_latency_seconds_bucket{le=\"0.00005\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("portcullis_forward_latency_seconds_bucket{le=\"0.005\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("portcullis_forward_latency_seconds_count 2"),
+            text.contains("portcullis_forward_latency_seconds_sum 0.00303\n"),
             "{text}"
         );
     }
 
     #[test]
-    fn refusals_are_rendered_with_labels() {
-        let m = Metrics::default();
+    fn refusals_are_rendered_with_labels_every_reason_from_zero() {
+        let m = metrics();
         m.refused(Refusal::BadSecret);
         m.refused(Refusal::BadSecret);
-        let text = m.render();
+        let text = m.render(Exposition::Prometheus);
         assert!(
-            text.contains("portcullis_refusals_total{stage=\"connect\",reason=\"bad_secret\"} 2"),
+            text.contains("portcullis_refusals_total{stage=\"connect\",reason=\"bad_secret\"} 2\n"),
             "{text}"
         );
         assert_eq!(m.refusal_count(Refusal::BadSecret), 2);
-        assert!(!text.contains("reason=\"banned\""), "{text}");
+        assert!(
+            text.contains("portcullis_refusals_total{stage=\"connect\",reason=\"banned\"} 0\n"),
+            "{text}"
+        );
+    }
+
+    /// Every line of the page parses as the format says: HELP and TYPE once per
+    /// family before its samples, sample names that belong to their family, values
+    /// that are numbers; OpenMetrics ends with `# EOF`.
+    fn check_page(text: &str, openmetrics: bool) -> usize {
+        let mut family: Option<(String, String)> = None;
+        let mut seen = std::collections::HashSet::new();
+        let mut samples = 0;
+        let mut lines = text.lines().peekable();
+        while let Some(line) = lines.next() {
+            if line == "# EOF" {
+                assert!(openmetrics, "# EOF in Prometheus text");
+                assert!(lines.peek().is_none(), "lines after # EOF");
+                return samples;
+            }
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap().to_string();
+                let ty = lines
+                    .next()
+                    .unwrap_or_else(|| panic!("no TYPE after {line}"));
+                let (ty_name, kind) = ty
+                    .strip_prefix("# TYPE ")
+                    .and_then(|t| t.split_once(' '))
+                    .unwrap_or_else(|| panic!("bad TYPE line {ty}"));
+                assert_eq!(ty_name, name, "{ty}");
+                assert!(seen.insert(name.clone()), "family {name} twice");
+                family = Some((name, kind.to_string()));
+                continue;
+            }
+            let (name, kind) = family
+                .as_ref()
+                .unwrap_or_else(|| panic!("sample before HELP: {line}"));
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {line}"));
+            let sample = series.split('{').next().unwrap();
+            let base = if openmetrics && kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.clone()
+            };
+            let allowed = match kind.as_str() {
+                "histogram" => [
+                    format!("{base}_bucket"),
+                    format!("{base}_sum"),
+                    format!("{base}_count"),
+                ]
+                .contains(&sample.to_string()),
+                _ => sample == base,
+            };
+            assert!(allowed, "{sample} in family {name} ({kind})");
+            assert!(value.parse::<f64>().is_ok(), "value of {line}");
+            samples += 1;
+        }
+        assert!(!openmetrics, "no # EOF at the end of the OpenMetrics page");
+        samples
+    }
+
+    #[test]
+    fn both_pages_are_well_formed_with_the_same_samples() {
+        let m = metrics();
+        m.refused(Refusal::Banned);
+        Metrics::inc(&m.messages_accepted);
+        let prometheus = m.render(Exposition::Prometheus);
+        let openmetrics = m.render(Exposition::OpenMetrics);
+        let n = check_page(&prometheus, false);
+        assert_eq!(check_page(&openmetrics, true), n);
+        // 22 plain families, sessions, the histogram (12 bounds, +Inf, sum, count), refusals.
+        let sessions = 2 * Protocol::ALL.len();
+        assert_eq!(n, 22 + sessions + 15 + Refusal::ALL.len());
+        // Today's sample names, in both formats.
+        for page in [&prometheus, &openmetrics] {
+            assert!(
+                page.contains("\nportcullis_messages_accepted_total 1\n"),
+                "{page}"
+            );
+            assert!(
+                page.contains("\nportcullis_connections_active 0\n"),
+                "{page}"
+            );
+        }
+        assert!(prometheus.contains("# TYPE portcullis_messages_accepted_total counter\n"));
+        assert!(openmetrics.contains("# TYPE portcullis_messages_accepted counter\n"));
+    }
+
+    #[test]
+    fn the_format_follows_the_accept_header() {
+        assert_eq!(Exposition::negotiate(None), Exposition::Prometheus);
+        assert_eq!(
+            Exposition::negotiate(Some("text/plain")),
+            Exposition::Prometheus
+        );
+        let prometheus_server = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(
+            Exposition::negotiate(Some(prometheus_server)),
+            Exposition::OpenMetrics
+        );
     }
 }

@@ -275,12 +275,12 @@ mod tests {
 
     #[test]
     fn every_protocol_has_its_own_gauge() {
-        let m = Metrics::default();
+        let m = std::sync::Arc::new(Metrics::default());
         for p in Protocol::ALL {
             m.session_gauge(p, crate::principal::PrincipalKind::Device)
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let text = m.render();
+        let text = m.render(crate::metrics::Exposition::Prometheus);
         for p in Protocol::ALL {
             let line = format!(
                 "portcullis_sessions{{protocol=\"{}\",kind=\"device\"}} 1",
