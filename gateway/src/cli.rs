@@ -23,7 +23,7 @@ use portcullis_core::principal::PrincipalKind;
 use portcullis_core::registry::{CheckSummary, Registry};
 use portcullis_core::secret::SecretHasher;
 use serde::Serialize;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -474,22 +474,15 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `90`, `90s`, `15m`, `2h`, `7d` → seconds.
+/// `90` (seconds), or a duration as humantime reads it: `90s`, `15m`, `2h`, `7d`,
+/// `1h 30m` → whole seconds.
 fn parse_ttl(s: &str) -> Result<u64> {
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| UsageError(format!("--ttl {s:?}: expected e.g. 90s, 15m, 2h, 7d")))?;
-    let factor = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => bail!(UsageError(format!(
-            "--ttl {s:?}: unit must be s, m, h or d"
-        ))),
-    };
-    Ok(n.saturating_mul(factor))
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(secs);
+    }
+    let d = humantime::parse_duration(s)
+        .map_err(|e| UsageError(format!("--ttl {s:?}: {e}; expected e.g. 90s, 15m, 2h, 7d")))?;
+    Ok(d.as_secs())
 }
 
 fn read_secret(creds: &Credentials) -> Result<Option<String>> {
@@ -519,9 +512,7 @@ fn read_secret(creds: &Credentials) -> Result<Option<String>> {
 }
 
 fn rand_bytes(buf: &mut [u8]) -> Result<()> {
-    let mut f = std::fs::File::open("/dev/urandom").context("/dev/urandom")?;
-    f.read_exact(buf).context("/dev/urandom")?;
-    Ok(())
+    getrandom::fill(buf).map_err(|e| anyhow::anyhow!("the system's random source: {e}"))
 }
 
 fn fingerprint(creds: &Credentials) -> Result<Option<String>> {
@@ -903,6 +894,24 @@ fn failure(e: AdminError) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ban_ttls_read_as_durations() {
+        for (text, secs) in [
+            ("90", 90),
+            ("90s", 90),
+            ("15m", 900),
+            ("2h", 7200),
+            ("7d", 604_800),
+            ("1h 30m", 5400),
+        ] {
+            assert_eq!(parse_ttl(text).unwrap(), secs, "{text}");
+        }
+        for bad in ["", "7x", "-5s", "soon"] {
+            let err = parse_ttl(bad).unwrap_err().to_string();
+            assert!(err.contains("--ttl") && err.contains("7d"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn unix_seconds_print_as_utc_calendar_time() {
