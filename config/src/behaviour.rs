@@ -6,7 +6,9 @@
 //! drift apart. Bounds are checked on the top-level table and on each group's merged
 //! result, so an error always names the key the operator has to change.
 
+use crate::duration::{Millis, Secs};
 use serde::Deserialize;
+use std::time::Duration;
 
 /// Longest learning period: a baseline nobody trusts for a month is no baseline.
 const MAX_LEARNING_SECS: u64 = 30 * 86_400;
@@ -14,12 +16,12 @@ const MAX_LEARNING_SECS: u64 = 30 * 86_400;
 /// Declares `Behaviour` (every key, with its default), `BehaviourOverride` (the same
 /// keys, all optional) and the merge of one over the other.
 macro_rules! behaviour_keys {
-    ($( $(#[$doc:meta])* $name:ident: $ty:ty = $default:expr, )*) => {
+    ($( $(#[$doc:meta])* $name:ident $(| $old:literal)?: $ty:ty = $default:expr, )*) => {
         /// The behaviour model of a group's devices.
         #[derive(Debug, Clone, PartialEq, Deserialize)]
         #[serde(deny_unknown_fields, default)]
         pub struct Behaviour {
-            $( $(#[$doc])* pub $name: $ty, )*
+            $( $(#[$doc])* $(#[serde(alias = $old)])? pub $name: $ty, )*
         }
 
         impl Default for Behaviour {
@@ -32,7 +34,7 @@ macro_rules! behaviour_keys {
         #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
         #[serde(deny_unknown_fields, default)]
         pub struct BehaviourOverride {
-            $( pub $name: Option<$ty>, )*
+            $( $(#[serde(alias = $old)])? pub $name: Option<$ty>, )*
         }
 
         impl BehaviourOverride {
@@ -46,7 +48,8 @@ macro_rules! behaviour_keys {
         }
 
         /// Every key of the table.
-        pub(crate) const KEYS: &[&str] = &[$( stringify!($name), )*];
+        /// Every key of the table, and the old names still read.
+        pub(crate) const KEYS: &[&str] = &[$( stringify!($name), $($old,)? )*];
     };
 }
 
@@ -54,9 +57,9 @@ behaviour_keys! {
     /// `false`: no model and no quarantine for these devices.
     enabled: bool = true,
     /// Length of one feature window, in milliseconds.
-    window_ms: u64 = 1000,
+    window | "window_ms": Millis = Millis::from_millis(1000),
     /// Time before the learned baseline is trusted.
-    learning_secs: u64 = 900,
+    learning | "learning_secs": Secs = Secs::from_secs(900),
     /// Weight of a new window in the baseline once learned.
     decay: f64 = 0.01,
     /// Anomaly threshold, in standard deviations above the baseline.
@@ -75,13 +78,13 @@ behaviour_keys! {
     /// Bytes above the baseline allowed at once.
     burst_bytes: f64 = 262144.0,
     /// Time for the burst allowance to refill completely.
-    burst_recovery_secs: u64 = 60,
+    burst_recovery | "burst_recovery_secs": Secs = Secs::from_secs(60),
     /// Absolute ceiling on messages per second, learned or not.
     max_messages_per_second: f64 = 500.0,
     /// Absolute ceiling on bytes per second, learned or not.
     max_bytes_per_second: f64 = 1_048_576.0,
     /// Window of the counted rules below.
-    rule_window_secs: u64 = 60,
+    rule_window | "rule_window_secs": Secs = Secs::from_secs(60),
     /// Counted rules: more than this many events in one rule window quarantines.
     max_auth_failures: u32 = 20,
     max_denials: u32 = 20,
@@ -96,13 +99,13 @@ behaviour_keys! {
     /// Anomalous windows in probation before quarantine.
     probation_windows: u32 = 3,
     /// Clean time that ends probation.
-    probation_clear_secs: u64 = 60,
+    probation_clear | "probation_clear_secs": Secs = Secs::from_secs(60),
     /// Probation multiplies the device's rate limits by this.
     probation_rate_factor: f64 = 0.5,
     /// Quarantine ends by itself after this long; 0: only an operator releases it.
-    quarantine_ttl_secs: u64 = 0,
+    quarantine_ttl | "quarantine_ttl_secs": Secs = Secs::from_secs(0),
     /// Clean time a released device is watched before it is normal again.
-    watch_secs: u64 = 600,
+    watch | "watch_secs": Secs = Secs::from_secs(600),
     /// What happens to a quarantined device's publishes.
     quarantine_traffic: QuarantineTraffic = QuarantineTraffic::Drop,
     /// Rate of diverted messages per device.
@@ -192,60 +195,63 @@ impl Behaviour {
         }
         // Learning for less than three windows leaves a baseline of nothing; probation
         // and watch shorter than a window end before the next window is judged.
-        let whole: [(&str, u64, u64, u64); 7] = [
-            ("window_ms", self.window_ms, 100, 60_000),
-            ("learning_secs", self.learning_secs, 0, MAX_LEARNING_SECS),
-            ("burst_recovery_secs", self.burst_recovery_secs, 1, u64::MAX),
-            ("rule_window_secs", self.rule_window_secs, 6, 86_400),
+        let (ms, secs) = (Duration::from_millis, Duration::from_secs);
+        let durations: [(&str, Duration, Duration, Option<Duration>); 6] = [
+            ("window", *self.window, ms(100), Some(secs(60))),
             (
-                "probation_windows",
-                self.probation_windows.into(),
-                1,
-                u64::MAX,
+                "learning",
+                *self.learning,
+                Duration::ZERO,
+                Some(secs(MAX_LEARNING_SECS)),
             ),
+            ("burst_recovery", *self.burst_recovery, secs(1), None),
             (
-                "probation_clear_secs",
-                self.probation_clear_secs,
-                1,
-                u64::MAX,
+                "rule_window",
+                *self.rule_window,
+                secs(6),
+                Some(secs(86_400)),
             ),
-            ("watch_secs", self.watch_secs, 1, u64::MAX),
+            ("probation_clear", *self.probation_clear, secs(1), None),
+            ("watch", *self.watch, secs(1), None),
         ];
-        for (name, v, min, max) in whole {
-            if v < min || v > max {
-                let bound = match (min, max) {
-                    (_, u64::MAX) => format!(">= {min}"),
-                    (0, _) => format!("at most {max}"),
-                    _ => format!("between {min} and {max}"),
+        let shown = |d: Duration| humantime::format_duration(d).to_string();
+        for (name, v, min, max) in durations {
+            if v < min || max.is_some_and(|max| v > max) {
+                let bound = match max {
+                    None => format!("at least {}", shown(min)),
+                    Some(max) if min.is_zero() => format!("at most {}", shown(max)),
+                    Some(max) => format!("between {} and {}", shown(min), shown(max)),
                 };
-                return Err((key(name), format!("must be {bound} (got {v})")));
+                return Err((key(name), format!("must be {bound} (got {})", shown(v))));
             }
         }
-        let window = self.window_ms;
-        for (name, v, at_least_ms, words) in [
+        if self.probation_windows == 0 {
+            return Err((key("probation_windows"), "must be >= 1 (got 0)".into()));
+        }
+        let window = *self.window;
+        for (name, v, at_least, words) in [
+            ("learning", *self.learning, window * 3, "three windows"),
             (
-                "learning_secs",
-                self.learning_secs,
-                3 * window,
-                "three windows",
-            ),
-            (
-                "probation_clear_secs",
-                self.probation_clear_secs,
-                window + 1,
+                "probation_clear",
+                *self.probation_clear,
+                window,
                 "longer than a window",
             ),
-            (
-                "watch_secs",
-                self.watch_secs,
-                window + 1,
-                "longer than a window",
-            ),
+            ("watch", *self.watch, window, "longer than a window"),
         ] {
-            if v.saturating_mul(1000) < at_least_ms {
+            let short = if name == "learning" {
+                v < at_least
+            } else {
+                v <= at_least
+            };
+            if short {
                 return Err((
                     key(name),
-                    format!("must be {words} ({window} ms each) at least (got {v})"),
+                    format!(
+                        "must be {words} ({} each) at least (got {})",
+                        shown(window),
+                        shown(v)
+                    ),
                 ));
             }
         }
@@ -332,14 +338,14 @@ mod tests {
         assert_eq!(c.behaviour_for("default"), Behaviour::default());
         let b = Behaviour::default();
         assert!(b.enabled && b.quarantine_on_clone);
-        assert_eq!((b.window_ms, b.learning_secs), (1000, 900));
+        assert_eq!((b.window.as_millis(), b.learning.as_secs()), (1000, 900));
         assert_eq!((b.decay, b.sigma, b.flood_factor), (0.01, 6.0, 5.0));
         assert_eq!(b.max_bytes_per_second, 1_048_576.0);
         assert_eq!(
-            (b.rule_window_secs, b.max_limit_hits, b.max_topics),
+            (b.rule_window.as_secs(), b.max_limit_hits, b.max_topics),
             (60, 1000, 100)
         );
-        assert_eq!((b.quarantine_ttl_secs, b.watch_secs), (0, 600));
+        assert_eq!((b.quarantine_ttl.as_secs(), b.watch.as_secs()), (0, 600));
         assert_eq!(b.quarantine_traffic, QuarantineTraffic::Drop);
         assert_eq!(b.quarantine_commands, QuarantineCommands::Hold);
     }
@@ -353,7 +359,7 @@ mod tests {
         let cameras = c.behaviour_for("cameras");
         assert_eq!(cameras.sigma, 8.0, "set in both: the group wins");
         assert_eq!(cameras.max_topics, 5, "set only in the group");
-        assert_eq!(cameras.watch_secs, 30, "set only at the top level");
+        assert_eq!(cameras.watch.as_secs(), 30, "set only at the top level");
         assert_eq!(cameras.decay, Behaviour::default().decay, "set nowhere");
         assert_eq!(c.behaviour_for("meters"), c.behaviour);
         assert_eq!(c.behaviour_for("no-such-group"), c.behaviour);
@@ -428,12 +434,12 @@ mod tests {
         // Learning over fewer than three windows, probation or watch no longer than
         // a window, a ceiling the counters or the topic sketch cannot reach.
         for (text, key) in [
-            ("learning_secs = 2", "learning_secs"),
+            ("learning_secs = 2", "learning"),
             (
-                "window_ms = 2000\nprobation_clear_secs = 2",
-                "probation_clear_secs",
+                "window = \"2s\"\nprobation_clear = \"2s\"",
+                "probation_clear",
             ),
-            ("window_ms = 5000\nwatch_secs = 5", "watch_secs"),
+            ("window_ms = 5000\nwatch_secs = 5", "watch"),
             ("max_topics = 1001", "max_topics"),
             ("max_denials = 100001", "max_denials"),
         ] {
@@ -443,7 +449,7 @@ mod tests {
         let err = refused("[behaviour]\nlearning_secs = 2\n");
         assert_eq!(
             err.reason,
-            "must be three windows (1000 ms each) at least (got 2)"
+            "must be three windows (1s each) at least (got 2s)"
         );
         // At the edges: accepted.
         let ok = "[behaviour]\nlearning_secs = 3\nwindow_ms = 2000\nlearning_secs = 6\n";
@@ -453,9 +459,9 @@ mod tests {
     #[test]
     fn every_bound_is_checked() {
         let refused_values = [
-            ("window_ms = 99", "window_ms"),
-            ("window_ms = 60001", "window_ms"),
-            ("learning_secs = 2592001", "learning_secs"),
+            ("window_ms = 99", "window"),
+            ("window_ms = 60001", "window"),
+            ("learning_secs = 2592001", "learning"),
             ("decay = 0.0", "decay"),
             ("decay = 1.01", "decay"),
             ("sigma = -1.0", "sigma"),
@@ -469,16 +475,16 @@ mod tests {
             ("max_rise_per_hour = 0.5", "max_rise_per_hour"),
             ("burst_messages = -1.0", "burst_messages"),
             ("burst_bytes = -1.0", "burst_bytes"),
-            ("burst_recovery_secs = 0", "burst_recovery_secs"),
+            ("burst_recovery_secs = 0", "burst_recovery"),
             ("max_messages_per_second = 0.0", "max_messages_per_second"),
             ("max_bytes_per_second = inf", "max_bytes_per_second"),
-            ("rule_window_secs = 5", "rule_window_secs"),
-            ("rule_window_secs = 86401", "rule_window_secs"),
+            ("rule_window_secs = 5", "rule_window"),
+            ("rule_window_secs = 86401", "rule_window"),
             ("probation_windows = 0", "probation_windows"),
-            ("probation_clear_secs = 0", "probation_clear_secs"),
+            ("probation_clear_secs = 0", "probation_clear"),
             ("probation_rate_factor = 0.0", "probation_rate_factor"),
             ("probation_rate_factor = 1.5", "probation_rate_factor"),
-            ("watch_secs = 0", "watch_secs"),
+            ("watch_secs = 0", "watch"),
             (
                 "forensic_messages_per_second = 0.0",
                 "forensic_messages_per_second",

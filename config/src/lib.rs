@@ -6,6 +6,7 @@
 //! test keeps the two in step). Loading never echoes a value back in an error: a
 //! misplaced secret must not end up in a terminal or a log.
 
+use crate::duration::{Millis, Secs};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 pub const SHIPPED: &str = include_str!("../portcullis.toml");
 
 pub mod behaviour;
+pub mod duration;
 pub mod validation;
 
 pub use behaviour::{Behaviour, BehaviourOverride, QuarantineCommands, QuarantineTraffic};
@@ -43,6 +45,10 @@ pub struct Config {
     pub behaviour: Behaviour,
     pub device_groups: BTreeMap<String, DeviceGroup>,
     pub service_groups: BTreeMap<String, ServiceGroup>,
+    /// Keys of the file that were renamed and are still read, each with the new key
+    /// to write (see [`duration::renamed_keys`]). Not a key itself.
+    #[serde(skip)]
+    pub renamed: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -83,7 +89,8 @@ pub struct Tls {
     /// Server private key (PEM). Default: `{data_dir}/pki/server.key`.
     pub key: Option<PathBuf>,
     /// Seconds a peer has to finish the TLS handshake.
-    pub handshake_timeout_secs: u64,
+    #[serde(alias = "handshake_timeout_secs")]
+    pub handshake_timeout: Secs,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -141,7 +148,8 @@ pub struct Limits {
     /// Most levels in a topic name or filter.
     pub max_topic_depth: usize,
     /// Seconds between TCP accept (or TLS handshake) and CONNECT.
-    pub connect_timeout_secs: u64,
+    #[serde(alias = "connect_timeout_secs")]
+    pub connect_timeout: Secs,
     /// Concurrent connections over all listeners.
     pub max_connections: usize,
     /// Concurrent connections from one source address.
@@ -149,9 +157,11 @@ pub struct Limits {
     /// Filters in one SUBSCRIBE.
     pub max_subscribe_filters: usize,
     /// Seconds SIGTERM waits for sessions to close before exiting anyway.
-    pub drain_timeout_secs: u64,
+    #[serde(alias = "drain_timeout_secs")]
+    pub drain_timeout: Secs,
     /// Seconds a peer may take to accept what the gateway writes before it is dropped.
-    pub write_timeout_secs: u64,
+    #[serde(alias = "write_timeout_secs")]
+    pub write_timeout: Secs,
     /// Topic filters one session may subscribe to per second, sustained, and at once
     /// (a token bucket); filters over it are refused with Quota exceeded.
     pub subscribe_rate: f64,
@@ -170,11 +180,13 @@ pub struct Limits {
 pub struct Sessions {
     /// Longest session expiry granted, in seconds (MQTT 5 asks; MQTT 3.1.1
     /// clean_session = 0 gets exactly this). 0 makes every session clean.
-    pub max_session_expiry_secs: u32,
+    #[serde(alias = "max_session_expiry_secs")]
+    pub max_session_expiry: Secs,
     /// A device's queue of undelivered commands (offline or busy): messages, bytes, age.
     pub queue_max_messages: usize,
     pub queue_max_bytes: usize,
-    pub queue_max_age_secs: u64,
+    #[serde(alias = "queue_max_age_secs")]
+    pub queue_max_age: Secs,
     /// A service's queue of undelivered messages (offline persistent session, or
     /// reading slower than the messages come): messages and bytes. Age as above.
     pub service_queue_max_messages: usize,
@@ -198,7 +210,8 @@ pub struct Sessions {
     pub max_retained_telemetry_bytes_per_device: usize,
     /// Longest keep-alive allowed; a client asking for more (or for none) gets this
     /// (announced as MQTT 5 Server Keep Alive).
-    pub max_keep_alive_secs: u64,
+    #[serde(alias = "max_keep_alive_secs")]
+    pub max_keep_alive: Secs,
     /// User properties allowed on one MQTT 5 message.
     pub max_user_properties: usize,
     /// Subscriptions one session may hold.
@@ -215,9 +228,11 @@ pub struct RateLimits {
     pub bytes_per_second: f64,
     pub byte_burst: f64,
     /// Longest one message is held back (back-pressure) before the action applies.
-    pub max_delay_ms: u64,
+    #[serde(alias = "max_delay_ms")]
+    pub max_delay: Millis,
     /// How long a principal may stay over its rate before the action applies.
-    pub sustained_secs: u64,
+    #[serde(alias = "sustained_secs")]
+    pub sustained: Secs,
     pub action: RateAction,
     /// New connections per second from one source address, before authentication.
     pub connections_per_second_per_source: f64,
@@ -287,8 +302,8 @@ impl Default for RateLimits {
             message_burst: 200.0,
             bytes_per_second: 1_048_576.0,
             byte_burst: 2_097_152.0,
-            max_delay_ms: 1000,
-            sustained_secs: 10,
+            max_delay: Millis::from_millis(1000),
+            sustained: Secs::from_secs(10),
             action: RateAction::Drop,
             connections_per_second_per_source: 20.0,
             connection_burst_per_source: 50.0,
@@ -302,13 +317,17 @@ impl Default for RateLimits {
 pub struct Auth {
     /// Failures from one source (within `failure_window_secs`) before it is backed off.
     pub max_failures: u32,
-    pub failure_window_secs: u64,
+    #[serde(alias = "failure_window_secs")]
+    pub failure_window: Secs,
     /// First back-off; doubles on every further failure, up to `backoff_max_secs`.
-    pub backoff_initial_secs: u64,
-    pub backoff_max_secs: u64,
+    #[serde(alias = "backoff_initial_secs")]
+    pub backoff_initial: Secs,
+    #[serde(alias = "backoff_max_secs")]
+    pub backoff_max: Secs,
     /// An (id, source) pair or a source with no failure for this long starts over;
     /// until then, every failure after a back-off backs it off again.
-    pub backoff_forget_secs: u64,
+    #[serde(alias = "backoff_forget_secs")]
+    pub backoff_forget: Secs,
     /// Distinct ids one source fails against within `failure_window_secs` before the
     /// source as a whole is backed off.
     pub source_max_ids: u32,
@@ -342,9 +361,11 @@ pub struct Audit {
     pub keep_files: usize,
     /// Identical refusals within this many seconds of the first are counted, not
     /// written one by one. 0 turns aggregation off.
-    pub aggregate_window_secs: u64,
+    #[serde(alias = "aggregate_window_secs")]
+    pub aggregate_window: Secs,
     /// How often a signed checkpoint is written and published.
-    pub checkpoint_interval_secs: u64,
+    #[serde(alias = "checkpoint_interval_secs")]
+    pub checkpoint_interval: Secs,
 }
 
 /// How a certificate names its principal.
@@ -481,6 +502,7 @@ impl Default for Config {
             },
         );
         Config {
+            renamed: Vec::new(),
             data_dir: PathBuf::from("data"),
             listeners: Listeners::default(),
             tls: Tls::default(),
@@ -517,7 +539,7 @@ impl Default for Tls {
         Tls {
             cert: None,
             key: None,
-            handshake_timeout_secs: 10,
+            handshake_timeout: Secs::from_secs(10),
         }
     }
 }
@@ -552,12 +574,12 @@ impl Default for Limits {
             max_packet_size: 256 * 1024,
             max_topic_length: 256,
             max_topic_depth: 16,
-            connect_timeout_secs: 10,
+            connect_timeout: Secs::from_secs(10),
             max_connections: 100_000,
             max_connections_per_source: 1_000,
             max_subscribe_filters: 16,
-            drain_timeout_secs: 5,
-            write_timeout_secs: 30,
+            drain_timeout: Secs::from_secs(5),
+            write_timeout: Secs::from_secs(30),
             subscribe_rate: 10.0,
             subscribe_burst: 64.0,
             max_unauthenticated: 1_024,
@@ -569,10 +591,10 @@ impl Default for Limits {
 impl Default for Sessions {
     fn default() -> Self {
         Sessions {
-            max_session_expiry_secs: 86_400,
+            max_session_expiry: Secs::from_secs(86_400),
             queue_max_messages: 1_000,
             queue_max_bytes: 1024 * 1024,
-            queue_max_age_secs: 86_400,
+            queue_max_age: Secs::from_secs(86_400),
             service_queue_max_messages: 10_000,
             service_queue_max_bytes: 16 * 1024 * 1024,
             max_inflight: 32,
@@ -582,7 +604,7 @@ impl Default for Sessions {
             max_retained_command_bytes_per_device: 1024 * 1024,
             max_retained_command_bytes: 64 * 1024 * 1024,
             max_retained_telemetry_bytes_per_device: 1024 * 1024,
-            max_keep_alive_secs: 600,
+            max_keep_alive: Secs::from_secs(600),
             max_user_properties: 16,
             max_subscriptions: 64,
         }
@@ -593,10 +615,10 @@ impl Default for Auth {
     fn default() -> Self {
         Auth {
             max_failures: 5,
-            failure_window_secs: 60,
-            backoff_initial_secs: 2,
-            backoff_max_secs: 300,
-            backoff_forget_secs: 86_400,
+            failure_window: Secs::from_secs(60),
+            backoff_initial: Secs::from_secs(2),
+            backoff_max: Secs::from_secs(300),
+            backoff_forget: Secs::from_secs(86_400),
             source_max_ids: 10,
             source_max_failures: 100,
             backoff_max_entries: 100_000,
@@ -615,8 +637,8 @@ impl Default for Audit {
             key_file: PathBuf::from("{data_dir}/../portcullis-audit.key"),
             max_file_bytes: 16 * 1024 * 1024,
             keep_files: 8,
-            aggregate_window_secs: 60,
-            checkpoint_interval_secs: 60,
+            aggregate_window: Secs::from_secs(60),
+            checkpoint_interval: Secs::from_secs(60),
         }
     }
 }
@@ -654,7 +676,7 @@ impl Config {
 
     /// Parse and validate configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             // serde names an unknown key but not the group it sits in.
             let (key, reason) = match behaviour::unknown_group_key(text) {
                 Some(key) => (
@@ -675,6 +697,7 @@ impl Config {
             key,
             reason,
         })?;
+        config.renamed = duration::renamed_keys(text);
         Ok(config)
     }
 
@@ -689,10 +712,10 @@ impl Config {
                 "broker.max_subscriptions",
                 self.broker.max_subscriptions as u64,
             ),
-            ("limits.write_timeout_secs", self.limits.write_timeout_secs),
+            ("limits.write_timeout", self.limits.write_timeout.as_secs()),
             (
-                "tls.handshake_timeout_secs",
-                self.tls.handshake_timeout_secs,
+                "tls.handshake_timeout",
+                self.tls.handshake_timeout.as_secs(),
             ),
             ("limits.max_packet_size", self.limits.max_packet_size as u64),
             (
@@ -701,8 +724,8 @@ impl Config {
             ),
             ("limits.max_topic_depth", self.limits.max_topic_depth as u64),
             (
-                "limits.connect_timeout_secs",
-                self.limits.connect_timeout_secs,
+                "limits.connect_timeout",
+                self.limits.connect_timeout.as_secs(),
             ),
             ("limits.max_connections", self.limits.max_connections as u64),
             (
@@ -731,16 +754,16 @@ impl Config {
                 self.sessions.receive_maximum as u64,
             ),
             (
-                "sessions.max_keep_alive_secs",
-                self.sessions.max_keep_alive_secs,
+                "sessions.max_keep_alive",
+                self.sessions.max_keep_alive.as_secs(),
             ),
             ("broker.uplinks", self.broker.uplinks as u64),
             ("broker.link_queue", self.broker.link_queue as u64),
             ("audit.max_file_bytes", self.audit.max_file_bytes),
             ("audit.keep_files", self.audit.keep_files as u64),
             (
-                "audit.checkpoint_interval_secs",
-                self.audit.checkpoint_interval_secs,
+                "audit.checkpoint_interval",
+                self.audit.checkpoint_interval.as_secs(),
             ),
             ("auth.max_failures", self.auth.max_failures as u64),
         ];
@@ -786,6 +809,16 @@ impl Config {
                 ),
             ));
         }
+        if self.sessions.max_session_expiry.as_secs() > u64::from(u32::MAX) {
+            return Err((
+                "sessions.max_session_expiry".into(),
+                format!(
+                    "must be at most {}s, the MQTT maximum (got {}s)",
+                    u32::MAX,
+                    self.sessions.max_session_expiry.as_secs()
+                ),
+            ));
+        }
         if self.limits.max_unauthenticated == 0 {
             return Err((
                 "limits.max_unauthenticated".into(),
@@ -825,24 +858,25 @@ impl Config {
                 "segments must be at least 1024 bytes and max_segment_count > 0".into(),
             ));
         }
-        if self.auth.backoff_initial_secs == 0
-            || self.auth.backoff_max_secs > 7 * 86_400
-            || self.auth.backoff_max_secs < self.auth.backoff_initial_secs
+        if self.auth.backoff_initial.as_secs() == 0
+            || self.auth.backoff_max.as_secs() > 7 * 86_400
+            || self.auth.backoff_max.as_secs() < self.auth.backoff_initial.as_secs()
         {
             return Err((
-                "auth.backoff_max_secs".into(),
+                "auth.backoff_max".into(),
                 format!(
-                    "must be >= auth.backoff_initial_secs > 0 and at most 604800 (got {} and {})",
-                    self.auth.backoff_max_secs, self.auth.backoff_initial_secs
+                    "must be >= auth.backoff_initial > 0 and at most 604800 (got {} and {})",
+                    self.auth.backoff_max.as_secs(),
+                    self.auth.backoff_initial.as_secs()
                 ),
             ));
         }
         let a = &self.auth;
         for (key, value, lo, hi) in [
             (
-                "auth.backoff_forget_secs",
-                a.backoff_forget_secs,
-                a.backoff_max_secs,
+                "auth.backoff_forget",
+                a.backoff_forget.as_secs(),
+                a.backoff_max.as_secs(),
                 30 * 86_400,
             ),
             ("auth.source_max_ids", a.source_max_ids.into(), 2, 10_000),
@@ -1133,6 +1167,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn duration_keys_read_new_and_old_names_and_name_the_renamed_ones() {
+        let new = Config::parse(
+            "[limits]\nconnect_timeout = \"1m 30s\"\n[rate_limits]\nmax_delay = \"250ms\"\n",
+            "n.toml",
+        )
+        .unwrap();
+        assert_eq!(new.limits.connect_timeout.as_secs(), 90);
+        assert_eq!(new.rate_limits.max_delay.as_millis(), 250);
+        assert!(new.renamed.is_empty(), "{:?}", new.renamed);
+        let old = Config::parse(
+            "[limits]\nconnect_timeout_secs = 90\n[rate_limits]\nmax_delay_ms = 250\n",
+            "o.toml",
+        )
+        .unwrap();
+        assert_eq!(old.limits, new.limits);
+        assert_eq!(old.rate_limits, new.rate_limits);
+        assert_eq!(
+            old.renamed,
+            [
+                "limits.connect_timeout_secs: renamed; write `connect_timeout = \"90s\"` instead (the old key is still read)",
+                "rate_limits.max_delay_ms: renamed; write `max_delay = \"250ms\"` instead (the old key is still read)",
+            ]
+        );
+        let both = Config::parse(
+            "[limits]\nconnect_timeout_secs = 90\nconnect_timeout = \"90s\"\n",
+            "b.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("duplicate field"), "{both}");
+        let bad = Config::parse("[tls]\nhandshake_timeout = \"ten seconds\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("line 2") && bad.contains("\"30s\""),
+            "{bad}"
+        );
+        let zero = Config::parse("[limits]\nwrite_timeout = \"0s\"\n", "z.toml").unwrap_err();
+        assert_eq!(
+            (zero.key.as_str(), zero.reason.as_str()),
+            ("limits.write_timeout", "must be > 0 (got 0)")
+        );
+    }
+
+    #[test]
     fn shipped_file_is_the_embedded_default() {
         let shipped = Config::parse(SHIPPED, "config/portcullis.toml").unwrap();
         assert_eq!(shipped, Config::default());
@@ -1259,7 +1338,7 @@ mod tests {
             ("ipv6_source_prefix = 129", "auth.ipv6_source_prefix"),
             ("source_max_ids = 1", "auth.source_max_ids"),
             ("source_max_failures = 2", "auth.source_max_failures"),
-            ("backoff_forget_secs = 10", "auth.backoff_forget_secs"),
+            ("backoff_forget = 10", "auth.backoff_forget"),
             ("backoff_max_entries = 10", "auth.backoff_max_entries"),
             ("alert_failures = 0", "auth.alert_failures"),
         ] {

@@ -145,21 +145,21 @@ impl Gateway {
             message_burst: r.message_burst,
             bytes_per_second: r.bytes_per_second,
             byte_burst: r.byte_burst,
-            max_delay_ms: r.max_delay_ms,
-            sustained_secs: r.sustained_secs,
+            max_delay_ms: r.max_delay.as_millis() as u64,
+            sustained_secs: r.sustained.as_secs(),
             action,
             probation_rate_factor: c.behaviour.probation_rate_factor,
             connections_per_second_per_source: r.connections_per_second_per_source,
             connection_burst_per_source: r.connection_burst_per_source,
             auth_max_failures: c.auth.max_failures,
-            auth_failure_window_secs: c.auth.failure_window_secs,
-            auth_backoff_initial_secs: c.auth.backoff_initial_secs,
-            auth_backoff_max_secs: c.auth.backoff_max_secs,
+            auth_failure_window_secs: c.auth.failure_window.as_secs(),
+            auth_backoff_initial_secs: c.auth.backoff_initial.as_secs(),
+            auth_backoff_max_secs: c.auth.backoff_max.as_secs(),
             max_packet_size: c.limits.max_packet_size,
-            connect_timeout_secs: c.limits.connect_timeout_secs,
+            connect_timeout_secs: c.limits.connect_timeout.as_secs(),
             max_connections_per_source: c.limits.max_connections_per_source,
             silent_session_secs: 1.5
-                * DEVICE_KEEP_ALIVE_SECS.min(c.sessions.max_keep_alive_secs as f64),
+                * DEVICE_KEEP_ALIVE_SECS.min(c.sessions.max_keep_alive.as_secs() as f64),
             policies: Policies::from_config(c),
             backoff: BackoffPolicy::from_config(&c.auth),
             config: Arc::new(c.clone()),
@@ -414,7 +414,7 @@ pub fn evaluate_reporting(
 const NOT_DEVICE: &[NotDevice] = &[
     NotDevice {
         behaviour: "slowloris",
-        handled_by: "the CONNECT deadline (limits.connect_timeout_secs), which closes \
+        handled_by: "the CONNECT deadline (limits.connect_timeout), which closes \
                      each connection; the per-source connection rate and cap \
                      (rate_limits.connections_per_second_per_source, \
                      limits.max_connections_per_source); source bans",
@@ -429,7 +429,7 @@ const NOT_DEVICE: &[NotDevice] = &[
         behaviour: "credential-stuffing (unknown ids)",
         handled_by: "uniform refusals (an unknown id costs the same work and gets the \
                      same answer as a wrong secret); per-source back-off \
-                     (auth.max_failures, doubling up to auth.backoff_max_secs); the \
+                     (auth.max_failures, doubling up to auth.backoff_max); the \
                      per-source connection rate; source bans",
     },
 ];
@@ -1311,7 +1311,7 @@ impl Hostile {
         match self {
             Hostile::StuffingOneSource => Some(
                 "per-(id, source) back-off (auth.max_failures, doubling to \
-                 auth.backoff_max_secs, not reset until auth.backoff_forget_secs of quiet)",
+                 auth.backoff_max, not reset until auth.backoff_forget of quiet)",
             ),
             // Failed logins by others never change how the device is treated.
             Hostile::StuffingManySources => Some(

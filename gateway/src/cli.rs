@@ -320,6 +320,9 @@ pub fn run(cli: Cli) -> Result<()> {
             // Schemas are part of the configuration: they must load too.
             portcullis_core::validate::Validator::new(&config.validation, |p| config.resolve(p))
                 .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+            for renamed in &config.renamed {
+                eprintln!("{}: warning: {renamed}", file.display());
+            }
             println!("{}: ok", file.display());
             Ok(())
         }

@@ -63,6 +63,9 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    for renamed in &config.renamed {
+        tracing::warn!("configuration: {renamed}");
+    }
     let data_dir = &config.data_dir;
     // Owner-only: the registry, keys and audit log live here.
     std::fs::DirBuilder::new()
@@ -99,8 +102,8 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         key: audit_key,
         max_file_bytes: config.audit.max_file_bytes,
         keep_files: config.audit.keep_files,
-        aggregate_window: Duration::from_secs(config.audit.aggregate_window_secs),
-        checkpoint_interval: Duration::from_secs(config.audit.checkpoint_interval_secs),
+        aggregate_window: *config.audit.aggregate_window,
+        checkpoint_interval: *config.audit.checkpoint_interval,
     };
     let (checkpoint_tx, mut checkpoint_rx) = tokio::sync::mpsc::channel::<Checkpoint>(16);
     let (audit, audit_writer) = Audit::start(audit_settings, metrics.clone(), Some(checkpoint_tx))
@@ -149,24 +152,28 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             max_length: config.limits.max_topic_length,
             max_depth: config.limits.max_topic_depth,
         },
-        connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
+        connect_timeout: *config.limits.connect_timeout,
         max_subscribe_filters: config.limits.max_subscribe_filters,
-        write_timeout: Duration::from_secs(config.limits.write_timeout_secs),
-        max_session_expiry: config.sessions.max_session_expiry_secs,
+        write_timeout: *config.limits.write_timeout,
+        max_session_expiry: config.sessions.max_session_expiry.as_secs() as u32,
         mailbox: MailboxLimits {
             max_messages: config.sessions.queue_max_messages,
             max_bytes: config.sessions.queue_max_bytes,
-            max_age: Duration::from_secs(config.sessions.queue_max_age_secs),
+            max_age: *config.sessions.queue_max_age,
         },
         service_mailbox: MailboxLimits {
             max_messages: config.sessions.service_queue_max_messages,
             max_bytes: config.sessions.service_queue_max_bytes,
-            max_age: Duration::from_secs(config.sessions.queue_max_age_secs),
+            max_age: *config.sessions.queue_max_age,
         },
         max_inflight: config.sessions.max_inflight,
         receive_maximum: config.sessions.receive_maximum,
         topic_alias_maximum: config.sessions.topic_alias_maximum,
-        max_keep_alive: config.sessions.max_keep_alive_secs.min(u64::from(u16::MAX)) as u16,
+        max_keep_alive: config
+            .sessions
+            .max_keep_alive
+            .as_secs()
+            .min(u64::from(u16::MAX)) as u16,
         max_user_properties: config.sessions.max_user_properties,
         max_subscriptions: config.sessions.max_subscriptions,
         subscribe_rate: Rate {
@@ -235,7 +242,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
 
     let server_cert = config.server_cert();
     let server_key = config.server_key();
-    let handshake_timeout = Duration::from_secs(config.tls.handshake_timeout_secs);
+    let handshake_timeout = *config.tls.handshake_timeout;
     // Descriptors: as many as allowed, and connections capped below them.
     let nofile = descriptors::raise_nofile_limit();
     let caps = descriptors::connection_caps(
@@ -456,8 +463,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     ready.store(false, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
     sessions.kick_all(KickReason::Shutdown);
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(config.limits.drain_timeout_secs);
+    let deadline = tokio::time::Instant::now() + *config.limits.drain_timeout;
     while !sessions.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

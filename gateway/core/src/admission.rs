@@ -716,6 +716,7 @@ mod tests {
     use crate::quarantine::Policies;
     use crate::topic::TopicLimits;
     use bytes::Bytes;
+    use portcullis_config::duration::Millis;
     use portcullis_config::{Config, RateAction};
     use std::collections::HashSet;
     use tokio::sync::mpsc;
@@ -745,7 +746,7 @@ mod tests {
         let mut c = Config::default();
         c.rate_limits.messages_per_second = 10.0;
         c.rate_limits.message_burst = 2.0;
-        c.rate_limits.max_delay_ms = 500;
+        c.rate_limits.max_delay = Millis::from_millis(500);
         c.rate_limits.global_messages_per_second = 1_000_000;
         edit(&mut c);
         c
@@ -1055,7 +1056,7 @@ mod tests {
                 c.rate_limits.messages_per_second = 10.0;
                 c.rate_limits.message_burst = 10.0;
                 c.behaviour.probation_rate_factor = 0.1;
-                c.rate_limits.max_delay_ms = 2000;
+                c.rate_limits.max_delay = Millis::from_millis(2000);
             },
             Behaviour::Probation,
         );

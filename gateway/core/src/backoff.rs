@@ -41,10 +41,10 @@ impl BackoffPolicy {
     pub fn from_config(a: &portcullis_config::Auth) -> BackoffPolicy {
         BackoffPolicy {
             max_failures: a.max_failures,
-            window: Duration::from_secs(a.failure_window_secs),
-            initial: Duration::from_secs(a.backoff_initial_secs),
-            max: Duration::from_secs(a.backoff_max_secs),
-            forget: Duration::from_secs(a.backoff_forget_secs),
+            window: *a.failure_window,
+            initial: *a.backoff_initial,
+            max: *a.backoff_max,
+            forget: *a.backoff_forget,
             source_max_ids: a.source_max_ids,
             source_max_failures: a.source_max_failures,
             max_entries: a.backoff_max_entries,

@@ -111,10 +111,9 @@ impl Default for Settings {
 impl Settings {
     /// The settings of a device group, from the configuration.
     pub fn from_config(b: &portcullis_config::Behaviour) -> Settings {
-        let secs = Duration::from_secs;
         Settings {
-            window: Duration::from_millis(b.window_ms),
-            learning: secs(b.learning_secs),
+            window: *b.window,
+            learning: *b.learning,
             decay: b.decay,
             sigma: b.sigma,
             flood_factor: b.flood_factor,
@@ -123,10 +122,10 @@ impl Settings {
             max_rise_per_hour: b.max_rise_per_hour,
             burst_messages: b.burst_messages,
             burst_bytes: b.burst_bytes,
-            burst_recovery: secs(b.burst_recovery_secs),
+            burst_recovery: *b.burst_recovery,
             max_messages_per_s: b.max_messages_per_second,
             max_bytes_per_s: b.max_bytes_per_second,
-            rule_window: secs(b.rule_window_secs),
+            rule_window: *b.rule_window,
             max_auth_failures: b.max_auth_failures,
             max_denials: b.max_denials,
             max_validation_failures: b.max_validation_failures,
@@ -136,9 +135,9 @@ impl Settings {
             max_topics: b.max_topics,
             quarantine_on_clone: b.quarantine_on_clone,
             probation_windows: b.probation_windows,
-            probation_clear: secs(b.probation_clear_secs),
-            quarantine_ttl: (b.quarantine_ttl_secs > 0).then(|| secs(b.quarantine_ttl_secs)),
-            watch: secs(b.watch_secs),
+            probation_clear: *b.probation_clear,
+            quarantine_ttl: (!b.quarantine_ttl.is_zero()).then_some(*b.quarantine_ttl),
+            watch: *b.watch,
         }
     }
 }

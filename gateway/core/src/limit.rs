@@ -98,8 +98,8 @@ impl PrincipalRates {
                 per_second: r.bytes_per_second,
                 burst: r.byte_burst,
             },
-            max_delay: Duration::from_millis(r.max_delay_ms),
-            sustained: Duration::from_secs(r.sustained_secs),
+            max_delay: *r.max_delay,
+            sustained: *r.sustained,
             action: match r.action {
                 RateAction::Drop => OverLimitAction::Drop,
                 RateAction::QuotaExceeded => OverLimitAction::QuotaExceeded,

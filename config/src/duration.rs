@@ -1,0 +1,217 @@
+//! Durations in the configuration: `"30s"`, `"500ms"`, `"5m"`, `"1h 30m"`, `"7d"` (as
+//! humantime reads them), or a bare integer in the unit of the key it replaced.
+//!
+//! Every duration key was once an integer key named with its unit (`connect_timeout_secs`,
+//! `max_delay_ms`). Those names are still read, as aliases, with a warning naming the
+//! new key ([`renamed_keys`]).
+
+use serde::Deserialize;
+use std::fmt;
+use std::time::Duration;
+
+macro_rules! duration_type {
+    ($(#[$doc:meta])* $name:ident, $unit:literal, $from_int:expr, $whole:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+        pub struct $name(pub Duration);
+
+        impl std::ops::Deref for $name {
+            type Target = Duration;
+            fn deref(&self) -> &Duration {
+                &self.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Visitor;
+                impl serde::de::Visitor<'_> for Visitor {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        write!(
+                            f,
+                            "a duration such as \"30s\", \"500ms\", \"5m\" or \"1h 30m\", \
+                             or a whole number of {}",
+                            $unit
+                        )
+                    }
+                    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<$name, E> {
+                        let v = u64::try_from(v).map_err(|_| {
+                            E::custom(format!("a duration cannot be negative (got {v})"))
+                        })?;
+                        Ok($name($from_int(v)))
+                    }
+                    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<$name, E> {
+                        Ok($name($from_int(v)))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        let d = humantime::parse_duration(v).map_err(|e| {
+                            E::custom(format!(
+                                "{v:?} is not a duration ({e}); write e.g. \"30s\", \
+                                 \"500ms\", \"5m\" or \"1h 30m\""
+                            ))
+                        })?;
+                        let whole: Duration = $whole;
+                        if d.as_nanos() % whole.as_nanos() != 0 {
+                            return Err(E::custom(format!(
+                                "{v:?}: this key takes whole {}",
+                                $unit
+                            )));
+                        }
+                        Ok($name(d))
+                    }
+                }
+                d.deserialize_any(Visitor)
+            }
+        }
+    };
+}
+
+duration_type!(
+    /// A duration kept in whole seconds; a bare integer is seconds.
+    Secs,
+    "seconds",
+    Duration::from_secs,
+    Duration::from_secs(1)
+);
+
+duration_type!(
+    /// A duration kept in whole milliseconds; a bare integer is milliseconds.
+    Millis,
+    "milliseconds",
+    Duration::from_millis,
+    Duration::from_millis(1)
+);
+
+impl Secs {
+    pub const fn from_secs(s: u64) -> Secs {
+        Secs(Duration::from_secs(s))
+    }
+}
+
+impl Millis {
+    pub const fn from_millis(ms: u64) -> Millis {
+        Millis(Duration::from_millis(ms))
+    }
+}
+
+/// Old key → new key, for every duration key that was renamed (the table does not
+/// matter: no old name is used for anything else).
+pub const RENAMED: &[(&str, &str)] = &[
+    ("handshake_timeout_secs", "handshake_timeout"),
+    ("connect_timeout_secs", "connect_timeout"),
+    ("drain_timeout_secs", "drain_timeout"),
+    ("write_timeout_secs", "write_timeout"),
+    ("max_session_expiry_secs", "max_session_expiry"),
+    ("queue_max_age_secs", "queue_max_age"),
+    ("max_keep_alive_secs", "max_keep_alive"),
+    ("max_delay_ms", "max_delay"),
+    ("sustained_secs", "sustained"),
+    ("failure_window_secs", "failure_window"),
+    ("backoff_initial_secs", "backoff_initial"),
+    ("backoff_max_secs", "backoff_max"),
+    ("backoff_forget_secs", "backoff_forget"),
+    ("aggregate_window_secs", "aggregate_window"),
+    ("checkpoint_interval_secs", "checkpoint_interval"),
+    ("window_ms", "window"),
+    ("learning_secs", "learning"),
+    ("burst_recovery_secs", "burst_recovery"),
+    ("rule_window_secs", "rule_window"),
+    ("probation_clear_secs", "probation_clear"),
+    ("quarantine_ttl_secs", "quarantine_ttl"),
+    ("watch_secs", "watch"),
+];
+
+/// One warning per old duration key found in the configuration text, naming the
+/// key with its table and the new key to write instead.
+pub fn renamed_keys(text: &str) -> Vec<String> {
+    let Ok(root) = toml::from_str::<toml::Table>(text) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    walk(&root, "", &mut out);
+    out
+}
+
+fn walk(table: &toml::Table, path: &str, out: &mut Vec<String>) {
+    for (key, value) in table {
+        let full = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        if let Some((old, new)) = RENAMED.iter().find(|(old, _)| old == key) {
+            let unit = if old.ends_with("_ms") { "ms" } else { "s" };
+            let example = match value {
+                toml::Value::Integer(n) => format!("\"{n}{unit}\""),
+                _ => "a duration such as \"30s\"".to_string(),
+            };
+            out.push(format!(
+                "{full}: renamed; write `{new} = {example}` instead (the old key is still read)"
+            ));
+        }
+        if let toml::Value::Table(inner) = value {
+            walk(inner, &full, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct T {
+        s: Option<Secs>,
+        m: Option<Millis>,
+    }
+
+    fn parse(text: &str) -> Result<T, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn durations_read_as_text_or_as_integers_in_the_old_unit() {
+        let t = parse("s = \"1h 30m\"\nm = \"1.5s\"").unwrap();
+        assert_eq!(*t.s.unwrap(), Duration::from_secs(5400));
+        assert_eq!(*t.m.unwrap(), Duration::from_millis(1500));
+        let t = parse("s = 30\nm = 250").unwrap();
+        assert_eq!(*t.s.unwrap(), Duration::from_secs(30));
+        assert_eq!(*t.m.unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            *parse("s = \"7d\"").unwrap().s.unwrap(),
+            Duration::from_secs(604_800)
+        );
+    }
+
+    #[test]
+    fn bad_durations_say_what_to_write() {
+        for (text, needle) in [
+            ("s = \"soon\"", "write e.g. \"30s\""),
+            ("s = -3", "cannot be negative"),
+            ("s = \"1500ms\"", "whole seconds"),
+            ("m = \"10us\"", "whole milliseconds"),
+            ("s = 1.5", "a duration such as"),
+        ] {
+            let err = parse(text)
+                .err()
+                .unwrap_or_else(|| panic!("{text} accepted"));
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn old_keys_are_named_with_their_table_and_the_new_key() {
+        let w = renamed_keys(
+            "[limits]\nconnect_timeout_secs = 30\n[device_groups.cams.behaviour]\nwindow_ms = 500\n",
+        );
+        assert_eq!(
+            w,
+            [
+                "device_groups.cams.behaviour.window_ms: renamed; write `window = \"500ms\"` instead (the old key is still read)",
+                "limits.connect_timeout_secs: renamed; write `connect_timeout = \"30s\"` instead (the old key is still read)",
+            ]
+        );
+        assert!(renamed_keys("[limits]\nconnect_timeout = \"30s\"\n").is_empty());
+    }
+}
