@@ -1200,10 +1200,7 @@ mod tests {
         let bad = Config::parse("[tls]\nhandshake_timeout = \"ten seconds\"\n", "t.toml")
             .unwrap_err()
             .to_string();
-        assert!(
-            bad.contains("line 2") && bad.contains("\"30s\""),
-            "{bad}"
-        );
+        assert!(bad.contains("line 2") && bad.contains("\"30s\""), "{bad}");
         let zero = Config::parse("[limits]\nwrite_timeout = \"0s\"\n", "z.toml").unwrap_err();
         assert_eq!(
             (zero.key.as_str(), zero.reason.as_str()),

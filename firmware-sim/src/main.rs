@@ -40,8 +40,9 @@ enum Command {
         /// Repetitions of every case on every target (the report gives the median).
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Seconds measured per run (after one second of warm-up).
-        #[arg(long, default_value_t = 5.0)]
+        /// Time measured per run (after one second of warm-up): seconds, or a
+        /// duration such as 500ms, 3s, 1m.
+        #[arg(long, default_value = "5", value_parser = seconds)]
         secs: f64,
         /// Targets, comma-separated.
         #[arg(
@@ -371,4 +372,33 @@ fn run_model(o: &model::Options, json: Option<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A number of seconds (`3`, `2.5`) or a duration as humantime reads it (`500ms`,
+/// `3s`, `1m 30s`), in seconds.
+fn seconds(text: &str) -> Result<f64, String> {
+    let secs = match text.parse::<f64>() {
+        Ok(secs) => secs,
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|e| format!("{e}; write e.g. 3, 2.5, 500ms, 3s or 1m"))?
+            .as_secs_f64(),
+    };
+    if secs.is_finite() && secs > 0.0 {
+        Ok(secs)
+    } else {
+        Err(format!("must be a time > 0 (got {text})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bench_times_read_as_seconds_or_durations() {
+        for (text, secs) in [("3", 3.0), ("2.5", 2.5), ("500ms", 0.5), ("1m 30s", 90.0)] {
+            assert_eq!(super::seconds(text), Ok(secs), "{text}");
+        }
+        for bad in ["0", "-1", "soon", "nan"] {
+            assert!(super::seconds(bad).is_err(), "{bad}");
+        }
+    }
 }
