@@ -110,7 +110,9 @@ pub fn identity(cert_pem: &str, key_pem: &str) -> Result<Secret> {
 }
 
 pub fn random_secret() -> String {
-    let bytes: [u8; 16] = rand::random();
+    let mut bytes = [0u8; 16];
+    // The system's random source failing is not something a simulator can go on from.
+    getrandom::fill(&mut bytes).expect("the system's random source");
     hex::encode(bytes)
 }
 

@@ -10,7 +10,7 @@
 //!
 //! Everything here is pure, so it can be fuzzed: no storage, no clock.
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde::de::DeserializeOwned;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;

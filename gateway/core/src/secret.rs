@@ -5,7 +5,7 @@
 //! nothing. Verification is constant-time and an unknown id costs the same work as a
 //! known one, so timing does not tell whether an id exists.
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use std::io::Write;
 use std::path::Path;

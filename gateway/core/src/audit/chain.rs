@@ -3,7 +3,7 @@
 //! name a line, so a log cut short or replaced can be caught off the box.
 
 use super::entry::{AuditEntry, Body, Extra};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
@@ -18,7 +18,7 @@ const LINE_TAG: &[u8] = b"portcullis-audit-line-v1\0";
 const CHECKPOINT_TAG: &[u8] = b"portcullis-audit-checkpoint-v1\0";
 
 fn hmac(key: &[u8; 32]) -> HmacSha256 {
-    <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes a key of any length")
+    <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes a key of any length")
 }
 
 /// The MAC of a line: over the previous line's MAC and the exact text of this line
