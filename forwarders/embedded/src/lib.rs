@@ -39,7 +39,7 @@ use rumqttd::{Config, Notification, RouterConfig};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
@@ -279,14 +279,16 @@ impl EmbeddedBroker {
         audit: Audit,
     ) -> Result<Arc<EmbeddedBroker>, ForwardError> {
         let broker = rumqttd::Broker::new(router_config(cfg));
+        let lag = Arc::new(Lag::new(cfg));
         let mut uplinks = Vec::with_capacity(cfg.uplinks);
         for n in 0..cfg.uplinks {
             let (tx, rx) = broker
                 .link(&format!("portcullis-uplink-{n}"))
                 .map_err(link_err)?;
             let (cmd_tx, cmd_rx) = mpsc::channel(cfg.link_queue);
+            let lag = lag.clone();
             spawn_link_thread(format!("uplink-{n}"), move || {
-                runtime().block_on(run_uplink(tx, rx, cmd_rx))
+                runtime().block_on(run_uplink(tx, rx, cmd_rx, lag))
             })?;
             uplinks.push(cmd_tx);
         }
@@ -305,7 +307,8 @@ impl EmbeddedBroker {
             max_subscriptions: cfg.max_subscriptions,
         });
         spawn_link_thread("fanout".into(), move || {
-            runtime().block_on(run_fanout(tx, rx, cmd_rx, table, metrics, audit, ready_tx))
+            let link = FanoutLink { tx, rx, lag };
+            runtime().block_on(run_fanout(link, cmd_rx, table, metrics, audit, ready_tx))
         })?;
         // Both reading links subscribed before anything is published.
         for link in ["downlink", "fan-out"] {
@@ -419,6 +422,81 @@ impl Forwarder for EmbeddedBroker {
     }
 }
 
+/// Bytes the uplinks have handed to the router that the fan-out has not read yet.
+///
+/// rumqttd keeps a bounded log per topic (`max_segment_count` segments of
+/// `max_segment_size`) and drops the oldest segment when a reader lags beyond it: a
+/// message the fan-out had not read would be lost without a trace. So the uplinks stop
+/// taking messages (their senders wait, and the peers' acknowledgements with them)
+/// while the fan-out is further behind than all but one segment of a topic's log
+/// (less a margin); with one segment, one message at a time. If the fan-out reads
+/// nothing for `LAG_STALL`, the limit is lifted until it does: a fan-out that stopped
+/// must not stop the gateway.
+#[derive(Debug)]
+struct Lag {
+    unread: AtomicUsize,
+    /// When the fan-out last read, in milliseconds since `base`.
+    read_at: AtomicU64,
+    base: Instant,
+    budget: usize,
+}
+
+const LAG_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a held-back uplink looks at the fan-out's progress again.
+const LAG_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl Lag {
+    fn new(cfg: &portcullis_config::Broker) -> Lag {
+        Lag {
+            unread: AtomicUsize::new(0),
+            read_at: AtomicU64::new(0),
+            base: Instant::now(),
+            // The writer may start a new segment, dropping the oldest, while the
+            // reader is still at that oldest segment's start: what is safe to leave
+            // unread is the other segments, less a quarter for what the log counts
+            // beyond topic and payload.
+            budget: cfg
+                .max_segment_size
+                .saturating_mul(cfg.max_segment_count.saturating_sub(1))
+                / 4
+                * 3,
+        }
+    }
+
+    /// The size the router's log counts for a publish, on both sides.
+    fn size(publish: &Publish) -> usize {
+        publish.topic.len() + publish.payload.len()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// Whether the uplinks may hand the router more now. (One message may take it
+    /// past the budget: the budget keeps a margin for it.)
+    fn open(&self) -> bool {
+        let unread = self.unread.load(Ordering::Relaxed);
+        unread <= self.budget
+            || self
+                .now_ms()
+                .saturating_sub(self.read_at.load(Ordering::Relaxed))
+                > LAG_STALL.as_millis() as u64
+    }
+
+    fn sent(&self, size: usize) {
+        self.unread.fetch_add(size, Ordering::Relaxed);
+    }
+
+    fn read(&self, size: usize) {
+        let _ = self
+            .unread
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(size))
+            });
+        self.read_at.store(self.now_ms(), Ordering::Relaxed);
+    }
+}
+
 /// QoS 1 publishes one uplink may have waiting for the router's acknowledgement.
 const MAX_PENDING: usize = 60_000;
 
@@ -442,7 +520,12 @@ async fn send_batch(
     tx.send(last).await.map(|_| ())
 }
 
-async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<UplinkItem>) {
+async fn run_uplink(
+    mut tx: LinkTx,
+    mut rx: LinkRx,
+    mut cmds: mpsc::Receiver<UplinkItem>,
+    lag: Arc<Lag>,
+) {
     let mut pending: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
     let mut next_pkid: u16 = 0;
     let mut batch: Vec<Packet> = Vec::with_capacity(BATCH);
@@ -453,7 +536,8 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
             biased;
             // Packet ids are 16 bits: with that many awaiting the router, wait for acks
             // before taking more (the senders feel it as back-pressure).
-            cmd = cmds.recv(), if pending.len() < MAX_PENDING && batch.len() < BATCH => {
+            // And while the fan-out is too far behind (`Lag`), take nothing either.
+            cmd = cmds.recv(), if pending.len() < MAX_PENDING && batch.len() < BATCH && lag.open() => {
                 let Some(UplinkItem { message, ack, origin }) = cmd else {
                     // Closing: what was accepted still goes to the router.
                     let _ = send_batch(&mut tx, &mut batch).await;
@@ -474,6 +558,7 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
                     }
                 };
                 let publish = seal(&message, origin.as_ref(), qos, pkid);
+                lag.sent(Lag::size(&publish));
                 batch.push(Packet::Publish(publish, link_properties(&message)));
                 if let Some(ack) = ack {
                     pending.insert(pkid, ack);
@@ -497,6 +582,8 @@ async fn run_uplink(mut tx: LinkTx, mut rx: LinkRx, mut cmds: mpsc::Receiver<Upl
                     break;
                 }
             }
+            // Held back by the fan-out: look again shortly.
+            _ = tokio::time::sleep(LAG_WAIT), if !lag.open() => {}
         }
     }
 }
@@ -640,15 +727,27 @@ fn report(routed: Routed, topic: &str, metrics: &Metrics, audit: &Audit) {
     }
 }
 
+/// The fan-out link's ends.
+struct FanoutLink {
+    tx: LinkTx,
+    rx: LinkRx,
+    /// What the uplinks sent that this link has not read.
+    lag: Arc<Lag>,
+}
+
 async fn run_fanout(
-    mut tx: LinkTx,
-    mut rx: LinkRx,
+    link: FanoutLink,
     mut cmds: mpsc::Receiver<FanoutCmd>,
     mut table: Fanout,
     metrics: Arc<Metrics>,
     audit: Audit,
     ready: std::sync::mpsc::Sender<()>,
 ) {
+    let FanoutLink {
+        mut tx,
+        mut rx,
+        lag,
+    } = link;
     // Everything, at QoS 0: the table decides each session's QoS, and nothing waits
     // for acknowledgements on this link.
     if !subscribe_link(&mut tx, &mut rx, "#", QoS::AtMostOnce, ready).await {
@@ -693,6 +792,7 @@ async fn run_fanout(
             }
             n = rx.next() => match n {
                 Ok(Some(Notification::Forward(forward))) => {
+                    lag.read(Lag::size(&forward.publish));
                     let Some((message, origin)) = open(forward.publish, forward.properties) else {
                         continue;
                     };
