@@ -484,7 +484,11 @@ impl Lag {
     }
 
     fn sent(&self, size: usize) {
-        self.unread.fetch_add(size, Ordering::Relaxed);
+        // A fan-out that had read everything is not stalled: its clock starts now,
+        // not at its last read (which may be long ago on a quiet gateway).
+        if self.unread.fetch_add(size, Ordering::Relaxed) == 0 {
+            self.read_at.store(self.now_ms(), Ordering::Relaxed);
+        }
     }
 
     fn read(&self, size: usize) {
