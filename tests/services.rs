@@ -1092,3 +1092,58 @@ subscribe = ["devices/+/telemetry/#"]
         "lost or out of order"
     );
 }
+
+/// The same for commands: the downlink reads the broker's log of every device's
+/// commands, and a burst larger than that log reaches the device whole, in order (it
+/// lost dozens before the uplinks waited for the fan-out, which reads commands too).
+#[test]
+fn a_command_burst_larger_than_the_brokers_log_reaches_the_device_whole() {
+    let gw = Gateway::start_all(
+        r#"
+[broker]
+max_segment_size = 16384
+max_segment_count = 2
+[service_groups.cluster]
+trust = []
+publish = ["devices/+/commands/#"]
+"#,
+        "",
+        "messages_per_second = 100000.0\nmessage_burst = 100000.0\nbytes_per_second = 1e12\nbyte_burst = 1e12",
+    );
+    gw.add_device_secret("sensor-1", SECRET);
+    let out = gw.cli_stdin(
+        &[
+            "service",
+            "add",
+            "alpha",
+            "--group",
+            "cluster",
+            "--secret-stdin",
+        ],
+        Some(SECRET),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let mut d = Client::device(&gw);
+    d.sub("devices/sensor-1/commands/#", Q5::AtMostOnce);
+    let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
+    std::thread::sleep(Duration::from_millis(1500));
+    let pad = "x".repeat(2000);
+    for n in 0..400 {
+        svc.publish(
+            "devices/sensor-1/commands/set",
+            &format!("{n:04}{pad}"),
+            Q5::AtMostOnce,
+            false,
+        );
+    }
+    let got = d.received(false);
+    let numbers: Vec<usize> = got
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload[..4]).parse().unwrap())
+        .collect();
+    assert_eq!(
+        numbers,
+        (0..400).collect::<Vec<_>>(),
+        "lost or out of order"
+    );
+}
