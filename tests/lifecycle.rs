@@ -365,6 +365,73 @@ fn a_device_that_stops_reading_is_dropped() {
     gw.wait_audit(&["\"disconnect\"", "\"meter-1\"", "peer stopped reading"]);
 }
 
+/// A file with the old duration keys still works; `config check` and the start name
+/// each old key with the line to write instead.
+#[test]
+fn old_duration_keys_are_read_and_named_with_their_new_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.toml");
+    std::fs::write(&old, "[limits]\nconnect_timeout_secs = 30\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["config", "check", old.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "old.toml: warning: limits.connect_timeout_secs: renamed; write `connect_timeout = \"30s\"` instead"
+        ),
+        "{stderr}"
+    );
+    // The test gateway's own configuration uses old keys (tls.handshake_timeout_secs…).
+    let gw = Gateway::start();
+    let log = gw.stderr();
+    assert!(
+        log.contains(
+            "configuration: tls.handshake_timeout_secs: renamed; write `handshake_timeout = \"2s\"`"
+        ),
+        "{log}"
+    );
+}
+
+/// `/metrics` speaks Prometheus text by default and OpenMetrics when asked, as
+/// Prometheus asks.
+#[test]
+fn metrics_come_as_prometheus_text_or_openmetrics_as_the_scraper_asks() {
+    let gw = Gateway::start();
+    let (status, head, body) = http_get_raw(gw.observability, "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(
+        body.contains("# TYPE portcullis_messages_accepted_total counter\n"),
+        "{body}"
+    );
+    assert!(!body.contains("# EOF"), "{body}");
+    let accept =
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n";
+    let (status, head, body) = http_get_raw(gw.observability, "/metrics", accept);
+    assert_eq!(status, 200);
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(
+        body.contains("# TYPE portcullis_messages_accepted counter\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("\nportcullis_messages_accepted_total 0\n"),
+        "{body}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+}
+
 #[test]
 fn config_check_names_the_file_the_key_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -366,14 +366,7 @@ fn a_registry_written_by_redb_2_is_upgraded_with_everything_in_it() {
 fn damaged_redb2(damage: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    std::fs::create_dir_all(data.join("keys")).unwrap();
-    for f in [
-        "data/keys/secret-hash.key",
-        "portcullis-audit.key",
-        "portcullis-audit.key.registry-sealed",
-    ] {
-        std::fs::copy(format!("{REDB2_FIXTURE}/{f}"), dir.path().join(f)).unwrap();
-    }
+    common::copy_tree(Path::new(REDB2_FIXTURE), dir.path());
     let mut bytes = std::fs::read(format!("{REDB2_FIXTURE}/data/registry.redb")).unwrap();
     damage(&mut bytes);
     let live = data.join("registry.redb");

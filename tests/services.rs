@@ -1036,21 +1036,16 @@ fn one_device_cannot_fill_the_retained_store_with_its_telemetry() {
     );
 }
 
-/// The broker keeps a short log per topic here (two 16 KiB segments, 8 of these
-/// messages each): a fan-out that fell further behind than that would lose messages
-/// from the log's front without a trace. The uplinks wait for it instead, so a burst
-/// arrives whole, in order.
-#[test]
-fn a_burst_larger_than_the_brokers_log_reaches_a_service_whole() {
+/// A gateway whose broker keeps a short log per topic (two 16 KiB segments, 8 of the
+/// numbered messages each), with sensor-1 and the service alpha (in `group`) and rates
+/// that hold nobody back. The gateway is left quiet for 1.5 s first: the limit must
+/// hold from the first message of a burst.
+fn small_log(group: &str) -> Gateway {
     let gw = Gateway::start_all(
-        r#"
-[broker]
-max_segment_size = 16384
-max_segment_count = 2
-[service_groups.cluster]
-trust = []
-subscribe = ["devices/+/telemetry/#"]
-"#,
+        &format!(
+            "[broker]\nmax_segment_size = 16384\nmax_segment_count = 2\n\
+             [service_groups.cluster]\ntrust = []\n{group}\n"
+        ),
         "",
         "messages_per_second = 100000.0\nmessage_burst = 100000.0\nbytes_per_second = 1e12\nbyte_burst = 1e12",
     );
@@ -1067,28 +1062,41 @@ subscribe = ["devices/+/telemetry/#"]
         Some(SECRET),
     );
     assert!(out.status.success(), "{}", text(&out));
+    gw
+}
+
+const BURST: usize = 400;
+
+/// `BURST` numbered 2 KB messages on `topic`, QoS 0, as fast as they go.
+fn burst(from: &mut Client, topic: &str) {
+    std::thread::sleep(Duration::from_millis(1500));
+    let pad = "x".repeat(2000);
+    for n in 0..BURST {
+        from.publish(topic, &format!("{n:04}{pad}"), Q5::AtMostOnce, false);
+    }
+}
+
+/// The numbers of what `to` received.
+fn numbers(to: &mut Client) -> Vec<usize> {
+    to.received(false)
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload[..4]).parse().unwrap())
+        .collect()
+}
+
+/// A fan-out that fell further behind than the broker's log would lose messages from
+/// the log's front without a trace. The uplinks wait for it instead, so a burst
+/// arrives whole, in order.
+#[test]
+fn a_burst_larger_than_the_brokers_log_reaches_a_service_whole() {
+    let gw = small_log("subscribe = [\"devices/+/telemetry/#\"]");
     let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
     svc.sub("devices/+/telemetry/#", Q5::AtMostOnce);
     let mut d = Client::device(&gw);
-    // A quiet gateway first: the limit must hold from the first message of a burst.
-    std::thread::sleep(Duration::from_millis(1500));
-    let pad = "x".repeat(2000);
-    for n in 0..400 {
-        d.publish(
-            "devices/sensor-1/telemetry",
-            &format!("{n:04}{pad}"),
-            Q5::AtMostOnce,
-            false,
-        );
-    }
-    let got = svc.received(false);
-    let numbers: Vec<usize> = got
-        .iter()
-        .map(|p| String::from_utf8_lossy(&p.payload[..4]).parse().unwrap())
-        .collect();
+    burst(&mut d, "devices/sensor-1/telemetry");
     assert_eq!(
-        numbers,
-        (0..400).collect::<Vec<_>>(),
+        numbers(&mut svc),
+        (0..BURST).collect::<Vec<_>>(),
         "lost or out of order"
     );
 }
@@ -1098,52 +1106,14 @@ subscribe = ["devices/+/telemetry/#"]
 /// lost dozens before the uplinks waited for the fan-out, which reads commands too).
 #[test]
 fn a_command_burst_larger_than_the_brokers_log_reaches_the_device_whole() {
-    let gw = Gateway::start_all(
-        r#"
-[broker]
-max_segment_size = 16384
-max_segment_count = 2
-[service_groups.cluster]
-trust = []
-publish = ["devices/+/commands/#"]
-"#,
-        "",
-        "messages_per_second = 100000.0\nmessage_burst = 100000.0\nbytes_per_second = 1e12\nbyte_burst = 1e12",
-    );
-    gw.add_device_secret("sensor-1", SECRET);
-    let out = gw.cli_stdin(
-        &[
-            "service",
-            "add",
-            "alpha",
-            "--group",
-            "cluster",
-            "--secret-stdin",
-        ],
-        Some(SECRET),
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    let gw = small_log("publish = [\"devices/+/commands/#\"]");
     let mut d = Client::device(&gw);
     d.sub("devices/sensor-1/commands/#", Q5::AtMostOnce);
     let (mut svc, _) = Client::service(&gw, "alpha", CLEAN);
-    std::thread::sleep(Duration::from_millis(1500));
-    let pad = "x".repeat(2000);
-    for n in 0..400 {
-        svc.publish(
-            "devices/sensor-1/commands/set",
-            &format!("{n:04}{pad}"),
-            Q5::AtMostOnce,
-            false,
-        );
-    }
-    let got = d.received(false);
-    let numbers: Vec<usize> = got
-        .iter()
-        .map(|p| String::from_utf8_lossy(&p.payload[..4]).parse().unwrap())
-        .collect();
+    burst(&mut svc, "devices/sensor-1/commands/set");
     assert_eq!(
-        numbers,
-        (0..400).collect::<Vec<_>>(),
+        numbers(&mut d),
+        (0..BURST).collect::<Vec<_>>(),
         "lost or out of order"
     );
 }

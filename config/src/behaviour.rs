@@ -56,7 +56,7 @@ macro_rules! behaviour_keys {
 behaviour_keys! {
     /// `false`: no model and no quarantine for these devices.
     enabled: bool = true,
-    /// Length of one feature window, in milliseconds.
+    /// Length of one feature window (whole milliseconds).
     window | "window_ms": Millis = Millis::from_millis(1000),
     /// Time before the learned baseline is trusted.
     learning | "learning_secs": Secs = Secs::from_secs(900),
@@ -228,23 +228,20 @@ impl Behaviour {
         if self.probation_windows == 0 {
             return Err((key("probation_windows"), "must be >= 1 (got 0)".into()));
         }
+        // Values are whole milliseconds at least: one more than a window is longer.
         let window = *self.window;
+        let longer = window + Duration::from_millis(1);
         for (name, v, at_least, words) in [
             ("learning", *self.learning, window * 3, "three windows"),
             (
                 "probation_clear",
                 *self.probation_clear,
-                window,
+                longer,
                 "longer than a window",
             ),
-            ("watch", *self.watch, window, "longer than a window"),
+            ("watch", *self.watch, longer, "longer than a window"),
         ] {
-            let short = if name == "learning" {
-                v < at_least
-            } else {
-                v <= at_least
-            };
-            if short {
+            if v < at_least {
                 return Err((
                     key(name),
                     format!(

@@ -9,8 +9,42 @@ use serde::Deserialize;
 use std::fmt;
 use std::time::Duration;
 
+/// The longest duration any key takes: far beyond every bound the gateway checks, and
+/// far from where adding it to a clock reading could overflow.
+pub const LONGEST: Duration = Duration::from_secs(1000 * 365 * 86_400);
+
+/// A duration in a key's `unit` (`whole`): a bare integer counts in it; text is read by
+/// humantime, must be a whole number of it, and at most [`LONGEST`].
+fn parse(text: &str, unit: &str, whole: Duration) -> Result<Duration, String> {
+    let too_long =
+        || format!("{text:?} is longer than the longest duration a key takes (1000 years)");
+    let d = match text.parse::<u64>() {
+        Ok(n) => {
+            let nanos = whole.as_nanos().saturating_mul(u128::from(n));
+            if nanos > LONGEST.as_nanos() {
+                return Err(too_long());
+            }
+            const NANOS: u128 = 1_000_000_000;
+            Duration::new((nanos / NANOS) as u64, (nanos % NANOS) as u32)
+        }
+        Err(_) => humantime::parse_duration(text).map_err(|e| {
+            format!(
+                "{text:?} is not a duration ({e}); write e.g. \"30s\", \"500ms\", \"5m\" \
+                 or \"1h 30m\""
+            )
+        })?,
+    };
+    if d > LONGEST {
+        return Err(too_long());
+    }
+    if d.as_nanos() % whole.as_nanos() != 0 {
+        return Err(format!("{text:?}: this key takes whole {unit}"));
+    }
+    Ok(d)
+}
+
 macro_rules! duration_type {
-    ($(#[$doc:meta])* $name:ident, $unit:literal, $from_int:expr, $whole:expr) => {
+    ($(#[$doc:meta])* $name:ident, $unit:literal, $whole:expr) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
         pub struct $name(pub Duration);
@@ -19,6 +53,13 @@ macro_rules! duration_type {
             type Target = Duration;
             fn deref(&self) -> &Duration {
                 &self.0
+            }
+        }
+
+        impl $name {
+            /// A bare number of the unit, or a duration as humantime reads it.
+            pub fn parse(text: &str) -> Result<$name, String> {
+                parse(text, $unit, $whole).map($name)
             }
         }
 
@@ -36,29 +77,16 @@ macro_rules! duration_type {
                         )
                     }
                     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<$name, E> {
-                        let v = u64::try_from(v).map_err(|_| {
-                            E::custom(format!("a duration cannot be negative (got {v})"))
-                        })?;
-                        Ok($name($from_int(v)))
+                        if v < 0 {
+                            return Err(E::custom(format!("a duration cannot be negative (got {v})")));
+                        }
+                        $name::parse(&v.to_string()).map_err(E::custom)
                     }
                     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<$name, E> {
-                        Ok($name($from_int(v)))
+                        $name::parse(&v.to_string()).map_err(E::custom)
                     }
                     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
-                        let d = humantime::parse_duration(v).map_err(|e| {
-                            E::custom(format!(
-                                "{v:?} is not a duration ({e}); write e.g. \"30s\", \
-                                 \"500ms\", \"5m\" or \"1h 30m\""
-                            ))
-                        })?;
-                        let whole: Duration = $whole;
-                        if d.as_nanos() % whole.as_nanos() != 0 {
-                            return Err(E::custom(format!(
-                                "{v:?}: this key takes whole {}",
-                                $unit
-                            )));
-                        }
-                        Ok($name(d))
+                        $name::parse(v).map_err(E::custom)
                     }
                 }
                 d.deserialize_any(Visitor)
@@ -71,7 +99,6 @@ duration_type!(
     /// A duration kept in whole seconds; a bare integer is seconds.
     Secs,
     "seconds",
-    Duration::from_secs,
     Duration::from_secs(1)
 );
 
@@ -79,7 +106,6 @@ duration_type!(
     /// A duration kept in whole milliseconds; a bare integer is milliseconds.
     Millis,
     "milliseconds",
-    Duration::from_millis,
     Duration::from_millis(1)
 );
 
@@ -198,6 +224,26 @@ mod tests {
                 .unwrap_or_else(|| panic!("{text} accepted"));
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn nothing_longer_than_a_thousand_years_is_taken() {
+        for text in [
+            "s = 18446744073709551615",
+            "s = \"1001years\"",
+            "m = 9223372036854775807",
+        ] {
+            let err = parse(text)
+                .err()
+                .unwrap_or_else(|| panic!("{text} accepted"));
+            assert!(err.contains("1000 years"), "{text}: {err}");
+        }
+        assert_eq!(
+            *Secs::parse("999years").unwrap(),
+            humantime::parse_duration("999years").unwrap()
+        );
+        assert_eq!(*Secs::parse("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(*Millis::parse("90").unwrap(), Duration::from_millis(90));
     }
 
     #[test]

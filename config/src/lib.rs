@@ -88,7 +88,7 @@ pub struct Tls {
     pub cert: Option<PathBuf>,
     /// Server private key (PEM). Default: `{data_dir}/pki/server.key`.
     pub key: Option<PathBuf>,
-    /// Seconds a peer has to finish the TLS handshake.
+    /// Time a peer has to finish the TLS handshake.
     #[serde(alias = "handshake_timeout_secs")]
     pub handshake_timeout: Secs,
 }
@@ -147,7 +147,7 @@ pub struct Limits {
     pub max_topic_length: usize,
     /// Most levels in a topic name or filter.
     pub max_topic_depth: usize,
-    /// Seconds between TCP accept (or TLS handshake) and CONNECT.
+    /// Time between TCP accept (or TLS handshake) and CONNECT.
     #[serde(alias = "connect_timeout_secs")]
     pub connect_timeout: Secs,
     /// Concurrent connections over all listeners.
@@ -156,10 +156,10 @@ pub struct Limits {
     pub max_connections_per_source: usize,
     /// Filters in one SUBSCRIBE.
     pub max_subscribe_filters: usize,
-    /// Seconds SIGTERM waits for sessions to close before exiting anyway.
+    /// Time SIGTERM waits for sessions to close before exiting anyway.
     #[serde(alias = "drain_timeout_secs")]
     pub drain_timeout: Secs,
-    /// Seconds a peer may take to accept what the gateway writes before it is dropped.
+    /// Time a peer may take to accept what the gateway writes before it is dropped.
     #[serde(alias = "write_timeout_secs")]
     pub write_timeout: Secs,
     /// Topic filters one session may subscribe to per second, sustained, and at once
@@ -178,8 +178,8 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Sessions {
-    /// Longest session expiry granted, in seconds (MQTT 5 asks; MQTT 3.1.1
-    /// clean_session = 0 gets exactly this). 0 makes every session clean.
+    /// Longest session expiry granted, whole seconds (MQTT 5 asks; MQTT 3.1.1
+    /// clean_session = 0 gets exactly this). "0s" makes every session clean.
     #[serde(alias = "max_session_expiry_secs")]
     pub max_session_expiry: Secs,
     /// A device's queue of undelivered commands (offline or busy): messages, bytes, age.
@@ -315,11 +315,11 @@ impl Default for RateLimits {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
-    /// Failures from one source (within `failure_window_secs`) before it is backed off.
+    /// Failures from one source (within `failure_window`) before it is backed off.
     pub max_failures: u32,
     #[serde(alias = "failure_window_secs")]
     pub failure_window: Secs,
-    /// First back-off; doubles on every further failure, up to `backoff_max_secs`.
+    /// First back-off; doubles on every further failure, up to `backoff_max`.
     #[serde(alias = "backoff_initial_secs")]
     pub backoff_initial: Secs,
     #[serde(alias = "backoff_max_secs")]
@@ -328,17 +328,17 @@ pub struct Auth {
     /// until then, every failure after a back-off backs it off again.
     #[serde(alias = "backoff_forget_secs")]
     pub backoff_forget: Secs,
-    /// Distinct ids one source fails against within `failure_window_secs` before the
+    /// Distinct ids one source fails against within `failure_window` before the
     /// source as a whole is backed off.
     pub source_max_ids: u32,
-    /// Failures from one source within `failure_window_secs`, whatever the ids,
+    /// Failures from one source within `failure_window`, whatever the ids,
     /// before the source as a whole is backed off.
     pub source_max_failures: u32,
     /// Back-off records kept (pairs and sources each); the oldest are evicted beyond.
     pub backoff_max_entries: usize,
     /// Prefix length of one IPv6 source for back-off, connection rates and caps.
     pub ipv6_source_prefix: u8,
-    /// Failed logins naming one registered id within `failure_window_secs` that
+    /// Failed logins naming one registered id within `failure_window` that
     /// raise an alert (audit, metric, event); at most one alert per id per window.
     pub alert_failures: u32,
     /// Secret-hash key (HMAC-SHA256). Default: `{data_dir}/keys/secret-hash.key`,
@@ -359,8 +359,8 @@ pub struct Audit {
     pub max_file_bytes: u64,
     /// Rotated files kept.
     pub keep_files: usize,
-    /// Identical refusals within this many seconds of the first are counted, not
-    /// written one by one. 0 turns aggregation off.
+    /// Identical refusals within this long of the first are counted, not written one
+    /// by one. "0s" turns aggregation off.
     #[serde(alias = "aggregate_window_secs")]
     pub aggregate_window: Secs,
     /// How often a signed checkpoint is written and published.
@@ -865,7 +865,7 @@ impl Config {
             return Err((
                 "auth.backoff_max".into(),
                 format!(
-                    "must be >= auth.backoff_initial > 0 and at most 604800 (got {} and {})",
+                    "must be >= auth.backoff_initial > 0s and at most 7d (got {}s and {}s)",
                     self.auth.backoff_max.as_secs(),
                     self.auth.backoff_initial.as_secs()
                 ),
@@ -1206,6 +1206,45 @@ mod tests {
             (zero.key.as_str(), zero.reason.as_str()),
             ("limits.write_timeout", "must be > 0 (got 0)")
         );
+    }
+
+    /// Each of the renamed keys, written under its old name with a bare number in its
+    /// old unit, gives the same configuration and names itself once.
+    #[test]
+    fn every_renamed_key_is_still_read_in_its_old_unit() {
+        let shipped = Config::parse(SHIPPED, "shipped.toml").unwrap();
+        for (old, new) in duration::RENAMED {
+            let line = SHIPPED
+                .lines()
+                .find(|l| l.starts_with(&format!("{new} = ")))
+                .unwrap_or_else(|| panic!("the shipped file sets {new}"));
+            let quoted = line.split_once(" = ").unwrap().1.trim_matches('"');
+            let d = humantime::parse_duration(quoted).unwrap();
+            let n = if old.ends_with("_ms") {
+                d.as_millis()
+            } else {
+                u128::from(d.as_secs())
+            };
+            let text = SHIPPED.replacen(line, &format!("{old} = {n}"), 1);
+            let mut config =
+                Config::parse(&text, "old.toml").unwrap_or_else(|e| panic!("{old}: {e}"));
+            assert_eq!(config.renamed.len(), 1, "{old}: {:?}", config.renamed);
+            assert!(
+                config.renamed[0].contains(&format!(".{old}: renamed; write `{new} = ")),
+                "{}",
+                config.renamed[0]
+            );
+            config.renamed.clear();
+            assert_eq!(config, shipped, "{old}");
+        }
+    }
+
+    #[test]
+    fn a_session_expiry_over_the_mqtt_maximum_is_refused() {
+        let err =
+            Config::parse("[sessions]\nmax_session_expiry = 4294967296\n", "x.toml").unwrap_err();
+        assert_eq!(err.key, "sessions.max_session_expiry");
+        assert!(Config::parse("[sessions]\nmax_session_expiry = 4294967295\n", "x.toml").is_ok());
     }
 
     #[test]

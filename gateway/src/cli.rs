@@ -477,15 +477,12 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `90` (seconds), or a duration as humantime reads it: `90s`, `15m`, `2h`, `7d`,
-/// `1h 30m` → whole seconds.
+/// `90` (seconds), or a duration as the configuration reads it: `90s`, `15m`, `2h`,
+/// `7d`, `1h 30m` → whole seconds.
 fn parse_ttl(s: &str) -> Result<u64> {
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(secs);
-    }
-    let d = humantime::parse_duration(s)
-        .map_err(|e| UsageError(format!("--ttl {s:?}: {e}; expected e.g. 90s, 15m, 2h, 7d")))?;
-    Ok(d.as_secs())
+    let ttl = portcullis_config::duration::Secs::parse(s)
+        .map_err(|e| UsageError(format!("--ttl: {e}; expected e.g. 90s, 15m, 2h, 7d")))?;
+    Ok(ttl.as_secs())
 }
 
 fn read_secret(creds: &Credentials) -> Result<Option<String>> {
@@ -910,7 +907,7 @@ mod tests {
         ] {
             assert_eq!(parse_ttl(text).unwrap(), secs, "{text}");
         }
-        for bad in ["", "7x", "-5s", "soon"] {
+        for bad in ["", "7x", "-5s", "soon", "1500ms"] {
             let err = parse_ttl(bad).unwrap_err().to_string();
             assert!(err.contains("--ttl") && err.contains("7d"), "{bad}: {err}");
         }

@@ -429,15 +429,14 @@ impl Forwarder for EmbeddedBroker {
 /// message the fan-out had not read would be lost without a trace. So the uplinks stop
 /// taking messages (their senders wait, and the peers' acknowledgements with them)
 /// while the fan-out is further behind than all but one segment of a topic's log
-/// (less a margin); with one segment, one message at a time. If the fan-out reads
-/// nothing for `LAG_STALL`, the limit is lifted until it does: a fan-out that stopped
+/// (less a margin); with one segment, one message at a time. An uplink held back for
+/// `LAG_STALL` while the fan-out reads nothing goes on anyway: a fan-out that stopped
 /// must not stop the gateway.
 #[derive(Debug)]
 struct Lag {
     unread: AtomicUsize,
-    /// When the fan-out last read, in milliseconds since `base`.
-    read_at: AtomicU64,
-    base: Instant,
+    /// Forwards the fan-out has read: whether it is moving at all.
+    reads: AtomicU64,
     budget: usize,
 }
 
@@ -445,12 +444,14 @@ const LAG_STALL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often a held-back uplink looks at the fan-out's progress again.
 const LAG_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// Since when an uplink has been held back, and the fan-out's reads then.
+type Held = Option<(Instant, u64)>;
+
 impl Lag {
     fn new(cfg: &portcullis_config::Broker) -> Lag {
         Lag {
             unread: AtomicUsize::new(0),
-            read_at: AtomicU64::new(0),
-            base: Instant::now(),
+            reads: AtomicU64::new(0),
             // The writer may start a new segment, dropping the oldest, while the
             // reader is still at that oldest segment's start: what is safe to leave
             // unread is the other segments, less a quarter for what the log counts
@@ -468,27 +469,26 @@ impl Lag {
         publish.topic.len() + publish.payload.len()
     }
 
-    fn now_ms(&self) -> u64 {
-        self.base.elapsed().as_millis() as u64
-    }
-
-    /// Whether the uplinks may hand the router more now. (One message may take it
-    /// past the budget: the budget keeps a margin for it.)
-    fn open(&self) -> bool {
-        let unread = self.unread.load(Ordering::Relaxed);
-        unread <= self.budget
-            || self
-                .now_ms()
-                .saturating_sub(self.read_at.load(Ordering::Relaxed))
-                > LAG_STALL.as_millis() as u64
+    /// Whether an uplink may hand the router more now. (One message may take it past
+    /// the budget: the budget keeps a margin for it.) `held` is the uplink's own
+    /// record of when it was first held back; the clock is read only while held.
+    fn open(&self, held: &mut Held, now: impl FnOnce() -> Instant) -> bool {
+        if self.unread.load(Ordering::Relaxed) <= self.budget {
+            *held = None;
+            return true;
+        }
+        let reads = self.reads.load(Ordering::Relaxed);
+        match *held {
+            Some((since, seen)) if seen == reads => now().duration_since(since) > LAG_STALL,
+            _ => {
+                *held = Some((now(), reads));
+                false
+            }
+        }
     }
 
     fn sent(&self, size: usize) {
-        // A fan-out that had read everything is not stalled: its clock starts now,
-        // not at its last read (which may be long ago on a quiet gateway).
-        if self.unread.fetch_add(size, Ordering::Relaxed) == 0 {
-            self.read_at.store(self.now_ms(), Ordering::Relaxed);
-        }
+        self.unread.fetch_add(size, Ordering::Relaxed);
     }
 
     fn read(&self, size: usize) {
@@ -497,7 +497,7 @@ impl Lag {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
                 Some(u.saturating_sub(size))
             });
-        self.read_at.store(self.now_ms(), Ordering::Relaxed);
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -533,7 +533,9 @@ async fn run_uplink(
     let mut pending: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
     let mut next_pkid: u16 = 0;
     let mut batch: Vec<Packet> = Vec::with_capacity(BATCH);
+    let mut held: Held = None;
     loop {
+        let open = lag.open(&mut held, Instant::now);
         tokio::select! {
             // Taking commands first, router notifications next, and handing the batch
             // over when neither has more right now.
@@ -541,7 +543,7 @@ async fn run_uplink(
             // Packet ids are 16 bits: with that many awaiting the router, wait for acks
             // before taking more (the senders feel it as back-pressure).
             // And while the fan-out is too far behind (`Lag`), take nothing either.
-            cmd = cmds.recv(), if pending.len() < MAX_PENDING && batch.len() < BATCH && lag.open() => {
+            cmd = cmds.recv(), if pending.len() < MAX_PENDING && batch.len() < BATCH && open => {
                 let Some(UplinkItem { message, ack, origin }) = cmd else {
                     // Closing: what was accepted still goes to the router.
                     let _ = send_batch(&mut tx, &mut batch).await;
@@ -587,7 +589,7 @@ async fn run_uplink(
                 }
             }
             // Held back by the fan-out: look again shortly.
-            _ = tokio::time::sleep(LAG_WAIT), if !lag.open() => {}
+            _ = tokio::time::sleep(LAG_WAIT), if !open => {}
         }
     }
 }
@@ -819,6 +821,42 @@ async fn run_fanout(
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn an_uplink_waits_for_a_lagging_fan_out_but_not_for_a_stopped_one() {
+        let cfg = portcullis_config::Broker {
+            max_segment_size: 4000,
+            max_segment_count: 2,
+            ..portcullis_config::Broker::default()
+        };
+        let lag = Lag::new(&cfg);
+        assert_eq!(lag.budget, 3000);
+        let t0 = Instant::now();
+        let at = |ms: u64| move || t0 + std::time::Duration::from_millis(ms);
+        let mut held = None;
+        lag.sent(3000);
+        assert!(lag.open(&mut held, at(0)), "within the budget");
+        lag.sent(1);
+        assert!(!lag.open(&mut held, at(0)), "past it");
+        // The fan-out reads: still behind, held again from then.
+        lag.read(1);
+        lag.sent(1);
+        assert!(!lag.open(&mut held, at(900)));
+        assert!(!lag.open(&mut held, at(1800)), "it read 0.9 s ago");
+        // No read for over a second: stopped, not slow.
+        assert!(lag.open(&mut held, at(1901)));
+        // Caught up: open, and the clock starts again at the next hold.
+        lag.read(3000);
+        assert!(lag.open(&mut held, at(5000)));
+        lag.sent(4000);
+        assert!(
+            !lag.open(&mut held, at(9000)),
+            "a quiet spell is not a stall"
+        );
+        // Reads of what was never counted do not take it below zero.
+        lag.read(100_000);
+        assert_eq!(lag.unread.load(Ordering::Relaxed), 0);
+    }
 
     fn message(qos: QoS, retain: bool, payload: &'static [u8]) -> Message {
         Message {

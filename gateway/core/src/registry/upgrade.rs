@@ -20,7 +20,7 @@ pub fn format2_copy(registry: &Path) -> PathBuf {
 
 /// Upgrade the format-2 file at `path` to format 3, keeping a copy of the original.
 /// The caller holds no handle on the file.
-pub(super) fn upgrade(path: &Path) -> Result<PathBuf, RegistryError> {
+pub(super) fn upgrade(path: &Path) -> Result<(), RegistryError> {
     let shown = path.display().to_string();
     let copy = format2_copy(path);
     keep_copy(path, &copy).map_err(|e| RegistryError::Open {
@@ -55,7 +55,7 @@ pub(super) fn upgrade(path: &Path) -> Result<PathBuf, RegistryError> {
         "registry upgraded from redb file format 2 to 3; the original is kept beside it \
          (remove it once the gateway runs well)"
     );
-    Ok(copy)
+    Ok(())
 }
 
 /// Copy `from` to `to` (mode 0600, synced, renamed into place whole). A copy left
