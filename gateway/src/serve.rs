@@ -110,7 +110,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         .await
         .with_context(|| format!("audit log {}", config.audit_file().display()))?;
     let forwarder: Arc<dyn Forwarder> =
-        EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone())?;
+        EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone()).await?;
     // Checkpoints are forwarded, so a copy of the chain's state lives off this disk.
     {
         let uplink = forwarder.events();

@@ -2,14 +2,22 @@
 //! to it. It implements the core's `Forwarder` seam (`portcullis_core::forward`).
 //!
 //! rumqttd runs in-process with no network listener; the gateway reaches it through
-//! local links. A link's `send` blocks on a bounded router channel, so every link
-//! lives on its own thread with a current-thread runtime, fed by a bounded queue: a
-//! slow router slows the senders (back-pressure), never a tokio worker.
+//! local links. Every link is a task on the gateway's runtime: rumqttd's router thread
+//! is the only thread of its own, so a message crosses one thread boundary on its way
+//! in and one on its way out, as with rumqttd's own network front end.
+//!
+//! A link's `send` pushes into the link's buffer and blocks while the router's event
+//! channel is full, which a tokio worker must never do. So a link hands the router
+//! packets through `hand_over`, which tells the router only when the buffer was empty:
+//! the router takes a link's whole buffer on each such event, so at most one of them per
+//! link waits in the channel, and a channel of 1000 events never fills with a handful
+//! of links. (Reading, and `wake` after `Unschedule`, are asynchronous already.)
 //!
 //! - `uplinks`: a few links carrying every peer's messages into the broker; a
 //!   principal always uses the same one, so its messages stay in order. QoS 1 and 2
 //!   go through the link as QoS 1 and the caller is told when the router acknowledged
-//!   it.
+//!   it. An uplink wakes the router once per round of the runtime, not once per
+//!   message: it lets every session that is ready hand over its message first.
 //! - the downlink: one link subscribed to every device's commands, routing each to
 //!   the device's session.
 //! - the fan-out: one link subscribed to everything, routing each message to the
@@ -254,26 +262,9 @@ const UNLIMITED: portcullis_core::topic::TopicLimits = portcullis_core::topic::T
     max_depth: usize::MAX,
 };
 
-fn spawn_link_thread(
-    name: String,
-    body: impl FnOnce() + Send + 'static,
-) -> Result<(), ForwardError> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(body)
-        .map(|_| ())
-        .map_err(link_err)
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread runtime needs no resources that can be missing")
-}
-
 impl EmbeddedBroker {
-    pub fn start(
+    /// Start the broker and its links, as tasks on the current runtime.
+    pub async fn start(
         cfg: &portcullis_config::Broker,
         metrics: Arc<Metrics>,
         audit: Audit,
@@ -286,19 +277,14 @@ impl EmbeddedBroker {
                 .link(&format!("portcullis-uplink-{n}"))
                 .map_err(link_err)?;
             let (cmd_tx, cmd_rx) = mpsc::channel(cfg.link_queue);
-            let lag = lag.clone();
-            spawn_link_thread(format!("uplink-{n}"), move || {
-                runtime().block_on(run_uplink(tx, rx, cmd_rx, lag))
-            })?;
+            tokio::spawn(run_uplink(tx, rx, cmd_rx, lag.clone()));
             uplinks.push(cmd_tx);
         }
-        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (ready_tx, mut ready) = mpsc::unbounded_channel();
         let (tx, rx) = broker.link("portcullis-downlink").map_err(link_err)?;
         let (downlink, cmd_rx) = mpsc::channel(cfg.link_queue);
         let (m, a, r) = (metrics.clone(), audit.clone(), ready_tx.clone());
-        spawn_link_thread("downlink".into(), move || {
-            runtime().block_on(run_downlink(tx, rx, cmd_rx, m, a, r))
-        })?;
+        tokio::spawn(run_downlink(tx, rx, cmd_rx, m, a, r));
         let (tx, rx) = broker.link("portcullis-fanout").map_err(link_err)?;
         let (fanout, cmd_rx) = mpsc::channel(cfg.link_queue);
         let table = Fanout::new(FanoutLimits {
@@ -306,15 +292,15 @@ impl EmbeddedBroker {
             max_retained_bytes: cfg.max_retained_bytes,
             max_subscriptions: cfg.max_subscriptions,
         });
-        spawn_link_thread("fanout".into(), move || {
-            let link = FanoutLink { tx, rx, lag };
-            runtime().block_on(run_fanout(link, cmd_rx, table, metrics, audit, ready_tx))
-        })?;
+        let link = FanoutLink { tx, rx, lag };
+        tokio::spawn(run_fanout(link, cmd_rx, table, metrics, audit, ready_tx));
         // Both reading links subscribed before anything is published.
         for link in ["downlink", "fan-out"] {
-            ready
-                .recv_timeout(std::time::Duration::from_secs(10))
-                .map_err(|_| ForwardError::Link(format!("the {link} link did not subscribe")))?;
+            tokio::time::timeout(std::time::Duration::from_secs(10), ready.recv())
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(|| ForwardError::Link(format!("the {link} link did not subscribe")))?;
         }
         Ok(Arc::new(EmbeddedBroker {
             broker,
@@ -507,21 +493,40 @@ const MAX_PENDING: usize = 60_000;
 /// Packets handed to the router in one go.
 const BATCH: usize = 256;
 
-/// Hand `batch` to the router with one wake-up: all but the last go straight into the
-/// link's buffer, the last through `send`, which tells the router to take them all.
-/// Each wake-up is a context switch; under load, one per packet cost more than the
-/// routing itself.
-async fn send_batch(
+/// Hand `batch` to the router, telling it only if the link's buffer was empty: the
+/// router takes the whole buffer each time it is told, so if it held packets, the
+/// router has been told and has not taken them yet, and will take these with them.
+/// So at most one event per link waits in the router's channel, and the `send` that
+/// tells it (which would block on a full channel) never waits. Each telling wakes the
+/// router thread: once per batch, not once per packet.
+async fn hand_over(
     tx: &mut LinkTx,
     batch: &mut Vec<Packet>,
 ) -> Result<(), rumqttd::local::LinkError> {
     let Some(last) = batch.pop() else {
         return Ok(());
     };
-    if !batch.is_empty() {
-        tx.buffer().extend(batch.drain(..));
+    {
+        let mut buffer = tx.buffer();
+        let told = !buffer.is_empty();
+        buffer.extend(batch.drain(..));
+        if told {
+            buffer.push_back(last);
+            return Ok(());
+        }
     }
     tx.send(last).await.map(|_| ())
+}
+
+/// The next packet id for a QoS 1 publish: packet ids in flight are few (acks come
+/// back within a router round), so any still pending is skipped.
+fn next_pkid(next: &mut u16, pending: &HashMap<u16, oneshot::Sender<()>>) -> u16 {
+    loop {
+        *next = next.wrapping_add(1).max(1);
+        if !pending.contains_key(next) {
+            return *next;
+        }
+    }
 }
 
 async fn run_uplink(
@@ -531,45 +536,23 @@ async fn run_uplink(
     lag: Arc<Lag>,
 ) {
     let mut pending: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
-    let mut next_pkid: u16 = 0;
+    let mut pkid: u16 = 0;
+    let mut items: Vec<UplinkItem> = Vec::with_capacity(BATCH);
     let mut batch: Vec<Packet> = Vec::with_capacity(BATCH);
     let mut held: Held = None;
     loop {
         let open = lag.open(&mut held, Instant::now);
+        // Packet ids are 16 bits: with that many awaiting the router, wait for acks
+        // before taking more (the senders feel it as back-pressure). And while the
+        // fan-out is too far behind (`Lag`), take nothing either.
+        let room = if open {
+            BATCH.min(MAX_PENDING.saturating_sub(pending.len()))
+        } else {
+            0
+        };
         tokio::select! {
-            // Taking commands first, router notifications next, and handing the batch
-            // over when neither has more right now.
+            // Acknowledgements first: they free packet ids and answer peers.
             biased;
-            // Packet ids are 16 bits: with that many awaiting the router, wait for acks
-            // before taking more (the senders feel it as back-pressure).
-            // And while the fan-out is too far behind (`Lag`), take nothing either.
-            cmd = cmds.recv(), if pending.len() < MAX_PENDING && batch.len() < BATCH && open => {
-                let Some(UplinkItem { message, ack, origin }) = cmd else {
-                    // Closing: what was accepted still goes to the router.
-                    let _ = send_batch(&mut tx, &mut batch).await;
-                    break;
-                };
-                let (qos, pkid) = match &ack {
-                    None => (QoS::AtMostOnce, 0),
-                    Some(_) => {
-                        // Packet ids in flight are few (acks come back within a router
-                        // round); skip any still pending.
-                        loop {
-                            next_pkid = next_pkid.wrapping_add(1).max(1);
-                            if !pending.contains_key(&next_pkid) {
-                                break;
-                            }
-                        }
-                        (QoS::AtLeastOnce, next_pkid)
-                    }
-                };
-                let publish = seal(&message, origin.as_ref(), qos, pkid);
-                lag.sent(Lag::size(&publish));
-                batch.push(Packet::Publish(publish, link_properties(&message)));
-                if let Some(ack) = ack {
-                    pending.insert(pkid, ack);
-                }
-            }
             n = rx.next() => match n {
                 Ok(Some(n @ Notification::DeviceAck(_))) => {
                     if let Some(LinkAck::Pub(pkid)) = link_ack(n)
@@ -583,8 +566,37 @@ async fn run_uplink(
                 Ok(_) => {}
                 Err(_) => break,
             },
-            _ = std::future::ready(()), if !batch.is_empty() => {
-                if send_batch(&mut tx, &mut batch).await.is_err() {
+            got = cmds.recv_many(&mut items, room), if room > 0 => {
+                if got == 0 {
+                    // Closing: what was accepted went to the router already.
+                    break;
+                }
+                if got < room {
+                    // Before waking the router: every session that is ready now hands
+                    // over its message too (the runtime comes back here once it has
+                    // nothing else ready), so that a burst from many peers costs one
+                    // wake-up, not one each.
+                    tokio::task::yield_now().await;
+                    while items.len() < room
+                        && let Ok(item) = cmds.try_recv()
+                    {
+                        items.push(item);
+                    }
+                }
+                for UplinkItem { message, ack, origin } in items.drain(..) {
+                    let (qos, id) = match ack {
+                        None => (QoS::AtMostOnce, 0),
+                        Some(ack) => {
+                            let id = next_pkid(&mut pkid, &pending);
+                            pending.insert(id, ack);
+                            (QoS::AtLeastOnce, id)
+                        }
+                    };
+                    let publish = seal(&message, origin.as_ref(), qos, id);
+                    lag.sent(Lag::size(&publish));
+                    batch.push(Packet::Publish(publish, link_properties(&message)));
+                }
+                if hand_over(&mut tx, &mut batch).await.is_err() {
                     break;
                 }
             }
@@ -602,7 +614,7 @@ async fn subscribe_link(
     rx: &mut LinkRx,
     path: &str,
     qos: QoS,
-    ready: std::sync::mpsc::Sender<()>,
+    ready: mpsc::UnboundedSender<()>,
 ) -> bool {
     let subscribe = Subscribe {
         pkid: 1,
@@ -636,7 +648,7 @@ async fn run_downlink(
     mut cmds: mpsc::Receiver<DownlinkCmd>,
     metrics: Arc<Metrics>,
     audit: Audit,
-    ready: std::sync::mpsc::Sender<()>,
+    ready: mpsc::UnboundedSender<()>,
 ) {
     if !subscribe_link(
         &mut tx,
@@ -650,6 +662,7 @@ async fn run_downlink(
         return;
     }
     let mut routes: HashMap<PrincipalId, Arc<Mailbox>> = HashMap::new();
+    let mut acks = Vec::with_capacity(1);
     loop {
         tokio::select! {
             cmd = cmds.recv() => match cmd {
@@ -695,7 +708,10 @@ async fn run_downlink(
                     }
                     if link_qos != QoS::AtMostOnce {
                         let ack = PubAck { pkid, reason: PubAckReason::Success };
-                        if tx.send(Packet::PubAck(ack, None)).await.is_err() { break; }
+                        acks.push(Packet::PubAck(ack, None));
+                        if hand_over(&mut tx, &mut acks).await.is_err() {
+                            break;
+                        }
                     }
                 }
                 Ok(Some(Notification::Unschedule)) => {
@@ -747,7 +763,7 @@ async fn run_fanout(
     mut table: Fanout,
     metrics: Arc<Metrics>,
     audit: Audit,
-    ready: std::sync::mpsc::Sender<()>,
+    ready: mpsc::UnboundedSender<()>,
 ) {
     let FanoutLink {
         mut tx,
