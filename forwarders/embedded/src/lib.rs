@@ -529,6 +529,32 @@ fn next_pkid(next: &mut u16, pending: &HashMap<u16, oneshot::Sender<()>>) -> u16
     }
 }
 
+/// Seal one message into the uplink's batch, with a packet id if it is to be
+/// acknowledged.
+fn take(
+    UplinkItem {
+        message,
+        ack,
+        origin,
+    }: UplinkItem,
+    pkid: &mut u16,
+    pending: &mut HashMap<u16, oneshot::Sender<()>>,
+    batch: &mut Vec<Packet>,
+    lag: &Lag,
+) {
+    let (qos, id) = match ack {
+        None => (QoS::AtMostOnce, 0),
+        Some(ack) => {
+            let id = next_pkid(pkid, pending);
+            pending.insert(id, ack);
+            (QoS::AtLeastOnce, id)
+        }
+    };
+    let publish = seal(&message, origin.as_ref(), qos, id);
+    lag.sent(Lag::size(&publish));
+    batch.push(Packet::Publish(publish, link_properties(&message)));
+}
+
 async fn run_uplink(
     mut tx: LinkTx,
     mut rx: LinkRx,
@@ -537,7 +563,6 @@ async fn run_uplink(
 ) {
     let mut pending: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
     let mut pkid: u16 = 0;
-    let mut items: Vec<UplinkItem> = Vec::with_capacity(BATCH);
     let mut batch: Vec<Packet> = Vec::with_capacity(BATCH);
     let mut held: Held = None;
     loop {
@@ -566,35 +591,26 @@ async fn run_uplink(
                 Ok(_) => {}
                 Err(_) => break,
             },
-            got = cmds.recv_many(&mut items, room), if room > 0 => {
-                if got == 0 {
+            item = cmds.recv(), if room > 0 => {
+                let Some(item) = item else {
                     // Closing: what was accepted went to the router already.
                     break;
-                }
-                if got < room {
-                    // Before waking the router: every session that is ready now hands
-                    // over its message too (the runtime comes back here once it has
-                    // nothing else ready), so that a burst from many peers costs one
-                    // wake-up, not one each.
-                    tokio::task::yield_now().await;
-                    while items.len() < room
-                        && let Ok(item) = cmds.try_recv()
-                    {
-                        items.push(item);
-                    }
-                }
-                for UplinkItem { message, ack, origin } in items.drain(..) {
-                    let (qos, id) = match ack {
-                        None => (QoS::AtMostOnce, 0),
-                        Some(ack) => {
-                            let id = next_pkid(&mut pkid, &pending);
-                            pending.insert(id, ack);
-                            (QoS::AtLeastOnce, id)
+                };
+                take(item, &mut pkid, &mut pending, &mut batch, &lag);
+                // Before waking the router, every session that is ready now hands over
+                // its message too (the runtime comes back here once it has nothing
+                // else ready), so that a burst from many peers costs one wake-up, not
+                // one each. The fan-out's lag is looked at for every message.
+                let mut yielded = false;
+                while batch.len() < room && lag.open(&mut held, Instant::now) {
+                    match cmds.try_recv() {
+                        Ok(item) => take(item, &mut pkid, &mut pending, &mut batch, &lag),
+                        Err(mpsc::error::TryRecvError::Empty) if !yielded => {
+                            yielded = true;
+                            tokio::task::yield_now().await;
                         }
-                    };
-                    let publish = seal(&message, origin.as_ref(), qos, id);
-                    lag.sent(Lag::size(&publish));
-                    batch.push(Packet::Publish(publish, link_properties(&message)));
+                        Err(_) => break,
+                    }
                 }
                 if hand_over(&mut tx, &mut batch).await.is_err() {
                     break;
