@@ -25,6 +25,14 @@ pub fn is_forbidden(c: char) -> bool {
 
 /// The first forbidden character of `s` and its byte offset.
 pub fn first_forbidden(s: &str) -> Option<(usize, char)> {
+    // Every topic is looked at, and most are ASCII, where only the C0 controls and DEL
+    // can be forbidden: a byte test that needs no decoding.
+    if s.is_ascii() {
+        return s
+            .bytes()
+            .position(|b| b < 0x20 || b == 0x7F)
+            .map(|at| (at, char::from(s.as_bytes()[at])));
+    }
     s.char_indices().find(|&(_, c)| is_forbidden(c))
 }
 

@@ -47,18 +47,31 @@ fn check_common(s: &str, limits: TopicLimits) -> Result<(), TopicError> {
     if s.len() > limits.max_length {
         return Err(TopicError::TooLong(s.len(), limits.max_length));
     }
-    if s.contains('\0') {
-        return Err(TopicError::Nul);
-    }
-    // What standard consumers refuse never becomes a topic (`content`).
+    // What standard consumers refuse never becomes a topic (`content`); NUL among
+    // them is named as such.
     if let Some((_, c)) = crate::content::first_forbidden(s) {
+        if s.contains('\0') {
+            return Err(TopicError::Nul);
+        }
         return Err(TopicError::ForbiddenCharacter(u32::from(c)));
     }
-    let depth = s.split('/').count();
+    // Levels counted and checked for emptiness in one pass over the bytes ('/' is a
+    // single byte in UTF-8, never part of another character).
+    let (mut depth, mut level, mut empty_level) = (1, 0usize, false);
+    for &b in s.as_bytes() {
+        if b == b'/' {
+            empty_level |= level == 0;
+            depth += 1;
+            level = 0;
+        } else {
+            level += 1;
+        }
+    }
+    empty_level |= level == 0;
     if depth > limits.max_depth {
         return Err(TopicError::TooDeep(depth, limits.max_depth));
     }
-    if s.split('/').any(str::is_empty) {
+    if empty_level {
         return Err(TopicError::EmptyLevel);
     }
     // `$SYS`-style topics belong to brokers; and the embedded broker cannot take a
@@ -208,17 +221,48 @@ impl fmt::Debug for TopicFilter {
 }
 
 /// MQTT matching of a topic name against a filter (both already validated).
+///
+/// On the per-message path (every ACL and validation rule is matched against every
+/// message), so it walks the bytes of both once, level by level, rather than splitting
+/// them: a level is compared in place, `+` skips one level of the topic, and `#` as a
+/// whole level matches the rest (including nothing: `a/#` matches `a`).
 pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
+    let (f, t) = (filter.as_bytes(), topic.as_bytes());
+    let (mut i, mut j) = (0, 0);
     loop {
-        match (f.next(), t.next()) {
-            // `a/#` matches everything below `a`, and `a` itself.
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(tl)) if fl == tl => {}
-            (None, None) => return true,
-            _ => return false,
+        // At the start of a level in both.
+        let whole = |c: u8| f.get(i) == Some(&c) && matches!(f.get(i + 1), None | Some(b'/'));
+        if whole(b'#') {
+            return true;
+        }
+        if whole(b'+') {
+            i += 1;
+            while j < t.len() && t[j] != b'/' {
+                j += 1;
+            }
+        } else {
+            while i < f.len() && f[i] != b'/' {
+                if t.get(j) != Some(&f[i]) {
+                    return false;
+                }
+                i += 1;
+                j += 1;
+            }
+            if j < t.len() && t[j] != b'/' {
+                return false;
+            }
+        }
+        // At the end of a level in both.
+        match (i == f.len(), j == t.len()) {
+            (true, true) => return true,
+            (true, false) => return false,
+            (false, true) => {
+                return f[i..].starts_with(b"/#") && matches!(f.get(i + 2), None | Some(b'/'));
+            }
+            (false, false) => {
+                i += 1;
+                j += 1;
+            }
         }
     }
 }
@@ -313,6 +357,43 @@ mod tests {
             Err(TopicError::MisplacedPlus)
         );
         assert!(TopicFilter::parse("a/+/#", L).is_ok());
+    }
+
+    #[test]
+    fn matching_agrees_with_level_by_level_matching_on_every_short_string() {
+        // The reference: MQTT's rule stated on split levels.
+        fn reference(filter: &str, topic: &str) -> bool {
+            let (mut f, mut t) = (filter.split('/'), topic.split('/'));
+            loop {
+                match (f.next(), t.next()) {
+                    (Some("#"), _) => return true,
+                    (Some("+"), Some(_)) => {}
+                    (Some(fl), Some(tl)) if fl == tl => {}
+                    (None, None) => return true,
+                    _ => return false,
+                }
+            }
+        }
+        // Every string of up to five characters over a, b, /, + and #.
+        let mut all = vec![String::new()];
+        let mut last = vec![String::new()];
+        for _ in 0..5 {
+            last = last
+                .iter()
+                .flat_map(|s| ['a', 'b', '/', '+', '#'].map(|c| format!("{s}{c}")))
+                .collect();
+            all.extend(last.iter().cloned());
+        }
+        let topics: Vec<&String> = all.iter().filter(|s| !s.contains(['+', '#'])).collect();
+        for filter in &all {
+            for topic in &topics {
+                assert_eq!(
+                    filter_matches(filter, topic),
+                    reference(filter, topic),
+                    "{filter:?} against {topic:?}"
+                );
+            }
+        }
     }
 
     #[test]
