@@ -565,6 +565,8 @@ async fn run_uplink(
     let mut pkid: u16 = 0;
     let mut batch: Vec<Packet> = Vec::with_capacity(BATCH);
     let mut held: Held = None;
+    // Acknowledged by the router, not yet told.
+    let mut acked: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         let open = lag.open(&mut held, Instant::now);
         // Packet ids are 16 bits: with that many awaiting the router, wait for acks
@@ -576,13 +578,13 @@ async fn run_uplink(
             0
         };
         tokio::select! {
-            // Acknowledgements first: they free packet ids and answer peers.
+            // Acknowledgements first: they free packet ids.
             biased;
             n = rx.next() => match n {
                 Ok(Some(n @ Notification::DeviceAck(_))) => {
                     if let Some(LinkAck::Pub(pkid)) = link_ack(n)
                         && let Some(waiter) = pending.remove(&pkid) {
-                            let _ = waiter.send(());
+                            acked.push(waiter);
                         }
                 }
                 Ok(Some(Notification::Unschedule)) => {
@@ -591,6 +593,16 @@ async fn run_uplink(
                 Ok(_) => {}
                 Err(_) => break,
             },
+            // The router's acknowledgements are told to the peers' sessions once the
+            // runtime has nothing else ready: the same router round forwarded these
+            // messages, and their delivery to subscribers goes first (acknowledging is
+            // a write to each publisher; the subscriber should not wait behind them).
+            _ = std::future::ready(()), if !acked.is_empty() => {
+                tokio::task::yield_now().await;
+                for waiter in acked.drain(..) {
+                    let _ = waiter.send(());
+                }
+            }
             item = cmds.recv(), if room > 0 => {
                 let Some(item) = item else {
                     // Closing: what was accepted went to the router already.
