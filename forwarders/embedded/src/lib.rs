@@ -263,7 +263,9 @@ const UNLIMITED: portcullis_core::topic::TopicLimits = portcullis_core::topic::T
 };
 
 impl EmbeddedBroker {
-    /// Start the broker and its links, as tasks on the current runtime.
+    /// Start the broker and its links, as tasks on the current runtime. (Opening a
+    /// link waits for the router's answer, briefly, on this task: this runs once, before
+    /// any peer is served.)
     pub async fn start(
         cfg: &portcullis_config::Broker,
         metrics: Arc<Metrics>,
