@@ -108,6 +108,9 @@ pub struct Observability {
     pub listen: Option<SocketAddr>,
 }
 
+/// The most uplinks the embedded broker takes (see the check in `validate`).
+pub const MAX_UPLINKS: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Broker {
@@ -843,6 +846,18 @@ impl Config {
                 ),
             ));
         }
+        // The embedded broker's router queues at most 1000 events, and each link may
+        // have two waiting (new packets, and a wake-up): the links never block on that
+        // queue only while they are few (`portcullis_embedded::hand_over`).
+        if self.broker.uplinks > MAX_UPLINKS {
+            return Err((
+                "broker.uplinks".into(),
+                format!(
+                    "must be at most {MAX_UPLINKS} (got {})",
+                    self.broker.uplinks
+                ),
+            ));
+        }
         if self.broker.max_links < self.broker.uplinks + 2 {
             return Err((
                 "broker.max_links".into(),
@@ -1332,6 +1347,15 @@ mod tests {
         assert!(text.contains("x.toml"), "{text}");
         assert!(text.contains("max_pakcet_size"), "{text}");
         assert!(text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    fn more_uplinks_than_the_broker_can_be_told_about_are_refused() {
+        let err =
+            Config::parse("[broker]\nuplinks = 257\nmax_links = 4096\n", "x.toml").unwrap_err();
+        assert_eq!(err.key, "broker.uplinks");
+        assert!(err.to_string().contains("at most 256"), "{err}");
+        assert!(Config::parse("[broker]\nuplinks = 256\n", "x.toml").is_ok());
     }
 
     #[test]

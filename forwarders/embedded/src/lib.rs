@@ -11,7 +11,8 @@
 //! packets through `hand_over`, which tells the router only when the buffer was empty:
 //! the router takes a link's whole buffer on each such event, so at most one of them per
 //! link waits in the channel, and a channel of 1000 events never fills with a handful
-//! of links. (Reading, and `wake` after `Unschedule`, are asynchronous already.)
+//! of links (`broker.uplinks` is bounded for this). Reading, and `wake` after
+//! `Unschedule`, are asynchronous already.
 //!
 //! - `uplinks`: a few links carrying every peer's messages into the broker; a
 //!   principal always uses the same one, so its messages stay in order. QoS 1 and 2
@@ -634,6 +635,10 @@ async fn run_uplink(
             _ = tokio::time::sleep(LAG_WAIT), if !open => {}
         }
     }
+    // The router has these: their senders are told so, whatever ended the link.
+    for waiter in acked {
+        let _ = waiter.send(());
+    }
 }
 
 /// Subscribe a reading link and wait for the router's SUBACK; then tell `ready`. The
@@ -708,6 +713,9 @@ async fn run_downlink(
             },
             n = rx.next() => match n {
                 Ok(Some(Notification::Forward(forward))) => {
+                    // Reading the link's cache never waits, and tokio does not count it:
+                    // under a steady stream this task gives the worker back now and then.
+                    tokio::task::consume_budget().await;
                     let (link_qos, pkid) = forward_qos_pkid(&forward.publish);
                     let target = std::str::from_utf8(&forward.publish.topic)
                         .ok()
@@ -844,6 +852,8 @@ async fn run_fanout(
             }
             n = rx.next() => match n {
                 Ok(Some(Notification::Forward(forward))) => {
+                    // As in the downlink: give the worker back now and then.
+                    tokio::task::consume_budget().await;
                     lag.read(Lag::size(&forward.publish));
                     let Some((message, origin)) = open(forward.publish, forward.properties) else {
                         continue;
