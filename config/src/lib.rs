@@ -18,9 +18,11 @@ pub const SHIPPED: &str = include_str!("../portcullis.toml");
 
 pub mod behaviour;
 pub mod duration;
+pub mod upstream;
 pub mod validation;
 
 pub use behaviour::{Behaviour, BehaviourOverride, QuarantineCommands, QuarantineTraffic};
+pub use upstream::{BrokerUrl, Outbox, Upstream, WhenFull};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +34,8 @@ pub struct Config {
     pub admin: Admin,
     pub observability: Observability,
     pub broker: Broker,
+    /// The external broker cluster of upstream mode, and the outbox before it.
+    pub upstream: Upstream,
     pub limits: Limits,
     pub sessions: Sessions,
     pub rate_limits: RateLimits,
@@ -114,7 +118,7 @@ pub const MAX_UPLINKS: usize = 256;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Broker {
-    /// Only `embedded` exists so far.
+    /// `embedded` (the default) or `upstream` (an external cluster, `[upstream]`).
     pub mode: BrokerMode,
     /// Broker links carrying device traffic to the broker (devices are spread over them).
     pub uplinks: usize,
@@ -138,7 +142,10 @@ pub struct Broker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BrokerMode {
+    /// rumqttd in-process, with no listener of its own.
     Embedded,
+    /// An external broker cluster, through a durable outbox (`[upstream]`).
+    Upstream,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -512,6 +519,7 @@ impl Default for Config {
             admin: Admin::default(),
             observability: Observability::default(),
             broker: Broker::default(),
+            upstream: Upstream::default(),
             limits: Limits::default(),
             sessions: Sessions::default(),
             rate_limits: RateLimits::default(),
@@ -873,6 +881,8 @@ impl Config {
                 "segments must be at least 1024 bytes and max_segment_count > 0".into(),
             ));
         }
+        self.upstream
+            .validate(self.broker.mode == BrokerMode::Upstream)?;
         if self.auth.backoff_initial.as_secs() == 0
             || self.auth.backoff_max.as_secs() > 7 * 86_400
             || self.auth.backoff_max.as_secs() < self.auth.backoff_initial.as_secs()
@@ -1113,6 +1123,14 @@ impl Config {
     }
     pub fn registry_file(&self) -> PathBuf {
         self.data_dir.join("registry.redb")
+    }
+    /// The durable outbox of upstream mode.
+    pub fn outbox_file(&self) -> PathBuf {
+        self.data_dir.join("outbox.redb")
+    }
+    /// `[upstream]` paths, resolved.
+    pub fn upstream_path(&self, path: &Option<PathBuf>) -> Option<PathBuf> {
+        path.as_deref().map(|p| self.resolve(p))
     }
 }
 

@@ -33,7 +33,7 @@
 use bytes::{Buf, BufMut, BytesMut};
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::fanout::{Fanout, FanoutLimits, Routed, SubscribeError};
-use portcullis_core::forward::{ForwardError, ForwardFuture, Forwarder, Uplink, UplinkItem};
+use portcullis_core::forward::{ForwardError, ForwardFuture, Forwarder, Taken, Uplink, UplinkItem};
 use portcullis_core::mailbox::{Delivery, Mailbox};
 use portcullis_core::message::{Message, Properties, QoS};
 use portcullis_core::metrics::Metrics;
@@ -523,7 +523,7 @@ async fn hand_over(
 
 /// The next packet id for a QoS 1 publish: packet ids in flight are few (acks come
 /// back within a router round), so any still pending is skipped.
-fn next_pkid(next: &mut u16, pending: &HashMap<u16, oneshot::Sender<()>>) -> u16 {
+fn next_pkid(next: &mut u16, pending: &HashMap<u16, oneshot::Sender<Taken>>) -> u16 {
     loop {
         *next = next.wrapping_add(1).max(1);
         if !pending.contains_key(next) {
@@ -541,7 +541,7 @@ fn take(
         origin,
     }: UplinkItem,
     pkid: &mut u16,
-    pending: &mut HashMap<u16, oneshot::Sender<()>>,
+    pending: &mut HashMap<u16, oneshot::Sender<Taken>>,
     batch: &mut Vec<Packet>,
     lag: &Lag,
 ) {
@@ -564,12 +564,12 @@ async fn run_uplink(
     mut cmds: mpsc::Receiver<UplinkItem>,
     lag: Arc<Lag>,
 ) {
-    let mut pending: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
+    let mut pending: HashMap<u16, oneshot::Sender<Taken>> = HashMap::new();
     let mut pkid: u16 = 0;
     let mut batch: Vec<Packet> = Vec::with_capacity(BATCH);
     let mut held: Held = None;
     // Acknowledged by the router, not yet told.
-    let mut acked: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut acked: Vec<oneshot::Sender<Taken>> = Vec::new();
     loop {
         let open = lag.open(&mut held, Instant::now);
         // Packet ids are 16 bits: with that many awaiting the router, wait for acks
@@ -603,7 +603,7 @@ async fn run_uplink(
             _ = std::future::ready(()), if !acked.is_empty() => {
                 tokio::task::yield_now().await;
                 for waiter in acked.drain(..) {
-                    let _ = waiter.send(());
+                    let _ = waiter.send(Taken::Yes);
                 }
             }
             item = cmds.recv(), if room > 0 => {
@@ -637,7 +637,7 @@ async fn run_uplink(
     }
     // The router has these: their senders are told so, whatever ended the link.
     for waiter in acked {
-        let _ = waiter.send(());
+        let _ = waiter.send(Taken::Yes);
     }
 }
 

@@ -11,7 +11,9 @@
 //! - **Responsibility on acknowledgement.** The receiver `send_acked` returns fires once
 //!   the forwarder has taken responsibility for the message (the embedded broker's
 //!   router has it; an upstream forwarder has committed it to its durable outbox). Only
-//!   then is the peer acknowledged. A dropped receiver means the forwarder stopped.
+//!   then is the peer acknowledged. It may instead say the forwarder had no room for it
+//!   (`Taken::Full`, a full outbox): the peer is told so and keeps the message. A
+//!   dropped receiver means the forwarder stopped.
 //! - **Back-pressure, not loss.** `send` and `send_acked` wait for room in a bounded
 //!   channel; a slow forwarder slows the senders.
 //! - **Commands and service links.** Commands for a device are routed into the mailbox
@@ -42,12 +44,22 @@ pub enum ForwardError {
 /// A boxed future, for the trait's per-connection calls.
 pub type ForwardFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A forwarder's answer to a QoS 1/2 message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// The forwarder has it (the router has it; it is on disk).
+    Yes,
+    /// The forwarder had no room for it within its wait (a full outbox): the peer is
+    /// told (MQTT 5: quota exceeded) and may send it again.
+    Full,
+}
+
 /// One message on its way to the forwarder.
 #[derive(Debug)]
 pub struct UplinkItem {
     pub message: Message,
     /// Told when the forwarder has taken responsibility for it (QoS 1 and 2).
-    pub ack: Option<oneshot::Sender<()>>,
+    pub ack: Option<oneshot::Sender<Taken>>,
     /// The publishing service, if a service published it (for MQTT 5 No Local).
     pub origin: Option<PrincipalId>,
 }
@@ -78,11 +90,11 @@ impl Uplink {
     }
 
     /// Hand a QoS 1/2 message on; the receiver fires when the forwarder has taken
-    /// responsibility for it.
+    /// responsibility for it, or found no room for it.
     pub async fn send_acked(
         &self,
         message: Message,
-    ) -> Result<oneshot::Receiver<()>, ForwardError> {
+    ) -> Result<oneshot::Receiver<Taken>, ForwardError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(UplinkItem {

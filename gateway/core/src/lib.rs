@@ -30,6 +30,7 @@ pub mod secret;
 pub mod sessions;
 pub mod source_gate;
 pub mod source_key;
+pub mod storage;
 pub mod subscription;
 pub mod topic;
 pub mod validate;

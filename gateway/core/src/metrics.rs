@@ -54,6 +54,42 @@ pub struct Metrics {
     sessions: [[AtomicU64; 2]; Protocol::ALL.len()],
     /// Accept → handed to the broker link, seconds.
     pub forward_latency: Histogram,
+    /// Upstream mode: the outbox and the link to the broker cluster.
+    pub outbox: OutboxMetrics,
+}
+
+/// The outbox of upstream mode, and its link to the broker cluster.
+#[derive(Debug, Default)]
+pub struct OutboxMetrics {
+    /// Messages and bytes held now.
+    pub depth: AtomicU64,
+    pub bytes: AtomicU64,
+    /// When the oldest message held was taken (Unix milliseconds; 0 when empty).
+    pub oldest_unix_ms: AtomicU64,
+    /// Dead letters held now.
+    pub dead_letters: AtomicU64,
+    /// Messages moved to the dead letters (refused by the broker, or never acknowledged).
+    pub dead_lettered: AtomicU64,
+    /// Messages dropped for age (`upstream.outbox.message_ttl` or their own expiry).
+    pub expired: AtomicU64,
+    /// QoS 0 messages dropped to make room (`when_full = "drop-oldest-qos0"`).
+    pub dropped_full: AtomicU64,
+    /// QoS 1/2 publishes refused because the outbox stayed full.
+    pub refused_full: AtomicU64,
+    /// Durable commits (each an fsync) and the messages they wrote.
+    pub commits: AtomicU64,
+    pub committed: AtomicU64,
+    /// Messages sent to the broker, sent again after a lost link, and acknowledged.
+    pub sent: AtomicU64,
+    pub resent: AtomicU64,
+    pub acknowledged: AtomicU64,
+    /// 1 while a broker of the cluster is connected.
+    pub connected: AtomicU64,
+    /// Connections to the broker cluster made, and lost.
+    pub connects: AtomicU64,
+    pub disconnects: AtomicU64,
+    /// Commands received from the cluster.
+    pub commands: AtomicU64,
 }
 
 /// Upper bounds of the forward-latency histogram, in seconds.

@@ -226,6 +226,7 @@ pub(super) fn authenticate(
         generation: authed.generation,
         method: authed.method,
         disconnect_on_refusal: authed.policy.disconnect_on_refusal,
+        refused_full: false,
         link: None,
         state: SessionState::new(ctx.new_mailbox()),
         staged: VecDeque::new(),

@@ -125,10 +125,14 @@ impl Session {
                 Some(result) = front_ack(&mut self.pending_acks) => {
                     let done = self.pending_acks.pop_front();
                     match (result, done) {
-                        (Ok(()), Some(p)) => {
+                        (Ok(Taken::Yes), Some(p)) => {
                             self.ack_publish(p.pkid, p.qos, p.code, &mut out);
                             Ok(())
                         }
+                        // No room in the forwarder: MQTT 5 says so; MQTT 3.1.1 cannot
+                        // refuse a publish, so the peer is disconnected unacknowledged
+                        // and sends it again when it returns.
+                        (Ok(Taken::Full), Some(p)) => self.refuse_full(ctx, p, &mut out),
                         _ => Err(End::BrokerGone),
                     }
                 }

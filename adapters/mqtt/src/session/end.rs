@@ -16,6 +16,8 @@ pub(super) enum End {
     Protocol(u8, String),
     Refused(String),
     BrokerGone,
+    /// MQTT 3.1.1: a publish the forwarder had no room for (it cannot be refused).
+    OutboxFull,
     /// The session's own code failed (a panic, contained).
     Internal(String),
 }
@@ -32,6 +34,7 @@ impl End {
             End::Protocol(code, _) => Some(*code),
             End::Refused(_) => Some(reason::NOT_AUTHORIZED),
             End::BrokerGone => Some(reason::SERVER_UNAVAILABLE),
+            End::OutboxFull => Some(reason::QUOTA_EXCEEDED),
             End::Internal(_) => Some(reason::UNSPECIFIED),
         }
     }
@@ -49,6 +52,10 @@ impl End {
             End::Protocol(_, why) => format!("protocol error: {why}"),
             End::Refused(why) => format!("disconnected on refusal: {why}"),
             End::BrokerGone => "broker link closed".into(),
+            End::OutboxFull => {
+                "the outbox is full: a publish could not be acknowledged (sent again on reconnect)"
+                    .into()
+            }
             End::Internal(why) => format!("internal error: {why}"),
         }
     }

@@ -24,7 +24,7 @@ use portcullis_core::auth::{AuthRefusal, Authenticator, Credential, Credentials}
 use portcullis_core::auth_alert;
 use portcullis_core::content;
 use portcullis_core::fanout::SubscribeError;
-use portcullis_core::forward::{Forwarder, Uplink};
+use portcullis_core::forward::{Forwarder, Taken, Uplink};
 use portcullis_core::limit::{GlobalBucket, PrincipalRates, Rate, TokenBucket};
 use portcullis_core::mailbox::{Delivery, Mailbox, MailboxLimits};
 use portcullis_core::message::{Message, Properties, QoS};
@@ -409,12 +409,18 @@ pub async fn run<S>(
     if matches!(end, End::Kicked(KickReason::Shutdown)) {
         let drain = async {
             while let Some(pending) = session.pending_acks.pop_front() {
-                let ready = match pending.rx {
-                    Some(rx) => rx.await.is_ok(),
-                    None => true,
+                let code = match pending.rx {
+                    Some(rx) => match rx.await {
+                        Ok(Taken::Yes) => Some(pending.code),
+                        Ok(Taken::Full) if version == ProtocolVersion::V5 => {
+                            Some(reason::QUOTA_EXCEEDED)
+                        }
+                        _ => None,
+                    },
+                    None => Some(pending.code),
                 };
-                if ready {
-                    session.ack_publish(pending.pkid, pending.qos, pending.code, &mut out);
+                if let Some(code) = code {
+                    session.ack_publish(pending.pkid, pending.qos, code, &mut out);
                 }
             }
         };
@@ -486,6 +492,9 @@ struct Session {
     generation: u64,
     method: &'static str,
     disconnect_on_refusal: bool,
+    /// A publish was refused for a full outbox since the last one acknowledged (one
+    /// audit line per run of such refusals).
+    refused_full: bool,
     /// The broker uplink the peer's messages go through, once the session is open.
     link: Option<Uplink>,
     state: SessionState,

@@ -24,16 +24,16 @@ pub(super) struct PendingAck {
     pub(super) qos: u8,
     pub(super) code: u8,
     /// Fires when the broker has the message; `None` when nothing is awaited.
-    pub(super) rx: Option<oneshot::Receiver<()>>,
+    pub(super) rx: Option<oneshot::Receiver<Taken>>,
 }
 
 /// Resolves when the oldest owed acknowledgement may go out.
 pub(super) async fn front_ack(
     pending: &mut VecDeque<PendingAck>,
-) -> Option<Result<(), oneshot::error::RecvError>> {
+) -> Option<Result<Taken, oneshot::error::RecvError>> {
     match pending.front_mut() {
         Some(PendingAck { rx: Some(rx), .. }) => Some(rx.await),
-        Some(PendingAck { rx: None, .. }) => Some(Ok(())),
+        Some(PendingAck { rx: None, .. }) => Some(Ok(Taken::Yes)),
         None => std::future::pending().await,
     }
 }
@@ -59,7 +59,40 @@ impl Session {
         }
     }
 
+    /// The forwarder had no room for a publish (a full outbox): counted and audited
+    /// once per run of refusals; MQTT 5 hears quota exceeded, MQTT 3.1.1 is
+    /// disconnected without the acknowledgement.
+    pub(super) fn refuse_full(
+        &mut self,
+        ctx: &Context,
+        p: PendingAck,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        Metrics::inc(&ctx.metrics.outbox.refused_full);
+        if !self.refused_full {
+            self.refused_full = true;
+            self.audit_refusal(
+                "outbox",
+                None,
+                "the outbox is full: a QoS 1/2 publish was refused (quota exceeded), not acknowledged",
+            );
+        }
+        if self.version == ProtocolVersion::V5 {
+            if p.qos == 2 {
+                // A failure PUBREC ends the flow: no PUBREL will free the id.
+                self.state.on_pubrel(p.pkid);
+            }
+            self.ack_publish(p.pkid, p.qos, reason::QUOTA_EXCEEDED, out);
+            Ok(())
+        } else {
+            Err(End::OutboxFull)
+        }
+    }
+
     pub(super) fn ack_publish(&mut self, pkid: u16, qos: u8, code: u8, out: &mut BytesMut) {
+        if code == reason::SUCCESS {
+            self.refused_full = false;
+        }
         let packet = if qos == 2 {
             Outgoing::PubRec { pkid, reason: code }
         } else {

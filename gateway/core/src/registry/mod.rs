@@ -21,10 +21,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Once, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 const PRINCIPALS_TABLE: &str = "principals";
 const BANS_TABLE: &str = "bans";
@@ -200,36 +199,10 @@ fn corrupt(table: &str, key: &str) -> impl FnOnce(RecordError) -> RegistryError 
     }
 }
 
-thread_local! {
-    static IN_STORAGE: Cell<bool> = const { Cell::new(false) };
-}
-static QUIET_STORAGE_PANICS: Once = Once::new();
-
-/// Run storage work so that a panic inside it becomes an error. redb trusts its own
-/// pages and panics (index out of bounds, failed asserts) on some corrupt ones; a
-/// flipped byte on disk must give "corrupt registry", not an aborted process. The panic
-/// hook stays silent for these (the error says what happened); every other panic is
-/// reported as before.
+/// Run storage work so that a panic inside it (redb on a corrupt page) becomes an
+/// error.
 fn contain<T>(work: impl FnOnce() -> Result<T, RegistryError>) -> Result<T, RegistryError> {
-    QUIET_STORAGE_PANICS.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !IN_STORAGE.with(Cell::get) {
-                previous(info);
-            }
-        }));
-    });
-    let outer = IN_STORAGE.with(|s| s.replace(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
-    IN_STORAGE.with(|s| s.set(outer));
-    result.unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "no message".into());
-        Err(RegistryError::StoragePanic(message))
-    })
+    crate::storage::contain(work, RegistryError::StoragePanic)
 }
 
 /// A table of sealed records inside a write transaction, keeping its manifest sum.
