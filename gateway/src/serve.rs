@@ -7,7 +7,7 @@ use crate::observability::{self, Health};
 use crate::pki::{self, PkiPaths};
 use crate::usage::UsageError;
 use anyhow::{Context, Result};
-use portcullis_config::Config;
+use portcullis_config::{BrokerMode, Config};
 use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, Checkpoint, load_or_create_key};
 use portcullis_core::auth::{Authenticator, Policies};
 use portcullis_core::backoff::BackoffPolicy;
@@ -26,6 +26,7 @@ use portcullis_core::source_gate::ConnectionLimits;
 use portcullis_core::topic::{TopicLimits, TopicName};
 use portcullis_core::validate::Validator;
 use portcullis_embedded::EmbeddedBroker;
+use portcullis_upstream::UpstreamForwarder;
 use portcullis_mqtt::listener;
 use portcullis_mqtt::session::{Context as SessionContext, Live, SessionLimits};
 use portcullis_mqtt::state::SessionStore;
@@ -109,8 +110,30 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let (audit, audit_writer) = Audit::start(audit_settings, metrics.clone(), Some(checkpoint_tx))
         .await
         .with_context(|| format!("audit log {}", config.audit_file().display()))?;
-    let forwarder: Arc<dyn Forwarder> =
-        EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone()).await?;
+    let retained = Arc::new(
+        RetainedCommands::new(config.sessions.max_retained_per_device)
+            .with_byte_limits(
+                config.sessions.max_retained_command_bytes_per_device,
+                config.sessions.max_retained_command_bytes,
+            )
+            .with_telemetry_bytes_per_device(
+                config.sessions.max_retained_telemetry_bytes_per_device,
+            ),
+    );
+    let upstream = config.broker.mode == BrokerMode::Upstream;
+    let forwarder: Arc<dyn Forwarder> = if upstream {
+        UpstreamForwarder::start(
+            &config,
+            &audit_key,
+            retained.clone(),
+            metrics.clone(),
+            audit.clone(),
+        )
+        .await
+        .map_err(|e| UsageError(e.to_string()))?
+    } else {
+        EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone()).await?
+    };
     // Checkpoints are forwarded, so a copy of the chain's state lives off this disk.
     {
         let uplink = forwarder.events();
@@ -184,16 +207,6 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     // Devices and services are separate namespaces: a session slot each.
     let device_store = SessionStore::new();
     let service_store = SessionStore::new();
-    let retained = Arc::new(
-        RetainedCommands::new(config.sessions.max_retained_per_device)
-            .with_byte_limits(
-                config.sessions.max_retained_command_bytes_per_device,
-                config.sessions.max_retained_command_bytes,
-            )
-            .with_telemetry_bytes_per_device(
-                config.sessions.max_retained_telemetry_bytes_per_device,
-            ),
-    );
     let validator = Arc::new(
         Validator::new(&config.validation, |p| config.resolve(p))
             .map_err(|e| UsageError(e.to_string()))?,
@@ -233,8 +246,15 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let l = &config.listeners;
     let device_tls = bind(l.device_tls, "device TLS listener").await?;
     let device_plain = bind(l.device_plain, "device plain listener").await?;
-    let service_tls = bind(l.service_tls, "service TLS listener").await?;
-    let service_plain = bind(l.service_plain, "service plain listener").await?;
+    // In upstream mode services connect to the broker cluster.
+    let (service_tls, service_plain) = if upstream {
+        (None, None)
+    } else {
+        (
+            bind(l.service_tls, "service TLS listener").await?,
+            bind(l.service_plain, "service plain listener").await?,
+        )
+    };
     let observability_listener = bind(config.observability.listen, "observability").await?;
     let admin_socket = config.admin_socket();
     let admin_listener = admin::bind(&admin_socket)
@@ -426,8 +446,15 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
 
     // Everything is bound and serving: ready before the banner announces it.
     ready.store(true, Ordering::Relaxed);
+    let forwarding = if upstream {
+        let urls: Vec<String> = config.upstream.urls.iter().map(|u| u.to_string()).collect();
+        report.push(("outbox", config.outbox_file().display().to_string()));
+        format!("upstream {}", urls.join(", "))
+    } else {
+        "embedded broker".to_string()
+    };
     println!(
-        "portcullis {} serving{} (embedded broker, data in {})",
+        "portcullis {} serving{} ({forwarding}, data in {})",
         env!("CARGO_PKG_VERSION"),
         if embedded_default {
             " on its embedded default"
@@ -436,6 +463,9 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         },
         data_dir.display()
     );
+    if upstream {
+        println!("  services: connect to the upstream cluster (no service listener here)");
+    }
     for (label, value) in &report {
         println!("  {label}: {value}");
     }

@@ -337,10 +337,140 @@ impl Metrics {
     }
 }
 
+impl OutboxMetrics {
+    fn plain(&self) -> [Plain<'_>; 17] {
+        use MetricType::{Counter, Gauge};
+        [
+            (
+                "portcullis_outbox_messages",
+                "Upstream mode: messages in the outbox, waiting for the broker's acknowledgement.",
+                Gauge,
+                &self.depth,
+            ),
+            (
+                "portcullis_outbox_bytes",
+                "Upstream mode: bytes of messages in the outbox (bounded by upstream.outbox.max_bytes).",
+                Gauge,
+                &self.bytes,
+            ),
+            (
+                "portcullis_outbox_dead_letters",
+                "Upstream mode: dead letters held (portcullis outbox list).",
+                Gauge,
+                &self.dead_letters,
+            ),
+            (
+                "portcullis_outbox_dead_lettered",
+                "Upstream mode: messages moved to the dead letters (refused by the broker, never acknowledged, unreadable).",
+                Counter,
+                &self.dead_lettered,
+            ),
+            (
+                "portcullis_outbox_expired",
+                "Upstream mode: messages dropped from the outbox for age (message_ttl or their own expiry).",
+                Counter,
+                &self.expired,
+            ),
+            (
+                "portcullis_outbox_dropped_full",
+                "Upstream mode: QoS 0 messages dropped because the outbox was full (when_full = drop-oldest-qos0).",
+                Counter,
+                &self.dropped_full,
+            ),
+            (
+                "portcullis_outbox_refused_full",
+                "Upstream mode: QoS 1/2 publishes refused because the outbox stayed full (quota exceeded).",
+                Counter,
+                &self.refused_full,
+            ),
+            (
+                "portcullis_outbox_fsyncs",
+                "Upstream mode: durable outbox commits (one fsync each).",
+                Counter,
+                &self.commits,
+            ),
+            (
+                "portcullis_outbox_committed",
+                "Upstream mode: messages committed to the outbox.",
+                Counter,
+                &self.committed,
+            ),
+            (
+                "portcullis_upstream_sent",
+                "Upstream mode: messages sent to the broker for the first time.",
+                Counter,
+                &self.sent,
+            ),
+            (
+                "portcullis_upstream_resent",
+                "Upstream mode: messages sent again after a link was lost before the broker acknowledged them.",
+                Counter,
+                &self.resent,
+            ),
+            (
+                "portcullis_upstream_acknowledged",
+                "Upstream mode: QoS 1 messages the broker acknowledged.",
+                Counter,
+                &self.acknowledged,
+            ),
+            (
+                "portcullis_upstream_connected",
+                "Upstream mode: 1 while a broker of the cluster is connected.",
+                Gauge,
+                &self.connected,
+            ),
+            (
+                "portcullis_upstream_connects",
+                "Upstream mode: connections made to the broker cluster.",
+                Counter,
+                &self.connects,
+            ),
+            (
+                "portcullis_upstream_disconnects",
+                "Upstream mode: connections to the broker cluster lost.",
+                Counter,
+                &self.disconnects,
+            ),
+            (
+                "portcullis_upstream_commands",
+                "Upstream mode: commands received from the broker cluster.",
+                Counter,
+                &self.commands,
+            ),
+            (
+                "portcullis_outbox_oldest_unix_ms",
+                "Upstream mode: when the oldest message in the outbox was taken (Unix ms; 0 when empty).",
+                Gauge,
+                &self.oldest_unix_ms,
+            ),
+        ]
+    }
+
+    /// Seconds the oldest message has waited (0 when the outbox is empty).
+    pub fn oldest_age_secs(&self) -> u64 {
+        let oldest = self.oldest_unix_ms.load(Ordering::Relaxed);
+        if oldest == 0 {
+            return 0;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        now.saturating_sub(oldest) / 1000
+    }
+}
+
 impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        for (name, help, kind, value) in self.plain() {
+        let age = self.outbox.oldest_age_secs();
+        let metric = encoder.encode_descriptor(
+            "portcullis_outbox_oldest_age_seconds",
+            "Upstream mode: how long the oldest message in the outbox has waited (0 when empty).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(age).encode(metric)?;
+        for (name, help, kind, value) in self.plain().into_iter().chain(self.outbox.plain()) {
             let metric = encoder.encode_descriptor(name, help, None, kind)?;
             match kind {
                 MetricType::Counter => ConstCounter::new(load(value)).encode(metric)?,
@@ -529,9 +659,10 @@ mod tests {
         let openmetrics = m.render(Exposition::OpenMetrics);
         let n = check_page(&prometheus, false);
         assert_eq!(check_page(&openmetrics, true), n);
-        // 22 plain families, sessions, the histogram (12 bounds, +Inf, sum, count), refusals.
+        // 22 plain families, the outbox's 17 and its oldest age, sessions, the histogram
+        // (12 bounds, +Inf, sum, count), refusals.
         let sessions = 2 * Protocol::ALL.len();
-        assert_eq!(n, 22 + sessions + 15 + Refusal::ALL.len());
+        assert_eq!(n, 22 + 18 + sessions + 15 + Refusal::ALL.len());
         // Today's sample names, in both formats.
         for page in [&prometheus, &openmetrics] {
             assert!(

@@ -1,0 +1,511 @@
+//! The outbox's one writer: group commit, the byte bound and its policy, removals.
+//!
+//! Every message on its way upstream comes through one bounded channel (the uplinks'
+//! channel). The writer takes what is waiting, seals it under the next sequence
+//! numbers, and commits it to redb in one transaction with one fsync; only then are
+//! the QoS 1/2 senders told (`Taken::Yes`), and the link told that more is committed.
+//! While a commit runs, the next batch gathers in the channel: many messages per fsync
+//! under load, one commit per message when quiet.
+//!
+//! Removals (the broker acknowledged; expired) and dead letters come from the link on
+//! a second channel and ride in the next commit; alone, they are committed without
+//! waiting for the disk (redb's `Durability::None`), and made durable within a second.
+//! A removal lost in a crash only means the message is sent again: QoS 1 allows it.
+//!
+//! Full (`max_bytes`): nothing is appended past the bound. With `back-pressure`, taken
+//! messages wait in order for room, at most `queue` of them, and then the channel fills
+//! and the sessions stop reading their peers; a QoS 1/2 message that waited
+//! `full_wait` is refused (`Taken::Full`). With `drop-oldest-qos0`, the oldest QoS 0
+//! entries are removed to make room, and a QoS 0 message finding none is dropped; QoS
+//! 1/2 messages still wait. An acknowledged message is never dropped.
+
+use crate::entry::Entry;
+use crate::store::{Batch, Committed, DeadLetter, DeadNote, KEY_BYTES, Store, StoreError};
+use portcullis_config::WhenFull;
+use portcullis_core::audit::{Audit, AuditEntry};
+use portcullis_core::forward::{Taken, UplinkItem};
+use portcullis_core::message::QoS;
+use portcullis_core::metrics::Metrics;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Messages per commit, at most (a commit also stops at `MAX_BATCH_BYTES`).
+const MAX_BATCH: usize = 8192;
+const MAX_BATCH_BYTES: u64 = 16 << 20;
+/// Removals alone are made durable within this.
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    pub full_wait: Duration,
+    pub message_ttl: Duration,
+    pub queue: usize,
+}
+
+impl Settings {
+    pub fn from_config(o: &portcullis_config::Outbox) -> Settings {
+        Settings {
+            max_bytes: o.max_bytes,
+            when_full: o.when_full,
+            full_wait: *o.full_wait,
+            message_ttl: *o.message_ttl,
+            queue: o.queue,
+        }
+    }
+}
+
+/// What the link and the admin commands ask of the writer.
+#[derive(Debug)]
+pub enum Ctl {
+    /// Acknowledged by the broker, sent at QoS 0, or expired: gone.
+    Remove(Vec<u64>),
+    /// To the dead letters.
+    Dead(Vec<(u64, DeadNote)>),
+    /// Answered once everything asked before it is committed.
+    Barrier(oneshot::Sender<()>),
+    /// Put dead letters back at the end of the outbox (`None`: all); answered with how
+    /// many.
+    Retry(Option<Vec<u64>>, oneshot::Sender<Result<u64, String>>),
+    /// Remove dead letters for good (`None`: all); answered with how many.
+    Purge(Option<Vec<u64>>, oneshot::Sender<Result<u64, String>>),
+}
+
+/// The outbox as the rest of the forwarder sees it.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    pub store: Arc<Store>,
+    pub appends: mpsc::Sender<UplinkItem>,
+    pub ctl: mpsc::UnboundedSender<Ctl>,
+    /// The sequence number after the last committed append.
+    pub committed: watch::Receiver<u64>,
+}
+
+impl Outbox {
+    /// Start the writer over an opened store.
+    pub fn start(
+        store: Store,
+        loaded: crate::store::Loaded,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        audit: Audit,
+    ) -> Outbox {
+        let store = Arc::new(store);
+        let (appends, rx) = mpsc::channel(settings.queue);
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        let (committed_tx, committed) = watch::channel(loaded.next_seq);
+        let m = &metrics.outbox;
+        m.depth.store(loaded.depth, Ordering::Relaxed);
+        m.bytes.store(loaded.bytes, Ordering::Relaxed);
+        m.dead_letters.store(loaded.dead, Ordering::Relaxed);
+        m.oldest_unix_ms
+            .store(loaded.oldest_ms.unwrap_or(0), Ordering::Relaxed);
+        let writer = Writer {
+            store: store.clone(),
+            settings,
+            metrics,
+            audit,
+            next_seq: loaded.next_seq,
+            bytes: loaded.bytes,
+            qos0: loaded.qos0.into_iter().collect(),
+            held: VecDeque::new(),
+            loose_since: None,
+            full_noted: false,
+            committed: committed_tx,
+        };
+        tokio::spawn(writer.run(rx, ctl_rx));
+        Outbox {
+            store,
+            appends,
+            ctl,
+            committed,
+        }
+    }
+
+    /// Wait until everything asked of the writer so far is committed.
+    pub async fn barrier(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.ctl.send(Ctl::Barrier(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Dead letters, for `portcullis outbox list`.
+    pub fn dead_letters(&self, from: u64, max: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.store.dead_letters(from, max)
+    }
+}
+
+struct Held {
+    item: UplinkItem,
+    taken: Instant,
+}
+
+struct Writer {
+    store: Arc<Store>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    audit: Audit,
+    next_seq: u64,
+    /// Bytes held on disk (as of the last commit, less what the next one drops).
+    bytes: u64,
+    /// QoS 0 entries on disk, by sequence number, with their size.
+    qos0: BTreeMap<u64, u64>,
+    /// Taken from the channel, waiting for room.
+    held: VecDeque<Held>,
+    /// Since when changes were committed without waiting for the disk.
+    loose_since: Option<Instant>,
+    /// The outbox was full, and that was audited (once per run of it).
+    full_noted: bool,
+    committed: watch::Sender<u64>,
+}
+
+/// What one round of the writer commits, and whom it answers.
+#[derive(Default)]
+struct Round {
+    batch: Batch,
+    acks: Vec<oneshot::Sender<Taken>>,
+    barriers: Vec<oneshot::Sender<()>>,
+    answers: Vec<(oneshot::Sender<Result<u64, String>>, bool)>,
+    /// QoS 0 entries appended (seq, size).
+    qos0: Vec<(u64, u64)>,
+    appended_bytes: u64,
+    /// Bytes the QoS 0 entries this round drops will free.
+    freed: u64,
+    oldest_appended: Option<u64>,
+}
+
+impl Writer {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<UplinkItem>,
+        mut ctl: mpsc::UnboundedReceiver<Ctl>,
+    ) {
+        let mut open = (true, true);
+        loop {
+            let mut round = Round::default();
+            let hold_room = self.held.len() < self.settings.queue;
+            let wake = self.next_wake();
+            tokio::select! {
+                c = ctl.recv(), if open.1 => match c {
+                    Some(c) => self.take_ctl(c, &mut round).await,
+                    None => open.1 = false,
+                },
+                item = rx.recv(), if open.0 && hold_room => match item {
+                    Some(item) => self.held.push_back(Held { item, taken: Instant::now() }),
+                    None => open.0 = false,
+                },
+                _ = sleep_until(wake), if wake.is_some() => {}
+            }
+            if !open.0 && !open.1 && self.held.is_empty() {
+                break;
+            }
+            while let Ok(c) = ctl.try_recv() {
+                self.take_ctl(c, &mut round).await;
+            }
+            while self.held.len() < self.settings.queue
+                && self.held.len() < MAX_BATCH
+                && let Ok(item) = rx.try_recv()
+            {
+                self.held.push_back(Held {
+                    item,
+                    taken: Instant::now(),
+                });
+            }
+            self.place(&mut round);
+            self.refuse_stale(Instant::now());
+            if round.batch.is_empty() && self.loose_since.is_none() {
+                self.answer(round, None);
+                continue;
+            }
+            if !self.commit(round).await {
+                return;
+            }
+        }
+        // The last removals reach the disk before the writer goes.
+        if self.loose_since.is_some() {
+            let _ = self.commit(Round::default()).await;
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let stale = self
+            .held
+            .iter()
+            .filter(|h| h.item.ack.is_some())
+            .map(|h| h.taken + self.settings.full_wait)
+            .min();
+        let loose = self.loose_since.map(|t| t + DURABLE_EVERY);
+        match (stale, loose) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    async fn take_ctl(&mut self, c: Ctl, round: &mut Round) {
+        match c {
+            Ctl::Remove(seqs) => {
+                for seq in &seqs {
+                    self.qos0.remove(seq);
+                }
+                round.batch.remove.extend(seqs);
+            }
+            Ctl::Dead(notes) => {
+                for (seq, _) in &notes {
+                    self.qos0.remove(seq);
+                }
+                round.batch.dead.extend(notes);
+            }
+            Ctl::Barrier(tx) => round.barriers.push(tx),
+            Ctl::Retry(which, tx) => match self.dead_seqs(which).await {
+                Ok(seqs) => {
+                    for old in seqs {
+                        round.batch.retry.push((old, self.next_seq));
+                        self.next_seq += 1;
+                    }
+                    round.answers.push((tx, true));
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            },
+            Ctl::Purge(which, tx) => {
+                round.batch.purge = Some(which.unwrap_or_default());
+                round.answers.push((tx, false));
+            }
+        }
+    }
+
+    /// The dead letters a retry names (all of them for `None`).
+    async fn dead_seqs(&self, which: Option<Vec<u64>>) -> Result<Vec<u64>, String> {
+        if let Some(seqs) = which {
+            return Ok(seqs);
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            store
+                .dead_letters(0, usize::MAX)
+                .map(|d| d.into_iter().map(|l| l.seq).collect())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Move held messages into the batch while there is room (making room by the
+    /// policy).
+    fn place(&mut self, round: &mut Round) {
+        let max = self.settings.max_bytes;
+        let now_ms = unix_ms();
+        let mut kept = VecDeque::new();
+        let mut blocked = false;
+        while let Some(held) = self.held.pop_front() {
+            // Order: once one message waits for room, the later ones wait behind it
+            // (QoS 0 ones may still be dropped under drop-oldest-qos0).
+            if blocked || round.batch.append.len() >= MAX_BATCH
+                || round.appended_bytes >= MAX_BATCH_BYTES
+            {
+                kept.push_back(held);
+                continue;
+            }
+            let entry = self.entry(&held.item, now_ms);
+            let seq = self.next_seq;
+            let sealed = self.store.sealer().seal_entry(seq, &entry);
+            let size = sealed.len() as u64 + KEY_BYTES;
+            let mut room = self.bytes + round.appended_bytes + size <= max + round.freed;
+            if !room && self.settings.when_full == WhenFull::DropOldestQos0 {
+                room = self.drop_oldest_qos0(size, round);
+                if !room && held.item.message.qos == QoS::AtMostOnce {
+                    Metrics::inc(&self.metrics.outbox.dropped_full);
+                    self.note_full();
+                    continue;
+                }
+            }
+            if !room {
+                self.note_full();
+                blocked = true;
+                kept.push_back(held);
+                continue;
+            }
+            self.next_seq += 1;
+            round.appended_bytes += size;
+            round.oldest_appended.get_or_insert(entry.enqueued_ms);
+            if held.item.message.qos == QoS::AtMostOnce {
+                round.qos0.push((seq, size));
+            }
+            round.batch.append.push((seq, sealed));
+            if let Some(ack) = held.item.ack {
+                round.acks.push(ack);
+            }
+        }
+        self.held = kept;
+        if self.held.is_empty() {
+            self.full_noted = false;
+        }
+    }
+
+    fn entry(&self, item: &UplinkItem, now_ms: u64) -> Entry {
+        let mut ttl = self.settings.message_ttl.as_millis() as u64;
+        if let Some(secs) = item
+            .message
+            .properties
+            .as_deref()
+            .and_then(|p| p.message_expiry_secs)
+        {
+            ttl = ttl.min(u64::from(secs) * 1000);
+        }
+        Entry {
+            message: item.message.clone(),
+            enqueued_ms: now_ms,
+            expires_ms: now_ms.saturating_add(ttl),
+        }
+    }
+
+    /// Remove the oldest QoS 0 entries until `size` more bytes fit; whether they do.
+    fn drop_oldest_qos0(&mut self, size: u64, round: &mut Round) -> bool {
+        let max = self.settings.max_bytes;
+        while self.bytes + round.appended_bytes + size > max + round.freed {
+            let Some((seq, freed)) = self.qos0.pop_first() else {
+                return false;
+            };
+            round.batch.remove.push(seq);
+            round.freed += freed;
+            Metrics::inc(&self.metrics.outbox.dropped_full);
+        }
+        true
+    }
+
+    fn note_full(&mut self) {
+        if !self.full_noted {
+            self.full_noted = true;
+            tracing::warn!(
+                max_bytes = self.settings.max_bytes,
+                "the outbox is full: new messages wait (or are dropped, by upstream.outbox.when_full)"
+            );
+            self.audit.record(AuditEntry::new("outbox", "refuse").reason(format!(
+                "the outbox is full ({} bytes): {}",
+                self.settings.max_bytes,
+                match self.settings.when_full {
+                    WhenFull::BackPressure => "devices are held back; QoS 1/2 publishes waiting longer than full_wait are refused",
+                    WhenFull::DropOldestQos0 => "the oldest QoS 0 messages are dropped; QoS 1/2 publishes wait",
+                }
+            )));
+        }
+    }
+
+    /// Refuse QoS 1/2 messages that waited for room longer than `full_wait`.
+    fn refuse_stale(&mut self, now: Instant) {
+        let wait = self.settings.full_wait;
+        self.held.retain_mut(|h| {
+            if h.item.ack.is_some() && now.duration_since(h.taken) >= wait {
+                if let Some(ack) = h.item.ack.take() {
+                    let _ = ack.send(Taken::Full);
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Commit a round and answer everyone in it; false if the store failed.
+    async fn commit(&mut self, mut round: Round) -> bool {
+        let now = Instant::now();
+        let loose_due = self
+            .loose_since
+            .is_some_and(|t| now.duration_since(t) >= DURABLE_EVERY);
+        round.batch.durable = !round.batch.append.is_empty()
+            || !round.batch.retry.is_empty()
+            || round.batch.purge.is_some()
+            || loose_due;
+        round.batch.next_seq = self.next_seq;
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let done = store.commit(&round.batch);
+            let oldest = store.oldest_ms();
+            (round, done, oldest)
+        })
+        .await;
+        let (round, done, oldest) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "the outbox writer failed");
+                return false;
+            }
+        };
+        let done = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // Nothing in this round is acknowledged: the senders hear the
+                // forwarder stopped, and their peers keep the messages.
+                tracing::error!(error = %e, "the outbox could not commit; upstream forwarding stops");
+                self.audit.record(
+                    AuditEntry::new("outbox", "refuse")
+                        .reason(format!("the outbox could not commit: {e}")),
+                );
+                return false;
+            }
+        };
+        if round.batch.durable {
+            self.loose_since = None;
+            Metrics::inc(&self.metrics.outbox.commits);
+        } else if self.loose_since.is_none() {
+            self.loose_since = Some(now);
+        }
+        self.account(&round, &done, oldest.ok().flatten());
+        self.answer(round, Some(done));
+        true
+    }
+
+    fn account(&mut self, round: &Round, done: &Committed, oldest: Option<u64>) {
+        let m = &self.metrics.outbox;
+        let appended = round.batch.append.len() as u64;
+        self.bytes = (self.bytes + round.appended_bytes + done.retried_bytes)
+            .saturating_sub(done.removed_bytes);
+        self.qos0.extend(round.qos0.iter().copied());
+        m.committed.fetch_add(appended, Ordering::Relaxed);
+        m.bytes.store(self.bytes, Ordering::Relaxed);
+        let depth = m.depth.load(Ordering::Relaxed) + appended + done.retried;
+        m.depth
+            .store(depth.saturating_sub(done.removed), Ordering::Relaxed);
+        let dead = m.dead_letters.load(Ordering::Relaxed) + done.dead;
+        m.dead_letters
+            .store(dead.saturating_sub(done.retried + done.purged), Ordering::Relaxed);
+        m.dead_lettered.fetch_add(done.dead, Ordering::Relaxed);
+        m.oldest_unix_ms
+            .store(oldest.or(round.oldest_appended).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    fn answer(&mut self, round: Round, done: Option<Committed>) {
+        for ack in round.acks {
+            let _ = ack.send(Taken::Yes);
+        }
+        if !round.batch.append.is_empty() || !round.batch.retry.is_empty() {
+            self.committed.send_replace(self.next_seq);
+        }
+        for b in round.barriers {
+            let _ = b.send(());
+        }
+        for (tx, retry) in round.answers {
+            let n = done.as_ref().map_or(0, |d| if retry { d.retried } else { d.purged });
+            let _ = tx.send(Ok(n));
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
