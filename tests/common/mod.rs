@@ -202,10 +202,19 @@ impl Gateway {
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("no {label} in {banner:?}"))
         };
+        // Upstream mode opens no service listener.
+        let upstream = banner.iter().any(|l| l.contains("serving (upstream"));
+        let service = |label: &str| -> SocketAddr {
+            if upstream {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                addr(label)
+            }
+        };
         self.device_tls = addr("device listener (MQTT over TLS):");
         self.device_plain = addr("device listener (plain MQTT):");
-        self.service_tls = addr("service listener (MQTT over TLS):");
-        self.service_plain = addr("service listener (plain MQTT):");
+        self.service_tls = service("service listener (MQTT over TLS):");
+        self.service_plain = service("service listener (plain MQTT):");
         self.observability = addr("observability");
         self.banner = banner;
         self.stdout_rest = Some(rx);
@@ -239,6 +248,14 @@ impl Gateway {
             .map(|rx| rx.try_iter().collect())
             .unwrap_or_default();
         (status, rest)
+    }
+
+    /// SIGKILL: no drain, nothing flushed, as a power cut would leave it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+        self.stdout_rest = None;
     }
 
     /// Stop (SIGTERM) and start again on the same data dir.

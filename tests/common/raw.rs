@@ -18,6 +18,13 @@ impl Raw {
         Raw::from(TcpStream::connect(addr).expect("connect"))
     }
 
+    /// Connect, or None if nothing listens there (yet).
+    pub fn try_connect(addr: SocketAddr) -> Option<Raw> {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .ok()
+            .map(Raw::from)
+    }
+
     /// Connect from a chosen loopback source address.
     pub fn connect_from(addr: SocketAddr, source: IpAddr) -> Raw {
         let rt = tokio::runtime::Builder::new_current_thread()

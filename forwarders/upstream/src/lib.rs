@@ -110,10 +110,9 @@ impl UpstreamForwarder {
         let settings = link_settings(config)?;
         let path = config.outbox_file();
         let sealer = Sealer::derive(root);
-        let (store, loaded) =
-            tokio::task::spawn_blocking(move || Store::open(&path, sealer))
-                .await
-                .map_err(|e| StartError::Config(format!("opening the outbox: {e}")))??;
+        let (store, loaded) = tokio::task::spawn_blocking(move || Store::open(&path, sealer))
+            .await
+            .map_err(|e| StartError::Config(format!("opening the outbox: {e}")))??;
         if loaded.depth > 0 {
             tracing::info!(
                 messages = loaded.depth,

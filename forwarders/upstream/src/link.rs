@@ -191,10 +191,11 @@ impl Link {
             receive_maximum = receive_max.unwrap_or(u16::MAX),
             "upstream broker connected"
         );
-        self.audit.record(AuditEntry::new("upstream", "allow").reason(format!(
-            "connected to {target} (receive maximum {})",
-            receive_max.unwrap_or(u16::MAX)
-        )));
+        self.audit
+            .record(AuditEntry::new("upstream", "allow").reason(format!(
+                "connected to {target} (receive maximum {})",
+                receive_max.unwrap_or(u16::MAX)
+            )));
         // The event loop runs on its own task: rumqttc's `poll` must not be dropped
         // half-way, and the sending side must not wait on it.
         let (ev_tx, mut events) = mpsc::unbounded_channel();
@@ -208,9 +209,7 @@ impl Link {
             }
             drop(eventloop);
         });
-        let lost = self
-            .serve(&client, &mut events, max_packet, attempts)
-            .await;
+        let lost = self.serve(&client, &mut events, max_packet, attempts).await;
         poller.abort();
         lost
     }
@@ -314,7 +313,8 @@ impl Link {
             let entry = match stored {
                 Stored::Entry(e) => e,
                 Stored::Corrupt { reason, .. } => {
-                    s.dead.push((seq, note(format!("unreadable entry: {reason}"), 0)));
+                    s.dead
+                        .push((seq, note(format!("unreadable entry: {reason}"), 0)));
                     continue;
                 }
             };
@@ -338,8 +338,7 @@ impl Link {
             }
             let (topic, qos, retain, payload, props) = self.publish_parts(&entry, now_ms);
             if let Some(max) = s.max_packet {
-                let size = Publish::new(topic.as_str(), qos, payload.clone(), props.clone())
-                    .size();
+                let size = Publish::new(topic.as_str(), qos, payload.clone(), props.clone()).size();
                 if size > max as usize {
                     s.dead.push((
                         seq,
@@ -427,10 +426,7 @@ impl Link {
                     }
                     refused => s.dead.push((
                         seq,
-                        note(
-                            format!("refused by the broker: {refused:?}"),
-                            tries + 1,
-                        ),
+                        note(format!("refused by the broker: {refused:?}"), tries + 1),
                     )),
                 }
             }
@@ -468,13 +464,11 @@ impl Link {
         }
         if s.expired > 0 {
             let n = std::mem::take(&mut s.expired);
-            self.metrics
-                .outbox
-                .expired
-                .fetch_add(n, Ordering::Relaxed);
-            self.audit.record(AuditEntry::new("outbox", "refuse").reason(format!(
-                "{n} message(s) expired in the outbox before the broker took them"
-            )));
+            self.metrics.outbox.expired.fetch_add(n, Ordering::Relaxed);
+            self.audit
+                .record(AuditEntry::new("outbox", "refuse").reason(format!(
+                    "{n} message(s) expired in the outbox before the broker took them"
+                )));
         }
     }
 
@@ -507,7 +501,9 @@ impl Link {
                 _ => QoS::AtLeastOnce,
             },
             retain: p.retain,
-            properties: p.properties.map(|p| Arc::new(properties(p, &self.settings.prefix))),
+            properties: p
+                .properties
+                .map(|p| Arc::new(properties(p, &self.settings.prefix))),
         };
         if message.retain {
             // Kept for the device's next subscription (a refusal is the store's

@@ -312,7 +312,8 @@ impl Writer {
         while let Some(held) = self.held.pop_front() {
             // Order: once one message waits for room, the later ones wait behind it
             // (QoS 0 ones may still be dropped under drop-oldest-qos0).
-            if blocked || round.batch.append.len() >= MAX_BATCH
+            if blocked
+                || round.batch.append.len() >= MAX_BATCH
                 || round.appended_bytes >= MAX_BATCH_BYTES
             {
                 kept.push_back(held);
@@ -479,11 +480,15 @@ impl Writer {
         m.depth
             .store(depth.saturating_sub(done.removed), Ordering::Relaxed);
         let dead = m.dead_letters.load(Ordering::Relaxed) + done.dead;
-        m.dead_letters
-            .store(dead.saturating_sub(done.retried + done.purged), Ordering::Relaxed);
+        m.dead_letters.store(
+            dead.saturating_sub(done.retried + done.purged),
+            Ordering::Relaxed,
+        );
         m.dead_lettered.fetch_add(done.dead, Ordering::Relaxed);
-        m.oldest_unix_ms
-            .store(oldest.or(round.oldest_appended).unwrap_or(0), Ordering::Relaxed);
+        m.oldest_unix_ms.store(
+            oldest.or(round.oldest_appended).unwrap_or(0),
+            Ordering::Relaxed,
+        );
     }
 
     fn answer(&mut self, round: Round, done: Option<Committed>) {
@@ -497,7 +502,9 @@ impl Writer {
             let _ = b.send(());
         }
         for (tx, retry) in round.answers {
-            let n = done.as_ref().map_or(0, |d| if retry { d.retried } else { d.purged });
+            let n = done
+                .as_ref()
+                .map_or(0, |d| if retry { d.retried } else { d.purged });
             let _ = tx.send(Ok(n));
         }
     }

@@ -17,7 +17,10 @@ fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>,
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{what} {}: not PEM certificates ({e})", path.display()))?;
     if certs.is_empty() {
-        return Err(format!("{what} {}: no certificate in the file", path.display()));
+        return Err(format!(
+            "{what} {}: no certificate in the file",
+            path.display()
+        ));
     }
     Ok(certs)
 }
@@ -42,7 +45,10 @@ pub fn client_config(
             let key_bytes = read(key, "upstream.client_key")?;
             let private = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| match e {
                 PemError::NoItemsFound => {
-                    format!("upstream.client_key {}: no private key in the file", key.display())
+                    format!(
+                        "upstream.client_key {}: no private key in the file",
+                        key.display()
+                    )
                 }
                 other => format!("upstream.client_key {}: {other}", key.display()),
             })?;
@@ -100,7 +106,10 @@ mod tests {
         );
         std::fs::write(&path, "gateway\ns3cret-pw\nextra\n").unwrap();
         let err = credentials(&path).unwrap_err();
-        assert!(err.contains("first line") && !err.contains("s3cret"), "{err}");
+        assert!(
+            err.contains("first line") && !err.contains("s3cret"),
+            "{err}"
+        );
         let err = credentials(&dir.path().join("missing")).unwrap_err();
         assert!(err.contains("upstream.credentials_file"), "{err}");
     }
@@ -111,6 +120,9 @@ mod tests {
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, "not pem").unwrap();
         let err = client_config(&path, None).unwrap_err();
-        assert!(err.contains("upstream.ca") && err.contains("ca.pem"), "{err}");
+        assert!(
+            err.contains("upstream.ca") && err.contains("ca.pem"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,555 @@
+//! Upstream mode end to end, against a real Mosquitto (Debian's `mosquitto`, started
+//! here on a free loopback port): devices publish numbered QoS 1 streams through the
+//! gateway, a persistent subscriber on Mosquitto checks every number, and the link is
+//! broken in the ways the issue names. Every message a device got a PUBACK for must
+//! arrive upstream; duplicates (QoS 1 allows them) are counted and printed.
+
+mod common;
+
+use common::raw::Raw;
+use common::*;
+use rumqttc::v5::mqttbytes::{QoS, v5};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(port: u16) -> bool {
+    wait_for(Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    })
+    .is_some()
+}
+
+/// A Mosquitto broker of the test's own, with persistence (a stop and start keeps
+/// the subscriber's session and what is queued for it).
+struct Mosquitto {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+             persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 100\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        // Started as root, Mosquitto drops to its own user, which must be able to
+        // write its persistence file here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut m = Mosquitto {
+            dir,
+            port,
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))
+            .unwrap();
+        let child = Command::new("mosquitto")
+            .args([
+                "-c",
+                self.dir.path().join("mosquitto.conf").to_str().unwrap(),
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto (apt-get install mosquitto)");
+        self.child = Some(child);
+        assert!(wait_listening(self.port), "mosquitto did not listen");
+    }
+
+    /// SIGTERM: Mosquitto saves its sessions and queues, and goes.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The gateway in upstream mode towards `url`.
+fn gateway(url: &str, extra: &str) -> Gateway {
+    Gateway::start_with(&format!(
+        "[broker]\nmode = \"upstream\"\n[upstream]\nurls = [\"{url}\"]\nclient_id = \"gw-test\"\n\
+         keep_alive = \"5s\"\nreconnect_max = \"500ms\"\n{extra}\n[behaviour]\nenabled = false\n"
+    ))
+}
+
+/// The persistent subscriber on the upstream broker, started before anything is sent.
+fn checker(m: &Mosquitto) -> Sub {
+    let sub = Sub::start(&[
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        m.port.to_string(),
+        s("-c"),
+        s("-i"),
+        s("checker"),
+        s("-q"),
+        s("1"),
+        s("-t"),
+        s("devices/+/telemetry/#"),
+        s("-v"),
+    ]);
+    // Subscribed once a probe sent straight to Mosquitto comes back.
+    let probe = wait_for(Duration::from_secs(10), || {
+        let _ = mosquitto(
+            "mosquitto_pub",
+            &[
+                s("-p"),
+                m.port.to_string(),
+                s("-q"),
+                s("1"),
+                s("-t"),
+                s("devices/probe/telemetry/x"),
+                s("-m"),
+                s("probe"),
+            ],
+            Duration::from_secs(5),
+        );
+        sub.expect("probe", Duration::from_millis(500)).ok()
+    });
+    assert!(probe.is_some(), "the checker did not subscribe");
+    sub
+}
+
+/// A device publishing a numbered QoS 1 stream, one message in flight, resending
+/// the same number until it gets a PUBACK; it reconnects whenever the gateway is
+/// away. Returns the numbers acknowledged.
+fn device(
+    addr: Arc<Mutex<SocketAddr>>,
+    id: &'static str,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<Vec<u64>> {
+    std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let at = *addr.lock().unwrap();
+            let Some(mut raw) = Raw::try_connect(at) else {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            if raw.connect_v5(id, Some((id, "s3cret-device-pw")))
+                != Some(v5::ConnectReturnCode::Success)
+            {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            while !stop.load(Ordering::Relaxed) {
+                let pkid = (n % 60_000) as u16 + 1;
+                let mut p = v5::Publish::new(
+                    format!("devices/{id}/telemetry/seq"),
+                    QoS::AtLeastOnce,
+                    n.to_string().into_bytes(),
+                    None,
+                );
+                p.pkid = pkid;
+                raw.send_v5(v5::Packet::Publish(p));
+                match raw.recv_v5(Duration::from_secs(5)) {
+                    Some(v5::Packet::PubAck(a))
+                        if a.pkid == pkid && a.reason == v5::PubAckReason::Success =>
+                    {
+                        acked.push(n);
+                        n += 1;
+                        // Under the default rate (100/s): no message is held back.
+                        std::thread::sleep(Duration::from_millis(12));
+                    }
+                    // Anything else (the gateway went away, a refusal): connect again
+                    // and send the same number.
+                    _ => break,
+                }
+            }
+        }
+        acked
+    })
+}
+
+/// Devices d1..d3 registered and publishing.
+struct Fleet {
+    addr: Arc<Mutex<SocketAddr>>,
+    stop: Arc<AtomicBool>,
+    devices: Vec<(&'static str, JoinHandle<Vec<u64>>)>,
+}
+
+impl Fleet {
+    fn start(gw: &Gateway) -> Fleet {
+        let ids = ["d1", "d2", "d3"];
+        for id in ids {
+            gw.add_device_secret(id, "s3cret-device-pw");
+        }
+        let addr = Arc::new(Mutex::new(gw.device_plain));
+        let stop = Arc::new(AtomicBool::new(false));
+        let devices = ids
+            .into_iter()
+            .map(|id| (id, device(addr.clone(), id, stop.clone())))
+            .collect();
+        Fleet {
+            addr,
+            stop,
+            devices,
+        }
+    }
+
+    /// Follow a restarted gateway to its new port.
+    fn follow(&self, gw: &Gateway) {
+        *self.addr.lock().unwrap() = gw.device_plain;
+    }
+
+    fn finish(self) -> BTreeMap<&'static str, Vec<u64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.devices
+            .into_iter()
+            .map(|(id, h)| (id, h.join().unwrap()))
+            .collect()
+    }
+}
+
+/// Wait until every acknowledged number has arrived upstream; panic naming what is
+/// missing. Prints the duplicates.
+fn verify(case: &str, acked: &BTreeMap<&'static str, Vec<u64>>, checker: &Sub) {
+    let mut seen: HashMap<(String, u64), u32> = HashMap::new();
+    let total: usize = acked.values().map(Vec::len).sum();
+    assert!(total > 100, "{case}: the devices hardly published: {total}");
+    let mut missing: Vec<(String, u64)>;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for line in checker.drain(Duration::from_millis(500)) {
+            let mut parts = line.split(' ');
+            let (Some(topic), Some(n)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Some(id) = topic.split('/').nth(1) else {
+                continue;
+            };
+            if let Ok(n) = n.parse::<u64>() {
+                *seen.entry((id.to_string(), n)).or_default() += 1;
+            }
+        }
+        missing = acked
+            .iter()
+            .flat_map(|(id, ns)| ns.iter().map(move |n| (id.to_string(), *n)))
+            .filter(|k| !seen.contains_key(k))
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break;
+        }
+    }
+    let duplicates: u32 = seen.values().map(|c| c - 1).sum();
+    let unacked_extra = seen.len() - (total - missing.len());
+    println!(
+        "{case}: {total} acknowledged, {} arrived, {} missing, {duplicates} duplicates, \
+         {unacked_extra} arrived without an acknowledgement (sent again by the device)",
+        total - missing.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{case}: {} acknowledged messages never arrived upstream, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+#[test]
+fn nothing_acknowledged_is_lost_while_the_upstream_broker_is_stopped_for_30_seconds() {
+    let mut m = Mosquitto::start();
+    let checker = checker(&m);
+    let gw = gateway(&m.url(), "");
+    let fleet = Fleet::start(&gw);
+    std::thread::sleep(Duration::from_secs(3));
+    m.stop();
+    // Devices keep publishing, and keep being acknowledged: the outbox holds it all.
+    let before = gw.metric("portcullis_outbox_committed_total");
+    std::thread::sleep(Duration::from_secs(30));
+    let during = gw.metric("portcullis_outbox_committed_total") - before;
+    assert!(
+        during > 1000,
+        "the devices were held back while the broker was away: {during}"
+    );
+    assert!(gw.metric("portcullis_outbox_messages") > 0);
+    m.spawn();
+    std::thread::sleep(Duration::from_secs(3));
+    let acked = fleet.finish();
+    verify("upstream stopped 30 s", &acked, &checker);
+    gw.wait_audit(&["upstream", "lost"]);
+}
+
+#[test]
+fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_mid_stream() {
+    let m = Mosquitto::start();
+    let checker = checker(&m);
+    let mut gw = gateway(&m.url(), "");
+    let fleet = Fleet::start(&gw);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(2));
+        gw.kill9();
+        gw.restart_after_stop();
+        fleet.follow(&gw);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let acked = fleet.finish();
+    verify("gateway SIGKILLed three times", &acked, &checker);
+}
+
+#[test]
+fn nothing_acknowledged_is_lost_when_the_gateway_dies_while_the_upstream_is_away() {
+    let mut m = Mosquitto::start();
+    let checker = checker(&m);
+    let mut gw = gateway(&m.url(), "");
+    let fleet = Fleet::start(&gw);
+    std::thread::sleep(Duration::from_secs(2));
+    m.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    // Everything acknowledged since the broker went is only in the outbox.
+    gw.kill9();
+    gw.restart_after_stop();
+    fleet.follow(&gw);
+    std::thread::sleep(Duration::from_secs(5));
+    m.spawn();
+    std::thread::sleep(Duration::from_secs(3));
+    let acked = fleet.finish();
+    verify(
+        "gateway SIGKILLed while the broker was stopped",
+        &acked,
+        &checker,
+    );
+}
+
+/// A TCP proxy between the gateway and Mosquitto. `cut` black-holes the connections
+/// open at that moment: their bytes are read and thrown away, nothing is closed,
+/// as a dead route or a silent middlebox would. Later connections pass.
+struct Proxy {
+    port: u16,
+    cut_below: Arc<AtomicU64>,
+    next: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    fn start(to: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let (cut, counter) = (cut_below.clone(), next.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let generation = counter.fetch_add(1, Ordering::SeqCst);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let cut = cut.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if generation < cut.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Proxy {
+            port,
+            cut_below,
+            next,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut_below
+            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_link_that_goes_silent_is_noticed_by_keep_alive_and_everything_unacknowledged_is_resent() {
+    let m = Mosquitto::start();
+    let checker = checker(&m);
+    let proxy = Proxy::start(m.port);
+    let gw = gateway(&format!("mqtt://127.0.0.1:{}", proxy.port), "");
+    let fleet = Fleet::start(&gw);
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.cut();
+    // Keep-alive 5 s: PINGREQ unanswered by the next one, then a new connection.
+    let noticed = wait_for(Duration::from_secs(30), || {
+        gw.stderr()
+            .contains("no answer to keep-alive")
+            .then_some(())
+    });
+    assert!(
+        noticed.is_some(),
+        "the silent link was not noticed: {}",
+        gw.stderr()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let acked = fleet.finish();
+    verify("link black-holed", &acked, &checker);
+    assert!(gw.metric("portcullis_upstream_connects_total") >= 2);
+    assert!(
+        gw.metric("portcullis_upstream_resent_total") > 0,
+        "nothing was in flight when the link went silent?"
+    );
+}
+
+#[test]
+fn commands_from_the_cluster_reach_a_connected_device_and_retained_ones_a_later_subscriber() {
+    let m = Mosquitto::start();
+    let gw = gateway(&m.url(), "");
+    gw.add_device_secret("d1", "s3cret-device-pw");
+    let login = [
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        gw.device_plain.port().to_string(),
+        s("-i"),
+        s("d1"),
+        s("-u"),
+        s("d1"),
+        s("-P"),
+        s("s3cret-device-pw"),
+    ];
+    let mut args = login.to_vec();
+    args.extend([
+        s("-q"),
+        s("1"),
+        s("-t"),
+        s("devices/d1/commands/#"),
+        s("-v"),
+    ]);
+    let device = Sub::start(&args);
+    let upstream_pub = |topic: &str, payload: &str, retain: bool| {
+        let mut a = vec![
+            s("-p"),
+            m.port.to_string(),
+            s("-q"),
+            s("1"),
+            s("-t"),
+            s(topic),
+            s("-m"),
+            s(payload),
+        ];
+        if retain {
+            a.push(s("-r"));
+        }
+        let out = mosquitto("mosquitto_pub", &a, Duration::from_secs(5));
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    // The device's subscription is in place once a command sent now arrives.
+    let got = wait_for(Duration::from_secs(10), || {
+        upstream_pub("devices/d1/commands/reboot", "now", false);
+        device
+            .expect("devices/d1/commands/reboot now", Duration::from_millis(500))
+            .ok()
+    });
+    assert!(
+        got.is_some(),
+        "a command from the cluster did not reach the device"
+    );
+    // Not another device's.
+    upstream_pub("devices/d2/commands/reboot", "not-yours", false);
+    upstream_pub("devices/d1/commands/config", "cfg-1", true);
+    device
+        .expect("devices/d1/commands/config cfg-1", Duration::from_secs(5))
+        .unwrap();
+    drop(device);
+    // A later subscription gets the retained command at once.
+    let mut args = login.to_vec();
+    args.extend([
+        s("-q"),
+        s("1"),
+        s("-t"),
+        s("devices/d1/commands/#"),
+        s("-v"),
+        s("-W"),
+        s("3"),
+    ]);
+    let out = mosquitto("mosquitto_sub", &args, Duration::from_secs(10));
+    let out = text(&out);
+    assert!(out.contains("devices/d1/commands/config cfg-1"), "{out}");
+    assert!(!out.contains("not-yours"), "{out}");
+}
+
+#[test]
+fn upstream_mode_without_a_broker_url_or_client_id_is_refused_by_config_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("p.toml");
+    for (text, key) in [
+        ("[broker]\nmode = \"upstream\"\n", "upstream.urls"),
+        (
+            "[broker]\nmode = \"upstream\"\n[upstream]\nurls = [\"mqtt://127.0.0.1:1\"]\n",
+            "upstream.client_id",
+        ),
+        (
+            "[broker]\nmode = \"upstream\"\n[upstream]\nurls = [\"mqtts://h:8883\"]\nclient_id = \"a\"\n",
+            "upstream.ca",
+        ),
+        ("[upstream]\nurls = [\"tcp://h\"]\n", "mqtt://"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["config", "check", path.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
