@@ -44,18 +44,31 @@ struct Mosquitto {
 
 impl Mosquitto {
     fn start() -> Mosquitto {
+        Mosquitto::start_with("", &[])
+    }
+
+    /// With extra lines in its configuration (`{dir}` is its directory), and files
+    /// written there first.
+    fn start_with(extra: &str, files: &[(&str, &str)]) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        // max_queued_messages: the subscriber's queue while it is away, far beyond
+        // what a test sends (Mosquitto 2.0.11 with 0, "unbounded", drops a client
+        // whose publish its ACL denies).
         let conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-             persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 100\n",
-            dir.path().display()
+             persistence_location {}/\nmax_queued_messages 1000000\nmax_inflight_messages 100\n{}\n",
+            dir.path().display(),
+            extra.replace("{dir}", &dir.path().display().to_string())
         );
         std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
         // Started as root, Mosquitto drops to its own user, which must be able to
         // write its persistence file here.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         let mut m = Mosquitto {
             dir,
             port,
@@ -94,6 +107,15 @@ impl Mosquitto {
         }
     }
 
+    /// SIGHUP: Mosquitto reads its ACL file again.
+    fn reload(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-HUP", &child.id().to_string()])
+                .status();
+        }
+    }
+
     fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
@@ -118,6 +140,10 @@ fn gateway(url: &str, extra: &str) -> Gateway {
 
 /// The persistent subscriber on the upstream broker, started before anything is sent.
 fn checker(m: &Mosquitto) -> Sub {
+    checker_on(m, "devices/+/telemetry/#")
+}
+
+fn checker_on(m: &Mosquitto, filter: &str) -> Sub {
     let sub = Sub::start(&[
         s("-h"),
         s("127.0.0.1"),
@@ -129,7 +155,7 @@ fn checker(m: &Mosquitto) -> Sub {
         s("-q"),
         s("1"),
         s("-t"),
-        s("devices/+/telemetry/#"),
+        s(filter),
         s("-v"),
     ]);
     // Subscribed once a probe sent straight to Mosquitto comes back.
@@ -552,4 +578,88 @@ fn upstream_mode_without_a_broker_url_or_client_id_is_refused_by_config_check() 
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(key), "{key}: {err}");
     }
+}
+
+/// One QoS 1 publish as a device; whether the gateway acknowledged it.
+fn publish_as(gw: &Gateway, id: &str, topic: &str, payload: &str) -> bool {
+    let Some(mut raw) = Raw::try_connect(gw.device_plain) else {
+        return false;
+    };
+    if raw.connect_v5(id, Some((id, "s3cret-device-pw"))) != Some(v5::ConnectReturnCode::Success) {
+        return false;
+    }
+    let mut p = v5::Publish::new(topic, QoS::AtLeastOnce, payload.as_bytes().to_vec(), None);
+    p.pkid = 1;
+    raw.send_v5(v5::Packet::Publish(p));
+    matches!(
+        raw.recv_v5(Duration::from_secs(5)),
+        Some(v5::Packet::PubAck(a)) if a.reason == v5::PubAckReason::Success
+    )
+}
+
+#[test]
+fn a_message_the_broker_refuses_goes_to_the_dead_letters_and_can_be_retried_or_purged() {
+    // The broker's ACL lets nobody publish under devices/d2/.
+    let refuse_d2 =
+        "topic readwrite devices/d1/#\ntopic readwrite devices/probe/#\ntopic read devices/#\n";
+    let m = Mosquitto::start_with("acl_file {dir}/acl\n", &[("acl", refuse_d2)]);
+    let acl = m.dir.path().join("acl");
+    let checker = checker_on(&m, "devices/+/telemetry/#");
+    let gw = gateway(&m.url(), "");
+    for id in ["d1", "d2"] {
+        gw.add_device_secret(id, "s3cret-device-pw");
+    }
+    // Acknowledged by the gateway (it is on disk), then refused upstream.
+    assert!(publish_as(&gw, "d2", "devices/d2/telemetry/t", "refused-1"));
+    let listed = wait_for(Duration::from_secs(10), || {
+        let out = gw.cli_ok(&["outbox", "list"]);
+        out.contains("devices/d2/telemetry/t").then_some(out)
+    })
+    .unwrap_or_else(|| panic!("no dead letter: {}", gw.cli_ok(&["outbox", "list"])));
+    assert!(listed.contains("1 dead letter(s)"), "{listed}");
+    assert!(
+        listed.contains("refused by the broker: NotAuthorized"),
+        "{listed}"
+    );
+    assert_eq!(gw.metric("portcullis_outbox_dead_letters"), 1);
+    gw.wait_audit(&["outbox", "dead letters", "NotAuthorized"]);
+    // It does not hold the others back.
+    assert!(publish_as(&gw, "d1", "devices/d1/telemetry/t", "passes"));
+    checker
+        .expect("devices/d1/telemetry/t passes", Duration::from_secs(10))
+        .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&gw.cli_ok(&["outbox", "list", "--json"])).unwrap();
+    let seq = json["dead_letters"][0]["seq"].as_u64().unwrap();
+    let shown = gw.cli_ok(&["outbox", "show", &seq.to_string()]);
+    assert!(
+        shown.contains("refused-1") && shown.contains("sends:    1"),
+        "{shown}"
+    );
+    // The operator fixes the broker's ACL and sends it again.
+    std::fs::write(&acl, "topic readwrite devices/#\n").unwrap();
+    m.reload();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = gw.cli_ok(&["outbox", "retry", &seq.to_string()]);
+    assert!(out.contains("1 dead letter(s) put back"), "{out}");
+    checker
+        .expect("devices/d2/telemetry/t refused-1", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(gw.metric("portcullis_outbox_dead_letters"), 0);
+    // Purge: a second refusal, removed for good.
+    std::fs::write(&acl, refuse_d2).unwrap();
+    m.reload();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(publish_as(&gw, "d2", "devices/d2/telemetry/t", "refused-2"));
+    wait_for(Duration::from_secs(10), || {
+        (gw.metric("portcullis_outbox_dead_letters") == 1).then_some(())
+    })
+    .expect("a second dead letter");
+    let out = gw.cli_ok(&["outbox", "purge", "--all"]);
+    assert!(out.contains("1 dead letter(s) purged"), "{out}");
+    let out = gw.cli_ok(&["outbox", "list"]);
+    assert!(out.contains("0 dead letter(s)"), "{out}");
+    // Naming nothing is the operator's mistake.
+    let out = gw.cli(&["outbox", "retry"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }

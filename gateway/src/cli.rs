@@ -5,10 +5,11 @@
 //! registry directly.
 
 use crate::admin::protocol::{
-    AddBan, AddPrincipal, BackupRegistry, CheckRegistry, DisablePrincipal, EnablePrincipal,
-    ImportPrincipals, KickClient, ListBans, ListClients, ListPrincipals, ListQuarantine,
-    NewPrincipal, QuarantineDevice, QuarantineRow, QuarantineShown, ReleaseDevice, Reload,
-    RemoveBan, RemovePrincipal, Reply, RotateCredentials, ShowPrincipal, ShowQuarantine,
+    AddBan, AddPrincipal, BackupRegistry, CheckRegistry, DeadLetterShown, DisablePrincipal,
+    EnablePrincipal, ImportPrincipals, KickClient, ListBans, ListClients, ListOutbox,
+    ListPrincipals, ListQuarantine, NewPrincipal, OutboxListed, PurgeDeadLetters, QuarantineDevice,
+    QuarantineRow, QuarantineShown, ReleaseDevice, Reload, RemoveBan, RemovePrincipal, Reply,
+    RetryDeadLetters, RotateCredentials, ShowDeadLetter, ShowPrincipal, ShowQuarantine,
     request_line,
 };
 use crate::admin::{AdminError, AdminState, AuditSink, Handler};
@@ -22,6 +23,8 @@ use portcullis_core::auth::Policies;
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::registry::{CheckSummary, Registry};
 use portcullis_core::secret::SecretHasher;
+use portcullis_upstream::outbox::OutboxAdmin;
+use portcullis_upstream::store::{Sealer, Store};
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -94,6 +97,13 @@ enum Command {
     Quarantine {
         #[command(subcommand)]
         action: QuarantineAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Upstream mode: the outbox and its dead letters.
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxAction,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -229,6 +239,35 @@ enum BanAction {
     List,
     Remove {
         target: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum OutboxAction {
+    /// What the outbox holds, and its dead letters (messages the broker refused, or
+    /// never acknowledged).
+    List {
+        /// The admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter, payload included.
+    Show {
+        seq: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back at the end of the outbox, to be sent again.
+    Retry {
+        seqs: Vec<u64>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove dead letters for good.
+    Purge {
+        seqs: Vec<u64>,
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -451,6 +490,36 @@ pub fn run(cli: Cli) -> Result<()> {
                 QuarantineAction::Release { id } => print(&call(&config, ReleaseDevice { id })?),
                 QuarantineAction::Add { id, reason } => {
                     print(&call(&config, QuarantineDevice { id, reason })?)
+                }
+            }
+            Ok(())
+        }
+        Command::Outbox { action, config } => {
+            let config = load_config(config.config.as_deref())?;
+            match action {
+                OutboxAction::List { json } => {
+                    let listed = call(&config, ListOutbox {})?;
+                    if json {
+                        print(&listed);
+                    } else {
+                        print_outbox(&listed);
+                    }
+                }
+                OutboxAction::Show { seq, json } => {
+                    let shown = call(&config, ShowDeadLetter { seq })?;
+                    if json {
+                        print(&shown);
+                    } else {
+                        print_dead_letter(&shown);
+                    }
+                }
+                OutboxAction::Retry { seqs, all } => {
+                    let done = call(&config, RetryDeadLetters { seqs, all })?;
+                    println!("{} dead letter(s) put back in the outbox", done.count);
+                }
+                OutboxAction::Purge { seqs, all } => {
+                    let done = call(&config, PurgeDeadLetters { seqs, all })?;
+                    println!("{} dead letter(s) purged", done.count);
                 }
             }
             Ok(())
@@ -763,6 +832,69 @@ fn utc(unix: u64) -> String {
     )
 }
 
+/// `outbox list`: the summary, then the dead letters as a table.
+fn print_outbox(v: &OutboxListed) {
+    println!(
+        "outbox: {} message(s) waiting, the oldest for {}s; {} dead letter(s)",
+        v.messages,
+        v.oldest_age_secs,
+        v.dead_letters.len()
+    );
+    if v.dead_letters.is_empty() {
+        return;
+    }
+    println!(
+        "{:<10} {:<20} {:<4} {:>8} {:>5}  TOPIC / REASON",
+        "SEQ", "DEAD (UTC)", "QOS", "BYTES", "SENDS"
+    );
+    for d in &v.dead_letters {
+        println!(
+            "{:<10} {:<20} {:<4} {:>8} {:>5}  {}\n{:>52}{}",
+            d.seq,
+            utc(d.dead_unix_ms / 1000),
+            d.qos,
+            d.payload_bytes,
+            d.attempts,
+            if d.topic.is_empty() {
+                "(unreadable)"
+            } else {
+                &d.topic
+            },
+            "",
+            d.reason
+        );
+    }
+}
+
+/// `outbox show`: one dead letter.
+fn print_dead_letter(v: &DeadLetterShown) {
+    let d = &v.letter;
+    println!("seq:      {}", d.seq);
+    println!(
+        "topic:    {}",
+        if d.topic.is_empty() {
+            "(unreadable)"
+        } else {
+            &d.topic
+        }
+    );
+    println!(
+        "qos:      {}{}",
+        d.qos,
+        if v.retain { " (retained)" } else { "" }
+    );
+    println!("taken:    {}", utc(v.enqueued_unix_ms / 1000));
+    println!("dead:     {}", utc(d.dead_unix_ms / 1000));
+    println!("sends:    {}", d.attempts);
+    println!("reason:   {}", d.reason);
+    println!(
+        "payload:  {} bytes{}",
+        d.payload_bytes,
+        if v.payload_hex { ", hex" } else { "" }
+    );
+    println!("{}", v.payload);
+}
+
 /// `quarantine list` as a table: ID, STATE, SINCE (UTC), REASON.
 fn print_quarantine_table(rows: &[QuarantineRow], all: bool) {
     let rows: Vec<[String; 4]> = rows
@@ -875,12 +1007,24 @@ fn call<O: Handler>(config: &Config, op: O) -> Result<O::Reply> {
                 sessions: None,
                 retained: None,
                 behaviours: None,
+                outbox: offline_outbox(config)?,
                 audit: AuditSink::File(Box::new(offline_audit(config)?)),
             };
             op.run(&state).map_err(failure)
         }
         Err(e) => Err(e).with_context(|| format!("admin socket {}", socket.display())),
     }
+}
+
+/// Upstream mode's outbox, opened directly (no gateway holds it).
+fn offline_outbox(config: &Config) -> Result<Option<Arc<OutboxAdmin>>> {
+    if config.broker.mode != portcullis_config::BrokerMode::Upstream {
+        return Ok(None);
+    }
+    let key = portcullis_core::audit::load_or_create_key(&config.audit_key_file())
+        .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
+    let (store, loaded) = Store::open(&config.outbox_file(), Sealer::derive(&key))?;
+    Ok(Some(Arc::new(OutboxAdmin::offline(store, &loaded))))
 }
 
 /// The operator's mistake exits 2, the gateway's 1.

@@ -30,6 +30,7 @@ use portcullis_mqtt::listener;
 use portcullis_mqtt::session::{Context as SessionContext, Live, SessionLimits};
 use portcullis_mqtt::state::SessionStore;
 use portcullis_upstream::UpstreamForwarder;
+use portcullis_upstream::outbox::OutboxAdmin;
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
@@ -121,8 +122,8 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             ),
     );
     let upstream = config.broker.mode == BrokerMode::Upstream;
-    let forwarder: Arc<dyn Forwarder> = if upstream {
-        UpstreamForwarder::start(
+    let (forwarder, outbox): (Arc<dyn Forwarder>, _) = if upstream {
+        let f = UpstreamForwarder::start(
             &config,
             &audit_key,
             retained.clone(),
@@ -130,9 +131,12 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             audit.clone(),
         )
         .await
-        .map_err(|e| UsageError(e.to_string()))?
+        .map_err(|e| UsageError(e.to_string()))?;
+        let outbox = Arc::new(OutboxAdmin::live(f.outbox()));
+        (f, Some(outbox))
     } else {
-        EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone()).await?
+        let f = EmbeddedBroker::start(&config.broker, metrics.clone(), audit.clone()).await?;
+        (f, None)
     };
     // Checkpoints are forwarded, so a copy of the chain's state lives off this disk.
     {
@@ -377,6 +381,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         sessions: Some(sessions.clone()),
         retained: Some(retained.clone()),
         behaviours: Some(behaviours.clone()),
+        outbox,
         audit: AuditSink::Live(audit.clone()),
     });
     // Transitions are persisted, audited and published by one task; time-outs

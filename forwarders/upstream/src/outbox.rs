@@ -516,3 +516,101 @@ async fn sleep_until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// The outbox for `portcullis outbox …`: the running gateway's (changes go through
+/// its writer), or, with no gateway running, the file opened directly.
+#[derive(Debug)]
+pub struct OutboxAdmin {
+    store: Arc<Store>,
+    ctl: Option<mpsc::UnboundedSender<Ctl>>,
+    /// Offline: the next sequence number (a retried letter takes a new one).
+    next_seq: std::sync::Mutex<u64>,
+}
+
+impl OutboxAdmin {
+    pub fn live(outbox: &Outbox) -> OutboxAdmin {
+        OutboxAdmin {
+            store: outbox.store.clone(),
+            ctl: Some(outbox.ctl.clone()),
+            next_seq: std::sync::Mutex::new(0),
+        }
+    }
+
+    pub fn offline(store: Store, loaded: &crate::store::Loaded) -> OutboxAdmin {
+        OutboxAdmin {
+            store: Arc::new(store),
+            ctl: None,
+            next_seq: std::sync::Mutex::new(loaded.next_seq),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Put dead letters back at the end of the outbox (`None`: all); how many.
+    /// Blocking: call it off the runtime's workers.
+    pub fn retry(&self, which: Option<Vec<u64>>) -> Result<u64, String> {
+        match &self.ctl {
+            Some(ctl) => ask(ctl, |tx| Ctl::Retry(which, tx)),
+            None => {
+                let seqs = match which {
+                    Some(s) => s,
+                    None => self
+                        .store
+                        .dead_letters(0, usize::MAX)
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .map(|l| l.seq)
+                        .collect(),
+                };
+                let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+                let mut batch = Batch::default();
+                for old in seqs {
+                    batch.retry.push((old, *next));
+                    *next += 1;
+                }
+                batch.next_seq = *next;
+                batch.durable = true;
+                self.store
+                    .commit(&batch)
+                    .map(|d| d.retried)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Remove dead letters for good (`None`: all); how many.
+    pub fn purge(&self, which: Option<Vec<u64>>) -> Result<u64, String> {
+        if which.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(0);
+        }
+        match &self.ctl {
+            Some(ctl) => ask(ctl, |tx| Ctl::Purge(which, tx)),
+            None => {
+                let next = *self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+                let batch = Batch {
+                    purge: Some(which.unwrap_or_default()),
+                    next_seq: next,
+                    durable: true,
+                    ..Batch::default()
+                };
+                self.store
+                    .commit(&batch)
+                    .map(|d| d.purged)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+fn ask(
+    ctl: &mpsc::UnboundedSender<Ctl>,
+    make: impl FnOnce(oneshot::Sender<Result<u64, String>>) -> Ctl,
+) -> Result<u64, String> {
+    let (tx, rx) = oneshot::channel();
+    ctl.send(make(tx))
+        .map_err(|_| "the outbox writer has stopped".to_string())?;
+    rx.blocking_recv()
+        .map_err(|_| "the outbox writer has stopped".to_string())?
+}

@@ -429,6 +429,21 @@ impl Store {
         )
     }
 
+    /// Entries held now.
+    pub fn depth(&self) -> Result<u64, StoreError> {
+        contain(
+            || {
+                let tx = self.db.begin_read().map_err(storage)?;
+                match tx.open_table(OUTBOX) {
+                    Ok(t) => t.len().map_err(storage),
+                    Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                    Err(e) => Err(storage(e)),
+                }
+            },
+            StoreError::Panicked,
+        )
+    }
+
     /// The enqueue time of the oldest entry, if any.
     pub fn oldest_ms(&self) -> Result<Option<u64>, StoreError> {
         Ok(self.read(0, 1)?.into_iter().find_map(|(_, s, _)| match s {

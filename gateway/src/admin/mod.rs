@@ -15,6 +15,7 @@ mod audit;
 mod bans;
 mod clients;
 mod config;
+mod outbox;
 mod principals;
 pub mod protocol;
 mod quarantine;
@@ -33,6 +34,7 @@ use portcullis_core::registry::{Registry, RegistryError};
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::secret::SecretHasher;
 use portcullis_core::sessions::{KickReason, Sessions};
+use portcullis_upstream::outbox::OutboxAdmin;
 use std::sync::Arc;
 
 /// Reloads the running gateway's configuration: a summary, or why it was refused.
@@ -51,6 +53,8 @@ pub struct AdminState {
     pub retained: Option<Arc<RetainedCommands>>,
     /// The running gateway's behaviour models and quarantine records.
     pub behaviours: Option<Arc<Behaviours>>,
+    /// Upstream mode: the outbox (the running gateway's, or the file opened directly).
+    pub outbox: Option<Arc<OutboxAdmin>>,
     pub audit: AuditSink,
 }
 
@@ -83,6 +87,10 @@ impl AdminState {
             Request::QuarantineAdd(op) => self.reply(op),
             Request::RegistryCheck(op) => self.reply(op),
             Request::RegistryBackup(op) => self.reply(op),
+            Request::OutboxList(op) => self.reply(op),
+            Request::OutboxShow(op) => self.reply(op),
+            Request::OutboxRetry(op) => self.reply(op),
+            Request::OutboxPurge(op) => self.reply(op),
         }
     }
 
@@ -163,6 +171,7 @@ pub(crate) mod testing {
             sessions: None,
             retained: None,
             behaviours,
+            outbox: None,
             audit: AuditSink::File(Box::new(AuditSettings::new(
                 dir.path().join("audit.log"),
                 [9; 32],

@@ -81,6 +81,74 @@ protocol! {
     RegistryCheck(CheckRegistry) -> CheckSummary;
     /// Copy the registry, consistently, to a new file.
     RegistryBackup(BackupRegistry) -> CheckSummary;
+    /// Upstream mode: what the outbox holds, and its dead letters.
+    OutboxList(ListOutbox) -> OutboxListed;
+    OutboxShow(ShowDeadLetter) -> DeadLetterShown;
+    /// Dead letters back at the end of the outbox, to be sent again.
+    OutboxRetry(RetryDeadLetters) -> OutboxChanged;
+    /// Dead letters removed for good.
+    OutboxPurge(PurgeDeadLetters) -> OutboxChanged;
+}
+
+/// The outbox's summary and its dead letters (upstream mode).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListOutbox {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxListed {
+    /// Messages waiting for the broker's acknowledgement.
+    pub messages: u64,
+    pub oldest_age_secs: u64,
+    pub dead_letters: Vec<DeadLetterRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetterRow {
+    pub seq: u64,
+    /// Empty when the entry itself is unreadable.
+    pub topic: String,
+    pub qos: u8,
+    pub payload_bytes: u64,
+    pub reason: String,
+    pub attempts: u32,
+    pub dead_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShowDeadLetter {
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetterShown {
+    pub letter: DeadLetterRow,
+    pub retain: bool,
+    pub enqueued_unix_ms: u64,
+    /// The payload as text when it is UTF-8, else in hex.
+    pub payload: String,
+    pub payload_hex: bool,
+}
+
+/// Which dead letters: these sequence numbers, or all of them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryDeadLetters {
+    pub seqs: Vec<u64>,
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeDeadLetters {
+    pub seqs: Vec<u64>,
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxChanged {
+    pub count: u64,
 }
 
 // Requests. Optional fields are sent as `null` when absent, as they always were.
