@@ -663,3 +663,277 @@ fn a_message_the_broker_refuses_goes_to_the_dead_letters_and_can_be_retried_or_p
     let out = gw.cli(&["outbox", "retry"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
+
+/// A device connection for the outbox-full tests, publishing QoS 1 one at a time.
+struct Device {
+    raw: Raw,
+    pkid: u16,
+}
+
+impl Device {
+    fn connect(gw: &Gateway, id: &str) -> Device {
+        let mut raw = Raw::try_connect(gw.device_plain).expect("gateway listening");
+        assert_eq!(
+            raw.connect_v5(id, Some((id, "s3cret-device-pw"))),
+            Some(v5::ConnectReturnCode::Success)
+        );
+        Device { raw, pkid: 0 }
+    }
+
+    /// The reason code of the PUBACK (None: no PUBACK within `wait`).
+    fn publish(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+        qos: QoS,
+        wait: Duration,
+    ) -> Option<v5::PubAckReason> {
+        self.pkid = self.pkid % 60_000 + 1;
+        let mut p = v5::Publish::new(topic, qos, payload, None);
+        p.pkid = if qos == QoS::AtMostOnce { 0 } else { self.pkid };
+        self.raw.send_v5(v5::Packet::Publish(p));
+        if qos == QoS::AtMostOnce {
+            return Some(v5::PubAckReason::Success);
+        }
+        match self.raw.recv_v5(wait) {
+            Some(v5::Packet::PubAck(a)) => Some(a.reason),
+            _ => None,
+        }
+    }
+}
+
+#[test]
+fn a_full_outbox_holds_devices_back_then_refuses_with_quota_exceeded_and_loses_nothing_taken() {
+    let mut m = Mosquitto::start();
+    let checker = checker(&m);
+    let gw = gateway(
+        &m.url(),
+        "[upstream.outbox]\nmax_bytes = 1048576\nfull_wait = \"500ms\"\n",
+    );
+    gw.add_device_secret("d1", "s3cret-device-pw");
+    m.stop();
+    let mut d = Device::connect(&gw, "d1");
+    let payload = |n: u32| format!("{n:06}:{}", "x".repeat(8000)).into_bytes();
+    // ~8 KB each: about 128 fit in 1 MiB.
+    let mut taken = Vec::new();
+    let mut refused = None;
+    for n in 0..400 {
+        let started = Instant::now();
+        match d.publish(
+            "devices/d1/telemetry/big",
+            payload(n),
+            QoS::AtLeastOnce,
+            Duration::from_secs(5),
+        ) {
+            Some(v5::PubAckReason::Success) => taken.push(n),
+            Some(v5::PubAckReason::QuotaExceeded) => {
+                refused = Some((n, started.elapsed()));
+                break;
+            }
+            other => panic!("message {n}: {other:?}"),
+        }
+    }
+    let (n, waited) = refused.expect("the outbox never filled");
+    assert!((100..140).contains(&n), "refused at message {n}");
+    // It waited for room first (back-pressure), then said so.
+    assert!(
+        waited >= Duration::from_millis(450),
+        "refused after {waited:?}"
+    );
+    assert!(gw.metric("portcullis_outbox_bytes") <= 1_048_576);
+    assert!(gw.metric("portcullis_outbox_refused_full_total") >= 1);
+    gw.wait_audit(&["outbox", "is full"]);
+    // MQTT 3.1.1 has no way to say so: the device is disconnected unacknowledged.
+    let mut v4 = Raw::try_connect(gw.device_plain).unwrap();
+    assert_eq!(
+        v4.connect_v4("d1", Some(("d1", "s3cret-device-pw"))),
+        Some(0)
+    );
+    v4.send(&common::raw::publish_v4_raw(
+        b"devices/d1/telemetry/big",
+        &payload(999),
+        1,
+        7,
+    ));
+    let (closed, frames) = v4.closed_within(Duration::from_secs(5));
+    assert!(
+        closed && frames.is_empty(),
+        "closed {closed}, answered {frames:?}"
+    );
+    // The broker returns: everything taken arrives, and there is room again.
+    m.spawn();
+    let mut d = Device::connect(&gw, "d1");
+    let after = wait_for(Duration::from_secs(20), || {
+        (d.publish(
+            "devices/d1/telemetry/big",
+            payload(1000),
+            QoS::AtLeastOnce,
+            Duration::from_secs(5),
+        ) == Some(v5::PubAckReason::Success))
+        .then_some(())
+    });
+    assert!(after.is_some(), "no room after the broker returned");
+    let mut lines = Vec::new();
+    let all = wait_for(Duration::from_secs(20), || {
+        lines.extend(checker.drain(Duration::from_millis(500)));
+        taken
+            .iter()
+            .all(|n| {
+                let want = format!("devices/d1/telemetry/big {n:06}:");
+                lines.iter().any(|l| l.starts_with(&want))
+            })
+            .then_some(())
+    });
+    assert!(
+        all.is_some(),
+        "messages taken while the outbox filled were not delivered"
+    );
+}
+
+#[test]
+fn drop_oldest_qos0_makes_room_from_qos0_messages_only() {
+    // QoS 0 messages too wait for the checker while it reconnects.
+    let mut m = Mosquitto::start_with("queue_qos0_messages true\n", &[]);
+    let checker = checker(&m);
+    let gw = gateway(
+        &m.url(),
+        "[upstream.outbox]\nmax_bytes = 1048576\nwhen_full = \"drop-oldest-qos0\"\nfull_wait = \"500ms\"\n",
+    );
+    gw.add_device_secret("d1", "s3cret-device-pw");
+    m.stop();
+    let mut d = Device::connect(&gw, "d1");
+    let payload = |n: u32| format!("{n:06}:{}", "x".repeat(8000)).into_bytes();
+    // A QoS 1 message first, then QoS 0 ones well past the bound.
+    let wait = Duration::from_secs(5);
+    let ok = Some(v5::PubAckReason::Success);
+    assert_eq!(
+        d.publish(
+            "devices/d1/telemetry/q1",
+            payload(0),
+            QoS::AtLeastOnce,
+            wait
+        ),
+        ok
+    );
+    // 1.6 MB: past the bound, within the device's byte burst (2 MiB).
+    for n in 1..200 {
+        d.publish("devices/d1/telemetry/q0", payload(n), QoS::AtMostOnce, wait);
+    }
+    // Full of QoS 0: a QoS 1 message still finds room (waiting for it would have
+    // been refused after full_wait).
+    assert_eq!(
+        d.publish(
+            "devices/d1/telemetry/q1",
+            payload(200),
+            QoS::AtLeastOnce,
+            wait
+        ),
+        ok
+    );
+    let dropped = gw.metric("portcullis_outbox_dropped_full_total");
+    assert!(dropped > 30, "dropped {dropped}");
+    assert!(gw.metric("portcullis_outbox_bytes") <= 1_048_576);
+    m.spawn();
+    let mut lines = Vec::new();
+    let both = wait_for(Duration::from_secs(20), || {
+        lines.extend(checker.drain(Duration::from_millis(500)));
+        let has = |p: &str| lines.iter().any(|l| l.starts_with(p));
+        (has("devices/d1/telemetry/q1 000000:")
+            && has("devices/d1/telemetry/q1 000200:")
+            && has("devices/d1/telemetry/q0 000199:"))
+        .then_some(())
+    });
+    assert!(
+        both.is_some(),
+        "QoS 1 messages or the newest QoS 0 one missing: {:?}",
+        lines
+            .iter()
+            .map(|l| &l[..l.len().min(32)])
+            .collect::<Vec<_>>()
+    );
+    // The oldest QoS 0 messages were the ones dropped.
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("devices/d1/telemetry/q0 000001:"))
+    );
+}
+
+#[test]
+fn a_message_older_than_its_time_to_live_is_dropped_counted_and_audited_not_sent() {
+    let mut m = Mosquitto::start();
+    let checker = checker(&m);
+    let gw = gateway(&m.url(), "[upstream.outbox]\nmessage_ttl = \"2s\"\n");
+    gw.add_device_secret("d1", "s3cret-device-pw");
+    m.stop();
+    let mut d = Device::connect(&gw, "d1");
+    let ok = Some(v5::PubAckReason::Success);
+    for n in 0..5 {
+        let p = format!("stale-{n}").into_bytes();
+        assert_eq!(
+            d.publish(
+                "devices/d1/telemetry/t",
+                p,
+                QoS::AtLeastOnce,
+                Duration::from_secs(5)
+            ),
+            ok
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    m.spawn();
+    let fresh = wait_for(Duration::from_secs(20), || {
+        d.publish(
+            "devices/d1/telemetry/t",
+            b"fresh".to_vec(),
+            QoS::AtLeastOnce,
+            Duration::from_secs(5),
+        );
+        checker
+            .expect("devices/d1/telemetry/t fresh", Duration::from_secs(1))
+            .ok()
+    });
+    assert!(fresh.is_some(), "nothing passed after the broker returned");
+    assert_eq!(gw.metric("portcullis_outbox_expired_total"), 5);
+    gw.wait_audit(&["outbox", "5 message(s) expired"]);
+    let late = checker.drain(Duration::from_millis(500));
+    assert!(!late.iter().any(|l| l.contains("stale-")), "{late:?}");
+}
+
+#[test]
+fn the_brokers_receive_maximum_is_respected() {
+    // Mosquitto announces max_inflight_messages as its Receive Maximum, and drops a
+    // client that sends more unacknowledged publishes than that.
+    let m = Mosquitto::start_with("max_inflight_messages 2\n", &[]);
+    let checker = checker(&m);
+    let gw = gateway(&m.url(), "");
+    let fleet = Fleet::start(&gw);
+    std::thread::sleep(Duration::from_secs(4));
+    let acked = fleet.finish();
+    verify("receive maximum 2", &acked, &checker);
+    assert_eq!(gw.metric("portcullis_upstream_disconnects_total"), 0);
+    assert!(gw.stderr().contains("receive_maximum=2"), "{}", gw.stderr());
+}
+
+#[test]
+fn fifty_kills_at_random_points_lose_nothing_acknowledged() {
+    let m = Mosquitto::start();
+    let checker = checker(&m);
+    let mut gw = gateway(&m.url(), "");
+    let fleet = Fleet::start(&gw);
+    // A different point of the stream each time: commits, sends, acknowledgements.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..50 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(150 + seed % 350));
+        gw.kill9();
+        gw.restart_after_stop();
+        fleet.follow(&gw);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let acked = fleet.finish();
+    verify("fifty SIGKILLs", &acked, &checker);
+    assert!(!gw.stderr().contains("panicked"), "{}", gw.stderr());
+}

@@ -29,8 +29,10 @@ use portcullis_core::metrics::Metrics;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+// tokio's clock, so that the tests can drive it (`tokio::time::pause`).
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 /// Messages per commit, at most (a commit also stops at `MAX_BATCH_BYTES`).
 const MAX_BATCH: usize = 8192;
@@ -177,8 +179,11 @@ struct Round {
     acks: Vec<oneshot::Sender<Taken>>,
     barriers: Vec<oneshot::Sender<()>>,
     answers: Vec<(oneshot::Sender<Result<u64, String>>, bool)>,
-    /// QoS 0 entries appended (seq, size).
+    /// QoS 0 entries appended (seq, size), oldest first, and how many of them the
+    /// round itself dropped again to make room (`unappended`).
     qos0: Vec<(u64, u64)>,
+    qos0_dropped: usize,
+    unappended: std::collections::HashSet<u64>,
     appended_bytes: u64,
     /// Bytes the QoS 0 entries this round drops will free.
     freed: u64,
@@ -376,11 +381,17 @@ impl Writer {
     fn drop_oldest_qos0(&mut self, size: u64, round: &mut Round) -> bool {
         let max = self.settings.max_bytes;
         while self.bytes + round.appended_bytes + size > max + round.freed {
-            let Some((seq, freed)) = self.qos0.pop_first() else {
+            // On disk first (older), then those this round took before this one.
+            if let Some((seq, freed)) = self.qos0.pop_first() {
+                round.batch.remove.push(seq);
+                round.freed += freed;
+            } else if let Some(&(seq, freed)) = round.qos0.get(round.qos0_dropped) {
+                round.qos0_dropped += 1;
+                round.unappended.insert(seq);
+                round.appended_bytes -= freed;
+            } else {
                 return false;
-            };
-            round.batch.remove.push(seq);
-            round.freed += freed;
+            }
             Metrics::inc(&self.metrics.outbox.dropped_full);
         }
         true
@@ -421,6 +432,11 @@ impl Writer {
 
     /// Commit a round and answer everyone in it; false if the store failed.
     async fn commit(&mut self, mut round: Round) -> bool {
+        if !round.unappended.is_empty() {
+            let gone = std::mem::take(&mut round.unappended);
+            round.batch.append.retain(|(seq, _)| !gone.contains(seq));
+            round.qos0.retain(|(seq, _)| !gone.contains(seq));
+        }
         let now = Instant::now();
         let loose_due = self
             .loose_since
@@ -512,7 +528,7 @@ impl Writer {
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -613,4 +629,149 @@ fn ask(
         .map_err(|_| "the outbox writer has stopped".to_string())?;
     rx.blocking_recv()
         .map_err(|_| "the outbox writer has stopped".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Sealer, Stored};
+    use bytes::Bytes;
+    use portcullis_core::message::Message;
+    use portcullis_core::topic::TopicName;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        outbox: Outbox,
+        metrics: Arc<Metrics>,
+        _audit: mpsc::Receiver<AuditEntry>,
+    }
+
+    fn fixture(max_bytes: u64, when_full: WhenFull) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, loaded) =
+            Store::open(&dir.path().join("outbox.redb"), Sealer::derive(&[1; 32])).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (audit, audit_rx) = Audit::detached(1024, metrics.clone());
+        let settings = Settings {
+            max_bytes,
+            when_full,
+            full_wait: Duration::from_secs(5),
+            message_ttl: Duration::from_secs(3600),
+            queue: 8192,
+        };
+        let outbox = Outbox::start(store, loaded, settings, metrics.clone(), audit);
+        Fixture {
+            _dir: dir,
+            outbox,
+            metrics,
+            _audit: audit_rx,
+        }
+    }
+
+    fn item(n: usize, qos: QoS, size: usize) -> (UplinkItem, Option<oneshot::Receiver<Taken>>) {
+        let (tx, rx) = oneshot::channel();
+        let acked = qos != QoS::AtMostOnce;
+        let mut payload = format!("{n:06}").into_bytes();
+        payload.resize(size.max(6), b'.');
+        (
+            UplinkItem {
+                message: Message {
+                    topic: TopicName::parse_unlimited("devices/d/telemetry").unwrap(),
+                    payload: Bytes::from(payload),
+                    qos,
+                    retain: false,
+                    properties: None,
+                },
+                ack: acked.then_some(tx),
+                origin: None,
+            },
+            acked.then_some(rx),
+        )
+    }
+
+    fn payloads(outbox: &Outbox) -> Vec<String> {
+        outbox
+            .store
+            .read(0, 100_000)
+            .unwrap()
+            .into_iter()
+            .map(|(_, s, _)| match s {
+                Stored::Entry(e) => String::from_utf8_lossy(&e.message.payload[..6]).into_owned(),
+                Stored::Corrupt { reason, .. } => reason,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn what_waits_together_is_committed_together_in_order_then_acknowledged() {
+        let f = fixture(1 << 30, WhenFull::BackPressure);
+        let mut acks = Vec::new();
+        // Queued before the writer runs (one thread): one round takes them all.
+        for n in 0..2000 {
+            let (it, rx) = item(n, QoS::AtLeastOnce, 50);
+            f.outbox.appends.try_send(it).unwrap();
+            acks.extend(rx);
+        }
+        for rx in acks {
+            assert_eq!(rx.await, Ok(Taken::Yes));
+        }
+        let commits = f.metrics.outbox.commits.load(Ordering::Relaxed);
+        assert!(commits <= 2, "{commits} fsyncs for 2000 messages");
+        let stored = payloads(&f.outbox);
+        assert_eq!(stored.len(), 2000);
+        assert!(stored.windows(2).all(|w| w[0] < w[1]), "out of order");
+        assert_eq!(*f.outbox.committed.borrow(), 2001);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_full_outbox_holds_a_message_until_room_is_made_or_refuses_it_after_the_wait() {
+        let f = fixture(3000, WhenFull::BackPressure);
+        let (a, rx_a) = item(1, QoS::AtLeastOnce, 1200);
+        let (b, rx_b) = item(2, QoS::AtLeastOnce, 1200);
+        let (c, rx_c) = item(3, QoS::AtLeastOnce, 1200);
+        for it in [a, b, c] {
+            f.outbox.appends.send(it).await.unwrap();
+        }
+        assert_eq!(rx_a.unwrap().await, Ok(Taken::Yes));
+        assert_eq!(rx_b.unwrap().await, Ok(Taken::Yes));
+        // No room for the third: held. Removing the first makes room.
+        let mut rx_c = rx_c.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(rx_c.try_recv().is_err(), "taken without room");
+        f.outbox.ctl.send(Ctl::Remove(vec![1])).unwrap();
+        assert_eq!(rx_c.await, Ok(Taken::Yes));
+        assert_eq!(payloads(&f.outbox), ["000002", "000003"]);
+        // A fourth waits full_wait (5 s on the paused clock) and is refused.
+        let (d, rx_d) = item(4, QoS::AtLeastOnce, 1200);
+        f.outbox.appends.send(d).await.unwrap();
+        let started = Instant::now();
+        assert_eq!(rx_d.unwrap().await, Ok(Taken::Full));
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert_eq!(payloads(&f.outbox), ["000002", "000003"]);
+        assert!(f.metrics.outbox.bytes.load(Ordering::Relaxed) <= 3000);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn drop_oldest_qos0_drops_the_oldest_qos0_never_a_qos1() {
+        let f = fixture(4000, WhenFull::DropOldestQos0);
+        let (q1, rx) = item(0, QoS::AtLeastOnce, 900);
+        f.outbox.appends.send(q1).await.unwrap();
+        assert_eq!(rx.unwrap().await, Ok(Taken::Yes));
+        // Eight QoS 0 of ~900 bytes in one burst: only three fit beside the QoS 1.
+        for n in 1..=8 {
+            f.outbox
+                .appends
+                .send(item(n, QoS::AtMostOnce, 900).0)
+                .await
+                .unwrap();
+        }
+        let (q1, rx) = item(9, QoS::AtLeastOnce, 900);
+        f.outbox.appends.send(q1).await.unwrap();
+        assert_eq!(rx.unwrap().await, Ok(Taken::Yes));
+        assert_eq!(
+            payloads(&f.outbox),
+            ["000000", "000007", "000008", "000009"]
+        );
+        assert_eq!(f.metrics.outbox.dropped_full.load(Ordering::Relaxed), 6);
+    }
 }
