@@ -742,6 +742,9 @@ fn a_full_outbox_holds_devices_back_then_refuses_with_quota_exceeded_and_loses_n
     );
     assert!(gw.metric("portcullis_outbox_bytes") <= 1_048_576);
     assert!(gw.metric("portcullis_outbox_refused_full_total") >= 1);
+    // Held back: a load balancer is told to send new devices elsewhere.
+    let (code, body) = gw.http_get("/readyz");
+    assert_eq!((code, body.trim()), (503, "not ready: the outbox is full"));
     gw.wait_audit(&["outbox", "is full"]);
     // MQTT 3.1.1 has no way to say so: the device is disconnected unacknowledged.
     let mut v4 = Raw::try_connect(gw.device_plain).unwrap();
@@ -773,6 +776,7 @@ fn a_full_outbox_holds_devices_back_then_refuses_with_quota_exceeded_and_loses_n
         .then_some(())
     });
     assert!(after.is_some(), "no room after the broker returned");
+    assert_eq!(gw.http_get("/readyz").0, 200);
     let mut lines = Vec::new();
     let all = wait_for(Duration::from_secs(20), || {
         lines.extend(checker.drain(Duration::from_millis(500)));

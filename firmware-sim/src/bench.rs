@@ -33,6 +33,10 @@ pub enum Target {
     /// The gateway under the same policy with `[behaviour] enabled = false`: the
     /// baseline for the behaviour model's cost.
     PortcullisNoModel,
+    /// The gateway under the same policy in upstream mode, forwarding through its
+    /// durable outbox to a Mosquitto of its own (persistence off, on the server's CPU
+    /// too); the subscriber reads from that Mosquitto.
+    PortcullisUpstream,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -69,6 +73,8 @@ const TOPIC_FILTER: &str = "devices/+/telemetry";
 const WINDOW: usize = 32;
 /// The gateway's configuration for `Target::PortcullisNoModel`, in the work dir.
 const NO_MODEL_CONFIG: &str = "portcullis-no-model.toml";
+/// The gateway's configuration for `Target::PortcullisUpstream`, in the work dir.
+const UPSTREAM_CONFIG: &str = "portcullis-upstream.toml";
 
 /// One measured figure of one run.
 #[derive(Debug, Clone, Serialize)]
@@ -85,6 +91,8 @@ pub struct Sample {
 
 struct Server {
     child: Child,
+    /// Upstream mode: the broker the gateway forwards to.
+    upstream: Option<Child>,
     target: Target,
     device_plain: SocketAddr,
     device_tls: Option<SocketAddr>,
@@ -109,15 +117,20 @@ impl Server {
         Ok(kb * 1024)
     }
 
-    /// User + system CPU time, seconds.
+    /// User + system CPU time, seconds (with the upstream broker's, in upstream mode).
     fn cpu(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        Ok(ticks / clock_ticks())
+        let upstream = match &self.upstream {
+            Some(c) => process_cpu(c.id())?,
+            None => 0.0,
+        };
+        Ok(process_cpu(self.pid())? + upstream)
+    }
+
+    /// A counter of the gateway's `/metrics`, if it has one.
+    fn metric(&self, name: &str) -> Option<f64> {
+        let text = http_get(self.observability?, "/metrics").ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     fn forward_histogram(&self) -> Option<Vec<(f64, u64)>> {
@@ -148,13 +161,35 @@ impl Drop for Server {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                self.stop_upstream();
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.stop_upstream();
     }
+}
+
+impl Server {
+    fn stop_upstream(&mut self) {
+        if let Some(mut c) = self.upstream.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// User + system CPU time of a process, seconds.
+fn process_cpu(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Ok(ticks / clock_ticks())
 }
 
 fn clock_ticks() -> f64 {
@@ -235,6 +270,7 @@ impl Bench {
     fn portcullis_config(&self, target: Target) -> PathBuf {
         match target {
             Target::PortcullisNoModel => self.dir.join(NO_MODEL_CONFIG),
+            Target::PortcullisUpstream => self.dir.join(UPSTREAM_CONFIG),
             _ => self.dir.join("portcullis.toml"),
         }
     }
@@ -242,6 +278,49 @@ impl Bench {
     fn start(&self, target: Target) -> Result<Server> {
         match target {
             Target::Portcullis | Target::PortcullisNoModel => self.start_portcullis(target),
+            Target::PortcullisUpstream => {
+                // Its own Mosquitto, as Mosquitto direct runs (persistence off).
+                let port = free_port()?;
+                let conf = self.dir.join("mosquitto-upstream.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "user root\npersistence false\nmax_queued_messages 0\n\
+                         max_inflight_messages 0\nlog_dest file {log}\n\
+                         listener {port} 127.0.0.1\nallow_anonymous true\n",
+                        log = self.dir.join("mosquitto-upstream.log").display(),
+                    ),
+                )?;
+                let mut broker = pinned(
+                    self.opts.pin.then_some(self.opts.server_cpu),
+                    Path::new("mosquitto"),
+                )
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting mosquitto (apt-get install mosquitto)")?;
+                let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+                wait_listening(addr, &mut broker, "mosquitto (upstream)")?;
+                let config = std::fs::read_to_string(self.dir.join("portcullis.toml"))?;
+                std::fs::write(
+                    self.dir.join(UPSTREAM_CONFIG),
+                    upstream_config(&config, &self.opts.policy, addr)?,
+                )?;
+                // Every run starts with an empty outbox.
+                let _ = std::fs::remove_file(self.dir.join("data/outbox.redb"));
+                let mut server = match self.start_portcullis(target) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = broker.kill();
+                        return Err(e);
+                    }
+                };
+                server.upstream = Some(broker);
+                server.service_plain = addr;
+                Ok(server)
+            }
             Target::Rumqttd => {
                 let port = free_port()?;
                 let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -255,6 +334,7 @@ impl Bench {
                 wait_listening(addr, &mut child, "rumqttd")?;
                 Ok(Server {
                     child,
+                    upstream: None,
                     target,
                     device_plain: addr,
                     device_tls: None,
@@ -298,6 +378,7 @@ impl Bench {
                 wait_listening(([127, 0, 0, 1], tls).into(), &mut child, "mosquitto (TLS)")?;
                 Ok(Server {
                     child,
+                    upstream: None,
                     target,
                     device_plain: addr,
                     device_tls: Some(([127, 0, 0, 1], tls).into()),
@@ -345,11 +426,17 @@ impl Bench {
                 .and_then(|a| a.parse().ok())
                 .ok_or_else(|| anyhow!("no {label} in the banner {banner:?}"))
         };
+        // Upstream mode has no service listener: the subscriber reads the broker.
+        let service_plain = match target {
+            Target::PortcullisUpstream => ([127, 0, 0, 1], 0).into(),
+            _ => addr("service listener (plain MQTT):")?,
+        };
         Ok(Server {
+            upstream: None,
             target,
             device_plain: addr("device listener (plain MQTT):")?,
             device_tls: Some(addr("device listener (MQTT over TLS):")?),
-            service_plain: addr("service listener (plain MQTT):")?,
+            service_plain,
             observability: Some(addr("observability")?),
             child,
         })
@@ -871,14 +958,21 @@ impl Bench {
         let t0 = Instant::now();
         sink_state.counting.store(true, Relaxed);
         let sent0 = sent.load(Relaxed);
+        let fsyncs0 = s.metric("portcullis_outbox_fsyncs_total");
+        let mut f_extra = BTreeMap::new();
         sleep(w.secs).await;
         sink_state.counting.store(false, Relaxed);
         let elapsed = t0.elapsed().as_secs_f64();
         let cpu = s.cpu()? - cpu0;
+        if s.target == Target::PortcullisUpstream
+            && let (Some(a), Some(b)) = (fsyncs0, s.metric("portcullis_outbox_fsyncs_total"))
+        {
+            f_extra.insert("fsyncs_per_s".into(), (b - a) / elapsed);
+        }
         let sent = sent.load(Relaxed) - sent0;
         stop.store(true, Relaxed);
         let received = sink_state.received.load(Relaxed) as f64;
-        let mut f = BTreeMap::new();
+        let mut f = f_extra;
         f.insert("msg_per_s".into(), received / elapsed);
         f.insert("offered_per_s".into(), sent as f64 / elapsed);
         f.insert(
@@ -1315,6 +1409,27 @@ fn no_model_config(config: &str, policy: &Path) -> Result<String> {
     Ok(format!("{config}{sep}\n[behaviour]\nenabled = false\n"))
 }
 
+/// `config` in upstream mode towards the broker at `addr`.
+fn upstream_config(config: &str, policy: &Path, addr: SocketAddr) -> Result<String> {
+    let mut table: toml::Table =
+        toml::from_str(config).with_context(|| format!("{}: not valid TOML", policy.display()))?;
+    let broker = table
+        .entry("broker")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(broker) = broker else {
+        bail!("{}: broker is not a table", policy.display());
+    };
+    broker.insert("mode".into(), "upstream".into());
+    let mut upstream = toml::Table::new();
+    upstream.insert(
+        "urls".into(),
+        toml::Value::Array(vec![format!("mqtt://{addr}").into()]),
+    );
+    upstream.insert("client_id".into(), "portcullis-bench".into());
+    table.insert("upstream".into(), toml::Value::Table(upstream));
+    Ok(toml::to_string(&table)?)
+}
+
 fn tls_publisher_id(n: usize) -> String {
     format!("bench-tls-{n}")
 }
@@ -1437,16 +1552,23 @@ pub fn summary(samples: &[Sample]) -> String {
             }
         }
     }
-    let no_model = samples
-        .iter()
-        .any(|s| s.target == Target::PortcullisNoModel);
+    let ran = |t: Target| samples.iter().any(|s| s.target == t);
+    let (no_model, upstream) = (
+        ran(Target::PortcullisNoModel),
+        ran(Target::PortcullisUpstream),
+    );
     let mut targets = vec![Target::Portcullis, Target::Rumqttd, Target::Mosquitto];
-    let (head, rule) = if no_model {
+    let (mut head, mut rule) = (String::new(), String::new());
+    if no_model {
         targets.push(Target::PortcullisNoModel);
-        (" portcullis-no-model | P/no-model |", "---|---|")
-    } else {
-        ("", "")
-    };
+        head.push_str(" portcullis-no-model | P/no-model |");
+        rule.push_str("---|---|");
+    }
+    if upstream {
+        targets.push(Target::PortcullisUpstream);
+        head.push_str(" portcullis-upstream | U/mosquitto |");
+        rule.push_str("---|---|");
+    }
     let _ = writeln!(
         out,
         "| workload | case | figure | portcullis | rumqttd | mosquitto | P/rumqttd | P/mosquitto |{head}\n|---|---|---|---|---|---|---|---|{rule}"
@@ -1488,6 +1610,14 @@ pub fn summary(samples: &[Sample]) -> String {
                 cells[3],
                 ratio(Target::PortcullisNoModel)
             );
+        }
+        if upstream {
+            let u = medians.get(&Target::PortcullisUpstream);
+            let ratio = match (u, medians.get(&Target::Mosquitto)) {
+                (Some(u), Some(m)) if *m != 0.0 => format!("{:.2}", u / m),
+                _ => "–".into(),
+            };
+            let _ = write!(out, " {} | {ratio} |", cells[targets.len() - 1]);
         }
         out.push('\n');
     }

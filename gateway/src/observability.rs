@@ -21,10 +21,17 @@ pub fn router(health: Health) -> Router {
         .route(
             "/readyz",
             get(|State(h): State<Health>| async move {
-                if h.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready\n")
-                } else {
+                if !h.ready.load(Ordering::Relaxed) {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                } else if h.metrics.outbox.full.load(Ordering::Relaxed) != 0 {
+                    // Upstream mode: devices are being held back; a load balancer
+                    // should send new ones to another replica.
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: the outbox is full\n",
+                    )
+                } else {
+                    (StatusCode::OK, "ready\n")
                 }
             }),
         )

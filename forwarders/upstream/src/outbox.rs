@@ -339,9 +339,14 @@ impl Writer {
             }
             if !room {
                 self.note_full();
+                self.metrics.outbox.full.store(1, Ordering::Relaxed);
                 blocked = true;
                 kept.push_back(held);
                 continue;
+            }
+            // Room again: whatever waited has been placed up to here.
+            if !blocked {
+                self.metrics.outbox.full.store(0, Ordering::Relaxed);
             }
             self.next_seq += 1;
             round.appended_bytes += size;
@@ -492,6 +497,10 @@ impl Writer {
         self.qos0.extend(round.qos0.iter().copied());
         m.committed.fetch_add(appended, Ordering::Relaxed);
         m.bytes.store(self.bytes, Ordering::Relaxed);
+        // Full until a message finds room, or the broker has taken a tenth back.
+        if self.bytes <= self.settings.max_bytes / 10 * 9 {
+            m.full.store(0, Ordering::Relaxed);
+        }
         let depth = m.depth.load(Ordering::Relaxed) + appended + done.retried;
         m.depth
             .store(depth.saturating_sub(done.removed), Ordering::Relaxed);

@@ -68,6 +68,8 @@ pub struct OutboxMetrics {
     pub oldest_unix_ms: AtomicU64,
     /// Dead letters held now.
     pub dead_letters: AtomicU64,
+    /// 1 while messages wait for room in the outbox (devices are held back).
+    pub full: AtomicU64,
     /// Messages moved to the dead letters (refused by the broker, or never acknowledged).
     pub dead_lettered: AtomicU64,
     /// Messages dropped for age (`upstream.outbox.message_ttl` or their own expiry).
@@ -338,9 +340,15 @@ impl Metrics {
 }
 
 impl OutboxMetrics {
-    fn plain(&self) -> [Plain<'_>; 17] {
+    fn plain(&self) -> [Plain<'_>; 18] {
         use MetricType::{Counter, Gauge};
         [
+            (
+                "portcullis_outbox_full",
+                "Upstream mode: 1 while messages wait for room in the outbox (devices held back; /readyz answers 503).",
+                Gauge,
+                &self.full,
+            ),
             (
                 "portcullis_outbox_messages",
                 "Upstream mode: messages in the outbox, waiting for the broker's acknowledgement.",
@@ -659,10 +667,10 @@ mod tests {
         let openmetrics = m.render(Exposition::OpenMetrics);
         let n = check_page(&prometheus, false);
         assert_eq!(check_page(&openmetrics, true), n);
-        // 22 plain families, the outbox's 17 and its oldest age, sessions, the histogram
+        // 22 plain families, the outbox's 18 and its oldest age, sessions, the histogram
         // (12 bounds, +Inf, sum, count), refusals.
         let sessions = 2 * Protocol::ALL.len();
-        assert_eq!(n, 22 + 18 + sessions + 15 + Refusal::ALL.len());
+        assert_eq!(n, 22 + 19 + sessions + 15 + Refusal::ALL.len());
         // Today's sample names, in both formats.
         for page in [&prometheus, &openmetrics] {
             assert!(
