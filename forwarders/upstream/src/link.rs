@@ -247,6 +247,15 @@ impl Link {
         loop {
             let upto = *committed.borrow_and_update();
             if s.buffer.is_empty() && s.cursor < upto && s.room(&self.settings) {
+                // What was just committed, from memory, while the link keeps up.
+                if let Some(rows) = self.outbox.tail.take_from(s.cursor, READ_BATCH)
+                    && !rows.is_empty()
+                {
+                    s.cursor = rows.last().map_or(s.cursor, |r| r.0 + 1);
+                    s.buffer.extend(rows);
+                }
+            }
+            if s.buffer.is_empty() && s.cursor < upto && s.room(&self.settings) {
                 let store = self.outbox.store.clone();
                 let from = s.cursor;
                 match tokio::task::spawn_blocking(move || store.read(from, READ_BATCH)).await {

@@ -20,7 +20,7 @@
 //! 1/2 messages still wait. An acknowledged message is never dropped.
 
 use crate::entry::Entry;
-use crate::store::{Batch, Committed, DeadLetter, DeadNote, KEY_BYTES, Store, StoreError};
+use crate::store::{Batch, Committed, DeadLetter, DeadNote, KEY_BYTES, Store, StoreError, Stored};
 use portcullis_config::WhenFull;
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::forward::{Taken, UplinkItem};
@@ -83,10 +83,75 @@ pub enum Ctl {
     Purge(Option<Vec<u64>>, oneshot::Sender<Result<u64, String>>),
 }
 
+/// What was committed most recently, in memory: the link sends from here while it
+/// keeps up, instead of reading back what was just written. Bounded in bytes; a link
+/// that falls behind (or starts over after a lost connection) reads the outbox file.
+#[derive(Debug, Default)]
+pub struct Tail {
+    inner: std::sync::Mutex<TailInner>,
+}
+
+#[derive(Debug, Default)]
+struct TailInner {
+    entries: VecDeque<(u64, Entry, u64)>,
+    bytes: u64,
+}
+
+/// Bytes of entries the tail keeps, at most.
+const TAIL_MAX_BYTES: u64 = 16 << 20;
+
+impl Tail {
+    fn push(&self, fresh: Vec<(u64, Entry, u64)>) {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for e in fresh {
+            t.bytes += e.2;
+            t.entries.push_back(e);
+        }
+        while t.bytes > TAIL_MAX_BYTES {
+            match t.entries.pop_front() {
+                Some(e) => t.bytes -= e.2,
+                None => break,
+            }
+        }
+    }
+
+    fn clear(&self) {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.entries.clear();
+        t.bytes = 0;
+    }
+
+    /// Up to `max` committed entries from `cursor` on, if the tail holds `cursor`'s
+    /// place (entries before it are dropped: they were sent); `None` when what comes
+    /// next is older than the tail (read the file).
+    pub fn take_from(&self, cursor: u64, max: usize) -> Option<Vec<(u64, Stored, u64)>> {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        while t.entries.front().is_some_and(|e| e.0 < cursor) {
+            if let Some(e) = t.entries.pop_front() {
+                t.bytes -= e.2;
+            }
+        }
+        match t.entries.front() {
+            Some(e) if e.0 != cursor => None,
+            _ => {
+                let n = t.entries.len().min(max);
+                let out: Vec<_> = t
+                    .entries
+                    .drain(..n)
+                    .map(|(seq, e, size)| (seq, Stored::Entry(e), size))
+                    .collect();
+                t.bytes -= out.iter().map(|e| e.2).sum::<u64>();
+                Some(out)
+            }
+        }
+    }
+}
+
 /// The outbox as the rest of the forwarder sees it.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     pub store: Arc<Store>,
+    pub tail: Arc<Tail>,
     pub appends: mpsc::Sender<UplinkItem>,
     pub ctl: mpsc::UnboundedSender<Ctl>,
     /// The sequence number after the last committed append.
@@ -112,7 +177,9 @@ impl Outbox {
         m.dead_letters.store(loaded.dead, Ordering::Relaxed);
         m.oldest_unix_ms
             .store(loaded.oldest_ms.unwrap_or(0), Ordering::Relaxed);
+        let tail = Arc::new(Tail::default());
         let writer = Writer {
+            tail: tail.clone(),
             store: store.clone(),
             settings,
             metrics,
@@ -128,6 +195,7 @@ impl Outbox {
         tokio::spawn(writer.run(rx, ctl_rx));
         Outbox {
             store,
+            tail,
             appends,
             ctl,
             committed,
@@ -155,6 +223,7 @@ struct Held {
 
 struct Writer {
     store: Arc<Store>,
+    tail: Arc<Tail>,
     settings: Settings,
     metrics: Arc<Metrics>,
     audit: Audit,
@@ -187,6 +256,8 @@ struct Round {
     appended_bytes: u64,
     /// Bytes the QoS 0 entries this round drops will free.
     freed: u64,
+    /// The entries appended, for the tail once they are committed.
+    fresh: Vec<(u64, Entry, u64)>,
     oldest_appended: Option<u64>,
 }
 
@@ -355,6 +426,7 @@ impl Writer {
                 round.qos0.push((seq, size));
             }
             round.batch.append.push((seq, sealed));
+            round.fresh.push((seq, entry, size));
             if let Some(ack) = held.item.ack {
                 round.acks.push(ack);
             }
@@ -441,6 +513,7 @@ impl Writer {
             let gone = std::mem::take(&mut round.unappended);
             round.batch.append.retain(|(seq, _)| !gone.contains(seq));
             round.qos0.retain(|(seq, _)| !gone.contains(seq));
+            round.fresh.retain(|(seq, _, _)| !gone.contains(seq));
         }
         let now = Instant::now();
         let loose_due = self
@@ -516,9 +589,15 @@ impl Writer {
         );
     }
 
-    fn answer(&mut self, round: Round, done: Option<Committed>) {
+    fn answer(&mut self, mut round: Round, done: Option<Committed>) {
         for ack in round.acks {
             let _ = ack.send(Taken::Yes);
+        }
+        if !round.batch.retry.is_empty() {
+            // Retried letters are on disk only: the link must read them there.
+            self.tail.clear();
+        } else if !round.fresh.is_empty() {
+            self.tail.push(std::mem::take(&mut round.fresh));
         }
         if !round.batch.append.is_empty() || !round.batch.retry.is_empty() {
             self.committed.send_replace(self.next_seq);
@@ -709,6 +788,43 @@ mod tests {
                 Stored::Corrupt { reason, .. } => reason,
             })
             .collect()
+    }
+
+    fn entry(n: u64) -> (u64, Entry, u64) {
+        let (it, _) = item(n as usize, QoS::AtLeastOnce, 10);
+        (
+            n,
+            Entry {
+                message: it.message,
+                enqueued_ms: 0,
+                expires_ms: u64::MAX,
+            },
+            100,
+        )
+    }
+
+    fn seqs(rows: Option<Vec<(u64, Stored, u64)>>) -> Option<Vec<u64>> {
+        rows.map(|r| r.into_iter().map(|e| e.0).collect())
+    }
+
+    #[test]
+    fn the_tail_serves_a_link_that_keeps_up_and_sends_one_that_fell_behind_to_the_file() {
+        let tail = Tail::default();
+        tail.push((5..10).map(entry).collect());
+        // Behind the tail: the file.
+        assert_eq!(seqs(tail.take_from(3, 100)), None);
+        // At its start: served, in order, up to the batch.
+        assert_eq!(seqs(tail.take_from(5, 2)), Some(vec![5, 6]));
+        assert_eq!(seqs(tail.take_from(7, 100)), Some(vec![7, 8, 9]));
+        // Caught up: nothing more in memory.
+        assert_eq!(seqs(tail.take_from(10, 100)), Some(vec![]));
+        // Bounded: the oldest go first.
+        tail.push((10..10 + TAIL_MAX_BYTES / 100 + 5).map(entry).collect());
+        assert_eq!(seqs(tail.take_from(10, 1)), None);
+        let first = 15;
+        assert_eq!(seqs(tail.take_from(first, 1)), Some(vec![first]));
+        tail.clear();
+        assert_eq!(seqs(tail.take_from(first + 1, 1)), Some(vec![]));
     }
 
     #[tokio::test(flavor = "current_thread")]
