@@ -941,3 +941,138 @@ fn fifty_kills_at_random_points_lose_nothing_acknowledged() {
     verify("fifty SIGKILLs", &acked, &checker);
     assert!(!gw.stderr().contains("panicked"), "{}", gw.stderr());
 }
+
+/// A gateway in upstream mode under its own client id, with extra `[upstream]` keys.
+fn replica(url: &str, id: &str, extra: &str) -> Gateway {
+    Gateway::start_with(&format!(
+        "[broker]\nmode = \"upstream\"\n[upstream]\nurls = [\"{url}\"]\nclient_id = \"{id}\"\n\
+         keep_alive = \"5s\"\nreconnect_max = \"500ms\"\n{extra}\n"
+    ))
+}
+
+fn quarantined(gw: &Gateway, id: &str) -> bool {
+    gw.cli_ok(&["quarantine", "list"])
+        .lines()
+        .any(|l| l.starts_with(id) && l.contains("quarantined"))
+}
+
+#[test]
+fn replicas_share_quarantine_and_bans_through_authenticated_control_messages() {
+    let m = Mosquitto::start();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("control.key");
+    std::fs::write(
+        &key,
+        "6f1d0c3b2a99e4f7c8d5b6a1e0f3c2d49a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d\n",
+    )
+    .unwrap();
+    let extra = format!("control_key_file = \"{}\"", key.display());
+    let a = replica(&m.url(), "gw-a", &extra);
+    let b = replica(&m.url(), "gw-b", &extra);
+    for gw in [&a, &b] {
+        gw.add_device_secret("d1", "s3cret-device-pw");
+        wait_for(Duration::from_secs(10), || {
+            (gw.metric("portcullis_upstream_connected") == 1).then_some(())
+        })
+        .expect("connected upstream");
+    }
+    // What goes over the cluster, captured as an attacker on the broker would.
+    let wire = Sub::start(&[
+        s("-p"),
+        m.port.to_string(),
+        s("-t"),
+        s("portcullis/control/#"),
+        s("-v"),
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A quarantine on A takes effect on B.
+    a.cli_ok(&["quarantine", "add", "d1", "--reason", "seen scanning"]);
+    let told = Instant::now();
+    wait_for(Duration::from_secs(10), || {
+        quarantined(&b, "d1").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not quarantined on B: {}",
+            b.cli_ok(&["quarantine", "list"])
+        )
+    });
+    let took = told.elapsed();
+    println!("quarantine on A seen on B after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let shown = b.cli_ok(&["quarantine", "show", "d1"]);
+    assert!(shown.contains("replica gw-a"), "{shown}");
+    b.wait_audit(&["control", "allow", "from replica gw-a"]);
+    // B did not tell it back: A's record holds one quarantine.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.metric("portcullis_control_applied_total"), 0);
+
+    // A release on A is released on B.
+    a.cli_ok(&["quarantine", "release", "d1"]);
+    wait_for(Duration::from_secs(10), || {
+        (!quarantined(&b, "d1")).then_some(())
+    })
+    .expect("released on B");
+
+    // A ban on A holds on B: d1 is refused there.
+    a.cli_ok(&["ban", "add", "device/d1", "--reason", "stolen"]);
+    wait_for(Duration::from_secs(10), || {
+        b.cli_ok(&["ban", "list"])
+            .contains("\"device d1\"")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the ban did not reach B: {}\n{}", b.audit(), a.audit()));
+    let mut raw = Raw::try_connect(b.device_plain).unwrap();
+    assert_ne!(
+        raw.connect_v5("d1", Some(("d1", "s3cret-device-pw"))),
+        Some(v5::ConnectReturnCode::Success)
+    );
+
+    // Forged (no key) and replayed (captured genuine) messages are refused and audited.
+    let refused = b.metric("portcullis_control_refused_total");
+    let forged = format!(
+        "{}.{{\"from\":\"gw-a\",\"seq\":99999999999999999,\"at_ms\":{},\"action\":\"ban_remove\",\"target\":\"device/d1\"}}",
+        "0".repeat(64),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let publish = |payload: &str| {
+        let out = mosquitto(
+            "mosquitto_pub",
+            &[
+                s("-p"),
+                m.port.to_string(),
+                s("-q"),
+                s("1"),
+                s("-t"),
+                s("portcullis/control/ban"),
+                s("-m"),
+                s(payload),
+            ],
+            Duration::from_secs(5),
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    publish(&forged);
+    let captured = wire
+        .drain(Duration::from_millis(500))
+        .into_iter()
+        .find_map(|l| {
+            l.strip_prefix("portcullis/control/quarantine ")
+                .map(str::to_string)
+        })
+        .expect("a captured control message");
+    publish(&captured);
+    wait_for(Duration::from_secs(10), || {
+        (b.metric("portcullis_control_refused_total") >= refused + 2).then_some(())
+    })
+    .expect("both refused");
+    b.wait_audit(&["control", "refuse", "bad_mac"]);
+    b.wait_audit(&["control", "refuse", "replayed"]);
+    // Still banned, still released: neither changed anything.
+    assert!(b.cli_ok(&["ban", "list"]).contains("device d1"));
+    assert!(!quarantined(&b, "d1"));
+}

@@ -102,6 +102,9 @@ pub struct Upstream {
     /// How long the broker keeps this replica's session (its command subscription)
     /// while the link is down.
     pub session_expiry: Secs,
+    /// The key replicas share to authenticate their control messages (quarantine,
+    /// release, bans); unset: this replica neither sends nor takes them.
+    pub control_key_file: Option<PathBuf>,
     pub outbox: Outbox,
 }
 
@@ -121,6 +124,7 @@ impl Default for Upstream {
             prefix: String::new(),
             max_inflight: 1000,
             session_expiry: Secs::from_secs(86_400),
+            control_key_file: None,
             outbox: Outbox::default(),
         }
     }

@@ -1008,6 +1008,7 @@ fn call<O: Handler>(config: &Config, op: O) -> Result<O::Reply> {
                 retained: None,
                 behaviours: None,
                 outbox: offline_outbox(config)?,
+                control: None,
                 audit: AuditSink::File(Box::new(offline_audit(config)?)),
             };
             op.run(&state).map_err(failure)

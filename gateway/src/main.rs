@@ -6,6 +6,7 @@ mod descriptors;
 mod observability;
 mod pki;
 mod registry_file;
+mod replicas;
 mod serve;
 mod usage;
 

@@ -11,6 +11,7 @@ use portcullis_config::{BrokerMode, Config};
 use portcullis_core::audit::{Audit, AuditEntry, AuditSettings, Checkpoint, load_or_create_key};
 use portcullis_core::auth::{Authenticator, Policies};
 use portcullis_core::backoff::BackoffPolicy;
+use portcullis_core::control::ControlKey;
 use portcullis_core::forward::Forwarder;
 use portcullis_core::limit::{GlobalBucket, Rate};
 use portcullis_core::mailbox::MailboxLimits;
@@ -29,8 +30,8 @@ use portcullis_embedded::EmbeddedBroker;
 use portcullis_mqtt::listener;
 use portcullis_mqtt::session::{Context as SessionContext, Live, SessionLimits};
 use portcullis_mqtt::state::SessionStore;
-use portcullis_upstream::UpstreamForwarder;
 use portcullis_upstream::outbox::OutboxAdmin;
+use portcullis_upstream::{ControlLink, UpstreamForwarder};
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
@@ -122,11 +123,35 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             ),
     );
     let upstream = config.broker.mode == BrokerMode::Upstream;
+    // Replicas: quarantines, releases and bans told to the others, and taken from them.
+    let (control_link, control_out, control_in) = match config
+        .upstream_path(&config.upstream.control_key_file)
+        .filter(|_| upstream)
+    {
+        None => (None, None, None),
+        Some(path) => {
+            let secret = std::fs::read(&path).map_err(|e| {
+                UsageError(format!("upstream.control_key_file {}: {e}", path.display()))
+            })?;
+            let key = ControlKey::derive(secret.trim_ascii()).map_err(|e| {
+                UsageError(format!("upstream.control_key_file {}: {e}", path.display()))
+            })?;
+            let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+            let (in_tx, in_rx) = tokio::sync::mpsc::unbounded_channel();
+            let link = ControlLink {
+                key: key.clone(),
+                outgoing: out_rx,
+                incoming: in_tx,
+            };
+            (Some(link), Some(out_tx), Some((key, in_rx)))
+        }
+    };
     let (forwarder, outbox): (Arc<dyn Forwarder>, _) = if upstream {
         let f = UpstreamForwarder::start(
             &config,
             &audit_key,
             retained.clone(),
+            control_link,
             metrics.clone(),
             audit.clone(),
         )
@@ -381,9 +406,35 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         sessions: Some(sessions.clone()),
         retained: Some(retained.clone()),
         behaviours: Some(behaviours.clone()),
-        outbox,
+        outbox: outbox.clone(),
+        control: control_out.clone(),
         audit: AuditSink::Live(audit.clone()),
     });
+    // What other replicas tell this one is applied as an operator's change here would
+    // be, but not told on again.
+    if let Some((key, incoming)) = control_in {
+        let state = AdminState {
+            registry: registry.clone(),
+            hasher: admin_state.hasher.clone(),
+            policies: policies.clone(),
+            auth: Some(auth.clone()),
+            reload: None,
+            sessions: Some(sessions.clone()),
+            retained: Some(retained.clone()),
+            behaviours: Some(behaviours.clone()),
+            outbox,
+            control: None,
+            audit: AuditSink::Live(audit.clone()),
+        };
+        let me = config.upstream.client_id.clone().unwrap_or_default();
+        tokio::spawn(crate::replicas::take(
+            key,
+            me,
+            incoming,
+            state,
+            metrics.clone(),
+        ));
+    }
     // Transitions are persisted, audited and published by one task; time-outs
     // (quarantine TTL, end of probation and watch) are applied each second.
     let (behaviour_stop, behaviour_stopped) = tokio::sync::oneshot::channel();
@@ -396,6 +447,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             retained: retained.clone(),
             audit: audit.clone(),
             metrics: metrics.clone(),
+            control: control_out,
         },
         behaviour_stopped,
     ));

@@ -18,20 +18,39 @@ pub mod outbox;
 pub mod store;
 pub mod tls;
 
+use bytes::Bytes;
 use link::{Commands, Link, LinkSettings};
 use outbox::{Outbox, Settings};
 use portcullis_config::Config;
 use portcullis_core::audit::Audit;
+use portcullis_core::control::{Action, ControlKey, ControlMessage, Sequence};
 use portcullis_core::fanout::SubscribeError;
 use portcullis_core::forward::{ForwardError, ForwardFuture, Forwarder, Uplink};
 use portcullis_core::mailbox::Mailbox;
+use portcullis_core::message::{Message, QoS};
 use portcullis_core::metrics::Metrics;
 use portcullis_core::principal::PrincipalId;
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::subscription::{Subscription, SubscriptionKey};
+use portcullis_core::topic::TopicName;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use store::{Sealer, Store};
+use tokio::sync::mpsc;
+
+/// Replicas: control messages out to the others and in from them.
+pub struct ControlLink {
+    pub key: ControlKey,
+    /// Quarantines, releases and bans decided here, to tell the other replicas.
+    pub outgoing: mpsc::UnboundedReceiver<Action>,
+    /// Control payloads received from the cluster, not yet checked.
+    pub incoming: mpsc::UnboundedSender<Bytes>,
+}
+
+/// The control topic of an action, under `portcullis/control/`.
+pub fn control_topic(action: &Action) -> String {
+    format!("portcullis/control/{}", action.kind())
+}
 
 /// Why upstream mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +123,7 @@ impl UpstreamForwarder {
         config: &Config,
         root: &[u8; 32],
         retained: Arc<RetainedCommands>,
+        control: Option<ControlLink>,
         metrics: Arc<Metrics>,
         audit: Audit,
     ) -> Result<Arc<UpstreamForwarder>, StartError> {
@@ -127,10 +147,24 @@ impl UpstreamForwarder {
             metrics.clone(),
             audit.clone(),
         );
+        let (control_in, control_out) = match control {
+            Some(c) => (Some(c.incoming), Some((c.key, c.outgoing))),
+            None => (None, None),
+        };
         let commands = Arc::new(Commands {
             routes: Mutex::new(HashMap::new()),
             retained,
+            control: control_in,
         });
+        if let Some((key, outgoing)) = control_out {
+            tokio::spawn(tell_replicas(
+                key,
+                settings.client_id.clone(),
+                outgoing,
+                Uplink::new(outbox.appends.clone(), None),
+                metrics.clone(),
+            ));
+        }
         let link = Link {
             settings,
             outbox: outbox.clone(),
@@ -144,6 +178,40 @@ impl UpstreamForwarder {
 
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
+    }
+}
+
+/// Seal each action under the shared key and send it through the outbox (QoS 1: it
+/// waits there like any message while the cluster is away).
+async fn tell_replicas(
+    key: ControlKey,
+    me: String,
+    mut outgoing: mpsc::UnboundedReceiver<Action>,
+    uplink: Uplink,
+    metrics: Arc<Metrics>,
+) {
+    let mut seq = Sequence::starting_at(outbox::unix_ms());
+    while let Some(action) = outgoing.recv().await {
+        let Ok(topic) = TopicName::parse_unlimited(&control_topic(&action)) else {
+            continue;
+        };
+        let msg = ControlMessage {
+            from: me.clone(),
+            seq: seq.advance(),
+            at_ms: outbox::unix_ms(),
+            action,
+        };
+        let message = Message {
+            topic,
+            payload: key.seal(&msg).into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: None,
+        };
+        if uplink.send(message).await.is_err() {
+            return;
+        }
+        Metrics::inc(&metrics.outbox.control_sent);
     }
 }
 

@@ -73,6 +73,13 @@ impl std::fmt::Debug for LinkSettings {
 pub struct Commands {
     pub routes: Mutex<HashMap<PrincipalId, Arc<Mailbox>>>,
     pub retained: Arc<RetainedCommands>,
+    /// Replicas: control payloads go here (unchecked) when the key is configured.
+    pub control: Option<mpsc::UnboundedSender<Bytes>>,
+}
+
+/// The control topics, under the prefix.
+pub fn control_filter(prefix: &str) -> String {
+    format!("{prefix}portcullis/control/#")
 }
 
 /// The command topics a replica subscribes to, under the prefix.
@@ -227,7 +234,14 @@ impl Link {
             f.preserve_retain = true;
             f
         };
-        if let Err(e) = client.try_subscribe_many(vec![filter]) {
+        let mut filters = vec![filter];
+        if self.commands.control.is_some() {
+            let mut f = Filter::new(control_filter(&self.settings.prefix), MqttQoS::AtLeastOnce);
+            // Not its own back (MQTT 5 No Local).
+            f.nolocal = true;
+            filters.push(f);
+        }
+        if let Err(e) = client.try_subscribe_many(filters) {
             return Lost::Link(format!("subscribing to commands: {e}"));
         }
         // Removals asked before this connection are committed before the outbox is
@@ -484,13 +498,19 @@ impl Link {
     /// A command from the cluster: to the device's mailbox, if it has a session here.
     fn command(&self, p: Publish) {
         let m = &self.metrics;
-        Metrics::inc(&m.outbox.commands);
         let Ok(topic) = std::str::from_utf8(&p.topic) else {
             return;
         };
         let Some(topic) = topic.strip_prefix(self.settings.prefix.as_str()) else {
             return;
         };
+        if topic.starts_with("portcullis/control/") {
+            if let Some(control) = &self.commands.control {
+                let _ = control.send(p.payload);
+            }
+            return;
+        }
+        Metrics::inc(&m.outbox.commands);
         let Ok(topic) = TopicName::parse_unlimited(topic) else {
             return;
         };

@@ -94,6 +94,15 @@ impl fmt::Display for BanTarget {
 }
 
 impl BanTarget {
+    /// As an operator writes it (`device/ID`, `service/ID`, an address or a CIDR
+    /// block): what `ban add` and `ban remove` take.
+    pub fn as_arg(&self) -> String {
+        match self {
+            BanTarget::Source(c) => c.to_string(),
+            BanTarget::Principal(k, id) => format!("{k}/{id}"),
+        }
+    }
+
     /// The key a ban is stored under.
     pub fn key(&self) -> String {
         match self {

@@ -12,6 +12,7 @@ pub mod bans;
 pub mod behaviour;
 pub mod behaviour_record;
 pub mod content;
+pub mod control;
 pub mod fanout;
 pub mod forward;
 pub mod limit;

@@ -92,6 +92,11 @@ pub struct OutboxMetrics {
     pub disconnects: AtomicU64,
     /// Commands received from the cluster.
     pub commands: AtomicU64,
+    /// Control messages told to the other replicas, taken from them, and refused
+    /// (forged, replayed, stale, malformed).
+    pub control_sent: AtomicU64,
+    pub control_applied: AtomicU64,
+    pub control_refused: AtomicU64,
 }
 
 /// Upper bounds of the forward-latency histogram, in seconds.
@@ -340,9 +345,27 @@ impl Metrics {
 }
 
 impl OutboxMetrics {
-    fn plain(&self) -> [Plain<'_>; 18] {
+    fn plain(&self) -> [Plain<'_>; 21] {
         use MetricType::{Counter, Gauge};
         [
+            (
+                "portcullis_control_sent",
+                "Upstream mode: control messages (quarantine, release, ban) told to the other replicas.",
+                Counter,
+                &self.control_sent,
+            ),
+            (
+                "portcullis_control_applied",
+                "Upstream mode: control messages from other replicas taken and applied.",
+                Counter,
+                &self.control_applied,
+            ),
+            (
+                "portcullis_control_refused",
+                "Upstream mode: control messages refused (MAC mismatch, replayed, stale, malformed).",
+                Counter,
+                &self.control_refused,
+            ),
             (
                 "portcullis_outbox_full",
                 "Upstream mode: 1 while messages wait for room in the outbox (devices held back; /readyz answers 503).",
@@ -667,10 +690,10 @@ mod tests {
         let openmetrics = m.render(Exposition::OpenMetrics);
         let n = check_page(&prometheus, false);
         assert_eq!(check_page(&openmetrics, true), n);
-        // 22 plain families, the outbox's 18 and its oldest age, sessions, the histogram
-        // (12 bounds, +Inf, sum, count), refusals.
+        // 22 plain families, upstream mode's 21 and the outbox's oldest age, sessions,
+        // the histogram (12 bounds, +Inf, sum, count), refusals.
         let sessions = 2 * Protocol::ALL.len();
-        assert_eq!(n, 22 + 19 + sessions + 15 + Refusal::ALL.len());
+        assert_eq!(n, 22 + 22 + sessions + 15 + Refusal::ALL.len());
         // Today's sample names, in both formats.
         for page in [&prometheus, &openmetrics] {
             assert!(

@@ -10,6 +10,7 @@
 
 use crate::audit::{Audit, AuditEntry};
 use crate::behaviour::{DeviceModel, Observation, Settings, State, Transition};
+use crate::control::Action;
 use crate::forward::Forwarder;
 use crate::message::{Message, QoS};
 use crate::metrics::Metrics;
@@ -93,6 +94,8 @@ pub struct Change {
     pub id: PrincipalId,
     pub transition: Transition,
     pub at_unix: u64,
+    /// Told by another replica (not sent on to the others again).
+    pub remote: bool,
 }
 
 /// One device's model and the state the pipeline reads.
@@ -129,18 +132,27 @@ impl Tracked {
     /// Run `f` on the model; a transition it decides is applied to the state and sent
     /// on while the model is still locked, so two deciders cannot reorder them.
     fn decide(&self, f: impl FnOnce(&mut DeviceModel) -> Option<Transition>) -> Option<State> {
-        let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
-        let t = f(&mut m)?;
-        Some(self.apply(t))
+        self.decide_as(f, false)
     }
 
-    fn apply(&self, t: Transition) -> State {
+    fn decide_as(
+        &self,
+        f: impl FnOnce(&mut DeviceModel) -> Option<Transition>,
+        remote: bool,
+    ) -> Option<State> {
+        let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
+        let t = f(&mut m)?;
+        Some(self.apply(t, remote))
+    }
+
+    fn apply(&self, t: Transition, remote: bool) -> State {
         let to = t.to;
         self.state.store(to.to_u8(), Ordering::Relaxed);
         let _ = self.changes.send(Change {
             id: self.id.clone(),
             transition: t,
             at_unix: now_unix(),
+            remote,
         });
         to
     }
@@ -350,14 +362,36 @@ impl Behaviours {
     /// Released by an operator: the new state, or `None` if it was not quarantined
     /// or on probation.
     pub fn release(&self, id: &PrincipalId, group: &GroupName, by: &str) -> Option<State> {
-        self.track(id, group)
-            .decide(|m| m.release(Instant::now(), by))
+        self.release_as(id, group, by, false)
     }
 
     /// Quarantined by an operator.
     pub fn quarantine(&self, id: &PrincipalId, group: &GroupName, reason: String) -> Option<State> {
+        self.quarantine_as(id, group, reason, false)
+    }
+
+    /// Released, on this replica's word or (`remote`) another's.
+    pub fn release_as(
+        &self,
+        id: &PrincipalId,
+        group: &GroupName,
+        by: &str,
+        remote: bool,
+    ) -> Option<State> {
         self.track(id, group)
-            .decide(|m| m.quarantine(Instant::now(), reason))
+            .decide_as(|m| m.release(Instant::now(), by), remote)
+    }
+
+    /// Quarantined, on this replica's word or (`remote`) another's.
+    pub fn quarantine_as(
+        &self,
+        id: &PrincipalId,
+        group: &GroupName,
+        reason: String,
+        remote: bool,
+    ) -> Option<State> {
+        self.track(id, group)
+            .decide_as(|m| m.quarantine(Instant::now(), reason), remote)
     }
 
     /// Apply time-outs (quarantine TTL, end of probation, end of watch) to every
@@ -422,6 +456,9 @@ pub struct Effects {
     pub retained: Arc<RetainedCommands>,
     pub audit: Audit,
     pub metrics: Arc<Metrics>,
+    /// Replicas (upstream mode): quarantines and releases decided here are told to
+    /// the others.
+    pub control: Option<mpsc::UnboundedSender<crate::control::Action>>,
 }
 
 /// The topic of a device's quarantine events.
@@ -463,6 +500,20 @@ pub async fn run(
                 continue;
             };
             let t = &change.transition;
+            if let Some(control) = fx.control.as_ref().filter(|_| !change.remote) {
+                let device = change.id.to_string();
+                let reason = t.reason.clone();
+                let told = match (t.from, t.to) {
+                    (_, State::Quarantined) => Some(Action::Quarantine { device, reason }),
+                    (State::Quarantined, State::Released | State::Normal) => {
+                        Some(Action::Release { device, reason })
+                    }
+                    _ => None,
+                };
+                if let Some(action) = told {
+                    let _ = control.send(action);
+                }
+            }
             Metrics::inc(match t.to {
                 State::Quarantined => &fx.metrics.quarantined,
                 State::Probation => &fx.metrics.probations,

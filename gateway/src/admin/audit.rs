@@ -25,6 +25,15 @@ impl AdminState {
         }
     }
 
+    /// A control message from another replica: taken or refused.
+    pub(crate) fn audit_control(&self, decision: &'static str, reason: String) {
+        self.write_audit(
+            AuditEntry::new("control", decision)
+                .protocol("replica")
+                .reason(reason),
+        );
+    }
+
     /// A registry change: `action` on a principal.
     pub(super) fn audit(&self, action: &str, kind: PrincipalKind, id: &str) {
         self.write_audit(

@@ -5,6 +5,7 @@ use super::protocol::{AddBan, BanAdded, BanRemoved, BanShown, ListBans, RemoveBa
 use super::{AdminError, AdminState, Handler, parse_id};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::bans::{Ban, BanTarget, Cidr};
+use portcullis_core::control::Action;
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::registry::now_unix;
 use portcullis_core::sessions::KickReason;
@@ -81,6 +82,13 @@ impl Handler for AddBan {
             .ttl_secs
             .map_or("until lifted".to_string(), |t| format!("for {t} s"));
         state.audit_ban(&format!("ban ({}, {ttl}):", ban.reason), &target);
+        if let Some(control) = &state.control {
+            let _ = control.send(Action::BanAdd {
+                target: target.as_arg(),
+                until_unix: ban.expires_unix,
+                reason: Some(ban.reason.clone()),
+            });
+        }
         Ok(BanAdded {
             ban: BanShown::from(&ban),
             sessions_ended: ended,
@@ -109,6 +117,11 @@ impl Handler for RemoveBan {
             return Err(format!("no ban on {target}").into());
         }
         state.audit_ban("unban", &target);
+        if let Some(control) = &state.control {
+            let _ = control.send(Action::BanRemove {
+                target: target.as_arg(),
+            });
+        }
         Ok(BanRemoved {
             removed: target.to_string(),
         })

@@ -55,6 +55,8 @@ pub struct AdminState {
     pub behaviours: Option<Arc<Behaviours>>,
     /// Upstream mode: the outbox (the running gateway's, or the file opened directly).
     pub outbox: Option<Arc<OutboxAdmin>>,
+    /// Replicas: bans made here are told to the other replicas.
+    pub control: Option<tokio::sync::mpsc::UnboundedSender<portcullis_core::control::Action>>,
     pub audit: AuditSink,
 }
 
@@ -172,6 +174,7 @@ pub(crate) mod testing {
             retained: None,
             behaviours,
             outbox: None,
+            control: None,
             audit: AuditSink::File(Box::new(AuditSettings::new(
                 dir.path().join("audit.log"),
                 [9; 32],

@@ -43,7 +43,7 @@ impl AdminState {
     }
 
     /// A registered device and its group: only devices have behaviour models.
-    fn device(&self, id: &str) -> Result<(PrincipalId, GroupName), String> {
+    pub(crate) fn device(&self, id: &str) -> Result<(PrincipalId, GroupName), String> {
         let pid = parse_id(id)?;
         match self.registry.snapshot().get(PrincipalKind::Device, &pid) {
             Some(r) => Ok((pid, r.group.clone())),
