@@ -955,6 +955,7 @@ impl Bench {
         let w = self.window();
         sleep(w.warm).await;
         let cpu0 = s.cpu()?;
+        let gateway_cpu0 = process_cpu(s.pid())?;
         let t0 = Instant::now();
         sink_state.counting.store(true, Relaxed);
         let sent0 = sent.load(Relaxed);
@@ -964,10 +965,14 @@ impl Bench {
         sink_state.counting.store(false, Relaxed);
         let elapsed = t0.elapsed().as_secs_f64();
         let cpu = s.cpu()? - cpu0;
-        if s.target == Target::PortcullisUpstream
-            && let (Some(a), Some(b)) = (fsyncs0, s.metric("portcullis_outbox_fsyncs_total"))
-        {
-            f_extra.insert("fsyncs_per_s".into(), (b - a) / elapsed);
+        if s.target == Target::PortcullisUpstream {
+            // The gateway's own share, without its upstream broker's.
+            let gateway = process_cpu(s.pid())? - gateway_cpu0;
+            let received = sink_state.received.load(Relaxed).max(1) as f64;
+            f_extra.insert("gateway_cpu_us_per_msg".into(), gateway * 1e6 / received);
+            if let (Some(a), Some(b)) = (fsyncs0, s.metric("portcullis_outbox_fsyncs_total")) {
+                f_extra.insert("fsyncs_per_s".into(), (b - a) / elapsed);
+            }
         }
         let sent = sent.load(Relaxed) - sent0;
         stop.store(true, Relaxed);
