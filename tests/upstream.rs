@@ -702,19 +702,29 @@ impl Device {
     }
 }
 
-#[test]
-fn a_full_outbox_holds_devices_back_then_refuses_with_quota_exceeded_and_loses_nothing_taken() {
-    let mut m = Mosquitto::start();
-    let checker = checker(&m);
+/// ~8 KB: about 128 fit in an outbox of 1 MiB.
+fn payload(n: u32) -> Vec<u8> {
+    format!("{n:06}:{}", "x".repeat(8000)).into_bytes()
+}
+
+/// The checker, a gateway whose outbox holds 1 MiB (with `policy` keys), d1 connected
+/// to it, and the broker stopped.
+fn outbox_of_one_mib(m: &mut Mosquitto, policy: &str) -> (Sub, Gateway, Device) {
+    let checker = checker(m);
     let gw = gateway(
         &m.url(),
-        "[upstream.outbox]\nmax_bytes = 1048576\nfull_wait = \"500ms\"\n",
+        &format!("[upstream.outbox]\nmax_bytes = 1048576\nfull_wait = \"500ms\"\n{policy}"),
     );
     gw.add_device_secret("d1", "s3cret-device-pw");
     m.stop();
-    let mut d = Device::connect(&gw, "d1");
-    let payload = |n: u32| format!("{n:06}:{}", "x".repeat(8000)).into_bytes();
-    // ~8 KB each: about 128 fit in 1 MiB.
+    let d = Device::connect(&gw, "d1");
+    (checker, gw, d)
+}
+
+#[test]
+fn a_full_outbox_holds_devices_back_then_refuses_with_quota_exceeded_and_loses_nothing_taken() {
+    let mut m = Mosquitto::start();
+    let (checker, gw, mut d) = outbox_of_one_mib(&mut m, "");
     let mut taken = Vec::new();
     let mut refused = None;
     for n in 0..400 {
@@ -798,15 +808,7 @@ fn a_full_outbox_holds_devices_back_then_refuses_with_quota_exceeded_and_loses_n
 fn drop_oldest_qos0_makes_room_from_qos0_messages_only() {
     // QoS 0 messages too wait for the checker while it reconnects.
     let mut m = Mosquitto::start_with("queue_qos0_messages true\n", &[]);
-    let checker = checker(&m);
-    let gw = gateway(
-        &m.url(),
-        "[upstream.outbox]\nmax_bytes = 1048576\nwhen_full = \"drop-oldest-qos0\"\nfull_wait = \"500ms\"\n",
-    );
-    gw.add_device_secret("d1", "s3cret-device-pw");
-    m.stop();
-    let mut d = Device::connect(&gw, "d1");
-    let payload = |n: u32| format!("{n:06}:{}", "x".repeat(8000)).into_bytes();
+    let (checker, gw, mut d) = outbox_of_one_mib(&mut m, "when_full = \"drop-oldest-qos0\"\n");
     // A QoS 1 message first, then QoS 0 ones well past the bound.
     let wait = Duration::from_secs(5);
     let ok = Some(v5::PubAckReason::Success);

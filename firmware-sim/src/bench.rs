@@ -291,16 +291,7 @@ impl Bench {
                         log = self.dir.join("mosquitto-upstream.log").display(),
                     ),
                 )?;
-                let mut broker = pinned(
-                    self.opts.pin.then_some(self.opts.server_cpu),
-                    Path::new("mosquitto"),
-                )
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting mosquitto (apt-get install mosquitto)")?;
+                let mut broker = self.mosquitto(&conf)?;
                 let addr: SocketAddr = ([127, 0, 0, 1], port).into();
                 wait_listening(addr, &mut broker, "mosquitto (upstream)")?;
                 let config = std::fs::read_to_string(self.dir.join("portcullis.toml"))?;
@@ -363,16 +354,7 @@ impl Bench {
                         key = pki.join("server.key").display(),
                     ),
                 )?;
-                let mut child = pinned(
-                    self.opts.pin.then_some(self.opts.server_cpu),
-                    Path::new("mosquitto"),
-                )
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting mosquitto (apt-get install mosquitto)")?;
+                let mut child = self.mosquitto(&conf)?;
                 let addr: SocketAddr = ([127, 0, 0, 1], plain).into();
                 wait_listening(addr, &mut child, "mosquitto")?;
                 wait_listening(([127, 0, 0, 1], tls).into(), &mut child, "mosquitto (TLS)")?;
@@ -387,6 +369,20 @@ impl Bench {
                 })
             }
         }
+    }
+
+    /// Mosquitto with this configuration, on the server's CPU.
+    fn mosquitto(&self, conf: &Path) -> Result<Child> {
+        pinned(
+            self.opts.pin.then_some(self.opts.server_cpu),
+            Path::new("mosquitto"),
+        )
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting mosquitto (apt-get install mosquitto)")
     }
 
     fn start_portcullis(&self, target: Target) -> Result<Server> {

@@ -403,30 +403,42 @@ impl Store {
         Ok(done)
     }
 
-    /// Up to `max` entries from `from` on, in order, with their stored size.
-    pub fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Stored, u64)>, StoreError> {
+    /// Up to `max` rows of `table` from `from` on, in order, each made by `row`.
+    fn rows<T>(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        from: u64,
+        max: usize,
+        row: impl Fn(u64, &[u8]) -> T,
+    ) -> Result<Vec<T>, StoreError> {
         contain(
             || {
                 let tx = self.db.begin_read().map_err(storage)?;
-                let table = match tx.open_table(OUTBOX) {
+                let table = match tx.open_table(table) {
                     Ok(t) => t,
                     Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
                     Err(e) => return Err(storage(e)),
                 };
                 let mut out = Vec::new();
-                for row in table.range(from..).map_err(storage)?.take(max) {
-                    let (k, v) = row.map_err(storage)?;
-                    let (seq, value) = (k.value(), v.value());
-                    out.push((
-                        seq,
-                        Stored::open(&self.sealer, Table::Outbox, seq, value),
-                        value.len() as u64 + KEY_BYTES,
-                    ));
+                for r in table.range(from..).map_err(storage)?.take(max) {
+                    let (k, v) = r.map_err(storage)?;
+                    out.push(row(k.value(), v.value()));
                 }
                 Ok(out)
             },
             StoreError::Panicked,
         )
+    }
+
+    /// Up to `max` entries from `from` on, in order, with their stored size.
+    pub fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Stored, u64)>, StoreError> {
+        self.rows(OUTBOX, from, max, |seq, value| {
+            (
+                seq,
+                Stored::open(&self.sealer, Table::Outbox, seq, value),
+                value.len() as u64 + KEY_BYTES,
+            )
+        })
     }
 
     /// Entries held now.
@@ -454,24 +466,7 @@ impl Store {
 
     /// Dead letters from `from` on, up to `max`, in order.
     pub fn dead_letters(&self, from: u64, max: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        contain(
-            || {
-                let tx = self.db.begin_read().map_err(storage)?;
-                let table = match tx.open_table(DEAD) {
-                    Ok(t) => t,
-                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                    Err(e) => return Err(storage(e)),
-                };
-                let mut out = Vec::new();
-                for row in table.range(from..).map_err(storage)?.take(max) {
-                    let (k, v) = row.map_err(storage)?;
-                    let (seq, value) = (k.value(), v.value());
-                    out.push(self.open_dead(seq, value));
-                }
-                Ok(out)
-            },
-            StoreError::Panicked,
-        )
+        self.rows(DEAD, from, max, |seq, value| self.open_dead(seq, value))
     }
 
     fn open_dead(&self, seq: u64, value: &[u8]) -> DeadLetter {
