@@ -55,9 +55,11 @@ impl Mosquitto {
         // max_queued_messages: the subscriber's queue while it is away, far beyond
         // what a test sends (Mosquitto 2.0.11 with 0, "unbounded", drops a client
         // whose publish its ACL denies).
+        // `extra` first: global settings (per_listener_settings must precede every
+        // security setting) and listeners of its own; the test's plain listener last.
         let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-             persistence_location {}/\nmax_queued_messages 1000000\nmax_inflight_messages 100\n{}\n",
+            "persistence true\npersistence_location {}/\nmax_queued_messages 1000000\n\
+             max_inflight_messages 100\n{}\nlistener {port} 127.0.0.1\nallow_anonymous true\n",
             dir.path().display(),
             extra.replace("{dir}", &dir.path().display().to_string())
         );
@@ -168,7 +170,7 @@ fn checker_on(m: &Mosquitto, filter: &str) -> Sub {
                 s("-q"),
                 s("1"),
                 s("-t"),
-                s("devices/probe/telemetry/x"),
+                filter.replace('+', "probe").replace('#', "x"),
                 s("-m"),
                 s("probe"),
             ],
@@ -1077,4 +1079,143 @@ fn replicas_share_quarantine_and_bans_through_authenticated_control_messages() {
     // Still banned, still released: neither changed anything.
     assert!(b.cli_ok(&["ban", "list"]).contains("device d1"));
     assert!(!quarantined(&b, "d1"));
+}
+
+#[test]
+fn mutual_tls_credentials_and_a_prefix_towards_the_broker() {
+    // A PKI of the broker's own: its server certificate, and the gateway's client
+    // certificate, from a CA the gateway is told to trust for the upstream only.
+    let pki = tempfile::tempdir().unwrap();
+    let cfg = pki.path().join("pki.toml");
+    std::fs::write(&cfg, format!("data_dir = \"{}\"\n", pki.path().display())).unwrap();
+    for args in [vec!["pki", "init"], vec!["pki", "issue", "gw-up"]] {
+        let mut a = args.clone();
+        a.extend(["--config", cfg.to_str().unwrap()]);
+        run_ok(&a);
+    }
+    let p = |rel: &str| pki.path().join(rel).display().to_string();
+    let creds = pki.path().join("upstream.credentials");
+    std::fs::write(&creds, "gw-up\nupstream-pw-1\n").unwrap();
+    let passwd = pki.path().join("passwd");
+    std::fs::write(&passwd, "gw-up:upstream-pw-1\n").unwrap();
+    let ok = Command::new("mosquitto_passwd")
+        .arg("-U")
+        .arg(&passwd)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "mosquitto_passwd -U failed");
+    let tls_port = free_port();
+    let m = Mosquitto::start_with(
+        &format!(
+            "user root\nper_listener_settings true\nlistener {tls_port} 127.0.0.1\n\
+             allow_anonymous false\npassword_file {pw}\ncafile {ca}\ncertfile {cert}\n\
+             keyfile {key}\nrequire_certificate true\n",
+            pw = passwd.display(),
+            ca = p("pki/ca.pem"),
+            cert = p("pki/server.pem"),
+            key = p("pki/server.key"),
+        ),
+        &[],
+    );
+    assert!(wait_listening(tls_port), "the broker's TLS listener");
+    let checker = checker_on(&m, "site-a/devices/+/telemetry/#");
+    let gw = gateway(
+        &format!("mqtts://localhost:{tls_port}"),
+        &format!(
+            "ca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n\
+             credentials_file = \"{}\"\nprefix = \"site-a\"\n",
+            p("pki/ca.pem"),
+            p("pki/clients/gw-up.pem"),
+            p("pki/clients/gw-up.key"),
+            creds.display()
+        ),
+    );
+    wait_for(Duration::from_secs(10), || {
+        (gw.metric("portcullis_upstream_connected") == 1).then_some(())
+    })
+    .unwrap_or_else(|| panic!("not connected over mutual TLS: {}", gw.stderr()));
+    gw.add_device_secret("d1", "s3cret-device-pw");
+    // Telemetry arrives under the prefix.
+    assert!(publish_as(&gw, "d1", "devices/d1/telemetry/t", "over-tls"));
+    checker
+        .expect(
+            "site-a/devices/d1/telemetry/t over-tls",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    // A command published under the prefix reaches the device without it.
+    let mut args = vec![
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        gw.device_plain.port().to_string(),
+        s("-i"),
+        s("d1"),
+        s("-u"),
+        s("d1"),
+        s("-P"),
+        s("s3cret-device-pw"),
+    ];
+    args.extend([
+        s("-q"),
+        s("1"),
+        s("-t"),
+        s("devices/d1/commands/#"),
+        s("-v"),
+    ]);
+    let device = Sub::start(&args);
+    let got = wait_for(Duration::from_secs(10), || {
+        let _ = mosquitto(
+            "mosquitto_pub",
+            &[
+                s("-p"),
+                m.port.to_string(),
+                s("-q"),
+                s("1"),
+                s("-t"),
+                s("site-a/devices/d1/commands/ping"),
+                s("-m"),
+                s("hello"),
+            ],
+            Duration::from_secs(5),
+        );
+        device
+            .expect("devices/d1/commands/ping hello", Duration::from_millis(500))
+            .ok()
+    });
+    assert!(got.is_some(), "a prefixed command did not reach the device");
+    // The password never reached the log.
+    assert!(!gw.stderr().contains("upstream-pw-1"));
+}
+
+#[test]
+fn a_wrong_upstream_password_is_refused_and_said_without_the_password() {
+    let passwd_dir = tempfile::tempdir().unwrap();
+    let passwd = passwd_dir.path().join("passwd");
+    std::fs::write(&passwd, "gw-up:the-right-one\n").unwrap();
+    let ok = Command::new("mosquitto_passwd")
+        .arg("-U")
+        .arg(&passwd)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "mosquitto_passwd -U failed");
+    let m = Mosquitto::start_with(
+        &format!(
+            "user root\nallow_anonymous false\npassword_file {}\n",
+            passwd.display()
+        ),
+        &[],
+    );
+    let creds = passwd_dir.path().join("creds");
+    std::fs::write(&creds, "gw-up\nwrong-password-7\n").unwrap();
+    let gw = gateway(
+        &m.url(),
+        &format!("credentials_file = \"{}\"\n", creds.display()),
+    );
+    gw.wait_audit(&["upstream", "refuse", "cannot connect"]);
+    assert_eq!(gw.metric("portcullis_upstream_connected"), 0);
+    let log = format!("{}{}", gw.stderr(), gw.audit());
+    assert!(!log.contains("wrong-password-7"), "{log}");
 }
