@@ -1219,3 +1219,68 @@ fn a_wrong_upstream_password_is_refused_and_said_without_the_password() {
     let log = format!("{}{}", gw.stderr(), gw.audit());
     assert!(!log.contains("wrong-password-7"), "{log}");
 }
+
+#[test]
+fn a_command_for_a_device_away_is_kept_in_its_persistent_session_and_delivered_on_return() {
+    let m = Mosquitto::start();
+    let gw = gateway(&m.url(), "");
+    gw.add_device_secret("d1", "s3cret-device-pw");
+    let persistent = || {
+        Sub::start(&[
+            s("-h"),
+            s("127.0.0.1"),
+            s("-p"),
+            gw.device_plain.port().to_string(),
+            s("-c"),
+            s("-i"),
+            s("d1"),
+            s("-u"),
+            s("d1"),
+            s("-P"),
+            s("s3cret-device-pw"),
+            s("-q"),
+            s("1"),
+            s("-t"),
+            s("devices/d1/commands/#"),
+            s("-v"),
+        ])
+    };
+    let command = |name: &str| {
+        let out = mosquitto(
+            "mosquitto_pub",
+            &[
+                s("-p"),
+                m.port.to_string(),
+                s("-q"),
+                s("1"),
+                s("-t"),
+                format!("devices/d1/commands/{name}"),
+                s("-m"),
+                s("go"),
+            ],
+            Duration::from_secs(5),
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    let mut device = persistent();
+    let subscribed = wait_for(Duration::from_secs(10), || {
+        command("probe");
+        device
+            .expect("devices/d1/commands/probe go", Duration::from_millis(500))
+            .ok()
+    });
+    assert!(subscribed.is_some(), "the device did not subscribe");
+    device.kill();
+    // Away: the gateway parks its session; the command waits in it.
+    wait_for(Duration::from_secs(10), || {
+        (!gw.cli_ok(&["clients", "list"]).contains("\"d1\"")).then_some(())
+    })
+    .expect("the device's connection closed");
+    command("while-away");
+    std::thread::sleep(Duration::from_millis(500));
+    let back = persistent();
+    back.expect("devices/d1/commands/while-away go", Duration::from_secs(10))
+        .unwrap_or_else(|seen| {
+            panic!("the command kept for the device was not delivered: {seen:?}")
+        });
+}
