@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -118,6 +118,24 @@ impl Mosquitto {
         }
     }
 
+    /// A QoS 1 publish straight to the broker (retained if asked).
+    fn publish(&self, topic: &str, payload: &str, retain: bool) -> Output {
+        let mut a = vec![
+            s("-p"),
+            self.port.to_string(),
+            s("-q"),
+            s("1"),
+            s("-t"),
+            s(topic),
+            s("-m"),
+            s(payload),
+        ];
+        if retain {
+            a.push(s("-r"));
+        }
+        mosquitto("mosquitto_pub", &a, Duration::from_secs(5))
+    }
+
     fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
@@ -162,24 +180,39 @@ fn checker_on(m: &Mosquitto, filter: &str) -> Sub {
     ]);
     // Subscribed once a probe sent straight to Mosquitto comes back.
     let probe = wait_for(Duration::from_secs(10), || {
-        let _ = mosquitto(
-            "mosquitto_pub",
-            &[
-                s("-p"),
-                m.port.to_string(),
-                s("-q"),
-                s("1"),
-                s("-t"),
-                filter.replace('+', "probe").replace('#', "x"),
-                s("-m"),
-                s("probe"),
-            ],
-            Duration::from_secs(5),
+        m.publish(
+            &filter.replace('+', "probe").replace('#', "x"),
+            "probe",
+            false,
         );
         sub.expect("probe", Duration::from_millis(500)).ok()
     });
     assert!(probe.is_some(), "the checker did not subscribe");
     sub
+}
+
+/// mosquitto_sub as device d1 through the gateway, on its commands (`-c`: a persistent
+/// session), with `extra` arguments.
+fn d1_commands(gw: &Gateway, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        s("-h"),
+        s("127.0.0.1"),
+        s("-p"),
+        gw.device_plain.port().to_string(),
+        s("-i"),
+        s("d1"),
+        s("-u"),
+        s("d1"),
+        s("-P"),
+        s("s3cret-device-pw"),
+        s("-q"),
+        s("1"),
+        s("-t"),
+        s("devices/d1/commands/#"),
+        s("-v"),
+    ];
+    a.extend(extra.iter().map(|e| s(e)));
+    a
 }
 
 /// A device publishing a numbered QoS 1 stream, one message in flight, resending
@@ -480,42 +513,9 @@ fn commands_from_the_cluster_reach_a_connected_device_and_retained_ones_a_later_
     let m = Mosquitto::start();
     let gw = gateway(&m.url(), "");
     gw.add_device_secret("d1", "s3cret-device-pw");
-    let login = [
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_plain.port().to_string(),
-        s("-i"),
-        s("d1"),
-        s("-u"),
-        s("d1"),
-        s("-P"),
-        s("s3cret-device-pw"),
-    ];
-    let mut args = login.to_vec();
-    args.extend([
-        s("-q"),
-        s("1"),
-        s("-t"),
-        s("devices/d1/commands/#"),
-        s("-v"),
-    ]);
-    let device = Sub::start(&args);
+    let device = Sub::start(&d1_commands(&gw, &[]));
     let upstream_pub = |topic: &str, payload: &str, retain: bool| {
-        let mut a = vec![
-            s("-p"),
-            m.port.to_string(),
-            s("-q"),
-            s("1"),
-            s("-t"),
-            s(topic),
-            s("-m"),
-            s(payload),
-        ];
-        if retain {
-            a.push(s("-r"));
-        }
-        let out = mosquitto("mosquitto_pub", &a, Duration::from_secs(5));
+        let out = m.publish(topic, payload, retain);
         assert!(out.status.success(), "{}", text(&out));
     };
     // The device's subscription is in place once a command sent now arrives.
@@ -537,17 +537,11 @@ fn commands_from_the_cluster_reach_a_connected_device_and_retained_ones_a_later_
         .unwrap();
     drop(device);
     // A later subscription gets the retained command at once.
-    let mut args = login.to_vec();
-    args.extend([
-        s("-q"),
-        s("1"),
-        s("-t"),
-        s("devices/d1/commands/#"),
-        s("-v"),
-        s("-W"),
-        s("3"),
-    ]);
-    let out = mosquitto("mosquitto_sub", &args, Duration::from_secs(10));
+    let out = mosquitto(
+        "mosquitto_sub",
+        &d1_commands(&gw, &["-W", "3"]),
+        Duration::from_secs(10),
+    );
     let out = text(&out);
     assert!(out.contains("devices/d1/commands/config cfg-1"), "{out}");
     assert!(!out.contains("not-yours"), "{out}");
@@ -1044,20 +1038,7 @@ fn replicas_share_quarantine_and_bans_through_authenticated_control_messages() {
             .as_millis()
     );
     let publish = |payload: &str| {
-        let out = mosquitto(
-            "mosquitto_pub",
-            &[
-                s("-p"),
-                m.port.to_string(),
-                s("-q"),
-                s("1"),
-                s("-t"),
-                s("portcullis/control/ban"),
-                s("-m"),
-                s(payload),
-            ],
-            Duration::from_secs(5),
-        );
+        let out = m.publish("portcullis/control/ban", payload, false);
         assert!(out.status.success(), "{}", text(&out));
     };
     publish(&forged);
@@ -1081,6 +1062,20 @@ fn replicas_share_quarantine_and_bans_through_authenticated_control_messages() {
     assert!(!quarantined(&b, "d1"));
 }
 
+/// Mosquitto's password file in `dir`, for user gw-up (hashed by mosquitto_passwd).
+fn password_file(dir: &std::path::Path, password: &str) -> PathBuf {
+    let passwd = dir.join("passwd");
+    std::fs::write(&passwd, format!("gw-up:{password}\n")).unwrap();
+    let ok = Command::new("mosquitto_passwd")
+        .arg("-U")
+        .arg(&passwd)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "mosquitto_passwd -U failed");
+    passwd
+}
+
 #[test]
 fn mutual_tls_credentials_and_a_prefix_towards_the_broker() {
     // A PKI of the broker's own: its server certificate, and the gateway's client
@@ -1096,15 +1091,7 @@ fn mutual_tls_credentials_and_a_prefix_towards_the_broker() {
     let p = |rel: &str| pki.path().join(rel).display().to_string();
     let creds = pki.path().join("upstream.credentials");
     std::fs::write(&creds, "gw-up\nupstream-pw-1\n").unwrap();
-    let passwd = pki.path().join("passwd");
-    std::fs::write(&passwd, "gw-up:upstream-pw-1\n").unwrap();
-    let ok = Command::new("mosquitto_passwd")
-        .arg("-U")
-        .arg(&passwd)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "mosquitto_passwd -U failed");
+    let passwd = password_file(pki.path(), "upstream-pw-1");
     let tls_port = free_port();
     let m = Mosquitto::start_with(
         &format!(
@@ -1145,41 +1132,9 @@ fn mutual_tls_credentials_and_a_prefix_towards_the_broker() {
         )
         .unwrap();
     // A command published under the prefix reaches the device without it.
-    let mut args = vec![
-        s("-h"),
-        s("127.0.0.1"),
-        s("-p"),
-        gw.device_plain.port().to_string(),
-        s("-i"),
-        s("d1"),
-        s("-u"),
-        s("d1"),
-        s("-P"),
-        s("s3cret-device-pw"),
-    ];
-    args.extend([
-        s("-q"),
-        s("1"),
-        s("-t"),
-        s("devices/d1/commands/#"),
-        s("-v"),
-    ]);
-    let device = Sub::start(&args);
+    let device = Sub::start(&d1_commands(&gw, &[]));
     let got = wait_for(Duration::from_secs(10), || {
-        let _ = mosquitto(
-            "mosquitto_pub",
-            &[
-                s("-p"),
-                m.port.to_string(),
-                s("-q"),
-                s("1"),
-                s("-t"),
-                s("site-a/devices/d1/commands/ping"),
-                s("-m"),
-                s("hello"),
-            ],
-            Duration::from_secs(5),
-        );
+        m.publish("site-a/devices/d1/commands/ping", "hello", false);
         device
             .expect("devices/d1/commands/ping hello", Duration::from_millis(500))
             .ok()
@@ -1192,15 +1147,7 @@ fn mutual_tls_credentials_and_a_prefix_towards_the_broker() {
 #[test]
 fn a_wrong_upstream_password_is_refused_and_said_without_the_password() {
     let passwd_dir = tempfile::tempdir().unwrap();
-    let passwd = passwd_dir.path().join("passwd");
-    std::fs::write(&passwd, "gw-up:the-right-one\n").unwrap();
-    let ok = Command::new("mosquitto_passwd")
-        .arg("-U")
-        .arg(&passwd)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "mosquitto_passwd -U failed");
+    let passwd = password_file(passwd_dir.path(), "the-right-one");
     let m = Mosquitto::start_with(
         &format!(
             "user root\nallow_anonymous false\npassword_file {}\n",
@@ -1225,41 +1172,9 @@ fn a_command_for_a_device_away_is_kept_in_its_persistent_session_and_delivered_o
     let m = Mosquitto::start();
     let gw = gateway(&m.url(), "");
     gw.add_device_secret("d1", "s3cret-device-pw");
-    let persistent = || {
-        Sub::start(&[
-            s("-h"),
-            s("127.0.0.1"),
-            s("-p"),
-            gw.device_plain.port().to_string(),
-            s("-c"),
-            s("-i"),
-            s("d1"),
-            s("-u"),
-            s("d1"),
-            s("-P"),
-            s("s3cret-device-pw"),
-            s("-q"),
-            s("1"),
-            s("-t"),
-            s("devices/d1/commands/#"),
-            s("-v"),
-        ])
-    };
+    let persistent = || Sub::start(&d1_commands(&gw, &["-c"]));
     let command = |name: &str| {
-        let out = mosquitto(
-            "mosquitto_pub",
-            &[
-                s("-p"),
-                m.port.to_string(),
-                s("-q"),
-                s("1"),
-                s("-t"),
-                format!("devices/d1/commands/{name}"),
-                s("-m"),
-                s("go"),
-            ],
-            Duration::from_secs(5),
-        );
+        let out = m.publish(&format!("devices/d1/commands/{name}"), "go", false);
         assert!(out.status.success(), "{}", text(&out));
     };
     let mut device = persistent();
