@@ -311,6 +311,8 @@ impl Fleet {
 /// missing. Prints the duplicates.
 fn verify(case: &str, acked: &BTreeMap<&'static str, Vec<u64>>, checker: &Sub) {
     let mut seen: HashMap<(String, u64), u32> = HashMap::new();
+    // Each device's numbers in the order they first arrived.
+    let mut first: HashMap<String, Vec<u64>> = HashMap::new();
     let total: usize = acked.values().map(Vec::len).sum();
     assert!(total > 100, "{case}: the devices hardly published: {total}");
     let mut missing: Vec<(String, u64)>;
@@ -325,7 +327,11 @@ fn verify(case: &str, acked: &BTreeMap<&'static str, Vec<u64>>, checker: &Sub) {
                 continue;
             };
             if let Ok(n) = n.parse::<u64>() {
-                *seen.entry((id.to_string(), n)).or_default() += 1;
+                let count = seen.entry((id.to_string(), n)).or_default();
+                if *count == 0 {
+                    first.entry(id.to_string()).or_default().push(n);
+                }
+                *count += 1;
             }
         }
         missing = acked
@@ -351,6 +357,15 @@ fn verify(case: &str, acked: &BTreeMap<&'static str, Vec<u64>>, checker: &Sub) {
         missing.len(),
         &missing[..missing.len().min(10)]
     );
+    // Order per device: a number never arrives for the first time after a later one.
+    for (id, ns) in &first {
+        if let Some(w) = ns.windows(2).find(|w| w[0] > w[1]) {
+            panic!(
+                "{case}: {id}'s messages arrived out of order: {} before {}",
+                w[0], w[1]
+            );
+        }
+    }
 }
 
 #[test]

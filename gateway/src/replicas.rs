@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 pub async fn take(
     key: ControlKey,
     me: String,
-    mut incoming: mpsc::UnboundedReceiver<Bytes>,
+    mut incoming: mpsc::Receiver<Bytes>,
     state: AdminState,
     metrics: Arc<Metrics>,
 ) {

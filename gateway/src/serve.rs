@@ -41,6 +41,9 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+/// Control messages from other replicas waiting to be checked, at most.
+const CONTROL_QUEUE: usize = 1024;
+
 pub fn run(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -137,7 +140,8 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
                 UsageError(format!("upstream.control_key_file {}: {e}", path.display()))
             })?;
             let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
-            let (in_tx, in_rx) = tokio::sync::mpsc::unbounded_channel();
+            // Bounded: a flood of control messages is dropped (and counted), not queued.
+            let (in_tx, in_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
             let link = ControlLink {
                 key: key.clone(),
                 outgoing: out_rx,
@@ -406,7 +410,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         sessions: Some(sessions.clone()),
         retained: Some(retained.clone()),
         behaviours: Some(behaviours.clone()),
-        outbox: outbox.clone(),
+        outbox,
         control: control_out.clone(),
         audit: AuditSink::Live(audit.clone()),
     });
@@ -414,17 +418,9 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     // be, but not told on again.
     if let Some((key, incoming)) = control_in {
         let state = AdminState {
-            registry: registry.clone(),
-            hasher: admin_state.hasher.clone(),
-            policies: policies.clone(),
-            auth: Some(auth.clone()),
             reload: None,
-            sessions: Some(sessions.clone()),
-            retained: Some(retained.clone()),
-            behaviours: Some(behaviours.clone()),
-            outbox,
             control: None,
-            audit: AuditSink::Live(audit.clone()),
+            ..(*admin_state).clone()
         };
         let me = config.upstream.client_id.clone().unwrap_or_default();
         tokio::spawn(crate::replicas::take(

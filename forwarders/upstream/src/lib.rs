@@ -43,8 +43,9 @@ pub struct ControlLink {
     pub key: ControlKey,
     /// Quarantines, releases and bans decided here, to tell the other replicas.
     pub outgoing: mpsc::UnboundedReceiver<Action>,
-    /// Control payloads received from the cluster, not yet checked.
-    pub incoming: mpsc::UnboundedSender<Bytes>,
+    /// Control payloads received from the cluster, not yet checked (bounded: what
+    /// finds it full is dropped and counted as refused).
+    pub incoming: mpsc::Sender<Bytes>,
 }
 
 /// The control topic of an action, under `portcullis/control/`.

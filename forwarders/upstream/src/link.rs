@@ -74,7 +74,7 @@ pub struct Commands {
     pub routes: Mutex<HashMap<PrincipalId, Arc<Mailbox>>>,
     pub retained: Arc<RetainedCommands>,
     /// Replicas: control payloads go here (unchecked) when the key is configured.
-    pub control: Option<mpsc::UnboundedSender<Bytes>>,
+    pub control: Option<mpsc::Sender<Bytes>>,
 }
 
 /// The control topics, under the prefix.
@@ -505,8 +505,10 @@ impl Link {
             return;
         };
         if topic.starts_with("portcullis/control/") {
-            if let Some(control) = &self.commands.control {
-                let _ = control.send(p.payload);
+            if let Some(control) = &self.commands.control
+                && control.try_send(p.payload).is_err()
+            {
+                Metrics::inc(&m.outbox.control_refused);
             }
             return;
         }

@@ -20,7 +20,7 @@
 //! 1/2 messages still wait. An acknowledged message is never dropped.
 
 use crate::entry::Entry;
-use crate::store::{Batch, Committed, DeadLetter, DeadNote, KEY_BYTES, Store, StoreError, Stored};
+use crate::store::{Batch, Committed, DeadNote, KEY_BYTES, Store, Stored};
 use portcullis_config::WhenFull;
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::forward::{Taken, UplinkItem};
@@ -29,7 +29,7 @@ use portcullis_core::metrics::Metrics;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 // tokio's clock, so that the tests can drive it (`tokio::time::pause`).
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -40,11 +40,7 @@ const MAX_BATCH_BYTES: u64 = 16 << 20;
 /// Removals alone are made durable within this.
 const DURABLE_EVERY: Duration = Duration::from_secs(1);
 
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use portcullis_core::registry::now_unix_ms as unix_ms;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -209,11 +205,6 @@ impl Outbox {
             let _ = rx.await;
         }
     }
-
-    /// Dead letters, for `portcullis outbox list`.
-    pub fn dead_letters(&self, from: u64, max: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        self.store.dead_letters(from, max)
-    }
 }
 
 struct Held {
@@ -368,14 +359,9 @@ impl Writer {
             return Ok(seqs);
         }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            store
-                .dead_letters(0, usize::MAX)
-                .map(|d| d.into_iter().map(|l| l.seq).collect())
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        tokio::task::spawn_blocking(move || store.dead_seqs().map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| e.to_string())?
     }
 
     /// Move held messages into the batch while there is room (making room by the
@@ -660,13 +646,7 @@ impl OutboxAdmin {
             None => {
                 let seqs = match which {
                     Some(s) => s,
-                    None => self
-                        .store
-                        .dead_letters(0, usize::MAX)
-                        .map_err(|e| e.to_string())?
-                        .into_iter()
-                        .map(|l| l.seq)
-                        .collect(),
+                    None => self.store.dead_seqs().map_err(|e| e.to_string())?,
                 };
                 let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
                 let mut batch = Batch::default();

@@ -464,6 +464,11 @@ impl Store {
         }))
     }
 
+    /// The sequence numbers of every dead letter (their keys only: nothing opened).
+    pub fn dead_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        self.rows(DEAD, 0, usize::MAX, |seq, _| seq)
+    }
+
     /// Dead letters from `from` on, up to `max`, in order.
     pub fn dead_letters(&self, from: u64, max: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.rows(DEAD, from, max, |seq, value| self.open_dead(seq, value))

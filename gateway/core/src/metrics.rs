@@ -483,10 +483,7 @@ impl OutboxMetrics {
         if oldest == 0 {
             return 0;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        now.saturating_sub(oldest) / 1000
+        crate::registry::now_unix_ms().saturating_sub(oldest) / 1000
     }
 }
 

@@ -7,6 +7,7 @@ use portcullis_core::principal::PrincipalKind;
 
 /// Where registry changes are audited: the running gateway's writer, or (with no
 /// gateway running) the audit file directly.
+#[derive(Clone)]
 pub enum AuditSink {
     Live(Audit),
     File(Box<AuditSettings>),

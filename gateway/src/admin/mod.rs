@@ -40,6 +40,7 @@ use std::sync::Arc;
 /// Reloads the running gateway's configuration: a summary, or why it was refused.
 pub type Reloader = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
+#[derive(Clone)]
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub hasher: SecretHasher,

@@ -3,15 +3,9 @@
 //! it is written.
 
 use serde::Serialize;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Unix time in milliseconds: the `time_ms` of every line.
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(super) use crate::registry::now_unix_ms as now_ms;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEntry {

@@ -273,9 +273,14 @@ impl std::fmt::Debug for Registry {
 }
 
 pub fn now_unix() -> u64 {
+    now_unix_ms() / 1000
+}
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
