@@ -35,3 +35,4 @@ pub mod storage;
 pub mod subscription;
 pub mod topic;
 pub mod validate;
+pub mod wire;
