@@ -1076,3 +1076,157 @@ fn a_ban_ends_a_session_stuck_writing_to_a_peer_that_never_reads() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(!gw.audit().contains("session_busy"), "{}", gw.audit());
 }
+
+/// meter-1's persistent MQTT 5 session, subscribed to its commands at QoS 1.
+fn persistent_subscriber(gw: &Gateway, id: &str) -> Raw {
+    let mut raw = Raw::connect(gw.device_plain);
+    let ack = connect_persistent_as(&mut raw, id);
+    assert!(!ack.session_present);
+    raw.send_v5(v5::Packet::Subscribe(v5::Subscribe {
+        pkid: 1,
+        filters: vec![v5::Filter::new(
+            format!("devices/{id}/commands/#"),
+            Q5::AtLeastOnce,
+        )],
+        properties: None,
+    }));
+    assert!(matches!(raw.recv_v5(T), Some(v5::Packet::SubAck(_))));
+    raw
+}
+
+fn connect_persistent_as(raw: &mut Raw, id: &str) -> v5::ConnAck {
+    let mut props = v5::ConnectProperties::new();
+    props.session_expiry_interval = Some(300);
+    let connect = v5::Connect {
+        keep_alive: 30,
+        client_id: id.into(),
+        clean_start: false,
+        properties: Some(props),
+    };
+    raw.connect_v5_full(connect, None, Some((id, SECRET)))
+        .expect("CONNACK")
+}
+
+fn next_publish(raw: &mut Raw) -> v5::Publish {
+    match raw.recv_v5(T) {
+        Some(v5::Packet::Publish(p)) => p,
+        other => panic!("expected a command, got {other:?}"),
+    }
+}
+
+/// Wait until the session file has committed at least once more than `before`.
+fn committed_after(gw: &Gateway, before: u64) {
+    wait_for(T, || {
+        (gw.metric("portcullis_session_store_commits_total") > before).then_some(())
+    })
+    .expect("the session file committed the change");
+}
+
+#[test]
+fn a_parked_session_its_queued_and_unacknowledged_commands_and_retained_commands_survive_a_restart()
+{
+    let mut gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    let raw = persistent_subscriber(&gw, "meter-1");
+    drop(raw);
+    service_pub(&gw, "devices/meter-1/commands/fw", "cmd-1", &["-q", "1"]);
+    // Back for a moment: cmd-1 arrives and is left unacknowledged.
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(connect_persistent_as(&mut raw, "meter-1").session_present);
+    let first = next_publish(&mut raw);
+    assert_eq!(&first.payload[..], b"cmd-1");
+    drop(raw);
+    service_pub(&gw, "devices/meter-1/commands/fw", "cmd-2", &["-q", "1"]);
+    service_pub(
+        &gw,
+        "devices/sensor-1/commands/config",
+        "mode=eco",
+        &["-q", "1", "-r"],
+    );
+    gw.restart();
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(
+        connect_persistent_as(&mut raw, "meter-1").session_present,
+        "the parked session came back from disk"
+    );
+    let resent = next_publish(&mut raw);
+    assert_eq!(&resent.payload[..], b"cmd-1");
+    assert!(resent.dup, "the unacknowledged command is resent with DUP");
+    assert_eq!(resent.pkid, first.pkid);
+    let queued = next_publish(&mut raw);
+    assert_eq!(&queued.payload[..], b"cmd-2");
+    // The restored subscription routes new commands too, with no SUBSCRIBE.
+    service_pub(&gw, "devices/meter-1/commands/fw", "cmd-3", &["-q", "1"]);
+    assert_eq!(&next_publish(&mut raw).payload[..], b"cmd-3");
+    assert_eq!(gw.metric("portcullis_sessions_restored_total"), 1);
+    // A retained command kept across the restart reaches a device that subscribes.
+    let args = gw.client(
+        gw.device_tls,
+        "sensor-1",
+        &[
+            "-t",
+            "devices/sensor-1/commands/#",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-W",
+            "5",
+            "-F",
+            "%r %t %p",
+        ],
+    );
+    let got = text(&mosquitto("mosquitto_sub", &args, T));
+    assert!(
+        got.contains("1 devices/sensor-1/commands/config mode=eco"),
+        "{got}"
+    );
+    gw.wait_audit(&["\"sessions\"", "1 parked device sessions restored"]);
+}
+
+#[test]
+fn after_sigkill_a_parked_session_keeps_its_queued_command_and_a_connected_one_its_subscriptions() {
+    let mut gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    gw.add_device_secret("meter-2", SECRET);
+    drop(persistent_subscriber(&gw, "meter-1"));
+    // meter-2 stays connected through the kill.
+    let _connected = persistent_subscriber(&gw, "meter-2");
+    let before = gw.metric("portcullis_session_store_commits_total");
+    service_pub(&gw, "devices/meter-1/commands/fw", "queued", &["-q", "1"]);
+    committed_after(&gw, before);
+    gw.kill9();
+    gw.restart_after_stop();
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(connect_persistent_as(&mut raw, "meter-1").session_present);
+    assert_eq!(&next_publish(&mut raw).payload[..], b"queued");
+    let mut raw2 = Raw::connect(gw.device_plain);
+    assert!(
+        connect_persistent_as(&mut raw2, "meter-2").session_present,
+        "the connected session's record survived the kill"
+    );
+    service_pub(&gw, "devices/meter-2/commands/fw", "after", &["-q", "1"]);
+    assert_eq!(&next_publish(&mut raw2).payload[..], b"after");
+}
+
+#[test]
+fn a_kept_session_is_dropped_when_its_device_was_removed_while_the_gateway_was_down() {
+    let mut gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    drop(persistent_subscriber(&gw, "meter-1"));
+    service_pub(&gw, "devices/meter-1/commands/fw", "stale", &["-q", "1"]);
+    let (status, _) = gw.terminate();
+    assert!(status.success());
+    // Removed while the gateway is down, registered again once it is back: a new
+    // registration starts a new session.
+    gw.cli_ok(&["device", "remove", "meter-1"]);
+    gw.restart_after_stop();
+    gw.add_device_secret("meter-1", SECRET);
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(!connect_persistent_as(&mut raw, "meter-1").session_present);
+    assert!(
+        raw.recv_v5(Duration::from_secs(1)).is_none(),
+        "nothing from before"
+    );
+    assert_eq!(gw.metric("portcullis_session_records_dropped_total"), 1);
+}

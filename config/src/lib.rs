@@ -1124,6 +1124,10 @@ impl Config {
     pub fn registry_file(&self) -> PathBuf {
         self.data_dir.join("registry.redb")
     }
+    /// Parked device sessions and retained commands, kept across restarts.
+    pub fn sessions_file(&self) -> PathBuf {
+        self.data_dir.join("sessions.redb")
+    }
     /// The durable outbox of upstream mode.
     pub fn outbox_file(&self) -> PathBuf {
         self.data_dir.join("outbox.redb")

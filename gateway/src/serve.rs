@@ -22,6 +22,7 @@ use portcullis_core::quarantine::{self, Behaviours};
 use portcullis_core::record::RecordSealer;
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::secret::SecretHasher;
+use portcullis_core::session_file::{Journal, SessionFile, Table};
 use portcullis_core::sessions::{KickReason, Sessions};
 use portcullis_core::source_gate::ConnectionLimits;
 use portcullis_core::topic::{TopicLimits, TopicName};
@@ -125,6 +126,20 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
                 config.sessions.max_retained_telemetry_bytes_per_device,
             ),
     );
+    // Parked device sessions and retained commands come back from the session file.
+    let session_file = Arc::new(
+        SessionFile::open(&config.sessions_file(), RecordSealer::derive(&audit_key))
+            .map_err(|e| UsageError(e.to_string()))?,
+    );
+    let kept_sessions = session_file
+        .load(Table::Sessions)
+        .map_err(|e| UsageError(e.to_string()))?;
+    let kept_retained = session_file
+        .load(Table::Retained)
+        .map_err(|e| UsageError(e.to_string()))?;
+    let journal = Journal::start(session_file, metrics.clone());
+    retained.keep_in(journal.clone());
+    let retained_dropped = retained.restore(kept_retained);
     let upstream = config.broker.mode == BrokerMode::Upstream;
     // Replicas: quarantines, releases and bans told to the others, and taken from them.
     let (control_link, control_out, control_in) = match config
@@ -237,9 +252,42 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             burst: config.limits.subscribe_burst,
         },
     };
-    // Devices and services are separate namespaces: a session slot each.
-    let device_store = SessionStore::new();
+    // Devices and services are separate namespaces: a session slot each. Device
+    // sessions are kept on disk (services' live with the broker they subscribe to).
+    let device_store = SessionStore::with_journal(journal.clone());
     let service_store = SessionStore::new();
+    {
+        let registry = registry.clone();
+        let mailbox = limits.mailbox;
+        let (restored, dropped) = device_store.restore(
+            kept_sessions,
+            || Arc::new(portcullis_core::mailbox::Mailbox::new(mailbox)),
+            |id| {
+                registry
+                    .snapshot()
+                    .get(PrincipalKind::Device, id)
+                    .map(|r| r.created_unix)
+            },
+        );
+        for (id, mailbox) in &restored {
+            forwarder
+                .register_device(id.clone(), mailbox.clone())
+                .await?;
+        }
+        let dropped = dropped + retained_dropped;
+        metrics
+            .sessions_restored
+            .store(restored.len() as u64, Ordering::Relaxed);
+        metrics
+            .session_records_dropped
+            .store(dropped, Ordering::Relaxed);
+        if !restored.is_empty() || dropped > 0 {
+            audit.record(AuditEntry::new("sessions", "allow").reason(format!(
+                "{} parked device sessions restored, {dropped} kept records dropped (damaged, expired or no longer registered)",
+                restored.len()
+            )));
+        }
+    }
     let validator = Arc::new(
         Validator::new(&config.validation, |p| config.resolve(p))
             .map_err(|e| UsageError(e.to_string()))?,
@@ -555,6 +603,8 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     // What transitions are still queued are persisted before the registry closes.
     let _ = behaviour_stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), behaviour_task).await;
+    // Parked sessions (every session the drain parked included) are on disk.
+    let _ = tokio::time::timeout(Duration::from_secs(5), journal.flush()).await;
     let _ = std::fs::remove_file(&admin_socket);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(1), t).await;

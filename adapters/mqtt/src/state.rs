@@ -10,7 +10,12 @@
 
 use portcullis_core::mailbox::{Delivery, Mailbox};
 use portcullis_core::message::QoS;
-use portcullis_core::subscription::{Subscription, SubscriptionKey};
+use portcullis_core::parking::{delivery, put_delivery};
+use portcullis_core::subscription::{
+    RetainHandling, Subscription, SubscriptionKey, SubscriptionOptions,
+};
+use portcullis_core::topic::TopicLimits;
+use portcullis_core::wire::{self, Reader, WireError};
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -279,6 +284,140 @@ impl SessionState {
 impl portcullis_core::parking::Parked for SessionState {
     fn mailbox(&self) -> &Arc<Mailbox> {
         &self.mailbox
+    }
+}
+
+/// Stored forms of a stage.
+fn stage_byte(s: Stage) -> u8 {
+    match s {
+        Stage::AwaitAck => 0,
+        Stage::AwaitRec => 1,
+        Stage::AwaitComp => 2,
+    }
+}
+
+const NO_LOCAL: u8 = 1;
+const RETAIN_AS_PUBLISHED: u8 = 2;
+const HAS_IDENTIFIER: u8 = 4;
+/// Version of the stored form of an MQTT session.
+const STATE_V1: u8 = 1;
+
+impl portcullis_core::parking::Persist for SessionState {
+    fn encode(&self, out: &mut Vec<u8>, in_flight: bool) {
+        out.push(STATE_V1);
+        out.extend_from_slice(&self.registered.to_be_bytes());
+        out.extend_from_slice(&self.next_pkid.to_be_bytes());
+        // Bounded by `sessions.max_subscriptions` and the in-flight window, far below
+        // 64 Ki each.
+        let subs = &self.subscriptions[..self.subscriptions.len().min(usize::from(u16::MAX))];
+        out.extend_from_slice(&(subs.len() as u16).to_be_bytes());
+        for sub in subs {
+            wire::put_str(out, sub.key.to_string().as_bytes());
+            let o = &sub.options;
+            out.push(o.qos as u8);
+            out.push(o.retain_handling as u8);
+            let mut flags = 0;
+            if o.no_local {
+                flags |= NO_LOCAL;
+            }
+            if o.retain_as_published {
+                flags |= RETAIN_AS_PUBLISHED;
+            }
+            if o.identifier.is_some() {
+                flags |= HAS_IDENTIFIER;
+            }
+            out.push(flags);
+            out.extend_from_slice(&o.identifier.unwrap_or(0).to_be_bytes());
+        }
+        let (inflight, incoming): (Vec<&InFlight>, Vec<u16>) = if in_flight {
+            (
+                self.inflight.iter().take(usize::from(u16::MAX)).collect(),
+                self.incoming_qos2
+                    .iter()
+                    .take(usize::from(u16::MAX))
+                    .copied()
+                    .collect(),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        out.extend_from_slice(&(inflight.len() as u16).to_be_bytes());
+        for m in inflight {
+            out.extend_from_slice(&m.pkid.to_be_bytes());
+            out.push(m.qos as u8);
+            out.push(stage_byte(m.stage));
+            put_delivery(&m.delivery, out);
+        }
+        out.extend_from_slice(&(incoming.len() as u16).to_be_bytes());
+        for pkid in incoming {
+            out.extend_from_slice(&pkid.to_be_bytes());
+        }
+    }
+
+    fn decode(bytes: &[u8], mailbox: Arc<Mailbox>) -> Result<Self, WireError> {
+        let mut r = Reader(bytes);
+        let version = r.u8("MQTT session version")?;
+        if version != STATE_V1 {
+            return Err(WireError::Version(version));
+        }
+        let mut state = SessionState::new(mailbox);
+        state.registered = r.u64("registered")?;
+        state.next_pkid = r.u16("next packet id")?;
+        let unlimited = TopicLimits {
+            max_length: usize::MAX,
+            max_depth: usize::MAX,
+        };
+        for _ in 0..r.u16("subscriptions")? {
+            let key = SubscriptionKey::parse(r.string("filter")?, unlimited, true)
+                .map_err(|e| WireError::Topic(e.to_string()))?;
+            let qos = QoS::from_u8(r.u8("subscription QoS")?)
+                .ok_or(WireError::Invalid("subscription QoS"))?;
+            let retain_handling = RetainHandling::from_u8(r.u8("retain handling")?)
+                .ok_or(WireError::Invalid("retain handling"))?;
+            let flags = r.u8("subscription flags")?;
+            let identifier = r.u32("subscription identifier")?;
+            state.subscriptions.push(Subscription {
+                key,
+                options: SubscriptionOptions {
+                    qos,
+                    no_local: flags & NO_LOCAL != 0,
+                    retain_as_published: flags & RETAIN_AS_PUBLISHED != 0,
+                    retain_handling,
+                    identifier: (flags & HAS_IDENTIFIER != 0).then_some(identifier),
+                },
+            });
+        }
+        for _ in 0..r.u16("in flight")? {
+            let pkid = r.u16("packet id")?;
+            let qos = QoS::from_u8(r.u8("QoS")?).ok_or(WireError::Invalid("QoS"))?;
+            let stage = match (r.u8("stage")?, qos) {
+                (0, QoS::AtLeastOnce) => Stage::AwaitAck,
+                (1, QoS::ExactlyOnce) => Stage::AwaitRec,
+                (2, QoS::ExactlyOnce) => Stage::AwaitComp,
+                _ => return Err(WireError::Invalid("delivery stage")),
+            };
+            if pkid == 0 || state.inflight.iter().any(|m| m.pkid == pkid) {
+                return Err(WireError::Invalid("packet id"));
+            }
+            let delivery = delivery(&mut r)?;
+            state.inflight.push_back(InFlight {
+                pkid,
+                delivery,
+                qos,
+                stage,
+            });
+        }
+        for _ in 0..r.u16("incoming QoS 2")? {
+            state.incoming_qos2.insert(r.u16("packet id")?);
+        }
+        if !r.is_empty() {
+            return Err(WireError::Invalid("MQTT session: bytes after the end"));
+        }
+        Ok(state)
+    }
+
+    fn registered(&self) -> u64 {
+        self.registered
     }
 }
 

@@ -28,6 +28,7 @@ pub mod refusal;
 pub mod registry;
 pub mod retained;
 pub mod secret;
+pub mod session_file;
 pub mod sessions;
 pub mod source_gate;
 pub mod source_key;

@@ -9,7 +9,7 @@
 use crate::message::{Message, Properties};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
@@ -101,6 +101,17 @@ pub struct Mailbox {
     refused_in_a_row: AtomicU64,
     /// Wakes the device's session when something arrives.
     pub notify: Notify,
+    /// Told after each message queued (a kept session marks itself changed).
+    on_push: OnceLock<Hook>,
+}
+
+/// A function told of every message queued.
+struct Hook(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook(..)")
+    }
 }
 
 fn size(d: &Delivery) -> usize {
@@ -119,6 +130,7 @@ impl Mailbox {
             expired: AtomicU64::new(0),
             refused_in_a_row: AtomicU64::new(0),
             notify: Notify::new(),
+            on_push: OnceLock::new(),
         }
     }
 
@@ -154,7 +166,20 @@ impl Mailbox {
         if was_empty {
             self.notify.notify_one();
         }
+        if let Some(hook) = self.on_push.get() {
+            (hook.0)();
+        }
         Ok(())
+    }
+
+    /// Call `f` after every message queued from now on (once set, it stays).
+    pub fn watch(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_push.set(Hook(Box::new(f)));
+    }
+
+    /// What it holds, oldest first, with when each message was queued.
+    pub fn snapshot(&self) -> Vec<(Delivery, Instant)> {
+        self.lock().queue.iter().cloned().collect()
     }
 
     /// Whether the refusal just returned by `push` began a run of refusals (the one to

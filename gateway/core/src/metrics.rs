@@ -49,6 +49,12 @@ pub struct Metrics {
     pub quarantine_diverted: AtomicU64,
     /// Alerts on failed logins naming a registered device (at most one per id per window).
     pub auth_failure_alerts: AtomicU64,
+    /// The session file: durable commits, failed ones, sessions restored at start, and
+    /// records dropped at start (damaged, or for a device no longer registered).
+    pub session_store_commits: AtomicU64,
+    pub session_store_errors: AtomicU64,
+    pub sessions_restored: AtomicU64,
+    pub session_records_dropped: AtomicU64,
     refusals: RefusalCounters,
     /// Open sessions by protocol and principal kind (`session_gauge`).
     sessions: [[AtomicU64; 2]; Protocol::ALL.len()],
@@ -205,7 +211,7 @@ impl Exposition {
 type Plain<'m> = (&'static str, &'static str, MetricType, &'m AtomicU64);
 
 impl Metrics {
-    fn plain(&self) -> [Plain<'_>; 22] {
+    fn plain(&self) -> [Plain<'_>; 26] {
         use MetricType::{Counter, Gauge};
         [
             (
@@ -279,6 +285,30 @@ impl Metrics {
                 "Alerts raised on failed logins naming a registered device (auth.alert_failures in a window).",
                 Counter,
                 &self.auth_failure_alerts,
+            ),
+            (
+                "portcullis_session_store_commits",
+                "Durable commits of parked sessions and retained commands to the session file.",
+                Counter,
+                &self.session_store_commits,
+            ),
+            (
+                "portcullis_session_store_errors",
+                "Commits to the session file that failed (retried).",
+                Counter,
+                &self.session_store_errors,
+            ),
+            (
+                "portcullis_sessions_restored",
+                "Parked device sessions restored from the session file at start.",
+                Counter,
+                &self.sessions_restored,
+            ),
+            (
+                "portcullis_session_records_dropped",
+                "Records of the session file dropped at start: damaged, expired, or for a device no longer registered.",
+                Counter,
+                &self.session_records_dropped,
             ),
             (
                 "portcullis_session_takeovers",

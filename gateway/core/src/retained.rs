@@ -8,9 +8,14 @@
 
 use crate::message::Message;
 use crate::principal::PrincipalId;
+use crate::session_file::{Journal, Loaded, Snapshot, Source, Table};
 use crate::topic::{TopicFilter, TopicName};
+use crate::wire::{self, Reader, WireError};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Version of the stored form of a device's retained commands.
+const RECORD_V1: u8 = 1;
 
 /// Why a device's retained telemetry was not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +83,8 @@ pub struct RetainedCommands {
     /// the size of each, and the bytes they take in all.
     device_topics: Mutex<HashMap<PrincipalId, DeviceTelemetry>>,
     max_telemetry_bytes_per_device: usize,
+    /// Where retained commands are kept on disk, if they are.
+    journal: OnceLock<Arc<Journal>>,
 }
 
 #[derive(Debug, Default)]
@@ -97,7 +104,51 @@ impl RetainedCommands {
             inner: Mutex::new(Store::default()),
             device_topics: Mutex::new(HashMap::new()),
             max_telemetry_bytes_per_device: usize::MAX,
+            journal: OnceLock::new(),
         }
+    }
+
+    /// Keep retained commands on disk through `journal` from now on.
+    pub fn keep_in(self: &Arc<Self>, journal: Arc<Journal>) {
+        let source: Arc<dyn Source> = self.clone();
+        journal.set_source(Table::Retained, Arc::downgrade(&source));
+        let _ = self.journal.set(journal);
+    }
+
+    fn changed(&self, device: &PrincipalId) {
+        if let Some(j) = self.journal.get() {
+            j.mark(Table::Retained, device.as_str());
+        }
+    }
+
+    /// Put kept retained commands back (within the limits). Returns how many devices'
+    /// records were dropped as damaged.
+    pub fn restore(&self, records: Vec<Loaded>) -> u64 {
+        let mut dropped = 0;
+        for (key, value) in records {
+            let messages = match (PrincipalId::parse(&key), value) {
+                (Ok(id), Ok(bytes)) => decode(&bytes).map(|m| (id, m)).map_err(|e| e.to_string()),
+                (Err(e), _) => Err(e.to_string()),
+                (_, Err(e)) => Err(e),
+            };
+            match messages {
+                Ok((id, messages)) => {
+                    for m in messages {
+                        if let Err(e) = self.set(&id, m) {
+                            tracing::warn!(device = %id, error = %e, "kept retained command dropped");
+                        }
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(device = %key, reason = %why, "kept retained commands dropped");
+                    if let Some(j) = self.journal.get() {
+                        j.forget(Table::Retained, &key);
+                    }
+                    dropped += 1;
+                }
+            }
+        }
+        dropped
     }
 
     /// Cap the bytes kept for one device and for all of them.
@@ -120,8 +171,8 @@ impl RetainedCommands {
 
     /// Record (or, with an empty payload, clear) the retained command on a topic.
     pub fn set(&self, device: &PrincipalId, message: Message) -> Result<(), RetainedRefused> {
-        let mut store = self.lock();
-        let store = &mut *store;
+        let mut guard = self.lock();
+        let store = &mut *guard;
         if message.payload.is_empty() {
             if let Some(d) = store.devices.get_mut(device) {
                 if let Some(old) = d.topics.remove(&message.topic) {
@@ -132,6 +183,8 @@ impl RetainedCommands {
                     store.devices.remove(device);
                 }
             }
+            drop(guard);
+            self.changed(device);
             return Ok(());
         }
         let (count, held, replaced) = match store.devices.get(device) {
@@ -161,6 +214,8 @@ impl RetainedCommands {
         d.bytes = device_bytes;
         store.bytes = total;
         d.topics.insert(message.topic.clone(), message);
+        drop(guard);
+        self.changed(device);
         Ok(())
     }
 
@@ -241,8 +296,45 @@ impl RetainedCommands {
             return 0;
         };
         store.bytes -= d.bytes;
+        drop(store);
+        self.changed(device);
         d.topics.len()
     }
+}
+
+impl Source for RetainedCommands {
+    fn snapshot(&self, key: &str) -> Snapshot {
+        let Ok(id) = PrincipalId::parse(key) else {
+            return Snapshot::Delete;
+        };
+        let store = self.lock();
+        let Some(d) = store.devices.get(&id) else {
+            return Snapshot::Delete;
+        };
+        let mut out = vec![RECORD_V1];
+        out.extend_from_slice(&(d.topics.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+        for m in d.topics.values().take(usize::from(u16::MAX)) {
+            wire::put_message(m, &mut out);
+        }
+        Snapshot::Write(out)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<Vec<Message>, WireError> {
+    let mut r = Reader(bytes);
+    let version = r.u8("version")?;
+    if version != RECORD_V1 {
+        return Err(WireError::Version(version));
+    }
+    let n = r.u16("count")?;
+    let mut out = Vec::with_capacity(usize::from(n).min(64));
+    for _ in 0..n {
+        out.push(wire::message(&mut r)?);
+    }
+    if !r.is_empty() {
+        return Err(WireError::Invalid("retained commands: bytes after the end"));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -239,6 +239,9 @@ impl Session {
                 "subscription no longer allowed after reload",
             );
         }
+        if !lost.is_empty() {
+            self.keep(ctx);
+        }
         if ctx.kind == PrincipalKind::Service && !lost.is_empty() {
             ctx.forwarder
                 .unsubscribe(principal.id.clone(), lost)
@@ -384,6 +387,9 @@ impl Session {
                     .zip(&existed)
                     .filter_map(|(k, e)| k.filter(|_| *e))
                     .collect();
+                if !removed.is_empty() {
+                    self.keep(ctx);
+                }
                 // A service's subscriptions are gone from the fan-out before the
                 // UNSUBACK (a message or two already queued may still follow it).
                 if shared && !removed.is_empty() {

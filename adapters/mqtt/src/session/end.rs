@@ -96,12 +96,13 @@ impl Session {
             // Parked: its mailbox keeps collecting (within its bounds) until the peer
             // returns or the session expires.
             let expires_at = Instant::now() + Duration::from_secs(u64::from(self.expiry));
-            slot.park(self.state, expires_at);
+            ctx.store.park(&id, &mut slot, self.state, expires_at);
             if ctx.kind == PrincipalKind::Service {
                 ctx.forwarder.service_online(id.clone(), false).await;
             }
         } else {
             mailbox.clear();
+            ctx.store.forget(&id);
             match ctx.kind {
                 PrincipalKind::Device => ctx.forwarder.unregister_device(id.clone(), mailbox).await,
                 PrincipalKind::Service => ctx.forwarder.detach_service(id.clone(), mailbox).await,

@@ -339,7 +339,9 @@ pub async fn run<S>(
         // parked for the next connection.
         if session_present || !connect.clean_start {
             let state = std::mem::replace(&mut session.state, SessionState::new(ctx.new_mailbox()));
-            slot.park(state, now + Duration::from_secs(u64::from(session.expiry)));
+            let expires_at = now + Duration::from_secs(u64::from(session.expiry));
+            ctx.store
+                .park(&session.principal().id, &mut slot, state, expires_at);
         }
         refusal_connack(
             &mut wr,
@@ -349,6 +351,12 @@ pub async fn run<S>(
         )
         .await;
         return;
+    }
+    // Kept on disk while it lasts (what it subscribed to), or forgotten.
+    if session.expiry > 0 {
+        session.keep(&ctx);
+    } else {
+        ctx.store.forget(&session.principal().id);
     }
     // The model hears of the connection once it is open (and of its end below).
     lifecycle.opened(
@@ -532,6 +540,15 @@ impl Session {
 
     /// Route what is for this session into its mailbox (a device's commands, or what
     /// a service's subscriptions match), and take the uplink its messages go through.
+    /// Keep what a persistent session holds now on disk (a live record: its
+    /// subscriptions), if sessions are kept.
+    fn keep(&self, ctx: &Context) {
+        if self.expiry > 0 && ctx.store.persistent() {
+            let expiry = Duration::from_secs(u64::from(self.expiry));
+            ctx.store.live(&self.principal().id, &self.state, expiry);
+        }
+    }
+
     async fn open_link(&mut self, ctx: &Context, state: SessionState) -> Result<(), String> {
         self.state = state;
         let id = self.principal().id.clone();

@@ -127,6 +127,7 @@ impl Session {
         for (_, sub) in accepted {
             self.state.subscribe(sub);
         }
+        self.keep(ctx);
         codec::encode(&Outgoing::SubAck { pkid, codes }, self.version, out);
         // A device's retained commands follow the SUBACK, through the mailbox like any
         // command.
