@@ -1185,9 +1185,24 @@ fn a_wrong_upstream_password_is_refused_and_said_without_the_password() {
 #[test]
 fn a_command_for_a_device_away_is_kept_in_its_persistent_session_and_delivered_on_return() {
     let m = Mosquitto::start();
-    let gw = gateway(&m.url(), "");
+    let mut gw = gateway(&m.url(), "");
+    away_then_back(&m, &mut gw, false);
+}
+
+#[test]
+fn a_command_sent_while_the_gateway_is_down_reaches_the_device_session_it_kept_on_disk() {
+    let m = Mosquitto::start();
+    let mut gw = gateway(&m.url(), "");
+    away_then_back(&m, &mut gw, true);
+}
+
+/// d1 subscribes with a persistent session and leaves; a command is published to the
+/// cluster (with `kill`: while the gateway is killed, so only the broker's session
+/// for the gateway and the gateway's session kept on disk can carry it); d1 comes
+/// back and must get it.
+fn away_then_back(m: &Mosquitto, gw: &mut Gateway, kill: bool) {
     gw.add_device_secret("d1", "s3cret-device-pw");
-    let persistent = || Sub::start(&d1_commands(&gw, &["-c"]));
+    let persistent = || Sub::start(&d1_commands(gw, &["-c"]));
     let command = |name: &str| {
         let out = m.publish(&format!("devices/d1/commands/{name}"), "go", false);
         assert!(out.status.success(), "{}", text(&out));
@@ -1200,15 +1215,27 @@ fn a_command_for_a_device_away_is_kept_in_its_persistent_session_and_delivered_o
             .ok()
     });
     assert!(subscribed.is_some(), "the device did not subscribe");
+    let commits = gw.metric("portcullis_session_store_commits_total");
     device.kill();
     // Away: the gateway parks its session; the command waits in it.
     wait_for(Duration::from_secs(10), || {
         (!gw.cli_ok(&["clients", "list"]).contains("\"d1\"")).then_some(())
     })
     .expect("the device's connection closed");
+    if kill {
+        // The parked session is on disk once the session file has committed since.
+        wait_for(Duration::from_secs(10), || {
+            (gw.metric("portcullis_session_store_commits_total") > commits).then_some(())
+        })
+        .expect("the parked session was committed");
+        gw.kill9();
+    }
     command("while-away");
+    if kill {
+        gw.restart_after_stop();
+    }
     std::thread::sleep(Duration::from_millis(500));
-    let back = persistent();
+    let back = Sub::start(&d1_commands(gw, &["-c"]));
     back.expect("devices/d1/commands/while-away go", Duration::from_secs(10))
         .unwrap_or_else(|seen| {
             panic!("the command kept for the device was not delivered: {seen:?}")

@@ -664,4 +664,56 @@ mod tests {
             "after PUBREL the id is free for a new message"
         );
     }
+
+    #[test]
+    fn a_parked_session_comes_back_from_its_stored_form_as_it_was() {
+        use portcullis_core::parking::Persist;
+        let mut s = state();
+        s.registered = 1_700_000_000;
+        s.subscribe(sub("devices/a/commands/#", QoS::AtLeastOnce));
+        s.subscribe(Subscription {
+            key: key("devices/a/commands/x"),
+            options: SubscriptionOptions {
+                qos: QoS::ExactlyOnce,
+                no_local: true,
+                retain_as_published: true,
+                retain_handling: RetainHandling::Never,
+                identifier: Some(7),
+            },
+        });
+        s.start(
+            d("devices/a/commands/1", QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+        );
+        let c = s.start(
+            d("devices/a/commands/2", QoS::ExactlyOnce),
+            QoS::ExactlyOnce,
+        );
+        s.on_pubrec(pkid(&c));
+        s.incoming_qos2(9);
+        let mut bytes = Vec::new();
+        s.encode(&mut bytes, true);
+        let back = SessionState::decode(&bytes, s.mailbox.clone()).unwrap();
+        assert_eq!(back.registered, s.registered);
+        assert_eq!(back.subscriptions(), s.subscriptions());
+        assert_eq!(back.resume(), s.resume(), "the same resends, in order");
+        assert!(back.has_incoming_qos2(9));
+        assert_eq!(back.next_pkid, s.next_pkid);
+        // Live: subscriptions only.
+        let mut live = Vec::new();
+        s.encode(&mut live, false);
+        let back = SessionState::decode(&live, s.mailbox.clone()).unwrap();
+        assert_eq!(back.subscriptions(), s.subscriptions());
+        assert_eq!(back.inflight_len(), 0);
+        assert_eq!(back.incoming_qos2_len(), 0);
+        // Damaged: an error, never a panic.
+        for n in 0..bytes.len() {
+            assert!(SessionState::decode(&bytes[..n], s.mailbox.clone()).is_err());
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0xff;
+            let _ = SessionState::decode(&b, s.mailbox.clone());
+        }
+    }
 }

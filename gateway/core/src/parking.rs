@@ -403,6 +403,23 @@ mod tests {
         }
     }
 
+    /// Stored as its registration time only.
+    impl Persist for State {
+        fn encode(&self, out: &mut Vec<u8>, _in_flight: bool) {
+            out.extend_from_slice(&7u64.to_be_bytes());
+        }
+        fn decode(bytes: &[u8], mailbox: Arc<Mailbox>) -> Result<Self, WireError> {
+            let mut r = Reader(bytes);
+            match r.u64("registered")? {
+                7 => Ok(State(mailbox)),
+                _ => Err(WireError::Invalid("registered")),
+            }
+        }
+        fn registered(&self) -> u64 {
+            7
+        }
+    }
+
     type SessionStore = ParkedSessions<State>;
 
     fn state() -> State {
@@ -475,5 +492,56 @@ mod tests {
         held.park(state(), t0);
         assert!(store.expire(t0 + Duration::from_secs(1)).is_empty());
         assert_eq!(store.len(), 1);
+    }
+
+    fn command(payload: &'static str) -> Delivery {
+        Delivery::from(crate::message::Message {
+            topic: crate::topic::TopicName::parse_unlimited("devices/a/commands/x").unwrap(),
+            payload: bytes::Bytes::from_static(payload.as_bytes()),
+            qos: crate::message::QoS::AtLeastOnce,
+            retain: false,
+            properties: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn kept_sessions_come_back_with_their_queue_and_the_rest_are_dropped_and_counted() {
+        let t0 = Instant::now();
+        let parked = state();
+        parked.0.push(command("first"), t0).unwrap();
+        parked.0.push(command("second"), t0).unwrap();
+        let good = encode_record(&parked, Some(t0 + Duration::from_secs(60)), Duration::ZERO);
+        let expired = encode_record(&state(), Some(t0), Duration::ZERO);
+        let live = encode_record(&state(), None, Duration::from_secs(30));
+        let mut damaged = good.clone();
+        damaged.truncate(good.len() - 1);
+        let records = vec![
+            ("a".to_string(), Ok(good.clone())),
+            ("b".to_string(), Ok(expired)),
+            ("c".to_string(), Ok(damaged)),
+            ("d".to_string(), Err("MAC does not match".to_string())),
+            ("e".to_string(), Ok(good)),
+            ("f".to_string(), Ok(live)),
+        ];
+        let store = SessionStore::new();
+        // e is no longer registered.
+        let (restored, dropped) = store.restore(
+            records,
+            || state().0,
+            |id| (id.as_str() != "e").then_some(7),
+        );
+        let ids: Vec<&str> = restored.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["a", "f"]);
+        assert_eq!(dropped, 4);
+        let a = &restored[0].1;
+        let got: Vec<_> = std::iter::from_fn(|| a.pop(Instant::now()))
+            .map(|d| d.message.payload)
+            .collect();
+        assert_eq!(got, ["first", "second"], "the queue, in order");
+        // Parked with what they had left: a's minute, f's full 30 s.
+        let slot = store.slot(&id("f"));
+        let mut s = slot.lock().await;
+        assert!(s.expires_at.unwrap() > Instant::now() + Duration::from_secs(29));
+        assert!(s.resume(Instant::now()).is_some());
     }
 }
