@@ -1,21 +1,24 @@
 //! The link to the broker cluster: sends what the outbox committed, in order, and
 //! removes an entry only when the broker acknowledged it; receives commands.
 //!
-//! rumqttc is the MQTT 5 client, used for one connection at a time: each connection
-//! gets a fresh client and event loop, so nothing of rumqttc's own in-memory queue
-//! (cleared or replayed without DUP across reconnections) carries over. What was not
+//! The MQTT 5 client is ours, with rumqttc's packet codec: the outbox is the only
+//! queue (rumqttc's client keeps its own in memory, cleared or replayed without DUP
+//! across reconnections, and writes each publish with its own system call). One task
+//! per connection reads the broker's packets and encodes publishes while there is room
+//! in flight; a writer task sends what piled up in one write. What was not
 //! acknowledged is still in the outbox, and every new connection sends the outbox
-//! again from its oldest entry. The broker's Receive Maximum bounds what is in flight
-//! (rumqttc holds requests back past it), and so does `max_inflight`.
+//! again from its oldest entry, with DUP on what was sent before. The broker's Receive
+//! Maximum bounds what is in flight, and so does `max_inflight`.
 //!
-//! A link that goes silent is noticed by keep-alive: rumqttc sends PINGREQ every
-//! `keep_alive` and gives up when the previous one is still unanswered, and the next
+//! A link that goes silent is noticed by keep-alive: a PINGREQ every `keep_alive`, and
+//! the link is given up when the next one is due with nothing heard since, so the next
 //! connection sends everything unacknowledged again.
 
 use crate::entry::Entry;
 use crate::outbox::{Ctl, Outbox, unix_ms};
 use crate::store::{DeadNote, Stored};
 use bytes::Bytes;
+use bytes::{BufMut, BytesMut};
 use portcullis_config::BrokerUrl;
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::mailbox::{Delivery, Mailbox};
@@ -24,14 +27,18 @@ use portcullis_core::metrics::Metrics;
 use portcullis_core::principal::PrincipalId;
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::topic::TopicName;
-use rumqttc::v5::mqttbytes::QoS as MqttQoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, Publish, PublishProperties};
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
-use rumqttc::{Outgoing, TlsConfiguration, Transport};
-use std::collections::{HashMap, VecDeque};
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, Connect, ConnectProperties, ConnectReturnCode, Filter, Login, Packet, PingReq, PubAck,
+    PubAckReason, PubComp, PubRec, Publish, PublishProperties, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::{Error as MqttError, QoS as MqttQoS};
+use rustls_pki_types::ServerName;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// Entries read from the outbox at a time.
@@ -148,42 +155,18 @@ impl Link {
         }
     }
 
-    fn options(&self, target: &BrokerUrl) -> MqttOptions {
-        let s = &self.settings;
-        let mut o = MqttOptions::new(s.client_id.clone(), target.host.clone(), target.port);
-        o.set_keep_alive(s.keep_alive)
-            // The broker keeps the command subscription (and queues commands) while
-            // the link is down.
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(s.session_expiry))
-            .set_connection_timeout(s.connect_timeout.as_secs().max(1))
-            .set_outgoing_inflight_upper_limit(s.max_inflight)
-            .set_max_packet_size(Some(s.max_incoming_packet))
-            // Room for everything in flight: `try_publish` never finds it full.
-            .set_request_channel_capacity(usize::from(s.max_inflight) + 64);
-        if let Some((user, password)) = &s.credentials {
-            o.set_credentials(user.clone(), password.clone());
-        }
-        if target.tls
-            && let Some(tls) = &s.tls
-        {
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                tls.clone(),
-            )));
-        }
-        o
-    }
-
     /// One connection, from CONNECT until it is lost.
     async fn connection(&self, target: &BrokerUrl, attempts: &mut HashMap<u64, u32>) -> Lost {
-        let options = self.options(target);
-        let cap = usize::from(self.settings.max_inflight) + 64;
-        let (client, mut eventloop) = AsyncClient::new(options, cap);
-        // The first poll connects: CONNECT, CONNACK.
-        let connack = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => ack,
-            Ok(other) => return Lost::Connect(format!("expected CONNACK, got {other:?}")),
-            Err(e) => return Lost::Connect(describe(&e)),
+        let opened = tokio::time::timeout(self.settings.connect_timeout, self.open(target)).await;
+        let (mut rd, wr, mut inbuf, connack) = match opened {
+            Ok(Ok(c)) => c,
+            Ok(Err(why)) => return Lost::Connect(why),
+            Err(_) => {
+                return Lost::Connect(format!(
+                    "no CONNACK within {:?} (upstream.connect_timeout)",
+                    self.settings.connect_timeout
+                ));
+            }
         };
         let (receive_max, max_packet) = connack
             .properties
@@ -203,133 +186,247 @@ impl Link {
                 "connected to {target} (receive maximum {})",
                 receive_max.unwrap_or(u16::MAX)
             )));
-        // The event loop runs on its own task: rumqttc's `poll` must not be dropped
-        // half-way, and the sending side must not wait on it.
-        let (ev_tx, mut events) = mpsc::unbounded_channel();
-        let poller = tokio::spawn(async move {
-            loop {
-                let r = eventloop.poll().await;
-                let end = r.is_err();
-                if ev_tx.send(r).is_err() || end {
-                    break;
-                }
-            }
-            drop(eventloop);
-        });
-        let lost = self.serve(&client, &mut events, max_packet, attempts).await;
-        poller.abort();
+        // Writes go through their own task, in batches: the loop below never waits on
+        // the socket, so it always reads the broker's acknowledgements.
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let mut writer = tokio::spawn(write_loop(wr, out_rx));
+        let mut s = Sending {
+            cursor: 0,
+            buffer: VecDeque::new(),
+            inflight: HashMap::new(),
+            next_pkid: 0,
+            window: usize::from(
+                self.settings
+                    .max_inflight
+                    .min(receive_max.unwrap_or(u16::MAX))
+                    .max(1),
+            ),
+            max_packet,
+            out: BytesMut::new(),
+            remove: Vec::new(),
+            dead: Vec::new(),
+            expired: 0,
+            incoming_qos2: HashSet::new(),
+        };
+        let lost = self
+            .serve(&mut rd, &mut inbuf, &out_tx, &mut writer, &mut s, attempts)
+            .await;
+        self.lose(&mut s, attempts);
+        self.flush(&mut s);
+        writer.abort();
         lost
     }
 
-    async fn serve(
+    /// TCP (and TLS), CONNECT and CONNACK.
+    async fn open(
         &self,
-        client: &AsyncClient,
-        events: &mut mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
-        max_packet: Option<u32>,
-        attempts: &mut HashMap<u64, u32>,
-    ) -> Lost {
-        let filter = {
-            let mut f = Filter::new(command_filter(&self.settings.prefix), MqttQoS::AtLeastOnce);
-            // A retained command stays one (it is kept for devices that subscribe later).
-            f.preserve_retain = true;
-            f
+        target: &BrokerUrl,
+    ) -> Result<(ReadHalf<Stream>, WriteHalf<Stream>, BytesMut, ConnAck), String> {
+        let st = &self.settings;
+        let tcp = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| format!("TCP: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let stream: Stream = match (target.tls, &st.tls) {
+            (true, Some(tls)) => {
+                let name = ServerName::try_from(target.host.clone())
+                    .map_err(|e| format!("TLS server name {}: {e}", target.host))?;
+                let tls = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                Box::new(tls)
+            }
+            (true, None) => return Err("mqtts:// without a TLS configuration".into()),
+            (false, _) => Box::new(tcp),
         };
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut props = ConnectProperties::new();
+        // The broker keeps the command subscription (and queues commands) while the
+        // link is down.
+        props.session_expiry_interval = Some(st.session_expiry);
+        props.max_packet_size = Some(st.max_incoming_packet);
+        let connect = Packet::Connect(
+            Connect {
+                keep_alive: st.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
+                client_id: st.client_id.clone(),
+                clean_start: false,
+                properties: Some(props),
+            },
+            None,
+            st.credentials
+                .as_ref()
+                .map(|(user, password)| Login::new(user.clone(), password.clone())),
+        );
+        let mut out = BytesMut::new();
+        connect
+            .write(&mut out, None)
+            .map_err(|e| format!("encoding CONNECT: {e}"))?;
+        wr.write_all(&out)
+            .await
+            .map_err(|e| format!("sending CONNECT: {e}"))?;
+        wr.flush()
+            .await
+            .map_err(|e| format!("sending CONNECT: {e}"))?;
+        let mut inbuf = BytesMut::with_capacity(64 * 1024);
+        let packet = loop {
+            match Packet::read(&mut inbuf, Some(st.max_incoming_packet)) {
+                Ok(p) => break p,
+                Err(MqttError::InsufficientBytes(_)) => {}
+                Err(e) => return Err(format!("reading CONNACK: {e}")),
+            }
+            match rd.read_buf(&mut inbuf).await {
+                Ok(0) => return Err("closed by the broker before CONNACK".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("reading CONNACK: {e}")),
+            }
+        };
+        let connack = match packet {
+            Packet::ConnAck(ack) => ack,
+            other => return Err(format!("expected CONNACK, got {other:?}")),
+        };
+        if connack.code != ConnectReturnCode::Success {
+            return Err(format!("refused by the broker: {:?}", connack.code));
+        }
+        let mut filter = Filter::new(command_filter(&st.prefix), MqttQoS::AtLeastOnce);
+        // A retained command stays one (it is kept for devices that subscribe later).
+        filter.preserve_retain = true;
         let mut filters = vec![filter];
         if self.commands.control.is_some() {
-            let mut f = Filter::new(control_filter(&self.settings.prefix), MqttQoS::AtLeastOnce);
+            let mut f = Filter::new(control_filter(&st.prefix), MqttQoS::AtLeastOnce);
             // Not its own back (MQTT 5 No Local).
             f.nolocal = true;
             filters.push(f);
         }
-        if let Err(e) = client.try_subscribe_many(filters) {
-            return Lost::Link(format!("subscribing to commands: {e}"));
-        }
+        // Packet id 0 is never one a publish uses: the SUBACK is told apart by it
+        // being absent from what is in flight.
+        let mut out = BytesMut::new();
+        Packet::Subscribe(Subscribe {
+            pkid: SUBSCRIBE_PKID,
+            filters,
+            properties: None,
+        })
+        .write(&mut out, None)
+        .map_err(|e| format!("encoding SUBSCRIBE: {e}"))?;
+        wr.write_all(&out)
+            .await
+            .map_err(|e| format!("subscribing to commands: {e}"))?;
+        wr.flush()
+            .await
+            .map_err(|e| format!("subscribing to commands: {e}"))?;
+        Ok((rd, wr, inbuf, connack))
+    }
+
+    async fn serve(
+        &self,
+        rd: &mut ReadHalf<Stream>,
+        inbuf: &mut BytesMut,
+        out_tx: &mpsc::UnboundedSender<BytesMut>,
+        writer: &mut tokio::task::JoinHandle<Result<(), String>>,
+        s: &mut Sending,
+        attempts: &mut HashMap<u64, u32>,
+    ) -> Lost {
         // Removals asked before this connection are committed before the outbox is
         // read again: an entry acknowledged on the last link is not sent twice.
         self.outbox.barrier().await;
         let mut committed = self.outbox.committed.clone();
-        let mut s = Sending {
-            cursor: 0,
-            buffer: VecDeque::new(),
-            fifo: VecDeque::new(),
-            inflight: HashMap::new(),
-            max_packet,
-            remove: Vec::new(),
-            dead: Vec::new(),
-            expired: 0,
-        };
+        // Keep-alive: a PINGREQ every `keep_alive`; one still unanswered when the next
+        // is due means the link is gone, however quiet it looks.
+        let mut ping = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.settings.keep_alive,
+            self.settings.keep_alive,
+        );
+        let mut ping_out = false;
+        // Anything read counts as an answer (a broker busy sending is alive).
+        let mut heard = false;
         loop {
-            let upto = *committed.borrow_and_update();
-            if s.buffer.is_empty() && s.cursor < upto && s.room(&self.settings) {
-                // What was just committed, from memory, while the link keeps up.
-                if let Some(rows) = self.outbox.tail.take_from(s.cursor, READ_BATCH)
-                    && !rows.is_empty()
-                {
-                    s.cursor = rows.last().map_or(s.cursor, |r| r.0 + 1);
-                    s.buffer.extend(rows);
-                }
-            }
-            if s.buffer.is_empty() && s.cursor < upto && s.room(&self.settings) {
-                let store = self.outbox.store.clone();
-                let from = s.cursor;
-                match tokio::task::spawn_blocking(move || store.read(from, READ_BATCH)).await {
-                    Ok(Ok(rows)) => {
-                        s.cursor = rows.last().map_or(upto, |r| r.0 + 1).max(s.cursor);
-                        if rows.is_empty() {
-                            s.cursor = upto;
+            // Packets already read (the CONNACK's read may have taken more).
+            loop {
+                match Packet::read(inbuf, Some(self.settings.max_incoming_packet)) {
+                    Ok(p) => {
+                        if let Err(why) = self.on_packet(p, s, attempts) {
+                            return Lost::Link(why);
                         }
-                        s.buffer.extend(rows);
                     }
-                    Ok(Err(e)) => return Lost::Link(format!("reading the outbox: {e}")),
-                    Err(e) => return Lost::Link(format!("reading the outbox: {e}")),
+                    Err(MqttError::InsufficientBytes(_)) => break,
+                    Err(e) => return Lost::Link(format!("malformed packet from the broker: {e}")),
                 }
             }
-            if let Err(why) = self.submit(client, &mut s, attempts) {
+            let upto = *committed.borrow_and_update();
+            if let Err(why) = self.fill(s, upto).await {
                 return Lost::Link(why);
             }
-            self.flush(&mut s);
+            self.submit(s, attempts);
+            if !s.out.is_empty() && out_tx.send(s.out.split()).is_err() {
+                return Lost::Link("the link's writer stopped".into());
+            }
+            self.flush(s);
             let waiting_for_more = s.buffer.is_empty() && s.cursor >= upto;
+            if inbuf.capacity() - inbuf.len() < 16 * 1024 {
+                inbuf.reserve(64 * 1024);
+            }
             tokio::select! {
-                ev = events.recv() => match ev {
-                    None => return Lost::Link("event loop ended".into()),
-                    Some(Err(e)) => {
-                        self.lose(&mut s, attempts);
-                        return Lost::Link(describe(&e));
-                    }
-                    Some(Ok(ev)) => {
-                        self.on_event(ev, &mut s, attempts);
-                        // Take what else is ready before sending more.
-                        while let Ok(ev) = events.try_recv() {
-                            match ev {
-                                Ok(ev) => self.on_event(ev, &mut s, attempts),
-                                Err(e) => {
-                                    self.lose(&mut s, attempts);
-                                    self.flush(&mut s);
-                                    return Lost::Link(describe(&e));
-                                }
-                            }
-                        }
-                    }
+                read = rd.read_buf(inbuf) => match read {
+                    Ok(0) => return Lost::Link("closed by the broker".into()),
+                    Ok(_) => heard = true,
+                    Err(e) => return Lost::Link(format!("reading: {e}")),
                 },
                 changed = committed.changed(), if waiting_for_more => {
                     if changed.is_err() {
-                        self.flush(&mut s);
                         return Lost::Stopped;
                     }
+                }
+                _ = ping.tick() => {
+                    if ping_out && !heard {
+                        return Lost::Link("no answer to keep-alive (PINGREQ unanswered)".into());
+                    }
+                    heard = false;
+                    ping_out = true;
+                    let _ = Packet::PingReq(PingReq).write(&mut s.out, None);
+                }
+                done = &mut *writer => {
+                    return Lost::Link(match done {
+                        Ok(Err(why)) => why,
+                        _ => "the link's writer stopped".into(),
+                    });
                 }
             }
         }
     }
 
-    /// Hand entries to rumqttc while there is room in flight.
-    fn submit(
-        &self,
-        client: &AsyncClient,
-        s: &mut Sending,
-        attempts: &mut HashMap<u64, u32>,
-    ) -> Result<(), String> {
+    /// Read what comes next from the outbox into the buffer, while there is room in
+    /// flight: from the in-memory tail while the link keeps up, else from the file.
+    async fn fill(&self, s: &mut Sending, upto: u64) -> Result<(), String> {
+        if !s.buffer.is_empty() || s.cursor >= upto || !s.room() {
+            return Ok(());
+        }
+        if let Some(rows) = self.outbox.tail.take_from(s.cursor, READ_BATCH)
+            && !rows.is_empty()
+        {
+            s.cursor = rows.last().map_or(s.cursor, |r| r.0 + 1);
+            s.buffer.extend(rows);
+            return Ok(());
+        }
+        let store = self.outbox.store.clone();
+        let from = s.cursor;
+        match tokio::task::spawn_blocking(move || store.read(from, READ_BATCH)).await {
+            Ok(Ok(rows)) => {
+                s.cursor = rows.last().map_or(upto, |r| r.0 + 1).max(s.cursor);
+                if rows.is_empty() {
+                    s.cursor = upto;
+                }
+                s.buffer.extend(rows);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("reading the outbox: {e}")),
+            Err(e) => Err(format!("reading the outbox: {e}")),
+        }
+    }
+
+    /// Encode entries for the writer while there is room in flight.
+    fn submit(&self, s: &mut Sending, attempts: &mut HashMap<u64, u32>) {
         let now_ms = unix_ms();
-        while s.room(&self.settings) {
+        while s.room() {
             let Some((seq, stored, _size)) = s.buffer.pop_front() else {
                 break;
             };
@@ -359,33 +456,92 @@ impl Link {
                 ));
                 continue;
             }
-            let (topic, qos, retain, payload, props) = self.publish_parts(&entry, now_ms);
-            if let Some(max) = s.max_packet {
-                let size = Publish::new(topic.as_str(), qos, payload.clone(), props.clone()).size();
-                if size > max as usize {
-                    s.dead.push((
-                        seq,
-                        note(
-                            format!(
-                                "{size} bytes, larger than the broker's Maximum Packet Size ({max})"
-                            ),
-                            tries,
+            let qos1 = entry.message.qos != QoS::AtMostOnce;
+            let pkid = if qos1 { s.allocate_pkid() } else { 0 };
+            // A QoS 1 message sent before, on this link or another, carries DUP.
+            let dup = qos1 && tries > 0;
+            let at = s.out.len();
+            if let Err(size) =
+                self.encode_publish(&entry, now_ms, pkid, dup, s.max_packet, &mut s.out)
+            {
+                s.out.truncate(at);
+                let max = s.max_packet.unwrap_or(u32::MAX);
+                s.dead.push((
+                    seq,
+                    note(
+                        format!(
+                            "{size} bytes, larger than the broker's Maximum Packet Size ({max})"
                         ),
-                    ));
-                    continue;
-                }
-            }
-            let sent = match props {
-                Some(p) => client.try_publish_with_properties(topic, qos, retain, payload, p),
-                None => client.try_publish(topic, qos, retain, payload),
-            };
-            if let Err(e) = sent {
-                return Err(format!("handing a message to the MQTT client: {e}"));
+                        tries,
+                    ),
+                ));
+                continue;
             }
             let m = &self.metrics.outbox;
             Metrics::inc(if tries > 0 { &m.resent } else { &m.sent });
-            s.fifo.push_back((seq, qos));
+            if qos1 {
+                s.inflight.insert(pkid, seq);
+            } else {
+                // Handed to the socket: a QoS 0 message is done with.
+                s.remove.push(seq);
+                attempts.remove(&seq);
+            }
         }
+    }
+
+    /// Append the PUBLISH of an entry; `Err(size)` if it is over the broker's Maximum
+    /// Packet Size. The common case (no properties) is written directly; a message
+    /// with properties goes through the MQTT codec.
+    fn encode_publish(
+        &self,
+        entry: &Entry,
+        now_ms: u64,
+        pkid: u16,
+        dup: bool,
+        max_packet: Option<u32>,
+        out: &mut BytesMut,
+    ) -> Result<(), usize> {
+        let m = &entry.message;
+        let prefix = self.settings.prefix.as_bytes();
+        let topic = m.topic.as_str().as_bytes();
+        let qos = if pkid == 0 { 0u8 } else { 1u8 };
+        if m.properties.is_some() {
+            let (topic, q, retain, payload, props) = self.publish_parts(entry, now_ms);
+            let mut p = Publish::new(topic, q, payload, props);
+            p.retain = retain;
+            p.pkid = pkid;
+            p.dup = dup;
+            let packet = Packet::Publish(p);
+            let size = packet.size();
+            return packet.write(out, max_packet).map(|_| ()).map_err(|_| size);
+        }
+        let topic_len = prefix.len() + topic.len();
+        let remaining = 2 + topic_len + if qos == 1 { 2 } else { 0 } + 1 + m.payload.len();
+        let size = 1 + varint_len(remaining) + remaining;
+        if topic_len > usize::from(u16::MAX) || max_packet.is_some_and(|max| size > max as usize) {
+            return Err(size);
+        }
+        out.reserve(size);
+        out.put_u8(0x30 | (u8::from(dup) << 3) | (qos << 1) | u8::from(m.retain));
+        let mut n = remaining;
+        loop {
+            let byte = (n % 128) as u8;
+            n /= 128;
+            if n == 0 {
+                out.put_u8(byte);
+                break;
+            }
+            out.put_u8(byte | 0x80);
+        }
+        out.put_u16(topic_len as u16);
+        out.put_slice(prefix);
+        out.put_slice(topic);
+        if qos == 1 {
+            out.put_u16(pkid);
+        }
+        // No properties.
+        out.put_u8(0);
+        out.put_slice(&m.payload);
         Ok(())
     }
 
@@ -422,24 +578,18 @@ impl Link {
         (topic, qos, m.retain, m.payload.clone(), props)
     }
 
-    fn on_event(&self, ev: Event, s: &mut Sending, attempts: &mut HashMap<u64, u32>) {
+    /// A packet from the broker.
+    fn on_packet(
+        &self,
+        packet: Packet,
+        s: &mut Sending,
+        attempts: &mut HashMap<u64, u32>,
+    ) -> Result<(), String> {
         let m = &self.metrics.outbox;
-        match ev {
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                let Some((seq, qos)) = s.fifo.pop_front() else {
-                    return;
-                };
-                if qos == MqttQoS::AtMostOnce {
-                    // Written: a QoS 0 message is done with.
-                    s.remove.push(seq);
-                    attempts.remove(&seq);
-                } else {
-                    s.inflight.insert(pkid, seq);
-                }
-            }
-            Event::Incoming(Packet::PubAck(ack)) => {
+        match packet {
+            Packet::PubAck(ack) => {
                 let Some(seq) = s.inflight.remove(&ack.pkid) else {
-                    return;
+                    return Ok(());
                 };
                 let tries = attempts.remove(&seq).unwrap_or(0);
                 match ack.reason {
@@ -453,9 +603,50 @@ impl Link {
                     )),
                 }
             }
-            Event::Incoming(Packet::Publish(p)) => self.command(p),
-            _ => {}
+            Packet::Publish(p) => {
+                let (pkid, qos) = (p.pkid, p.qos);
+                match qos {
+                    MqttQoS::AtMostOnce => self.command(p),
+                    MqttQoS::AtLeastOnce => {
+                        self.command(p);
+                        let _ = Packet::PubAck(PubAck::new(pkid, None)).write(&mut s.out, None);
+                    }
+                    MqttQoS::ExactlyOnce => {
+                        // Delivered once: a retransmission before PUBREL is not.
+                        if s.incoming_qos2.insert(pkid) {
+                            self.command(p);
+                        }
+                        let _ = Packet::PubRec(PubRec::new(pkid, None)).write(&mut s.out, None);
+                    }
+                }
+            }
+            Packet::PubRel(rel) => {
+                s.incoming_qos2.remove(&rel.pkid);
+                let _ = Packet::PubComp(PubComp::new(rel.pkid, None)).write(&mut s.out, None);
+            }
+            Packet::SubAck(ack) => {
+                let refused: Vec<String> = ack
+                    .return_codes
+                    .iter()
+                    .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                    .map(|c| format!("{c:?}"))
+                    .collect();
+                if !refused.is_empty() {
+                    tracing::error!(codes = ?refused, "the broker refused the command subscription");
+                    self.audit
+                        .record(AuditEntry::new("upstream", "refuse").reason(format!(
+                            "the broker refused the command subscription: {}",
+                            refused.join(", ")
+                        )));
+                }
+            }
+            Packet::PingResp(_) => {}
+            Packet::Disconnect(d) => {
+                return Err(format!("disconnected by the broker: {:?}", d.reason_code));
+            }
+            other => return Err(format!("unexpected packet from the broker: {other:?}")),
         }
+        Ok(())
     }
 
     /// The link is gone: what was written and not acknowledged counts one attempt.
@@ -464,7 +655,7 @@ impl Link {
             *attempts.entry(*seq).or_default() += 1;
         }
         s.inflight.clear();
-        s.fifo.clear();
+        s.buffer.clear();
     }
 
     /// Tell the writer what is done with, and count what expired.
@@ -595,34 +786,77 @@ fn properties(p: PublishProperties, prefix: &str) -> Properties {
     }
 }
 
-fn describe(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::MqttState(rumqttc::v5::StateError::AwaitPingResp) => {
-            "no answer to keep-alive (PINGREQ unanswered)".into()
-        }
-        other => other.to_string(),
+/// A connection to the broker, plain or TLS.
+type Stream = Box<dyn AsyncStream>;
+
+trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+/// The SUBSCRIBE's packet id, kept out of the publishes' range by `allocate_pkid`.
+const SUBSCRIBE_PKID: u16 = u16::MAX;
+
+/// Bytes of an MQTT variable byte integer.
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
     }
+}
+
+/// Write what the loop encodes, coalescing what piled up meanwhile into one write.
+async fn write_loop(
+    mut wr: WriteHalf<Stream>,
+    mut rx: mpsc::UnboundedReceiver<BytesMut>,
+) -> Result<(), String> {
+    while let Some(mut buf) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            buf.unsplit(more);
+        }
+        wr.write_all(&buf)
+            .await
+            .map_err(|e| format!("writing: {e}"))?;
+        wr.flush().await.map_err(|e| format!("writing: {e}"))?;
+    }
+    Ok(())
 }
 
 /// One connection's sending state.
 struct Sending {
     /// The next sequence number to read from the outbox.
     cursor: u64,
-    /// Read, not yet handed to rumqttc.
+    /// Read, not yet sent.
     buffer: VecDeque<(u64, Stored, u64)>,
-    /// Handed to rumqttc, in order, waiting for it to write them (and name the packet
-    /// id).
-    fifo: VecDeque<(u64, MqttQoS)>,
-    /// Written, waiting for PUBACK: packet id → sequence number.
+    /// Sent, waiting for PUBACK: packet id → sequence number.
     inflight: HashMap<u16, u64>,
+    next_pkid: u16,
+    /// At most this many in flight: `max_inflight` and the broker's Receive Maximum.
+    window: usize,
     max_packet: Option<u32>,
+    /// Encoded, for the writer.
+    out: BytesMut,
     remove: Vec<u64>,
     dead: Vec<(u64, DeadNote)>,
     expired: u64,
+    /// QoS 2 commands received and not yet released (PUBREL).
+    incoming_qos2: HashSet<u16>,
 }
 
 impl Sending {
-    fn room(&self, settings: &LinkSettings) -> bool {
-        self.fifo.len() + self.inflight.len() < usize::from(settings.max_inflight)
+    fn room(&self) -> bool {
+        self.inflight.len() < self.window
+    }
+
+    /// A packet id not in flight (the window keeps far fewer than 65 534 in flight).
+    fn allocate_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            let id = self.next_pkid;
+            if id != 0 && id != SUBSCRIBE_PKID && !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
     }
 }
