@@ -82,19 +82,32 @@ pub enum Ctl {
 /// What was committed most recently, in memory: the link sends from here while it
 /// keeps up, instead of reading back what was just written. Bounded in bytes; a link
 /// that falls behind (or starts over after a lost connection) reads the outbox file.
+///
+/// It also paces the intake: while the link is connected and sending from the tail, the
+/// writer takes no new messages once `LAG_BYTES` wait in the tail unsent, so devices are
+/// held back (back-pressure) instead of the tail overflowing and the link falling back
+/// to reading the file, which costs more and would let it fall further behind. A link
+/// catching up from the file (after a reconnect) does not hold the intake.
 #[derive(Debug, Default)]
 pub struct Tail {
     inner: std::sync::Mutex<TailInner>,
+    /// Told when the link takes from the tail and it drops below `LAG_BYTES`.
+    drained: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
 struct TailInner {
     entries: VecDeque<(u64, Entry, u64)>,
     bytes: u64,
+    /// The link's last read found what it needed before the tail (in the file).
+    behind: bool,
 }
 
 /// Bytes of entries the tail keeps, at most.
 const TAIL_MAX_BYTES: u64 = 16 << 20;
+/// Unsent bytes in the tail past which a link sending from it holds the intake.
+const LAG_BYTES: u64 = 2 << 20;
+const LAG_RECHECK: Duration = Duration::from_millis(100);
 
 impl Tail {
     fn push(&self, fresh: Vec<(u64, Entry, u64)>) {
@@ -128,8 +141,12 @@ impl Tail {
             }
         }
         match t.entries.front() {
-            Some(e) if e.0 != cursor => None,
+            Some(e) if e.0 != cursor => {
+                t.behind = true;
+                None
+            }
             _ => {
+                t.behind = false;
                 let n = t.entries.len().min(max);
                 let out: Vec<_> = t
                     .entries
@@ -137,9 +154,20 @@ impl Tail {
                     .map(|(seq, e, size)| (seq, Stored::Entry(e), size))
                     .collect();
                 t.bytes -= out.iter().map(|e| e.2).sum::<u64>();
+                let drained = t.bytes < LAG_BYTES;
+                drop(t);
+                if drained {
+                    self.drained.notify_one();
+                }
                 Some(out)
             }
         }
+    }
+
+    /// Whether a link sending from the tail has `LAG_BYTES` or more unsent in it.
+    fn lags(&self) -> bool {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        !t.behind && t.bytes >= LAG_BYTES
     }
 }
 
@@ -261,9 +289,13 @@ impl Writer {
         let mut open = (true, true);
         loop {
             let mut round = Round::default();
-            let hold_room = self.held.len() < self.settings.queue;
+            let lagging = self.link_lags();
+            let hold_room = self.held.len() < self.settings.queue && !lagging;
             let wake = self.next_wake();
             tokio::select! {
+                _ = self.tail.drained.notified(), if lagging => {}
+                // And a look now and then (the link may have gone meanwhile).
+                _ = tokio::time::sleep(LAG_RECHECK), if lagging => {}
                 c = ctl.recv(), if open.1 => match c {
                     Some(c) => self.take_ctl(c, &mut round).await,
                     None => open.1 = false,
@@ -282,6 +314,7 @@ impl Writer {
             }
             while self.held.len() < self.settings.queue
                 && self.held.len() < MAX_BATCH
+                && !lagging
                 && let Ok(item) = rx.try_recv()
             {
                 self.held.push_back(Held {
@@ -303,6 +336,12 @@ impl Writer {
         if self.loose_since.is_some() {
             let _ = self.commit(Round::default()).await;
         }
+    }
+
+    /// The link is connected and sending from the tail, and has fallen `LAG_BYTES`
+    /// behind: take no more until it catches up.
+    fn link_lags(&self) -> bool {
+        self.metrics.outbox.connected.load(Ordering::Relaxed) == 1 && self.tail.lags()
     }
 
     fn next_wake(&self) -> Option<Instant> {
@@ -878,5 +917,38 @@ mod tests {
             ["000000", "000007", "000008", "000009"]
         );
         assert_eq!(f.metrics.outbox.dropped_full.load(Ordering::Relaxed), 6);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connected_link_that_falls_behind_in_the_tail_holds_the_intake_until_it_takes() {
+        let f = fixture(1 << 30, WhenFull::BackPressure);
+        f.metrics.outbox.connected.store(1, Ordering::Relaxed);
+        // The link sends from the tail: its first read finds the tail's front.
+        assert_eq!(f.outbox.tail.take_from(0, 1).map(|r| r.len()), Some(0));
+        // Committed and not taken until LAG_BYTES wait in the tail.
+        let mut n = 0;
+        while !f.outbox.tail.lags() {
+            let (d, rx) = item(n, QoS::AtLeastOnce, 64 * 1024);
+            f.outbox.appends.send(d).await.unwrap();
+            assert_eq!(rx.unwrap().await, Ok(Taken::Yes));
+            n += 1;
+        }
+        let (d, rx) = item(n, QoS::AtLeastOnce, 64 * 1024);
+        f.outbox.appends.send(d).await.unwrap();
+        let mut rx = rx.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "held while the link lags");
+        // The link takes from the tail: the intake goes on.
+        let first = *f.outbox.committed.borrow() - n as u64;
+        let taken = f.outbox.tail.take_from(first, 1024).unwrap();
+        assert_eq!(taken.len(), n);
+        assert_eq!(rx.await, Ok(Taken::Yes));
+        // A link that is not connected (or reads the file) never holds it.
+        f.metrics.outbox.connected.store(0, Ordering::Relaxed);
+        for n in n + 1..n + 60 {
+            let (d, rx) = item(n, QoS::AtLeastOnce, 64 * 1024);
+            f.outbox.appends.send(d).await.unwrap();
+            assert_eq!(rx.unwrap().await, Ok(Taken::Yes));
+        }
     }
 }
