@@ -421,6 +421,20 @@ fn offline_queue_overflow_is_counted_and_audited() {
     assert_eq!(overflow, Some(2));
 }
 
+/// What sensor-1 receives on its commands (`%r %t %p` per line), with `extra` options.
+fn sensor1_commands(gw: &Gateway, extra: &[&str]) -> String {
+    let base = [
+        "-t",
+        "devices/sensor-1/commands/#",
+        "-q",
+        "1",
+        "-F",
+        "%r %t %p",
+    ];
+    let args = gw.client(gw.device_tls, "sensor-1", &[&base[..], extra].concat());
+    String::from_utf8_lossy(&mosquitto("mosquitto_sub", &args, T).stdout).into_owned()
+}
+
 #[test]
 fn retained_command_is_delivered_on_subscribe_and_cleared_by_an_empty_one() {
     let gw = setup();
@@ -430,23 +444,7 @@ fn retained_command_is_delivered_on_subscribe_and_cleared_by_an_empty_one() {
         "mode=eco",
         &["-q", "1", "-r"],
     );
-    let fetch = || {
-        let args = gw.client(
-            gw.device_tls,
-            "sensor-1",
-            &[
-                "-t",
-                "devices/sensor-1/commands/#",
-                "-q",
-                "1",
-                "-W",
-                "2",
-                "-F",
-                "%r %t %p",
-            ],
-        );
-        String::from_utf8_lossy(&mosquitto("mosquitto_sub", &args, T).stdout).into_owned()
-    };
+    let fetch = || sensor1_commands(&gw, &["-W", "2"]);
     let got = fetch();
     assert_eq!(
         got.trim(),
@@ -1160,23 +1158,7 @@ fn a_parked_session_its_queued_and_unacknowledged_commands_and_retained_commands
     assert_eq!(&next_publish(&mut raw).payload[..], b"cmd-3");
     assert_eq!(gw.metric("portcullis_sessions_restored_total"), 1);
     // A retained command kept across the restart reaches a device that subscribes.
-    let args = gw.client(
-        gw.device_tls,
-        "sensor-1",
-        &[
-            "-t",
-            "devices/sensor-1/commands/#",
-            "-q",
-            "1",
-            "-C",
-            "1",
-            "-W",
-            "5",
-            "-F",
-            "%r %t %p",
-        ],
-    );
-    let got = text(&mosquitto("mosquitto_sub", &args, T));
+    let got = sensor1_commands(&gw, &["-C", "1", "-W", "5"]);
     assert!(
         got.contains("1 devices/sensor-1/commands/config mode=eco"),
         "{got}"

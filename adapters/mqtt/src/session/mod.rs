@@ -538,8 +538,6 @@ impl Session {
         &self.admission.peer().principal
     }
 
-    /// Route what is for this session into its mailbox (a device's commands, or what
-    /// a service's subscriptions match), and take the uplink its messages go through.
     /// Keep what a persistent session holds now on disk (a live record: its
     /// subscriptions), if sessions are kept.
     fn keep(&self, ctx: &Context) {
@@ -549,6 +547,8 @@ impl Session {
         }
     }
 
+    /// Route what is for this session into its mailbox (a device's commands, or what
+    /// a service's subscriptions match), and take the uplink its messages go through.
     async fn open_link(&mut self, ctx: &Context, state: SessionState) -> Result<(), String> {
         self.state = state;
         let id = self.principal().id.clone();
