@@ -39,6 +39,9 @@ const MAX_BATCH: usize = 8192;
 const MAX_BATCH_BYTES: u64 = 16 << 20;
 /// Removals alone are made durable within this.
 const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// Removals wait for the next commit of appends, or are committed alone after this
+/// (a commit per PUBACK read would cost more than the appends).
+const REMOVE_EVERY: Duration = Duration::from_millis(50);
 
 pub use portcullis_core::registry::now_unix_ms as unix_ms;
 
@@ -213,6 +216,8 @@ impl Outbox {
             qos0: loaded.qos0.into_iter().collect(),
             held: VecDeque::new(),
             loose_since: None,
+            removals: Vec::new(),
+            removals_since: None,
             full_noted: false,
             committed: committed_tx,
         };
@@ -255,6 +260,9 @@ struct Writer {
     held: VecDeque<Held>,
     /// Since when changes were committed without waiting for the disk.
     loose_since: Option<Instant>,
+    /// Removals asked and not yet committed, and since when the oldest waits.
+    removals: Vec<u64>,
+    removals_since: Option<Instant>,
     /// The outbox was full, and that was audited (once per run of it).
     full_noted: bool,
     committed: watch::Sender<u64>,
@@ -323,19 +331,35 @@ impl Writer {
                 });
             }
             self.place(&mut round);
-            self.refuse_stale(Instant::now());
-            if round.batch.is_empty() && self.loose_since.is_none() {
+            let now = Instant::now();
+            self.refuse_stale(now);
+            let due = |since: Option<Instant>, every| since.is_some_and(|t| now >= t + every);
+            let commit = !round.batch.is_empty()
+                || !round.barriers.is_empty()
+                || due(self.removals_since, REMOVE_EVERY)
+                || self.removals.len() >= MAX_BATCH
+                || due(self.loose_since, DURABLE_EVERY);
+            if !commit {
                 self.answer(round, None);
                 continue;
             }
+            self.take_removals(&mut round);
             if !self.commit(round).await {
                 return;
             }
         }
         // The last removals reach the disk before the writer goes.
-        if self.loose_since.is_some() {
-            let _ = self.commit(Round::default()).await;
+        if self.loose_since.is_some() || !self.removals.is_empty() {
+            let mut round = Round::default();
+            self.take_removals(&mut round);
+            let _ = self.commit(round).await;
         }
+    }
+
+    /// The removals waiting go into this round.
+    fn take_removals(&mut self, round: &mut Round) {
+        round.batch.remove.append(&mut self.removals);
+        self.removals_since = None;
     }
 
     /// The link is connected and sending from the tail, and has fallen `LAG_BYTES`
@@ -352,10 +376,8 @@ impl Writer {
             .map(|h| h.taken + self.settings.full_wait)
             .min();
         let loose = self.loose_since.map(|t| t + DURABLE_EVERY);
-        match (stale, loose) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let removals = self.removals_since.map(|t| t + REMOVE_EVERY);
+        [stale, loose, removals].into_iter().flatten().min()
     }
 
     async fn take_ctl(&mut self, c: Ctl, round: &mut Round) {
@@ -364,7 +386,8 @@ impl Writer {
                 for seq in &seqs {
                     self.qos0.remove(seq);
                 }
-                round.batch.remove.extend(seqs);
+                self.removals_since.get_or_insert(Instant::now());
+                self.removals.extend(seqs);
             }
             Ctl::Dead(notes) => {
                 for (seq, _) in &notes {
