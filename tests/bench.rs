@@ -26,6 +26,7 @@ fn the_benchmark_suite_measures_every_workload_on_each_target() {
         pin: false,
         server_cpu: 0,
         load_cpu: 1,
+        upstream_cpu: None,
         json: None,
     })
     .expect("bench runs");

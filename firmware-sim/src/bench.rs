@@ -63,6 +63,8 @@ pub struct Options {
     pub pin: bool,
     pub server_cpu: usize,
     pub load_cpu: usize,
+    /// Where the upstream target's Mosquitto runs (`None`: the server's CPU).
+    pub upstream_cpu: Option<usize>,
     pub json: Option<PathBuf>,
 }
 
@@ -291,7 +293,8 @@ impl Bench {
                         log = self.dir.join("mosquitto-upstream.log").display(),
                     ),
                 )?;
-                let mut broker = self.mosquitto(&conf)?;
+                let cpu = self.opts.upstream_cpu.unwrap_or(self.opts.server_cpu);
+                let mut broker = self.mosquitto_on(&conf, cpu)?;
                 let addr: SocketAddr = ([127, 0, 0, 1], port).into();
                 wait_listening(addr, &mut broker, "mosquitto (upstream)")?;
                 let config = std::fs::read_to_string(self.dir.join("portcullis.toml"))?;
@@ -373,16 +376,18 @@ impl Bench {
 
     /// Mosquitto with this configuration, on the server's CPU.
     fn mosquitto(&self, conf: &Path) -> Result<Child> {
-        pinned(
-            self.opts.pin.then_some(self.opts.server_cpu),
-            Path::new("mosquitto"),
-        )
-        .arg("-c")
-        .arg(conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting mosquitto (apt-get install mosquitto)")
+        self.mosquitto_on(conf, self.opts.server_cpu)
+    }
+
+    /// Mosquitto with this configuration, on `cpu`.
+    fn mosquitto_on(&self, conf: &Path, cpu: usize) -> Result<Child> {
+        pinned(self.opts.pin.then_some(cpu), Path::new("mosquitto"))
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mosquitto (apt-get install mosquitto)")
     }
 
     fn start_portcullis(&self, target: Target) -> Result<Server> {

@@ -77,6 +77,11 @@ enum Command {
         /// The CPU the load generator runs on.
         #[arg(long, default_value_t = 1)]
         load_cpu: usize,
+        /// The CPU the `portcullis-upstream` target's own Mosquitto runs on (default:
+        /// the server's, beside the gateway; the load CPU puts it with the generator,
+        /// as a broker cluster on other machines would be off the gateway's).
+        #[arg(long)]
+        upstream_cpu: Option<usize>,
         /// Also write every sample as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -254,6 +259,7 @@ fn main() -> ExitCode {
             no_pin,
             server_cpu,
             load_cpu,
+            upstream_cpu,
             json,
         } => report_exit(
             bench::run(bench::Options {
@@ -271,6 +277,7 @@ fn main() -> ExitCode {
                 pin: !no_pin,
                 server_cpu,
                 load_cpu,
+                upstream_cpu,
                 json,
             })
             .map(|_| ()),
