@@ -1174,7 +1174,13 @@ fn after_sigkill_a_parked_session_keeps_its_queued_command_and_a_connected_one_i
     drop(persistent_subscriber(&gw, "meter-1"));
     // meter-2 stays connected through the kill.
     let _connected = persistent_subscriber(&gw, "meter-2");
-    let before = gw.metric("portcullis_session_store_commits_total");
+    // The park and the SUBSCRIBE above are committed before the count is taken.
+    let before = wait_for(T, || {
+        let n = gw.metric("portcullis_session_store_commits_total");
+        std::thread::sleep(Duration::from_millis(200));
+        (gw.metric("portcullis_session_store_commits_total") == n).then_some(n)
+    })
+    .expect("the session file settles");
     service_pub(&gw, "devices/meter-1/commands/fw", "queued", &["-q", "1"]);
     committed_after(&gw, before);
     gw.kill9();
@@ -1211,4 +1217,48 @@ fn a_kept_session_is_dropped_when_its_device_was_removed_while_the_gateway_was_d
         "nothing from before"
     );
     assert_eq!(gw.metric("portcullis_session_records_dropped_total"), 1);
+}
+
+#[test]
+fn retained_commands_of_a_device_removed_while_the_gateway_was_down_do_not_come_back() {
+    let mut gw = setup();
+    service_pub(
+        &gw,
+        "devices/sensor-1/commands/config",
+        "mode=eco",
+        &["-q", "1", "-r"],
+    );
+    let (status, _) = gw.terminate();
+    assert!(status.success());
+    gw.cli_ok(&["device", "remove", "sensor-1"]);
+    gw.restart_after_stop();
+    // Registered again, with the certificate it already has.
+    gw.cli_ok(&["device", "add", "sensor-1", "--cert-any"]);
+    let got = sensor1_commands(&gw, &["-W", "2"]);
+    assert!(
+        got.trim().is_empty(),
+        "the old desired state came back: {got:?}"
+    );
+}
+
+#[test]
+fn a_session_discarded_by_a_clean_start_stays_discarded_after_a_restart() {
+    let mut gw = setup();
+    gw.add_device_secret("meter-1", SECRET);
+    drop(persistent_subscriber(&gw, "meter-1"));
+    service_pub(&gw, "devices/meter-1/commands/fw", "stale", &["-q", "1"]);
+    // Back with a clean session (MQTT 3.1.1 clean_session = 1), then gone.
+    let mut raw = Raw::connect(gw.device_plain);
+    assert_eq!(
+        raw.connect_v4("meter-1", Some(("meter-1", SECRET))),
+        Some(0)
+    );
+    drop(raw);
+    gw.restart();
+    let mut raw = Raw::connect(gw.device_plain);
+    assert!(!connect_persistent_as(&mut raw, "meter-1").session_present);
+    assert!(
+        raw.recv_v5(Duration::from_secs(1)).is_none(),
+        "nothing from before"
+    );
 }

@@ -1233,6 +1233,7 @@ fn away_then_back(m: &Mosquitto, gw: &mut Gateway, kill: bool) {
     command("while-away");
     if kill {
         gw.restart_after_stop();
+        assert_eq!(gw.metric("portcullis_sessions_restored_total"), 1);
     }
     std::thread::sleep(Duration::from_millis(500));
     let back = Sub::start(&d1_commands(gw, &["-c"]));

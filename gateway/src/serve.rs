@@ -139,7 +139,9 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         .map_err(|e| UsageError(e.to_string()))?;
     let journal = Journal::start(session_file, metrics.clone());
     retained.keep_in(journal.clone());
-    let retained_dropped = retained.restore(kept_retained);
+    let retained_dropped = retained.restore(kept_retained, |id| {
+        registry.snapshot().get(PrincipalKind::Device, id).is_some()
+    });
     let upstream = config.broker.mode == BrokerMode::Upstream;
     // Replicas: quarantines, releases and bans told to the others, and taken from them.
     let (control_link, control_out, control_in) = match config
@@ -261,6 +263,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         let mailbox = limits.mailbox;
         let (restored, dropped) = device_store.restore(
             kept_sessions,
+            *config.sessions.max_session_expiry,
             || Arc::new(portcullis_core::mailbox::Mailbox::new(mailbox)),
             |id| {
                 registry

@@ -5,7 +5,7 @@
 //! - `outbox`: every message is committed to disk (redb, group commit from one writer)
 //!   before its QoS 1/2 sender is acknowledged; an entry goes only when the broker
 //!   acknowledged it, expired, or went to the dead letters.
-//! - `link`: one MQTT 5 connection (rumqttc) at a time, sending the outbox in order
+//! - `link`: one MQTT 5 connection at a time (our client loop, rumqttc's packet codec), sending the outbox in order
 //!   and subscribing to the device command topics, which it routes to the devices'
 //!   mailboxes here.
 //!

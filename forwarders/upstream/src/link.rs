@@ -189,18 +189,21 @@ impl Link {
         // Writes go through their own task, in batches: the loop below never waits on
         // the socket, so it always reads the broker's acknowledgements.
         let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let mut writer = tokio::spawn(write_loop(wr, out_rx));
+        let written = Arc::new(Written::default());
+        let mut writer = tokio::spawn(write_loop(wr, out_rx, written.clone()));
         let mut s = Sending {
             cursor: 0,
             buffer: VecDeque::new(),
             inflight: HashMap::new(),
             next_pkid: 0,
+            // Packet ids 0 and the SUBSCRIBE's are never a publish's.
             window: usize::from(
                 self.settings
                     .max_inflight
                     .min(receive_max.unwrap_or(u16::MAX))
-                    .max(1),
+                    .clamp(1, u16::MAX - 2),
             ),
+            written,
             max_packet,
             out: BytesMut::new(),
             remove: Vec::new(),
@@ -298,8 +301,7 @@ impl Link {
             f.nolocal = true;
             filters.push(f);
         }
-        // Packet id 0 is never one a publish uses: the SUBACK is told apart by it
-        // being absent from what is in flight.
+        // SUBSCRIBE_PKID is never a publish's (`allocate_pkid` skips it).
         let mut out = BytesMut::new();
         Packet::Subscribe(Subscribe {
             pkid: SUBSCRIBE_PKID,
@@ -336,6 +338,9 @@ impl Link {
             tokio::time::Instant::now() + self.settings.keep_alive,
             self.settings.keep_alive,
         );
+        // A loop held up past a tick must not find two due at once (and give up a
+        // link that answered).
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ping_out = false;
         // Anything read counts as an answer (a broker busy sending is alive).
         let mut heard = false;
@@ -357,15 +362,23 @@ impl Link {
                 return Lost::Link(why);
             }
             self.submit(s, attempts);
-            if !s.out.is_empty() && out_tx.send(s.out.split()).is_err() {
-                return Lost::Link("the link's writer stopped".into());
+            if !s.out.is_empty() {
+                s.written.bytes.fetch_add(s.out.len(), Ordering::Relaxed);
+                if out_tx.send(s.out.split()).is_err() {
+                    return Lost::Link("the link's writer stopped".into());
+                }
             }
             self.flush(s);
             let waiting_for_more = s.buffer.is_empty() && s.cursor >= upto;
+            // Entries that need no acknowledgement (QoS 0, expired, dead) leave room in
+            // flight: read on at once rather than wait for the broker.
+            let more = s.room() && s.buffer.is_empty() && s.cursor < upto;
+            let writes_full = s.writes_full();
             if inbuf.capacity() - inbuf.len() < 16 * 1024 {
                 inbuf.reserve(64 * 1024);
             }
             tokio::select! {
+                biased;
                 read = rd.read_buf(inbuf) => match read {
                     Ok(0) => return Lost::Link("closed by the broker".into()),
                     Ok(_) => heard = true,
@@ -390,6 +403,8 @@ impl Link {
                         _ => "the link's writer stopped".into(),
                     });
                 }
+                _ = s.written.progress.notified(), if writes_full => {}
+                _ = std::future::ready(()), if more => {}
             }
         }
     }
@@ -806,10 +821,22 @@ fn varint_len(n: usize) -> usize {
     }
 }
 
+/// Bytes handed to the writer task and not yet written, at most (QoS 0 messages take
+/// no room in flight: this bounds what they hold in memory).
+const MAX_UNWRITTEN: usize = 1 << 20;
+
+/// What the writer task has still to write, and a wake-up when it wrote some.
+#[derive(Debug, Default)]
+struct Written {
+    bytes: std::sync::atomic::AtomicUsize,
+    progress: tokio::sync::Notify,
+}
+
 /// Write what the loop encodes, coalescing what piled up meanwhile into one write.
 async fn write_loop(
     mut wr: WriteHalf<Stream>,
     mut rx: mpsc::UnboundedReceiver<BytesMut>,
+    written: Arc<Written>,
 ) -> Result<(), String> {
     while let Some(mut buf) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {
@@ -819,6 +846,8 @@ async fn write_loop(
             .await
             .map_err(|e| format!("writing: {e}"))?;
         wr.flush().await.map_err(|e| format!("writing: {e}"))?;
+        written.bytes.fetch_sub(buf.len(), Ordering::Relaxed);
+        written.progress.notify_one();
     }
     Ok(())
 }
@@ -842,14 +871,19 @@ struct Sending {
     expired: u64,
     /// QoS 2 commands received and not yet released (PUBREL).
     incoming_qos2: HashSet<u16>,
+    written: Arc<Written>,
 }
 
 impl Sending {
     fn room(&self) -> bool {
-        self.inflight.len() < self.window
+        self.inflight.len() < self.window && !self.writes_full()
     }
 
-    /// A packet id not in flight (the window keeps far fewer than 65 534 in flight).
+    fn writes_full(&self) -> bool {
+        self.written.bytes.load(Ordering::Relaxed) >= MAX_UNWRITTEN
+    }
+
+    /// A packet id not in flight (the window is kept below the 65 534 there are).
     fn allocate_pkid(&mut self) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.wrapping_add(1);

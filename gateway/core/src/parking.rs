@@ -294,7 +294,6 @@ impl<S: Persist> ParkedSessions<S> {
     /// it subscribed to (call again when that changes).
     pub fn live(&self, id: &PrincipalId, state: &S, expiry: Duration) {
         if let Some(j) = &self.journal {
-            self.watch(id, state.mailbox());
             j.write(
                 Table::Sessions,
                 id.as_str(),
@@ -303,13 +302,16 @@ impl<S: Persist> ParkedSessions<S> {
         }
     }
 
-    /// Put the kept sessions back in their slots. `registered` says when a device was
-    /// registered (`None`: it is not). Returns the restored sessions' mailboxes (for
-    /// the caller to route commands to again), and how many records were dropped:
-    /// damaged, expired, or of a device removed (or re-registered) since.
+    /// Put the kept sessions back in their slots, each living at most `max_expiry`
+    /// from now (the configured cap, which may have been lowered since; zero keeps
+    /// none). `registered` says when a device was registered (`None`: it is not).
+    /// Returns the restored sessions' mailboxes (for the caller to route commands to
+    /// again), and how many records were dropped: damaged, expired, or of a device
+    /// removed (or re-registered) since.
     pub fn restore(
         &self,
         records: Vec<Loaded>,
+        max_expiry: Duration,
         new_mailbox: impl Fn() -> Arc<Mailbox>,
         registered: impl Fn(&PrincipalId) -> Option<u64>,
     ) -> (Vec<(PrincipalId, Arc<Mailbox>)>, u64) {
@@ -320,6 +322,10 @@ impl<S: Persist> ParkedSessions<S> {
             let id = PrincipalId::parse(&key).ok();
             let decoded = value.map_err(|e| e.to_string()).and_then(|bytes| {
                 decode_record::<S>(&bytes, new_mailbox(), now_ms).map_err(|e| e.to_string())
+            });
+            let decoded = decoded.map(|mut r| {
+                r.remaining = r.remaining.min(max_expiry);
+                r
             });
             let why = match (&id, &decoded) {
                 (None, _) => Some("not a device id".to_string()),
@@ -527,6 +533,7 @@ mod tests {
         // e is no longer registered.
         let (restored, dropped) = store.restore(
             records,
+            Duration::from_secs(3600),
             || state().0,
             |id| (id.as_str() != "e").then_some(7),
         );

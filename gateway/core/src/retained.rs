@@ -121,12 +121,14 @@ impl RetainedCommands {
         }
     }
 
-    /// Put kept retained commands back (within the limits). Returns how many devices'
-    /// records were dropped as damaged.
-    pub fn restore(&self, records: Vec<Loaded>) -> u64 {
+    /// Put kept retained commands back (within the limits), for devices `registered`
+    /// says are still registered. Returns how many devices' records were dropped
+    /// (damaged, or of a device removed while the gateway was down).
+    pub fn restore(&self, records: Vec<Loaded>, registered: impl Fn(&PrincipalId) -> bool) -> u64 {
         let mut dropped = 0;
         for (key, value) in records {
             let messages = match (PrincipalId::parse(&key), value) {
+                (Ok(id), _) if !registered(&id) => Err("the device is no longer registered".into()),
                 (Ok(id), Ok(bytes)) => decode(&bytes).map(|m| (id, m)).map_err(|e| e.to_string()),
                 (Err(e), _) => Err(e.to_string()),
                 (_, Err(e)) => Err(e),

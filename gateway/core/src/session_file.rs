@@ -286,14 +286,15 @@ impl Journal {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Put back what a failed commit held, unless changed again since.
+    /// Put back what a failed commit held, unless bytes were handed over for it since
+    /// (a mark made since keeps the failed value to fall back on).
     fn put_back(&self, failed: Vec<(Table, String, Option<Vec<u8>>)>) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         for (table, key, value) in failed {
-            pending.changes.entry((table, key)).or_insert(Change {
-                value: Some(value),
-                marked: false,
-            });
+            let change = pending.changes.entry((table, key)).or_default();
+            if change.value.is_none() {
+                change.value = Some(value);
+            }
         }
     }
 

@@ -326,6 +326,8 @@ pub async fn run<S>(
         && let Some(old) = slot.state.take()
     {
         old.mailbox.clear();
+        // Gone on disk too, whether or not this connection gets further.
+        ctx.store.forget(&session.principal().id);
     }
     let session_present = resumed.is_some();
     let state = resumed.unwrap_or_else(|| {
