@@ -894,3 +894,128 @@ impl Sending {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Settings;
+    use crate::store::{Sealer, Store};
+    use portcullis_core::forward::UplinkItem;
+    use tokio::net::TcpListener;
+
+    /// A broker that accepts, answers CONNECT, and counts the PUBLISH packets it gets
+    /// (it never acknowledges one and never answers a PINGREQ).
+    async fn counting_broker() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            let mut connack = BytesMut::new();
+            Packet::ConnAck(ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+                properties: None,
+            })
+            .write(&mut connack, None)
+            .unwrap();
+            loop {
+                match Packet::read(&mut buf, None) {
+                    Ok(Packet::Connect(..)) => sock.write_all(&connack).await.unwrap(),
+                    Ok(Packet::Publish(_)) => {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(MqttError::InsufficientBytes(_)) => {
+                        if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        (port, count)
+    }
+
+    #[tokio::test]
+    async fn a_backlog_of_messages_that_take_no_room_in_flight_is_sent_without_waiting_for_the_broker()
+     {
+        let (port, sent) = counting_broker().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, loaded) =
+            Store::open(&dir.path().join("outbox.redb"), Sealer::derive(&[1; 32])).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (audit, _audit_rx) = Audit::detached(1024, metrics.clone());
+        let outbox = Outbox::start(
+            store,
+            loaded,
+            Settings {
+                max_bytes: 1 << 30,
+                when_full: portcullis_config::WhenFull::BackPressure,
+                full_wait: Duration::from_secs(5),
+                message_ttl: Duration::from_secs(3600),
+                queue: 8192,
+            },
+            metrics.clone(),
+            audit.clone(),
+        );
+        // More QoS 0 messages than one read of the outbox takes, before the link starts.
+        let n = 3 * READ_BATCH;
+        for i in 0..n {
+            outbox
+                .appends
+                .send(UplinkItem {
+                    message: Message {
+                        topic: TopicName::parse_unlimited("devices/d/telemetry").unwrap(),
+                        payload: Bytes::from(i.to_string()),
+                        qos: QoS::AtMostOnce,
+                        retain: false,
+                        properties: None,
+                    },
+                    ack: None,
+                    origin: None,
+                })
+                .await
+                .unwrap();
+        }
+        let mut committed = outbox.committed.clone();
+        while *committed.borrow_and_update() < n as u64 {
+            committed.changed().await.unwrap();
+        }
+        let link = Link {
+            settings: LinkSettings {
+                urls: vec![BrokerUrl::parse(&format!("mqtt://127.0.0.1:{port}")).unwrap()],
+                client_id: "gw".into(),
+                tls: None,
+                credentials: None,
+                // Long: a stalled link would move on only at the next keep-alive.
+                keep_alive: Duration::from_secs(60),
+                connect_timeout: Duration::from_secs(5),
+                reconnect_min: Duration::from_millis(100),
+                reconnect_max: Duration::from_secs(1),
+                prefix: String::new(),
+                max_inflight: 100,
+                session_expiry: 60,
+                max_attempts: 5,
+                max_incoming_packet: 1 << 20,
+            },
+            outbox,
+            commands: Arc::new(Commands {
+                routes: Mutex::new(HashMap::new()),
+                retained: Arc::new(RetainedCommands::new(4)),
+                control: None,
+            }),
+            metrics,
+            audit,
+        };
+        tokio::spawn(link.run());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sent.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(sent.load(Ordering::Relaxed), n, "every QoS 0 message sent");
+    }
+}
