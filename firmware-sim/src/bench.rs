@@ -121,11 +121,15 @@ impl Server {
 
     /// User + system CPU time, seconds (with the upstream broker's, in upstream mode).
     fn cpu(&self) -> Result<f64> {
-        let upstream = match &self.upstream {
-            Some(c) => process_cpu(c.id())?,
-            None => 0.0,
-        };
-        Ok(process_cpu(self.pid())? + upstream)
+        Ok(process_cpu(self.pid())? + self.upstream_cpu()?)
+    }
+
+    /// CPU seconds of the upstream target's own broker (0 for the other targets).
+    fn upstream_cpu(&self) -> Result<f64> {
+        match &self.upstream {
+            Some(c) => process_cpu(c.id()),
+            None => Ok(0.0),
+        }
     }
 
     /// A counter of the gateway's `/metrics`, if it has one.
@@ -957,6 +961,7 @@ impl Bench {
         sleep(w.warm).await;
         let cpu0 = s.cpu()?;
         let gateway_cpu0 = process_cpu(s.pid())?;
+        let broker_cpu0 = s.upstream_cpu()?;
         let t0 = Instant::now();
         sink_state.counting.store(true, Relaxed);
         let sent0 = sent.load(Relaxed);
@@ -971,6 +976,9 @@ impl Bench {
             let gateway = process_cpu(s.pid())? - gateway_cpu0;
             let received = sink_state.received.load(Relaxed).max(1) as f64;
             f_extra.insert("gateway_cpu_us_per_msg".into(), gateway * 1e6 / received);
+            // And the broker's behind it, to set beside Mosquitto direct's.
+            let broker = s.upstream_cpu()? - broker_cpu0;
+            f_extra.insert("broker_cpu_us_per_msg".into(), broker * 1e6 / received);
             if let (Some(a), Some(b)) = (fsyncs0, s.metric("portcullis_outbox_fsyncs_total")) {
                 f_extra.insert("fsyncs_per_s".into(), (b - a) / elapsed);
             }

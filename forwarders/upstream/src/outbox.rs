@@ -1,8 +1,8 @@
 //! The outbox's one writer: group commit, the byte bound and its policy, removals.
 //!
 //! Every message on its way upstream comes through one bounded channel (the uplinks'
-//! channel). The writer takes what is waiting, seals it under the next sequence
-//! numbers, and commits it to redb in one transaction with one fsync; only then are
+//! channel). The writer takes what is waiting, numbers it, and commits it to redb as
+//! one sealed round in one transaction with one fsync; only then are
 //! the QoS 1/2 senders told (`Taken::Yes`), and the link told that more is committed.
 //! While a commit runs, the next batch gathers in the channel: many messages per fsync
 //! under load, one commit per message when quiet.
@@ -20,7 +20,7 @@
 //! 1/2 messages still wait. An acknowledged message is never dropped.
 
 use crate::entry::Entry;
-use crate::store::{Batch, Committed, DeadNote, KEY_BYTES, Store, Stored};
+use crate::store::{Batch, Committed, DeadNote, Store, Stored, entry_size};
 use portcullis_config::WhenFull;
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::forward::{Taken, UplinkItem};
@@ -348,12 +348,13 @@ impl Writer {
                 return;
             }
         }
-        // The last removals reach the disk before the writer goes.
-        if self.loose_since.is_some() || !self.removals.is_empty() {
-            let mut round = Round::default();
-            self.take_removals(&mut round);
-            let _ = self.commit(round).await;
-        }
+        // The last removals reach the disk before the writer goes, and rounds partly
+        // delivered are written again without what the broker has (a restart would
+        // send it again).
+        let mut round = Round::default();
+        self.take_removals(&mut round);
+        round.batch.compact = true;
+        let _ = self.commit(round).await;
     }
 
     /// The removals waiting go into this round.
@@ -445,8 +446,8 @@ impl Writer {
             }
             let entry = self.entry(&held.item, now_ms);
             let seq = self.next_seq;
-            let sealed = self.store.sealer().seal_entry(seq, &entry);
-            let size = sealed.len() as u64 + KEY_BYTES;
+            let encoded = entry.encode();
+            let size = entry_size(&encoded);
             let mut room = self.bytes + round.appended_bytes + size <= max + round.freed;
             if !room && self.settings.when_full == WhenFull::DropOldestQos0 {
                 room = self.drop_oldest_qos0(size, round);
@@ -473,7 +474,7 @@ impl Writer {
             if held.item.message.qos == QoS::AtMostOnce {
                 round.qos0.push((seq, size));
             }
-            round.batch.append.push((seq, sealed));
+            round.batch.append.push((seq, encoded));
             round.fresh.push((seq, entry, size));
             if let Some(ack) = held.item.ack {
                 round.acks.push(ack);
@@ -508,7 +509,7 @@ impl Writer {
         while self.bytes + round.appended_bytes + size > max + round.freed {
             // On disk first (older), then those this round took before this one.
             if let Some((seq, freed)) = self.qos0.pop_first() {
-                round.batch.remove.push(seq);
+                round.batch.drop.push(seq);
                 round.freed += freed;
             } else if let Some(&(seq, freed)) = round.qos0.get(round.qos0_dropped) {
                 round.qos0_dropped += 1;
@@ -570,6 +571,7 @@ impl Writer {
         round.batch.durable = !round.batch.append.is_empty()
             || !round.batch.retry.is_empty()
             || round.batch.purge.is_some()
+            || round.batch.compact
             || loose_due;
         round.batch.next_seq = self.next_seq;
         let store = self.store.clone();
