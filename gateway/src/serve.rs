@@ -498,6 +498,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         },
         behaviour_stopped,
     ));
+    let outbox = admin_state.outbox.clone();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     // Parked sessions past their expiry are dropped, and what they held with them
     // (counted as expired): a device's queued commands, a service's queued messages
@@ -608,6 +609,10 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), behaviour_task).await;
     // Parked sessions (every session the drain parked included) are on disk.
     let _ = tokio::time::timeout(Duration::from_secs(5), journal.flush()).await;
+    // And what the upstream broker acknowledged, so that it is not sent again.
+    if let Some(outbox) = &outbox {
+        let _ = tokio::time::timeout(Duration::from_secs(5), outbox.close()).await;
+    }
     let _ = std::fs::remove_file(&admin_socket);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(1), t).await;

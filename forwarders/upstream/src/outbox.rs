@@ -75,6 +75,10 @@ pub enum Ctl {
     Dead(Vec<(u64, DeadNote)>),
     /// Answered once everything asked before it is committed.
     Barrier(oneshot::Sender<()>),
+    /// At shutdown: answered once the removals asked so far are on disk and every round
+    /// partly delivered is written again without what the broker has (else a restart
+    /// would send that again).
+    Close(oneshot::Sender<()>),
     /// Put dead letters back at the end of the outbox (`None`: all); answered with how
     /// many.
     Retry(Option<Vec<u64>>, oneshot::Sender<Result<u64, String>>),
@@ -348,13 +352,12 @@ impl Writer {
                 return;
             }
         }
-        // The last removals reach the disk before the writer goes, and rounds partly
-        // delivered are written again without what the broker has (a restart would
-        // send it again).
-        let mut round = Round::default();
-        self.take_removals(&mut round);
-        round.batch.compact = true;
-        let _ = self.commit(round).await;
+        // The last removals reach the disk before the writer goes.
+        if self.loose_since.is_some() || !self.removals.is_empty() {
+            let mut round = Round::default();
+            self.take_removals(&mut round);
+            let _ = self.commit(round).await;
+        }
     }
 
     /// The removals waiting go into this round.
@@ -397,6 +400,10 @@ impl Writer {
                 round.batch.dead.extend(notes);
             }
             Ctl::Barrier(tx) => round.barriers.push(tx),
+            Ctl::Close(tx) => {
+                round.batch.compact = true;
+                round.barriers.push(tx);
+            }
             Ctl::Retry(which, tx) => match self.dead_seqs(which).await {
                 Ok(seqs) => {
                     for old in seqs {
@@ -702,6 +709,17 @@ impl OutboxAdmin {
         &self.store
     }
 
+    /// At shutdown, once the devices are gone: what the broker acknowledged so far is
+    /// written to disk, so that a restart does not send it again.
+    pub async fn close(&self) {
+        if let Some(ctl) = &self.ctl {
+            let (tx, rx) = oneshot::channel();
+            if ctl.send(Ctl::Close(tx)).is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+
     /// Put dead letters back at the end of the outbox (`None`: all); how many.
     /// Blocking: call it off the runtime's workers.
     pub fn retry(&self, which: Option<Vec<u64>>) -> Result<u64, String> {
@@ -890,6 +908,56 @@ mod tests {
         assert_eq!(stored.len(), 2000);
         assert!(stored.windows(2).all(|w| w[0] < w[1]), "out of order");
         assert_eq!(*f.outbox.committed.borrow(), 2001);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn closing_writes_what_the_broker_acknowledged_so_a_restart_does_not_send_it_again() {
+        let f = fixture(1 << 30, WhenFull::BackPressure);
+        let path = f._dir.path().join("outbox.redb");
+        let mut acks = Vec::new();
+        for n in 0..10 {
+            let (it, rx) = item(n, QoS::AtLeastOnce, 20);
+            f.outbox.appends.try_send(it).unwrap();
+            acks.extend(rx);
+        }
+        for rx in acks {
+            assert_eq!(rx.await, Ok(Taken::Yes));
+        }
+        // One round of ten; the broker acknowledged the first four.
+        let first = *f.outbox.committed.borrow() - 10;
+        f.outbox
+            .ctl
+            .send(Ctl::Remove((first..first + 4).collect()))
+            .unwrap();
+        OutboxAdmin::live(&f.outbox).close().await;
+        let Fixture { outbox, _dir, .. } = f;
+        drop(outbox);
+        // The writer lets the file go once its channels are closed.
+        let mut reopened = None;
+        for _ in 0..500 {
+            match Store::open(&path, Sealer::derive(&[1; 32])) {
+                Ok(s) => {
+                    reopened = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        let (store, loaded) = reopened.expect("the outbox file is released");
+        assert_eq!(loaded.depth, 6);
+        let read: Vec<String> = store
+            .read(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(_, s, _)| match s {
+                Stored::Entry(e) => String::from_utf8_lossy(&e.message.payload[..6]).into_owned(),
+                Stored::Corrupt { reason, .. } => reason,
+            })
+            .collect();
+        assert_eq!(
+            read,
+            ["000004", "000005", "000006", "000007", "000008", "000009"]
+        );
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
