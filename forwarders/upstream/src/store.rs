@@ -43,7 +43,8 @@ const LABEL: &[u8] = b"portcullis outbox MAC v1";
 /// Bytes an entry costs beyond its encoded form (its sequence number and length in its
 /// round), as the byte bound counts them.
 pub const ENTRY_OVERHEAD: u64 = 12;
-/// Entries per round at most when entries of the per-entry form are moved into rounds.
+/// Entries per round at most when entries are moved into rounds (from the per-entry
+/// form, or dead letters put back).
 const MIGRATE_ROUND: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -538,7 +539,8 @@ impl Store {
             let mut rounds = tx.open_table(ROUNDS).map_err(storage)?;
             let mut dead = tx.open_table(DEAD).map_err(storage)?;
             let mut meta = tx.open_table(META).map_err(storage)?;
-            // Rounds that lost entries and must be written again without them.
+            // Rounds that lost entries, and those to write again without them.
+            let mut touched = BTreeSet::new();
             let mut rewrite = BTreeSet::new();
             if let Some(&(key, _)) = batch.append.first() {
                 let entries = batch.append.iter().map(|(s, b)| (*s, b.as_slice()));
@@ -559,6 +561,7 @@ impl Store {
                     if let Some(size) = round.take(i) {
                         done.removed += 1;
                         done.removed_bytes += size;
+                        touched.insert(key);
                     }
                     if compact {
                         rewrite.insert(key);
@@ -577,6 +580,7 @@ impl Store {
                 };
                 done.removed += 1;
                 done.removed_bytes += size;
+                touched.insert(key);
                 // The entry's bytes as they were (readable or not; the whole value if
                 // its round does not open), under a dead-letter seal of their own.
                 let body = match rounds.get(key).map_err(storage)? {
@@ -615,8 +619,9 @@ impl Store {
                 done.retried_bytes += entry_size(body);
                 retried.push((*new, body.to_vec()));
             }
-            if let Some(&(key, _)) = retried.first() {
-                let entries = retried.iter().map(|(s, b)| (*s, b.as_slice()));
+            for chunk in retried.chunks(MIGRATE_ROUND) {
+                let key = chunk[0].0;
+                let entries = chunk.iter().map(|(s, b)| (*s, b.as_slice()));
                 let value = self
                     .sealer
                     .seal(Table::Round, key, &encode_round(entries.clone()));
@@ -647,12 +652,10 @@ impl Store {
             }
             // Rounds with nothing left go; those that lost entries to a drop or to the
             // dead letters (or, at shutdown, to the broker) are written again.
-            let gone: Vec<u64> = index
-                .iter()
-                .filter(|(_, r)| r.left == 0)
-                .map(|(k, _)| *k)
-                .collect();
-            for key in gone {
+            for key in touched {
+                if index.get(&key).is_none_or(|r| r.left > 0) {
+                    continue;
+                }
                 rounds.remove(key).map_err(storage)?;
                 index.remove(&key);
                 rewrite.remove(&key);
@@ -782,15 +785,12 @@ impl Store {
                     };
                     match opened {
                         Err(reason) => {
-                            for (seq, size) in wanted {
-                                out.push((
-                                    seq,
-                                    Stored::Corrupt {
-                                        raw: value.to_vec(),
-                                        reason: reason.clone(),
-                                    },
-                                    size,
-                                ));
+                            // The raw value once (it goes to the dead letters with the
+                            // first), not once per entry.
+                            for (n, (seq, size)) in wanted.into_iter().enumerate() {
+                                let raw = if n == 0 { value.to_vec() } else { Vec::new() };
+                                let reason = reason.clone();
+                                out.push((seq, Stored::Corrupt { raw, reason }, size));
                             }
                         }
                         Ok(entries) => {
