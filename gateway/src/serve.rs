@@ -610,8 +610,15 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     // Parked sessions (every session the drain parked included) are on disk.
     let _ = tokio::time::timeout(Duration::from_secs(5), journal.flush()).await;
     // And what the upstream broker acknowledged, so that it is not sent again.
-    if let Some(outbox) = &outbox {
-        let _ = tokio::time::timeout(Duration::from_secs(5), outbox.close()).await;
+    if let Some(outbox) = &outbox
+        && tokio::time::timeout(Duration::from_secs(5), outbox.close())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            "the outbox did not record what the broker acknowledged within 5 s: \
+             a restart may send some of it again"
+        );
     }
     let _ = std::fs::remove_file(&admin_socket);
     for t in tasks {

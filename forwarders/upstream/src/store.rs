@@ -25,7 +25,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use portcullis_core::storage::contain;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::Sha256;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use subtle::ConstantTimeEq;
@@ -43,9 +43,29 @@ const LABEL: &[u8] = b"portcullis outbox MAC v1";
 /// Bytes an entry costs beyond its encoded form (its sequence number and length in its
 /// round), as the byte bound counts them.
 pub const ENTRY_OVERHEAD: u64 = 12;
-/// Entries per round at most when entries are moved into rounds (from the per-entry
-/// form, or dead letters put back).
-const MIGRATE_ROUND: usize = 4096;
+/// Entries and bytes per round at most when entries are moved into rounds (from the
+/// per-entry form, or dead letters put back).
+const MOVE_ROUND: usize = 4096;
+const MOVE_ROUND_BYTES: usize = 16 << 20;
+/// Sequence numbers stay below this: a larger one on disk is damage (or tampering).
+const MAX_SEQ: u64 = 1 << 62;
+
+/// Entries cut into rounds of at most `MOVE_ROUND` entries and `MOVE_ROUND_BYTES`.
+fn rounds_of(entries: &[(u64, Vec<u8>)]) -> Vec<&[(u64, Vec<u8>)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, b)) in entries.iter().enumerate() {
+        if i > start && (i - start >= MOVE_ROUND || bytes + b.len() > MOVE_ROUND_BYTES) {
+            out.push(&entries[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += b.len();
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -276,6 +296,9 @@ struct Round {
     sizes: Vec<u32>,
     live: Vec<bool>,
     left: usize,
+    /// Bytes of its entries as written, and of those still to send.
+    stored: u64,
+    live_bytes: u64,
     /// When its first entry was taken (None if it does not decode).
     oldest_ms: Option<u64>,
     /// The value does not open: it stands as one entry, at its key, of its raw bytes.
@@ -289,6 +312,8 @@ impl Round {
             sizes: Vec::new(),
             live: Vec::new(),
             left: 0,
+            stored: 0,
+            live_bytes: 0,
             oldest_ms: None,
             corrupt: false,
         };
@@ -296,23 +321,34 @@ impl Round {
             if round.seqs.is_empty() {
                 round.oldest_ms = enqueued_of(bytes);
             }
+            let size = u32::try_from(entry_size(bytes)).unwrap_or(u32::MAX);
             round.seqs.push(seq);
-            round.sizes.push(entry_size(bytes) as u32);
+            round.sizes.push(size);
             round.live.push(true);
             round.left += 1;
+            round.stored += u64::from(size);
         }
+        round.live_bytes = round.stored;
         round
     }
 
     fn corrupt(key: u64, raw_len: usize) -> Round {
+        let size = u32::try_from(raw_len).unwrap_or(u32::MAX);
         Round {
             seqs: vec![key],
-            sizes: vec![raw_len as u32],
+            sizes: vec![size],
             live: vec![true],
             left: 1,
+            stored: u64::from(size),
+            live_bytes: u64::from(size),
             oldest_ms: None,
             corrupt: true,
         }
+    }
+
+    /// Half of it or more is gone: worth writing again without what went.
+    fn mostly_gone(&self) -> bool {
+        self.live_bytes * 2 <= self.stored
     }
 
     /// Mark the entry at `i` gone; its size if it was still there.
@@ -321,7 +357,9 @@ impl Round {
             return None;
         }
         self.left -= 1;
-        Some(u64::from(self.sizes[i]))
+        let size = u64::from(self.sizes[i]);
+        self.live_bytes -= size;
+        Some(size)
     }
 }
 
@@ -331,6 +369,13 @@ pub fn entry_size(encoded: &[u8]) -> u64 {
 }
 
 type Index = BTreeMap<u64, Round>;
+
+/// A round as a commit read it: its entries, or its raw bytes if it does not open.
+enum Opened {
+    Missing,
+    Entries(Vec<(u64, Vec<u8>)>),
+    Raw(Vec<u8>),
+}
 
 /// The round holding `seq` (its key) and the entry's place in it.
 fn locate(index: &Index, seq: u64) -> Option<(u64, usize)> {
@@ -426,23 +471,31 @@ impl Store {
         let mut index = self.index();
         {
             let mut rounds = tx.open_table(ROUNDS).map_err(storage)?;
-            let dead = tx.open_table(DEAD).map_err(storage)?;
+            let mut dead = tx.open_table(DEAD).map_err(storage)?;
             let meta = tx.open_table(META).map_err(storage)?;
             let mut high = meta
                 .get(NEXT_SEQ)
                 .map_err(storage)?
                 .map_or(1, |v| v.value());
             self.migrate(&tx, &mut rounds)?;
+            // Rows stored inside the numbers of the round before them: planted or
+            // damaged (this writer never makes one).
+            let mut overlapping = Vec::new();
+            let mut last: Option<u64> = None;
             for row in rounds.iter().map_err(storage)? {
                 let (k, v) = row.map_err(storage)?;
                 let (key, value) = (k.value(), v.value());
-                high = high.max(key + 1);
+                if last.is_some_and(|l| key <= l) {
+                    overlapping.push((key, value.to_vec()));
+                    continue;
+                }
+                high = high.max(key.saturating_add(1));
                 let round = match self.sealer.open_round(key, value) {
                     // Read again, and dead-lettered, when it is next sent.
                     Err(_) => Round::corrupt(key, value.len()),
                     Ok(entries) => {
                         for &(seq, bytes) in &entries {
-                            high = high.max(seq + 1);
+                            high = high.max(seq.saturating_add(1));
                             if let Ok(entry) = Entry::decode(bytes)
                                 && entry.message.qos as u8 == 0
                             {
@@ -457,12 +510,41 @@ impl Store {
                 if loaded.oldest_ms.is_none() {
                     loaded.oldest_ms = round.oldest_ms;
                 }
+                last = round.seqs.last().copied();
                 index.insert(key, round);
             }
             for row in dead.iter().map_err(storage)? {
                 let (k, _) = row.map_err(storage)?;
                 loaded.dead += 1;
-                high = high.max(k.value() + 1);
+                high = high.max(k.value().saturating_add(1));
+            }
+            if high > MAX_SEQ {
+                return Err(StoreError::Open {
+                    path: self.path.display().to_string(),
+                    reason: format!(
+                        "sequence number {high} is past any this gateway writes: the file \
+                         is damaged or was altered (move it aside to start with an empty \
+                         outbox; what it held is then not sent)"
+                    ),
+                });
+            }
+            // Overlapping rows go to the dead letters, as they were, at new numbers.
+            for (key, raw) in overlapping {
+                rounds.remove(key).map_err(storage)?;
+                let note = DeadNote {
+                    reason: format!(
+                        "stored at {key}, inside the numbers of the round before it \
+                         (planted or damaged)"
+                    ),
+                    attempts: 0,
+                    dead_ms: portcullis_core::registry::now_unix_ms(),
+                };
+                let sealed = self
+                    .sealer
+                    .seal(Table::Dead, high, &encode_dead(&note, &raw));
+                dead.insert(high, sealed.as_slice()).map_err(storage)?;
+                loaded.dead += 1;
+                high += 1;
             }
             loaded.next_seq = high;
         }
@@ -478,6 +560,7 @@ impl Store {
         rounds: &mut RoundTable<'_>,
     ) -> Result<(), StoreError> {
         let mut run: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut run_bytes = 0;
         let flush = |run: &mut Vec<(u64, Vec<u8>)>, rounds: &mut RoundTable<'_>| {
             let Some(&(key, _)) = run.first() else {
                 return Ok(());
@@ -504,13 +587,16 @@ impl Store {
                 let (seq, value) = (k.value(), v.value());
                 match self.sealer.open(Table::Legacy, seq, value) {
                     Ok(body) => {
+                        run_bytes += body.len();
                         run.push((seq, body.to_vec()));
-                        if run.len() >= MIGRATE_ROUND {
+                        if run.len() >= MOVE_ROUND || run_bytes >= MOVE_ROUND_BYTES {
                             flush(&mut run, rounds)?;
+                            run_bytes = 0;
                         }
                     }
                     Err(_) => {
                         flush(&mut run, rounds)?;
+                        run_bytes = 0;
                         rounds.insert(seq, value).map_err(storage)?;
                     }
                 }
@@ -550,7 +636,7 @@ impl Store {
                 rounds.insert(key, value.as_slice()).map_err(storage)?;
                 index.insert(key, Round::new(entries));
             }
-            for (seqs, compact) in [(&batch.remove, false), (&batch.drop, true)] {
+            for (seqs, dropped) in [(&batch.remove, false), (&batch.drop, true)] {
                 for &seq in seqs {
                     let Some((key, i)) = locate(&index, seq) else {
                         continue;
@@ -558,50 +644,95 @@ impl Store {
                     let Some(round) = index.get_mut(&key) else {
                         continue;
                     };
-                    if let Some(size) = round.take(i) {
-                        done.removed += 1;
-                        done.removed_bytes += size;
-                        touched.insert(key);
-                    }
-                    if compact {
+                    let Some(size) = round.take(i) else {
+                        continue;
+                    };
+                    done.removed += 1;
+                    done.removed_bytes += size;
+                    touched.insert(key);
+                    // Room made for new messages is made on disk too, once half of the
+                    // round has gone (written again each time, a round filling the
+                    // bound would cost its size per commit).
+                    if dropped && round.mostly_gone() {
                         rewrite.insert(key);
                     }
                 }
             }
+            // Each round losing entries to the dead letters is opened once: its
+            // entries, or its raw bytes if it does not open.
+            let mut opened: HashMap<u64, Opened> = HashMap::new();
             for (seq, note) in &batch.dead {
                 let Some((key, i)) = locate(&index, *seq) else {
                     continue;
                 };
+                if !index.get(&key).is_some_and(|r| r.live[i]) {
+                    continue;
+                }
+                if let std::collections::hash_map::Entry::Vacant(slot) = opened.entry(key) {
+                    slot.insert(match rounds.get(key).map_err(storage)? {
+                        None => Opened::Missing,
+                        Some(value) => {
+                            let value = value.value();
+                            match self.sealer.open_round(key, value) {
+                                Ok(entries) => Opened::Entries(
+                                    entries.into_iter().map(|(s, b)| (s, b.to_vec())).collect(),
+                                ),
+                                Err(_) => Opened::Raw(value.to_vec()),
+                            }
+                        }
+                    });
+                }
                 let Some(round) = index.get_mut(&key) else {
                     continue;
                 };
-                let Some(size) = round.take(i) else {
-                    continue;
-                };
-                done.removed += 1;
-                done.removed_bytes += size;
-                touched.insert(key);
-                // The entry's bytes as they were (readable or not; the whole value if
-                // its round does not open), under a dead-letter seal of their own.
-                let body = match rounds.get(key).map_err(storage)? {
-                    None => continue,
-                    Some(value) => {
-                        let value = value.value();
-                        match self.sealer.open_round(key, value) {
-                            Ok(entries) => entries
-                                .iter()
-                                .find(|(s, _)| s == seq)
-                                .map_or_else(Vec::new, |(_, b)| b.to_vec()),
-                            Err(_) => value.to_vec(),
-                        }
+                // The entry's bytes as they were (readable or not), under a dead-letter
+                // seal of their own. A round that does not open goes whole, its raw
+                // bytes once, with the first of its entries still here.
+                let victims: Vec<(u64, Vec<u8>)> = match opened.get_mut(&key) {
+                    Some(Opened::Entries(entries)) => {
+                        let body = entries
+                            .binary_search_by_key(seq, |e| e.0)
+                            .map_or_else(|_| Vec::new(), |j| entries[j].1.clone());
+                        vec![(*seq, body)]
                     }
+                    Some(Opened::Raw(raw)) => round
+                        .seqs
+                        .iter()
+                        .zip(&round.live)
+                        .filter(|(_, live)| **live)
+                        .enumerate()
+                        .map(|(n, (s, _))| {
+                            (
+                                *s,
+                                if n == 0 {
+                                    std::mem::take(raw)
+                                } else {
+                                    Vec::new()
+                                },
+                            )
+                        })
+                        .collect(),
+                    _ => vec![(*seq, Vec::new())],
                 };
-                let sealed = self
-                    .sealer
-                    .seal(Table::Dead, *seq, &encode_dead(note, &body));
-                dead.insert(*seq, sealed.as_slice()).map_err(storage)?;
-                done.dead += 1;
-                rewrite.insert(key);
+                for (victim, body) in victims {
+                    let Ok(j) = round.seqs.binary_search(&victim) else {
+                        continue;
+                    };
+                    let Some(size) = round.take(j) else {
+                        continue;
+                    };
+                    done.removed += 1;
+                    done.removed_bytes += size;
+                    let sealed = self
+                        .sealer
+                        .seal(Table::Dead, victim, &encode_dead(note, &body));
+                    dead.insert(victim, sealed.as_slice()).map_err(storage)?;
+                    done.dead += 1;
+                }
+                touched.insert(key);
+                if round.mostly_gone() {
+                    rewrite.insert(key);
+                }
             }
             let mut retried = Vec::new();
             for (old, new) in &batch.retry {
@@ -619,7 +750,7 @@ impl Store {
                 done.retried_bytes += entry_size(body);
                 retried.push((*new, body.to_vec()));
             }
-            for chunk in retried.chunks(MIGRATE_ROUND) {
+            for chunk in rounds_of(&retried) {
                 let key = chunk[0].0;
                 let entries = chunk.iter().map(|(s, b)| (*s, b.as_slice()));
                 let value = self
@@ -734,36 +865,39 @@ impl Store {
 
     /// Up to `max` entries still to send from `from` on, in order, with their size.
     pub fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Stored, u64)>, StoreError> {
-        // Which entries, from the index (briefly: a commit waits for it).
         // Per round: its key, whether it opens, and the entries wanted with their size.
         type Wanted = (u64, bool, Vec<(u64, u64)>);
-        let mut plan: Vec<Wanted> = Vec::new();
-        {
-            let index = self.index();
-            let start = index.range(..=from).next_back().map_or(from, |(k, _)| *k);
-            let mut n = 0;
-            for (key, round) in index.range(start..) {
-                if n >= max {
-                    break;
-                }
-                let wanted: Vec<(u64, u64)> = round
-                    .seqs
-                    .iter()
-                    .zip(&round.live)
-                    .zip(&round.sizes)
-                    .filter(|((s, live), _)| **live && **s >= from)
-                    .take(max - n)
-                    .map(|((s, _), size)| (*s, u64::from(*size)))
-                    .collect();
-                n += wanted.len();
-                if !wanted.is_empty() {
-                    plan.push((*key, round.corrupt, wanted));
-                }
-            }
-        }
         contain(
             || {
-                let tx = self.db.begin_read().map_err(storage)?;
+                // Which entries, from the index, and the snapshot to read them from,
+                // taken before the index is let go: a commit holds the index until it is
+                // done, so none lands between the two (a round deleted meanwhile would
+                // read as nothing left, and the link would skip what follows it).
+                let mut plan: Vec<Wanted> = Vec::new();
+                let tx = {
+                    let index = self.index();
+                    let start = index.range(..=from).next_back().map_or(from, |(k, _)| *k);
+                    let mut n = 0;
+                    for (key, round) in index.range(start..) {
+                        if n >= max {
+                            break;
+                        }
+                        let wanted: Vec<(u64, u64)> = round
+                            .seqs
+                            .iter()
+                            .zip(&round.live)
+                            .zip(&round.sizes)
+                            .filter(|((s, live), _)| **live && **s >= from)
+                            .take(max - n)
+                            .map(|((s, _), size)| (*s, u64::from(*size)))
+                            .collect();
+                        n += wanted.len();
+                        if !wanted.is_empty() {
+                            plan.push((*key, round.corrupt, wanted));
+                        }
+                    }
+                    self.db.begin_read().map_err(storage)?
+                };
                 let rounds = match tx.open_table(ROUNDS) {
                     Ok(t) => t,
                     Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -892,7 +1026,7 @@ mod tests {
 
     fn payloads(store: &Store) -> Vec<String> {
         store
-            .read(0, 1000)
+            .read(0, 100_000)
             .unwrap()
             .into_iter()
             .map(|(_, s, _)| match s {
@@ -1077,27 +1211,135 @@ mod tests {
     }
 
     #[test]
-    fn entries_dropped_for_room_are_gone_from_the_file_at_once() {
+    fn entries_dropped_for_room_leave_the_file_once_half_their_round_has_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.redb");
+        let sealer = Sealer::derive(&[7; 32]);
+        let drop_and_reopen = |drop: Vec<u64>| {
+            {
+                let (store, _) = Store::open(&path, sealer.clone()).unwrap();
+                store
+                    .commit(&Batch {
+                        drop,
+                        next_seq: 6,
+                        durable: true,
+                        ..Batch::default()
+                    })
+                    .unwrap();
+            }
+            let (store, loaded) = Store::open(&path, sealer.clone()).unwrap();
+            let qos0: Vec<u64> = loaded.qos0.iter().map(|(s, _)| *s).collect();
+            (payloads(&store), qos0)
+        };
+        {
+            let (store, _) = Store::open(&path, sealer.clone()).unwrap();
+            append(&store, 1..6, QoS::AtMostOnce);
+        }
+        // One of five: not yet worth writing the round again (a crash would bring it
+        // back: a QoS 0 message sent after all).
+        let (left, _) = drop_and_reopen(vec![1]);
+        assert_eq!(left, ["1", "2", "3", "4", "5"]);
+        // Three of five: the round is written again without them.
+        let (left, qos0) = drop_and_reopen(vec![1, 2, 3]);
+        assert_eq!(left, ["4", "5"]);
+        assert_eq!(qos0, [4, 5]);
+    }
+
+    #[test]
+    fn a_row_planted_inside_a_rounds_numbers_goes_to_the_dead_letters_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.redb");
         let sealer = Sealer::derive(&[7; 32]);
         {
             let (store, _) = Store::open(&path, sealer.clone()).unwrap();
-            append(&store, 1..6, QoS::AtMostOnce);
-            store
-                .commit(&Batch {
-                    drop: vec![1, 3],
-                    next_seq: 6,
-                    durable: true,
-                    ..Batch::default()
-                })
-                .unwrap();
+            append(&store, 1..6, QoS::AtLeastOnce);
         }
-        let (store, loaded) = Store::open(&path, sealer).unwrap();
-        assert_eq!(payloads(&store), ["2", "4", "5"]);
-        assert_eq!(
-            loaded.qos0.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-            [2, 4, 5]
+        plant(&path, ROUNDS, &[(3, b"planted".to_vec())]);
+        let (store, loaded) = Store::open(&path, sealer.clone()).unwrap();
+        assert_eq!(loaded.dead, 1);
+        assert_eq!(payloads(&store), ["1", "2", "3", "4", "5"]);
+        let dead = store.dead_letters(0, 10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].seq >= 6, "{}", dead[0].seq);
+        assert!(
+            dead[0].note.reason.contains("stored at 3"),
+            "{:?}",
+            dead[0].note
+        );
+        // The round's own entries are acknowledged as usual.
+        let done = store
+            .commit(&Batch {
+                remove: vec![3, 4],
+                next_seq: loaded.next_seq,
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(done.removed, 2);
+        assert_eq!(payloads(&store), ["1", "2", "5"]);
+    }
+
+    #[test]
+    fn a_round_that_stops_opening_goes_to_the_dead_letters_whole_with_its_bytes_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.redb");
+        let sealer = Sealer::derive(&[7; 32]);
+        let (store, _) = Store::open(&path, sealer.clone()).unwrap();
+        append(&store, 1..5, QoS::AtLeastOnce);
+        // Damaged under the running gateway: the value no longer opens.
+        {
+            let tx = store.db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(ROUNDS).unwrap();
+                t.insert(1, b"damaged".as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let read = store.read(0, 10).unwrap();
+        assert_eq!(read.len(), 4);
+        assert!(read.iter().all(|r| matches!(r.1, Stored::Corrupt { .. })));
+        let note = DeadNote {
+            reason: "unreadable".into(),
+            attempts: 0,
+            dead_ms: 1,
+        };
+        let done = store
+            .commit(&Batch {
+                dead: vec![(2, note)],
+                next_seq: 5,
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!((done.dead, done.removed), (4, 4));
+        assert!(payloads(&store).is_empty());
+        let letters = store.dead_letters(0, 10).unwrap();
+        let raw: Vec<usize> = letters
+            .iter()
+            .map(|l| match &l.stored {
+                Stored::Corrupt { raw, .. } => raw.len(),
+                Stored::Entry(_) => usize::MAX,
+            })
+            .collect();
+        assert_eq!(raw, [b"damaged".len(), 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_sequence_number_past_any_the_gateway_writes_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert(NEXT_SEQ, u64::MAX)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let err = Store::open(&path, Sealer::derive(&[7; 32])).unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("outbox.redb") && err.contains("sequence number"),
+            "{err}"
         );
     }
 
@@ -1111,22 +1353,23 @@ mod tests {
         // 3 is damaged: it stays in its place, to be dead-lettered when sent.
         let mut damaged = legacy(3);
         damaged[0] ^= 1;
-        plant(
-            &path,
-            LEGACY,
-            &[(1, legacy(1)), (2, legacy(2)), (3, damaged), (4, legacy(4))],
-        );
+        // And more than one round's worth after it.
+        let mut rows = vec![(1, legacy(1)), (2, legacy(2)), (3, damaged), (4, legacy(4))];
+        rows.extend((5..5 + MOVE_ROUND as u64 + 10).map(|s| (s, legacy(s))));
+        plant(&path, LEGACY, &rows);
+        let total = rows.len() as u64;
         {
             let (store, loaded) = Store::open(&path, sealer.clone()).unwrap();
-            assert_eq!((loaded.depth, loaded.next_seq), (4, 5));
+            assert_eq!((loaded.depth, loaded.next_seq), (total, total + 1));
             let read = payloads(&store);
             assert_eq!(read[..2], ["1", "2"]);
             assert!(read[2].starts_with("corrupt: MAC"), "{read:?}");
-            assert_eq!(read[3], "4");
+            let rest: Vec<u64> = read[3..].iter().map(|p| p.parse().unwrap()).collect();
+            assert_eq!(rest, (4..=total).collect::<Vec<_>>());
         }
         // Moved once: the old table is gone, the rounds stay.
         let (store, _) = Store::open(&path, sealer).unwrap();
-        assert_eq!(payloads(&store).len(), 4);
+        assert_eq!(payloads(&store).len() as u64, total);
         let tx = store.db.begin_read().unwrap();
         assert!(matches!(
             tx.open_table(LEGACY),
