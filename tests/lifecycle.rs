@@ -633,3 +633,92 @@ fn signed_audit_checkpoints_reach_a_subscribed_service() {
     ]);
     assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_pre_shared_key_is_printed_once_and_kept_only_encrypted_under_a_master_key_outside_the_data_dir()
+{
+    use std::os::unix::fs::PermissionsExt;
+    let mut gw = Gateway::start();
+    let out = gw.cli_ok(&["device", "add", "coap-1", "--psk-generate"]);
+    let psk = out
+        .lines()
+        .find_map(|l| l.strip_prefix("psk: "))
+        .expect("psk printed")
+        .to_string();
+    assert_eq!(psk.len(), 32, "{out}");
+    // Shown as set, never shown itself.
+    let show = gw.cli_ok(&["device", "show", "coap-1"]);
+    assert!(show.contains("\"psk\": true"), "{show}");
+    assert!(!show.contains(&psk), "{show}");
+    // Nowhere in the data dir in clear (the registry, its logs).
+    for file in files_under(&gw.data()) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(psk.len()).any(|w| w == psk.as_bytes()),
+            "the key in clear in {}",
+            file.display()
+        );
+    }
+    // The master key sits beside the data dir, owner-only.
+    let master = gw.dir.path().join("portcullis-master.key");
+    let mode = std::fs::metadata(&master).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // From stdin, bounded; a device credential only; never on the command line.
+    let short = gw.cli_stdin(&["device", "add", "coap-2", "--psk-stdin"], Some("short\n"));
+    assert!(!short.status.success());
+    assert!(text(&short).contains("16 to 64 bytes"), "{}", text(&short));
+    gw.cli_stdin(
+        &["device", "add", "coap-2", "--psk-stdin"],
+        Some("a-long-enough-pre-shared-key\n"),
+    );
+    assert!(gw.cli_ok(&["device", "show", "coap-2"]).contains("\"psk\": true"));
+    let service = gw.cli(&["service", "add", "svc-9", "--psk-generate"]);
+    assert!(!service.status.success());
+    assert!(text(&service).contains("device credential"), "{}", text(&service));
+    assert!(!text(&service).contains("psk: "), "{}", text(&service));
+    let argv = gw.cli(&["device", "add", "coap-3", "--psk", "in-the-clear-on-argv"]);
+    assert!(!argv.status.success());
+    // Rotating the master key seals both keys again and drops the old key.
+    let before = std::fs::read_to_string(&master).unwrap();
+    let out = gw.cli_ok(&["master-key", "rotate"]);
+    assert!(
+        out.contains("2 record(s) sealed again, 1 old key(s) dropped"),
+        "{out}"
+    );
+    let after = std::fs::read_to_string(&master).unwrap();
+    let keys = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(keys(&after).len(), 1);
+    assert!(!keys(&before).contains(&keys(&after)[0]));
+    gw.wait_audit(&["master_key", "rotated"]);
+    assert!(gw.cli_ok(&["registry", "check"]).starts_with("ok"));
+    // With the gateway stopped and the master key swapped, the check names the device
+    // whose key no longer opens.
+    gw.terminate();
+    std::fs::write(&master, format!("{}\n", "ab".repeat(32))).unwrap();
+    let check = gw.cli(&["registry", "check"]);
+    assert!(!check.status.success());
+    assert!(
+        text(&check).contains("coap-1") && text(&check).contains("does not open"),
+        "{}",
+        text(&check)
+    );
+}

@@ -354,6 +354,10 @@ pub struct Auth {
     /// Secret-hash key (HMAC-SHA256). Default: `{data_dir}/keys/secret-hash.key`,
     /// created on first start.
     pub secret_key_file: Option<PathBuf>,
+    /// The master key(s) the devices' pre-shared keys and frame keys are sealed under:
+    /// outside the data dir, created if missing. `PORTCULLIS_MASTER_KEY`, when set,
+    /// is used instead.
+    pub master_key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -636,6 +640,7 @@ impl Default for Auth {
             ipv6_source_prefix: 64,
             alert_failures: 10,
             secret_key_file: None,
+            master_key_file: PathBuf::from("{data_dir}/../portcullis-master.key"),
         }
     }
 }
@@ -671,6 +676,22 @@ impl fmt::Display for ConfigError {
             write!(f, "{}: {}: {}", self.file, self.key, self.reason)
         }
     }
+}
+
+/// `path` made absolute with `.` and `..` folded away, without touching the disk.
+fn lexical(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl Config {
@@ -714,6 +735,14 @@ impl Config {
 
     /// Cross-field checks serde cannot express.
     fn validate(&self) -> Result<(), (String, String)> {
+        // The master key must not travel with the registry it protects.
+        if lexical(&self.resolve(&self.auth.master_key_file)).starts_with(lexical(&self.data_dir)) {
+            return Err((
+                "auth.master_key_file".into(),
+                "must be outside data_dir: the registry it protects is there (and in its backups)"
+                    .into(),
+            ));
+        }
         let positive: [(&str, u64); 23] = [
             (
                 "sessions.max_retained_telemetry_bytes_per_device",
@@ -1117,6 +1146,9 @@ impl Config {
     }
     pub fn audit_file(&self) -> PathBuf {
         self.path_or(&self.audit.file, "audit.log")
+    }
+    pub fn master_key_file(&self) -> PathBuf {
+        self.resolve(&self.auth.master_key_file)
     }
     pub fn audit_key_file(&self) -> PathBuf {
         self.resolve(&self.audit.key_file)

@@ -9,8 +9,8 @@ use crate::admin::protocol::{
     EnablePrincipal, ImportPrincipals, KickClient, ListBans, ListClients, ListOutbox,
     ListPrincipals, ListQuarantine, NewPrincipal, OutboxListed, PurgeDeadLetters, QuarantineDevice,
     QuarantineRow, QuarantineShown, ReleaseDevice, Reload, RemoveBan, RemovePrincipal, Reply,
-    RetryDeadLetters, RotateCredentials, ShowDeadLetter, ShowPrincipal, ShowQuarantine,
-    request_line,
+    RetryDeadLetters, RotateCredentials, RotateMasterKey, ShowDeadLetter, ShowPrincipal,
+    ShowQuarantine, request_line,
 };
 use crate::admin::{AdminError, AdminState, AuditSink, Handler};
 use crate::pki::{self, PkiPaths};
@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use portcullis_config::Config;
 use portcullis_core::auth::Policies;
+use portcullis_core::device_key::{MasterKeys, generate_device_key};
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::registry::{CheckSummary, Registry};
 use portcullis_core::secret::SecretHasher;
@@ -140,6 +141,21 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// The master key the devices' pre-shared keys and frame keys are sealed under.
+    MasterKey {
+        #[command(subcommand)]
+        action: MasterKeyAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MasterKeyAction {
+    /// A new master key; every device key sealed again under it; the old key dropped
+    /// (from PORTCULLIS_MASTER_KEY: the keys there, the first one current, are used
+    /// as they are, and the old ones are for you to drop).
+    Rotate,
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,6 +201,16 @@ struct Credentials {
     /// Generate a random secret and print it once.
     #[arg(long)]
     generate_secret: bool,
+    /// Generate a DTLS pre-shared key (CoAP; PSK identity = the device id) and print
+    /// it once.
+    #[arg(long, conflicts_with_all = ["psk_stdin", "psk_file"])]
+    psk_generate: bool,
+    /// Read the pre-shared key from standard input (one line).
+    #[arg(long, conflicts_with_all = ["psk_file", "secret_stdin"])]
+    psk_stdin: bool,
+    /// Read the pre-shared key from a file.
+    #[arg(long)]
+    psk_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -528,6 +554,19 @@ pub fn run(cli: Cli) -> Result<()> {
             let config = load_config(config.config.as_deref())?;
             registry(&config, action)
         }
+        Command::MasterKey { action, config } => {
+            let config = load_config(config.config.as_deref())?;
+            match action {
+                MasterKeyAction::Rotate => {
+                    let done = call(&config, RotateMasterKey {})?;
+                    println!(
+                        "master key {} ({}): {} record(s) sealed again, {} old key(s) dropped",
+                        done.master, done.source, done.resealed, done.retired
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Clients { action, config } => {
             let config = load_config(config.config.as_deref())?;
             match action {
@@ -580,6 +619,33 @@ fn read_secret(creds: &Credentials) -> Result<Option<String>> {
     Ok(Some(secret))
 }
 
+/// The pre-shared key the flags name: generated (printed once, by the caller, only
+/// after the gateway stored it), or read from stdin or a file. Never from argv.
+fn read_psk(creds: &Credentials) -> Result<Option<String>> {
+    if creds.psk_generate {
+        return Ok(Some(generate_device_key().map_err(|e| {
+            anyhow::anyhow!("the system's random source: {e}")
+        })?));
+    }
+    let raw = if creds.psk_stdin {
+        let mut s = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut s)
+            .context("reading the pre-shared key from stdin")?;
+        s
+    } else if let Some(file) = &creds.psk_file {
+        std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?
+    } else {
+        return Ok(None);
+    };
+    let psk = raw.trim_end_matches(['\n', '\r']).to_string();
+    if psk.is_empty() {
+        bail!(UsageError("the pre-shared key is empty".into()));
+    }
+    Ok(Some(psk))
+}
+
 fn rand_bytes(buf: &mut [u8]) -> Result<()> {
     getrandom::fill(buf).map_err(|e| anyhow::anyhow!("the system's random source: {e}"))
 }
@@ -612,6 +678,8 @@ struct ImportEntry {
     cert_any: bool,
     #[serde(default)]
     secret: Option<String>,
+    #[serde(default)]
+    psk: Option<String>,
 }
 
 fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) -> Result<()> {
@@ -624,12 +692,20 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
         }
         Ok(secret)
     };
+    let mut generated_psk = None;
+    let mut psk_of = |creds: &Credentials| -> Result<Option<String>> {
+        let psk = read_psk(creds)?;
+        if creds.psk_generate {
+            generated_psk.clone_from(&psk);
+        }
+        Ok(psk)
+    };
     let config = &config;
     match action {
         PrincipalAction::Add { id, group, creds } => {
-            if !creds.cert_any && creds.cert.is_none() && !has_secret(&creds) {
+            if !creds.cert_any && creds.cert.is_none() && !has_secret(&creds) && !has_psk(&creds) {
                 bail!(UsageError(
-                    "give a credential: --cert FILE, --cert-any, --secret-stdin, --secret-file or --generate-secret".into()
+                    "give a credential: --cert FILE, --cert-any, --secret-stdin, --secret-file, --generate-secret, --psk-generate, --psk-stdin or --psk-file".into()
                 ));
             }
             let principal = NewPrincipal {
@@ -638,6 +714,7 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
                 cert_fingerprint: fingerprint(&creds)?,
                 cert_any: creds.cert_any,
                 secret: secret_of(&creds)?,
+                psk: psk_of(&creds)?,
             };
             print(&call(config, AddPrincipal { kind, principal })?)
         }
@@ -662,6 +739,7 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
                     cert_fingerprint,
                     cert_any: e.cert_any,
                     secret: e.secret,
+                    psk: e.psk,
                 });
             }
             print(&call(config, ImportPrincipals { kind, principals })?)
@@ -678,6 +756,7 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
                 cert_fingerprint: fingerprint(&creds)?,
                 cert_any: creds.cert_any,
                 secret: secret_of(&creds)?,
+                psk: psk_of(&creds)?,
             };
             print(&call(config, op)?)
         }
@@ -686,6 +765,9 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
     // device, and only once the gateway has accepted it: a refused one exists nowhere.
     if let Some(secret) = generated {
         println!("secret: {secret}");
+    }
+    if let Some(psk) = generated_psk {
+        println!("psk: {psk}");
     }
     Ok(())
 }
@@ -794,6 +876,10 @@ fn offline_audit(config: &Config) -> Result<portcullis_core::audit::AuditSetting
     settings.max_file_bytes = config.audit.max_file_bytes;
     settings.keep_files = config.audit.keep_files;
     Ok(settings)
+}
+
+fn has_psk(c: &Credentials) -> bool {
+    c.psk_generate || c.psk_stdin || c.psk_file.is_some()
 }
 
 fn has_secret(c: &Credentials) -> bool {
@@ -997,10 +1083,12 @@ fn call<O: Handler>(config: &Config, op: O) -> Result<O::Reply> {
             // No gateway: work on the registry directly.
             let registry = open_registry(config, registry_sealer(config)?)?;
             let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
+            let master = MasterKeys::load_or_create(&config.master_key_file())?;
             let policies = Policies::from_config(config).map_err(|e| UsageError(e.to_string()))?;
             let state = AdminState {
                 registry: Arc::new(registry),
                 hasher,
+                master: Arc::new(master),
                 policies: Arc::new(policies),
                 auth: None,
                 reload: None,

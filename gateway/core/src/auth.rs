@@ -426,6 +426,8 @@ impl Authenticator {
                 }),
                 // A hash no secret has: HMAC output is never all zero bytes in practice.
                 secret_hash: Some(hex::encode([0u8; 32])),
+                psk: None,
+                frame_key: None,
                 generation: 0,
                 created_unix: 0,
                 updated_unix: 0,
@@ -754,6 +756,8 @@ mod tests {
                 enabled: true,
                 cert: None,
                 secret_hash: Some(hex::encode(hasher.hash(SECRET))),
+                psk: None,
+                frame_key: None,
                 generation: 3,
                 created_unix: 0,
                 updated_unix: 0,

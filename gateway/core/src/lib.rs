@@ -13,6 +13,7 @@ pub mod behaviour;
 pub mod behaviour_record;
 pub mod content;
 pub mod control;
+pub mod device_key;
 pub mod fanout;
 pub mod forward;
 pub mod limit;

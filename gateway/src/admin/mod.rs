@@ -28,6 +28,7 @@ use protocol::{Op, Reply, Request};
 pub use socket::{bind, serve};
 
 use portcullis_core::auth::{Authenticator, Policies};
+use portcullis_core::device_key::MasterKeys;
 use portcullis_core::principal::{PrincipalId, PrincipalKind};
 use portcullis_core::quarantine::Behaviours;
 use portcullis_core::registry::{Registry, RegistryError};
@@ -44,6 +45,8 @@ pub type Reloader = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub hasher: SecretHasher,
+    /// The master keys device keys (PSKs, frame keys) are sealed under.
+    pub master: Arc<MasterKeys>,
     /// The policies at start (used with no gateway running).
     pub policies: Arc<Policies>,
     /// The running gateway's authenticator, whose policies follow reloads.
@@ -90,6 +93,7 @@ impl AdminState {
             Request::QuarantineAdd(op) => self.reply(op),
             Request::RegistryCheck(op) => self.reply(op),
             Request::RegistryBackup(op) => self.reply(op),
+            Request::MasterKeyRotate(op) => self.reply(op),
             Request::OutboxList(op) => self.reply(op),
             Request::OutboxShow(op) => self.reply(op),
             Request::OutboxRetry(op) => self.reply(op),
@@ -168,6 +172,7 @@ pub(crate) mod testing {
         let state = AdminState {
             registry: Arc::new(registry),
             hasher: SecretHasher::from_key([7; 32]),
+            master: Arc::new(MasterKeys::from_keys(&[[8; 32]])),
             policies: Arc::new(Policies::from_config(config).unwrap()),
             auth: None,
             reload: None,
@@ -209,6 +214,7 @@ pub(crate) mod testing {
                 cert_fingerprint: None,
                 cert_any: false,
                 secret: Some("0123456789abcdef0123456789abcdef".into()),
+                psk: None,
             },
         }
     }

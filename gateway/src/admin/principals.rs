@@ -8,7 +8,8 @@ use super::protocol::{
     RemovePrincipal, RotateCredentials, ShowPrincipal,
 };
 use super::{AdminError, AdminState, Handler, parse_id};
-use portcullis_core::principal::{GroupName, PrincipalKind};
+use portcullis_core::device_key::{KeyPurpose, SealedKey};
+use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
 use portcullis_core::registry::{CertCredential, PrincipalRecord, now_unix};
 use portcullis_core::secret::MIN_SECRET_LEN;
 use portcullis_core::sessions::KickReason;
@@ -55,6 +56,7 @@ impl From<&PrincipalRecord> for Principal {
                 None => "any from the group's CA".to_string(),
             }),
             secret: r.secret_hash.is_some(),
+            psk: r.psk.is_some(),
             generation: r.generation,
             created_unix: r.created_unix,
             updated_unix: r.updated_unix,
@@ -73,6 +75,27 @@ impl AdminState {
             .transpose()
     }
 
+    /// A pre-shared key is kept sealed under the master key (devices only: CoAP).
+    fn seal_psk(
+        &self,
+        kind: PrincipalKind,
+        id: &PrincipalId,
+        psk: Option<&str>,
+    ) -> Result<Option<SealedKey>, String> {
+        let Some(psk) = psk else {
+            return Ok(None);
+        };
+        if kind != PrincipalKind::Device {
+            return Err(format!(
+                "{id}: a pre-shared key is a device credential (CoAP over DTLS)"
+            ));
+        }
+        self.master
+            .seal(kind, id, KeyPurpose::Psk, psk.as_bytes())
+            .map(Some)
+            .map_err(|e| format!("{id}: pre-shared key: {e}"))
+    }
+
     fn record_for(&self, kind: PrincipalKind, p: &NewPrincipal) -> Result<PrincipalRecord, String> {
         let id = parse_id(&p.id)?;
         let group_name = p.group.as_deref().unwrap_or("default");
@@ -88,9 +111,10 @@ impl AdminState {
         }
         let cert = cert_credential(p.cert_fingerprint.as_deref(), p.cert_any)?;
         let secret_hash = self.hash_secret(p.secret.as_deref())?;
-        if cert.is_none() && secret_hash.is_none() {
+        let psk = self.seal_psk(kind, &id, p.psk.as_deref())?;
+        if cert.is_none() && secret_hash.is_none() && psk.is_none() {
             return Err(format!(
-                "{id}: no credential (give a certificate, --cert-any, or a secret)"
+                "{id}: no credential (give a certificate, --cert-any, a secret or a pre-shared key)"
             ));
         }
         let now = now_unix();
@@ -101,6 +125,8 @@ impl AdminState {
             enabled: true,
             cert,
             secret_hash,
+            psk,
+            frame_key: None,
             generation: 0,
             created_unix: now,
             updated_unix: now,
@@ -231,12 +257,22 @@ impl Handler for RemovePrincipal {
 impl Handler for RotateCredentials {
     fn run(self, state: &AdminState) -> Result<PrincipalChanged, AdminError> {
         let pid = parse_id(&self.id)?;
-        if self.cert_fingerprint.is_none() && !self.cert_any && self.secret.is_none() {
-            return Err("rotate needs a new certificate, --cert-any or a new secret".into());
+        if self.cert_fingerprint.is_none()
+            && !self.cert_any
+            && self.secret.is_none()
+            && self.psk.is_none()
+        {
+            return Err(
+                "rotate needs a new certificate, --cert-any, a new secret or a new pre-shared key"
+                    .into(),
+            );
         }
         let cert = cert_credential(self.cert_fingerprint.as_deref(), self.cert_any)?;
         let secret_hash = state.hash_secret(self.secret.as_deref())?;
-        let r = state.registry.rotate(self.kind, &pid, cert, secret_hash)?;
+        let psk = state.seal_psk(self.kind, &pid, self.psk.as_deref())?;
+        let r = state
+            .registry
+            .rotate(self.kind, &pid, cert, secret_hash, psk)?;
         // Sessions authenticated with the old credentials end.
         let ended = state.kick(self.kind, &pid, r.generation, KickReason::CredentialRotated);
         state.audit("rotate", self.kind, &self.id);
@@ -307,12 +343,13 @@ mod tests {
                 cert_fingerprint: None,
                 cert_any: false,
                 secret: None,
+                psk: None,
             }
             .run(&state),
         );
         assert_eq!(
             m,
-            "rotate needs a new certificate, --cert-any or a new secret"
+            "rotate needs a new certificate, --cert-any, a new secret or a new pre-shared key"
         );
     }
 }

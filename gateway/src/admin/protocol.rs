@@ -81,6 +81,8 @@ protocol! {
     RegistryCheck(CheckRegistry) -> CheckSummary;
     /// Copy the registry, consistently, to a new file.
     RegistryBackup(BackupRegistry) -> CheckSummary;
+    /// A new master key; every device key sealed again under it; the old one dropped.
+    MasterKeyRotate(RotateMasterKey) -> MasterKeyRotated;
     /// Upstream mode: what the outbox holds, and its dead letters.
     OutboxList(ListOutbox) -> OutboxListed;
     OutboxShow(ShowDeadLetter) -> DeadLetterShown;
@@ -168,6 +170,9 @@ pub struct NewPrincipal {
     pub cert_any: bool,
     #[serde(default)]
     pub secret: Option<String>,
+    /// A DTLS pre-shared key (devices only), kept encrypted under the master key.
+    #[serde(default)]
+    pub psk: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,6 +235,8 @@ pub struct RotateCredentials {
     pub cert_any: bool,
     #[serde(default)]
     pub secret: Option<String>,
+    #[serde(default)]
+    pub psk: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -302,6 +309,22 @@ pub struct CheckRegistry {}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RotateMasterKey {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MasterKeyRotated {
+    /// The current master key's id (a hash prefix, not the key).
+    pub master: String,
+    /// Device keys sealed again under it.
+    pub resealed: usize,
+    /// Old master keys dropped from the file (0 from the environment: drop them there).
+    pub retired: usize,
+    /// Where the master keys come from.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackupRegistry {
     /// A new file, by its absolute path (the gateway's working directory is not ours).
     pub path: PathBuf,
@@ -320,6 +343,9 @@ pub struct Principal {
     pub certificate: Option<String>,
     /// Whether a secret is set.
     pub secret: bool,
+    /// Whether a DTLS pre-shared key is set (never the key).
+    #[serde(default)]
+    pub psk: bool,
     pub generation: u64,
     pub created_unix: u64,
     pub updated_unix: u64,
@@ -602,6 +628,7 @@ mod tests {
                     cert_fingerprint: None,
                     cert_any: true,
                     secret: None,
+                    psk: None,
                 },
             }),
             json!({
@@ -613,6 +640,7 @@ mod tests {
                     "cert_fingerprint": null,
                     "cert_any": true,
                     "secret": null,
+                    "psk": null,
                 },
             })
         );
@@ -706,6 +734,7 @@ mod tests {
             enabled: true,
             certificate: None,
             secret: true,
+            psk: false,
             generation: 0,
             created_unix: 10,
             updated_unix: 10,

@@ -145,6 +145,8 @@ fn fixture(
                 enabled: true,
                 cert: None,
                 secret_hash: Some(hex::encode(hasher.hash(SECRET))),
+                psk: None,
+                frame_key: None,
                 generation: 1,
                 created_unix: 0,
                 updated_unix: 0,

@@ -15,6 +15,7 @@ mod upgrade;
 pub use upgrade::format2_copy;
 
 use crate::bans::{Ban, BanList, BanTarget};
+use crate::device_key::SealedKey;
 use crate::principal::{GroupName, PrincipalId, PrincipalKind};
 use crate::record::{RecordError, RecordSealer, SEALED_V1, decode_payload};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -59,6 +60,13 @@ pub struct PrincipalRecord {
     pub cert: Option<CertCredential>,
     /// HMAC-SHA256 of the secret (hex); never the secret.
     pub secret_hash: Option<String>,
+    /// The DTLS pre-shared key (CoAP), encrypted under the master key
+    /// (`device_key`); absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psk: Option<SealedKey>,
+    /// The serial frame key, encrypted the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_key: Option<SealedKey>,
     /// Bumped on every credential rotation; sessions remember theirs.
     pub generation: u64,
     pub created_unix: u64,
@@ -811,6 +819,39 @@ impl Registry {
         Ok(())
     }
 
+    /// Replace every principal record `change` returns a new version of, in one
+    /// commit (a master key rotation seals every device key again); how many changed.
+    pub fn update_all(
+        &self,
+        change: impl Fn(&PrincipalRecord) -> Result<Option<PrincipalRecord>, RegistryError>,
+    ) -> Result<usize, RegistryError> {
+        let keys: Vec<(PrincipalKind, PrincipalId)> =
+            self.snapshot().principals.keys().cloned().collect();
+        let changed = self.write(PRINCIPALS_TABLE, |t| {
+            let mut changed = Vec::new();
+            for (kind, id) in &keys {
+                let k = key(*kind, id);
+                let Some(current) = t.get::<PrincipalRecord>(&k)? else {
+                    continue;
+                };
+                if let Some(next) = change(&current)? {
+                    let bytes = serde_json::to_vec(&next).map_err(storage)?;
+                    t.insert(&k, &bytes)?;
+                    changed.push(next);
+                }
+            }
+            Ok(changed)
+        })?;
+        let n = changed.len();
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        let mut principals = snapshot.principals.clone();
+        for record in changed {
+            principals.insert((record.kind, record.id.clone()), Arc::new(record));
+        }
+        *snapshot = Arc::new(Snapshot { principals });
+        Ok(n)
+    }
+
     pub fn set_enabled(
         &self,
         kind: PrincipalKind,
@@ -850,6 +891,7 @@ impl Registry {
         id: &PrincipalId,
         cert: Option<CertCredential>,
         secret_hash: Option<String>,
+        psk: Option<SealedKey>,
     ) -> Result<PrincipalRecord, RegistryError> {
         self.mutate(kind, id, |current| {
             let mut record = current.ok_or_else(|| RegistryError::NotFound {
@@ -861,6 +903,9 @@ impl Registry {
             }
             if secret_hash.is_some() {
                 record.secret_hash = secret_hash;
+            }
+            if psk.is_some() {
+                record.psk = psk;
             }
             record.generation += 1;
             record.updated_unix = now_unix();
@@ -886,6 +931,8 @@ pub(crate) mod tests {
             enabled: true,
             cert: Some(CertCredential { fingerprint: None }),
             secret_hash: None,
+            psk: None,
+            frame_key: None,
             generation: 0,
             created_unix: 1,
             updated_unix: 1,
@@ -972,7 +1019,13 @@ pub(crate) mod tests {
         r.add(record("a")).unwrap();
         let id = PrincipalId::parse("a").unwrap();
         let rec = r
-            .rotate(PrincipalKind::Device, &id, None, Some("00".repeat(32)))
+            .rotate(
+                PrincipalKind::Device,
+                &id,
+                None,
+                Some("00".repeat(32)),
+                None,
+            )
             .unwrap();
         assert_eq!(rec.generation, 1);
         assert!(rec.secret_hash_bytes().is_some());
