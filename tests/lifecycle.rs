@@ -650,7 +650,7 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn a_pre_shared_key_is_printed_once_and_kept_only_encrypted_under_a_master_key_outside_the_data_dir()
-{
+ {
     use std::os::unix::fs::PermissionsExt;
     let mut gw = Gateway::start();
     let out = gw.cli_ok(&["device", "add", "coap-1", "--psk-generate"]);
@@ -685,10 +685,17 @@ fn a_pre_shared_key_is_printed_once_and_kept_only_encrypted_under_a_master_key_o
         &["device", "add", "coap-2", "--psk-stdin"],
         Some("a-long-enough-pre-shared-key\n"),
     );
-    assert!(gw.cli_ok(&["device", "show", "coap-2"]).contains("\"psk\": true"));
+    assert!(
+        gw.cli_ok(&["device", "show", "coap-2"])
+            .contains("\"psk\": true")
+    );
     let service = gw.cli(&["service", "add", "svc-9", "--psk-generate"]);
     assert!(!service.status.success());
-    assert!(text(&service).contains("device credential"), "{}", text(&service));
+    assert!(
+        text(&service).contains("device credential"),
+        "{}",
+        text(&service)
+    );
     assert!(!text(&service).contains("psk: "), "{}", text(&service));
     let argv = gw.cli(&["device", "add", "coap-3", "--psk", "in-the-clear-on-argv"]);
     assert!(!argv.status.success());

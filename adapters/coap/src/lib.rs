@@ -1,0 +1,9 @@
+//! The CoAP adapter (SPEC §3, §4): constrained devices on UDP, authenticated by a DTLS
+//! pre-shared key whose identity is the device id.
+//!
+//! - `dtls`: one task owns the UDP socket and every peer's DTLS state (dimpl, sans-IO),
+//!   with a cap on handshakes in progress (overall and per source), a handshake
+//!   deadline and an idle timeout. It hands the CoAP layer whole datagrams of
+//!   application data from peers that proved their key.
+
+pub mod dtls;
