@@ -5,5 +5,7 @@
 //!   with a cap on handshakes in progress (overall and per source), a handshake
 //!   deadline and an idle timeout. It hands the CoAP layer whole datagrams of
 //!   application data from peers that proved their key.
+//! - `keys`: the pre-shared keys, from the registry, opened with the master key.
 
 pub mod dtls;
+pub mod keys;

@@ -8,6 +8,7 @@
 use crate::acl::{Acl, AclTemplate};
 use crate::auth_alert::{Alert, FailureAlerts};
 use crate::backoff::{BackedOff, BackoffPolicy, SourceGuard};
+use crate::device_key::KeyPurpose;
 use crate::principal::{GroupName, PrincipalId, PrincipalKind, PrincipalRef};
 use crate::registry::{PrincipalRecord, Registry};
 use crate::secret::SecretHasher;
@@ -256,11 +257,14 @@ impl<'a> Credentials<'a> {
         })
     }
 
-    /// A key only a future adapter's handshake proves (no registry record holds one yet).
-    fn keyed(&self) -> bool {
-        self.presented
-            .iter()
-            .any(|c| matches!(c, Credential::PreSharedKey | Credential::FrameKey))
+    /// A key the adapter's own handshake or frame check already proved (the DTLS
+    /// pre-shared key, the serial frame key): which one.
+    fn keyed(&self) -> Option<KeyPurpose> {
+        self.presented.iter().find_map(|c| match c {
+            Credential::PreSharedKey => Some(KeyPurpose::Psk),
+            Credential::FrameKey => Some(KeyPurpose::FrameKey),
+            _ => None,
+        })
     }
 }
 
@@ -600,7 +604,15 @@ impl Authenticator {
                 });
         let id = id.map_err(|_| AuthRefusal::BadClientId)?;
         let record = record.ok_or(AuthRefusal::Unknown)?;
-        if creds.keyed() {
+        // The adapter proved the key (only a registered key can be used there); the
+        // record must still hold one of that kind now.
+        let keyed = creds.keyed();
+        let key_held = match keyed {
+            Some(KeyPurpose::Psk) => record.psk.is_some(),
+            Some(KeyPurpose::FrameKey) => record.frame_key.is_some(),
+            None => true,
+        };
+        if !key_held {
             return Err(AuthRefusal::CredentialNotRegistered);
         }
         let policy = policy.ok_or(AuthRefusal::NoGroup)?;
@@ -623,7 +635,11 @@ impl Authenticator {
             }
         };
         let method = match (&fingerprint_seen, secret_ok) {
-            (None, None) => return Err(AuthRefusal::NoCredential),
+            (None, None) => match keyed {
+                Some(KeyPurpose::Psk) => "psk",
+                Some(KeyPurpose::FrameKey) => "frame_key",
+                None => return Err(AuthRefusal::NoCredential),
+            },
             (_, Some(false)) if record.secret_hash.is_none() => {
                 return Err(AuthRefusal::SecretNotAllowed);
             }
@@ -840,12 +856,34 @@ mod tests {
             check(creds("meter-1", b"wrong-wrong-wrong"), 2),
             AuthRefusal::BadSecret
         );
-        // A key no record holds yet (a DTLS pre-shared key, a serial frame key).
+        // A key the record does not hold (a DTLS pre-shared key, a serial frame key).
         let psk = Credentials {
             id: "meter-1",
             presented: vec![Credential::PreSharedKey],
         };
         assert_eq!(check(psk, 3), AuthRefusal::CredentialNotRegistered);
+        // Once it holds one, the handshake's proof is a credential like any other.
+        let master = crate::device_key::MasterKeys::from_keys(&[[4; 32]]);
+        let meter = PrincipalId::parse("meter-1").unwrap();
+        let sealed = master
+            .seal(
+                PrincipalKind::Device,
+                &meter,
+                KeyPurpose::Psk,
+                b"a-pre-shared-key-16+",
+            )
+            .unwrap();
+        registry
+            .rotate(PrincipalKind::Device, &meter, None, None, Some(sealed))
+            .unwrap();
+        let psk = Credentials {
+            id: "meter-1",
+            presented: vec![Credential::PreSharedKey],
+        };
+        let ok = auth
+            .authenticate(PrincipalKind::Device, &psk, ip(9), now)
+            .unwrap();
+        assert_eq!(ok.method, "psk");
         assert_eq!(check(creds("a/b", SECRET), 4), AuthRefusal::BadClientId);
         let none = Credentials {
             id: "meter-1",
