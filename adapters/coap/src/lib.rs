@@ -6,6 +6,8 @@
 //!   deadline and an idle timeout. It hands the CoAP layer whole datagrams of
 //!   application data from peers that proved their key.
 //! - `keys`: the pre-shared keys, from the registry, opened with the master key.
+//! - `message`: a datagram read into a typed CoAP message, and the answers.
 
 pub mod dtls;
 pub mod keys;
+pub mod message;
