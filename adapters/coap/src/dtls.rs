@@ -66,8 +66,8 @@ pub struct Settings {
     pub max_per_source: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
-    /// Datagrams of application data waiting for the CoAP layer; beyond, they are
-    /// dropped and counted (CoAP retransmits).
+    /// Events waiting for the CoAP layer. Beyond it, datagrams of application data are
+    /// dropped and counted (CoAP retransmits); a session's start and end wait for room.
     pub queue: usize,
 }
 
@@ -310,7 +310,7 @@ impl Task {
                             let _ = p.dtls.close();
                             self.flush(peer).await;
                         }
-                        self.drop_peer(peer, Closed::Local);
+                        self.drop_peer(peer, Closed::Local).await;
                     }
                     // The CoAP layer is gone: so is the endpoint.
                     None => return,
@@ -382,7 +382,7 @@ impl Task {
                     identity: p.identity.clone(),
                 }
             };
-            self.drop_peer(peer, why);
+            self.drop_peer(peer, why).await;
             return;
         }
         self.flush(peer).await;
@@ -396,7 +396,7 @@ impl Task {
             return;
         }
         if let Err(e) = p.dtls.send_application_data(data) {
-            self.drop_peer(peer, Closed::Failed(e.to_string()));
+            self.drop_peer(peer, Closed::Failed(e.to_string())).await;
             return;
         }
         self.flush(peer).await;
@@ -456,14 +456,23 @@ impl Task {
                     .handshakes_completed
                     .fetch_add(1, Ordering::Relaxed);
             }
-            if self.events.try_send(event).is_err() {
-                self.stats
-                    .dropped_queue_full
-                    .fetch_add(1, Ordering::Relaxed);
+            match event {
+                // Data may be dropped when the CoAP layer is behind (CoAP retransmits);
+                // a session's start may not.
+                Event::Data { .. } => {
+                    if self.events.try_send(event).is_err() {
+                        self.stats
+                            .dropped_queue_full
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ => {
+                    let _ = self.events.send(event).await;
+                }
             }
         }
         if let Some(why) = closed {
-            self.drop_peer(peer, why);
+            self.drop_peer(peer, why).await;
         }
     }
 
@@ -487,7 +496,7 @@ impl Task {
             }
         }
         for (addr, why) in expired {
-            self.drop_peer(addr, why);
+            self.drop_peer(addr, why).await;
         }
         for addr in due {
             let Some(p) = self.peers.get_mut(&addr) else {
@@ -502,14 +511,14 @@ impl Task {
                         identity: p.identity.clone(),
                     }
                 };
-                self.drop_peer(addr, why);
+                self.drop_peer(addr, why).await;
                 continue;
             }
             self.flush(addr).await;
         }
     }
 
-    fn drop_peer(&mut self, peer: SocketAddr, why: Closed) {
+    async fn drop_peer(&mut self, peer: SocketAddr, why: Closed) {
         let Some(p) = self.peers.remove(&peer) else {
             return;
         };
@@ -539,10 +548,8 @@ impl Task {
         self.stats
             .sessions
             .store(self.peers.len() as u64, Ordering::Relaxed);
-        if self.events.try_send(Event::Closed { peer, why }).is_err() {
-            self.stats
-                .dropped_queue_full
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        // Never dropped: the CoAP layer must hear of every session that ends (it holds
+        // the session's slot and state). It only routes, so the wait is short.
+        let _ = self.events.send(Event::Closed { peer, why }).await;
     }
 }

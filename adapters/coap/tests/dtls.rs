@@ -274,3 +274,51 @@ async fn garbage_and_damaged_handshakes_never_stop_the_endpoint() {
     ep.sender.send(peer, content_reply(&data, b"still here"));
     assert!(client.await.unwrap().contains("still here"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_start_and_end_are_never_dropped_when_the_coap_layer_is_behind() {
+    let mut ep = endpoint(Settings {
+        queue: 1,
+        ..Settings::default()
+    })
+    .await;
+    // A failed handshake's end fills the queue, and nobody reads it yet.
+    let failed = coap_get(ep.local, "dev1", "not-the-key-of-dev1-at-all");
+    failed.await.unwrap();
+    // A device connects meanwhile: its start waits for room instead of being lost.
+    let client = coap_get(ep.local, "dev1", KEY);
+    for _ in 0..500 {
+        if ep.stats.handshakes_completed.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ep.stats.handshakes_completed.load(Ordering::Relaxed), 1);
+    assert!(matches!(
+        next(&mut ep).await,
+        Event::Closed {
+            why: Closed::HandshakeFailed { .. },
+            ..
+        }
+    ));
+    let peer = loop {
+        match next(&mut ep).await {
+            Event::Connected { peer, identity } => {
+                assert_eq!(identity, "dev1");
+                break peer;
+            }
+            Event::Data { .. } => panic!("data before the session started"),
+            Event::Closed { .. } => {}
+        }
+    };
+    let data = loop {
+        if let Event::Data { peer: p, data } = next(&mut ep).await
+            && p == peer
+        {
+            break data;
+        }
+    };
+    ep.sender
+        .send(peer, content_reply(&data, b"late but whole"));
+    assert!(client.await.unwrap().contains("late but whole"));
+}
