@@ -225,6 +225,18 @@ struct Peer {
     timer: Option<Instant>,
 }
 
+impl Peer {
+    /// Why the session ends on a fatal dimpl error (`timer`: raised by a timeout).
+    fn failure(&self, e: &dimpl::Error, timer: bool) -> Closed {
+        let identity = self.identity.clone();
+        match (self.connected, timer) {
+            (true, _) => Closed::Failed(e.to_string()),
+            (false, true) => Closed::HandshakeTimeout { identity },
+            (false, false) => Closed::HandshakeFailed { identity },
+        }
+    }
+}
+
 struct Task {
     socket: UdpSocket,
     config: Arc<Config>,
@@ -367,6 +379,8 @@ impl Task {
             return;
         };
         p.heard = now;
+        // The resolver's slot belongs to this call only.
+        let _ = self.resolver.take_asked();
         let fed = p
             .dtls
             .handle_timeout(now.into_std())
@@ -375,13 +389,7 @@ impl Task {
             p.identity = Some(id);
         }
         if let Err(e) = fed {
-            let why = if p.connected {
-                Closed::Failed(e.to_string())
-            } else {
-                Closed::HandshakeFailed {
-                    identity: p.identity.clone(),
-                }
-            };
+            let why = p.failure(&e, false);
             self.drop_peer(peer, why).await;
             return;
         }
@@ -423,8 +431,12 @@ impl Task {
                         self.out.resize(needed, 0);
                     }
                     Output::Connected => {
+                        // A handshake with no identity asked for proved no key.
+                        let Some(identity) = p.identity.clone() else {
+                            closed = Some(Closed::HandshakeFailed { identity: None });
+                            break;
+                        };
                         p.connected = true;
-                        let identity = p.identity.clone().unwrap_or_default();
                         events.push(Event::Connected { peer, identity });
                     }
                     Output::ApplicationData(bytes) => events.push(Event::Data {
@@ -503,14 +515,13 @@ impl Task {
                 continue;
             };
             p.timer = None;
-            if let Err(e) = p.dtls.handle_timeout(now.into_std()) {
-                let why = if p.connected {
-                    Closed::Failed(e.to_string())
-                } else {
-                    Closed::HandshakeTimeout {
-                        identity: p.identity.clone(),
-                    }
-                };
+            let _ = self.resolver.take_asked();
+            let fed = p.dtls.handle_timeout(now.into_std());
+            if let Some(id) = self.resolver.take_asked() {
+                p.identity = Some(id);
+            }
+            if let Err(e) = fed {
+                let why = p.failure(&e, true);
                 self.drop_peer(addr, why).await;
                 continue;
             }

@@ -148,7 +148,11 @@ pub fn parse(datagram: &[u8]) -> Result<Incoming, Malformed> {
     };
     let observe = match packet.get_first_option(CoapOption::Observe) {
         None => None,
-        Some(v) => Some(uint(v).ok_or_else(|| bad("Observe longer than 3 bytes"))?),
+        Some(v) => Some(
+            uint(v)
+                .filter(|_| v.len() <= 3)
+                .ok_or_else(|| bad("Observe longer than 3 bytes"))?,
+        ),
     };
     let block1 = match packet.get_first_option(CoapOption::Block1) {
         None => None,

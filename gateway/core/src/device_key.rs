@@ -376,8 +376,9 @@ impl MasterKeys {
         };
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         let dropped = keys.len() - 1;
+        // The file first: memory keeps the old keys if it cannot be written.
+        write_file(path, &keys[..1]).map_err(io)?;
         keys.truncate(1);
-        write_file(path, &keys).map_err(io)?;
         Ok(dropped)
     }
 
