@@ -49,6 +49,8 @@ pub struct Config {
     pub behaviour: Behaviour,
     pub device_groups: BTreeMap<String, DeviceGroup>,
     pub service_groups: BTreeMap<String, ServiceGroup>,
+    /// CoAP devices: DTLS sessions and the CoAP exchanges on them.
+    pub coap: Coap,
     /// Keys of the file that were renamed and are still read, each with the new key
     /// to write (see [`duration::renamed_keys`]). Not a key itself.
     #[serde(skip)]
@@ -70,6 +72,12 @@ pub struct Listeners {
     /// Service listener, plain MQTT. Must be a loopback address.
     #[serde(deserialize_with = "listen_addr")]
     pub service_plain: Option<SocketAddr>,
+    /// Device listener, CoAP over DTLS 1.2 with a pre-shared key (UDP).
+    #[serde(deserialize_with = "listen_addr")]
+    pub coap_dtls: Option<SocketAddr>,
+    /// Device listener, plain CoAP (UDP). Must be a loopback address; off by default.
+    #[serde(deserialize_with = "listen_addr")]
+    pub coap: Option<SocketAddr>,
 }
 
 /// A listen address, or `"off"`.
@@ -182,6 +190,31 @@ pub struct Limits {
     /// File descriptors kept back from connections (registry, audit log, files): the
     /// connection cap is at most the descriptor limit minus this.
     pub fd_reserve: u64,
+}
+
+/// CoAP devices (docs/coap.md): the DTLS endpoint's bounds and the CoAP layer's.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Coap {
+    /// DTLS sessions at most, established or in handshake.
+    pub max_sessions: usize,
+    /// DTLS sessions (established or in handshake) from one source at most.
+    pub max_sessions_per_source: usize,
+    /// DTLS handshakes in progress at most, all sources together.
+    pub max_handshakes: usize,
+    /// Time a peer has to complete the DTLS handshake.
+    pub handshake_timeout: Secs,
+    /// A DTLS session silent this long is closed (the device handshakes again).
+    pub idle_timeout: Secs,
+    /// Largest request body, whole or reassembled from Block1 blocks, in bytes.
+    pub max_body_size: usize,
+    /// How long a device's commands and Observe relation are kept after its DTLS
+    /// session ends, for its next session (mailbox bounds as in [sessions]).
+    pub session_expiry: Secs,
+    /// Longest wait a device may ask for with `?ttd=N`.
+    pub max_ttd: Secs,
+    /// Responses kept per session to answer retransmitted requests.
+    pub dedup_entries: usize,
 }
 
 /// Device sessions: persistence, queues, retained commands and MQTT 5 limits.
@@ -534,6 +567,23 @@ impl Default for Config {
             behaviour: Behaviour::default(),
             device_groups,
             service_groups,
+            coap: Coap::default(),
+        }
+    }
+}
+
+impl Default for Coap {
+    fn default() -> Self {
+        Coap {
+            max_sessions: 10_000,
+            max_sessions_per_source: 16,
+            max_handshakes: 256,
+            handshake_timeout: Secs::from_secs(10),
+            idle_timeout: Secs::from_secs(300),
+            max_body_size: 64 * 1024,
+            session_expiry: Secs::from_secs(86_400),
+            max_ttd: Secs::from_secs(60),
+            dedup_entries: 16,
         }
     }
 }
@@ -545,6 +595,8 @@ impl Default for Listeners {
             device_plain: loopback(1883),
             service_tls: loopback(8884),
             service_plain: None,
+            coap_dtls: loopback(5684),
+            coap: None,
         }
     }
 }
@@ -961,17 +1013,55 @@ impl Config {
                 ));
             }
         }
-        for (key, addr) in [
-            ("listeners.device_plain", self.listeners.device_plain),
-            ("listeners.service_plain", self.listeners.service_plain),
+        for (key, addr, what) in [
+            (
+                "listeners.device_plain",
+                self.listeners.device_plain,
+                "MQTT",
+            ),
+            (
+                "listeners.service_plain",
+                self.listeners.service_plain,
+                "MQTT",
+            ),
+            ("listeners.coap", self.listeners.coap, "CoAP"),
         ] {
             if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+                let secure = if what == "CoAP" { "coap_dtls" } else { "TLS" };
                 return Err((
                     key.to_string(),
                     format!(
-                        "plain MQTT is only allowed on loopback (got {}); use the TLS listener",
+                        "plain {what} is only allowed on loopback (got {}); use the {secure} listener",
                         addr.ip()
                     ),
+                ));
+            }
+        }
+        let c = &self.coap;
+        for (key, value, lo, hi) in [
+            ("coap.max_sessions", c.max_sessions as u64, 1, 10_000_000),
+            (
+                "coap.max_sessions_per_source",
+                c.max_sessions_per_source as u64,
+                1,
+                1_000_000,
+            ),
+            ("coap.max_handshakes", c.max_handshakes as u64, 1, 1_000_000),
+            (
+                "coap.handshake_timeout",
+                c.handshake_timeout.as_secs(),
+                1,
+                300,
+            ),
+            ("coap.idle_timeout", c.idle_timeout.as_secs(), 1, 86_400 * 7),
+            ("coap.max_body_size", c.max_body_size as u64, 16, 64 << 20),
+            ("coap.max_ttd", c.max_ttd.as_secs(), 0, 3_600),
+            ("coap.dedup_entries", c.dedup_entries as u64, 1, 4_096),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                return Err((
+                    key.to_string(),
+                    format!("must be between {lo} and {hi} (got {value})"),
                 ));
             }
         }

@@ -1257,7 +1257,7 @@ fn setup(mut opts: Options) -> Result<Bench> {
         "# Written by portcullis-sim bench: listeners on port 0, then {}\n\
          data_dir = \"{}/data\"\n[listeners]\ndevice_tls = \"127.0.0.1:0\"\n\
          device_plain = \"127.0.0.1:0\"\nservice_tls = \"127.0.0.1:0\"\n\
-         service_plain = \"127.0.0.1:0\"\n[observability]\nlisten = \"127.0.0.1:0\"\n\n{policy}",
+         service_plain = \"127.0.0.1:0\"\ncoap_dtls = \"127.0.0.1:0\"\n[observability]\nlisten = \"127.0.0.1:0\"\n\n{policy}",
         opts.policy.display(),
         dir.display()
     );

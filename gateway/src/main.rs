@@ -2,6 +2,7 @@
 
 mod admin;
 mod cli;
+mod coap;
 mod descriptors;
 mod observability;
 mod pki;

@@ -329,6 +329,27 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     };
     let device_ctx = context(PrincipalKind::Device);
     let service_ctx = context(PrincipalKind::Service);
+    let coap_ctx = Arc::new(portcullis_coap::session::Context {
+        live: live_rx.clone(),
+        global: global.clone(),
+        auth: auth.clone(),
+        forwarder: forwarder.clone(),
+        sessions: sessions.clone(),
+        parked: portcullis_core::parking::ParkedSessions::new(),
+        retained: retained.clone(),
+        behaviours: behaviours.clone(),
+        audit: audit.clone(),
+        metrics: metrics.clone(),
+        limits: portcullis_coap::session::Limits {
+            topic: limits.topic,
+            mailbox: limits.mailbox,
+            max_body_size: config.coap.max_body_size,
+            session_expiry: *config.coap.session_expiry,
+            max_ttd: *config.coap.max_ttd,
+            dedup_entries: config.coap.dedup_entries,
+        },
+        shutdown: shutdown_rx.clone(),
+    });
 
     let l = &config.listeners;
     let device_tls = bind(l.device_tls, "device TLS listener").await?;
@@ -430,6 +451,23 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             shutdown_rx.clone(),
         )));
     }
+    let coap_gate = portcullis_core::source_gate::SourceGate {
+        limits: conn_limits.clone(),
+        auth: auth.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+    };
+    let coap = crate::coap::start(
+        &config,
+        registry.clone(),
+        master.clone(),
+        coap_gate,
+        coap_ctx,
+    )
+    .await?;
+    if let Some(c) = &coap {
+        report.push(("device listener (CoAP over DTLS, UDP)", c.local.to_string()));
+    }
     report.push(("admin socket", admin_socket.display().to_string()));
     // Reload: build everything new first; swap only if all of it loads.
     let reloader: Reloader = {
@@ -511,6 +549,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         let (forwarder, behaviours, metrics) =
             (forwarder.clone(), behaviours.clone(), metrics.clone());
         let (devices, services) = (device_store.clone(), service_store.clone());
+        let coap = coap.as_ref().map(|c| (c.parked.clone(), c.stats.clone()));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -526,6 +565,14 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
                     let dropped = mailbox.clear() as u64;
                     metrics.queue_expired.fetch_add(dropped, Ordering::Relaxed);
                     forwarder.detach_service(id, mailbox).await;
+                }
+                if let Some((parked, stats)) = &coap {
+                    for (id, mailbox) in parked.expire(now) {
+                        let dropped = mailbox.clear() as u64;
+                        metrics.queue_expired.fetch_add(dropped, Ordering::Relaxed);
+                        forwarder.unregister_device(id, mailbox).await;
+                    }
+                    crate::coap::publish_stats(stats, &metrics);
                 }
             }
         })
@@ -608,6 +655,10 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     }
     admin_task.abort();
     sweeper.abort();
+    // The CoAP layer stops with its sessions (a device that comes back handshakes).
+    if let Some(c) = &coap {
+        c.task.abort();
+    }
     // What transitions are still queued are persisted before the registry closes.
     let _ = behaviour_stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), behaviour_task).await;

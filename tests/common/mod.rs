@@ -22,6 +22,8 @@ pub struct Gateway {
     pub service_tls: SocketAddr,
     pub service_plain: SocketAddr,
     pub observability: SocketAddr,
+    /// The CoAP over DTLS listener (UDP).
+    pub coap_dtls: SocketAddr,
     pub banner: Vec<String>,
     stdout_rest: Option<mpsc::Receiver<String>>,
     extra: String,
@@ -53,6 +55,7 @@ device_tls = "127.0.0.1:0"
 device_plain = "127.0.0.1:0"
 service_tls = "127.0.0.1:0"
 service_plain = "127.0.0.1:0"
+coap_dtls = "127.0.0.1:0"
 [observability]
 listen = "127.0.0.1:0"
 [tls]
@@ -140,6 +143,7 @@ impl Gateway {
             service_tls: "0.0.0.0:0".parse().unwrap(),
             service_plain: "0.0.0.0:0".parse().unwrap(),
             observability: "0.0.0.0:0".parse().unwrap(),
+            coap_dtls: "0.0.0.0:0".parse().unwrap(),
             banner: Vec::new(),
             stdout_rest: None,
             extra: extra.to_string(),
@@ -216,6 +220,7 @@ impl Gateway {
         self.service_tls = service("service listener (MQTT over TLS):");
         self.service_plain = service("service listener (plain MQTT):");
         self.observability = addr("observability");
+        self.coap_dtls = addr("device listener (CoAP over DTLS, UDP):");
         self.banner = banner;
         self.stdout_rest = Some(rx);
         self.child = Some(child);

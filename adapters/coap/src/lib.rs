@@ -7,7 +7,9 @@
 //!   application data from peers that proved their key.
 //! - `keys`: the pre-shared keys, from the registry, opened with the master key.
 //! - `message`: a datagram read into a typed CoAP message, and the answers.
+//! - `session`: one CoAP session per DTLS session, through the core's pipeline.
 
 pub mod dtls;
 pub mod keys;
 pub mod message;
+pub mod session;

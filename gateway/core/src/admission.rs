@@ -87,6 +87,31 @@ pub struct Rules {
     pub behaviour: Arc<BehaviourPolicy>,
 }
 
+/// What a configuration reload replaces for live sessions, whatever their protocol
+/// (ACLs and CAs come from the authenticator's policies, swapped at the same time).
+#[derive(Debug)]
+pub struct Live {
+    pub config: Arc<portcullis_config::Config>,
+    pub validator: Arc<Validator>,
+}
+
+impl Live {
+    /// The rules `principal` is admitted under, from the settings in force.
+    pub fn rules(&self, principal: &PrincipalRef, acl: Arc<Acl>, behaviours: &Behaviours) -> Rules {
+        let rates = self.config.rates_for(
+            principal.kind.as_str(),
+            principal.group.as_str(),
+            principal.id.as_str(),
+        );
+        Rules {
+            acl,
+            validator: self.validator.clone(),
+            rates: PrincipalRates::from_config(&rates),
+            behaviour: behaviours.policy(&principal.group),
+        }
+    }
+}
+
 impl Peer {
     /// An audit line about this peer: who, from where, over what.
     pub fn entry(&self, event: &'static str, decision: &'static str) -> AuditEntry {

@@ -55,6 +55,50 @@ impl Alert {
     }
 }
 
+/// A refused device login, whatever the protocol: enough of them naming one device in
+/// a window raise one alert, audited, counted and published on
+/// `portcullis/events/auth_failures/{id}` with the sources named. The device itself
+/// is never treated differently for it (the back-off answers the sources).
+pub fn note_device_failure(
+    auth: &crate::auth::Authenticator,
+    metrics: &crate::metrics::Metrics,
+    audit: &crate::audit::Audit,
+    forwarder: &dyn crate::forward::Forwarder,
+    client_id: &str,
+    refusal: crate::auth::AuthRefusal,
+    peer: std::net::SocketAddr,
+) {
+    let Some(alert) = auth.note_failure(client_id, refusal, peer.ip(), Instant::now()) else {
+        return;
+    };
+    let Ok(id) = PrincipalId::parse(client_id) else {
+        return;
+    };
+    crate::metrics::Metrics::inc(&metrics.auth_failure_alerts);
+    audit.record(
+        crate::audit::AuditEntry::new("auth_failures", "alert")
+            .principal("device", id.to_string())
+            .reason(alert.reason()),
+    );
+    tracing::warn!(device = %id, sources = %alert.sources_text(), failures = alert.failures, "failed logins naming a device");
+    let Some(topic) = event_topic(&id) else {
+        return;
+    };
+    let payload = alert.event(&id, crate::registry::now_unix());
+    let uplink = forwarder.events();
+    tokio::spawn(async move {
+        let _ = uplink
+            .send(crate::message::Message {
+                topic,
+                payload: payload.into(),
+                qos: crate::message::QoS::AtMostOnce,
+                retain: false,
+                properties: None,
+            })
+            .await;
+    });
+}
+
 /// The topic of a device's failed-login alerts.
 pub fn event_topic(id: &PrincipalId) -> Option<TopicName> {
     TopicName::parse_unlimited(&format!("portcullis/events/auth_failures/{id}")).ok()

@@ -62,6 +62,106 @@ pub struct Metrics {
     pub forward_latency: Histogram,
     /// Upstream mode: the outbox and the link to the broker cluster.
     pub outbox: OutboxMetrics,
+    /// CoAP devices: the DTLS endpoint and the CoAP exchanges.
+    pub coap: CoapMetrics,
+}
+
+/// The CoAP listener: its DTLS endpoint (copied from the endpoint's own counters each
+/// second) and the CoAP layer's duties.
+#[derive(Debug, Default)]
+pub struct CoapMetrics {
+    /// DTLS sessions now, and handshakes in progress now.
+    pub dtls_sessions: AtomicU64,
+    pub dtls_handshakes_in_progress: AtomicU64,
+    pub dtls_handshakes_completed: AtomicU64,
+    /// First datagrams dropped by a cap (handshakes, sessions per source, sessions),
+    /// and datagrams from unknown addresses that were not a ClientHello.
+    pub dtls_refused_capped: AtomicU64,
+    pub dtls_dropped_stray: AtomicU64,
+    /// Datagrams dropped because their session was busy (CoAP retransmits them).
+    pub dropped_busy: AtomicU64,
+    /// Retransmitted requests answered from the deduplication cache.
+    pub duplicates: AtomicU64,
+    /// Our confirmable messages sent again, and given up on (no ACK after the last).
+    pub retransmissions: AtomicU64,
+    pub exchanges_timed_out: AtomicU64,
+    /// Observe relations registered, and dropped (RST, timeout, deregistration).
+    pub observe_registered: AtomicU64,
+    pub observe_dropped: AtomicU64,
+}
+
+impl CoapMetrics {
+    fn plain(&self) -> Vec<(&'static str, &'static str, MetricType, &AtomicU64)> {
+        use MetricType::{Counter, Gauge};
+        vec![
+            (
+                "portcullis_coap_dtls_sessions",
+                "CoAP: DTLS sessions now (established or in handshake).",
+                Gauge,
+                &self.dtls_sessions,
+            ),
+            (
+                "portcullis_coap_dtls_handshakes_in_progress",
+                "CoAP: DTLS handshakes in progress now (bounded by coap.max_handshakes).",
+                Gauge,
+                &self.dtls_handshakes_in_progress,
+            ),
+            (
+                "portcullis_coap_dtls_handshakes_completed",
+                "CoAP: DTLS handshakes completed.",
+                Counter,
+                &self.dtls_handshakes_completed,
+            ),
+            (
+                "portcullis_coap_dtls_refused_capped",
+                "CoAP: first datagrams dropped by a cap (handshakes, sessions per source, sessions).",
+                Counter,
+                &self.dtls_refused_capped,
+            ),
+            (
+                "portcullis_coap_dtls_dropped_stray",
+                "CoAP: datagrams from unknown addresses that were not a ClientHello.",
+                Counter,
+                &self.dtls_dropped_stray,
+            ),
+            (
+                "portcullis_coap_dropped_busy",
+                "CoAP: datagrams dropped because their session was busy (the device retransmits).",
+                Counter,
+                &self.dropped_busy,
+            ),
+            (
+                "portcullis_coap_duplicates",
+                "CoAP: retransmitted requests answered from the deduplication cache.",
+                Counter,
+                &self.duplicates,
+            ),
+            (
+                "portcullis_coap_retransmissions",
+                "CoAP: confirmable notifications and responses sent again.",
+                Counter,
+                &self.retransmissions,
+            ),
+            (
+                "portcullis_coap_exchanges_timed_out",
+                "CoAP: confirmable messages never acknowledged (the command waits for the next session).",
+                Counter,
+                &self.exchanges_timed_out,
+            ),
+            (
+                "portcullis_coap_observe_registered",
+                "CoAP: Observe relations registered on /c.",
+                Counter,
+                &self.observe_registered,
+            ),
+            (
+                "portcullis_coap_observe_dropped",
+                "CoAP: Observe relations dropped (RST, timeout or deregistration).",
+                Counter,
+                &self.observe_dropped,
+            ),
+        ]
+    }
 }
 
 /// The outbox of upstream mode, and its link to the broker cluster.
@@ -528,7 +628,12 @@ impl Collector for Metrics {
             MetricType::Gauge,
         )?;
         ConstGauge::new(age).encode(metric)?;
-        for (name, help, kind, value) in self.plain().into_iter().chain(self.outbox.plain()) {
+        for (name, help, kind, value) in self
+            .plain()
+            .into_iter()
+            .chain(self.outbox.plain())
+            .chain(self.coap.plain())
+        {
             let metric = encoder.encode_descriptor(name, help, None, kind)?;
             match kind {
                 MetricType::Counter => ConstCounter::new(load(value)).encode(metric)?,

@@ -34,38 +34,15 @@ pub(super) fn note_auth_failure(
     if ctx.kind != PrincipalKind::Device {
         return;
     }
-    let Some(alert) = ctx
-        .auth
-        .note_failure(client_id, refusal, peer.ip(), Instant::now())
-    else {
-        return;
-    };
-    let Ok(id) = PrincipalId::parse(client_id) else {
-        return;
-    };
-    Metrics::inc(&ctx.metrics.auth_failure_alerts);
-    ctx.audit.record(
-        AuditEntry::new("auth_failures", "alert")
-            .principal("device", id.to_string())
-            .reason(alert.reason()),
+    auth_alert::note_device_failure(
+        &ctx.auth,
+        &ctx.metrics,
+        &ctx.audit,
+        ctx.forwarder.as_ref(),
+        client_id,
+        refusal,
+        peer,
     );
-    tracing::warn!(device = %id, sources = %alert.sources_text(), failures = alert.failures, "failed logins naming a device");
-    let Some(topic) = auth_alert::event_topic(&id) else {
-        return;
-    };
-    let payload = alert.event(&id, portcullis_core::registry::now_unix());
-    let uplink = ctx.forwarder.events();
-    tokio::spawn(async move {
-        let _ = uplink
-            .send(Message {
-                topic,
-                payload: payload.into(),
-                qos: QoS::AtMostOnce,
-                retain: false,
-                properties: None,
-            })
-            .await;
-    });
 }
 
 pub(super) fn truncate(s: &str, max: usize) -> String {
@@ -254,15 +231,5 @@ pub(super) fn rules(
     principal: &PrincipalRef,
     acl: Arc<portcullis_core::acl::Acl>,
 ) -> Rules {
-    let rates = live.config.rates_for(
-        ctx.kind.as_str(),
-        principal.group.as_str(),
-        principal.id.as_str(),
-    );
-    Rules {
-        acl,
-        validator: live.validator.clone(),
-        rates: PrincipalRates::from_config(&rates),
-        behaviour: ctx.behaviours.policy(&principal.group),
-    }
+    live.rules(principal, acl, &ctx.behaviours)
 }

@@ -25,12 +25,12 @@ use portcullis_core::auth_alert;
 use portcullis_core::content;
 use portcullis_core::fanout::SubscribeError;
 use portcullis_core::forward::{Forwarder, Taken, Uplink};
-use portcullis_core::limit::{GlobalBucket, PrincipalRates, Rate, TokenBucket};
+use portcullis_core::limit::{GlobalBucket, Rate, TokenBucket};
 use portcullis_core::mailbox::{Delivery, Mailbox, MailboxLimits};
 use portcullis_core::message::{Message, Properties, QoS};
 use portcullis_core::metrics::Metrics;
 use portcullis_core::peer::{Closed, Ended, Lifecycle, Protocol, until_kicked};
-use portcullis_core::principal::{PrincipalId, PrincipalKind, PrincipalRef};
+use portcullis_core::principal::{PrincipalKind, PrincipalRef};
 use portcullis_core::quarantine::Behaviours;
 use portcullis_core::refusal::{Refusal, Stage};
 use portcullis_core::retained::RetainedCommands;
@@ -39,7 +39,6 @@ use portcullis_core::subscription::{
     RetainHandling, Subscription, SubscriptionKey, SubscriptionOptions,
 };
 use portcullis_core::topic::{TopicLimits, TopicName};
-use portcullis_core::validate::Validator;
 use rustls::pki_types::CertificateDer;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -91,13 +90,7 @@ pub struct SessionLimits {
     pub subscribe_rate: Rate,
 }
 
-/// What a configuration reload replaces for live sessions (ACLs and CAs come from the
-/// authenticator's policies, swapped at the same time).
-#[derive(Debug)]
-pub struct Live {
-    pub config: Arc<portcullis_config::Config>,
-    pub validator: Arc<Validator>,
-}
+pub use portcullis_core::admission::Live;
 
 /// What every session of one listener shares.
 pub struct Context {

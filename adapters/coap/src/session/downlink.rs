@@ -1,0 +1,396 @@
+//! Commands to the device: from its mailbox, through the core's downlink gates (the
+//! quarantine hold, the device's command rate, its receive ACL), two ways:
+//!
+//! - **Observe** on `/c` (RFC 7641): each command is a confirmable 2.05 notification
+//!   carrying the registration's token and the next sequence number, sent again with
+//!   exponential back-off (ACK_TIMEOUT 2 s × up to 1.5, MAX_RETRANSMIT 4) until the
+//!   device acknowledges it. A RST or no acknowledgement drops the relation, and the
+//!   command goes back to the mailbox for the device's next request.
+//! - **`?ttd=N`** on a telemetry POST (as Eclipse Hono does it): the answer waits up
+//!   to N seconds for a command and carries it; a confirmable request is acknowledged
+//!   at once (empty ACK) and answered by a separate, confirmable response.
+//!
+//! One confirmable message of ours is outstanding at a time (NSTART 1). A command is
+//! carried as the payload, its name (the topic levels after `devices/{id}/commands/`)
+//! as Location-Path, and when the sender asked for a response (an MQTT 5 Response
+//! Topic) `r=N` as Location-Query: the device posts its result to `/r/N`.
+
+use super::exchange::Session;
+use super::reply::{Exchange, Reply, empty_ack, uint};
+use super::*;
+use crate::message::{Reliability, Request};
+use bytes::Bytes;
+use coap_lite::{CoapOption, ResponseType};
+use portcullis_core::mailbox::Delivery;
+use portcullis_core::topic::TopicName;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+/// RFC 7252 §4.8 transmission parameters.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_RETRANSMIT: u32 = 4;
+/// Commands awaiting a response the device may still post, at most (oldest forgotten).
+const MAX_RESPONSES: usize = 16;
+/// How often a quarantine hold on commands is looked at again.
+const HOLD_RECHECK: Duration = Duration::from_secs(1);
+
+/// A confirmable message of ours waiting for the device's ACK.
+struct Outstanding {
+    id: u16,
+    bytes: Vec<u8>,
+    /// The command it carries (back to the mailbox if it is never acknowledged).
+    delivery: Option<Delivery>,
+    /// A notification (its relation is dropped if it fails).
+    notification: bool,
+    sends: u32,
+    timeout: Duration,
+    due: Instant,
+}
+
+/// A telemetry request whose answer waits for a command (`?ttd=N`).
+struct Waiter {
+    exchange: Exchange,
+    deadline: Instant,
+    /// The request was acknowledged already (empty ACK): the answer is separate.
+    acked: bool,
+}
+
+/// Where a command's response goes: its Response Topic and Correlation Data.
+struct ResponseTo {
+    n: u32,
+    topic: TopicName,
+    correlation: Option<Bytes>,
+}
+
+#[derive(Default)]
+pub(super) struct Downlink {
+    outstanding: Option<Outstanding>,
+    waiter: Option<Waiter>,
+    responses: VecDeque<ResponseTo>,
+    next_response: u32,
+    /// Commands are not looked at before then (the hold, the device's command rate).
+    next_pump: Option<Instant>,
+}
+
+impl Downlink {
+    /// The device acknowledged message `id`: whether it was our outstanding one.
+    pub(super) fn acknowledged(&mut self, id: u16) -> bool {
+        if self.outstanding.as_ref().is_some_and(|o| o.id == id) {
+            self.outstanding = None;
+            return true;
+        }
+        false
+    }
+
+    /// What the session was sending goes back to the mailbox (the session is ending).
+    pub(super) fn give_back(&mut self, state: &CoapState, now: Instant) {
+        if let Some(d) = self.outstanding.take().and_then(|o| o.delivery) {
+            state.mailbox.put_back(VecDeque::from([d]), now);
+        }
+        self.waiter = None;
+    }
+
+    /// Remember where a command's response goes; the number the device posts it to.
+    fn remember(&mut self, topic: TopicName, correlation: Option<Bytes>) -> u32 {
+        if self.responses.len() >= MAX_RESPONSES {
+            self.responses.pop_front();
+        }
+        self.next_response = self.next_response.wrapping_add(1);
+        let n = self.next_response;
+        self.responses.push_back(ResponseTo {
+            n,
+            topic,
+            correlation,
+        });
+        n
+    }
+
+    /// Where response `n` goes, once (a second post to it is refused).
+    pub(super) fn response_to(&mut self, n: u32) -> Option<(TopicName, Option<Bytes>)> {
+        let at = self.responses.iter().position(|r| r.n == n)?;
+        let r = self.responses.remove(at)?;
+        Some((r.topic, r.correlation))
+    }
+}
+
+/// The first retransmission timeout: ACK_TIMEOUT × a random factor in [1, 1.5).
+fn initial_timeout() -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    ACK_TIMEOUT + Duration::from_millis(u64::from(nanos % 1000))
+}
+
+impl Session {
+    /// Whether a command arriving now would be sent (the mailbox is worth watching).
+    pub(super) fn wants_commands(&self) -> bool {
+        self.down.outstanding.is_none()
+            && (self.down.waiter.is_some() || self.state.observer.is_some())
+    }
+
+    /// When the session must look at its timers next.
+    pub(super) fn next_wake(&self) -> Option<Instant> {
+        let pump = self.down.next_pump.filter(|_| self.wants_commands());
+        [
+            self.down.outstanding.as_ref().map(|o| o.due),
+            self.down.waiter.as_ref().map(|w| w.deadline),
+            pump,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// `GET /c`: Observe 0 registers (the answer is the relation's first 2.05, and
+    /// queued commands follow as notifications), Observe 1 deregisters; without
+    /// Observe it is a poll answered with the next command, if any.
+    pub(super) fn commands(&mut self, ctx: &Context, r: &Request, now: Instant) {
+        let exchange = Exchange::of(r);
+        if r.observe == Some(0) {
+            let seq = self.state.observer.as_ref().map_or(1, |o| o.seq);
+            self.state.observer = Some(Observer {
+                token: r.token.clone(),
+                seq: seq.wrapping_add(1),
+            });
+            Metrics::inc(&ctx.metrics.coap.observe_registered);
+            let reply = Reply::new(ResponseType::Content)
+                .option(CoapOption::Observe, uint(seq & 0xff_ffff));
+            self.answer(&exchange, &reply);
+            return;
+        }
+        if r.observe == Some(1)
+            && self
+                .state
+                .observer
+                .as_ref()
+                .is_some_and(|o| o.token == r.token)
+        {
+            self.state.observer = None;
+            Metrics::inc(&ctx.metrics.coap.observe_dropped);
+        }
+        let reply = match self.next_command(ctx, now) {
+            Some(d) => {
+                Metrics::inc(&ctx.metrics.messages_delivered);
+                self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                self.command_reply(&d, ResponseType::Content)
+            }
+            None => Reply::new(ResponseType::Content),
+        };
+        self.answer(&exchange, &reply);
+    }
+
+    /// `?ttd=N`: the answer to this request waits up to `wait` for a command.
+    pub(super) fn wait_for_command(&mut self, ctx: &Context, exchange: Exchange, wait: Duration) {
+        // A newer wait replaces an older one, which is answered without a command.
+        self.answer_waiter(ctx, None);
+        let now = Instant::now();
+        self.down.waiter = Some(Waiter {
+            exchange,
+            deadline: now + wait,
+            acked: false,
+        });
+        if self.down.outstanding.is_none()
+            && let Some(d) = self.next_command(ctx, now)
+        {
+            self.answer_waiter(ctx, Some(d));
+            return;
+        }
+        // Nothing yet: a confirmable request is acknowledged now, answered later.
+        if let Some(w) = self.down.waiter.as_mut()
+            && w.exchange.reliability == Reliability::Confirmable
+        {
+            w.acked = true;
+            let id = w.exchange.message_id;
+            let ack = empty_ack(id);
+            self.answer_raw(id, ack);
+        }
+    }
+
+    /// Send a datagram that answers request `id`, kept for its retransmissions.
+    fn answer_raw(&mut self, id: u16, bytes: Vec<u8>) {
+        self.remember_answer(id, &bytes);
+        self.send(bytes);
+    }
+
+    /// Answer the waiting request, with a command or without.
+    fn answer_waiter(&mut self, ctx: &Context, command: Option<Delivery>) {
+        let Some(w) = self.down.waiter.take() else {
+            if let Some(d) = command {
+                self.state
+                    .mailbox
+                    .put_back(VecDeque::from([d]), Instant::now());
+            }
+            return;
+        };
+        let reply = match &command {
+            Some(d) => self.command_reply(d, ResponseType::Changed),
+            None => Reply::new(ResponseType::Changed),
+        };
+        if !w.acked {
+            // Piggybacked (or the non-confirmable answer): delivered as sent.
+            if command.is_some() {
+                Metrics::inc(&ctx.metrics.messages_delivered);
+                self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+            }
+            self.answer(&w.exchange, &reply);
+            return;
+        }
+        // A separate response: confirmable, until the device acknowledges it.
+        let id = self.new_id();
+        let bytes = reply.confirmable(id, &w.exchange.token);
+        self.start(ctx, id, bytes, command, false);
+    }
+
+    /// Send a confirmable message of ours and keep it until it is acknowledged.
+    fn start(
+        &mut self,
+        _ctx: &Context,
+        id: u16,
+        bytes: Vec<u8>,
+        delivery: Option<Delivery>,
+        notification: bool,
+    ) {
+        let timeout = initial_timeout();
+        self.send(bytes.clone());
+        self.down.outstanding = Some(Outstanding {
+            id,
+            bytes,
+            delivery,
+            notification,
+            sends: 1,
+            timeout,
+            due: Instant::now() + timeout,
+        });
+    }
+
+    /// The next command the device may receive now, through the downlink gates; when
+    /// a gate holds commands back, when to look again.
+    fn next_command(&mut self, ctx: &Context, now: Instant) -> Option<Delivery> {
+        if self.admission.holds_commands(now) {
+            self.down.next_pump = Some(now + HOLD_RECHECK);
+            return None;
+        }
+        if self.state.mailbox.is_empty() {
+            return None;
+        }
+        if let Err(wait) = self.admission.downlink_budget(now) {
+            self.down.next_pump = Some(now + wait);
+            return None;
+        }
+        self.down.next_pump = None;
+        let found = loop {
+            let Some(d) = self.state.mailbox.pop(now) else {
+                break None;
+            };
+            if self.admission.may_receive(&d.message).is_ok() {
+                break Some(d);
+            }
+        };
+        if found.is_none() {
+            self.admission.return_budget();
+        }
+        let expired = self.state.mailbox.take_expired();
+        if expired > 0 {
+            ctx.metrics
+                .queue_expired
+                .fetch_add(expired, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// A command as a CoAP answer or notification.
+    fn command_reply(&mut self, d: &Delivery, code: ResponseType) -> Reply {
+        let m = &d.message;
+        let mut reply = Reply::new(code);
+        for level in m.topic.levels().skip(3) {
+            reply = reply.option(CoapOption::LocationPath, level.as_bytes().to_vec());
+        }
+        if let Some(props) = &m.properties
+            && let Some(topic) = &props.response_topic
+        {
+            let n = self
+                .down
+                .remember(topic.clone(), props.correlation_data.clone());
+            reply = reply.option(CoapOption::LocationQuery, format!("r={n}").into_bytes());
+        }
+        reply.payload = m.payload.to_vec();
+        reply
+    }
+
+    /// Send what the device is waiting for: a command to the waiting request, else a
+    /// notification to the observer.
+    pub(super) fn pump(&mut self, ctx: &Context, now: Instant) {
+        if !self.wants_commands() || self.down.next_pump.is_some_and(|at| at > now) {
+            return;
+        }
+        let Some(d) = self.next_command(ctx, now) else {
+            return;
+        };
+        if self.down.waiter.is_some() {
+            self.answer_waiter(ctx, Some(d));
+            return;
+        }
+        let Some(observer) = self.state.observer.as_mut() else {
+            self.state.mailbox.put_back(VecDeque::from([d]), now);
+            return;
+        };
+        let seq = observer.seq;
+        observer.seq = observer.seq.wrapping_add(1);
+        let token = observer.token.clone();
+        let reply = self
+            .command_reply(&d, ResponseType::Content)
+            .option(CoapOption::Observe, uint(seq & 0xff_ffff));
+        let id = self.new_id();
+        let bytes = reply.confirmable(id, &token);
+        self.start(ctx, id, bytes, Some(d), true);
+    }
+
+    /// Retransmissions, the waiting request's deadline, and the gates' waits.
+    pub(super) fn timers(&mut self, ctx: &Context, now: Instant) {
+        if self.down.waiter.as_ref().is_some_and(|w| w.deadline <= now) {
+            self.answer_waiter(ctx, None);
+        }
+        if self.down.next_pump.is_some_and(|at| at <= now) {
+            self.down.next_pump = None;
+        }
+        let Some(o) = self.down.outstanding.as_mut() else {
+            return;
+        };
+        if o.due > now {
+            return;
+        }
+        if o.sends > MAX_RETRANSMIT {
+            Metrics::inc(&ctx.metrics.coap.exchanges_timed_out);
+            let o = self.down.outstanding.take();
+            self.failed(ctx, o, now);
+            return;
+        }
+        Metrics::inc(&ctx.metrics.coap.retransmissions);
+        o.sends += 1;
+        o.timeout *= 2;
+        o.due = now + o.timeout;
+        let bytes = o.bytes.clone();
+        self.send(bytes);
+    }
+
+    /// The device reset a message: our outstanding one fails (RFC 7641: an observer
+    /// that resets a notification is removed).
+    pub(super) fn reset_by_peer(&mut self, ctx: &Context, id: u16, now: Instant) {
+        if self.down.outstanding.as_ref().is_some_and(|o| o.id == id) {
+            let o = self.down.outstanding.take();
+            self.failed(ctx, o, now);
+        }
+    }
+
+    /// A confirmable message of ours was reset or never acknowledged: a notification's
+    /// relation is dropped; the command goes back to the mailbox.
+    fn failed(&mut self, ctx: &Context, o: Option<Outstanding>, now: Instant) {
+        let Some(o) = o else { return };
+        if o.notification && self.state.observer.take().is_some() {
+            Metrics::inc(&ctx.metrics.coap.observe_dropped);
+        }
+        if let Some(d) = o.delivery {
+            self.state.mailbox.put_back(VecDeque::from([d]), now);
+        }
+    }
+}

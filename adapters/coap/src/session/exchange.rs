@@ -1,0 +1,699 @@
+//! A session's requests: deduplicated, reassembled from Block1 blocks, offered to the
+//! core's pipeline, and answered with the CoAP code that says what happened.
+//!
+//! A confirmable `POST /t/{path}` is a QoS 1 message: its 2.04 goes out only once the
+//! forwarder has taken it. A non-confirmable one is QoS 0. Refusals, by stage:
+//! authorize 4.03, limits 4.29 with Max-Age (RFC 8516), validation 4.00 (4.13 for
+//! size), each with a diagnostic payload naming the rule; a full outbox 5.03. A
+//! quarantined device's messages are paced and then taken as if delivered, as for MQTT.
+
+use super::downlink::Downlink;
+use super::reply::{Exchange, Reply, uint};
+use super::*;
+use crate::message::{self, Block, Incoming, Reliability, Request, Route};
+use coap_lite::{CoapOption, RequestType, ResponseType};
+use portcullis_core::admission::{Offer, Verdict};
+use portcullis_core::behaviour::{Observation, State as Behaviour};
+use portcullis_core::content::Carried;
+use portcullis_core::forward::{Taken, Uplink};
+use portcullis_core::message::{Message, QoS};
+use portcullis_core::peer::kick_of;
+use portcullis_core::sessions::SessionStats;
+use portcullis_core::topic::TopicName;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use tokio::sync::oneshot;
+
+/// How long an answer is kept for a retransmitted confirmable request
+/// (EXCHANGE_LIFETIME, RFC 7252 §4.8.2), and a non-confirmable one's id remembered
+/// (NON_LIFETIME).
+const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
+const NON_LIFETIME: Duration = Duration::from_secs(145);
+/// Confirmable requests waiting for the forwarder at once, at most (NSTART is 1; a
+/// device that sends more is told 5.03 for the extra ones).
+const MAX_PENDING: usize = 8;
+
+/// Why a session ended.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// The DTLS session ended (and why, if the endpoint said).
+    Dtls(Option<dtls::Closed>),
+    Kicked(KickReason),
+    /// Over its rate for too long (`rate_limits` action "disconnect").
+    RateTooHigh,
+    BrokerGone,
+    /// The session's own code failed (a panic, contained).
+    Internal(String),
+}
+
+impl End {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            End::Dtls(None) => "DTLS session closed".into(),
+            End::Dtls(Some(dtls::Closed::Idle)) => "DTLS session idle".into(),
+            End::Dtls(Some(dtls::Closed::PeerClosed)) => "device closed the DTLS session".into(),
+            End::Dtls(Some(dtls::Closed::Failed(why))) => format!("DTLS error: {why}"),
+            End::Dtls(Some(why)) => format!("DTLS session ended: {why:?}"),
+            End::Kicked(reason) => reason.as_str().into(),
+            End::RateTooHigh => "message rate too high for too long".into(),
+            End::BrokerGone => "broker link closed".into(),
+            End::Internal(why) => format!("internal error: {why}"),
+        }
+    }
+}
+
+/// Requests seen lately, by message id, with their answer once there is one.
+struct Dedup {
+    cap: usize,
+    seen: VecDeque<Seen>,
+}
+
+struct Seen {
+    id: u16,
+    at: Instant,
+    lifetime: Duration,
+    answer: Option<Vec<u8>>,
+}
+
+impl Dedup {
+    /// A request seen before (its answer, if it has one yet).
+    fn get(&mut self, id: u16, now: Instant) -> Option<Option<&[u8]>> {
+        while let Some(s) = self.seen.front()
+            && now.saturating_duration_since(s.at) >= s.lifetime
+        {
+            self.seen.pop_front();
+        }
+        self.seen
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.answer.as_deref())
+    }
+
+    fn begin(&mut self, id: u16, reliability: Reliability, now: Instant) {
+        if self.seen.len() >= self.cap {
+            self.seen.pop_front();
+        }
+        let lifetime = match reliability {
+            Reliability::Confirmable => EXCHANGE_LIFETIME,
+            Reliability::NonConfirmable => NON_LIFETIME,
+        };
+        self.seen.push_back(Seen {
+            id,
+            at: now,
+            lifetime,
+            answer: None,
+        });
+    }
+
+    fn answered(&mut self, id: u16, bytes: &[u8]) {
+        if let Some(s) = self.seen.iter_mut().rev().find(|s| s.id == id) {
+            s.answer = Some(bytes.to_vec());
+        }
+    }
+}
+
+/// A block-wise upload in progress (RFC 7959): one per session.
+struct Upload {
+    suffix: String,
+    size: usize,
+    next: u32,
+    body: Vec<u8>,
+}
+
+/// A confirmable request whose message is with the forwarder.
+struct Pending {
+    exchange: Exchange,
+    rx: oneshot::Receiver<Taken>,
+    /// The Block1 option to echo on the answer (the last block of an upload).
+    block: Option<Vec<u8>>,
+    /// `?ttd=N`: the answer waits this long for a command.
+    ttd: Option<Duration>,
+}
+
+/// Resolves with the forwarder's answer for the oldest pending request.
+async fn front_taken(pending: &mut VecDeque<Pending>) -> Result<Taken, oneshot::error::RecvError> {
+    match pending.front_mut() {
+        Some(p) => (&mut p.rx).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The Block1 option of an answer: the block's number and size, `more` as given.
+fn block_option(b: &Block, more: bool) -> Vec<u8> {
+    let szx = b.size.trailing_zeros().saturating_sub(4);
+    uint((b.num << 4) | (u32::from(more) << 3) | szx)
+}
+
+/// The answer to a refused message: the code says which stage, the payload the rule.
+pub(crate) fn refusal_reply(refusal: Refusal) -> Reply {
+    use portcullis_core::refusal::Stage;
+    let why = refusal.to_string();
+    match refusal {
+        Refusal::Quarantined => Reply::new(ResponseType::Changed),
+        Refusal::TooLarge => Reply::refusal(ResponseType::RequestEntityTooLarge, &why),
+        r => match r.stage() {
+            Stage::Validate | Stage::Decode => Reply::refusal(ResponseType::BadRequest, &why),
+            Stage::Limit => Reply::refusal(ResponseType::TooManyRequests, &why).max_age(1),
+            _ => Reply::refusal(ResponseType::Forbidden, &why),
+        },
+    }
+}
+
+pub(crate) struct Session {
+    pub(super) peer: SocketAddr,
+    sender: dtls::Sender,
+    pub(super) admission: Admission,
+    uplink: Uplink,
+    pub(super) state: CoapState,
+    pub(super) stats: Arc<SessionStats>,
+    next_id: u16,
+    dedup: Dedup,
+    upload: Option<Upload>,
+    pending: VecDeque<Pending>,
+    pub(super) down: Downlink,
+    /// A publish was refused for a full outbox since the last one taken (one audit
+    /// line per run of them).
+    refused_full: bool,
+}
+
+impl Session {
+    pub(super) fn new(
+        ctx: &Context,
+        peer: SocketAddr,
+        sender: dtls::Sender,
+        admission: Admission,
+        uplink: Uplink,
+        state: CoapState,
+        stats: Arc<SessionStats>,
+    ) -> Session {
+        // Message ids start somewhere unpredictable (RFC 7252 §4.4).
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        Session {
+            peer,
+            sender,
+            admission,
+            uplink,
+            state,
+            stats,
+            next_id: (seed ^ (seed >> 16)) as u16,
+            dedup: Dedup {
+                cap: ctx.limits.dedup_entries.max(1),
+                seen: VecDeque::new(),
+            },
+            upload: None,
+            pending: VecDeque::new(),
+            down: Downlink::default(),
+            refused_full: false,
+        }
+    }
+
+    pub(super) fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    pub(super) fn new_id(&mut self) -> u16 {
+        self.next_id = self.next_id.wrapping_add(1);
+        self.next_id
+    }
+
+    pub(super) fn send(&self, bytes: Vec<u8>) {
+        self.sender.send(self.peer, bytes);
+    }
+
+    /// Answer a request, and keep the answer for its retransmissions.
+    pub(super) fn answer(&mut self, exchange: &Exchange, reply: &Reply) {
+        let id = self.new_id();
+        let bytes = reply.answer(exchange, id);
+        self.dedup.answered(exchange.message_id, &bytes);
+        self.send(bytes);
+    }
+
+    /// Keep `bytes` as the answer to request `id`, for its retransmissions.
+    pub(super) fn remember_answer(&mut self, id: u16, bytes: &[u8]) {
+        self.dedup.answered(id, bytes);
+    }
+
+    /// What the session leaves for the next one: what it was sending goes back to the
+    /// mailbox.
+    pub(super) fn finish(&mut self, _ctx: &Context) -> CoapState {
+        self.down.give_back(&self.state, Instant::now());
+        let mailbox = self.state.mailbox.clone();
+        std::mem::replace(
+            &mut self.state,
+            CoapState {
+                mailbox,
+                observer: None,
+                registered: 0,
+            },
+        )
+    }
+
+    /// The session's loop: datagrams, the forwarder's answers, commands, timers,
+    /// reloads and kicks.
+    pub(super) async fn serve(
+        &mut self,
+        ctx: &Context,
+        mut rx: mpsc::Receiver<Input>,
+        mut kicked: watch::Receiver<Option<KickReason>>,
+    ) -> End {
+        let mailbox = self.state.mailbox.clone();
+        let mut live = ctx.live.clone();
+        live.mark_unchanged();
+        let mut live_open = true;
+        loop {
+            self.pump(ctx, Instant::now());
+            let wake = self.next_wake();
+            let wants = self.wants_commands();
+            let step = tokio::select! {
+                biased;
+                reason = kick_of(&mut kicked) => Err(End::Kicked(reason)),
+                changed = live.changed(), if live_open => match changed {
+                    Ok(()) => {
+                        let next = live.borrow_and_update().clone();
+                        self.reload(ctx, &next)
+                    }
+                    Err(_) => {
+                        live_open = false;
+                        Ok(())
+                    }
+                },
+                taken = front_taken(&mut self.pending) => self.taken(ctx, taken),
+                input = rx.recv() => match input {
+                    None => Err(End::Dtls(None)),
+                    Some(Input::Closed(why)) => Err(End::Dtls(Some(why))),
+                    Some(Input::Datagram(d)) => self.datagram(ctx, &d).await,
+                },
+                _ = mailbox.notify.notified(), if wants => Ok(()),
+                _ = sleep_until(wake), if wake.is_some() => {
+                    self.timers(ctx, Instant::now());
+                    Ok(())
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// A configuration reload: the new rules apply from the next message on; a device
+    /// whose group is gone is ended.
+    fn reload(&mut self, ctx: &Context, live: &Live) -> Result<(), End> {
+        let principal = self.admission.peer().principal.clone();
+        let Some(acl) = ctx.auth.current_acl(&principal) else {
+            return Err(End::Kicked(KickReason::PolicyChanged));
+        };
+        self.admission
+            .reload(live.rules(&principal, acl, &ctx.behaviours), Instant::now());
+        Ok(())
+    }
+
+    async fn datagram(&mut self, ctx: &Context, datagram: &[u8]) -> Result<(), End> {
+        let now = Instant::now();
+        self.stats.heard(now);
+        match message::parse(datagram) {
+            Ok(Incoming::Ping { message_id }) => self.send(message::reset(message_id)),
+            Ok(Incoming::Ack { message_id }) => self.acknowledged(ctx, message_id),
+            Ok(Incoming::Reset { message_id }) => self.reset_by_peer(ctx, message_id, now),
+            Ok(Incoming::Response) => {}
+            Ok(Incoming::Request(request)) => return self.request(ctx, request, now).await,
+            Err(malformed) => {
+                // A datagram that breaks CoAP is a failed validation, as far as the
+                // device's behaviour goes; a confirmable one is rejected (RST).
+                self.admission.refused(
+                    Refusal::MalformedPacket,
+                    "publish",
+                    None,
+                    Some(malformed.reason),
+                    now,
+                );
+                self.admission.observe(Observation::Invalid, now);
+                if let Some(id) = malformed.reset {
+                    self.send(message::reset(id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn request(&mut self, ctx: &Context, r: Request, now: Instant) -> Result<(), End> {
+        if let Some(seen) = self.dedup.get(r.message_id, now) {
+            Metrics::inc(&ctx.metrics.coap.duplicates);
+            // A confirmable request is answered again; a non-confirmable one is not
+            // processed twice.
+            if let (Some(bytes), Reliability::Confirmable) = (seen, r.reliability) {
+                let bytes = bytes.to_vec();
+                self.send(bytes);
+            }
+            return Ok(());
+        }
+        self.dedup.begin(r.message_id, r.reliability, now);
+        let exchange = Exchange::of(&r);
+        match (&r.route, r.method) {
+            (Route::Telemetry(_), RequestType::Post | RequestType::Put) => {
+                return self.telemetry(ctx, r, now).await;
+            }
+            (Route::Commands, RequestType::Get) => self.commands(ctx, &r, now),
+            (Route::Telemetry(_) | Route::Commands, _) => self.answer(
+                &exchange,
+                &Reply::refusal(
+                    ResponseType::MethodNotAllowed,
+                    "POST to /t/{path}; GET (Observe) on /c",
+                ),
+            ),
+            (Route::Unknown, _) => self.answer(
+                &exchange,
+                &Reply::refusal(ResponseType::NotFound, "no such resource: /t/{path}, /c"),
+            ),
+        }
+        Ok(())
+    }
+
+    /// `POST /t/{path}`: a message to `devices/{id}/{path}`.
+    async fn telemetry(&mut self, ctx: &Context, r: Request, now: Instant) -> Result<(), End> {
+        let exchange = Exchange::of(&r);
+        let Route::Telemetry(suffix) = &r.route else {
+            return Ok(());
+        };
+        let suffix = suffix.clone();
+        let max = ctx.limits.max_body_size;
+        let (payload, block) = match r.block1 {
+            None if r.payload.len() > max => {
+                self.too_large(ctx, &exchange, &suffix, now);
+                return Ok(());
+            }
+            None => (r.payload, None),
+            Some(b) => match self.block(ctx, &exchange, &suffix, b, r.payload, now) {
+                Some(body) => (body, Some(block_option(&b, false))),
+                None => return Ok(()),
+            },
+        };
+        let id = self.admission.peer().principal.id.clone();
+        let raw = format!("devices/{id}/{suffix}");
+        let carried = Carried {
+            response_topic: None,
+            content_type: None,
+            user_properties: &[],
+            payload_utf8: false,
+            payload: &payload,
+        };
+        if let Err(refusal) = self.admission.screen(&raw, &carried, now) {
+            self.answer(&exchange, &refusal_reply(refusal));
+            return Ok(());
+        }
+        let topic = match TopicName::parse(&raw, ctx.limits.topic) {
+            Ok(topic) => topic,
+            Err(e) => {
+                let words = e.to_string();
+                self.admission.refused(
+                    Refusal::TopicInvalid,
+                    "publish",
+                    Some(&raw),
+                    Some(&words),
+                    now,
+                );
+                self.admission.observe(Observation::Invalid, now);
+                let reply = Reply::refusal(
+                    ResponseType::BadRequest,
+                    &format!("{}: {words}", Refusal::TopicInvalid),
+                );
+                self.answer(&exchange, &reply);
+                return Ok(());
+            }
+        };
+        let qos = match r.reliability {
+            Reliability::Confirmable => QoS::AtLeastOnce,
+            Reliability::NonConfirmable => QoS::AtMostOnce,
+        };
+        let ttd = r
+            .ttd
+            .map(|s| Duration::from_secs(u64::from(s)).min(ctx.limits.max_ttd))
+            .filter(|d| !d.is_zero());
+        let message = Message {
+            topic,
+            payload: payload.into(),
+            qos,
+            retain: false,
+            properties: None,
+        };
+        self.offer(ctx, Offer::new(message, now), exchange, block, ttd)
+            .await
+    }
+
+    /// A body over `coap.max_body_size`: 4.13 with Size1 saying how much is taken.
+    fn too_large(&mut self, ctx: &Context, exchange: &Exchange, suffix: &str, now: Instant) {
+        let max = ctx.limits.max_body_size;
+        self.admission.refused(
+            Refusal::TooLarge,
+            "publish",
+            Some(suffix),
+            Some(&format!(
+                "request body over coap.max_body_size ({max} bytes)"
+            )),
+            now,
+        );
+        let reply = refusal_reply(Refusal::TooLarge).option(CoapOption::Size1, uint(max as u32));
+        self.answer(exchange, &reply);
+    }
+
+    /// One Block1 block: the whole body once the last block is in (`None` while the
+    /// upload goes on or after it was refused; the block was answered).
+    fn block(
+        &mut self,
+        ctx: &Context,
+        exchange: &Exchange,
+        suffix: &str,
+        b: Block,
+        payload: Vec<u8>,
+        now: Instant,
+    ) -> Option<Vec<u8>> {
+        if b.num == 0 {
+            self.upload = Some(Upload {
+                suffix: suffix.to_string(),
+                size: b.size,
+                next: 0,
+                body: Vec::new(),
+            });
+        }
+        let in_order = self.upload.as_ref().is_some_and(|u| {
+            u.suffix == suffix
+                && u.next == b.num
+                && u.size == b.size
+                && u.body.len() == b.num as usize * b.size
+        });
+        if !in_order || (b.more && payload.len() != b.size) || payload.len() > b.size {
+            self.upload = None;
+            let reply = Reply::refusal(
+                ResponseType::RequestEntityIncomplete,
+                "Block1: blocks out of order, or a block of the wrong size",
+            );
+            self.answer(exchange, &reply);
+            return None;
+        }
+        let upload = self.upload.as_mut()?;
+        if upload.body.len() + payload.len() > ctx.limits.max_body_size {
+            self.upload = None;
+            self.too_large(ctx, exchange, suffix, now);
+            return None;
+        }
+        upload.body.extend_from_slice(&payload);
+        upload.next += 1;
+        if b.more {
+            let reply = Reply::new(ResponseType::Continue)
+                .option(CoapOption::Block1, block_option(&b, true));
+            self.answer(exchange, &reply);
+            return None;
+        }
+        self.upload.take().map(|u| u.body)
+    }
+
+    /// Offer a message to the core and answer its verdict.
+    async fn offer(
+        &mut self,
+        ctx: &Context,
+        mut offer: Offer,
+        exchange: Exchange,
+        block: Option<Vec<u8>>,
+        ttd: Option<Duration>,
+    ) -> Result<(), End> {
+        let with_block = |reply: Reply| match &block {
+            Some(b) => reply.option(CoapOption::Block1, b.clone()),
+            None => reply,
+        };
+        loop {
+            let now = Instant::now();
+            let arrived = offer.arrived();
+            let topic = offer.message().topic.to_string();
+            match self.admission.uplink(offer, now) {
+                Verdict::Forward(message) => {
+                    self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                    return self
+                        .forward(ctx, message, exchange, block, ttd, arrived)
+                        .await;
+                }
+                Verdict::Divert(forensic) => {
+                    self.uplink
+                        .send(forensic)
+                        .await
+                        .map_err(|_| End::BrokerGone)?;
+                    self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
+                    return Ok(());
+                }
+                // Dropped (quarantine, or the rate limit's "drop"): answered as if
+                // delivered, so the device does not retry.
+                Verdict::Discard(_) => {
+                    self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
+                    return Ok(());
+                }
+                Verdict::Refuse(refusal) => {
+                    self.answer(&exchange, &refusal_reply(refusal));
+                    return Ok(());
+                }
+                Verdict::Disconnect(refusal) => {
+                    self.answer(&exchange, &refusal_reply(refusal));
+                    return Err(End::RateTooHigh);
+                }
+                // A quarantined device is paced: nothing more is read until then.
+                Verdict::Wait(held, until)
+                    if self.admission.behaviour() == Behaviour::Quarantined =>
+                {
+                    tokio::time::sleep_until(until.into()).await;
+                    offer = held;
+                }
+                // Over its rate: CoAP has no back-pressure, so the device is told when
+                // to try again (RFC 8516).
+                Verdict::Wait(_, until) => {
+                    let secs = until.saturating_duration_since(now).as_secs_f64().ceil() as u32;
+                    self.admission.refused(
+                        Refusal::RateLimited,
+                        "publish",
+                        Some(&topic),
+                        Some("over the rate: 4.29 Too Many Requests"),
+                        now,
+                    );
+                    let reply = Reply::refusal(
+                        ResponseType::TooManyRequests,
+                        &Refusal::RateLimited.to_string(),
+                    )
+                    .max_age(secs.max(1));
+                    self.answer(&exchange, &reply);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// A message the pipeline let through, to the forwarder: a confirmable request is
+    /// answered once the forwarder has it, a non-confirmable one at once.
+    async fn forward(
+        &mut self,
+        ctx: &Context,
+        message: Message,
+        exchange: Exchange,
+        block: Option<Vec<u8>>,
+        ttd: Option<Duration>,
+        arrived: Instant,
+    ) -> Result<(), End> {
+        if message.qos == QoS::AtMostOnce {
+            self.uplink
+                .send(message)
+                .await
+                .map_err(|_| End::BrokerGone)?;
+            ctx.metrics.forward_latency.record(arrived.elapsed());
+            self.after_taken(ctx, exchange, block, ttd);
+            return Ok(());
+        }
+        if self.pending.len() >= MAX_PENDING {
+            let reply = Reply::refusal(
+                ResponseType::ServiceUnavailable,
+                "too many requests in flight (NSTART is 1)",
+            )
+            .max_age(1);
+            self.answer(&exchange, &reply);
+            return Ok(());
+        }
+        let rx = self
+            .uplink
+            .send_acked(message)
+            .await
+            .map_err(|_| End::BrokerGone)?;
+        ctx.metrics.forward_latency.record(arrived.elapsed());
+        self.pending.push_back(Pending {
+            exchange,
+            rx,
+            block,
+            ttd,
+        });
+        Ok(())
+    }
+
+    /// The forwarder answered for the oldest pending request.
+    fn taken(
+        &mut self,
+        ctx: &Context,
+        taken: Result<Taken, oneshot::error::RecvError>,
+    ) -> Result<(), End> {
+        let Some(p) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        match taken {
+            Ok(Taken::Yes) => {
+                self.refused_full = false;
+                self.after_taken(ctx, p.exchange, p.block, p.ttd);
+                Ok(())
+            }
+            Ok(Taken::Full) => {
+                Metrics::inc(&ctx.metrics.outbox.refused_full);
+                if !self.refused_full {
+                    self.refused_full = true;
+                    self.admission.audit(
+                        "outbox",
+                        None,
+                        "the outbox is full: a confirmable request was answered 5.03".into(),
+                    );
+                }
+                let reply = Reply::refusal(ResponseType::ServiceUnavailable, "the outbox is full")
+                    .max_age(1);
+                self.answer(&p.exchange, &reply);
+                Ok(())
+            }
+            Err(_) => Err(End::BrokerGone),
+        }
+    }
+
+    /// The forwarder has the message: 2.04, or with `?ttd=N` a wait for a command.
+    fn after_taken(
+        &mut self,
+        ctx: &Context,
+        exchange: Exchange,
+        block: Option<Vec<u8>>,
+        ttd: Option<Duration>,
+    ) {
+        match ttd {
+            Some(wait) => self.wait_for_command(ctx, exchange, wait),
+            None => {
+                let mut reply = Reply::new(ResponseType::Changed);
+                if let Some(b) = block {
+                    reply = reply.option(CoapOption::Block1, b);
+                }
+                self.answer(&exchange, &reply);
+            }
+        }
+    }
+
+    /// The device acknowledged a confirmable message of ours.
+    fn acknowledged(&mut self, ctx: &Context, id: u16) {
+        if self.down.acknowledged(id) {
+            Metrics::inc(&ctx.metrics.messages_delivered);
+            self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,385 @@
+//! CoAP sessions: one per DTLS session, from the handshake to its end, through the
+//! core's pipeline.
+//!
+//! The dispatcher (`serve`) reads the DTLS endpoint's events: a completed handshake
+//! starts a session task, a datagram goes to its session, a failed handshake is a
+//! failed login (back-off, audit, alert). A session is keyed by its DTLS session, not
+//! the address alone: a device whose NAT mapping changed handshakes again from its new
+//! address, takes its identity's earlier session over, and resumes what it held (its
+//! queued commands and its Observe relation).
+//!
+//! A session authenticates the identity the handshake proved (method `psk`), registers
+//! with the core (`peer::Lifecycle`), and then reads CoAP into the core's model:
+//! `POST /t/{path}` is a message to `devices/{id}/{path}` offered to `Admission`;
+//! `GET /c` with Observe, and `?ttd=N` on a telemetry POST, take the device's commands
+//! from its mailbox through the downlink gates. The CoAP duties coap-lite leaves to us
+//! live in `exchange` (deduplication, Block1) and `downlink` (our confirmable
+//! messages and their retransmission).
+
+use crate::dtls::{self, Endpoint, Event};
+use portcullis_core::admission::{self, Admission, Live, Peer};
+use portcullis_core::audit::{Audit, AuditEntry};
+use portcullis_core::auth::{AuthRefusal, Authenticator, Credential, Credentials};
+use portcullis_core::auth_alert;
+use portcullis_core::forward::Forwarder;
+use portcullis_core::limit::GlobalBucket;
+use portcullis_core::mailbox::{Mailbox, MailboxLimits};
+use portcullis_core::metrics::Metrics;
+use portcullis_core::parking::{Parked, ParkedSessions};
+use portcullis_core::peer::{Closed, Ended, Lifecycle, Protocol, until_kicked};
+use portcullis_core::principal::PrincipalKind;
+use portcullis_core::quarantine::Behaviours;
+use portcullis_core::refusal::Refusal;
+use portcullis_core::retained::RetainedCommands;
+use portcullis_core::sessions::{KickReason, Sessions};
+use portcullis_core::topic::TopicLimits;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+mod downlink;
+mod exchange;
+pub(crate) mod reply;
+
+use exchange::{End, Session};
+
+/// Datagrams waiting for one session; beyond it they are dropped (CoAP retransmits).
+const INPUT_QUEUE: usize = 64;
+
+/// The CoAP layer's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub topic: TopicLimits,
+    /// A device's command mailbox.
+    pub mailbox: MailboxLimits,
+    /// Largest request body, whole or reassembled from Block1 blocks.
+    pub max_body_size: usize,
+    /// How long a device's commands and Observe relation outlive its session.
+    pub session_expiry: Duration,
+    /// Longest `?ttd=N` wait granted.
+    pub max_ttd: Duration,
+    /// Responses kept per session to answer retransmitted requests.
+    pub dedup_entries: usize,
+}
+
+/// What every CoAP session shares.
+pub struct Context {
+    /// The settings a configuration reload replaces; each session watches it.
+    pub live: watch::Receiver<Arc<Live>>,
+    pub global: Arc<GlobalBucket>,
+    pub auth: Arc<Authenticator>,
+    pub forwarder: Arc<dyn Forwarder>,
+    pub sessions: Arc<Sessions>,
+    /// What a device's session leaves for its next one.
+    pub parked: Arc<ParkedSessions<CoapState>>,
+    pub retained: Arc<RetainedCommands>,
+    pub behaviours: Arc<Behaviours>,
+    pub audit: Audit,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Context {
+    fn lifecycle(&self) -> Lifecycle {
+        Lifecycle {
+            sessions: self.sessions.clone(),
+            auth: self.auth.clone(),
+            behaviours: self.behaviours.clone(),
+            metrics: self.metrics.clone(),
+            audit: self.audit.clone(),
+        }
+    }
+}
+
+/// An Observe relation on `/c`: the token the device registered with, and the
+/// sequence number of the next notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observer {
+    pub token: Vec<u8>,
+    pub seq: u32,
+}
+
+/// What a device's CoAP session keeps between DTLS sessions.
+#[derive(Debug)]
+pub struct CoapState {
+    pub mailbox: Arc<Mailbox>,
+    pub observer: Option<Observer>,
+    /// The registration it belongs to (a device removed and added again starts anew).
+    pub registered: u64,
+}
+
+impl Parked for CoapState {
+    fn mailbox(&self) -> &Arc<Mailbox> {
+        &self.mailbox
+    }
+}
+
+/// What the dispatcher hands a session.
+pub(crate) enum Input {
+    Datagram(Vec<u8>),
+    /// The DTLS session ended, and why.
+    Closed(dtls::Closed),
+}
+
+/// Run the CoAP layer over a bound DTLS endpoint until the gateway stops.
+pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
+    let Endpoint {
+        sender, mut events, ..
+    } = endpoint;
+    let mut peers: HashMap<SocketAddr, mpsc::Sender<Input>> = HashMap::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Connected { peer, identity } => {
+                // After shutdown no session starts: the device hears close_notify.
+                if *ctx.shutdown.borrow() {
+                    sender.close(peer);
+                    continue;
+                }
+                let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+                peers.insert(peer, tx);
+                tokio::spawn(run(ctx.clone(), sender.clone(), peer, identity, rx));
+            }
+            Event::Data { peer, data } => {
+                if let Some(tx) = peers.get(&peer)
+                    && tx.try_send(Input::Datagram(data)).is_err()
+                {
+                    Metrics::inc(&ctx.metrics.coap.dropped_busy);
+                }
+            }
+            Event::Closed { peer, why } => match peers.remove(&peer) {
+                Some(tx) => {
+                    // The session ends when its input does; the reason is a courtesy.
+                    let _ = tx.try_send(Input::Closed(why));
+                }
+                None => handshake_failed(&ctx, peer, &why),
+            },
+        }
+        // Sessions that ended on their own (a kick) leave their entry behind.
+        if peers.len() > 64 && peers.len().is_power_of_two() {
+            peers.retain(|_, tx| !tx.is_closed());
+        }
+    }
+}
+
+/// A handshake that failed or stalled is a failed login for the identity it claimed:
+/// back-off, the alert on failures naming a device, counted and audited. A wrong key
+/// and an unknown identity are told apart only here (the peer saw the same failure).
+fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &dtls::Closed) {
+    let identity = match why {
+        dtls::Closed::HandshakeFailed { identity }
+        | dtls::Closed::HandshakeTimeout { identity } => identity,
+        _ => return,
+    };
+    Metrics::inc(&ctx.metrics.handshake_failures);
+    let Some(identity) = identity else {
+        ctx.metrics.refused(Refusal::TlsHandshakeFailed);
+        return;
+    };
+    let claimed = match portcullis_core::principal::PrincipalId::parse(identity) {
+        Ok(id) if ctx.auth.group_of(PrincipalKind::Device, &id).is_some() => AuthRefusal::BadSecret,
+        _ => AuthRefusal::Unknown,
+    };
+    let refusal = ctx
+        .auth
+        .refuse_early(identity, claimed, peer.ip(), Instant::now());
+    ctx.metrics.refused(Refusal::from(refusal));
+    let detail = match why {
+        dtls::Closed::HandshakeTimeout { .. } => "DTLS handshake not finished in time",
+        _ => "DTLS handshake failed (wrong key or unknown identity)",
+    };
+    ctx.audit.record(
+        AuditEntry::new("connect", "refuse")
+            .source(peer)
+            .protocol(Protocol::Coap.as_str())
+            .principal("device", identity.chars().take(128).collect::<String>())
+            .reason(format!("{}: {detail}", Refusal::from(refusal).label())),
+    );
+    auth_alert::note_device_failure(
+        &ctx.auth,
+        &ctx.metrics,
+        &ctx.audit,
+        ctx.forwarder.as_ref(),
+        identity,
+        refusal,
+        peer,
+    );
+}
+
+/// How long a kicked session may take to answer what it owes before it is cut off.
+const KICK_GRACE: Duration = Duration::from_secs(1);
+
+/// One DTLS session's CoAP life.
+async fn run(
+    ctx: Arc<Context>,
+    sender: dtls::Sender,
+    peer: SocketAddr,
+    identity: String,
+    rx: mpsc::Receiver<Input>,
+) {
+    let now = Instant::now();
+    let creds = Credentials {
+        id: &identity,
+        presented: vec![Credential::PreSharedKey],
+    };
+    let authed = match ctx
+        .auth
+        .authenticate(PrincipalKind::Device, &creds, peer.ip(), now)
+    {
+        Ok(authed) => authed,
+        Err(refusal) => {
+            refuse(&ctx, peer, &identity, refusal);
+            sender.close(peer);
+            return;
+        }
+    };
+    let live = ctx.live.borrow().clone();
+    let principal = authed.principal.clone();
+    let admission = Admission::new(
+        Peer {
+            principal: principal.clone(),
+            source: peer,
+            protocol: Protocol::Coap,
+        },
+        live.rules(&principal, authed.acl.clone(), &ctx.behaviours),
+        admission::Shared {
+            global: ctx.global.clone(),
+            retained: ctx.retained.clone(),
+            behaviours: ctx.behaviours.clone(),
+            directory: ctx.auth.clone(),
+            metrics: ctx.metrics.clone(),
+            audit: ctx.audit.clone(),
+        },
+        now,
+    );
+    // Registering ends an earlier session of the same identity (take-over), whatever
+    // protocol it speaks.
+    let lifecycle = ctx.lifecycle();
+    let guard = match lifecycle.register(&admission, authed.generation, authed.method) {
+        Ok(guard) => guard,
+        Err(refusal) => {
+            ctx.metrics.refused(refusal);
+            sender.close(peer);
+            return;
+        }
+    };
+    // Wait for a session taken over to put its state back.
+    let slot = ctx.parked.slot(&principal.id);
+    let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
+        ctx.metrics.refused(Refusal::SessionBusy);
+        ctx.audit.record(
+            admission
+                .peer()
+                .entry("connect", "refuse")
+                .reason(Refusal::SessionBusy.to_string()),
+        );
+        sender.close(peer);
+        return;
+    };
+    slot.epoch += 1;
+    let registered = ctx.auth.registered_since(&principal);
+    let resumed = slot.resume(now).filter(|s| s.registered == registered);
+    if resumed.is_none()
+        && let Some(old) = slot.state.take()
+    {
+        old.mailbox.clear();
+    }
+    let session_resumed = resumed.is_some();
+    let state = resumed.unwrap_or_else(|| CoapState {
+        mailbox: Arc::new(Mailbox::new(ctx.limits.mailbox)),
+        observer: None,
+        registered,
+    });
+    // Commands for the device go to this mailbox from now on.
+    if let Err(e) = ctx
+        .forwarder
+        .register_device(principal.id.clone(), state.mailbox.clone())
+        .await
+    {
+        tracing::error!(error = %e, "broker link unavailable");
+        let expires_at = now + ctx.limits.session_expiry;
+        slot.park(state, expires_at);
+        sender.close(peer);
+        return;
+    }
+    let uplink = ctx.forwarder.uplink_for(&principal.id);
+    lifecycle.opened(
+        &admission,
+        &guard,
+        authed.method,
+        if session_resumed {
+            ", session resumed"
+        } else {
+            ""
+        },
+    );
+    let mut session = Session::new(
+        &ctx,
+        peer,
+        sender.clone(),
+        admission,
+        uplink,
+        state,
+        guard.stats.clone(),
+    );
+    let kicked = guard.kicked.clone();
+    let work = session.serve(&ctx, rx, kicked.clone());
+    let end = match until_kicked(work, kicked, KICK_GRACE).await {
+        Ended::Finished(end) => end,
+        Ended::Panicked(why) => End::Internal(why),
+        Ended::CutOff(reason) => End::Kicked(reason),
+    };
+    if let End::Internal(why) = &end {
+        tracing::error!(peer = %peer, error = %why, "CoAP session failed; its state is kept");
+    }
+    // The DTLS session ends with the CoAP one (a device that comes back handshakes).
+    if !matches!(end, End::Dtls(_)) {
+        sender.close(peer);
+    }
+    lifecycle.closed(
+        session.admission(),
+        &Closed {
+            why: end.describe(),
+            taken_over: matches!(end, End::Kicked(KickReason::TakenOver)),
+            broke_protocol: false,
+        },
+    );
+    let state = session.finish(&ctx);
+    if matches!(
+        end,
+        End::Kicked(KickReason::Removed | KickReason::Disabled | KickReason::Banned)
+    ) {
+        state.mailbox.clear();
+        ctx.forwarder
+            .unregister_device(principal.id.clone(), state.mailbox.clone())
+            .await;
+    } else {
+        slot.park(state, Instant::now() + ctx.limits.session_expiry);
+    }
+    drop(slot);
+    drop(guard);
+}
+
+/// A session refused after its handshake (backed off, banned, disabled, ...):
+/// counted, audited, and told to the alert on failures naming a device.
+fn refuse(ctx: &Context, peer: SocketAddr, identity: &str, refusal: AuthRefusal) {
+    ctx.metrics.refused(Refusal::from(refusal));
+    ctx.audit.record(
+        AuditEntry::new("connect", "refuse")
+            .source(peer)
+            .protocol(Protocol::Coap.as_str())
+            .principal("device", identity.chars().take(128).collect::<String>())
+            .reason(format!("{}: authentication refused", refusal.label())),
+    );
+    auth_alert::note_device_failure(
+        &ctx.auth,
+        &ctx.metrics,
+        &ctx.audit,
+        ctx.forwarder.as_ref(),
+        identity,
+        refusal,
+        peer,
+    );
+}

@@ -1,0 +1,100 @@
+//! The CoAP listener of `serve`: the DTLS endpoint bound from `[listeners] coap_dtls`
+//! and `[coap]`, the pre-shared keys from the registry, and the CoAP layer over it.
+
+use crate::usage::UsageError;
+use anyhow::Result;
+use portcullis_coap::dtls::{self, Settings, Stats};
+use portcullis_coap::keys::RegistryKeys;
+use portcullis_coap::session::{self, CoapState, Context};
+use portcullis_config::Config;
+use portcullis_core::device_key::MasterKeys;
+use portcullis_core::metrics::Metrics;
+use portcullis_core::parking::ParkedSessions;
+use portcullis_core::registry::Registry;
+use portcullis_core::source_gate::{Admitted, SourceGate};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// A running CoAP listener.
+pub struct CoapListener {
+    pub local: SocketAddr,
+    pub parked: Arc<ParkedSessions<CoapState>>,
+    pub stats: Arc<Stats>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// The DTLS endpoint's bounds, from the configuration.
+fn settings(config: &Config) -> Settings {
+    let c = &config.coap;
+    Settings {
+        max_sessions: c.max_sessions,
+        max_half_open: c.max_handshakes,
+        max_per_source: c.max_sessions_per_source,
+        handshake_timeout: *c.handshake_timeout,
+        idle_timeout: *c.idle_timeout,
+        ..Settings::default()
+    }
+}
+
+/// The gateway's source gate before any DTLS state is made for a new address: a
+/// banned source, or one over the connection caps or rate (shared with MQTT), gets
+/// nothing. The place it takes under the caps is held for as long as the DTLS state.
+struct Gate(SourceGate);
+
+impl dtls::Admit for Gate {
+    fn admit(&self, peer: SocketAddr) -> Option<Box<dyn Send + Sync>> {
+        let Admitted { slot, pre_auth } = self.0.admit(peer).ok()?;
+        // Handshakes in progress are bounded by the endpoint itself
+        // (coap.max_handshakes), not by limits.max_unauthenticated.
+        pre_auth.authenticated();
+        Some(Box::new(slot))
+    }
+}
+
+/// Bind the CoAP listener, if one is configured, and start its layer.
+pub async fn start(
+    config: &Config,
+    registry: Arc<Registry>,
+    master: Arc<MasterKeys>,
+    gate: SourceGate,
+    ctx: Arc<Context>,
+) -> Result<Option<CoapListener>> {
+    if let Some(addr) = config.listeners.coap {
+        return Err(UsageError(format!(
+            "listeners.coap = \"{addr}\": plain CoAP is not available in this version; \
+             use listeners.coap_dtls (CoAP over DTLS with a pre-shared key)"
+        ))
+        .into());
+    }
+    let Some(addr) = config.listeners.coap_dtls else {
+        return Ok(None);
+    };
+    let keys = Arc::new(RegistryKeys::new(registry, master));
+    let endpoint = dtls::bind(addr, settings(config), keys, Arc::new(Gate(gate)))
+        .await
+        .map_err(|e| UsageError(e.to_string()))?;
+    let local = endpoint.local;
+    let stats = endpoint.stats.clone();
+    let parked = ctx.parked.clone();
+    let task = tokio::spawn(session::serve(ctx, endpoint));
+    Ok(Some(CoapListener {
+        local,
+        parked,
+        stats,
+        task,
+    }))
+}
+
+/// Copy the endpoint's counters into the gateway's metrics.
+pub fn publish_stats(stats: &Stats, metrics: &Metrics) {
+    let m = &metrics.coap;
+    let copy = |from: &std::sync::atomic::AtomicU64, to: &std::sync::atomic::AtomicU64| {
+        to.store(from.load(Ordering::Relaxed), Ordering::Relaxed)
+    };
+    copy(&stats.sessions, &m.dtls_sessions);
+    copy(&stats.half_open, &m.dtls_handshakes_in_progress);
+    copy(&stats.handshakes_completed, &m.dtls_handshakes_completed);
+    copy(&stats.refused_capped, &m.dtls_refused_capped);
+    copy(&stats.dropped_stray, &m.dtls_dropped_stray);
+}

@@ -1,0 +1,213 @@
+//! CoAP devices over DTLS, end to end: libcoap's `coap-client-openssl` (Debian
+//! `libcoap3-bin`) with a pre-shared key against the real gateway, and mosquitto
+//! clients as the services on the other side.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const CLIENT: &str = "coap-client-openssl";
+const T: Duration = Duration::from_secs(15);
+
+/// Register a device with a generated pre-shared key; the key, as printed once.
+fn add_psk_device(gw: &Gateway, id: &str) -> String {
+    let out = gw.cli_ok(&["device", "add", id, "--psk-generate"]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("psk: "))
+        .unwrap_or_else(|| panic!("no psk line in {out:?}"))
+        .trim()
+        .to_string()
+}
+
+/// `coap-client-openssl -u ID -k KEY` with `args`, then `coaps://ADDR{path}`,
+/// verbose (it prints every message it sends and receives: `c:2.04` is a 2.04).
+fn coap(addr: SocketAddr, id: &str, key: &str, args: &[&str], path: &str) -> Output {
+    coap_waiting(addr, id, key, 10, args, path)
+}
+
+/// Like `coap`, giving up after `wait` seconds without an answer.
+fn coap_waiting(
+    addr: SocketAddr,
+    id: &str,
+    key: &str,
+    wait: u32,
+    args: &[&str],
+    path: &str,
+) -> Output {
+    Command::new(CLIENT)
+        .args(["-u", id, "-k", key, "-B", &wait.to_string(), "-v", "7"])
+        .args(args)
+        .arg(format!("coaps://{addr}{path}"))
+        .output()
+        .unwrap_or_else(|e| panic!("{CLIENT} (Debian libcoap3-bin): {e}"))
+}
+
+/// What a `coap` run printed, stdout and stderr.
+fn said(out: &Output) -> String {
+    text(out)
+}
+
+/// A service subscribed to `filter` on the plain service listener.
+fn service_sub(gw: &Gateway, filter: &str) -> Sub {
+    gw.add_service_cert("analytics");
+    let sub = Sub::start(&gw.client(
+        gw.service_tls,
+        "analytics",
+        &["-t", filter, "-v", "-q", "1"],
+    ));
+    gw.wait_audit(&["\"connect\"", "\"analytics\""]);
+    std::thread::sleep(Duration::from_millis(300));
+    sub
+}
+
+#[test]
+fn confirmable_telemetry_from_a_psk_device_reaches_a_service_subscriber() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-1");
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    let out = coap(
+        gw.coap_dtls,
+        "coap-1",
+        &key,
+        &["-m", "post", "-e", "21.5"],
+        "/t/telemetry/temp",
+    );
+    let shown = said(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("c:2.04"), "no 2.04 Changed: {shown}");
+    let line = sub
+        .expect("21.5", T)
+        .unwrap_or_else(|seen| panic!("telemetry not received; saw {seen:?}"));
+    assert_eq!(line, "devices/coap-1/telemetry/temp 21.5");
+    let audit = gw.wait_audit(&["\"connect\"", "\"coap-1\"", "\"coap\""]);
+    assert!(audit.contains("psk"), "{audit}");
+}
+
+/// A service publishing a command to `devices/{id}/commands/{name}`.
+fn send_command(gw: &Gateway, id: &str, name: &str, payload: &str) {
+    let out = mosquitto(
+        "mosquitto_pub",
+        &gw.client(
+            gw.service_tls,
+            "analytics",
+            &[
+                "-t",
+                &format!("devices/{id}/commands/{name}"),
+                "-m",
+                payload,
+                "-q",
+                "1",
+                "-d",
+            ],
+        ),
+        T,
+    );
+    assert!(text(&out).contains("received PUBACK"), "{}", text(&out));
+}
+
+#[test]
+fn an_observe_on_the_commands_resource_receives_a_command_from_a_service() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-2");
+    gw.add_service_cert("analytics");
+    // Observe /c for up to 20 s (coap-client prints each notification's payload).
+    let mut cmd = Command::new("stdbuf");
+    cmd.args([
+        "-oL", CLIENT, "-u", "coap-2", "-k", &key, "-s", "20", "-v", "7",
+    ])
+    .arg(format!("coaps://{}/c", gw.coap_dtls));
+    let observer = Sub::spawn(cmd, CLIENT);
+    gw.wait_audit(&["\"connect\"", "\"coap-2\"", "\"coap\""]);
+    wait_for(T, || {
+        (gw.metric("portcullis_coap_observe_registered_total") >= 1).then_some(())
+    })
+    .expect("the Observe relation is registered");
+    send_command(&gw, "coap-2", "reboot", "reboot-now");
+    observer
+        .expect("reboot-now", T)
+        .unwrap_or_else(|seen| panic!("command not received; saw {seen:?}"));
+    // Acknowledged by the device: delivered, not retransmitted for want of an ACK.
+    wait_for(T, || {
+        (gw.metric("portcullis_messages_delivered_total") >= 1).then_some(())
+    })
+    .expect("the notification was acknowledged");
+}
+
+#[test]
+fn a_wrong_key_and_an_unknown_identity_are_refused_alike_and_back_off_applies() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-3");
+    let post = |id: &str, key: &str| {
+        coap_waiting(
+            gw.coap_dtls,
+            id,
+            key,
+            3,
+            &["-m", "post", "-e", "x"],
+            "/t/telemetry/x",
+        )
+    };
+    let wrong = post("coap-3", "not-the-key-0123456789");
+    let unknown = post("nobody-here", "not-the-key-0123456789");
+    for (what, out) in [("wrong key", &wrong), ("unknown identity", &unknown)] {
+        let shown = said(out);
+        assert!(!shown.contains("c:2.04"), "{what} was answered: {shown}");
+        assert!(
+            !shown.contains("DTLS: session connected"),
+            "{what}: {shown}"
+        );
+    }
+    // The same failure from the outside: neither got an answer, and the client ends
+    // the same way.
+    assert_eq!(wrong.status.code(), unknown.status.code());
+    gw.wait_audit(&["\"coap-3\"", "bad_secret"]);
+    gw.wait_audit(&["\"nobody-here\"", "unknown_principal"]);
+    // Three failures naming it from this source back the pair off (max_failures = 3):
+    // the right key is refused too while it lasts.
+    let _ = post("coap-3", "still-not-the-key-0123");
+    let _ = post("coap-3", "and-still-not-the-key-0");
+    let right = post("coap-3", &key);
+    assert!(!said(&right).contains("c:2.04"), "{}", said(&right));
+    gw.wait_audit(&["\"coap-3\"", "backed_off"]);
+}
+
+#[test]
+fn a_block_wise_upload_is_reassembled_and_a_too_large_body_is_refused_with_4_13() {
+    let gw = Gateway::start_with("[coap]\nmax_body_size = 200\n");
+    let key = add_psk_device(&gw, "coap-4");
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    // 150 bytes in blocks of 32: five Block1 blocks, one message.
+    let body: String = (0..150)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let out = coap(
+        gw.coap_dtls,
+        "coap-4",
+        &key,
+        &["-m", "post", "-b", "32", "-e", &body],
+        "/t/telemetry/blob",
+    );
+    assert!(said(&out).contains("c:2.04"), "{}", said(&out));
+    let line = sub
+        .expect("devices/coap-4/telemetry/blob", T)
+        .unwrap_or_else(|seen| panic!("upload not received; saw {seen:?}"));
+    assert_eq!(line, format!("devices/coap-4/telemetry/blob {body}"));
+    // 300 bytes: over coap.max_body_size, in one piece or in blocks.
+    let big = "z".repeat(300);
+    for args in [
+        vec!["-m", "post", "-e", &big],
+        vec!["-m", "post", "-b", "64", "-e", &big],
+    ] {
+        let out = coap(gw.coap_dtls, "coap-4", &key, &args, "/t/telemetry/blob");
+        assert!(said(&out).contains("c:4.13"), "{args:?}: {}", said(&out));
+    }
+    assert!(
+        sub.drain(Duration::from_millis(500))
+            .iter()
+            .all(|l| !l.contains("zzz"))
+    );
+    assert!(gw.refusals("validate", "too_large") >= 2);
+}
