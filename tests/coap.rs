@@ -86,13 +86,17 @@ fn confirmable_telemetry_from_a_psk_device_reaches_a_service_subscriber() {
     assert!(audit.contains("psk"), "{audit}");
 }
 
-/// A service publishing a command to `devices/{id}/commands/{name}`.
+/// A service ("commander", not the subscriber's id) publishing a command to
+/// `devices/{id}/commands/{name}`.
 fn send_command(gw: &Gateway, id: &str, name: &str, payload: &str) {
+    if !gw.data().join("pki/clients/commander.pem").exists() {
+        gw.add_service_cert("commander");
+    }
     let out = mosquitto(
         "mosquitto_pub",
         &gw.client(
             gw.service_tls,
-            "analytics",
+            "commander",
             &[
                 "-t",
                 &format!("devices/{id}/commands/{name}"),
@@ -112,7 +116,6 @@ fn send_command(gw: &Gateway, id: &str, name: &str, payload: &str) {
 fn an_observe_on_the_commands_resource_receives_a_command_from_a_service() {
     let gw = Gateway::start();
     let key = add_psk_device(&gw, "coap-2");
-    gw.add_service_cert("analytics");
     // Observe /c for up to 20 s (coap-client prints each notification's payload).
     let mut cmd = Command::new("stdbuf");
     cmd.args([
@@ -210,4 +213,115 @@ fn a_block_wise_upload_is_reassembled_and_a_too_large_body_is_refused_with_4_13(
             .all(|l| !l.contains("zzz"))
     );
     assert!(gw.refusals("validate", "too_large") >= 2);
+}
+
+#[test]
+fn a_sleepy_device_gets_its_command_in_the_answer_to_a_post_that_waits() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-5");
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    // A first session registers the device's mailbox; it keeps collecting after.
+    let out = coap(
+        gw.coap_dtls,
+        "coap-5",
+        &key,
+        &["-m", "post", "-e", "hello"],
+        "/t/telemetry/boot",
+    );
+    assert!(said(&out).contains("c:2.04"), "{}", said(&out));
+    // Queued while it sleeps: the next POST with ?ttd carries it back, piggybacked.
+    send_command(&gw, "coap-5", "set/interval", "interval=60");
+    let out = coap(
+        gw.coap_dtls,
+        "coap-5",
+        &key,
+        &["-m", "post", "-e", "t=1"],
+        "/t/telemetry/x?ttd=5",
+    );
+    let shown = said(&out);
+    let answer = shown
+        .lines()
+        .find(|l| l.contains("t:ACK c:2.04"))
+        .unwrap_or_else(|| panic!("no 2.04: {shown}"));
+    assert!(answer.contains("interval=60"), "{answer}");
+    assert!(
+        answer.contains("Location-Path:set, Location-Path:interval"),
+        "{answer}"
+    );
+    sub.expect("devices/coap-5/telemetry/x t=1", T)
+        .expect("the telemetry too");
+    // Nothing queued: the request is acknowledged at once, and the command that comes
+    // while it waits is the separate answer.
+    let mut cmd = Command::new("stdbuf");
+    cmd.args([
+        "-oL", CLIENT, "-u", "coap-5", "-k", &key, "-B", "15", "-v", "7",
+    ])
+    .args(["-m", "post", "-e", "t=2"])
+    .arg(format!("coaps://{}/t/telemetry/x?ttd=10", gw.coap_dtls));
+    let waiting = Sub::spawn(cmd, CLIENT);
+    waiting
+        .expect("t:ACK c:0.00", T)
+        .unwrap_or_else(|seen| panic!("no empty ACK; saw {seen:?}"));
+    send_command(&gw, "coap-5", "reboot", "now");
+    let answer = waiting
+        .expect("c:2.04", T)
+        .unwrap_or_else(|seen| panic!("no separate answer; saw {seen:?}"));
+    assert!(
+        answer.contains("t:CON") && answer.contains("now"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn a_flooding_device_is_told_4_29_with_max_age_and_quarantined_by_its_behaviour_model() {
+    let gw = Gateway::start_all(
+        "[behaviour]\nmax_limit_hits = 3\n",
+        "",
+        "messages_per_second = 0.2\nmessage_burst = 2.0\n",
+    );
+    let key = add_psk_device(&gw, "coap-6");
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    let mut told = Vec::new();
+    for n in 0..10 {
+        let out = coap(
+            gw.coap_dtls,
+            "coap-6",
+            &key,
+            &["-m", "post", "-e", &format!("n={n}")],
+            "/t/telemetry/flood",
+        );
+        told.push(said(&out));
+    }
+    // The answers, without the client's debug lines.
+    let answers: Vec<String> = told
+        .iter()
+        .filter_map(|t| t.lines().find(|l| l.contains("t:ACK")).map(str::to_string))
+        .collect();
+    let limited: Vec<&String> = answers.iter().filter(|a| a.contains("c:4.29")).collect();
+    assert!(!limited.is_empty(), "no 4.29 among: {answers:?}");
+    assert!(
+        limited.iter().all(|a| a.contains("Max-Age:")),
+        "4.29 without Max-Age: {limited:?}"
+    );
+    gw.wait_audit(&["\"quarantine\"", "\"coap-6\"", "normal → quarantined"]);
+    let list = gw.cli_ok(&["quarantine", "list"]);
+    assert!(
+        list.contains("coap-6") && list.contains("quarantined"),
+        "{list}"
+    );
+    // Quarantined: its messages are taken (2.04, so it does not retry) and dropped.
+    let out = coap(
+        gw.coap_dtls,
+        "coap-6",
+        &key,
+        &["-m", "post", "-e", "after"],
+        "/t/telemetry/flood",
+    );
+    assert!(said(&out).contains("c:2.04"), "{}", said(&out));
+    assert!(
+        !sub.drain(Duration::from_secs(1))
+            .iter()
+            .any(|l| l.contains("after")),
+        "a quarantined device's message reached a service"
+    );
 }

@@ -204,6 +204,19 @@ pub struct Admission {
     limits_for: Behaviour,
 }
 
+/// A peer's rate-limit state, carried from one session of a device to its next: a
+/// device that opens a new session for every message (CoAP and serial devices often
+/// do) must not get a fresh burst each time.
+#[derive(Debug, Clone)]
+pub struct Buckets {
+    rates: PrincipalRates,
+    limits_for: Behaviour,
+    limiter: PrincipalLimiter,
+    pace: TokenBucket,
+    forensic: TokenBucket,
+    downlink: TokenBucket,
+}
+
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admission")
@@ -248,6 +261,38 @@ impl Admission {
 
     pub fn peer(&self) -> &Peer {
         &self.peer
+    }
+
+    /// How long until this peer may send a message of `len` bytes again, by its rate
+    /// limits (what a protocol that can say so tells a peer it refused for its rate).
+    pub fn retry_after(&self, len: usize, now: Instant) -> Duration {
+        self.limiter.retry_after(len, now)
+    }
+
+    /// The rate-limit state, for the device's next session.
+    pub fn buckets(&self) -> Buckets {
+        Buckets {
+            rates: self.rules.rates,
+            limits_for: self.limits_for,
+            limiter: self.limiter.clone(),
+            pace: self.pace,
+            forensic: self.forensic,
+            downlink: self.downlink,
+        }
+    }
+
+    /// Go on from an earlier session's rate-limit state, if it was kept under the same
+    /// rates (else the new rates start afresh, as on a reload).
+    pub fn resume_buckets(&mut self, b: Buckets, now: Instant) {
+        if b.rates != self.rules.rates {
+            return;
+        }
+        self.limiter = b.limiter;
+        self.pace = b.pace;
+        self.forensic = b.forensic;
+        self.downlink = b.downlink;
+        self.limits_for = b.limits_for;
+        self.sync_behaviour(now);
     }
 
     /// Its behaviour model, if it has one.

@@ -59,6 +59,15 @@ impl TokenBucket {
         )
     }
 
+    /// How long until `n` tokens are there (zero if they are now); nothing is taken.
+    pub fn wait_for(&self, n: f64, now: Instant) -> Duration {
+        let mut probe = *self;
+        match probe.take(n, now) {
+            Ok(()) => Duration::ZERO,
+            Err(wait) => wait,
+        }
+    }
+
     /// Give tokens back (a message taken but then not admitted elsewhere).
     pub fn give(&mut self, n: f64) {
         self.tokens = (self.tokens + n).min(self.rate.burst);
@@ -132,7 +141,7 @@ pub enum LimitDecision {
     Disconnect,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PrincipalLimiter {
     rates: PrincipalRates,
     messages: TokenBucket,
@@ -152,6 +161,13 @@ impl PrincipalLimiter {
             pressed_since: None,
             refused: 0,
         }
+    }
+
+    /// How long until the principal may send one more message (of `len` bytes).
+    pub fn retry_after(&self, len: usize, now: Instant) -> Duration {
+        self.messages
+            .wait_for(1.0, now)
+            .max(self.bytes.wait_for(len as f64, now))
     }
 
     /// Give back what a passed message took (it was then held up elsewhere, e.g. by

@@ -246,6 +246,7 @@ impl Session {
                 mailbox,
                 observer: None,
                 registered: 0,
+                buckets: None,
             },
         )
     }
@@ -318,6 +319,14 @@ impl Session {
             Ok(Incoming::Reset { message_id }) => self.reset_by_peer(ctx, message_id, now),
             Ok(Incoming::Response) => {}
             Ok(Incoming::Request(request)) => return self.request(ctx, request, now).await,
+            Err(malformed) if malformed.bad_option.is_some() => {
+                // A request with an option it may not carry: 4.02 (or 5.05 for a
+                // proxy request), a client error the device can correct.
+                if let Some(bad) = &malformed.bad_option {
+                    let id = self.new_id();
+                    self.send(bad.response(id));
+                }
+            }
             Err(malformed) => {
                 // A datagram that breaks CoAP is a failed validation, as far as the
                 // device's behaviour goes; a confirmable one is rejected (RST).
@@ -525,6 +534,7 @@ impl Session {
             let now = Instant::now();
             let arrived = offer.arrived();
             let topic = offer.message().topic.to_string();
+            let len = offer.message().payload.len();
             match self.admission.uplink(offer, now) {
                 Verdict::Forward(message) => {
                     self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
@@ -540,8 +550,14 @@ impl Session {
                     self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
                     return Ok(());
                 }
-                // Dropped (quarantine, or the rate limit's "drop"): answered as if
-                // delivered, so the device does not retry.
+                // Over its rate, whatever the action (drop, quota exceeded): CoAP can
+                // say when to try again (RFC 8516), so it does.
+                Verdict::Discard(Refusal::RateLimited) | Verdict::Refuse(Refusal::RateLimited) => {
+                    self.too_many(&exchange, len, now);
+                    return Ok(());
+                }
+                // Dropped by quarantine: answered as if delivered, so the device does
+                // not retry.
                 Verdict::Discard(_) => {
                     self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
                     return Ok(());
@@ -563,8 +579,7 @@ impl Session {
                 }
                 // Over its rate: CoAP has no back-pressure, so the device is told when
                 // to try again (RFC 8516).
-                Verdict::Wait(_, until) => {
-                    let secs = until.saturating_duration_since(now).as_secs_f64().ceil() as u32;
+                Verdict::Wait(..) => {
                     self.admission.refused(
                         Refusal::RateLimited,
                         "publish",
@@ -572,16 +587,24 @@ impl Session {
                         Some("over the rate: 4.29 Too Many Requests"),
                         now,
                     );
-                    let reply = Reply::refusal(
-                        ResponseType::TooManyRequests,
-                        &Refusal::RateLimited.to_string(),
-                    )
-                    .max_age(secs.max(1));
-                    self.answer(&exchange, &reply);
+                    self.too_many(&exchange, len, now);
                     return Ok(());
                 }
             }
         }
+    }
+
+    /// 4.29 Too Many Requests, with Max-Age saying in how many seconds the device's
+    /// rate lets it send again.
+    fn too_many(&mut self, exchange: &Exchange, len: usize, now: Instant) {
+        let wait = self.admission.retry_after(len, now);
+        let secs = wait.as_secs_f64().ceil().clamp(1.0, 86_400.0) as u32;
+        let reply = Reply::refusal(
+            ResponseType::TooManyRequests,
+            &Refusal::RateLimited.to_string(),
+        )
+        .max_age(secs);
+        self.answer(exchange, &reply);
     }
 
     /// A message the pipeline let through, to the forwarder: a confirmable request is

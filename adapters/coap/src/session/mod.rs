@@ -109,6 +109,9 @@ pub struct CoapState {
     pub observer: Option<Observer>,
     /// The registration it belongs to (a device removed and added again starts anew).
     pub registered: u64,
+    /// Its rate limits as the last session left them (a new session for each message
+    /// gets no fresh burst).
+    pub buckets: Option<admission::Buckets>,
 }
 
 impl Parked for CoapState {
@@ -287,11 +290,16 @@ async fn run(
         old.mailbox.clear();
     }
     let session_resumed = resumed.is_some();
-    let state = resumed.unwrap_or_else(|| CoapState {
+    let mut state = resumed.unwrap_or_else(|| CoapState {
         mailbox: Arc::new(Mailbox::new(ctx.limits.mailbox)),
         observer: None,
         registered,
+        buckets: None,
     });
+    let mut admission = admission;
+    if let Some(buckets) = state.buckets.take() {
+        admission.resume_buckets(buckets, now);
+    }
     // Commands for the device go to this mailbox from now on.
     if let Err(e) = ctx
         .forwarder
@@ -346,7 +354,8 @@ async fn run(
             broke_protocol: false,
         },
     );
-    let state = session.finish(&ctx);
+    let mut state = session.finish(&ctx);
+    state.buckets = Some(session.admission().buckets());
     if matches!(
         end,
         End::Kicked(KickReason::Removed | KickReason::Disabled | KickReason::Banned)
