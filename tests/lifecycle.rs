@@ -697,8 +697,32 @@ fn a_pre_shared_key_is_printed_once_and_kept_only_encrypted_under_a_master_key_o
         text(&service)
     );
     assert!(!text(&service).contains("psk: "), "{}", text(&service));
-    let argv = gw.cli(&["device", "add", "coap-3", "--psk", "in-the-clear-on-argv"]);
-    assert!(!argv.status.success());
+    // There is no flag for a key on the command line: clap refuses it before anything
+    // runs, and the would-be key is written nowhere (registry, audit log, gateway log).
+    let on_argv = "in-the-clear-on-argv";
+    let argv = gw.cli(&["device", "add", "coap-3", "--psk", on_argv]);
+    assert_eq!(argv.status.code(), Some(2), "{}", text(&argv));
+    assert!(
+        text(&argv).contains("unexpected argument '--psk'"),
+        "{}",
+        text(&argv)
+    );
+    for file in files_under(gw.dir.path()) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes
+                .windows(on_argv.len())
+                .any(|w| w == on_argv.as_bytes()),
+            "{on_argv} in {}",
+            file.display()
+        );
+    }
+    let show = gw.cli(&["device", "show", "coap-3"]);
+    assert!(
+        text(&show).contains("no such device: coap-3"),
+        "{}",
+        text(&show)
+    );
     // Rotating the master key seals both keys again and drops the old key.
     let before = std::fs::read_to_string(&master).unwrap();
     let out = gw.cli_ok(&["master-key", "rotate"]);
@@ -728,4 +752,20 @@ fn a_pre_shared_key_is_printed_once_and_kept_only_encrypted_under_a_master_key_o
         "{}",
         text(&check)
     );
+    // A master key file gone (moved, a restore that missed it) is not replaced by a new
+    // key while the registry holds keys sealed under the old one: the command says so.
+    std::fs::write(&master, &after).unwrap();
+    std::fs::rename(&master, gw.dir.path().join("moved.key")).unwrap();
+    let missing = gw.cli(&["device", "list"]);
+    assert_eq!(missing.status.code(), Some(1), "{}", text(&missing));
+    assert!(
+        text(&missing).contains("portcullis-master.key")
+            && text(&missing).contains("holds 2 sealed device keys")
+            && text(&missing).contains("PORTCULLIS_MASTER_KEY"),
+        "{}",
+        text(&missing)
+    );
+    assert!(!master.exists(), "a new master key was created");
+    std::fs::rename(gw.dir.path().join("moved.key"), &master).unwrap();
+    assert!(gw.cli_ok(&["registry", "check"]).starts_with("ok"));
 }

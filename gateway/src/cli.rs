@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use portcullis_config::Config;
 use portcullis_core::auth::Policies;
-use portcullis_core::device_key::{MasterKeys, generate_device_key};
+use portcullis_core::device_key::generate_device_key;
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::registry::{CheckSummary, Registry};
 use portcullis_core::secret::SecretHasher;
@@ -153,8 +153,9 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum MasterKeyAction {
     /// A new master key; every device key sealed again under it; the old key dropped
-    /// (from PORTCULLIS_MASTER_KEY: the keys there, the first one current, are used
-    /// as they are, and the old ones are for you to drop).
+    /// (from PORTCULLIS_MASTER_KEY: put the new key first there, the old one after it;
+    /// everything is sealed under the first, and the old one is for you to drop).
+    /// Refused, changing nothing, if a device key does not open under the keys held.
     Rotate,
 }
 
@@ -1083,7 +1084,7 @@ fn call<O: Handler>(config: &Config, op: O) -> Result<O::Reply> {
             // No gateway: work on the registry directly.
             let registry = open_registry(config, registry_sealer(config)?)?;
             let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
-            let master = MasterKeys::load_or_create(&config.master_key_file())?;
+            let master = crate::registry_file::master_keys_for(config, &registry)?;
             let policies = Policies::from_config(config).map_err(|e| UsageError(e.to_string()))?;
             let state = AdminState {
                 registry: Arc::new(registry),

@@ -1,8 +1,9 @@
-//! The registry file on disk, opened under its seal: used by `serve` and by the CLI
-//! when no gateway is running.
+//! The registry file on disk, opened under its seal, and the master keys its device
+//! keys are sealed under: used by `serve` and by the CLI when no gateway is running.
 
 use anyhow::{Context, Result};
 use portcullis_config::Config;
+use portcullis_core::device_key::MasterKeys;
 use portcullis_core::record::RecordSealer;
 use portcullis_core::registry::{Legacy, Registry};
 use std::path::PathBuf;
@@ -45,4 +46,88 @@ pub fn registry_sealer(config: &Config) -> Result<RecordSealer> {
     let key = portcullis_core::audit::load_or_create_key(&config.audit_key_file())
         .with_context(|| format!("audit key {}", config.audit_key_file().display()))?;
     Ok(RecordSealer::derive(&key))
+}
+
+/// The master keys for `registry`, already open (the CLI): a missing key file is made
+/// with a new key only while the registry holds no sealed device key.
+pub fn master_keys_for(config: &Config, registry: &Registry) -> Result<MasterKeys> {
+    Ok(MasterKeys::load_for(
+        &config.master_key_file(),
+        registry.sealed_key_count(),
+    )?)
+}
+
+/// The master keys, before the registry is opened (`serve`). Only when the key file
+/// is missing (and `PORTCULLIS_MASTER_KEY` unset) is the registry opened here, to
+/// count the device keys sealed in it; it is closed again before this returns.
+// serve.rs (not yet switched from `MasterKeys::load_or_create`) is its caller; drop
+// this `allow` with that change.
+#[allow(dead_code)]
+pub fn master_keys(config: &Config) -> Result<MasterKeys> {
+    let path = config.master_key_file();
+    if let Some(keys) = MasterKeys::load(&path)? {
+        return Ok(keys);
+    }
+    let sealed = if config.registry_file().exists() {
+        open_registry(config, registry_sealer(config)?)?.sealed_key_count()
+    } else {
+        0
+    };
+    Ok(MasterKeys::load_for(&path, sealed)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portcullis_core::device_key::DeviceKey;
+    use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
+    use portcullis_core::registry::PrincipalRecord;
+
+    fn config(dir: &std::path::Path) -> Config {
+        Config {
+            data_dir: dir.join("data"),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn a_lost_master_key_file_is_not_replaced_while_the_registry_holds_sealed_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let path = config.master_key_file();
+        // First start: no registry, a new key.
+        let master = master_keys(&config).unwrap();
+        assert!(path.exists());
+        {
+            let registry = open_registry(&config, registry_sealer(&config).unwrap()).unwrap();
+            let key = DeviceKey::new(b"a-pre-shared-key".to_vec()).unwrap();
+            let record = PrincipalRecord {
+                kind: PrincipalKind::Device,
+                id: PrincipalId::parse("coap-1").unwrap(),
+                group: GroupName::parse("default").unwrap(),
+                enabled: true,
+                cert: None,
+                secret_hash: None,
+                psk: None,
+                frame_key: None,
+                generation: 0,
+                created_unix: 0,
+                updated_unix: 0,
+            };
+            registry.add_with_psk(record, Some(&key), &master).unwrap();
+            assert!(master_keys_for(&config, &registry).is_ok());
+            std::fs::rename(&path, dir.path().join("moved.key")).unwrap();
+            let err = master_keys_for(&config, &registry).unwrap_err().to_string();
+            assert!(err.contains("holds 1 sealed device keys"), "{err}");
+        }
+        // Before the registry is opened (serve): the same refusal, no key made.
+        let err = master_keys(&config).unwrap_err().to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("holds 1 sealed"),
+            "{err}"
+        );
+        assert!(!path.exists());
+        std::fs::rename(dir.path().join("moved.key"), &path).unwrap();
+        assert_eq!(master_keys(&config).unwrap().current(), master.current());
+    }
 }

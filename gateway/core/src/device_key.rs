@@ -8,9 +8,15 @@
 //!
 //! Each sealed key is bound to its principal and purpose (the AEAD's associated data):
 //! a sealed key copied into another record, or from the PSK slot to the frame-key slot,
-//! does not open. It names the master key that sealed it, so a master key can be
-//! rotated: the new key goes first, everything is sealed again under it, and the old
-//! one is dropped (`portcullis master-key rotate`).
+//! does not open. It names the master key that sealed it (by an id that is an HMAC of
+//! a label under that key, so the id tells nothing about the key), so a master key can
+//! be rotated: the new key goes first, everything is sealed again under it, and the old
+//! one is dropped (`portcullis master-key rotate`, run by the registry, which holds its
+//! write lock throughout).
+//!
+//! A missing key file is created with a new key only while the registry holds no
+//! sealed key (`MasterKeys::load_for`): a key file lost or moved must not turn into a
+//! fresh key under which no device key opens.
 //!
 //! The master key source holds one key per line (or comma-separated in the variable),
 //! 64 hex digits each, the current one first. Errors name the file or the variable,
@@ -18,8 +24,8 @@
 
 use crate::principal::{PrincipalId, PrincipalKind};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::hmac;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -34,6 +40,8 @@ pub const MAX_DEVICE_KEY_LEN: usize = 64;
 /// as `coap-client -k KEY` or flashed as text (URL-safe base64 alphabet: 6 bits each).
 pub const GENERATED_KEY_CHARS: usize = 32;
 const DOMAIN: &[u8] = b"portcullis device key v1";
+/// What a master key's id is the HMAC of, under that key.
+const MASTER_ID_LABEL: &[u8] = b"portcullis master key id v1";
 
 /// What a device key is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +65,8 @@ impl KeyPurpose {
 /// A device key as the registry keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedKey {
-    /// Which master key sealed it: the first 8 bytes of that key's SHA-256, in hex.
+    /// Which master key sealed it: the first 8 bytes of HMAC-SHA256(that key,
+    /// `MASTER_ID_LABEL`), in hex.
     pub master: String,
     /// The nonce, then the ciphertext and its tag, in hex.
     pub sealed: String,
@@ -75,10 +84,18 @@ pub enum DeviceKeyError {
         "a device key must be {MIN_DEVICE_KEY_LEN} to {MAX_DEVICE_KEY_LEN} bytes (got {0}); use --psk-generate"
     )]
     Length(usize),
+    /// A rotation asked for while the environment holds a single key: nothing to
+    /// rotate to.
     #[error(
         "the master keys come from {MASTER_KEY_ENV}: rotate them there (put the new key first), then run this again"
     )]
     FromEnvironment,
+    #[error(
+        "master key file {path} is missing, but the registry holds {sealed} sealed device keys \
+         that only the key in it opens, so no new key is made. Put the file back (from the copy \
+         kept off the box) or set {MASTER_KEY_ENV} to its keys, then run this again"
+    )]
+    KeyFileMissing { path: String, sealed: usize },
 }
 
 struct Master {
@@ -89,7 +106,8 @@ struct Master {
 
 impl Master {
     fn new(raw: [u8; 32]) -> Master {
-        let id = hex::encode(&Sha256::digest(raw)[..8]);
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &raw), MASTER_ID_LABEL);
+        let id = hex::encode(&tag.as_ref()[..8]);
         let key = LessSafeKey::new(
             UnboundKey::new(&CHACHA20_POLY1305, &raw).expect("a 32-byte ChaCha20 key"),
         );
@@ -219,18 +237,18 @@ fn write_file(path: &Path, keys: &[Master]) -> Result<(), std::io::Error> {
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    // The rename is durable only once the directory is synced.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl MasterKeys {
-    /// From the environment variable if it is set, else from `path`, created with a
-    /// new key (owner-only) if it does not exist.
-    pub fn load_or_create(path: &Path) -> Result<MasterKeys, DeviceKeyError> {
+    /// From the environment variable if it is set, else from `path`; `None` if the
+    /// variable is unset and the file does not exist.
+    pub fn load(path: &Path) -> Result<Option<MasterKeys>, DeviceKeyError> {
         if let Some(value) = std::env::var_os(MASTER_KEY_ENV) {
             let source = MasterSource::Environment;
             let text = value.into_string().map_err(|_| DeviceKeyError::Source {
@@ -238,9 +256,39 @@ impl MasterKeys {
                 reason: "is not UTF-8".into(),
             })?;
             let keys = parse(&source, &text)?;
-            return Ok(MasterKeys {
+            return Ok(Some(MasterKeys {
                 source,
                 keys: RwLock::new(keys),
+            }));
+        }
+        let source = MasterSource::File(path.to_path_buf());
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let keys = parse(&source, &text)?;
+                Ok(Some(MasterKeys {
+                    source,
+                    keys: RwLock::new(keys),
+                }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DeviceKeyError::Source {
+                source_name: source.to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// As `load`, but a missing file is created with a new key (owner-only), unless
+    /// the registry holds `sealed_in_registry` > 0 sealed device keys: a new key would
+    /// open none of them, so that is refused with how to restore the file.
+    pub fn load_for(path: &Path, sealed_in_registry: usize) -> Result<MasterKeys, DeviceKeyError> {
+        if let Some(keys) = Self::load(path)? {
+            return Ok(keys);
+        }
+        if sealed_in_registry > 0 {
+            return Err(DeviceKeyError::KeyFileMissing {
+                path: path.display().to_string(),
+                sealed: sealed_in_registry,
             });
         }
         let source = MasterSource::File(path.to_path_buf());
@@ -248,19 +296,18 @@ impl MasterKeys {
             source_name: source.to_string(),
             reason: e.to_string(),
         };
-        let keys = match std::fs::read_to_string(path) {
-            Ok(text) => parse(&source, &text)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let keys = vec![Master::new(random_key().map_err(io)?)];
-                write_file(path, &keys).map_err(io)?;
-                keys
-            }
-            Err(e) => return Err(io(e)),
-        };
+        let keys = vec![Master::new(random_key().map_err(io)?)];
+        write_file(path, &keys).map_err(io)?;
         Ok(MasterKeys {
             source,
             keys: RwLock::new(keys),
         })
+    }
+
+    /// `load_for(path, 0)`: for a caller that has no registry at hand. The gateway and
+    /// the CLI go through `load_for` (gateway/src/registry_file.rs).
+    pub fn load_or_create(path: &Path) -> Result<MasterKeys, DeviceKeyError> {
+        Self::load_for(path, 0)
     }
 
     /// Fixed keys, the current one first (tests, tools).
@@ -300,24 +347,27 @@ impl MasterKeys {
             source_name: "the system's random source".into(),
             reason: e.to_string(),
         })?;
-        let mut buf = key.to_vec();
-        master
+        // Sized up front: the key in clear is never left behind in a buffer that grew.
+        let mut out = Vec::with_capacity(NONCE_LEN + key.len() + CHACHA20_POLY1305.tag_len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(key);
+        let tag = master
             .key
-            .seal_in_place_append_tag(
+            .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad(kind, id, purpose)),
-                &mut buf,
+                &mut out[NONCE_LEN..],
             )
             .map_err(|_| DeviceKeyError::DoesNotOpen)?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&buf);
+        out.extend_from_slice(tag.as_ref());
         Ok(SealedKey {
             master: master.id.clone(),
             sealed: hex::encode(out),
         })
     }
 
-    /// The device key sealed for `id`'s `purpose`.
+    /// The device key sealed for `id`'s `purpose`, under whichever of the master keys
+    /// held sealed it.
     pub fn open(
         &self,
         kind: PrincipalKind,
@@ -330,26 +380,34 @@ impl MasterKeys {
             .iter()
             .find(|k| k.id == sealed.master)
             .ok_or_else(|| DeviceKeyError::UnknownMaster(sealed.master.clone()))?;
-        let bytes = hex::decode(&sealed.sealed).map_err(|_| DeviceKeyError::DoesNotOpen)?;
-        if bytes.len() < NONCE_LEN {
-            return Err(DeviceKeyError::DoesNotOpen);
+        open_under(master, kind, id, purpose, sealed)
+    }
+
+    /// As `open`, but only under the current master key: what is left once a rotation
+    /// drops the others.
+    pub fn open_current(
+        &self,
+        kind: PrincipalKind,
+        id: &PrincipalId,
+        purpose: KeyPurpose,
+        sealed: &SealedKey,
+    ) -> Result<DeviceKey, DeviceKeyError> {
+        let keys = self.read();
+        if keys[0].id != sealed.master {
+            return Err(DeviceKeyError::UnknownMaster(sealed.master.clone()));
         }
-        let (nonce, rest) = bytes.split_at(NONCE_LEN);
-        let nonce =
-            Nonce::try_assume_unique_for_key(nonce).map_err(|_| DeviceKeyError::DoesNotOpen)?;
-        let mut buf = rest.to_vec();
-        let plain = master
-            .key
-            .open_in_place(nonce, Aad::from(aad(kind, id, purpose)), &mut buf)
-            .map_err(|_| DeviceKeyError::DoesNotOpen)?;
-        Ok(DeviceKey(plain.to_vec()))
+        open_under(&keys[0], kind, id, purpose, sealed)
     }
 
     /// Start a rotation: a new master key, put first (the file keeps the old ones, so
     /// what they sealed still opens until everything is sealed again). From the
-    /// environment, the operator rotates: nothing is generated here.
+    /// environment, the operator rotates: nothing is generated here, and a variable
+    /// that holds a single key has no new key to rotate to.
     pub fn begin_rotation(&self) -> Result<(), DeviceKeyError> {
         let MasterSource::File(path) = &self.source else {
+            if self.len() < 2 {
+                return Err(DeviceKeyError::FromEnvironment);
+            }
             return Ok(());
         };
         let io = |e: std::io::Error| DeviceKeyError::Source {
@@ -392,10 +450,43 @@ impl MasterKeys {
     }
 }
 
+/// Open `sealed` under `master`. The ciphertext is copied once, into the buffer the
+/// returned key owns, and opened there: no other copy of the key is left behind.
+fn open_under(
+    master: &Master,
+    kind: PrincipalKind,
+    id: &PrincipalId,
+    purpose: KeyPurpose,
+    sealed: &SealedKey,
+) -> Result<DeviceKey, DeviceKeyError> {
+    let bytes = hex::decode(&sealed.sealed).map_err(|_| DeviceKeyError::DoesNotOpen)?;
+    if bytes.len() < NONCE_LEN {
+        return Err(DeviceKeyError::DoesNotOpen);
+    }
+    let (nonce, rest) = bytes.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| DeviceKeyError::DoesNotOpen)?;
+    // Wiped on every path out (ring zeroes what it decrypted if the tag is wrong).
+    let mut key = DeviceKey(rest.to_vec());
+    let len = master
+        .key
+        .open_in_place(nonce, Aad::from(aad(kind, id, purpose)), &mut key.0)
+        .map_err(|_| DeviceKeyError::DoesNotOpen)?
+        .len();
+    key.0.truncate(len);
+    Ok(key)
+}
+
 /// A device key in memory: never printed, wiped when dropped.
 pub struct DeviceKey(Vec<u8>);
 
 impl DeviceKey {
+    /// A key given in the clear (the admin API), checked for length; wiped if refused.
+    pub fn new(key: Vec<u8>) -> Result<DeviceKey, DeviceKeyError> {
+        let key = DeviceKey(key);
+        check_device_key(&key.0)?;
+        Ok(key)
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
@@ -414,12 +505,18 @@ impl Drop for DeviceKey {
             // SAFETY: `b` is a valid, aligned, exclusive reference to a byte we own.
             unsafe { std::ptr::write_volatile(b, 0) };
         }
+        // And past the length (the tag `open` truncated away).
+        for b in self.0.spare_capacity_mut() {
+            // SAFETY: as above; writing a byte into spare capacity needs no initialisation.
+            unsafe { std::ptr::write_volatile(b.as_mut_ptr(), 0) };
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn id(s: &str) -> PrincipalId {
         PrincipalId::parse(s).unwrap()
@@ -520,6 +617,15 @@ mod tests {
         let resealed = keys
             .seal(DEVICE, &id("d1"), KeyPurpose::Psk, &[7; 20])
             .unwrap();
+        // What the rotation checks before dropping the old key.
+        assert!(
+            keys.open_current(DEVICE, &id("d1"), KeyPurpose::Psk, &sealed)
+                .is_err()
+        );
+        assert!(
+            keys.open_current(DEVICE, &id("d1"), KeyPurpose::Psk, &resealed)
+                .is_ok()
+        );
         assert_eq!(keys.finish_rotation().unwrap(), 1);
         let after = MasterKeys::load_or_create(&path).unwrap();
         assert_eq!(after.len(), 1);
@@ -550,5 +656,64 @@ mod tests {
         std::fs::write(&path, "# only a comment\n").unwrap();
         let err = MasterKeys::load_or_create(&path).unwrap_err().to_string();
         assert!(err.contains("holds no key"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_key_file_is_not_replaced_while_the_registry_holds_sealed_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        let err = MasterKeys::load_for(&path, 3).unwrap_err().to_string();
+        assert!(
+            err.contains(&path.display().to_string())
+                && err.contains("holds 3 sealed device keys")
+                && err.contains("Put the file back")
+                && err.contains(MASTER_KEY_ENV),
+            "{err}"
+        );
+        assert!(!path.exists());
+        // Nothing sealed yet (a first start): made, then read back as it is.
+        let made = MasterKeys::load_for(&path, 0).unwrap();
+        assert_eq!(
+            MasterKeys::load_for(&path, 3).unwrap().current(),
+            made.current()
+        );
+    }
+
+    #[test]
+    fn a_key_given_in_the_clear_is_checked_before_it_is_kept() {
+        assert!(matches!(
+            DeviceKey::new(b"short".to_vec()),
+            Err(DeviceKeyError::Length(5))
+        ));
+        assert_eq!(
+            DeviceKey::new(vec![b'k'; 16]).unwrap().as_bytes(),
+            &[b'k'; 16]
+        );
+    }
+
+    #[test]
+    fn a_master_key_id_is_an_hmac_under_a_label_not_a_hash_of_the_key() {
+        use ring::hmac;
+        let keys = MasterKeys::from_keys(&[[1; 32]]);
+        let tag = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &[1; 32]),
+            b"portcullis master key id v1",
+        );
+        assert_eq!(keys.current(), hex::encode(&tag.as_ref()[..8]));
+        assert_ne!(keys.current(), hex::encode(&Sha256::digest([1u8; 32])[..8]));
+    }
+
+    #[test]
+    fn a_rotation_from_the_environment_needs_a_new_key_put_first_there() {
+        let one = MasterKeys::from_keys(&[[1; 32]]);
+        assert!(matches!(
+            one.begin_rotation(),
+            Err(DeviceKeyError::FromEnvironment)
+        ));
+        assert_eq!(one.len(), 1);
+        // The operator put a new key first: the rotation seals under it.
+        let two = MasterKeys::from_keys(&[[2; 32], [1; 32]]);
+        two.begin_rotation().unwrap();
+        assert_eq!(two.finish_rotation().unwrap(), 0);
     }
 }

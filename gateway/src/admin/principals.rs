@@ -8,7 +8,7 @@ use super::protocol::{
     RemovePrincipal, RotateCredentials, ShowPrincipal,
 };
 use super::{AdminError, AdminState, Handler, parse_id};
-use portcullis_core::device_key::{KeyPurpose, SealedKey};
+use portcullis_core::device_key::DeviceKey;
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
 use portcullis_core::registry::{CertCredential, PrincipalRecord, now_unix};
 use portcullis_core::secret::MIN_SECRET_LEN;
@@ -75,13 +75,14 @@ impl AdminState {
             .transpose()
     }
 
-    /// A pre-shared key is kept sealed under the master key (devices only: CoAP).
-    fn seal_psk(
-        &self,
+    /// A pre-shared key (devices only: CoAP), checked here; the registry seals it under
+    /// the master key inside the transaction that stores it, so that a master key
+    /// rotation running beside this request cannot miss it.
+    fn psk_key(
         kind: PrincipalKind,
         id: &PrincipalId,
         psk: Option<&str>,
-    ) -> Result<Option<SealedKey>, String> {
+    ) -> Result<Option<DeviceKey>, String> {
         let Some(psk) = psk else {
             return Ok(None);
         };
@@ -90,13 +91,17 @@ impl AdminState {
                 "{id}: a pre-shared key is a device credential (CoAP over DTLS)"
             ));
         }
-        self.master
-            .seal(kind, id, KeyPurpose::Psk, psk.as_bytes())
+        DeviceKey::new(psk.as_bytes().to_vec())
             .map(Some)
             .map_err(|e| format!("{id}: pre-shared key: {e}"))
     }
 
-    fn record_for(&self, kind: PrincipalKind, p: &NewPrincipal) -> Result<PrincipalRecord, String> {
+    /// The record to add (its `psk` not yet sealed) and its pre-shared key, if any.
+    fn record_for(
+        &self,
+        kind: PrincipalKind,
+        p: &NewPrincipal,
+    ) -> Result<(PrincipalRecord, Option<DeviceKey>), String> {
         let id = parse_id(&p.id)?;
         let group_name = p.group.as_deref().unwrap_or("default");
         let group = GroupName::parse(group_name).map_err(|e| format!("group: {e}"))?;
@@ -111,36 +116,38 @@ impl AdminState {
         }
         let cert = cert_credential(p.cert_fingerprint.as_deref(), p.cert_any)?;
         let secret_hash = self.hash_secret(p.secret.as_deref())?;
-        let psk = self.seal_psk(kind, &id, p.psk.as_deref())?;
+        let psk = Self::psk_key(kind, &id, p.psk.as_deref())?;
         if cert.is_none() && secret_hash.is_none() && psk.is_none() {
             return Err(format!(
                 "{id}: no credential (give a certificate, --cert-any, a secret or a pre-shared key)"
             ));
         }
         let now = now_unix();
-        Ok(PrincipalRecord {
+        let record = PrincipalRecord {
             kind,
             id,
             group,
             enabled: true,
             cert,
             secret_hash,
-            psk,
+            psk: None,
             frame_key: None,
             generation: 0,
             created_unix: now,
             updated_unix: now,
-        })
+        };
+        Ok((record, psk))
     }
 }
 
 impl Handler for AddPrincipal {
     fn run(self, state: &AdminState) -> Result<Principal, AdminError> {
-        let record = state.record_for(self.kind, &self.principal)?;
-        let shown = Principal::from(&record);
-        state.registry.add(record)?;
+        let (record, psk) = state.record_for(self.kind, &self.principal)?;
+        let stored = state
+            .registry
+            .add_with_psk(record, psk.as_ref(), &state.master)?;
         state.audit("add", self.kind, &self.principal.id);
-        Ok(shown)
+        Ok(Principal::from(&stored))
     }
 }
 
@@ -152,18 +159,18 @@ impl Handler for ImportPrincipals {
         let mut records = Vec::with_capacity(self.principals.len());
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.principals.iter().enumerate() {
-            let record = state
+            let (record, psk) = state
                 .record_for(kind, p)
                 .map_err(|e| format!("entry {}: {e}", i + 1))?;
             if snapshot.get(kind, &record.id).is_some() || !seen.insert(record.id.clone()) {
                 return Err(format!("entry {}: {kind} {} already exists", i + 1, record.id).into());
             }
-            records.push(record);
+            records.push((record, psk));
         }
         let imported = records.len();
-        let ids: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
+        let ids: Vec<String> = records.iter().map(|(r, _)| r.id.to_string()).collect();
         // One commit for the whole import.
-        state.registry.add_all(records)?;
+        state.registry.add_all_with_psks(records, &state.master)?;
         for id in ids {
             state.audit("import", kind, &id);
         }
@@ -269,10 +276,15 @@ impl Handler for RotateCredentials {
         }
         let cert = cert_credential(self.cert_fingerprint.as_deref(), self.cert_any)?;
         let secret_hash = state.hash_secret(self.secret.as_deref())?;
-        let psk = state.seal_psk(self.kind, &pid, self.psk.as_deref())?;
-        let r = state
-            .registry
-            .rotate(self.kind, &pid, cert, secret_hash, psk)?;
+        let psk = AdminState::psk_key(self.kind, &pid, self.psk.as_deref())?;
+        let r = state.registry.rotate_with_psk(
+            self.kind,
+            &pid,
+            cert,
+            secret_hash,
+            psk.as_ref(),
+            &state.master,
+        )?;
         // Sessions authenticated with the old credentials end.
         let ended = state.kick(self.kind, &pid, r.generation, KickReason::CredentialRotated);
         state.audit("rotate", self.kind, &self.id);

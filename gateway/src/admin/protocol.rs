@@ -313,7 +313,7 @@ pub struct RotateMasterKey {}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MasterKeyRotated {
-    /// The current master key's id (a hash prefix, not the key).
+    /// The current master key's id (an HMAC of a label under it; not the key).
     pub master: String,
     /// Device keys sealed again under it.
     pub resealed: usize,

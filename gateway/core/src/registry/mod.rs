@@ -10,7 +10,10 @@
 //! record altered, moved, added or lost outside Portcullis is found when the file is
 //! opened: every record is checked then, and a corrupt file is refused whole.
 
+mod device_keys;
 mod upgrade;
+
+pub use device_keys::MasterKeyRotation;
 
 pub use upgrade::format2_copy;
 
@@ -24,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 const PRINCIPALS_TABLE: &str = "principals";
 const BANS_TABLE: &str = "bans";
@@ -193,6 +196,40 @@ pub enum RegistryError {
     /// redb panicked on the file's content (contained at the storage boundary).
     #[error("the storage library (redb) stopped on an internal check of the file's content: {0}")]
     StoragePanic(String),
+    /// A device key could not be sealed (the system's random source failed).
+    #[error("{kind} {id}: its {}: {reason}", purpose.as_str())]
+    Seal {
+        kind: PrincipalKind,
+        id: PrincipalId,
+        purpose: crate::device_key::KeyPurpose,
+        reason: crate::device_key::DeviceKeyError,
+    },
+    /// The master key source refused a rotation step.
+    #[error("{0}")]
+    MasterKey(crate::device_key::DeviceKeyError),
+    /// A master key rotation would lose these device keys: nothing was changed.
+    #[error(
+        "master key rotation refused, nothing changed: {} under the {keys_from}; \
+         give those devices new keys (`portcullis device rotate ID --psk-generate`) or put \
+         back the master key that sealed them, then run it again",
+        device_keys::list(keys)
+    )]
+    KeysDoNotOpen {
+        keys_from: String,
+        keys: Vec<String>,
+    },
+    /// After a rotation sealed everything again, these keys still need an old master
+    /// key: it was kept.
+    #[error(
+        "master key rotation not finished: {} under the new key alone, so the \
+         old key stays in the {keys_from} (every key still opens); run `portcullis master-key \
+         rotate` again",
+        device_keys::list(keys)
+    )]
+    NotResealed {
+        keys_from: String,
+        keys: Vec<String>,
+    },
 }
 
 fn storage<E: std::fmt::Display>(e: E) -> RegistryError {
@@ -652,13 +689,29 @@ impl Registry {
         })
     }
 
+    /// The lock every change holds from its first read to publishing its snapshot.
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// One write transaction on one table of sealed records, its manifest sum kept.
     fn write<R>(
         &self,
         name: &'static str,
         change: impl FnOnce(&mut SealedTable<'_, '_>) -> Result<R, RegistryError>,
     ) -> Result<R, RegistryError> {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.lock();
+        self.write_locked(&held, name, change)
+    }
+
+    /// As `write`, under the lock the caller holds (a change that publishes a snapshot
+    /// after its commit, or does more than one step).
+    fn write_locked<R>(
+        &self,
+        _held: &MutexGuard<'_, ()>,
+        name: &'static str,
+        change: impl FnOnce(&mut SealedTable<'_, '_>) -> Result<R, RegistryError>,
+    ) -> Result<R, RegistryError> {
         contain(|| {
             let mut manifest = self.manifest()?.unwrap_or_default();
             let tx = self.db.begin_write().map_err(storage)?;
@@ -744,6 +797,25 @@ impl Registry {
             .clone()
     }
 
+    /// Publish the records a commit changed (`None`: removed), under the write lock,
+    /// so that snapshots are published in the order of their commits (else a slower
+    /// change could put back a record a later one replaced).
+    fn publish(
+        &self,
+        _held: &MutexGuard<'_, ()>,
+        changed: impl IntoIterator<Item = ((PrincipalKind, PrincipalId), Option<PrincipalRecord>)>,
+    ) {
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        let mut principals = snapshot.principals.clone();
+        for (k, record) in changed {
+            match record {
+                Some(record) => principals.insert(k, Arc::new(record)),
+                None => principals.remove(&k),
+            };
+        }
+        *snapshot = Arc::new(Snapshot { principals });
+    }
+
     /// Apply one change to a record inside a write transaction, then publish a new
     /// snapshot. `change` sees the current record (if any) and returns the new one
     /// (or `None` to delete).
@@ -754,7 +826,8 @@ impl Registry {
         change: impl FnOnce(Option<PrincipalRecord>) -> Result<Option<PrincipalRecord>, RegistryError>,
     ) -> Result<Option<PrincipalRecord>, RegistryError> {
         let k = key(kind, id);
-        let result = self.write(PRINCIPALS_TABLE, |t| {
+        let held = self.lock();
+        let result = self.write_locked(&held, PRINCIPALS_TABLE, |t| {
             let next = change(t.get::<PrincipalRecord>(&k)?)?;
             match &next {
                 Some(record) => {
@@ -767,20 +840,12 @@ impl Registry {
             }
             Ok(next)
         })?;
-        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
-        let mut principals = snapshot.principals.clone();
-        match &result {
-            Some(record) => {
-                principals.insert((kind, id.clone()), Arc::new(record.clone()));
-            }
-            None => {
-                principals.remove(&(kind, id.clone()));
-            }
-        }
-        *snapshot = Arc::new(Snapshot { principals });
+        self.publish(&held, [((kind, id.clone()), result.clone())]);
         Ok(result)
     }
 
+    /// Add a record as it is (its device keys, if any, sealed already: see `rotate`;
+    /// the admin API uses `add_with_psk`).
     pub fn add(&self, record: PrincipalRecord) -> Result<(), RegistryError> {
         let (kind, id) = (record.kind, record.id.clone());
         self.mutate(kind, &id, |current| match current {
@@ -796,8 +861,22 @@ impl Registry {
     /// Add many records in one transaction (one commit, one new snapshot): all of
     /// them, or none if any already exists.
     pub fn add_all(&self, records: Vec<PrincipalRecord>) -> Result<(), RegistryError> {
-        self.write(PRINCIPALS_TABLE, |t| {
-            for record in &records {
+        self.add_all_as(records.into_iter().map(|r| (r, ())).collect(), |r, ()| {
+            Ok(r)
+        })
+    }
+
+    /// As `add_all`, each record made by `finish` from its part inside the write
+    /// transaction (a device key sealed there).
+    fn add_all_as<P>(
+        &self,
+        records: Vec<(PrincipalRecord, P)>,
+        finish: impl Fn(PrincipalRecord, P) -> Result<PrincipalRecord, RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let held = self.lock();
+        let stored = self.write_locked(&held, PRINCIPALS_TABLE, |t| {
+            let mut stored = Vec::with_capacity(records.len());
+            for (record, part) in records {
                 let k = key(record.kind, &record.id);
                 if t.table.get(k.as_str()).map_err(storage)?.is_some() {
                     return Err(RegistryError::Exists {
@@ -805,36 +884,51 @@ impl Registry {
                         id: record.id.clone(),
                     });
                 }
-                let bytes = serde_json::to_vec(record).map_err(storage)?;
+                let record = finish(record, part)?;
+                let bytes = serde_json::to_vec(&record).map_err(storage)?;
                 t.insert(&k, &bytes)?;
+                stored.push(record);
             }
-            Ok(())
+            Ok(stored)
         })?;
-        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
-        let mut principals = snapshot.principals.clone();
-        for record in records {
-            principals.insert((record.kind, record.id.clone()), Arc::new(record));
-        }
-        *snapshot = Arc::new(Snapshot { principals });
+        self.publish(
+            &held,
+            stored
+                .into_iter()
+                .map(|r| ((r.kind, r.id.clone()), Some(r))),
+        );
         Ok(())
     }
 
     /// Replace every principal record `change` returns a new version of, in one
-    /// commit (a master key rotation seals every device key again); how many changed.
+    /// commit; how many changed. The table itself is walked inside the transaction,
+    /// so a record added just before is not missed.
     pub fn update_all(
         &self,
         change: impl Fn(&PrincipalRecord) -> Result<Option<PrincipalRecord>, RegistryError>,
     ) -> Result<usize, RegistryError> {
-        let keys: Vec<(PrincipalKind, PrincipalId)> =
-            self.snapshot().principals.keys().cloned().collect();
-        let changed = self.write(PRINCIPALS_TABLE, |t| {
+        let held = self.lock();
+        self.update_all_locked(&held, change)
+    }
+
+    fn update_all_locked(
+        &self,
+        held: &MutexGuard<'_, ()>,
+        change: impl Fn(&PrincipalRecord) -> Result<Option<PrincipalRecord>, RegistryError>,
+    ) -> Result<usize, RegistryError> {
+        let changed = self.write_locked(held, PRINCIPALS_TABLE, |t| {
+            let mut current = Vec::new();
+            for entry in t.table.iter().map_err(storage)? {
+                let (k, v) = entry.map_err(storage)?;
+                let record: PrincipalRecord = self
+                    .sealer
+                    .decode(PRINCIPALS_TABLE, k.value(), v.value())
+                    .map_err(corrupt(PRINCIPALS_TABLE, k.value()))?;
+                current.push((k.value().to_string(), record));
+            }
             let mut changed = Vec::new();
-            for (kind, id) in &keys {
-                let k = key(*kind, id);
-                let Some(current) = t.get::<PrincipalRecord>(&k)? else {
-                    continue;
-                };
-                if let Some(next) = change(&current)? {
+            for (k, record) in current {
+                if let Some(next) = change(&record)? {
                     let bytes = serde_json::to_vec(&next).map_err(storage)?;
                     t.insert(&k, &bytes)?;
                     changed.push(next);
@@ -843,12 +937,12 @@ impl Registry {
             Ok(changed)
         })?;
         let n = changed.len();
-        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
-        let mut principals = snapshot.principals.clone();
-        for record in changed {
-            principals.insert((record.kind, record.id.clone()), Arc::new(record));
-        }
-        *snapshot = Arc::new(Snapshot { principals });
+        self.publish(
+            held,
+            changed
+                .into_iter()
+                .map(|r| ((r.kind, r.id.clone()), Some(r))),
+        );
         Ok(n)
     }
 
@@ -884,7 +978,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Replace the credentials given (a `Some`), bump the generation.
+    /// Replace the credentials given (a `Some`), bump the generation. A `psk` sealed
+    /// before this call could have been sealed under a master key that a rotation has
+    /// dropped since: the admin API gives keys in the clear to `rotate_with_psk`.
     pub fn rotate(
         &self,
         kind: PrincipalKind,
@@ -892,6 +988,19 @@ impl Registry {
         cert: Option<CertCredential>,
         secret_hash: Option<String>,
         psk: Option<SealedKey>,
+    ) -> Result<PrincipalRecord, RegistryError> {
+        self.rotate_as(kind, id, cert, secret_hash, || Ok(psk))
+    }
+
+    /// As `rotate`, the new pre-shared key (if any) made by `psk` inside the write
+    /// transaction.
+    fn rotate_as(
+        &self,
+        kind: PrincipalKind,
+        id: &PrincipalId,
+        cert: Option<CertCredential>,
+        secret_hash: Option<String>,
+        psk: impl FnOnce() -> Result<Option<SealedKey>, RegistryError>,
     ) -> Result<PrincipalRecord, RegistryError> {
         self.mutate(kind, id, |current| {
             let mut record = current.ok_or_else(|| RegistryError::NotFound {
@@ -904,8 +1013,8 @@ impl Registry {
             if secret_hash.is_some() {
                 record.secret_hash = secret_hash;
             }
-            if psk.is_some() {
-                record.psk = psk;
+            if let Some(psk) = psk()? {
+                record.psk = Some(psk);
             }
             record.generation += 1;
             record.updated_unix = now_unix();
