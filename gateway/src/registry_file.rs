@@ -60,9 +60,6 @@ pub fn master_keys_for(config: &Config, registry: &Registry) -> Result<MasterKey
 /// The master keys, before the registry is opened (`serve`). Only when the key file
 /// is missing (and `PORTCULLIS_MASTER_KEY` unset) is the registry opened here, to
 /// count the device keys sealed in it; it is closed again before this returns.
-// serve.rs (not yet switched from `MasterKeys::load_or_create`) is its caller; drop
-// this `allow` with that change.
-#[allow(dead_code)]
 pub fn master_keys(config: &Config) -> Result<MasterKeys> {
     let path = config.master_key_file();
     if let Some(keys) = MasterKeys::load(&path)? {

@@ -93,9 +93,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     }
 
     let hasher = SecretHasher::load_or_create(&config.secret_key_file())?;
-    let master = Arc::new(portcullis_core::device_key::MasterKeys::load_or_create(
-        &config.master_key_file(),
-    )?);
+    let master = Arc::new(crate::registry_file::master_keys(&config)?);
     let policies = Arc::new(Policies::from_config(&config).map_err(|e| UsageError(e.to_string()))?);
     let metrics = Arc::new(Metrics::default());
     let audit_key = load_or_create_key(&config.audit_key_file())

@@ -8,7 +8,10 @@
 //! - `keys`: the pre-shared keys, from the registry, opened with the master key.
 //! - `message`: a datagram read into a typed CoAP message, and the answers.
 //! - `session`: one CoAP session per DTLS session, through the core's pipeline.
+//! - `client`: what a device does (DTLS PSK client, confirmable requests), for the
+//!   simulator, the benchmark and the tests.
 
+pub mod client;
 pub mod dtls;
 pub mod keys;
 pub mod message;
