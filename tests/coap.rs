@@ -325,3 +325,174 @@ fn a_flooding_device_is_told_4_29_with_max_age_and_quarantined_by_its_behaviour_
         "a quarantined device's message reached a service"
     );
 }
+
+// What coap-client cannot show: the gateway's side of the protocol duties, driven by
+// a device written with the CoAP crate's own client (dimpl as a DTLS PSK client).
+
+use coap_lite::{MessageType, RequestType, ResponseType};
+use portcullis_coap::client::{Client, Request};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn device(gw: &Gateway, id: &str, key: &str) -> Client {
+    Client::connect(gw.coap_dtls, id, key.as_bytes(), T)
+        .await
+        .unwrap_or_else(|e| panic!("{id}: {e}"))
+}
+
+#[test]
+fn a_retransmitted_request_is_answered_again_and_forwarded_once() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-7");
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    runtime().block_on(async {
+        let mut dev = device(&gw, "coap-7", &key).await;
+        let (id, token, bytes) = dev.encode(&Request::post("t/telemetry/once", b"one"));
+        let first = dev.exchange(id, &token, &bytes, true, T).await.unwrap();
+        // The same message id again, as after a lost ACK: the same answer.
+        let again = dev.exchange(id, &token, &bytes, true, T).await.unwrap();
+        assert_eq!(first.code, ResponseType::Changed);
+        assert_eq!(again, first);
+        // A ping is answered with RST; an unknown resource with 4.04.
+        dev.send_raw(&[0x40, 0x00, 0x12, 0x34]).await.unwrap();
+        let rst = dev.recv(T).await.unwrap().expect("an answer to the ping");
+        assert_eq!(rst, vec![0x70, 0x00, 0x12, 0x34]);
+        let r = dev
+            .request(
+                &Request {
+                    method: RequestType::Get,
+                    ..Request::post("nothing/here", b"")
+                },
+                T,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.code, ResponseType::NotFound);
+    });
+    let got = sub.drain(Duration::from_secs(1));
+    let once: Vec<&String> = got
+        .iter()
+        .filter(|l| l.contains("telemetry/once"))
+        .collect();
+    assert_eq!(once.len(), 1, "forwarded {} times: {got:?}", once.len());
+    assert_eq!(gw.metric("portcullis_coap_duplicates_total"), 1);
+}
+
+#[test]
+fn an_unacknowledged_notification_is_retransmitted_then_dropped_and_the_command_kept() {
+    // ACK_TIMEOUT 200 ms: sent at 0, ~0.2, ~0.6, ~1.4, ~3 s, given up at ~6 s.
+    let gw = Gateway::start_with("[coap]\nack_timeout = \"200ms\"\n");
+    let key = add_psk_device(&gw, "coap-8");
+    runtime().block_on(async {
+        let mut dev = device(&gw, "coap-8", &key).await;
+        let observe = Request {
+            method: RequestType::Get,
+            observe: Some(0),
+            ..Request::post("c", b"")
+        };
+        let first = dev.request(&observe, T).await.unwrap();
+        assert_eq!(first.code, ResponseType::Content);
+        assert!(first.observe.is_some(), "{first:?}");
+        send_command(&gw, "coap-8", "blink", "twice");
+        // Never acknowledged: sent again (ACK_TIMEOUT, doubling), four times, then
+        // given up.
+        let mut seen = Vec::new();
+        while let Some(n) = dev
+            .next_message(Duration::from_secs(60), false)
+            .await
+            .unwrap()
+        {
+            assert_eq!(n.kind, MessageType::Confirmable);
+            assert_eq!(n.payload, b"twice");
+            assert_eq!(n.token, first.token, "the registration's token");
+            seen.push(n.message_id);
+            if seen.len() == 5 {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 5, "sent once and again four times");
+        assert!(
+            seen.iter().all(|id| *id == seen[0]),
+            "one message id: {seen:?}"
+        );
+        wait_for(T, || {
+            (gw.metric("portcullis_coap_exchanges_timed_out_total") == 1).then_some(())
+        })
+        .expect("given up after the last retransmission");
+        assert_eq!(gw.metric("portcullis_coap_retransmissions_total"), 4);
+        // The relation is gone; the command waits for the device's next request.
+        let poll = dev
+            .request(
+                &Request {
+                    method: RequestType::Get,
+                    ..Request::post("c", b"")
+                },
+                T,
+            )
+            .await
+            .unwrap();
+        assert_eq!(poll.payload, b"twice");
+        assert_eq!(poll.location, "blink");
+    });
+}
+
+#[test]
+fn a_reset_notification_drops_the_relation_and_a_new_address_keeps_the_session() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-9");
+    runtime().block_on(async {
+        let observe = Request {
+            method: RequestType::Get,
+            observe: Some(0),
+            ..Request::post("c", b"")
+        };
+        // Observing from one address; then the device shows up from another (its
+        // NAT mapping changed), handshakes again, and keeps getting notifications on
+        // the token it registered with.
+        let mut old = device(&gw, "coap-9", &key).await;
+        let registered = old.request(&observe, T).await.unwrap();
+        let mut moved = device(&gw, "coap-9", &key).await;
+        assert_ne!(moved.local_addr().unwrap(), old.local_addr().unwrap());
+        gw.wait_audit(&["\"takeover\"", "\"coap-9\""]);
+        send_command(&gw, "coap-9", "first", "1");
+        let n = moved
+            .next_message(T, true)
+            .await
+            .unwrap()
+            .expect("a notification at the new address");
+        assert_eq!(
+            (n.payload.as_slice(), n.token.clone()),
+            (&b"1"[..], registered.token.clone())
+        );
+        // A device that no longer knows the relation resets the notification: it is
+        // dropped, and the command waits for the next poll.
+        send_command(&gw, "coap-9", "second", "2");
+        let n = moved
+            .next_message(T, false)
+            .await
+            .unwrap()
+            .expect("a notification");
+        moved.reset(n.message_id).await.unwrap();
+        wait_for(T, || {
+            (gw.metric("portcullis_coap_observe_dropped_total") == 1).then_some(())
+        })
+        .expect("the relation dropped on RST");
+        let poll = moved
+            .request(
+                &Request {
+                    method: RequestType::Get,
+                    ..Request::post("c", b"")
+                },
+                T,
+            )
+            .await
+            .unwrap();
+        assert_eq!(poll.payload, b"2");
+        drop(old);
+    });
+}

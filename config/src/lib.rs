@@ -215,6 +215,9 @@ pub struct Coap {
     pub max_ttd: Secs,
     /// Responses kept per session to answer retransmitted requests.
     pub dedup_entries: usize,
+    /// ACK_TIMEOUT (RFC 7252 §4.8): the first wait for a device's ACK of a notification
+    /// or separate response (times a random 1–1.5), doubling, 4 retransmissions.
+    pub ack_timeout: Millis,
 }
 
 /// Device sessions: persistence, queues, retained commands and MQTT 5 limits.
@@ -584,6 +587,7 @@ impl Default for Coap {
             session_expiry: Secs::from_secs(86_400),
             max_ttd: Secs::from_secs(60),
             dedup_entries: 16,
+            ack_timeout: Millis::from_millis(2000),
         }
     }
 }
@@ -1057,6 +1061,12 @@ impl Config {
             ("coap.max_body_size", c.max_body_size as u64, 16, 64 << 20),
             ("coap.max_ttd", c.max_ttd.as_secs(), 0, 3_600),
             ("coap.dedup_entries", c.dedup_entries as u64, 1, 4_096),
+            (
+                "coap.ack_timeout",
+                c.ack_timeout.as_millis() as u64,
+                100,
+                60_000,
+            ),
         ] {
             if !(lo..=hi).contains(&value) {
                 return Err((

@@ -345,6 +345,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             session_expiry: *config.coap.session_expiry,
             max_ttd: *config.coap.max_ttd,
             dedup_entries: config.coap.dedup_entries,
+            ack_timeout: *config.coap.ack_timeout,
         },
         shutdown: shutdown_rx.clone(),
     });

@@ -26,8 +26,7 @@ use portcullis_core::topic::TopicName;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
-/// RFC 7252 §4.8 transmission parameters.
-const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// RFC 7252 §4.8: retransmissions after the first send (ACK_TIMEOUT is configured).
 const MAX_RETRANSMIT: u32 = 4;
 /// Commands awaiting a response the device may still post, at most (oldest forgotten).
 const MAX_RESPONSES: usize = 16;
@@ -114,11 +113,11 @@ impl Downlink {
 }
 
 /// The first retransmission timeout: ACK_TIMEOUT × a random factor in [1, 1.5).
-fn initial_timeout() -> Duration {
+fn initial_timeout(ack_timeout: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    ACK_TIMEOUT + Duration::from_millis(u64::from(nanos % 1000))
+    ack_timeout.mul_f64(1.0 + f64::from(nanos % 1000) / 2000.0)
 }
 
 impl Session {
@@ -244,13 +243,13 @@ impl Session {
     /// Send a confirmable message of ours and keep it until it is acknowledged.
     fn start(
         &mut self,
-        _ctx: &Context,
+        ctx: &Context,
         id: u16,
         bytes: Vec<u8>,
         delivery: Option<Delivery>,
         notification: bool,
     ) {
-        let timeout = initial_timeout();
+        let timeout = initial_timeout(ctx.limits.ack_timeout);
         self.send(bytes.clone());
         self.down.outstanding = Some(Outstanding {
             id,

@@ -62,6 +62,8 @@ pub struct Limits {
     pub max_ttd: Duration,
     /// Responses kept per session to answer retransmitted requests.
     pub dedup_entries: usize,
+    /// ACK_TIMEOUT of our confirmable messages (RFC 7252 §4.8).
+    pub ack_timeout: Duration,
 }
 
 /// What every CoAP session shares.
