@@ -496,3 +496,47 @@ fn a_reset_notification_drops_the_relation_and_a_new_address_keeps_the_session()
         drop(old);
     });
 }
+
+#[test]
+fn banning_a_coap_device_ends_its_session_and_refuses_it_until_lifted() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-10");
+    runtime().block_on(async {
+        let mut dev = device(&gw, "coap-10", &key).await;
+        let ok = dev
+            .request(&Request::post("t/telemetry/a", b"1"), T)
+            .await
+            .unwrap();
+        assert_eq!(ok.code, ResponseType::Changed);
+        gw.cli_ok(&["ban", "add", "device/coap-10", "--reason", "stolen key"]);
+        gw.wait_audit(&["\"disconnect\"", "\"coap-10\"", "banned"]);
+        // The session is over: nothing more is answered on it.
+        assert!(
+            dev.request(
+                &Request::post("t/telemetry/a", b"2"),
+                Duration::from_secs(3)
+            )
+            .await
+            .is_err()
+        );
+        // A new session proves the key, and is refused before any request is read.
+        let mut again = device(&gw, "coap-10", &key).await;
+        assert!(
+            again
+                .request(
+                    &Request::post("t/telemetry/a", b"3"),
+                    Duration::from_secs(3)
+                )
+                .await
+                .is_err()
+        );
+        gw.wait_audit(&["\"connect\"", "\"refuse\"", "\"coap-10\"", "banned"]);
+        gw.cli_ok(&["ban", "remove", "device/coap-10"]);
+        let mut back = device(&gw, "coap-10", &key).await;
+        let ok = back
+            .request(&Request::post("t/telemetry/a", b"4"), T)
+            .await
+            .unwrap();
+        assert_eq!(ok.code, ResponseType::Changed);
+    });
+}
