@@ -135,6 +135,9 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
         sender, mut events, ..
     } = endpoint;
     let mut peers: HashMap<SocketAddr, mpsc::Sender<Input>> = HashMap::new();
+    // Entries of sessions that ended on their own are dropped when the map has doubled
+    // since it was last pruned (the endpoint's Closed removes the others).
+    let mut prune_at = 64;
     while let Some(event) = events.recv().await {
         match event {
             Event::Connected { peer, identity } => {
@@ -142,6 +145,10 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
                 if *ctx.shutdown.borrow() {
                     sender.close(peer);
                     continue;
+                }
+                if peers.len() >= prune_at {
+                    peers.retain(|_, tx| !tx.is_closed());
+                    prune_at = (peers.len() * 2).max(64);
                 }
                 let (tx, rx) = mpsc::channel(INPUT_QUEUE);
                 peers.insert(peer, tx);
@@ -161,10 +168,6 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
                 }
                 None => handshake_failed(&ctx, peer, &why),
             },
-        }
-        // Sessions that ended on their own (a kick) leave their entry behind.
-        if peers.len() > 64 && peers.len().is_power_of_two() {
-            peers.retain(|_, tx| !tx.is_closed());
         }
     }
 }
