@@ -540,3 +540,48 @@ fn banning_a_coap_device_ends_its_session_and_refuses_it_until_lifted() {
         assert_eq!(ok.code, ResponseType::Changed);
     });
 }
+
+#[test]
+fn a_new_observe_relation_gets_the_devices_retained_command_first() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-11");
+    // Retained by a service before the device ever observes.
+    gw.add_service_cert("commander");
+    let out = mosquitto(
+        "mosquitto_pub",
+        &gw.client(
+            gw.service_tls,
+            "commander",
+            &[
+                "-t",
+                "devices/coap-11/commands/config",
+                "-m",
+                "mode=eco",
+                "-q",
+                "1",
+                "-r",
+                "-d",
+            ],
+        ),
+        T,
+    );
+    assert!(text(&out).contains("received PUBACK"), "{}", text(&out));
+    runtime().block_on(async {
+        let mut dev = device(&gw, "coap-11", &key).await;
+        let observe = Request {
+            method: RequestType::Get,
+            observe: Some(0),
+            ..Request::post("c", b"")
+        };
+        dev.request(&observe, T).await.unwrap();
+        let n = dev
+            .next_message(T, true)
+            .await
+            .unwrap()
+            .expect("the retained command");
+        assert_eq!(
+            (n.payload.as_slice(), n.location.as_str()),
+            (&b"mode=eco"[..], "config")
+        );
+    });
+}
