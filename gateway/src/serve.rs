@@ -717,6 +717,7 @@ fn reload(
         ("sessions", new.sessions == current.sessions),
         ("limits", new.limits == current.limits),
         ("auth", new.auth == current.auth),
+        ("coap", new.coap == current.coap),
         // Built once at start (shared lock-free by all sessions and listeners).
         (
             "rate_limits.global_messages_per_second",
