@@ -5,25 +5,45 @@
 //! up another: nothing here waits on a peer, a stalled handshake only occupies its own
 //! slot until its deadline.
 //!
-//! Bounds, before any state is made for a source:
-//! - a datagram from an unknown address must start with a plaintext ClientHello record,
-//!   else it is dropped without a word (no amplification: the first answer is dimpl's
-//!   HelloVerifyRequest, no larger than the ClientHello);
-//! - handshakes in progress are capped overall (`max_half_open`), and sessions per
-//!   source address (`max_per_source`) and overall (`max_sessions`). dimpl's cookie
-//!   secret is per instance, so an instance exists from the first ClientHello: these
-//!   caps are what bound the memory spoofed ClientHellos can take (about 6 KB each);
-//! - a handshake not done within `handshake_timeout`, and a session silent for
-//!   `idle_timeout`, are dropped.
+//! No state for an address until it proves it receives what is sent to it. A
+//! ClientHello without a good cookie is answered here with a HelloVerifyRequest whose
+//! cookie is an HMAC, under a key of this endpoint, of the client's random, its address
+//! and a 30-second time slice; nothing is kept (the answer is no larger than the
+//! ClientHello: no amplification). Only a ClientHello carrying such a cookie makes
+//! state: spoofed ClientHellos, however many, take no slot. dimpl's cookie secret is
+//! per instance and not configurable; so that the instance made then takes this cookie
+//! as its own, its HMAC provider computes our cookie for a ClientHello handed over
+//! under a `cookie::Binding` (see `cookie`). Why not the alternatives: a seeded RNG
+//! (`dangerously_set_rng_seed`) would share the secret but also fix server randoms,
+//! AEAD nonces and the decoy key, so a recorded handshake could be replayed; a second
+//! HelloVerifyRequest from the instance is refused by wolfSSL clients and by dimpl's
+//! own; a short-lived pool of instances made before the cookie is emptied by a flood
+//! faster than a device's round trip.
+//!
+//! Then, before a state is made: the caps (handshakes in progress overall,
+//! `max_half_open`; sessions per source, an IPv4 address or an IPv6 /64, and overall)
+//! and the gate (`Admit`: bans and connection rates, decided by the gateway). A
+//! handshake not done within `handshake_timeout`, and a session from which nothing
+//! authenticated came for `idle_timeout`, are dropped.
+//!
+//! A device that reboots handshakes again from the address its old session still
+//! holds: that handshake runs beside the old session (the "next" state of the
+//! address), and replaces it only once it completes (`Closed::Replaced`, then
+//! `Connected`). The address's events belong to its session: a failed re-handshake
+//! is counted, not reported.
 //!
 //! dimpl does not say which PSK identity a peer used, so the resolver records the
 //! identity it was asked for, and this task reads it right after handing the datagram
 //! over. An unknown or malformed identity gets no key from the store, and dimpl then
 //! completes the handshake with a random key: it fails at the client's Finished exactly
 //! as a wrong key does, after the same work.
+//!
+//! Every call into dimpl is made under `catch_unwind`: a panic drops that one peer
+//! (`Closed::Failed("internal error")`), never the task.
 
 use dimpl::crypto::Dtls12CipherSuite;
 use dimpl::{Config, Dtls, Output, PskResolver};
+use portcullis_core::source_key::{DEFAULT_IPV6_PREFIX, SourceKey};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, RefUnwindSafe, UnwindSafe};
@@ -39,35 +59,39 @@ use tokio::time::Instant;
 const MAX_DATAGRAM: usize = 2048;
 /// How often deadlines and dimpl's retransmission timers are looked at.
 const TICK: Duration = Duration::from_millis(50);
-/// DTLS content type of a handshake record, and the handshake type of a ClientHello:
-/// the only thing an unknown address may send.
-const HANDSHAKE: u8 = 22;
-const CLIENT_HELLO: u8 = 1;
 /// A DTLS record header: type, version, epoch, sequence number, length.
 const RECORD_HEADER: usize = 13;
+/// Datagrams dimpl holds for a peer while it waits for an earlier one (a client's
+/// flight is three records at most).
+const RX_QUEUE: usize = 8;
+/// The highest handshake message_seq a ClientHello may have (each HelloVerifyRequest
+/// the client got adds one).
+const MAX_HELLO_SEQ: u16 = 3;
+/// Steps of dimpl output taken for one datagram at most (a datagram holds at most a
+/// few records; more means dimpl is looping).
+const MAX_OUTPUTS: usize = 256;
 
-/// Whether a datagram starts with a plaintext (epoch 0) handshake record carrying a
-/// ClientHello: what may make state for an address not seen before.
-fn is_client_hello(datagram: &[u8]) -> bool {
-    datagram.len() > RECORD_HEADER
-        && datagram[0] == HANDSHAKE
-        && datagram[3..5] == [0, 0]
-        && datagram[RECORD_HEADER] == CLIENT_HELLO
+/// The source a peer counts against: its IPv4 address, or its IPv6 /64.
+fn source_of(ip: IpAddr) -> SourceKey {
+    SourceKey::new(ip, DEFAULT_IPV6_PREFIX)
 }
 
 /// The endpoint's limits.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Sessions, established or in handshake, at most.
+    /// Addresses with a session, established or in handshake, at most.
     pub max_sessions: usize,
     /// Handshakes in progress at most, all sources together.
     pub max_half_open: usize,
-    /// Sessions (established or in handshake) from one source address at most.
+    /// Addresses with a session (established or in handshake) from one source at most:
+    /// an IPv4 address, or an IPv6 /64.
     pub max_per_source: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
-    /// Events waiting for the CoAP layer. Beyond it, datagrams of application data are
-    /// dropped and counted (CoAP retransmits); a session's start and end wait for room.
+    /// Events waiting for the CoAP layer, and the CoAP layer's commands waiting for this
+    /// task. Beyond it, datagrams of application data and the ends of handshakes are
+    /// dropped and counted (CoAP retransmits); an established session's start and end
+    /// wait for room.
     pub queue: usize,
 }
 
@@ -90,6 +114,23 @@ pub trait PskStore: Send + Sync + 'static {
     fn psk(&self, identity: &str) -> Option<Vec<u8>>;
 }
 
+/// The gateway's say on a source, before any state is made for it: asked once when an
+/// address that proved it receives (a good cookie) is about to get a handshake.
+pub trait Admit: Send + Sync + 'static {
+    /// `None` refuses (the datagram is dropped without a word). The token returned is
+    /// held as long as the address's handshake or session lives, and dropped with it.
+    fn admit(&self, peer: SocketAddr) -> Option<Box<dyn Send + Sync>>;
+}
+
+/// A gate that admits every source.
+pub struct AdmitAll;
+
+impl Admit for AdmitAll {
+    fn admit(&self, _: SocketAddr) -> Option<Box<dyn Send + Sync>> {
+        Some(Box::new(()))
+    }
+}
+
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Closed {
@@ -98,14 +139,18 @@ pub enum Closed {
     HandshakeFailed { identity: Option<String> },
     /// The handshake was not done within `handshake_timeout`.
     HandshakeTimeout { identity: Option<String> },
-    /// Nothing heard for `idle_timeout`.
+    /// Nothing authenticated heard for `idle_timeout`.
     Idle,
     /// The peer said close_notify.
     PeerClosed,
-    /// A fatal error after the handshake (a record that breaks the protocol).
+    /// A fatal error after the handshake (a record that breaks the protocol), or
+    /// "internal error" when the DTLS state panicked.
     Failed(String),
     /// Closed by the CoAP layer.
     Local,
+    /// A new handshake from the same address completed (a device that rebooted), or
+    /// began while this one was still in handshake.
+    Replaced,
 }
 
 /// What the endpoint tells the CoAP layer.
@@ -126,14 +171,34 @@ pub struct Stats {
     pub handshakes_completed: AtomicU64,
     pub handshakes_failed: AtomicU64,
     pub handshakes_timed_out: AtomicU64,
-    /// First datagrams dropped by a cap (half-open, per source, total).
+    /// Handshakes refused by a cap (half-open, per source, total).
     pub refused_capped: AtomicU64,
-    /// Datagrams from unknown addresses that were not handshake records.
+    /// Handshakes refused by the gate (`Admit`).
+    pub refused_gate: AtomicU64,
+    /// Datagrams from addresses without state that were not a ClientHello.
     pub dropped_stray: AtomicU64,
+    /// HelloVerifyRequests sent (no state kept for them).
+    pub hello_verify_sent: AtomicU64,
+    /// ClientHellos whose cookie did not verify (forged, for another address, expired).
+    pub cookie_refused: AtomicU64,
     /// Application data dropped because the CoAP layer's queue was full.
     pub dropped_queue_full: AtomicU64,
+    /// Ends of handshakes not reported because the CoAP layer's queue was full.
+    pub dropped_closed: AtomicU64,
+    /// Sends and closes of the CoAP layer dropped because this task's queue was full.
+    pub dropped_commands: AtomicU64,
+    /// Sessions or handshakes replaced by a new handshake from the same address.
+    pub replaced: AtomicU64,
+    /// Peers dropped because their DTLS state panicked.
+    pub panics: AtomicU64,
+    /// Addresses with a session, established or in handshake.
     pub sessions: AtomicU64,
+    /// Handshakes in progress (a re-handshake beside a session included).
     pub half_open: AtomicU64,
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 enum Command {
@@ -144,18 +209,25 @@ enum Command {
 /// The CoAP layer's handle: send to and close established peers.
 #[derive(Clone)]
 pub struct Sender {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
+    stats: Arc<Stats>,
 }
 
 impl Sender {
     /// Send one datagram of application data to an established peer (dropped if the
-    /// peer is gone).
+    /// peer is gone, or counted in `dropped_commands` if the endpoint is that far behind).
     pub fn send(&self, peer: SocketAddr, data: Vec<u8>) {
-        let _ = self.commands.send(Command::Send { peer, data });
+        self.command(Command::Send { peer, data });
     }
 
     pub fn close(&self, peer: SocketAddr) {
-        let _ = self.commands.send(Command::Close { peer });
+        self.command(Command::Close { peer });
+    }
+
+    fn command(&self, command: Command) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.commands.try_send(command) {
+            count(&self.stats.dropped_commands);
+        }
     }
 }
 
@@ -215,14 +287,328 @@ fn shown_identity(raw: &[u8]) -> String {
         .collect()
 }
 
+/// A dimpl call panicked.
+struct Panicked;
+
+/// A call into dimpl (or the gateway's gate) whose panic is contained.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, Panicked> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| Panicked)
+}
+
+/// The ClientHello, alone in its datagram: all that is read before state exists.
+mod hello {
+    use super::{MAX_HELLO_SEQ, RECORD_HEADER};
+
+    const HANDSHAKE: u8 = 22;
+    const CLIENT_HELLO: u8 = 1;
+    const HELLO_VERIFY_REQUEST: u8 = 3;
+    /// A handshake message header: type, length, message_seq, fragment offset, length.
+    const MESSAGE_HEADER: usize = 12;
+    /// Where the message_seq of the datagram's handshake message is.
+    pub(super) const MESSAGE_SEQ_AT: usize = RECORD_HEADER + 4;
+    /// DTLS 1.0, the version a HelloVerifyRequest carries (RFC 6347 §4.2.1).
+    const DTLS_1_0: [u8; 2] = [254, 255];
+    pub(super) const COOKIE: usize = 32;
+    /// A HelloVerifyRequest with a cookie of `COOKIE` bytes, record and all.
+    pub(super) const HELLO_VERIFY_LEN: usize = RECORD_HEADER + MESSAGE_HEADER + 3 + COOKIE;
+
+    /// A datagram of exactly one plaintext record holding one whole ClientHello.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) struct ClientHello<'a> {
+        pub record_seq: [u8; 6],
+        pub message_seq: u16,
+        pub random: [u8; 32],
+        pub cookie: &'a [u8],
+        /// Where the cookie's bytes are in the datagram.
+        pub cookie_at: usize,
+    }
+
+    fn u16_at(b: &[u8], at: usize) -> usize {
+        usize::from(u16::from_be_bytes([b[at], b[at + 1]]))
+    }
+
+    fn u24_at(b: &[u8], at: usize) -> usize {
+        usize::from(b[at]) << 16 | u16_at(b, at + 1)
+    }
+
+    impl ClientHello<'_> {
+        pub(super) fn read(d: &[u8]) -> Option<ClientHello<'_>> {
+            if d.len() < RECORD_HEADER + MESSAGE_HEADER
+                || d[0] != HANDSHAKE
+                || d[3..5] != [0, 0]
+                || RECORD_HEADER + u16_at(d, 11) != d.len()
+            {
+                return None;
+            }
+            let m = &d[RECORD_HEADER..];
+            let length = u24_at(m, 1);
+            let message_seq = u16::from_be_bytes([m[4], m[5]]);
+            if m[0] != CLIENT_HELLO
+                || message_seq > MAX_HELLO_SEQ
+                || u24_at(m, 6) != 0
+                || u24_at(m, 9) != length
+                || MESSAGE_HEADER + length != m.len()
+            {
+                return None;
+            }
+            // Body: version (2), random (32), session id (1 + n), cookie (1 + n), ...
+            let body = &m[MESSAGE_HEADER..];
+            let random: [u8; 32] = body.get(2..34)?.try_into().ok()?;
+            let session_id = usize::from(*body.get(34)?);
+            let at = 35 + session_id;
+            let cookie_len = usize::from(*body.get(at)?);
+            let cookie = body.get(at + 1..at + 1 + cookie_len)?;
+            let mut record_seq = [0; 6];
+            record_seq.copy_from_slice(&d[5..11]);
+            Some(ClientHello {
+                record_seq,
+                message_seq,
+                random,
+                cookie,
+                cookie_at: RECORD_HEADER + MESSAGE_HEADER + at + 1,
+            })
+        }
+    }
+
+    /// The HelloVerifyRequest answering `hello`: its record sequence number and
+    /// message_seq are the ClientHello's, so that nothing need be remembered (RFC 6347
+    /// §4.2.1, §4.2.2).
+    pub(super) fn verify_request(
+        hello: &ClientHello,
+        cookie: &[u8; COOKIE],
+    ) -> [u8; HELLO_VERIFY_LEN] {
+        let mut out = [0u8; HELLO_VERIFY_LEN];
+        let body = 3 + COOKIE;
+        let message = MESSAGE_HEADER + body;
+        out[0] = HANDSHAKE;
+        out[1..3].copy_from_slice(&DTLS_1_0);
+        out[5..11].copy_from_slice(&hello.record_seq);
+        out[11..13].copy_from_slice(&(message as u16).to_be_bytes());
+        let m = &mut out[RECORD_HEADER..];
+        m[0] = HELLO_VERIFY_REQUEST;
+        m[2..4].copy_from_slice(&(body as u16).to_be_bytes());
+        m[4..6].copy_from_slice(&hello.message_seq.to_be_bytes());
+        m[10..12].copy_from_slice(&(body as u16).to_be_bytes());
+        m[12..14].copy_from_slice(&DTLS_1_0);
+        m[14] = COOKIE as u8;
+        m[15..].copy_from_slice(cookie);
+        out
+    }
+}
+
+/// The stateless cookie, and the hook that has dimpl take it as its own.
+///
+/// dimpl computes its cookie as HMAC-SHA256(per-instance secret, client random)
+/// through the configured HMAC provider, and checks a ClientHello's cookie the same
+/// way. The provider given to dimpl here is its own, except while a ClientHello is
+/// handed to a state under a `Binding` (set by this task, on this thread, for that one
+/// call): then an HMAC-SHA256 with a 32-byte key of 32 bytes of data, which is what
+/// the cookie is, comes out as our cookie for that address. The ClientHello alone is
+/// processed in that call (no key schedule runs); were dimpl to change how it makes
+/// cookies, handshakes would fail, never pass: the tests would show it.
+mod cookie {
+    use super::hello::{COOKIE, ClientHello};
+    use dimpl::CryptoError;
+    use dimpl::crypto::{CryptoProvider, HashAlgorithm, HmacProvider};
+    use std::cell::Cell;
+    use std::net::SocketAddr;
+    use std::sync::OnceLock;
+    use tokio::time::Instant;
+
+    /// Seconds of one time slice: a cookie is good in its slice and the next.
+    const SLICE: u64 = 30;
+    /// What the cookie's HMAC covers: the client's random, its address (IPv6 form and
+    /// port), the time slice.
+    const MATERIAL: usize = 32 + 16 + 2 + 8;
+
+    thread_local! {
+        static BOUND: Cell<Option<Binding>> = const { Cell::new(None) };
+    }
+
+    /// The key and the clock of this endpoint's cookies.
+    pub(in super::super) struct Jar {
+        key: [u8; 32],
+        born: Instant,
+        hmac: &'static dyn HmacProvider,
+    }
+
+    /// A ClientHello from `peer`, handed to dimpl, whose cookie is ours of `slice`.
+    #[derive(Clone, Copy)]
+    pub(in super::super) struct Binding {
+        key: [u8; 32],
+        peer: SocketAddr,
+        slice: u64,
+        hmac: &'static dyn HmacProvider,
+    }
+
+    fn material(random: &[u8], peer: SocketAddr, slice: u64) -> [u8; MATERIAL] {
+        let mut m = [0u8; MATERIAL];
+        m[..32].copy_from_slice(random);
+        let ip = match peer.ip() {
+            std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
+            std::net::IpAddr::V6(a) => a,
+        };
+        m[32..48].copy_from_slice(&ip.octets());
+        m[48..50].copy_from_slice(&peer.port().to_be_bytes());
+        m[50..].copy_from_slice(&slice.to_be_bytes());
+        m
+    }
+
+    fn compute(
+        hmac: &dyn HmacProvider,
+        key: &[u8; 32],
+        random: &[u8],
+        peer: SocketAddr,
+        slice: u64,
+    ) -> Option<[u8; COOKIE]> {
+        hmac.hmac_sha256(key, &material(random, peer, slice)).ok()
+    }
+
+    impl Jar {
+        /// A fresh key from `provider`'s secure random; `provider` is dimpl's own.
+        pub(in super::super) fn new(provider: &CryptoProvider) -> Result<Jar, String> {
+            let mut key = [0u8; 32];
+            provider
+                .secure_random
+                .fill(&mut key)
+                .map_err(|e| format!("cookie key: {e}"))?;
+            Ok(Jar {
+                key,
+                born: Instant::now(),
+                hmac: provider.hmac_provider,
+            })
+        }
+
+        fn slice(&self, now: Instant) -> u64 {
+            now.duration_since(self.born).as_secs() / SLICE
+        }
+
+        /// The cookie for `hello` from `peer`, now.
+        pub(in super::super) fn make(
+            &self,
+            hello: &ClientHello,
+            peer: SocketAddr,
+            now: Instant,
+        ) -> Option<[u8; COOKIE]> {
+            compute(self.hmac, &self.key, &hello.random, peer, self.slice(now))
+        }
+
+        /// The time slice whose cookie `hello` carries, if it carries one of ours for
+        /// `peer` that has not expired.
+        pub(in super::super) fn verify(
+            &self,
+            hello: &ClientHello,
+            peer: SocketAddr,
+            now: Instant,
+        ) -> Option<u64> {
+            if hello.cookie.len() != COOKIE {
+                return None;
+            }
+            let slice = self.slice(now);
+            [slice, slice.saturating_sub(1)].into_iter().find(|&s| {
+                compute(self.hmac, &self.key, &hello.random, peer, s).is_some_and(|c| {
+                    // Constant time: every byte is looked at.
+                    c.iter()
+                        .zip(hello.cookie)
+                        .fold(0u8, |d, (a, b)| d | (a ^ b))
+                        == 0
+                })
+            })
+        }
+
+        pub(in super::super) fn binding(&self, peer: SocketAddr, slice: u64) -> Binding {
+            Binding {
+                key: self.key,
+                peer,
+                slice,
+                hmac: self.hmac,
+            }
+        }
+    }
+
+    /// In force until dropped (a panic included).
+    pub(in super::super) struct Bound(());
+
+    pub(in super::super) fn bind(binding: Binding) -> Bound {
+        BOUND.set(Some(binding));
+        Bound(())
+    }
+
+    impl Drop for Bound {
+        fn drop(&mut self) {
+            BOUND.set(None);
+        }
+    }
+
+    /// dimpl's HMAC provider, but for a cookie computed under a `Binding`.
+    #[derive(Debug)]
+    struct Hook {
+        inner: &'static dyn HmacProvider,
+    }
+
+    static HOOK: OnceLock<Hook> = OnceLock::new();
+
+    impl HmacProvider for Hook {
+        fn hmac(
+            &self,
+            hash: HashAlgorithm,
+            key: &[u8],
+            data: &[u8],
+            out: &mut [u8],
+        ) -> Result<usize, CryptoError> {
+            if let Some(b) = BOUND.get()
+                && hash == HashAlgorithm::SHA256
+                && key.len() == 32
+                && data.len() == 32
+            {
+                return b
+                    .hmac
+                    .hmac(hash, &b.key, &material(data, b.peer, b.slice), out);
+            }
+            self.inner.hmac(hash, key, data, out)
+        }
+    }
+
+    /// `provider` with the hook in place of its HMAC (the first provider's HMAC is the
+    /// one every endpoint's hook wraps: dimpl's default, the same for all).
+    pub(in super::super) fn hooked(provider: &CryptoProvider) -> CryptoProvider {
+        let hook = HOOK.get_or_init(|| Hook {
+            inner: provider.hmac_provider,
+        });
+        let mut hooked = provider.clone();
+        hooked.hmac_provider = hook;
+        hooked
+    }
+}
+
+use hello::ClientHello;
+
+/// Which of an address's two states: its session (or handshake), or a new handshake
+/// from the same address running beside an established session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Slot {
+    Current,
+    Next,
+}
+
+type Key = (SocketAddr, Slot);
+
 struct Peer {
     dtls: Dtls,
     identity: Option<String>,
     connected: bool,
     started: Instant,
+    /// When something authenticated last came.
     heard: Instant,
     /// When dimpl wants `handle_timeout` next.
     timer: Option<Instant>,
+    /// The ClientHello's random: it tells a retransmission from a new handshake.
+    random: [u8; 32],
+    /// The time slice of the cookie this handshake began with.
+    cookie_slice: u64,
+    source: SourceKey,
+    /// The gate's token, dropped with the state.
+    _admitted: Box<dyn Send + Sync>,
 }
 
 impl Peer {
@@ -237,17 +623,38 @@ impl Peer {
     }
 }
 
+/// What one round of dimpl output held, besides packets and data.
+#[derive(Default)]
+struct Drained {
+    connected: bool,
+    /// Something authenticated came (application data, close_notify).
+    authenticated: bool,
+    end: Option<Closed>,
+}
+
 struct Task {
     socket: UdpSocket,
     config: Arc<Config>,
     resolver: Arc<Resolver>,
+    cookies: cookie::Jar,
+    gate: Arc<dyn Admit>,
     settings: Settings,
-    peers: HashMap<SocketAddr, Peer>,
-    per_source: HashMap<IpAddr, usize>,
+    peers: HashMap<Key, Peer>,
+    per_source: HashMap<SourceKey, usize>,
+    /// Addresses with a `Current` state.
+    sessions: usize,
     half_open: usize,
     events: mpsc::Sender<Event>,
     stats: Arc<Stats>,
+    /// dimpl's output buffer.
     out: Vec<u8>,
+    /// One round's packets, back to back, and where each ends; its data.
+    wire: Vec<u8>,
+    wire_ends: Vec<usize>,
+    data: Vec<Vec<u8>>,
+    /// The timers' lists, kept between ticks.
+    expired: Vec<(Key, Closed)>,
+    due: Vec<Key>,
 }
 
 /// Bind `addr` and start the endpoint's task.
@@ -255,6 +662,7 @@ pub async fn bind(
     addr: SocketAddr,
     settings: Settings,
     store: Arc<dyn PskStore>,
+    gate: Arc<dyn Admit>,
 ) -> Result<Endpoint, DtlsError> {
     let socket = UdpSocket::bind(addr)
         .await
@@ -266,50 +674,81 @@ pub async fn bind(
         store: AssertUnwindSafe(store),
         asked: Mutex::new(None),
     });
-    // Built once: dimpl checks its crypto provider here, which takes milliseconds.
-    let config = Config::builder()
-        .with_psk_server(None, resolver.clone())
-        .dtls12_cipher_suites(&[Dtls12CipherSuite::PSK_AES128_CCM_8])
-        .dtls13_cipher_suites(&[])
-        .handshake_timeout(settings.handshake_timeout)
+    let builder = || {
+        Config::builder()
+            .with_psk_server(None, resolver.clone())
+            .dtls12_cipher_suites(&[Dtls12CipherSuite::PSK_AES128_CCM_8])
+            .dtls13_cipher_suites(&[])
+            .handshake_timeout(settings.handshake_timeout)
+            .max_queue_rx(RX_QUEUE)
+    };
+    let config_error = |e: dimpl::Error| DtlsError::Config(e.to_string());
+    // Built once per endpoint, first to learn dimpl's crypto provider, then with the
+    // cookie hook in it (dimpl checks the provider each time: milliseconds).
+    let plain = builder().build().map_err(config_error)?;
+    let cookies = cookie::Jar::new(plain.crypto_provider()).map_err(DtlsError::Config)?;
+    let config = builder()
+        .with_crypto_provider(cookie::hooked(plain.crypto_provider()))
         .build()
-        .map_err(|e| DtlsError::Config(e.to_string()))?;
+        .map_err(config_error)?;
     let (events_tx, events) = mpsc::channel(settings.queue.max(1));
-    let (commands, commands_rx) = mpsc::unbounded_channel();
+    let (commands, commands_rx) = mpsc::channel(settings.queue.max(1));
     let stats = Arc::new(Stats::default());
     let task = Task {
         socket,
         config: Arc::new(config),
         resolver,
+        cookies,
+        gate,
         settings,
         peers: HashMap::new(),
         per_source: HashMap::new(),
+        sessions: 0,
         half_open: 0,
         events: events_tx,
         stats: stats.clone(),
         out: vec![0; MAX_DATAGRAM],
+        wire: Vec::with_capacity(MAX_DATAGRAM),
+        wire_ends: Vec::new(),
+        data: Vec::new(),
+        expired: Vec::new(),
+        due: Vec::new(),
     };
-    tokio::spawn(task.run(commands_rx));
+    let running = tokio::spawn(task.run(commands_rx));
+    // The task contains dimpl's panics; one of its own ends every session: say so.
+    tokio::spawn(async move {
+        if let Err(e) = running.await
+            && e.is_panic()
+        {
+            let payload = e.into_panic();
+            let why = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(%local, panic = %why, "the DTLS endpoint's task panicked: every CoAP session on it has ended");
+        }
+    });
     Ok(Endpoint {
         local,
-        sender: Sender { commands },
+        sender: Sender {
+            commands,
+            stats: stats.clone(),
+        },
         events,
         stats,
     })
 }
 
 impl Task {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, peer)) => {
-                        let datagram = buf[..n].to_vec();
-                        self.datagram(peer, &datagram).await;
-                    }
+                    Ok((n, peer)) => self.datagram(peer, &buf[..n]).await,
                     Err(e) => {
                         // ICMP errors surface here on some systems: not fatal.
                         tracing::debug!(error = %e, "DTLS socket read");
@@ -317,13 +756,7 @@ impl Task {
                 },
                 c = commands.recv() => match c {
                     Some(Command::Send { peer, data }) => self.send(peer, &data).await,
-                    Some(Command::Close { peer }) => {
-                        if let Some(p) = self.peers.get_mut(&peer) {
-                            let _ = p.dtls.close();
-                            self.flush(peer).await;
-                        }
-                        self.drop_peer(peer, Closed::Local).await;
-                    }
+                    Some(Command::Close { peer }) => self.close(peer).await,
                     // The CoAP layer is gone: so is the endpoint.
                     None => return,
                 },
@@ -332,235 +765,607 @@ impl Task {
         }
     }
 
-    fn count_open(&mut self, ip: IpAddr) {
-        *self.per_source.entry(ip).or_default() += 1;
-        self.half_open += 1;
+    fn publish(&self) {
         self.stats
             .half_open
             .store(self.half_open as u64, Ordering::Relaxed);
         self.stats
             .sessions
-            .store(self.peers.len() as u64, Ordering::Relaxed);
+            .store(self.sessions as u64, Ordering::Relaxed);
+    }
+
+    /// The handshake in progress at `peer`'s address, if any.
+    fn half_open_at(&self, peer: SocketAddr) -> Option<Key> {
+        let next = (peer, Slot::Next);
+        if self.peers.contains_key(&next) {
+            return Some(next);
+        }
+        let current = (peer, Slot::Current);
+        self.peers
+            .get(&current)
+            .filter(|p| !p.connected)
+            .map(|_| current)
     }
 
     async fn datagram(&mut self, peer: SocketAddr, datagram: &[u8]) {
         let now = Instant::now();
-        if !self.peers.contains_key(&peer) {
-            if !is_client_hello(datagram) {
-                self.stats.dropped_stray.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            let from_source = self.per_source.get(&peer.ip()).copied().unwrap_or(0);
-            if self.half_open >= self.settings.max_half_open
-                || self.peers.len() >= self.settings.max_sessions
-                || from_source >= self.settings.max_per_source
-            {
-                self.stats.refused_capped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            let dtls = Dtls::new_12_psk(self.config.clone(), now.into_std());
-            self.peers.insert(
-                peer,
-                Peer {
-                    dtls,
-                    identity: None,
-                    connected: false,
-                    started: now,
-                    heard: now,
-                    timer: None,
-                },
-            );
-            self.count_open(peer.ip());
-            self.stats
-                .handshakes_started
-                .fetch_add(1, Ordering::Relaxed);
+        if let Some(hello) = ClientHello::read(datagram) {
+            self.client_hello(peer, &hello, datagram, now).await;
+            return;
         }
-        let Some(p) = self.peers.get_mut(&peer) else {
+        let current = (peer, Slot::Current);
+        let next = (peer, Slot::Next);
+        if !self.peers.contains_key(&current) {
+            count(&self.stats.dropped_stray);
+            return;
+        }
+        // Plaintext records go to a handshake; a protected one to the session first,
+        // and to a handshake beside it if the session could not read it.
+        let plaintext = datagram.len() >= RECORD_HEADER && datagram[3..5] == [0, 0];
+        if plaintext && self.peers.contains_key(&next) {
+            self.feed(next, datagram, now, false).await;
+            return;
+        }
+        let read = self.feed(current, datagram, now, false).await;
+        if !plaintext && !read && self.peers.contains_key(&next) {
+            self.feed(next, datagram, now, false).await;
+        }
+    }
+
+    async fn client_hello(
+        &mut self,
+        peer: SocketAddr,
+        hello: &ClientHello<'_>,
+        datagram: &[u8],
+        now: Instant,
+    ) {
+        // A retransmission within a handshake in progress is that handshake's.
+        if let Some(key) = self.half_open_at(peer)
+            && self.peers[&key].random == hello.random
+        {
+            self.feed(key, datagram, now, true).await;
+            return;
+        }
+        // A late copy of the ClientHello that began the session: nothing new.
+        if self
+            .peers
+            .get(&(peer, Slot::Current))
+            .is_some_and(|p| p.connected && p.random == hello.random)
+        {
+            return;
+        }
+        let Some(slice) = self.cookies.verify(hello, peer, now) else {
+            if !hello.cookie.is_empty() {
+                count(&self.stats.cookie_refused);
+            }
+            self.hello_verify(peer, hello, datagram.len(), now).await;
             return;
         };
-        p.heard = now;
+        // The address proved it receives what is sent to it: a handshake may begin.
+        if let Some(key) = self.half_open_at(peer) {
+            count(&self.stats.replaced);
+            self.drop_peer(key, Closed::Replaced).await;
+        }
+        let Some(key) = self.admit(peer, hello, slice, now) else {
+            return;
+        };
+        if let Err(why) = self.prime(key, hello, datagram, now) {
+            self.drop_peer(key, why).await;
+            return;
+        }
+        self.feed(key, datagram, now, true).await;
+    }
+
+    /// Answer a ClientHello without a good cookie; nothing is kept.
+    async fn hello_verify(
+        &mut self,
+        peer: SocketAddr,
+        hello: &ClientHello<'_>,
+        received: usize,
+        now: Instant,
+    ) {
+        // Never more bytes out than in.
+        if received < hello::HELLO_VERIFY_LEN {
+            count(&self.stats.dropped_stray);
+            return;
+        }
+        let Some(cookie) = self.cookies.make(hello, peer, now) else {
+            return;
+        };
+        let answer = hello::verify_request(hello, &cookie);
+        count(&self.stats.hello_verify_sent);
+        let _ = self.socket.send_to(&answer, peer).await;
+    }
+
+    /// The caps, then the gate; the state, if both admit it.
+    fn admit(
+        &mut self,
+        peer: SocketAddr,
+        hello: &ClientHello<'_>,
+        cookie_slice: u64,
+        now: Instant,
+    ) -> Option<Key> {
+        // Beside an established session, a device that rebooted: it takes no more of
+        // its source's share than the session it replaces.
+        let slot = match self.peers.get(&(peer, Slot::Current)) {
+            Some(p) if p.connected => Slot::Next,
+            _ => Slot::Current,
+        };
+        let source = source_of(peer.ip());
+        let from_source = self.per_source.get(&source).copied().unwrap_or(0);
+        if self.half_open >= self.settings.max_half_open
+            || (slot == Slot::Current
+                && (self.sessions >= self.settings.max_sessions
+                    || from_source >= self.settings.max_per_source))
+        {
+            count(&self.stats.refused_capped);
+            return None;
+        }
+        let gate = &self.gate;
+        let Ok(Some(admitted)) = guarded(|| gate.admit(peer)) else {
+            count(&self.stats.refused_gate);
+            return None;
+        };
+        let config = self.config.clone();
+        let Ok(dtls) = guarded(|| Dtls::new_12_psk(config, now.into_std())) else {
+            count(&self.stats.panics);
+            return None;
+        };
+        self.peers.insert(
+            (peer, slot),
+            Peer {
+                dtls,
+                identity: None,
+                connected: false,
+                started: now,
+                heard: now,
+                timer: None,
+                random: hello.random,
+                cookie_slice,
+                source,
+                _admitted: admitted,
+            },
+        );
+        if slot == Slot::Current {
+            *self.per_source.entry(source).or_default() += 1;
+            self.sessions += 1;
+        }
+        self.half_open += 1;
+        self.publish();
+        count(&self.stats.handshakes_started);
+        Some((peer, slot))
+    }
+
+    /// Bring a new state to where the client is: dimpl expects a handshake's first
+    /// ClientHello to have message_seq 0, and the client's has one more for each
+    /// HelloVerifyRequest it got. The same ClientHello with each earlier message_seq
+    /// and no good cookie makes dimpl answer (unsent) and move on, as the client did.
+    fn prime(
+        &mut self,
+        key: Key,
+        hello: &ClientHello<'_>,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Result<(), Closed> {
+        let internal = || Closed::Failed("internal error".into());
+        let Some(p) = self.peers.get_mut(&key) else {
+            return Ok(());
+        };
+        let mut earlier = datagram.to_vec();
+        earlier[hello.cookie_at..hello.cookie_at + hello.cookie.len()].fill(0);
+        let binding = self.cookies.binding(key.0, p.cookie_slice);
+        let out = &mut self.out;
+        for seq in 0..hello.message_seq {
+            let at = hello::MESSAGE_SEQ_AT;
+            earlier[at..at + 2].copy_from_slice(&seq.to_be_bytes());
+            let fed = guarded(|| {
+                p.dtls.handle_timeout(now.into_std())?;
+                let _bound = cookie::bind(binding);
+                p.dtls.handle_packet(&earlier)
+            })
+            .map_err(|Panicked| internal())?;
+            if let Err(e) = fed {
+                return Err(p.failure(&e, false));
+            }
+            // What dimpl answers the client already has: drop it.
+            for _ in 0..MAX_OUTPUTS {
+                let step = guarded(|| match p.dtls.poll_output(out) {
+                    Output::Timeout(_) => Some(0),
+                    Output::BufferTooSmall { needed } => Some(needed),
+                    _ => None,
+                })
+                .map_err(|Panicked| internal())?;
+                match step {
+                    Some(0) => break,
+                    Some(needed) if needed <= 16 * MAX_DATAGRAM => out.resize(needed, 0),
+                    Some(_) => return Err(Closed::Failed("record too large".into())),
+                    None => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand one datagram to a state; whether something authenticated came of it.
+    async fn feed(&mut self, key: Key, datagram: &[u8], now: Instant, hello: bool) -> bool {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return false;
+        };
+        let binding = hello.then(|| self.cookies.binding(key.0, p.cookie_slice));
         // The resolver's slot belongs to this call only.
         let _ = self.resolver.take_asked();
-        let fed = p
-            .dtls
-            .handle_timeout(now.into_std())
-            .and_then(|()| p.dtls.handle_packet(datagram));
+        let fed = guarded(|| {
+            p.dtls.handle_timeout(now.into_std())?;
+            let _bound = binding.map(cookie::bind);
+            p.dtls.handle_packet(datagram)
+        });
         if let Some(id) = self.resolver.take_asked() {
             p.identity = Some(id);
         }
-        if let Err(e) = fed {
-            let why = p.failure(&e, false);
-            self.drop_peer(peer, why).await;
-            return;
+        match fed {
+            Err(Panicked) => {
+                self.panicked(key).await;
+                return false;
+            }
+            // dimpl dropped the datagram; what it holds stays.
+            Ok(Err(dimpl::Error::ReceiveQueueFull)) => return false,
+            Ok(Err(e)) => {
+                let why = p.failure(&e, false);
+                self.drop_peer(key, why).await;
+                return false;
+            }
+            Ok(Ok(())) => {}
         }
-        self.flush(peer).await;
+        self.flush(key, now).await
     }
 
     async fn send(&mut self, peer: SocketAddr, data: &[u8]) {
-        let Some(p) = self.peers.get_mut(&peer) else {
+        let key = (peer, Slot::Current);
+        let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
         if !p.connected {
             return;
         }
-        if let Err(e) = p.dtls.send_application_data(data) {
-            self.drop_peer(peer, Closed::Failed(e.to_string())).await;
-            return;
+        match guarded(|| p.dtls.send_application_data(data)) {
+            Err(Panicked) => return self.panicked(key).await,
+            Ok(Err(e)) => return self.drop_peer(key, Closed::Failed(e.to_string())).await,
+            Ok(Ok(_)) => {}
         }
-        self.flush(peer).await;
+        self.flush(key, Instant::now()).await;
     }
 
-    /// Send what the peer's state has for the wire, and pass on what it has for us.
-    async fn flush(&mut self, peer: SocketAddr) {
-        let mut closed = None;
-        let mut packets = Vec::new();
-        let mut events = Vec::new();
-        {
-            let Some(p) = self.peers.get_mut(&peer) else {
-                return;
+    async fn close(&mut self, peer: SocketAddr) {
+        let key = (peer, Slot::Current);
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        // close_notify, if it can be said.
+        if let Ok(Ok(())) = guarded(|| p.dtls.close()) {
+            self.flush(key, Instant::now()).await;
+        }
+        self.drop_peer(key, Closed::Local).await;
+    }
+
+    /// Take what the state has for the wire and for the CoAP layer.
+    fn drain(&mut self, key: Key, now: Instant) -> Drained {
+        self.wire.clear();
+        self.wire_ends.clear();
+        self.data.clear();
+        let mut drained = Drained::default();
+        let Some(p) = self.peers.get_mut(&key) else {
+            return drained;
+        };
+        enum Step {
+            More,
+            Grow(usize),
+            Connected,
+            CloseNotify,
+            Timeout(std::time::Instant),
+        }
+        let (out, wire, ends, data) = (
+            &mut self.out,
+            &mut self.wire,
+            &mut self.wire_ends,
+            &mut self.data,
+        );
+        for _ in 0..MAX_OUTPUTS {
+            let step = guarded(|| match p.dtls.poll_output(out) {
+                Output::Packet(bytes) => {
+                    wire.extend_from_slice(bytes);
+                    ends.push(wire.len());
+                    Step::More
+                }
+                Output::BufferTooSmall { needed } => Step::Grow(needed),
+                Output::Connected => Step::Connected,
+                Output::ApplicationData(bytes) => {
+                    data.push(bytes.to_vec());
+                    Step::More
+                }
+                Output::CloseNotify => Step::CloseNotify,
+                Output::Timeout(at) => Step::Timeout(at),
+                _ => Step::More,
+            });
+            match step {
+                Err(Panicked) => {
+                    count(&self.stats.panics);
+                    drained.end = Some(Closed::Failed("internal error".into()));
+                    return drained;
+                }
+                Ok(Step::More) => {}
+                Ok(Step::Grow(needed)) => {
+                    // dimpl's records are bounded by its MTU; never more than this.
+                    if needed > 16 * MAX_DATAGRAM {
+                        drained.end = Some(Closed::Failed("record too large".into()));
+                        return drained;
+                    }
+                    out.resize(needed, 0);
+                }
+                Ok(Step::Connected) => {
+                    // A handshake with no identity asked for proved no key.
+                    if p.identity.is_none() {
+                        drained.end = Some(Closed::HandshakeFailed { identity: None });
+                        return drained;
+                    }
+                    p.connected = true;
+                    p.heard = now;
+                    drained.connected = true;
+                }
+                Ok(Step::CloseNotify) => {
+                    drained.authenticated = true;
+                    drained.end = Some(Closed::PeerClosed);
+                    return drained;
+                }
+                Ok(Step::Timeout(at)) => {
+                    p.timer = Some(Instant::from_std(at));
+                    break;
+                }
+            }
+        }
+        if !data.is_empty() {
+            drained.authenticated = true;
+            p.heard = now;
+        }
+        drained
+    }
+
+    /// Send what the state has for the wire, and pass on what it has for the CoAP
+    /// layer; whether something authenticated came.
+    async fn flush(&mut self, mut key: Key, now: Instant) -> bool {
+        let drained = self.drain(key, now);
+        let mut start = 0;
+        for &end in &self.wire_ends {
+            let _ = self.socket.send_to(&self.wire[start..end], key.0).await;
+            start = end;
+        }
+        if drained.connected {
+            self.half_open = self.half_open.saturating_sub(1);
+            self.publish();
+            count(&self.stats.handshakes_completed);
+            if key.1 == Slot::Next {
+                // The device's new session replaces its old one, which ends first.
+                count(&self.stats.replaced);
+                self.drop_peer((key.0, Slot::Current), Closed::Replaced)
+                    .await;
+                key = (key.0, Slot::Current);
+            }
+            if let Some(identity) = self.peers.get(&key).and_then(|p| p.identity.clone()) {
+                // A session's start is never dropped: the CoAP layer only routes, so
+                // the wait is short.
+                let _ = self
+                    .events
+                    .send(Event::Connected {
+                        peer: key.0,
+                        identity,
+                    })
+                    .await;
+            }
+        }
+        let mut data = std::mem::take(&mut self.data);
+        for bytes in data.drain(..) {
+            // Data may be dropped when the CoAP layer is behind (CoAP retransmits).
+            let event = Event::Data {
+                peer: key.0,
+                data: bytes,
             };
-            loop {
-                match p.dtls.poll_output(&mut self.out) {
-                    Output::Packet(bytes) => packets.push(bytes.to_vec()),
-                    Output::BufferTooSmall { needed } => {
-                        // dimpl's records are bounded by its MTU; never more than this.
-                        if needed > 16 * MAX_DATAGRAM {
-                            closed = Some(Closed::Failed("record too large".into()));
-                            break;
-                        }
-                        self.out.resize(needed, 0);
-                    }
-                    Output::Connected => {
-                        // A handshake with no identity asked for proved no key.
-                        let Some(identity) = p.identity.clone() else {
-                            closed = Some(Closed::HandshakeFailed { identity: None });
-                            break;
-                        };
-                        p.connected = true;
-                        events.push(Event::Connected { peer, identity });
-                    }
-                    Output::ApplicationData(bytes) => events.push(Event::Data {
-                        peer,
-                        data: bytes.to_vec(),
-                    }),
-                    Output::CloseNotify => {
-                        closed = Some(Closed::PeerClosed);
-                        break;
-                    }
-                    Output::Timeout(at) => {
-                        p.timer = Some(Instant::from_std(at));
-                        break;
-                    }
-                    _ => {}
-                }
+            if self.events.try_send(event).is_err() {
+                count(&self.stats.dropped_queue_full);
             }
         }
-        for bytes in packets {
-            let _ = self.socket.send_to(&bytes, peer).await;
+        self.data = data;
+        if let Some(why) = drained.end {
+            self.drop_peer(key, why).await;
         }
-        for event in events {
-            if let Event::Connected { .. } = event {
-                self.half_open = self.half_open.saturating_sub(1);
-                self.stats
-                    .half_open
-                    .store(self.half_open as u64, Ordering::Relaxed);
-                self.stats
-                    .handshakes_completed
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            match event {
-                // Data may be dropped when the CoAP layer is behind (CoAP retransmits);
-                // a session's start may not.
-                Event::Data { .. } => {
-                    if self.events.try_send(event).is_err() {
-                        self.stats
-                            .dropped_queue_full
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                _ => {
-                    let _ = self.events.send(event).await;
-                }
-            }
-        }
-        if let Some(why) = closed {
-            self.drop_peer(peer, why).await;
-        }
+        drained.authenticated
     }
 
     /// Deadlines, and dimpl's retransmissions.
     async fn timers(&mut self) {
         let now = Instant::now();
-        let mut expired = Vec::new();
-        let mut due = Vec::new();
-        for (addr, p) in &self.peers {
+        let mut expired = std::mem::take(&mut self.expired);
+        let mut due = std::mem::take(&mut self.due);
+        for (key, p) in &self.peers {
             if !p.connected && now.duration_since(p.started) >= self.settings.handshake_timeout {
-                expired.push((
-                    *addr,
-                    Closed::HandshakeTimeout {
-                        identity: p.identity.clone(),
-                    },
-                ));
+                let identity = p.identity.clone();
+                expired.push((*key, Closed::HandshakeTimeout { identity }));
             } else if p.connected && now.duration_since(p.heard) >= self.settings.idle_timeout {
-                expired.push((*addr, Closed::Idle));
+                expired.push((*key, Closed::Idle));
             } else if p.timer.is_some_and(|t| t <= now) {
-                due.push(*addr);
+                due.push(*key);
             }
         }
-        for (addr, why) in expired {
-            self.drop_peer(addr, why).await;
+        for (key, why) in expired.drain(..) {
+            self.drop_peer(key, why).await;
         }
-        for addr in due {
-            let Some(p) = self.peers.get_mut(&addr) else {
+        for key in due.drain(..) {
+            let Some(p) = self.peers.get_mut(&key) else {
                 continue;
             };
             p.timer = None;
             let _ = self.resolver.take_asked();
-            let fed = p.dtls.handle_timeout(now.into_std());
+            let fed = guarded(|| p.dtls.handle_timeout(now.into_std()));
             if let Some(id) = self.resolver.take_asked() {
                 p.identity = Some(id);
             }
-            if let Err(e) = fed {
-                let why = p.failure(&e, true);
-                self.drop_peer(addr, why).await;
-                continue;
+            match fed {
+                Err(Panicked) => self.panicked(key).await,
+                Ok(Err(e)) => {
+                    let why = p.failure(&e, true);
+                    self.drop_peer(key, why).await;
+                }
+                Ok(Ok(())) => {
+                    self.flush(key, now).await;
+                }
             }
-            self.flush(addr).await;
         }
+        self.expired = expired;
+        self.due = due;
     }
 
-    async fn drop_peer(&mut self, peer: SocketAddr, why: Closed) {
-        let Some(p) = self.peers.remove(&peer) else {
+    async fn panicked(&mut self, key: Key) {
+        count(&self.stats.panics);
+        tracing::error!(peer = %key.0, "the DTLS state of a peer panicked: that peer is dropped");
+        self.drop_peer(key, Closed::Failed("internal error".into()))
+            .await;
+    }
+
+    async fn drop_peer(&mut self, key: Key, why: Closed) {
+        let Some(p) = self.peers.remove(&key) else {
             return;
         };
-        if let Some(n) = self.per_source.get_mut(&peer.ip()) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_source.remove(&peer.ip());
-            }
-        }
+        let (peer, slot) = key;
         if !p.connected {
             self.half_open = self.half_open.saturating_sub(1);
         }
         match &why {
-            Closed::HandshakeFailed { .. } => {
-                self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-            }
-            Closed::HandshakeTimeout { .. } => {
-                self.stats
-                    .handshakes_timed_out
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+            Closed::HandshakeFailed { .. } => count(&self.stats.handshakes_failed),
+            Closed::HandshakeTimeout { .. } => count(&self.stats.handshakes_timed_out),
             _ => {}
         }
-        self.stats
-            .half_open
-            .store(self.half_open as u64, Ordering::Relaxed);
-        self.stats
-            .sessions
-            .store(self.peers.len() as u64, Ordering::Relaxed);
-        // Never dropped: the CoAP layer must hear of every session that ends (it holds
-        // the session's slot and state). It only routes, so the wait is short.
-        let _ = self.events.send(Event::Closed { peer, why }).await;
+        if slot == Slot::Current {
+            // A handshake beside the session takes the address's place.
+            if let Some(next) = self.peers.remove(&(peer, Slot::Next)) {
+                self.peers.insert((peer, Slot::Current), next);
+            } else {
+                self.sessions = self.sessions.saturating_sub(1);
+                if let Some(n) = self.per_source.get_mut(&p.source) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.per_source.remove(&p.source);
+                    }
+                }
+            }
+        }
+        self.publish();
+        // The gate's token goes with the state, before anyone hears of its end.
+        let connected = p.connected;
+        drop(p);
+        let event = Event::Closed { peer, why };
+        match slot {
+            // The address's events are its session's: a failed re-handshake is only
+            // counted.
+            Slot::Next => {}
+            // The CoAP layer holds an established session's slot and state: it must
+            // hear of its end. It only routes, so the wait is short.
+            Slot::Current if connected => {
+                let _ = self.events.send(event).await;
+            }
+            // A handshake's end may be dropped: a flood of failing handshakes must not
+            // stall the socket behind a slow CoAP layer.
+            Slot::Current => {
+                if self.events.try_send(event).is_err() {
+                    count(&self.stats.dropped_closed);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hello::{self, ClientHello};
+    use super::*;
+
+    /// A ClientHello record as a client sends it: `cookie`, `message_seq`.
+    fn client_hello(cookie: &[u8], message_seq: u16) -> Vec<u8> {
+        let mut body = vec![0xfe, 0xfd];
+        body.extend((0..32).map(|i| i as u8));
+        body.push(0); // session id
+        body.push(cookie.len() as u8);
+        body.extend_from_slice(cookie);
+        body.extend_from_slice(&[0, 2, 0xc0, 0xa8, 1, 0]); // one suite, null compression
+        let mut m = vec![1, 0, 0, body.len() as u8];
+        m.extend_from_slice(&message_seq.to_be_bytes());
+        m.extend_from_slice(&[0, 0, 0, 0, 0, body.len() as u8]);
+        m.extend_from_slice(&body);
+        let mut d = vec![22, 0xfe, 0xff, 0, 0, 0, 0, 0, 0, 0, 5];
+        d.extend_from_slice(&(m.len() as u16).to_be_bytes());
+        d.extend_from_slice(&m);
+        d
+    }
+
+    #[test]
+    fn a_client_hello_alone_in_its_datagram_is_read_and_anything_else_is_not() {
+        let d = client_hello(&[7; 32], 1);
+        let h = ClientHello::read(&d).unwrap();
+        assert_eq!((h.message_seq, h.record_seq), (1, [0, 0, 0, 0, 0, 5]));
+        assert_eq!(h.random[31], 31);
+        assert_eq!(
+            (h.cookie, &d[h.cookie_at..h.cookie_at + 32]),
+            (&[7u8; 32][..], &[7u8; 32][..])
+        );
+        let mut epoch1 = d.clone();
+        epoch1[4] = 1;
+        let mut fragment = d.clone();
+        fragment[RECORD_HEADER + 8] = 1;
+        let mut two_records = d.clone();
+        two_records.extend_from_slice(&d);
+        let mut late = client_hello(&[], MAX_HELLO_SEQ + 1);
+        assert!(ClientHello::read(&late).is_none());
+        late = client_hello(&[], MAX_HELLO_SEQ);
+        assert!(ClientHello::read(&late).is_some());
+        for bad in [epoch1, fragment, two_records, d[..d.len() - 1].to_vec()] {
+            assert!(ClientHello::read(&bad).is_none(), "{bad:?}");
+        }
+        // Every cut and every single-bit flip: read or refused, never a panic.
+        for cut in 0..d.len() {
+            let _ = ClientHello::read(&d[..cut]);
+        }
+        for i in 0..d.len() * 8 {
+            let mut b = d.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            let _ = ClientHello::read(&b);
+        }
+    }
+
+    #[test]
+    fn a_hello_verify_request_echoes_the_sequence_numbers_and_is_no_larger_than_a_hello() {
+        let d = client_hello(&[], 0);
+        let h = ClientHello::read(&d).unwrap();
+        let hvr = hello::verify_request(&h, &[9; 32]);
+        assert!(hvr.len() <= d.len());
+        assert_eq!(hvr[..3], [22, 254, 255]);
+        assert_eq!(hvr[5..11], h.record_seq);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([hvr[11], hvr[12]])),
+            hvr.len() - 13
+        );
+        // HelloVerifyRequest, 35 bytes, message_seq 0, whole; DTLS 1.0; the cookie.
+        assert_eq!(hvr[13..25], [3, 0, 0, 35, 0, 0, 0, 0, 0, 0, 0, 35]);
+        assert_eq!(hvr[25..28], [254, 255, 32]);
+        assert_eq!(hvr[28..], [9; 32]);
+    }
+
+    #[test]
+    fn ipv6_peers_in_one_slash_64_count_as_one_source() {
+        let a = source_of("2001:db8:1:2::1".parse().unwrap());
+        let b = source_of("2001:db8:1:2:ffff::9".parse().unwrap());
+        let c = source_of("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(
+            source_of("192.0.2.1".parse().unwrap()),
+            source_of("192.0.2.2".parse().unwrap())
+        );
     }
 }
