@@ -585,3 +585,106 @@ fn a_new_observe_relation_gets_the_devices_retained_command_first() {
         );
     });
 }
+
+/// Services of group "ops" may send commands asking for a response on
+/// `devices/+/results`, and read those results.
+const OPS: &str = r#"
+[service_groups.ops]
+trust = ["{data_dir}/pki/ca.pem"]
+publish = ["devices/+/commands/#", "devices/+/results"]
+subscribe = ["devices/+/results"]
+"#;
+
+#[test]
+fn a_device_posts_a_commands_result_to_its_response_topic_with_the_correlation_data() {
+    let gw = Gateway::start_with(OPS);
+    let key = add_psk_device(&gw, "coap-12");
+    gw.issue("ops");
+    gw.cli_ok(&["service", "add", "ops", "--cert-any", "--group", "ops"]);
+    // The reader needs an identity of its own (one session per identity).
+    gw.issue("ops-reader");
+    gw.cli_ok(&[
+        "service",
+        "add",
+        "ops-reader",
+        "--cert-any",
+        "--group",
+        "ops",
+    ]);
+    let results = Sub::start(&gw.client(
+        gw.service_tls,
+        "ops-reader",
+        &[
+            "-t",
+            "devices/+/results",
+            "-v",
+            "-V",
+            "mqttv5",
+            "-F",
+            "%t %p cd=%D",
+        ],
+    ));
+    gw.wait_audit(&["\"connect\"", "\"ops-reader\""]);
+    runtime().block_on(async {
+        let mut dev = device(&gw, "coap-12", &key).await;
+        let observe = Request {
+            method: RequestType::Get,
+            observe: Some(0),
+            ..Request::post("c", b"")
+        };
+        dev.request(&observe, T).await.unwrap();
+        let args = gw.client(
+            gw.service_tls,
+            "ops",
+            &[
+                "-t",
+                "devices/coap-12/commands/selftest",
+                "-m",
+                "run",
+                "-q",
+                "1",
+                "-d",
+                "-V",
+                "mqttv5",
+                "-D",
+                "publish",
+                "response-topic",
+                "devices/coap-12/results",
+                "-D",
+                "publish",
+                "correlation-data",
+                "req-42",
+            ],
+        );
+        let out = text(&mosquitto("mosquitto_pub", &args, T));
+        assert!(out.contains("received PUBACK"), "{out}");
+        let n = dev
+            .next_message(T, true)
+            .await
+            .unwrap()
+            .expect("the command");
+        assert_eq!(n.payload, b"run");
+        let query = n.query.clone();
+        let r = query
+            .iter()
+            .find_map(|q| q.strip_prefix("r="))
+            .unwrap_or_else(|| panic!("no r=N in {n:?}"))
+            .to_string();
+        let path = format!("r/{r}");
+        let done = dev
+            .request(&Request::post(&path, b"passed"), T)
+            .await
+            .unwrap();
+        assert_eq!(done.code, ResponseType::Changed);
+        // Once per command: a second result for it is not taken.
+        let again = dev
+            .request(&Request::post(&path, b"again"), T)
+            .await
+            .unwrap();
+        assert_eq!(again.code, ResponseType::NotFound);
+    });
+    let line = results
+        .expect("devices/coap-12/results", T)
+        .unwrap_or_else(|seen| panic!("no result; saw {seen:?}"));
+    assert_eq!(line, "devices/coap-12/results passed cd=req-42");
+}

@@ -15,6 +15,14 @@ use tokio::net::UdpSocket;
 /// RFC 7252 §4.8: the first retransmission after ACK_TIMEOUT, doubling, MAX_RETRANSMIT.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_RETRANSMIT: u32 = 4;
+/// dimpl's own handshake deadline. Every wait here is bounded by the caller's
+/// `within`; dimpl's default (40 s) would end a handshake that a stalling device
+/// resumes later (`stall`, `resume`).
+const DTLS_HANDSHAKE_LIMIT: Duration = Duration::from_secs(24 * 3600);
+/// Notifications kept for the caller at most (the oldest go first).
+const MAX_KEPT: usize = 64;
+/// How long the gateway's first flight may take to arrive whole, once it starts.
+const FLIGHT_GAP: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -52,10 +60,13 @@ pub struct Response {
     pub observe: Option<u32>,
     /// Location-Path segments, joined with `/`.
     pub location: String,
+    /// Location-Query entries.
+    pub query: Vec<String>,
 }
 
 impl Response {
-    fn read(datagram: &[u8]) -> Option<Response> {
+    /// A datagram of application data read as a response, if it is one.
+    pub fn read(datagram: &[u8]) -> Option<Response> {
         let p = Packet::from_bytes(datagram).ok()?;
         let MessageClass::Response(code) = p.header.code else {
             return None;
@@ -70,7 +81,16 @@ impl Response {
                     .join("/")
             })
             .unwrap_or_default();
+        let query = p
+            .get_option(CoapOption::LocationQuery)
+            .map(|l| {
+                l.iter()
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
         Some(Response {
+            query,
             kind: p.header.get_type(),
             message_id: p.header.message_id,
             code,
@@ -106,6 +126,25 @@ impl<'a> Request<'a> {
     }
 }
 
+/// A device's DTLS settings: its PSK identity and key. Building them takes
+/// milliseconds (dimpl checks its crypto provider each time), so a device that
+/// handshakes often, or a generator of many, makes them once.
+#[derive(Clone)]
+pub struct Credentials(Arc<Config>);
+
+impl Credentials {
+    pub fn new(identity: &str, key: &[u8]) -> Result<Credentials, ClientError> {
+        let config = Config::builder()
+            .with_psk_client(identity.as_bytes().to_vec(), Arc::new(Key(key.to_vec())))
+            .dtls12_cipher_suites(&[Dtls12CipherSuite::PSK_AES128_CCM_8])
+            .dtls13_cipher_suites(&[])
+            .handshake_timeout(DTLS_HANDSHAKE_LIMIT)
+            .build()
+            .map_err(|e| ClientError::Dtls(e.to_string()))?;
+        Ok(Credentials(Arc::new(config)))
+    }
+}
+
 /// One device's DTLS session with the gateway.
 pub struct Client {
     dtls: Dtls,
@@ -119,6 +158,11 @@ pub struct Client {
     next_token: u32,
     /// Every datagram this client put on the wire, if asked to keep them (a replay).
     pub captured: Option<Vec<Vec<u8>>>,
+    /// Messages of the gateway's that came during an exchange and were not its
+    /// answer (notifications), acknowledged if confirmable: for the caller to read.
+    pub notifications: VecDeque<Response>,
+    /// The gateway's first flight, received and not yet answered (`stall`).
+    held: Vec<Vec<u8>>,
 }
 
 impl Client {
@@ -148,14 +192,17 @@ impl Client {
         identity: &str,
         key: &[u8],
     ) -> Result<Client, ClientError> {
-        let config = Config::builder()
-            .with_psk_client(identity.as_bytes().to_vec(), Arc::new(Key(key.to_vec())))
-            .dtls12_cipher_suites(&[Dtls12CipherSuite::PSK_AES128_CCM_8])
-            .dtls13_cipher_suites(&[])
-            .build()
-            .map_err(|e| ClientError::Dtls(e.to_string()))?;
+        Client::start_with(socket, server, &Credentials::new(identity, key)?)
+    }
+
+    /// `start`, with credentials made before.
+    pub fn start_with(
+        socket: UdpSocket,
+        server: SocketAddr,
+        credentials: &Credentials,
+    ) -> Result<Client, ClientError> {
         let now = Instant::now();
-        let mut dtls = Dtls::new_12_psk(Arc::new(config), now);
+        let mut dtls = Dtls::new_12_psk(credentials.0.clone(), now);
         dtls.set_active(true);
         dtls.handle_timeout(now)
             .map_err(|e| ClientError::Dtls(e.to_string()))?;
@@ -172,6 +219,8 @@ impl Client {
             next_id: seed as u16,
             next_token: seed,
             captured: None,
+            notifications: VecDeque::new(),
+            held: Vec::new(),
         })
     }
 
@@ -226,6 +275,51 @@ impl Client {
             self.step(left.min(Duration::from_millis(50))).await?;
         }
         Ok(())
+    }
+
+    /// Begin the handshake and stop where a stalling device stops: the ClientHello,
+    /// the cookie exchange, then the gateway's first flight received and held,
+    /// unanswered. True once that flight came within `within`: the gateway then holds
+    /// a handshake for this client (until its deadline); false if it never answered.
+    pub async fn stall(&mut self, within: Duration) -> Result<bool, ClientError> {
+        let deadline = Instant::now() + within;
+        self.flush().await?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(r) = tokio::time::timeout(left, self.socket.recv_from(&mut buf)).await else {
+                return Ok(false);
+            };
+            let d = &buf[..r?.0];
+            // A handshake record (22): its first message's type after the 13-byte
+            // record header. A HelloVerifyRequest (3) is answered; anything else is
+            // the gateway's flight.
+            if d.len() <= 13 || d[0] != 22 {
+                continue;
+            }
+            if d[13] == 3 {
+                let _ = self.dtls.handle_packet(d);
+                self.flush().await?;
+                continue;
+            }
+            self.held.push(d.to_vec());
+            break;
+        }
+        // The rest of the flight, if it came in more than one datagram.
+        while let Ok(r) = tokio::time::timeout(FLIGHT_GAP, self.socket.recv_from(&mut buf)).await {
+            let n = r?.0;
+            self.held.push(buf[..n].to_vec());
+        }
+        Ok(true)
+    }
+
+    /// After `stall`: answer the held flight and run the handshake on, for up to
+    /// `within`. It completes only if the gateway still holds the handshake.
+    pub async fn resume(&mut self, within: Duration) -> Result<(), ClientError> {
+        for d in std::mem::take(&mut self.held) {
+            let _ = self.dtls.handle_packet(&d);
+        }
+        self.handshake(within).await
     }
 
     /// Send one datagram of application data as it is.
@@ -338,10 +432,14 @@ impl Client {
                 continue;
             };
             if resp.token != token {
-                // Not ours (a notification): acknowledged if confirmable, else dropped.
+                // Not ours (a notification): acknowledged if confirmable, and kept.
                 if resp.kind == MessageType::Confirmable {
                     self.ack(resp.message_id).await?;
                 }
+                if self.notifications.len() == MAX_KEPT {
+                    self.notifications.pop_front();
+                }
+                self.notifications.push_back(resp);
                 continue;
             }
             if resp.kind == MessageType::Confirmable {

@@ -27,6 +27,8 @@ pub enum Route {
     Telemetry(String),
     /// `/c`: the device's commands.
     Commands,
+    /// `/r/{n}`: the result of command `n`, which asked for a response.
+    Response(u32),
     /// Anything else (answered 4.04).
     Unknown,
 }
@@ -399,6 +401,10 @@ pub fn parse(datagram: &[u8]) -> Result<Incoming, Malformed> {
             Route::Telemetry(rest.join("/"))
         }
         ["c"] => Route::Commands,
+        ["r", n] => match n.parse() {
+            Ok(n) => Route::Response(n),
+            Err(_) => Route::Unknown,
+        },
         _ => Route::Unknown,
     };
     let observe = match wire.first(OBSERVE) {
@@ -579,6 +585,17 @@ mod tests {
             panic!()
         };
         assert_eq!(r.route, Route::Unknown);
+        for (path, route) in [
+            (&["r", "7"][..], Route::Response(7)),
+            (&["r", "x"][..], Route::Unknown),
+            (&["r"][..], Route::Unknown),
+        ] {
+            let p = request(MessageType::Confirmable, RequestType::Post, path);
+            let Ok(Incoming::Request(r)) = parse(&p.to_bytes().unwrap()) else {
+                panic!("{path:?}");
+            };
+            assert_eq!(r.route, route, "{path:?}");
+        }
     }
 
     #[test]

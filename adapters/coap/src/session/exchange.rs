@@ -364,11 +364,15 @@ impl Session {
                 return self.telemetry(ctx, r, now).await;
             }
             (Route::Commands, RequestType::Get) => self.commands(ctx, &r, now),
-            (Route::Telemetry(_) | Route::Commands, _) => self.answer(
+            (Route::Response(n), RequestType::Post | RequestType::Put) => {
+                let n = *n;
+                return self.command_result(ctx, r, n, now).await;
+            }
+            (Route::Telemetry(_) | Route::Commands | Route::Response(_), _) => self.answer(
                 &exchange,
                 &Reply::refusal(
                     ResponseType::MethodNotAllowed,
-                    "POST to /t/{path}; GET (Observe) on /c",
+                    "POST to /t/{path} and /r/{n}; GET (Observe) on /c",
                 ),
             ),
             (Route::Unknown, _) => self.answer(
@@ -447,6 +451,61 @@ impl Session {
             properties: None,
         };
         self.offer(ctx, Offer::new(message, now), exchange, block, ttd)
+            .await
+    }
+
+    /// `POST /r/{n}`: the result of command `n`, published to the Response Topic its
+    /// sender gave, with its Correlation Data, through the pipeline like any publish
+    /// (the ACL decides whether the device may publish there). Once per command.
+    async fn command_result(
+        &mut self,
+        ctx: &Context,
+        r: Request,
+        n: u32,
+        now: Instant,
+    ) -> Result<(), End> {
+        let exchange = Exchange::of(&r);
+        let Some((topic, correlation)) = self.down.response_to(n) else {
+            let reply = Reply::refusal(
+                ResponseType::NotFound,
+                "no command awaits this response (answered already, or forgotten)",
+            );
+            self.answer(&exchange, &reply);
+            return Ok(());
+        };
+        if r.payload.len() > ctx.limits.max_body_size {
+            self.too_large(ctx, &exchange, topic.as_str(), now);
+            return Ok(());
+        }
+        let carried = Carried {
+            response_topic: None,
+            content_type: None,
+            user_properties: &[],
+            payload_utf8: false,
+            payload: &r.payload,
+        };
+        if let Err(refusal) = self.admission.screen(topic.as_str(), &carried, now) {
+            self.answer(&exchange, &refusal_reply(refusal));
+            return Ok(());
+        }
+        let properties = correlation.map(|c| {
+            Arc::new(portcullis_core::message::Properties {
+                correlation_data: Some(c),
+                ..Default::default()
+            })
+        });
+        let qos = match r.reliability {
+            Reliability::Confirmable => QoS::AtLeastOnce,
+            Reliability::NonConfirmable => QoS::AtMostOnce,
+        };
+        let message = Message {
+            topic,
+            payload: r.payload.into(),
+            qos,
+            retain: false,
+            properties,
+        };
+        self.offer(ctx, Offer::new(message, now), exchange, None, None)
             .await
     }
 
