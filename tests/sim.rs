@@ -302,3 +302,175 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
     );
     assert!(count(&ramp["acknowledged"]) > 0, "{text}");
 }
+
+#[test]
+fn coap_devices_beside_mqtt_ones_are_answered_and_coap_attackers_get_nowhere() {
+    // A stalled handshake is dropped after 2 s, well within the 4 s run; 200 rate-limit
+    // hits (4.29s) quarantine a device, however slowly this machine answers.
+    let gw = Gateway::start_all(
+        "[coap]\nhandshake_timeout = \"2s\"\n[behaviour]\nmax_limit_hits = 200\n",
+        "",
+        "messages_per_second = 20.0\nmessage_burst = 20.0\n",
+    );
+    let d = gw.dir.path().display();
+    let scenario = format!(
+        r#"name = "coap"
+duration_secs = 4
+grace_secs = 2
+[target]
+device_tls = "{dt}"
+service_tls = "{st}"
+coap_dtls = "{coap}"
+ca = "{d}/data/pki/ca.pem"
+[provision]
+portcullis = "{bin}"
+config = "{cfg}"
+ca_cert = "{d}/data/pki/ca.pem"
+ca_key = "{d}/data/pki/ca.key"
+dir = "{d}/sim"
+[[group]]
+name = "analytics"
+kind = "service"
+count = 1
+behaviour = {{ kind = "service", commands_per_second = 4.0, command_groups = ["coap-sensors"] }}
+[[group]]
+name = "mqtt-sensors"
+count = 3
+sources = "127.20.0.0/24"
+behaviour = {{ kind = "well-behaved", rate = 2.0 }}
+[[group]]
+name = "coap-sensors"
+count = 6
+protocol = "coap"
+sources = "127.21.0.0/24"
+behaviour = {{ kind = "well-behaved", rate = 2.0, boot_burst = 2 }}
+[[group]]
+name = "coap-flooder"
+count = 1
+protocol = "coap"
+sources = "127.30.0.1"
+behaviour = {{ kind = "flood" }}
+[[group]]
+name = "coap-wrong-key"
+count = 1
+protocol = "coap"
+sources = "127.31.0.1"
+behaviour = {{ kind = "credential-stuffing", rate = 4.0 }}
+[[group]]
+name = "coap-stall"
+count = 1
+protocol = "coap"
+sources = "127.32.0.1"
+behaviour = {{ kind = "slowloris", connections = 3 }}
+[[group]]
+name = "coap-replay"
+count = 1
+protocol = "coap"
+sources = "127.33.0.1"
+behaviour = {{ kind = "replay", rate = 2.0 }}
+"#,
+        dt = gw.device_tls,
+        st = gw.service_tls,
+        coap = gw.coap_dtls,
+        bin = BIN,
+        cfg = gw.config.display(),
+    );
+    let path = gw.dir.path().join("coap.toml");
+    std::fs::write(&path, scenario).unwrap();
+    let s = Scenario::load(&path).expect("scenario");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(fleet::run(&s, false)).expect("run");
+    let json = serde_json::to_value(&report).unwrap();
+    let text = report.text();
+    let g = |name: &str| -> &Value {
+        json["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap_or_else(|| panic!("no group {name}"))
+    };
+
+    // Well-behaved devices of both protocols: every message answered with success
+    // (2.04 for CoAP) and delivered to the service, nothing refused.
+    for name in ["mqtt-sensors", "coap-sensors"] {
+        let r = g(name);
+        assert_eq!(r["connected"], r["members"], "{name}: {text}");
+        assert!(
+            count(&r["sent"]) >= 3 * count(&r["members"]),
+            "{name}: {text}"
+        );
+        assert_eq!(r["acknowledged"], r["sent"], "{name}: {text}");
+        assert_eq!(r["delivered"], r["sent"], "{name}: {text}");
+        assert_eq!(total(&r["refused"]), 0, "{name}: {text}");
+        assert_eq!(total(&r["connect_refused"]), 0, "{name}: {text}");
+        assert_eq!(total(&r["disconnected"]), 0, "{name}: {text}");
+    }
+    // Commands reach the CoAP devices as notifications on /c, and their
+    // acknowledgements (POSTs) reach the service.
+    let commands = count(&g("analytics")["commands_sent"]);
+    assert!(commands >= 4, "{text}");
+    let coap = g("coap-sensors");
+    assert_eq!(count(&coap["commands_received"]), commands, "{text}");
+    assert_eq!(count(&coap["commands_acknowledged"]), commands, "{text}");
+
+    // The flooder: over its rate it is told 4.29, until the behaviour model
+    // quarantines it; from then on it is answered 2.04 and its messages dropped.
+    let f = g("coap-flooder");
+    assert!(count(&f["refused"]["too_many_requests"]) > 0, "{text}");
+    assert!(count(&f["delivered"]) <= 20 * 5 + 20, "{text}");
+    assert_eq!(
+        g("coap-flooder")["quarantined"][0]["state"],
+        "quarantined",
+        "{text}"
+    );
+
+    // A wrong key never gets a session.
+    let w = g("coap-wrong-key");
+    assert!(count(&w["sent"]) >= 1, "{text}");
+    assert_eq!(count(&w["connected"]), 0, "{text}");
+    assert_eq!(count(&w["accepted"]), 0, "{text}");
+    assert_eq!(
+        count(&w["connect_refused"]["handshake_failed"]),
+        count(&w["sent"]),
+        "{text}"
+    );
+
+    // Stalled handshakes: each began (the gateway answered its ClientHello), and
+    // none could be finished at the end of the run: the gateway had dropped them.
+    let st = g("coap-stall");
+    assert_eq!(count(&st["sent"]), 3, "{text}");
+    assert_eq!(
+        count(&st["connect_refused"]["handshake_expired"]),
+        3,
+        "{text}"
+    );
+    assert_eq!(count(&st["accepted"]), 0, "{text}");
+
+    // Replayed records: the genuine requests answered and delivered once; not one
+    // replay answered, and nothing delivered twice.
+    let r = g("coap-replay");
+    let genuine = count(&r["acknowledged"]);
+    assert!(genuine >= 2, "{text}");
+    assert_eq!(count(&r["accepted"]), 0, "{text}");
+    assert_eq!(
+        count(&r["refused"]["replay_dropped"]),
+        2 * genuine,
+        "{text}"
+    );
+    assert_eq!(count(&r["sent"]), 3 * genuine, "{text}");
+    assert_eq!(count(&r["delivered"]), genuine, "{text}");
+
+    // No well-behaved device is flagged.
+    assert!(
+        g("coap-sensors")["quarantined"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            && g("mqtt-sensors")["quarantined"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+        "{text}"
+    );
+}

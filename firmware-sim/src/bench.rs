@@ -2,7 +2,10 @@
 //! direct and Mosquitto direct, interleaved, with the server pinned to one CPU and the
 //! load generator to another. Medians of the repetitions with min–max, and ratios.
 //! On request, the same gateway and policy with the behaviour model off runs beside
-//! them, so the model's cost is measured in the same run.
+//! them, so the model's cost is measured in the same run. The CoAP workloads (`coap`)
+//! run against the gateway's targets only.
+
+mod coap;
 
 use crate::mqtt::{self, Packet, Version};
 use crate::provision::Issuer;
@@ -46,6 +49,8 @@ pub enum Workload {
     Latency,
     Idle,
     Isolation,
+    /// CoAP over DTLS: confirmable POSTs from many sessions, and idle sessions.
+    Coap,
 }
 
 pub struct Options {
@@ -58,6 +63,8 @@ pub struct Options {
     pub sim: PathBuf,
     pub policy: PathBuf,
     pub idle: usize,
+    /// Idle DTLS sessions per CoAP idle run.
+    pub coap_idle: usize,
     /// Pin the server and the load generator to their CPUs (`taskset`). Off only to
     /// check the harness itself, where the figures do not matter.
     pub pin: bool,
@@ -100,6 +107,8 @@ struct Server {
     device_tls: Option<SocketAddr>,
     service_plain: SocketAddr,
     observability: Option<SocketAddr>,
+    /// The gateway's CoAP over DTLS listener.
+    coap_dtls: Option<SocketAddr>,
 }
 
 impl Server {
@@ -246,6 +255,9 @@ struct Bench {
     opts: Options,
     dir: PathBuf,
     secrets: BTreeMap<String, String>,
+    /// CoAP devices' DTLS credentials (made once: each takes milliseconds, which
+    /// would otherwise be counted against the gateway's handshake rate).
+    coap_credentials: BTreeMap<String, coap::Credentials>,
     issuer: Issuer,
     ca: PathBuf,
 }
@@ -338,6 +350,7 @@ impl Bench {
                     device_tls: None,
                     service_plain: addr,
                     observability: None,
+                    coap_dtls: None,
                 })
             }
             Target::Mosquitto => {
@@ -373,6 +386,7 @@ impl Bench {
                     device_tls: Some(([127, 0, 0, 1], tls).into()),
                     service_plain: addr,
                     observability: None,
+                    coap_dtls: None,
                 })
             }
         }
@@ -443,6 +457,7 @@ impl Bench {
             device_tls: Some(addr("device listener (MQTT over TLS):")?),
             service_plain,
             observability: Some(addr("observability")?),
+            coap_dtls: addr("device listener (CoAP over DTLS, UDP):").ok(),
             child,
         })
     }
@@ -1303,6 +1318,23 @@ fn setup(mut opts: Options) -> Result<Bench> {
             tls_publisher_id(n)
         ));
     }
+    // CoAP devices, with pre-shared keys: the request workload's in group bench (its
+    // rate above the offered load), the idle sessions' in group default.
+    let mut coap_credentials = BTreeMap::new();
+    if opts.workloads.contains(&Workload::Coap) {
+        let ids = (1..=coap::DEVICES)
+            .map(|n| (coap::device_id(n), "bench"))
+            .chain((1..=opts.coap_idle).map(|n| (coap::idle_id(n), "default")));
+        for (id, group) in ids {
+            let psk = crate::provision::random_secret();
+            devices.push_str(&format!(
+                "[[principal]]\nid = \"{id}\"\ngroup = \"{group}\"\npsk = \"{psk}\"\n"
+            ));
+            let credentials = coap::Credentials::new(&id, psk.as_bytes())
+                .map_err(|e| anyhow!("DTLS credentials for {id}: {e}"))?;
+            coap_credentials.insert(id, credentials);
+        }
+    }
     let exe = opts.portcullis.clone();
     let bench = |args: &[&str]| -> Result<()> {
         let out = Command::new(&exe)
@@ -1349,6 +1381,7 @@ fn setup(mut opts: Options) -> Result<Bench> {
         opts,
         dir: dir.clone(),
         secrets,
+        coap_credentials,
         issuer,
         ca,
     };
@@ -1455,10 +1488,15 @@ fn cases(w: Workload) -> Vec<&'static str> {
         Workload::Latency => vec!["1k", "10k"],
         Workload::Idle => vec!["plain", "mtls"],
         Workload::Isolation => vec!["solo", "flood"],
+        Workload::Coap => vec!["con-post", "idle-dtls"],
     }
 }
 
-fn applies(target: Target, case: &str) -> bool {
+fn applies(w: Workload, target: Target, case: &str) -> bool {
+    // CoAP is the gateway's alone.
+    if w == Workload::Coap {
+        return !matches!(target, Target::Rumqttd | Target::Mosquitto);
+    }
     // rumqttd direct runs without TLS (the embedded broker has no listener of its own).
     !(target == Target::Rumqttd && (case.ends_with("tls") || case == "mtls"))
 }
@@ -1482,7 +1520,7 @@ pub fn run(opts: Options) -> Result<Vec<Sample>> {
         for case in cases(w) {
             for rep in 1..=b.opts.reps {
                 for &target in &b.opts.targets {
-                    if !applies(target, case) {
+                    if !applies(w, target, case) {
                         continue;
                     }
                     let server = b.start(target)?;
@@ -1497,6 +1535,8 @@ pub fn run(opts: Options) -> Result<Vec<Sample>> {
                             (Workload::Latency, _) => b.latency(&server, 10_000.0).await,
                             (Workload::Idle, c) => b.idle(&server, c == "mtls").await,
                             (Workload::Isolation, c) => b.isolation(&server, c == "flood").await,
+                            (Workload::Coap, "con-post") => b.coap_requests(&server).await,
+                            (Workload::Coap, _) => b.coap_idle(&server).await,
                         }
                     });
                     drop(server);

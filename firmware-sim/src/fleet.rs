@@ -1,10 +1,13 @@
 //! Running a scenario: every member of every group as a task, services first, then
-//! devices; counters per group; the report at the end.
+//! devices; counters per group; the report at the end. MQTT members are here; CoAP
+//! members in `coap`.
+
+mod coap;
 
 use crate::mqtt::{self, Packet, Version, reason_name};
 use crate::provision::{self, Secret};
 use crate::report::{GroupStats, Quarantined, Report};
-use crate::scenario::{Behaviour, Group, Scenario, Transport};
+use crate::scenario::{Behaviour, Group, MQTT_FLOOD_INFLIGHT, Scenario, Transport};
 use crate::transport::{self, Endpoint, Stream, Tls};
 use anyhow::Result;
 use rand::RngExt;
@@ -59,6 +62,8 @@ struct Member {
     id: String,
     group: usize,
     version: Version,
+    /// A CoAP device (DTLS to `endpoint.addr`), not MQTT.
+    coap: bool,
     endpoint: Endpoint,
     source: Option<IpAddr>,
     secret: Secret,
@@ -304,6 +309,7 @@ pub async fn run(s: &Scenario, progress: bool) -> Result<Report> {
         let addr = s.listener(g).expect("checked at load");
         for (i, secret) in secrets.into_iter().enumerate() {
             let tls = match (g.transport, &roots) {
+                _ if g.coap() => None,
                 (Transport::Tls, Some(roots)) => {
                     let identity = match &secret {
                         Secret::Certificate { chain, key } => {
@@ -322,7 +328,8 @@ pub async fn run(s: &Scenario, progress: bool) -> Result<Report> {
                 Member {
                     id: g.id(i + 1),
                     group: gi,
-                    version: g.protocol,
+                    version: g.protocol.mqtt(),
+                    coap: g.coap(),
                     endpoint: Endpoint { addr, tls },
                     source: g.source(i + 1),
                     secret,
@@ -527,6 +534,7 @@ async fn device(m: Member, shared: Arc<Shared>, delay: Duration) {
             qos,
             topic,
             ack_topic,
+            commands,
         } => {
             let plan = Plan {
                 rate: Box::new(move |t| daily_rate(rate, daily_amplitude, day_secs, t)),
@@ -534,10 +542,15 @@ async fn device(m: Member, shared: Arc<Shared>, delay: Duration) {
                 boot_burst,
                 qos,
                 topic,
-                ack_topic: Some(ack_topic),
+                ack_topic: commands.then_some(ack_topic),
             };
-            telemetry_loop(&m, &shared, &stats, plan).await
+            if m.coap {
+                coap::well_behaved(&m, &shared, &stats, plan).await
+            } else {
+                telemetry_loop(&m, &shared, &stats, plan).await
+            }
         }
+        _ if m.coap => coap::device(&m, &shared, &stats).await,
         Behaviour::SlowRamp { rate, factor, qos } => {
             let duration = (shared.end - shared.start).as_secs_f64();
             let plan = Plan {
@@ -553,7 +566,16 @@ async fn device(m: Member, shared: Arc<Shared>, delay: Duration) {
         Behaviour::Flood {
             inflight,
             payload_bytes,
-        } => flood(&m, &shared, &stats, inflight, payload_bytes).await,
+        } => {
+            flood(
+                &m,
+                &shared,
+                &stats,
+                inflight.unwrap_or(MQTT_FLOOD_INFLIGHT),
+                payload_bytes,
+            )
+            .await
+        }
         Behaviour::Oversized { bytes, rate } => {
             let (topic, payload) = (m.topic("telemetry"), vec![b'x'; bytes]);
             hostile_actions(&m, &shared, &stats, rate, |_| {
@@ -578,17 +600,18 @@ async fn device(m: Member, shared: Arc<Shared>, delay: Duration) {
         Behaviour::ReconnectStorm { rate } => storm(&m, &shared, &stats, rate).await,
         Behaviour::Slowloris { connections } => slowloris(&m, &shared, &stats, connections).await,
         Behaviour::Malformed { rate } => malformed(&m, &shared, &stats, rate).await,
-        Behaviour::Service { .. } => {}
+        Behaviour::Service { .. } | Behaviour::Replay { .. } => {}
     }
 }
 
 struct Plan {
     /// Messages per second at t seconds into the run.
-    rate: Box<dyn Fn(f64) -> f64 + Send>,
+    rate: Box<dyn Fn(f64) -> f64 + Send + Sync>,
     jitter: f64,
     boot_burst: u32,
     qos: u8,
     topic: String,
+    /// Where command acknowledgements go; none: no commands are taken.
     ack_topic: Option<String>,
 }
 

@@ -55,7 +55,7 @@ enum Command {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "throughput,latency,idle,isolation"
+            default_value = "throughput,latency,idle,isolation,coap"
         )]
         workloads: Vec<bench::Workload>,
         /// The gateway binary (build it with `cargo build --release`).
@@ -67,6 +67,9 @@ enum Command {
         /// Idle connections per idle run.
         #[arg(long, default_value_t = 10_000)]
         idle: usize,
+        /// Idle DTLS sessions per CoAP idle run.
+        #[arg(long, default_value_t = 2_000)]
+        coap_idle: usize,
         /// Do not pin the server and the generator to CPUs (figures then measure the
         /// split of the CPUs as much as the servers).
         #[arg(long)]
@@ -256,6 +259,7 @@ fn main() -> ExitCode {
             portcullis,
             policy,
             idle,
+            coap_idle,
             no_pin,
             server_cpu,
             load_cpu,
@@ -274,6 +278,7 @@ fn main() -> ExitCode {
                 },
                 policy,
                 idle,
+                coap_idle: coap_idle.max(1),
                 pin: !no_pin,
                 server_cpu,
                 load_cpu,

@@ -19,7 +19,7 @@
 //! configuration, with the simulator's default parameters for the behaviour.
 
 use crate::fleet::{daily_rate, jittered, ramp_rate};
-use crate::scenario::Behaviour;
+use crate::scenario::{Behaviour, MQTT_FLOOD_INFLIGHT};
 use bytes::Bytes;
 use portcullis_config::Config;
 use portcullis_config::validation::{PayloadFormat, PayloadRule, Validation};
@@ -1569,7 +1569,7 @@ fn hostile_device(h: Hostile, seed: u64, index: usize, gw: &Gateway, traced: boo
             feed.connect(onset, source);
             let mut session = Admitted::new(gw, &feed, onset);
             let message = publish(&telemetry_topic, payload_bytes);
-            let mut inflight = InFlight::new(inflight as usize);
+            let mut inflight = InFlight::new(inflight.unwrap_or(MQTT_FLOOD_INFLIGHT) as usize);
             let mut t = onset;
             while !feed.done() && t < end {
                 let sent = inflight.ready(t);

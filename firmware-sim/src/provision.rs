@@ -21,6 +21,8 @@ pub enum Secret {
         key: PrivateKeyDer<'static>,
     },
     Password(String),
+    /// A DTLS pre-shared key (CoAP), its identity the member's id.
+    Psk(String),
     None,
 }
 
@@ -146,7 +148,7 @@ pub fn prepare(s: &Scenario) -> Result<Fleet> {
     let needs_certs = s
         .groups
         .iter()
-        .any(|g| g.credential == Credential::Certificate);
+        .any(|g| g.credential() == Credential::Certificate);
     let issuer = match (p.mode, needs_certs) {
         (ProvisionMode::Cli, true) => {
             let (Some(cert), Some(key)) = (&p.ca_cert, &p.ca_key) else {
@@ -168,7 +170,7 @@ pub fn prepare(s: &Scenario) -> Result<Fleet> {
         let mut entries = String::new();
         for n in 1..=g.count {
             let id = g.id(n);
-            let secret = match (g.credential, &issuer) {
+            let secret = match (g.credential(), &issuer) {
                 (Credential::Certificate, Some(ca)) => {
                     let (cert, key) = ca.issue(&id)?;
                     entries.push_str(&format!(
@@ -198,6 +200,21 @@ pub fn prepare(s: &Scenario) -> Result<Fleet> {
                         g.gateway_group
                     ));
                     Secret::Password(secret)
+                }
+                (Credential::Psk, _) => {
+                    // 32 characters: within the gateway's 16–64 bytes.
+                    let psk = match p.mode {
+                        ProvisionMode::Cli => random_secret(),
+                        ProvisionMode::None => prepared_secrets
+                            .get(&id)
+                            .cloned()
+                            .ok_or_else(|| anyhow!("no key for {id:?} in secrets.toml"))?,
+                    };
+                    entries.push_str(&format!(
+                        "[[principal]]\nid = {id:?}\ngroup = {:?}\npsk = {psk:?}\n",
+                        g.gateway_group
+                    ));
+                    Secret::Psk(psk)
                 }
                 (Credential::None, _) => Secret::None,
             };

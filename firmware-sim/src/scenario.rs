@@ -39,6 +39,8 @@ pub struct Target {
     pub device_tls: Option<SocketAddr>,
     pub service_plain: Option<SocketAddr>,
     pub service_tls: Option<SocketAddr>,
+    /// Device listener, CoAP over DTLS (UDP): for `protocol = "coap"` groups.
+    pub coap_dtls: Option<SocketAddr>,
     /// The CA that verifies the server's certificate.
     pub ca: Option<PathBuf>,
     #[serde(default = "default_server_name")]
@@ -117,6 +119,28 @@ pub enum Transport {
     Tls,
 }
 
+/// What a group speaks.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    #[serde(rename = "mqtt5")]
+    Mqtt5,
+    #[serde(rename = "mqtt311")]
+    Mqtt311,
+    /// CoAP over DTLS 1.2 with a pre-shared key, to `[target] coap_dtls`.
+    #[serde(rename = "coap")]
+    Coap,
+}
+
+impl Protocol {
+    /// The MQTT version of an MQTT group (CoAP groups have none; 5 stands in).
+    pub fn mqtt(self) -> Version {
+        match self {
+            Protocol::Mqtt311 => Version::V4,
+            Protocol::Mqtt5 | Protocol::Coap => Version::V5,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Credential {
@@ -124,6 +148,8 @@ pub enum Credential {
     Certificate,
     /// A secret as the MQTT password, the id as client id and username.
     Secret,
+    /// A DTLS pre-shared key whose identity is the id (CoAP only).
+    Psk,
     /// Nothing: for brokers without authentication, and for hostile behaviours that
     /// never get as far as authenticating.
     None,
@@ -137,11 +163,12 @@ pub struct Group {
     pub kind: Kind,
     pub count: usize,
     #[serde(default = "default_protocol")]
-    pub protocol: Version,
+    pub protocol: Protocol,
     #[serde(default = "default_transport")]
     pub transport: Transport,
-    #[serde(default = "default_credential")]
-    pub credential: Credential,
+    /// Default: `psk` for CoAP groups, `certificate` for the others (`credential()`).
+    #[serde(default)]
+    pub credential: Option<Credential>,
     /// Ids are `{id_prefix}{n}`, n from 1; default `{name}-`.
     pub id_prefix: Option<String>,
     /// The gateway group the principals are registered in.
@@ -155,14 +182,11 @@ pub struct Group {
 fn default_kind() -> Kind {
     Kind::Device
 }
-fn default_protocol() -> Version {
-    Version::V5
+fn default_protocol() -> Protocol {
+    Protocol::Mqtt5
 }
 fn default_transport() -> Transport {
     Transport::Tls
-}
-fn default_credential() -> Credential {
-    Credential::Certificate
 }
 fn default_gateway_group() -> String {
     "default".into()
@@ -197,6 +221,10 @@ pub enum Behaviour {
         /// Where command acknowledgements go, under `devices/{id}/`.
         #[serde(default = "default_ack_topic")]
         ack_topic: String,
+        /// Receive commands: subscribe to `devices/{id}/commands/#` (MQTT), observe
+        /// `/c` (CoAP).
+        #[serde(default = "default_true")]
+        commands: bool,
     },
     /// A service: subscribes to device telemetry, measures delivery, sends commands.
     Service {
@@ -210,8 +238,8 @@ pub enum Behaviour {
     },
     /// Publishes as fast as the gateway lets it, `inflight` QoS 1 messages at a time.
     Flood {
-        #[serde(default = "default_inflight")]
-        inflight: u16,
+        /// Unanswered at a time; default 32 for MQTT, 1 (NSTART) for CoAP.
+        inflight: Option<u16>,
         #[serde(default = "default_flood_payload")]
         payload_bytes: usize,
     },
@@ -257,6 +285,12 @@ pub enum Behaviour {
         #[serde(default = "default_hostile_rate")]
         rate: f64,
     },
+    /// CoAP: captures the records of its own genuine requests and sends them again,
+    /// into its live DTLS session and from another port; `rate` cycles per second.
+    Replay {
+        #[serde(default = "default_hostile_rate")]
+        rate: f64,
+    },
     /// Starts at `rate` and grows linearly to `rate * factor` over the run.
     SlowRamp {
         rate: f64,
@@ -284,8 +318,13 @@ fn default_ack_topic() -> String {
 fn default_service_filter() -> Vec<String> {
     vec!["devices/+/telemetry/#".into()]
 }
-fn default_inflight() -> u16 {
-    32
+/// A flooder's unanswered messages at a time, unless given: MQTT's in flight, and
+/// CoAP's NSTART (RFC 7252: one outstanding request).
+pub const MQTT_FLOOD_INFLIGHT: u16 = 32;
+pub const COAP_FLOOD_INFLIGHT: u16 = 1;
+
+fn default_true() -> bool {
+    true
 }
 fn default_flood_payload() -> usize {
     64
@@ -321,6 +360,7 @@ impl Behaviour {
             Behaviour::Slowloris { .. } => "slowloris",
             Behaviour::Malformed { .. } => "malformed",
             Behaviour::SlowRamp { .. } => "slow-ramp",
+            Behaviour::Replay { .. } => "replay",
         }
     }
 
@@ -333,6 +373,19 @@ impl Behaviour {
 }
 
 impl Group {
+    /// What the members present: as given, or the protocol's usual.
+    pub fn credential(&self) -> Credential {
+        match (self.credential, self.protocol) {
+            (Some(c), _) => c,
+            (None, Protocol::Coap) => Credential::Psk,
+            (None, _) => Credential::Certificate,
+        }
+    }
+
+    pub fn coap(&self) -> bool {
+        self.protocol == Protocol::Coap
+    }
+
     pub fn id(&self, n: usize) -> String {
         match &self.id_prefix {
             Some(p) => format!("{p}{n}"),
@@ -451,7 +504,14 @@ impl Scenario {
             if matches!(g.behaviour, Behaviour::ClonedIdentity { .. }) && g.sources.is_none() {
                 bail!("{at}: cloned-identity needs `sources` (a loopback block)");
             }
-            if g.credential == Credential::Certificate && g.transport == Transport::Plain {
+            if g.coap() {
+                check_coap(g).with_context(|| at.clone())?;
+            } else if g.credential() == Credential::Psk {
+                bail!("{at}: a pre-shared key is for protocol = \"coap\" groups");
+            } else if matches!(g.behaviour, Behaviour::Replay { .. }) {
+                bail!("{at}: replay is for protocol = \"coap\" groups");
+            }
+            if g.credential() == Credential::Certificate && g.transport == Transport::Plain {
                 bail!("{at}: a certificate needs transport = \"tls\"");
             }
             let service = matches!(g.behaviour, Behaviour::Service { .. });
@@ -459,12 +519,9 @@ impl Scenario {
                 bail!("{at}: behaviour \"service\" is for kind = \"service\" groups, and only it");
             }
             if self.listener(g).is_none() {
-                bail!(
-                    "{at}: [target] has no {} address",
-                    listener_key(g.kind, g.transport)
-                );
+                bail!("{at}: [target] has no {} address", listener_key(g));
             }
-            if g.transport == Transport::Tls && self.target.ca.is_none() {
+            if !g.coap() && g.transport == Transport::Tls && self.target.ca.is_none() {
                 bail!("{at}: TLS needs [target] ca, the CA that verifies the server");
             }
             check_behaviour(&g.behaviour, self).with_context(|| at.clone())?;
@@ -473,6 +530,9 @@ impl Scenario {
     }
 
     pub fn listener(&self, g: &Group) -> Option<SocketAddr> {
+        if g.coap() {
+            return self.target.coap_dtls;
+        }
         match (g.kind, g.transport) {
             (Kind::Device, Transport::Plain) => self.target.device_plain,
             (Kind::Device, Transport::Tls) => self.target.device_tls,
@@ -486,12 +546,43 @@ impl Scenario {
     }
 }
 
-fn listener_key(kind: Kind, transport: Transport) -> &'static str {
-    match (kind, transport) {
+fn listener_key(g: &Group) -> &'static str {
+    if g.coap() {
+        return "coap_dtls";
+    }
+    match (g.kind, g.transport) {
         (Kind::Device, Transport::Plain) => "device_plain",
         (Kind::Device, Transport::Tls) => "device_tls",
         (Kind::Service, Transport::Plain) => "service_plain",
         (Kind::Service, Transport::Tls) => "service_tls",
+    }
+}
+
+/// What a CoAP group may be: a device with a pre-shared key (or none, an unknown
+/// identity), over DTLS, with a behaviour the CoAP simulator has.
+fn check_coap(g: &Group) -> Result<()> {
+    if g.kind != Kind::Device {
+        bail!("CoAP is for devices: kind = \"device\"");
+    }
+    if g.transport == Transport::Plain {
+        bail!("CoAP groups speak DTLS to [target] coap_dtls: leave transport out");
+    }
+    if !matches!(g.credential(), Credential::Psk | Credential::None) {
+        bail!(
+            "a CoAP device presents a pre-shared key: credential = \"psk\" (the default) or \"none\""
+        );
+    }
+    match g.behaviour {
+        Behaviour::WellBehaved { .. }
+        | Behaviour::Flood { .. }
+        | Behaviour::CredentialStuffing { .. }
+        | Behaviour::Slowloris { .. }
+        | Behaviour::Replay { .. } => Ok(()),
+        _ => bail!(
+            "behaviour {:?} is for MQTT groups; a CoAP group can be well-behaved, flood, \
+             credential-stuffing (a wrong key), slowloris (stalled handshakes) or replay",
+            g.behaviour.name()
+        ),
     }
 }
 
@@ -556,7 +647,7 @@ fn check_behaviour(b: &Behaviour, s: &Scenario) -> Result<()> {
             inflight,
             payload_bytes,
         } => {
-            if *inflight == 0 {
+            if *inflight == Some(0) {
                 bail!("inflight must be at least 1");
             }
             size("payload_bytes", *payload_bytes)?;
@@ -569,6 +660,7 @@ fn check_behaviour(b: &Behaviour, s: &Scenario) -> Result<()> {
         | Behaviour::TopicScan { rate }
         | Behaviour::CredentialStuffing { rate }
         | Behaviour::ReconnectStorm { rate }
+        | Behaviour::Replay { rate }
         | Behaviour::Malformed { rate } => positive("rate", *rate)?,
         Behaviour::ClonedIdentity { interval_secs } => positive("interval_secs", *interval_secs)?,
         Behaviour::Slowloris { connections } => {
@@ -631,7 +723,8 @@ behaviour = { kind = "flood" }
         .unwrap();
         assert_eq!(s.grace_secs, 3.0);
         let g = &s.groups[0];
-        assert_eq!(g.protocol, Version::V5);
+        assert_eq!(g.protocol, Protocol::Mqtt5);
+        assert_eq!(g.credential(), Credential::Certificate);
         assert_eq!(g.transport, Transport::Tls);
         assert_eq!(g.id(2), "sensors-2");
         assert_eq!(g.source(1), Some("127.20.0.1".parse().unwrap()));
@@ -645,12 +738,12 @@ behaviour = { kind = "flood" }
                 ..
             }
         ));
-        assert_eq!(s.groups[2].protocol, Version::V4);
+        assert_eq!(s.groups[2].protocol.mqtt(), Version::V4);
         assert!(s.groups[2].behaviour.hostile());
         assert!(matches!(
             s.groups[2].behaviour,
             Behaviour::Flood {
-                inflight: 32,
+                inflight: None,
                 payload_bytes: 64
             }
         ));
@@ -729,6 +822,103 @@ behaviour = { kind = "flood" }
             Scenario::parse("name='x'\nduration_secs=1\n[target]\n").unwrap_err()
         );
         assert!(err.contains("missing field `group`"), "{err}");
+    }
+
+    #[test]
+    fn coap_groups_default_to_a_pre_shared_key_and_their_own_listener() {
+        let s = Scenario::parse(&format!(
+            "{BASE}coap_dtls = \"127.0.0.1:5684\"\n{}",
+            r#"
+[[group]]
+name = "meters"
+count = 2
+protocol = "coap"
+behaviour = { kind = "well-behaved", rate = 1.0, commands = false }
+[[group]]
+name = "flooder"
+count = 1
+protocol = "coap"
+behaviour = { kind = "flood" }
+[[group]]
+name = "replayer"
+count = 1
+protocol = "coap"
+behaviour = { kind = "replay" }
+[[group]]
+name = "stranger"
+count = 1
+protocol = "coap"
+credential = "none"
+behaviour = { kind = "credential-stuffing" }
+"#
+        ))
+        .unwrap();
+        let g = &s.groups[0];
+        assert!(g.coap());
+        assert_eq!(g.credential(), Credential::Psk);
+        assert_eq!(s.listener(g), Some("127.0.0.1:5684".parse().unwrap()));
+        assert!(matches!(
+            g.behaviour,
+            Behaviour::WellBehaved {
+                commands: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            s.groups[1].behaviour,
+            Behaviour::Flood { inflight: None, .. }
+        ));
+        assert_eq!(s.groups[2].behaviour.name(), "replay");
+        assert!(s.groups[2].behaviour.hostile());
+        assert_eq!(s.groups[3].credential(), Credential::None);
+    }
+
+    #[test]
+    fn coap_mistakes_are_refused_with_what_to_do() {
+        let coap = |b: &str| format!("[[group]]\nname='a'\ncount=1\nprotocol='coap'\n{b}");
+        let with_listener =
+            |g: String| Scenario::parse(&format!("{BASE}coap_dtls = \"127.0.0.1:5684\"\n{g}"));
+        let cases = [
+            (
+                coap("behaviour={kind='topic-scan'}"),
+                "is for MQTT groups; a CoAP group can be well-behaved",
+            ),
+            (
+                coap("kind='service'\nbehaviour={kind='service'}"),
+                "CoAP is for devices",
+            ),
+            (
+                coap("transport='plain'\nbehaviour={kind='flood'}"),
+                "leave transport out",
+            ),
+            (
+                coap("credential='secret'\nbehaviour={kind='flood'}"),
+                "presents a pre-shared key",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nbehaviour={kind='replay'}".to_string(),
+                "replay is for protocol = \"coap\" groups",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\ncredential='psk'\nbehaviour={kind='flood'}"
+                    .to_string(),
+                "a pre-shared key is for protocol = \"coap\" groups",
+            ),
+            (
+                coap("behaviour={kind='flood', inflight=0}"),
+                "inflight must be at least 1",
+            ),
+        ];
+        for (groups, want) in cases {
+            let err = format!("{:#}", with_listener(groups.clone()).unwrap_err());
+            assert!(err.contains(want), "{groups}\n→ {err}\nwanted {want}");
+        }
+        // Without the listener's address.
+        let err = format!(
+            "{:#}",
+            parse(&coap("behaviour={kind='flood'}")).unwrap_err()
+        );
+        assert!(err.contains("[target] has no coap_dtls address"), "{err}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ const HOSTILE: &[&str] = &[
     "slowloris",
     "malformed",
     "slow-ramp",
+    "replay",
 ];
 
 fn shipped() -> Vec<PathBuf> {
