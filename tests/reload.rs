@@ -147,7 +147,11 @@ fn a_broken_new_config_is_refused_and_the_running_one_stays() {
         text(&out)
     );
     // And the CoAP listener's bounds.
-    std::fs::write(&gw.config, good.clone() + "\n[coap]\nmax_body_size = 1024\n").unwrap();
+    std::fs::write(
+        &gw.config,
+        good.clone() + "\n[coap]\nmax_body_size = 1024\n",
+    )
+    .unwrap();
     let out = gw.cli(&["config", "reload"]);
     assert!(text(&out).contains("coap changed"), "{}", text(&out));
     gw.wait_audit(&["\"config\"", "\"refuse\"", "reload refused"]);
