@@ -156,8 +156,14 @@ pub enum Closed {
 /// What the endpoint tells the CoAP layer.
 #[derive(Debug)]
 pub enum Event {
-    /// A handshake completed: the peer proved it holds `identity`'s key.
-    Connected { peer: SocketAddr, identity: String },
+    /// A handshake completed: the peer proved it holds `identity`'s key. `session`
+    /// names this DTLS session: sends and closes carry it, so that nothing meant for
+    /// it reaches a later session at the same address.
+    Connected {
+        peer: SocketAddr,
+        identity: String,
+        session: u64,
+    },
     /// One datagram of application data from an established peer.
     Data { peer: SocketAddr, data: Vec<u8> },
     /// A session (or handshake) ended.
@@ -202,8 +208,15 @@ fn count(counter: &AtomicU64) {
 }
 
 enum Command {
-    Send { peer: SocketAddr, data: Vec<u8> },
-    Close { peer: SocketAddr },
+    Send {
+        peer: SocketAddr,
+        session: u64,
+        data: Vec<u8>,
+    },
+    Close {
+        peer: SocketAddr,
+        session: u64,
+    },
 }
 
 /// The CoAP layer's handle: send to and close established peers.
@@ -214,14 +227,20 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Send one datagram of application data to an established peer (dropped if the
-    /// peer is gone, or counted in `dropped_commands` if the endpoint is that far behind).
-    pub fn send(&self, peer: SocketAddr, data: Vec<u8>) {
-        self.command(Command::Send { peer, data });
+    /// Send one datagram of application data to DTLS session `session` at `peer`
+    /// (dropped if that session is gone, or counted in `dropped_commands` if the
+    /// endpoint is that far behind).
+    pub fn send(&self, peer: SocketAddr, session: u64, data: Vec<u8>) {
+        self.command(Command::Send {
+            peer,
+            session,
+            data,
+        });
     }
 
-    pub fn close(&self, peer: SocketAddr) {
-        self.command(Command::Close { peer });
+    /// Close DTLS session `session` at `peer` (not a later one at the same address).
+    pub fn close(&self, peer: SocketAddr, session: u64) {
+        self.command(Command::Close { peer, session });
     }
 
     fn command(&self, command: Command) {
@@ -595,6 +614,8 @@ type Key = (SocketAddr, Slot);
 
 struct Peer {
     dtls: Dtls,
+    /// This DTLS session's number (`Event::Connected`).
+    session: u64,
     identity: Option<String>,
     connected: bool,
     started: Instant,
@@ -639,7 +660,11 @@ struct Task {
     cookies: cookie::Jar,
     gate: Arc<dyn Admit>,
     settings: Settings,
-    peers: HashMap<Key, Peer>,
+    /// Boxed: dimpl's state is kilobytes, and a table of them inline would reserve
+    /// that for every empty bucket too.
+    peers: HashMap<Key, Box<Peer>>,
+    /// The next DTLS session's number.
+    next_session: u64,
     per_source: HashMap<SourceKey, usize>,
     /// Addresses with a `Current` state.
     sessions: usize,
@@ -702,6 +727,7 @@ pub async fn bind(
         gate,
         settings,
         peers: HashMap::new(),
+        next_session: 1,
         per_source: HashMap::new(),
         sessions: 0,
         half_open: 0,
@@ -755,8 +781,10 @@ impl Task {
                     }
                 },
                 c = commands.recv() => match c {
-                    Some(Command::Send { peer, data }) => self.send(peer, &data).await,
-                    Some(Command::Close { peer }) => self.close(peer).await,
+                    Some(Command::Send { peer, session, data }) => {
+                        self.send(peer, session, &data).await
+                    }
+                    Some(Command::Close { peer, session }) => self.close(peer, session).await,
                     // The CoAP layer is gone: so is the endpoint.
                     None => return,
                 },
@@ -911,10 +939,13 @@ impl Task {
             count(&self.stats.panics);
             return None;
         };
+        let session = self.next_session;
+        self.next_session += 1;
         self.peers.insert(
             (peer, slot),
-            Peer {
+            Box::new(Peer {
                 dtls,
+                session,
                 identity: None,
                 connected: false,
                 started: now,
@@ -924,7 +955,7 @@ impl Task {
                 cookie_slice,
                 source,
                 _admitted: admitted,
-            },
+            }),
         );
         if slot == Slot::Current {
             *self.per_source.entry(source).or_default() += 1;
@@ -1019,12 +1050,12 @@ impl Task {
         self.flush(key, now).await
     }
 
-    async fn send(&mut self, peer: SocketAddr, data: &[u8]) {
+    async fn send(&mut self, peer: SocketAddr, session: u64, data: &[u8]) {
         let key = (peer, Slot::Current);
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        if !p.connected {
+        if !p.connected || p.session != session {
             return;
         }
         match guarded(|| p.dtls.send_application_data(data)) {
@@ -1035,11 +1066,14 @@ impl Task {
         self.flush(key, Instant::now()).await;
     }
 
-    async fn close(&mut self, peer: SocketAddr) {
+    async fn close(&mut self, peer: SocketAddr, session: u64) {
         let key = (peer, Slot::Current);
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
+        if p.session != session {
+            return;
+        }
         // close_notify, if it can be said.
         if let Ok(Ok(())) = guarded(|| p.dtls.close()) {
             self.flush(key, Instant::now()).await;
@@ -1149,7 +1183,11 @@ impl Task {
                     .await;
                 key = (key.0, Slot::Current);
             }
-            if let Some(identity) = self.peers.get(&key).and_then(|p| p.identity.clone()) {
+            if let Some((identity, session)) = self
+                .peers
+                .get(&key)
+                .and_then(|p| Some((p.identity.clone()?, p.session)))
+            {
                 // A session's start is never dropped: the CoAP layer only routes, so
                 // the wait is short.
                 let _ = self
@@ -1157,6 +1195,7 @@ impl Task {
                     .send(Event::Connected {
                         peer: key.0,
                         identity,
+                        session,
                     })
                     .await;
             }

@@ -264,7 +264,12 @@ fn get(id: u16) -> Vec<u8> {
 async fn a_device_with_its_key_completes_the_handshake_and_exchanges_data() {
     let mut ep = endpoint(Settings::default()).await;
     let client = coap_get(ep.local, "dev1", KEY, None);
-    let Event::Connected { peer, identity } = next(&mut ep).await else {
+    let Event::Connected {
+        peer,
+        identity,
+        session,
+    } = next(&mut ep).await
+    else {
         panic!("not connected");
     };
     assert_eq!(identity, "dev1");
@@ -274,7 +279,8 @@ async fn a_device_with_its_key_completes_the_handshake_and_exchanges_data() {
     assert_eq!(from, peer);
     // A confirmable GET (version 1, type CON, code 0.01).
     assert_eq!((data[0] >> 4, data[1]), (0x4, 0x01), "{data:?}");
-    ep.sender.send(peer, content_reply(&data, b"hello dev1"));
+    ep.sender
+        .send(peer, session, content_reply(&data, b"hello dev1"));
     let out = client.await.unwrap();
     assert!(out.contains("hello dev1"), "{out}");
     assert_eq!(stat(&ep.stats.handshakes_completed), 1);
@@ -319,14 +325,14 @@ async fn a_stalled_handshake_does_not_hold_up_another_and_ends_at_its_deadline()
     .await;
     // Another device completes meanwhile, while the stalled one still waits.
     let client = coap_get(ep.local, "dev1", KEY, None);
-    let Event::Connected { peer, .. } = next(&mut ep).await else {
+    let Event::Connected { peer, session, .. } = next(&mut ep).await else {
         panic!("not connected");
     };
     assert_eq!(stat(&ep.stats.half_open), 1);
     let Event::Data { data, .. } = next(&mut ep).await else {
         panic!("no request");
     };
-    ep.sender.send(peer, content_reply(&data, b"served"));
+    ep.sender.send(peer, session, content_reply(&data, b"served"));
     assert!(client.await.unwrap().contains("served"));
     // The stalled one ends at its deadline, its slot freed.
     let Event::Closed { why, .. } = next_of(&mut ep, stalled.addr()).await else {
@@ -478,18 +484,18 @@ async fn a_flood_of_spoofed_or_replayed_client_hellos_takes_no_slot_from_a_real_
     let client = coap_get(ep.local, "dev1", KEY, None);
     let connected = async {
         loop {
-            if let Event::Connected { peer, .. } = next(&mut ep).await {
-                return peer;
+            if let Event::Connected { peer, session, .. } = next(&mut ep).await {
+                return (peer, session);
             }
         }
     };
-    let peer = tokio::time::timeout(T, connected)
+    let (peer, session) = tokio::time::timeout(T, connected)
         .await
         .expect("the real device connected in time");
     let Event::Data { data, .. } = next_of(&mut ep, peer).await else {
         panic!("no request");
     };
-    ep.sender.send(peer, content_reply(&data, b"through"));
+    ep.sender.send(peer, session, content_reply(&data, b"through"));
     assert!(client.await.unwrap().contains("through"));
     stop.store(true, Ordering::Relaxed);
     flood.await.unwrap();
@@ -547,16 +553,22 @@ async fn garbage_and_damaged_handshakes_never_stop_the_endpoint() {
     }
     // The endpoint still serves a real device.
     let client = coap_get(ep.local, "dev1", KEY, None);
-    let peer = loop {
-        if let Event::Connected { peer, identity } = next(&mut ep).await {
+    let (peer, session) = loop {
+        if let Event::Connected {
+            peer,
+            identity,
+            session,
+        } = next(&mut ep).await
+        {
             assert_eq!(identity, "dev1");
-            break peer;
+            break (peer, session);
         }
     };
     let Event::Data { data, .. } = next_of(&mut ep, peer).await else {
         panic!("no request");
     };
-    ep.sender.send(peer, content_reply(&data, b"still here"));
+    ep.sender
+        .send(peer, session, content_reply(&data, b"still here"));
     assert!(client.await.unwrap().contains("still here"));
     assert_eq!(stat(&ep.stats.panics), 0);
 }
@@ -569,10 +581,9 @@ async fn garbage_from_an_established_peer_is_dropped_and_its_session_goes_on() {
     assert!(device.handshake(T).await);
     assert!(other.handshake(T).await);
     let peer = device.addr();
-    assert!(matches!(
-        next_of(&mut ep, peer).await,
-        Event::Connected { .. }
-    ));
+    let Event::Connected { session, .. } = next_of(&mut ep, peer).await else {
+        panic!("not connected");
+    };
     // A real record of the session, to damage.
     device.send(&get(1)).await;
     let record = device.sent.clone();
@@ -625,7 +636,8 @@ async fn garbage_from_an_established_peer_is_dropped_and_its_session_goes_on() {
         Event::Data { data, .. } => assert_eq!(data, get(2), "damaged data passed"),
         other => panic!("{other:?}"),
     }
-    ep.sender.send(peer, content_reply(&get(2), b"intact"));
+    ep.sender
+        .send(peer, session, content_reply(&get(2), b"intact"));
     let answer = device.data().await.expect("an answer");
     assert!(answer.ends_with(b"intact"), "{answer:?}");
     other.send(&get(3)).await;
@@ -723,14 +735,14 @@ async fn a_device_that_rebooted_connects_again_from_the_same_address() {
         next_of(&mut ep, peer).await.closed(),
         Some(Closed::Replaced)
     );
-    assert!(matches!(
-        next_of(&mut ep, peer).await,
-        Event::Connected { .. }
-    ));
+    let Event::Connected { session, .. } = next_of(&mut ep, peer).await else {
+        panic!("not connected again");
+    };
     let Event::Data { data, .. } = next_of(&mut ep, peer).await else {
         panic!("no request");
     };
-    ep.sender.send(peer, content_reply(&data, b"welcome back"));
+    ep.sender
+        .send(peer, session, content_reply(&data, b"welcome back"));
     assert!(client.await.unwrap().contains("welcome back"));
     assert_eq!(stat(&ep.stats.replaced), 2);
     assert_eq!(stat(&ep.stats.handshakes_completed), 3);
@@ -760,11 +772,15 @@ async fn a_sessions_start_and_end_are_never_dropped_when_the_coap_layer_is_behin
             ..
         }
     ));
-    let peer = loop {
+    let (peer, session) = loop {
         match next(&mut ep).await {
-            Event::Connected { peer, identity } => {
+            Event::Connected {
+                peer,
+                identity,
+                session,
+            } => {
                 assert_eq!(identity, "dev1");
-                break peer;
+                break (peer, session);
             }
             Event::Data { .. } => panic!("data before the session started"),
             Event::Closed { .. } => {}
@@ -774,7 +790,7 @@ async fn a_sessions_start_and_end_are_never_dropped_when_the_coap_layer_is_behin
         panic!("no request");
     };
     ep.sender
-        .send(peer, content_reply(&data, b"late but whole"));
+        .send(peer, session, content_reply(&data, b"late but whole"));
     assert!(client.await.unwrap().contains("late but whole"));
 }
 
@@ -849,9 +865,19 @@ async fn the_gates_token_lives_as_long_as_the_state_it_admitted() {
     let mut ep = endpoint_with(Settings::default(), gate).await;
     let mut d = Device::new(ep.local, "dev1", KEY.as_bytes()).await;
     assert!(d.handshake(T).await);
-    assert!(matches!(next(&mut ep).await, Event::Connected { .. }));
+    let Event::Connected { session, .. } = next(&mut ep).await else {
+        panic!("not connected");
+    };
     assert_eq!(alive.load(Ordering::SeqCst), 1);
-    ep.sender.close(d.addr());
+    // A send or close for another session at the address is not this one's.
+    ep.sender.close(d.addr(), session + 1);
+    ep.sender.send(d.addr(), session + 1, get(9));
+    assert!(
+        d.receive(Duration::from_millis(500)).await.is_none(),
+        "a send for another session arrived"
+    );
+    assert_eq!(alive.load(Ordering::SeqCst), 1);
+    ep.sender.close(d.addr(), session);
     assert_eq!(next(&mut ep).await.closed(), Some(Closed::Local));
     assert_eq!(alive.load(Ordering::SeqCst), 0);
 }
@@ -888,10 +914,9 @@ async fn a_hundred_thousand_damaged_records_never_panic_or_disturb_a_session() {
     assert!(device.handshake(T).await);
     assert!(other.handshake(T).await);
     let peer = device.addr();
-    assert!(matches!(
-        next_of(&mut ep, peer).await,
-        Event::Connected { .. }
-    ));
+    let Event::Connected { session, .. } = next_of(&mut ep, peer).await else {
+        panic!("not connected");
+    };
     device.send(&get(1)).await;
     let app = device.sent.clone();
     assert!(matches!(next_of(&mut ep, peer).await, Event::Data { .. }));
@@ -966,7 +991,8 @@ async fn a_hundred_thousand_damaged_records_never_panic_or_disturb_a_session() {
         }
     };
     assert_eq!(data, get(2));
-    ep.sender.send(peer, content_reply(&get(2), b"intact"));
+    ep.sender
+        .send(peer, session, content_reply(&get(2), b"intact"));
     let answer = device.data().await.expect("an answer");
     assert!(answer.ends_with(b"intact"), "{answer:?}");
     other.send(&get(3)).await;

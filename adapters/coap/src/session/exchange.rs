@@ -160,8 +160,7 @@ pub(crate) fn refusal_reply(refusal: Refusal) -> Reply {
 }
 
 pub(crate) struct Session {
-    pub(super) peer: SocketAddr,
-    sender: dtls::Sender,
+    link: Link,
     pub(super) admission: Admission,
     uplink: Uplink,
     pub(super) state: CoapState,
@@ -179,8 +178,7 @@ pub(crate) struct Session {
 impl Session {
     pub(super) fn new(
         ctx: &Context,
-        peer: SocketAddr,
-        sender: dtls::Sender,
+        link: Link,
         admission: Admission,
         uplink: Uplink,
         state: CoapState,
@@ -191,8 +189,7 @@ impl Session {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         Session {
-            peer,
-            sender,
+            link,
             admission,
             uplink,
             state,
@@ -219,7 +216,7 @@ impl Session {
     }
 
     pub(super) fn send(&self, bytes: Vec<u8>) {
-        self.sender.send(self.peer, bytes);
+        self.link.send(bytes);
     }
 
     /// Answer a request, and keep the answer for its retransmissions.

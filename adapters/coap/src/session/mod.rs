@@ -122,6 +122,25 @@ impl Parked for CoapState {
     }
 }
 
+/// One DTLS session: where a CoAP session sends and what it closes (never a later
+/// session at the same address).
+#[derive(Clone)]
+pub(crate) struct Link {
+    sender: dtls::Sender,
+    pub(crate) peer: SocketAddr,
+    session: u64,
+}
+
+impl Link {
+    pub(crate) fn send(&self, bytes: Vec<u8>) {
+        self.sender.send(self.peer, self.session, bytes);
+    }
+
+    pub(crate) fn close(&self) {
+        self.sender.close(self.peer, self.session);
+    }
+}
+
 /// What the dispatcher hands a session.
 pub(crate) enum Input {
     Datagram(Vec<u8>),
@@ -134,35 +153,53 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
     let Endpoint {
         sender, mut events, ..
     } = endpoint;
-    let mut peers: HashMap<SocketAddr, mpsc::Sender<Input>> = HashMap::new();
+    let mut peers: HashMap<SocketAddr, (u64, mpsc::Sender<Input>)> = HashMap::new();
     // Entries of sessions that ended on their own are dropped when the map has doubled
     // since it was last pruned (the endpoint's Closed removes the others).
     let mut prune_at = 64;
     while let Some(event) = events.recv().await {
         match event {
-            Event::Connected { peer, identity } => {
+            Event::Connected {
+                peer,
+                identity,
+                session,
+            } => {
+                let link = Link {
+                    sender: sender.clone(),
+                    peer,
+                    session,
+                };
                 // After shutdown no session starts: the device hears close_notify.
                 if *ctx.shutdown.borrow() {
-                    sender.close(peer);
+                    link.close();
                     continue;
                 }
                 if peers.len() >= prune_at {
-                    peers.retain(|_, tx| !tx.is_closed());
+                    peers.retain(|_, (_, tx)| !tx.is_closed());
                     prune_at = (peers.len() * 2).max(64);
                 }
                 let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-                peers.insert(peer, tx);
-                tokio::spawn(run(ctx.clone(), sender.clone(), peer, identity, rx));
+                peers.insert(peer, (session, tx));
+                tokio::spawn(run(ctx.clone(), link, identity, rx));
             }
-            Event::Data { peer, data } => {
-                if let Some(tx) = peers.get(&peer)
-                    && tx.try_send(Input::Datagram(data)).is_err()
-                {
-                    Metrics::inc(&ctx.metrics.coap.dropped_busy);
-                }
-            }
+            Event::Data { peer, data } => match peers.get(&peer) {
+                Some((_, tx)) => match tx.try_send(Input::Datagram(data)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        Metrics::inc(&ctx.metrics.coap.dropped_busy);
+                    }
+                    // Its session is over but the DTLS session lives on (its close
+                    // was lost): close it again.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        if let Some((session, _)) = peers.remove(&peer) {
+                            sender.close(peer, session);
+                        }
+                    }
+                },
+                None => {}
+            },
             Event::Closed { peer, why } => match peers.remove(&peer) {
-                Some(tx) => {
+                Some((_, tx)) => {
                     // The session ends when its input does; the reason is a courtesy.
                     let _ = tx.try_send(Input::Closed(why));
                 }
@@ -220,13 +257,8 @@ fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &dtls::Closed) {
 const KICK_GRACE: Duration = Duration::from_secs(1);
 
 /// One DTLS session's CoAP life.
-async fn run(
-    ctx: Arc<Context>,
-    sender: dtls::Sender,
-    peer: SocketAddr,
-    identity: String,
-    rx: mpsc::Receiver<Input>,
-) {
+async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver<Input>) {
+    let peer = link.peer;
     let now = Instant::now();
     let creds = Credentials {
         id: &identity,
@@ -239,7 +271,7 @@ async fn run(
         Ok(authed) => authed,
         Err(refusal) => {
             refuse(&ctx, peer, &identity, refusal);
-            sender.close(peer);
+            link.close();
             return;
         }
     };
@@ -269,7 +301,7 @@ async fn run(
         Ok(guard) => guard,
         Err(refusal) => {
             ctx.metrics.refused(refusal);
-            sender.close(peer);
+            link.close();
             return;
         }
     };
@@ -283,7 +315,7 @@ async fn run(
                 .entry("connect", "refuse")
                 .reason(Refusal::SessionBusy.to_string()),
         );
-        sender.close(peer);
+        link.close();
         return;
     };
     slot.epoch += 1;
@@ -314,7 +346,7 @@ async fn run(
         tracing::error!(error = %e, "broker link unavailable");
         let expires_at = now + ctx.limits.session_expiry;
         slot.park(state, expires_at);
-        sender.close(peer);
+        link.close();
         return;
     }
     let uplink = ctx.forwarder.uplink_for(&principal.id);
@@ -330,8 +362,7 @@ async fn run(
     );
     let mut session = Session::new(
         &ctx,
-        peer,
-        sender.clone(),
+        link.clone(),
         admission,
         uplink,
         state,
@@ -349,7 +380,7 @@ async fn run(
     }
     // The DTLS session ends with the CoAP one (a device that comes back handshakes).
     if !matches!(end, End::Dtls(_)) {
-        sender.close(peer);
+        link.close();
     }
     lifecycle.closed(
         session.admission(),
