@@ -16,12 +16,18 @@ fn the_benchmark_suite_measures_every_workload_on_each_target() {
         reps: 1,
         secs: 1.0,
         targets: vec![Target::Portcullis, Target::Rumqttd],
-        workloads: vec![Workload::Latency, Workload::Idle, Workload::Isolation],
+        workloads: vec![
+            Workload::Latency,
+            Workload::Idle,
+            Workload::Isolation,
+            Workload::Coap,
+        ],
         portcullis: BIN.into(),
         // Built beside the gateway by `cargo test --workspace`.
         sim: std::path::Path::new(BIN).with_file_name("portcullis-sim"),
         policy: policy.into(),
         idle: 50,
+        coap_idle: 50,
         // The test shares the machine with others: no pinning, figures not judged.
         pin: false,
         server_cpu: 0,
@@ -53,6 +59,12 @@ fn the_benchmark_suite_measures_every_workload_on_each_target() {
             Target::Portcullis,
             "gateway_forward_p99_le_us"
         ) > 0.0
+    );
+    // CoAP over DTLS: the gateway only (the baselines speak no CoAP).
+    assert!(get("coap", "con-post", Target::Portcullis, "req_per_s") > 0.0);
+    assert_eq!(
+        get("coap", "idle-dtls", Target::Portcullis, "sessions"),
+        50.0
     );
     // Mutual TLS idle connections: the gateway only (the baseline has no TLS).
     assert_eq!(get("idle", "mtls", Target::Portcullis, "connections"), 50.0);

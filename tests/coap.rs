@@ -688,3 +688,35 @@ fn a_device_posts_a_commands_result_to_its_response_topic_with_the_correlation_d
         .unwrap_or_else(|seen| panic!("no result; saw {seen:?}"));
     assert_eq!(line, "devices/coap-12/results passed cd=req-42");
 }
+
+#[test]
+fn a_command_too_large_for_one_coap_message_is_dropped_and_counted_and_blocks_nothing() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-13");
+    runtime().block_on(async {
+        let mut dev = device(&gw, "coap-13", &key).await;
+        let observe = Request {
+            method: RequestType::Get,
+            observe: Some(0),
+            ..Request::post("c", b"")
+        };
+        dev.request(&observe, T).await.unwrap();
+        send_command(&gw, "coap-13", "firmware", &"x".repeat(2000));
+        send_command(&gw, "coap-13", "blink", "small");
+        let n = dev
+            .next_message(T, true)
+            .await
+            .unwrap()
+            .expect("the small command");
+        assert_eq!(
+            (n.payload.as_slice(), n.location.as_str()),
+            (&b"small"[..], "blink")
+        );
+    });
+    assert_eq!(gw.refusals("deliver", "over_client_maximum_packet_size"), 1);
+    gw.wait_audit(&[
+        "\"deliver\"",
+        "\"coap-13\"",
+        "does not fit one CoAP message",
+    ]);
+}

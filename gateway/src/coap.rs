@@ -12,9 +12,11 @@ use portcullis_core::metrics::Metrics;
 use portcullis_core::parking::ParkedSessions;
 use portcullis_core::registry::Registry;
 use portcullis_core::source_gate::{Admitted, SourceGate};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A running CoAP listener.
 pub struct CoapListener {
@@ -40,11 +42,38 @@ fn settings(config: &Config) -> Settings {
 /// The gateway's source gate before any DTLS state is made for a new address: a
 /// banned source, or one over the connection caps or rate (shared with MQTT), gets
 /// nothing. The place it takes under the caps is held for as long as the DTLS state.
-struct Gate(SourceGate);
+struct Gate {
+    gate: SourceGate,
+    /// Sources refused within the last second, not asked again (nor audited again)
+    /// until then: a refused source can replay its cookie'd ClientHello for free.
+    refused: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+/// How long a refused source is refused without asking the gate again.
+const REFUSED_FOR: Duration = Duration::from_secs(1);
+/// Refused sources remembered at once; beyond it the memory starts over.
+const MAX_REFUSED: usize = 65_536;
 
 impl dtls::Admit for Gate {
     fn admit(&self, peer: SocketAddr) -> Option<Box<dyn Send + Sync>> {
-        let Admitted { slot, pre_auth } = self.0.admit(peer).ok()?;
+        let now = Instant::now();
+        {
+            let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            if refused
+                .get(&peer.ip())
+                .is_some_and(|at| now.saturating_duration_since(*at) < REFUSED_FOR)
+            {
+                return None;
+            }
+        }
+        let Ok(Admitted { slot, pre_auth }) = self.gate.admit(peer) else {
+            let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            if refused.len() >= MAX_REFUSED {
+                refused.clear();
+            }
+            refused.insert(peer.ip(), now);
+            return None;
+        };
         // Handshakes in progress are bounded by the endpoint itself
         // (coap.max_handshakes), not by limits.max_unauthenticated.
         pre_auth.authenticated();
@@ -71,9 +100,17 @@ pub async fn start(
         return Ok(None);
     };
     let keys = Arc::new(RegistryKeys::new(registry, master));
-    let endpoint = dtls::bind(addr, settings(config), keys, Arc::new(Gate(gate)))
-        .await
-        .map_err(|e| UsageError(e.to_string()))?;
+    let endpoint = dtls::bind(
+        addr,
+        settings(config),
+        keys,
+        Arc::new(Gate {
+            gate,
+            refused: Mutex::new(HashMap::new()),
+        }),
+    )
+    .await
+    .map_err(|e| UsageError(e.to_string()))?;
     let local = endpoint.local;
     let stats = endpoint.stats.clone();
     let parked = ctx.parked.clone();

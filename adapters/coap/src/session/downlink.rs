@@ -30,6 +30,17 @@ use std::sync::atomic::Ordering;
 const MAX_RETRANSMIT: u32 = 4;
 /// Commands awaiting a response the device may still post, at most (oldest forgotten).
 const MAX_RESPONSES: usize = 16;
+/// The largest CoAP message the gateway sends (RFC 7252 §4.6: fits an IPv6 minimum
+/// MTU with DTLS's overhead).
+const MAX_MESSAGE: usize = 1152;
+
+/// The size of a command as a CoAP message, at most: header, token (8), Observe (4),
+/// its name as Location-Path, `r=N` as Location-Query, the payload marker, payload.
+fn command_size(d: &Delivery) -> usize {
+    let name: usize = d.message.topic.levels().skip(3).map(|l| l.len() + 3).sum();
+    4 + 8 + 4 + name + 16 + 1 + d.message.payload.len()
+}
+
 /// How often a quarantine hold on commands is looked at again.
 const HOLD_RECHECK: Duration = Duration::from_secs(1);
 
@@ -55,28 +66,75 @@ struct Waiter {
 }
 
 /// Where a command's response goes: its Response Topic and Correlation Data.
+#[derive(Debug)]
 struct ResponseTo {
     n: u32,
     topic: TopicName,
     correlation: Option<Bytes>,
 }
 
+/// Commands awaiting a result the device may still post (`/r/{n}`). Kept with the
+/// device's state across its DTLS sessions, numbered from a random start, so that a
+/// result posted after a new handshake still finds its own command.
+#[derive(Debug)]
+pub struct Responses {
+    waiting: VecDeque<ResponseTo>,
+    next: u32,
+}
+
+impl Default for Responses {
+    fn default() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+        Responses {
+            waiting: VecDeque::new(),
+            next: seed % 1_000_000,
+        }
+    }
+}
+
+impl Responses {
+    /// Remember where a command's result goes; the number the device posts it to.
+    fn remember(&mut self, topic: TopicName, correlation: Option<Bytes>) -> u32 {
+        if self.waiting.len() >= MAX_RESPONSES {
+            self.waiting.pop_front();
+        }
+        self.next = self.next.wrapping_add(1);
+        let n = self.next;
+        self.waiting.push_back(ResponseTo {
+            n,
+            topic,
+            correlation,
+        });
+        n
+    }
+
+    /// Where result `n` goes, once (a second post to it is refused).
+    pub(super) fn take(&mut self, n: u32) -> Option<(TopicName, Option<Bytes>)> {
+        let at = self.waiting.iter().position(|r| r.n == n)?;
+        let r = self.waiting.remove(at)?;
+        Some((r.topic, r.correlation))
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Downlink {
     outstanding: Option<Outstanding>,
     waiter: Option<Waiter>,
-    responses: VecDeque<ResponseTo>,
-    next_response: u32,
     /// Commands are not looked at before then (the hold, the device's command rate).
     next_pump: Option<Instant>,
 }
 
 impl Downlink {
-    /// The device acknowledged message `id`: whether it was our outstanding one.
+    /// The device acknowledged message `id`: whether it was our outstanding one and
+    /// carried a command (now delivered).
     pub(super) fn acknowledged(&mut self, id: u16) -> bool {
         if self.outstanding.as_ref().is_some_and(|o| o.id == id) {
-            self.outstanding = None;
-            return true;
+            return self
+                .outstanding
+                .take()
+                .is_some_and(|o| o.delivery.is_some());
         }
         false
     }
@@ -87,28 +145,6 @@ impl Downlink {
             state.mailbox.put_back(VecDeque::from([d]), now);
         }
         self.waiter = None;
-    }
-
-    /// Remember where a command's response goes; the number the device posts it to.
-    fn remember(&mut self, topic: TopicName, correlation: Option<Bytes>) -> u32 {
-        if self.responses.len() >= MAX_RESPONSES {
-            self.responses.pop_front();
-        }
-        self.next_response = self.next_response.wrapping_add(1);
-        let n = self.next_response;
-        self.responses.push_back(ResponseTo {
-            n,
-            topic,
-            correlation,
-        });
-        n
-    }
-
-    /// Where response `n` goes, once (a second post to it is refused).
-    pub(super) fn response_to(&mut self, n: u32) -> Option<(TopicName, Option<Bytes>)> {
-        let at = self.responses.iter().position(|r| r.n == n)?;
-        let r = self.responses.remove(at)?;
-        Some((r.topic, r.correlation))
     }
 }
 
@@ -146,12 +182,9 @@ impl Session {
     pub(super) fn commands(&mut self, ctx: &Context, r: &Request, now: Instant) {
         let exchange = Exchange::of(r);
         if r.observe == Some(0) {
-            let fresh = self
-                .state
-                .observer
-                .as_ref()
-                .is_none_or(|o| o.token != r.token);
-            if fresh {
+            // Retained commands go to a first relation only: a device that registers
+            // again (a new token) already had them.
+            if self.state.observer.is_none() {
                 self.queue_retained(ctx, now);
             }
             let seq = self.state.observer.as_ref().map_or(1, |o| o.seq);
@@ -258,8 +291,14 @@ impl Session {
             self.answer(&w.exchange, &reply);
             return;
         }
-        // A separate response: confirmable, until the device acknowledges it.
         let id = self.new_id();
+        // One confirmable message of ours at a time (NSTART 1): an empty answer while
+        // another is outstanding goes non-confirmable (it carries nothing to lose).
+        if command.is_none() && self.down.outstanding.is_some() {
+            self.send(reply.non_confirmable(id, &w.exchange.token));
+            return;
+        }
+        // A separate response: confirmable, until the device acknowledges it.
         let bytes = reply.confirmable(id, &w.exchange.token);
         self.start(ctx, id, bytes, command, false);
     }
@@ -305,9 +344,24 @@ impl Session {
             let Some(d) = self.state.mailbox.pop(now) else {
                 break None;
             };
-            if self.admission.may_receive(&d.message).is_ok() {
-                break Some(d);
+            if self.admission.may_receive(&d.message).is_err() {
+                continue;
             }
+            // One CoAP message per command (no Block2): one that cannot fit is
+            // dropped, counted and audited, as for an MQTT client's Maximum Packet Size.
+            if command_size(&d) > MAX_MESSAGE {
+                ctx.metrics.refused(Refusal::OverClientMaximumPacketSize);
+                self.admission.audit(
+                    "deliver",
+                    Some(d.message.topic.as_str()),
+                    format!(
+                        "deliver: a command of {} bytes does not fit one CoAP message ({MAX_MESSAGE} bytes); dropped",
+                        d.message.payload.len()
+                    ),
+                );
+                continue;
+            }
+            break Some(d);
         };
         if found.is_none() {
             self.admission.return_budget();
@@ -332,7 +386,8 @@ impl Session {
             && let Some(topic) = &props.response_topic
         {
             let n = self
-                .down
+                .state
+                .responses
                 .remember(topic.clone(), props.correlation_data.clone());
             reply = reply.option(CoapOption::LocationQuery, format!("r={n}").into_bytes());
         }

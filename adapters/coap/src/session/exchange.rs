@@ -7,7 +7,7 @@
 //! size), each with a diagnostic payload naming the rule; a full outbox 5.03. A
 //! quarantined device's messages are paced and then taken as if delivered, as for MQTT.
 
-use super::downlink::Downlink;
+use super::downlink::{self, Downlink};
 use super::reply::{Exchange, Reply, uint};
 use super::*;
 use crate::message::{self, Block, Incoming, Reliability, Request, Route};
@@ -16,6 +16,7 @@ use portcullis_core::admission::{Offer, Verdict};
 use portcullis_core::behaviour::{Observation, State as Behaviour};
 use portcullis_core::content::Carried;
 use portcullis_core::forward::{Taken, Uplink};
+use portcullis_core::limit::{Rate, TokenBucket};
 use portcullis_core::message::{Message, QoS};
 use portcullis_core::peer::kick_of;
 use portcullis_core::sessions::SessionStats;
@@ -32,6 +33,15 @@ const NON_LIFETIME: Duration = Duration::from_secs(145);
 /// Confirmable requests waiting for the forwarder at once, at most (NSTART is 1; a
 /// device that sends more is told 5.03 for the extra ones).
 const MAX_PENDING: usize = 8;
+/// Datagrams one session may send per second, and at once: far above what a device
+/// within any sensible message rate sends, far below what floods the gateway.
+const DATAGRAM_RATE: Rate = Rate {
+    per_second: 200.0,
+    burst: 400.0,
+};
+/// A wait of the pipeline this short is waited out (the gateway-wide cap's turn, a
+/// rate nearly refilled) rather than answered 4.29.
+const SHORT_WAIT: Duration = Duration::from_millis(100);
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -78,20 +88,28 @@ struct Seen {
 impl Dedup {
     /// A request seen before (its answer, if it has one yet).
     fn get(&mut self, id: u16, now: Instant) -> Option<Option<&[u8]>> {
-        while let Some(s) = self.seen.front()
-            && now.saturating_duration_since(s.at) >= s.lifetime
-        {
-            self.seen.pop_front();
-        }
         self.seen
             .iter()
-            .find(|s| s.id == id)
+            .find(|s| s.id == id && now.saturating_duration_since(s.at) < s.lifetime)
             .map(|s| s.answer.as_deref())
     }
 
     fn begin(&mut self, id: u16, reliability: Reliability, now: Instant) {
         if self.seen.len() >= self.cap {
-            self.seen.pop_front();
+            self.seen
+                .retain(|s| now.saturating_duration_since(s.at) < s.lifetime);
+        }
+        if self.seen.len() >= self.cap {
+            // The oldest non-confirmable one first (forgetting it costs at most a
+            // duplicate publish at QoS 0), else the oldest.
+            match self.seen.iter().position(|s| s.lifetime == NON_LIFETIME) {
+                Some(i) => {
+                    self.seen.remove(i);
+                }
+                None => {
+                    self.seen.pop_front();
+                }
+            }
         }
         let lifetime = match reliability {
             Reliability::Confirmable => EXCHANGE_LIFETIME,
@@ -114,6 +132,7 @@ impl Dedup {
 
 /// A block-wise upload in progress (RFC 7959): one per session.
 struct Upload {
+    started: Instant,
     suffix: String,
     size: usize,
     next: u32,
@@ -170,6 +189,11 @@ pub(crate) struct Session {
     upload: Option<Upload>,
     pending: VecDeque<Pending>,
     pub(super) down: Downlink,
+    /// Datagrams of any kind the device may send (CoAP has no back-pressure): beyond
+    /// it they are dropped unread, so one device cannot flood the audit or the CPU.
+    datagrams: TokenBucket,
+    /// Malformed datagrams since the last good one (one audit line per run).
+    malformed_run: bool,
     /// A publish was refused for a full outbox since the last one taken (one audit
     /// line per run of them).
     refused_full: bool,
@@ -202,6 +226,8 @@ impl Session {
             upload: None,
             pending: VecDeque::new(),
             down: Downlink::default(),
+            datagrams: TokenBucket::new(DATAGRAM_RATE, Instant::now()),
+            malformed_run: false,
             refused_full: false,
         }
     }
@@ -244,6 +270,7 @@ impl Session {
                 observer: None,
                 registered: 0,
                 buckets: None,
+                responses: downlink::Responses::default(),
             },
         )
     }
@@ -253,12 +280,11 @@ impl Session {
     pub(super) async fn serve(
         &mut self,
         ctx: &Context,
+        mut live: watch::Receiver<Arc<Live>>,
         mut rx: mpsc::Receiver<Input>,
         mut kicked: watch::Receiver<Option<KickReason>>,
     ) -> End {
         let mailbox = self.state.mailbox.clone();
-        let mut live = ctx.live.clone();
-        live.mark_unchanged();
         let mut live_open = true;
         loop {
             self.pump(ctx, Instant::now());
@@ -278,16 +304,19 @@ impl Session {
                     }
                 },
                 taken = front_taken(&mut self.pending) => self.taken(ctx, taken),
-                input = rx.recv() => match input {
-                    None => Err(End::Dtls(None)),
-                    Some(Input::Closed(why)) => Err(End::Dtls(Some(why))),
-                    Some(Input::Datagram(d)) => self.datagram(ctx, &d).await,
-                },
-                _ = mailbox.notify.notified(), if wants => Ok(()),
+                // Its own deadlines before more input: a device that sends without
+                // pause still gets its retransmissions and its ttd answers.
                 _ = sleep_until(wake), if wake.is_some() => {
                     self.timers(ctx, Instant::now());
                     Ok(())
                 }
+                input = rx.recv() => match input {
+                    None => Err(End::Dtls(None)),
+                    Some(Input::Closed(why)) => Err(End::Dtls(Some(why))),
+                    // Boxed: an idle session does not carry a datagram's state.
+                    Some(Input::Datagram(d)) => Box::pin(self.datagram(ctx, &d)).await,
+                },
+                _ = mailbox.notify.notified(), if wants => Ok(()),
             };
             if let Err(end) = step {
                 return end;
@@ -310,7 +339,15 @@ impl Session {
     async fn datagram(&mut self, ctx: &Context, datagram: &[u8]) -> Result<(), End> {
         let now = Instant::now();
         self.stats.heard(now);
-        match message::parse(datagram) {
+        if self.datagrams.take(1.0, now).is_err() {
+            Metrics::inc(&ctx.metrics.coap.dropped_busy);
+            return Ok(());
+        }
+        let parsed = message::parse(datagram);
+        if parsed.is_ok() {
+            self.malformed_run = false;
+        }
+        match parsed {
             Ok(Incoming::Ping { message_id }) => self.send(message::reset(message_id)),
             Ok(Incoming::Ack { message_id }) => self.acknowledged(ctx, message_id),
             Ok(Incoming::Reset { message_id }) => self.reset_by_peer(ctx, message_id, now),
@@ -326,14 +363,20 @@ impl Session {
             }
             Err(malformed) => {
                 // A datagram that breaks CoAP is a failed validation, as far as the
-                // device's behaviour goes; a confirmable one is rejected (RST).
-                self.admission.refused(
-                    Refusal::MalformedPacket,
-                    "publish",
-                    None,
-                    Some(malformed.reason),
-                    now,
-                );
+                // device's behaviour goes; a confirmable one is rejected (RST). The
+                // first of a run is audited, the rest counted.
+                if self.malformed_run {
+                    ctx.metrics.refused(Refusal::MalformedPacket);
+                } else {
+                    self.malformed_run = true;
+                    self.admission.refused(
+                        Refusal::MalformedPacket,
+                        "publish",
+                        None,
+                        Some(malformed.reason),
+                        now,
+                    );
+                }
                 self.admission.observe(Observation::Invalid, now);
                 if let Some(id) = malformed.reset {
                     self.send(message::reset(id));
@@ -440,6 +483,9 @@ impl Session {
             .ttd
             .map(|s| Duration::from_secs(u64::from(s)).min(ctx.limits.max_ttd))
             .filter(|d| !d.is_zero());
+        if qos == QoS::AtLeastOnce && !self.room_for_another(&exchange, now) {
+            return Ok(());
+        }
         let message = Message {
             topic,
             payload: payload.into(),
@@ -462,7 +508,18 @@ impl Session {
         now: Instant,
     ) -> Result<(), End> {
         let exchange = Exchange::of(&r);
-        let Some((topic, correlation)) = self.down.response_to(n) else {
+        if r.block1.is_some() {
+            let reply = Reply::refusal(
+                ResponseType::RequestEntityTooLarge,
+                "a command's result goes in one message, not in blocks",
+            );
+            self.answer(&exchange, &reply);
+            return Ok(());
+        }
+        if r.reliability == Reliability::Confirmable && !self.room_for_another(&exchange, now) {
+            return Ok(());
+        }
+        let Some((topic, correlation)) = self.state.responses.take(n) else {
             let reply = Reply::refusal(
                 ResponseType::NotFound,
                 "no command awaits this response (answered already, or forgotten)",
@@ -535,11 +592,20 @@ impl Session {
     ) -> Option<Vec<u8>> {
         if b.num == 0 {
             self.upload = Some(Upload {
+                started: now,
                 suffix: suffix.to_string(),
                 size: b.size,
                 next: 0,
                 body: Vec::new(),
             });
+        }
+        // An upload left unfinished is forgotten after EXCHANGE_LIFETIME.
+        if self
+            .upload
+            .as_ref()
+            .is_some_and(|u| now.saturating_duration_since(u.started) >= EXCHANGE_LIFETIME)
+        {
+            self.upload = None;
         }
         let in_order = self.upload.as_ref().is_some_and(|u| {
             u.suffix == suffix
@@ -626,9 +692,11 @@ impl Session {
                     self.answer(&exchange, &refusal_reply(refusal));
                     return Err(End::RateTooHigh);
                 }
-                // A quarantined device is paced: nothing more is read until then.
+                // A quarantined device is paced, and a short wait (the gateway-wide
+                // cap's turn) waited out: nothing more is read until then.
                 Verdict::Wait(held, until)
-                    if self.admission.behaviour() == Behaviour::Quarantined =>
+                    if self.admission.behaviour() == Behaviour::Quarantined
+                        || until.saturating_duration_since(now) <= SHORT_WAIT =>
                 {
                     tokio::time::sleep_until(until.into()).await;
                     offer = held;
@@ -648,6 +716,28 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Whether another confirmable request may wait for the forwarder; if not, it is
+    /// refused (counted and audited) with 5.03 before the pipeline sees it.
+    fn room_for_another(&mut self, exchange: &Exchange, now: Instant) -> bool {
+        if self.pending.len() < MAX_PENDING {
+            return true;
+        }
+        self.admission.refused(
+            Refusal::ReceiveMaximumExceeded,
+            "publish",
+            None,
+            Some("more than 8 confirmable requests in flight (NSTART is 1)"),
+            now,
+        );
+        let reply = Reply::refusal(
+            ResponseType::ServiceUnavailable,
+            "too many requests in flight (NSTART is 1)",
+        )
+        .max_age(1);
+        self.answer(exchange, &reply);
+        false
     }
 
     /// 4.29 Too Many Requests, with Max-Age saying in how many seconds the device's
@@ -681,15 +771,6 @@ impl Session {
                 .map_err(|_| End::BrokerGone)?;
             ctx.metrics.forward_latency.record(arrived.elapsed());
             self.after_taken(ctx, exchange, block, ttd);
-            return Ok(());
-        }
-        if self.pending.len() >= MAX_PENDING {
-            let reply = Reply::refusal(
-                ResponseType::ServiceUnavailable,
-                "too many requests in flight (NSTART is 1)",
-            )
-            .max_age(1);
-            self.answer(&exchange, &reply);
             return Ok(());
         }
         let rx = self

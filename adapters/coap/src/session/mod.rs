@@ -114,6 +114,8 @@ pub struct CoapState {
     /// Its rate limits as the last session left them (a new session for each message
     /// gets no fresh burst).
     pub buckets: Option<admission::Buckets>,
+    /// Commands awaiting the result the device may post.
+    pub responses: downlink::Responses,
 }
 
 impl Parked for CoapState {
@@ -182,22 +184,23 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
                 peers.insert(peer, (session, tx));
                 tokio::spawn(run(ctx.clone(), link, identity, rx));
             }
-            Event::Data { peer, data } => match peers.get(&peer) {
-                Some((_, tx)) => match tx.try_send(Input::Datagram(data)) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        Metrics::inc(&ctx.metrics.coap.dropped_busy);
-                    }
-                    // Its session is over but the DTLS session lives on (its close
-                    // was lost): close it again.
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        if let Some((session, _)) = peers.remove(&peer) {
-                            sender.close(peer, session);
+            Event::Data { peer, data } => {
+                if let Some((_, tx)) = peers.get(&peer) {
+                    match tx.try_send(Input::Datagram(data)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            Metrics::inc(&ctx.metrics.coap.dropped_busy);
+                        }
+                        // Its session is over but the DTLS session lives on (its close
+                        // was lost): close it again.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            if let Some((session, _)) = peers.remove(&peer) {
+                                sender.close(peer, session);
+                            }
                         }
                     }
-                },
-                None => {}
-            },
+                }
+            }
             Event::Closed { peer, why } => match peers.remove(&peer) {
                 Some((_, tx)) => {
                     // The session ends when its input does; the reason is a courtesy.
@@ -275,7 +278,9 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
             return;
         }
     };
-    let live = ctx.live.borrow().clone();
+    // Watched from here: a reload during the set-up below is applied by the session.
+    let mut live_rx = ctx.live.clone();
+    let live = live_rx.borrow_and_update().clone();
     let principal = authed.principal.clone();
     let admission = Admission::new(
         Peer {
@@ -318,20 +323,34 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
         link.close();
         return;
     };
+    // Taken over while it waited for the slot: a newer session has the device.
+    if guard.kicked.borrow().is_some() {
+        link.close();
+        return;
+    }
     slot.epoch += 1;
     let registered = ctx.auth.registered_since(&principal);
-    let resumed = slot.resume(now).filter(|s| s.registered == registered);
-    if resumed.is_none()
-        && let Some(old) = slot.state.take()
-    {
-        old.mailbox.clear();
-    }
+    let expired = slot.expires_at.is_some_and(|at| at <= now);
+    slot.expires_at = None;
+    let resumed = match slot.state.take() {
+        Some(s) if !expired && s.registered == registered => Some(s),
+        // Expired, or of an earlier registration of the id: what it held goes.
+        Some(old) => {
+            let dropped = old.mailbox.clear() as u64;
+            ctx.metrics
+                .queue_expired
+                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
+        None => None,
+    };
     let session_resumed = resumed.is_some();
     let mut state = resumed.unwrap_or_else(|| CoapState {
         mailbox: Arc::new(Mailbox::new(ctx.limits.mailbox)),
         observer: None,
         registered,
         buckets: None,
+        responses: downlink::Responses::default(),
     });
     let mut admission = admission;
     if let Some(buckets) = state.buckets.take() {
@@ -346,6 +365,16 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
         tracing::error!(error = %e, "broker link unavailable");
         let expires_at = now + ctx.limits.session_expiry;
         slot.park(state, expires_at);
+        link.close();
+        return;
+    }
+    // Taken over meanwhile (by a session of another protocol, whose registration this
+    // one may just have replaced): give the device back and stop.
+    if guard.kicked.borrow().is_some() {
+        ctx.forwarder
+            .unregister_device(principal.id.clone(), state.mailbox.clone())
+            .await;
+        slot.park(state, now + ctx.limits.session_expiry);
         link.close();
         return;
     }
@@ -369,7 +398,7 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
         guard.stats.clone(),
     );
     let kicked = guard.kicked.clone();
-    let work = session.serve(&ctx, rx, kicked.clone());
+    let work = session.serve(&ctx, live_rx, rx, kicked.clone());
     let end = match until_kicked(work, kicked, KICK_GRACE).await {
         Ended::Finished(end) => end,
         Ended::Panicked(why) => End::Internal(why),

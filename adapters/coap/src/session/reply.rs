@@ -87,6 +87,11 @@ impl Reply {
     pub(crate) fn confirmable(&self, message_id: u16, token: &[u8]) -> Vec<u8> {
         encode(self.packet(MessageType::Confirmable, message_id, token))
     }
+
+    /// A non-confirmable message of ours.
+    pub(crate) fn non_confirmable(&self, message_id: u16, token: &[u8]) -> Vec<u8> {
+        encode(self.packet(MessageType::NonConfirmable, message_id, token))
+    }
 }
 
 /// The empty ACK that stops a confirmable request's retransmission while its answer is
@@ -96,8 +101,9 @@ pub(crate) fn empty_ack(message_id: u16) -> Vec<u8> {
     vec![0x60, 0x00, a, b]
 }
 
-/// Encode; options and payload are bounded by the session, so only a bug can make
-/// this fail: then a bare 5.00 with the same header goes out instead of nothing.
+/// Encode. Commands larger than one message are dropped before they get here, and
+/// everything else the session sends is small, so only a bug can make this fail: then
+/// a bare 5.00 with the same header goes out instead of nothing.
 fn encode(packet: Packet) -> Vec<u8> {
     let header = [
         0x40 | ((packet.header.get_type() as u8) << 4),

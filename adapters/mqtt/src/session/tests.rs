@@ -7,10 +7,11 @@ use super::*;
 use portcullis_core::auth::Policies;
 use portcullis_core::backoff::BackoffPolicy;
 use portcullis_core::forward::{ForwardError, ForwardFuture};
-use portcullis_core::principal::GroupName;
+use portcullis_core::principal::{GroupName, PrincipalId};
 use portcullis_core::record::RecordSealer;
 use portcullis_core::registry::{PrincipalRecord, Registry};
 use portcullis_core::secret::SecretHasher;
+use portcullis_core::validate::Validator;
 use rumqttc::v5::mqttbytes::v5 as v5c;
 use tokio::sync::mpsc;
 
