@@ -332,7 +332,8 @@ async fn a_stalled_handshake_does_not_hold_up_another_and_ends_at_its_deadline()
     let Event::Data { data, .. } = next(&mut ep).await else {
         panic!("no request");
     };
-    ep.sender.send(peer, session, content_reply(&data, b"served"));
+    ep.sender
+        .send(peer, session, content_reply(&data, b"served"));
     assert!(client.await.unwrap().contains("served"));
     // The stalled one ends at its deadline, its slot freed.
     let Event::Closed { why, .. } = next_of(&mut ep, stalled.addr()).await else {
@@ -495,7 +496,8 @@ async fn a_flood_of_spoofed_or_replayed_client_hellos_takes_no_slot_from_a_real_
     let Event::Data { data, .. } = next_of(&mut ep, peer).await else {
         panic!("no request");
     };
-    ep.sender.send(peer, session, content_reply(&data, b"through"));
+    ep.sender
+        .send(peer, session, content_reply(&data, b"through"));
     assert!(client.await.unwrap().contains("through"));
     stop.store(true, Ordering::Relaxed);
     flood.await.unwrap();
