@@ -822,10 +822,11 @@ mod tests {
         let openmetrics = m.render(Exposition::OpenMetrics);
         let n = check_page(&prometheus, false);
         assert_eq!(check_page(&openmetrics, true), n);
-        // 26 plain families, upstream mode's 21 and the outbox's oldest age, sessions,
-        // the histogram (12 bounds, +Inf, sum, count), refusals.
+        // 26 plain families, upstream mode's 21 and the outbox's oldest age, the CoAP
+        // listener's 11, sessions, the histogram (12 bounds, +Inf, sum, count),
+        // refusals.
         let sessions = 2 * Protocol::ALL.len();
-        assert_eq!(n, 26 + 22 + sessions + 15 + Refusal::ALL.len());
+        assert_eq!(n, 26 + 22 + 11 + sessions + 15 + Refusal::ALL.len());
         // Today's sample names, in both formats.
         for page in [&prometheus, &openmetrics] {
             assert!(

@@ -39,9 +39,9 @@ const DATAGRAM_RATE: Rate = Rate {
     per_second: 200.0,
     burst: 400.0,
 };
-/// A wait of the pipeline this short is waited out (the gateway-wide cap's turn, a
-/// rate nearly refilled) rather than answered 4.29.
-const SHORT_WAIT: Duration = Duration::from_millis(100);
+/// A wait of the pipeline this short is waited out rather than answered 4.29: the
+/// gateway-wide cap's turn (5 ms), not the device's being over its own rate.
+const SHORT_WAIT: Duration = Duration::from_millis(10);
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -312,7 +312,7 @@ impl Session {
                 }
                 input = rx.recv() => match input {
                     None => Err(End::Dtls(None)),
-                    Some(Input::Closed(why)) => Err(End::Dtls(Some(why))),
+                    Some(Input::Closed(why)) => Err(End::Dtls(Some(*why))),
                     // Boxed: an idle session does not carry a datagram's state.
                     Some(Input::Datagram(d)) => Box::pin(self.datagram(ctx, &d)).await,
                 },

@@ -146,8 +146,9 @@ impl Link {
 /// What the dispatcher hands a session.
 pub(crate) enum Input {
     Datagram(Vec<u8>),
-    /// The DTLS session ended, and why.
-    Closed(dtls::Closed),
+    /// The DTLS session ended, and why (boxed: every slot of a session's channel is
+    /// as large as the largest input, and there are 32 of them per session).
+    Closed(Box<dtls::Closed>),
 }
 
 /// Run the CoAP layer over a bound DTLS endpoint until the gateway stops.
@@ -204,7 +205,7 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
             Event::Closed { peer, why } => match peers.remove(&peer) {
                 Some((_, tx)) => {
                     // The session ends when its input does; the reason is a courtesy.
-                    let _ = tx.try_send(Input::Closed(why));
+                    let _ = tx.try_send(Input::Closed(Box::new(why)));
                 }
                 None => handshake_failed(&ctx, peer, &why),
             },
