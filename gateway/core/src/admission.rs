@@ -263,6 +263,11 @@ impl Admission {
         &self.peer
     }
 
+    /// The rates the peer is admitted under now.
+    pub fn rates(&self) -> &PrincipalRates {
+        &self.rules.rates
+    }
+
     /// How long until this peer may send a message of `len` bytes again, by its rate
     /// limits (what a protocol that can say so tells a peer it refused for its rate).
     pub fn retry_after(&self, len: usize, now: Instant) -> Duration {

@@ -33,12 +33,22 @@ const NON_LIFETIME: Duration = Duration::from_secs(145);
 /// Confirmable requests waiting for the forwarder at once, at most (NSTART is 1; a
 /// device that sends more is told 5.03 for the extra ones).
 const MAX_PENDING: usize = 8;
-/// Datagrams one session may send per second, and at once: far above what a device
-/// within any sensible message rate sends, far below what floods the gateway.
-const DATAGRAM_RATE: Rate = Rate {
-    per_second: 200.0,
-    burst: 400.0,
+/// Datagrams one session may send, per message its rates allow (requests, ACKs,
+/// retransmissions, pings), and at least this many per second (and at once).
+const DATAGRAMS_PER_MESSAGE: f64 = 4.0;
+const MIN_DATAGRAM_RATE: Rate = Rate {
+    per_second: 50.0,
+    burst: 100.0,
 };
+
+/// How many datagrams a session may send: a multiple of its message rate, with a floor.
+fn datagram_rate(admission: &Admission) -> Rate {
+    let m = admission.rates().messages;
+    Rate {
+        per_second: (m.per_second * DATAGRAMS_PER_MESSAGE).max(MIN_DATAGRAM_RATE.per_second),
+        burst: (m.burst * DATAGRAMS_PER_MESSAGE).max(MIN_DATAGRAM_RATE.burst),
+    }
+}
 /// A wait of the pipeline this short is waited out rather than answered 4.29: the
 /// gateway-wide cap's turn (5 ms), not the device's being over its own rate.
 const SHORT_WAIT: Duration = Duration::from_millis(10);
@@ -212,6 +222,7 @@ impl Session {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
+        let datagrams = TokenBucket::new(datagram_rate(&admission), Instant::now());
         Session {
             link,
             admission,
@@ -226,7 +237,7 @@ impl Session {
             upload: None,
             pending: VecDeque::new(),
             down: Downlink::default(),
-            datagrams: TokenBucket::new(DATAGRAM_RATE, Instant::now()),
+            datagrams,
             malformed_run: false,
             refused_full: false,
         }
@@ -331,8 +342,10 @@ impl Session {
         let Some(acl) = ctx.auth.current_acl(&principal) else {
             return Err(End::Kicked(KickReason::PolicyChanged));
         };
+        let now = Instant::now();
         self.admission
-            .reload(live.rules(&principal, acl, &ctx.behaviours), Instant::now());
+            .reload(live.rules(&principal, acl, &ctx.behaviours), now);
+        self.datagrams = TokenBucket::new(datagram_rate(&self.admission), now);
         Ok(())
     }
 

@@ -113,7 +113,7 @@ pub struct CoapState {
     pub registered: u64,
     /// Its rate limits as the last session left them (a new session for each message
     /// gets no fresh burst).
-    pub buckets: Option<admission::Buckets>,
+    pub buckets: Option<Box<admission::Buckets>>,
     /// Commands awaiting the result the device may post.
     pub responses: downlink::Responses,
 }
@@ -355,7 +355,7 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
     });
     let mut admission = admission;
     if let Some(buckets) = state.buckets.take() {
-        admission.resume_buckets(buckets, now);
+        admission.resume_buckets(*buckets, now);
     }
     // Commands for the device go to this mailbox from now on.
     if let Err(e) = ctx
@@ -390,17 +390,23 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
             ""
         },
     );
-    let mut session = Session::new(
+    let mut session = Box::new(Session::new(
         &ctx,
         link.clone(),
         admission,
         uplink,
         state,
         guard.stats.clone(),
-    );
+    ));
     let kicked = guard.kicked.clone();
-    let work = session.serve(&ctx, live_rx, rx, kicked.clone());
-    let end = match until_kicked(work, kicked, KICK_GRACE).await {
+    // Boxed, as the session is: what an idle session holds is on the heap once, not
+    // also reserved in this task's own state for every step of its set-up.
+    let ending = until_kicked(
+        session.serve(&ctx, live_rx, rx, kicked.clone()),
+        kicked,
+        KICK_GRACE,
+    );
+    let end = match Box::pin(ending).await {
         Ended::Finished(end) => end,
         Ended::Panicked(why) => End::Internal(why),
         Ended::CutOff(reason) => End::Kicked(reason),
@@ -421,7 +427,7 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
         },
     );
     let mut state = session.finish(&ctx);
-    state.buckets = Some(session.admission().buckets());
+    state.buckets = Some(Box::new(session.admission().buckets()));
     if matches!(
         end,
         End::Kicked(KickReason::Removed | KickReason::Disabled | KickReason::Banned)
