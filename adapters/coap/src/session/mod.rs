@@ -234,27 +234,11 @@ fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &dtls::Closed) {
     let refusal = ctx
         .auth
         .refuse_early(identity, claimed, peer.ip(), Instant::now());
-    ctx.metrics.refused(Refusal::from(refusal));
     let detail = match why {
         dtls::Closed::HandshakeTimeout { .. } => "DTLS handshake not finished in time",
         _ => "DTLS handshake failed (wrong key or unknown identity)",
     };
-    ctx.audit.record(
-        AuditEntry::new("connect", "refuse")
-            .source(peer)
-            .protocol(Protocol::Coap.as_str())
-            .principal("device", identity.chars().take(128).collect::<String>())
-            .reason(format!("{}: {detail}", Refusal::from(refusal).label())),
-    );
-    auth_alert::note_device_failure(
-        &ctx.auth,
-        &ctx.metrics,
-        &ctx.audit,
-        ctx.forwarder.as_ref(),
-        identity,
-        refusal,
-        peer,
-    );
+    refuse(ctx, peer, identity, refusal, detail);
 }
 
 /// How long a kicked session may take to answer what it owes before it is cut off.
@@ -274,7 +258,7 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
     {
         Ok(authed) => authed,
         Err(refusal) => {
-            refuse(&ctx, peer, &identity, refusal);
+            refuse(&ctx, peer, &identity, refusal, "authentication refused");
             link.close();
             return;
         }
@@ -443,16 +427,16 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
     drop(guard);
 }
 
-/// A session refused after its handshake (backed off, banned, disabled, ...):
-/// counted, audited, and told to the alert on failures naming a device.
-fn refuse(ctx: &Context, peer: SocketAddr, identity: &str, refusal: AuthRefusal) {
+/// A login refused, in its handshake or after it (backed off, banned, disabled, ...):
+/// counted, audited with `detail`, and told to the alert on failures naming a device.
+fn refuse(ctx: &Context, peer: SocketAddr, identity: &str, refusal: AuthRefusal, detail: &str) {
     ctx.metrics.refused(Refusal::from(refusal));
     ctx.audit.record(
         AuditEntry::new("connect", "refuse")
             .source(peer)
             .protocol(Protocol::Coap.as_str())
             .principal("device", identity.chars().take(128).collect::<String>())
-            .reason(format!("{}: authentication refused", refusal.label())),
+            .reason(format!("{}: {detail}", refusal.label())),
     );
     auth_alert::note_device_failure(
         &ctx.auth,
