@@ -720,3 +720,30 @@ fn a_command_too_large_for_one_coap_message_is_dropped_and_counted_and_blocks_no
         "does not fit one CoAP message",
     ]);
 }
+
+#[test]
+fn a_confirmable_request_is_still_recognised_after_many_non_confirmable_ones() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-14");
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    runtime().block_on(async {
+        let mut dev = device(&gw, "coap-14", &key).await;
+        let (id, token, bytes) = dev.encode(&Request::post("t/telemetry/con", b"once"));
+        let first = dev.exchange(id, &token, &bytes, true, T).await.unwrap();
+        // More non-confirmable requests than the cache holds (coap.dedup_entries 16).
+        for n in 0..20 {
+            let body = format!("non-{n}");
+            let non = Request {
+                confirmable: false,
+                ..Request::post("t/telemetry/non", body.as_bytes())
+            };
+            dev.request(&non, T).await.unwrap();
+        }
+        // The confirmable one again, as after a lost ACK: answered, not forwarded.
+        let again = dev.exchange(id, &token, &bytes, true, T).await.unwrap();
+        assert_eq!(again, first);
+    });
+    let got = sub.drain(Duration::from_secs(1));
+    let once = got.iter().filter(|l| l.contains("telemetry/con")).count();
+    assert_eq!(once, 1, "{got:?}");
+}
