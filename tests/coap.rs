@@ -597,7 +597,7 @@ subscribe = ["devices/+/results"]
 
 #[test]
 fn a_device_posts_a_commands_result_to_its_response_topic_with_the_correlation_data() {
-    let gw = Gateway::start_with(OPS);
+    let gw = Gateway::start_with(&format!("{OPS}\n[coap]\nmax_body_size = 64\n"));
     let key = add_psk_device(&gw, "coap-12");
     gw.issue("ops");
     gw.cli_ok(&["service", "add", "ops", "--cert-any", "--group", "ops"]);
@@ -671,6 +671,10 @@ fn a_device_posts_a_commands_result_to_its_response_topic_with_the_correlation_d
             .unwrap_or_else(|| panic!("no r=N in {n:?}"))
             .to_string();
         let path = format!("r/{r}");
+        // A result refused (too large) may be posted again.
+        let big = [b'x'; 100];
+        let refused = dev.request(&Request::post(&path, &big), T).await.unwrap();
+        assert_eq!(refused.code, ResponseType::RequestEntityTooLarge);
         let done = dev
             .request(&Request::post(&path, b"passed"), T)
             .await

@@ -12,8 +12,9 @@ use portcullis_core::metrics::Metrics;
 use portcullis_core::parking::ParkedSessions;
 use portcullis_core::registry::Registry;
 use portcullis_core::source_gate::{Admitted, SourceGate};
+use portcullis_core::source_key::SourceKey;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,7 +47,9 @@ struct Gate {
     gate: SourceGate,
     /// Sources refused within the last second, not asked again (nor audited again)
     /// until then: a refused source can replay its cookie'd ClientHello for free.
-    refused: Mutex<HashMap<IpAddr, Instant>>,
+    refused: Mutex<HashMap<SourceKey, Instant>>,
+    /// Prefix length of one IPv6 source, as the gate counts them.
+    ipv6_prefix: u8,
 }
 
 /// How long a refused source is refused without asking the gate again.
@@ -57,10 +60,11 @@ const MAX_REFUSED: usize = 65_536;
 impl dtls::Admit for Gate {
     fn admit(&self, peer: SocketAddr) -> Option<Box<dyn Send + Sync>> {
         let now = Instant::now();
+        let source = SourceKey::new(peer.ip(), self.ipv6_prefix);
         {
             let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
             if refused
-                .get(&peer.ip())
+                .get(&source)
                 .is_some_and(|at| now.saturating_duration_since(*at) < REFUSED_FOR)
             {
                 return None;
@@ -69,9 +73,12 @@ impl dtls::Admit for Gate {
         let Ok(Admitted { slot, pre_auth }) = self.gate.admit(peer) else {
             let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
             if refused.len() >= MAX_REFUSED {
-                refused.clear();
+                refused.retain(|_, at| now.saturating_duration_since(*at) < REFUSED_FOR);
             }
-            refused.insert(peer.ip(), now);
+            // Still full of fresh refusals: this one is asked again next time.
+            if refused.len() < MAX_REFUSED {
+                refused.insert(source, now);
+            }
             return None;
         };
         // Handshakes in progress are bounded by the endpoint itself
@@ -107,6 +114,7 @@ pub async fn start(
         Arc::new(Gate {
             gate,
             refused: Mutex::new(HashMap::new()),
+            ipv6_prefix: config.auth.ipv6_source_prefix,
         }),
     )
     .await

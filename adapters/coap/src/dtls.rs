@@ -191,7 +191,7 @@ pub struct Stats {
     pub dropped_queue_full: AtomicU64,
     /// Ends of handshakes not reported because the CoAP layer's queue was full.
     pub dropped_closed: AtomicU64,
-    /// Sends and closes of the CoAP layer dropped because this task's queue was full.
+    /// Sends of the CoAP layer dropped because this task's queue was full.
     pub dropped_commands: AtomicU64,
     /// Sessions or handshakes replaced by a new handshake from the same address.
     pub replaced: AtomicU64,
@@ -213,16 +213,15 @@ enum Command {
         session: u64,
         data: Vec<u8>,
     },
-    Close {
-        peer: SocketAddr,
-        session: u64,
-    },
 }
 
 /// The CoAP layer's handle: send to and close established peers.
 #[derive(Clone)]
 pub struct Sender {
     commands: mpsc::Sender<Command>,
+    /// Closes have a queue of their own, never full: one lost would leave a DTLS
+    /// session open with nothing behind it (there are at most as many as sessions).
+    closes: mpsc::UnboundedSender<(SocketAddr, u64)>,
     stats: Arc<Stats>,
 }
 
@@ -240,7 +239,7 @@ impl Sender {
 
     /// Close DTLS session `session` at `peer` (not a later one at the same address).
     pub fn close(&self, peer: SocketAddr, session: u64) {
-        self.command(Command::Close { peer, session });
+        let _ = self.closes.send((peer, session));
     }
 
     fn command(&self, command: Command) {
@@ -718,6 +717,7 @@ pub async fn bind(
         .map_err(config_error)?;
     let (events_tx, events) = mpsc::channel(settings.queue.max(1));
     let (commands, commands_rx) = mpsc::channel(settings.queue.max(1));
+    let (closes, closes_rx) = mpsc::unbounded_channel();
     let stats = Arc::new(Stats::default());
     let task = Task {
         socket,
@@ -740,7 +740,7 @@ pub async fn bind(
         expired: Vec::new(),
         due: Vec::new(),
     };
-    let running = tokio::spawn(task.run(commands_rx));
+    let running = tokio::spawn(task.run(commands_rx, closes_rx));
     // The task contains dimpl's panics; one of its own ends every session: say so.
     tokio::spawn(async move {
         if let Err(e) = running.await
@@ -759,6 +759,7 @@ pub async fn bind(
         local,
         sender: Sender {
             commands,
+            closes,
             stats: stats.clone(),
         },
         events,
@@ -767,7 +768,11 @@ pub async fn bind(
 }
 
 impl Task {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut closes: mpsc::UnboundedReceiver<(SocketAddr, u64)>,
+    ) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -784,10 +789,10 @@ impl Task {
                     Some(Command::Send { peer, session, data }) => {
                         self.send(peer, session, &data).await
                     }
-                    Some(Command::Close { peer, session }) => self.close(peer, session).await,
                     // The CoAP layer is gone: so is the endpoint.
                     None => return,
                 },
+                Some((peer, session)) = closes.recv() => self.close(peer, session).await,
                 _ = tick.tick() => self.timers().await,
             }
         }

@@ -391,6 +391,11 @@ impl Admission {
         }
     }
 
+    /// Count a refusal only (the first of its run was `refused`: audited and observed).
+    pub fn count(&self, refusal: Refusal) {
+        self.shared.metrics.refused(refusal);
+    }
+
     /// Audit a refusal of something this peer sent (`topic` kept to 256 characters).
     pub fn audit(&self, event: &'static str, topic: Option<&str>, reason: String) {
         let mut entry = self.peer.entry(event, "refuse").reason(reason);

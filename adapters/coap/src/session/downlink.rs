@@ -116,6 +116,15 @@ impl Responses {
         let r = self.waiting.remove(at)?;
         Some((r.topic, r.correlation))
     }
+
+    /// A result refused (too large, over the rate, ...) may be posted again.
+    pub(super) fn put_back(&mut self, n: u32, topic: TopicName, correlation: Option<Bytes>) {
+        self.waiting.push_front(ResponseTo {
+            n,
+            topic,
+            correlation,
+        });
+    }
 }
 
 #[derive(Default)]
@@ -182,9 +191,11 @@ impl Session {
     pub(super) fn commands(&mut self, ctx: &Context, r: &Request, now: Instant) {
         let exchange = Exchange::of(r);
         if r.observe == Some(0) {
-            // Retained commands go to a first relation only: a device that registers
-            // again (a new token) already had them.
-            if self.state.observer.is_none() {
+            // Retained commands go to the first relation of each DTLS session (a
+            // device that rebooted has forgotten them; one that registers again within
+            // its session has them already).
+            if !self.retained_sent {
+                self.retained_sent = true;
                 self.queue_retained(ctx, now);
             }
             let seq = self.state.observer.as_ref().map_or(1, |o| o.seq);

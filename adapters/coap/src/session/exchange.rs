@@ -204,6 +204,11 @@ pub(crate) struct Session {
     datagrams: TokenBucket,
     /// Malformed datagrams since the last good one (one audit line per run).
     malformed_run: bool,
+    /// Requests refused for the rate or for room since the last one taken (one audit
+    /// line per run; each is counted).
+    limited_run: bool,
+    /// This DTLS session's first Observe relation got the retained commands.
+    pub(super) retained_sent: bool,
     /// A publish was refused for a full outbox since the last one taken (one audit
     /// line per run of them).
     refused_full: bool,
@@ -239,6 +244,8 @@ impl Session {
             down: Downlink::default(),
             datagrams,
             malformed_run: false,
+            limited_run: false,
+            retained_sent: false,
             refused_full: false,
         }
     }
@@ -444,6 +451,14 @@ impl Session {
         };
         let suffix = suffix.clone();
         let max = ctx.limits.max_body_size;
+        // Room to wait for the forwarder, before the last block is taken (a 5.03 then
+        // keeps the upload for the block sent again).
+        if r.reliability == Reliability::Confirmable
+            && r.block1.is_none_or(|b| !b.more)
+            && !self.room_for_another(&exchange, now)
+        {
+            return Ok(());
+        }
         let (payload, block) = match r.block1 {
             None if r.payload.len() > max => {
                 self.too_large(ctx, &exchange, &suffix, now);
@@ -496,9 +511,6 @@ impl Session {
             .ttd
             .map(|s| Duration::from_secs(u64::from(s)).min(ctx.limits.max_ttd))
             .filter(|d| !d.is_zero());
-        if qos == QoS::AtLeastOnce && !self.room_for_another(&exchange, now) {
-            return Ok(());
-        }
         let message = Message {
             topic,
             payload: payload.into(),
@@ -508,6 +520,7 @@ impl Session {
         };
         self.offer(ctx, Offer::new(message, now), exchange, block, ttd)
             .await
+            .map(|_| ())
     }
 
     /// `POST /r/{n}`: the result of command `n`, published to the Response Topic its
@@ -540,8 +553,10 @@ impl Session {
             self.answer(&exchange, &reply);
             return Ok(());
         };
+        // A refused result may be posted again: the command keeps its number.
         if r.payload.len() > ctx.limits.max_body_size {
             self.too_large(ctx, &exchange, topic.as_str(), now);
+            self.state.responses.put_back(n, topic, correlation);
             return Ok(());
         }
         let carried = Carried {
@@ -553,8 +568,10 @@ impl Session {
         };
         if let Err(refusal) = self.admission.screen(topic.as_str(), &carried, now) {
             self.answer(&exchange, &refusal_reply(refusal));
+            self.state.responses.put_back(n, topic, correlation);
             return Ok(());
         }
+        let kept = (topic.clone(), correlation.clone());
         let properties = correlation.map(|c| {
             Arc::new(portcullis_core::message::Properties {
                 correlation_data: Some(c),
@@ -572,8 +589,13 @@ impl Session {
             retain: false,
             properties,
         };
-        self.offer(ctx, Offer::new(message, now), exchange, None, None)
-            .await
+        if !self
+            .offer(ctx, Offer::new(message, now), exchange, None, None)
+            .await?
+        {
+            self.state.responses.put_back(n, kept.0, kept.1);
+        }
+        Ok(())
     }
 
     /// A body over `coap.max_body_size`: 4.13 with Size1 saying how much is taken.
@@ -612,7 +634,7 @@ impl Session {
                 body: Vec::new(),
             });
         }
-        // An upload left unfinished is forgotten after EXCHANGE_LIFETIME.
+        // An upload with no block for EXCHANGE_LIFETIME is forgotten.
         if self
             .upload
             .as_ref()
@@ -643,6 +665,7 @@ impl Session {
         }
         upload.body.extend_from_slice(&payload);
         upload.next += 1;
+        upload.started = now;
         if b.more {
             let reply = Reply::new(ResponseType::Continue)
                 .option(CoapOption::Block1, block_option(&b, true));
@@ -652,7 +675,8 @@ impl Session {
         self.upload.take().map(|u| u.body)
     }
 
-    /// Offer a message to the core and answer its verdict.
+    /// Offer a message to the core and answer its verdict: whether it was taken
+    /// (forwarded, or dropped as if it were), not refused.
     async fn offer(
         &mut self,
         ctx: &Context,
@@ -660,7 +684,7 @@ impl Session {
         exchange: Exchange,
         block: Option<Vec<u8>>,
         ttd: Option<Duration>,
-    ) -> Result<(), End> {
+    ) -> Result<bool, End> {
         let with_block = |reply: Reply| match &block {
             Some(b) => reply.option(CoapOption::Block1, b.clone()),
             None => reply,
@@ -673,9 +697,10 @@ impl Session {
             match self.admission.uplink(offer, now) {
                 Verdict::Forward(message) => {
                     self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-                    return self
-                        .forward(ctx, message, exchange, block, ttd, arrived)
-                        .await;
+                    self.limited_run = false;
+                    self.forward(ctx, message, exchange, block, ttd, arrived)
+                        .await?;
+                    return Ok(true);
                 }
                 Verdict::Divert(forensic) => {
                     self.uplink
@@ -683,23 +708,23 @@ impl Session {
                         .await
                         .map_err(|_| End::BrokerGone)?;
                     self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
-                    return Ok(());
+                    return Ok(true);
                 }
                 // Over its rate, whatever the action (drop, quota exceeded): CoAP can
                 // say when to try again (RFC 8516), so it does.
                 Verdict::Discard(Refusal::RateLimited) | Verdict::Refuse(Refusal::RateLimited) => {
                     self.too_many(&exchange, len, now);
-                    return Ok(());
+                    return Ok(false);
                 }
                 // Dropped by quarantine: answered as if delivered, so the device does
                 // not retry.
                 Verdict::Discard(_) => {
                     self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
-                    return Ok(());
+                    return Ok(true);
                 }
                 Verdict::Refuse(refusal) => {
                     self.answer(&exchange, &refusal_reply(refusal));
-                    return Ok(());
+                    return Ok(false);
                 }
                 Verdict::Disconnect(refusal) => {
                     self.answer(&exchange, &refusal_reply(refusal));
@@ -717,17 +742,28 @@ impl Session {
                 // Over its rate: CoAP has no back-pressure, so the device is told when
                 // to try again (RFC 8516).
                 Verdict::Wait(..) => {
-                    self.admission.refused(
+                    self.limited(
                         Refusal::RateLimited,
-                        "publish",
                         Some(&topic),
-                        Some("over the rate: 4.29 Too Many Requests"),
+                        "over the rate: 4.29 Too Many Requests",
                         now,
                     );
                     self.too_many(&exchange, len, now);
-                    return Ok(());
+                    return Ok(false);
                 }
             }
+        }
+    }
+
+    /// A request refused for the rate or for room: counted each time, audited (and
+    /// told to the model) once per run of them, so one device cannot flood the audit.
+    fn limited(&mut self, refusal: Refusal, topic: Option<&str>, words: &str, now: Instant) {
+        if self.limited_run {
+            self.admission.count(refusal);
+        } else {
+            self.limited_run = true;
+            self.admission
+                .refused(refusal, "publish", topic, Some(words), now);
         }
     }
 
@@ -737,11 +773,10 @@ impl Session {
         if self.pending.len() < MAX_PENDING {
             return true;
         }
-        self.admission.refused(
+        self.limited(
             Refusal::ReceiveMaximumExceeded,
-            "publish",
             None,
-            Some("more than 8 confirmable requests in flight (NSTART is 1)"),
+            "more than 8 confirmable requests in flight (NSTART is 1)",
             now,
         );
         let reply = Reply::refusal(

@@ -247,6 +247,9 @@ const KICK_GRACE: Duration = Duration::from_secs(1);
 /// One DTLS session's CoAP life.
 async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver<Input>) {
     let peer = link.peer;
+    // Watched from here: a reload from now on is applied by the session.
+    let mut live_rx = ctx.live.clone();
+    let live = live_rx.borrow_and_update().clone();
     let now = Instant::now();
     let creds = Credentials {
         id: &identity,
@@ -263,9 +266,6 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
             return;
         }
     };
-    // Watched from here: a reload during the set-up below is applied by the session.
-    let mut live_rx = ctx.live.clone();
-    let live = live_rx.borrow_and_update().clone();
     let principal = authed.principal.clone();
     let admission = Admission::new(
         Peer {
@@ -349,6 +349,7 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
     {
         tracing::error!(error = %e, "broker link unavailable");
         let expires_at = now + ctx.limits.session_expiry;
+        state.buckets = Some(Box::new(admission.buckets()));
         slot.park(state, expires_at);
         link.close();
         return;
@@ -359,6 +360,8 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
         ctx.forwarder
             .unregister_device(principal.id.clone(), state.mailbox.clone())
             .await;
+        let mut state = state;
+        state.buckets = Some(Box::new(admission.buckets()));
         slot.park(state, now + ctx.limits.session_expiry);
         link.close();
         return;
