@@ -751,3 +751,68 @@ fn a_confirmable_request_is_still_recognised_after_many_non_confirmable_ones() {
     let once = got.iter().filter(|l| l.contains("telemetry/con")).count();
     assert_eq!(once, 1, "{got:?}");
 }
+
+/// Devices of group "narrow" may publish telemetry only; telemetry must be JSON.
+const NARROW: &str = r#"
+[device_groups.narrow]
+trust = ["{data_dir}/pki/ca.pem"]
+publish = ["devices/{id}/telemetry/#"]
+[[validation.rules]]
+topic = "devices/+/telemetry/json"
+format = "json"
+"#;
+
+#[test]
+fn refusals_say_which_stage_in_their_code_and_payload_and_non_confirmable_posts_go_through() {
+    let gw = Gateway::start_with(NARROW);
+    let out = gw.cli(&[
+        "device",
+        "add",
+        "coap-15",
+        "--group",
+        "narrow",
+        "--psk-generate",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let key = text(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("psk: ").map(|k| k.trim().to_string()))
+        .expect("a psk line");
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    runtime().block_on(async {
+        let mut dev = device(&gw, "coap-15", &key).await;
+        // Outside the group's ACL: 4.03, naming the stage.
+        let r = dev
+            .request(&Request::post("t/status", b"up"), T)
+            .await
+            .unwrap();
+        assert_eq!(r.code, ResponseType::Forbidden);
+        assert_eq!(r.payload, b"authorize: topic not allowed by ACL");
+        // Not JSON where the rule wants JSON: 4.00, naming the rule.
+        let r = dev
+            .request(&Request::post("t/telemetry/json", b"not json"), T)
+            .await
+            .unwrap();
+        assert_eq!(r.code, ResponseType::BadRequest);
+        assert_eq!(r.payload, b"validate: payload is not JSON");
+        // A non-confirmable POST is QoS 0: answered non-confirmable, and delivered.
+        let non = Request {
+            confirmable: false,
+            ..Request::post("t/telemetry/json", br#"{"ok":1}"#)
+        };
+        let r = dev.request(&non, T).await.unwrap();
+        assert_eq!(
+            (r.kind, r.code),
+            (MessageType::NonConfirmable, ResponseType::Changed)
+        );
+    });
+    sub.expect(r#"devices/coap-15/telemetry/json {"ok":1}"#, T)
+        .expect("the non-confirmable message delivered");
+    assert!(
+        !sub.drain(Duration::from_millis(300))
+            .iter()
+            .any(|l| l.contains("not json"))
+    );
+    assert_eq!(gw.refusals("authorize", "topic_not_allowed"), 1);
+    assert_eq!(gw.refusals("validate", "not_json"), 1);
+}

@@ -1028,14 +1028,18 @@ impl Task {
             return false;
         };
         let binding = hello.then(|| self.cookies.binding(key.0, p.cookie_slice));
-        // The resolver's slot belongs to this call only.
-        let _ = self.resolver.take_asked();
+        // The resolver's slot belongs to this call only. dimpl asks it only during a
+        // handshake: an established session's data takes no lock for it.
+        let asking = !p.connected;
+        if asking {
+            let _ = self.resolver.take_asked();
+        }
         let fed = guarded(|| {
             p.dtls.handle_timeout(now.into_std())?;
             let _bound = binding.map(cookie::bind);
             p.dtls.handle_packet(datagram)
         });
-        if let Some(id) = self.resolver.take_asked() {
+        if asking && let Some(id) = self.resolver.take_asked() {
             p.identity = Some(id);
         }
         match fed {
@@ -1246,9 +1250,12 @@ impl Task {
                 continue;
             };
             p.timer = None;
-            let _ = self.resolver.take_asked();
+            let asking = !p.connected;
+            if asking {
+                let _ = self.resolver.take_asked();
+            }
             let fed = guarded(|| p.dtls.handle_timeout(now.into_std()));
-            if let Some(id) = self.resolver.take_asked() {
+            if asking && let Some(id) = self.resolver.take_asked() {
                 p.identity = Some(id);
             }
             match fed {

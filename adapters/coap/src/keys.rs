@@ -34,6 +34,8 @@ impl PskStore for RegistryKeys {
             .master
             .open(PrincipalKind::Device, &id, KeyPurpose::Psk, sealed)
         {
+            // dimpl's resolver takes the key as a plain `Vec`: this one copy, held by
+            // dimpl for the handshake, is not wiped (the opened `DeviceKey` is).
             Ok(key) => Some(key.as_bytes().to_vec()),
             Err(e) => {
                 tracing::warn!(device = %id, error = %e, "a device's pre-shared key does not open");

@@ -6,7 +6,8 @@
 //!   deadline and an idle timeout. It hands the CoAP layer whole datagrams of
 //!   application data from peers that proved their key.
 //! - `keys`: the pre-shared keys, from the registry, opened with the master key.
-//! - `message`: a datagram read into a typed CoAP message, and the answers.
+//! - `message`: a datagram read into a typed CoAP message; `reply`: every answer and
+//!   message the gateway sends, encoded in one place.
 //! - `session`: one CoAP session per DTLS session, through the core's pipeline.
 //! - `client`: what a device does (DTLS PSK client, confirmable requests), for the
 //!   simulator, the benchmark and the tests.
@@ -15,4 +16,5 @@ pub mod client;
 pub mod dtls;
 pub mod keys;
 pub mod message;
+pub(crate) mod reply;
 pub mod session;

@@ -11,6 +11,7 @@
 //! - `POST /t/{path}`: telemetry, published to `devices/{id}/{path}`;
 //! - `GET /c` (with Observe): the device's commands.
 
+use crate::reply::{Exchange, Reply};
 use coap_lite::{MessageClass, RequestType, ResponseType};
 
 /// A request's message type.
@@ -81,15 +82,12 @@ impl BadOption {
     /// The answer: piggybacked on the ACK of a confirmable request; a non-confirmable
     /// response with its own `message_id` to a non-confirmable one.
     pub fn response(&self, message_id: u16) -> Vec<u8> {
-        answer(
-            self.reliability,
-            self.message_id,
-            &self.token,
-            self.code,
-            self.reason.as_bytes(),
-            None,
-            message_id,
-        )
+        let exchange = Exchange {
+            reliability: self.reliability,
+            message_id: self.message_id,
+            token: self.token.clone(),
+        };
+        Reply::refusal(self.code, self.reason).answer(&exchange, message_id)
     }
 }
 
@@ -138,7 +136,6 @@ const URI_HOST: u16 = 3;
 const OBSERVE: u16 = 6;
 const URI_PORT: u16 = 7;
 const URI_PATH: u16 = 11;
-const MAX_AGE: u16 = 14;
 const URI_QUERY: u16 = 15;
 const ACCEPT: u16 = 17;
 const BLOCK2: u16 = 23;
@@ -409,11 +406,8 @@ pub fn parse(datagram: &[u8]) -> Result<Incoming, Malformed> {
     };
     let observe = match wire.first(OBSERVE) {
         None => None,
-        Some(v) => Some(
-            uint(v)
-                .filter(|_| v.len() <= 3)
-                .ok_or_else(|| bad("Observe longer than 3 bytes"))?,
-        ),
+        Some(v) if v.len() <= 3 => uint(v),
+        Some(_) => return Err(bad("Observe longer than 3 bytes")),
     };
     let block1 = match wire.first(BLOCK1) {
         None => None,
@@ -475,58 +469,13 @@ pub fn response(
     max_age: Option<u32>,
     message_id: u16,
 ) -> Vec<u8> {
-    answer(
-        request.reliability,
-        request.message_id,
-        &request.token,
-        code,
-        payload,
-        max_age,
-        message_id,
-    )
-}
-
-fn answer(
-    reliability: Reliability,
-    request_id: u16,
-    token: &[u8],
-    code: ResponseType,
-    payload: &[u8],
-    max_age: Option<u32>,
-    message_id: u16,
-) -> Vec<u8> {
-    let (kind, id) = match reliability {
-        Reliability::Confirmable => (ACK, request_id),
-        Reliability::NonConfirmable => (NON, message_id),
-    };
-    let mut code = u8::from(MessageClass::Response(code));
-    // Only response classes 2, 4 and 5 are responses; `UnKnown` is none of them.
-    if !matches!(code >> 5, 2 | 4 | 5) {
-        code = u8::from(MessageClass::Response(ResponseType::InternalServerError));
-    }
-    if token.len() > 8 {
-        let internal = u8::from(MessageClass::Response(ResponseType::InternalServerError));
-        let [a, b] = id.to_be_bytes();
-        return vec![0x40 | kind << 4, internal, a, b];
-    }
-    let mut out = Vec::with_capacity(4 + token.len() + 7 + payload.len());
-    let [a, b] = id.to_be_bytes();
-    out.extend_from_slice(&[0x40 | kind << 4 | token.len() as u8, code, a, b]);
-    out.extend_from_slice(token);
+    let exchange = Exchange::of(request);
+    let mut reply = Reply::refusal(code, "");
+    reply.payload = payload.to_vec();
     if let Some(age) = max_age {
-        // The shortest unsigned integer (§3.2): 0 is no bytes at all.
-        let bytes = age.to_be_bytes();
-        let value = &bytes[(age.leading_zeros() / 8) as usize..];
-        // Max-Age (14) is the only option: delta 14 = 13 + 1, then the length.
-        out.push(13 << 4 | value.len() as u8);
-        out.push((MAX_AGE - 13) as u8);
-        out.extend_from_slice(value);
+        reply = reply.max_age(age);
     }
-    if !payload.is_empty() {
-        out.push(0xff);
-        out.extend_from_slice(payload);
-    }
-    out
+    reply.answer(&exchange, message_id)
 }
 
 #[cfg(test)]

@@ -311,7 +311,9 @@ impl MasterKeys {
     }
 
     /// Fixed keys, the current one first (tests, tools).
+    /// Master keys given whole, the current one first. There is always one.
     pub fn from_keys(keys: &[[u8; 32]]) -> MasterKeys {
+        assert!(!keys.is_empty(), "MasterKeys::from_keys needs a key");
         MasterKeys {
             source: MasterSource::Environment,
             keys: RwLock::new(keys.iter().copied().map(Master::new).collect()),
@@ -446,7 +448,7 @@ impl MasterKeys {
     }
 
     pub fn is_empty(&self) -> bool {
-        false
+        self.read().is_empty()
     }
 }
 

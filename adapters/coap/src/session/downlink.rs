@@ -16,9 +16,9 @@
 //! Topic) `r=N` as Location-Query: the device posts its result to `/r/N`.
 
 use super::exchange::Session;
-use super::reply::{Exchange, Reply, empty_ack, uint};
 use super::*;
 use crate::message::{Reliability, Request};
+use crate::reply::{Exchange, Reply, empty_ack, uint};
 use bytes::Bytes;
 use coap_lite::{CoapOption, ResponseType};
 use portcullis_core::mailbox::Delivery;

@@ -8,9 +8,9 @@
 //! quarantined device's messages are paced and then taken as if delivered, as for MQTT.
 
 use super::downlink::{self, Downlink};
-use super::reply::{Exchange, Reply, uint};
 use super::*;
 use crate::message::{self, Block, Incoming, Reliability, Request, Route};
+use crate::reply::{Exchange, Reply, uint};
 use coap_lite::{CoapOption, RequestType, ResponseType};
 use portcullis_core::admission::{Offer, Verdict};
 use portcullis_core::behaviour::{Observation, State as Behaviour};
@@ -278,7 +278,7 @@ impl Session {
 
     /// What the session leaves for the next one: what it was sending goes back to the
     /// mailbox.
-    pub(super) fn finish(&mut self, _ctx: &Context) -> CoapState {
+    pub(super) fn finish(&mut self) -> CoapState {
         self.down.give_back(&self.state, Instant::now());
         let mailbox = self.state.mailbox.clone();
         std::mem::replace(
@@ -692,7 +692,7 @@ impl Session {
         loop {
             let now = Instant::now();
             let arrived = offer.arrived();
-            let topic = offer.message().topic.to_string();
+            let topic = offer.message().topic.clone();
             let len = offer.message().payload.len();
             match self.admission.uplink(offer, now) {
                 Verdict::Forward(message) => {
@@ -744,7 +744,7 @@ impl Session {
                 Verdict::Wait(..) => {
                     self.limited(
                         Refusal::RateLimited,
-                        Some(&topic),
+                        Some(topic.as_str()),
                         "over the rate: 4.29 Too Many Requests",
                         now,
                     );

@@ -41,7 +41,6 @@ use tokio::sync::{mpsc, watch};
 
 mod downlink;
 mod exchange;
-pub(crate) mod reply;
 
 use exchange::{End, Session};
 
@@ -360,7 +359,6 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
         ctx.forwarder
             .unregister_device(principal.id.clone(), state.mailbox.clone())
             .await;
-        let mut state = state;
         state.buckets = Some(Box::new(admission.buckets()));
         slot.park(state, now + ctx.limits.session_expiry);
         link.close();
@@ -413,7 +411,7 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
             broke_protocol: false,
         },
     );
-    let mut state = session.finish(&ctx);
+    let mut state = session.finish();
     state.buckets = Some(Box::new(session.admission().buckets()));
     if matches!(
         end,

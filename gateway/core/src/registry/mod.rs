@@ -901,16 +901,9 @@ impl Registry {
     }
 
     /// Replace every principal record `change` returns a new version of, in one
-    /// commit; how many changed. The table itself is walked inside the transaction,
-    /// so a record added just before is not missed.
-    pub fn update_all(
-        &self,
-        change: impl Fn(&PrincipalRecord) -> Result<Option<PrincipalRecord>, RegistryError>,
-    ) -> Result<usize, RegistryError> {
-        let held = self.lock();
-        self.update_all_locked(&held, change)
-    }
-
+    /// commit, under the registry's write lock (`held`); how many changed. The table
+    /// itself is walked inside the transaction, so a record added just before is not
+    /// missed.
     fn update_all_locked(
         &self,
         held: &MutexGuard<'_, ()>,

@@ -64,7 +64,12 @@ impl Reply {
         let mut packet = Packet::new();
         packet.header.set_type(kind);
         packet.header.message_id = message_id;
-        packet.header.code = MessageClass::Response(self.code);
+        // Only response classes 2, 4 and 5 are responses; `UnKnown` is none of them.
+        let code = match self.code {
+            ResponseType::UnKnown => ResponseType::InternalServerError,
+            code => code,
+        };
+        packet.header.code = MessageClass::Response(code);
         packet.set_token(token.to_vec());
         for (option, value) in &self.options {
             packet.add_option(*option, value.clone());
@@ -102,8 +107,9 @@ pub(crate) fn empty_ack(message_id: u16) -> Vec<u8> {
 }
 
 /// Encode. Commands larger than one message are dropped before they get here, and
-/// everything else the session sends is small, so only a bug can make this fail: then
-/// a bare 5.00 with the same header goes out instead of nothing.
+/// everything else the session sends is small, so only a bug (or a token longer than
+/// `message::parse` ever lets through) can make this fail: then a bare 5.00 with the
+/// same type and message id goes out instead of nothing.
 fn encode(packet: Packet) -> Vec<u8> {
     let header = [
         0x40 | ((packet.header.get_type() as u8) << 4),
@@ -111,6 +117,10 @@ fn encode(packet: Packet) -> Vec<u8> {
         (packet.header.message_id >> 8) as u8,
         packet.header.message_id as u8,
     ];
+    // A token is at most 8 bytes (RFC 7252 §3); coap-lite would encode a longer one.
+    if packet.get_token().len() > 8 {
+        return header.to_vec();
+    }
     packet.to_bytes().unwrap_or_else(|_| header.to_vec())
 }
 
