@@ -250,6 +250,10 @@ impl Session {
         }
     }
 
+    pub(super) fn link(&self) -> &Link {
+        &self.link
+    }
+
     pub(super) fn admission(&self) -> &Admission {
         &self.admission
     }
@@ -299,7 +303,7 @@ impl Session {
         &mut self,
         ctx: &Context,
         mut live: watch::Receiver<Arc<Live>>,
-        mut rx: mpsc::Receiver<Input>,
+        mut rx: super::inbox::Receiver,
         mut kicked: watch::Receiver<Option<KickReason>>,
     ) -> End {
         let mailbox = self.state.mailbox.clone();

@@ -25,24 +25,26 @@ use portcullis_core::forward::Forwarder;
 use portcullis_core::limit::GlobalBucket;
 use portcullis_core::mailbox::{Mailbox, MailboxLimits};
 use portcullis_core::metrics::Metrics;
-use portcullis_core::parking::{Parked, ParkedSessions};
+use portcullis_core::parking::{Parked, ParkedSessions, Slot};
 use portcullis_core::peer::{Closed, Ended, Lifecycle, Protocol, until_kicked};
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::quarantine::Behaviours;
 use portcullis_core::refusal::Refusal;
 use portcullis_core::retained::RetainedCommands;
-use portcullis_core::sessions::{KickReason, Sessions};
+use portcullis_core::sessions::{KickReason, SessionGuard, Sessions};
 use portcullis_core::topic::TopicLimits;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedMutexGuard, watch};
 
 mod downlink;
 mod exchange;
+mod inbox;
 
 use exchange::{End, Session};
+use inbox::Input;
 
 /// Datagrams waiting for one session; beyond it they are dropped (CoAP retransmits).
 const INPUT_QUEUE: usize = 64;
@@ -142,20 +144,12 @@ impl Link {
     }
 }
 
-/// What the dispatcher hands a session.
-pub(crate) enum Input {
-    Datagram(Vec<u8>),
-    /// The DTLS session ended, and why (boxed: every slot of a session's channel is
-    /// as large as the largest input, and there are 32 of them per session).
-    Closed(Box<dtls::Closed>),
-}
-
 /// Run the CoAP layer over a bound DTLS endpoint until the gateway stops.
 pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
     let Endpoint {
         sender, mut events, ..
     } = endpoint;
-    let mut peers: HashMap<SocketAddr, (u64, mpsc::Sender<Input>)> = HashMap::new();
+    let mut peers: HashMap<SocketAddr, (u64, inbox::Sender)> = HashMap::new();
     // Entries of sessions that ended on their own are dropped when the map has doubled
     // since it was last pruned (the endpoint's Closed removes the others).
     let mut prune_at = 64;
@@ -180,7 +174,7 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
                     peers.retain(|_, (_, tx)| !tx.is_closed());
                     prune_at = (peers.len() * 2).max(64);
                 }
-                let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+                let (tx, rx) = inbox::inbox(INPUT_QUEUE);
                 peers.insert(peer, (session, tx));
                 tokio::spawn(run(ctx.clone(), link, identity, rx));
             }
@@ -188,12 +182,12 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
                 if let Some((_, tx)) = peers.get(&peer) {
                     match tx.try_send(Input::Datagram(data)) {
                         Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
+                        Err(inbox::Refused::Full) => {
                             Metrics::inc(&ctx.metrics.coap.dropped_busy);
                         }
                         // Its session is over but the DTLS session lives on (its close
                         // was lost): close it again.
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                        Err(inbox::Refused::Closed) => {
                             if let Some((session, _)) = peers.remove(&peer) {
                                 sender.close(peer, session);
                             }
@@ -244,7 +238,71 @@ fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &dtls::Closed) {
 const KICK_GRACE: Duration = Duration::from_secs(1);
 
 /// One DTLS session's CoAP life.
-async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver<Input>) {
+async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: inbox::Receiver) {
+    // The set-up's state is boxed and freed once done: an idle session's task holds
+    // only what serving needs.
+    let Some(running) = Box::pin(set_up(&ctx, link, identity)).await else {
+        return;
+    };
+    let Running {
+        mut session,
+        guard,
+        mut slot,
+        live,
+    } = *running;
+    let kicked = guard.kicked.clone();
+    // The loop's own future is boxed so that `until_kicked` holds a pointer to it,
+    // not a second copy.
+    let serving = Box::pin(session.serve(&ctx, live, rx, kicked.clone()));
+    let end = match until_kicked(serving, kicked, KICK_GRACE).await {
+        Ended::Finished(end) => end,
+        Ended::Panicked(why) => End::Internal(why),
+        Ended::CutOff(reason) => End::Kicked(reason),
+    };
+    let link = session.link().clone();
+    if let End::Internal(why) = &end {
+        tracing::error!(peer = %link.peer, error = %why, "CoAP session failed; its state is kept");
+    }
+    // The DTLS session ends with the CoAP one (a device that comes back handshakes).
+    if !matches!(end, End::Dtls(_)) {
+        link.close();
+    }
+    ctx.lifecycle().closed(
+        session.admission(),
+        &Closed {
+            why: end.describe(),
+            taken_over: matches!(end, End::Kicked(KickReason::TakenOver)),
+            broke_protocol: false,
+        },
+    );
+    let mut state = session.finish();
+    state.buckets = Some(Box::new(session.admission().buckets()));
+    if matches!(
+        end,
+        End::Kicked(KickReason::Removed | KickReason::Disabled | KickReason::Banned)
+    ) {
+        state.mailbox.clear();
+        let id = session.admission().peer().principal.id.clone();
+        ctx.forwarder.unregister_device(id, state.mailbox.clone()).await;
+    } else {
+        slot.park(state, Instant::now() + ctx.limits.session_expiry);
+    }
+    drop(slot);
+    drop(guard);
+}
+
+/// A session set up: what serving it and ending it need.
+struct Running {
+    session: Box<Session>,
+    guard: SessionGuard,
+    slot: OwnedMutexGuard<Slot<CoapState>>,
+    live: watch::Receiver<Arc<Live>>,
+}
+
+/// Authenticate the identity the handshake proved, register it, take its parked
+/// state, and open the session; `None` if it is refused or taken over meanwhile (the
+/// DTLS session closed).
+async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<Running>> {
     let peer = link.peer;
     // Watched from here: a reload from now on is applied by the session.
     let mut live_rx = ctx.live.clone();
@@ -260,9 +318,9 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
     {
         Ok(authed) => authed,
         Err(refusal) => {
-            refuse(&ctx, peer, &identity, refusal, "authentication refused");
+            refuse(ctx, peer, &identity, refusal, "authentication refused");
             link.close();
-            return;
+            return None;
         }
     };
     let principal = authed.principal.clone();
@@ -291,7 +349,7 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
         Err(refusal) => {
             ctx.metrics.refused(refusal);
             link.close();
-            return;
+            return None;
         }
     };
     // Wait for a session taken over to put its state back.
@@ -305,12 +363,12 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
                 .reason(Refusal::SessionBusy.to_string()),
         );
         link.close();
-        return;
+        return None;
     };
     // Taken over while it waited for the slot: a newer session has the device.
     if guard.kicked.borrow().is_some() {
         link.close();
-        return;
+        return None;
     }
     slot.epoch += 1;
     let registered = ctx.auth.registered_since(&principal);
@@ -351,7 +409,7 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
         state.buckets = Some(Box::new(admission.buckets()));
         slot.park(state, expires_at);
         link.close();
-        return;
+        return None;
     }
     // Taken over meanwhile (by a session of another protocol, whose registration this
     // one may just have replaced): give the device back and stop.
@@ -362,7 +420,7 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
         state.buckets = Some(Box::new(admission.buckets()));
         slot.park(state, now + ctx.limits.session_expiry);
         link.close();
-        return;
+        return None;
     }
     let uplink = ctx.forwarder.uplink_for(&principal.id);
     lifecycle.opened(
@@ -375,57 +433,20 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: mpsc::Receiver
             ""
         },
     );
-    let mut session = Box::new(Session::new(
-        &ctx,
-        link.clone(),
+    let session = Box::new(Session::new(
+        ctx,
+        link,
         admission,
         uplink,
         state,
         guard.stats.clone(),
     ));
-    let kicked = guard.kicked.clone();
-    // Boxed, as the session is: what an idle session holds is on the heap once, not
-    // also reserved in this task's own state for every step of its set-up.
-    let ending = until_kicked(
-        session.serve(&ctx, live_rx, rx, kicked.clone()),
-        kicked,
-        KICK_GRACE,
-    );
-    let end = match Box::pin(ending).await {
-        Ended::Finished(end) => end,
-        Ended::Panicked(why) => End::Internal(why),
-        Ended::CutOff(reason) => End::Kicked(reason),
-    };
-    if let End::Internal(why) = &end {
-        tracing::error!(peer = %peer, error = %why, "CoAP session failed; its state is kept");
-    }
-    // The DTLS session ends with the CoAP one (a device that comes back handshakes).
-    if !matches!(end, End::Dtls(_)) {
-        link.close();
-    }
-    lifecycle.closed(
-        session.admission(),
-        &Closed {
-            why: end.describe(),
-            taken_over: matches!(end, End::Kicked(KickReason::TakenOver)),
-            broke_protocol: false,
-        },
-    );
-    let mut state = session.finish();
-    state.buckets = Some(Box::new(session.admission().buckets()));
-    if matches!(
-        end,
-        End::Kicked(KickReason::Removed | KickReason::Disabled | KickReason::Banned)
-    ) {
-        state.mailbox.clear();
-        ctx.forwarder
-            .unregister_device(principal.id.clone(), state.mailbox.clone())
-            .await;
-    } else {
-        slot.park(state, Instant::now() + ctx.limits.session_expiry);
-    }
-    drop(slot);
-    drop(guard);
+    Some(Box::new(Running {
+        session,
+        guard,
+        slot,
+        live: live_rx,
+    }))
 }
 
 /// A login refused, in its handshake or after it (backed off, banned, disabled, ...):
