@@ -121,9 +121,15 @@ pub fn is_clone(
     })
 }
 
+/// A live session. Kept small and boxed (the table holds a pointer per slot): a
+/// gateway with many idle sessions pays for each one once. What `list` shows is made
+/// from it when asked.
 struct Entry {
     principal: PrincipalRef,
-    info: SessionInfo,
+    protocol: &'static str,
+    auth: &'static str,
+    generation: u64,
+    since_unix: u64,
     stats: Arc<SessionStats>,
     started: std::time::Instant,
     /// When this session took over an earlier one of the same principal.
@@ -132,10 +138,30 @@ struct Entry {
     kick: watch::Sender<Option<KickReason>>,
 }
 
+impl Entry {
+    fn info(&self) -> SessionInfo {
+        let messages_in = self.stats.messages_in.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64().max(1.0);
+        SessionInfo {
+            id: self.principal.id.to_string(),
+            kind: self.principal.kind,
+            group: self.principal.group.to_string(),
+            protocol: self.protocol,
+            source: self.source.to_string(),
+            since_unix: self.since_unix,
+            auth: self.auth,
+            generation: self.generation,
+            messages_in,
+            messages_out: self.stats.messages_out.load(Ordering::Relaxed),
+            rate_in: (messages_in as f64 / secs * 10.0).round() / 10.0,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Sessions {
     next: AtomicU64,
-    inner: Mutex<HashMap<u64, Entry>>,
+    inner: Mutex<HashMap<u64, Box<Entry>>>,
 }
 
 /// Held by a session for its lifetime; unregisters on drop.
@@ -176,19 +202,6 @@ impl Sessions {
     ) -> SessionGuard {
         let number = self.next.fetch_add(1, Ordering::Relaxed);
         let (kick, kicked) = watch::channel(None);
-        let info = SessionInfo {
-            id: principal.id.to_string(),
-            kind: principal.kind,
-            group: principal.group.to_string(),
-            protocol,
-            source: source.to_string(),
-            since_unix: crate::registry::now_unix(),
-            auth,
-            generation,
-            messages_in: 0,
-            messages_out: 0,
-            rate_in: 0.0,
-        };
         let stats = Arc::new(SessionStats::default());
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
@@ -213,15 +226,18 @@ impl Sessions {
         }
         inner.insert(
             number,
-            Entry {
+            Box::new(Entry {
                 principal,
-                info,
+                protocol,
+                auth,
+                generation,
+                since_unix: crate::registry::now_unix(),
                 kick,
                 stats: stats.clone(),
                 started: now,
                 took_over_at: took_over.then_some(now),
                 source,
-            },
+            }),
         );
         SessionGuard {
             sessions: self.clone(),
@@ -247,7 +263,7 @@ impl Sessions {
         for entry in inner.values() {
             if entry.principal.kind == kind
                 && &entry.principal.id == id
-                && entry.info.generation < below_generation
+                && entry.generation < below_generation
             {
                 let _ = entry.kick.send(Some(reason));
                 n += 1;
@@ -265,12 +281,7 @@ impl Sessions {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
         for entry in inner.values() {
-            if entry
-                .info
-                .source
-                .parse::<SocketAddr>()
-                .is_ok_and(|a| matches(a.ip()))
-            {
+            if matches(entry.source.ip()) {
                 let _ = entry.kick.send(Some(reason));
                 n += 1;
             }
@@ -287,17 +298,7 @@ impl Sessions {
 
     pub fn list(&self) -> Vec<SessionInfo> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<_> = inner
-            .values()
-            .map(|e| {
-                let mut info = e.info.clone();
-                info.messages_in = e.stats.messages_in.load(Ordering::Relaxed);
-                info.messages_out = e.stats.messages_out.load(Ordering::Relaxed);
-                let secs = e.started.elapsed().as_secs_f64().max(1.0);
-                info.rate_in = (info.messages_in as f64 / secs * 10.0).round() / 10.0;
-                info
-            })
-            .collect();
+        let mut out: Vec<_> = inner.values().map(|e| e.info()).collect();
         out.sort_by(|a, b| (a.kind as u8, &a.id).cmp(&(b.kind as u8, &b.id)));
         out
     }

@@ -129,8 +129,9 @@ impl Responses {
 
 #[derive(Default)]
 pub(super) struct Downlink {
-    outstanding: Option<Outstanding>,
-    waiter: Option<Waiter>,
+    /// Boxed, as the waiter: an idle session holds neither.
+    outstanding: Option<Box<Outstanding>>,
+    waiter: Option<Box<Waiter>>,
     /// Commands are not looked at before then (the hold, the device's command rate).
     next_pump: Option<Instant>,
 }
@@ -251,11 +252,11 @@ impl Session {
         // A newer wait replaces an older one, which is answered without a command.
         self.answer_waiter(ctx, None);
         let now = Instant::now();
-        self.down.waiter = Some(Waiter {
+        self.down.waiter = Some(Box::new(Waiter {
             exchange,
             deadline: now + wait,
             acked: false,
-        });
+        }));
         if self.down.outstanding.is_none()
             && let Some(d) = self.next_command(ctx, now)
         {
@@ -325,7 +326,7 @@ impl Session {
     ) {
         let timeout = initial_timeout(ctx.limits.ack_timeout);
         self.send(bytes.clone());
-        self.down.outstanding = Some(Outstanding {
+        self.down.outstanding = Some(Box::new(Outstanding {
             id,
             bytes,
             delivery,
@@ -333,7 +334,7 @@ impl Session {
             sends: 1,
             timeout,
             due: Instant::now() + timeout,
-        });
+        }));
     }
 
     /// The next command the device may receive now, through the downlink gates; when
@@ -473,7 +474,7 @@ impl Session {
 
     /// A confirmable message of ours was reset or never acknowledged: a notification's
     /// relation is dropped; the command goes back to the mailbox.
-    fn failed(&mut self, ctx: &Context, o: Option<Outstanding>, now: Instant) {
+    fn failed(&mut self, ctx: &Context, o: Option<Box<Outstanding>>, now: Instant) {
         let Some(o) = o else { return };
         if o.notification && self.state.observer.take().is_some() {
             Metrics::inc(&ctx.metrics.coap.observe_dropped);

@@ -196,7 +196,8 @@ pub(crate) struct Session {
     pub(super) stats: Arc<SessionStats>,
     next_id: u16,
     dedup: Dedup,
-    upload: Option<Upload>,
+    /// Boxed: an idle session holds none.
+    upload: Option<Box<Upload>>,
     pending: VecDeque<Pending>,
     pub(super) down: Downlink,
     /// Datagrams of any kind the device may send (CoAP has no back-pressure): beyond
@@ -630,13 +631,13 @@ impl Session {
         now: Instant,
     ) -> Option<Vec<u8>> {
         if b.num == 0 {
-            self.upload = Some(Upload {
+            self.upload = Some(Box::new(Upload {
                 started: now,
                 suffix: suffix.to_string(),
                 size: b.size,
                 next: 0,
                 body: Vec::new(),
-            });
+            }));
         }
         // An upload with no block for EXCHANGE_LIFETIME is forgotten.
         if self
