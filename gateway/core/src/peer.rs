@@ -11,14 +11,13 @@ use crate::behaviour::{Observation, State as Behaviour};
 use crate::metrics::Metrics;
 use crate::quarantine::Behaviours;
 use crate::refusal::Refusal;
-use crate::sessions::{KickReason, SessionGuard, Sessions, is_clone};
+use crate::sessions::{KickReason, Kicked, SessionGuard, Sessions, is_clone};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// The protocols peers speak, as metrics and audit lines name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -186,7 +185,7 @@ pub enum Ended<T> {
 /// released.
 pub async fn until_kicked<T>(
     work: impl Future<Output = T>,
-    mut kicked: watch::Receiver<Option<KickReason>>,
+    kicked: Kicked,
     grace: Duration,
 ) -> Ended<T> {
     let mut work = CatchUnwind(std::pin::pin!(work));
@@ -197,7 +196,7 @@ pub async fn until_kicked<T>(
     let reason = tokio::select! {
         biased;
         end = &mut work => return ended(end),
-        reason = kick_of(&mut kicked) => reason,
+        reason = kicked.wait() => reason,
     };
     match tokio::time::timeout(grace, &mut work).await {
         Ok(end) => ended(end),
@@ -205,21 +204,14 @@ pub async fn until_kicked<T>(
     }
 }
 
-/// Resolves with the reason once the session is kicked.
-pub async fn kick_of(kicked: &mut watch::Receiver<Option<KickReason>>) -> KickReason {
-    loop {
-        if let Some(reason) = *kicked.borrow_and_update() {
-            return reason;
-        }
-        if kicked.changed().await.is_err() {
-            // The registration is gone: nothing can kick this session any more.
-            return std::future::pending().await;
-        }
-    }
+/// `work` with a panic returned as an error instead of unwinding the task, for a
+/// session that watches for kicks itself (see `until_kicked`).
+pub fn catch_unwind<F: Future + Unpin>(work: F) -> CatchUnwind<F> {
+    CatchUnwind(work)
 }
 
 /// A future whose panic is returned as an error instead of unwinding the task.
-struct CatchUnwind<F>(F);
+pub struct CatchUnwind<F>(F);
 
 impl<F: Future + Unpin> Future for CatchUnwind<F> {
     type Output = Result<F::Output, String>;
@@ -246,8 +238,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_kick_ends_work_blocked_forever_once_the_grace_is_over() {
-        let (kick, kicked) = watch::channel(None);
-        kick.send(Some(KickReason::Operator)).unwrap();
+        let (kick, kicked) = Kicked::pair();
+        kick.send(KickReason::Operator);
         let ended = until_kicked(
             std::future::pending::<()>(),
             kicked,
@@ -259,15 +251,15 @@ mod tests {
 
     #[tokio::test]
     async fn kicked_work_that_ends_within_the_grace_ends_its_own_way() {
-        let (kick, kicked) = watch::channel(None);
-        kick.send(Some(KickReason::TakenOver)).unwrap();
+        let (kick, kicked) = Kicked::pair();
+        kick.send(KickReason::TakenOver);
         let ended = until_kicked(async { "flushed" }, kicked, Duration::from_secs(1)).await;
         assert!(matches!(ended, Ended::Finished("flushed")));
     }
 
     #[tokio::test]
     async fn a_panicking_session_ends_as_an_internal_error_instead_of_unwinding() {
-        let (_kick, kicked) = watch::channel(None);
+        let (_kick, kicked) = Kicked::pair();
         let work = async { panic!("bug in a handler") };
         let ended: Ended<()> = until_kicked(work, kicked, Duration::from_secs(1)).await;
         assert!(matches!(ended, Ended::Panicked(ref why) if why == "bug in a handler"));

@@ -6,9 +6,9 @@ use crate::principal::{PrincipalId, PrincipalKind, PrincipalRef};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio::sync::Notify;
 
 /// Why the gateway ends a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,98 @@ impl KickReason {
             KickReason::TakenOver => "session taken over",
             KickReason::Shutdown => "server shutting down",
         }
+    }
+}
+
+impl KickReason {
+    const ALL: [KickReason; 9] = [
+        KickReason::Disabled,
+        KickReason::Removed,
+        KickReason::CredentialRotated,
+        KickReason::Operator,
+        KickReason::Banned,
+        KickReason::PolicyChanged,
+        KickReason::CertificateRevoked,
+        KickReason::TakenOver,
+        KickReason::Shutdown,
+    ];
+
+    fn code(self) -> u8 {
+        Self::ALL
+            .iter()
+            .position(|r| *r == self)
+            .map_or(0, |i| i as u8 + 1)
+    }
+
+    fn from_code(code: u8) -> Option<KickReason> {
+        Self::ALL.get(usize::from(code).checked_sub(1)?).copied()
+    }
+}
+
+/// How a session hears that the gateway ends it: a reason, set by the session table
+/// (the latest one wins), and a wake-up. Every live session holds one, so it is an
+/// atomic and a `Notify` (about 100 bytes) rather than a watch channel (about 350).
+struct KickCell {
+    reason: AtomicU8,
+    notify: Notify,
+    /// Told after each kick, for a session that does not wait on `Kicked::wait`.
+    hook: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// The session table's end of a session's kick.
+pub(crate) struct Kick(Arc<KickCell>);
+
+impl Kick {
+    pub(crate) fn send(&self, reason: KickReason) {
+        self.0.reason.store(reason.code(), Ordering::Release);
+        self.0.notify.notify_waiters();
+        if let Some(hook) = self.0.hook.get() {
+            hook();
+        }
+    }
+
+    fn is_kicked(&self) -> bool {
+        self.0.reason.load(Ordering::Acquire) != 0
+    }
+}
+
+/// A session's end of its kick.
+#[derive(Clone)]
+pub struct Kicked(Arc<KickCell>);
+
+impl Kicked {
+    pub(crate) fn pair() -> (Kick, Kicked) {
+        let cell = Arc::new(KickCell {
+            reason: AtomicU8::new(0),
+            notify: Notify::new(),
+            hook: OnceLock::new(),
+        });
+        (Kick(cell.clone()), Kicked(cell))
+    }
+
+    /// Why the session was kicked, if it was.
+    pub fn reason(&self) -> Option<KickReason> {
+        KickReason::from_code(self.0.reason.load(Ordering::Acquire))
+    }
+
+    /// Resolves with the reason once the session is kicked (at once if it was).
+    pub async fn wait(&self) -> KickReason {
+        loop {
+            let notified = self.0.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the reason is read: a kick in between still wakes it.
+            notified.as_mut().enable();
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+
+    /// Call `hook` after every kick from now on (once per session; a second hook is
+    /// refused). A kick before it is installed is not told: read `reason` after.
+    pub fn on_kick(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
+        self.0.hook.set(hook).is_ok()
     }
 }
 
@@ -135,7 +227,7 @@ struct Entry {
     /// When this session took over an earlier one of the same principal.
     took_over_at: Option<std::time::Instant>,
     source: SocketAddr,
-    kick: watch::Sender<Option<KickReason>>,
+    kick: Kick,
 }
 
 impl Entry {
@@ -168,7 +260,7 @@ pub struct Sessions {
 pub struct SessionGuard {
     sessions: Arc<Sessions>,
     pub number: u64,
-    pub kicked: watch::Receiver<Option<KickReason>>,
+    pub kicked: Kicked,
     pub stats: Arc<SessionStats>,
     /// The live session of the same identity this one took over, if any, and when
     /// (see `is_clone`).
@@ -201,7 +293,7 @@ impl Sessions {
         auth: &'static str,
     ) -> SessionGuard {
         let number = self.next.fetch_add(1, Ordering::Relaxed);
-        let (kick, kicked) = watch::channel(None);
+        let (kick, kicked) = Kicked::pair();
         let stats = Arc::new(SessionStats::default());
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
@@ -210,7 +302,7 @@ impl Sessions {
         for entry in inner.values() {
             if entry.principal.kind == principal.kind && entry.principal.id == principal.id {
                 // One already ending (kicked) is not a live rival.
-                if entry.kick.borrow().is_none() {
+                if !entry.kick.is_kicked() {
                     took_over = true;
                     let rival = Rival {
                         took_over_at: entry.took_over_at,
@@ -221,7 +313,7 @@ impl Sessions {
                         displaced = Some(rival);
                     }
                 }
-                let _ = entry.kick.send(Some(KickReason::TakenOver));
+                entry.kick.send(KickReason::TakenOver);
             }
         }
         inner.insert(
@@ -265,7 +357,7 @@ impl Sessions {
                 && &entry.principal.id == id
                 && entry.generation < below_generation
             {
-                let _ = entry.kick.send(Some(reason));
+                entry.kick.send(reason);
                 n += 1;
             }
         }
@@ -282,7 +374,7 @@ impl Sessions {
         let mut n = 0;
         for entry in inner.values() {
             if matches(entry.source.ip()) {
-                let _ = entry.kick.send(Some(reason));
+                entry.kick.send(reason);
                 n += 1;
             }
         }
@@ -292,7 +384,7 @@ impl Sessions {
     pub fn kick_all(&self, reason: KickReason) {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for entry in inner.values() {
-            let _ = entry.kick.send(Some(reason));
+            entry.kick.send(reason);
         }
     }
 
@@ -332,9 +424,9 @@ mod tests {
         let first = s.register(p("a"), 0, addr, "mqtt", "certificate");
         let other = s.register(p("b"), 0, addr, "mqtt", "certificate");
         let second = s.register(p("a"), 0, addr, "mqtt", "certificate");
-        assert_eq!(*first.kicked.borrow(), Some(KickReason::TakenOver));
-        assert_eq!(*second.kicked.borrow(), None);
-        assert_eq!(*other.kicked.borrow(), None);
+        assert_eq!(first.kicked.reason(), Some(KickReason::TakenOver));
+        assert_eq!(second.kicked.reason(), None);
+        assert_eq!(other.kicked.reason(), None);
         drop(first);
         assert_eq!(s.len(), 2);
     }
@@ -349,6 +441,6 @@ mod tests {
             s.kick(PrincipalKind::Device, &id, 1, KickReason::CredentialRotated),
             1
         );
-        assert_eq!(*old.kicked.borrow(), Some(KickReason::CredentialRotated));
+        assert_eq!(old.kicked.reason(), Some(KickReason::CredentialRotated));
     }
 }

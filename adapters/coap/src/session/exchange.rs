@@ -18,8 +18,7 @@ use portcullis_core::content::Carried;
 use portcullis_core::forward::{Taken, Uplink};
 use portcullis_core::limit::{Rate, TokenBucket};
 use portcullis_core::message::{Message, QoS};
-use portcullis_core::peer::kick_of;
-use portcullis_core::sessions::SessionStats;
+use portcullis_core::sessions::{Kicked, SessionStats};
 use portcullis_core::topic::TopicName;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -305,27 +304,29 @@ impl Session {
         ctx: &Context,
         mut live: watch::Receiver<Arc<Live>>,
         mut rx: super::inbox::Receiver,
-        mut kicked: watch::Receiver<Option<KickReason>>,
+        kicked: Kicked,
     ) -> End {
         let mailbox = self.state.mailbox.clone();
         let mut live_open = true;
         loop {
+            // Kicks and reloads ring the session's input; they are looked at on every
+            // turn, before anything else.
+            if let Some(reason) = kicked.reason() {
+                return End::Kicked(reason);
+            }
+            if live_open && live.has_changed().unwrap_or(false) {
+                let next = live.borrow_and_update().clone();
+                if let Err(end) = self.reload(ctx, &next) {
+                    return end;
+                }
+            } else if live.has_changed().is_err() {
+                live_open = false;
+            }
             self.pump(ctx, Instant::now());
             let wake = self.next_wake();
             let wants = self.wants_commands();
             let step = tokio::select! {
                 biased;
-                reason = kick_of(&mut kicked) => Err(End::Kicked(reason)),
-                changed = live.changed(), if live_open => match changed {
-                    Ok(()) => {
-                        let next = live.borrow_and_update().clone();
-                        self.reload(ctx, &next)
-                    }
-                    Err(_) => {
-                        live_open = false;
-                        Ok(())
-                    }
-                },
                 taken = front_taken(&mut self.pending) => self.taken(ctx, taken),
                 // Its own deadlines before more input: a device that sends without
                 // pause still gets its retransmissions and its ttd answers.
@@ -335,15 +336,37 @@ impl Session {
                 }
                 input = rx.recv() => match input {
                     None => Err(End::Dtls(None)),
+                    Some(Input::Bell) => Ok(()),
                     Some(Input::Closed(why)) => Err(End::Dtls(Some(*why))),
-                    // Boxed: an idle session does not carry a datagram's state.
-                    Some(Input::Datagram(d)) => Box::pin(self.datagram(ctx, &d)).await,
+                    Some(Input::Datagram(d)) => self.datagram_until_kicked(ctx, &d, &kicked).await,
                 },
                 _ = mailbox.notify.notified(), if wants => Ok(()),
             };
             if let Err(end) = step {
                 return end;
             }
+        }
+    }
+
+    /// A datagram's work, which may wait (for the forwarder, for pacing). A kick ends
+    /// the session whatever it waits for: the work gets `KICK_GRACE` to finish, and is
+    /// dropped after it (its state lives in the session, which is parked).
+    async fn datagram_until_kicked(
+        &mut self,
+        ctx: &Context,
+        datagram: &[u8],
+        kicked: &Kicked,
+    ) -> Result<(), End> {
+        // Boxed: an idle session does not carry a datagram's state.
+        let mut work = Box::pin(self.datagram(ctx, datagram));
+        let reason = tokio::select! {
+            biased;
+            done = &mut work => return done,
+            reason = kicked.wait() => reason,
+        };
+        match tokio::time::timeout(KICK_GRACE, &mut work).await {
+            Ok(Err(end)) => Err(end),
+            _ => Err(End::Kicked(reason)),
         }
     }
 

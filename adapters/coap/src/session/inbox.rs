@@ -19,6 +19,9 @@ pub(crate) enum Input {
     Datagram(Vec<u8>),
     /// The DTLS session ended, and why (boxed: it is rare and larger than a datagram).
     Closed(Box<dtls::Closed>),
+    /// Something the session keeps an eye on changed: it was kicked, or the
+    /// configuration was reloaded (rung by a `Bell`; the session looks at both).
+    Bell,
 }
 
 /// Why an input was not queued.
@@ -40,6 +43,7 @@ struct Shared {
 struct Queue {
     items: VecDeque<Input>,
     capacity: usize,
+    rung: bool,
     sender_gone: bool,
     receiver_gone: bool,
 }
@@ -58,6 +62,7 @@ pub(crate) fn inbox(capacity: usize) -> (Sender, Receiver) {
         queue: Mutex::new(Queue {
             items: VecDeque::new(),
             capacity: capacity.max(1),
+            rung: false,
             sender_gone: false,
             receiver_gone: false,
         }),
@@ -88,6 +93,25 @@ impl Sender {
     pub(crate) fn is_closed(&self) -> bool {
         self.0.lock().receiver_gone
     }
+
+    pub(crate) fn ring(&self) {
+        ring(&self.0);
+    }
+}
+
+/// Wakes the session with `Input::Bell` (once however often it is rung before the
+/// session looks), whatever is queued; it does not keep the session's input open.
+pub(crate) struct Bell(Arc<Shared>);
+
+impl Bell {
+    pub(crate) fn ring(&self) {
+        ring(&self.0);
+    }
+}
+
+fn ring(shared: &Shared) {
+    shared.lock().rung = true;
+    shared.ready.notify_one();
 }
 
 impl Drop for Sender {
@@ -108,6 +132,10 @@ impl Receiver {
         loop {
             {
                 let mut q = self.0.lock();
+                if q.rung {
+                    q.rung = false;
+                    return Some(Input::Bell);
+                }
                 if let Some(input) = q.items.pop_front() {
                     if q.items.is_empty() && q.items.capacity() > KEEP {
                         q.items.shrink_to(KEEP);
@@ -120,6 +148,12 @@ impl Receiver {
             }
             self.0.ready.notified().await;
         }
+    }
+}
+
+impl Receiver {
+    pub(crate) fn bell(&self) -> Bell {
+        Bell(self.0.clone())
     }
 }
 
@@ -204,6 +238,26 @@ mod tests {
         }
         while byte_of(poll_recv(&mut rx)).is_some() {}
         assert!(rx.0.lock().items.capacity() <= KEEP);
+    }
+
+    #[test]
+    fn a_bell_comes_before_what_is_queued_and_once_however_often_rung() {
+        let (tx, mut rx) = inbox(4);
+        tx.try_send(datagram(1)).unwrap();
+        let bell = rx.bell();
+        bell.ring();
+        tx.ring();
+        assert!(matches!(poll_recv(&mut rx), Poll::Ready(Some(Input::Bell))));
+        assert_eq!(byte_of(poll_recv(&mut rx)), Some(1));
+        assert!(poll_recv(&mut rx).is_pending());
+    }
+
+    #[test]
+    fn a_bell_does_not_keep_the_input_open() {
+        let (tx, mut rx) = inbox(4);
+        let _bell = rx.bell();
+        drop(tx);
+        assert!(matches!(poll_recv(&mut rx), Poll::Ready(None)));
     }
 
     #[tokio::test]

@@ -26,7 +26,7 @@ use portcullis_core::limit::GlobalBucket;
 use portcullis_core::mailbox::{Mailbox, MailboxLimits};
 use portcullis_core::metrics::Metrics;
 use portcullis_core::parking::{Parked, ParkedSessions, Slot};
-use portcullis_core::peer::{Closed, Ended, Lifecycle, Protocol, until_kicked};
+use portcullis_core::peer::{Closed, Lifecycle, Protocol, catch_unwind};
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::quarantine::Behaviours;
 use portcullis_core::refusal::Refusal;
@@ -153,7 +153,29 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
     // Entries of sessions that ended on their own are dropped when the map has doubled
     // since it was last pruned (the endpoint's Closed removes the others).
     let mut prune_at = 64;
-    while let Some(event) = events.recv().await {
+    // A reload rings every session (an idle one holds no watch of its own).
+    let mut live = ctx.live.clone();
+    live.mark_unchanged();
+    let mut live_open = true;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => break,
+            },
+            changed = live.changed(), if live_open => {
+                match changed {
+                    Ok(()) => {
+                        live.mark_unchanged();
+                        for (_, tx) in peers.values() {
+                            tx.ring();
+                        }
+                    }
+                    Err(_) => live_open = false,
+                }
+                continue;
+            }
+        };
         match event {
             Event::Connected {
                 peer,
@@ -250,14 +272,15 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: inbox::Receive
         mut slot,
         live,
     } = *running;
-    let kicked = guard.kicked.clone();
-    // The loop's own future is boxed so that `until_kicked` holds a pointer to it,
-    // not a second copy.
-    let serving = Box::pin(session.serve(&ctx, live, rx, kicked.clone()));
-    let end = match until_kicked(serving, kicked, KICK_GRACE).await {
-        Ended::Finished(end) => end,
-        Ended::Panicked(why) => End::Internal(why),
-        Ended::CutOff(reason) => End::Kicked(reason),
+    // A kick rings the session (its loop holds no kick future of its own while idle).
+    let bell = rx.bell();
+    guard.kicked.on_kick(Box::new(move || bell.ring()));
+    let end = {
+        let serving = std::pin::pin!(session.serve(&ctx, live, rx, guard.kicked.clone()));
+        match catch_unwind(serving).await {
+            Ok(end) => end,
+            Err(why) => End::Internal(why),
+        }
     };
     let link = session.link().clone();
     if let End::Internal(why) = &end {
@@ -283,7 +306,9 @@ async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: inbox::Receive
     ) {
         state.mailbox.clear();
         let id = session.admission().peer().principal.id.clone();
-        ctx.forwarder.unregister_device(id, state.mailbox.clone()).await;
+        ctx.forwarder
+            .unregister_device(id, state.mailbox.clone())
+            .await;
     } else {
         slot.park(state, Instant::now() + ctx.limits.session_expiry);
     }
@@ -366,7 +391,7 @@ async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<
         return None;
     };
     // Taken over while it waited for the slot: a newer session has the device.
-    if guard.kicked.borrow().is_some() {
+    if guard.kicked.reason().is_some() {
         link.close();
         return None;
     }
@@ -413,7 +438,7 @@ async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<
     }
     // Taken over meanwhile (by a session of another protocol, whose registration this
     // one may just have replaced): give the device back and stop.
-    if guard.kicked.borrow().is_some() {
+    if guard.kicked.reason().is_some() {
         ctx.forwarder
             .unregister_device(principal.id.clone(), state.mailbox.clone())
             .await;

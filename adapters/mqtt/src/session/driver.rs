@@ -74,7 +74,7 @@ impl Session {
         reader: &mut FrameReader,
         rd: &mut R,
         wr: &mut W,
-        kicked: &mut watch::Receiver<Option<KickReason>>,
+        kicked: &Kicked,
     ) -> End
     where
         R: AsyncRead + Unpin,
@@ -88,7 +88,7 @@ impl Session {
         let mut live_open = true;
         let mut out = BytesMut::new();
         loop {
-            let kick = *kicked.borrow();
+            let kick = kicked.reason();
             if let Some(reason) = kick {
                 // What was gathered (acknowledgements the broker already took) goes
                 // out before the session ends.
@@ -153,7 +153,7 @@ impl Session {
                 }
                 // Kicks, reloads and the drain before more input: a frame that arrives
                 // after a reload is judged by the new rules.
-                _ = kicked.changed() => continue,
+                _ = kicked.wait() => continue,
                 changed = live.changed(), if live_open => match changed {
                     Ok(()) => {
                         let next = live.borrow_and_update().clone();

@@ -34,7 +34,7 @@ use portcullis_core::principal::{PrincipalKind, PrincipalRef};
 use portcullis_core::quarantine::Behaviours;
 use portcullis_core::refusal::{Refusal, Stage};
 use portcullis_core::retained::RetainedCommands;
-use portcullis_core::sessions::{KickReason, SessionStats, Sessions};
+use portcullis_core::sessions::{KickReason, Kicked, SessionStats, Sessions};
 use portcullis_core::subscription::{
     RetainHandling, Subscription, SubscriptionKey, SubscriptionOptions,
 };
@@ -377,14 +377,14 @@ pub async fn run<S>(
     // A resumed session first finishes what the last connection left unacknowledged.
     session.resend(&ctx, &mut out);
     reader.max = ctx.limits.max_packet_size;
-    let mut kicked = guard.kicked.clone();
+    let kicked = guard.kicked.clone();
     // Every write has a deadline, this one too: a resumed session's resend can be
     // megabytes, and a peer holding the credential may never read it.
     let work = async {
         match tokio::time::timeout(ctx.limits.write_timeout, wr.write_all(&out)).await {
             Ok(Ok(())) => {
                 session
-                    .serve(&ctx, &mut reader, &mut rd, &mut wr, &mut kicked)
+                    .serve(&ctx, &mut reader, &mut rd, &mut wr, &kicked)
                     .await
             }
             Ok(Err(_)) => End::Closed,
