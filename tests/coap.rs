@@ -816,3 +816,42 @@ fn refusals_say_which_stage_in_their_code_and_payload_and_non_confirmable_posts_
     assert_eq!(gw.refusals("authorize", "topic_not_allowed"), 1);
     assert_eq!(gw.refusals("validate", "not_json"), 1);
 }
+
+#[test]
+fn a_reload_that_removes_an_idle_devices_group_ends_its_session() {
+    let group = "[device_groups.meters]\npublish = [\"devices/{id}/#\"]\n";
+    let gw = Gateway::start_with(group);
+    let out = gw.cli_ok(&[
+        "device",
+        "add",
+        "coap-m1",
+        "--group",
+        "meters",
+        "--psk-generate",
+    ]);
+    let key = out
+        .lines()
+        .find_map(|l| l.strip_prefix("psk: "))
+        .unwrap_or_else(|| panic!("no psk line in {out:?}"))
+        .trim()
+        .to_string();
+    runtime().block_on(async {
+        let mut dev = device(&gw, "coap-m1", &key).await;
+        let ok = dev
+            .request(&Request::post("t/telemetry/a", b"1"), T)
+            .await
+            .unwrap();
+        assert_eq!(ok.code, ResponseType::Changed);
+        // The session is idle from here on: the reload alone has to reach it.
+        let text = std::fs::read_to_string(&gw.config).unwrap();
+        assert!(text.contains(group), "config has no {group:?}");
+        std::fs::write(&gw.config, text.replace(group, "")).unwrap();
+        let out = gw.cli_ok(&["config", "reload"]);
+        assert!(out.contains("reloaded"), "{out}");
+        gw.wait_audit(&[
+            "\"disconnect\"",
+            "\"coap-m1\"",
+            "group removed by a configuration reload",
+        ]);
+    });
+}
