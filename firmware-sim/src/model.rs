@@ -1420,7 +1420,7 @@ impl Admitted {
             protocol: portcullis_core::peer::Protocol::Mqtt311,
         };
         Admitted {
-            admission: Admission::new(peer, rules, shared, now),
+            admission: Admission::new(peer, rules, Arc::new(shared), now),
             free_at: t,
         }
     }

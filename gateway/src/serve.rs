@@ -304,6 +304,15 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         config.rate_limits.global_messages_per_second,
         std::time::Instant::now(),
     ));
+    // What every admission shares, MQTT's and CoAP's.
+    let shared = Arc::new(portcullis_core::admission::Shared {
+        global: global.clone(),
+        retained: retained.clone(),
+        behaviours: behaviours.clone(),
+        directory: auth.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+    });
     let context = |kind| {
         let store = match kind {
             PrincipalKind::Device => device_store.clone(),
@@ -319,6 +328,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             store,
             retained: retained.clone(),
             behaviours: behaviours.clone(),
+            shared: shared.clone(),
             audit: audit.clone(),
             metrics: metrics.clone(),
             limits,
@@ -336,6 +346,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         parked: portcullis_core::parking::ParkedSessions::new(),
         retained: retained.clone(),
         behaviours: behaviours.clone(),
+        shared: shared.clone(),
         audit: audit.clone(),
         metrics: metrics.clone(),
         limits: portcullis_coap::session::Limits {
@@ -718,6 +729,7 @@ fn reload(
         ("limits", new.limits == current.limits),
         ("auth", new.auth == current.auth),
         ("coap", new.coap == current.coap),
+        ("serial", new.serial == current.serial),
         // Built once at start (shared lock-free by all sessions and listeners).
         (
             "rate_limits.global_messages_per_second",

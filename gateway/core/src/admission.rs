@@ -189,7 +189,7 @@ const GLOBAL_RETRY: Duration = Duration::from_millis(5);
 
 pub struct Admission {
     peer: Peer,
-    shared: Shared,
+    shared: Arc<Shared>,
     rules: Rules,
     limiter: PrincipalLimiter,
     /// The pace a quarantined device is read at (its tightened message rate).
@@ -240,7 +240,7 @@ fn forensic_bucket(policy: &BehaviourPolicy, now: Instant) -> TokenBucket {
 }
 
 impl Admission {
-    pub fn new(peer: Peer, rules: Rules, shared: Shared, now: Instant) -> Admission {
+    pub fn new(peer: Peer, rules: Rules, shared: Arc<Shared>, now: Instant) -> Admission {
         let p = &peer.principal;
         let tracked = (p.kind == PrincipalKind::Device && rules.behaviour.enabled)
             .then(|| shared.behaviours.track(&p.id, &p.group));
@@ -866,7 +866,7 @@ mod tests {
             behaviours.restore(&id, &group, state, t0, t0);
         }
         let validator = Arc::new(Validator::new(&c.validation, |p| p.to_path_buf()).unwrap());
-        let shared = Shared {
+        let shared = Arc::new(Shared {
             global: Arc::new(GlobalBucket::new(
                 c.rate_limits.global_messages_per_second,
                 t0,
@@ -876,7 +876,7 @@ mod tests {
             directory: Arc::new(Devices(["sensor-1", "sensor-2"].map(String::from).into())),
             metrics: metrics.clone(),
             audit,
-        };
+        });
         let peer = Peer {
             principal: PrincipalRef {
                 kind: PrincipalKind::Device,
@@ -1065,8 +1065,9 @@ mod tests {
         let mut f = fixture(|c| {
             c.sessions.max_retained_per_device = 1;
         });
-        f.admission.shared.retained =
-            Arc::new(RetainedCommands::new(1).with_telemetry_bytes_per_device(1 << 20));
+        Arc::get_mut(&mut f.admission.shared)
+            .expect("the fixture's admission alone holds its shared state")
+            .retained = Arc::new(RetainedCommands::new(1).with_telemetry_bytes_per_device(1 << 20));
         let mut m = msg("devices/sensor-1/a", b"1");
         m.retain = true;
         assert!(matches!(

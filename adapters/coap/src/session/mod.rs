@@ -79,6 +79,8 @@ pub struct Context {
     pub parked: Arc<ParkedSessions<CoapState>>,
     pub retained: Arc<RetainedCommands>,
     pub behaviours: Arc<Behaviours>,
+    /// What every admission shares (one `Arc` a session rather than six).
+    pub shared: Arc<admission::Shared>,
     pub audit: Audit,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
@@ -356,14 +358,7 @@ async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<
             protocol: Protocol::Coap,
         },
         live.rules(&principal, authed.acl.clone(), &ctx.behaviours),
-        admission::Shared {
-            global: ctx.global.clone(),
-            retained: ctx.retained.clone(),
-            behaviours: ctx.behaviours.clone(),
-            directory: ctx.auth.clone(),
-            metrics: ctx.metrics.clone(),
-            audit: ctx.audit.clone(),
-        },
+        ctx.shared.clone(),
         now,
     );
     // Registering ends an earlier session of the same identity (take-over), whatever

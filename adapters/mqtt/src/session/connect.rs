@@ -149,14 +149,7 @@ pub(super) fn authenticate(
             protocol: protocol(version),
         },
         rules(ctx, &live, &principal, authed.acl.clone()),
-        admission::Shared {
-            global: ctx.global.clone(),
-            retained: ctx.retained.clone(),
-            behaviours: ctx.behaviours.clone(),
-            directory: ctx.auth.clone(),
-            metrics: ctx.metrics.clone(),
-            audit: ctx.audit.clone(),
-        },
+        ctx.shared.clone(),
         now,
     );
     // A Last Will is authorized like a publish, at CONNECT (and again when it fires).

@@ -107,6 +107,8 @@ pub struct Context {
     pub retained: Arc<RetainedCommands>,
     /// Per-device behaviour models and quarantine (devices only).
     pub behaviours: Arc<Behaviours>,
+    /// What every admission shares (one `Arc` a session rather than six).
+    pub shared: Arc<admission::Shared>,
     pub audit: Audit,
     pub metrics: Arc<Metrics>,
     pub limits: SessionLimits,

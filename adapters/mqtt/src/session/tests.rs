@@ -171,19 +171,30 @@ fn fixture(
     }));
     let (_, shutdown) = watch::channel(false);
     let (tx, uplink) = mpsc::channel(16);
+    let global = Arc::new(GlobalBucket::new(
+        config.rate_limits.global_messages_per_second,
+        t0,
+    ));
+    let retained = Arc::new(RetainedCommands::new(1 << 20));
+    let shared = Arc::new(portcullis_core::admission::Shared {
+        global: global.clone(),
+        retained: retained.clone(),
+        behaviours: behaviours.clone(),
+        directory: auth.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+    });
     let ctx = Context {
         kind,
         live,
-        global: Arc::new(GlobalBucket::new(
-            config.rate_limits.global_messages_per_second,
-            t0,
-        )),
+        global,
         auth,
         forwarder: Arc::new(Untouched { uplink: tx }),
         sessions: Sessions::new(),
         store: SessionStore::new(),
-        retained: Arc::new(RetainedCommands::new(1 << 20)),
+        retained,
         behaviours,
+        shared,
         audit,
         metrics,
         limits: limits(),
