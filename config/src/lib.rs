@@ -18,10 +18,12 @@ pub const SHIPPED: &str = include_str!("../portcullis.toml");
 
 pub mod behaviour;
 pub mod duration;
+pub mod serial;
 pub mod upstream;
 pub mod validation;
 
 pub use behaviour::{Behaviour, BehaviourOverride, QuarantineCommands, QuarantineTraffic};
+pub use serial::{Parity, Serial, SerialPort};
 pub use upstream::{BrokerUrl, Outbox, Upstream, WhenFull};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -51,6 +53,9 @@ pub struct Config {
     pub service_groups: BTreeMap<String, ServiceGroup>,
     /// CoAP devices: DTLS sessions and the CoAP exchanges on them.
     pub coap: Coap,
+    /// Serial devices: the ports the gateway may open, who may speak on each, and the
+    /// link's bounds. No port unless listed.
+    pub serial: Serial,
     /// Keys of the file that were renamed and are still read, each with the new key
     /// to write (see [`duration::renamed_keys`]). Not a key itself.
     #[serde(skip)]
@@ -571,6 +576,7 @@ impl Default for Config {
             device_groups,
             service_groups,
             coap: Coap::default(),
+            serial: Serial::default(),
         }
     }
 }
@@ -1075,6 +1081,7 @@ impl Config {
                 ));
             }
         }
+        self.serial.validate()?;
         let r = &self.rate_limits;
         for (key, v) in [
             ("rate_limits.messages_per_second", r.messages_per_second),
