@@ -454,6 +454,26 @@ fn config_check_names_the_file_the_key_and_the_reason() {
         msg.contains("bad.toml: limits.max_packet_size: must be > 0 (got 0)"),
         "{msg}"
     );
+    // [serial] rules name the port, the key and the value.
+    let serial = dir.path().join("serial.toml");
+    std::fs::write(
+        &serial,
+        "[[serial.ports]]\npath = \"/dev/ttyUSB0\"\ndevices = [\"pump-1\"]\n\
+         [[serial.ports]]\npath = \"/dev/ttyUSB1\"\nbaud = 12\ndevices = [\"pump-2\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["config", "check", serial.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "serial.toml: serial.ports[1].baud: must be between 300 and 4000000 (got 12)"
+        ),
+        "{}",
+        text(&out)
+    );
     let typo = dir.path().join("typo.toml");
     std::fs::write(&typo, "[auth]\nsecret = \"hunter2-hunter2\"\n").unwrap();
     let out = std::process::Command::new(BIN)
@@ -768,4 +788,140 @@ fn a_pre_shared_key_is_printed_once_and_kept_only_encrypted_under_a_master_key_o
     assert!(!master.exists(), "a new master key was created");
     std::fs::rename(gw.dir.path().join("moved.key"), &master).unwrap();
     assert!(gw.cli_ok(&["registry", "check"]).starts_with("ok"));
+}
+
+/// Whether `needle` is anywhere in a file under `dir`, by the file it is in.
+fn file_holding(dir: &std::path::Path, needle: &[u8]) -> Option<std::path::PathBuf> {
+    files_under(dir).into_iter().find(|file| {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        bytes.windows(needle.len()).any(|w| w == needle)
+    })
+}
+
+#[test]
+fn a_serial_key_is_printed_once_for_flashing_and_kept_only_sealed_beside_a_psk() {
+    let mut gw = Gateway::start();
+    let added = gw.cli(&[
+        "device",
+        "add",
+        "pump-1",
+        "--psk-generate",
+        "--serial-key-generate",
+    ]);
+    assert!(added.status.success(), "{}", text(&added));
+    let out = String::from_utf8_lossy(&added.stdout).into_owned();
+    let key = out
+        .lines()
+        .find_map(|l| l.strip_prefix("serial key: "))
+        .expect("serial key printed")
+        .to_string();
+    assert_eq!(key.len(), 64, "{out}");
+    let raw = hex::decode(&key).expect("printed in hex");
+    assert_eq!(out.matches(&key).count(), 1, "printed once: {out}");
+    // What it is for, on stderr, without the key.
+    let note = String::from_utf8_lossy(&added.stderr).into_owned();
+    assert!(note.contains("flash the serial key"), "{note}");
+    assert!(!note.contains(&key), "{note}");
+    // Both credentials held; neither shown.
+    assert!(out.lines().any(|l| l.starts_with("psk: ")), "{out}");
+    for listing in [
+        gw.cli_ok(&["device", "show", "pump-1"]),
+        gw.cli_ok(&["device", "list"]),
+    ] {
+        assert!(listing.contains("\"serial_key\": true"), "{listing}");
+        assert!(listing.contains("\"psk\": true"), "{listing}");
+        assert!(!listing.contains(&key), "{listing}");
+    }
+    // Nowhere in clear, in hex or raw: not the registry, the audit log or the gateway's
+    // log.
+    for needle in [key.as_bytes(), &raw[..]] {
+        assert_eq!(file_holding(gw.dir.path(), needle), None);
+    }
+    let registry = std::fs::read(gw.data().join("registry.redb")).unwrap();
+    let record = String::from_utf8_lossy(&registry);
+    assert!(record.contains("\"frame_key\""), "the key is kept, sealed");
+
+    // From stdin: 64 hex digits. Anything else is refused, naming the flag and the
+    // length, and nothing is added.
+    let given = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    let ok = gw.cli_stdin(
+        &["device", "add", "pump-2", "--serial-key-stdin"],
+        Some(&format!("{given}\n")),
+    );
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(!text(&ok).contains(given), "{}", text(&ok));
+    assert!(
+        gw.cli_ok(&["device", "show", "pump-2"])
+            .contains("\"serial_key\": true")
+    );
+    for wrong in [&given[..62], "short", &format!("{given}00")[..]] {
+        let refused = gw.cli_stdin(
+            &["device", "add", "pump-3", "--serial-key-stdin"],
+            Some(&format!("{wrong}\n")),
+        );
+        assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+        let msg = text(&refused);
+        assert!(
+            msg.contains("--serial-key-stdin") && msg.contains("exactly 32 bytes: 64 hex digits"),
+            "{msg}"
+        );
+        assert!(!msg.contains(wrong), "the key is not echoed: {msg}");
+    }
+    assert!(text(&gw.cli(&["device", "show", "pump-3"])).contains("no such device: pump-3"));
+    // A device credential only: a service is refused, and no key is shown.
+    let service = gw.cli(&["service", "add", "svc-9", "--serial-key-generate"]);
+    assert!(!service.status.success());
+    assert!(
+        text(&service).contains("device credential"),
+        "{}",
+        text(&service)
+    );
+    assert!(
+        !text(&service).contains("serial key: "),
+        "{}",
+        text(&service)
+    );
+    // The flags take no value: a key on the command line is refused before anything
+    // runs, and written nowhere.
+    let on_argv = "0123456789abcdef".repeat(4);
+    for args in [
+        ["device", "add", "pump-4", "--serial-key-stdin", &on_argv],
+        ["device", "add", "pump-4", "--serial-key", &on_argv],
+    ] {
+        let argv = gw.cli(&args);
+        assert_eq!(argv.status.code(), Some(2), "{}", text(&argv));
+        assert!(
+            text(&argv).contains("unexpected argument"),
+            "{}",
+            text(&argv)
+        );
+    }
+    assert_eq!(file_holding(gw.dir.path(), on_argv.as_bytes()), None);
+    // Rotated: a new key, printed once; the PSK stays.
+    let rotated = gw.cli_ok(&["device", "rotate", "pump-1", "--serial-key-generate"]);
+    let new_key = rotated
+        .lines()
+        .find_map(|l| l.strip_prefix("serial key: "))
+        .expect("new serial key printed");
+    assert_ne!(new_key, key);
+    assert!(rotated.contains("\"psk\": true"), "{rotated}");
+    // From an import file, and sealed again by a master key rotation like a PSK.
+    let import = gw.dir.path().join("pumps.toml");
+    std::fs::write(
+        &import,
+        format!(
+            "[[principal]]\nid = \"pump-5\"\nserial_key = \"{}\"\n",
+            "5a".repeat(32)
+        ),
+    )
+    .unwrap();
+    gw.cli_ok(&["device", "import", import.to_str().unwrap()]);
+    assert!(
+        gw.cli_ok(&["device", "show", "pump-5"])
+            .contains("\"serial_key\": true")
+    );
+    let out = gw.cli_ok(&["master-key", "rotate"]);
+    assert!(out.contains("3 record(s) sealed again"), "{out}");
+    assert!(gw.cli_ok(&["registry", "check"]).starts_with("ok"));
+    gw.terminate();
 }

@@ -154,6 +154,14 @@ fn a_broken_new_config_is_refused_and_the_running_one_stays() {
     .unwrap();
     let out = gw.cli(&["config", "reload"]);
     assert!(text(&out).contains("coap changed"), "{}", text(&out));
+    // And [serial] (its ports are opened at start).
+    std::fs::write(
+        &gw.config,
+        good.clone() + "\n[serial]\nack_timeout = \"300ms\"\n",
+    )
+    .unwrap();
+    let out = gw.cli(&["config", "reload"]);
+    assert!(text(&out).contains("serial changed"), "{}", text(&out));
     gw.wait_audit(&["\"config\"", "\"refuse\"", "reload refused"]);
     assert_eq!(
         publish(&mut raw, "devices/meter-1/telemetry", 1),

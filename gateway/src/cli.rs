@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use portcullis_config::Config;
 use portcullis_core::auth::Policies;
-use portcullis_core::device_key::generate_device_key;
+use portcullis_core::device_key::{FRAME_KEY_LEN, generate_device_key};
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::registry::{CheckSummary, Registry};
 use portcullis_core::secret::SecretHasher;
@@ -212,6 +212,18 @@ struct Credentials {
     /// Read the pre-shared key from a file.
     #[arg(long)]
     psk_file: Option<PathBuf>,
+    /// Generate a serial frame key (32 random bytes) and print it once, in hex, for
+    /// flashing into the device.
+    #[arg(long, conflicts_with_all = ["serial_key_stdin", "serial_key_file"])]
+    serial_key_generate: bool,
+    /// Read the serial frame key from standard input: one line of exactly 64 hex digits
+    /// (32 bytes).
+    #[arg(long, conflicts_with_all = ["serial_key_file", "secret_stdin", "psk_stdin"])]
+    serial_key_stdin: bool,
+    /// Read the serial frame key from a file: exactly 32 raw bytes, or 64 hex digits (a
+    /// trailing newline is removed).
+    #[arg(long, value_name = "FILE")]
+    serial_key_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -647,6 +659,67 @@ fn read_psk(creds: &Credentials) -> Result<Option<String>> {
     Ok(Some(psk))
 }
 
+/// `text` as a serial key in hex, if it is one (never echoed: only its length is told).
+fn serial_key_hex(flag: &str, text: &[u8]) -> Result<String> {
+    let text = text
+        .strip_suffix(b"\n")
+        .map(|t| t.strip_suffix(b"\r").unwrap_or(t))
+        .unwrap_or(text);
+    let hex_digits = text.iter().all(u8::is_ascii_hexdigit);
+    if text.len() != 2 * FRAME_KEY_LEN || !hex_digits {
+        let got = if hex_digits {
+            format!("{} hex digits", text.len())
+        } else {
+            format!("{} characters, not all hex digits", text.len())
+        };
+        bail!(UsageError(format!(
+            "{flag}: a serial key is exactly {FRAME_KEY_LEN} bytes: {} hex digits (got {got}); \
+             or use --serial-key-generate",
+            2 * FRAME_KEY_LEN
+        )));
+    }
+    Ok(String::from_utf8_lossy(text).to_ascii_lowercase())
+}
+
+/// The serial frame key the flags name, as the hex the admin API takes: generated
+/// (printed once, by the caller, only after the gateway stored it), or read from stdin
+/// or a file. Never from argv.
+fn read_serial_key(creds: &Credentials) -> Result<Option<String>> {
+    if creds.serial_key_generate {
+        let mut key = [0u8; FRAME_KEY_LEN];
+        rand_bytes(&mut key)?;
+        let hex_key = hex::encode(key);
+        key.fill(0);
+        return Ok(Some(hex_key));
+    }
+    if creds.serial_key_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the serial key from stdin")?;
+        return serial_key_hex("--serial-key-stdin", line.as_bytes()).map(Some);
+    }
+    let Some(file) = &creds.serial_key_file else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(file).with_context(|| format!("{}", file.display()))?;
+    // Exactly 32 bytes is the key itself (64 hex digits are never that short).
+    if bytes.len() == FRAME_KEY_LEN {
+        return Ok(Some(hex::encode(bytes)));
+    }
+    let flag = format!("--serial-key-file {}", file.display());
+    match serial_key_hex(&flag, &bytes) {
+        Ok(key) => Ok(Some(key)),
+        Err(_) => bail!(UsageError(format!(
+            "{flag}: a serial key is exactly {FRAME_KEY_LEN} raw bytes or {} hex digits (got {} bytes); \
+             or use --serial-key-generate",
+            2 * FRAME_KEY_LEN,
+            bytes.len()
+        ))),
+    }
+}
+
 fn rand_bytes(buf: &mut [u8]) -> Result<()> {
     getrandom::fill(buf).map_err(|e| anyhow::anyhow!("the system's random source: {e}"))
 }
@@ -681,6 +754,9 @@ struct ImportEntry {
     secret: Option<String>,
     #[serde(default)]
     psk: Option<String>,
+    /// A serial frame key, 64 hex digits.
+    #[serde(default)]
+    serial_key: Option<String>,
 }
 
 fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) -> Result<()> {
@@ -701,12 +777,25 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
         }
         Ok(psk)
     };
+    let mut generated_serial_key = None;
+    let mut serial_key_of = |creds: &Credentials| -> Result<Option<String>> {
+        let key = read_serial_key(creds)?;
+        if creds.serial_key_generate {
+            generated_serial_key.clone_from(&key);
+        }
+        Ok(key)
+    };
     let config = &config;
     match action {
         PrincipalAction::Add { id, group, creds } => {
-            if !creds.cert_any && creds.cert.is_none() && !has_secret(&creds) && !has_psk(&creds) {
+            if !creds.cert_any
+                && creds.cert.is_none()
+                && !has_secret(&creds)
+                && !has_psk(&creds)
+                && !has_serial_key(&creds)
+            {
                 bail!(UsageError(
-                    "give a credential: --cert FILE, --cert-any, --secret-stdin, --secret-file, --generate-secret, --psk-generate, --psk-stdin or --psk-file".into()
+                    "give a credential: --cert FILE, --cert-any, --secret-stdin, --secret-file, --generate-secret, --psk-generate, --psk-stdin, --psk-file, --serial-key-generate, --serial-key-stdin or --serial-key-file".into()
                 ));
             }
             let principal = NewPrincipal {
@@ -716,6 +805,7 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
                 cert_any: creds.cert_any,
                 secret: secret_of(&creds)?,
                 psk: psk_of(&creds)?,
+                serial_key: serial_key_of(&creds)?,
             };
             print(&call(config, AddPrincipal { kind, principal })?)
         }
@@ -741,6 +831,7 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
                     cert_any: e.cert_any,
                     secret: e.secret,
                     psk: e.psk,
+                    serial_key: e.serial_key,
                 });
             }
             print(&call(config, ImportPrincipals { kind, principals })?)
@@ -758,6 +849,7 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
                 cert_any: creds.cert_any,
                 secret: secret_of(&creds)?,
                 psk: psk_of(&creds)?,
+                serial_key: serial_key_of(&creds)?,
             };
             print(&call(config, op)?)
         }
@@ -769,6 +861,13 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
     }
     if let Some(psk) = generated_psk {
         println!("psk: {psk}");
+    }
+    if let Some(key) = generated_serial_key {
+        println!("serial key: {key}");
+        eprintln!(
+            "portcullis: flash the serial key above into the device (its frames are checked \
+             with it); it is not shown again"
+        );
     }
     Ok(())
 }
@@ -881,6 +980,10 @@ fn offline_audit(config: &Config) -> Result<portcullis_core::audit::AuditSetting
 
 fn has_psk(c: &Credentials) -> bool {
     c.psk_generate || c.psk_stdin || c.psk_file.is_some()
+}
+
+fn has_serial_key(c: &Credentials) -> bool {
+    c.serial_key_generate || c.serial_key_stdin || c.serial_key_file.is_some()
 }
 
 fn has_secret(c: &Credentials) -> bool {
@@ -1145,6 +1248,113 @@ mod tests {
             let err = parse_ttl(bad).unwrap_err().to_string();
             assert!(err.contains("--ttl") && err.contains("7d"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_serial_key_is_read_as_64_hex_digits_and_a_wrong_one_names_the_flag_and_the_length() {
+        let key = "000102030405060708090A0B0C0D0E0F101112131415161718191a1b1c1d1e1f";
+        for text in [key.to_string(), format!("{key}\n"), format!("{key}\r\n")] {
+            assert_eq!(
+                serial_key_hex("--serial-key-stdin", text.as_bytes()).unwrap(),
+                key.to_ascii_lowercase()
+            );
+        }
+        for (text, got) in [
+            (&key[..62], "62 hex digits"),
+            ("", "0 hex digits"),
+            (&format!("{key}00")[..], "66 hex digits"),
+        ] {
+            let err = serial_key_hex("--serial-key-stdin", text.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "--serial-key-stdin: a serial key is exactly 32 bytes: 64 hex digits (got {got}); \
+                     or use --serial-key-generate"
+                )
+            );
+        }
+        let secretish = format!("{}-not-hex", &key[..56]);
+        let err = serial_key_hex("--serial-key-stdin", secretish.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("64 characters, not all hex digits"), "{err}");
+        assert!(!err.contains("0001020304"), "{err}");
+    }
+
+    #[test]
+    fn a_serial_key_file_holds_32_raw_bytes_or_64_hex_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = |file: &Path| {
+            let cli = Cli::try_parse_from([
+                "portcullis",
+                "device",
+                "add",
+                "pump-1",
+                "--serial-key-file",
+                file.to_str().unwrap(),
+            ])
+            .unwrap();
+            match cli.command {
+                Command::Device {
+                    action: PrincipalAction::Add { creds, .. },
+                    ..
+                } => creds,
+                other => panic!("{other:?}"),
+            }
+        };
+        let raw = dir.path().join("raw.key");
+        // Raw bytes that end in a newline are still the key, not a line.
+        let mut bytes = [0x5au8; 32];
+        bytes[31] = b'\n';
+        std::fs::write(&raw, bytes).unwrap();
+        assert_eq!(
+            read_serial_key(&creds(&raw)).unwrap(),
+            Some(hex::encode(bytes))
+        );
+        let text = dir.path().join("hex.key");
+        std::fs::write(&text, format!("{}\n", "ab".repeat(32))).unwrap();
+        assert_eq!(
+            read_serial_key(&creds(&text)).unwrap(),
+            Some("ab".repeat(32))
+        );
+        let short = dir.path().join("short.key");
+        std::fs::write(&short, [1u8; 31]).unwrap();
+        let err = read_serial_key(&creds(&short)).unwrap_err().to_string();
+        assert!(
+            err.contains("--serial-key-file")
+                && err.contains("exactly 32 raw bytes or 64 hex digits (got 31 bytes)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_serial_key_flags_take_no_key_on_the_command_line() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["portcullis", "device", "add", "pump-1"].iter().chain(args))
+        };
+        let key = "ab".repeat(32);
+        for args in [
+            vec!["--serial-key-stdin", key.as_str()],
+            vec!["--serial-key-generate", key.as_str()],
+            vec!["--serial-key", key.as_str()],
+            vec![&format!("--serial-key-generate={key}")[..]],
+        ] {
+            let err = parse(&args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+        // One source of the key, and stdin for one credential only.
+        for args in [
+            ["--serial-key-generate", "--serial-key-stdin"],
+            ["--serial-key-stdin", "--psk-stdin"],
+            ["--serial-key-stdin", "--secret-stdin"],
+        ] {
+            assert!(parse(&args).is_err(), "{args:?}");
+        }
+        // Beside a pre-shared key: a device may have both.
+        assert!(parse(&["--psk-generate", "--serial-key-generate"]).is_ok());
+        assert!(parse(&["--psk-stdin", "--serial-key-generate"]).is_ok());
     }
 
     #[test]

@@ -215,6 +215,7 @@ pub(crate) mod testing {
                 cert_any: false,
                 secret: Some("0123456789abcdef0123456789abcdef".into()),
                 psk: None,
+                serial_key: None,
             },
         }
     }

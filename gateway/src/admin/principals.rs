@@ -8,9 +8,9 @@ use super::protocol::{
     RemovePrincipal, RotateCredentials, ShowPrincipal,
 };
 use super::{AdminError, AdminState, Handler, parse_id};
-use portcullis_core::device_key::DeviceKey;
+use portcullis_core::device_key::{DeviceKey, FRAME_KEY_LEN};
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
-use portcullis_core::registry::{CertCredential, PrincipalRecord, now_unix};
+use portcullis_core::registry::{CertCredential, NewDeviceKeys, PrincipalRecord, now_unix};
 use portcullis_core::secret::MIN_SECRET_LEN;
 use portcullis_core::sessions::KickReason;
 
@@ -57,6 +57,7 @@ impl From<&PrincipalRecord> for Principal {
             }),
             secret: r.secret_hash.is_some(),
             psk: r.psk.is_some(),
+            serial_key: r.frame_key.is_some(),
             generation: r.generation,
             created_unix: r.created_unix,
             updated_unix: r.updated_unix,
@@ -96,12 +97,45 @@ impl AdminState {
             .map_err(|e| format!("{id}: pre-shared key: {e}"))
     }
 
-    /// The record to add (its `psk` not yet sealed) and its pre-shared key, if any.
+    /// A serial frame key (devices only), given as hex: exactly `FRAME_KEY_LEN` bytes.
+    /// Sealed, like a pre-shared key, by the registry in the transaction that stores it.
+    /// The key is never echoed, not even in part.
+    fn frame_key(
+        kind: PrincipalKind,
+        id: &PrincipalId,
+        hex_key: Option<&str>,
+    ) -> Result<Option<DeviceKey>, String> {
+        let Some(hex_key) = hex_key else {
+            return Ok(None);
+        };
+        if kind != PrincipalKind::Device {
+            return Err(format!(
+                "{id}: a serial key is a device credential (serial frames)"
+            ));
+        }
+        let wrong = |got: String| {
+            format!(
+                "{id}: a serial key is exactly {FRAME_KEY_LEN} bytes, written as {} hex digits (got {got})",
+                2 * FRAME_KEY_LEN
+            )
+        };
+        let bytes = hex::decode(hex_key)
+            .map_err(|_| wrong(format!("{} characters, not all hex digits", hex_key.len())))?;
+        // Held as a key from here, so that it is wiped whichever way this returns.
+        let len = bytes.len();
+        let key = DeviceKey::new(bytes).map_err(|_| wrong(format!("{len} bytes")))?;
+        if key.as_bytes().len() != FRAME_KEY_LEN {
+            return Err(wrong(format!("{len} bytes")));
+        }
+        Ok(Some(key))
+    }
+
+    /// The record to add (its key slots not yet sealed) and its device keys, if any.
     fn record_for(
         &self,
         kind: PrincipalKind,
         p: &NewPrincipal,
-    ) -> Result<(PrincipalRecord, Option<DeviceKey>), String> {
+    ) -> Result<(PrincipalRecord, NewDeviceKeys), String> {
         let id = parse_id(&p.id)?;
         let group_name = p.group.as_deref().unwrap_or("default");
         let group = GroupName::parse(group_name).map_err(|e| format!("group: {e}"))?;
@@ -116,10 +150,14 @@ impl AdminState {
         }
         let cert = cert_credential(p.cert_fingerprint.as_deref(), p.cert_any)?;
         let secret_hash = self.hash_secret(p.secret.as_deref())?;
-        let psk = Self::psk_key(kind, &id, p.psk.as_deref())?;
-        if cert.is_none() && secret_hash.is_none() && psk.is_none() {
+        let keys = NewDeviceKeys {
+            psk: Self::psk_key(kind, &id, p.psk.as_deref())?,
+            frame_key: Self::frame_key(kind, &id, p.serial_key.as_deref())?,
+        };
+        if cert.is_none() && secret_hash.is_none() && keys.psk.is_none() && keys.frame_key.is_none()
+        {
             return Err(format!(
-                "{id}: no credential (give a certificate, --cert-any, a secret or a pre-shared key)"
+                "{id}: no credential (give a certificate, --cert-any, a secret, a pre-shared key or a serial key)"
             ));
         }
         let now = now_unix();
@@ -136,16 +174,14 @@ impl AdminState {
             created_unix: now,
             updated_unix: now,
         };
-        Ok((record, psk))
+        Ok((record, keys))
     }
 }
 
 impl Handler for AddPrincipal {
     fn run(self, state: &AdminState) -> Result<Principal, AdminError> {
-        let (record, psk) = state.record_for(self.kind, &self.principal)?;
-        let stored = state
-            .registry
-            .add_with_psk(record, psk.as_ref(), &state.master)?;
+        let (record, keys) = state.record_for(self.kind, &self.principal)?;
+        let stored = state.registry.add_with_keys(record, &keys, &state.master)?;
         state.audit("add", self.kind, &self.principal.id);
         Ok(Principal::from(&stored))
     }
@@ -159,18 +195,18 @@ impl Handler for ImportPrincipals {
         let mut records = Vec::with_capacity(self.principals.len());
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.principals.iter().enumerate() {
-            let (record, psk) = state
+            let (record, keys) = state
                 .record_for(kind, p)
                 .map_err(|e| format!("entry {}: {e}", i + 1))?;
             if snapshot.get(kind, &record.id).is_some() || !seen.insert(record.id.clone()) {
                 return Err(format!("entry {}: {kind} {} already exists", i + 1, record.id).into());
             }
-            records.push((record, psk));
+            records.push((record, keys));
         }
         let imported = records.len();
         let ids: Vec<String> = records.iter().map(|(r, _)| r.id.to_string()).collect();
         // One commit for the whole import.
-        state.registry.add_all_with_psks(records, &state.master)?;
+        state.registry.add_all_with_keys(records, &state.master)?;
         for id in ids {
             state.audit("import", kind, &id);
         }
@@ -268,21 +304,25 @@ impl Handler for RotateCredentials {
             && !self.cert_any
             && self.secret.is_none()
             && self.psk.is_none()
+            && self.serial_key.is_none()
         {
             return Err(
-                "rotate needs a new certificate, --cert-any, a new secret or a new pre-shared key"
+                "rotate needs a new certificate, --cert-any, a new secret, a new pre-shared key or a new serial key"
                     .into(),
             );
         }
         let cert = cert_credential(self.cert_fingerprint.as_deref(), self.cert_any)?;
         let secret_hash = state.hash_secret(self.secret.as_deref())?;
-        let psk = AdminState::psk_key(self.kind, &pid, self.psk.as_deref())?;
-        let r = state.registry.rotate_with_psk(
+        let keys = NewDeviceKeys {
+            psk: AdminState::psk_key(self.kind, &pid, self.psk.as_deref())?,
+            frame_key: AdminState::frame_key(self.kind, &pid, self.serial_key.as_deref())?,
+        };
+        let r = state.registry.rotate_with_keys(
             self.kind,
             &pid,
             cert,
             secret_hash,
-            psk.as_ref(),
+            &keys,
             &state.master,
         )?;
         // Sessions authenticated with the old credentials end.
@@ -345,6 +385,122 @@ mod tests {
         assert_eq!(usage(show("nope")), "no such device: nope");
     }
 
+    fn add_with_serial_key(kind: PrincipalKind, id: &str, key: &str) -> AddPrincipal {
+        AddPrincipal {
+            kind,
+            principal: NewPrincipal {
+                id: id.into(),
+                group: None,
+                cert_fingerprint: None,
+                cert_any: false,
+                secret: None,
+                psk: None,
+                serial_key: Some(key.into()),
+            },
+        }
+    }
+
+    #[test]
+    fn a_serial_key_alone_registers_a_device_sealed_as_its_frame_key() {
+        use portcullis_core::device_key::KeyPurpose;
+        let (_dir, state) = offline();
+        let key = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+        let shown = add_with_serial_key(PrincipalKind::Device, "pump-1", key)
+            .run(&state)
+            .unwrap();
+        let v = wire(&shown);
+        assert_eq!(
+            (v["serial_key"].as_bool(), v["psk"].as_bool()),
+            (Some(true), Some(false))
+        );
+        assert!(!v.to_string().contains(key), "{v}");
+        let snapshot = state.registry.snapshot();
+        let record = snapshot
+            .get(
+                PrincipalKind::Device,
+                &PrincipalId::parse("pump-1").unwrap(),
+            )
+            .unwrap();
+        let sealed = record.frame_key.as_ref().unwrap();
+        assert!(!sealed.sealed.contains(key));
+        let opened = state
+            .master
+            .open(record.kind, &record.id, KeyPurpose::FrameKey, sealed)
+            .unwrap();
+        assert_eq!(opened.as_bytes(), hex::decode(key).unwrap());
+    }
+
+    #[test]
+    fn a_serial_key_is_exactly_32_bytes_of_hex_for_a_device_and_never_echoed() {
+        let (_dir, state) = offline();
+        let add = |kind, key: &str| usage(add_with_serial_key(kind, "pump-2", key).run(&state));
+        assert_eq!(
+            add(PrincipalKind::Device, &"ab".repeat(31)),
+            "pump-2: a serial key is exactly 32 bytes, written as 64 hex digits (got 31 bytes)"
+        );
+        assert_eq!(
+            add(PrincipalKind::Device, &"ab".repeat(33)),
+            "pump-2: a serial key is exactly 32 bytes, written as 64 hex digits (got 33 bytes)"
+        );
+        let not_hex = format!("{}zz", "ab".repeat(31));
+        let m = add(PrincipalKind::Device, &not_hex);
+        assert!(m.contains("64 characters, not all hex digits"), "{m}");
+        assert!(!m.contains("abab"), "{m}");
+        let m = add(PrincipalKind::Service, &"ab".repeat(32));
+        assert!(m.contains("device credential"), "{m}");
+        assert!(
+            state
+                .registry
+                .snapshot()
+                .get(
+                    PrincipalKind::Device,
+                    &PrincipalId::parse("pump-2").unwrap()
+                )
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn rotating_the_serial_key_keeps_the_other_credentials() {
+        let (_dir, state) = offline();
+        let before = state
+            .registry
+            .snapshot()
+            .get(
+                PrincipalKind::Device,
+                &PrincipalId::parse("sensor-1").unwrap(),
+            )
+            .unwrap()
+            .clone();
+        let changed = RotateCredentials {
+            kind: PrincipalKind::Device,
+            id: "sensor-1".into(),
+            cert_fingerprint: None,
+            cert_any: false,
+            secret: None,
+            psk: None,
+            serial_key: Some("11".repeat(32)),
+        }
+        .run(&state)
+        .unwrap();
+        let v = wire(&changed);
+        assert_eq!(
+            (v["serial_key"].as_bool(), v["secret"].as_bool()),
+            (Some(true), Some(true))
+        );
+        let after = state
+            .registry
+            .snapshot()
+            .get(
+                PrincipalKind::Device,
+                &PrincipalId::parse("sensor-1").unwrap(),
+            )
+            .unwrap()
+            .clone();
+        assert_eq!(after.secret_hash, before.secret_hash);
+        assert_eq!(after.generation, before.generation + 1);
+    }
+
     #[test]
     fn rotate_needs_a_new_credential() {
         let (_dir, state) = offline();
@@ -356,12 +512,13 @@ mod tests {
                 cert_any: false,
                 secret: None,
                 psk: None,
+                serial_key: None,
             }
             .run(&state),
         );
         assert_eq!(
             m,
-            "rotate needs a new certificate, --cert-any, a new secret or a new pre-shared key"
+            "rotate needs a new certificate, --cert-any, a new secret, a new pre-shared key or a new serial key"
         );
     }
 }

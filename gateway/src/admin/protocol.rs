@@ -173,6 +173,11 @@ pub struct NewPrincipal {
     /// A DTLS pre-shared key (devices only), kept encrypted under the master key.
     #[serde(default)]
     pub psk: Option<String>,
+    /// A serial frame key (devices only): 32 bytes as 64 hex digits, kept encrypted
+    /// under the master key. Left out when absent, so that a request without one reads
+    /// as it always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -237,6 +242,9 @@ pub struct RotateCredentials {
     pub secret: Option<String>,
     #[serde(default)]
     pub psk: Option<String>,
+    /// 64 hex digits, as in `NewPrincipal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -346,6 +354,9 @@ pub struct Principal {
     /// Whether a DTLS pre-shared key is set (never the key).
     #[serde(default)]
     pub psk: bool,
+    /// Whether a serial frame key is set (never the key).
+    #[serde(default)]
+    pub serial_key: bool,
     pub generation: u64,
     pub created_unix: u64,
     pub updated_unix: u64,
@@ -629,6 +640,7 @@ mod tests {
                     cert_any: true,
                     secret: None,
                     psk: None,
+                    serial_key: None,
                 },
             }),
             json!({
@@ -735,6 +747,7 @@ mod tests {
             certificate: None,
             secret: true,
             psk: false,
+            serial_key: false,
             generation: 0,
             created_unix: 10,
             updated_unix: 10,

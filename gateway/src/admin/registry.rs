@@ -100,6 +100,7 @@ mod tests {
                 cert_any: false,
                 secret: None,
                 psk: Some(format!("{id}-pre-shared-key")),
+                serial_key: None,
             },
         }
     }
@@ -138,6 +139,7 @@ mod tests {
                         cert_any: false,
                         secret: None,
                         psk: Some(format!("sensor-1-pre-shared-key-{n}")),
+                        serial_key: None,
                     }
                     .run(&state)
                     .unwrap();

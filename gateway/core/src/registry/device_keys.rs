@@ -71,6 +71,52 @@ fn seal(
         })
 }
 
+/// Device keys given in the clear, to be sealed inside the write transaction that
+/// stores them.
+#[derive(Debug, Default)]
+pub struct NewDeviceKeys {
+    /// The DTLS pre-shared key (CoAP).
+    pub psk: Option<DeviceKey>,
+    /// The serial frame key.
+    pub frame_key: Option<DeviceKey>,
+}
+
+impl NewDeviceKeys {
+    /// Only a pre-shared key, or none.
+    pub fn psk(psk: Option<DeviceKey>) -> NewDeviceKeys {
+        NewDeviceKeys {
+            psk,
+            frame_key: None,
+        }
+    }
+
+    /// Seal each key given into `record`, replacing what it held; a key not given
+    /// leaves its slot as it was.
+    fn seal_into(
+        &self,
+        record: &mut PrincipalRecord,
+        master: &MasterKeys,
+    ) -> Result<(), RegistryError> {
+        seal_into(self.psk.as_ref(), self.frame_key.as_ref(), record, master)
+    }
+}
+
+/// Seal `psk` and `frame_key` (those given) into `record`'s slots for them.
+fn seal_into(
+    psk: Option<&DeviceKey>,
+    frame_key: Option<&DeviceKey>,
+    record: &mut PrincipalRecord,
+    master: &MasterKeys,
+) -> Result<(), RegistryError> {
+    if let Some(key) = psk {
+        record.psk = Some(seal(master, record, KeyPurpose::Psk, key)?);
+    }
+    if let Some(key) = frame_key {
+        record.frame_key = Some(seal(master, record, KeyPurpose::FrameKey, key)?);
+    }
+    Ok(())
+}
+
 impl Registry {
     /// Add `record` (as `add`), its pre-shared key `psk` sealed under the master key
     /// current inside the write transaction; the record as stored.
@@ -80,6 +126,26 @@ impl Registry {
         psk: Option<&DeviceKey>,
         master: &MasterKeys,
     ) -> Result<PrincipalRecord, RegistryError> {
+        self.add_sealing(record, |r| seal_into(psk, None, r, master))
+    }
+
+    /// Add `record` (as `add`), each of its device `keys` sealed under the master key
+    /// current inside the write transaction; the record as stored.
+    pub fn add_with_keys(
+        &self,
+        record: PrincipalRecord,
+        keys: &NewDeviceKeys,
+        master: &MasterKeys,
+    ) -> Result<PrincipalRecord, RegistryError> {
+        self.add_sealing(record, |r| keys.seal_into(r, master))
+    }
+
+    /// Add `record`, `seal` filling its key slots inside the write transaction.
+    fn add_sealing(
+        &self,
+        record: PrincipalRecord,
+        seal: impl FnOnce(&mut PrincipalRecord) -> Result<(), RegistryError>,
+    ) -> Result<PrincipalRecord, RegistryError> {
         let (kind, id) = (record.kind, record.id.clone());
         let stored = self.mutate(kind, &id, |current| match current {
             Some(_) => Err(RegistryError::Exists {
@@ -88,9 +154,7 @@ impl Registry {
             }),
             None => {
                 let mut record = record;
-                if let Some(key) = psk {
-                    record.psk = Some(seal(master, &record, KeyPurpose::Psk, key)?);
-                }
+                seal(&mut record)?;
                 Ok(Some(record))
             }
         })?;
@@ -104,10 +168,24 @@ impl Registry {
         records: Vec<(PrincipalRecord, Option<DeviceKey>)>,
         master: &MasterKeys,
     ) -> Result<(), RegistryError> {
-        self.add_all_as(records, |mut record, psk| {
-            if let Some(key) = psk {
-                record.psk = Some(seal(master, &record, KeyPurpose::Psk, &key)?);
-            }
+        self.add_all_with_keys(
+            records
+                .into_iter()
+                .map(|(r, psk)| (r, NewDeviceKeys::psk(psk)))
+                .collect(),
+            master,
+        )
+    }
+
+    /// Add many records in one transaction (as `add_all`), each with its device keys
+    /// sealed inside it.
+    pub fn add_all_with_keys(
+        &self,
+        records: Vec<(PrincipalRecord, NewDeviceKeys)>,
+        master: &MasterKeys,
+    ) -> Result<(), RegistryError> {
+        self.add_all_as(records, |mut record, keys| {
+            keys.seal_into(&mut record, master)?;
             Ok(record)
         })
     }
@@ -123,19 +201,23 @@ impl Registry {
         psk: Option<&DeviceKey>,
         master: &MasterKeys,
     ) -> Result<PrincipalRecord, RegistryError> {
-        self.rotate_as(kind, id, cert, secret_hash, || {
-            psk.map(|key| {
-                master
-                    .seal(kind, id, KeyPurpose::Psk, key.as_bytes())
-                    .map_err(|reason| RegistryError::Seal {
-                        kind,
-                        id: id.clone(),
-                        purpose: KeyPurpose::Psk,
-                        reason,
-                    })
-            })
-            .transpose()
+        self.rotate_as(kind, id, cert, secret_hash, |r| {
+            seal_into(psk, None, r, master)
         })
+    }
+
+    /// Replace the credentials given (as `rotate`), the new device keys given sealed
+    /// inside the write transaction; a key not given stays as it was.
+    pub fn rotate_with_keys(
+        &self,
+        kind: PrincipalKind,
+        id: &PrincipalId,
+        cert: Option<CertCredential>,
+        secret_hash: Option<String>,
+        keys: &NewDeviceKeys,
+        master: &MasterKeys,
+    ) -> Result<PrincipalRecord, RegistryError> {
+        self.rotate_as(kind, id, cert, secret_hash, |r| keys.seal_into(r, master))
     }
 
     /// How many device keys (pre-shared keys, frame keys) the registry holds sealed.
@@ -311,6 +393,75 @@ mod tests {
         assert_eq!(rotated.generation, 1);
         assert_eq!(opens(&r, &master, "c"), b"c-pre-shared-key");
         assert_eq!(r.sealed_key_count(), 3);
+    }
+
+    #[test]
+    fn a_frame_key_is_sealed_beside_a_psk_for_its_own_purpose_and_kept_when_the_psk_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(&dir);
+        let master = MasterKeys::from_keys(&[[2; 32]]);
+        let both = NewDeviceKeys {
+            psk: Some(key("a-pre-shared-key")),
+            frame_key: Some(DeviceKey::new(vec![7; 32]).unwrap()),
+        };
+        let stored = r.add_with_keys(record("a"), &both, &master).unwrap();
+        let frame_key = |r: &PrincipalRecord| {
+            master
+                .open(
+                    r.kind,
+                    &r.id,
+                    KeyPurpose::FrameKey,
+                    r.frame_key.as_ref().unwrap(),
+                )
+                .unwrap()
+                .as_bytes()
+                .to_vec()
+        };
+        assert_eq!(frame_key(&stored), [7; 32]);
+        assert_eq!(opens(&r, &master, "a"), b"a-pre-shared-key");
+        // Not under the other purpose: the slots cannot be swapped.
+        assert!(
+            master
+                .open(
+                    stored.kind,
+                    &stored.id,
+                    KeyPurpose::Psk,
+                    stored.frame_key.as_ref().unwrap()
+                )
+                .is_err()
+        );
+        // A new PSK alone leaves the frame key; a new frame key alone leaves the PSK.
+        let id = PrincipalId::parse("a").unwrap();
+        let psk_only = NewDeviceKeys::psk(Some(key("a-second-pre-shared-key")));
+        let rotated = r
+            .rotate_with_keys(PrincipalKind::Device, &id, None, None, &psk_only, &master)
+            .unwrap();
+        assert_eq!(rotated.frame_key, stored.frame_key);
+        let frame_only = NewDeviceKeys {
+            psk: None,
+            frame_key: Some(DeviceKey::new(vec![8; 32]).unwrap()),
+        };
+        let rotated = r
+            .rotate_with_keys(PrincipalKind::Device, &id, None, None, &frame_only, &master)
+            .unwrap();
+        assert_eq!(frame_key(&rotated), [8; 32]);
+        assert_eq!(opens(&r, &master, "a"), b"a-second-pre-shared-key");
+        assert_eq!(rotated.generation, 2);
+        r.add_all_with_keys(
+            vec![(
+                record("b"),
+                NewDeviceKeys {
+                    psk: None,
+                    frame_key: Some(DeviceKey::new(vec![9; 32]).unwrap()),
+                },
+            )],
+            &master,
+        )
+        .unwrap();
+        assert_eq!(r.sealed_key_count(), 3);
+        // And a master key rotation seals frame keys again too.
+        let next = MasterKeys::from_keys(&[[3; 32], [2; 32]]);
+        assert_eq!(r.rotate_master_key(&next).unwrap().resealed, 2);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 mod device_keys;
 mod upgrade;
 
-pub use device_keys::MasterKeyRotation;
+pub use device_keys::{MasterKeyRotation, NewDeviceKeys};
 
 pub use upgrade::format2_copy;
 
@@ -982,18 +982,23 @@ impl Registry {
         secret_hash: Option<String>,
         psk: Option<SealedKey>,
     ) -> Result<PrincipalRecord, RegistryError> {
-        self.rotate_as(kind, id, cert, secret_hash, || Ok(psk))
+        self.rotate_as(kind, id, cert, secret_hash, |record| {
+            if psk.is_some() {
+                record.psk = psk;
+            }
+            Ok(())
+        })
     }
 
-    /// As `rotate`, the new pre-shared key (if any) made by `psk` inside the write
-    /// transaction.
+    /// As `rotate`, the new device keys (if any) sealed into the record by `keys`
+    /// inside the write transaction.
     fn rotate_as(
         &self,
         kind: PrincipalKind,
         id: &PrincipalId,
         cert: Option<CertCredential>,
         secret_hash: Option<String>,
-        psk: impl FnOnce() -> Result<Option<SealedKey>, RegistryError>,
+        keys: impl FnOnce(&mut PrincipalRecord) -> Result<(), RegistryError>,
     ) -> Result<PrincipalRecord, RegistryError> {
         self.mutate(kind, id, |current| {
             let mut record = current.ok_or_else(|| RegistryError::NotFound {
@@ -1006,9 +1011,7 @@ impl Registry {
             if secret_hash.is_some() {
                 record.secret_hash = secret_hash;
             }
-            if let Some(psk) = psk()? {
-                record.psk = Some(psk);
-            }
+            keys(&mut record)?;
             record.generation += 1;
             record.updated_unix = now_unix();
             Ok(Some(record))
