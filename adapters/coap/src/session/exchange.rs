@@ -340,7 +340,7 @@ impl Session {
                     Some(Input::Closed(why)) => Err(End::Dtls(Some(*why))),
                     Some(Input::Datagram(d)) => self.datagram_until_kicked(ctx, &d, &kicked).await,
                 },
-                _ = mailbox.notify.notified(), if wants => Ok(()),
+                _ = commands(&mailbox, wants) => Ok(()),
             };
             if let Err(end) = step {
                 return end;
@@ -927,9 +927,19 @@ impl Session {
     }
 }
 
+/// A command arrived, if the session wants to hear of it (boxed, as the timer).
+async fn commands(mailbox: &Mailbox, wants: bool) {
+    if wants {
+        Box::pin(mailbox.notify.notified()).await
+    } else {
+        std::future::pending().await
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        // Boxed: the loop of an idle session, which has no deadline, holds no timer.
+        Some(at) => Box::pin(tokio::time::sleep_until(at.into())).await,
         None => std::future::pending().await,
     }
 }

@@ -200,7 +200,12 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
                 }
                 let (tx, rx) = inbox::inbox(INPUT_QUEUE);
                 peers.insert(peer, (session, tx));
-                tokio::spawn(run(ctx.clone(), link, identity, rx));
+                tokio::spawn(run(Box::new(Start {
+                    ctx: ctx.clone(),
+                    link,
+                    identity,
+                    rx,
+                })));
             }
             Event::Data { peer, data } => {
                 if let Some((_, tx)) = peers.get(&peer) {
@@ -262,7 +267,22 @@ fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &dtls::Closed) {
 const KICK_GRACE: Duration = Duration::from_secs(1);
 
 /// One DTLS session's CoAP life.
-async fn run(ctx: Arc<Context>, link: Link, identity: String, rx: inbox::Receiver) {
+/// What a session's task starts from (boxed: the task keeps its arguments' room for
+/// its whole life).
+struct Start {
+    ctx: Arc<Context>,
+    link: Link,
+    identity: String,
+    rx: inbox::Receiver,
+}
+
+async fn run(start: Box<Start>) {
+    let Start {
+        ctx,
+        link,
+        identity,
+        rx,
+    } = *start;
     // The set-up's state is boxed and freed once done: an idle session's task holds
     // only what serving needs.
     let Some(running) = Box::pin(set_up(&ctx, link, identity)).await else {
