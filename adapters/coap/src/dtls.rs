@@ -1192,10 +1192,11 @@ impl Task {
                     .await;
                 key = (key.0, Slot::Current);
             }
+            // The identity goes to the session; the peer keeps none once connected.
             if let Some((identity, session)) = self
                 .peers
-                .get(&key)
-                .and_then(|p| Some((p.identity.clone()?, p.session)))
+                .get_mut(&key)
+                .and_then(|p| Some((p.identity.take()?, p.session)))
             {
                 // A session's start is never dropped: the CoAP layer only routes, so
                 // the wait is short.

@@ -53,7 +53,12 @@ impl AclTemplate {
             .iter()
             .map(|p| expand(p))
             .collect::<Result<_, _>>()?;
-        let mut deny_publish = vec![TopicFilter::parse_unlimited("portcullis/#")?];
+        // The gateway's own namespace, one filter shared by every principal's rules.
+        static GATEWAY: std::sync::LazyLock<TopicFilter> = std::sync::LazyLock::new(|| {
+            TopicFilter::parse_unlimited("portcullis/#").expect("a valid filter")
+        });
+        let mut deny_publish = Vec::with_capacity(2);
+        deny_publish.push(GATEWAY.clone());
         if self.kind == PrincipalKind::Device {
             deny_publish.push(expand("devices/{id}/commands/#")?);
         }

@@ -151,8 +151,8 @@ pub fn decode_record<S: Persist>(
 
 #[derive(Debug)]
 pub struct Slot<S> {
-    /// The session, while parked (or held by the connection using it).
-    pub state: Option<S>,
+    /// The session, while parked (boxed: a slot whose session is live holds none).
+    pub state: Option<Box<S>>,
     /// When a parked session expires.
     pub expires_at: Option<Instant>,
     /// Bumped by every connection that takes the slot: a delayed Last Will fires only
@@ -176,11 +176,11 @@ impl<S> Slot<S> {
         let expired = self.expires_at.is_some_and(|at| at <= now);
         self.expires_at = None;
         let state = self.state.take()?;
-        (!expired).then_some(state)
+        (!expired).then_some(*state)
     }
 
     pub fn park(&mut self, state: S, expires_at: Instant) {
-        self.state = Some(state);
+        self.state = Some(Box::new(state));
         self.expires_at = Some(expires_at);
     }
 }
@@ -388,7 +388,7 @@ impl<S: Persist> Source for ParkedSessions<S> {
         };
         match (&s.state, s.expires_at) {
             (Some(state), Some(at)) => {
-                Snapshot::Write(encode_record(state, Some(at), Duration::ZERO))
+                Snapshot::Write(encode_record(&**state, Some(at), Duration::ZERO))
             }
             _ => Snapshot::Delete,
         }

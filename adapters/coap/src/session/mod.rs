@@ -415,7 +415,7 @@ async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<
     let expired = slot.expires_at.is_some_and(|at| at <= now);
     slot.expires_at = None;
     let resumed = match slot.state.take() {
-        Some(s) if !expired && s.registered == registered => Some(s),
+        Some(s) if !expired && s.registered == registered => Some(*s),
         // Expired, or of an earlier registration of the id: what it held goes.
         Some(old) => {
             let dropped = old.mailbox.clear() as u64;
