@@ -354,6 +354,9 @@ pub fn parse(datagram: &[u8]) -> Result<Incoming, Malformed> {
                 _ => Ok(Incoming::Response),
             };
         }
+        // A method code we do not know is still a request: it is answered 4.05
+        // (RFC 7252 §5.8), not reset.
+        MessageClass::Reserved(code) if code >> 5 == 0 => RequestType::UnKnown,
         MessageClass::Reserved(_) => return Err(bad("a reserved message code")),
     };
     let reliability = match wire.kind {
@@ -751,6 +754,19 @@ mod tests {
         assert_eq!(parse(&p.to_bytes().unwrap()), Ok(Incoming::Response));
         p.header.set_type(MessageType::Acknowledgement);
         assert_eq!(parse(&p.to_bytes().unwrap()), Ok(Incoming::Response));
+    }
+
+    #[test]
+    fn an_unknown_method_is_a_request_to_answer_4_05_not_a_datagram_to_reset() {
+        let mut p = request(MessageType::Confirmable, RequestType::Get, &["t", "a"]);
+        p.header.code = MessageClass::Reserved(0x08);
+        match parse(&p.to_bytes().unwrap()) {
+            Ok(Incoming::Request(r)) => assert_eq!(r.method, RequestType::UnKnown),
+            other => panic!("expected a request, got {other:?}"),
+        }
+        // A code of a reserved class is no request: reset.
+        p.header.code = MessageClass::Reserved(0xE0);
+        assert_eq!(parse(&p.to_bytes().unwrap()).unwrap_err().reset, Some(0x1234));
     }
 
     #[test]

@@ -448,6 +448,13 @@ impl Session {
         self.dedup.begin(r.message_id, r.reliability, now);
         let exchange = Exchange::of(&r);
         match (&r.route, r.method) {
+            (_, RequestType::UnKnown) => self.answer(
+                &exchange,
+                &Reply::refusal(
+                    ResponseType::MethodNotAllowed,
+                    "unknown method: POST to /t/{path} and /r/{n}; GET (Observe) on /c",
+                ),
+            ),
             (Route::Telemetry(_), RequestType::Post | RequestType::Put) => {
                 return self.telemetry(ctx, r, now).await;
             }
