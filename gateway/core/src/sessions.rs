@@ -7,7 +7,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 /// Why the gateway ends a session.
@@ -43,27 +43,35 @@ impl KickReason {
 }
 
 impl KickReason {
-    const ALL: [KickReason; 9] = [
-        KickReason::Disabled,
-        KickReason::Removed,
-        KickReason::CredentialRotated,
-        KickReason::Operator,
-        KickReason::Banned,
-        KickReason::PolicyChanged,
-        KickReason::CertificateRevoked,
-        KickReason::TakenOver,
-        KickReason::Shutdown,
-    ];
-
+    /// Its code in a `KickCell` (0 is "not kicked"). Exhaustive: a new reason does
+    /// not compile until it has a code, and `from_code` reads it back.
     fn code(self) -> u8 {
-        Self::ALL
-            .iter()
-            .position(|r| *r == self)
-            .map_or(0, |i| i as u8 + 1)
+        match self {
+            KickReason::Disabled => 1,
+            KickReason::Removed => 2,
+            KickReason::CredentialRotated => 3,
+            KickReason::Operator => 4,
+            KickReason::Banned => 5,
+            KickReason::PolicyChanged => 6,
+            KickReason::CertificateRevoked => 7,
+            KickReason::TakenOver => 8,
+            KickReason::Shutdown => 9,
+        }
     }
 
     fn from_code(code: u8) -> Option<KickReason> {
-        Self::ALL.get(usize::from(code).checked_sub(1)?).copied()
+        Some(match code {
+            1 => KickReason::Disabled,
+            2 => KickReason::Removed,
+            3 => KickReason::CredentialRotated,
+            4 => KickReason::Operator,
+            5 => KickReason::Banned,
+            6 => KickReason::PolicyChanged,
+            7 => KickReason::CertificateRevoked,
+            8 => KickReason::TakenOver,
+            9 => KickReason::Shutdown,
+            _ => return None,
+        })
     }
 }
 
@@ -73,8 +81,11 @@ impl KickReason {
 struct KickCell {
     reason: AtomicU8,
     notify: Notify,
-    /// Told after each kick, for a session that does not wait on `Kicked::wait`.
-    hook: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Told after each kick, for a session that does not wait on `Kicked::wait`. A
+    /// lock, not a `OnceLock`: a kick and the hook's installation are then ordered,
+    /// so a kick is either told to the hook or seen by the `reason` read after it.
+    /// Called with the session table locked: a hook must not touch `Sessions`.
+    hook: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 /// The session table's end of a session's kick.
@@ -84,7 +95,13 @@ impl Kick {
     pub(crate) fn send(&self, reason: KickReason) {
         self.0.reason.store(reason.code(), Ordering::Release);
         self.0.notify.notify_waiters();
-        if let Some(hook) = self.0.hook.get() {
+        if let Some(hook) = self
+            .0
+            .hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             hook();
         }
     }
@@ -103,7 +120,7 @@ impl Kicked {
         let cell = Arc::new(KickCell {
             reason: AtomicU8::new(0),
             notify: Notify::new(),
-            hook: OnceLock::new(),
+            hook: Mutex::new(None),
         });
         (Kick(cell.clone()), Kicked(cell))
     }
@@ -113,13 +130,13 @@ impl Kicked {
         KickReason::from_code(self.0.reason.load(Ordering::Acquire))
     }
 
-    /// Resolves with the reason once the session is kicked (at once if it was).
+    /// Resolves with the reason once the session is kicked (at once if it was); never
+    /// once the session's table entry is gone without a kick.
     pub async fn wait(&self) -> KickReason {
         loop {
+            // A `Notified` hears `notify_waiters` from its creation on: made before
+            // the reason is read, a kick in between still wakes it.
             let notified = self.0.notify.notified();
-            let mut notified = std::pin::pin!(notified);
-            // Registered before the reason is read: a kick in between still wakes it.
-            notified.as_mut().enable();
             if let Some(reason) = self.reason() {
                 return reason;
             }
@@ -127,10 +144,10 @@ impl Kicked {
         }
     }
 
-    /// Call `hook` after every kick from now on (once per session; a second hook is
-    /// refused). A kick before it is installed is not told: read `reason` after.
-    pub fn on_kick(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
-        self.0.hook.set(hook).is_ok()
+    /// Call `hook` after every kick from now on (it replaces an earlier one). A kick
+    /// before it is installed is not told to it: read `reason` after installing.
+    pub fn on_kick(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        *self.0.hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 }
 
@@ -312,8 +329,10 @@ impl Sessions {
                     if displaced.is_none_or(|d| rival.heard_at > d.heard_at) {
                         displaced = Some(rival);
                     }
+                    // One already kicked keeps its reason (a ban clears its mailbox; a
+                    // take-over would park it).
+                    entry.kick.send(KickReason::TakenOver);
                 }
-                entry.kick.send(KickReason::TakenOver);
             }
         }
         inner.insert(
@@ -415,6 +434,79 @@ mod tests {
             id: PrincipalId::parse(id).unwrap(),
             group: GroupName::parse("default").unwrap(),
         }
+    }
+
+    #[test]
+    fn every_kick_reason_survives_its_code() {
+        use KickReason::*;
+        for r in [
+            Disabled,
+            Removed,
+            CredentialRotated,
+            Operator,
+            Banned,
+            PolicyChanged,
+            CertificateRevoked,
+            TakenOver,
+            Shutdown,
+        ] {
+            assert_ne!(r.code(), 0);
+            assert_eq!(KickReason::from_code(r.code()), Some(r));
+        }
+        assert_eq!(KickReason::from_code(0), None);
+    }
+
+    #[tokio::test]
+    async fn a_kick_wakes_every_waiting_clone_and_the_hook() {
+        let (kick, kicked) = Kicked::pair();
+        let told = Arc::new(AtomicU64::new(0));
+        let t = told.clone();
+        kicked.on_kick(Box::new(move || {
+            t.fetch_add(1, Ordering::SeqCst);
+        }));
+        let a = tokio::spawn({
+            let k = kicked.clone();
+            async move { k.wait().await }
+        });
+        let b = tokio::spawn({
+            let k = kicked.clone();
+            async move { k.wait().await }
+        });
+        tokio::task::yield_now().await;
+        kick.send(KickReason::Operator);
+        assert_eq!(a.await.unwrap(), KickReason::Operator);
+        assert_eq!(b.await.unwrap(), KickReason::Operator);
+        assert_eq!(told.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_kick_before_the_hook_is_seen_by_reason_and_wait() {
+        let (kick, kicked) = Kicked::pair();
+        kick.send(KickReason::Banned);
+        kicked.on_kick(Box::new(|| {
+            panic!("told of a kick from before it was installed")
+        }));
+        assert_eq!(kicked.reason(), Some(KickReason::Banned));
+        assert_eq!(kicked.wait().await, KickReason::Banned);
+    }
+
+    #[test]
+    fn a_session_already_kicked_keeps_its_reason_when_taken_over() {
+        let s = Sessions::new();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let first = s.register(p("a"), 0, addr, "mqtt", "certificate");
+        s.kick(
+            PrincipalKind::Device,
+            &first_id(),
+            u64::MAX,
+            KickReason::Banned,
+        );
+        let _second = s.register(p("a"), 0, addr, "mqtt", "certificate");
+        assert_eq!(first.kicked.reason(), Some(KickReason::Banned));
+    }
+
+    fn first_id() -> PrincipalId {
+        PrincipalId::parse("a").unwrap()
     }
 
     #[test]

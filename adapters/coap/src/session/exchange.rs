@@ -314,13 +314,17 @@ impl Session {
             if let Some(reason) = kicked.reason() {
                 return End::Kicked(reason);
             }
-            if live_open && live.has_changed().unwrap_or(false) {
-                let next = live.borrow_and_update().clone();
-                if let Err(end) = self.reload(ctx, &next) {
-                    return end;
+            if live_open {
+                match live.has_changed() {
+                    Ok(true) => {
+                        let next = live.borrow_and_update().clone();
+                        if let Err(end) = self.reload(ctx, &next) {
+                            return end;
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(_) => live_open = false,
                 }
-            } else if live.has_changed().is_err() {
-                live_open = false;
             }
             self.pump(ctx, Instant::now());
             let wake = self.next_wake();
@@ -340,7 +344,7 @@ impl Session {
                     Some(Input::Closed(why)) => Err(End::Dtls(Some(*why))),
                     Some(Input::Datagram(d)) => self.datagram_until_kicked(ctx, &d, &kicked).await,
                 },
-                _ = commands(&mailbox, wants) => Ok(()),
+                _ = command_arrived(&mailbox, wants) => Ok(()),
             };
             if let Err(end) = step {
                 return end;
@@ -357,6 +361,10 @@ impl Session {
         datagram: &[u8],
         kicked: &Kicked,
     ) -> Result<(), End> {
+        // Kicked since the loop looked (a ban): the datagram is not acted on.
+        if let Some(reason) = kicked.reason() {
+            return Err(End::Kicked(reason));
+        }
         // Boxed: an idle session does not carry a datagram's state.
         let mut work = Box::pin(self.datagram(ctx, datagram));
         let reason = tokio::select! {
@@ -935,7 +943,7 @@ impl Session {
 }
 
 /// A command arrived, if the session wants to hear of it (boxed, as the timer).
-async fn commands(mailbox: &Mailbox, wants: bool) {
+async fn command_arrived(mailbox: &Mailbox, wants: bool) {
     if wants {
         Box::pin(mailbox.notify.notified()).await
     } else {

@@ -266,7 +266,6 @@ fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &dtls::Closed) {
 /// How long a kicked session may take to answer what it owes before it is cut off.
 const KICK_GRACE: Duration = Duration::from_secs(1);
 
-/// One DTLS session's CoAP life.
 /// What a session's task starts from (boxed: the task keeps its arguments' room for
 /// its whole life).
 struct Start {
@@ -276,6 +275,7 @@ struct Start {
     rx: inbox::Receiver,
 }
 
+/// One DTLS session's CoAP life.
 async fn run(start: Box<Start>) {
     let Start {
         ctx,
@@ -392,6 +392,11 @@ async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<
             return None;
         }
     };
+    // Registered after the shutdown's kicks went out: nothing would end it.
+    if *ctx.shutdown.borrow() {
+        link.close();
+        return None;
+    }
     // Wait for a session taken over to put its state back.
     let slot = ctx.parked.slot(&principal.id);
     let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
