@@ -1,0 +1,11 @@
+//! The serial adapter (SPEC §7, docs/serial-protocol.md): devices on UART and RS-485
+//! buses whose every frame is authenticated under the device's own key.
+//!
+//! - `counters`: the replay floors and the gateway's own counters, kept by reserving
+//!   ranges ahead in redb (one write per range), so that neither side ever accepts or
+//!   reuses a counter after a crash.
+//! - `port`: a configured port opened with its line settings, read and written off
+//!   the async runtime, and reopened with back-off when it vanishes.
+
+pub mod counters;
+pub mod port;
