@@ -9,6 +9,9 @@ use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+/// A device secret for plain CoAP (as the MQTT tests' secrets: long and random enough).
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
 const CLIENT: &str = "coap-client-openssl";
 const T: Duration = Duration::from_secs(15);
 
@@ -854,4 +857,54 @@ fn a_reload_that_removes_an_idle_devices_group_ends_its_session() {
             "group removed by a configuration reload",
         ]);
     });
+}
+
+/// `coap-client-openssl` on the plain CoAP listener, the device id and its secret in
+/// options 65001 and 65003 (`None` sends neither).
+fn plain(gw: &Gateway, creds: Option<(&str, &str)>, args: &[&str], path: &str) -> Output {
+    let mut cmd = Command::new(CLIENT);
+    cmd.args(["-B", "3", "-v", "7"]);
+    if let Some((id, secret)) = creds {
+        cmd.args([
+            "-O",
+            &format!("65001,{id}"),
+            "-O",
+            &format!("65003,{secret}"),
+        ]);
+    }
+    cmd.args(args)
+        .arg(format!("coap://{}{path}", gw.coap_plain))
+        .output()
+        .unwrap_or_else(|e| panic!("{CLIENT} (Debian libcoap3-bin): {e}"))
+}
+
+#[test]
+fn plain_coap_on_loopback_takes_a_devices_secret_and_answers_4_01_without_the_right_one() {
+    let gw = Gateway::start();
+    let out = gw.cli_stdin(
+        &["device", "add", "plain-1", "--secret-stdin"],
+        Some(SECRET),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    let post = |creds| plain(&gw, creds, &["-m", "post", "-e", "7.5"], "/t/telemetry/t");
+    let ok = post(Some(("plain-1", SECRET)));
+    assert!(
+        said(&ok).contains("c:2.04"),
+        "no 2.04 Changed: {}",
+        said(&ok)
+    );
+    let line = sub
+        .expect("7.5", T)
+        .unwrap_or_else(|seen| panic!("telemetry not received; saw {seen:?}"));
+    assert_eq!(line, "devices/plain-1/telemetry/t 7.5");
+    let audit = gw.wait_audit(&["\"connect\"", "\"plain-1\"", "\"coap\""]);
+    assert!(audit.contains("secret"), "{audit}");
+    // A wrong secret, and no credentials at all: 4.01, nothing published.
+    let wrong = post(Some(("plain-1", "not-the-secret-at-all-0123456789")));
+    assert!(said(&wrong).contains("c:4.01"), "{}", said(&wrong));
+    gw.wait_audit(&["\"plain-1\"", "bad_secret"]);
+    let none = post(None);
+    assert!(said(&none).contains("c:4.01"), "{}", said(&none));
+    assert!(sub.expect("never", Duration::from_millis(300)).is_err());
 }

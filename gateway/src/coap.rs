@@ -1,10 +1,12 @@
-//! The CoAP listener of `serve`: the DTLS endpoint bound from `[listeners] coap_dtls`
-//! and `[coap]`, the pre-shared keys from the registry, and the CoAP layer over it.
+//! The CoAP listeners of `serve`: the DTLS endpoint bound from `[listeners] coap_dtls`
+//! and `[coap]`, the pre-shared keys from the registry, plain CoAP on loopback from
+//! `[listeners] coap` (off by default), and the CoAP layer over each.
 
 use crate::usage::UsageError;
 use anyhow::Result;
 use portcullis_coap::dtls::{self, Settings, Stats};
 use portcullis_coap::keys::RegistryKeys;
+use portcullis_coap::plain;
 use portcullis_coap::session::{self, CoapState, Context};
 use portcullis_config::Config;
 use portcullis_core::device_key::MasterKeys;
@@ -19,12 +21,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A running CoAP listener.
+/// The running CoAP listeners (DTLS, and plain CoAP on loopback when configured).
 pub struct CoapListener {
-    pub local: SocketAddr,
+    /// The DTLS listener's address.
+    pub local: Option<SocketAddr>,
+    /// The plain CoAP listener's address.
+    pub plain: Option<SocketAddr>,
     pub parked: Arc<ParkedSessions<CoapState>>,
+    /// The DTLS endpoint's counters.
     pub stats: Arc<Stats>,
-    pub task: tokio::task::JoinHandle<()>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// The DTLS endpoint's bounds, from the configuration.
@@ -88,7 +94,7 @@ impl dtls::Admit for Gate {
     }
 }
 
-/// Bind the CoAP listener, if one is configured, and start its layer.
+/// Bind the CoAP listeners that are configured, and start their layer.
 pub async fn start(
     config: &Config,
     registry: Arc<Registry>,
@@ -96,38 +102,51 @@ pub async fn start(
     gate: SourceGate,
     ctx: Arc<Context>,
 ) -> Result<Option<CoapListener>> {
-    if let Some(addr) = config.listeners.coap {
-        return Err(UsageError(format!(
-            "listeners.coap = \"{addr}\": plain CoAP is not available in this version; \
-             use listeners.coap_dtls (CoAP over DTLS with a pre-shared key)"
-        ))
-        .into());
-    }
-    let Some(addr) = config.listeners.coap_dtls else {
+    if config.listeners.coap.is_none() && config.listeners.coap_dtls.is_none() {
         return Ok(None);
-    };
-    let keys = Arc::new(RegistryKeys::new(registry, master));
-    let endpoint = dtls::bind(
-        addr,
-        settings(config),
-        keys,
-        Arc::new(Gate {
-            gate,
-            refused: Mutex::new(HashMap::new()),
-            ipv6_prefix: config.auth.ipv6_source_prefix,
-        }),
-    )
-    .await
-    .map_err(|e| UsageError(e.to_string()))?;
-    let local = endpoint.local;
-    let stats = endpoint.stats.clone();
+    }
+    // One gate for both: a source's places under the caps are counted together.
+    let gate = Arc::new(Gate {
+        gate,
+        refused: Mutex::new(HashMap::new()),
+        ipv6_prefix: config.auth.ipv6_source_prefix,
+    });
     let parked = ctx.parked.clone();
-    let task = tokio::spawn(session::serve(ctx, endpoint));
+    let mut tasks = Vec::new();
+    let mut local = None;
+    let mut stats = Arc::new(Stats::default());
+    if let Some(addr) = config.listeners.coap_dtls {
+        let keys = Arc::new(RegistryKeys::new(registry, master));
+        let endpoint = dtls::bind(addr, settings(config), keys, gate.clone())
+            .await
+            .map_err(|e| UsageError(e.to_string()))?;
+        local = Some(endpoint.local);
+        stats = endpoint.stats.clone();
+        tasks.push(tokio::spawn(session::serve(ctx.clone(), endpoint)));
+    }
+    let mut plain_local = None;
+    // The configuration has checked it is a loopback address.
+    if let Some(addr) = config.listeners.coap {
+        let endpoint = plain::bind(
+            addr,
+            plain::Settings {
+                max_sessions: config.coap.max_sessions,
+                idle_timeout: *config.coap.idle_timeout,
+                queue: 4096,
+            },
+            gate,
+        )
+        .await
+        .map_err(|e| UsageError(format!("plain CoAP: {e}")))?;
+        plain_local = Some(endpoint.local);
+        tasks.push(tokio::spawn(session::serve(ctx, endpoint)));
+    }
     Ok(Some(CoapListener {
         local,
+        plain: plain_local,
         parked,
         stats,
-        task,
+        tasks,
     }))
 }
 

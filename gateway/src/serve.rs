@@ -476,7 +476,15 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     )
     .await?;
     if let Some(c) = &coap {
-        report.push(("device listener (CoAP over DTLS, UDP)", c.local.to_string()));
+        if let Some(local) = c.local {
+            report.push(("device listener (CoAP over DTLS, UDP)", local.to_string()));
+        }
+        if let Some(local) = c.plain {
+            report.push((
+                "device listener (plain CoAP, UDP, loopback)",
+                local.to_string(),
+            ));
+        }
     }
     report.push(("admin socket", admin_socket.display().to_string()));
     // Reload: build everything new first; swap only if all of it loads.
@@ -667,7 +675,9 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     sweeper.abort();
     // The CoAP layer stops with its sessions (a device that comes back handshakes).
     if let Some(c) = &coap {
-        c.task.abort();
+        for task in &c.tasks {
+            task.abort();
+        }
     }
     // What transitions are still queued are persisted before the registry closes.
     let _ = behaviour_stop.send(());

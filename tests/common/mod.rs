@@ -24,6 +24,8 @@ pub struct Gateway {
     pub observability: SocketAddr,
     /// The CoAP over DTLS listener (UDP).
     pub coap_dtls: SocketAddr,
+    /// The plain CoAP listener (UDP, loopback).
+    pub coap_plain: SocketAddr,
     pub banner: Vec<String>,
     stdout_rest: Option<mpsc::Receiver<String>>,
     extra: String,
@@ -56,6 +58,7 @@ device_plain = "127.0.0.1:0"
 service_tls = "127.0.0.1:0"
 service_plain = "127.0.0.1:0"
 coap_dtls = "127.0.0.1:0"
+coap = "127.0.0.1:0"
 [observability]
 listen = "127.0.0.1:0"
 [tls]
@@ -144,6 +147,7 @@ impl Gateway {
             service_plain: "0.0.0.0:0".parse().unwrap(),
             observability: "0.0.0.0:0".parse().unwrap(),
             coap_dtls: "0.0.0.0:0".parse().unwrap(),
+            coap_plain: "0.0.0.0:0".parse().unwrap(),
             banner: Vec::new(),
             stdout_rest: None,
             extra: extra.to_string(),
@@ -221,6 +225,7 @@ impl Gateway {
         self.service_plain = service("service listener (plain MQTT):");
         self.observability = addr("observability");
         self.coap_dtls = addr("device listener (CoAP over DTLS, UDP):");
+        self.coap_plain = addr("device listener (plain CoAP, UDP, loopback):");
         self.banner = banner;
         self.stdout_rest = Some(rx);
         self.child = Some(child);

@@ -153,6 +153,16 @@ pub enum Closed {
     Replaced,
 }
 
+/// How a peer proved the identity it claims.
+#[derive(Debug)]
+pub enum Proof {
+    /// Its DTLS handshake, with the identity's pre-shared key.
+    PreSharedKey,
+    /// Plain CoAP on loopback: the secret its first request carried, for the
+    /// authenticator to check.
+    Secret(Vec<u8>),
+}
+
 /// What the endpoint tells the CoAP layer.
 #[derive(Debug)]
 pub enum Event {
@@ -163,6 +173,7 @@ pub enum Event {
         peer: SocketAddr,
         identity: String,
         session: u64,
+        proof: Proof,
     },
     /// One datagram of application data from an established peer.
     Data { peer: SocketAddr, data: Vec<u8> },
@@ -207,7 +218,7 @@ fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-enum Command {
+pub(crate) enum Command {
     Send {
         peer: SocketAddr,
         session: u64,
@@ -226,6 +237,18 @@ pub struct Sender {
 }
 
 impl Sender {
+    pub(crate) fn new(
+        commands: mpsc::Sender<Command>,
+        closes: mpsc::UnboundedSender<(SocketAddr, u64)>,
+        stats: Arc<Stats>,
+    ) -> Sender {
+        Sender {
+            commands,
+            closes,
+            stats,
+        }
+    }
+
     /// Send one datagram of application data to DTLS session `session` at `peer`
     /// (dropped if that session is gone, or counted in `dropped_commands` if the
     /// endpoint is that far behind).
@@ -1206,6 +1229,7 @@ impl Task {
                         peer: key.0,
                         identity,
                         session,
+                        proof: Proof::PreSharedKey,
                     })
                     .await;
             }

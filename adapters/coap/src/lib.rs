@@ -5,6 +5,8 @@
 //!   with a cap on handshakes in progress (overall and per source), a handshake
 //!   deadline and an idle timeout. It hands the CoAP layer whole datagrams of
 //!   application data from peers that proved their key.
+//! - `plain`: plain CoAP on loopback (off by default), a device proving its identity
+//!   with its secret in its first request.
 //! - `keys`: the pre-shared keys, from the registry, opened with the master key.
 //! - `message`: a datagram read into a typed CoAP message; `reply`: every answer and
 //!   message the gateway sends, encoded in one place.
@@ -16,5 +18,6 @@ pub mod client;
 pub mod dtls;
 pub mod keys;
 pub mod message;
+pub mod plain;
 pub(crate) mod reply;
 pub mod session;

@@ -766,7 +766,10 @@ mod tests {
         }
         // A code of a reserved class is no request: reset.
         p.header.code = MessageClass::Reserved(0xE0);
-        assert_eq!(parse(&p.to_bytes().unwrap()).unwrap_err().reset, Some(0x1234));
+        assert_eq!(
+            parse(&p.to_bytes().unwrap()).unwrap_err().reset,
+            Some(0x1234)
+        );
     }
 
     #[test]

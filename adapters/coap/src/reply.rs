@@ -22,6 +22,21 @@ impl Exchange {
             token: request.token.clone(),
         }
     }
+
+    /// The exchange of a request read by coap-lite alone (plain CoAP's first request),
+    /// if it is a confirmable or non-confirmable one.
+    pub(crate) fn of_packet(packet: &coap_lite::Packet) -> Option<Exchange> {
+        let reliability = match packet.header.get_type() {
+            MessageType::Confirmable => Reliability::Confirmable,
+            MessageType::NonConfirmable => Reliability::NonConfirmable,
+            _ => return None,
+        };
+        Some(Exchange {
+            reliability,
+            message_id: packet.header.message_id,
+            token: packet.get_token().to_vec(),
+        })
+    }
 }
 
 /// A response's code, options and payload, before it is put on a message.

@@ -268,6 +268,7 @@ async fn a_device_with_its_key_completes_the_handshake_and_exchanges_data() {
         peer,
         identity,
         session,
+        ..
     } = next(&mut ep).await
     else {
         panic!("not connected");
@@ -560,6 +561,7 @@ async fn garbage_and_damaged_handshakes_never_stop_the_endpoint() {
             peer,
             identity,
             session,
+            ..
         } = next(&mut ep).await
         {
             assert_eq!(identity, "dev1");
@@ -780,6 +782,7 @@ async fn a_sessions_start_and_end_are_never_dropped_when_the_coap_layer_is_behin
                 peer,
                 identity,
                 session,
+                ..
             } => {
                 assert_eq!(identity, "dev1");
                 break (peer, session);

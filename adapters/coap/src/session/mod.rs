@@ -16,7 +16,7 @@
 //! live in `exchange` (deduplication, Block1) and `downlink` (our confirmable
 //! messages and their retransmission).
 
-use crate::dtls::{self, Endpoint, Event};
+use crate::dtls::{self, Endpoint, Event, Proof};
 use portcullis_core::admission::{self, Admission, Live, Peer};
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credential, Credentials};
@@ -183,6 +183,7 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
                 peer,
                 identity,
                 session,
+                proof,
             } => {
                 let link = Link {
                     sender: sender.clone(),
@@ -204,6 +205,7 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
                     ctx: ctx.clone(),
                     link,
                     identity,
+                    proof,
                     rx,
                 })));
             }
@@ -272,6 +274,7 @@ struct Start {
     ctx: Arc<Context>,
     link: Link,
     identity: String,
+    proof: Proof,
     rx: inbox::Receiver,
 }
 
@@ -281,11 +284,12 @@ async fn run(start: Box<Start>) {
         ctx,
         link,
         identity,
-        rx,
+        proof,
+        mut rx,
     } = *start;
     // The set-up's state is boxed and freed once done: an idle session's task holds
     // only what serving needs.
-    let Some(running) = Box::pin(set_up(&ctx, link, identity)).await else {
+    let Some(running) = Box::pin(set_up(&ctx, link, identity, proof, &mut rx)).await else {
         return;
     };
     let Running {
@@ -349,7 +353,13 @@ struct Running {
 /// Authenticate the identity the handshake proved, register it, take its parked
 /// state, and open the session; `None` if it is refused or taken over meanwhile (the
 /// DTLS session closed).
-async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<Running>> {
+async fn set_up(
+    ctx: &Arc<Context>,
+    link: Link,
+    identity: String,
+    proof: Proof,
+    rx: &mut inbox::Receiver,
+) -> Option<Box<Running>> {
     let peer = link.peer;
     // Watched from here: a reload from now on is applied by the session.
     let mut live_rx = ctx.live.clone();
@@ -357,7 +367,10 @@ async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<
     let now = Instant::now();
     let creds = Credentials {
         id: &identity,
-        presented: vec![Credential::PreSharedKey],
+        presented: vec![match &proof {
+            Proof::PreSharedKey => Credential::PreSharedKey,
+            Proof::Secret(secret) => Credential::Secret(secret),
+        }],
     };
     let authed = match ctx
         .auth
@@ -366,6 +379,10 @@ async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<
         Ok(authed) => authed,
         Err(refusal) => {
             refuse(ctx, peer, &identity, refusal, "authentication refused");
+            // A DTLS peer hears the close; a plain one's request is answered 4.01.
+            if matches!(proof, Proof::Secret(_)) {
+                unauthorized(&link, rx).await;
+            }
             link.close();
             return None;
         }
@@ -492,6 +509,23 @@ async fn set_up(ctx: &Arc<Context>, link: Link, identity: String) -> Option<Box<
         slot,
         live: live_rx,
     }))
+}
+
+/// Answer a plain CoAP device's first request (queued behind its session's start)
+/// 4.01: its id and secret were refused.
+async fn unauthorized(link: &Link, rx: &mut inbox::Receiver) {
+    let Ok(Some(Input::Datagram(d))) =
+        tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
+    else {
+        return;
+    };
+    if let Ok(crate::message::Incoming::Request(r)) = crate::message::parse(&d) {
+        let reply = crate::reply::Reply::refusal(
+            coap_lite::ResponseType::Unauthorized,
+            "authentication refused",
+        );
+        link.send(reply.answer(&crate::reply::Exchange::of(&r), r.message_id));
+    }
 }
 
 /// A login refused, in its handshake or after it (backed off, banned, disabled, ...):
