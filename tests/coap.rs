@@ -908,3 +908,87 @@ fn plain_coap_on_loopback_takes_a_devices_secret_and_answers_4_01_without_the_ri
     assert!(said(&none).contains("c:4.01"), "{}", said(&none));
     assert!(sub.expect("never", Duration::from_millis(300)).is_err());
 }
+
+/// A plain CoAP request from `socket`: a confirmable POST of `body` to `/t/telemetry/t`,
+/// with the device id and secret when given; the answer's code.
+fn plain_post(
+    socket: &std::net::UdpSocket,
+    to: SocketAddr,
+    message_id: u16,
+    creds: Option<(&str, &str)>,
+    body: &[u8],
+) -> Option<ResponseType> {
+    use coap_lite::{CoapOption, MessageClass, Packet};
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Request(RequestType::Post);
+    p.header.message_id = message_id;
+    p.set_token(message_id.to_be_bytes().to_vec());
+    p.add_option(CoapOption::UriPath, b"t".to_vec());
+    p.add_option(CoapOption::UriPath, b"telemetry".to_vec());
+    p.add_option(CoapOption::UriPath, b"t".to_vec());
+    if let Some((id, secret)) = creds {
+        p.add_option(CoapOption::Unknown(65001), id.as_bytes().to_vec());
+        p.add_option(CoapOption::Unknown(65003), secret.as_bytes().to_vec());
+    }
+    p.payload = body.to_vec();
+    socket
+        .send_to(&p.to_bytes_with_limit(2048).unwrap(), to)
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    match Packet::from_bytes(&buf[..n]).ok()?.header.code {
+        MessageClass::Response(code) => Some(code),
+        _ => None,
+    }
+}
+
+#[test]
+fn every_plain_coap_request_carries_the_devices_credentials_or_is_not_read() {
+    let gw = Gateway::start();
+    for id in ["plain-2", "plain-3"] {
+        let out = gw.cli_stdin(&["device", "add", id, "--secret-stdin"], Some(SECRET));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let to = gw.coap_plain;
+    let post = |id, creds, body: &[u8]| plain_post(&socket, to, id, creds, body);
+    assert_eq!(
+        post(1, Some(("plain-2", SECRET)), b"1"),
+        Some(ResponseType::Changed)
+    );
+    assert_eq!(sub.expect("1", T).unwrap(), "devices/plain-2/telemetry/t 1");
+    // The same address without them (a port another process took, say): 4.01, unread.
+    assert_eq!(post(2, None, b"2"), Some(ResponseType::Unauthorized));
+    // Or with the device's id and a wrong secret: a new login, refused.
+    assert_eq!(
+        post(
+            3,
+            Some(("plain-2", "not-the-secret-at-all-0123456789")),
+            b"3"
+        ),
+        Some(ResponseType::Unauthorized)
+    );
+    let published = sub.drain(Duration::from_millis(500));
+    assert!(
+        published.is_empty(),
+        "refused requests were published: {published:?}"
+    );
+    // Another device's credentials from that address: a session of its own.
+    assert_eq!(
+        post(4, Some(("plain-3", SECRET)), b"4"),
+        Some(ResponseType::Changed)
+    );
+    assert_eq!(sub.expect("4", T).unwrap(), "devices/plain-3/telemetry/t 4");
+    // A request over coap-lite's default size limit (1280 bytes) still loses its
+    // options (it was passed on with them, and refused 4.02).
+    let big = vec![b'7'; 1400];
+    assert_eq!(
+        post(5, Some(("plain-3", SECRET)), &big),
+        Some(ResponseType::Changed)
+    );
+}

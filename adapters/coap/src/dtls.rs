@@ -153,14 +153,23 @@ pub enum Closed {
     Replaced,
 }
 
-/// How a peer proved the identity it claims.
-#[derive(Debug)]
+/// How a peer proved the identity it claims (or, plain, what it claims with).
 pub enum Proof {
     /// Its DTLS handshake, with the identity's pre-shared key.
     PreSharedKey,
     /// Plain CoAP on loopback: the secret its first request carried, for the
     /// authenticator to check.
     Secret(Vec<u8>),
+}
+
+impl std::fmt::Debug for Proof {
+    // A secret is never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Proof::PreSharedKey => f.write_str("PreSharedKey"),
+            Proof::Secret(_) => f.write_str("Secret(..)"),
+        }
+    }
 }
 
 /// What the endpoint tells the CoAP layer.

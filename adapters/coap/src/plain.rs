@@ -9,12 +9,22 @@
 //! them refuses the request rather than ignoring them. The address then has a session,
 //! handed to the CoAP layer as a DTLS session would be (the secret in place of the
 //! handshake's proof), until it is idle for `idle_timeout` or the CoAP layer closes
-//! it. The two options are taken out of every request before the CoAP layer reads it.
-//! A request from a new address without them is answered 4.01.
+//! it.
+//!
+//! UDP has no connection to tie later requests to the login (a port the device's
+//! client left may be bound by another local process), so every request must carry
+//! both options again, checked against the session's (a keyed digest of the secret,
+//! compared in constant time); a request without them is answered 4.01 and not read,
+//! one naming another device or another secret starts a new login. The options are
+//! taken out of each request before the CoAP layer reads it; a request that cannot be
+//! re-encoded without them is dropped. Messages that cannot carry options (ACKs,
+//! resets, pings) pass as they are, and no Observe relation is kept over plain CoAP
+//! (a registration is answered as a poll), so nothing is sent to an address unasked.
 
 use crate::dtls::{Admit, Closed, Command, DtlsError, Endpoint, Event, Proof, Sender, Stats};
 use crate::reply::{Exchange, Reply};
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
+use hmac::{KeyInit, Mac};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +58,9 @@ pub struct Settings {
 struct Peer {
     session: u64,
     heard: Instant,
+    /// The device the session is for, and its secret's digest under `Task::key`.
+    id: String,
+    digest: [u8; 32],
     _admitted: Box<dyn Send + Sync>,
 }
 
@@ -59,6 +72,26 @@ struct Task {
     next_session: u64,
     events: mpsc::Sender<Event>,
     stats: Arc<Stats>,
+    /// Random, this endpoint's own: the key of the secrets' digests.
+    key: [u8; 32],
+}
+
+type Hmac = hmac::Hmac<sha2::Sha256>;
+
+/// `secret`'s digest under `key`.
+fn digest(key: &[u8; 32], id: &str, secret: &[u8]) -> [u8; 32] {
+    let Ok(mut mac) = <Hmac as KeyInit>::new_from_slice(key) else {
+        return [0; 32];
+    };
+    mac.update(id.as_bytes());
+    mac.update(&[0]);
+    mac.update(secret);
+    mac.finalize().into_bytes().into()
+}
+
+/// Constant-time equality of two digests.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// Bind a plain CoAP endpoint (the caller has checked the address is loopback).
@@ -77,6 +110,9 @@ pub async fn bind(
     let (commands, commands_rx) = mpsc::channel(settings.queue.max(1));
     let (closes, closes_rx) = mpsc::unbounded_channel();
     let stats = Arc::new(Stats::default());
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key)
+        .map_err(|e| DtlsError::Config(format!("plain CoAP: no randomness: {e}")))?;
     let task = Task {
         socket,
         settings,
@@ -85,6 +121,7 @@ pub async fn bind(
         next_session: 1,
         events: events_tx,
         stats: stats.clone(),
+        key,
     };
     tokio::spawn(task.run(commands_rx, closes_rx));
     Ok(Endpoint {
@@ -95,8 +132,8 @@ pub async fn bind(
     })
 }
 
-/// What a request from a new address says about who sent it.
-#[derive(Debug, PartialEq, Eq)]
+/// What a request says about who sent it.
+#[derive(PartialEq, Eq)]
 enum Claim {
     /// The id and the secret, and the request without them.
     Credentials {
@@ -110,12 +147,26 @@ enum Claim {
     Ignored,
 }
 
+impl std::fmt::Debug for Claim {
+    // The secret is never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Claim::Credentials { id, .. } => write!(f, "Credentials {{ id: {id:?}, .. }}"),
+            Claim::Refused(a) => write!(f, "Refused({})", a.is_some()),
+            Claim::Ignored => f.write_str("Ignored"),
+        }
+    }
+}
+
 /// Take the credential options out of `datagram`: the datagram without them, and
-/// their values. A datagram coap-lite cannot read is returned as it is (the CoAP layer
-/// judges it).
-fn strip(datagram: &[u8]) -> (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>) {
+/// their values; `None` when they are in it but it cannot be written again without
+/// them. A datagram coap-lite cannot read is returned as it is (the CoAP layer judges
+/// it).
+type Stripped = (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+fn strip(datagram: &[u8]) -> Option<Stripped> {
     let Ok(mut packet) = Packet::from_bytes(datagram) else {
-        return (datagram.to_vec(), None, None);
+        return Some((datagram.to_vec(), None, None));
     };
     let take = |p: &mut Packet, n: u16| {
         let v = p
@@ -127,12 +178,10 @@ fn strip(datagram: &[u8]) -> (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>) {
     let id = take(&mut packet, DEVICE_ID_OPTION);
     let secret = take(&mut packet, SECRET_OPTION);
     if id.is_none() && secret.is_none() {
-        return (datagram.to_vec(), None, None);
+        return Some((datagram.to_vec(), None, None));
     }
-    match packet.to_bytes() {
-        Ok(bytes) => (bytes, id, secret),
-        Err(_) => (datagram.to_vec(), None, None),
-    }
+    let bytes = packet.to_bytes_with_limit(MAX_DATAGRAM).ok()?;
+    Some((bytes, id, secret))
 }
 
 fn claim(datagram: &[u8]) -> Claim {
@@ -152,10 +201,13 @@ fn claim(datagram: &[u8]) -> Claim {
                 ResponseType::Unauthorized,
                 "plain CoAP: give the device id (option 65001) and its secret (option 65003)",
             )
-            .answer(&e, packet.header.message_id)
+            // A non-confirmable answer has an id of its own.
+            .answer(&e, packet.header.message_id.wrapping_add(0x8000))
         }))
     };
-    let (request, id, secret) = strip(datagram);
+    let Some((request, id, secret)) = strip(datagram) else {
+        return Claim::Ignored;
+    };
     let (Some(id), Some(secret)) = (id, secret) else {
         return refused();
     };
@@ -182,8 +234,8 @@ impl Task {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Biased, sends before closes: an answer sent just before its session's
-            // close goes out.
+            // Biased: the CoAP layer's sends and closes, and the idle sweep, before more
+            // input (a flood of datagrams cannot hold them off).
             tokio::select! {
                 biased;
                 c = commands.recv() => match c {
@@ -194,11 +246,13 @@ impl Task {
                     }
                     None => return,
                 },
-                r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, peer)) => self.datagram(peer, &buf[..n]).await,
-                    Err(e) => tracing::debug!(error = %e, "plain CoAP socket read"),
-                },
                 Some((peer, session)) = closes.recv() => {
+                    // What the session sent before it closed goes out first (its 4.01).
+                    while let Ok(Command::Send { peer, session, data }) = commands.try_recv() {
+                        if self.peers.get(&peer).is_some_and(|p| p.session == session) {
+                            let _ = self.socket.send_to(&data, peer).await;
+                        }
+                    }
                     if self.peers.get(&peer).is_some_and(|p| p.session == session) {
                         self.end(peer, Closed::Local).await;
                     }
@@ -215,7 +269,23 @@ impl Task {
                         self.end(peer, Closed::Idle).await;
                     }
                 }
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((n, peer)) => self.datagram(peer, &buf[..n]).await,
+                    Err(e) => tracing::debug!(error = %e, "plain CoAP socket read"),
+                },
             }
+        }
+    }
+
+    /// Hand a request of an established session to the CoAP layer.
+    fn forward(&mut self, peer: SocketAddr, data: Vec<u8>) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.heard = Instant::now();
+        }
+        if self.events.try_send(Event::Data { peer, data }).is_err() {
+            self.stats
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -227,15 +297,39 @@ impl Task {
     }
 
     async fn datagram(&mut self, peer: SocketAddr, datagram: &[u8]) {
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.heard = Instant::now();
-            let (data, _, _) = strip(datagram);
-            if self.events.try_send(Event::Data { peer, data }).is_err() {
-                self.stats
-                    .dropped_queue_full
-                    .fetch_add(1, Ordering::Relaxed);
+        if self.peers.contains_key(&peer) {
+            match claim(datagram) {
+                // The session's own device and secret: read it.
+                Claim::Credentials {
+                    id,
+                    secret,
+                    request,
+                } if self.peers.get(&peer).is_some_and(|p| {
+                    p.id == id && same(&p.digest, &digest(&self.key, &id, &secret))
+                }) =>
+                {
+                    self.forward(peer, request);
+                    return;
+                }
+                // Another device, or another secret: the session ends, and this is a
+                // new login.
+                Claim::Credentials { .. } => {
+                    self.end(peer, Closed::Replaced).await;
+                }
+                Claim::Refused(answer) => {
+                    self.stats.dropped_stray.fetch_add(1, Ordering::Relaxed);
+                    if let Some(answer) = answer {
+                        let _ = self.socket.send_to(&answer, peer).await;
+                    }
+                    return;
+                }
+                // What carries no options (an ACK, a reset, a ping) or is no CoAP the
+                // session reads as it is.
+                Claim::Ignored => {
+                    self.forward(peer, datagram.to_vec());
+                    return;
+                }
             }
-            return;
         }
         let (id, secret, request) = match claim(datagram) {
             Claim::Credentials {
@@ -271,6 +365,8 @@ impl Task {
             Peer {
                 session,
                 heard: Instant::now(),
+                digest: digest(&self.key, &id, &secret),
+                id: id.clone(),
                 _admitted: admitted,
             },
         );

@@ -191,7 +191,9 @@ impl Session {
     /// Observe it is a poll answered with the next command, if any.
     pub(super) fn commands(&mut self, ctx: &Context, r: &Request, now: Instant) {
         let exchange = Exchange::of(r);
-        if r.observe == Some(0) {
+        // Over plain CoAP a registration is answered as a poll (RFC 7641 §2: the
+        // server may decline to observe): no relation outlives the request.
+        if r.observe == Some(0) && !self.link().plain {
             // Retained commands go to the first relation of each DTLS session (a
             // device that rebooted has forgotten them; one that registers again within
             // its session has them already).

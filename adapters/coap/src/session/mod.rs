@@ -1,5 +1,5 @@
-//! CoAP sessions: one per DTLS session, from the handshake to its end, through the
-//! core's pipeline.
+//! CoAP sessions: one per DTLS session (or plain CoAP session on loopback, see
+//! `plain`), from the handshake to its end, through the core's pipeline.
 //!
 //! The dispatcher (`serve`) reads the DTLS endpoint's events: a completed handshake
 //! starts a session task, a datagram goes to its session, a failed handshake is a
@@ -134,6 +134,9 @@ pub(crate) struct Link {
     sender: dtls::Sender,
     pub(crate) peer: SocketAddr,
     session: u64,
+    /// Plain CoAP: no standing Observe relation (a port the device's client left could
+    /// be bound by another local process, which would receive its notifications).
+    pub(crate) plain: bool,
 }
 
 impl Link {
@@ -189,6 +192,7 @@ pub async fn serve(ctx: Arc<Context>, endpoint: Endpoint) {
                     sender: sender.clone(),
                     peer,
                     session,
+                    plain: matches!(proof, Proof::Secret(_)),
                 };
                 // After shutdown no session starts: the device hears close_notify.
                 if *ctx.shutdown.borrow() {
@@ -372,15 +376,18 @@ async fn set_up(
             Proof::Secret(secret) => Credential::Secret(secret),
         }],
     };
-    let authed = match ctx
+    let authenticated = ctx
         .auth
-        .authenticate(PrincipalKind::Device, &creds, peer.ip(), now)
-    {
+        .authenticate(PrincipalKind::Device, &creds, peer.ip(), now);
+    // The secret is not kept past its check.
+    drop(creds);
+    drop(proof);
+    let authed = match authenticated {
         Ok(authed) => authed,
         Err(refusal) => {
             refuse(ctx, peer, &identity, refusal, "authentication refused");
             // A DTLS peer hears the close; a plain one's request is answered 4.01.
-            if matches!(proof, Proof::Secret(_)) {
+            if link.plain {
                 unauthorized(&link, rx).await;
             }
             link.close();
@@ -456,6 +463,9 @@ async fn set_up(
         buckets: None,
         responses: downlink::Responses::default(),
     });
+    if link.plain {
+        state.observer = None;
+    }
     let mut admission = admission;
     if let Some(buckets) = state.buckets.take() {
         admission.resume_buckets(*buckets, now);
@@ -514,17 +524,23 @@ async fn set_up(
 /// Answer a plain CoAP device's first request (queued behind its session's start)
 /// 4.01: its id and secret were refused.
 async fn unauthorized(link: &Link, rx: &mut inbox::Receiver) {
-    let Ok(Some(Input::Datagram(d))) =
-        tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
-    else {
-        return;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    // A bell (a reload, a kick) may come first.
+    let d = loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Input::Datagram(d))) => break d,
+            Ok(Some(Input::Bell)) => continue,
+            _ => return,
+        }
     };
     if let Ok(crate::message::Incoming::Request(r)) = crate::message::parse(&d) {
         let reply = crate::reply::Reply::refusal(
             coap_lite::ResponseType::Unauthorized,
             "authentication refused",
         );
-        link.send(reply.answer(&crate::reply::Exchange::of(&r), r.message_id));
+        // A non-confirmable answer has an id of its own.
+        let own_id = r.message_id.wrapping_add(0x8000);
+        link.send(reply.answer(&crate::reply::Exchange::of(&r), own_id));
     }
 }
 
