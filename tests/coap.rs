@@ -992,3 +992,47 @@ fn every_plain_coap_request_carries_the_devices_credentials_or_is_not_read() {
         Some(ResponseType::Changed)
     );
 }
+
+#[test]
+fn an_observe_over_plain_coap_is_answered_as_a_poll_and_keeps_no_relation() {
+    use coap_lite::{CoapOption, MessageClass, Packet};
+    let gw = Gateway::start();
+    let out = gw.cli_stdin(
+        &["device", "add", "plain-4", "--secret-stdin"],
+        Some(SECRET),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Request(RequestType::Get);
+    p.header.message_id = 7;
+    p.set_token(vec![7]);
+    p.add_option(CoapOption::Observe, vec![]);
+    p.add_option(CoapOption::UriPath, b"c".to_vec());
+    p.add_option(CoapOption::Unknown(65001), b"plain-4".to_vec());
+    p.add_option(CoapOption::Unknown(65003), SECRET.as_bytes().to_vec());
+    socket
+        .send_to(&p.to_bytes().unwrap(), gw.coap_plain)
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket.recv_from(&mut buf).unwrap();
+    let answer = Packet::from_bytes(&buf[..n]).unwrap();
+    assert_eq!(
+        answer.header.code,
+        MessageClass::Response(ResponseType::Content)
+    );
+    assert!(
+        answer.get_option(CoapOption::Observe).is_none(),
+        "a relation was registered over plain CoAP"
+    );
+    // A command sent now is not pushed to the address.
+    send_command(&gw, "plain-4", "reboot", "now");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    assert!(socket.recv_from(&mut buf).is_err(), "a notification came");
+}
