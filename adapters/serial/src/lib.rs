@@ -4,6 +4,8 @@
 //! - `counters`: the replay floors and the gateway's own counters, kept by reserving
 //!   ranges ahead in redb (one write per range), so that neither side ever accepts or
 //!   reuses a counter after a crash.
+//! - `floors`: every device's replay floor and the gateway's own counters over the
+//!   store, a reservation written on the blocking pool before a range is used.
 //! - `keys`: the devices' frame keys, from the registry, opened with the master key.
 //! - `link`: a bus's bytes read into frames whose tags verified, from devices the port
 //!   allows (pure).
@@ -11,6 +13,7 @@
 //!   the async runtime, and reopened with back-off when it vanishes.
 
 pub mod counters;
+pub mod floors;
 pub mod keys;
 pub mod link;
 pub mod port;
