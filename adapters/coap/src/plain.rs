@@ -158,16 +158,12 @@ impl std::fmt::Debug for Claim {
     }
 }
 
-/// Take the credential options out of `datagram`: the datagram without them, and
-/// their values; `None` when they are in it but it cannot be written again without
-/// them. A datagram coap-lite cannot read is returned as it is (the CoAP layer judges
-/// it).
+/// Take the credential options out of `packet` (read from `datagram`, once): the
+/// datagram without them, and their values; `None` when they are in it but it cannot
+/// be written again without them.
 type Stripped = (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
 
-fn strip(datagram: &[u8]) -> Option<Stripped> {
-    let Ok(mut packet) = Packet::from_bytes(datagram) else {
-        return Some((datagram.to_vec(), None, None));
-    };
+fn strip(mut packet: Packet, datagram: &[u8]) -> Option<Stripped> {
     let take = |p: &mut Packet, n: u16| {
         let v = p
             .get_option(CoapOption::Unknown(n))
@@ -194,18 +190,20 @@ fn claim(datagram: &[u8]) -> Claim {
     {
         return Claim::Ignored;
     }
-    let refused = || {
-        let exchange = Exchange::of_packet(&packet);
+    let exchange = Exchange::of_packet(&packet);
+    // A non-confirmable answer has an id of its own.
+    let own_id = packet.header.message_id.wrapping_add(0x8000);
+    let refused = move || {
         Claim::Refused(exchange.map(|e| {
             Reply::refusal(
                 ResponseType::Unauthorized,
                 "plain CoAP: give the device id (option 65001) and its secret (option 65003)",
             )
-            // A non-confirmable answer has an id of its own.
-            .answer(&e, packet.header.message_id.wrapping_add(0x8000))
+            .answer(&e, own_id)
         }))
     };
-    let Some((request, id, secret)) = strip(datagram) else {
+    // The packet is read once: stripped from what was parsed here.
+    let Some((request, id, secret)) = strip(packet, datagram) else {
         return Claim::Ignored;
     };
     let (Some(id), Some(secret)) = (id, secret) else {
