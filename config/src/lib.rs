@@ -1267,6 +1267,10 @@ impl Config {
     pub fn sessions_file(&self) -> PathBuf {
         self.data_dir.join("sessions.redb")
     }
+    /// The serial adapter's replay floors and counters (opened only with serial ports).
+    pub fn serial_counters_file(&self) -> PathBuf {
+        self.data_dir.join("serial-counters.redb")
+    }
     /// The durable outbox of upstream mode.
     pub fn outbox_file(&self) -> PathBuf {
         self.data_dir.join("outbox.redb")

@@ -8,6 +8,7 @@ mod observability;
 mod pki;
 mod registry_file;
 mod replicas;
+mod serial;
 mod serve;
 mod usage;
 

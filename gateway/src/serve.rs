@@ -486,6 +486,47 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             ));
         }
     }
+    let serial = match crate::serial::open_store(&config)? {
+        None => None,
+        Some(store) => {
+            let ctx = Arc::new(portcullis_serial::bus::Context {
+                live: live_rx.clone(),
+                auth: auth.clone(),
+                forwarder: forwarder.clone(),
+                sessions: sessions.clone(),
+                parked: portcullis_core::parking::ParkedSessions::new(),
+                retained: retained.clone(),
+                behaviours: behaviours.clone(),
+                shared: shared.clone(),
+                audit: audit.clone(),
+                metrics: metrics.clone(),
+                limits: portcullis_serial::bus::Limits {
+                    topic: limits.topic,
+                    mailbox: limits.mailbox,
+                    session_expiry: *config.sessions.max_session_expiry,
+                    ack_timeout: *config.serial.ack_timeout,
+                    max_retransmits: config.serial.max_retransmits,
+                    resync_interval: *config.serial.resync_interval,
+                    max_frames_per_second: config.serial.max_frames_per_second,
+                    counter_reserve: config.serial.counter_reserve,
+                },
+                shutdown: shutdown_rx.clone(),
+                keys: Arc::new(portcullis_serial::keys::RegistryKeys::new(
+                    registry.clone(),
+                    master.clone(),
+                )),
+                store,
+            });
+            Some(crate::serial::start(&config, ctx)?)
+        }
+    };
+    let serial_parked = serial.as_ref().map(|s| s.parked.clone());
+    if let Some(s) = serial {
+        for path in s.paths {
+            report.push(("serial port", path));
+        }
+        tasks.extend(s.tasks);
+    }
     report.push(("admin socket", admin_socket.display().to_string()));
     // Reload: build everything new first; swap only if all of it loads.
     let reloader: Reloader = {
@@ -583,6 +624,13 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
                     let dropped = mailbox.clear() as u64;
                     metrics.queue_expired.fetch_add(dropped, Ordering::Relaxed);
                     forwarder.detach_service(id, mailbox).await;
+                }
+                if let Some(parked) = &serial_parked {
+                    for (id, mailbox) in parked.expire(now) {
+                        let dropped = mailbox.clear() as u64;
+                        metrics.queue_expired.fetch_add(dropped, Ordering::Relaxed);
+                        forwarder.unregister_device(id, mailbox).await;
+                    }
                 }
                 if let Some((parked, stats)) = &coap {
                     for (id, mailbox) in parked.expire(now) {

@@ -1,11 +1,13 @@
 //! Frame keys from the registry: a device's key, opened from its record with the
-//! master key when one of its frames needs checking.
+//! master key the first time one of its frames needs checking, and kept open while the
+//! record holds the same sealed key (a rotation or a removal is seen at the next frame).
 
-use portcullis_core::device_key::{KeyPurpose, MasterKeys};
+use portcullis_core::device_key::{KeyPurpose, MasterKeys, SealedKey};
 use portcullis_core::principal::{PrincipalId, PrincipalKind};
 use portcullis_core::registry::Registry;
 use portcullis_serial_frame::Key;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// Where a frame's key comes from (the registry in the gateway; a table in tests).
 pub trait FrameKeys: Send + Sync {
@@ -18,11 +20,18 @@ pub trait FrameKeys: Send + Sync {
 pub struct RegistryKeys {
     registry: Arc<Registry>,
     master: Arc<MasterKeys>,
+    /// Keys opened, with the sealed key each was opened from. Only devices a port
+    /// allows are ever looked up, so it holds at most one entry per configured device.
+    opened: Mutex<HashMap<PrincipalId, (SealedKey, Key)>>,
 }
 
 impl RegistryKeys {
     pub fn new(registry: Arc<Registry>, master: Arc<MasterKeys>) -> RegistryKeys {
-        RegistryKeys { registry, master }
+        RegistryKeys {
+            registry,
+            master,
+            opened: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -30,16 +39,35 @@ impl FrameKeys for RegistryKeys {
     fn key(&self, id: &PrincipalId) -> Option<Key> {
         let snapshot = self.registry.snapshot();
         let record = snapshot.get(PrincipalKind::Device, id)?;
-        let sealed = record.frame_key.as_ref()?;
-        match self
+        let Some(sealed) = record.frame_key.as_ref() else {
+            self.opened
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+            return None;
+        };
+        {
+            let opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((was, key)) = opened.get(id)
+                && was == sealed
+            {
+                return Some(key.clone());
+            }
+        }
+        let key = match self
             .master
             .open(PrincipalKind::Device, id, KeyPurpose::FrameKey, sealed)
         {
-            Ok(key) => Key::new(key.as_bytes()).ok(),
+            Ok(key) => Key::new(key.as_bytes()).ok()?,
             Err(e) => {
                 tracing::warn!(device = %id, error = %e, "a device's serial frame key does not open");
-                None
+                return None;
             }
-        }
+        };
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), (sealed.clone(), key.clone()));
+        Some(key)
     }
 }

@@ -1,6 +1,10 @@
 //! The serial adapter (SPEC §7, docs/serial-protocol.md): devices on UART and RS-485
 //! buses whose every frame is authenticated under the device's own key.
 //!
+//! - `bus`: one task per configured port: frames read, counters checked, fresh frames
+//!   handed to their device's session, and what sessions ask for written.
+//! - `session`: a device's session through the core's pipeline (uplink DATA answered
+//!   ACK or NAK, commands down with retransmission).
 //! - `counters`: the replay floors and the gateway's own counters, kept by reserving
 //!   ranges ahead in redb (one write per range), so that neither side ever accepts or
 //!   reuses a counter after a crash.
@@ -12,8 +16,10 @@
 //! - `port`: a configured port opened with its line settings, read and written off
 //!   the async runtime, and reopened with back-off when it vanishes.
 
+pub mod bus;
 pub mod counters;
 pub mod floors;
 pub mod keys;
 pub mod link;
 pub mod port;
+pub mod session;

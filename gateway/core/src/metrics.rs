@@ -64,6 +64,100 @@ pub struct Metrics {
     pub outbox: OutboxMetrics,
     /// CoAP devices: the DTLS endpoint and the CoAP exchanges.
     pub coap: CoapMetrics,
+    /// Serial devices: the ports and the link's frames.
+    pub serial: SerialMetrics,
+}
+
+/// The serial adapter: its ports and the frames on them (refused frames are counted in
+/// `portcullis_refusals_total`, stage `decode`, `connect` or `limits`, reason `frame_*`).
+#[derive(Debug, Default)]
+pub struct SerialMetrics {
+    /// Configured ports open now, and reopened after they vanished.
+    pub ports_open: AtomicU64,
+    pub port_reopens: AtomicU64,
+    /// Authenticated, fresh frames read from devices.
+    pub frames_in: AtomicU64,
+    /// Frames written to devices (data, ACK, NAK, RESYNC; retransmissions included).
+    pub frames_out: AtomicU64,
+    /// A device's last frame sent again (its answer was lost), answered again.
+    pub duplicates: AtomicU64,
+    /// RESYNC frames sent to devices whose counter fell behind.
+    pub resyncs: AtomicU64,
+    /// Commands sent again for want of an ACK, and given up on (back to the mailbox).
+    pub retransmissions: AtomicU64,
+    pub commands_timed_out: AtomicU64,
+    /// Frames dropped because their device's session was busy.
+    pub dropped_busy: AtomicU64,
+    /// Counter reservations that could not be written (the frame was refused).
+    pub counter_store_errors: AtomicU64,
+}
+
+impl SerialMetrics {
+    fn plain(&self) -> Vec<(&'static str, &'static str, MetricType, &AtomicU64)> {
+        use MetricType::{Counter, Gauge};
+        vec![
+            (
+                "portcullis_serial_ports_open",
+                "Serial: configured ports open now.",
+                Gauge,
+                &self.ports_open,
+            ),
+            (
+                "portcullis_serial_port_reopens",
+                "Serial: ports opened again after they vanished.",
+                Counter,
+                &self.port_reopens,
+            ),
+            (
+                "portcullis_serial_frames_in",
+                "Serial: authenticated, fresh frames read from devices.",
+                Counter,
+                &self.frames_in,
+            ),
+            (
+                "portcullis_serial_frames_out",
+                "Serial: frames written to devices (retransmissions included).",
+                Counter,
+                &self.frames_out,
+            ),
+            (
+                "portcullis_serial_duplicates",
+                "Serial: a device's last frame sent again and answered again.",
+                Counter,
+                &self.duplicates,
+            ),
+            (
+                "portcullis_serial_resyncs",
+                "Serial: RESYNC frames sent to devices whose counter fell behind.",
+                Counter,
+                &self.resyncs,
+            ),
+            (
+                "portcullis_serial_retransmissions",
+                "Serial: commands sent again for want of an ACK.",
+                Counter,
+                &self.retransmissions,
+            ),
+            (
+                "portcullis_serial_commands_timed_out",
+                "Serial: commands never acknowledged (back to the mailbox).",
+                Counter,
+                &self.commands_timed_out,
+            ),
+            (
+                "portcullis_serial_dropped_busy",
+                "Serial: frames dropped because their device's session was busy.",
+                Counter,
+                &self.dropped_busy,
+            ),
+            (
+                "portcullis_serial_counter_store_errors",
+                "Serial: counter reservations that could not be written (the frame was refused).",
+                Counter,
+                &self.counter_store_errors,
+            ),
+        ]
+    }
 }
 
 /// The CoAP listener: its DTLS endpoint (copied from the endpoint's own counters each
@@ -633,6 +727,7 @@ impl Collector for Metrics {
             .into_iter()
             .chain(self.outbox.plain())
             .chain(self.coap.plain())
+            .chain(self.serial.plain())
         {
             let metric = encoder.encode_descriptor(name, help, None, kind)?;
             match kind {
@@ -823,10 +918,10 @@ mod tests {
         let n = check_page(&prometheus, false);
         assert_eq!(check_page(&openmetrics, true), n);
         // 26 plain families, upstream mode's 21 and the outbox's oldest age, the CoAP
-        // listener's 11, sessions, the histogram (12 bounds, +Inf, sum, count),
-        // refusals.
+        // listener's 11, the serial adapter's 10, sessions, the histogram (12 bounds,
+        // +Inf, sum, count), refusals.
         let sessions = 2 * Protocol::ALL.len();
-        assert_eq!(n, 26 + 22 + 11 + sessions + 15 + Refusal::ALL.len());
+        assert_eq!(n, 26 + 22 + 11 + 10 + sessions + 15 + Refusal::ALL.len());
         // Today's sample names, in both formats.
         for page in [&prometheus, &openmetrics] {
             assert!(

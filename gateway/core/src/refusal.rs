@@ -123,6 +123,12 @@ refusals! {
     // Protocol framing.
     MalformedPacket => Decode, "malformed_packet", "malformed packet";
     TopicInvalid => Decode, "topic_invalid", "topic name is not valid";
+    // Serial links: a bus's bytes that are not a fresh, authenticated frame.
+    FrameNoise => Decode, "frame_noise", "serial: bytes without a frame delimiter (line noise)";
+    FrameTag => Decode, "frame_tag", "serial: frame tag does not verify";
+    FrameReplay => Decode, "frame_replay", "serial: frame counter not above the last accepted";
+    FrameNotOnBus => Connect, "frame_not_on_bus", "serial: a frame naming a device this port does not allow";
+    FrameRate => Limit, "frame_rate", "serial: frames over the port's rate (serial.max_frames_per_second)";
     // The uplink stages, in their order.
     Quarantined => Quarantine, "quarantined", "device quarantined, message dropped";
     TopicNotAllowed => Authorize, "topic_not_allowed", "topic not allowed by ACL";
