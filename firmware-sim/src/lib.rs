@@ -11,6 +11,7 @@ pub mod mqtt;
 pub mod provision;
 pub mod report;
 pub mod scenario;
+pub mod serial;
 pub mod timing;
 pub mod transport;
 

@@ -359,7 +359,7 @@ impl Bus {
             HeardBody::Ack { counter } => Input::Ack { counter },
             HeardBody::Nak { counter, reason } => Input::Nak { counter, reason },
         };
-        self.to_session(id, input);
+        self.hand_over(id, input);
     }
 
     /// An authenticated frame whose counter is not fresh.
@@ -395,7 +395,7 @@ impl Bus {
     }
 
     /// Hand a fresh frame to its device's session, starting one if it has none.
-    fn to_session(&mut self, id: PrincipalId, input: Input) {
+    fn hand_over(&mut self, id: PrincipalId, input: Input) {
         let tx = match self.sessions.get(&id) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
