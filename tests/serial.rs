@@ -533,3 +533,85 @@ fn after_a_crash_no_frame_the_gateway_saw_is_accepted_again() {
     line.expect(&mut flow, "its ACK", is_ack(c));
     sub.expect("devices/flow-1/telemetry/n fresh", T).unwrap();
 }
+
+#[test]
+fn a_disabled_device_is_ended_and_refused_until_it_is_enabled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, gw) = one_bus(dir.path(), &["gate-1"], "");
+    let key = add_serial_device(&gw, "gate-1");
+    let mut line = Line::open(&pair);
+    let mut gate = SerialDevice::new("gate-1", &key, 0, 100);
+    let (c, f) = gate.data("telemetry/open", b"1");
+    line.write(&f);
+    line.expect(&mut gate, "its ACK", is_ack(c));
+
+    gw.cli_ok(&["device", "disable", "gate-1"]);
+    gw.wait_audit(&["\"disconnect\"", "gate-1", "disabled"]);
+    // Its frames are refused, and it is told so.
+    let (c, f) = gate.data("telemetry/open", b"2");
+    line.write(&f);
+    line.expect(&mut gate, "NAK not authorized", |h| {
+        *h == Heard::Nak(c, NakReason::NotAuthorized)
+    });
+    gw.wait_audit(&["\"connect\"", "\"refuse\"", "gate-1", "disabled"]);
+
+    gw.cli_ok(&["device", "enable", "gate-1"]);
+    // Asked again at most once a second: within a few seconds it is taken again.
+    let taken = wait_for(T, || {
+        let (c, f) = gate.data("telemetry/open", b"3");
+        line.write(&f);
+        let heard = line.hear(&mut [&mut gate], Duration::from_millis(400));
+        heard[0].contains(&Heard::Ack(c)).then_some(())
+    });
+    assert!(taken.is_some(), "{}", gw.audit());
+}
+
+#[test]
+fn a_command_never_acknowledged_waits_until_the_device_is_heard_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, gw) = one_bus(dir.path(), &["lamp-1"], "max_retransmits = 1");
+    let key = add_serial_device(&gw, "lamp-1");
+    gw.add_service_cert("ops");
+    let mut line = Line::open(&pair);
+    let mut lamp = SerialDevice::new("lamp-1", &key, 0, 100);
+    let (c, f) = lamp.data("telemetry/on", b"0");
+    line.write(&f);
+    line.expect(&mut lamp, "its ACK", is_ack(c));
+    let publish = gw.client(
+        gw.service_tls,
+        "ops",
+        &["-t", "devices/lamp-1/commands/on", "-m", "1", "-q", "1"],
+    );
+    assert!(mosquitto("mosquitto_pub", &publish, T).status.success());
+    // Sent, sent once more (max_retransmits = 1), then given up on: the device is not
+    // written to while it says nothing.
+    let heard = line.hear(&mut [&mut lamp], Duration::from_millis(2000));
+    let sends = heard[0]
+        .iter()
+        .filter(|h| matches!(h, Heard::Command { .. }))
+        .count();
+    assert_eq!(sends, 2, "{heard:?}");
+    assert_eq!(gw.metric("portcullis_serial_commands_timed_out_total"), 1);
+    // Heard again: the command comes again, and this time it is acknowledged.
+    let (c, f) = lamp.data("telemetry/on", b"0");
+    line.write(&f);
+    let heard = line.expect(
+        &mut lamp,
+        "the command again",
+        |h| matches!(h, Heard::Command { suffix, .. } if suffix == "commands/on"),
+    );
+    assert!(heard.contains(&Heard::Ack(c)), "{heard:?}");
+    let Some(Heard::Command { counter, .. }) = heard
+        .iter()
+        .find(|h| matches!(h, Heard::Command { .. }))
+        .cloned()
+    else {
+        unreachable!()
+    };
+    let ack = lamp.ack(counter);
+    line.write(&ack);
+    wait_for(T, || {
+        (gw.metric("portcullis_messages_delivered_total") == 1).then_some(())
+    })
+    .expect("delivered once acknowledged");
+}
