@@ -21,7 +21,7 @@
 
 use crate::bus::Context;
 use bytes::Bytes;
-use portcullis_core::admission::{self, Admission, Offer, Peer, Verdict};
+use portcullis_core::admission::{self, Admission, NextCommand, Offer, Peer, Verdict};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::auth::{Credential, Credentials};
 use portcullis_core::behaviour::{Observation, State as Behaviour};
@@ -52,8 +52,6 @@ const MAX_PENDING: usize = 16;
 /// A wait of the pipeline this short is waited out rather than refused: the
 /// gateway-wide cap's turn, not the device's being over its own rate.
 const SHORT_WAIT: Duration = Duration::from_millis(10);
-/// How often a quarantine hold on commands is looked at again.
-const HOLD_RECHECK: Duration = Duration::from_secs(1);
 
 /// What the bus hands a device's session: its fresh, authenticated frames.
 #[derive(Debug)]
@@ -788,38 +786,23 @@ impl Session {
         }
     }
 
-    /// The next command the device may receive now, through the downlink gates.
-    fn next_command(&mut self, ctx: &Context, now: Instant) -> Option<Delivery> {
-        if self.admission.holds_commands(now) {
-            self.next_pump = Some(now + HOLD_RECHECK);
-            return None;
-        }
-        if self.state.mailbox.is_empty() {
-            return None;
-        }
-        if let Err(wait) = self.admission.downlink_budget(now) {
-            self.next_pump = Some(now + wait);
-            return None;
-        }
-        self.next_pump = None;
-        let found = loop {
-            let Some(d) = self.state.mailbox.pop(now) else {
-                break None;
-            };
-            if self.admission.may_receive(&d.message).is_ok() {
-                break Some(d);
+    /// The next command the device may receive now, through the downlink gates (a
+    /// command too large for a frame is found out when the bus encodes it).
+    fn next_command(&mut self, now: Instant) -> Option<Delivery> {
+        match self
+            .admission
+            .next_command(&self.state.mailbox, now, |_| None)
+        {
+            NextCommand::Send(d) => {
+                self.next_pump = None;
+                Some(d)
             }
-        };
-        if found.is_none() {
-            self.admission.return_budget();
+            NextCommand::Empty => None,
+            NextCommand::NotBefore(at) => {
+                self.next_pump = Some(at);
+                None
+            }
         }
-        let expired = self.state.mailbox.take_expired();
-        if expired > 0 {
-            ctx.metrics
-                .queue_expired
-                .fetch_add(expired, Ordering::Relaxed);
-        }
-        found
     }
 
     /// Write the next command, if the device may have one now.
@@ -827,7 +810,7 @@ impl Session {
         if !self.wants_commands() || self.next_pump.is_some_and(|at| at > now) {
             return Ok(());
         }
-        while let Some(d) = self.next_command(ctx, now) {
+        while let Some(d) = self.next_command(now) {
             // The topic below `devices/{id}/`: `commands/...`.
             let suffix = d
                 .message

@@ -32,6 +32,7 @@ use crate::limit::{
     GlobalBucket, LimitDecision, OverLimitAction, PrincipalLimiter, PrincipalRates, Rate,
     TokenBucket,
 };
+use crate::mailbox::{Delivery, Mailbox};
 use crate::message::{Message, QoS};
 use crate::metrics::Metrics;
 use crate::peer::Protocol;
@@ -739,6 +740,74 @@ impl Admission {
         self.shared.metrics.refused(Refusal::ReceiveNotAllowed);
         Err(Refusal::ReceiveNotAllowed)
     }
+
+    /// A device's next command from its mailbox, one at a time, through the downlink
+    /// gates in their order: the quarantine hold, its command rate, its receive ACL.
+    /// `unfit` says why a command cannot be carried by the protocol at all (larger than
+    /// one of its messages): such a command is dropped, counted and audited, as an MQTT
+    /// client's Maximum Packet Size drops one, and the next is tried. Commands that
+    /// expired in the mailbox meanwhile are counted.
+    pub fn next_command(
+        &mut self,
+        mailbox: &Mailbox,
+        now: Instant,
+        unfit: impl Fn(&Delivery) -> Option<String>,
+    ) -> NextCommand {
+        if self.holds_commands(now) {
+            return NextCommand::NotBefore(now + HOLD_RECHECK);
+        }
+        if mailbox.is_empty() {
+            return NextCommand::Empty;
+        }
+        if let Err(wait) = self.downlink_budget(now) {
+            return NextCommand::NotBefore(now + wait);
+        }
+        let found = loop {
+            let Some(d) = mailbox.pop(now) else {
+                break None;
+            };
+            if self.may_receive(&d.message).is_err() {
+                continue;
+            }
+            if let Some(why) = unfit(&d) {
+                self.shared
+                    .metrics
+                    .refused(Refusal::OverClientMaximumPacketSize);
+                self.audit("deliver", Some(d.message.topic.as_str()), why);
+                continue;
+            }
+            break Some(d);
+        };
+        if found.is_none() {
+            self.return_budget();
+        }
+        let expired = mailbox.take_expired();
+        if expired > 0 {
+            self.shared
+                .metrics
+                .queue_expired
+                .fetch_add(expired, Ordering::Relaxed);
+        }
+        match found {
+            Some(d) => NextCommand::Send(d),
+            None => NextCommand::Empty,
+        }
+    }
+}
+
+/// How often a quarantine hold on commands is looked at again.
+const HOLD_RECHECK: Duration = Duration::from_secs(1);
+
+/// What the downlink gates let through next (`Admission::next_command`).
+#[derive(Debug)]
+pub enum NextCommand {
+    /// The command to send now.
+    Send(Delivery),
+    /// Nothing to send now.
+    Empty,
+    /// A gate holds commands back (the quarantine hold, the command rate): look again
+    /// then.
+    NotBefore(Instant),
 }
 
 /// Decides, as a Will fires (after its delay), whether it still may: rights may have

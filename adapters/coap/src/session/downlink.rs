@@ -21,6 +21,7 @@ use crate::message::{Reliability, Request};
 use crate::reply::{Exchange, Reply, empty_ack, uint};
 use bytes::Bytes;
 use coap_lite::{CoapOption, ResponseType};
+use portcullis_core::admission::NextCommand;
 use portcullis_core::mailbox::Delivery;
 use portcullis_core::topic::{TopicFilter, TopicName};
 use std::collections::VecDeque;
@@ -40,9 +41,6 @@ fn command_size(d: &Delivery) -> usize {
     let name: usize = d.message.topic.levels().skip(3).map(|l| l.len() + 3).sum();
     4 + 8 + 4 + name + 16 + 1 + d.message.payload.len()
 }
-
-/// How often a quarantine hold on commands is looked at again.
-const HOLD_RECHECK: Duration = Duration::from_secs(1);
 
 /// A confirmable message of ours waiting for the device's ACK.
 struct Outstanding {
@@ -222,7 +220,7 @@ impl Session {
             self.state.observer = None;
             Metrics::inc(&ctx.metrics.coap.observe_dropped);
         }
-        let reply = match self.next_command(ctx, now) {
+        let reply = match self.next_command(now) {
             Some(d) => {
                 Metrics::inc(&ctx.metrics.messages_delivered);
                 self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
@@ -260,7 +258,7 @@ impl Session {
             acked: false,
         }));
         if self.down.outstanding.is_none()
-            && let Some(d) = self.next_command(ctx, now)
+            && let Some(d) = self.next_command(now)
         {
             self.answer_waiter(ctx, Some(d));
             return;
@@ -341,52 +339,27 @@ impl Session {
 
     /// The next command the device may receive now, through the downlink gates; when
     /// a gate holds commands back, when to look again.
-    fn next_command(&mut self, ctx: &Context, now: Instant) -> Option<Delivery> {
-        if self.admission.holds_commands(now) {
-            self.down.next_pump = Some(now + HOLD_RECHECK);
-            return None;
-        }
-        if self.state.mailbox.is_empty() {
-            return None;
-        }
-        if let Err(wait) = self.admission.downlink_budget(now) {
-            self.down.next_pump = Some(now + wait);
-            return None;
-        }
-        self.down.next_pump = None;
-        let found = loop {
-            let Some(d) = self.state.mailbox.pop(now) else {
-                break None;
-            };
-            if self.admission.may_receive(&d.message).is_err() {
-                continue;
-            }
-            // One CoAP message per command (no Block2): one that cannot fit is
-            // dropped, counted and audited, as for an MQTT client's Maximum Packet Size.
-            if command_size(&d) > MAX_MESSAGE {
-                ctx.metrics.refused(Refusal::OverClientMaximumPacketSize);
-                self.admission.audit(
-                    "deliver",
-                    Some(d.message.topic.as_str()),
-                    format!(
-                        "deliver: a command of {} bytes does not fit one CoAP message ({MAX_MESSAGE} bytes); dropped",
-                        d.message.payload.len()
-                    ),
-                );
-                continue;
-            }
-            break Some(d);
+    fn next_command(&mut self, now: Instant) -> Option<Delivery> {
+        // One CoAP message per command (no Block2): one that cannot fit is dropped.
+        let unfit = |d: &Delivery| {
+            (command_size(d) > MAX_MESSAGE).then(|| {
+                format!(
+                    "deliver: a command of {} bytes does not fit one CoAP message ({MAX_MESSAGE} bytes); dropped",
+                    d.message.payload.len()
+                )
+            })
         };
-        if found.is_none() {
-            self.admission.return_budget();
+        match self.admission.next_command(&self.state.mailbox, now, unfit) {
+            NextCommand::Send(d) => {
+                self.down.next_pump = None;
+                Some(d)
+            }
+            NextCommand::Empty => None,
+            NextCommand::NotBefore(at) => {
+                self.down.next_pump = Some(at);
+                None
+            }
         }
-        let expired = self.state.mailbox.take_expired();
-        if expired > 0 {
-            ctx.metrics
-                .queue_expired
-                .fetch_add(expired, Ordering::Relaxed);
-        }
-        found
     }
 
     /// A command as a CoAP answer or notification.
@@ -415,7 +388,7 @@ impl Session {
         if !self.wants_commands() || self.down.next_pump.is_some_and(|at| at > now) {
             return;
         }
-        let Some(d) = self.next_command(ctx, now) else {
+        let Some(d) = self.next_command(now) else {
             return;
         };
         if self.down.waiter.is_some() {
