@@ -21,11 +21,12 @@
 
 use crate::bus::Context;
 use bytes::Bytes;
-use portcullis_core::admission::{self, Admission, NextCommand, Offer, Peer, Verdict};
+use portcullis_core::admission::{self, Admission, Live, NextCommand, Offer, Peer, Verdict};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::auth::{Credential, Credentials};
 use portcullis_core::behaviour::{Observation, State as Behaviour};
 use portcullis_core::content::Carried;
+use portcullis_core::device_session::{DeviceState, NotOpened, Opened, Opener};
 use portcullis_core::forward::{Taken, Uplink};
 use portcullis_core::mailbox::{Delivery, Mailbox};
 use portcullis_core::message::{Message, QoS};
@@ -42,7 +43,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
 
 /// Frames waiting for one session; beyond it they are dropped (the device sends again).
 pub(crate) const INPUT_QUEUE: usize = 64;
@@ -121,6 +122,24 @@ impl Parked for SerialState {
     }
 }
 
+impl DeviceState for SerialState {
+    fn fresh(mailbox: Arc<Mailbox>, registered: u64) -> Self {
+        SerialState {
+            mailbox,
+            registered,
+            buckets: None,
+        }
+    }
+
+    fn registered(&self) -> u64 {
+        self.registered
+    }
+
+    fn buckets(&mut self) -> &mut Option<Box<admission::Buckets>> {
+        &mut self.buckets
+    }
+}
+
 /// Where a session's device is and how to write to it.
 #[derive(Clone)]
 pub(crate) struct Link {
@@ -177,11 +196,11 @@ impl End {
 }
 
 async fn run(ctx: Arc<Context>, link: Link, mut rx: mpsc::Receiver<Input>) {
-    let Some((mut session, guard, mut slot)) = set_up(&ctx, &link, &mut rx).await else {
+    let Some((mut session, guard, mut slot, live)) = set_up(&ctx, &link, &mut rx).await else {
         return;
     };
     let end = {
-        let serving = std::pin::pin!(session.serve(&ctx, &mut rx, guard.kicked.clone()));
+        let serving = std::pin::pin!(session.serve(&ctx, live, &mut rx, guard.kicked.clone()));
         match catch_unwind(serving).await {
             Ok(end) => end,
             Err(why) => End::Internal(why),
@@ -241,8 +260,15 @@ async fn set_up(
     ctx: &Arc<Context>,
     link: &Link,
     rx: &mut mpsc::Receiver<Input>,
-) -> Option<(Session, SessionGuard, OwnedMutexGuard<Slot<SerialState>>)> {
-    let live = ctx.live.borrow().clone();
+) -> Option<(
+    Session,
+    SessionGuard,
+    OwnedMutexGuard<Slot<SerialState>>,
+    watch::Receiver<Arc<Live>>,
+)> {
+    // Watched from here: a reload from now on is applied by the session.
+    let mut live_rx = ctx.live.clone();
+    let live = live_rx.borrow_and_update().clone();
     let now = Instant::now();
     let creds = Credentials {
         id: link.id.as_str(),
@@ -271,78 +297,33 @@ async fn set_up(
         now,
     );
     let lifecycle = lifecycle(ctx);
-    let guard = match lifecycle.register(&admission, authed.generation, authed.method) {
-        Ok(guard) => guard,
-        Err(refusal) => {
-            refused(ctx, link, rx, refusal, "the registry changed meanwhile").await;
-            return None;
-        }
+    let opener = Opener {
+        lifecycle: &lifecycle,
+        parked: &ctx.parked,
+        forwarder: ctx.forwarder.as_ref(),
+        shutdown: &ctx.shutdown,
+        mailbox: ctx.limits.mailbox,
+        expiry: ctx.limits.session_expiry,
     };
-    if *ctx.shutdown.borrow() {
-        return None;
-    }
-    // Wait for a session taken over to put its state back.
-    let slot = ctx.parked.slot(&principal.id);
-    let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
-        drop(guard);
-        refused(
-            ctx,
-            link,
-            rx,
-            Refusal::SessionBusy,
-            "its last session did not end",
-        )
-        .await;
-        return None;
-    };
-    if guard.kicked.reason().is_some() {
-        return None;
-    }
-    slot.epoch += 1;
-    let registered = ctx.auth.registered_since(&principal);
-    let expired = slot.expires_at.is_some_and(|at| at <= now);
-    slot.expires_at = None;
-    let resumed = match slot.state.take() {
-        Some(s) if !expired && s.registered == registered => Some(*s),
-        Some(old) => {
-            let dropped = old.mailbox.clear() as u64;
-            ctx.metrics
-                .queue_expired
-                .fetch_add(dropped, Ordering::Relaxed);
-            None
-        }
-        None => None,
-    };
-    let session_resumed = resumed.is_some();
-    let mut state = resumed.unwrap_or_else(|| SerialState {
-        mailbox: Arc::new(Mailbox::new(ctx.limits.mailbox)),
-        registered,
-        buckets: None,
-    });
-    let mut admission = admission;
-    if let Some(buckets) = state.buckets.take() {
-        admission.resume_buckets(*buckets, now);
-    }
-    if let Err(e) = ctx
-        .forwarder
-        .register_device(principal.id.clone(), state.mailbox.clone())
+    let Opened {
+        admission,
+        guard,
+        slot,
+        state,
+        uplink,
+        resumed,
+    } = match opener
+        .open(admission, authed.generation, authed.method)
         .await
     {
-        tracing::error!(error = %e, "broker link unavailable");
-        state.buckets = Some(Box::new(admission.buckets()));
-        slot.park(state, now + ctx.limits.session_expiry);
-        return None;
-    }
-    // Taken over meanwhile: give the device back and stop.
-    if guard.kicked.reason().is_some() {
-        ctx.forwarder
-            .unregister_device(principal.id.clone(), state.mailbox.clone())
-            .await;
-        state.buckets = Some(Box::new(admission.buckets()));
-        slot.park(state, now + ctx.limits.session_expiry);
-        return None;
-    }
-    let uplink = ctx.forwarder.uplink_for(&principal.id);
+        Ok(opened) => opened,
+        // Counted (and audited) by the opener; the device is told for a while.
+        Err(NotOpened::Refused(_)) => {
+            hold_refused(ctx, link, rx).await;
+            return None;
+        }
+        Err(NotOpened::Ended) => return None,
+    };
     lifecycle.opened(
         &admission,
         &guard,
@@ -350,11 +331,7 @@ async fn set_up(
         &format!(
             " on {}{}",
             link.path,
-            if session_resumed {
-                ", session resumed"
-            } else {
-                ""
-            }
+            if resumed { ", session resumed" } else { "" }
         ),
     );
     let mut session = Session {
@@ -374,12 +351,10 @@ async fn set_up(
     // A device whose session starts gets its retained commands first (as an MQTT
     // device after its SUBACK, a CoAP device with its first Observe).
     session.queue_retained(ctx, now);
-    Some((session, guard, slot))
+    Some((session, guard, slot, live_rx))
 }
 
-/// A device refused (its login, or its session): counted, audited, and for a while its
-/// DATA frames are refused NAK "not authorized" without asking again, so that a
-/// refused device costs one login per `serial.resync_interval`, not one per frame.
+/// A login refused: counted and audited; then the device is told for a while.
 async fn refused(
     ctx: &Context,
     link: &Link,
@@ -395,6 +370,13 @@ async fn refused(
             .principal("device", link.id.as_str())
             .reason(format!("{}: {detail}", refusal.label())),
     );
+    hold_refused(ctx, link, rx).await;
+}
+
+/// A refused device's DATA frames are answered NAK "not authorized" for a while
+/// without asking again, so that it costs one login per `serial.resync_interval` (at
+/// least a second), not one per frame.
+async fn hold_refused(ctx: &Context, link: &Link, rx: &mut mpsc::Receiver<Input>) {
     let until =
         tokio::time::Instant::now() + ctx.limits.resync_interval.max(Duration::from_secs(1));
     loop {
@@ -477,12 +459,11 @@ impl Session {
     async fn serve(
         &mut self,
         ctx: &Context,
+        mut live: watch::Receiver<Arc<Live>>,
         rx: &mut mpsc::Receiver<Input>,
         kicked: Kicked,
     ) -> End {
         let mailbox = self.state.mailbox.clone();
-        let mut live = ctx.live.clone();
-        live.mark_unchanged();
         let mut live_open = true;
         loop {
             if let Some(reason) = kicked.reason() {
@@ -521,7 +502,7 @@ impl Session {
 
     /// A configuration reload: the new rules apply from the next frame on; a device
     /// whose group is gone is ended.
-    fn reload(&mut self, ctx: &Context, live: &admission::Live) -> Result<(), End> {
+    fn reload(&mut self, ctx: &Context, live: &Live) -> Result<(), End> {
         let principal = self.admission.peer().principal.clone();
         let Some(acl) = ctx.auth.current_acl(&principal) else {
             return Err(End::Kicked(KickReason::PolicyChanged));

@@ -14,6 +14,7 @@ pub mod behaviour_record;
 pub mod content;
 pub mod control;
 pub mod device_key;
+pub mod device_session;
 pub mod fanout;
 pub mod forward;
 pub mod limit;

@@ -21,6 +21,7 @@ use portcullis_core::admission::{self, Admission, Live, Peer};
 use portcullis_core::audit::{Audit, AuditEntry};
 use portcullis_core::auth::{AuthRefusal, Authenticator, Credential, Credentials};
 use portcullis_core::auth_alert;
+use portcullis_core::device_session::{DeviceState, Opened, Opener};
 use portcullis_core::forward::Forwarder;
 use portcullis_core::limit::GlobalBucket;
 use portcullis_core::mailbox::{Mailbox, MailboxLimits};
@@ -124,6 +125,26 @@ pub struct CoapState {
 impl Parked for CoapState {
     fn mailbox(&self) -> &Arc<Mailbox> {
         &self.mailbox
+    }
+}
+
+impl DeviceState for CoapState {
+    fn fresh(mailbox: Arc<Mailbox>, registered: u64) -> Self {
+        CoapState {
+            mailbox,
+            observer: None,
+            registered,
+            buckets: None,
+            responses: downlink::Responses::default(),
+        }
+    }
+
+    fn registered(&self) -> u64 {
+        self.registered
+    }
+
+    fn buckets(&mut self) -> &mut Option<Box<admission::Buckets>> {
+        &mut self.buckets
     }
 }
 
@@ -408,102 +429,36 @@ async fn set_up(
     // Registering ends an earlier session of the same identity (take-over), whatever
     // protocol it speaks.
     let lifecycle = ctx.lifecycle();
-    let guard = match lifecycle.register(&admission, authed.generation, authed.method) {
-        Ok(guard) => guard,
-        Err(refusal) => {
-            ctx.metrics.refused(refusal);
-            link.close();
-            return None;
-        }
+    let opener = Opener {
+        lifecycle: &lifecycle,
+        parked: &ctx.parked,
+        forwarder: ctx.forwarder.as_ref(),
+        shutdown: &ctx.shutdown,
+        mailbox: ctx.limits.mailbox,
+        expiry: ctx.limits.session_expiry,
     };
-    // Registered after the shutdown's kicks went out: nothing would end it.
-    if *ctx.shutdown.borrow() {
-        link.close();
-        return None;
-    }
-    // Wait for a session taken over to put its state back.
-    let slot = ctx.parked.slot(&principal.id);
-    let Ok(mut slot) = tokio::time::timeout(Duration::from_secs(5), slot.lock_owned()).await else {
-        ctx.metrics.refused(Refusal::SessionBusy);
-        ctx.audit.record(
-            admission
-                .peer()
-                .entry("connect", "refuse")
-                .reason(Refusal::SessionBusy.to_string()),
-        );
+    let Ok(Opened {
+        admission,
+        guard,
+        slot,
+        mut state,
+        uplink,
+        resumed,
+    }) = opener
+        .open(admission, authed.generation, authed.method)
+        .await
+    else {
         link.close();
         return None;
     };
-    // Taken over while it waited for the slot: a newer session has the device.
-    if guard.kicked.reason().is_some() {
-        link.close();
-        return None;
-    }
-    slot.epoch += 1;
-    let registered = ctx.auth.registered_since(&principal);
-    let expired = slot.expires_at.is_some_and(|at| at <= now);
-    slot.expires_at = None;
-    let resumed = match slot.state.take() {
-        Some(s) if !expired && s.registered == registered => Some(*s),
-        // Expired, or of an earlier registration of the id: what it held goes.
-        Some(old) => {
-            let dropped = old.mailbox.clear() as u64;
-            ctx.metrics
-                .queue_expired
-                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
-            None
-        }
-        None => None,
-    };
-    let session_resumed = resumed.is_some();
-    let mut state = resumed.unwrap_or_else(|| CoapState {
-        mailbox: Arc::new(Mailbox::new(ctx.limits.mailbox)),
-        observer: None,
-        registered,
-        buckets: None,
-        responses: downlink::Responses::default(),
-    });
     if link.plain {
         state.observer = None;
     }
-    let mut admission = admission;
-    if let Some(buckets) = state.buckets.take() {
-        admission.resume_buckets(*buckets, now);
-    }
-    // Commands for the device go to this mailbox from now on.
-    if let Err(e) = ctx
-        .forwarder
-        .register_device(principal.id.clone(), state.mailbox.clone())
-        .await
-    {
-        tracing::error!(error = %e, "broker link unavailable");
-        let expires_at = now + ctx.limits.session_expiry;
-        state.buckets = Some(Box::new(admission.buckets()));
-        slot.park(state, expires_at);
-        link.close();
-        return None;
-    }
-    // Taken over meanwhile (by a session of another protocol, whose registration this
-    // one may just have replaced): give the device back and stop.
-    if guard.kicked.reason().is_some() {
-        ctx.forwarder
-            .unregister_device(principal.id.clone(), state.mailbox.clone())
-            .await;
-        state.buckets = Some(Box::new(admission.buckets()));
-        slot.park(state, now + ctx.limits.session_expiry);
-        link.close();
-        return None;
-    }
-    let uplink = ctx.forwarder.uplink_for(&principal.id);
     lifecycle.opened(
         &admission,
         &guard,
         authed.method,
-        if session_resumed {
-            ", session resumed"
-        } else {
-            ""
-        },
+        if resumed { ", session resumed" } else { "" },
     );
     let session = Box::new(Session::new(
         ctx,
