@@ -24,7 +24,7 @@ use bytes::Bytes;
 use portcullis_core::admission::{self, Admission, Live, NextCommand, Offer, Peer, Verdict};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::auth::{Credential, Credentials};
-use portcullis_core::behaviour::{Observation, State as Behaviour};
+use portcullis_core::behaviour::Observation;
 use portcullis_core::content::Carried;
 use portcullis_core::device_session::{DeviceState, NotOpened, Opened, Opener};
 use portcullis_core::forward::{Taken, Uplink};
@@ -641,59 +641,50 @@ impl Session {
             retain: false,
             properties: None,
         };
-        let mut offer = Offer::new(message, now);
-        loop {
-            let now = Instant::now();
-            let arrived = offer.arrived();
-            let topic = offer.message().topic.clone();
-            match self.admission.uplink(offer, now) {
-                Verdict::Forward(message) => {
-                    self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-                    self.limited_run = false;
-                    let rx = self
-                        .uplink
-                        .send_acked(message)
-                        .await
-                        .map_err(|_| End::BrokerGone)?;
-                    ctx.metrics.forward_latency.record(arrived.elapsed());
-                    self.pending.push_back((counter, rx));
-                    return Ok(());
-                }
-                Verdict::Divert(forensic) => {
-                    self.uplink
-                        .send(forensic)
-                        .await
-                        .map_err(|_| End::BrokerGone)?;
-                    return self.answer(counter, None).await;
-                }
-                Verdict::Discard(Refusal::RateLimited) | Verdict::Refuse(Refusal::RateLimited) => {
-                    return self.answer(counter, Some(NakReason::RateLimited)).await;
-                }
-                // Dropped by quarantine: acknowledged as if delivered.
-                Verdict::Discard(_) => return self.answer(counter, None).await,
-                Verdict::Refuse(refusal) => return self.answer(counter, nak_reason(refusal)).await,
-                Verdict::Disconnect(_) => {
-                    self.answer(counter, Some(NakReason::RateLimited)).await?;
-                    return Err(End::RateTooHigh);
-                }
-                // A quarantined device is paced, and a short wait waited out.
-                Verdict::Wait(held, until)
-                    if self.admission.behaviour() == Behaviour::Quarantined
-                        || until.saturating_duration_since(now) <= SHORT_WAIT =>
-                {
-                    tokio::time::sleep_until(until.into()).await;
-                    offer = held;
-                }
-                // Over its rate: the device is told, and sends again later.
-                Verdict::Wait(..) => {
-                    self.limited(
-                        Refusal::RateLimited,
-                        Some(topic.as_str()),
-                        "over the rate: NAK rate_limited",
-                        now,
-                    );
-                    return self.answer(counter, Some(NakReason::RateLimited)).await;
-                }
+        let (verdict, arrived) = self
+            .admission
+            .uplink_paced(Offer::new(message, now), SHORT_WAIT)
+            .await;
+        match verdict {
+            Verdict::Forward(message) => {
+                self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                self.limited_run = false;
+                let rx = self
+                    .uplink
+                    .send_acked(message)
+                    .await
+                    .map_err(|_| End::BrokerGone)?;
+                ctx.metrics.forward_latency.record(arrived.elapsed());
+                self.pending.push_back((counter, rx));
+                Ok(())
+            }
+            Verdict::Divert(forensic) => {
+                self.uplink
+                    .send(forensic)
+                    .await
+                    .map_err(|_| End::BrokerGone)?;
+                self.answer(counter, None).await
+            }
+            Verdict::Discard(Refusal::RateLimited) | Verdict::Refuse(Refusal::RateLimited) => {
+                self.answer(counter, Some(NakReason::RateLimited)).await
+            }
+            // Dropped by quarantine: acknowledged as if delivered.
+            Verdict::Discard(_) => self.answer(counter, None).await,
+            Verdict::Refuse(refusal) => self.answer(counter, nak_reason(refusal)).await,
+            Verdict::Disconnect(_) => {
+                self.answer(counter, Some(NakReason::RateLimited)).await?;
+                Err(End::RateTooHigh)
+            }
+            // Over its rate: the device is told, and sends again later.
+            Verdict::Wait(held, _) => {
+                let topic = held.message().topic.clone();
+                self.limited(
+                    Refusal::RateLimited,
+                    Some(topic.as_str()),
+                    "over the rate: NAK rate_limited",
+                    Instant::now(),
+                );
+                self.answer(counter, Some(NakReason::RateLimited)).await
             }
         }
     }

@@ -455,6 +455,28 @@ impl Admission {
         Ok(())
     }
 
+    /// The uplink pipeline for a protocol without back-pressure (CoAP, serial): the
+    /// waits it cannot pass on to the peer are waited out here (a quarantined device's
+    /// pacing, and a wait of at most `short`: the gateway-wide cap's turn, not the
+    /// device over its own rate); a longer wait is returned, for the peer to be told
+    /// when to try again. With the verdict, when the message arrived.
+    pub async fn uplink_paced(&mut self, mut offer: Offer, short: Duration) -> (Verdict, Instant) {
+        loop {
+            let now = Instant::now();
+            let arrived = offer.arrived();
+            match self.uplink(offer, now) {
+                Verdict::Wait(held, until)
+                    if self.behaviour() == Behaviour::Quarantined
+                        || until.saturating_duration_since(now) <= short =>
+                {
+                    tokio::time::sleep_until(until.into()).await;
+                    offer = held;
+                }
+                verdict => return (verdict, arrived),
+            }
+        }
+    }
+
     /// The uplink pipeline for one message from the peer.
     pub fn uplink(&mut self, mut offer: Offer, now: Instant) -> Verdict {
         let progress = match offer.progress {

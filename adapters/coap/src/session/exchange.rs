@@ -13,7 +13,7 @@ use crate::message::{self, Block, Incoming, Reliability, Request, Route};
 use crate::reply::{Exchange, Reply, uint};
 use coap_lite::{CoapOption, RequestType, ResponseType};
 use portcullis_core::admission::{Offer, Verdict};
-use portcullis_core::behaviour::{Observation, State as Behaviour};
+use portcullis_core::behaviour::Observation;
 use portcullis_core::content::Carried;
 use portcullis_core::forward::{Taken, Uplink};
 use portcullis_core::limit::{Rate, TokenBucket};
@@ -723,77 +723,66 @@ impl Session {
     async fn offer(
         &mut self,
         ctx: &Context,
-        mut offer: Offer,
+        offer: Offer,
         exchange: Exchange,
         block: Option<Vec<u8>>,
         ttd: Option<Duration>,
     ) -> Result<bool, End> {
+        let len = offer.message().payload.len();
         let with_block = |reply: Reply| match &block {
             Some(b) => reply.option(CoapOption::Block1, b.clone()),
             None => reply,
         };
-        loop {
-            let now = Instant::now();
-            let arrived = offer.arrived();
-            let topic = offer.message().topic.clone();
-            let len = offer.message().payload.len();
-            match self.admission.uplink(offer, now) {
-                Verdict::Forward(message) => {
-                    self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-                    self.limited_run = false;
-                    self.forward(ctx, message, exchange, block, ttd, arrived)
-                        .await?;
-                    return Ok(true);
-                }
-                Verdict::Divert(forensic) => {
-                    self.uplink
-                        .send(forensic)
-                        .await
-                        .map_err(|_| End::BrokerGone)?;
-                    self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
-                    return Ok(true);
-                }
-                // Over its rate, whatever the action (drop, quota exceeded): CoAP can
-                // say when to try again (RFC 8516), so it does.
-                Verdict::Discard(Refusal::RateLimited) | Verdict::Refuse(Refusal::RateLimited) => {
-                    self.too_many(&exchange, len, now);
-                    return Ok(false);
-                }
-                // Dropped by quarantine: answered as if delivered, so the device does
-                // not retry.
-                Verdict::Discard(_) => {
-                    self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
-                    return Ok(true);
-                }
-                Verdict::Refuse(refusal) => {
-                    self.answer(&exchange, &refusal_reply(refusal));
-                    return Ok(false);
-                }
-                Verdict::Disconnect(refusal) => {
-                    self.answer(&exchange, &refusal_reply(refusal));
-                    return Err(End::RateTooHigh);
-                }
-                // A quarantined device is paced, and a short wait (the gateway-wide
-                // cap's turn) waited out: nothing more is read until then.
-                Verdict::Wait(held, until)
-                    if self.admission.behaviour() == Behaviour::Quarantined
-                        || until.saturating_duration_since(now) <= SHORT_WAIT =>
-                {
-                    tokio::time::sleep_until(until.into()).await;
-                    offer = held;
-                }
-                // Over its rate: CoAP has no back-pressure, so the device is told when
-                // to try again (RFC 8516).
-                Verdict::Wait(..) => {
-                    self.limited(
-                        Refusal::RateLimited,
-                        Some(topic.as_str()),
-                        "over the rate: 4.29 Too Many Requests",
-                        now,
-                    );
-                    self.too_many(&exchange, len, now);
-                    return Ok(false);
-                }
+        let (verdict, arrived) = self.admission.uplink_paced(offer, SHORT_WAIT).await;
+        let now = Instant::now();
+        match verdict {
+            Verdict::Forward(message) => {
+                self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                self.limited_run = false;
+                self.forward(ctx, message, exchange, block, ttd, arrived)
+                    .await?;
+                Ok(true)
+            }
+            Verdict::Divert(forensic) => {
+                self.uplink
+                    .send(forensic)
+                    .await
+                    .map_err(|_| End::BrokerGone)?;
+                self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
+                Ok(true)
+            }
+            // Over its rate, whatever the action (drop, quota exceeded): CoAP can say
+            // when to try again (RFC 8516), so it does.
+            Verdict::Discard(Refusal::RateLimited) | Verdict::Refuse(Refusal::RateLimited) => {
+                self.too_many(&exchange, len, now);
+                Ok(false)
+            }
+            // Dropped by quarantine: answered as if delivered, so the device does not
+            // retry.
+            Verdict::Discard(_) => {
+                self.answer(&exchange, &with_block(Reply::new(ResponseType::Changed)));
+                Ok(true)
+            }
+            Verdict::Refuse(refusal) => {
+                self.answer(&exchange, &refusal_reply(refusal));
+                Ok(false)
+            }
+            Verdict::Disconnect(refusal) => {
+                self.answer(&exchange, &refusal_reply(refusal));
+                Err(End::RateTooHigh)
+            }
+            // Over its rate: CoAP has no back-pressure, so the device is told when to
+            // try again (RFC 8516).
+            Verdict::Wait(held, _) => {
+                let topic = held.message().topic.clone();
+                self.limited(
+                    Refusal::RateLimited,
+                    Some(topic.as_str()),
+                    "over the rate: 4.29 Too Many Requests",
+                    now,
+                );
+                self.too_many(&exchange, len, now);
+                Ok(false)
             }
         }
     }
