@@ -475,3 +475,175 @@ behaviour = {{ kind = "replay", rate = 2.0 }}
         "{text}"
     );
 }
+
+#[test]
+fn serial_devices_on_pty_buses_are_answered_and_serial_attackers_get_nowhere() {
+    use portcullis_sim::serial::PtyPair;
+    // Two buses: the flooder alone on one (the port's frame budget is shared by a bus).
+    let buses = tempfile::tempdir().unwrap();
+    let field = PtyPair::start(buses.path(), "field").expect("socat");
+    let flood = PtyPair::start(buses.path(), "flood").expect("socat");
+    let gw = Gateway::start_with(&format!(
+        "[serial]\n[[serial.ports]]\npath = {:?}\ndevices = [\"s-ok-1\", \"s-ok-2\", \"s-ok-3\", \
+         \"s-forged-1\", \"s-replay-1\", \"s-noise-1\"]\n[[serial.ports]]\npath = {:?}\n\
+         devices = [\"s-flood-1\"]\n",
+        field.gateway.display().to_string(),
+        flood.gateway.display().to_string(),
+    ));
+    wait_for(std::time::Duration::from_secs(15), || {
+        (gw.audit().matches("\"serial port open\"").count() == 2).then_some(())
+    })
+    .expect("both ports open");
+    let d = gw.dir.path().display();
+    let scenario = format!(
+        r#"name = "serial"
+duration_secs = 4
+grace_secs = 3
+[target]
+service_tls = "{st}"
+ca = "{d}/data/pki/ca.pem"
+[target.serial]
+field = "{field}"
+flood = "{flood}"
+[provision]
+portcullis = "{bin}"
+config = "{cfg}"
+ca_cert = "{d}/data/pki/ca.pem"
+ca_key = "{d}/data/pki/ca.key"
+dir = "{d}/sim"
+[[group]]
+name = "analytics"
+kind = "service"
+count = 1
+behaviour = {{ kind = "service", commands_per_second = 2.0, command_groups = ["s-ok"] }}
+[[group]]
+name = "s-ok"
+count = 3
+protocol = "serial"
+bus = "field"
+behaviour = {{ kind = "well-behaved", rate = 2.0, boot_burst = 2 }}
+[[group]]
+name = "s-forged"
+count = 1
+protocol = "serial"
+bus = "field"
+behaviour = {{ kind = "forged", rate = 5.0 }}
+[[group]]
+name = "s-replay"
+count = 1
+protocol = "serial"
+bus = "field"
+behaviour = {{ kind = "replay", rate = 3.0 }}
+[[group]]
+name = "s-noise"
+count = 1
+protocol = "serial"
+bus = "field"
+behaviour = {{ kind = "noise", rate = 4.0 }}
+[[group]]
+name = "s-flood"
+count = 1
+protocol = "serial"
+bus = "flood"
+behaviour = {{ kind = "flood" }}
+"#,
+        st = gw.service_tls,
+        field = field.device.display(),
+        flood = flood.device.display(),
+        bin = BIN,
+        cfg = gw.config.display(),
+    );
+    let path = gw.dir.path().join("serial.toml");
+    std::fs::write(&path, scenario).unwrap();
+    let s = Scenario::load(&path).expect("scenario");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(fleet::run(&s, false)).expect("run");
+    let json = serde_json::to_value(&report).unwrap();
+    let text = report.text();
+    let g = |name: &str| -> &Value {
+        json["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap_or_else(|| panic!("no group {name}"))
+    };
+
+    // Well-behaved: every frame acknowledged and published, every command received,
+    // acknowledged on the link and its acknowledgement published.
+    let ok = g("s-ok");
+    assert_eq!(ok["connected"], ok["members"], "{text}");
+    assert!(count(&ok["sent"]) >= 3 * 4, "{text}");
+    assert_eq!(ok["acknowledged"], ok["sent"], "{text}");
+    assert_eq!(ok["delivered"], ok["sent"], "{text}");
+    assert_eq!(total(&ok["refused"]), 0, "{text}");
+    assert_eq!(count(&ok["resyncs"]), 0, "{text}");
+    let commands = count(&g("analytics")["commands_sent"]);
+    assert!(commands >= 2, "{text}");
+    assert_eq!(count(&ok["commands_received"]), commands, "{text}");
+    assert_eq!(count(&ok["commands_acknowledged"]), commands, "{text}");
+
+    // Forged tags: every frame dropped unanswered, nothing published.
+    let f = g("s-forged");
+    assert!(count(&f["sent"]) >= 5, "{text}");
+    assert_eq!(count(&f["accepted"]), 0, "{text}");
+    assert_eq!(count(&f["refused"]["dropped"]), count(&f["sent"]), "{text}");
+    assert_eq!(count(&f["delivered"]), 0, "{text}");
+    assert_eq!(count(&f["connected"]), 0, "{text}");
+
+    // Replays: the genuine frames taken once; no replay acknowledged, published or
+    // NAKed; the device told to RESYNC.
+    let r = g("s-replay");
+    let genuine = count(&r["acknowledged"]);
+    assert!(genuine >= 3, "{text}");
+    assert_eq!(count(&r["accepted"]), 0, "{text}");
+    let replays = count(&r["refused"]["replay_refused"]);
+    assert!(replays >= 1, "{text}");
+    assert_eq!(count(&r["sent"]), genuine + total(&r["refused"]), "{text}");
+    assert_eq!(count(&r["delivered"]), genuine, "{text}");
+    assert!(count(&r["resyncs"]) >= 1, "{text}");
+
+    // Noise and cut frames cost only themselves: every good frame taken, no cut one.
+    let n = g("s-noise");
+    let good = count(&n["sent"]) / 2;
+    assert!(good >= 4, "{text}");
+    assert_eq!(count(&n["acknowledged"]), good, "{text}");
+    assert_eq!(count(&n["delivered"]), good, "{text}");
+    assert_eq!(count(&n["refused"]["dropped"]), good, "{text}");
+    assert_eq!(count(&n["accepted"]), 0, "{text}");
+
+    // The flood: the port reads its share and drops the rest unanswered.
+    let fl = g("s-flood");
+    assert!(count(&fl["acknowledged"]) > 0, "{text}");
+    assert!(count(&fl["refused"]["no_answer"]) > 0, "{text}");
+
+    // The gateway counted each kind of refusal.
+    let sent_forged = count(&f["sent"]);
+    assert_eq!(
+        gw.refusals("decode", "frame_tag"),
+        sent_forged,
+        "{}",
+        gw.metrics()
+    );
+    assert!(
+        gw.refusals("decode", "frame_replay") >= replays,
+        "{}",
+        gw.metrics()
+    );
+    assert!(
+        gw.refusals("decode", "malformed_packet") >= good,
+        "{}",
+        gw.metrics()
+    );
+    assert!(
+        gw.refusals("decode", "frame_noise") >= 1,
+        "{}",
+        gw.metrics()
+    );
+    assert!(gw.refusals("limits", "frame_rate") > 0, "{}", gw.metrics());
+    // No well-behaved device is flagged.
+    assert!(
+        g("s-ok")["quarantined"].as_array().unwrap().is_empty(),
+        "{text}"
+    );
+}

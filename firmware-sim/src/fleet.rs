@@ -1,8 +1,9 @@
 //! Running a scenario: every member of every group as a task, services first, then
 //! devices; counters per group; the report at the end. MQTT members are here; CoAP
-//! members in `coap`.
+//! members in `coap`, serial members in `serial`.
 
 mod coap;
+mod serial;
 
 use crate::mqtt::{self, Packet, Version, reason_name};
 use crate::provision::{self, Secret};
@@ -12,7 +13,7 @@ use crate::transport::{self, Endpoint, Stream, Tls};
 use anyhow::Result;
 use rand::RngExt;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
@@ -68,6 +69,8 @@ struct Member {
     source: Option<IpAddr>,
     secret: Secret,
     behaviour: Behaviour,
+    /// A serial device: its end of its bus.
+    serial: Option<serial::Link>,
 }
 
 /// Events the reader task hands to its member.
@@ -263,6 +266,8 @@ impl Member {
 
 /// Run a scenario: provision, then the fleet; the report when all members are done.
 pub async fn run(s: &Scenario, progress: bool) -> Result<Report> {
+    // Before anything is registered: a bus that is not there is the likeliest mistake.
+    let buses = serial::Buses::open(s)?;
     let fleet = provision::prepare(s)?;
     let roots = match &s.target.ca {
         Some(ca) => Some(transport::roots(ca)?),
@@ -306,7 +311,12 @@ pub async fn run(s: &Scenario, progress: bool) -> Result<Report> {
 
     let mut members: Vec<(Member, bool)> = Vec::new();
     for (gi, (g, secrets)) in s.groups.iter().zip(fleet.secrets).enumerate() {
-        let addr = s.listener(g).expect("checked at load");
+        // A serial group has no address: it writes to its bus.
+        let addr = match s.listener(g) {
+            Some(addr) => addr,
+            None if g.serial() => SocketAddr::from(([0, 0, 0, 0], 0)),
+            None => unreachable!("checked at load"),
+        };
         for (i, secret) in secrets.into_iter().enumerate() {
             let tls = match (g.transport, &roots) {
                 _ if g.coap() => None,
@@ -324,6 +334,10 @@ pub async fn run(s: &Scenario, progress: bool) -> Result<Report> {
                 }
                 _ => None,
             };
+            let link = match s.bus_of(g) {
+                Some(bus) if g.serial() => Some(buses.link(bus, &g.id(i + 1))?),
+                _ => None,
+            };
             members.push((
                 Member {
                     id: g.id(i + 1),
@@ -334,6 +348,7 @@ pub async fn run(s: &Scenario, progress: bool) -> Result<Report> {
                     source: g.source(i + 1),
                     secret,
                     behaviour: g.behaviour.clone(),
+                    serial: link,
                 },
                 matches!(g.behaviour, Behaviour::Service { .. }),
             ));
@@ -521,9 +536,12 @@ pub fn sent_us(payload: &[u8]) -> Option<u64> {
         .ok()
 }
 
-async fn device(m: Member, shared: Arc<Shared>, delay: Duration) {
+async fn device(mut m: Member, shared: Arc<Shared>, delay: Duration) {
     sleep_until(shared.start + delay).await;
     let stats = shared.stats[m.group].clone();
+    if let Some(link) = m.serial.take() {
+        return serial::device(&m, link, &shared, &stats).await;
+    }
     match m.behaviour.clone() {
         Behaviour::WellBehaved {
             rate,
@@ -600,7 +618,10 @@ async fn device(m: Member, shared: Arc<Shared>, delay: Duration) {
         Behaviour::ReconnectStorm { rate } => storm(&m, &shared, &stats, rate).await,
         Behaviour::Slowloris { connections } => slowloris(&m, &shared, &stats, connections).await,
         Behaviour::Malformed { rate } => malformed(&m, &shared, &stats, rate).await,
-        Behaviour::Service { .. } | Behaviour::Replay { .. } => {}
+        Behaviour::Service { .. }
+        | Behaviour::Replay { .. }
+        | Behaviour::Forged { .. }
+        | Behaviour::Noise { .. } => {}
     }
 }
 

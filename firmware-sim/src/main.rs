@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use portcullis_sim::{Scenario, bench, broker, fleet, model, timing};
+use portcullis_sim::{Scenario, bench, broker, fleet, model, serial, timing};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -138,6 +138,34 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// One simulated serial device on the device end of a bus (a socat pty, or a tty
+    /// set raw): telemetry DATA frames, each ACK, NAK and RESYNC it hears printed, and
+    /// commands acknowledged. Its counters are kept in --state so that the next run
+    /// goes on above them.
+    SerialDevice {
+        /// The device end of the bus (the gateway's `[[serial.ports]]` names the other).
+        #[arg(long)]
+        port: PathBuf,
+        /// The device's id, as registered and listed on the port.
+        #[arg(long)]
+        id: String,
+        /// A file holding its frame key: 64 hex digits, as `portcullis device add ID
+        /// --serial-key-generate` prints them.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Telemetry frames per second.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Exit after this many frames acknowledged (default: run until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Telemetry goes to devices/{id}/{suffix}.
+        #[arg(long, default_value = "telemetry")]
+        suffix: String,
+        /// The device's "flash": its counters, created if missing.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
     /// Run rumqttd alone with a plain MQTT 3.1.1 listener (the benchmarks' baseline).
     Broker {
         #[arg(long, default_value = "127.0.0.1:1885")]
@@ -175,6 +203,26 @@ fn main() -> ExitCode {
             report_exit(run(&s, json, quiet, threads))
         }
         Command::Broker { listen } => report_exit(broker::serve(listen)),
+        Command::SerialDevice {
+            port,
+            id,
+            key_file,
+            rate,
+            count,
+            suffix,
+            state,
+        } => {
+            let o = serial::standalone::Options {
+                port,
+                id,
+                key_file,
+                rate,
+                count,
+                suffix,
+                state,
+            };
+            report_exit(serial::standalone::run(&o, &mut std::io::stdout().lock()))
+        }
         Command::Timing {
             addr,
             known,

@@ -23,6 +23,8 @@ pub enum Secret {
     Password(String),
     /// A DTLS pre-shared key (CoAP), its identity the member's id.
     Psk(String),
+    /// A serial frame key: 32 bytes.
+    SerialKey(Vec<u8>),
     None,
 }
 
@@ -215,6 +217,31 @@ pub fn prepare(s: &Scenario) -> Result<Fleet> {
                         g.gateway_group
                     ));
                     Secret::Psk(psk)
+                }
+                (Credential::SerialKey, _) => {
+                    let key = match p.mode {
+                        ProvisionMode::Cli => {
+                            let mut key = vec![0u8; 32];
+                            getrandom::fill(&mut key).expect("the system's random source");
+                            key
+                        }
+                        ProvisionMode::None => prepared_secrets
+                            .get(&id)
+                            .map(|k| hex::decode(k.trim()))
+                            .transpose()
+                            .ok()
+                            .flatten()
+                            .filter(|k| k.len() == 32)
+                            .ok_or_else(|| {
+                                anyhow!("no serial key (64 hex digits) for {id:?} in secrets.toml")
+                            })?,
+                    };
+                    entries.push_str(&format!(
+                        "[[principal]]\nid = {id:?}\ngroup = {:?}\nserial_key = {:?}\n",
+                        g.gateway_group,
+                        hex::encode(&key)
+                    ));
+                    Secret::SerialKey(key)
                 }
                 (Credential::None, _) => Secret::None,
             };

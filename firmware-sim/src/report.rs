@@ -23,6 +23,8 @@ pub struct GroupStats {
     pub commands_sent: AtomicU64,
     /// Hostile actions the server accepted (a success code where a refusal was due).
     pub accepted: AtomicU64,
+    /// Serial: RESYNCs the group's devices heard (a frame of theirs was stale).
+    pub resyncs: AtomicU64,
     connect_refused: Mutex<BTreeMap<String, u64>>,
     refused: Mutex<BTreeMap<String, u64>>,
     disconnected: Mutex<BTreeMap<String, u64>>,
@@ -53,6 +55,7 @@ impl GroupStats {
             commands_acknowledged: AtomicU64::new(0),
             commands_sent: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
             connect_refused: Mutex::default(),
             refused: Mutex::default(),
             disconnected: Mutex::default(),
@@ -108,6 +111,7 @@ impl GroupStats {
             acknowledged: self.acknowledged.load(Relaxed),
             refused: map(&self.refused),
             accepted: self.accepted.load(Relaxed),
+            resyncs: self.resyncs.load(Relaxed),
             delivered: self.delivered.load(Relaxed),
             commands_sent: self.commands_sent.load(Relaxed),
             commands_received: self.commands_received.load(Relaxed),
@@ -142,6 +146,8 @@ pub struct GroupReport {
     pub refused: BTreeMap<String, u64>,
     /// Hostile actions that were accepted.
     pub accepted: u64,
+    /// Serial: RESYNCs heard.
+    pub resyncs: u64,
     pub delivered: u64,
     pub commands_sent: u64,
     pub commands_received: u64,
@@ -198,6 +204,9 @@ impl Report {
                 g.delivered,
                 g.accepted
             );
+            if g.resyncs > 0 {
+                let _ = writeln!(out, "  resyncs heard {}", g.resyncs);
+            }
             if g.commands_sent + g.commands_received > 0 {
                 let _ = writeln!(
                     out,

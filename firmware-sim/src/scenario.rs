@@ -4,6 +4,7 @@
 use crate::mqtt::Version;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -41,6 +42,11 @@ pub struct Target {
     pub service_tls: Option<SocketAddr>,
     /// Device listener, CoAP over DTLS (UDP): for `protocol = "coap"` groups.
     pub coap_dtls: Option<SocketAddr>,
+    /// Serial buses by name: the device end of each (a pty socat made, or a tty),
+    /// for `protocol = "serial"` groups. The gateway's `[[serial.ports]]` names the
+    /// other end.
+    #[serde(default)]
+    pub serial: BTreeMap<String, PathBuf>,
     /// The CA that verifies the server's certificate.
     pub ca: Option<PathBuf>,
     #[serde(default = "default_server_name")]
@@ -129,14 +135,18 @@ pub enum Protocol {
     /// CoAP over DTLS 1.2 with a pre-shared key, to `[target] coap_dtls`.
     #[serde(rename = "coap")]
     Coap,
+    /// Authenticated frames (docs/serial-protocol.md) on a bus of `[target.serial]`.
+    #[serde(rename = "serial")]
+    Serial,
 }
 
 impl Protocol {
-    /// The MQTT version of an MQTT group (CoAP groups have none; 5 stands in).
+    /// The MQTT version of an MQTT group (CoAP and serial groups have none; 5 stands
+    /// in).
     pub fn mqtt(self) -> Version {
         match self {
             Protocol::Mqtt311 => Version::V4,
-            Protocol::Mqtt5 | Protocol::Coap => Version::V5,
+            Protocol::Mqtt5 | Protocol::Coap | Protocol::Serial => Version::V5,
         }
     }
 }
@@ -150,6 +160,8 @@ pub enum Credential {
     Secret,
     /// A DTLS pre-shared key whose identity is the id (CoAP only).
     Psk,
+    /// A 32-byte serial frame key (serial only).
+    SerialKey,
     /// Nothing: for brokers without authentication, and for hostile behaviours that
     /// never get as far as authenticating.
     None,
@@ -166,9 +178,13 @@ pub struct Group {
     pub protocol: Protocol,
     #[serde(default = "default_transport")]
     pub transport: Transport,
-    /// Default: `psk` for CoAP groups, `certificate` for the others (`credential()`).
+    /// Default: `psk` for CoAP groups, `serial-key` for serial groups, `certificate`
+    /// for the others (`credential()`).
     #[serde(default)]
     pub credential: Option<Credential>,
+    /// Serial groups: the bus of `[target.serial]` the members are on (default: the
+    /// only one, when there is one).
+    pub bus: Option<String>,
     /// Ids are `{id_prefix}{n}`, n from 1; default `{name}-`.
     pub id_prefix: Option<String>,
     /// The gateway group the principals are registered in.
@@ -236,9 +252,11 @@ pub enum Behaviour {
         #[serde(default)]
         command_groups: Vec<String>,
     },
-    /// Publishes as fast as the gateway lets it, `inflight` QoS 1 messages at a time.
+    /// Publishes as fast as the gateway lets it, `inflight` QoS 1 messages at a time
+    /// (serial: frames, one unanswered for `SERIAL_FLOOD_EXPIRY` no longer counting).
     Flood {
-        /// Unanswered at a time; default 32 for MQTT, 1 (NSTART) for CoAP.
+        /// Unanswered at a time; default 32 for MQTT, 1 (NSTART) for CoAP, 64 for
+        /// serial.
         inflight: Option<u16>,
         #[serde(default = "default_flood_payload")]
         payload_bytes: usize,
@@ -286,10 +304,24 @@ pub enum Behaviour {
         rate: f64,
     },
     /// CoAP: captures the records of its own genuine requests and sends them again,
-    /// into its live DTLS session and from another port; `rate` cycles per second.
+    /// into its live DTLS session and from another port. Serial: sends a genuine
+    /// frame, then one it recorded earlier. `rate` cycles per second.
     Replay {
         #[serde(default = "default_hostile_rate")]
         rate: f64,
+    },
+    /// Serial: frames naming the member, signed under a key that is not its own.
+    Forged {
+        #[serde(default = "default_hostile_rate")]
+        rate: f64,
+    },
+    /// Serial: each cycle, line noise (`bytes` random bytes; every fourth cycle a run
+    /// longer than any frame), a frame cut short, then a good frame.
+    Noise {
+        #[serde(default = "default_hostile_rate")]
+        rate: f64,
+        #[serde(default = "default_noise_bytes")]
+        bytes: usize,
     },
     /// Starts at `rate` and grows linearly to `rate * factor` over the run.
     SlowRamp {
@@ -322,6 +354,12 @@ fn default_service_filter() -> Vec<String> {
 /// CoAP's NSTART (RFC 7252: one outstanding request).
 pub const MQTT_FLOOD_INFLIGHT: u16 = 32;
 pub const COAP_FLOOD_INFLIGHT: u16 = 1;
+/// A serial flooder's frames unanswered at a time, and how long one waits before it
+/// no longer counts: the gateway drops frames over the port's rate unanswered, so at
+/// least 64 / 50 ms = 1280 frames a second, far over `serial.max_frames_per_second`'s
+/// default 200.
+pub const SERIAL_FLOOD_INFLIGHT: u16 = 64;
+pub const SERIAL_FLOOD_EXPIRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn default_true() -> bool {
     true
@@ -337,6 +375,9 @@ fn default_hostile_rate() -> f64 {
 }
 fn default_clone_interval() -> f64 {
     1.0
+}
+fn default_noise_bytes() -> usize {
+    64
 }
 fn default_storm_rate() -> f64 {
     200.0
@@ -361,6 +402,8 @@ impl Behaviour {
             Behaviour::Malformed { .. } => "malformed",
             Behaviour::SlowRamp { .. } => "slow-ramp",
             Behaviour::Replay { .. } => "replay",
+            Behaviour::Forged { .. } => "forged",
+            Behaviour::Noise { .. } => "noise",
         }
     }
 
@@ -378,12 +421,17 @@ impl Group {
         match (self.credential, self.protocol) {
             (Some(c), _) => c,
             (None, Protocol::Coap) => Credential::Psk,
+            (None, Protocol::Serial) => Credential::SerialKey,
             (None, _) => Credential::Certificate,
         }
     }
 
     pub fn coap(&self) -> bool {
         self.protocol == Protocol::Coap
+    }
+
+    pub fn serial(&self) -> bool {
+        self.protocol == Protocol::Serial
     }
 
     pub fn id(&self, n: usize) -> String {
@@ -436,6 +484,9 @@ impl Scenario {
         };
         if let Some(ca) = s.target.ca.as_mut() {
             fix(ca);
+        }
+        for bus in s.target.serial.values_mut() {
+            fix(bus);
         }
         for p in [
             s.provision.config.as_mut(),
@@ -506,10 +557,30 @@ impl Scenario {
             }
             if g.coap() {
                 check_coap(g).with_context(|| at.clone())?;
+            } else if g.serial() {
+                check_serial(g, self).with_context(|| at.clone())?;
+                check_behaviour(&g.behaviour, self).with_context(|| at.clone())?;
+                continue;
             } else if g.credential() == Credential::Psk {
                 bail!("{at}: a pre-shared key is for protocol = \"coap\" groups");
+            } else if g.credential() == Credential::SerialKey {
+                bail!("{at}: a serial key is for protocol = \"serial\" groups");
             } else if matches!(g.behaviour, Behaviour::Replay { .. }) {
-                bail!("{at}: replay is for protocol = \"coap\" groups");
+                bail!(
+                    "{at}: replay is for protocol = \"coap\" groups and protocol = \"serial\" groups"
+                );
+            }
+            if g.bus.is_some() {
+                bail!("{at}: bus is for protocol = \"serial\" groups");
+            }
+            if matches!(
+                g.behaviour,
+                Behaviour::Forged { .. } | Behaviour::Noise { .. }
+            ) {
+                bail!(
+                    "{at}: {} is for protocol = \"serial\" groups",
+                    g.behaviour.name()
+                );
             }
             if g.credential() == Credential::Certificate && g.transport == Transport::Plain {
                 bail!("{at}: a certificate needs transport = \"tls\"");
@@ -529,9 +600,14 @@ impl Scenario {
         Ok(())
     }
 
+    /// The address a group connects to; none for a serial group (it writes to its
+    /// bus).
     pub fn listener(&self, g: &Group) -> Option<SocketAddr> {
         if g.coap() {
             return self.target.coap_dtls;
+        }
+        if g.serial() {
+            return None;
         }
         match (g.kind, g.transport) {
             (Kind::Device, Transport::Plain) => self.target.device_plain,
@@ -543,6 +619,17 @@ impl Scenario {
 
     pub fn group(&self, name: &str) -> Option<&Group> {
         self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The name of a serial group's bus: as given, or the only one of `[target.serial]`.
+    pub fn bus_of<'a>(&'a self, g: &'a Group) -> Option<&'a str> {
+        match &g.bus {
+            Some(name) => Some(name.as_str()),
+            None if self.target.serial.len() == 1 => {
+                self.target.serial.keys().next().map(String::as_str)
+            }
+            None => None,
+        }
     }
 }
 
@@ -578,9 +665,64 @@ fn check_coap(g: &Group) -> Result<()> {
         | Behaviour::CredentialStuffing { .. }
         | Behaviour::Slowloris { .. }
         | Behaviour::Replay { .. } => Ok(()),
+        Behaviour::Forged { .. } | Behaviour::Noise { .. } => {
+            bail!("behaviour {:?} is for serial groups", g.behaviour.name())
+        }
         _ => bail!(
             "behaviour {:?} is for MQTT groups; a CoAP group can be well-behaved, flood, \
              credential-stuffing (a wrong key), slowloris (stalled handshakes) or replay",
+            g.behaviour.name()
+        ),
+    }
+}
+
+/// What a serial group may be: devices with a frame key (or none, frames for an id
+/// the gateway does not know) on a bus of `[target.serial]`, with a behaviour the
+/// serial simulator has.
+fn check_serial(g: &Group, s: &Scenario) -> Result<()> {
+    if g.kind != Kind::Device {
+        bail!("serial is for devices: kind = \"device\"");
+    }
+    if g.transport == Transport::Plain {
+        bail!("serial groups write frames to a bus of [target.serial]: leave transport out");
+    }
+    if g.sources.is_some() {
+        bail!("serial groups have no source address: leave sources out");
+    }
+    if !matches!(g.credential(), Credential::SerialKey | Credential::None) {
+        bail!(
+            "a serial device signs its frames with its frame key: credential = \"serial-key\" \
+             (the default) or \"none\""
+        );
+    }
+    match (&g.bus, s.bus_of(g)) {
+        (_, Some(name)) if s.target.serial.contains_key(name) => {}
+        (Some(name), _) => {
+            let known: Vec<&str> = s.target.serial.keys().map(String::as_str).collect();
+            bail!("bus {name:?} is not in [target.serial] (it has {known:?})");
+        }
+        (None, _) if s.target.serial.is_empty() => {
+            bail!("[target.serial] names no bus (e.g. field = \"/tmp/portcullis-field-dev\")");
+        }
+        (None, _) => bail!("bus is needed: [target.serial] has more than one"),
+    }
+    match g.behaviour {
+        Behaviour::WellBehaved { qos: 0, .. } => {
+            bail!("every serial frame is answered (ACK or NAK): leave qos out")
+        }
+        Behaviour::Flood { payload_bytes, .. } if payload_bytes > 1024 => {
+            bail!(
+                "payload_bytes must be at most 1024 (a serial frame's payload), not {payload_bytes}"
+            )
+        }
+        Behaviour::WellBehaved { .. }
+        | Behaviour::Flood { .. }
+        | Behaviour::Replay { .. }
+        | Behaviour::Forged { .. }
+        | Behaviour::Noise { .. } => Ok(()),
+        _ => bail!(
+            "behaviour {:?} is not for serial groups; a serial group can be well-behaved, \
+             forged, replay, flood or noise",
             g.behaviour.name()
         ),
     }
@@ -652,6 +794,12 @@ fn check_behaviour(b: &Behaviour, s: &Scenario) -> Result<()> {
             }
             size("payload_bytes", *payload_bytes)?;
         }
+        Behaviour::Noise { rate, bytes } => {
+            positive("rate", *rate)?;
+            if *bytes > 65_536 {
+                bail!("bytes must be at most 65536, not {bytes}");
+            }
+        }
         Behaviour::Oversized { rate, bytes } => {
             positive("rate", *rate)?;
             size("bytes", *bytes)?;
@@ -661,6 +809,7 @@ fn check_behaviour(b: &Behaviour, s: &Scenario) -> Result<()> {
         | Behaviour::CredentialStuffing { rate }
         | Behaviour::ReconnectStorm { rate }
         | Behaviour::Replay { rate }
+        | Behaviour::Forged { rate }
         | Behaviour::Malformed { rate } => positive("rate", *rate)?,
         Behaviour::ClonedIdentity { interval_secs } => positive("interval_secs", *interval_secs)?,
         Behaviour::Slowloris { connections } => {
@@ -919,6 +1068,128 @@ behaviour = { kind = "credential-stuffing" }
             parse(&coap("behaviour={kind='flood'}")).unwrap_err()
         );
         assert!(err.contains("[target] has no coap_dtls address"), "{err}");
+    }
+
+    const BUSES: &str = "[target.serial]\nfield = \"/tmp/field-dev\"\nflood = \"/tmp/flood-dev\"\n";
+
+    #[test]
+    fn serial_groups_sign_with_a_frame_key_on_a_bus_of_the_target() {
+        let s = Scenario::parse(&format!(
+            "{BASE}{BUSES}{}",
+            r#"
+[[group]]
+name = "pumps"
+count = 3
+protocol = "serial"
+bus = "field"
+behaviour = { kind = "well-behaved", rate = 1.0 }
+[[group]]
+name = "forger"
+count = 1
+protocol = "serial"
+bus = "field"
+behaviour = { kind = "forged" }
+[[group]]
+name = "noisy"
+count = 1
+protocol = "serial"
+bus = "field"
+behaviour = { kind = "noise", bytes = 16 }
+[[group]]
+name = "flooder"
+count = 1
+protocol = "serial"
+bus = "flood"
+behaviour = { kind = "flood" }
+[[group]]
+name = "replayer"
+count = 1
+protocol = "serial"
+bus = "field"
+behaviour = { kind = "replay" }
+"#
+        ))
+        .unwrap();
+        let g = &s.groups[0];
+        assert!(g.serial());
+        assert_eq!(g.credential(), Credential::SerialKey);
+        assert_eq!(s.bus_of(g), Some("field"));
+        assert_eq!(s.listener(g), None);
+        assert_eq!(s.groups[1].behaviour.name(), "forged");
+        assert!(s.groups[1].behaviour.hostile());
+        assert!(matches!(
+            s.groups[2].behaviour,
+            Behaviour::Noise { bytes: 16, .. }
+        ));
+        assert_eq!(s.bus_of(&s.groups[3]), Some("flood"));
+        // One bus: it needs no naming.
+        let one = Scenario::parse(&format!(
+            "{BASE}[target.serial]\nonly = \"/tmp/a\"\n[[group]]\nname='a'\ncount=1\nprotocol='serial'\nbehaviour={{kind='forged'}}"
+        ))
+        .unwrap();
+        assert_eq!(one.bus_of(&one.groups[0]), Some("only"));
+    }
+
+    #[test]
+    fn serial_mistakes_are_refused_with_what_to_do() {
+        let serial = |b: &str| format!("[[group]]\nname='a'\ncount=1\nprotocol='serial'\n{b}");
+        let with_buses = |g: String| Scenario::parse(&format!("{BASE}{BUSES}{g}"));
+        let cases = [
+            (
+                serial("bus='field'\nbehaviour={kind='topic-scan'}"),
+                "is not for serial groups; a serial group can be well-behaved",
+            ),
+            (
+                serial("behaviour={kind='forged'}"),
+                "bus is needed: [target.serial] has more than one",
+            ),
+            (
+                serial("bus='attic'\nbehaviour={kind='forged'}"),
+                "bus \"attic\" is not in [target.serial]",
+            ),
+            (
+                serial("bus='field'\ncredential='psk'\nbehaviour={kind='forged'}"),
+                "credential = \"serial-key\"",
+            ),
+            (
+                serial("bus='field'\nkind='service'\nbehaviour={kind='service'}"),
+                "serial is for devices",
+            ),
+            (
+                serial("bus='field'\nsources='127.0.0.1'\nbehaviour={kind='forged'}"),
+                "leave sources out",
+            ),
+            (
+                serial("bus='field'\nbehaviour={kind='well-behaved', rate=1.0, qos=0}"),
+                "leave qos out",
+            ),
+            (
+                serial("bus='field'\nbehaviour={kind='flood', payload_bytes=2000}"),
+                "payload_bytes must be at most 1024",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nbehaviour={kind='forged'}".to_string(),
+                "forged is for protocol = \"serial\" groups",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\nbus='field'\nbehaviour={kind='flood'}".to_string(),
+                "bus is for protocol = \"serial\" groups",
+            ),
+            (
+                "[[group]]\nname='a'\ncount=1\ncredential='serial-key'\nbehaviour={kind='flood'}"
+                    .to_string(),
+                "a serial key is for protocol = \"serial\" groups",
+            ),
+        ];
+        for (groups, want) in cases {
+            let err = format!("{:#}", with_buses(groups.clone()).unwrap_err());
+            assert!(err.contains(want), "{groups}\n→ {err}\nwanted {want}");
+        }
+        let err = format!(
+            "{:#}",
+            parse(&serial("behaviour={kind='forged'}")).unwrap_err()
+        );
+        assert!(err.contains("[target.serial] names no bus"), "{err}");
     }
 
     #[test]

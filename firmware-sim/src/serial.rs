@@ -7,6 +7,11 @@
 //! gateway's frames (tag, direction, id, a fresh down counter), jumps when told to
 //! RESYNC, and recognises a command sent again (the same counter as the last one it
 //! took) so that it acknowledges it again without running it twice.
+//!
+//! `standalone` is one such device on a port, as `portcullis-sim serial-device` runs
+//! it, its counters kept in a state file.
+
+pub mod standalone;
 
 use portcullis_serial_frame::{
     Body, CounterReservation, Deframed, Deframer, Direction, Key, MAX_ENCODED_LEN, MAX_WIRE_LEN,
@@ -71,6 +76,19 @@ impl SerialDevice {
             deframer: Box::new(Deframer::new()),
             ignored: 0,
         }
+    }
+
+    /// Continue from the last down counter kept "in flash": a command at or below it
+    /// is not run again (the one at it, sent again, is acknowledged again).
+    pub fn with_down_floor(mut self, last: u64) -> SerialDevice {
+        self.down = ReplayGuard::new(last);
+        self.last_command = (last > 0).then_some(last);
+        self
+    }
+
+    /// The last down counter accepted: what firmware keeps before it acts on a command.
+    pub fn down_floor(&self) -> u64 {
+        self.down.last()
     }
 
     /// The next up counter, reserving a range "in flash" first when it needs one.
@@ -245,6 +263,11 @@ impl PtyPair {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(pair)
+    }
+
+    /// socat's process id, while it runs (its CPU time is the bus's cost).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The device's end, opened for reading and writing.
