@@ -618,3 +618,45 @@ fn a_command_never_acknowledged_waits_until_the_device_is_heard_again() {
     })
     .expect("delivered once acknowledged");
 }
+
+#[test]
+fn every_frame_of_a_burst_is_answered_even_when_the_device_s_session_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, gw) = one_bus(dir.path(), &["burst-1"], "max_frames_per_second = 1000");
+    let key = add_serial_device(&gw, "burst-1");
+    let mut line = Line::open(&pair);
+    let mut dev = SerialDevice::new("burst-1", &key, 0, 1000);
+    let (c, f) = dev.data("telemetry/n", b"0");
+    line.write(&f);
+    line.expect(&mut dev, "its ACK", is_ack(c));
+    // Quarantined: its messages are paced, so its session falls behind a burst.
+    gw.cli_ok(&["quarantine", "add", "burst-1", "--reason", "test"]);
+    let mut burst = Vec::new();
+    let mut counters = Vec::new();
+    for i in 0..300 {
+        let (c, f) = dev.data("telemetry/n", format!("{i}").as_bytes());
+        counters.push(c);
+        burst.extend(f);
+    }
+    line.write(&burst);
+    let mut answered = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered.len() < counters.len() && Instant::now() < deadline {
+        for h in line
+            .hear(&mut [&mut dev], Duration::from_millis(500))
+            .remove(0)
+        {
+            match h {
+                Heard::Ack(c) => *answered.entry(c).or_insert(0) += 1,
+                Heard::Nak(c, NakReason::Busy) => *answered.entry(c).or_insert(0) += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let unanswered: Vec<_> = counters
+        .iter()
+        .filter(|c| !answered.contains_key(c))
+        .collect();
+    assert!(unanswered.is_empty(), "never answered: {unanswered:?}");
+    assert!(answered.values().all(|n| *n == 1), "{answered:?}");
+}

@@ -46,7 +46,7 @@ use portcullis_core::refusal::Refusal;
 use portcullis_core::retained::RetainedCommands;
 use portcullis_core::sessions::Sessions;
 use portcullis_core::topic::TopicLimits;
-use portcullis_serial_frame::{Body, Direction, MAX_WIRE_LEN, Outgoing, encode};
+use portcullis_serial_frame::{Body, Direction, MAX_WIRE_LEN, NakReason, Outgoing, encode};
 use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -56,6 +56,12 @@ use tokio::sync::{mpsc, watch};
 
 /// Writes waiting for a bus from its sessions.
 const DOWN_QUEUE: usize = 256;
+/// Bytes gathered for the port at most: frames written while the port's thread is
+/// behind wait here and go out together; beyond it they are dropped (and the devices
+/// send again).
+const MAX_UNWRITTEN: usize = 64 * 1024;
+/// How soon gathered bytes the port's thread had no room for are offered again.
+const FLUSH_RETRY: Duration = Duration::from_millis(5);
 
 /// The serial layer's limits (`[serial]`, and the gateway's own).
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +124,7 @@ pub async fn serve(ctx: Arc<Context>, index: u16, port: Port, devices: Vec<Princ
         index,
         sessions: HashMap::new(),
         answered_at: HashMap::new(),
+        busy: HashMap::new(),
         frames: TokenBucket::new(
             Rate {
                 per_second: rate,
@@ -126,6 +133,7 @@ pub async fn serve(ctx: Arc<Context>, index: u16, port: Port, devices: Vec<Princ
             now,
         ),
         refused_run: false,
+        unwritten: Vec::new(),
         open: false,
         opened_before: false,
         failing: false,
@@ -148,10 +156,16 @@ struct Bus {
     sessions: HashMap<PrincipalId, mpsc::Sender<Input>>,
     /// When each device was last answered unasked (RESYNC, or a frame answered again).
     answered_at: HashMap<PrincipalId, Instant>,
+    /// The last DATA frame of each device refused busy here (its session's queue was
+    /// full): sent again, it is refused busy again.
+    busy: HashMap<PrincipalId, u64>,
     /// Frames the port may bring (`serial.max_frames_per_second`).
     frames: TokenBucket,
     /// Frames refused since the last one taken (one audit line per run).
     refused_run: bool,
+    /// Frames for the port not handed to its thread yet: gathered while a batch is
+    /// handled, so that a burst of answers is a few writes, not one each.
+    unwritten: Vec<u8>,
     open: bool,
     opened_before: bool,
     /// Opening the port has failed since it was last open (one audit line per outage).
@@ -167,11 +181,17 @@ impl Bus {
             if *shutdown.borrow() {
                 break;
             }
+            let retry = !self.unwritten.is_empty();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {}
                 // Writes first: answers and commands are what the devices wait for.
-                Some(down) = down_rx.recv() => self.write(down).await,
+                Some(down) = down_rx.recv() => {
+                    self.write(down).await;
+                    while let Ok(down) = down_rx.try_recv() {
+                        self.write(down).await;
+                    }
+                }
                 event = self.port.event() => match event {
                     None => break,
                     Some(PortEvent::Bytes(bytes)) => {
@@ -186,7 +206,9 @@ impl Bus {
                         self.open_failed(&error, retry_in)
                     }
                 },
+                _ = tokio::time::sleep(FLUSH_RETRY), if retry => {}
             }
+            self.flush();
         }
         self.end_sessions();
         if self.open {
@@ -359,7 +381,21 @@ impl Bus {
             HeardBody::Ack { counter } => Input::Ack { counter },
             HeardBody::Nak { counter, reason } => Input::Nak { counter, reason },
         };
-        self.hand_over(id, input);
+        let data = match &input {
+            Input::Data { counter, .. } => Some(*counter),
+            _ => None,
+        };
+        if !self.hand_over(id.clone(), input)
+            && let Some(counter) = data
+        {
+            // Its counter is used: the device sends the message again in a new frame.
+            self.busy.insert(id.clone(), counter);
+            let nak = Body::Nak {
+                counter,
+                reason: NakReason::Busy,
+            };
+            let _ = self.send(&id, nak).await;
+        }
     }
 
     /// An authenticated frame whose counter is not fresh.
@@ -369,6 +405,22 @@ impl Bus {
             .answered_at
             .get(&id)
             .is_none_or(|at| now.saturating_duration_since(*at) >= self.ctx.limits.resync_interval);
+        // Its last frame again, refused busy here: refused busy again.
+        if counter == floor
+            && matches!(body, HeardBody::Data { .. })
+            && self.busy.get(&id) == Some(&counter)
+        {
+            Metrics::inc(&self.ctx.metrics.serial.duplicates);
+            if may_answer {
+                self.answered_at.insert(id.clone(), now);
+                let nak = Body::Nak {
+                    counter,
+                    reason: NakReason::Busy,
+                };
+                let _ = self.send(&id, nak).await;
+            }
+            return;
+        }
         // Its last frame again: our answer was lost.
         if counter == floor
             && matches!(body, HeardBody::Data { .. })
@@ -394,8 +446,9 @@ impl Bus {
         }
     }
 
-    /// Hand a fresh frame to its device's session, starting one if it has none.
-    fn hand_over(&mut self, id: PrincipalId, input: Input) {
+    /// Hand a fresh frame to its device's session, starting one if it has none;
+    /// whether the session took it.
+    fn hand_over(&mut self, id: PrincipalId, input: Input) -> bool {
         let tx = match self.sessions.get(&id) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
@@ -412,13 +465,15 @@ impl Bus {
             }
         };
         match tx.try_send(input) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 Metrics::inc(&self.ctx.metrics.serial.dropped_busy);
+                false
             }
             // Ended since (a kick): the next frame starts a new session.
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.sessions.remove(&id);
+                false
             }
         }
     }
@@ -446,10 +501,34 @@ impl Bus {
                 let _ = sent.send(self.send(&id, body).await);
             }
             Down::Again(bytes) => {
-                if self.port.write(bytes) {
+                if self.gather(&bytes) {
                     Metrics::inc(&self.ctx.metrics.serial.frames_out);
                 }
             }
+        }
+    }
+
+    /// Add a frame to what goes to the port next; `false` if it cannot go (the port
+    /// closed, or too much waits already).
+    fn gather(&mut self, frame: &[u8]) -> bool {
+        if !self.open || self.unwritten.len() + frame.len() > MAX_UNWRITTEN {
+            return false;
+        }
+        self.unwritten.extend_from_slice(frame);
+        true
+    }
+
+    /// Hand what was gathered to the port's thread, if it has room.
+    fn flush(&mut self) {
+        if self.unwritten.is_empty() {
+            return;
+        }
+        if !self.open {
+            self.unwritten.clear();
+            return;
+        }
+        if self.port.write(self.unwritten.clone()) {
+            self.unwritten.clear();
         }
     }
 
@@ -485,7 +564,7 @@ impl Bus {
         // A leading delimiter ends whatever a device's receiver holds of a cut frame.
         let n = encode(&key, &frame, &mut wire[1..]).map_err(|e| Unsent::Unencodable(e.label()))?;
         wire.truncate(n + 1);
-        if !self.port.write(wire.clone()) {
+        if !self.gather(&wire) {
             return Err(Unsent::Unavailable);
         }
         Metrics::inc(&self.ctx.metrics.serial.frames_out);

@@ -24,7 +24,6 @@ use bytes::Bytes;
 use portcullis_core::admission::{self, Admission, Live, NextCommand, Offer, Peer, Verdict};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::auth::{Credential, Credentials};
-use portcullis_core::behaviour::Observation;
 use portcullis_core::content::Carried;
 use portcullis_core::device_session::{DeviceState, NotOpened, Opened, Opener};
 use portcullis_core::forward::{Taken, Uplink};
@@ -36,7 +35,6 @@ use portcullis_core::peer::{Closed, Lifecycle, Protocol, catch_unwind};
 use portcullis_core::principal::{PrincipalId, PrincipalKind};
 use portcullis_core::refusal::{Refusal, Stage};
 use portcullis_core::sessions::{KickReason, Kicked, SessionGuard, SessionStats};
-use portcullis_core::topic::{TopicFilter, TopicName};
 use portcullis_serial_frame::NakReason;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -334,7 +332,7 @@ async fn set_up(
             if resumed { ", session resumed" } else { "" }
         ),
     );
-    let mut session = Session {
+    let session = Session {
         link: link.clone(),
         admission,
         uplink,
@@ -350,7 +348,9 @@ async fn set_up(
     };
     // A device whose session starts gets its retained commands first (as an MQTT
     // device after its SUBACK, a CoAP device with its first Observe).
-    session.queue_retained(ctx, now);
+    session
+        .admission
+        .queue_retained_commands(&session.state.mailbox, now);
     Some((session, guard, slot, live_rx))
 }
 
@@ -607,8 +607,6 @@ impl Session {
             );
             return self.answer(counter, Some(NakReason::Busy)).await;
         }
-        let id = self.admission.peer().principal.id.clone();
-        let raw = format!("devices/{id}/{suffix}");
         let carried = Carried {
             response_topic: None,
             content_type: None,
@@ -616,23 +614,12 @@ impl Session {
             payload_utf8: false,
             payload: &payload,
         };
-        if let Err(refusal) = self.admission.screen(&raw, &carried, now) {
-            return self.answer(counter, nak_reason(refusal)).await;
-        }
-        let topic = match TopicName::parse(&raw, ctx.limits.topic) {
+        let topic = match self
+            .admission
+            .device_topic(&suffix, &carried, ctx.limits.topic, now)
+        {
             Ok(topic) => topic,
-            Err(e) => {
-                let words = e.to_string();
-                self.admission.refused(
-                    Refusal::TopicInvalid,
-                    "publish",
-                    Some(&raw),
-                    Some(&words),
-                    now,
-                );
-                self.admission.observe(Observation::Invalid, now);
-                return self.answer(counter, Some(NakReason::Invalid)).await;
-            }
+            Err((refusal, _)) => return self.answer(counter, nak_reason(refusal)).await,
         };
         let message = Message {
             topic,
@@ -741,21 +728,6 @@ impl Session {
             .into_iter()
             .flatten()
             .min()
-    }
-
-    /// The device's retained commands, into its mailbox.
-    fn queue_retained(&mut self, ctx: &Context, now: Instant) {
-        let id = &self.admission.peer().principal.id;
-        let Ok(filter) = TopicFilter::parse_unlimited(&format!("devices/{id}/commands/#")) else {
-            return;
-        };
-        for m in ctx.retained.matching(id, &filter) {
-            if let Err(overflow) = self.state.mailbox.push(Delivery::from(m), now) {
-                Metrics::inc(&ctx.metrics.queue_overflow);
-                self.admission
-                    .audit("queue", None, overflow.as_str().to_string());
-            }
-        }
     }
 
     /// The next command the device may receive now, through the downlink gates (a

@@ -40,7 +40,7 @@ use crate::principal::{PrincipalId, PrincipalKind, PrincipalRef};
 use crate::quarantine::{self, Behaviours, Policy as BehaviourPolicy, Tracked};
 use crate::refusal::Refusal;
 use crate::retained::RetainedCommands;
-use crate::topic::{TopicFilter, TopicName};
+use crate::topic::{TopicFilter, TopicLimits, TopicName};
 use crate::validate::Validator;
 use portcullis_config::{QuarantineCommands, QuarantineTraffic};
 use std::net::SocketAddr;
@@ -453,6 +453,48 @@ impl Admission {
             return Err(Refusal::UnknownDevice);
         }
         Ok(())
+    }
+
+    /// A device's message to `devices/{id}/{suffix}` (a protocol whose device names
+    /// only the suffix, CoAP and serial): screened, and its topic read within
+    /// `limits`. A topic that is not valid is refused, audited and told to the model as
+    /// a failed validation; the words say what is wrong with it.
+    pub fn device_topic(
+        &mut self,
+        suffix: &str,
+        carried: &Carried<'_>,
+        limits: TopicLimits,
+        now: Instant,
+    ) -> Result<TopicName, (Refusal, Option<String>)> {
+        let raw = format!("devices/{}/{suffix}", self.peer.principal.id);
+        self.screen(&raw, carried, now).map_err(|r| (r, None))?;
+        TopicName::parse(&raw, limits).map_err(|e| {
+            let words = e.to_string();
+            self.refused(
+                Refusal::TopicInvalid,
+                "publish",
+                Some(&raw),
+                Some(&words),
+                now,
+            );
+            self.observe(Observation::Invalid, now);
+            (Refusal::TopicInvalid, Some(words))
+        })
+    }
+
+    /// A device's retained commands, queued in its mailbox (a new session's first
+    /// step: as an MQTT device gets them after its SUBACK).
+    pub fn queue_retained_commands(&self, mailbox: &Mailbox, now: Instant) {
+        let id = &self.peer.principal.id;
+        let Ok(filter) = TopicFilter::parse_unlimited(&format!("devices/{id}/commands/#")) else {
+            return;
+        };
+        for m in self.shared.retained.matching(id, &filter) {
+            if let Err(overflow) = mailbox.push(Delivery::from(m), now) {
+                Metrics::inc(&self.shared.metrics.queue_overflow);
+                self.audit("queue", None, overflow.as_str().to_string());
+            }
+        }
     }
 
     /// The uplink pipeline for a protocol without back-pressure (CoAP, serial): the

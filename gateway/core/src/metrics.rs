@@ -86,7 +86,7 @@ pub struct SerialMetrics {
     /// Commands sent again for want of an ACK, and given up on (back to the mailbox).
     pub retransmissions: AtomicU64,
     pub commands_timed_out: AtomicU64,
-    /// Frames dropped because their device's session was busy.
+    /// Frames refused busy (NAK 6) because their device's session was behind.
     pub dropped_busy: AtomicU64,
     /// Counter reservations that could not be written (the frame was refused).
     pub counter_store_errors: AtomicU64,
@@ -146,7 +146,7 @@ impl SerialMetrics {
             ),
             (
                 "portcullis_serial_dropped_busy",
-                "Serial: frames dropped because their device's session was busy.",
+                "Serial: frames refused busy (NAK busy) because their device's session was behind.",
                 Counter,
                 &self.dropped_busy,
             ),

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use coap_lite::{CoapOption, ResponseType};
 use portcullis_core::admission::NextCommand;
 use portcullis_core::mailbox::Delivery;
-use portcullis_core::topic::{TopicFilter, TopicName};
+use portcullis_core::topic::TopicName;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
@@ -197,7 +197,8 @@ impl Session {
             // its session has them already).
             if !self.retained_sent {
                 self.retained_sent = true;
-                self.queue_retained(ctx, now);
+                self.admission
+                    .queue_retained_commands(&self.state.mailbox, now);
             }
             let seq = self.state.observer.as_ref().map_or(1, |o| o.seq);
             self.state.observer = Some(Observer {
@@ -229,22 +230,6 @@ impl Session {
             None => Reply::new(ResponseType::Content),
         };
         self.answer(&exchange, &reply);
-    }
-
-    /// A new Observe relation gets the device's retained commands first, through the
-    /// mailbox like any command (as an MQTT device gets them after its SUBACK).
-    fn queue_retained(&mut self, ctx: &Context, now: Instant) {
-        let id = &self.admission.peer().principal.id;
-        let Ok(filter) = TopicFilter::parse_unlimited(&format!("devices/{id}/commands/#")) else {
-            return;
-        };
-        for m in ctx.retained.matching(id, &filter) {
-            if let Err(overflow) = self.state.mailbox.push(Delivery::from(m), now) {
-                Metrics::inc(&ctx.metrics.queue_overflow);
-                self.admission
-                    .audit("queue", None, overflow.as_str().to_string());
-            }
-        }
     }
 
     /// `?ttd=N`: the answer to this request waits up to `wait` for a command.

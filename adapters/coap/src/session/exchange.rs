@@ -19,7 +19,6 @@ use portcullis_core::forward::{Taken, Uplink};
 use portcullis_core::limit::{Rate, TokenBucket};
 use portcullis_core::message::{Message, QoS};
 use portcullis_core::sessions::{Kicked, SessionStats};
-use portcullis_core::topic::TopicName;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
@@ -513,8 +512,6 @@ impl Session {
                 None => return Ok(()),
             },
         };
-        let id = self.admission.peer().principal.id.clone();
-        let raw = format!("devices/{id}/{suffix}");
         let carried = Carried {
             response_topic: None,
             content_type: None,
@@ -522,26 +519,18 @@ impl Session {
             payload_utf8: false,
             payload: &payload,
         };
-        if let Err(refusal) = self.admission.screen(&raw, &carried, now) {
-            self.answer(&exchange, &refusal_reply(refusal));
-            return Ok(());
-        }
-        let topic = match TopicName::parse(&raw, ctx.limits.topic) {
+        let topic = match self
+            .admission
+            .device_topic(&suffix, &carried, ctx.limits.topic, now)
+        {
             Ok(topic) => topic,
-            Err(e) => {
-                let words = e.to_string();
-                self.admission.refused(
-                    Refusal::TopicInvalid,
-                    "publish",
-                    Some(&raw),
-                    Some(&words),
-                    now,
-                );
-                self.admission.observe(Observation::Invalid, now);
-                let reply = Reply::refusal(
-                    ResponseType::BadRequest,
-                    &format!("{}: {words}", Refusal::TopicInvalid),
-                );
+            Err((refusal, None)) => {
+                self.answer(&exchange, &refusal_reply(refusal));
+                return Ok(());
+            }
+            Err((refusal, Some(words))) => {
+                let reply =
+                    Reply::refusal(ResponseType::BadRequest, &format!("{refusal}: {words}"));
                 self.answer(&exchange, &reply);
                 return Ok(());
             }
