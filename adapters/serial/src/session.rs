@@ -48,6 +48,8 @@ pub(crate) const INPUT_QUEUE: usize = 64;
 /// Frames whose message is with the forwarder at once, at most; beyond it a frame is
 /// refused busy.
 const MAX_PENDING: usize = 16;
+/// How long a kicked session may take to finish the frame it is on.
+const KICK_GRACE: Duration = Duration::from_secs(1);
 /// A wait of the pipeline this short is waited out rather than refused: the
 /// gateway-wide cap's turn, not the device's being over its own rate.
 const SHORT_WAIT: Duration = Duration::from_millis(10);
@@ -490,7 +492,7 @@ impl Session {
                 }
                 input = rx.recv() => match input {
                     None | Some(Input::PortClosed) => Err(End::PortClosed),
-                    Some(input) => self.input(ctx, input).await,
+                    Some(input) => self.input_until_kicked(ctx, input, &kicked).await,
                 },
                 _ = mailbox.notify.notified(), if wants => Ok(()),
             };
@@ -510,6 +512,30 @@ impl Session {
         self.admission
             .reload(live.rules(&principal, acl, &ctx.behaviours), Instant::now());
         Ok(())
+    }
+
+    /// A frame's work, which may wait (for the forwarder, for pacing). A kick ends the
+    /// session whatever it waits for: the work gets `KICK_GRACE` to finish, and is
+    /// dropped after it (its state lives in the session, which is parked).
+    async fn input_until_kicked(
+        &mut self,
+        ctx: &Context,
+        input: Input,
+        kicked: &Kicked,
+    ) -> Result<(), End> {
+        if let Some(reason) = kicked.reason() {
+            return Err(End::Kicked(reason));
+        }
+        let mut work = Box::pin(self.input(ctx, input));
+        let reason = tokio::select! {
+            biased;
+            done = &mut work => return done,
+            reason = kicked.wait() => reason,
+        };
+        match tokio::time::timeout(KICK_GRACE, &mut work).await {
+            Ok(Err(end)) => Err(end),
+            _ => Err(End::Kicked(reason)),
+        }
     }
 
     async fn input(&mut self, ctx: &Context, input: Input) -> Result<(), End> {
