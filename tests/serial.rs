@@ -660,3 +660,34 @@ fn every_frame_of_a_burst_is_answered_even_when_the_device_s_session_is_busy() {
     assert!(unanswered.is_empty(), "never answered: {unanswered:?}");
     assert!(answered.values().all(|n| *n == 1), "{answered:?}");
 }
+
+#[test]
+fn a_frame_sent_again_after_the_port_came_back_is_answered_again_not_taken_for_a_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pair, gw) = one_bus(dir.path(), &["probe-2"], "");
+    let key = add_serial_device(&gw, "probe-2");
+    let sub = service_sub(&gw, "devices/+/telemetry/#");
+    let mut probe = SerialDevice::new("probe-2", &key, 0, 100);
+    let (c, frame) = probe.data("telemetry/t", b"once");
+    {
+        let mut line = Line::open(&pair);
+        line.write(&frame);
+        line.expect(&mut probe, "its ACK", is_ack(c));
+    }
+    // The ACK lost with the cable: plugged in again, the device sends the same bytes.
+    pair.stop();
+    gw.wait_audit(&["\"port\"", "serial port vanished"]);
+    let pair = PtyPair::start(dir.path(), "bus").expect("socat again");
+    gw.wait_audit(&["\"port\"", "serial port open again"]);
+    let mut line = Line::open(&pair);
+    line.write(&frame);
+    let heard = line.expect(&mut probe, "the same ACK again", is_ack(c));
+    assert!(
+        !heard.iter().any(|h| matches!(h, Heard::Resync(_))),
+        "{heard:?}"
+    );
+    assert_eq!(gw.refusals("decode", "frame_replay"), 0);
+    sub.expect("devices/probe-2/telemetry/t once", T).unwrap();
+    let again = sub.drain(Duration::from_millis(500));
+    assert!(again.is_empty(), "published once: {again:?}");
+}

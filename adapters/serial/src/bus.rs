@@ -17,8 +17,10 @@
 //!   audited once per run and fed to the device's model; the device is answered
 //!   RESYNC with the floor, at most once per `serial.resync_interval`. A DATA frame
 //!   whose counter is the last one accepted is the device sending its frame again
-//!   because our answer was lost: its session answers it again, without acting twice.
-//! - **Frames over `serial.max_frames_per_second`** on the port are dropped unread.
+//!   because our answer was lost: the bus, which writes every answer, answers it again
+//!   as it did (at most once per interval), and nothing acts on it twice.
+//! - **Frames over `serial.max_frames_per_second`** on the port are dropped (after
+//!   their tag is checked: the rate is counted in frames).
 //!
 //! A port that vanishes ends its sessions (their commands wait in their mailboxes),
 //! is audited, and is reopened with back-off by the port's thread; its return is
@@ -123,8 +125,8 @@ pub async fn serve(ctx: Arc<Context>, index: u16, port: Port, devices: Vec<Princ
         devices,
         index,
         sessions: HashMap::new(),
-        answered_at: HashMap::new(),
-        busy: HashMap::new(),
+        resynced_at: HashMap::new(),
+        answered: HashMap::new(),
         frames: TokenBucket::new(
             Rate {
                 per_second: rate,
@@ -144,6 +146,14 @@ pub async fn serve(ctx: Arc<Context>, index: u16, port: Port, devices: Vec<Princ
     bus.run(down_rx).await;
 }
 
+/// How a device's last DATA frame was answered.
+#[derive(Debug, Clone, Copy)]
+struct Answered {
+    counter: u64,
+    nak: Option<NakReason>,
+    again_at: Option<Instant>,
+}
+
 struct Bus {
     ctx: Arc<Context>,
     port: Port,
@@ -154,11 +164,12 @@ struct Bus {
     devices: Vec<PrincipalId>,
     /// The session of each device heard since the port opened.
     sessions: HashMap<PrincipalId, mpsc::Sender<Input>>,
-    /// When each device was last answered unasked (RESYNC, or a frame answered again).
-    answered_at: HashMap<PrincipalId, Instant>,
-    /// The last DATA frame of each device refused busy here (its session's queue was
-    /// full): sent again, it is refused busy again.
-    busy: HashMap<PrincipalId, u64>,
+    /// When each device was last sent a RESYNC.
+    resynced_at: HashMap<PrincipalId, Instant>,
+    /// Each device's last DATA frame answered, how, and when it was last answered
+    /// again: sent again, it gets the same answer, at most once per
+    /// `serial.resync_interval`.
+    answered: HashMap<PrincipalId, Answered>,
     /// Frames the port may bring (`serial.max_frames_per_second`).
     frames: TokenBucket,
     /// Frames refused since the last one taken (one audit line per run).
@@ -210,6 +221,8 @@ impl Bus {
             }
             self.flush();
         }
+        // What was gathered before the stop goes out.
+        self.flush();
         self.end_sessions();
         if self.open {
             self.ctx
@@ -339,9 +352,10 @@ impl Bus {
                     format!("not a frame ({rule})"),
                 );
             }
+            // The id is the frame's claim only: named in the words, not as the principal.
             Outcome::Refused(Refused::NotOnThisBus { id }) => {
-                let words = "a device this port does not allow".to_string();
-                return self.refuse(Refusal::FrameNotOnBus, Some(&id), words);
+                let words = format!("a frame naming {id:?}, a device this port does not allow");
+                return self.refuse(Refusal::FrameNotOnBus, None, words);
             }
             Outcome::Refused(Refused::BadTag { id }) => {
                 self.observe_invalid(&id);
@@ -388,47 +402,43 @@ impl Bus {
         if !self.hand_over(id.clone(), input)
             && let Some(counter) = data
         {
-            // Its counter is used: the device sends the message again in a new frame.
-            self.busy.insert(id.clone(), counter);
-            let nak = Body::Nak {
-                counter,
-                reason: NakReason::Busy,
+            // A quarantined device is not told (its frames are taken as if delivered,
+            // and dropped); any other is refused busy. Its counter is used: it sends the
+            // message again in a new frame.
+            let quarantined =
+                self.ctx.behaviours.get(&id).is_some_and(|(_, t)| {
+                    t.state() == portcullis_core::behaviour::State::Quarantined
+                });
+            let nak = if quarantined {
+                self.ctx.metrics.refused(Refusal::Quarantined);
+                None
+            } else {
+                Some(NakReason::Busy)
             };
-            let _ = self.send(&id, nak).await;
+            self.answer(&id, counter, nak).await;
         }
     }
 
     /// An authenticated frame whose counter is not fresh.
     async fn replay(&mut self, id: PrincipalId, counter: u64, floor: u64, body: &HeardBody) {
         let now = Instant::now();
-        let may_answer = self
-            .answered_at
-            .get(&id)
-            .is_none_or(|at| now.saturating_duration_since(*at) >= self.ctx.limits.resync_interval);
-        // Its last frame again, refused busy here: refused busy again.
-        if counter == floor
-            && matches!(body, HeardBody::Data { .. })
-            && self.busy.get(&id) == Some(&counter)
-        {
-            Metrics::inc(&self.ctx.metrics.serial.duplicates);
-            if may_answer {
-                self.answered_at.insert(id.clone(), now);
-                let nak = Body::Nak {
-                    counter,
-                    reason: NakReason::Busy,
+        let interval = self.ctx.limits.resync_interval;
+        // Its last frame again: our answer was lost. Answered again as it was (not at
+        // all while it is pending), at most once per interval; never acted on twice.
+        if counter == floor && matches!(body, HeardBody::Data { .. }) {
+            if let Some(a) = self.answered.get_mut(&id)
+                && a.counter == counter
+                && a.again_at
+                    .is_none_or(|at| now.saturating_duration_since(at) >= interval)
+            {
+                a.again_at = Some(now);
+                let nak = a.nak;
+                Metrics::inc(&self.ctx.metrics.serial.duplicates);
+                let body = match nak {
+                    None => Body::Ack { counter },
+                    Some(reason) => Body::Nak { counter, reason },
                 };
-                let _ = self.send(&id, nak).await;
-            }
-            return;
-        }
-        // Its last frame again: our answer was lost.
-        if counter == floor
-            && matches!(body, HeardBody::Data { .. })
-            && let Some(tx) = self.sessions.get(&id)
-        {
-            Metrics::inc(&self.ctx.metrics.serial.duplicates);
-            if may_answer && tx.try_send(Input::Again { counter }).is_ok() {
-                self.answered_at.insert(id, now);
+                let _ = self.send(&id, body).await;
             }
             return;
         }
@@ -438,12 +448,34 @@ impl Bus {
             Some(id.as_str()),
             format!("counter {counter} is not above {floor}: a replayed or stale frame"),
         );
-        if may_answer {
-            self.answered_at.insert(id.clone(), now);
+        let may_resync = self
+            .resynced_at
+            .get(&id)
+            .is_none_or(|at| now.saturating_duration_since(*at) >= interval);
+        if may_resync {
+            self.resynced_at.insert(id.clone(), now);
             if self.send(&id, Body::Resync { floor }).await.is_ok() {
                 Metrics::inc(&self.ctx.metrics.serial.resyncs);
             }
         }
+    }
+
+    /// Answer the device's DATA frame `counter` (ACK, or NAK with a reason), and
+    /// remember it for the frame sent again.
+    async fn answer(&mut self, id: &PrincipalId, counter: u64, nak: Option<NakReason>) {
+        self.answered.insert(
+            id.clone(),
+            Answered {
+                counter,
+                nak,
+                again_at: None,
+            },
+        );
+        let body = match nak {
+            None => Body::Ack { counter },
+            Some(reason) => Body::Nak { counter, reason },
+        };
+        let _ = self.send(id, body).await;
     }
 
     /// Hand a fresh frame to its device's session, starting one if it has none;
@@ -481,13 +513,7 @@ impl Bus {
     /// What a session asked for.
     async fn write(&mut self, down: Down) {
         match down {
-            Down::Answer { id, counter, nak } => {
-                let body = match nak {
-                    None => Body::Ack { counter },
-                    Some(reason) => Body::Nak { counter, reason },
-                };
-                let _ = self.send(&id, body).await;
-            }
+            Down::Answer { id, counter, nak } => self.answer(&id, counter, nak).await,
             Down::Command {
                 id,
                 suffix,

@@ -20,9 +20,10 @@ pub trait FrameKeys: Send + Sync {
 pub struct RegistryKeys {
     registry: Arc<Registry>,
     master: Arc<MasterKeys>,
-    /// Keys opened, with the sealed key each was opened from. Only devices a port
-    /// allows are ever looked up, so it holds at most one entry per configured device.
-    opened: Mutex<HashMap<PrincipalId, (SealedKey, Key)>>,
+    /// Keys opened (or that did not open), with the sealed key each came from. Only
+    /// devices a port allows are ever looked up, so it holds at most one entry per
+    /// configured device.
+    opened: Mutex<HashMap<PrincipalId, (SealedKey, Option<Key>)>>,
 }
 
 impl RegistryKeys {
@@ -51,23 +52,24 @@ impl FrameKeys for RegistryKeys {
             if let Some((was, key)) = opened.get(id)
                 && was == sealed
             {
-                return Some(key.clone());
+                return key.clone();
             }
         }
+        // One that does not open is said once, not at every frame naming the device.
         let key = match self
             .master
             .open(PrincipalKind::Device, id, KeyPurpose::FrameKey, sealed)
         {
-            Ok(key) => Key::new(key.as_bytes()).ok()?,
+            Ok(key) => Key::new(key.as_bytes()).ok(),
             Err(e) => {
                 tracing::warn!(device = %id, error = %e, "a device's serial frame key does not open");
-                return None;
+                None
             }
         };
         self.opened
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), (sealed.clone(), key.clone()));
-        Some(key)
+        key
     }
 }

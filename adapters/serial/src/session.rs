@@ -69,10 +69,6 @@ pub(crate) enum Input {
         counter: u64,
         reason: NakReason,
     },
-    /// The device sent its last DATA frame again (our answer was lost): answer it again.
-    Again {
-        counter: u64,
-    },
     /// The port closed (vanished, or the gateway stops).
     PortClosed,
 }
@@ -242,6 +238,11 @@ async fn run(ctx: Arc<Context>, link: Link, mut rx: mpsc::Receiver<Input>) {
     }
     drop(slot);
     drop(guard);
+    // Ended for its rate: its next frames are refused for a while rather than each
+    // starting a session.
+    if matches!(end, End::RateTooHigh) {
+        hold(&ctx, &link, &mut rx, NakReason::RateLimited).await;
+    }
 }
 
 fn lifecycle(ctx: &Context) -> Lifecycle {
@@ -319,7 +320,7 @@ async fn set_up(
         Ok(opened) => opened,
         // Counted (and audited) by the opener; the device is told for a while.
         Err(NotOpened::Refused(_)) => {
-            hold_refused(ctx, link, rx).await;
+            hold(ctx, link, rx, NakReason::NotAuthorized).await;
             return None;
         }
         Err(NotOpened::Ended) => return None,
@@ -341,18 +342,20 @@ async fn set_up(
         state,
         stats: guard.stats.clone(),
         pending: VecDeque::new(),
-        last: None,
         outstanding: None,
         unresponsive: false,
         next_pump: None,
         limited_run: false,
         refused_full: false,
     };
-    // A device whose session starts gets its retained commands first (as an MQTT
-    // device after its SUBACK, a CoAP device with its first Observe).
-    session
-        .admission
-        .queue_retained_commands(&session.state.mailbox, now);
+    // A device whose session starts anew gets its retained commands first (as an MQTT
+    // device after its SUBACK, a CoAP device with its first Observe); a resumed one
+    // has them in its mailbox, or had them.
+    if !resumed {
+        session
+            .admission
+            .queue_retained_commands(&session.state.mailbox, now);
+    }
     Some((session, guard, slot, live_rx))
 }
 
@@ -372,13 +375,13 @@ async fn refused(
             .principal("device", link.id.as_str())
             .reason(format!("{}: {detail}", refusal.label())),
     );
-    hold_refused(ctx, link, rx).await;
+    hold(ctx, link, rx, NakReason::NotAuthorized).await;
 }
 
-/// A refused device's DATA frames are answered NAK "not authorized" for a while
-/// without asking again, so that it costs one login per `serial.resync_interval` (at
-/// least a second), not one per frame.
-async fn hold_refused(ctx: &Context, link: &Link, rx: &mut mpsc::Receiver<Input>) {
+/// A refused device's DATA frames are answered NAK `reason` for a while without
+/// asking again, so that it costs one login per `serial.resync_interval` (at least a
+/// second), not one per frame.
+async fn hold(ctx: &Context, link: &Link, rx: &mut mpsc::Receiver<Input>, reason: NakReason) {
     let until =
         tokio::time::Instant::now() + ctx.limits.resync_interval.max(Duration::from_secs(1));
     loop {
@@ -388,11 +391,7 @@ async fn hold_refused(ctx: &Context, link: &Link, rx: &mut mpsc::Receiver<Input>
         };
         match input {
             Some(Input::Data { counter, .. }) => {
-                if link
-                    .answer(counter, Some(NakReason::NotAuthorized))
-                    .await
-                    .is_err()
-                {
+                if link.answer(counter, Some(reason)).await.is_err() {
                     return;
                 }
             }
@@ -400,15 +399,6 @@ async fn hold_refused(ctx: &Context, link: &Link, rx: &mut mpsc::Receiver<Input>
             Some(_) => {}
         }
     }
-}
-
-/// How the device's last DATA frame was answered (a frame sent again gets the same).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Answered {
-    /// Not yet: its message is with the forwarder.
-    Pending,
-    Ack,
-    Nak(NakReason),
 }
 
 /// A command written to the device, waiting for its ACK.
@@ -428,8 +418,6 @@ struct Session {
     stats: Arc<SessionStats>,
     /// Frames whose message is with the forwarder, oldest first.
     pending: VecDeque<(u64, oneshot::Receiver<Taken>)>,
-    /// The device's last DATA frame and its answer.
-    last: Option<(u64, Answered)>,
     outstanding: Option<Outstanding>,
     /// A command went unacknowledged: nothing more is written until the device is heard.
     unresponsive: bool,
@@ -572,15 +560,6 @@ impl Session {
                 }
                 Ok(())
             }
-            Input::Again { counter } => match self.last {
-                Some((last, Answered::Ack)) if last == counter => {
-                    self.link.answer(counter, None).await
-                }
-                Some((last, Answered::Nak(reason))) if last == counter => {
-                    self.link.answer(counter, Some(reason)).await
-                }
-                _ => Ok(()),
-            },
             // Handled by `serve`.
             Input::PortClosed => Err(End::PortClosed),
         }
@@ -601,16 +580,9 @@ impl Session {
         );
     }
 
-    /// Answer the device's frame `counter`, and remember it for a frame sent again.
+    /// Answer the device's frame `counter` (the bus remembers the answer for a frame
+    /// sent again).
     async fn answer(&mut self, counter: u64, nak: Option<NakReason>) -> Result<(), End> {
-        if let Some((last, answered)) = self.last.as_mut()
-            && *last == counter
-        {
-            *answered = match nak {
-                None => Answered::Ack,
-                Some(reason) => Answered::Nak(reason),
-            };
-        }
         self.link.answer(counter, nak).await
     }
 
@@ -623,7 +595,6 @@ impl Session {
         payload: Vec<u8>,
         now: Instant,
     ) -> Result<(), End> {
-        self.last = Some((counter, Answered::Pending));
         if self.pending.len() >= MAX_PENDING {
             self.limited(
                 Refusal::ReceiveMaximumExceeded,
@@ -767,7 +738,10 @@ impl Session {
                 self.next_pump = None;
                 Some(d)
             }
-            NextCommand::Empty => None,
+            NextCommand::Empty => {
+                self.next_pump = None;
+                None
+            }
             NextCommand::NotBefore(at) => {
                 self.next_pump = Some(at);
                 None

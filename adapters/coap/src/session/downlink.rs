@@ -339,7 +339,10 @@ impl Session {
                 self.down.next_pump = None;
                 Some(d)
             }
-            NextCommand::Empty => None,
+            NextCommand::Empty => {
+                self.down.next_pump = None;
+                None
+            }
             NextCommand::NotBefore(at) => {
                 self.down.next_pump = Some(at);
                 None
