@@ -3,9 +3,12 @@
 //! load generator to another. Medians of the repetitions with min–max, and ratios.
 //! On request, the same gateway and policy with the behaviour model off runs beside
 //! them, so the model's cost is measured in the same run. The CoAP workloads (`coap`)
-//! run against the gateway's targets only.
+//! run against the gateway's targets only, and so does the serial one (`serial`),
+//! each of its runs beside a baseline of its own: the same frames through a pty pair
+//! with no gateway (`Target::PtyReader`).
 
 mod coap;
+mod serial;
 
 use crate::mqtt::{self, Packet, Version};
 use crate::provision::Issuer;
@@ -40,6 +43,10 @@ pub enum Target {
     /// durable outbox to a Mosquitto of its own (persistence off, on the server's CPU
     /// too); the subscriber reads from that Mosquitto.
     PortcullisUpstream,
+    /// The serial workload's baseline, run with it whatever the targets: the same
+    /// frames through a pty pair of its own to a thread that only counts the bytes.
+    #[value(skip)]
+    PtyReader,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -51,6 +58,9 @@ pub enum Workload {
     Isolation,
     /// CoAP over DTLS: confirmable POSTs from many sessions, and idle sessions.
     Coap,
+    /// Serial: authenticated DATA frames from devices on one bus (a pty pair), paced
+    /// to a line rate or unthrottled, each answered ACK by the gateway.
+    Serial,
 }
 
 pub struct Options {
@@ -143,9 +153,14 @@ impl Server {
 
     /// A counter of the gateway's `/metrics`, if it has one.
     fn metric(&self, name: &str) -> Option<f64> {
-        let text = http_get(self.observability?, "/metrics").ok()?;
-        text.lines()
+        self.metrics_text()?
+            .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// The gateway's `/metrics`.
+    fn metrics_text(&self) -> Option<String> {
+        http_get(self.observability?, "/metrics").ok()
     }
 
     fn forward_histogram(&self) -> Option<Vec<(f64, u64)>> {
@@ -198,7 +213,17 @@ impl Server {
 
 /// User + system CPU time of a process, seconds.
 fn process_cpu(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU time of one of this process's threads, seconds.
+fn thread_cpu(tid: u32) -> Result<f64> {
+    stat_cpu(&format!("/proc/{}/task/{tid}/stat", std::process::id()))
+}
+
+/// User + system CPU time from a `/proc` stat file, seconds.
+fn stat_cpu(path: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
     // Fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -258,6 +283,8 @@ struct Bench {
     /// CoAP devices' DTLS credentials (made once: each takes milliseconds, which
     /// would otherwise be counted against the gateway's handshake rate).
     coap_credentials: BTreeMap<String, coap::Credentials>,
+    /// The serial workload's devices, their counters kept from run to run.
+    serial_devices: std::sync::Mutex<Vec<crate::serial::SerialDevice>>,
     issuer: Issuer,
     ca: PathBuf,
 }
@@ -331,6 +358,7 @@ impl Bench {
                 server.service_plain = addr;
                 Ok(server)
             }
+            Target::PtyReader => bail!("the pty reader is the serial workload's, not a server"),
             Target::Rumqttd => {
                 let port = free_port()?;
                 let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -556,9 +584,9 @@ impl Client {
     }
 }
 
-async fn subscribe(s: &mut Stream, qos: u8) -> Result<()> {
+async fn subscribe(s: &mut Stream, filter: &str, qos: u8) -> Result<()> {
     let mut out = Vec::new();
-    mqtt::subscribe(&mut out, Version::V4, 1, &[(TOPIC_FILTER, qos)]);
+    mqtt::subscribe(&mut out, Version::V4, 1, &[(filter, qos)]);
     s.write_all(&out).await?;
     let mut buf = [0u8; 64];
     let mut have = 0;
@@ -683,6 +711,18 @@ async fn sink_thread(
     start: Instant,
     measure: bool,
 ) -> Result<()> {
+    sink_thread_on(c, TOPIC_FILTER, qos, state, start, measure).await
+}
+
+/// `sink_thread`, subscribed to `filter`.
+async fn sink_thread_on(
+    c: Client,
+    filter: &'static str,
+    qos: u8,
+    state: Arc<Sink>,
+    start: Instant,
+    measure: bool,
+) -> Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread()
@@ -703,7 +743,7 @@ async fn sink_thread(
                     return;
                 }
             };
-            if let Err(e) = subscribe(&mut stream, qos).await {
+            if let Err(e) = subscribe(&mut stream, filter, qos).await {
                 let _ = tx.send(Err(e));
                 return;
             }
@@ -1276,6 +1316,12 @@ fn setup(mut opts: Options) -> Result<Bench> {
         opts.policy.display(),
         dir.display()
     );
+    // The serial workload's bus, named by every gateway target's configuration.
+    let config = if opts.workloads.contains(&Workload::Serial) {
+        serial::with_bus(&config, &opts.policy, &dir)?
+    } else {
+        config
+    };
     std::fs::write(dir.join("portcullis.toml"), &config)?;
     if opts.targets.contains(&Target::PortcullisNoModel) {
         std::fs::write(
@@ -1335,6 +1381,18 @@ fn setup(mut opts: Options) -> Result<Bench> {
             coap_credentials.insert(id, credentials);
         }
     }
+    // Serial devices (group bench), with frame keys.
+    let mut serial_keys = BTreeMap::new();
+    if opts.workloads.contains(&Workload::Serial) {
+        for n in 1..=serial::DEVICES {
+            let (id, key) = (serial::device_id(n), serial::new_key());
+            devices.push_str(&format!(
+                "[[principal]]\nid = \"{id}\"\ngroup = \"bench\"\nserial_key = \"{}\"\n",
+                hex::encode(key)
+            ));
+            serial_keys.insert(id, key);
+        }
+    }
     let exe = opts.portcullis.clone();
     let bench = |args: &[&str]| -> Result<()> {
         let out = Command::new(&exe)
@@ -1382,6 +1440,7 @@ fn setup(mut opts: Options) -> Result<Bench> {
         dir: dir.clone(),
         secrets,
         coap_credentials,
+        serial_devices: std::sync::Mutex::new(serial::devices(&serial_keys)),
         issuer,
         ca,
     };
@@ -1489,12 +1548,26 @@ fn cases(w: Workload) -> Vec<&'static str> {
         Workload::Idle => vec!["plain", "mtls"],
         Workload::Isolation => vec!["solo", "flood"],
         Workload::Coap => vec!["con-post", "idle-dtls"],
+        Workload::Serial => vec!["115200", "921600", "unthrottled"],
+    }
+}
+
+/// The targets a workload's runs take turns on: the serial workload's baseline first.
+fn targets_of(w: Workload, targets: &[Target]) -> Vec<Target> {
+    match w {
+        Workload::Serial => std::iter::once(Target::PtyReader)
+            .chain(targets.iter().copied())
+            .collect(),
+        _ => targets.to_vec(),
     }
 }
 
 fn applies(w: Workload, target: Target, case: &str) -> bool {
-    // CoAP is the gateway's alone.
-    if w == Workload::Coap {
+    if target == Target::PtyReader {
+        return w == Workload::Serial;
+    }
+    // CoAP and serial are the gateway's alone.
+    if matches!(w, Workload::Coap | Workload::Serial) {
         return !matches!(target, Target::Rumqttd | Target::Mosquitto);
     }
     // rumqttd direct runs without TLS (the embedded broker has no listener of its own).
@@ -1519,27 +1592,47 @@ pub fn run(opts: Options) -> Result<Vec<Sample>> {
     for &w in &b.opts.workloads {
         for case in cases(w) {
             for rep in 1..=b.opts.reps {
-                for &target in &b.opts.targets {
+                for target in targets_of(w, &b.opts.targets) {
                     if !applies(w, target, case) {
                         continue;
                     }
-                    let server = b.start(target)?;
-                    let figures = rt.block_on(async {
-                        match (w, case) {
-                            (Workload::Throughput, c) => {
-                                let qos = if c.starts_with("qos1") { 1 } else { 0 };
-                                let tls = c.ends_with("tls");
-                                b.throughput(&server, qos, tls).await
-                            }
-                            (Workload::Latency, "1k") => b.latency(&server, 1_000.0).await,
-                            (Workload::Latency, _) => b.latency(&server, 10_000.0).await,
-                            (Workload::Idle, c) => b.idle(&server, c == "mtls").await,
-                            (Workload::Isolation, c) => b.isolation(&server, c == "flood").await,
-                            (Workload::Coap, "con-post") => b.coap_requests(&server).await,
-                            (Workload::Coap, _) => b.coap_idle(&server).await,
+                    // A serial run's bus exists before the gateway starts and outlives it.
+                    let bus = match w {
+                        Workload::Serial => Some(serial::start_bus(&b.dir)?),
+                        _ => None,
+                    };
+                    let figures = if target == Target::PtyReader {
+                        match &bus {
+                            Some(bus) => rt.block_on(b.serial_pty(bus, case)),
+                            None => Err(anyhow!("no serial bus")),
                         }
-                    });
-                    drop(server);
+                    } else {
+                        let server = b.start(target)?;
+                        let figures = rt.block_on(async {
+                            match (w, case) {
+                                (Workload::Throughput, c) => {
+                                    let qos = if c.starts_with("qos1") { 1 } else { 0 };
+                                    let tls = c.ends_with("tls");
+                                    b.throughput(&server, qos, tls).await
+                                }
+                                (Workload::Latency, "1k") => b.latency(&server, 1_000.0).await,
+                                (Workload::Latency, _) => b.latency(&server, 10_000.0).await,
+                                (Workload::Idle, c) => b.idle(&server, c == "mtls").await,
+                                (Workload::Isolation, c) => {
+                                    b.isolation(&server, c == "flood").await
+                                }
+                                (Workload::Coap, "con-post") => b.coap_requests(&server).await,
+                                (Workload::Coap, _) => b.coap_idle(&server).await,
+                                (Workload::Serial, c) => match &bus {
+                                    Some(bus) => b.serial_frames(&server, bus, c).await,
+                                    None => Err(anyhow!("no serial bus")),
+                                },
+                            }
+                        });
+                        drop(server);
+                        figures
+                    };
+                    drop(bus);
                     // Connections of the run end before the next server starts.
                     rt.block_on(async { sleep(Duration::from_millis(200)).await });
                     let figures =
@@ -1607,9 +1700,10 @@ pub fn summary(samples: &[Sample]) -> String {
         }
     }
     let ran = |t: Target| samples.iter().any(|s| s.target == t);
-    let (no_model, upstream) = (
+    let (no_model, upstream, pty) = (
         ran(Target::PortcullisNoModel),
         ran(Target::PortcullisUpstream),
+        ran(Target::PtyReader),
     );
     let mut targets = vec![Target::Portcullis, Target::Rumqttd, Target::Mosquitto];
     let (mut head, mut rule) = (String::new(), String::new());
@@ -1623,6 +1717,12 @@ pub fn summary(samples: &[Sample]) -> String {
         head.push_str(" portcullis-upstream | U/mosquitto |");
         rule.push_str("---|---|");
     }
+    if pty {
+        targets.push(Target::PtyReader);
+        head.push_str(" pty-reader | P/pty-reader |");
+        rule.push_str("---|---|");
+    }
+    let column = |t: Target| targets.iter().position(|x| *x == t).unwrap_or(0);
     let _ = writeln!(
         out,
         "| workload | case | figure | portcullis | rumqttd | mosquitto | P/rumqttd | P/mosquitto |{head}\n|---|---|---|---|---|---|---|---|{rule}"
@@ -1671,7 +1771,19 @@ pub fn summary(samples: &[Sample]) -> String {
                 (Some(u), Some(m)) if *m != 0.0 => format!("{:.2}", u / m),
                 _ => "–".into(),
             };
-            let _ = write!(out, " {} | {ratio} |", cells[targets.len() - 1]);
+            let _ = write!(
+                out,
+                " {} | {ratio} |",
+                cells[column(Target::PortcullisUpstream)]
+            );
+        }
+        if pty {
+            let _ = write!(
+                out,
+                " {} | {} |",
+                cells[column(Target::PtyReader)],
+                ratio(Target::PtyReader)
+            );
         }
         out.push('\n');
     }
