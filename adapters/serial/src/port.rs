@@ -4,10 +4,11 @@
 //! writes into its bus, and with no flow control. Nothing is enumerated: the only path
 //! this module ever opens is the one it was handed.
 //!
-//! `serialport` is blocking, so each port has one OS thread of its own that reads with
-//! a short timeout, writes what the async side queued between reads, and hands what it
-//! read to the async side through a bounded channel; the runtime never blocks on the
-//! port. When the port vanishes (an adapter unplugged, the far side of a pty gone), the
+//! `serialport` is blocking, so each port has an OS thread of its own that reads with
+//! a short timeout and hands what it read to the async side through a bounded channel,
+//! and, while the port is open, a writer thread on a clone of the descriptor that
+//! writes what the async side queued as soon as it is queued; the runtime never blocks
+//! on the port. When the port vanishes (an adapter unplugged, the far side of a pty gone), the
 //! thread lets go of it, says so, and reopens the same path with doubling back-off.
 
 use portcullis_config::{Parity, Serial, SerialPort};
@@ -243,6 +244,7 @@ pub struct Port {
 pub fn spawn(settings: PortSettings, backoff: Backoff) -> Result<Port, PortError> {
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     let (writes, writes_rx) = mpsc::channel(WRITE_QUEUE);
+    let wake = writes.clone();
     let (done_tx, done) = oneshot::channel();
     let shared = Arc::new(Shared::default());
     let path = settings.path.clone();
@@ -251,6 +253,7 @@ pub fn spawn(settings: PortSettings, backoff: Backoff) -> Result<Port, PortError
         backoff,
         events: events_tx,
         writes: writes_rx,
+        wake,
         shared: shared.clone(),
         _done: done_tx,
     };
@@ -281,9 +284,11 @@ impl Port {
     }
 
     /// Queues bytes to be written; false when the port is not open (before `Opened`,
-    /// after `Vanished`) or the write queue is full. A queued write goes out within
-    /// about one read timeout.
+    /// after `Vanished`) or the write queue is full. A queued write goes out at once.
     pub fn write(&self, bytes: Vec<u8>) -> bool {
+        if bytes.is_empty() {
+            return self.is_open();
+        }
         self.shared.open.load(Ordering::Acquire) && self.writes.try_send(bytes).is_ok()
     }
 
@@ -321,15 +326,17 @@ enum Ended {
     Vanished(String),
 }
 
-/// The port's thread. Reads and writes interleave on this one thread rather than a
-/// `try_clone` writer: a write waits at most one read timeout, which the link's
-/// acknowledgement timeouts allow, and one owner of the descriptor means a vanished
-/// port is noticed, dropped and reopened in one place.
+/// The port's thread. It owns the port: it opens it, reads it, and reopens it when it
+/// vanishes. While the port is open, a writer thread scoped to that opening writes on a
+/// clone of the descriptor (an answer must not wait for the next read's timeout); it
+/// ends with the opening, so the port is dropped and reopened in one place.
 struct Worker {
     settings: PortSettings,
     backoff: Backoff,
     events: mpsc::Sender<PortEvent>,
     writes: mpsc::Receiver<Vec<u8>>,
+    /// An empty write wakes the writer thread to see that its opening ended.
+    wake: mpsc::Sender<Vec<u8>>,
     shared: Arc<Shared>,
     _done: oneshot::Sender<()>,
 }
@@ -388,89 +395,52 @@ impl Worker {
         self.shared.stop.load(Ordering::Acquire) || self.events.is_closed()
     }
 
-    /// Reads and writes the open port until it fails or the thread is told to stop;
-    /// the port is released on return.
+    /// Reads the open port, with a writer thread beside it, until it fails or the
+    /// thread is told to stop; the port is released on return.
     fn serve(&mut self, mut port: Box<dyn serialport::SerialPort>) -> Ended {
-        let mut buf = vec![0u8; READ_CHUNK];
-        // A write the port took only part of: the bytes and how many went out.
-        let mut pending: Option<(Vec<u8>, usize)> = None;
-        let mut dropping = false;
-        loop {
-            if self.stopping() {
-                return Ended::Stopped;
-            }
-            if let Err(ended) = self.write_queued(port.as_mut(), &mut pending) {
-                return ended;
-            }
-            match port.read(&mut buf) {
-                Ok(0) => return Ended::Vanished("reading: end of file".into()),
-                Ok(n) => self.hand_over(&buf[..n], &mut dropping),
-                Err(e) if benign(&e) => {}
-                Err(e) => return Ended::Vanished(format!("reading: {e}")),
-            }
-        }
-    }
-
-    /// Writes what is queued until the queue is empty or the port stops taking bytes
-    /// (then the rest waits for the next round, after one read).
-    fn write_queued(
-        &mut self,
-        port: &mut dyn serialport::SerialPort,
-        pending: &mut Option<(Vec<u8>, usize)>,
-    ) -> Result<(), Ended> {
-        // Bounded, so a steady stream of writes cannot starve reading.
-        for _ in 0..WRITE_QUEUE {
-            if self.shared.stop.load(Ordering::Acquire) {
-                return Err(Ended::Stopped);
-            }
-            let (bytes, sent) = match pending {
-                Some(p) => p,
-                None => match self.writes.try_recv() {
-                    Ok(bytes) => pending.insert((bytes, 0)),
-                    Err(mpsc::error::TryRecvError::Empty) => return Ok(()),
-                    Err(mpsc::error::TryRecvError::Disconnected) => return Err(Ended::Stopped),
-                },
+        let mut writer = match port.try_clone() {
+            Ok(writer) => writer,
+            Err(e) => return Ended::Vanished(format!("cloning the port for writing: {e}")),
+        };
+        // Set by either side when this opening ends; the writer's error, if it failed.
+        let ended = AtomicBool::new(false);
+        let failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        let shared = self.shared.clone();
+        let (writes, wake) = (&mut self.writes, self.wake.clone());
+        let (events, path) = (&self.events, self.settings.path.as_path());
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let why = write_until_ended(writer.as_mut(), writes, &ended, &shared);
+                if let Some(why) = why {
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                }
+                ended.store(true, Ordering::Release);
+            });
+            let mut buf = vec![0u8; READ_CHUNK];
+            let mut dropping = false;
+            let result = loop {
+                if shared.stop.load(Ordering::Acquire) || events.is_closed() {
+                    break Ended::Stopped;
+                }
+                if ended.load(Ordering::Acquire) {
+                    let why = failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    break match why {
+                        Some(why) => Ended::Vanished(why),
+                        None => Ended::Stopped,
+                    };
+                }
+                match port.read(&mut buf) {
+                    Ok(0) => break Ended::Vanished("reading: end of file".into()),
+                    Ok(n) => hand_over(events, &shared, path, &buf[..n], &mut dropping),
+                    Err(e) if benign(&e) => {}
+                    Err(e) => break Ended::Vanished(format!("reading: {e}")),
+                }
             };
-            if *sent >= bytes.len() {
-                *pending = None;
-                continue;
-            }
-            match port.write(&bytes[*sent..]) {
-                Ok(0) => return Err(Ended::Vanished("writing: the port took no bytes".into())),
-                Ok(n) => *sent += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::TimedOut => return Ok(()),
-                Err(e) => return Err(Ended::Vanished(format!("writing: {e}"))),
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends bytes to the async side if the queue has room for them; else drops and
-    /// counts them, so that a slow consumer never stalls the reader.
-    fn hand_over(&mut self, bytes: &[u8], dropping: &mut bool) {
-        let sent = self.events.capacity() > STATUS_HEADROOM
-            && self
-                .events
-                .try_send(PortEvent::Bytes(bytes.to_vec()))
-                .is_ok();
-        if sent {
-            *dropping = false;
-            return;
-        }
-        let total = self
-            .shared
-            .dropped_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed)
-            + bytes.len() as u64;
-        if !*dropping {
-            *dropping = true;
-            tracing::warn!(
-                path = %self.settings.path.display(),
-                dropped_bytes = total,
-                "serial port: event queue full, dropping bytes read"
-            );
-        }
+            // The writer sees the end at its next write, or at this empty one.
+            ended.store(true, Ordering::Release);
+            let _ = wake.try_send(Vec::new());
+            result
+        })
     }
 
     /// Sends a status event, waiting for room if bytes filled the queue; false when
@@ -515,6 +485,66 @@ impl Worker {
                 return true;
             }
             std::thread::sleep(left.min(READ_TIMEOUT));
+        }
+    }
+}
+
+/// Sends bytes to the async side if the queue has room for them; else drops and counts
+/// them, so that a slow consumer never stalls the reader.
+fn hand_over(
+    events: &mpsc::Sender<PortEvent>,
+    shared: &Shared,
+    path: &Path,
+    bytes: &[u8],
+    dropping: &mut bool,
+) {
+    let sent = events.capacity() > STATUS_HEADROOM
+        && events.try_send(PortEvent::Bytes(bytes.to_vec())).is_ok();
+    if sent {
+        *dropping = false;
+        return;
+    }
+    let total = shared
+        .dropped_bytes
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed)
+        + bytes.len() as u64;
+    if !*dropping {
+        *dropping = true;
+        tracing::warn!(
+            path = %path.display(),
+            dropped_bytes = total,
+            "serial port: event queue full, dropping bytes read"
+        );
+    }
+}
+
+/// The writer thread of one opening: writes each queued write whole as it comes, until
+/// the opening ends; the error that ended it, if a write failed.
+fn write_until_ended(
+    port: &mut dyn serialport::SerialPort,
+    writes: &mut mpsc::Receiver<Vec<u8>>,
+    ended: &AtomicBool,
+    shared: &Shared,
+) -> Option<String> {
+    loop {
+        if ended.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire) {
+            return None;
+        }
+        let Some(bytes) = writes.blocking_recv() else {
+            return None;
+        };
+        let mut sent = 0;
+        while sent < bytes.len() {
+            if ended.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire) {
+                return None;
+            }
+            match port.write(&bytes[sent..]) {
+                Ok(0) => return Some("writing: the port took no bytes".into()),
+                Ok(n) => sent += n,
+                // The far side is not reading: try again (the end is looked at first).
+                Err(e) if benign(&e) => {}
+                Err(e) => return Some(format!("writing: {e}")),
+            }
         }
     }
 }
