@@ -530,9 +530,7 @@ fn write_until_ended(
         if ended.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire) {
             return None;
         }
-        let Some(bytes) = writes.blocking_recv() else {
-            return None;
-        };
+        let bytes = writes.blocking_recv()?;
         let mut sent = 0;
         while sent < bytes.len() {
             if ended.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire) {
