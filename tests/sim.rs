@@ -16,6 +16,27 @@ fn total(map: &Value) -> u64 {
         .unwrap_or(0)
 }
 
+/// Run the scenario `text`, written beside the gateway as `file`: the report as JSON
+/// and as text.
+fn run_scenario(gw: &Gateway, file: &str, text: &str) -> (Value, String) {
+    let path = gw.dir.path().join(file);
+    std::fs::write(&path, text).unwrap();
+    let s = Scenario::load(&path).expect("scenario");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(fleet::run(&s, false)).expect("run");
+    (serde_json::to_value(&report).unwrap(), report.text())
+}
+
+/// The report's group `name`.
+fn group<'a>(json: &'a Value, name: &str) -> &'a Value {
+    json["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == name)
+        .unwrap_or_else(|| panic!("no group {name}"))
+}
+
 #[test]
 fn a_mixed_fleet_delivers_everything_and_every_hostile_action_is_refused() {
     let gw = Gateway::start_all(
@@ -117,21 +138,8 @@ behaviour = {{ kind = "slow-ramp", rate = 5.0, factor = 20.0 }}
         bin = BIN,
         cfg = gw.config.display(),
     );
-    let path = gw.dir.path().join("mixed.toml");
-    std::fs::write(&path, scenario).unwrap();
-    let s = Scenario::load(&path).expect("scenario");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let report = rt.block_on(fleet::run(&s, false)).expect("run");
-    let json = serde_json::to_value(&report).unwrap();
-    let text = report.text();
-    let g = |name: &str| -> &Value {
-        json["groups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["name"] == name)
-            .unwrap_or_else(|| panic!("no group {name}"))
-    };
+    let (json, text) = run_scenario(&gw, "mixed.toml", &scenario);
+    let g = |name: &str| group(&json, name);
 
     // Well-behaved devices: everything acknowledged and delivered, nothing refused.
     for name in ["sensors", "legacy"] {
@@ -376,21 +384,8 @@ behaviour = {{ kind = "replay", rate = 2.0 }}
         bin = BIN,
         cfg = gw.config.display(),
     );
-    let path = gw.dir.path().join("coap.toml");
-    std::fs::write(&path, scenario).unwrap();
-    let s = Scenario::load(&path).expect("scenario");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let report = rt.block_on(fleet::run(&s, false)).expect("run");
-    let json = serde_json::to_value(&report).unwrap();
-    let text = report.text();
-    let g = |name: &str| -> &Value {
-        json["groups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["name"] == name)
-            .unwrap_or_else(|| panic!("no group {name}"))
-    };
+    let (json, text) = run_scenario(&gw, "coap.toml", &scenario);
+    let g = |name: &str| group(&json, name);
 
     // Well-behaved devices of both protocols: every message answered with success
     // (2.04 for CoAP) and delivered to the service, nothing refused.
@@ -553,21 +548,8 @@ behaviour = {{ kind = "flood" }}
         bin = BIN,
         cfg = gw.config.display(),
     );
-    let path = gw.dir.path().join("serial.toml");
-    std::fs::write(&path, scenario).unwrap();
-    let s = Scenario::load(&path).expect("scenario");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let report = rt.block_on(fleet::run(&s, false)).expect("run");
-    let json = serde_json::to_value(&report).unwrap();
-    let text = report.text();
-    let g = |name: &str| -> &Value {
-        json["groups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["name"] == name)
-            .unwrap_or_else(|| panic!("no group {name}"))
-    };
+    let (json, text) = run_scenario(&gw, "serial.toml", &scenario);
+    let g = |name: &str| group(&json, name);
 
     // Well-behaved: every frame acknowledged and published, every command received,
     // acknowledged on the link and its acknowledgement published.

@@ -146,11 +146,12 @@ pub async fn serve(ctx: Arc<Context>, index: u16, port: Port, devices: Vec<Princ
     bus.run(down_rx).await;
 }
 
-/// How a device's last DATA frame was answered.
+/// A device's last DATA frame taken, and how it was answered.
 #[derive(Debug, Clone, Copy)]
 struct Answered {
     counter: u64,
-    nak: Option<NakReason>,
+    /// `None`: its session has not answered yet; then ACK (`None`) or NAK.
+    answer: Option<Option<NakReason>>,
     again_at: Option<Instant>,
 }
 
@@ -166,7 +167,7 @@ struct Bus {
     sessions: HashMap<PrincipalId, mpsc::Sender<Input>>,
     /// When each device was last sent a RESYNC.
     resynced_at: HashMap<PrincipalId, Instant>,
-    /// Each device's last DATA frame answered, how, and when it was last answered
+    /// Each device's last DATA frame taken, its answer, and when it was last answered
     /// again: sent again, it gets the same answer, at most once per
     /// `serial.resync_interval`.
     answered: HashMap<PrincipalId, Answered>,
@@ -399,9 +400,19 @@ impl Bus {
             Input::Data { counter, .. } => Some(*counter),
             _ => None,
         };
-        if !self.hand_over(id.clone(), input)
-            && let Some(counter) = data
-        {
+        let taken = self.hand_over(id.clone(), input);
+        if taken && let Some(counter) = data {
+            // Its answer is coming: sent again meanwhile, it is not a replay.
+            self.answered.insert(
+                id.clone(),
+                Answered {
+                    counter,
+                    answer: None,
+                    again_at: None,
+                },
+            );
+        }
+        if !taken && let Some(counter) = data {
             // A quarantined device is not told (its frames are taken as if delivered,
             // and dropped); any other is refused busy. Its counter is used: it sends the
             // message again in a new frame.
@@ -423,17 +434,21 @@ impl Bus {
     async fn replay(&mut self, id: PrincipalId, counter: u64, floor: u64, body: &HeardBody) {
         let now = Instant::now();
         let interval = self.ctx.limits.resync_interval;
-        // Its last frame again: our answer was lost. Answered again as it was (not at
-        // all while it is pending), at most once per interval; never acted on twice.
-        if counter == floor && matches!(body, HeardBody::Data { .. }) {
-            if let Some(a) = self.answered.get_mut(&id)
-                && a.counter == counter
+        // Its last frame again, taken here: our answer was lost (or is still coming).
+        // Answered again as it was, at most once per interval; never acted on twice.
+        // Any other frame at or below the floor is a replay (after a restart the floor
+        // is the reserved bound, and nothing was taken at it).
+        if counter == floor
+            && matches!(body, HeardBody::Data { .. })
+            && let Some(a) = self.answered.get_mut(&id)
+            && a.counter == counter
+        {
+            Metrics::inc(&self.ctx.metrics.serial.duplicates);
+            if let Some(nak) = a.answer
                 && a.again_at
                     .is_none_or(|at| now.saturating_duration_since(at) >= interval)
             {
                 a.again_at = Some(now);
-                let nak = a.nak;
-                Metrics::inc(&self.ctx.metrics.serial.duplicates);
                 let body = match nak {
                     None => Body::Ack { counter },
                     Some(reason) => Body::Nak { counter, reason },
@@ -463,14 +478,18 @@ impl Bus {
     /// Answer the device's DATA frame `counter` (ACK, or NAK with a reason), and
     /// remember it for the frame sent again.
     async fn answer(&mut self, id: &PrincipalId, counter: u64, nak: Option<NakReason>) {
-        self.answered.insert(
-            id.clone(),
-            Answered {
-                counter,
-                nak,
-                again_at: None,
-            },
-        );
+        // The answer to an earlier frame, coming after a later one was taken, leaves
+        // the later one's record alone.
+        if self.answered.get(id).is_none_or(|a| a.counter <= counter) {
+            self.answered.insert(
+                id.clone(),
+                Answered {
+                    counter,
+                    answer: Some(nak),
+                    again_at: None,
+                },
+            );
+        }
         let body = match nak {
             None => Body::Ack { counter },
             Some(reason) => Body::Nak { counter, reason },

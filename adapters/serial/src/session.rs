@@ -31,7 +31,7 @@ use portcullis_core::mailbox::{Delivery, Mailbox};
 use portcullis_core::message::{Message, QoS};
 use portcullis_core::metrics::Metrics;
 use portcullis_core::parking::{Parked, Slot};
-use portcullis_core::peer::{Closed, Lifecycle, Protocol, catch_unwind};
+use portcullis_core::peer::{Closed, Ended, Lifecycle, Protocol, catch_unwind, until_kicked};
 use portcullis_core::principal::{PrincipalId, PrincipalKind};
 use portcullis_core::refusal::{Refusal, Stage};
 use portcullis_core::sessions::{KickReason, Kicked, SessionGuard, SessionStats};
@@ -514,15 +514,10 @@ impl Session {
         if let Some(reason) = kicked.reason() {
             return Err(End::Kicked(reason));
         }
-        let mut work = Box::pin(self.input(ctx, input));
-        let reason = tokio::select! {
-            biased;
-            done = &mut work => return done,
-            reason = kicked.wait() => reason,
-        };
-        match tokio::time::timeout(KICK_GRACE, &mut work).await {
-            Ok(Err(end)) => Err(end),
-            _ => Err(End::Kicked(reason)),
+        match until_kicked(self.input(ctx, input), kicked.clone(), KICK_GRACE).await {
+            Ended::Finished(done) => done,
+            Ended::CutOff(reason) => Err(End::Kicked(reason)),
+            Ended::Panicked(why) => Err(End::Internal(why)),
         }
     }
 
