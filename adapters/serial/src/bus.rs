@@ -443,12 +443,12 @@ impl Bus {
             && let Some(a) = self.answered.get_mut(&id)
             && a.counter == counter
         {
-            Metrics::inc(&self.ctx.metrics.serial.duplicates);
             if let Some(nak) = a.answer
                 && a.again_at
                     .is_none_or(|at| now.saturating_duration_since(at) >= interval)
             {
                 a.again_at = Some(now);
+                Metrics::inc(&self.ctx.metrics.serial.duplicates);
                 let body = match nak {
                     None => Body::Ack { counter },
                     Some(reason) => Body::Nak { counter, reason },
@@ -543,7 +543,11 @@ impl Bus {
                     suffix: &suffix,
                     payload: &payload,
                 };
-                let _ = sent.send(self.send(&id, body).await);
+                let written = self.send(&id, body).await.map(|(counter, len)| {
+                    let at = self.unwritten.len() - len;
+                    (counter, self.unwritten[at..].to_vec())
+                });
+                let _ = sent.send(written);
             }
             Down::Again(bytes) => {
                 if self.gather(&bytes) {
@@ -577,24 +581,13 @@ impl Bus {
         }
     }
 
-    /// Write one frame to device `id` with the gateway's next counter towards it: the
-    /// counter and the bytes written.
-    async fn send(&mut self, id: &PrincipalId, body: Body<'_>) -> Result<(u64, Vec<u8>), Unsent> {
+    /// Write one frame to device `id` with the gateway's next counter towards it, at
+    /// the end of what is gathered for the port: the counter, and the frame's length.
+    async fn send(&mut self, id: &PrincipalId, body: Body<'_>) -> Result<(u64, usize), Unsent> {
         if !self.open {
             return Err(Unsent::Unavailable);
         }
         let key = self.ctx.keys.key(id).ok_or(Unsent::Unavailable)?;
-        // Checked before a counter is spent on it.
-        let mut wire = vec![0u8; MAX_WIRE_LEN + 1];
-        let probe = Outgoing {
-            direction: Direction::Down,
-            id: id.as_str(),
-            counter: 1,
-            body,
-        };
-        if let Err(e) = encode(&key, &probe, &mut wire[1..]) {
-            return Err(Unsent::Unencodable(e.label()));
-        }
         let counter = match self.floors.next_down(id).await {
             Ok(counter) => counter,
             Err(e) => {
@@ -605,14 +598,20 @@ impl Bus {
                 return Err(Unsent::Unavailable);
             }
         };
-        let frame = Outgoing { counter, ..probe };
+        let frame = Outgoing {
+            direction: Direction::Down,
+            id: id.as_str(),
+            counter,
+            body,
+        };
         // A leading delimiter ends whatever a device's receiver holds of a cut frame.
+        // A frame that cannot be encoded leaves its counter unused: gaps are allowed.
+        let mut wire = [0u8; MAX_WIRE_LEN + 1];
         let n = encode(&key, &frame, &mut wire[1..]).map_err(|e| Unsent::Unencodable(e.label()))?;
-        wire.truncate(n + 1);
-        if !self.gather(&wire) {
+        if !self.gather(&wire[..=n]) {
             return Err(Unsent::Unavailable);
         }
         Metrics::inc(&self.ctx.metrics.serial.frames_out);
-        Ok((counter, wire))
+        Ok((counter, n + 1))
     }
 }

@@ -24,7 +24,6 @@ use bytes::Bytes;
 use portcullis_core::admission::{self, Admission, Live, NextCommand, Offer, Peer, Verdict};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::auth::{Credential, Credentials};
-use portcullis_core::content::Carried;
 use portcullis_core::device_session::{DeviceState, NotOpened, Opened, Opener};
 use portcullis_core::forward::{Taken, Uplink};
 use portcullis_core::mailbox::{Delivery, Mailbox};
@@ -599,16 +598,9 @@ impl Session {
             );
             return self.answer(counter, Some(NakReason::Busy)).await;
         }
-        let carried = Carried {
-            response_topic: None,
-            content_type: None,
-            user_properties: &[],
-            payload_utf8: false,
-            payload: &payload,
-        };
         let topic = match self
             .admission
-            .device_topic(&suffix, &carried, ctx.limits.topic, now)
+            .device_topic(&suffix, &payload, ctx.limits.topic, now)
         {
             Ok(topic) => topic,
             Err((refusal, _)) => return self.answer(counter, nak_reason(refusal)).await,
@@ -792,8 +784,11 @@ impl Session {
                             d.message.payload.len()
                         ),
                     );
+                    // Not sent: it does not count against the device's command rate.
+                    self.admission.return_budget();
                 }
                 Ok(Err(Unsent::Unavailable)) | Err(_) => {
+                    self.admission.return_budget();
                     self.state.mailbox.put_back(VecDeque::from([d]), now);
                     self.next_pump = Some(now + ctx.limits.ack_timeout);
                     return Ok(());

@@ -455,19 +455,21 @@ impl Admission {
         Ok(())
     }
 
-    /// A device's message to `devices/{id}/{suffix}` (a protocol whose device names
-    /// only the suffix, CoAP and serial): screened, and its topic read within
+    /// A device's message to `devices/{id}/{suffix}` carrying only `payload` (a
+    /// protocol whose device names only the suffix, CoAP and serial): screened, and
+    /// its topic read within
     /// `limits`. A topic that is not valid is refused, audited and told to the model as
     /// a failed validation; the words say what is wrong with it.
     pub fn device_topic(
         &mut self,
         suffix: &str,
-        carried: &Carried<'_>,
+        payload: &[u8],
         limits: TopicLimits,
         now: Instant,
     ) -> Result<TopicName, (Refusal, Option<String>)> {
         let raw = format!("devices/{}/{suffix}", self.peer.principal.id);
-        self.screen(&raw, carried, now).map_err(|r| (r, None))?;
+        self.screen(&raw, &Carried::payload(payload), now)
+            .map_err(|r| (r, None))?;
         TopicName::parse(&raw, limits).map_err(|e| {
             let words = e.to_string();
             self.refused(

@@ -135,6 +135,19 @@ pub struct Carried<'a> {
     pub payload: &'a [u8],
 }
 
+impl<'a> Carried<'a> {
+    /// A message that carries nothing but its payload (CoAP, serial).
+    pub fn payload(payload: &'a [u8]) -> Carried<'a> {
+        Carried {
+            response_topic: None,
+            content_type: None,
+            user_properties: &[],
+            payload_utf8: false,
+            payload,
+        }
+    }
+}
+
 /// Refuse a message whose topic or properties carry a forbidden character, or whose
 /// payload is announced as UTF-8 and is not.
 pub fn check(topic: &str, carried: &Carried<'_>) -> Result<(), Poison> {

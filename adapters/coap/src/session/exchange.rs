@@ -512,16 +512,9 @@ impl Session {
                 None => return Ok(()),
             },
         };
-        let carried = Carried {
-            response_topic: None,
-            content_type: None,
-            user_properties: &[],
-            payload_utf8: false,
-            payload: &payload,
-        };
         let topic = match self
             .admission
-            .device_topic(&suffix, &carried, ctx.limits.topic, now)
+            .device_topic(&suffix, &payload, ctx.limits.topic, now)
         {
             Ok(topic) => topic,
             Err((refusal, None)) => {
@@ -591,14 +584,10 @@ impl Session {
             self.state.responses.put_back(n, topic, correlation);
             return Ok(());
         }
-        let carried = Carried {
-            response_topic: None,
-            content_type: None,
-            user_properties: &[],
-            payload_utf8: false,
-            payload: &r.payload,
-        };
-        if let Err(refusal) = self.admission.screen(topic.as_str(), &carried, now) {
+        if let Err(refusal) =
+            self.admission
+                .screen(topic.as_str(), &Carried::payload(&r.payload), now)
+        {
             self.answer(&exchange, &refusal_reply(refusal));
             self.state.responses.put_back(n, topic, correlation);
             return Ok(());
