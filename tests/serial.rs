@@ -99,9 +99,20 @@ impl Line {
 
 /// The gateway's configuration for `ports`: each a pty pair and the devices on it.
 fn serial_config(ports: &[(&PtyPair, &[&str])], serial: &str) -> String {
-    let mut text = format!(
-        "[serial]\nack_timeout = \"300ms\"\nresync_interval = \"200ms\"\nreopen_backoff = \"100ms\"\nreopen_backoff_max = \"500ms\"\n{serial}\n"
-    );
+    // The tests' quick defaults, unless `serial` sets the key itself.
+    let mut text = String::from("[serial]\n");
+    for (key, value) in [
+        ("ack_timeout", "300ms"),
+        ("resync_interval", "200ms"),
+        ("reopen_backoff", "100ms"),
+        ("reopen_backoff_max", "500ms"),
+    ] {
+        if !serial.contains(key) {
+            text.push_str(&format!("{key} = \"{value}\"\n"));
+        }
+    }
+    text.push_str(serial);
+    text.push('\n');
     for (pair, devices) in ports {
         let list: Vec<String> = devices.iter().map(|d| format!("{d:?}")).collect();
         text.push_str(&format!(
@@ -691,4 +702,44 @@ fn a_frame_sent_again_after_the_port_came_back_is_answered_again_not_taken_for_a
     sub.expect("devices/probe-2/telemetry/t once", T).unwrap();
     let again = sub.drain(Duration::from_millis(500));
     assert!(again.is_empty(), "published once: {again:?}");
+}
+
+#[test]
+fn a_run_of_replays_gets_one_resync_per_interval_and_one_audit_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // One RESYNC per 10 s at most: the run below fits in one interval.
+    let (pair, gw) = one_bus(dir.path(), &["tank-1"], "resync_interval = \"10s\"");
+    let key = add_serial_device(&gw, "tank-1");
+    let mut line = Line::open(&pair);
+    let mut tank = SerialDevice::new("tank-1", &key, 0, 100);
+    let mut recorded = Vec::new();
+    for i in 0..3 {
+        let (c, f) = tank.data("telemetry/level", format!("{i}").as_bytes());
+        line.write(&f);
+        line.expect(&mut tank, "its ACK", is_ack(c));
+        recorded.push(f);
+    }
+    // Ten replays of the two older frames, back to back.
+    let mut replays = Vec::new();
+    for _ in 0..5 {
+        replays.extend(&recorded[0]);
+        replays.extend(&recorded[1]);
+    }
+    line.write(&replays);
+    let heard = line.hear(&mut [&mut tank], Duration::from_secs(1));
+    let resyncs = heard[0]
+        .iter()
+        .filter(|h| matches!(h, Heard::Resync(_)))
+        .count();
+    assert_eq!(resyncs, 1, "{heard:?}");
+    wait_for(T, || {
+        (gw.refusals("decode", "frame_replay") == 10).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", gw.metrics()));
+    let audited = gw
+        .audit()
+        .lines()
+        .filter(|l| l.contains("\"frame\"") && l.contains("replayed or stale"))
+        .count();
+    assert_eq!(audited, 1, "{}", gw.audit());
 }
