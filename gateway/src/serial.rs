@@ -9,7 +9,7 @@ use portcullis_core::parking::ParkedSessions;
 use portcullis_core::principal::PrincipalId;
 use portcullis_serial::bus::{self, Context};
 use portcullis_serial::counters::CounterStore;
-use portcullis_serial::port::{self, Backoff, PortSettings};
+use portcullis_serial::port::{Backoff, Port, PortSettings};
 use portcullis_serial::session::SerialState;
 use std::sync::Arc;
 
@@ -45,8 +45,7 @@ pub fn start(config: &Config, ctx: Arc<Context>) -> Result<SerialBuses> {
                 PrincipalId::parse(d).map_err(|e| UsageError(format!("serial.ports: {d}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let port =
-            port::spawn(PortSettings::from(p), backoff).map_err(|e| UsageError(e.to_string()))?;
+        let port = Port::new(PortSettings::from(p), backoff);
         paths.push(p.path.display().to_string());
         let index = u16::try_from(index).unwrap_or(u16::MAX);
         tasks.push(tokio::spawn(bus::serve(ctx.clone(), index, port, devices)));

@@ -23,7 +23,7 @@
 //!   their tag is checked: the rate is counted in frames).
 //!
 //! A port that vanishes ends its sessions (their commands wait in their mailboxes),
-//! is audited, and is reopened with back-off by the port's thread; its return is
+//! is audited, and is reopened with back-off; its return is
 //! audited too.
 
 use crate::counters::CounterStore;
@@ -58,11 +58,10 @@ use tokio::sync::{mpsc, watch};
 
 /// Writes waiting for a bus from its sessions.
 const DOWN_QUEUE: usize = 256;
-/// Bytes gathered for the port at most: frames written while the port's thread is
-/// behind wait here and go out together; beyond it they are dropped (and the devices
-/// send again).
+/// Bytes gathered for the port at most: frames written while the port is behind wait
+/// here and go out together; beyond it they are dropped (and the devices send again).
 const MAX_UNWRITTEN: usize = 64 * 1024;
-/// How soon gathered bytes the port's thread had no room for are offered again.
+/// How soon gathered bytes the port had no room for are offered again.
 const FLUSH_RETRY: Duration = Duration::from_millis(5);
 
 /// The serial layer's limits (`[serial]`, and the gateway's own).
@@ -175,8 +174,8 @@ struct Bus {
     frames: TokenBucket,
     /// Frames refused since the last one taken (one audit line per run).
     refused_run: bool,
-    /// Frames for the port not handed to its thread yet: gathered while a batch is
-    /// handled, so that a burst of answers is a few writes, not one each.
+    /// Frames for the port not written yet: gathered while a batch is handled, so
+    /// that a burst of answers is a few writes, not one each.
     unwritten: Vec<u8>,
     open: bool,
     opened_before: bool,
@@ -205,16 +204,15 @@ impl Bus {
                     }
                 }
                 event = self.port.event() => match event {
-                    None => break,
-                    Some(PortEvent::Bytes(bytes)) => {
+                    PortEvent::Bytes(bytes) => {
                         self.reader.feed(&bytes, self.ctx.keys.as_ref(), &mut outcomes);
                         for outcome in outcomes.drain(..) {
                             self.outcome(outcome).await;
                         }
                     }
-                    Some(PortEvent::Opened) => self.opened(),
-                    Some(PortEvent::Vanished { error }) => self.vanished(&error),
-                    Some(PortEvent::OpenFailed { error, retry_in }) => {
+                    PortEvent::Opened => self.opened(),
+                    PortEvent::Vanished { error } => self.vanished(&error),
+                    PortEvent::OpenFailed { error, retry_in } => {
                         self.open_failed(&error, retry_in)
                     }
                 },
@@ -567,7 +565,7 @@ impl Bus {
         true
     }
 
-    /// Hand what was gathered to the port's thread, if it has room.
+    /// Write what was gathered to the port, if it has room.
     fn flush(&mut self) {
         if self.unwritten.is_empty() {
             return;
@@ -576,7 +574,7 @@ impl Bus {
             self.unwritten.clear();
             return;
         }
-        if self.port.write(self.unwritten.clone()) {
+        if self.port.write(&self.unwritten) {
             self.unwritten.clear();
         }
     }

@@ -4,36 +4,30 @@
 //! writes into its bus, and with no flow control. Nothing is enumerated: the only path
 //! this module ever opens is the one it was handed.
 //!
-//! `serialport` is blocking, so each port has an OS thread of its own that reads with
-//! a short timeout and hands what it read to the async side through a bounded channel,
-//! and, while the port is open, a writer thread on a clone of the descriptor that
-//! writes what the async side queued as soon as it is queued; the runtime never blocks
-//! on the port. When the port vanishes (an adapter unplugged, the far side of a pty gone), the
-//! thread lets go of it, says so, and reopens the same path with doubling back-off.
+//! The port is read and written on the runtime, not on threads of its own: its
+//! descriptor is non-blocking and registered with the runtime's poller, so a frame
+//! that arrives wakes only the task that serves the bus, and an answer is written by
+//! that task as soon as it is made. (With a reader and a writer thread, every frame
+//! on a paced line woke both and crossed two channels, which cost more than the
+//! frame's own work.) When the port vanishes (an adapter unplugged, the far side of a
+//! pty gone), it is let go, reported, and the same path is opened again with doubling
+//! back-off.
 
 use portcullis_config::{Parity, Serial, SerialPort};
-use serialport::{DataBits, FlowControl, StopBits};
-use std::io::{self, ErrorKind, Read};
+use serialport::{DataBits, FlowControl, StopBits, TTYPort};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
 
-/// How long one read waits for a byte: the longest a queued write or a close waits
-/// for the thread to notice it.
-pub const READ_TIMEOUT: Duration = Duration::from_millis(50);
-/// Events waiting for the async side; bytes beyond them are dropped and counted.
-const EVENT_QUEUE: usize = 256;
-/// Slots of the event queue that bytes leave free, so that a flood of input does not
-/// hold back the news that the port vanished or reopened.
-const STATUS_HEADROOM: usize = 4;
-/// Writes waiting for the thread.
-const WRITE_QUEUE: usize = 64;
 /// Most bytes taken from the port in one read.
 const READ_CHUNK: usize = 4096;
-/// How often a status event that found the queue full is tried again.
-const STATUS_RETRY: Duration = Duration::from_millis(5);
+/// Most bytes written to the port and not yet taken by it (the far side reads slower
+/// than they come); a write beyond this is refused until the port has taken some.
+pub const MAX_UNSENT: usize = 64 * 1024;
 
 /// A port's line settings, from its `[[serial.ports]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,27 +104,27 @@ pub enum PortError {
         wanted: String,
         got: String,
     },
-    #[error("serial port {}: cannot start its thread: {source}", path.display())]
-    Thread { path: PathBuf, source: io::Error },
+    #[error("serial port {}: cannot be polled: {source}", path.display())]
+    Poll { path: PathBuf, source: io::Error },
 }
 
-/// What the port's thread tells the async side, in the order it happened.
+/// What happened on the port, in the order it happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PortEvent {
     /// The port is open with its settings; writes are taken from now on.
     Opened,
     /// Bytes read from the port, as they came (frames may be split or joined).
     Bytes(Vec<u8>),
-    /// The port failed and was let go; writes queued and not yet sent were dropped.
+    /// The port failed and was let go; bytes written and not yet taken were dropped.
     Vanished { error: String },
     /// An attempt to open the port failed; the next one is in `retry_in`.
     OpenFailed { error: String, retry_in: Duration },
 }
 
-/// Opens the port with every line setting, exclusively, without flow control, and
-/// with reads that give up after [`READ_TIMEOUT`]; then checks that the port kept the
-/// framing it was given (some drivers silently refuse a setting).
-pub fn open(settings: &PortSettings) -> Result<Box<dyn serialport::SerialPort>, PortError> {
+/// Opens the port with every line setting, exclusively and without flow control, then
+/// checks that the port kept the framing it was given (some drivers silently refuse a
+/// setting). The descriptor is blocking, as serialport leaves it.
+pub fn open(settings: &PortSettings) -> Result<TTYPort, PortError> {
     let path = &settings.path;
     let unsupported = |setting, value| PortError::Unsupported {
         path: path.clone(),
@@ -163,14 +157,14 @@ pub fn open(settings: &PortSettings) -> Result<Box<dyn serialport::SerialPort>, 
         .parity(parity)
         .stop_bits(stop_bits)
         .flow_control(FlowControl::None)
-        .timeout(READ_TIMEOUT)
-        .open()
+        .open_native()
         .map_err(|source| PortError::Open {
             path: path.clone(),
             source,
         })?;
     // Baud is not compared: a driver rounds it to what its clock can make, which the
     // far end tolerates. Framing it either keeps or silently ignores.
+    use serialport::SerialPort as _;
     let bits = |b: DataBits| u8::from(b).to_string();
     check(path, "data_bits", port.data_bits(), data_bits, bits)?;
     check(path, "parity", port.parity(), parity, parity_word)?;
@@ -219,344 +213,244 @@ fn parity_word(p: serialport::Parity) -> String {
     .into()
 }
 
-/// State the async side and the port's thread share.
-#[derive(Default)]
-struct Shared {
-    stop: AtomicBool,
-    open: AtomicBool,
-    dropped_bytes: AtomicU64,
+/// An open port's descriptor, lent for reads and writes. Dropping it closes the port
+/// the way serialport does (exclusive access given up, then the descriptor closed).
+struct Tty(TTYPort);
+
+impl AsRawFd for Tty {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
 }
 
-/// A running port: its thread, the events it sends and the writes it takes.
-/// Dropping it stops the thread within about one read timeout; [`Port::close`] also
-/// waits until the thread has let go of the port.
-pub struct Port {
-    path: PathBuf,
-    events: mpsc::Receiver<PortEvent>,
-    writes: mpsc::Sender<Vec<u8>>,
-    shared: Arc<Shared>,
-    /// Closed (its sender dropped) when the thread has ended and released the port.
-    done: Option<oneshot::Receiver<()>>,
+impl AsFd for Tty {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor is the TTYPort's own, open from the port's opening
+        // until the TTYPort is dropped, and nothing else closes it: serialport closes
+        // it only in Drop and `into_raw_fd`, and the TTYPort is owned by `self` and
+        // never given out. The borrow lives no longer than `&self`, so it cannot
+        // outlive the TTYPort, and the descriptor stays open for all of it.
+        unsafe { BorrowedFd::borrow_raw(self.0.as_raw_fd()) }
+    }
 }
 
-/// Starts the thread `serial:{path}` that opens the port at once, reads and writes
-/// it, and reopens it with `backoff` whenever it vanishes or cannot be opened.
-pub fn spawn(settings: PortSettings, backoff: Backoff) -> Result<Port, PortError> {
-    let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-    let (writes, writes_rx) = mpsc::channel(WRITE_QUEUE);
-    let wake = writes.clone();
-    let (done_tx, done) = oneshot::channel();
-    let shared = Arc::new(Shared::default());
-    let path = settings.path.clone();
-    let worker = Worker {
-        settings,
-        backoff,
-        events: events_tx,
-        writes: writes_rx,
-        wake,
-        shared: shared.clone(),
-        _done: done_tx,
+/// Opens the port for the runtime: non-blocking, registered with its poller.
+fn open_async(settings: &PortSettings) -> Result<AsyncFd<Tty>, PortError> {
+    let tty = Tty(open(settings)?);
+    let poll = |source: io::Error| PortError::Poll {
+        path: settings.path.clone(),
+        source,
     };
-    std::thread::Builder::new()
-        .name(format!("serial:{}", path.display()))
-        .spawn(move || worker.run())
-        .map_err(|source| PortError::Thread {
-            path: path.clone(),
-            source,
-        })?;
-    Ok(Port {
-        path,
-        events,
-        writes,
-        shared,
-        done: Some(done),
-    })
+    rustix::io::ioctl_fionbio(&tty, true).map_err(|e| poll(e.into()))?;
+    let interest = Interest::READABLE | Interest::WRITABLE;
+    // SAFETY: `tty.as_raw_fd()` is the TTYPort's descriptor, open until the TTYPort is
+    // dropped (see `AsFd for Tty`). The AsyncFd owns the Tty, so the TTYPort is dropped
+    // only with the AsyncFd, and the TTYPort's descriptor never changes.
+    unsafe { AsyncFd::register_with_interest(tty, interest) }.map_err(|e| poll(e.into()))
+}
+
+enum State {
+    /// Not opened yet, or waiting to open again: the next attempt at `at`, after
+    /// `waited` since the last one (`None`: the first attempt after a loss).
+    Closed {
+        at: Instant,
+        waited: Option<Duration>,
+    },
+    Open(AsyncFd<Tty>),
+}
+
+/// A configured port, opened, read, written and reopened by the task that owns it:
+/// [`Port::event`] drives all of it, so that task must keep calling it.
+pub struct Port {
+    settings: PortSettings,
+    backoff: Backoff,
+    state: State,
+    /// Bytes written and not yet taken by the port.
+    unsent: Vec<u8>,
+    /// Why a write found the port gone; reported by the next [`Port::event`].
+    failed: Option<String>,
+    buf: Box<[u8; READ_CHUNK]>,
 }
 
 impl Port {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The next event; `None` once the thread has ended.
-    pub async fn event(&mut self) -> Option<PortEvent> {
-        self.events.recv().await
-    }
-
-    /// Queues bytes to be written; false when the port is not open (before `Opened`,
-    /// after `Vanished`) or the write queue is full. A queued write goes out at once.
-    pub fn write(&self, bytes: Vec<u8>) -> bool {
-        if bytes.is_empty() {
-            return self.is_open();
+    /// A port opened at the first [`Port::event`], and again after each time it
+    /// vanishes or cannot be opened, with `backoff`.
+    pub fn new(settings: PortSettings, backoff: Backoff) -> Port {
+        Port {
+            settings,
+            backoff,
+            state: State::Closed {
+                at: Instant::now(),
+                waited: None,
+            },
+            unsent: Vec::new(),
+            failed: None,
+            buf: Box::new([0; READ_CHUNK]),
         }
-        self.shared.open.load(Ordering::Acquire) && self.writes.try_send(bytes).is_ok()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.settings.path
     }
 
     /// Whether the port is open now.
     pub fn is_open(&self) -> bool {
-        self.shared.open.load(Ordering::Acquire)
+        matches!(self.state, State::Open(_))
     }
 
-    /// Bytes read from the port and dropped because the event queue was full.
-    pub fn dropped_bytes(&self) -> u64 {
-        self.shared.dropped_bytes.load(Ordering::Relaxed)
+    /// Bytes written and not yet taken by the port.
+    pub fn unsent(&self) -> usize {
+        self.unsent.len()
     }
 
-    /// Stops the thread and waits until it has released the port (about one read
-    /// timeout), without blocking the runtime.
-    pub async fn close(mut self) {
-        let done = self.done.take();
-        drop(self);
-        if let Some(done) = done {
-            // Err is the signal: the thread dropped its end as it finished.
-            let _ = done.await;
-        }
-    }
-}
-
-impl Drop for Port {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-    }
-}
-
-/// Why the thread stopped serving an open port.
-enum Ended {
-    Stopped,
-    Vanished(String),
-}
-
-/// The port's thread. It owns the port: it opens it, reads it, and reopens it when it
-/// vanishes. While the port is open, a writer thread scoped to that opening writes on a
-/// clone of the descriptor (an answer must not wait for the next read's timeout); it
-/// ends with the opening, so the port is dropped and reopened in one place.
-struct Worker {
-    settings: PortSettings,
-    backoff: Backoff,
-    events: mpsc::Sender<PortEvent>,
-    writes: mpsc::Receiver<Vec<u8>>,
-    /// An empty write wakes the writer thread to see that its opening ended.
-    wake: mpsc::Sender<Vec<u8>>,
-    shared: Arc<Shared>,
-    _done: oneshot::Sender<()>,
-}
-
-impl Worker {
-    fn run(mut self) {
-        let path = self.settings.path.display().to_string();
-        // None: try now. Some(d): the wait before this attempt.
-        let mut wait: Option<Duration> = None;
+    /// The next thing that happens on the port. Bytes written and not yet taken are
+    /// written as the port takes them while this waits. Cancel-safe: nothing is lost
+    /// when the future is dropped before it is ready.
+    pub async fn event(&mut self) -> PortEvent {
         loop {
-            if let Some(d) = wait
-                && !self.pause(d)
-            {
-                return;
-            }
-            if self.stopping() {
-                return;
-            }
-            match open(&self.settings) {
-                Ok(port) => {
-                    tracing::info!(path, "serial port opened");
-                    self.shared.open.store(true, Ordering::Release);
-                    if !self.report(PortEvent::Opened) {
-                        return;
-                    }
-                    let ended = self.serve(port);
-                    self.shared.open.store(false, Ordering::Release);
-                    let error = match ended {
-                        Ended::Stopped => return,
-                        Ended::Vanished(error) => error,
-                    };
-                    let unsent = self.discard_writes();
-                    tracing::warn!(path, error, unsent, "serial port vanished; reopening");
-                    if !self.report(PortEvent::Vanished { error }) {
-                        return;
-                    }
-                    wait = Some(self.backoff.first);
+            let fd = match &mut self.state {
+                State::Closed { at, waited } => {
+                    let (at, waited) = (*at, *waited);
+                    tokio::time::sleep_until(at).await;
+                    return self.try_open(waited);
                 }
-                Err(e) => {
-                    let retry_in = match wait {
-                        None => self.backoff.first.min(self.backoff.max),
-                        Some(d) => self.backoff.after(d),
-                    };
-                    let error = e.to_string();
-                    tracing::warn!(path, error, ?retry_in, "serial port did not open");
-                    if !self.report(PortEvent::OpenFailed { error, retry_in }) {
-                        return;
-                    }
-                    wait = Some(retry_in);
-                }
-            }
-        }
-    }
-
-    fn stopping(&self) -> bool {
-        self.shared.stop.load(Ordering::Acquire) || self.events.is_closed()
-    }
-
-    /// Reads the open port, with a writer thread beside it, until it fails or the
-    /// thread is told to stop; the port is released on return.
-    fn serve(&mut self, mut port: Box<dyn serialport::SerialPort>) -> Ended {
-        let mut writer = match port.try_clone() {
-            Ok(writer) => writer,
-            Err(e) => return Ended::Vanished(format!("cloning the port for writing: {e}")),
-        };
-        // Set by either side when this opening ends; the writer's error, if it failed.
-        let ended = AtomicBool::new(false);
-        let failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-        let shared = self.shared.clone();
-        let (writes, wake) = (&mut self.writes, self.wake.clone());
-        let (events, path) = (&self.events, self.settings.path.as_path());
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                let why = write_until_ended(writer.as_mut(), writes, &ended, &shared);
-                if let Some(why) = why {
-                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                }
-                ended.store(true, Ordering::Release);
-            });
-            let mut buf = vec![0u8; READ_CHUNK];
-            let mut dropping = false;
-            let result = loop {
-                if shared.stop.load(Ordering::Acquire) || events.is_closed() {
-                    break Ended::Stopped;
-                }
-                if ended.load(Ordering::Acquire) {
-                    let why = failed.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    break match why {
-                        Some(why) => Ended::Vanished(why),
-                        None => Ended::Stopped,
-                    };
-                }
-                match port.read(&mut buf) {
-                    Ok(0) => break Ended::Vanished("reading: end of file".into()),
-                    Ok(n) => hand_over(events, &shared, path, &buf[..n], &mut dropping),
-                    Err(e) if benign(&e) => {}
-                    Err(e) => break Ended::Vanished(format!("reading: {e}")),
-                }
+                State::Open(fd) => fd,
             };
-            // The writer sees the end at its next write, or at this empty one.
-            ended.store(true, Ordering::Release);
-            let _ = wake.try_send(Vec::new());
-            result
-        })
-    }
-
-    /// Sends a status event, waiting for room if bytes filled the queue; false when
-    /// the thread should stop instead.
-    fn report(&mut self, mut event: PortEvent) -> bool {
-        loop {
-            match self.events.try_send(event) {
-                Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
-                Err(mpsc::error::TrySendError::Full(back)) => {
-                    if self.shared.stop.load(Ordering::Acquire) {
-                        return false;
+            if let Some(error) = self.failed.take() {
+                return self.vanished(error);
+            }
+            let interest = if self.unsent.is_empty() {
+                Interest::READABLE
+            } else {
+                Interest::READABLE | Interest::WRITABLE
+            };
+            let mut ready = match fd.ready_mut(interest).await {
+                Ok(ready) => ready,
+                Err(e) => return self.vanished(format!("polling: {e}")),
+            };
+            let readiness = ready.ready();
+            if readiness.is_writable() && !self.unsent.is_empty() {
+                match rustix::io::write(ready.get_inner(), &self.unsent) {
+                    Ok(0) => return self.vanished("writing: the port took no bytes".into()),
+                    Ok(n) => {
+                        self.unsent.drain(..n);
                     }
-                    event = back;
-                    std::thread::sleep(STATUS_RETRY);
+                    Err(e) if e == rustix::io::Errno::AGAIN => {
+                        ready.clear_ready_matching(tokio::io::Ready::WRITABLE)
+                    }
+                    Err(e) if e == rustix::io::Errno::INTR => {}
+                    Err(e) => return self.vanished(format!("writing: {}", io::Error::from(e))),
+                }
+            }
+            if readiness.is_readable() || readiness.is_read_closed() || readiness.is_error() {
+                match rustix::io::read(ready.get_inner(), &mut self.buf[..]) {
+                    Ok(0) => return self.vanished("reading: end of file".into()),
+                    Ok(n) => return PortEvent::Bytes(self.buf[..n].to_vec()),
+                    Err(e) if e == rustix::io::Errno::AGAIN => {
+                        ready.clear_ready_matching(tokio::io::Ready::READABLE)
+                    }
+                    Err(e) if e == rustix::io::Errno::INTR => {}
+                    Err(e) => return self.vanished(format!("reading: {}", io::Error::from(e))),
                 }
             }
         }
     }
 
-    /// Drops writes queued for a port that is not open; how many there were.
-    fn discard_writes(&mut self) -> usize {
-        let mut n = 0;
-        while self.writes.try_recv().is_ok() {
-            n += 1;
+    /// Writes `bytes`, whole or not at all: what the port does not take at once goes
+    /// out as it takes it, while [`Port::event`] is awaited. False when the port is not
+    /// open (before `Opened`, after `Vanished`), when more than [`MAX_UNSENT`] would
+    /// be waiting, or when the port failed (reported by the next event).
+    pub fn write(&mut self, bytes: &[u8]) -> bool {
+        let State::Open(fd) = &self.state else {
+            return false;
+        };
+        if self.failed.is_some() {
+            return false;
         }
-        n
-    }
-
-    /// Waits `d` while the port is closed, in slices of one read timeout so that a
-    /// stop is seen; false when the thread should stop.
-    fn pause(&mut self, d: Duration) -> bool {
-        let until = std::time::Instant::now() + d;
-        loop {
-            if self.stopping() {
+        if bytes.is_empty() {
+            return true;
+        }
+        if !self.unsent.is_empty() {
+            if self.unsent.len() + bytes.len() > MAX_UNSENT {
                 return false;
             }
-            // A write that raced with the port closing is dropped, as `Vanished` says.
-            self.discard_writes();
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return true;
-            }
-            std::thread::sleep(left.min(READ_TIMEOUT));
+            self.unsent.extend_from_slice(bytes);
+            return true;
         }
-    }
-}
-
-/// Sends bytes to the async side if the queue has room for them; else drops and counts
-/// them, so that a slow consumer never stalls the reader.
-fn hand_over(
-    events: &mpsc::Sender<PortEvent>,
-    shared: &Shared,
-    path: &Path,
-    bytes: &[u8],
-    dropping: &mut bool,
-) {
-    let sent = events.capacity() > STATUS_HEADROOM
-        && events.try_send(PortEvent::Bytes(bytes.to_vec())).is_ok();
-    if sent {
-        *dropping = false;
-        return;
-    }
-    let total = shared
-        .dropped_bytes
-        .fetch_add(bytes.len() as u64, Ordering::Relaxed)
-        + bytes.len() as u64;
-    if !*dropping {
-        *dropping = true;
-        tracing::warn!(
-            path = %path.display(),
-            dropped_bytes = total,
-            "serial port: event queue full, dropping bytes read"
-        );
-    }
-}
-
-/// The writer thread of one opening: writes each queued write whole as it comes, until
-/// the opening ends; the error that ended it, if a write failed.
-fn write_until_ended(
-    port: &mut dyn serialport::SerialPort,
-    writes: &mut mpsc::Receiver<Vec<u8>>,
-    ended: &AtomicBool,
-    shared: &Shared,
-) -> Option<String> {
-    loop {
-        if ended.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire) {
-            return None;
+        if bytes.len() > MAX_UNSENT {
+            return false;
         }
-        let bytes = writes.blocking_recv()?;
         let mut sent = 0;
         while sent < bytes.len() {
-            if ended.load(Ordering::Acquire) || shared.stop.load(Ordering::Acquire) {
-                return None;
-            }
-            match port.write(&bytes[sent..]) {
-                Ok(0) => return Some("writing: the port took no bytes".into()),
+            match rustix::io::write(fd.get_ref(), &bytes[sent..]) {
+                Ok(0) => break,
                 Ok(n) => sent += n,
-                // The far side is not reading: try again (the end is looked at first).
-                Err(e) if benign(&e) => {}
-                Err(e) => return Some(format!("writing: {e}")),
+                Err(e) if e == rustix::io::Errno::INTR => {}
+                Err(e) if e == rustix::io::Errno::AGAIN => break,
+                Err(e) => {
+                    self.failed = Some(format!("writing: {}", io::Error::from(e)));
+                    return false;
+                }
+            }
+        }
+        self.unsent.extend_from_slice(&bytes[sent..]);
+        true
+    }
+
+    /// Lets go of the port now.
+    pub async fn close(self) {
+        drop(self);
+    }
+
+    fn try_open(&mut self, waited: Option<Duration>) -> PortEvent {
+        let path = self.settings.path.display().to_string();
+        match open_async(&self.settings) {
+            Ok(fd) => {
+                tracing::info!(path, "serial port opened");
+                self.state = State::Open(fd);
+                PortEvent::Opened
+            }
+            Err(e) => {
+                let retry_in = match waited {
+                    None => self.backoff.first.min(self.backoff.max),
+                    Some(d) => self.backoff.after(d),
+                };
+                let error = e.to_string();
+                tracing::warn!(path, error, ?retry_in, "serial port did not open");
+                self.state = State::Closed {
+                    at: Instant::now() + retry_in,
+                    waited: Some(retry_in),
+                };
+                PortEvent::OpenFailed { error, retry_in }
             }
         }
     }
-}
 
-/// A read that found nothing to read, or was interrupted: the port is still there.
-fn benign(e: &io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Interrupted)
+    /// Lets go of the port after it failed; it is opened again `backoff.first` later.
+    fn vanished(&mut self, error: String) -> PortEvent {
+        let unsent = self.unsent.len();
+        self.unsent.clear();
+        self.failed = None;
+        self.state = State::Closed {
+            at: Instant::now() + self.backoff.first,
+            waited: Some(self.backoff.first),
+        };
+        tracing::warn!(
+            path = %self.settings.path.display(),
+            error,
+            unsent,
+            "serial port vanished; reopening"
+        );
+        PortEvent::Vanished { error }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serialport::SerialPort as _;
     use std::fs::{File, OpenOptions};
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::process::{Child, Command, Stdio};
     use std::time::Instant;
 
@@ -655,8 +549,7 @@ mod tests {
 
     async fn next_event(port: &mut Port) -> PortEvent {
         match tokio::time::timeout(PATIENCE, port.event()).await {
-            Ok(Some(event)) => event,
-            Ok(None) => panic!("the port's thread ended"),
+            Ok(event) => event,
             Err(_) => panic!("no event from the port in {PATIENCE:?}"),
         }
     }
@@ -698,7 +591,7 @@ mod tests {
     async fn bytes_written_by_the_device_reach_the_gateway_and_back() {
         let dir = tempfile::tempdir().unwrap();
         let socat = Socat::start(dir.path());
-        let mut port = spawn(settings(&socat.gw), QUICK).unwrap();
+        let mut port = Port::new(settings(&socat.gw), QUICK);
         expect_opened(&mut port).await;
         assert!(port.is_open());
 
@@ -706,9 +599,9 @@ mod tests {
         device.write_all(b"\x7epump-1 hello\x7e").unwrap();
         expect_bytes(&mut port, b"\x7epump-1 hello\x7e").await;
 
-        assert!(port.write(b"downlink \x00\xff".to_vec()));
+        assert!(port.write(b"downlink \x00\xff"));
         assert_eq!(device_reads(&device, 11), b"downlink \x00\xff");
-        assert_eq!(port.dropped_bytes(), 0);
+        assert_eq!(port.unsent(), 0, "a short write is taken at once");
         port.close().await;
     }
 
@@ -727,7 +620,6 @@ mod tests {
         assert_eq!(port.parity().unwrap(), serialport::Parity::None);
         assert_eq!(port.stop_bits().unwrap(), StopBits::Two);
         assert_eq!(port.flow_control().unwrap(), FlowControl::None);
-        assert_eq!(port.timeout(), READ_TIMEOUT);
         drop(port);
         // The framing as the kernel keeps it, read by another program (which shows the
         // speed, set as BOTHER with a number, as 0: the getter above read it instead).
@@ -791,7 +683,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut socat = Socat::start(dir.path());
         let gw = socat.gw.clone();
-        let mut port = spawn(settings(&gw), QUICK).unwrap();
+        let mut port = Port::new(settings(&gw), QUICK);
         expect_opened(&mut port).await;
 
         socat.stop();
@@ -800,10 +692,7 @@ mod tests {
         };
         eprintln!("a pty whose far side went away: {error}");
         assert!(!port.is_open());
-        assert!(
-            !port.write(b"lost".to_vec()),
-            "a closed port takes no writes"
-        );
+        assert!(!port.write(b"lost"), "a closed port takes no writes");
 
         // The first reopen comes `first` after the loss; each failure doubles the wait.
         let mut waits = Vec::new();
@@ -829,7 +718,7 @@ mod tests {
         let mut device = socat.device();
         device.write_all(b"back").unwrap();
         expect_bytes(&mut port, b"back").await;
-        assert!(port.write(b"again".to_vec()));
+        assert!(port.write(b"again"));
         assert_eq!(device_reads(&device, 5), b"again");
         port.close().await;
     }
@@ -850,7 +739,7 @@ mod tests {
             )
         );
 
-        let mut port = spawn(settings(&missing), QUICK).unwrap();
+        let mut port = Port::new(settings(&missing), QUICK);
         assert_eq!(
             next_event(&mut port).await,
             PortEvent::OpenFailed {
@@ -862,54 +751,70 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn closing_a_port_stops_its_thread_and_releases_it() {
+    async fn closing_a_port_releases_it() {
         let dir = tempfile::tempdir().unwrap();
         let socat = Socat::start(dir.path());
-        let mut port = spawn(settings(&socat.gw), QUICK).unwrap();
+        let mut port = Port::new(settings(&socat.gw), QUICK);
         expect_opened(&mut port).await;
         assert!(
             open(&settings(&socat.gw)).is_err(),
             "the port is the gateway's alone while open"
         );
-
-        let started = Instant::now();
-        tokio::time::timeout(PATIENCE, port.close())
-            .await
-            .expect("close returns once the thread has ended");
-        let took = started.elapsed();
-        assert!(took < 10 * READ_TIMEOUT, "close took {took:?}");
-        eprintln!("close took {took:?}");
+        port.close().await;
         open(&settings(&socat.gw)).expect("the port is free again after close");
     }
 
-    #[tokio::test]
-    async fn a_full_event_queue_drops_and_counts_bytes_without_stalling_the_reader() {
-        let dir = tempfile::tempdir().unwrap();
-        let socat = Socat::start(dir.path());
-        let mut port = spawn(settings(&socat.gw), QUICK).unwrap();
-        expect_opened(&mut port).await;
-
-        // More than the queue can hold, written while nobody takes events.
-        let total = 2 * EVENT_QUEUE * READ_CHUNK;
-        let mut device = socat.device();
-        let writer = std::thread::spawn(move || device.write_all(&vec![0x55; total]));
+    /// Drives the port until it has nothing left to write, failing on any event.
+    async fn drain(port: &mut Port) {
         let deadline = Instant::now() + PATIENCE;
-        while port.dropped_bytes() == 0 {
-            assert!(Instant::now() < deadline, "nothing was dropped");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        writer.join().unwrap().unwrap();
-
-        // Every byte is either handed over or counted.
-        let mut received = 0;
-        while received + port.dropped_bytes() < total as u64 {
-            match next_event(&mut port).await {
-                PortEvent::Bytes(b) => received += b.len() as u64,
-                other => panic!("expected bytes, got {other:?}"),
+        while port.unsent() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} bytes never written",
+                port.unsent()
+            );
+            tokio::select! {
+                event = port.event() => panic!("unexpected {event:?}"),
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
             }
         }
-        assert_eq!(received + port.dropped_bytes(), total as u64);
-        assert!(received > 0);
+    }
+
+    #[tokio::test]
+    async fn a_write_the_port_cannot_take_at_once_goes_out_whole_as_the_device_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let socat = Socat::start(dir.path());
+        let mut port = Port::new(settings(&socat.gw), QUICK);
+        expect_opened(&mut port).await;
+
+        // Far more than a pty holds, written while the device reads nothing.
+        let big: Vec<u8> = (0..MAX_UNSENT).map(|i| (i % 251) as u8).collect();
+        assert!(port.write(&big));
+        let waiting = port.unsent();
+        assert!(waiting > 0, "the pty took {MAX_UNSENT} bytes at once");
+        // What waits is bounded: another as much is refused whole, not cut.
+        assert!(!port.write(&big), "more than MAX_UNSENT waiting");
+        assert_eq!(port.unsent(), waiting);
+
+        // The rest goes out as the device reads, in order, with nothing lost.
+        let device = socat.device();
+        let reader = {
+            let mut device = device.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut got = vec![0u8; MAX_UNSENT + 5];
+                device.read_exact(&mut got).map(|()| got)
+            })
+        };
+        drain(&mut port).await;
+        assert!(port.write(b"after"));
+        drain(&mut port).await;
+        let got = tokio::task::spawn_blocking(move || reader.join())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got[..MAX_UNSENT], &big[..]);
+        assert_eq!(&got[MAX_UNSENT..], b"after");
         port.close().await;
     }
 }
