@@ -175,7 +175,7 @@ for name in base edge cluster; do
         want=$(basename "${config_arg//\$(POD_NAME)/portcullis-$n}")
         [ -f "$dir/$want" ] || fail "$name: replica portcullis-$n reads $want, not in the ConfigMap"
     done
-    count=$(ls "$dir"/*.toml | wc -l)
+    count=$(find "$dir" -maxdepth 1 -name "*.toml" | wc -l)
     if [ "$name" = cluster ]; then
         [ "$count" -eq "$replicas" ] ||
             fail "cluster: $count config files for $replicas replicas"
@@ -232,7 +232,9 @@ start_gateway() { # NAME FILE: start it on FILE's content and wait for /readyz
     find "$root/etc" -type d -exec chmod 0555 {} +
     find "$root/etc" -type f -exec chmod 0440 {} +
     chmod 0440 "$root/var/lib/portcullis-state/audit.key"
-    chown 65532:65532 "$root/var/lib/portcullis" "$root/var/lib/portcullis-state"
+    # The claims as the kubelet hands them over with fsGroup: owned by root, group
+    # 65532, group-writable, setgid.
+    chown root:65532 "$root/var/lib/portcullis" "$root/var/lib/portcullis-state"
     chmod 2770 "$root/var/lib/portcullis" "$root/var/lib/portcullis-state"
     chmod 0755 "$tmp" "$root" "$root/var" "$root/var/lib"
     obs=$(free_port)
@@ -277,7 +279,8 @@ start_gateway() { # NAME FILE: start it on FILE's content and wait for /readyz
     gateway_pid=
     [ "$status" -eq 0 ] || { cat "$root/serve.log" >&2; fail "$name: exit $status on SIGTERM"; }
     grep -q "portcullis stopped" "$root/serve.log" || fail "$name: no clean stop in the log"
-    # It wrote in the data dir and beside the audit key, nowhere else.
+    # Its registry in the data dir, the seal marker beside the audit key (everything
+    # else it was given is read-only to it).
     [ -f "$root/var/lib/portcullis/registry.redb" ] || fail "$name: no registry in the data dir"
     [ -f "$root/var/lib/portcullis-state/audit.key.registry-sealed" ] || fail "$name: no seal marker beside the audit key"
     echo "$name: started as 65532 with read-only secrets, ready, a device published, stopped cleanly on SIGTERM"
