@@ -40,7 +40,8 @@ cp "$work/plain/portcullis.service" "$work/serial/portcullis.service"
 cp "$here/serial.conf" "$work/serial/portcullis.service.d/serial.conf"
 
 # Settings the documentation promises; a unit that lost one fails here, even if its
-# score would still pass.
+# score would still pass. (Single quotes: $MAINPID is the unit's, not ours.)
+# shellcheck disable=SC2016
 for line in 'User=portcullis' 'StateDirectory=portcullis' 'ConfigurationDirectory=portcullis' \
     'LoadCredential=server.key:/etc/portcullis/credentials/server.key' \
     'ExecReload=/bin/kill -HUP $MAINPID' 'Restart=on-failure' 'ProtectSystem=strict' \
