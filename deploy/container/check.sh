@@ -15,6 +15,7 @@
 #      second container on the same volume, through the admin socket); the device's
 #      telemetry over TLS, checked against the development CA and the name
 #      localhost, reaching the service; an unregistered id refused;
+#      the registry backup and the keys copied out as docs/deployment.md says;
 #   5. docker stop (SIGTERM): exit code 0 and "portcullis stopped" in the log;
 #      docker diff empty (nothing written outside the volume); the audit chain
 #      verifies afterwards.
@@ -229,6 +230,17 @@ if mosquitto_pub -h localhost -p "$device_port" --cafile "$work/ca.pem" \
     die "an unregistered device was let in"
 fi
 grep -qi 'not authori' "$work/refused.err" || die "unexpected refusal: $(cat "$work/refused.err")"
+
+step "docs/deployment.md's registry backup through docker exec, and the keys copied out"
+docker exec "$gateway" /usr/local/bin/portcullis registry backup \
+    /var/lib/portcullis/registry-before-upgrade.redb --config "$config"
+docker cp "$gateway:/var/lib/portcullis/registry-before-upgrade.redb" "$work/" >/dev/null
+[ -s "$work/registry-before-upgrade.redb" ] || die "the registry backup is empty"
+docker cp "$gateway:/var/lib/portcullis/keys" "$work/keys" >/dev/null
+for key in audit.key secret-hash.key; do
+    [ "$(wc -c <"$work/keys/$key")" -eq 32 ] || die "keys/$key is not a 32-byte key"
+done
+[ -s "$work/keys/master.key" ] || die "keys/master.key is empty"
 
 # --- 5. SIGTERM, a clean stop, nothing written outside the volume ---------------------
 step "docker stop (SIGTERM)"
