@@ -1046,6 +1046,12 @@ mod tests {
             );
             assert!(value(&page, "process_start_time_seconds") > 1.0e9);
             assert!(value(&page, "process_open_fds") >= 1.0);
+            // Counts are written as integers, as the other gauges are.
+            assert!(
+                page.lines()
+                    .any(|l| l.starts_with("process_open_fds ") && !l.contains('.')),
+                "{page}"
+            );
             let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
             assert_eq!(
                 value(&page, "process_max_fds") as u64,

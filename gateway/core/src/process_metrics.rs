@@ -139,34 +139,38 @@ impl Reading {
             )?;
             ConstCounter::new(v).encode(m)?;
         }
-        let gauges: [(&str, &str, Option<f64>); 5] = [
+        if let Some(v) = self.start_time_seconds {
+            let m = encoder.encode_descriptor(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(v).encode(m)?;
+        }
+        let counts: [(&str, &str, Option<u64>); 4] = [
             (
                 "process_resident_memory_bytes",
                 "Resident memory size in bytes.",
-                self.resident_bytes.map(|v| v as f64),
+                self.resident_bytes,
             ),
             (
                 "process_virtual_memory_bytes",
                 "Virtual memory size in bytes.",
-                self.virtual_bytes.map(|v| v as f64),
-            ),
-            (
-                "process_start_time_seconds",
-                "Start time of the process since unix epoch in seconds.",
-                self.start_time_seconds,
+                self.virtual_bytes,
             ),
             (
                 "process_open_fds",
                 "Number of open file descriptors.",
-                self.open_fds.map(|v| v as f64),
+                self.open_fds,
             ),
             (
                 "process_max_fds",
                 "Maximum number of open file descriptors (the soft RLIMIT_NOFILE).",
-                self.max_fds.map(|v| v as f64),
+                self.max_fds,
             ),
         ];
-        for (name, help, value) in gauges {
+        for (name, help, value) in counts {
             if let Some(v) = value {
                 let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
                 ConstGauge::new(v).encode(m)?;
