@@ -114,6 +114,8 @@ fn metric_names(expr: &str) -> Result<BTreeSet<String>, String> {
             continue;
         }
         let was_metric = std::mem::take(&mut after_metric);
+        // A label list only right after its keyword (`group_left` may have none).
+        let list_next = std::mem::take(&mut label_list_next);
         match c {
             '"' | '\'' | '`' => i = skip_string(&chars, i)?,
             '{' => {
@@ -123,7 +125,7 @@ fn metric_names(expr: &str) -> Result<BTreeSet<String>, String> {
                 i = skip_group(&chars, i, '{', '}')?;
             }
             '[' => i = skip_group(&chars, i, '[', ']')?,
-            '(' if std::mem::take(&mut label_list_next) => {
+            '(' if list_next => {
                 i = skip_group(&chars, i, '(', ')')?;
             }
             '$' => {
@@ -381,6 +383,10 @@ fn metric_names_are_read_from_promql_not_functions_labels_or_keywords() {
     assert_eq!(
         names("min(time() - process_start_time_seconds{instance=~\"${instance}\"}) > bool 1e3"),
         ["process_start_time_seconds"]
+    );
+    assert_eq!(
+        names("x * on (instance) group_left y + sum(rate(z[5m]))"),
+        ["x", "y", "z"]
     );
     assert_eq!(
         names("sum(x:recorded:rate5m) and count (y) unless z"),
