@@ -213,6 +213,11 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let (behaviours, behaviour_changes) =
         Behaviours::load(&registry, quarantine::Policies::from_config(&config))
             .context("behaviour records")?;
+    // `portcullis_devices{state}` on /metrics, counted at each scrape.
+    metrics.set_device_census(Arc::new(portcullis_core::device_census::DeviceStates::new(
+        registry.clone(),
+        behaviours.clone(),
+    )));
     let auth = Arc::new(Authenticator::new(
         registry.clone(),
         hasher.clone(),

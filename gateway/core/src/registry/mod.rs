@@ -168,6 +168,11 @@ impl Snapshot {
         self.principals.len()
     }
 
+    /// How many principals of one kind are registered.
+    pub fn count(&self, kind: PrincipalKind) -> usize {
+        self.principals.keys().filter(|(k, _)| *k == kind).count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.principals.is_empty()
     }
