@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod parking;
 pub mod peer;
 pub mod principal;
+pub mod proxy_header;
 pub mod quarantine;
 pub mod record;
 pub mod refusal;
