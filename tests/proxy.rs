@@ -306,6 +306,34 @@ fn without_proxy_protocol_a_header_is_not_taken_from_anyone() {
 }
 
 #[test]
+fn a_reload_does_not_change_the_balancers() {
+    let gw = Gateway::start_with(BEHIND);
+    gw.add_device_secret("meter-1", SECRET);
+    let good = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(
+        &gw.config,
+        good.replace(
+            "device_plain = [\"127.0.0.1\"]",
+            "device_plain = [\"127.0.0.2\"]",
+        ),
+    )
+    .unwrap();
+    let out = gw.cli(&["config", "reload"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("proxy_protocol changed"),
+        "{}",
+        text(&out)
+    );
+    // 127.0.0.1 is still the balancer: its connections still need a header.
+    assert_eq!(
+        connect_after(&gw, None, &header("203.0.113.9:9"), "meter-1"),
+        Some(0)
+    );
+    assert_eq!(connect_after(&gw, None, b"", "meter-1"), None);
+}
+
+#[test]
 fn config_check_names_a_bad_balancer_entry() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("p.toml");

@@ -808,6 +808,10 @@ fn reload(
         ("auth", new.auth == current.auth),
         ("coap", new.coap == current.coap),
         ("serial", new.serial == current.serial),
+        (
+            "proxy_protocol",
+            new.proxy_protocol == current.proxy_protocol,
+        ),
         // Built once at start (shared lock-free by all sessions and listeners).
         (
             "rate_limits.global_messages_per_second",
