@@ -169,9 +169,14 @@ pub async fn serve_behind(
         };
         let check_header = balancers.is_some();
         tokio::spawn(async move {
-            if check_header && !proxy::no_header_claimed(&link, &stream, peer, &mut admitted).await
-            {
-                return;
+            let mut link = link;
+            if check_header {
+                let started = std::time::Instant::now();
+                if !proxy::no_header_claimed(&link, &stream, peer, &mut admitted).await {
+                    return;
+                }
+                // The wait for the first bytes is part of the handshake's time.
+                link.handshake_timeout = link.handshake_timeout.saturating_sub(started.elapsed());
             }
             link.run(stream, peer, admitted).await;
         });
