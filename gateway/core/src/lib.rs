@@ -26,6 +26,7 @@ pub mod parking;
 pub mod peer;
 pub mod principal;
 pub mod process_metrics;
+pub mod proxy_header;
 pub mod quarantine;
 pub mod record;
 pub mod refusal;
