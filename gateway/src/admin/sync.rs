@@ -125,17 +125,28 @@ impl AdminState {
                 .ok()
                 .flatten();
         }
-        for (generate, given, name) in [
-            (e.generate_secret, e.principal.secret.is_some(), "secret"),
-            (e.psk_generate, e.principal.psk.is_some(), "psk"),
+        for (generate, given, name, flag) in [
+            (
+                e.generate_secret,
+                e.principal.secret.is_some(),
+                "secret",
+                "generate_secret",
+            ),
+            (
+                e.psk_generate,
+                e.principal.psk.is_some(),
+                "psk",
+                "psk_generate",
+            ),
             (
                 e.serial_key_generate,
                 e.principal.serial_key.is_some(),
                 "serial_key",
+                "serial_key_generate",
             ),
         ] {
             if generate && given {
-                problems.push(format!("{name} and {name}_generate: give one or the other"));
+                problems.push(format!("{name} and {flag}: give one or the other"));
             }
         }
         if kind == PrincipalKind::Service && (e.psk_generate || e.serial_key_generate) {
@@ -492,5 +503,203 @@ impl Handler for SyncPrincipals {
             state.audit(&action, kind, &id);
         }
         Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::protocol::NewPrincipal;
+    use crate::admin::testing::{offline, usage};
+
+    /// The secret `testing::state` registers sensor-1 and sensor-2 with.
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn entry(id: &str) -> SyncEntry {
+        SyncEntry {
+            principal: NewPrincipal {
+                id: id.into(),
+                group: None,
+                cert_fingerprint: None,
+                cert_any: false,
+                secret: None,
+                psk: None,
+                serial_key: None,
+            },
+            enabled: None,
+            generate_secret: false,
+            psk_generate: false,
+            serial_key_generate: false,
+            line: None,
+        }
+    }
+
+    fn with_secret(id: &str, secret: &str) -> SyncEntry {
+        let mut e = entry(id);
+        e.principal.secret = Some(secret.into());
+        e
+    }
+
+    fn with_psk(id: &str, psk: &str) -> SyncEntry {
+        let mut e = entry(id);
+        e.principal.psk = Some(psk.into());
+        e
+    }
+
+    fn sync(
+        state: &AdminState,
+        entries: Vec<SyncEntry>,
+        dry_run: bool,
+    ) -> Result<SyncPlan, AdminError> {
+        SyncPrincipals {
+            kind: PrincipalKind::Device,
+            entries,
+            dry_run,
+        }
+        .run(state)
+    }
+
+    fn record(state: &AdminState, id: &str) -> PrincipalRecord {
+        (**state
+            .registry
+            .snapshot()
+            .get(PrincipalKind::Device, &PrincipalId::parse(id).unwrap())
+            .unwrap())
+        .clone()
+    }
+
+    #[test]
+    fn the_same_secret_again_is_no_change_and_another_one_replaces_it() {
+        let (_dir, state) = offline();
+        let before = record(&state, "sensor-2");
+        let plan = sync(
+            &state,
+            vec![
+                with_secret("sensor-1", SECRET),
+                with_secret("sensor-2", "another-secret-0123456789"),
+            ],
+            false,
+        )
+        .unwrap();
+        assert_eq!(plan.unchanged, 1);
+        assert_eq!(
+            plan.update,
+            [SyncUpdate {
+                id: "sensor-2".into(),
+                changes: vec!["secret: replaced".into()],
+                kept: vec![],
+            }]
+        );
+        let after = record(&state, "sensor-2");
+        assert_ne!(after.secret_hash, before.secret_hash);
+        assert_eq!(after.generation, before.generation + 1);
+    }
+
+    #[test]
+    fn a_psk_is_compared_opened_kept_when_left_out_and_never_generated_over() {
+        let (_dir, state) = offline();
+        let psk = "sensor-1-pre-shared-key";
+        sync(
+            &state,
+            vec![with_psk("sensor-1", psk), entry("sensor-2")],
+            false,
+        )
+        .unwrap();
+        let sealed = record(&state, "sensor-1").psk;
+        assert!(sealed.is_some());
+        // The same key, the key left out, a key to generate: nothing changes.
+        let mut generate = entry("sensor-1");
+        generate.psk_generate = true;
+        for first in [with_psk("sensor-1", psk), entry("sensor-1"), generate] {
+            let plan = sync(&state, vec![first, entry("sensor-2")], false).unwrap();
+            assert_eq!((plan.unchanged, plan.applied), (2, false), "{plan:?}");
+            assert!(plan.generated.is_empty());
+        }
+        assert_eq!(record(&state, "sensor-1").psk, sealed);
+        // A different key replaces it; a change elsewhere tells that the psk is kept.
+        let mut disabled = entry("sensor-1");
+        disabled.enabled = Some(false);
+        let plan = sync(
+            &state,
+            vec![disabled, with_psk("sensor-2", "sensor-2-pre-shared-key")],
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            plan.update,
+            [
+                SyncUpdate {
+                    id: "sensor-1".into(),
+                    changes: vec!["enabled: true -> false".into()],
+                    kept: vec!["secret".into(), "psk".into()],
+                },
+                SyncUpdate {
+                    id: "sensor-2".into(),
+                    changes: vec!["psk: added".into()],
+                    kept: vec!["secret".into()],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dry_run_plans_what_the_sync_then_does_and_changes_nothing() {
+        let (dir, state) = offline();
+        let entries = || {
+            vec![
+                with_secret("sensor-9", "sensor-9-secret-0123456789"),
+                entry("sensor-1"),
+            ]
+        };
+        let dry = sync(&state, entries(), true).unwrap();
+        assert!(!dry.applied);
+        assert_eq!(dry.remove, ["sensor-2"]);
+        assert!(
+            state
+                .registry
+                .snapshot()
+                .get(
+                    PrincipalKind::Device,
+                    &PrincipalId::parse("sensor-2").unwrap()
+                )
+                .is_some()
+        );
+        assert!(!crate::admin::testing::audit_log(&dir).contains("sync:"));
+        let done = sync(&state, entries(), false).unwrap();
+        assert!(done.applied);
+        assert_eq!(
+            (done.add, done.update, done.remove),
+            (dry.add, dry.update, dry.remove)
+        );
+        let log = crate::admin::testing::audit_log(&dir);
+        assert!(
+            log.contains("sync: add") && log.contains("sync: remove"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn a_generate_flag_beside_the_credential_itself_is_an_error_and_services_get_no_device_keys() {
+        let (_dir, state) = offline();
+        let mut both = with_secret("sensor-1", SECRET);
+        both.generate_secret = true;
+        both.line = Some(7);
+        let m = usage(sync(&state, vec![both, entry("sensor-2")], false));
+        assert_eq!(
+            m,
+            "1 error(s), nothing changed:\n  line 7: entry 1 (\"sensor-1\"): secret and generate_secret: give one or the other"
+        );
+        let mut psk = entry("ingest");
+        psk.psk_generate = true;
+        psk.principal.cert_any = true;
+        let m = usage(
+            SyncPrincipals {
+                kind: PrincipalKind::Service,
+                entries: vec![psk],
+                dry_run: false,
+            }
+            .run(&state),
+        );
+        assert!(m.contains("device credential"), "{m}");
     }
 }
