@@ -236,14 +236,20 @@ enum PrincipalAction {
         #[command(flatten)]
         creds: Credentials,
     },
-    /// Register many from a TOML file of [[principal]] entries (all or nothing).
-    /// With --sync, make the registry match the file instead: add what is new, update
-    /// what differs, remove what the file does not list; the plan is printed, and
-    /// applied in one commit. A file with errors changes nothing (every error named by
-    /// line). A secret, psk or serial_key the file leaves out is kept; one given
-    /// replaces the held one if it differs. generate_secret, psk_generate and
-    /// serial_key_generate make a credential only for a principal without one: a
-    /// sync never rotates keys by itself (`rotate` does).
+    /// Register many from a TOML file of [[principal]] entries (all or nothing); with
+    /// --sync, make the registry match the file.
+    ///
+    /// With --sync: add what is new, update what differs, remove what the file does
+    /// not list (of this kind only); the plan is printed (`+` add, `~` update, `-`
+    /// remove, sorted by id) and applied in one commit. A file with errors changes
+    /// nothing, every error named by line. group, enabled (default true) and the
+    /// certificate (cert, cert_any) are as the file says. A secret, psk or serial_key
+    /// the file leaves out is kept; one given replaces the held one only if it
+    /// differs. generate_secret, psk_generate and serial_key_generate make a
+    /// credential only for a principal that has none of that kind, printed once: a
+    /// sync never rotates a key by itself (`rotate` does). Removing, disabling or
+    /// moving a principal to another group, or changing its credentials, ends its
+    /// live sessions. See docs/operations.md.
     Import {
         file: PathBuf,
         /// Reconcile the registry to FILE: add, update and remove (see above).
