@@ -117,6 +117,21 @@ fn a_sync_adds_updates_and_removes_as_devices_see_it_and_a_second_run_does_nothi
         ],
     ));
     old.expect("CONNACK", T).expect("old-1 connected");
+    // And moved-1, whose session must not keep its old group's ACL.
+    let moved = Sub::start(&gw.client(
+        gw.device_plain,
+        "moved-1",
+        &[
+            "-u",
+            "moved-1",
+            "-P",
+            MOVED_SECRET,
+            "-t",
+            "devices/moved-1/commands/#",
+            "-d",
+        ],
+    ));
+    moved.expect("CONNACK", T).expect("moved-1 connected");
     let file = write(&gw, "devices.toml", &desired(true));
 
     let out = sync(&gw, &file, &[]);
@@ -134,7 +149,7 @@ fn a_sync_adds_updates_and_removes_as_devices_see_it_and_a_second_run_does_nothi
             "+ new-1  group default; secret",
             "~ moved-1  group: default -> narrow; kept (not in the file): secret",
             "- old-1",
-            "applied in one commit: 1 added, 1 updated, 1 removed; 1 session(s) ended",
+            "applied in one commit: 1 added, 1 updated, 1 removed; 2 session(s) ended",
         ],
         "{plan}"
     );
@@ -175,6 +190,10 @@ fn a_sync_adds_updates_and_removes_as_devices_see_it_and_a_second_run_does_nothi
     ));
     gw.wait_audit(&["sync: remove", "old-1"]);
     gw.wait_audit(&["sync: update (group)", "moved-1"]);
+    // Its session was ended: the client connects again (into the new group).
+    moved
+        .expect("sending CONNECT", T)
+        .expect("moved-1's session ended by the move");
 
     // The same file again (here without new-1's secret, as a repository keeps it):
     // nothing to do, nothing rotated.
