@@ -281,7 +281,7 @@ fn a_file_with_errors_changes_nothing_and_names_every_error_by_line() {
         let expected = [
             format!("{}: 4 error(s), nothing changed:", file.display()),
             "line 5: entry 2 (\"stay-1\"): no device group \"nope\" in the configuration".into(),
-            "line 9: entry 3 (\"short-1\"): secret must be at least 16 bytes (got 7)".into(),
+            "line 9: entry 3 (\"short-1\"): secret must be at least 16 bytes (got 7); use generate_secret = true".into(),
             "line 13: entry 4 (\"new-1\"): device new-1 is listed already, at line 1: entry 1 (\"new-1\")".into(),
             "line 17: entry 5 (\"pinned-1\"): cert: reading the certificate file".into(),
         ];

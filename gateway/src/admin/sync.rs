@@ -111,7 +111,7 @@ impl AdminState {
         .flatten();
         let secret_hash = self
             .hash_secret(e.principal.secret.as_deref())
-            .map_err(|m| problems.push(m))
+            .map_err(|m| problems.push(m.replace("--generate-secret", "generate_secret = true")))
             .ok()
             .flatten();
         let (mut psk, mut frame_key) = (None, None);
