@@ -913,11 +913,23 @@ fn sync(config: &Config, kind: PrincipalKind, file: &Path, dry_run: bool) -> Res
         }
         return Err(crate::sync_file::refused(file, all));
     }
-    let plan = call(config, crate::sync_file::request(kind, entries, dry_run)).map_err(|e| {
-        match crate::sync_file::gateway_problems(&e) {
-            Some(problems) => crate::sync_file::refused(file, problems),
-            None => e.context(format!("{}", file.display())),
-        }
+    let request = crate::sync_file::request(kind, entries, dry_run);
+    // Unlike an import, a sync cannot be split: each part would remove the others.
+    let size = request_line(request.clone())?.len();
+    if size > crate::admin::protocol::MAX_REQUEST
+        && UnixStream::connect(config.admin_socket()).is_ok()
+    {
+        bail!(UsageError(format!(
+            "{}: the sync is {size} bytes, over the admin socket's limit of {} bytes, and \
+             cannot be split (each part would remove the others): stop the gateway and run \
+             it on the registry file",
+            file.display(),
+            crate::admin::protocol::MAX_REQUEST
+        )));
+    }
+    let plan = call(config, request).map_err(|e| match crate::sync_file::gateway_problems(&e) {
+        Some(problems) => crate::sync_file::refused(file, problems),
+        None => e.context(format!("{}", file.display())),
     })?;
     crate::sync_file::print_plan(kind, file, &plan, dry_run);
     Ok(())
