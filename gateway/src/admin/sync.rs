@@ -12,7 +12,9 @@
 //!   so a list synced again never rotates a key behind the operator's back.
 //!
 //! A new group or new credentials bump the generation and end the sessions opened
-//! before; a principal disabled or removed has all its sessions ended.
+//! before; a principal disabled or removed has all its sessions ended. A new group
+//! also counts as a new registration, so no persistent session from the old group is
+//! resumed.
 
 use super::principals::cert_credential;
 use super::protocol::{
@@ -389,6 +391,12 @@ impl AdminState {
             if reauth || group_changed {
                 next.generation += 1;
             }
+            if group_changed {
+                // A new registration as far as sessions go: a persistent session (its
+                // subscriptions granted under the old group's ACL, its queued commands)
+                // is not resumed, whether live now or parked.
+                next.created_unix = now;
+            }
             next.updated_unix = now;
             if !next.enabled {
                 out.kicks
@@ -640,6 +648,50 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_group_move_is_a_new_registration_for_sessions_and_a_new_generation() {
+        let config = {
+            let mut c = crate::admin::testing::config();
+            let other = c.device_groups["default"].clone();
+            c.device_groups.insert("narrow".into(), other);
+            c
+        };
+        let (_dir, state) = crate::admin::testing::state(&config, |_| None);
+        // Registered long ago, with a certificate credential.
+        state
+            .registry
+            .add(PrincipalRecord {
+                kind: PrincipalKind::Device,
+                id: PrincipalId::parse("cam-1").unwrap(),
+                group: GroupName::parse("default").unwrap(),
+                enabled: true,
+                cert: Some(CertCredential { fingerprint: None }),
+                secret_hash: None,
+                psk: None,
+                frame_key: None,
+                generation: 4,
+                created_unix: 1,
+                updated_unix: 1,
+            })
+            .unwrap();
+        let mut moved = entry("cam-1");
+        moved.principal.group = Some("narrow".into());
+        moved.principal.cert_any = true;
+        let plan = sync(
+            &state,
+            vec![moved, entry("sensor-1"), entry("sensor-2")],
+            false,
+        )
+        .unwrap();
+        assert_eq!(plan.update[0].changes, ["group: default -> narrow"]);
+        assert_eq!(plan.unchanged, 2);
+        let after = record(&state, "cam-1");
+        assert_eq!(after.group.as_str(), "narrow");
+        assert_eq!(after.generation, 5);
+        assert_ne!(after.created_unix, 1, "not the old registration");
+        assert_eq!(after.cert, Some(CertCredential { fingerprint: None }));
     }
 
     #[test]
