@@ -11,9 +11,11 @@
 //! opened: every record is checked then, and a corrupt file is refused whole.
 
 mod device_keys;
+mod sync;
 mod upgrade;
 
 pub use device_keys::{MasterKeyRotation, NewDeviceKeys};
+pub use sync::SyncChange;
 
 pub use upgrade::format2_copy;
 
@@ -196,6 +198,10 @@ pub enum RegistryError {
         kind: PrincipalKind,
         id: PrincipalId,
     },
+    /// The records a sync was planned from changed before it could commit: nothing
+    /// was changed.
+    #[error("the {kind}s changed while the sync was planned; nothing changed: run it again")]
+    ChangedDuringSync { kind: PrincipalKind },
     #[error("corrupt registry entry {key}: {reason}")]
     Corrupt { key: String, reason: String },
     /// redb panicked on the file's content (contained at the storage boundary).
