@@ -14,7 +14,9 @@
 #      and a service issued certificates and registered by the image's own CLI (a
 #      second container on the same volume, through the admin socket); the device's
 #      telemetry over TLS, checked against the development CA and the name
-#      localhost, reaching the service; an unregistered id refused;
+#      localhost, reaching the service; a CoAP device's over DTLS with a pre-shared
+#      key, to the container's address on 5684/udp, reaching it too; an
+#      unregistered id refused;
 #      the registry backup and the keys copied out as docs/deployment.md says;
 #   5. docker stop (SIGTERM): exit code 0 and "portcullis stopped" in the log;
 #      docker diff empty (nothing written outside the volume); the audit chain
@@ -23,7 +25,8 @@
 # dir) is removed on exit, failed or not.
 #
 # Usage: deploy/container/check.sh BINARY   (e.g. target/release/portcullis)
-# Needs: docker, ldd, curl, socat, mosquitto_pub, mosquitto_sub, python3 (venv),
+# Needs: docker, ldd, curl, socat, mosquitto_pub, mosquitto_sub, coap-client-openssl
+# (Debian: libcoap3-bin), python3 (venv),
 # and PyPI access unless hadolint is on PATH.
 #
 # The device listener's development certificate names localhost and 127.0.0.1, not
@@ -40,7 +43,7 @@ step() { echo "== $*"; }
 binary=$(realpath -e "$1") || die "$1: no such file"
 [ -x "$binary" ] || die "$binary: not executable"
 here=$(cd "$(dirname "$0")" && pwd)
-for tool in docker ldd curl socat mosquitto_pub mosquitto_sub; do
+for tool in docker ldd curl socat mosquitto_pub mosquitto_sub coap-client-openssl; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
 
@@ -221,6 +224,24 @@ wait "$subscriber" || die "the service received nothing: $(cat "$work/sub.err")"
 grep -q '^devices/sensor-1/telemetry {"n":[0-9]*}$' "$work/received" \
     || die "the service received '$(cat "$work/received")'"
 echo "received: $(cat "$work/received")"
+
+step "a CoAP device's telemetry over DTLS (PSK), straight to the container's address"
+cli device add thermo-7 --psk-generate | sed -n 's/^psk: //p' >"$work/thermo-7.psk"
+[ -s "$work/thermo-7.psk" ] || die "device add --psk-generate printed no psk"
+mosquitto_sub "${as_service[@]}" -i analytics \
+    -t 'devices/thermo-7/telemetry/#' -v -C 1 -W 60 >"$work/received-coap" 2>"$work/sub.err" &
+subscriber=$!
+for n in $(seq 1 60); do
+    coap-client-openssl -B 10 -u thermo-7 -k "$(cat "$work/thermo-7.psk")" -m post \
+        -e "{\"n\":$n}" "coaps://$ip:5684/t/telemetry/temp" >/dev/null 2>"$work/coap.err" \
+        || die "coap-client failed: $(cat "$work/coap.err")"
+    kill -0 "$subscriber" 2>/dev/null || break
+    sleep 0.5
+done
+wait "$subscriber" || die "the service received nothing from the CoAP device: $(cat "$work/sub.err")"
+grep -q '^devices/thermo-7/telemetry/temp {"n":[0-9]*}$' "$work/received-coap" \
+    || die "the service received '$(cat "$work/received-coap")'"
+echo "received: $(cat "$work/received-coap")"
 
 step "an unregistered id is refused"
 # The service's certificate, on the device listener, claiming an id nobody registered.
