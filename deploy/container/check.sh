@@ -190,6 +190,8 @@ done
 # the variable named $2. (Not a command substitution: socat would hold it open.)
 forward() {
     local log="$work/socat-$1.log" port=""
+    # Made here, not by the background job's redirection, so it is there to read.
+    : >"$log"
     socat -d -d "TCP-LISTEN:0,bind=127.0.0.1,reuseaddr,fork" "TCP:$ip:$1" </dev/null >/dev/null 2>"$log" &
     forwarders+=($!)
     for _ in $(seq 1 50); do
