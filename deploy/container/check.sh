@@ -55,13 +55,14 @@ gateway="$id-gw"
 config=/etc/portcullis/portcullis.toml
 work=$(mktemp -d)
 forwarders=()
+subscriber=""
 cleanup() {
     local status=$?
     set +e
-    for pid in "${forwarders[@]}"; do kill "$pid" 2>/dev/null; done
+    for pid in "${forwarders[@]}" $subscriber; do kill "$pid" 2>/dev/null; done
     if [ "$status" -ne 0 ] && docker container inspect "$gateway" >/dev/null 2>&1; then
         echo "-- the gateway's log:" >&2
-        docker logs "$gateway" >&2 2>&1 | tail -40
+        docker logs "$gateway" 2>&1 | tail -40 >&2
     fi
     docker rm -f -v "$gateway" >/dev/null 2>&1
     docker network rm "$network" >/dev/null 2>&1
@@ -224,6 +225,7 @@ for n in $(seq 1 60); do
     sleep 0.5
 done
 wait "$subscriber" || die "the service received nothing: $(cat "$work/sub.err")"
+subscriber=""
 grep -q '^devices/sensor-1/telemetry {"n":[0-9]*}$' "$work/received" \
     || die "the service received '$(cat "$work/received")'"
 echo "received: $(cat "$work/received")"
@@ -242,6 +244,7 @@ for n in $(seq 1 60); do
     sleep 0.5
 done
 wait "$subscriber" || die "the service received nothing from the CoAP device: $(cat "$work/sub.err")"
+subscriber=""
 grep -q '^devices/thermo-7/telemetry/temp {"n":[0-9]*}$' "$work/received-coap" \
     || die "the service received '$(cat "$work/received-coap")'"
 echo "received: $(cat "$work/received-coap")"
