@@ -36,8 +36,14 @@ done
 
 work=$(mktemp -d)
 gateway_pid=""
+strace_pid=""
 cleanup() {
+    # The traced gateway, if a failure left it running (strace ends with it).
+    if [ -z "$gateway_pid" ] && [ -n "$strace_pid" ]; then
+        gateway_pid=$(pgrep -P "$strace_pid" -x portcullis || true)
+    fi
     if [ -n "$gateway_pid" ]; then kill "$gateway_pid" 2>/dev/null || true; fi
+    if [ -n "$strace_pid" ]; then wait "$strace_pid" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -146,8 +152,10 @@ for _ in $(seq 1 100); do
 done
 grep -q 'configuration reloaded' "$work/serve.out" || { cat "$work/serve.out" >&2; die "SIGHUP did not reload"; }
 kill -TERM "$gateway_pid"
-wait "$strace_pid" || die "the traced gateway did not exit 0 on SIGTERM"
-gateway_pid=""
+status=0
+wait "$strace_pid" || status=$?
+gateway_pid="" strace_pid=""
+[ "$status" -eq 0 ] || die "the traced gateway exited $status on SIGTERM (expected 0)"
 grep -qx 'portcullis stopped' "$work/serve.out" || die "no 'portcullis stopped'"
 # Lines read "PID name(args) = result"; "PID <... name resumed>" lines are skipped.
 awk '{ call = $2; sub(/\(.*/, "", call); print call }' "$work/trace" \
