@@ -11,18 +11,22 @@ use std::path::PathBuf;
 /// Open the registry of `config`. Once a registry has been sealed under this
 /// gateway's audit key, a marker beside the key (outside the data dir) says so: an
 /// unsealed file found later is one put in its place, and is refused rather than
-/// sealed (which would launder whatever it holds).
+/// sealed (which would launder whatever it holds). Where there is no registry file
+/// yet, a new one is made sealed whether or not the marker exists: it holds nothing
+/// to launder. So the marker may be put beside a key on a read-only mount (a
+/// Kubernetes Secret, a systemd credential) before the first start.
 pub fn open_registry(config: &Config, sealer: RecordSealer) -> Result<Registry> {
     let mut marker = config.audit_key_file().into_os_string();
     marker.push(".registry-sealed");
     let marker = PathBuf::from(marker);
-    let legacy = if marker.exists() {
+    let marked = marker.exists();
+    let legacy = if marked && config.registry_file().exists() {
         Legacy::Refuse
     } else {
         Legacy::Seal
     };
     let registry = Registry::open_with(&config.registry_file(), sealer, legacy)?;
-    if legacy == Legacy::Seal {
+    if !marked {
         use std::os::unix::fs::OpenOptionsExt;
         let note = format!(
             "the registry {} is sealed under the key beside this file; an unsealed one is refused\n",
@@ -35,7 +39,13 @@ pub fn open_registry(config: &Config, sealer: RecordSealer) -> Result<Registry> 
             .mode(0o600)
             .open(&marker)
             .and_then(|mut f| std::io::Write::write_all(&mut f, note.as_bytes()))
-            .with_context(|| format!("writing {}", marker.display()))?;
+            .with_context(|| {
+                format!(
+                    "writing {} (beside the audit key; where that directory is read-only, \
+                     put a file of that name there before the first start)",
+                    marker.display()
+                )
+            })?;
     }
     Ok(registry)
 }
@@ -85,6 +95,37 @@ mod tests {
             data_dir: dir.join("data"),
             ..Config::default()
         }
+    }
+
+    #[test]
+    fn a_registry_sealed_before_is_refused_unsealed_but_a_new_one_opens_beside_the_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).unwrap();
+        let config = Config {
+            audit: portcullis_config::Audit {
+                key_file: keys.join("audit.key"),
+                ..Default::default()
+            },
+            ..config(dir.path())
+        };
+        let sealer = || registry_sealer(&config).unwrap();
+        // The keys as a read-only mount holds them: the audit key and the marker, made
+        // by hand before the first start (nothing is written beside them then).
+        drop(sealer());
+        std::fs::write(keys.join("audit.key.registry-sealed"), "sealed\n").unwrap();
+        drop(
+            open_registry(&config, sealer())
+                .expect("a new registry beside the marker is made sealed"),
+        );
+        // Sealed, it opens again.
+        drop(open_registry(&config, sealer()).expect("the sealed registry opens"));
+        // An unsealed file in its place (a database, but none this gateway sealed) is
+        // refused, not sealed.
+        std::fs::remove_file(config.registry_file()).unwrap();
+        drop(redb::Database::create(config.registry_file()).unwrap());
+        let err = open_registry(&config, sealer()).unwrap_err();
+        assert!(format!("{err:#}").contains("not sealed"), "{err:#}");
     }
 
     #[test]
