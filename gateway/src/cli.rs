@@ -1223,7 +1223,7 @@ fn offline_outbox(config: &Config) -> Result<Option<Arc<OutboxAdmin>>> {
 /// The operator's mistake exits 2, the gateway's 1.
 fn failure(e: AdminError) -> anyhow::Error {
     match e {
-        AdminError::Usage(m) => UsageError(m).into(),
+        AdminError::Usage(m) | AdminError::NotFound(m) => UsageError(m).into(),
         AdminError::Runtime(m) => anyhow::anyhow!(m),
     }
 }

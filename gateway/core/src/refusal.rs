@@ -120,6 +120,8 @@ refusals! {
     WillTooManyUserProperties => Connect, "too_many_user_properties", "Will carries too many user properties";
     WillResponseTopicInvalid => Connect, "response_topic_invalid", "Will response topic is not a valid topic name";
     TlsHandshakeFailed => Handshake, "tls_handshake_failed", "TLS handshake failed";
+    /// The HTTP admin API: a request without the right bearer token.
+    AdminUnauthorized => Connect, "admin_unauthorized", "admin API request without the right bearer token";
     // Protocol framing.
     MalformedPacket => Decode, "malformed_packet", "malformed packet";
     TopicInvalid => Decode, "topic_invalid", "topic name is not valid";
