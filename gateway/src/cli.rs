@@ -398,6 +398,10 @@ pub fn run(cli: Cli) -> Result<()> {
             // Schemas are part of the configuration: they must load too.
             portcullis_core::validate::Validator::new(&config.validation, |p| config.resolve(p))
                 .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+            // The HTTP admin API's token file: as `serve` would read it.
+            if let (Some(_), Some(token)) = (config.admin.http_listen, config.admin_token_file()) {
+                crate::admin::http::Token::load(&token).map_err(|e| UsageError(e.to_string()))?;
+            }
             for renamed in &config.renamed {
                 eprintln!("{}: warning: {renamed}", file.display());
             }

@@ -254,16 +254,25 @@ impl Http {
     }
 }
 
+/// A request refused before any op ran: its status and what was wrong.
+struct Bad(StatusCode, String);
+
+impl IntoResponse for Bad {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
 /// A path parameter, percent-decoded.
-fn param(p: Result<Path<String>, PathRejection>) -> Result<String, Response> {
+fn param(p: Result<Path<String>, PathRejection>) -> Result<String, Bad> {
     p.map(|Path(v)| v)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad path: {e}")))
+        .map_err(|e| Bad(StatusCode::BAD_REQUEST, format!("bad path: {e}")))
 }
 
 /// A JSON body of at most `MAX_BODY` bytes; an empty body is `{}`.
-async fn body<T: DeserializeOwned>(body: Body) -> Result<T, Response> {
+async fn body<T: DeserializeOwned>(body: Body) -> Result<T, Bad> {
     let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        error(
+        Bad(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body larger than {MAX_BODY} bytes, or cut off"),
         )
@@ -274,11 +283,11 @@ async fn body<T: DeserializeOwned>(body: Body) -> Result<T, Response> {
         &bytes
     };
     serde_json::from_slice(bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+        .map_err(|e| Bad(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }
 
 /// The query parameters: only `allowed` ones, each once.
-fn query<'a>(uri: &'a Uri, allowed: &[&str]) -> Result<Vec<(&'a str, &'a str)>, Response> {
+fn query<'a>(uri: &'a Uri, allowed: &[&str]) -> Result<Vec<(&'a str, &'a str)>, Bad> {
     let mut out: Vec<(&str, &str)> = Vec::new();
     for pair in uri
         .query()
@@ -288,7 +297,7 @@ fn query<'a>(uri: &'a Uri, allowed: &[&str]) -> Result<Vec<(&'a str, &'a str)>, 
     {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if !allowed.contains(&k) {
-            return Err(error(
+            return Err(Bad(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "unknown query parameter {k:?} (known: {})",
@@ -297,7 +306,7 @@ fn query<'a>(uri: &'a Uri, allowed: &[&str]) -> Result<Vec<(&'a str, &'a str)>, 
             ));
         }
         if out.iter().any(|(seen, _)| *seen == k) {
-            return Err(error(
+            return Err(Bad(
                 StatusCode::BAD_REQUEST,
                 format!("query parameter {k:?} given twice"),
             ));
@@ -335,7 +344,7 @@ macro_rules! unwrap_or_respond {
     ($e:expr) => {
         match $e {
             Ok(v) => v,
-            Err(response) => return response,
+            Err(bad) => return bad.into_response(),
         }
     };
 }
