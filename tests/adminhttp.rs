@@ -786,6 +786,13 @@ fn a_reload_through_http_applies_a_good_file_and_refuses_a_bad_one() {
         reloaded["reloaded"].as_str().unwrap().contains("groups"),
         "{reloaded}"
     );
+    api.gw.wait_audit(&["\"config\"", "reloaded: "]);
+    // The CLI reads the same recent events through the socket.
+    let cli: Value =
+        serde_json::from_str(&api.gw.cli_ok(&["audit", "recent", "--limit", "3"])).unwrap();
+    assert_eq!(cli, api.ok("GET", "/api/v1/events?limit=3", None, 200));
+    assert!(cli.to_string().contains("reloaded: "), "{cli}");
+
     let config = std::fs::read_to_string(&api.gw.config).unwrap();
     std::fs::write(&api.gw.config, format!("{config}\nthis is not toml\n")).unwrap();
     let refused = api.ok("POST", "/api/v1/reload", None, 400);

@@ -183,6 +183,12 @@ enum AuditAction {
         #[arg(long)]
         checkpoint: Option<String>,
     },
+    /// The newest audit lines, oldest first, as JSON (also `GET /api/v1/events`).
+    Recent {
+        /// How many (default 100, at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -433,6 +439,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     println!("sha256:       {}", issued.fingerprint_sha256);
                 }
             }
+            Ok(())
+        }
+        Command::Audit {
+            action: AuditAction::Recent { limit },
+            config,
+        } => {
+            let config = load_config(config.config.as_deref())?;
+            print(&call(
+                &config,
+                crate::admin::protocol::RecentEvents { limit },
+            )?);
             Ok(())
         }
         Command::Audit {
