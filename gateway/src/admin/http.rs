@@ -198,6 +198,14 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
     Some(rest.trim_ascii())
 }
 
+/// A path as the audit records it: at most 128 characters (the peer chose it).
+fn shortened(path: &str) -> &str {
+    match path.char_indices().nth(128) {
+        Some((at, _)) => &path[..at],
+        None => path,
+    }
+}
+
 async fn require_token(
     State(h): State<Http>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
@@ -224,7 +232,7 @@ async fn require_token(
             .reason(format!(
                 "{} {}: {why}",
                 request.method(),
-                request.uri().path()
+                shortened(request.uri().path())
             )),
     );
     let mut response = error(
@@ -769,6 +777,13 @@ mod tests {
         assert!(!token.matches(format!("{GOOD}0").as_bytes()));
         assert!(!token.matches(b""));
         assert_eq!(format!("{token:?}"), "Token([redacted])");
+    }
+
+    #[test]
+    fn a_long_path_is_cut_for_the_audit() {
+        assert_eq!(shortened("/api/v1/devices"), "/api/v1/devices");
+        let long = format!("/{}", "é".repeat(300));
+        assert_eq!(shortened(&long).chars().count(), 128);
     }
 
     #[test]
