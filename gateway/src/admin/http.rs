@@ -51,6 +51,11 @@ pub const MIN_TOKEN: usize = 32;
 const MAX_TOKEN_FILE: u64 = 4096;
 /// TLS handshakes under way at once; more connections wait to be accepted.
 const MAX_HANDSHAKES: usize = 64;
+/// Connections open at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 256;
+/// A connection that moves no byte either way for this long is closed: a peer that
+/// sends its request slowly, or never reads the answer, holds nothing for long.
+const IDLE: Duration = Duration::from_secs(30);
 
 /// The bearer token, kept as its SHA-256 digest; `Debug` shows nothing of it.
 pub struct Token {
@@ -146,14 +151,14 @@ pub struct Http {
 #[derive(Debug, Clone, Copy)]
 struct Peer(SocketAddr);
 
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+impl Connected<IncomingStream<'_, Guarded<TcpListener>>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, Guarded<TcpListener>>) -> Self {
         Peer(*stream.remote_addr())
     }
 }
 
-impl Connected<IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+impl Connected<IncomingStream<'_, Guarded<TlsListener>>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, Guarded<TlsListener>>) -> Self {
         Peer(*stream.remote_addr())
     }
 }
@@ -691,6 +696,140 @@ pub async fn bind(config: &portcullis_config::Config) -> anyhow::Result<Option<B
     }))
 }
 
+/// A listener whose connections are capped in number and closed when idle.
+pub struct Guarded<L> {
+    inner: L,
+    permits: Arc<Semaphore>,
+    idle: Duration,
+}
+
+impl<L> Guarded<L> {
+    fn new(inner: L, idle: Duration) -> Self {
+        Guarded {
+            inner,
+            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            idle,
+        }
+    }
+}
+
+impl<L: Listener> Listener for Guarded<L>
+where
+    L::Io: Unpin,
+{
+    type Io = IdleClosed<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit = match self.permits.clone().acquire_owned().await {
+            Ok(p) => p,
+            // Never closed; were it, accept nothing more.
+            Err(_) => std::future::pending().await,
+        };
+        let (io, addr) = self.inner.accept().await;
+        (
+            IdleClosed {
+                inner: io,
+                _permit: permit,
+                idle: self.idle,
+                deadline: Box::pin(tokio::time::sleep(self.idle)),
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that fails with `TimedOut` once no byte has moved for its idle time.
+pub struct IdleClosed<S> {
+    inner: S,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> IdleClosed<S> {
+    /// While waiting: whether the deadline has passed (else its waker is set).
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+
+    fn moved(&mut self) {
+        self.deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.idle);
+    }
+}
+
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "admin HTTP connection idle too long",
+    )
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleClosed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.moved();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleClosed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.moved();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Serve the API until `stop` turns true.
 pub async fn serve(
     bound: Bound,
@@ -715,12 +854,15 @@ pub async fn serve(
     };
     let result = match tls {
         Some((acceptor, deadline)) => {
-            axum::serve(TlsListener::new(listener, acceptor, deadline), app)
-                .with_graceful_shutdown(stopped)
-                .await
+            axum::serve(
+                Guarded::new(TlsListener::new(listener, acceptor, deadline), IDLE),
+                app,
+            )
+            .with_graceful_shutdown(stopped)
+            .await
         }
         None => {
-            axum::serve(listener, app)
+            axum::serve(Guarded::new(listener, IDLE), app)
                 .with_graceful_shutdown(stopped)
                 .await
         }
@@ -777,6 +919,30 @@ mod tests {
         assert!(!token.matches(format!("{GOOD}0").as_bytes()));
         assert!(!token.matches(b""));
         assert_eq!(format!("{token:?}"), "Token([redacted])");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_when_idle() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut guarded = Guarded::new(tcp, Duration::from_millis(300));
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let (mut io, _) = guarded.accept().await;
+        let mut buf = [0u8; 8];
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+
+        let mut talker = TcpStream::connect(addr).await.unwrap();
+        let (mut io, _) = guarded.accept().await;
+        talker.write_all(b"GET").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 3);
+        drop(talker);
+        assert_eq!(
+            io.read(&mut buf).await.unwrap(),
+            0,
+            "closed by the peer, not timed out"
+        );
     }
 
     #[test]
