@@ -18,11 +18,13 @@ pub const SHIPPED: &str = include_str!("../portcullis.toml");
 
 pub mod behaviour;
 pub mod duration;
+pub mod proxy;
 pub mod serial;
 pub mod upstream;
 pub mod validation;
 
 pub use behaviour::{Behaviour, BehaviourOverride, QuarantineCommands, QuarantineTraffic};
+pub use proxy::ProxyProtocol;
 pub use serial::{Parity, Serial, SerialPort};
 pub use upstream::{BrokerUrl, Outbox, Upstream, WhenFull};
 
@@ -56,6 +58,8 @@ pub struct Config {
     /// Serial devices: the ports the gateway may open, who may speak on each, and the
     /// link's bounds. No port unless listed.
     pub serial: Serial,
+    /// PROXY protocol v2 headers from load balancers in front of the device listeners.
+    pub proxy_protocol: ProxyProtocol,
     /// Keys of the file that were renamed and are still read, each with the new key
     /// to write (see [`duration::renamed_keys`]). Not a key itself.
     #[serde(skip)]
@@ -567,6 +571,7 @@ impl Default for Config {
         );
         Config {
             renamed: Vec::new(),
+            proxy_protocol: ProxyProtocol::default(),
             data_dir: PathBuf::from("data"),
             listeners: Listeners::default(),
             tls: Tls::default(),
@@ -1109,6 +1114,10 @@ impl Config {
             }
         }
         self.serial.validate()?;
+        self.proxy_protocol.validate(
+            self.listeners.device_tls.is_some(),
+            self.listeners.device_plain.is_some(),
+        )?;
         let r = &self.rate_limits;
         for (key, v) in [
             ("rate_limits.messages_per_second", r.messages_per_second),

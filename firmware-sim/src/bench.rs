@@ -119,9 +119,32 @@ struct Server {
     observability: Option<SocketAddr>,
     /// The gateway's CoAP over DTLS listener.
     coap_dtls: Option<SocketAddr>,
+    /// The gateway's log (stderr) for this run.
+    log: Option<PathBuf>,
 }
 
 impl Server {
+    /// An error if the server exited before it was stopped, with the end of its log:
+    /// a run whose server died measured nothing.
+    fn still_running(&mut self) -> Result<()> {
+        let Ok(Some(status)) = self.child.try_wait() else {
+            return Ok(());
+        };
+        let tail = self
+            .log
+            .as_ref()
+            .and_then(|log| std::fs::read_to_string(log).ok())
+            .map(|text| {
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            })
+            .unwrap_or_default();
+        bail!(
+            "{:?} exited during the run ({status}); its log ends:\n{tail}",
+            self.target
+        )
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -280,6 +303,8 @@ struct Bench {
     opts: Options,
     dir: PathBuf,
     secrets: BTreeMap<String, String>,
+    /// Gateways started so far: each run's gateway logs to a file of its own.
+    started: std::cell::Cell<usize>,
     /// CoAP devices' DTLS credentials (made once: each takes milliseconds, which
     /// would otherwise be counted against the gateway's handshake rate).
     coap_credentials: BTreeMap<String, coap::Credentials>,
@@ -379,6 +404,7 @@ impl Bench {
                     service_plain: addr,
                     observability: None,
                     coap_dtls: None,
+                    log: None,
                 })
             }
             Target::Mosquitto => {
@@ -415,6 +441,7 @@ impl Bench {
                     service_plain: addr,
                     observability: None,
                     coap_dtls: None,
+                    log: None,
                 })
             }
         }
@@ -437,6 +464,10 @@ impl Bench {
     }
 
     fn start_portcullis(&self, target: Target) -> Result<Server> {
+        self.started.set(self.started.get() + 1);
+        let log = self
+            .dir
+            .join(format!("portcullis-{}.log", self.started.get()));
         let mut child = pinned(
             self.opts.pin.then_some(self.opts.server_cpu),
             &self.opts.portcullis,
@@ -445,7 +476,7 @@ impl Bench {
         .arg(self.portcullis_config(target))
         .current_dir(&self.dir)
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(self.dir.join("portcullis.log"))?)
+        .stderr(std::fs::File::create(&log)?)
         .spawn()
         .with_context(|| format!("starting {}", self.opts.portcullis.display()))?;
         let stdout = child.stdout.take().expect("piped");
@@ -486,6 +517,7 @@ impl Bench {
             service_plain,
             observability: Some(addr("observability")?),
             coap_dtls: addr("device listener (CoAP over DTLS, UDP):").ok(),
+            log: Some(log),
             child,
         })
     }
@@ -1089,6 +1121,9 @@ impl Bench {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        if h.is_empty() {
+            bail!("no message reached the subscriber ({sent} sent in the window)");
+        }
         let mut f = BTreeMap::new();
         f.insert("offered_per_s".into(), sent as f64 / w.secs.as_secs_f64());
         f.insert("p50_us".into(), h.value_at_quantile(0.5) as f64);
@@ -1439,6 +1474,7 @@ fn setup(mut opts: Options) -> Result<Bench> {
         opts,
         dir: dir.clone(),
         secrets,
+        started: std::cell::Cell::new(0),
         coap_credentials,
         serial_devices: std::sync::Mutex::new(serial::devices(&serial_keys)),
         issuer,
@@ -1607,7 +1643,7 @@ pub fn run(opts: Options) -> Result<Vec<Sample>> {
                             None => Err(anyhow!("no serial bus")),
                         }
                     } else {
-                        let server = b.start(target)?;
+                        let mut server = b.start(target)?;
                         let figures = rt.block_on(async {
                             match (w, case) {
                                 (Workload::Throughput, c) => {
@@ -1629,6 +1665,8 @@ pub fn run(opts: Options) -> Result<Vec<Sample>> {
                                 },
                             }
                         });
+                        // Figures of a run whose server died are not figures.
+                        let figures = server.still_running().and(figures);
                         drop(server);
                         figures
                     };

@@ -242,9 +242,28 @@ enum PrincipalAction {
         #[command(flatten)]
         creds: Credentials,
     },
-    /// Register many from a TOML file of [[principal]] entries (all or nothing).
+    /// Register many from a TOML file of [[principal]] entries (all or nothing); with
+    /// --sync, make the registry match the file.
+    ///
+    /// With --sync: add what is new, update what differs, remove what the file does
+    /// not list (of this kind only); the plan is printed (`+` add, `~` update, `-`
+    /// remove, sorted by id) and applied in one commit. A file with errors changes
+    /// nothing, every error named by line. group, enabled (default true) and the
+    /// certificate (cert, cert_any) are as the file says. A secret, psk or serial_key
+    /// the file leaves out is kept; one given replaces the held one only if it
+    /// differs. generate_secret, psk_generate and serial_key_generate make a
+    /// credential only for a principal that has none of that kind, printed once: a
+    /// sync never rotates a key by itself (`rotate` does). Removing, disabling or
+    /// moving a principal to another group, or changing its credentials, ends its
+    /// live sessions. See docs/operations.md.
     Import {
         file: PathBuf,
+        /// Reconcile the registry to FILE: add, update and remove (see above).
+        #[arg(long)]
+        sync: bool,
+        /// With --sync: print the plan and change nothing.
+        #[arg(long, requires = "sync")]
+        dry_run: bool,
     },
     List,
     Show {
@@ -830,7 +849,12 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
             };
             print(&call(config, AddPrincipal { kind, principal })?)
         }
-        PrincipalAction::Import { file } => {
+        PrincipalAction::Import {
+            file,
+            sync: true,
+            dry_run,
+        } => sync(config, kind, &file, dry_run)?,
+        PrincipalAction::Import { file, .. } => {
             let text =
                 std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
             let parsed: ImportFile = toml::from_str(&text)
@@ -890,6 +914,45 @@ fn principal(kind: PrincipalKind, action: PrincipalAction, config: ConfigArg) ->
              with it); it is not shown again"
         );
     }
+    Ok(())
+}
+
+/// `import --sync`: every error of the file at once (those found reading it here and
+/// those the gateway finds), or the plan, applied unless `dry_run`.
+fn sync(config: &Config, kind: PrincipalKind, file: &Path, dry_run: bool) -> Result<()> {
+    let (entries, problems) = crate::sync_file::read(file)?;
+    if !problems.is_empty() {
+        // What the gateway says of the entries read well, so that one run names all.
+        let mut all = problems;
+        if !entries.is_empty()
+            && let Err(e) = call(config, crate::sync_file::request(kind, entries, true))
+        {
+            match crate::sync_file::gateway_problems(&e) {
+                Some(more) => all.extend(more),
+                None => return Err(e),
+            }
+        }
+        return Err(crate::sync_file::refused(file, all));
+    }
+    let request = crate::sync_file::request(kind, entries, dry_run);
+    // Unlike an import, a sync cannot be split: each part would remove the others.
+    let size = request_line(request.clone())?.len();
+    if size > crate::admin::protocol::MAX_REQUEST
+        && UnixStream::connect(config.admin_socket()).is_ok()
+    {
+        bail!(UsageError(format!(
+            "{}: the sync is {size} bytes, over the admin socket's limit of {} bytes, and \
+             cannot be split (each part would remove the others): stop the gateway and run \
+             it on the registry file",
+            file.display(),
+            crate::admin::protocol::MAX_REQUEST
+        )));
+    }
+    let plan = call(config, request).map_err(|e| match crate::sync_file::gateway_problems(&e) {
+        Some(problems) => crate::sync_file::refused(file, problems),
+        None => e.context(format!("{}", file.display())),
+    })?;
+    crate::sync_file::print_plan(kind, file, &plan, dry_run);
     Ok(())
 }
 

@@ -10,6 +10,7 @@ mod registry_file;
 mod replicas;
 mod serial;
 mod serve;
+mod sync_file;
 mod usage;
 
 use clap::Parser;

@@ -213,6 +213,11 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let (behaviours, behaviour_changes) =
         Behaviours::load(&registry, quarantine::Policies::from_config(&config))
             .context("behaviour records")?;
+    // `portcullis_devices{state}` on /metrics, counted at each scrape.
+    metrics.set_device_census(Arc::new(portcullis_core::device_census::DeviceStates::new(
+        registry.clone(),
+        behaviours.clone(),
+    )));
     let auth = Arc::new(Authenticator::new(
         registry.clone(),
         hasher.clone(),
@@ -426,40 +431,60 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         watch::channel(acceptor(policies.service_roots.clone())?);
     let mut tasks = Vec::new();
     let mut report = Vec::new();
-    for (listener, ctx, tls, label) in [
+    // PROXY protocol v2 from the load balancers in front of the device listeners.
+    let balancers = |nets| {
+        portcullis_core::proxy_header::LoadBalancers::new(
+            nets,
+            *config.proxy_protocol.header_timeout,
+            caps.unauthenticated,
+        )
+        .map(Arc::new)
+    };
+    for (listener, ctx, tls, label, proxy) in [
         (
             device_tls,
             &device_ctx,
             Some(device_tls_rx),
             "device listener (MQTT over TLS)",
+            balancers(config.proxy_protocol.device_tls_balancers()),
         ),
         (
             device_plain,
             &device_ctx,
             None,
             "device listener (plain MQTT)",
+            balancers(config.proxy_protocol.device_plain_balancers()),
         ),
         (
             service_tls,
             &service_ctx,
             Some(service_tls_rx),
             "service listener (MQTT over TLS)",
+            None,
         ),
         (
             service_plain,
             &service_ctx,
             None,
             "service listener (plain MQTT)",
+            None,
         ),
     ] {
         let Some(listener) = listener else { continue };
         report.push((label, listener.local_addr()?.to_string()));
-        tasks.push(tokio::spawn(listener::serve(
+        if proxy.is_some() {
+            tracing::info!(
+                listener = label,
+                "PROXY protocol v2 from the listed load balancers"
+            );
+        }
+        tasks.push(tokio::spawn(listener::serve_behind(
             listener,
             tls,
             handshake_timeout,
             ctx.clone(),
             conn_limits.clone(),
+            proxy,
             shutdown_rx.clone(),
         )));
     }
@@ -799,6 +824,10 @@ fn reload(
         ("auth", new.auth == current.auth),
         ("coap", new.coap == current.coap),
         ("serial", new.serial == current.serial),
+        (
+            "proxy_protocol",
+            new.proxy_protocol == current.proxy_protocol,
+        ),
         // Built once at start (shared lock-free by all sessions and listeners).
         (
             "rate_limits.global_messages_per_second",

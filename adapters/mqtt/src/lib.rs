@@ -5,6 +5,7 @@
 pub mod codec;
 mod incoming;
 pub mod listener;
+mod proxy;
 pub mod session;
 pub mod state;
 pub mod strict;

@@ -6,9 +6,11 @@
 //! other peers' handshakes proceed in parallel. Connection caps (in all and per
 //! source) are enforced before any byte is read.
 
+use crate::proxy;
 use crate::session::{self, Context, stopped};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::metrics::Metrics;
+use portcullis_core::proxy_header::LoadBalancers;
 use portcullis_core::refusal::Refusal;
 use portcullis_core::source_gate::{Admitted, ConnectionLimits, SourceGate};
 use rustls::RootCertStore;
@@ -18,7 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -78,6 +80,32 @@ pub async fn serve(
     handshake_timeout: Duration,
     ctx: Arc<Context>,
     limits: Arc<ConnectionLimits>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_behind(
+        listener,
+        tls,
+        handshake_timeout,
+        ctx,
+        limits,
+        None,
+        shutdown,
+    )
+    .await
+}
+
+/// `serve`, on a listener that may have load balancers in front of it: a connection
+/// from one of `balancers` starts with a PROXY protocol v2 header, and the client it
+/// names is the connection's peer from then on (bans, caps, rates, back-off, audit,
+/// the behaviour model). A header from any other source is refused. `None`: no
+/// header is taken from anyone (the bytes are then MQTT or TLS, as on any listener).
+pub async fn serve_behind(
+    listener: TcpListener,
+    tls: Option<watch::Receiver<TlsAcceptor>>,
+    handshake_timeout: Duration,
+    ctx: Arc<Context>,
+    limits: Arc<ConnectionLimits>,
+    balancers: Option<Arc<LoadBalancers>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let gate = SourceGate {
@@ -99,45 +127,102 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => return,
         };
+        let _ = stream.set_nodelay(true);
+        // The acceptor of the moment: a reload swaps in a new certificate or CAs.
+        let acceptor = tls.as_ref().map(|rx| rx.borrow().clone());
+        let link = Link {
+            ctx: ctx.clone(),
+            tls: acceptor,
+            handshake_timeout,
+        };
+        if let Some(lb) = balancers.as_ref().filter(|lb| lb.allows(peer.ip())) {
+            // The client is not known until the header is read: the gate is passed
+            // after it, with the client's address.
+            let Some(waiting) = lb.pending() else {
+                proxy::refuse(
+                    &ctx,
+                    peer,
+                    Refusal::ConnectionLimit,
+                    "PROXY headers awaited at their bound (limits.max_unauthenticated)",
+                );
+                continue;
+            };
+            let (lb, gate, shutdown) = (lb.clone(), gate.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let Some((stream, client)) =
+                    proxy::from_balancer(&link.ctx, stream, peer, &lb, waiting, shutdown).await
+                else {
+                    return;
+                };
+                // A banned client, or one over the caps, is closed before it is read.
+                let Ok(admitted) = gate.admit(client) else {
+                    return;
+                };
+                link.run(stream, client, admitted).await;
+            });
+            continue;
+        }
         // A banned source, or one over the caps, is closed before a byte is read.
-        let Ok(Admitted { slot, pre_auth }) = gate.admit(peer) else {
+        let Ok(mut admitted) = gate.admit(peer) else {
             drop(stream);
             continue;
         };
-        let mut pre_auth = pre_auth;
-        let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
-        // The acceptor of the moment: a reload swaps in a new certificate or CAs.
-        let tls = tls.as_ref().map(|rx| rx.borrow().clone());
+        let check_header = balancers.is_some();
         tokio::spawn(async move {
-            let _slot = slot;
-            match tls {
-                // Boxed: a plain connection does not carry the (larger) state of a
-                // TLS one, and the task itself stays small.
-                None => Box::pin(session::run(ctx, stream, peer, None, pre_auth)).await,
-                Some(acceptor) => {
-                    let handshake = tokio::select! {
-                        done = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => done,
-                        _ = pre_auth.shed() => {
-                            shed_unauthenticated(&ctx, peer);
-                            return;
-                        }
-                    };
-                    match handshake {
-                        Ok(Ok(tls_stream)) => {
-                            let certs = tls_stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-                            Box::pin(session::run(ctx, tls_stream, peer, certs, pre_auth)).await
-                        }
-                        Ok(Err(e)) => handshake_failed(&ctx, peer, &e.to_string()),
-                        Err(_) => handshake_failed(&ctx, peer, "handshake not finished in time"),
+            let mut link = link;
+            if check_header {
+                let started = std::time::Instant::now();
+                if !proxy::no_header_claimed(&link, &stream, peer, &mut admitted).await {
+                    return;
+                }
+                // The wait for the first bytes is part of the handshake's time.
+                link.handshake_timeout = link.handshake_timeout.saturating_sub(started.elapsed());
+            }
+            link.run(stream, peer, admitted).await;
+        });
+    }
+}
+
+/// What a connection needs once its peer is known and admitted.
+pub(crate) struct Link {
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) handshake_timeout: Duration,
+}
+
+impl Link {
+    /// The TLS handshake if any, then the session.
+    async fn run(self, stream: TcpStream, peer: SocketAddr, admitted: Admitted) {
+        let Admitted { slot, pre_auth } = admitted;
+        let mut pre_auth = pre_auth;
+        let _slot = slot;
+        let ctx = self.ctx;
+        match self.tls {
+            // Boxed: a plain connection does not carry the (larger) state of a
+            // TLS one, and the task itself stays small.
+            None => Box::pin(session::run(ctx, stream, peer, None, pre_auth)).await,
+            Some(acceptor) => {
+                let handshake = tokio::select! {
+                    done = tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)) => done,
+                    _ = pre_auth.shed() => {
+                        shed_unauthenticated(&ctx, peer);
+                        return;
                     }
+                };
+                match handshake {
+                    Ok(Ok(tls_stream)) => {
+                        let certs = tls_stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+                        Box::pin(session::run(ctx, tls_stream, peer, certs, pre_auth)).await
+                    }
+                    Ok(Err(e)) => handshake_failed(&ctx, peer, &e.to_string()),
+                    Err(_) => handshake_failed(&ctx, peer, "handshake not finished in time"),
                 }
             }
-        });
+        }
     }
 }
 
@@ -146,7 +231,7 @@ pub(crate) fn shed_unauthenticated(ctx: &Context, peer: SocketAddr) {
     SourceGate::audit_shed(&ctx.audit, peer);
 }
 
-fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &str) {
+pub(crate) fn handshake_failed(ctx: &Context, peer: SocketAddr, why: &str) {
     Metrics::inc(&ctx.metrics.handshake_failures);
     ctx.metrics.refused(Refusal::TlsHandshakeFailed);
     ctx.audit.record(

@@ -318,8 +318,8 @@ async fn set_up(
     {
         Ok(opened) => opened,
         // Counted (and audited) by the opener; the device is told for a while.
-        Err(NotOpened::Refused(_)) => {
-            hold(ctx, link, rx, NakReason::NotAuthorized).await;
+        Err(NotOpened::Refused(refusal)) => {
+            hold(ctx, link, rx, open_refused_nak(refusal)).await;
             return None;
         }
         Err(NotOpened::Ended) => return None,
@@ -426,6 +426,16 @@ struct Session {
     limited_run: bool,
     /// A frame was refused for a full outbox since the last one taken (one audit line).
     refused_full: bool,
+}
+
+/// The answer to a device whose authenticated login could not open its session: busy
+/// when the cause passes (its previous session still ending, the registry changing
+/// under the login), so that it sends again; not authorized otherwise.
+fn open_refused_nak(refusal: Refusal) -> NakReason {
+    match refusal {
+        Refusal::SessionBusy | Refusal::RegistryChanged => NakReason::Busy,
+        _ => NakReason::NotAuthorized,
+    }
 }
 
 /// The answer a refusal gets on the wire; `None`: acknowledged as if delivered (a
@@ -845,5 +855,35 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_login_refused_for_a_passing_cause_is_answered_busy_so_the_device_sends_again() {
+        assert_eq!(open_refused_nak(Refusal::SessionBusy), NakReason::Busy);
+        assert_eq!(open_refused_nak(Refusal::RegistryChanged), NakReason::Busy);
+        assert_eq!(
+            open_refused_nak(Refusal::Disabled),
+            NakReason::NotAuthorized
+        );
+    }
+
+    #[test]
+    fn a_refused_frame_is_answered_by_its_stage_and_a_quarantined_device_is_not_told() {
+        assert_eq!(nak_reason(Refusal::Quarantined), None);
+        assert_eq!(nak_reason(Refusal::TooLarge), Some(NakReason::TooLarge));
+        assert_eq!(
+            nak_reason(Refusal::ReceiveMaximumExceeded),
+            Some(NakReason::Busy)
+        );
+        assert_eq!(
+            nak_reason(Refusal::FrameTag),
+            Some(NakReason::Invalid),
+            "a decode-stage refusal"
+        );
     }
 }

@@ -153,6 +153,14 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in the order of their numbers (`to_u8`).
+    pub const ALL: [State; 4] = [
+        State::Normal,
+        State::Probation,
+        State::Quarantined,
+        State::Released,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Normal => "normal",

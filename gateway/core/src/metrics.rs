@@ -2,8 +2,11 @@
 //! Prometheus text or OpenMetrics.
 //!
 //! The hot path only touches atomics: every refusal reason has its own counter slot
-//! (`Refusal::slot`), so counting one takes no lock.
+//! (`Refusal::slot`), so counting one takes no lock. What is cheaper to count than to
+//! keep (devices per behaviour state, the process's own resources) is counted when a
+//! page is rendered.
 
+use crate::behaviour::State;
 use crate::peer::Protocol;
 use crate::principal::PrincipalKind;
 use crate::refusal::Refusal;
@@ -14,9 +17,10 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -66,7 +70,31 @@ pub struct Metrics {
     pub coap: CoapMetrics,
     /// Serial devices: the ports and the link's frames.
     pub serial: SerialMetrics,
+    /// Devices per behaviour state, counted at each scrape once the gateway sets it.
+    census: CensusSlot,
 }
+
+/// Counts over tables the hot path keeps no totals of, taken when a page is rendered.
+pub trait DeviceCensus: Send + Sync {
+    /// Registered devices in each behaviour state, in the order of `State::ALL`.
+    fn devices_by_state(&self) -> [u64; State::ALL.len()];
+}
+
+#[derive(Default)]
+struct CensusSlot(OnceLock<Arc<dyn DeviceCensus>>);
+
+impl std::fmt::Debug for CensusSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "CensusSlot(set)"
+        } else {
+            "CensusSlot(unset)"
+        })
+    }
+}
+
+/// The version `portcullis_build_info` reports: the workspace's, from Cargo.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The serial adapter: its ports and the frames on them (refused frames are counted in
 /// `portcullis_refusals_total`, stage `decode`, `connect` or `limits`, reason `frame_*`).
@@ -356,6 +384,12 @@ impl Metrics {
 
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Where `portcullis_devices{state}` is counted from; the first one set stays.
+    /// Until one is set, every state reads 0.
+    pub fn set_device_census(&self, census: Arc<dyn DeviceCensus>) {
+        let _ = self.census.0.set(census);
     }
 
     /// The page for a scrape, in the Prometheus text format (0.0.4) or, when the
@@ -787,6 +821,30 @@ impl Collector for Metrics {
             ];
             ConstCounter::new(self.refusal_count(*r)).encode(refusals.encode_family(&labels)?)?;
         }
+        let counts = self
+            .census
+            .0
+            .get()
+            .map(|c| c.devices_by_state())
+            .unwrap_or_default();
+        let mut devices = encoder.encode_descriptor(
+            "portcullis_devices",
+            "Registered devices by behaviour state (normal: every device in no other state).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in State::ALL.iter().zip(counts) {
+            let labels = [("state", state.as_str())];
+            ConstGauge::new(n).encode(devices.encode_family(&labels)?)?;
+        }
+        // An info family: `portcullis_build_info{version} 1` in both formats.
+        Info::new([("version", VERSION)]).encode(encoder.encode_descriptor(
+            "portcullis_build",
+            "The running build of Portcullis.",
+            None,
+            MetricType::Info,
+        )?)?;
+        crate::process_metrics::Reading::now().encode(&mut encoder)?;
         Ok(())
     }
 }
@@ -886,10 +944,10 @@ mod tests {
                 .rsplit_once(' ')
                 .unwrap_or_else(|| panic!("bad line {line}"));
             let sample = series.split('{').next().unwrap();
-            let base = if openmetrics && kind == "counter" {
-                format!("{name}_total")
-            } else {
-                name.clone()
+            let base = match kind.as_str() {
+                "counter" if openmetrics => format!("{name}_total"),
+                "info" if openmetrics => format!("{name}_info"),
+                _ => name.clone(),
             };
             let allowed = match kind.as_str() {
                 "histogram" => [
@@ -919,9 +977,14 @@ mod tests {
         assert_eq!(check_page(&openmetrics, true), n);
         // 26 plain families, upstream mode's 21 and the outbox's oldest age, the CoAP
         // listener's 11, the serial adapter's 10, sessions, the histogram (12 bounds,
-        // +Inf, sum, count), refusals.
+        // +Inf, sum, count), refusals, devices per state, build info, and on Linux the
+        // process's 6.
         let sessions = 2 * Protocol::ALL.len();
-        assert_eq!(n, 26 + 22 + 11 + 10 + sessions + 15 + Refusal::ALL.len());
+        let process = if cfg!(target_os = "linux") { 6 } else { 0 };
+        assert_eq!(
+            n,
+            26 + 22 + 11 + 10 + sessions + 15 + Refusal::ALL.len() + State::ALL.len() + 1 + process
+        );
         // Today's sample names, in both formats.
         for page in [&prometheus, &openmetrics] {
             assert!(
@@ -935,6 +998,73 @@ mod tests {
         }
         assert!(prometheus.contains("# TYPE portcullis_messages_accepted_total counter\n"));
         assert!(openmetrics.contains("# TYPE portcullis_messages_accepted counter\n"));
+    }
+
+    #[test]
+    fn build_info_names_the_cargo_version_in_both_formats() {
+        let m = metrics();
+        let line = format!("\nportcullis_build_info{{version=\"{VERSION}\"}} 1\n");
+        let prometheus = m.render(Exposition::Prometheus);
+        assert!(prometheus.contains(&line), "{prometheus}");
+        assert!(prometheus.contains("# TYPE portcullis_build_info gauge\n"));
+        let openmetrics = m.render(Exposition::OpenMetrics);
+        assert!(openmetrics.contains(&line), "{openmetrics}");
+        assert!(openmetrics.contains("# TYPE portcullis_build info\n"));
+        // The workspace's version, as Cargo.toml sets it.
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml");
+        let workspace = std::fs::read_to_string(manifest).unwrap();
+        let set = workspace
+            .lines()
+            .find_map(|l| l.strip_prefix("version = \""))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("no version in {manifest}"));
+        assert_eq!(VERSION, set);
+    }
+
+    /// The process series under the standard names, with the values of this process.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_come_from_proc_self_in_both_formats() {
+        let m = metrics();
+        let value = |page: &str, name: &str| -> f64 {
+            page.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {name} in {page}"))
+                .parse()
+                .unwrap()
+        };
+        for (format, cpu_type) in [
+            (
+                Exposition::Prometheus,
+                "# TYPE process_cpu_seconds_total counter\n",
+            ),
+            (
+                Exposition::OpenMetrics,
+                "# TYPE process_cpu_seconds counter\n",
+            ),
+        ] {
+            let page = m.render(format);
+            assert!(page.contains(cpu_type), "{page}");
+            assert!(value(&page, "process_cpu_seconds_total") >= 0.0);
+            assert!(value(&page, "process_resident_memory_bytes") > 0.0);
+            assert!(
+                value(&page, "process_virtual_memory_bytes")
+                    >= value(&page, "process_resident_memory_bytes")
+            );
+            assert!(value(&page, "process_start_time_seconds") > 1.0e9);
+            assert!(value(&page, "process_open_fds") >= 1.0);
+            // Counts are written as integers, as the other gauges are.
+            assert!(
+                page.lines()
+                    .any(|l| l.starts_with("process_open_fds ") && !l.contains('.')),
+                "{page}"
+            );
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+            assert_eq!(
+                value(&page, "process_max_fds") as u64,
+                limit.current.unwrap()
+            );
+        }
     }
 
     #[test]

@@ -415,6 +415,20 @@ impl Behaviours {
         }
     }
 
+    /// Every tracked device not in the normal state, with its state (the devices
+    /// per state on `/metrics`).
+    pub fn held(&self) -> Vec<(PrincipalId, State)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let devices = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(devices.iter().filter_map(|(id, (_, t))| {
+                let state = t.state();
+                (state != State::Normal).then(|| (id.clone(), state))
+            }));
+        }
+        out
+    }
+
     /// Records of devices not in the normal state (or every record with `all`).
     pub fn records(&self, all: bool) -> Vec<(PrincipalId, Record)> {
         let records = self.records.lock().unwrap_or_else(|p| p.into_inner());

@@ -120,6 +120,10 @@ refusals! {
     WillTooManyUserProperties => Connect, "too_many_user_properties", "Will carries too many user properties";
     WillResponseTopicInvalid => Connect, "response_topic_invalid", "Will response topic is not a valid topic name";
     TlsHandshakeFailed => Handshake, "tls_handshake_failed", "TLS handshake failed";
+    // PROXY protocol v2 on a device listener (`[proxy_protocol]`).
+    ProxyHeaderInvalid => Handshake, "proxy_header_invalid", "malformed PROXY protocol header from a load balancer";
+    ProxyHeaderTimeout => Handshake, "proxy_header_timeout", "no whole PROXY protocol header within proxy_protocol.header_timeout";
+    ProxyHeaderNotAllowed => Connect, "proxy_header_not_allowed", "PROXY protocol header from a source that is not a listed load balancer";
     /// The HTTP admin API: a request without the right bearer token.
     AdminUnauthorized => Connect, "admin_unauthorized", "admin API request without the right bearer token";
     // Protocol framing.

@@ -22,6 +22,8 @@ pub enum KickReason {
     CertificateRevoked,
     TakenOver,
     Shutdown,
+    /// Moved to another group (a registry sync): its ACL and limits are the new group's.
+    GroupChanged,
 }
 
 impl KickReason {
@@ -38,6 +40,7 @@ impl KickReason {
             }
             KickReason::TakenOver => "session taken over",
             KickReason::Shutdown => "server shutting down",
+            KickReason::GroupChanged => "moved to another group",
         }
     }
 }
@@ -56,6 +59,7 @@ impl KickReason {
             KickReason::CertificateRevoked => 7,
             KickReason::TakenOver => 8,
             KickReason::Shutdown => 9,
+            KickReason::GroupChanged => 10,
         }
     }
 
@@ -70,6 +74,7 @@ impl KickReason {
             7 => KickReason::CertificateRevoked,
             8 => KickReason::TakenOver,
             9 => KickReason::Shutdown,
+            10 => KickReason::GroupChanged,
             _ => return None,
         })
     }

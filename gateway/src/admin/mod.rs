@@ -23,6 +23,7 @@ pub mod protocol;
 mod quarantine;
 mod registry;
 mod socket;
+mod sync;
 
 pub use audit::AuditSink;
 pub use protocol::AdminError;
@@ -77,6 +78,7 @@ impl AdminState {
         match req {
             Request::Add(op) => self.reply(op),
             Request::Import(op) => self.reply(op),
+            Request::Sync(op) => self.reply(op),
             Request::List(op) => self.reply(op),
             Request::Show(op) => self.reply(op),
             Request::Enable(op) => self.reply(op),

@@ -34,7 +34,10 @@ fn check_secret(secret: &str) -> Result<(), String> {
 }
 
 /// A pinned fingerprint wins over "any from the group's CA".
-fn cert_credential(fingerprint: Option<&str>, any: bool) -> Result<Option<CertCredential>, String> {
+pub(super) fn cert_credential(
+    fingerprint: Option<&str>,
+    any: bool,
+) -> Result<Option<CertCredential>, String> {
     Ok(match (fingerprint, any) {
         (Some(fp), _) => Some(CertCredential {
             fingerprint: Some(check_fingerprint(fp)?),
@@ -67,7 +70,7 @@ impl From<&PrincipalRecord> for Principal {
 
 impl AdminState {
     /// Only the secret's hash is kept.
-    fn hash_secret(&self, secret: Option<&str>) -> Result<Option<String>, String> {
+    pub(super) fn hash_secret(&self, secret: Option<&str>) -> Result<Option<String>, String> {
         secret
             .map(|s| {
                 check_secret(s)?;
@@ -79,7 +82,7 @@ impl AdminState {
     /// A pre-shared key (devices only: CoAP), checked here; the registry seals it under
     /// the master key inside the transaction that stores it, so that a master key
     /// rotation running beside this request cannot miss it.
-    fn psk_key(
+    pub(super) fn psk_key(
         kind: PrincipalKind,
         id: &PrincipalId,
         psk: Option<&str>,
@@ -100,7 +103,7 @@ impl AdminState {
     /// A serial frame key (devices only), given as hex: exactly `FRAME_KEY_LEN` bytes.
     /// Sealed, like a pre-shared key, by the registry in the transaction that stores it.
     /// The key is never echoed, not even in part.
-    fn frame_key(
+    pub(super) fn frame_key(
         kind: PrincipalKind,
         id: &PrincipalId,
         hex_key: Option<&str>,

@@ -54,6 +54,9 @@ protocol! {
     Add(AddPrincipal) -> Principal;
     /// All or nothing.
     Import(ImportPrincipals) -> Imported;
+    /// Reconcile one kind of principal to a list: the plan, applied in one commit
+    /// unless `dry_run` (see `admin/sync.rs`).
+    Sync(SyncPrincipals) -> SyncPlan;
     List(ListPrincipals) -> Vec<Principal>;
     Show(ShowPrincipal) -> PrincipalShown;
     Enable(EnablePrincipal) -> Principal;
@@ -232,6 +235,38 @@ pub struct AddPrincipal {
 pub struct ImportPrincipals {
     pub kind: PrincipalKind,
     pub principals: Vec<NewPrincipal>,
+}
+
+/// The principals of `kind` the registry should hold, exactly: those missing are
+/// added, those that differ updated, the others removed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncPrincipals {
+    pub kind: PrincipalKind,
+    pub entries: Vec<SyncEntry>,
+    /// Make the plan and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// One principal of a sync. A secret left out keeps the one the registry holds; a
+/// `*_generate` makes a credential only for a principal that has none of that kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncEntry {
+    pub principal: NewPrincipal,
+    /// Absent: enabled.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub generate_secret: bool,
+    #[serde(default)]
+    pub psk_generate: bool,
+    #[serde(default)]
+    pub serial_key_generate: bool,
+    /// Where the entry is in the operator's file (1-based line), for error messages.
+    #[serde(default)]
+    pub line: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -428,6 +463,49 @@ pub struct PrincipalRemoved {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Imported {
     pub imported: usize,
+}
+
+/// What a sync does (or, with `dry_run`, would do), each list sorted by id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SyncPlan {
+    pub add: Vec<SyncAdd>,
+    pub update: Vec<SyncUpdate>,
+    pub remove: Vec<String>,
+    /// Principals the file lists exactly as the registry holds them.
+    pub unchanged: usize,
+    /// False for a dry run (and when there was nothing to do).
+    pub applied: bool,
+    pub sessions_ended: usize,
+    /// Credentials made by the gateway, shown once (never in a dry run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generated: Vec<GeneratedCredential>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncAdd {
+    pub id: String,
+    pub group: String,
+    pub enabled: bool,
+    /// The credentials it gets, by name (never a value).
+    pub credentials: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncUpdate {
+    pub id: String,
+    /// `field: old -> new`, or `secret: replaced` (never a value).
+    pub changes: Vec<String>,
+    /// Secrets the file leaves out, kept as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GeneratedCredential {
+    pub id: String,
+    /// `secret`, `psk` or `serial key`.
+    pub credential: String,
+    pub value: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -92,7 +92,7 @@ impl NewDeviceKeys {
 
     /// Seal each key given into `record`, replacing what it held; a key not given
     /// leaves its slot as it was.
-    fn seal_into(
+    pub(super) fn seal_into(
         &self,
         record: &mut PrincipalRecord,
         master: &MasterKeys,

@@ -11,9 +11,11 @@
 //! opened: every record is checked then, and a corrupt file is refused whole.
 
 mod device_keys;
+mod sync;
 mod upgrade;
 
 pub use device_keys::{MasterKeyRotation, NewDeviceKeys};
+pub use sync::SyncChange;
 
 pub use upgrade::format2_copy;
 
@@ -168,6 +170,11 @@ impl Snapshot {
         self.principals.len()
     }
 
+    /// How many principals of one kind are registered.
+    pub fn count(&self, kind: PrincipalKind) -> usize {
+        self.principals.keys().filter(|(k, _)| *k == kind).count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.principals.is_empty()
     }
@@ -191,6 +198,10 @@ pub enum RegistryError {
         kind: PrincipalKind,
         id: PrincipalId,
     },
+    /// The records a sync was planned from changed before it could commit: nothing
+    /// was changed.
+    #[error("the {kind}s changed while the sync was planned; nothing changed: run it again")]
+    ChangedDuringSync { kind: PrincipalKind },
     #[error("corrupt registry entry {key}: {reason}")]
     Corrupt { key: String, reason: String },
     /// redb panicked on the file's content (contained at the storage boundary).

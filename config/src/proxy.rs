@@ -1,0 +1,150 @@
+//! `[proxy_protocol]`: which load balancers may put a PROXY protocol v2 header in
+//! front of a device listener's connections (docs/configuration.md). Off unless a
+//! listener lists at least one balancer.
+
+use crate::duration::Secs;
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyProtocol {
+    /// Load balancers (addresses or CIDR blocks) whose connections to
+    /// `listeners.device_tls` start with a PROXY v2 header. Empty: no header taken.
+    pub device_tls: Vec<String>,
+    /// The same for `listeners.device_plain` (a balancer on the same host).
+    pub device_plain: Vec<String>,
+    /// Time a balancer's connection has to deliver its whole header.
+    pub header_timeout: Secs,
+}
+
+impl Default for ProxyProtocol {
+    fn default() -> Self {
+        ProxyProtocol {
+            device_tls: Vec::new(),
+            device_plain: Vec::new(),
+            header_timeout: Secs::from_secs(5),
+        }
+    }
+}
+
+/// One entry of a balancer list: `"10.0.0.0/24"`, `"2001:db8::/64"` or a single
+/// address. Host bits are dropped.
+fn network(text: &str) -> Option<IpNet> {
+    match text.parse::<IpNet>() {
+        Ok(n) => Some(n.trunc()),
+        Err(_) => text.parse::<IpAddr>().ok().map(IpNet::from),
+    }
+}
+
+impl ProxyProtocol {
+    /// The balancers of the device TLS listener (the file is validated: every entry
+    /// parses).
+    pub fn device_tls_balancers(&self) -> Vec<IpNet> {
+        self.device_tls.iter().filter_map(|t| network(t)).collect()
+    }
+
+    /// The balancers of the device plain listener.
+    pub fn device_plain_balancers(&self) -> Vec<IpNet> {
+        self.device_plain
+            .iter()
+            .filter_map(|t| network(t))
+            .collect()
+    }
+
+    /// `tls_on` and `plain_on`: whether the listeners are on.
+    pub(crate) fn validate(&self, tls_on: bool, plain_on: bool) -> Result<(), (String, String)> {
+        for (name, list, on) in [
+            ("device_tls", &self.device_tls, tls_on),
+            ("device_plain", &self.device_plain, plain_on),
+        ] {
+            let key = format!("proxy_protocol.{name}");
+            if !list.is_empty() && !on {
+                return Err((
+                    key,
+                    format!("lists load balancers but listeners.{name} is \"off\""),
+                ));
+            }
+            for (i, text) in list.iter().enumerate() {
+                let Some(net) = network(text) else {
+                    return Err((
+                        format!("{key}[{i}]"),
+                        format!(
+                            "expected an address or CIDR block like \"10.0.0.0/24\" (got {text:?})"
+                        ),
+                    ));
+                };
+                if net.prefix_len() == 0 {
+                    return Err((
+                        format!("{key}[{i}]"),
+                        format!(
+                            "{text:?} would let every source claim any address; list the load balancers only"
+                        ),
+                    ));
+                }
+            }
+        }
+        let t = self.header_timeout.as_secs();
+        if !(1..=60).contains(&t) {
+            return Err((
+                "proxy_protocol.header_timeout".into(),
+                format!("must be between 1s and 60s (got {t}s)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    #[test]
+    fn off_by_default() {
+        let c = Config::default();
+        assert!(c.proxy_protocol.device_tls_balancers().is_empty());
+        assert!(c.proxy_protocol.device_plain_balancers().is_empty());
+    }
+
+    #[test]
+    fn balancers_parse_as_networks_and_addresses() {
+        let c = Config::parse(
+            "[proxy_protocol]\ndevice_tls = [\"10.0.0.7/24\", \"2001:db8::1\"]\ndevice_plain = [\"127.0.0.1\"]\nheader_timeout = \"3s\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        let tls: Vec<String> = c
+            .proxy_protocol
+            .device_tls_balancers()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(tls, ["10.0.0.0/24", "2001:db8::1/128"]);
+        assert_eq!(c.proxy_protocol.device_plain_balancers().len(), 1);
+        assert_eq!(c.proxy_protocol.header_timeout.as_secs(), 3);
+    }
+
+    #[test]
+    fn a_bad_entry_is_named_by_its_key() {
+        let err = Config::parse(
+            "[proxy_protocol]\ndevice_tls = [\"10.0.0.0/24\", \"10.0.0.300/24\"]\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "proxy_protocol.device_tls[1]");
+        assert!(err.reason.contains("10.0.0.300/24"), "{}", err.reason);
+        let err =
+            Config::parse("[proxy_protocol]\ndevice_plain = [\"::/0\"]\n", "x.toml").unwrap_err();
+        assert_eq!(err.key, "proxy_protocol.device_plain[0]");
+        let err =
+            Config::parse("[proxy_protocol]\nheader_timeout = \"0s\"\n", "x.toml").unwrap_err();
+        assert_eq!(err.key, "proxy_protocol.header_timeout");
+        let err = Config::parse(
+            "[listeners]\ndevice_tls = \"off\"\n[proxy_protocol]\ndevice_tls = [\"10.0.0.1\"]\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "proxy_protocol.device_tls");
+    }
+}

@@ -1,0 +1,359 @@
+//! PROXY protocol v2 on the device listeners: a listed load balancer's header makes
+//! the client it names the connection's peer (bans, audit); a header from anyone
+//! else, and every malformed header, is refused, counted and audited.
+
+mod common;
+
+use common::raw::Raw;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+const SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// 127.0.0.1 (where the tests connect from) is the load balancer of both device
+/// listeners.
+const BEHIND: &str = r#"
+[proxy_protocol]
+device_plain = ["127.0.0.1"]
+device_tls = ["127.0.0.1/32"]
+header_timeout = "1s"
+"#;
+
+/// A v2 header: `ver_cmd`, `fam`, then an IPv4 address block naming `client`, then
+/// `tlvs`.
+fn header_with(ver_cmd: u8, fam: u8, client: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
+    let IpAddr::V4(ip) = client.ip() else {
+        panic!("IPv4 client")
+    };
+    let mut h = SIG.to_vec();
+    h.extend_from_slice(&[ver_cmd, fam]);
+    h.extend_from_slice(&((12 + tlvs.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&ip.octets());
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&client.port().to_be_bytes());
+    h.extend_from_slice(&1883u16.to_be_bytes());
+    h.extend_from_slice(tlvs);
+    h
+}
+
+/// PROXY, TCP over IPv4, naming `client`.
+fn header(client: &str) -> Vec<u8> {
+    header_with(0x21, 0x11, client.parse().unwrap(), &[])
+}
+
+/// MQTT 3.1.1 CONNECT through a fresh connection that first sends `prefix`; the
+/// CONNACK code, or None when the gateway closed without one.
+fn connect_after(gw: &Gateway, from: Option<IpAddr>, prefix: &[u8], id: &str) -> Option<u8> {
+    let mut raw = match from {
+        Some(ip) => Raw::connect_from(gw.device_plain, ip),
+        None => Raw::connect(gw.device_plain),
+    };
+    raw.send(prefix);
+    raw.connect_v4(id, Some((id, SECRET)))
+}
+
+#[test]
+fn the_balancers_header_names_the_peer_for_the_audit_and_for_bans() {
+    let gw = Gateway::start_with(BEHIND);
+    gw.add_device_secret("meter-1", SECRET);
+    // The header and the CONNECT in one write: the header is read exactly.
+    let mut raw = Raw::connect(gw.device_plain);
+    let mut bytes = header("203.0.113.7:4242");
+    raw.send(&bytes);
+    assert_eq!(
+        raw.connect_v4("meter-1", Some(("meter-1", SECRET))),
+        Some(0)
+    );
+    gw.wait_audit(&["\"connect\"", "\"allow\"", "meter-1", "203.0.113.7:4242"]);
+    drop(raw);
+
+    // A ban on the claimed address closes that client, not the balancer's others.
+    gw.cli_ok(&["ban", "add", "203.0.113.7/32"]);
+    let mut banned = Raw::connect(gw.device_plain);
+    banned.send(&bytes);
+    assert_eq!(banned.closed_within(T), (true, vec![]));
+    assert_eq!(gw.refusals("connect", "banned"), 1);
+    gw.wait_audit(&["\"refuse\"", "banned", "203.0.113.7:4242"]);
+    bytes = header("203.0.113.8:4243");
+    assert_eq!(connect_after(&gw, None, &bytes, "meter-1"), Some(0));
+
+    // Failed logins back off the client named in the header, not the balancer.
+    let wrong = header("198.51.100.5:1000");
+    for _ in 0..3 {
+        let mut raw = Raw::connect(gw.device_plain);
+        raw.send(&wrong);
+        assert_eq!(
+            raw.connect_v4("meter-1", Some(("meter-1", "wrong"))),
+            Some(5)
+        );
+    }
+    gw.wait_audit(&["\"refuse\"", "198.51.100.5:1000"]);
+    // That client is backed off, even with the right secret...
+    assert_eq!(connect_after(&gw, None, &wrong, "meter-1"), Some(5));
+    // Counted once the refusal is decided, which may be just after the CONNACK.
+    let counted = wait_for(T, || {
+        (gw.refusals("connect", "backed_off") == 1).then_some(())
+    });
+    assert!(counted.is_some(), "backed_off not counted once");
+    // ...another client behind the same balancer is not.
+    assert_eq!(
+        connect_after(&gw, None, &header("198.51.100.6:1000"), "meter-1"),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_header_from_a_source_that_is_not_a_balancer_is_refused() {
+    let gw = Gateway::start_with(BEHIND);
+    gw.add_device_secret("meter-1", SECRET);
+    let device: IpAddr = "127.0.0.2".parse().unwrap();
+    for claim in [
+        header("203.0.113.7:4242"),
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 4242 1883\r\n".to_vec(),
+    ] {
+        let mut raw = Raw::connect_from(gw.device_plain, device);
+        raw.send(&claim);
+        raw.send(&[0x10, 0x00]);
+        assert_eq!(raw.closed_within(T), (true, vec![]));
+    }
+    assert_eq!(gw.refusals("connect", "proxy_header_not_allowed"), 2);
+    let line = gw.wait_audit(&["\"refuse\"", "proxy_header_not_allowed", "127.0.0.2:"]);
+    assert!(!line.contains("203.0.113.7"), "{line}");
+    // On the TLS listener too, before any handshake.
+    let mut raw = Raw::connect_from(gw.device_tls, device);
+    raw.send(&header("203.0.113.7:4242"));
+    assert_eq!(raw.closed_within(T), (true, vec![]));
+    assert_eq!(gw.refusals("connect", "proxy_header_not_allowed"), 3);
+    // The same source without a header is a plain device connection.
+    assert_eq!(connect_after(&gw, Some(device), b"", "meter-1"), Some(0));
+    gw.wait_audit(&["\"connect\"", "\"allow\"", "meter-1", "127.0.0.2:"]);
+}
+
+#[test]
+fn framing_errors_from_the_balancer_are_refused_and_the_next_connection_works() {
+    let gw = Gateway::start_with(BEHIND);
+    gw.add_device_secret("meter-1", SECRET);
+    let client: SocketAddr = "203.0.113.7:4242".parse().unwrap();
+    let good = header("203.0.113.7:4242");
+    let with = |at: usize, b: u8| {
+        let mut h = good.clone();
+        h[at] = b;
+        h
+    };
+    let mut too_long = good.clone();
+    too_long[14..16].copy_from_slice(&600u16.to_be_bytes());
+    let mut too_short = good.clone();
+    too_short[14..16].copy_from_slice(&4u16.to_be_bytes());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bad signature", with(4, b'X'), "signature"),
+        ("version 1 nibble", with(12, 0x11), "version 1 "),
+        ("version 3", with(12, 0x31), "version 3"),
+        ("command 2", with(12, 0x22), "command 0x2"),
+        ("family 4", with(13, 0x41), "family 0x4"),
+        ("protocol 3", with(13, 0x13), "transport 0x3"),
+        ("UNSPEC family", with(13, 0x01), "family UNSPEC"),
+        ("UDP on TCP", with(13, 0x12), "Datagram"),
+        ("over the bound", too_long, "over the bound of 512"),
+        ("shorter than its addresses", too_short, "too short"),
+        (
+            "TLV past the end",
+            header_with(0x21, 0x11, client, &[0x04, 0x00, 0x09, 1]),
+            "TLV at offset 12",
+        ),
+        (
+            "v1 text",
+            b"PROXY TCP4 203.0.113.7 127.0.0.1 4242 1883\r\n".to_vec(),
+            "version 1 (text)",
+        ),
+        (
+            "no header at all",
+            vec![0x10, 0x0C, 0x00, 0x04],
+            "signature",
+        ),
+    ];
+    for (n, (what, bytes, words)) in cases.iter().enumerate() {
+        // Whatever follows a bad header is never read: here, a valid CONNECT.
+        assert_eq!(
+            connect_after(&gw, None, bytes, "meter-1"),
+            None,
+            "{what} was not refused"
+        );
+        assert_eq!(
+            gw.refusals("handshake", "proxy_header_invalid"),
+            n as u64 + 1,
+            "{what}"
+        );
+        gw.wait_audit(&["\"refuse\"", "proxy_header_invalid", words, "127.0.0.1:"]);
+    }
+    let invalid = cases.len() as u64;
+
+    // Truncated: the balancer closes within the header.
+    let mut raw = Raw::connect(gw.device_plain);
+    raw.send(&good[..20]);
+    raw.stream.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(raw.closed_within(T), (true, vec![]));
+    assert_eq!(
+        gw.refusals("handshake", "proxy_header_invalid"),
+        invalid + 1
+    );
+    gw.wait_audit(&[
+        "\"refuse\"",
+        "closed within the PROXY header (after 20 bytes)",
+    ]);
+
+    // Too slow: part of a header, then nothing (header_timeout = 1s).
+    let mut raw = Raw::connect(gw.device_plain);
+    raw.send(&good[..10]);
+    assert_eq!(raw.closed_within(T), (true, vec![]));
+    assert_eq!(gw.refusals("handshake", "proxy_header_timeout"), 1);
+    gw.wait_audit(&["\"refuse\"", "proxy_header_timeout", "127.0.0.1:"]);
+
+    // None of it was charged to the client the good header names, nor to the balancer.
+    assert_eq!(connect_after(&gw, None, &good, "meter-1"), Some(0));
+    gw.wait_audit(&["\"connect\"", "\"allow\"", "203.0.113.7:4242"]);
+}
+
+#[test]
+fn local_is_the_balancers_own_connection() {
+    let gw = Gateway::start_with(BEHIND);
+    gw.add_device_secret("meter-1", SECRET);
+    // LOCAL (a health check) with an address block the gateway must ignore.
+    let local = header_with(0x20, 0x11, "203.0.113.7:4242".parse().unwrap(), &[]);
+    let mut raw = Raw::connect(gw.device_plain);
+    let own = raw.stream.local_addr().unwrap();
+    raw.send(&local);
+    assert_eq!(
+        raw.connect_v4("meter-1", Some(("meter-1", SECRET))),
+        Some(0)
+    );
+    gw.wait_audit(&["\"connect\"", "\"allow\"", &own.to_string()]);
+    assert!(!gw.audit().contains("203.0.113.7"), "{}", gw.audit());
+}
+
+/// A one-connection load balancer: accepts on a port of its own, connects to
+/// `backend`, writes a header naming `client`, then relays both ways.
+fn balancer(backend: SocketAddr, client: &'static str) -> SocketAddr {
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = front.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (down, _) = front.accept().unwrap();
+        let mut up = TcpStream::connect(backend).unwrap();
+        up.write_all(&header(client)).unwrap();
+        let pipe = |mut from: TcpStream, mut to: TcpStream| {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 || to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(Shutdown::Write);
+            })
+        };
+        let a = pipe(down.try_clone().unwrap(), up.try_clone().unwrap());
+        let b = pipe(up, down);
+        let _ = a.join();
+        let _ = b.join();
+    });
+    addr
+}
+
+#[test]
+fn tls_behind_a_balancer_the_header_comes_before_the_handshake() {
+    let gw = Gateway::start_with(BEHIND);
+    let (cert, key) = gw.add_device_cert("meter-t");
+    let front = balancer(gw.device_tls, "198.51.100.20:5555");
+    let out = mosquitto(
+        "mosquitto_pub",
+        &gw.client_cert(
+            front,
+            "meter-t",
+            &cert,
+            &key,
+            &["-t", "devices/meter-t/telemetry", "-m", "x"],
+        ),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    gw.wait_audit(&["\"connect\"", "\"allow\"", "meter-t", "198.51.100.20:5555"]);
+    // Straight to the TLS listener from the balancer's address, with no header: refused.
+    let out = mosquitto(
+        "mosquitto_pub",
+        &gw.client_cert(
+            gw.device_tls,
+            "meter-t",
+            &cert,
+            &key,
+            &["-t", "devices/meter-t/telemetry", "-m", "x"],
+        ),
+        T,
+    );
+    assert!(!out.status.success());
+    assert_eq!(gw.refusals("handshake", "proxy_header_invalid"), 1);
+}
+
+#[test]
+fn without_proxy_protocol_a_header_is_not_taken_from_anyone() {
+    let gw = Gateway::start();
+    gw.add_device_secret("meter-1", SECRET);
+    assert_eq!(
+        connect_after(&gw, None, &header("203.0.113.7:4242"), "meter-1"),
+        None
+    );
+    assert_eq!(gw.refusals("connect", "malformed_connect"), 1);
+    assert!(!gw.audit().contains("203.0.113.7"));
+    assert_eq!(connect_after(&gw, None, b"", "meter-1"), Some(0));
+}
+
+#[test]
+fn a_reload_does_not_change_the_balancers() {
+    let gw = Gateway::start_with(BEHIND);
+    gw.add_device_secret("meter-1", SECRET);
+    let good = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(
+        &gw.config,
+        good.replace(
+            "device_plain = [\"127.0.0.1\"]",
+            "device_plain = [\"127.0.0.2\"]",
+        ),
+    )
+    .unwrap();
+    let out = gw.cli(&["config", "reload"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("proxy_protocol changed"),
+        "{}",
+        text(&out)
+    );
+    // 127.0.0.1 is still the balancer: its connections still need a header.
+    assert_eq!(
+        connect_after(&gw, None, &header("203.0.113.9:9"), "meter-1"),
+        Some(0)
+    );
+    assert_eq!(connect_after(&gw, None, b"", "meter-1"), None);
+}
+
+#[test]
+fn config_check_names_a_bad_balancer_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(
+        &file,
+        "[proxy_protocol]\ndevice_tls = [\"10.0.0.0/24\", \"10.0.0.0/33\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["config", "check", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out);
+    assert!(
+        err.contains("proxy_protocol.device_tls[1]") && err.contains("10.0.0.0/33"),
+        "{err}"
+    );
+}
