@@ -119,6 +119,15 @@ pub struct Tls {
 pub struct Admin {
     /// Unix socket of the admin API. Default: `{data_dir}/admin.sock`.
     pub socket: Option<PathBuf>,
+    /// The admin API over HTTP (`/api/v1/...`, bearer token). Off by default.
+    #[serde(deserialize_with = "listen_addr")]
+    pub http_listen: Option<SocketAddr>,
+    /// The file holding the bearer token of the HTTP admin API (required with
+    /// `http_listen`). The token itself never goes in this file's text.
+    pub http_token_file: Option<PathBuf>,
+    /// Serve the HTTP admin API over TLS, with the server certificate of `[tls]`.
+    /// Required off loopback.
+    pub http_tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -1052,6 +1061,24 @@ impl Config {
                 ));
             }
         }
+        if let Some(addr) = self.admin.http_listen {
+            if self.admin.http_token_file.is_none() {
+                return Err((
+                    "admin.http_token_file".into(),
+                    "required when admin.http_listen is set: the file holding the bearer token"
+                        .into(),
+                ));
+            }
+            if !addr.ip().is_loopback() && !self.admin.http_tls {
+                return Err((
+                    "admin.http_listen".into(),
+                    format!(
+                        "the HTTP admin API without TLS is only allowed on loopback (got {}); set admin.http_tls = true",
+                        addr.ip()
+                    ),
+                ));
+            }
+        }
         let c = &self.coap;
         for (key, value, lo, hi) in [
             ("coap.max_sessions", c.max_sessions as u64, 1, 10_000_000),
@@ -1256,6 +1283,13 @@ impl Config {
     }
     pub fn admin_socket(&self) -> PathBuf {
         self.path_or(&self.admin.socket, "admin.sock")
+    }
+    /// The HTTP admin API's token file, if one is configured.
+    pub fn admin_token_file(&self) -> Option<PathBuf> {
+        self.admin
+            .http_token_file
+            .as_deref()
+            .map(|p| self.resolve(p))
     }
     pub fn secret_key_file(&self) -> PathBuf {
         self.path_or(&self.auth.secret_key_file, "keys/secret-hash.key")
@@ -1582,6 +1616,25 @@ mod tests {
         }
         let ok = Config::parse("[auth]\nipv6_source_prefix = 128\n", "x.toml").unwrap();
         assert_eq!(ok.auth.ipv6_source_prefix, 128);
+    }
+
+    #[test]
+    fn http_admin_is_off_by_default_and_needs_a_token_file_and_tls_off_loopback() {
+        assert_eq!(Config::default().admin.http_listen, None);
+        let err =
+            Config::parse("[admin]\nhttp_listen = \"127.0.0.1:9465\"\n", "x.toml").unwrap_err();
+        assert_eq!(err.key, "admin.http_token_file");
+        let off_loopback = "[admin]\nhttp_listen = \"0.0.0.0:9465\"\nhttp_token_file = \"/t\"\n";
+        let err = Config::parse(off_loopback, "x.toml").unwrap_err();
+        assert_eq!(err.key, "admin.http_listen");
+        assert!(err.reason.contains("admin.http_tls = true"), "{err}");
+        let with_tls =
+            Config::parse(&format!("{off_loopback}http_tls = true\n"), "x.toml").unwrap();
+        assert!(with_tls.admin.http_tls);
+        let loopback =
+            "[admin]\nhttp_listen = \"[::1]:9465\"\nhttp_token_file = \"{data_dir}/../t\"\n";
+        let ok = Config::parse(loopback, "x.toml").unwrap();
+        assert_eq!(ok.admin_token_file(), Some(PathBuf::from("data/../t")));
     }
 
     #[test]

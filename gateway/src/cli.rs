@@ -183,6 +183,12 @@ enum AuditAction {
         #[arg(long)]
         checkpoint: Option<String>,
     },
+    /// The newest audit lines, oldest first, as JSON (also `GET /api/v1/events`).
+    Recent {
+        /// How many (default 100, at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -417,6 +423,10 @@ pub fn run(cli: Cli) -> Result<()> {
             // Schemas are part of the configuration: they must load too.
             portcullis_core::validate::Validator::new(&config.validation, |p| config.resolve(p))
                 .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+            // The HTTP admin API's token file: as `serve` would read it.
+            if let (Some(_), Some(token)) = (config.admin.http_listen, config.admin_token_file()) {
+                crate::admin::http::Token::load(&token).map_err(|e| UsageError(e.to_string()))?;
+            }
             for renamed in &config.renamed {
                 eprintln!("{}: warning: {renamed}", file.display());
             }
@@ -448,6 +458,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     println!("sha256:       {}", issued.fingerprint_sha256);
                 }
             }
+            Ok(())
+        }
+        Command::Audit {
+            action: AuditAction::Recent { limit },
+            config,
+        } => {
+            let config = load_config(config.config.as_deref())?;
+            print(&call(
+                &config,
+                crate::admin::protocol::RecentEvents { limit },
+            )?);
             Ok(())
         }
         Command::Audit {
@@ -1286,7 +1307,7 @@ fn offline_outbox(config: &Config) -> Result<Option<Arc<OutboxAdmin>>> {
 /// The operator's mistake exits 2, the gateway's 1.
 fn failure(e: AdminError) -> anyhow::Error {
     match e {
-        AdminError::Usage(m) => UsageError(m).into(),
+        AdminError::Usage(m) | AdminError::NotFound(m) => UsageError(m).into(),
         AdminError::Runtime(m) => anyhow::anyhow!(m),
     }
 }

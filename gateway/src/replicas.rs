@@ -57,9 +57,7 @@ pub async fn take(
 }
 
 fn message(e: AdminError) -> String {
-    match e {
-        AdminError::Usage(m) | AdminError::Runtime(m) => m,
-    }
+    e.message()
 }
 
 fn apply(state: &AdminState, msg: ControlMessage) -> Result<String, String> {

@@ -382,6 +382,8 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let admin_socket = config.admin_socket();
     let admin_listener = admin::bind(&admin_socket)
         .with_context(|| format!("admin socket {}", admin_socket.display()))?;
+    // The admin API over HTTP (off by default): token, certificate and port now.
+    let admin_http = admin::http::bind(&config).await?;
 
     let server_cert = config.server_cert();
     let server_key = config.server_key();
@@ -589,7 +591,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         behaviours: Some(behaviours.clone()),
         outbox,
         control: control_out.clone(),
-        audit: AuditSink::Live(audit.clone()),
+        audit: AuditSink::Live(audit.clone(), config.audit_file()),
     });
     // What other replicas tell this one is applied as an operator's change here would
     // be, but not told on again.
@@ -625,6 +627,15 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         behaviour_stopped,
     ));
     let outbox = admin_state.outbox.clone();
+    if let Some(bound) = admin_http {
+        report.push((bound.label(), bound.local.to_string()));
+        tasks.push(tokio::spawn(admin::http::serve(
+            bound,
+            admin_state.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     // Parked sessions past their expiry are dropped, and what they held with them
     // (counted as expired): a device's queued commands, a service's queued messages

@@ -124,6 +124,8 @@ refusals! {
     ProxyHeaderInvalid => Handshake, "proxy_header_invalid", "malformed PROXY protocol header from a load balancer";
     ProxyHeaderTimeout => Handshake, "proxy_header_timeout", "no whole PROXY protocol header within proxy_protocol.header_timeout";
     ProxyHeaderNotAllowed => Connect, "proxy_header_not_allowed", "PROXY protocol header from a source that is not a listed load balancer";
+    /// The HTTP admin API: a request without the right bearer token.
+    AdminUnauthorized => Connect, "admin_unauthorized", "admin API request without the right bearer token";
     // Protocol framing.
     MalformedPacket => Decode, "malformed_packet", "malformed packet";
     TopicInvalid => Decode, "topic_invalid", "topic name is not valid";

@@ -9,14 +9,25 @@ use portcullis_core::principal::PrincipalKind;
 /// gateway running) the audit file directly.
 #[derive(Clone)]
 pub enum AuditSink {
-    Live(Audit),
+    /// The writer, and the file it writes (read back for recent events).
+    Live(Audit, std::path::PathBuf),
     File(Box<AuditSettings>),
+}
+
+impl AuditSink {
+    /// The current audit file.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            AuditSink::Live(_, path) => path,
+            AuditSink::File(settings) => &settings.path,
+        }
+    }
 }
 
 impl AdminState {
     pub(super) fn write_audit(&self, entry: AuditEntry) {
         match &self.audit {
-            AuditSink::Live(audit) => audit.record(entry),
+            AuditSink::Live(audit, _) => audit.record(entry),
             AuditSink::File(settings) => {
                 // The same keyed chain the gateway writes, continued from its last line.
                 if let Err(e) = append_blocking(settings, &[entry]) {

@@ -114,7 +114,7 @@ impl Handler for RemoveBan {
     fn run(self, state: &AdminState) -> Result<BanRemoved, AdminError> {
         let target = parse_ban_target(&self.target)?;
         if !state.registry.remove_ban(&target)? {
-            return Err(format!("no ban on {target}").into());
+            return Err(AdminError::NotFound(format!("no ban on {target}")));
         }
         state.audit_ban("unban", &target);
         if let Some(control) = &state.control {

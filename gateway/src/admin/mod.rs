@@ -15,6 +15,8 @@ mod audit;
 mod bans;
 mod clients;
 mod config;
+mod events;
+pub mod http;
 mod outbox;
 mod principals;
 pub mod protocol;
@@ -100,6 +102,7 @@ impl AdminState {
             Request::OutboxShow(op) => self.reply(op),
             Request::OutboxRetry(op) => self.reply(op),
             Request::OutboxPurge(op) => self.reply(op),
+            Request::EventsRecent(op) => self.reply(op),
         }
     }
 
@@ -126,9 +129,8 @@ impl AdminState {
 impl From<RegistryError> for AdminError {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::Exists { .. } | RegistryError::NotFound { .. } => {
-                AdminError::Usage(e.to_string())
-            }
+            RegistryError::Exists { .. } => AdminError::Usage(e.to_string()),
+            RegistryError::NotFound { .. } => AdminError::NotFound(e.to_string()),
             other => AdminError::Runtime(other.to_string()),
         }
     }
@@ -224,7 +226,7 @@ pub(crate) mod testing {
 
     pub fn usage<T: std::fmt::Debug>(r: Result<T, AdminError>) -> String {
         match r {
-            Err(AdminError::Usage(m)) => m,
+            Err(AdminError::Usage(m) | AdminError::NotFound(m)) => m,
             other => panic!("expected a usage error, got {other:?}"),
         }
     }

@@ -234,7 +234,7 @@ impl Handler for ShowPrincipal {
         let snapshot = state.registry.snapshot();
         let record = snapshot
             .get(self.kind, &id)
-            .ok_or_else(|| format!("no such {}: {id}", self.kind))?;
+            .ok_or_else(|| AdminError::NotFound(format!("no such {}: {id}", self.kind)))?;
         let sessions = state.sessions.as_ref().map(|sessions| {
             sessions
                 .list()

@@ -93,6 +93,46 @@ protocol! {
     OutboxRetry(RetryDeadLetters) -> OutboxChanged;
     /// Dead letters removed for good.
     OutboxPurge(PurgeDeadLetters) -> OutboxChanged;
+    /// The newest lines of the audit log, newest last.
+    EventsRecent(RecentEvents) -> Vec<RecentEvent>;
+}
+
+/// The newest audit lines: `limit` of them (default 100, at most 1000).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecentEvents {
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// One line of the audit log as shown (its chain fields left out); absent fields are
+/// left out, as in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecentEvent {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub event: String,
+    pub decision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// An `aggregate` line: the event it counts and how many times it was seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub of: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeated: Option<u64>,
+    /// An `audit-dropped` line: entries that were lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
 }
 
 /// The outbox's summary and its dead letters (upstream mode).
@@ -576,10 +616,22 @@ pub struct DeviceState {
 }
 
 /// An admin failure: the operator's mistake (exit 2) or the gateway's (exit 1).
+/// `NotFound` is the operator's mistake too (a usage error on the socket), kept apart
+/// so the HTTP API can answer 404.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminError {
     Usage(String),
+    NotFound(String),
     Runtime(String),
+}
+
+impl AdminError {
+    /// What the operator is told.
+    pub fn message(self) -> String {
+        match self {
+            AdminError::Usage(m) | AdminError::NotFound(m) | AdminError::Runtime(m) => m,
+        }
+    }
 }
 
 impl From<String> for AdminError {
@@ -621,10 +673,8 @@ impl<T> Reply<T> {
             Err(e) => Reply {
                 ok: false,
                 result: None,
-                usage: Some(matches!(e, AdminError::Usage(_))),
-                error: Some(match e {
-                    AdminError::Usage(m) | AdminError::Runtime(m) => m,
-                }),
+                usage: Some(!matches!(e, AdminError::Runtime(_))),
+                error: Some(e.message()),
             },
         }
     }
@@ -793,6 +843,13 @@ mod tests {
         assert_eq!(
             runtime.to_line(),
             "{\"error\":\"disk full\",\"ok\":false,\"usage\":false}\n"
+        );
+        let missing =
+            Reply::<Imported>::answer(Err(AdminError::NotFound("no such device: x".into())));
+        assert_eq!(
+            missing.to_line(),
+            usage.to_line(),
+            "on the socket, a usage error"
         );
         let read = |line: &str| {
             serde_json::from_str::<Reply<Imported>>(line)

@@ -44,10 +44,17 @@ impl AdminState {
 
     /// A registered device and its group: only devices have behaviour models.
     pub(crate) fn device(&self, id: &str) -> Result<(PrincipalId, GroupName), String> {
+        self.registered_device(id).map_err(AdminError::message)
+    }
+
+    /// As `device`, an id not registered being `NotFound`.
+    fn registered_device(&self, id: &str) -> Result<(PrincipalId, GroupName), AdminError> {
         let pid = parse_id(id)?;
         match self.registry.snapshot().get(PrincipalKind::Device, &pid) {
             Some(r) => Ok((pid, r.group.clone())),
-            None => Err(format!("device {id} is not registered")),
+            None => Err(AdminError::NotFound(format!(
+                "device {id} is not registered"
+            ))),
         }
     }
 
@@ -132,7 +139,7 @@ impl Handler for ListQuarantine {
 
 impl Handler for ShowQuarantine {
     fn run(self, state: &AdminState) -> Result<QuarantineShown, AdminError> {
-        let (id, group) = state.device(&self.id)?;
+        let (id, group) = state.registered_device(&self.id)?;
         let record = state.behaviour_record(&id)?;
         // The learned baseline lives only in the running gateway's model.
         let baseline = state
@@ -167,7 +174,7 @@ impl Handler for ShowQuarantine {
 impl Handler for ReleaseDevice {
     fn run(self, state: &AdminState) -> Result<DeviceState, AdminError> {
         let id = &self.id;
-        let (pid, group) = state.device(id)?;
+        let (pid, group) = state.registered_device(id)?;
         let not_held = || format!("device {id} is not quarantined or on probation");
         let (from, to, reason) = match &state.behaviours {
             Some(b) => {
@@ -201,7 +208,7 @@ impl Handler for ReleaseDevice {
 impl Handler for QuarantineDevice {
     fn run(self, state: &AdminState) -> Result<DeviceState, AdminError> {
         let id = &self.id;
-        let (pid, group) = state.device(id)?;
+        let (pid, group) = state.registered_device(id)?;
         if let Some(r) = &self.reason {
             check_reason(r)?;
         }

@@ -1,0 +1,942 @@
+//! The admin API over HTTP as an operator meets it: nothing answers without the bearer
+//! token; each operation works end to end on a live gateway and real clients feel it
+//! (a ban closes a device's session and refuses mosquitto_pub, a quarantine keeps the
+//! device's telemetry from a service); the OpenAPI document in docs/ is what the
+//! server does, path by path; and a gateway refuses to start with the API off
+//! loopback without TLS, or with a token file others may read.
+
+mod common;
+
+use common::raw::{Raw, publish_v4_raw};
+use common::*;
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+const TOKEN: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
+const DOC: &str = include_str!("../docs/admin-api.openapi.json");
+
+/// A gateway with the HTTP admin API on, and the API's address.
+struct Api {
+    gw: Gateway,
+    addr: SocketAddr,
+    _token_dir: tempfile::TempDir,
+}
+
+/// The token in a file of its own, owner-only (the gateway refuses one others may read).
+fn token_file(text: &str, mode: u32) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("admin-token");
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    (dir, path)
+}
+
+fn admin_table(token: &Path, extra: &str) -> String {
+    format!(
+        "[admin]\nhttp_listen = \"127.0.0.1:0\"\nhttp_token_file = \"{}\"\n{extra}\n",
+        token.display()
+    )
+}
+
+impl Api {
+    fn start(extra: &str) -> Api {
+        let (dir, token) = token_file(&format!("{TOKEN}\n"), 0o600);
+        let gw = Gateway::start_with(&format!("{}{extra}", admin_table(&token, "")));
+        let addr = banner_addr(&gw, "admin API over HTTP");
+        Api {
+            gw,
+            addr,
+            _token_dir: dir,
+        }
+    }
+
+    /// A request with the right token: status and JSON body.
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, _, body) = request(
+            self.addr,
+            method,
+            path,
+            Some(&format!("Bearer {TOKEN}")),
+            body.map(|b| b.to_string()),
+        );
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    }
+
+    /// A request that must answer `want`: its JSON body.
+    fn ok(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
+        let (status, reply) = self.call(method, path, body);
+        assert_eq!(status, want, "{method} {path}: {reply}");
+        reply
+    }
+}
+
+fn banner_addr(gw: &Gateway, label: &str) -> SocketAddr {
+    gw.banner
+        .iter()
+        .find(|l| l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no {label} in {:?}", gw.banner))
+}
+
+/// One HTTP/1.0 request: status, head, body.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    body: Option<String>,
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    if let Some(a) = authorization {
+        head.push_str(&format!("Authorization: {a}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    if !body.is_empty() {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// Every documented operation: method and path template.
+fn documented() -> Vec<(String, String)> {
+    let doc: Value = serde_json::from_str(DOC).unwrap();
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            ops.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    ops
+}
+
+/// A template with its parameters filled in.
+fn fill(template: &str, value: &str) -> String {
+    template.replace("{id}", value).replace("{target}", value)
+}
+
+#[test]
+fn nothing_answers_without_the_right_token_and_each_refusal_is_audited_and_counted() {
+    let api = Api::start("");
+    let ops = documented();
+    assert!(ops.len() > 20, "{ops:?}");
+    let mut refused = 0;
+    let bodies = [
+        None,
+        Some("Bearer nope"),
+        Some("Basic YWRtaW46YWRtaW4="),
+        Some(&format!("Bearer {TOKEN}x")[..]),
+        Some(&format!("Bearer {}", &TOKEN[1..])[..]),
+    ];
+    for (method, template) in ops
+        .iter()
+        .map(|(m, p)| (m.as_str(), fill(p, "sensor-1")))
+        .chain([
+            ("GET", "/nope".to_string()),
+            ("PUT", "/api/v1/devices".to_string()),
+        ])
+    {
+        for authorization in bodies {
+            let (status, head, body) = request(
+                api.addr,
+                method,
+                &template,
+                authorization,
+                Some("{}".into()),
+            );
+            assert_eq!(
+                status, 401,
+                "{method} {template} with {authorization:?}: {body}"
+            );
+            let challenge = head
+                .lines()
+                .find_map(|l| l.strip_prefix("www-authenticate: "))
+                .unwrap_or_else(|| panic!("no WWW-Authenticate in {head}"));
+            assert!(
+                challenge.starts_with("Bearer realm=\"portcullis-admin\""),
+                "{challenge}"
+            );
+            let error: Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                error["error"].as_str().unwrap().contains("bearer token"),
+                "{body}"
+            );
+            refused += 1;
+        }
+    }
+    // Nothing ran: the device named in every path was never created.
+    assert_eq!(api.ok("GET", "/api/v1/devices", None, 200), json!([]));
+    assert_eq!(api.gw.refusals("connect", "admin_unauthorized"), refused);
+    let line = api
+        .gw
+        .wait_audit(&["\"event\":\"admin\"", "wrong bearer token"]);
+    assert!(
+        line.contains("\"decision\":\"refuse\"") && line.contains("127.0.0.1"),
+        "{line}"
+    );
+    assert!(!api.gw.audit().contains(TOKEN), "the token is never logged");
+    assert!(
+        !api.gw.stderr().contains(TOKEN),
+        "the token is never logged"
+    );
+}
+
+/// The schema of one documented response, with the document's components to resolve
+/// its references.
+fn response_schema(doc: &Value, op: &Value, status: u16) -> Option<Value> {
+    let mut response = op["responses"].get(status.to_string())?.clone();
+    if let Some(r) = response.get("$ref").and_then(Value::as_str) {
+        let name = r.rsplit('/').next().unwrap();
+        response = doc["components"]["responses"][name].clone();
+    }
+    let mut schema = response["content"]["application/json"]["schema"].clone();
+    schema["components"] = doc["components"].clone();
+    Some(schema)
+}
+
+#[test]
+fn the_openapi_document_is_what_the_live_server_does() {
+    let api = Api::start("");
+    let doc: Value = serde_json::from_str(DOC).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut covered = std::collections::BTreeSet::new();
+    // Each step: a real request, its documented operation, the status it must get.
+    let secret = json!({ "id": "sensor-1", "secret": SECRET });
+    let service = json!({ "id": "billing", "secret": SECRET });
+    let steps: Vec<(&str, &str, String, Option<Value>, u16)> = vec![
+        (
+            "POST",
+            "/api/v1/devices",
+            "/api/v1/devices".into(),
+            Some(secret),
+            201,
+        ),
+        (
+            "POST",
+            "/api/v1/devices",
+            "/api/v1/devices".into(),
+            Some(json!({"id": "x", "colour": 1})),
+            400,
+        ),
+        (
+            "GET",
+            "/api/v1/devices",
+            "/api/v1/devices".into(),
+            None,
+            200,
+        ),
+        (
+            "GET",
+            "/api/v1/devices/{id}",
+            "/api/v1/devices/sensor-1".into(),
+            None,
+            200,
+        ),
+        (
+            "GET",
+            "/api/v1/devices/{id}",
+            "/api/v1/devices/ghost".into(),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/api/v1/devices/{id}",
+            "/api/v1/devices/bad%20id".into(),
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/devices/{id}/disable",
+            "/api/v1/devices/sensor-1/disable".into(),
+            None,
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/devices/{id}/enable",
+            "/api/v1/devices/sensor-1/enable".into(),
+            None,
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/devices/{id}/enable",
+            "/api/v1/devices/ghost/enable".into(),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/api/v1/devices/{id}/rotate",
+            "/api/v1/devices/sensor-1/rotate".into(),
+            Some(json!({"secret": SECRET})),
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/devices/{id}/rotate",
+            "/api/v1/devices/sensor-1/rotate".into(),
+            Some(json!({})),
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/devices/{id}/kick",
+            "/api/v1/devices/sensor-1/kick".into(),
+            None,
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/services",
+            "/api/v1/services".into(),
+            Some(service),
+            201,
+        ),
+        (
+            "GET",
+            "/api/v1/services",
+            "/api/v1/services".into(),
+            None,
+            200,
+        ),
+        (
+            "GET",
+            "/api/v1/services/{id}",
+            "/api/v1/services/billing".into(),
+            None,
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/services/{id}/disable",
+            "/api/v1/services/billing/disable".into(),
+            None,
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/services/{id}/enable",
+            "/api/v1/services/billing/enable".into(),
+            None,
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/services/{id}/rotate",
+            "/api/v1/services/billing/rotate".into(),
+            Some(json!({"secret": SECRET})),
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/services/{id}/kick",
+            "/api/v1/services/billing/kick".into(),
+            None,
+            200,
+        ),
+        (
+            "DELETE",
+            "/api/v1/services/{id}",
+            "/api/v1/services/billing".into(),
+            None,
+            200,
+        ),
+        (
+            "DELETE",
+            "/api/v1/services/{id}",
+            "/api/v1/services/billing".into(),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/api/v1/bans",
+            "/api/v1/bans".into(),
+            Some(json!({"target": "10.9.0.0/16", "reason": "test"})),
+            201,
+        ),
+        (
+            "POST",
+            "/api/v1/bans",
+            "/api/v1/bans".into(),
+            Some(json!({"target": "10.9.0.0/16", "ttl_secs": 0})),
+            400,
+        ),
+        ("GET", "/api/v1/bans", "/api/v1/bans".into(), None, 200),
+        (
+            "DELETE",
+            "/api/v1/bans/{target}",
+            "/api/v1/bans/10.9.0.0%2F16".into(),
+            None,
+            200,
+        ),
+        (
+            "DELETE",
+            "/api/v1/bans/{target}",
+            "/api/v1/bans/10.9.0.0%2F16".into(),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/api/v1/clients",
+            "/api/v1/clients".into(),
+            None,
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/quarantine/{id}",
+            "/api/v1/quarantine/sensor-1".into(),
+            Some(json!({"reason": "under test"})),
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/quarantine/{id}",
+            "/api/v1/quarantine/ghost".into(),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/api/v1/quarantine",
+            "/api/v1/quarantine".into(),
+            None,
+            200,
+        ),
+        (
+            "GET",
+            "/api/v1/quarantine",
+            "/api/v1/quarantine?all=true".into(),
+            None,
+            200,
+        ),
+        (
+            "GET",
+            "/api/v1/quarantine",
+            "/api/v1/quarantine?all=maybe".into(),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/api/v1/quarantine/{id}",
+            "/api/v1/quarantine/sensor-1".into(),
+            None,
+            200,
+        ),
+        (
+            "GET",
+            "/api/v1/quarantine/{id}",
+            "/api/v1/quarantine/ghost".into(),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/api/v1/quarantine/{id}/release",
+            "/api/v1/quarantine/sensor-1/release".into(),
+            None,
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/quarantine/{id}/release",
+            "/api/v1/quarantine/sensor-1/release".into(),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/api/v1/events",
+            "/api/v1/events?limit=5".into(),
+            None,
+            200,
+        ),
+        (
+            "GET",
+            "/api/v1/events",
+            "/api/v1/events?limit=0".into(),
+            None,
+            400,
+        ),
+        ("POST", "/api/v1/reload", "/api/v1/reload".into(), None, 200),
+        (
+            "DELETE",
+            "/api/v1/devices/{id}",
+            "/api/v1/devices/sensor-1".into(),
+            None,
+            200,
+        ),
+        (
+            "DELETE",
+            "/api/v1/devices/{id}",
+            "/api/v1/devices/sensor-1".into(),
+            None,
+            404,
+        ),
+    ];
+    for (method, template, path, body, want) in steps {
+        let op = &doc["paths"][template][method.to_lowercase()];
+        assert!(op.is_object(), "{method} {template} is not documented");
+        let (status, reply) = api.call(method, &path, body);
+        assert_eq!(status, want, "{method} {path}: {reply}");
+        let schema = response_schema(&doc, op, status)
+            .unwrap_or_else(|| panic!("{method} {template}: {status} is not documented"));
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&reply)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {path} ({status}): {errors:?} in {reply}"
+        );
+        // Every documented operation also answers 401 without the token, documented.
+        assert!(
+            response_schema(&doc, op, 401).is_some(),
+            "{method} {template}: no 401"
+        );
+        covered.insert((method.to_string(), template.to_string()));
+    }
+    let all: std::collections::BTreeSet<_> = documented().into_iter().collect();
+    assert_eq!(covered, all, "every documented operation is exercised");
+    // A documented path answers no method the document does not name.
+    for (_, template) in &all {
+        let item = doc["paths"][template].as_object().unwrap();
+        for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+            if !item.contains_key(&method.to_lowercase()) {
+                let (status, reply) = api.call(method, &fill(template, "sensor-1"), None);
+                assert_eq!(status, 405, "{method} {template}: {reply}");
+            }
+        }
+    }
+    // And a path it does not list is not found.
+    assert_eq!(api.call("GET", "/api/v2/devices", None).0, 404);
+    assert_eq!(api.call("GET", "/metrics", None).0, 404);
+}
+
+#[test]
+fn bodies_are_bounded_and_bad_ones_are_named() {
+    let api = Api::start("");
+    let big = json!({ "id": "sensor-1", "secret": "x".repeat(70_000) });
+    let (status, reply) = api.call("POST", "/api/v1/devices", Some(big));
+    assert_eq!(status, 413, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("65536 bytes"),
+        "{reply}"
+    );
+    let (status, _, body) = request(
+        api.addr,
+        "POST",
+        "/api/v1/devices",
+        Some(&format!("Bearer {TOKEN}")),
+        Some("{\"id\": ".into()),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("bad request body: EOF while parsing"),
+        "{body}"
+    );
+    let reply = api.ok(
+        "POST",
+        "/api/v1/devices",
+        Some(json!({ "id": "sensor-1", "secret_hash": "x" })),
+        400,
+    );
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `secret_hash`"),
+        "{reply}"
+    );
+    let reply = api.ok(
+        "POST",
+        "/api/v1/devices",
+        Some(json!({ "id": "sensor-1" })),
+        400,
+    );
+    assert!(
+        reply["error"].as_str().unwrap().contains("credential"),
+        "{reply}"
+    );
+    let reply = api.ok("GET", "/api/v1/events?limit=3&colour=red", None, 400);
+    assert!(
+        reply["error"].as_str().unwrap().contains("\"colour\""),
+        "{reply}"
+    );
+    assert_eq!(api.ok("GET", "/api/v1/devices", None, 200), json!([]));
+}
+
+/// A device on the plain listener, authenticated with its secret (MQTT 3.1.1).
+fn device(gw: &Gateway, id: &str) -> Raw {
+    let mut raw = Raw::connect(gw.device_plain);
+    assert_eq!(
+        raw.connect_v4(id, Some((id, SECRET))),
+        Some(0),
+        "{id} connects"
+    );
+    raw
+}
+
+#[test]
+fn a_ban_and_a_kick_through_http_end_sessions_and_refuse_a_real_client() {
+    let api = Api::start("");
+    api.ok(
+        "POST",
+        "/api/v1/devices",
+        Some(json!({ "id": "sensor-1", "secret": SECRET })),
+        201,
+    );
+    let mut raw = device(&api.gw, "sensor-1");
+    let clients = wait_for(T, || {
+        let list = api.ok("GET", "/api/v1/clients", None, 200);
+        (list.as_array().unwrap().len() == 1).then_some(list)
+    })
+    .expect("the device is listed");
+    assert_eq!(clients[0]["id"], "sensor-1");
+    assert!(
+        clients[0]["protocol"].as_str().unwrap().starts_with("mqtt"),
+        "{clients}"
+    );
+    let shown = api.ok("GET", "/api/v1/devices/sensor-1", None, 200);
+    assert_eq!(shown["sessions"].as_array().unwrap().len(), 1, "{shown}");
+
+    let kicked = api.ok("POST", "/api/v1/devices/sensor-1/kick", None, 200);
+    assert_eq!(kicked["sessions_ended"], 1);
+    assert!(raw.closed_within(T).0, "the kicked session is closed");
+
+    let mut raw = device(&api.gw, "sensor-1");
+    let ban = json!({ "target": "device/sensor-1", "reason": "stolen" });
+    let banned = api.ok("POST", "/api/v1/bans", Some(ban), 201);
+    assert_eq!(banned["sessions_ended"], 1, "{banned}");
+    assert_eq!(banned["target"], "device sensor-1");
+    assert!(raw.closed_within(T).0, "the banned session is closed");
+    let publish = |gw: &Gateway| {
+        let args = gw.client(
+            gw.device_plain,
+            "sensor-1",
+            &[
+                "-u",
+                "sensor-1",
+                "-P",
+                SECRET,
+                "-t",
+                "devices/sensor-1/telemetry",
+                "-m",
+                "hi",
+            ],
+        );
+        mosquitto("mosquitto_pub", &args, T)
+    };
+    let refused = publish(&api.gw);
+    assert!(
+        !refused.status.success(),
+        "a banned device is refused: {}",
+        text(&refused)
+    );
+    api.ok("DELETE", "/api/v1/bans/device%2Fsensor-1", None, 200);
+    let allowed = publish(&api.gw);
+    assert!(
+        allowed.status.success(),
+        "the ban is lifted: {}",
+        text(&allowed)
+    );
+    assert_eq!(api.ok("GET", "/api/v1/bans", None, 200), json!([]));
+}
+
+/// A service group that may watch telemetry.
+const OPS: &str = r#"
+[service_groups.ops]
+trust = ["{data_dir}/pki/ca.pem"]
+subscribe = ["devices/+/telemetry/#"]
+"#;
+
+#[test]
+fn a_quarantine_through_http_keeps_a_devices_telemetry_from_services_until_released() {
+    let api = Api::start(OPS);
+    let gw = &api.gw;
+    gw.issue("ops");
+    gw.cli_ok(&["service", "add", "ops", "--cert-any", "--group", "ops"]);
+    let sub = Sub::start(&gw.client(
+        gw.service_tls,
+        "ops",
+        &["-v", "-t", "devices/+/telemetry/#"],
+    ));
+    gw.wait_audit(&["\"connect\"", "\"ops\"", "\"allow\""]);
+    api.ok(
+        "POST",
+        "/api/v1/devices",
+        Some(json!({ "id": "sensor-1", "secret": SECRET })),
+        201,
+    );
+    let mut raw = device(gw, "sensor-1");
+    let publish = |raw: &mut Raw, payload: &str| {
+        raw.send(&publish_v4_raw(
+            b"devices/sensor-1/telemetry",
+            payload.as_bytes(),
+            0,
+            0,
+        ));
+    };
+    // The subscription may not be in place yet: publish until one arrives.
+    wait_for(T, || {
+        publish(&mut raw, "before");
+        sub.expect("before", Duration::from_millis(200)).ok()
+    })
+    .expect("telemetry reaches the service before the quarantine");
+
+    let state = api.ok(
+        "POST",
+        "/api/v1/quarantine/sensor-1",
+        Some(json!({ "reason": "firmware under investigation" })),
+        200,
+    );
+    assert_eq!(state, json!({ "id": "sensor-1", "state": "quarantined" }));
+    let listed = api.ok("GET", "/api/v1/quarantine", None, 200);
+    assert_eq!(listed[0]["id"], "sensor-1");
+    assert!(
+        listed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("firmware under investigation"),
+        "{listed}"
+    );
+    publish(&mut raw, "during");
+    // Dropped: the message reached the gateway and went no further.
+    wait_for(T, || {
+        (gw.metric("portcullis_quarantine_dropped_total ") >= 1).then_some(())
+    })
+    .expect("the quarantined device's message is dropped");
+
+    let released = api.ok("POST", "/api/v1/quarantine/sensor-1/release", None, 200);
+    assert_eq!(released["state"], "released");
+    publish(&mut raw, "after");
+    // In order on one session: what comes after the "before"s is "after", not "during".
+    let next = loop {
+        let line = sub
+            .expect("devices/sensor-1/telemetry", T)
+            .expect("telemetry flows again after release");
+        if !line.ends_with(" before") {
+            break line;
+        }
+    };
+    assert_eq!(
+        next, "devices/sensor-1/telemetry after",
+        "nothing sent in quarantine reached the service"
+    );
+
+    // The operator's actions are in the recent events, newest last.
+    let events = wait_for(T, || {
+        let events = api.ok("GET", "/api/v1/events?limit=1000", None, 200);
+        let text = events.to_string();
+        text.contains("released by operator").then_some(events)
+    })
+    .expect("the release is a recent event");
+    let reasons: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .filter(|r| r.contains("by operator") || r.contains("firmware under investigation"))
+        .collect();
+    assert!(reasons.len() >= 2, "{reasons:?}");
+    assert!(
+        reasons.last().unwrap().contains("released by operator"),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn a_reload_through_http_applies_a_good_file_and_refuses_a_bad_one() {
+    let api = Api::start("");
+    let reloaded = api.ok("POST", "/api/v1/reload", None, 200);
+    assert!(
+        reloaded["reloaded"].as_str().unwrap().contains("groups"),
+        "{reloaded}"
+    );
+    api.gw.wait_audit(&["\"config\"", "reloaded: "]);
+    // The CLI reads the same recent events through the socket.
+    let cli: Value =
+        serde_json::from_str(&api.gw.cli_ok(&["audit", "recent", "--limit", "3"])).unwrap();
+    assert_eq!(cli, api.ok("GET", "/api/v1/events?limit=3", None, 200));
+    assert!(cli.to_string().contains("reloaded: "), "{cli}");
+
+    let config = std::fs::read_to_string(&api.gw.config).unwrap();
+    std::fs::write(&api.gw.config, format!("{config}\nthis is not toml\n")).unwrap();
+    let refused = api.ok("POST", "/api/v1/reload", None, 400);
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("portcullis.toml"),
+        "{refused}"
+    );
+    api.gw.wait_audit(&["\"config\"", "reload refused"]);
+    // Still serving, on the configuration it had.
+    assert_eq!(api.ok("GET", "/api/v1/devices", None, 200), json!([]));
+}
+
+#[test]
+fn over_tls_curl_reads_the_token_from_a_header_file() {
+    // `extra` goes right after the [admin] table: an [admin] key.
+    let api = Api::start("http_tls = true\n");
+    let ca = api.gw.ca();
+    let (dir, header) = token_file(&format!("Authorization: Bearer {TOKEN}\n"), 0o600);
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--cacert"])
+        .arg(&ca)
+        .args(["-H", &format!("@{}", header.display())])
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!(
+            "https://localhost:{}/api/v1/devices",
+            api.addr.port()
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim_end(), "[]\n200");
+    // Plain HTTP is not spoken there.
+    let out = Command::new("curl")
+        .args(["--silent", "-H", &format!("@{}", header.display())])
+        .arg(format!(
+            "http://127.0.0.1:{}/api/v1/devices",
+            api.addr.port()
+        ))
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("[]"));
+    drop(dir);
+}
+
+/// `portcullis serve` and `config check` on a config with the given [admin] keys:
+/// exit code and stderr of each.
+fn refused_at_start(admin: &str) -> Vec<(Option<i32>, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}/data\"\n[listeners]\ndevice_tls = \"127.0.0.1:0\"\ndevice_plain = \"127.0.0.1:0\"\nservice_tls = \"127.0.0.1:0\"\ncoap_dtls = \"127.0.0.1:0\"\n[observability]\nlisten = \"off\"\n{admin}",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    [
+        vec!["config", "check", config],
+        vec!["serve", "--config", config],
+    ]
+    .into_iter()
+    .map(|args| {
+        let out = Command::new(BIN)
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .collect()
+}
+
+#[test]
+fn off_loopback_without_tls_or_with_a_bad_token_file_the_gateway_does_not_start() {
+    let (_dir, token) = token_file(&format!("{TOKEN}\n"), 0o600);
+    let off_loopback = format!(
+        "[admin]\nhttp_listen = \"0.0.0.0:0\"\nhttp_token_file = \"{}\"\n",
+        token.display()
+    );
+    for (code, stderr) in refused_at_start(&off_loopback) {
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            stderr.contains("admin.http_listen: the HTTP admin API without TLS is only allowed on loopback (got 0.0.0.0)"),
+            "{stderr}"
+        );
+    }
+    let no_file = "[admin]\nhttp_listen = \"127.0.0.1:0\"\n";
+    for (code, stderr) in refused_at_start(no_file) {
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            stderr.contains("admin.http_token_file: required"),
+            "{stderr}"
+        );
+    }
+    for (text, mode, why) in [
+        (
+            format!("{TOKEN}\n"),
+            0o644,
+            "other users may access it (mode 644)",
+        ),
+        ("\n".to_string(), 0o600, "empty"),
+        ("tooshort\n".to_string(), 0o600, "at least 32 characters"),
+    ] {
+        let (_dir, token) = token_file(&text, mode);
+        let [check, serve] = refused_at_start(&admin_table(&token, ""))
+            .try_into()
+            .unwrap();
+        assert_eq!(
+            check.0,
+            Some(2),
+            "config check reads the token file too: {}",
+            check.1
+        );
+        assert!(check.1.contains(why), "{}", check.1);
+        assert_eq!(serve.0, Some(2), "{}", serve.1);
+        assert!(
+            serve
+                .1
+                .contains(&format!("admin token file {}: ", token.display())),
+            "{}",
+            serve.1
+        );
+        assert!(serve.1.contains(why), "{}", serve.1);
+        assert!(!serve.1.contains(TOKEN), "the token is never shown");
+    }
+    let (code, stderr) = refused_at_start(&admin_table(Path::new("/nonexistent/token"), ""))
+        .pop()
+        .unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/token: cannot read"),
+        "{stderr}"
+    );
+}
