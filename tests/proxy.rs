@@ -107,6 +107,23 @@ fn the_balancers_header_names_the_peer_for_the_audit_and_for_bans() {
 }
 
 #[test]
+fn connections_that_never_send_their_header_cannot_keep_a_device_out() {
+    let gw = Gateway::start_full(BEHIND, "max_unauthenticated = 2");
+    gw.add_device_secret("meter-1", SECRET);
+    // The bound's worth of connections through the balancer that send nothing.
+    let mut silent = Raw::connect(gw.device_plain);
+    let _also_silent = Raw::connect(gw.device_plain);
+    // A device behind the balancer still gets in: the oldest silent one makes room.
+    assert_eq!(
+        connect_after(&gw, None, &header("203.0.113.9:5000"), "meter-1"),
+        Some(0)
+    );
+    assert_eq!(silent.closed_within(T), (true, vec![]));
+    assert_eq!(gw.refusals("connect", "unauthenticated_shed"), 1);
+    gw.wait_audit(&["\"refuse\"", "unauthenticated_shed", "127.0.0.1"]);
+}
+
+#[test]
 fn a_header_from_a_source_that_is_not_a_balancer_is_refused() {
     let gw = Gateway::start_with(BEHIND);
     gw.add_device_secret("meter-1", SECRET);

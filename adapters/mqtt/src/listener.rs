@@ -138,15 +138,10 @@ pub async fn serve_behind(
         if let Some(lb) = balancers.as_ref().filter(|lb| lb.allows(peer.ip())) {
             // The client is not known until the header is read: the gate is passed
             // after it, with the client's address.
-            let Some(waiting) = lb.pending() else {
-                proxy::refuse(
-                    &ctx,
-                    peer,
-                    Refusal::ConnectionLimit,
-                    "PROXY headers awaited at their bound (limits.max_unauthenticated)",
-                );
-                continue;
-            };
+            // At the bound the oldest connection still waiting for its header is
+            // shed (it says so as it ends): one that never sends a header cannot
+            // keep a device out.
+            let (waiting, _shed) = lb.pending();
             let (lb, gate, shutdown) = (lb.clone(), gate.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let Some((stream, client)) =

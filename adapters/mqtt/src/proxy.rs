@@ -5,12 +5,12 @@
 use crate::listener::{Link, handshake_failed, shed_unauthenticated};
 use crate::session::{Context, stopped};
 use portcullis_core::audit::AuditEntry;
-use portcullis_core::proxy_header::{self, Header, LoadBalancers};
+use portcullis_core::proxy_header::{self, Header, HeaderWait, LoadBalancers};
 use portcullis_core::refusal::Refusal;
 use portcullis_core::source_gate::Admitted;
 use std::net::SocketAddr;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::sync::watch;
 
 /// Count and audit a connection refused over its PROXY header; the caller closes it.
 pub(crate) fn refuse(ctx: &Context, peer: SocketAddr, refusal: Refusal, detail: &str) {
@@ -33,11 +33,21 @@ pub(crate) async fn from_balancer(
     mut stream: TcpStream,
     balancer: SocketAddr,
     lb: &LoadBalancers,
-    waiting: OwnedSemaphorePermit,
+    mut waiting: HeaderWait,
     mut shutdown: watch::Receiver<bool>,
 ) -> Option<(TcpStream, SocketAddr)> {
     let read = tokio::select! {
         read = tokio::time::timeout(lb.header_timeout, proxy_header::read(&mut stream)) => read,
+        _ = waiting.shed() => {
+            refuse(
+                ctx,
+                balancer,
+                Refusal::UnauthenticatedShed,
+                "no whole PROXY header before newer connections displaced it \
+                 (limits.max_unauthenticated)",
+            );
+            return None;
+        }
         _ = stopped(&mut shutdown) => return None,
     };
     drop(waiting);

@@ -9,11 +9,13 @@
 //! (the text form) is refused: a balancer that can send v1 can send v2.
 
 use ipnet::IpNet;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 /// The 12 bytes every v2 header starts with.
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -277,8 +279,19 @@ pub struct LoadBalancers {
     nets: Vec<IpNet>,
     pub header_timeout: Duration,
     /// Connections from the balancers whose header has not arrived yet: they hold no
-    /// connection slot (the client is not known), so they are bounded here.
-    pending: Arc<Semaphore>,
+    /// connection slot (the client is not known), so they are bounded here, oldest
+    /// shed first for a newcomer (as `source_gate` does for connections that have not
+    /// logged in): connections that never send a header cannot keep devices out.
+    pending: Arc<Mutex<Waiting>>,
+}
+
+/// Connections waiting for their header, by age; each holds the sender whose drop
+/// sheds it.
+#[derive(Debug)]
+struct Waiting {
+    cap: usize,
+    next: u64,
+    waiting: BTreeMap<u64, oneshot::Sender<()>>,
 }
 
 impl LoadBalancers {
@@ -287,7 +300,11 @@ impl LoadBalancers {
         (!nets.is_empty()).then(|| LoadBalancers {
             nets,
             header_timeout,
-            pending: Arc::new(Semaphore::new(max_pending.max(1))),
+            pending: Arc::new(Mutex::new(Waiting {
+                cap: max_pending.max(1),
+                next: 0,
+                waiting: BTreeMap::new(),
+            })),
         })
     }
 
@@ -297,9 +314,53 @@ impl LoadBalancers {
         self.nets.iter().any(|n| n.contains(&ip))
     }
 
-    /// A place among the connections waiting for their header; None at the bound.
-    pub fn pending(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.pending.clone().try_acquire_owned().ok()
+    /// A place among the connections waiting for their header; at the bound the
+    /// oldest waiting one is shed to make room (true when one was).
+    pub fn pending(&self) -> (HeaderWait, bool) {
+        let (tx, rx) = oneshot::channel();
+        let mut w = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shed = false;
+        while w.waiting.len() >= w.cap {
+            // Dropping its sender wakes the connection, which ends.
+            w.waiting.pop_first();
+            shed = true;
+        }
+        let number = w.next;
+        w.next += 1;
+        w.waiting.insert(number, tx);
+        (
+            HeaderWait {
+                pending: self.pending.clone(),
+                number,
+                shed: rx,
+            },
+            shed,
+        )
+    }
+}
+
+/// Held by a balancer's connection until its header is read: it counts against the
+/// bound, and `shed` resolves when a newer connection displaces it.
+pub struct HeaderWait {
+    pending: Arc<Mutex<Waiting>>,
+    number: u64,
+    shed: oneshot::Receiver<()>,
+}
+
+impl HeaderWait {
+    /// Resolves when the connection is shed for a newer one. Cancel-safe.
+    pub async fn shed(&mut self) {
+        let _ = (&mut self.shed).await;
+    }
+}
+
+impl Drop for HeaderWait {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .waiting
+            .remove(&self.number);
     }
 }
 
