@@ -30,12 +30,23 @@ impl Default for ProxyProtocol {
 }
 
 /// One entry of a balancer list: `"10.0.0.0/24"`, `"2001:db8::/64"` or a single
-/// address. Host bits are dropped.
+/// address. Host bits are dropped. An IPv4-mapped IPv6 entry (`"::ffff:10.0.0.5"`, as
+/// a dual-stack host shows its IPv4 peers) is its IPv4 network: peers are matched
+/// as IPv4.
 fn network(text: &str) -> Option<IpNet> {
-    match text.parse::<IpNet>() {
-        Ok(n) => Some(n.trunc()),
-        Err(_) => text.parse::<IpAddr>().ok().map(IpNet::from),
-    }
+    let net = match text.parse::<IpNet>() {
+        Ok(n) => n.trunc(),
+        Err(_) => IpNet::from(text.parse::<IpAddr>().ok()?),
+    };
+    Some(match net {
+        IpNet::V6(v6) => match (v6.addr().to_ipv4_mapped(), v6.prefix_len()) {
+            (Some(v4), len) if len >= 96 => {
+                IpNet::V4(ipnet::Ipv4Net::new(v4, len - 96).ok()?.trunc())
+            }
+            _ => net,
+        },
+        v4 => v4,
+    })
 }
 
 impl ProxyProtocol {
@@ -123,6 +134,23 @@ mod tests {
         assert_eq!(tls, ["10.0.0.0/24", "2001:db8::1/128"]);
         assert_eq!(c.proxy_protocol.device_plain_balancers().len(), 1);
         assert_eq!(c.proxy_protocol.header_timeout.as_secs(), 3);
+    }
+
+    #[test]
+    fn an_ipv4_mapped_entry_is_its_ipv4_network() {
+        let c = Config::parse(
+            "[proxy_protocol]\ndevice_tls = [\"::ffff:10.0.0.5\", \"::ffff:10.1.0.0/112\"]\n",
+            "x.toml",
+        )
+        .unwrap();
+        let tls: Vec<String> = c
+            .proxy_protocol
+            .device_tls_balancers()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        // Peers are matched as IPv4 (a mapped peer is made IPv4 first).
+        assert_eq!(tls, ["10.0.0.5/32", "10.1.0.0/16"]);
     }
 
     #[test]

@@ -197,11 +197,24 @@ mod linux {
             .ok()
     }
 
+    /// The boot time in Unix seconds from the clocks: now, less CLOCK_BOOTTIME (the
+    /// clock the process's start ticks count on).
+    pub(super) fn boot_time() -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        let since_boot = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        now.checked_sub(u64::try_from(since_boot.tv_sec).ok()?)
+    }
+
     pub(super) fn read() -> Reading {
         let ticks = rustix::param::clock_ticks_per_second().max(1) as f64;
         let page = rustix::param::page_size() as u64;
         let stat = ok(read_file(STAT).and_then(|t| parse_stat(&t)));
-        let boot = ok(read_file(PROC_STAT).and_then(|t| parse_boot_time(&t)));
+        // A hardened unit hides /proc/stat (systemd's ProcSubset=pid): then the boot
+        // time is the wall clock less the time since boot.
+        let boot = ok(read_file(PROC_STAT).and_then(|t| parse_boot_time(&t))).or_else(boot_time);
         let open_fds = ok(std::fs::read_dir("/proc/self/fd")
             .map_err(|e| ProcError::new("/proc/self/fd", e.to_string()))
             // Less the descriptor the listing itself holds open.
@@ -277,6 +290,19 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "/proc/self/limits: Max open files soft limit is not a count: \"lots\""
+        );
+    }
+
+    /// Where /proc/stat is hidden (a unit with ProcSubset=pid), the start time comes
+    /// from the clocks, and they give the boot time /proc/stat gives.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_boot_time_from_the_clocks_is_the_one_proc_stat_gives() {
+        let btime = parse_boot_time(&std::fs::read_to_string(PROC_STAT).unwrap()).unwrap();
+        let clocks = linux::boot_time().unwrap();
+        assert!(
+            clocks.abs_diff(btime) <= 2,
+            "{clocks} against btime {btime}"
         );
     }
 
