@@ -55,6 +55,21 @@ fn line_of(text: &str, offset: usize) -> u64 {
         + 1
 }
 
+/// A parser's message without the value it found: serde's "invalid type: string
+/// \"…\", expected a boolean" quotes what the file holds there, which may be a secret
+/// put under the wrong key.
+fn redact(message: &str) -> String {
+    for kind in ["invalid type", "invalid value", "invalid length"] {
+        if let Some(rest) = message.strip_prefix(kind) {
+            return match rest.rfind(", expected ") {
+                Some(at) => format!("{kind} (the value is not shown){}", &rest[at..]),
+                None => format!("{kind} (the value is not shown)"),
+            };
+        }
+    }
+    message.to_string()
+}
+
 /// The file's entries, and the problems found reading them here (a certificate file
 /// that cannot be read), each `line N: entry I: …`. A file that does not parse is an
 /// error at once, naming the line.
@@ -66,7 +81,11 @@ pub fn read(file: &Path) -> Result<(Vec<SyncEntry>, Vec<String>)> {
             .span()
             .map(|s| format!("line {}: ", line_of(&text, s.start)))
             .unwrap_or_default();
-        UsageError(format!("{}: {at}{}", file.display(), e.message().trim()))
+        UsageError(format!(
+            "{}: {at}{}",
+            file.display(),
+            redact(e.message().trim())
+        ))
     })?;
     let base = file.parent().unwrap_or(Path::new("."));
     let mut entries = Vec::with_capacity(parsed.principal.len());
@@ -211,6 +230,31 @@ pub fn print_plan(kind: PrincipalKind, file: &Path, plan: &SyncPlan, dry_run: bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_line_not_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("devices.toml");
+        for (text, value) in [
+            // A secret put under the flag that asks for one.
+            (
+                "[[principal]]\nid = \"a-1\"\ngenerate_secret = \"s3cr3t-value-0123456789\"\n",
+                "s3cr3t-value-0123456789",
+            ),
+            (
+                "[[principal]]\nid = \"a-1\"\nsecret = 98765432109876543\n",
+                "98765432109876543",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let err = read(&file).unwrap_err().to_string();
+            assert!(!err.contains(value), "{err}");
+            assert!(
+                err.contains("line 3: invalid type (the value is not shown), expected"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn entries_carry_their_line_and_a_syntax_error_names_its_line_not_its_text() {
