@@ -192,6 +192,8 @@ impl End {
 
 async fn run(ctx: Arc<Context>, link: Link, mut rx: mpsc::Receiver<Input>) {
     let Some((mut session, guard, mut slot, live)) = set_up(&ctx, &link, &mut rx).await else {
+        // Refused (and told for a while), or ended before it began.
+        answer_the_rest(&link, &mut rx, NakReason::NotAuthorized).await;
         return;
     };
     let end = {
@@ -241,6 +243,29 @@ async fn run(ctx: Arc<Context>, link: Link, mut rx: mpsc::Receiver<Input>) {
     // starting a session.
     if matches!(end, End::RateTooHigh) {
         hold(&ctx, &link, &mut rx, NakReason::RateLimited).await;
+    }
+    let rest = match end {
+        End::Kicked(KickReason::Removed | KickReason::Disabled | KickReason::Banned) => {
+            NakReason::NotAuthorized
+        }
+        End::RateTooHigh => NakReason::RateLimited,
+        // Sent again, they go to the device's next session.
+        _ => NakReason::Busy,
+    };
+    answer_the_rest(&link, &mut rx, rest).await;
+}
+
+/// Frames that reached an ending session after it stopped reading are answered NAK
+/// `reason`, not lost unanswered: the queue is closed first, so the bus gives the
+/// device's next frame to a new session.
+async fn answer_the_rest(link: &Link, rx: &mut mpsc::Receiver<Input>, reason: NakReason) {
+    rx.close();
+    while let Ok(input) = rx.try_recv() {
+        if let Input::Data { counter, .. } = input
+            && link.answer(counter, Some(reason)).await.is_err()
+        {
+            return;
+        }
     }
 }
 
@@ -546,9 +571,9 @@ impl Session {
                     .outstanding
                     .as_ref()
                     .is_some_and(|o| o.counter == counter)
+                    && let Some(o) = self.outstanding.take()
                 {
-                    self.outstanding = None;
-                    Metrics::inc(&ctx.metrics.messages_delivered);
+                    ctx.metrics.delivered(o.delivery.message.payload.len());
                     self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(())
