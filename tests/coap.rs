@@ -140,6 +140,11 @@ fn an_observe_on_the_commands_resource_receives_a_command_from_a_service() {
         (gw.metric("portcullis_messages_delivered_total") >= 1).then_some(())
     })
     .expect("the notification was acknowledged");
+    // Its payload's bytes, counted for each time it was delivered.
+    assert_eq!(
+        gw.metric("portcullis_delivered_bytes_total"),
+        gw.metric("portcullis_messages_delivered_total") * "reboot-now".len() as u64
+    );
 }
 
 #[test]

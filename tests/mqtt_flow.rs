@@ -96,6 +96,12 @@ fn device_telemetry_reaches_a_service_at_qos_0_and_1_in_both_protocol_versions()
         assert_eq!(line, format!("devices/sensor-1/telemetry {msg}"));
     }
     assert!(gw.metric("portcullis_messages_accepted_total ") >= 4);
+    // Delivered to the service: the four messages and their payload bytes.
+    assert_eq!(gw.metric("portcullis_messages_delivered_total "), 4);
+    assert_eq!(
+        gw.metric("portcullis_delivered_bytes_total "),
+        7 + 7 + 5 + 5
+    );
     // The gateway's own accept → broker-link latency, and sessions by protocol.
     assert!(gw.metric("portcullis_forward_latency_seconds_count ") >= 4);
     assert_eq!(

@@ -629,6 +629,8 @@ fn a_command_never_acknowledged_waits_until_the_device_is_heard_again() {
         (gw.metric("portcullis_messages_delivered_total") == 1).then_some(())
     })
     .expect("delivered once acknowledged");
+    // Its payload, "1".
+    assert_eq!(gw.metric("portcullis_delivered_bytes_total"), 1);
 }
 
 #[test]

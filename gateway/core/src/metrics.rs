@@ -40,6 +40,8 @@ pub struct Metrics {
     pub takeovers: AtomicU64,
     pub wills_published: AtomicU64,
     pub bytes_accepted: AtomicU64,
+    /// Payload bytes of the messages counted in `messages_delivered`.
+    pub bytes_delivered: AtomicU64,
     pub audit_dropped: AtomicU64,
     /// Audit log rotations that failed (the log went on in its current file).
     pub audit_rotation_failures: AtomicU64,
@@ -386,6 +388,13 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A message of `payload` bytes delivered to a peer.
+    pub fn delivered(&self, payload: usize) {
+        Metrics::inc(&self.messages_delivered);
+        self.bytes_delivered
+            .fetch_add(payload as u64, Ordering::Relaxed);
+    }
+
     /// Where `portcullis_devices{state}` is counted from; the first one set stays.
     /// Until one is set, every state reads 0.
     pub fn set_device_census(&self, census: Arc<dyn DeviceCensus>) {
@@ -439,7 +448,7 @@ impl Exposition {
 type Plain<'m> = (&'static str, &'static str, MetricType, &'m AtomicU64);
 
 impl Metrics {
-    fn plain(&self) -> [Plain<'_>; 26] {
+    fn plain(&self) -> [Plain<'_>; 27] {
         use MetricType::{Counter, Gauge};
         [
             (
@@ -555,6 +564,12 @@ impl Metrics {
                 "Payload bytes accepted by the pipeline.",
                 Counter,
                 &self.bytes_accepted,
+            ),
+            (
+                "portcullis_delivered_bytes",
+                "Payload bytes of the messages delivered to peers (portcullis_messages_delivered).",
+                Counter,
+                &self.bytes_delivered,
             ),
             (
                 "portcullis_audit_entries_dropped",

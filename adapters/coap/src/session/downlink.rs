@@ -137,14 +137,16 @@ pub(super) struct Downlink {
 impl Downlink {
     /// The device acknowledged message `id`: whether it was our outstanding one and
     /// carried a command (now delivered).
-    pub(super) fn acknowledged(&mut self, id: u16) -> bool {
+    /// The payload size of the command the device acknowledged, if it was one.
+    pub(super) fn acknowledged(&mut self, id: u16) -> Option<usize> {
         if self.outstanding.as_ref().is_some_and(|o| o.id == id) {
             return self
                 .outstanding
                 .take()
-                .is_some_and(|o| o.delivery.is_some());
+                .and_then(|o| o.delivery)
+                .map(|d| d.message.payload.len());
         }
-        false
+        None
     }
 
     /// What the session was sending goes back to the mailbox (the session is ending).
@@ -223,7 +225,7 @@ impl Session {
         }
         let reply = match self.next_command(now) {
             Some(d) => {
-                Metrics::inc(&ctx.metrics.messages_delivered);
+                ctx.metrics.delivered(d.message.payload.len());
                 self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
                 self.command_reply(&d, ResponseType::Content)
             }
@@ -281,8 +283,8 @@ impl Session {
         };
         if !w.acked {
             // Piggybacked (or the non-confirmable answer): delivered as sent.
-            if command.is_some() {
-                Metrics::inc(&ctx.metrics.messages_delivered);
+            if let Some(d) = &command {
+                ctx.metrics.delivered(d.message.payload.len());
                 self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
             }
             self.answer(&w.exchange, &reply);

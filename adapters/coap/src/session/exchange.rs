@@ -902,8 +902,8 @@ impl Session {
 
     /// The device acknowledged a confirmable message of ours.
     fn acknowledged(&mut self, ctx: &Context, id: u16) {
-        if self.down.acknowledged(id) {
-            Metrics::inc(&ctx.metrics.messages_delivered);
+        if let Some(size) = self.down.acknowledged(id) {
+            ctx.metrics.delivered(size);
             self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -141,6 +141,7 @@ impl Session {
             },
         };
         let before = out.len();
+        let size = d.message.payload.len();
         let send = self.state.start(d, qos);
         let defined = self.encode_send(&send, out);
         // MQTT 5: never send a packet larger than the client said it accepts; such a
@@ -159,7 +160,7 @@ impl Session {
             ctx.metrics.refused(Refusal::OverClientMaximumPacketSize);
             return;
         }
-        Metrics::inc(&ctx.metrics.messages_delivered);
+        ctx.metrics.delivered(size);
         self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
     }
 }
