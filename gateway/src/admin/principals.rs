@@ -69,6 +69,21 @@ impl From<&PrincipalRecord> for Principal {
 }
 
 impl AdminState {
+    /// What goes with a removed device: its retained commands (its desired state) and
+    /// its behaviour, so that a device registered again starts afresh. The device is
+    /// gone already; a stray behaviour record is ignored on start.
+    pub(super) fn forget_device(&self, id: &PrincipalId) {
+        if let Some(retained) = &self.retained {
+            retained.purge(id);
+        }
+        if let Some(behaviours) = &self.behaviours {
+            behaviours.forget(id);
+        }
+        if let Err(e) = self.registry.remove_behaviour_record(id) {
+            tracing::warn!(error = %e, device = %id, "behaviour record not removed");
+        }
+    }
+
     /// Only the secret's hash is kept.
     pub(super) fn hash_secret(&self, secret: Option<&str>) -> Result<Option<String>, String> {
         secret
@@ -279,18 +294,7 @@ impl Handler for RemovePrincipal {
         state.registry.remove(kind, &pid)?;
         let ended = state.kick(kind, &pid, u64::MAX, KickReason::Removed);
         if kind == PrincipalKind::Device {
-            // A removed device's desired state goes with it.
-            if let Some(retained) = &state.retained {
-                retained.purge(&pid);
-            }
-            // And so does its behaviour: a device registered again starts afresh.
-            if let Some(behaviours) = &state.behaviours {
-                behaviours.forget(&pid);
-            }
-            // The device is gone already; a stray record is ignored on start.
-            if let Err(e) = state.registry.remove_behaviour_record(&pid) {
-                tracing::warn!(error = %e, device = %pid, "behaviour record not removed");
-            }
+            state.forget_device(&pid);
         }
         state.audit("remove", kind, &self.id);
         Ok(PrincipalRemoved {

@@ -496,15 +496,7 @@ impl Handler for SyncPrincipals {
             plan.sessions_ended += state.kick(kind, &id, below, reason);
             if reason == KickReason::Removed && kind == PrincipalKind::Device {
                 // As `device remove`: its desired state and behaviour go with it.
-                if let Some(retained) = &state.retained {
-                    retained.purge(&id);
-                }
-                if let Some(behaviours) = &state.behaviours {
-                    behaviours.forget(&id);
-                }
-                if let Err(e) = state.registry.remove_behaviour_record(&id) {
-                    tracing::warn!(error = %e, device = %id, "behaviour record not removed");
-                }
+                state.forget_device(&id);
             }
         }
         for (id, action) in planned.audit {
