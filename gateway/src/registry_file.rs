@@ -111,8 +111,9 @@ mod tests {
         };
         let sealer = || registry_sealer(&config).unwrap();
         // The keys as a read-only mount holds them: the audit key and the marker, made
-        // by hand before the first start (nothing is written beside them then).
-        drop(sealer());
+        // by hand before the first start (nothing is written beside them then). The
+        // sealer makes the audit key.
+        let _ = sealer();
         std::fs::write(keys.join("audit.key.registry-sealed"), "sealed\n").unwrap();
         drop(
             open_registry(&config, sealer())
