@@ -414,16 +414,7 @@ impl Bus {
             // A quarantined device is not told (its frames are taken as if delivered,
             // and dropped); any other is refused busy. Its counter is used: it sends the
             // message again in a new frame.
-            let quarantined =
-                self.ctx.behaviours.get(&id).is_some_and(|(_, t)| {
-                    t.state() == portcullis_core::behaviour::State::Quarantined
-                });
-            let nak = if quarantined {
-                self.ctx.metrics.refused(Refusal::Quarantined);
-                None
-            } else {
-                Some(NakReason::Busy)
-            };
+            let nak = session::unless_quarantined(&self.ctx, &id, NakReason::Busy);
             self.answer(&id, counter, nak).await;
         }
     }

@@ -192,8 +192,9 @@ impl End {
 
 async fn run(ctx: Arc<Context>, link: Link, mut rx: mpsc::Receiver<Input>) {
     let Some((mut session, guard, mut slot, live)) = set_up(&ctx, &link, &mut rx).await else {
-        // Refused (and told for a while), or ended before it began.
-        answer_the_rest(&link, &mut rx, NakReason::NotAuthorized).await;
+        // Refused (and told for a while), or ended before it began: what came since
+        // is sent again, to the device's next session.
+        answer_the_rest(&ctx, &link, &mut rx, NakReason::Busy).await;
         return;
     };
     let end = {
@@ -252,17 +253,28 @@ async fn run(ctx: Arc<Context>, link: Link, mut rx: mpsc::Receiver<Input>) {
         // Sent again, they go to the device's next session.
         _ => NakReason::Busy,
     };
-    answer_the_rest(&link, &mut rx, rest).await;
+    answer_the_rest(&ctx, &link, &mut rx, rest).await;
 }
 
 /// Frames that reached an ending session after it stopped reading are answered NAK
-/// `reason`, not lost unanswered: the queue is closed first, so the bus gives the
-/// device's next frame to a new session.
-async fn answer_the_rest(link: &Link, rx: &mut mpsc::Receiver<Input>, reason: NakReason) {
+/// `reason`, not lost unanswered (a quarantined device's are acknowledged as if
+/// delivered, as the bus does: it is not told): the queue is closed first, so the
+/// bus gives the device's next frame to a new session.
+async fn answer_the_rest(
+    ctx: &Context,
+    link: &Link,
+    rx: &mut mpsc::Receiver<Input>,
+    reason: NakReason,
+) {
     rx.close();
     while let Ok(input) = rx.try_recv() {
-        if let Input::Data { counter, .. } = input
-            && link.answer(counter, Some(reason)).await.is_err()
+        let Input::Data { counter, .. } = input else {
+            continue;
+        };
+        if link
+            .answer(counter, unless_quarantined(ctx, &link.id, reason))
+            .await
+            .is_err()
         {
             return;
         }
@@ -451,6 +463,24 @@ struct Session {
     limited_run: bool,
     /// A frame was refused for a full outbox since the last one taken (one audit line).
     refused_full: bool,
+}
+
+/// The answer to a frame not taken: NAK `reason`, but for a quarantined device, which
+/// is not told (acknowledged as if delivered, counted as refused).
+pub(crate) fn unless_quarantined(
+    ctx: &Context,
+    id: &PrincipalId,
+    reason: NakReason,
+) -> Option<NakReason> {
+    let quarantined = ctx
+        .behaviours
+        .get(id)
+        .is_some_and(|(_, t)| t.state() == portcullis_core::behaviour::State::Quarantined);
+    if quarantined {
+        ctx.metrics.refused(Refusal::Quarantined);
+        return None;
+    }
+    Some(reason)
 }
 
 /// The answer to a device whose authenticated login could not open its session: busy
