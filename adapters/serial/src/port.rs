@@ -346,6 +346,11 @@ impl Port {
                 match rustix::io::read(ready.get_inner(), &mut self.buf[..]) {
                     Ok(0) => return self.vanished("reading: end of file".into()),
                     Ok(n) => return PortEvent::Bytes(self.buf[..n].to_vec()),
+                    // Hung up with nothing left to read: the readiness would stay set
+                    // and the loop spin, so the port is let go.
+                    Err(e) if e == rustix::io::Errno::AGAIN && readiness.is_read_closed() => {
+                        return self.vanished("reading: the far end hung up".into());
+                    }
                     Err(e) if e == rustix::io::Errno::AGAIN => {
                         ready.clear_ready_matching(tokio::io::Ready::READABLE)
                     }
