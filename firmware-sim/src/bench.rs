@@ -491,7 +491,11 @@ impl Bench {
                         break;
                     }
                 }
-                _ => bail!("portcullis did not start: {banner:?}"),
+                _ => {
+                    let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                    let log = std::fs::read_to_string(&log).unwrap_or_default();
+                    bail!("portcullis did not start ({status}): {banner:?}; its log:\n{log}")
+                }
             }
         }
         // Keep reading stdout so the gateway never blocks on it.
