@@ -491,6 +491,7 @@ fn the_openapi_document_is_what_the_live_server_does() {
             400,
         ),
         ("POST", "/api/v1/reload", "/api/v1/reload".into(), None, 200),
+        ("GET", "/api/v1/stats", "/api/v1/stats".into(), None, 200),
         (
             "DELETE",
             "/api/v1/devices/{id}",

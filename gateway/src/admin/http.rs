@@ -217,6 +217,10 @@ async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
+    // The page's own files carry no data (see dashboard.rs): nothing else is exempt.
+    if super::dashboard::is_public(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
     let presented = request
         .headers()
         .get(AUTHORIZATION)
@@ -537,7 +541,21 @@ pub fn routes() -> Vec<(Method, String, MethodRouter<Http>)> {
         "/api/v1/reload".into(),
         post(|State(h): State<Http>| async move { h.run(Reload {}, S::OK).await }),
     ));
+    r.push((
+        Method::GET,
+        "/api/v1/stats".into(),
+        get(|State(h): State<Http>| async move {
+            json_response(S::OK, &super::stats::Stats::read(&h.admin, &h.metrics))
+        }),
+    ));
     r
+}
+
+/// Every answer, with or without the token, gets the dashboard's security headers.
+async fn hardened(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    super::dashboard::harden(&mut response);
+    response
 }
 
 /// The whole API: the routes behind the token.
@@ -546,6 +564,13 @@ pub fn router(http: Http) -> Router {
     for (_, path, route) in routes() {
         router = router.route(&path, route);
     }
+    for (path, _, _) in super::dashboard::ASSETS {
+        router = router.route(
+            path,
+            get(move || async move { super::dashboard::asset(path) }),
+        );
+    }
+    router = router.route("/", get(|| async { super::dashboard::home() }));
     router
         .fallback(|uri: Uri| async move {
             error(
@@ -561,6 +586,7 @@ pub fn router(http: Http) -> Router {
         })
         // Outermost: nothing, not even a 404, answers without the token.
         .layer(middleware::from_fn_with_state(http.clone(), require_token))
+        .layer(middleware::from_fn(hardened))
         .with_state(http)
 }
 

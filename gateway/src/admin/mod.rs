@@ -15,6 +15,7 @@ mod audit;
 mod bans;
 mod clients;
 mod config;
+pub mod dashboard;
 mod events;
 pub mod http;
 mod outbox;
@@ -23,6 +24,7 @@ pub mod protocol;
 mod quarantine;
 mod registry;
 mod socket;
+mod stats;
 mod sync;
 
 pub use audit::AuditSink;

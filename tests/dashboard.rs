@@ -1,0 +1,487 @@
+//! The operator dashboard as an operator meets it, in headless Chromium driven by
+//! tests/dashboard/drive.py (Selenium, `$PORTCULLIS_PYTHON`): the page shows nothing
+//! and asks nothing of the API without the token, says "token refused" to a wrong one,
+//! shows the registered devices with their state and reasons (as text, whatever they
+//! hold), the rates and the audit, and its buttons, once confirmed, quarantine,
+//! release, kick and ban on the live gateway, felt by real MQTT clients. Without a
+//! browser: the page's files are the only paths served without the token, with a
+//! strict Content-Security-Policy.
+
+mod common;
+
+use common::raw::{Raw, publish_v4_raw};
+use common::*;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+const TOKEN: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// A service group that may watch telemetry.
+const OPS: &str = r#"
+[service_groups.ops]
+trust = ["{data_dir}/pki/ca.pem"]
+subscribe = ["devices/+/telemetry/#"]
+"#;
+
+struct Api {
+    gw: Gateway,
+    addr: SocketAddr,
+    _token_dir: tempfile::TempDir,
+}
+
+impl Api {
+    fn start(extra: &str) -> Api {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("admin-token");
+        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let gw = Gateway::start_with(&format!(
+            "[admin]\nhttp_listen = \"127.0.0.1:0\"\nhttp_token_file = \"{}\"\n{extra}",
+            token.display()
+        ));
+        let addr = gw
+            .banner
+            .iter()
+            .find(|l| l.contains("admin API over HTTP"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no admin API in {:?}", gw.banner));
+        Api {
+            gw,
+            addr,
+            _token_dir: dir,
+        }
+    }
+
+    fn ok(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
+        let (status, _, text) = request(
+            self.addr,
+            method,
+            path,
+            Some(&format!("Bearer {TOKEN}")),
+            body,
+        );
+        assert_eq!(status, want, "{method} {path}: {text}");
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    }
+}
+
+/// One HTTP/1.0 request: status, head (lower-case header names), body.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    if let Some(a) = authorization {
+        head.push_str(&format!("Authorization: {a}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_lowercase(), body.to_string())
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+}
+
+#[test]
+fn the_page_files_alone_are_served_without_the_token_with_a_strict_policy() {
+    let api = Api::start("");
+    api.ok(
+        "POST",
+        "/api/v1/devices",
+        Some(json!({ "id": "sensor-1", "secret": SECRET })),
+        201,
+    );
+    let (status, head, _) = request(api.addr, "GET", "/", None, None);
+    assert_eq!(status, 303, "{head}");
+    assert_eq!(header(&head, "location"), Some("/dashboard/"));
+    for (path, content_type, needle) in [
+        ("/dashboard/", "text/html", "<form id=\"login-form\""),
+        ("/dashboard/app.js", "text/javascript", "Authorization"),
+        ("/dashboard/app.css", "text/css", "table"),
+        ("/dashboard/favicon.svg", "image/svg+xml", "<svg"),
+    ] {
+        let (status, head, body) = request(api.addr, "GET", path, None, None);
+        assert_eq!(status, 200, "{path}: {head}");
+        assert!(
+            header(&head, "content-type")
+                .unwrap()
+                .starts_with(content_type),
+            "{path}: {head}"
+        );
+        assert!(body.contains(needle), "{path}: {body}");
+        assert!(!body.contains("sensor-1"), "{path} carries no data");
+        // Header values as sent (the head was lowered for matching names).
+        assert_eq!(
+            header(&head, "content-security-policy"),
+            Some(CSP.to_lowercase().as_str()),
+            "{path}"
+        );
+        assert_eq!(header(&head, "x-content-type-options"), Some("nosniff"));
+        assert_eq!(header(&head, "referrer-policy"), Some("no-referrer"));
+        assert_eq!(header(&head, "cache-control"), Some("no-store"));
+    }
+    // Nothing else: not another method on those paths, nor a path beside them, nor
+    // the data the page shows.
+    let before = api.gw.refusals("connect", "admin_unauthorized");
+    let refused = [
+        ("POST", "/dashboard/"),
+        ("DELETE", "/"),
+        ("GET", "/dashboard"),
+        ("GET", "/dashboard/index.html"),
+        ("GET", "/dashboard/app.js/x"),
+        ("GET", "/dashboard/../api/v1/devices"),
+        ("GET", "/api/v1/stats"),
+        ("GET", "/api/v1/devices"),
+    ];
+    for (method, path) in refused {
+        let (status, head, body) = request(api.addr, method, path, None, None);
+        assert_eq!(status, 401, "{method} {path}: {body}");
+        assert!(!body.contains("sensor-1"), "{body}");
+        assert_eq!(header(&head, "cache-control"), Some("no-store"));
+    }
+    assert_eq!(
+        api.gw.refusals("connect", "admin_unauthorized"),
+        before + refused.len() as u64
+    );
+}
+
+/// The browser, driven line by line.
+struct Browser {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Browser {
+    fn start(base: &str) -> Browser {
+        let python = std::env::var("PORTCULLIS_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/dashboard/drive.py");
+        let mut child = Command::new(&python)
+            .arg("-u")
+            .arg(script)
+            .arg(base)
+            .env("SE_OFFLINE", "true")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{python} (set PORTCULLIS_PYTHON): {e}"));
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut b = Browser {
+            child,
+            stdin,
+            lines,
+        };
+        let ready = b.next();
+        assert_eq!(
+            ready["ready"], true,
+            "headless Chromium through Selenium (pip install selenium; apt-get install chromium chromium-driver): {ready}"
+        );
+        b
+    }
+
+    fn next(&mut self) -> Value {
+        // Bounded so that a hung browser fails the test instead of hanging it; the
+        // driver's own waits are shorter.
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the browser driver answers (see its stderr above)");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+
+    /// One command; its answer, which must not be an error.
+    fn run(&mut self, cmd: Value) -> Value {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        let reply = self.next();
+        assert!(reply.get("error").is_none(), "{cmd}: {reply}");
+        reply
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "{}", json!({"do": "quit"}));
+        let _ = self.child.wait();
+    }
+}
+
+fn device(gw: &Gateway, id: &str) -> Raw {
+    let mut raw = Raw::connect(gw.device_plain);
+    assert_eq!(raw.connect_v4(id, Some((id, SECRET))), Some(0), "{id}");
+    raw
+}
+
+fn fetched_api(page: &Value) -> Vec<String> {
+    page["fetched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|u| u.contains("/api/"))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn the_dashboard_needs_the_token_shows_devices_and_its_buttons_act_on_the_gateway() {
+    let api = Api::start(OPS);
+    let gw = &api.gw;
+    gw.issue("ops");
+    gw.cli_ok(&["service", "add", "ops", "--cert-any", "--group", "ops"]);
+    let sub = Sub::start(&gw.client(
+        gw.service_tls,
+        "ops",
+        &["-v", "-t", "devices/+/telemetry/#"],
+    ));
+    gw.wait_audit(&["\"connect\"", "\"ops\"", "\"allow\""]);
+    for id in ["sensor-1", "sensor-2"] {
+        api.ok(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({ "id": id, "secret": SECRET })),
+            201,
+        );
+    }
+    // A reason is free text: markup in it must show as text, never run.
+    let hostile = "<b id=\"xss\">bold</b><img src=x>";
+    api.ok(
+        "POST",
+        "/api/v1/quarantine/sensor-2",
+        Some(json!({ "reason": hostile })),
+        200,
+    );
+    let mut raw = device(gw, "sensor-1");
+    let publish = |raw: &mut Raw, payload: &str| {
+        raw.send(&publish_v4_raw(
+            b"devices/sensor-1/telemetry",
+            payload.as_bytes(),
+            0,
+            0,
+        ));
+    };
+    wait_for(T, || {
+        publish(&mut raw, "before");
+        sub.expect("before", Duration::from_millis(200)).ok()
+    })
+    .expect("telemetry reaches the service");
+
+    let mut b = Browser::start(&format!("http://{}", api.addr));
+
+    // Without the token: the form and nothing else, and no API call made.
+    let refusals = gw.refusals("connect", "admin_unauthorized");
+    let page = b.run(json!({"do": "open", "path": "/"}));
+    assert!(
+        page["url"].as_str().unwrap().ends_with("/dashboard/"),
+        "{page}"
+    );
+    assert_eq!(page["login_visible"], true, "{page}");
+    assert_eq!(page["dashboard_visible"], false, "{page}");
+    assert!(!page["text"].as_str().unwrap().contains("sensor"), "{page}");
+    assert_eq!(fetched_api(&page), Vec::<String>::new());
+    assert_eq!(gw.refusals("connect", "admin_unauthorized"), refusals);
+
+    // A wrong token: refused, still nothing shown.
+    let page = b.run(json!({"do": "login", "token": format!("{TOKEN}x")}));
+    assert_eq!(page["login_error"], "token refused", "{page}");
+    assert_eq!(page["dashboard_visible"], false, "{page}");
+    assert!(!page["text"].as_str().unwrap().contains("sensor"), "{page}");
+    assert_eq!(
+        gw.refusals("connect", "admin_unauthorized"),
+        refusals + 1,
+        "one call checks the token"
+    );
+
+    // The token: the devices, their state and reasons, connected or not.
+    let page = b.run(json!({"do": "login", "token": TOKEN}));
+    assert_eq!(page["dashboard_visible"], true, "{page}");
+    assert_eq!(page["login_visible"], false, "{page}");
+    let row = b.run(json!({"do": "row", "id": "sensor-1", "state": "normal"}));
+    assert!(
+        row["connected"].as_str().unwrap().starts_with("mqtt"),
+        "{row}"
+    );
+    assert_eq!(
+        row["buttons"],
+        json!(["Quarantine", "Kick", "Ban"]),
+        "{row}"
+    );
+    let row = b.run(json!({"do": "row", "id": "sensor-2", "state": "quarantined"}));
+    assert!(row["reason"].as_str().unwrap().contains(hostile), "{row}");
+    assert_eq!(row["injected"], 0, "the reason is text: {row}");
+    assert_eq!(row["connected"], "", "{row}");
+    assert_eq!(row["buttons"], json!(["Release", "Kick", "Ban"]), "{row}");
+
+    // Rates from two readings of /stats, and the totals behind them.
+    let rates = b.run(json!({"do": "rates"}));
+    let messages_in = rates["rates"]["messages in"]["total"].as_u64().unwrap();
+    assert!(messages_in >= 1, "{rates}");
+    assert!(
+        rates["rates"]["refusals at connect"]["total"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "the wrong token is a refusal: {rates}"
+    );
+    assert!(
+        rates["census"]
+            .as_str()
+            .unwrap()
+            .contains("1 normal, 0 on probation, 1 quarantined"),
+        "{rates}"
+    );
+    b.run(json!({"do": "events", "needle": "wrong bearer token"}));
+
+    // A quarantine asks first: declined, nothing happens.
+    let asked =
+        b.run(json!({"do": "click", "id": "sensor-1", "action": "quarantine", "confirm": false}));
+    assert!(
+        asked["question"]
+            .as_str()
+            .unwrap()
+            .contains("Quarantine sensor-1?"),
+        "{asked}"
+    );
+    assert_eq!(
+        api.ok("GET", "/api/v1/quarantine/sensor-1", None, 200)["state"],
+        "normal"
+    );
+    // Confirmed: the gateway quarantines the device, with the reason typed.
+    let done = b.run(
+        json!({"do": "click", "id": "sensor-1", "action": "quarantine",
+        "confirm": true, "reason": "odd traffic seen on the dashboard"}),
+    );
+    assert_eq!(done["status"], "sensor-1 is now quarantined", "{done}");
+    let shown = api.ok("GET", "/api/v1/quarantine/sensor-1", None, 200);
+    assert_eq!(shown["state"], "quarantined", "{shown}");
+    assert!(
+        shown
+            .to_string()
+            .contains("odd traffic seen on the dashboard"),
+        "{shown}"
+    );
+    let row = b.run(json!({"do": "row", "id": "sensor-1", "state": "quarantined"}));
+    assert!(
+        row["reason"]
+            .as_str()
+            .unwrap()
+            .contains("odd traffic seen on the dashboard"),
+        "{row}"
+    );
+    publish(&mut raw, "during");
+    wait_for(T, || {
+        (gw.metric("portcullis_quarantine_dropped_total ") >= 1).then_some(())
+    })
+    .expect("the quarantined device's message is dropped");
+
+    // Release from the page: telemetry flows again, and what was sent in quarantine
+    // never reached the service.
+    let done =
+        b.run(json!({"do": "click", "id": "sensor-1", "action": "release", "confirm": true}));
+    assert_eq!(done["status"], "sensor-1 is now released", "{done}");
+    publish(&mut raw, "after");
+    let next = loop {
+        let line = sub
+            .expect("devices/sensor-1/telemetry", T)
+            .expect("telemetry flows again after release");
+        if !line.ends_with(" before") {
+            break line;
+        }
+    };
+    assert_eq!(next, "devices/sensor-1/telemetry after");
+
+    // Kick: the session ends.
+    let done = b.run(json!({"do": "click", "id": "sensor-1", "action": "kick", "confirm": true}));
+    assert_eq!(done["status"], "sensor-1: 1 session(s) ended", "{done}");
+    assert!(raw.closed_within(T).0, "the kicked session is closed");
+
+    // Ban: a real client is refused.
+    let mut raw = device(gw, "sensor-1");
+    let done = b.run(json!({"do": "click", "id": "sensor-1", "action": "ban",
+        "confirm": true, "reason": "stolen"}));
+    assert_eq!(
+        done["status"], "device sensor-1 banned; 1 session(s) ended",
+        "{done}"
+    );
+    assert!(raw.closed_within(T).0, "the banned session is closed");
+    let bans = api.ok("GET", "/api/v1/bans", None, 200);
+    assert_eq!(bans[0]["target"], "device sensor-1", "{bans}");
+    assert_eq!(bans[0]["reason"], "stolen", "{bans}");
+    let args = gw.client(
+        gw.device_plain,
+        "sensor-1",
+        &[
+            "-u",
+            "sensor-1",
+            "-P",
+            SECRET,
+            "-t",
+            "devices/sensor-1/telemetry",
+            "-m",
+            "hi",
+        ],
+    );
+    let refused = mosquitto("mosquitto_pub", &args, T);
+    assert!(!refused.status.success(), "{}", text(&refused));
+
+    // The token stays in the tab: not in a cookie, local storage or the URL; a reload
+    // keeps the session, logging out forgets it.
+    let storage = b.run(json!({"do": "storage"}));
+    assert_eq!(storage["local"], 0, "{storage}");
+    assert_eq!(storage["cookie"], "", "{storage}");
+    assert!(
+        !storage["url"].as_str().unwrap().contains(TOKEN),
+        "{storage}"
+    );
+    let page = b.run(json!({"do": "reload"}));
+    assert_eq!(page["dashboard_visible"], true, "{page}");
+    let page = b.run(json!({"do": "logout"}));
+    assert_eq!(page["login_visible"], true, "{page}");
+    assert_eq!(page["dashboard_visible"], false, "{page}");
+    assert_eq!(page["session"], json!([]), "{page}");
+    assert!(!page["text"].as_str().unwrap().contains("sensor"), "{page}");
+    let page = b.run(json!({"do": "reload"}));
+    assert_eq!(page["login_visible"], true, "{page}");
+    assert!(!gw.audit().contains(TOKEN), "the token is never logged");
+}
