@@ -10,8 +10,7 @@ mod common;
 use common::raw::{Raw, publish_v4_raw};
 use common::*;
 use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,31 +96,7 @@ fn request(
     authorization: Option<&str>,
     body: Option<String>,
 ) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
-    if let Some(a) = authorization {
-        head.push_str(&format!("Authorization: {a}\r\n"));
-    }
-    let body = body.unwrap_or_default();
-    if !body.is_empty() {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body.as_bytes()).unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_string(), body.to_string())
+    http_request(addr, method, path, authorization, &body.unwrap_or_default())
 }
 
 /// Every documented operation: method and path template.

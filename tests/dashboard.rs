@@ -12,8 +12,8 @@ mod common;
 use common::raw::{Raw, publish_v4_raw};
 use common::*;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -82,31 +82,9 @@ fn request(
     authorization: Option<&str>,
     body: Option<Value>,
 ) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
-    if let Some(a) = authorization {
-        head.push_str(&format!("Authorization: {a}\r\n"));
-    }
-    if !body.is_empty() {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body.as_bytes()).unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_lowercase(), body.to_string())
+    let (status, head, body) = http_request(addr, method, path, authorization, &body);
+    (status, head.to_lowercase(), body)
 }
 
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
