@@ -990,7 +990,7 @@ mod tests {
         let openmetrics = m.render(Exposition::OpenMetrics);
         let n = check_page(&prometheus, false);
         assert_eq!(check_page(&openmetrics, true), n);
-        // 26 plain families, upstream mode's 21 and the outbox's oldest age, the CoAP
+        // 27 plain families, upstream mode's 21 and the outbox's oldest age, the CoAP
         // listener's 11, the serial adapter's 10, sessions, the histogram (12 bounds,
         // +Inf, sum, count), refusals, devices per state, build info, and on Linux the
         // process's 6.
@@ -998,7 +998,7 @@ mod tests {
         let process = if cfg!(target_os = "linux") { 6 } else { 0 };
         assert_eq!(
             n,
-            26 + 22 + 11 + 10 + sessions + 15 + Refusal::ALL.len() + State::ALL.len() + 1 + process
+            27 + 22 + 11 + 10 + sessions + 15 + Refusal::ALL.len() + State::ALL.len() + 1 + process
         );
         // Today's sample names, in both formats.
         for page in [&prometheus, &openmetrics] {
