@@ -25,6 +25,8 @@ const DOC: &str = include_str!("../docs/admin-api.openapi.json");
 struct Api {
     gw: Gateway,
     addr: SocketAddr,
+    /// The token file (its dir is the test's own).
+    token: PathBuf,
     _token_dir: tempfile::TempDir,
 }
 
@@ -52,6 +54,7 @@ impl Api {
         Api {
             gw,
             addr,
+            token,
             _token_dir: dir,
         }
     }
@@ -179,6 +182,31 @@ fn nothing_answers_without_the_right_token_and_each_refusal_is_audited_and_count
     assert!(
         !api.gw.stderr().contains(TOKEN),
         "the token is never logged"
+    );
+}
+
+#[test]
+fn refusals_on_any_path_are_one_fact_in_the_audit_not_a_line_each() {
+    let api = Api::start("");
+    for i in 0..40 {
+        let path = format!("/probe/{i}");
+        assert_eq!(request(api.addr, "GET", &path, None, None).0, 401);
+    }
+    assert_eq!(api.gw.refusals("connect", "admin_unauthorized"), 40);
+    api.gw
+        .wait_audit(&["\"event\":\"admin\"", "no bearer token"]);
+    let audit = api.gw.audit();
+    assert!(
+        !audit.contains("/probe/"),
+        "the path a caller chose never reaches the audit: {audit}"
+    );
+    let lines = audit
+        .lines()
+        .filter(|l| l.contains("\"event\":\"admin\"") && l.contains("\"refuse\""))
+        .count();
+    assert!(
+        lines <= 2,
+        "{lines} lines for one refusal repeated (the rest are counted): {audit}"
     );
 }
 
@@ -525,13 +553,21 @@ fn the_openapi_document_is_what_the_live_server_does() {
 #[test]
 fn bodies_are_bounded_and_bad_ones_are_named() {
     let api = Api::start("");
-    let big = json!({ "id": "sensor-1", "secret": "x".repeat(70_000) });
-    let (status, reply) = api.call("POST", "/api/v1/devices", Some(big));
-    assert_eq!(status, 413, "{reply}");
-    assert!(
-        reply["error"].as_str().unwrap().contains("65536 bytes"),
-        "{reply}"
+    // A body declared too large is refused before it is sent: a client that waits
+    // for `100 Continue` (curl does, for a large body) gets the 413 instead.
+    let mut raw = Raw::connect(api.addr);
+    raw.send(
+        format!(
+            "POST /api/v1/devices HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/json\r\nContent-Length: 70000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .as_bytes(),
     );
+    let (closed, got) = raw.closed_within(T);
+    let got = String::from_utf8_lossy(&got);
+    assert!(closed, "{got}");
+    assert!(got.starts_with("HTTP/1.1 413"), "{got}");
+    assert!(got.contains("65536 bytes"), "{got}");
     let (status, _, body) = request(
         api.addr,
         "POST",
@@ -567,6 +603,16 @@ fn bodies_are_bounded_and_bad_ones_are_named() {
         reply["error"].as_str().unwrap().contains("credential"),
         "{reply}"
     );
+    // A dot-only id would be a dot segment in the API's and the page's URLs.
+    for id in [".", ".."] {
+        let reply = api.ok(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({ "id": id, "secret": SECRET })),
+            400,
+        );
+        assert!(reply["error"].as_str().unwrap().contains("id"), "{reply}");
+    }
     let reply = api.ok("GET", "/api/v1/events?limit=3&colour=red", None, 400);
     assert!(
         reply["error"].as_str().unwrap().contains("\"colour\""),
@@ -619,6 +665,12 @@ fn a_ban_and_a_kick_through_http_end_sessions_and_refuse_a_real_client() {
     assert_eq!(banned["sessions_ended"], 1, "{banned}");
     assert_eq!(banned["target"], "device sensor-1");
     assert!(raw.closed_within(T).0, "the banned session is closed");
+    // Made over HTTP: the audit names the way in and the caller's address.
+    let line = api.gw.wait_audit(&["\"event\":\"ban\"", "ban (stolen"]);
+    assert!(
+        line.contains("\"protocol\":\"admin-http\"") && line.contains("127.0.0.1"),
+        "{line}"
+    );
     let publish = |gw: &Gateway| {
         let args = gw.client(
             gw.device_plain,
@@ -788,11 +840,31 @@ fn a_reload_through_http_applies_a_good_file_and_refuses_a_bad_one() {
 fn over_tls_curl_reads_the_token_from_a_header_file() {
     // `extra` goes right after the [admin] table: an [admin] key.
     let api = Api::start("http_tls = true\n");
-    let ca = api.gw.ca();
-    let (dir, header) = token_file(&format!("Authorization: Bearer {TOKEN}\n"), 0o600);
+    assert_eq!(
+        curl_https(&api, &api.gw.ca(), TOKEN),
+        (true, "[]\n200".into())
+    );
+    // Plain HTTP is not spoken there: the request is not answered, the connection
+    // is closed.
+    let mut plain = Raw::connect(api.addr);
+    plain.send(
+        format!("GET /api/v1/devices HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n").as_bytes(),
+    );
+    let (closed, got) = plain.closed_within(T);
+    assert!(closed, "the plain request's connection is closed");
+    assert!(
+        !String::from_utf8_lossy(&got).contains("HTTP/1."),
+        "no HTTP answer over plain TCP: {got:?}"
+    );
+}
+
+/// curl over HTTPS with the CA `ca` and the token `token`: exit status success and
+/// what it printed (body, then the status code).
+fn curl_https(api: &Api, ca: &Path, token: &str) -> (bool, String) {
+    let (dir, header) = token_file(&format!("Authorization: Bearer {token}\n"), 0o600);
     let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--cacert"])
-        .arg(&ca)
+        .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+        .arg(ca)
         .args(["-H", &format!("@{}", header.display())])
         .args(["-w", "\n%{http_code}"])
         .arg(format!(
@@ -801,24 +873,144 @@ fn over_tls_curl_reads_the_token_from_a_header_file() {
         ))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(stdout.trim_end(), "[]\n200");
-    // Plain HTTP is not spoken there.
-    let out = Command::new("curl")
-        .args(["--silent", "-H", &format!("@{}", header.display())])
-        .arg(format!(
-            "http://127.0.0.1:{}/api/v1/devices",
-            api.addr.port()
-        ))
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("[]"));
     drop(dir);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_reload_puts_a_new_certificate_and_a_new_token_in_force_on_the_https_api() {
+    let api = Api::start("http_tls = true\n");
+    let (old_ca, new_ca) = (api.gw.ca(), api.gw.dir.path().join("other/pki/ca.pem"));
+    assert_eq!(curl_https(&api, &old_ca, TOKEN), (true, "[]\n200".into()));
+    assert!(
+        !curl_https(&api, &new_ca, TOKEN).0,
+        "not the other CA's yet"
+    );
+    // Rotate both: the other PKI's server certificate, and a new token.
+    let other = api.gw.dir.path().join("other/pki");
+    let config = std::fs::read_to_string(&api.gw.config).unwrap();
+    assert!(config.contains("[tls]\n"), "{config}");
+    std::fs::write(
+        &api.gw.config,
+        config.replace(
+            "[tls]\n",
+            &format!(
+                "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                other.join("server.pem").display(),
+                other.join("server.key").display()
+            ),
+        ),
+    )
+    .unwrap();
+    let new_token = "feedface".repeat(5);
+    std::fs::write(&api.token, format!("{new_token}\n")).unwrap();
+    api.gw.cli_ok(&["config", "reload"]);
+    assert_eq!(
+        curl_https(&api, &new_ca, &new_token),
+        (true, "[]\n200".into()),
+        "new handshakes present the new certificate, and the new token is taken"
+    );
+    let (ok, out) = curl_https(&api, &new_ca, TOKEN);
+    assert!(
+        ok && out.ends_with("\n401"),
+        "the old token is refused: {out}"
+    );
+    assert!(!curl_https(&api, &old_ca, &new_token).0);
+    // A token file that became unreadable by the rules refuses the whole reload.
+    std::fs::set_permissions(&api.token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = api.gw.cli(&["config", "reload"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("mode 644"), "{}", text(&out));
+    assert!(!text(&out).contains(&new_token), "the token is never shown");
+    assert_eq!(
+        curl_https(&api, &new_ca, &new_token),
+        (true, "[]\n200".into())
+    );
+}
+
+/// At most this many connections at once from one source, on each HTTP listener.
+const PER_SOURCE: usize = 16;
+
+/// Send a request head a byte a second from 127.0.0.3, as a slowloris client does:
+/// how long until the gateway closed the connection (None: still open after 30 s).
+fn trickle(addr: SocketAddr) -> Option<Duration> {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut s = Raw::connect_from(addr, "127.0.0.3".parse().unwrap()).stream;
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .unwrap();
+    while started.elapsed() < Duration::from_secs(30) {
+        if s.write_all(b"a").is_err() {
+            return Some(started.elapsed());
+        }
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(0) => return Some(started.elapsed()),
+            // An answer to a head never finished (a 408) is a close too.
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn a_trickling_client_is_cut_off_and_one_source_cannot_take_every_connection() {
+    let api = Api::start("");
+    let listeners = [api.addr, api.gw.observability];
+    let trickling: Vec<_> = listeners
+        .iter()
+        .map(|&addr| std::thread::spawn(move || trickle(addr)))
+        .collect();
+    let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    for (addr, path) in [
+        (api.addr, "/dashboard/"),
+        (api.gw.observability, "/healthz"),
+    ] {
+        let held: Vec<Raw> = (0..PER_SOURCE).map(|_| Raw::connect(addr)).collect();
+        let mut over = Raw::connect(addr);
+        over.send(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+        assert_eq!(
+            over.closed_within(Duration::from_secs(3)),
+            (true, vec![]),
+            "{addr}: one connection over the source's cap is closed unanswered"
+        );
+        let mut elsewhere = Raw::connect_from(addr, other);
+        elsewhere.send(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+        let (closed, got) = elsewhere.closed_within(T);
+        assert!(
+            closed && got.starts_with(b"HTTP/1.0 200"),
+            "{addr}: another source is served: {}",
+            String::from_utf8_lossy(&got)
+        );
+        drop(held);
+    }
+    for (t, addr) in trickling.into_iter().zip(listeners) {
+        let cut = t
+            .join()
+            .unwrap()
+            .expect("a trickling request head is cut off");
+        assert!(
+            cut < Duration::from_secs(20),
+            "{addr}: cut off after {cut:?}, not by the 10 s head deadline"
+        );
+    }
+    // Its connections gone, the source is served again.
+    assert_eq!(http_get(api.gw.observability, "/healthz").0, 200);
+    assert_eq!(api.ok("GET", "/api/v1/devices", None, 200), json!([]));
 }
 
 /// `portcullis serve` and `config check` on a config with the given [admin] keys:
@@ -841,11 +1033,23 @@ fn refused_at_start(admin: &str) -> Vec<(Option<i32>, String)> {
     ]
     .into_iter()
     .map(|args| {
-        let out = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .args(&args)
             .current_dir(dir.path())
-            .output()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        // A gateway that started after all must fail the test, not hang it.
+        if wait_for(T, || child.try_wait().unwrap()).is_none() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{args:?} did not exit: it should have refused to start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = child.wait_with_output().unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -1286,6 +1286,7 @@ fn call<O: Handler>(config: &Config, op: O) -> Result<O::Reply> {
                 outbox: offline_outbox(config)?,
                 control: None,
                 audit: AuditSink::File(Box::new(offline_audit(config)?)),
+                caller: None,
             };
             op.run(&state).map_err(failure)
         }

@@ -4,6 +4,7 @@ mod admin;
 mod cli;
 mod coap;
 mod descriptors;
+mod http_listener;
 mod observability;
 mod pki;
 mod registry_file;

@@ -556,28 +556,19 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     }
     report.push(("admin socket", admin_socket.display().to_string()));
     // Reload: build everything new first; swap only if all of it loads.
+    // Each caller audits the reload it asked for (the signal here, the admin API in
+    // its handler, with the caller's address).
     let reloader: Reloader = {
         let running = std::sync::Mutex::new(config.clone());
-        let (auth, audit, behaviours) = (auth.clone(), audit.clone(), behaviours.clone());
+        let (auth, behaviours) = (auth.clone(), behaviours.clone());
         let path = path.clone();
-        Arc::new(move || {
-            let result = reload(
-                path.as_deref(),
-                &running,
-                &auth,
-                &behaviours,
-                &live_tx,
-                &device_tls_tx,
-                &service_tls_tx,
-            );
-            let entry = AuditEntry::new("config", if result.is_ok() { "allow" } else { "refuse" })
-                .protocol("admin");
-            audit.record(match &result {
-                Ok(summary) => entry.reason(format!("reloaded: {summary}")),
-                Err(why) => entry.reason(format!("reload refused: {why}")),
-            });
-            result
-        })
+        let swaps = Swaps {
+            live: live_tx,
+            device_tls: device_tls_tx,
+            service_tls: service_tls_tx,
+            admin_http: admin_http.as_ref().map(|b| b.rekey.clone()),
+        };
+        Arc::new(move || reload(path.as_deref(), &running, &auth, &behaviours, &swaps))
     };
     let admin_state = Arc::new(AdminState {
         registry: registry.clone(),
@@ -592,6 +583,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         outbox,
         control: control_out.clone(),
         audit: AuditSink::Live(audit.clone(), config.audit_file()),
+        caller: None,
     });
     // What other replicas tell this one is applied as an operator's change here would
     // be, but not told on again.
@@ -689,14 +681,14 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             ready: ready.clone(),
             metrics: metrics.clone(),
         });
-        let mut stop = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-        }));
+        tasks.push(tokio::spawn(crate::http_listener::serve(
+            listener,
+            None,
+            app,
+            crate::http_listener::Bounds::new(handshake_timeout, config.auth.ipv6_source_prefix),
+            "observability",
+            shutdown_rx.clone(),
+        )));
     }
     if uses_dev_pki {
         report.push(("development CA", pki_paths.ca_cert().display().to_string()));
@@ -738,8 +730,13 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             _ = sighup.recv() => {
                 let reload = reloader.clone();
                 match tokio::task::spawn_blocking(move || reload()).await {
-                    Ok(Ok(summary)) => tracing::info!(%summary, "configuration reloaded"),
-                    Ok(Err(why)) => tracing::error!(%why, "configuration reload refused; the running one stays"),
+                    Ok(result) => {
+                        audit.record(admin::reload_audit(&result).protocol("signal"));
+                        match result {
+                            Ok(summary) => tracing::info!(%summary, "configuration reloaded"),
+                            Err(why) => tracing::error!(%why, "configuration reload refused; the running one stays"),
+                        }
+                    }
                     Err(e) => tracing::error!(error = %e, "configuration reload failed"),
                 }
             }
@@ -794,17 +791,24 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Where a reload puts what it built.
+struct Swaps {
+    live: watch::Sender<Arc<Live>>,
+    device_tls: watch::Sender<tokio_rustls::TlsAcceptor>,
+    service_tls: watch::Sender<tokio_rustls::TlsAcceptor>,
+    admin_http: Option<Arc<crate::admin::http::Rekey>>,
+}
+
 /// Re-read the configuration and apply what can change while running: ACLs, CAs and
-/// CRLs, the server certificate, rate limits and payload rules. Everything is built
+/// CRLs, the server certificate (the admin API's too, and its token), rate limits and
+/// payload rules. Everything is built
 /// before anything is swapped, so a bad file leaves the running configuration alone.
 fn reload(
     path: Option<&std::path::Path>,
     running: &std::sync::Mutex<Config>,
     auth: &Authenticator,
     behaviours: &Behaviours,
-    live: &watch::Sender<Arc<Live>>,
-    device_tls: &watch::Sender<tokio_rustls::TlsAcceptor>,
-    service_tls: &watch::Sender<tokio_rustls::TlsAcceptor>,
+    swaps: &Swaps,
 ) -> Result<String, String> {
     let new = match path {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
@@ -854,12 +858,20 @@ fn reload(
         .map_err(|e| e.to_string())?;
     let service = listener::tls_acceptor(&cert, &key, policies.service_roots.clone())
         .map_err(|e| e.to_string())?;
+    // The admin API's token file and certificate, read again.
+    let admin_keys = match &swaps.admin_http {
+        Some(_) => crate::admin::http::keys(&new)?,
+        None => None,
+    };
     // All of it loaded: swap (behaviour settings before the sessions hear of it).
     auth.set_policies(policies);
     behaviours.set_policies(quarantine::Policies::from_config(&new));
-    device_tls.send_replace(device);
-    service_tls.send_replace(service);
-    live.send_replace(Arc::new(Live {
+    swaps.device_tls.send_replace(device);
+    swaps.service_tls.send_replace(service);
+    if let (Some(rekey), Some(keys)) = (&swaps.admin_http, admin_keys) {
+        rekey.send(keys);
+    }
+    swaps.live.send_replace(Arc::new(Live {
         config: Arc::new(new.clone()),
         validator,
     }));

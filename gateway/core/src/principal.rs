@@ -1,8 +1,8 @@
 //! Who connects: devices and services, named by validated ids and groups.
 //!
-//! Ids and group names are parsed once at the edge (`[A-Za-z0-9._-]{1,64}`), so the
-//! core never handles a raw string that could smuggle a `/`, a wildcard or a NUL into
-//! a topic built from it.
+//! Ids and group names are parsed once at the edge (`[A-Za-z0-9._-]{1,64}`, not dots
+//! only), so the core never handles a raw string that could smuggle a `/`, a wildcard
+//! or a NUL into a topic built from it, or a dot segment into a URL.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -31,16 +31,19 @@ impl fmt::Display for PrincipalKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{what} must be 1-64 characters of [A-Za-z0-9._-]")]
+#[error("{what} must be 1-64 characters of [A-Za-z0-9._-], not only dots")]
 pub struct InvalidName {
     pub what: &'static str,
 }
 
+/// `.` and `..` would be dot segments wherever a name is a URL path segment (the
+/// admin API, the dashboard): no name is dots only.
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !s.bytes().all(|b| b == b'.')
 }
 
 macro_rules! name_type {
@@ -104,12 +107,23 @@ pub struct PrincipalRef {
 mod tests {
     use super::*;
 
+    /// `.` and `..` are dot segments in a URL: `/api/v1/devices/..` is not that
+    /// device's path, in a browser or anywhere else.
+    #[test]
+    fn dot_only_ids_are_refused() {
+        for bad in [".", "..", "..."] {
+            let e = PrincipalId::parse(bad).unwrap_err();
+            assert!(e.to_string().contains("not only dots"), "{bad:?}: {e}");
+            assert!(GroupName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn ids_with_topic_syntax_are_refused() {
         for bad in ["", "a/b", "a+", "#", "a b", "é", "a\0", &"x".repeat(65)] {
             assert!(PrincipalId::parse(bad).is_err(), "{bad:?}");
         }
-        for good in ["sensor-1", "A.b_c-9", &"x".repeat(64)] {
+        for good in ["sensor-1", "A.b_c-9", ".a", "a..", &"x".repeat(64)] {
             assert!(PrincipalId::parse(good).is_ok(), "{good:?}");
         }
     }

@@ -25,7 +25,19 @@ impl AuditSink {
 }
 
 impl AdminState {
-    pub(super) fn write_audit(&self, entry: AuditEntry) {
+    /// Record `entry`; a change made over HTTP names the way in and the caller's
+    /// address (as the source, or in the reason when the source is what changed).
+    pub(super) fn write_audit(&self, mut entry: AuditEntry) {
+        if let Some(caller) = self.caller {
+            entry = entry.protocol("admin-http");
+            entry = match entry.source {
+                None => entry.source(caller.ip()),
+                Some(_) => {
+                    let reason = entry.reason.take().unwrap_or_default();
+                    entry.reason(format!("{reason} (by {})", caller.ip()))
+                }
+            };
+        }
         match &self.audit {
             AuditSink::Live(audit, _) => audit.record(entry),
             AuditSink::File(settings) => {

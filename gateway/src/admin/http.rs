@@ -8,6 +8,10 @@
 //! answered 401 before any route is looked up, audited and counted
 //! (`connect`/`admin_unauthorized`). The routes are listed in [`routes`] and
 //! documented in `docs/admin-api.openapi.json`; a test holds the two together.
+//!
+//! A reload reads the token file and the certificate again (see [`Rekey`]).
+//! Connections are bounded by the listener ([`crate::http_listener`]), the same as
+//! the observability listener's.
 
 use super::protocol::{
     AddBan, AddPrincipal, DisablePrincipal, EnablePrincipal, KickClient, ListBans, ListClients,
@@ -16,8 +20,7 @@ use super::protocol::{
 };
 use super::{AdminError, AdminState, Handler};
 use axum::Router;
-use axum::body::Body;
-use axum::extract::connect_info::Connected;
+use axum::body::{Body, HttpBody};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
@@ -25,7 +28,6 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post};
-use axum::serve::{IncomingStream, Listener};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::metrics::Metrics;
 use portcullis_core::principal::PrincipalKind;
@@ -38,10 +40,9 @@ use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 /// The largest request body read (a principal, a ban: a few hundred bytes).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -49,13 +50,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MIN_TOKEN: usize = 32;
 /// A token file larger than this is not a token.
 const MAX_TOKEN_FILE: u64 = 4096;
-/// TLS handshakes under way at once; more connections wait to be accepted.
-const MAX_HANDSHAKES: usize = 64;
-/// Connections open at once; more wait to be accepted.
-const MAX_CONNECTIONS: usize = 256;
-/// A connection that moves no byte either way for this long is closed: a peer that
-/// sends its request slowly, or never reads the answer, holds nothing for long.
-const IDLE: Duration = Duration::from_secs(30);
+/// A request body must arrive whole within this (its head has its own deadline).
+const BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The bearer token, kept as its SHA-256 digest; `Debug` shows nothing of it.
 pub struct Token {
@@ -143,24 +139,15 @@ impl Token {
 #[derive(Clone)]
 pub struct Http {
     pub admin: Arc<AdminState>,
-    pub token: Arc<Token>,
+    /// The token in force (a reload sends a new one).
+    pub token: watch::Receiver<Arc<Token>>,
     pub metrics: Arc<Metrics>,
 }
 
-/// The peer's address, for the audit of refusals, on a plain or a TLS listener.
-#[derive(Debug, Clone, Copy)]
-struct Peer(SocketAddr);
-
-impl Connected<IncomingStream<'_, Guarded<TcpListener>>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, Guarded<TcpListener>>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, Guarded<TlsListener>>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, Guarded<TlsListener>>) -> Self {
-        Peer(*stream.remote_addr())
-    }
+tokio::task_local! {
+    /// The address of the caller whose request is running, once its token is
+    /// checked: the audit of what it changes names it.
+    static CALLER: SocketAddr;
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
@@ -203,17 +190,9 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
     Some(rest.trim_ascii())
 }
 
-/// A path as the audit records it: at most 128 characters (the peer chose it).
-fn shortened(path: &str) -> &str {
-    match path.char_indices().nth(128) {
-        Some((at, _)) => &path[..at],
-        None => path,
-    }
-}
-
 async fn require_token(
     State(h): State<Http>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -225,8 +204,11 @@ async fn require_token(
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| bearer(v.as_bytes()));
+    let token = h.token.borrow().clone();
     let (why, challenge) = match presented {
-        Some(token) if h.token.matches(token) => return next.run(request).await,
+        Some(presented) if token.matches(presented) => {
+            return CALLER.scope(peer, next.run(request)).await;
+        }
         Some(_) => (
             "wrong bearer token",
             "Bearer realm=\"portcullis-admin\", error=\"invalid_token\"",
@@ -234,15 +216,13 @@ async fn require_token(
         None => ("no bearer token", "Bearer realm=\"portcullis-admin\""),
     };
     h.metrics.refused(Refusal::AdminUnauthorized);
+    // One reason per cause, not per path: the caller chooses the path, and each
+    // distinct reason would be a line of its own in the audit's aggregation.
     h.admin.write_audit(
         AuditEntry::new("admin", "refuse")
             .protocol("admin-http")
             .source(peer.ip())
-            .reason(format!(
-                "{} {}: {why}",
-                request.method(),
-                shortened(request.uri().path())
-            )),
+            .reason(why),
     );
     let mut response = error(
         StatusCode::UNAUTHORIZED,
@@ -262,7 +242,13 @@ impl Http {
         O: Handler + Send + 'static,
         O::Reply: Send + 'static,
     {
-        let state = self.admin.clone();
+        let state = match CALLER.try_with(|caller| *caller) {
+            Ok(caller) => Arc::new(AdminState {
+                caller: Some(caller),
+                ..(*self.admin).clone()
+            }),
+            Err(_) => self.admin.clone(),
+        };
         match tokio::task::spawn_blocking(move || op.run(&state)).await {
             Ok(Ok(reply)) => json_response(success, &reply),
             Ok(Err(e)) => failure(e),
@@ -286,14 +272,32 @@ fn param(p: Result<Path<String>, PathRejection>) -> Result<String, Bad> {
         .map_err(|e| Bad(StatusCode::BAD_REQUEST, format!("bad path: {e}")))
 }
 
-/// A JSON body of at most `MAX_BODY` bytes; an empty body is `{}`.
+/// A JSON body of at most `MAX_BODY` bytes, read whole within `BODY_DEADLINE`; an
+/// empty body is `{}`. One declared larger is refused before a byte of it is read
+/// (a client waiting for `100 Continue` is spared sending it).
 async fn body<T: DeserializeOwned>(body: Body) -> Result<T, Bad> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+    let too_large = || {
         Bad(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body larger than {MAX_BODY} bytes, or cut off"),
         )
-    })?;
+    };
+    if body.size_hint().lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    let bytes =
+        match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, MAX_BODY)).await {
+            Ok(read) => read.map_err(|_| too_large())?,
+            Err(_) => {
+                return Err(Bad(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "request body not received within {}s",
+                        BODY_DEADLINE.as_secs()
+                    ),
+                ));
+            }
+        };
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -590,78 +594,53 @@ pub fn router(http: Http) -> Router {
         .with_state(http)
 }
 
-/// A TLS listener for axum: connections are accepted and their handshakes run in
-/// their own tasks (each with a deadline, at most `MAX_HANDSHAKES` at once), so a
-/// stalled peer never holds up the others.
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    acceptor_task: tokio::task::JoinHandle<()>,
+/// What a reload may change on the listener: the token, and with TLS the acceptor
+/// holding the server certificate.
+pub struct Keys {
+    pub token: Token,
+    pub tls: Option<TlsAcceptor>,
 }
 
-impl TlsListener {
-    pub fn new(listener: TcpListener, acceptor: TlsAcceptor, deadline: Duration) -> Self {
-        let local = listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (tx, ready) = mpsc::channel(MAX_HANDSHAKES);
-        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        let acceptor_task = tokio::spawn(async move {
-            loop {
-                let Ok(permit) = handshakes.clone().acquire_owned().await else {
-                    return;
-                };
-                let (stream, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin HTTP accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "admin HTTP TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(%peer, "admin HTTP TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        TlsListener {
-            ready,
-            local,
-            acceptor_task,
+/// Read the token file and, with TLS, the server certificate of `[tls]` (read as the
+/// MQTT listeners read it; no client certificate is asked for): None when the API is
+/// off. At start and at every reload.
+pub fn keys(config: &portcullis_config::Config) -> Result<Option<Keys>, String> {
+    if config.admin.http_listen.is_none() {
+        return Ok(None);
+    }
+    let path = config
+        .admin_token_file()
+        .ok_or("admin.http_token_file: required with admin.http_listen")?;
+    let token = Token::load(&path).map_err(|e| e.to_string())?;
+    let tls = if config.admin.http_tls {
+        let roots = Arc::new(rustls::RootCertStore::empty());
+        let acceptor = portcullis_mqtt::listener::tls_acceptor(
+            &config.server_cert(),
+            &config.server_key(),
+            roots,
+        )
+        .map_err(|e| format!("admin API over HTTPS: {e}"))?;
+        Some(acceptor)
+    } else {
+        None
+    };
+    Ok(Some(Keys { token, tls }))
+}
+
+/// Where a reload sends the listener's new keys.
+pub struct Rekey {
+    token: watch::Sender<Arc<Token>>,
+    tls: Option<watch::Sender<TlsAcceptor>>,
+}
+
+impl Rekey {
+    /// Put `keys` in force: new requests are checked against the new token, new
+    /// connections handshake with the new certificate.
+    pub fn send(&self, keys: Keys) {
+        self.token.send_replace(Arc::new(keys.token));
+        if let (Some(tx), Some(acceptor)) = (&self.tls, keys.tls) {
+            tx.send_replace(acceptor);
         }
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor_task.abort();
-    }
-}
-
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(connection) => connection,
-            // The accepting task is gone: accept nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
     }
 }
 
@@ -669,8 +648,10 @@ impl Listener for TlsListener {
 /// a start-up error.
 pub struct Bound {
     listener: TcpListener,
-    token: Arc<Token>,
-    tls: Option<(TlsAcceptor, Duration)>,
+    token: watch::Receiver<Arc<Token>>,
+    tls: Option<watch::Receiver<TlsAcceptor>>,
+    bounds: crate::http_listener::Bounds,
+    pub rekey: Arc<Rekey>,
     pub local: SocketAddr,
 }
 
@@ -686,174 +667,41 @@ impl Bound {
 }
 
 /// Read the token and the certificate and bind the listener, when the API is on.
-/// With TLS it serves the server certificate of `[tls]`, read as the MQTT listeners
-/// read it, and asks for no client certificate.
 pub async fn bind(config: &portcullis_config::Config) -> anyhow::Result<Option<Bound>> {
     use crate::usage::UsageError;
     use anyhow::Context;
     let Some(addr) = config.admin.http_listen else {
         return Ok(None);
     };
-    let path = config.admin_token_file().ok_or_else(|| {
-        UsageError("admin.http_token_file: required with admin.http_listen".into())
-    })?;
-    let token = Token::load(&path).map_err(|e| UsageError(e.to_string()))?;
-    let tls = if config.admin.http_tls {
-        let roots = Arc::new(rustls::RootCertStore::empty());
-        let acceptor = portcullis_mqtt::listener::tls_acceptor(
-            &config.server_cert(),
-            &config.server_key(),
-            roots,
-        )
-        .map_err(|e| UsageError(format!("admin API over HTTPS: {e}")))?;
-        Some((acceptor, *config.tls.handshake_timeout))
-    } else {
-        None
+    let Some(keys) = keys(config).map_err(UsageError)? else {
+        return Ok(None);
     };
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("admin API over HTTP: cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
+    let (token_tx, token) = watch::channel(Arc::new(keys.token));
+    let (tls_tx, tls) = match keys.tls {
+        Some(acceptor) => {
+            let (tx, rx) = watch::channel(acceptor);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     Ok(Some(Bound {
         listener,
-        token: Arc::new(token),
+        token,
         tls,
+        bounds: crate::http_listener::Bounds::new(
+            *config.tls.handshake_timeout,
+            config.auth.ipv6_source_prefix,
+        ),
+        rekey: Arc::new(Rekey {
+            token: token_tx,
+            tls: tls_tx,
+        }),
         local,
     }))
-}
-
-/// A listener whose connections are capped in number and closed when idle.
-pub struct Guarded<L> {
-    inner: L,
-    permits: Arc<Semaphore>,
-    idle: Duration,
-}
-
-impl<L> Guarded<L> {
-    fn new(inner: L, idle: Duration) -> Self {
-        Guarded {
-            inner,
-            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            idle,
-        }
-    }
-}
-
-impl<L: Listener> Listener for Guarded<L>
-where
-    L::Io: Unpin,
-{
-    type Io = IdleClosed<L::Io>;
-    type Addr = L::Addr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = match self.permits.clone().acquire_owned().await {
-            Ok(p) => p,
-            // Never closed; were it, accept nothing more.
-            Err(_) => std::future::pending().await,
-        };
-        let (io, addr) = self.inner.accept().await;
-        (
-            IdleClosed {
-                inner: io,
-                _permit: permit,
-                idle: self.idle,
-                deadline: Box::pin(tokio::time::sleep(self.idle)),
-            },
-            addr,
-        )
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A connection that fails with `TimedOut` once no byte has moved for its idle time.
-pub struct IdleClosed<S> {
-    inner: S,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    idle: Duration,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
-}
-
-impl<S> IdleClosed<S> {
-    /// While waiting: whether the deadline has passed (else its waker is set).
-    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
-        self.deadline.as_mut().poll(cx).is_ready()
-    }
-
-    fn moved(&mut self) {
-        self.deadline
-            .as_mut()
-            .reset(tokio::time::Instant::now() + self.idle);
-    }
-}
-
-fn idle_error() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "admin HTTP connection idle too long",
-    )
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleClosed<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
-        let before = buf.filled().len();
-        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    self.moved();
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
-            other => other,
-        }
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleClosed<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::task::Poll;
-        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.moved();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
-            other => other,
-        }
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
-        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
-            other => other,
-        }
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// Serve the API until `stop` turns true.
@@ -861,41 +709,21 @@ pub async fn serve(
     bound: Bound,
     admin: Arc<AdminState>,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let Bound {
         listener,
         token,
         tls,
+        bounds,
         ..
     } = bound;
-    let http = Http {
+    let app = router(Http {
         admin,
         token,
         metrics,
-    };
-    let app = router(http).into_make_service_with_connect_info::<Peer>();
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let result = match tls {
-        Some((acceptor, deadline)) => {
-            axum::serve(
-                Guarded::new(TlsListener::new(listener, acceptor, deadline), IDLE),
-                app,
-            )
-            .with_graceful_shutdown(stopped)
-            .await
-        }
-        None => {
-            axum::serve(Guarded::new(listener, IDLE), app)
-                .with_graceful_shutdown(stopped)
-                .await
-        }
-    };
-    if let Err(e) = result {
-        tracing::error!(error = %e, "admin HTTP listener stopped");
-    }
+    });
+    crate::http_listener::serve(listener, tls, app, bounds, "admin API", stop).await;
 }
 
 #[cfg(test)]
@@ -945,37 +773,6 @@ mod tests {
         assert!(!token.matches(format!("{GOOD}0").as_bytes()));
         assert!(!token.matches(b""));
         assert_eq!(format!("{token:?}"), "Token([redacted])");
-    }
-
-    #[tokio::test]
-    async fn a_connection_that_sends_nothing_is_closed_when_idle() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let mut guarded = Guarded::new(tcp, Duration::from_millis(300));
-        let _silent = TcpStream::connect(addr).await.unwrap();
-        let (mut io, _) = guarded.accept().await;
-        let mut buf = [0u8; 8];
-        let err = io.read(&mut buf).await.unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
-
-        let mut talker = TcpStream::connect(addr).await.unwrap();
-        let (mut io, _) = guarded.accept().await;
-        talker.write_all(b"GET").await.unwrap();
-        assert_eq!(io.read(&mut buf).await.unwrap(), 3);
-        drop(talker);
-        assert_eq!(
-            io.read(&mut buf).await.unwrap(),
-            0,
-            "closed by the peer, not timed out"
-        );
-    }
-
-    #[test]
-    fn a_long_path_is_cut_for_the_audit() {
-        assert_eq!(shortened("/api/v1/devices"), "/api/v1/devices");
-        let long = format!("/{}", "é".repeat(300));
-        assert_eq!(shortened(&long).chars().count(), 128);
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod stats;
 mod sync;
 
 pub use audit::AuditSink;
+pub use config::reload_audit;
 pub use protocol::AdminError;
 use protocol::{Op, Reply, Request};
 pub use socket::{bind, serve};
@@ -67,6 +68,8 @@ pub struct AdminState {
     /// Replicas: bans made here are told to the other replicas.
     pub control: Option<tokio::sync::mpsc::UnboundedSender<portcullis_core::control::Action>>,
     pub audit: AuditSink,
+    /// Over HTTP: the caller's address, which the audit of each change names.
+    pub caller: Option<std::net::SocketAddr>,
 }
 
 /// Runs one request type. Errors are messages for the operator.
@@ -191,6 +194,7 @@ pub(crate) mod testing {
                 dir.path().join("audit.log"),
                 [9; 32],
             ))),
+            caller: None,
         };
         for id in ["sensor-1", "sensor-2"] {
             add_device(id).run(&state).unwrap();
