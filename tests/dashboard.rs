@@ -34,6 +34,7 @@ subscribe = ["devices/+/telemetry/#"]
 struct Api {
     gw: Gateway,
     addr: SocketAddr,
+    token: std::path::PathBuf,
     _token_dir: tempfile::TempDir,
 }
 
@@ -57,6 +58,7 @@ impl Api {
         Api {
             gw,
             addr,
+            token,
             _token_dir: dir,
         }
     }
@@ -442,6 +444,16 @@ fn the_dashboard_needs_the_token_shows_devices_and_its_buttons_act_on_the_gatewa
     );
     let refused = mosquitto("mosquitto_pub", &args, T);
     assert!(!refused.status.success(), "{}", text(&refused));
+    // Lift: the ban is gone and the device connects again.
+    let done = b.run(json!({"do": "lift", "target": "device sensor-1"}));
+    assert_eq!(
+        done["question"], "Lift the ban on device sensor-1?",
+        "{done}"
+    );
+    assert_eq!(done["status"], "ban on device sensor-1 lifted", "{done}");
+    assert_eq!(api.ok("GET", "/api/v1/bans", None, 200), json!([]));
+    let allowed = mosquitto("mosquitto_pub", &args, T);
+    assert!(allowed.status.success(), "{}", text(&allowed));
 
     // The token stays in the tab: not in a cookie, local storage or the URL; a reload
     // keeps the session, logging out forgets it.
@@ -461,5 +473,19 @@ fn the_dashboard_needs_the_token_shows_devices_and_its_buttons_act_on_the_gatewa
     assert!(!page["text"].as_str().unwrap().contains("sensor"), "{page}");
     let page = b.run(json!({"do": "reload"}));
     assert_eq!(page["login_visible"], true, "{page}");
+
+    // The token rotated under a logged-in page (file replaced, gateway reloaded):
+    // the page's next poll is refused and it goes back to the form, showing nothing.
+    let page = b.run(json!({"do": "login", "token": TOKEN}));
+    assert_eq!(page["dashboard_visible"], true, "{page}");
+    let rotated = "feedface".repeat(5);
+    std::fs::write(&api.token, format!("{rotated}\n")).unwrap();
+    gw.cli_ok(&["config", "reload"]);
+    let page = b.run(json!({"do": "wait_login"}));
+    assert_eq!(page["login_error"], "token refused", "{page}");
+    assert_eq!(page["dashboard_visible"], false, "{page}");
+    let page = b.run(json!({"do": "login", "token": rotated}));
+    assert_eq!(page["dashboard_visible"], true, "{page}");
     assert!(!gw.audit().contains(TOKEN), "the token is never logged");
+    assert!(!gw.audit().contains(&rotated), "the token is never logged");
 }

@@ -13,7 +13,8 @@ import sys
 os.environ.setdefault("SE_OFFLINE", "true")
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import TimeoutException, WebDriverException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException, TimeoutException, WebDriverException)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
@@ -61,6 +62,21 @@ def row(d, device):
     return None
 
 
+def press(d, row_css, action):
+    """Click a row's button. The tables are redrawn on every poll: a row found just
+    before a redraw is gone by the click, so find it again."""
+    def attempt(d):
+        try:
+            rows = d.find_elements(By.CSS_SELECTOR, row_css)
+            if not rows:
+                return False
+            rows[0].find_element(By.CSS_SELECTOR, "button[data-action='%s']" % action).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+    WebDriverWait(d, WAIT).until(attempt)
+
+
 def run(d, base, cmd):
     what = cmd["do"]
     wait = WebDriverWait(d, WAIT)
@@ -90,8 +106,7 @@ def run(d, base, cmd):
             field = d.find_element(By.ID, "reason")
             field.clear()
             field.send_keys(cmd["reason"])
-        tr = d.find_element(By.CSS_SELECTOR, "#devices tbody tr[data-device='%s']" % cmd["id"])
-        tr.find_element(By.CSS_SELECTOR, "button[data-action='%s']" % cmd["action"]).click()
+        press(d, "#devices tbody tr[data-device='%s']" % cmd["id"], cmd["action"])
         alert = wait.until(ec.alert_is_present())
         question = alert.text
         if cmd["confirm"]:
@@ -102,6 +117,21 @@ def run(d, base, cmd):
         status = d.find_element(By.ID, "status").text
         d.execute_script("document.getElementById('status').textContent = ''")
         return {"question": question, "status": status}
+    if what == "lift":
+        press(d, "#bans tbody tr[data-target='%s']" % cmd["target"], "lift")
+        alert = wait.until(ec.alert_is_present())
+        question = alert.text
+        alert.accept()
+        wait.until(lambda d: d.find_element(By.ID, "status").text)
+        status = d.find_element(By.ID, "status").text
+        d.execute_script("document.getElementById('status').textContent = ''")
+        wait.until(lambda d: not d.find_elements(
+            By.CSS_SELECTOR, "#bans tbody tr[data-target='%s']" % cmd["target"]))
+        return {"question": question, "status": status}
+    if what == "wait_login":
+        # The page's own polling must find the token refused and go back to the form.
+        wait.until(ec.visibility_of_element_located((By.ID, "login")))
+        return page(d)
     if what == "rates":
         # Two readings at least, so every rate is a number.
         wait.until(lambda d: all(
