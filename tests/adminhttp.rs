@@ -814,7 +814,11 @@ fn a_reload_through_http_applies_a_good_file_and_refuses_a_bad_one() {
         reloaded["reloaded"].as_str().unwrap().contains("groups"),
         "{reloaded}"
     );
-    api.gw.wait_audit(&["\"config\"", "reloaded: "]);
+    let line = api.gw.wait_audit(&["\"config\"", "reloaded: "]);
+    assert!(
+        line.contains("\"protocol\":\"admin-http\"") && line.contains("127.0.0.1"),
+        "a reload over HTTP names its caller: {line}"
+    );
     // The CLI reads the same recent events through the socket.
     let cli: Value =
         serde_json::from_str(&api.gw.cli_ok(&["audit", "recent", "--limit", "3"])).unwrap();

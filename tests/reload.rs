@@ -102,7 +102,12 @@ fn sighup_reloads_rate_limits_for_live_sessions() {
     let _ = std::process::Command::new("kill")
         .args(["-HUP", &gw.pid().to_string()])
         .status();
-    gw.wait_audit(&["\"config\"", "\"allow\"", "reloaded"]);
+    gw.wait_audit(&[
+        "\"config\"",
+        "\"allow\"",
+        "reloaded",
+        "\"protocol\":\"signal\"",
+    ]);
     assert_eq!(
         publish(&mut raw, "devices/meter-1/telemetry", 4),
         v5::PubAckReason::Success
