@@ -36,14 +36,18 @@ pub struct InvalidName {
     pub what: &'static str,
 }
 
-/// `.` and `..` would be dot segments wherever a name is a URL path segment (the
-/// admin API, the dashboard): no name is dots only.
-fn valid_name(s: &str) -> bool {
+/// The characters and length of every name, new or stored.
+fn valid_chars(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && !s.bytes().all(|b| b == b'.')
+}
+
+/// A new name: `.` and `..` would be dot segments wherever a name is a URL path
+/// segment (the admin API, the dashboard), so no new name is dots only.
+fn valid_name(s: &str) -> bool {
+    valid_chars(s) && !s.bytes().all(|b| b == b'.')
 }
 
 macro_rules! name_type {
@@ -53,8 +57,21 @@ macro_rules! name_type {
         pub struct $name(Arc<str>);
 
         impl $name {
+            /// A new name, from the operator or the network.
             pub fn parse(s: &str) -> Result<Self, InvalidName> {
                 if valid_name(s) {
+                    Ok($name(Arc::from(s)))
+                } else {
+                    Err(InvalidName { what: $what })
+                }
+            }
+
+            /// A name that may already exist: stored records, and the operator naming
+            /// one to show, change or remove. Dots only are taken here, as they were
+            /// before new names refused them, so a registry holding one still opens
+            /// and the name can be removed.
+            pub fn existing(s: &str) -> Result<Self, InvalidName> {
+                if valid_chars(s) {
                     Ok($name(Arc::from(s)))
                 } else {
                     Err(InvalidName { what: $what })
@@ -65,10 +82,11 @@ macro_rules! name_type {
             }
         }
 
+        /// What is read back (records, journals, replies) was checked when it was new.
         impl TryFrom<String> for $name {
             type Error = InvalidName;
             fn try_from(s: String) -> Result<Self, InvalidName> {
-                $name::parse(&s)
+                $name::existing(&s)
             }
         }
 
@@ -110,11 +128,18 @@ mod tests {
     /// `.` and `..` are dot segments in a URL: `/api/v1/devices/..` is not that
     /// device's path, in a browser or anywhere else.
     #[test]
-    fn dot_only_ids_are_refused() {
+    fn dot_only_ids_are_refused_when_new_and_read_when_stored() {
         for bad in [".", "..", "..."] {
             let e = PrincipalId::parse(bad).unwrap_err();
             assert!(e.to_string().contains("not only dots"), "{bad:?}: {e}");
             assert!(GroupName::parse(bad).is_err(), "{bad:?}");
+            assert_eq!(PrincipalId::existing(bad).unwrap().as_str(), bad);
+            let stored: PrincipalId = serde_json::from_str(&format!("{bad:?}")).unwrap();
+            assert_eq!(stored.as_str(), bad);
+        }
+        for bad in ["", "a/b", "#"] {
+            assert!(PrincipalId::existing(bad).is_err(), "{bad:?}");
+            assert!(serde_json::from_str::<PrincipalId>(&format!("{bad:?}")).is_err());
         }
     }
 

@@ -2,7 +2,7 @@
 //! under a new ban end at once.
 
 use super::protocol::{AddBan, BanAdded, BanRemoved, BanShown, ListBans, RemoveBan};
-use super::{AdminError, AdminState, Handler, parse_id};
+use super::{AdminError, AdminState, Handler, existing_id};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::bans::{Ban, BanTarget, Cidr};
 use portcullis_core::control::Action;
@@ -19,7 +19,7 @@ fn parse_ban_target(s: &str) -> Result<BanTarget, String> {
             _ => None,
         };
         if let Some(kind) = kind {
-            return Ok(BanTarget::Principal(kind, parse_id(id)?));
+            return Ok(BanTarget::Principal(kind, existing_id(id)?));
         }
     }
     s.parse::<Cidr>()

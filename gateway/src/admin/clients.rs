@@ -1,7 +1,7 @@
 //! Live sessions: list them, end a principal's (`clients kick`).
 
 use super::protocol::{KickClient, ListClients, LiveSession, SessionsEnded};
-use super::{AdminError, AdminState, Handler, parse_id};
+use super::{AdminError, AdminState, Handler, existing_id};
 use portcullis_core::sessions::KickReason;
 
 impl Handler for ListClients {
@@ -17,7 +17,7 @@ impl Handler for ListClients {
 
 impl Handler for KickClient {
     fn run(self, state: &AdminState) -> Result<SessionsEnded, AdminError> {
-        let pid = parse_id(&self.id)?;
+        let pid = existing_id(&self.id)?;
         state.live_sessions()?;
         let ended = state.kick(self.kind, &pid, u64::MAX, KickReason::Operator);
         state.audit("kick", self.kind, &self.id);

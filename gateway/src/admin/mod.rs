@@ -141,8 +141,15 @@ impl From<RegistryError> for AdminError {
     }
 }
 
+/// The id of a principal to be created.
 fn parse_id(id: &str) -> Result<PrincipalId, String> {
     PrincipalId::parse(id).map_err(|e| format!("{id:?}: {e}"))
+}
+
+/// The id of a principal that may exist (shown, changed, removed, kicked, banned,
+/// quarantined): one stored before dot-only ids were refused can still be named.
+fn existing_id(id: &str) -> Result<PrincipalId, String> {
+    PrincipalId::existing(id).map_err(|e| format!("{id:?}: {e}"))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use super::protocol::{
     LiveSession, NewPrincipal, Principal, PrincipalChanged, PrincipalRemoved, PrincipalShown,
     RemovePrincipal, RotateCredentials, ShowPrincipal,
 };
-use super::{AdminError, AdminState, Handler, parse_id};
+use super::{AdminError, AdminState, Handler, existing_id, parse_id};
 use portcullis_core::device_key::{DeviceKey, FRAME_KEY_LEN};
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
 use portcullis_core::registry::{CertCredential, NewDeviceKeys, PrincipalRecord, now_unix};
@@ -245,7 +245,7 @@ impl Handler for ListPrincipals {
 
 impl Handler for ShowPrincipal {
     fn run(self, state: &AdminState) -> Result<PrincipalShown, AdminError> {
-        let id = parse_id(&self.id)?;
+        let id = existing_id(&self.id)?;
         let snapshot = state.registry.snapshot();
         let record = snapshot
             .get(self.kind, &id)
@@ -267,7 +267,7 @@ impl Handler for ShowPrincipal {
 
 impl Handler for EnablePrincipal {
     fn run(self, state: &AdminState) -> Result<Principal, AdminError> {
-        let pid = parse_id(&self.id)?;
+        let pid = existing_id(&self.id)?;
         let r = state.registry.set_enabled(self.kind, &pid, true)?;
         state.audit("enable", self.kind, &self.id);
         Ok(Principal::from(&r))
@@ -276,7 +276,7 @@ impl Handler for EnablePrincipal {
 
 impl Handler for DisablePrincipal {
     fn run(self, state: &AdminState) -> Result<PrincipalChanged, AdminError> {
-        let pid = parse_id(&self.id)?;
+        let pid = existing_id(&self.id)?;
         let r = state.registry.set_enabled(self.kind, &pid, false)?;
         let ended = state.kick(self.kind, &pid, u64::MAX, KickReason::Disabled);
         state.audit("disable", self.kind, &self.id);
@@ -290,7 +290,7 @@ impl Handler for DisablePrincipal {
 impl Handler for RemovePrincipal {
     fn run(self, state: &AdminState) -> Result<PrincipalRemoved, AdminError> {
         let kind = self.kind;
-        let pid = parse_id(&self.id)?;
+        let pid = existing_id(&self.id)?;
         state.registry.remove(kind, &pid)?;
         let ended = state.kick(kind, &pid, u64::MAX, KickReason::Removed);
         if kind == PrincipalKind::Device {
@@ -306,7 +306,7 @@ impl Handler for RemovePrincipal {
 
 impl Handler for RotateCredentials {
     fn run(self, state: &AdminState) -> Result<PrincipalChanged, AdminError> {
-        let pid = parse_id(&self.id)?;
+        let pid = existing_id(&self.id)?;
         if self.cert_fingerprint.is_none()
             && !self.cert_any
             && self.secret.is_none()

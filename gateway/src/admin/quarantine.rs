@@ -6,7 +6,7 @@ use super::protocol::{
     Baseline, DeviceState, ListQuarantine, QuarantineDevice, QuarantineRow, QuarantineShown,
     ReleaseDevice, ShowQuarantine,
 };
-use super::{AdminError, AdminState, Handler, parse_id};
+use super::{AdminError, AdminState, Handler, existing_id};
 use portcullis_core::audit::AuditEntry;
 use portcullis_core::behaviour::State;
 use portcullis_core::principal::{GroupName, PrincipalId, PrincipalKind};
@@ -49,7 +49,7 @@ impl AdminState {
 
     /// As `device`, an id not registered being `NotFound`.
     fn registered_device(&self, id: &str) -> Result<(PrincipalId, GroupName), AdminError> {
-        let pid = parse_id(id)?;
+        let pid = existing_id(id)?;
         match self.registry.snapshot().get(PrincipalKind::Device, &pid) {
             Some(r) => Ok((pid, r.group.clone())),
             None => Err(AdminError::NotFound(format!(
@@ -68,7 +68,7 @@ impl AdminState {
                 .registry
                 .behaviour_records()?
                 .into_iter()
-                .filter_map(|(id, r)| Some((PrincipalId::parse(&id).ok()?, r)))
+                .filter_map(|(id, r)| Some((PrincipalId::existing(&id).ok()?, r)))
                 .collect(),
         };
         out.retain_mut(|(id, r)| {

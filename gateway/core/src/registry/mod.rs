@@ -1081,6 +1081,28 @@ pub(crate) mod tests {
         assert_eq!(**got, record("sensor-1"));
     }
 
+    /// Ids of dots only are refused when new; one stored before that rule still
+    /// opens, verifies and can be removed.
+    #[test]
+    fn a_stored_dot_only_id_still_opens_and_can_be_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let dots = PrincipalId::existing("..").unwrap();
+        {
+            let r = Registry::open(&path, RecordSealer::derive(&[5; 32])).unwrap();
+            r.add(PrincipalRecord {
+                id: dots.clone(),
+                ..record("sensor-1")
+            })
+            .unwrap();
+        }
+        let r = Registry::open(&path, RecordSealer::derive(&[5; 32])).unwrap();
+        r.verify().unwrap();
+        assert!(r.snapshot().get(PrincipalKind::Device, &dots).is_some());
+        r.remove(PrincipalKind::Device, &dots).unwrap();
+        assert_eq!(r.snapshot().len(), 0);
+    }
+
     #[test]
     fn add_all_is_all_or_nothing() {
         let dir = tempfile::tempdir().unwrap();
