@@ -52,35 +52,47 @@ pub fn raise_nofile_limit() -> NofileLimit {
 /// How many connections the listeners admit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionCaps {
-    /// All connections, over all listeners.
+    /// All device and service connections, over all their listeners.
     pub total: usize,
     /// Connections not yet authenticated; a new one past it sheds the oldest.
     pub unauthenticated: usize,
+    /// Connections of each HTTP listener (observability, admin API).
+    pub http: usize,
 }
 
-/// The caps for a descriptor limit of `nofile` with `reserve` kept for files: at most
-/// `max_connections` and what the limit leaves; connections not yet authenticated at
-/// most `max_unauthenticated` and half of that, so that authenticated sessions always
-/// have room beside a flood of connections that never log in.
+/// The caps for a descriptor limit of `nofile` with `reserve` kept for files. The
+/// `http_listeners` HTTP listeners take their share first: up to
+/// `http_listener::CONNECTIONS` each, together at most a quarter of the room. Device
+/// and service connections: at most `max_connections` and what is left; those not yet
+/// authenticated at most `max_unauthenticated` and half of that, so that
+/// authenticated sessions always have room beside a flood of connections that never
+/// log in.
 pub fn connection_caps(
     nofile: u64,
     reserve: u64,
     max_connections: usize,
     max_unauthenticated: usize,
+    http_listeners: usize,
 ) -> Result<ConnectionCaps, String> {
     let room = nofile.saturating_sub(reserve);
-    if room < 2 {
+    if room < 8 {
         return Err(format!(
             "the file descriptor limit ({nofile}) leaves no room for connections after \
              limits.fd_reserve ({reserve}): raise the hard limit (ulimit -Hn, or LimitNOFILE= \
              in the systemd unit) or lower limits.fd_reserve"
         ));
     }
-    let total = max_connections.min(usize::try_from(room).unwrap_or(usize::MAX));
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    let http = match http_listeners {
+        0 => 0,
+        n => crate::http_listener::CONNECTIONS.min(room / 4 / n).max(1),
+    };
+    let total = max_connections.min(room - http * http_listeners);
     let unauthenticated = max_unauthenticated.min(total / 2).max(1);
     Ok(ConnectionCaps {
         total,
         unauthenticated,
+        http,
     })
 }
 
@@ -90,40 +102,52 @@ mod tests {
 
     #[test]
     fn a_low_descriptor_limit_caps_connections_below_it() {
-        let caps = connection_caps(256, 128, 100_000, 1_024).unwrap();
+        let caps = connection_caps(256, 128, 100_000, 1_024, 0).unwrap();
         assert_eq!(
             caps,
             ConnectionCaps {
                 total: 128,
-                unauthenticated: 64
+                unauthenticated: 64,
+                http: 0,
+            }
+        );
+        // The HTTP listeners' connections come out of the same room.
+        let caps = connection_caps(256, 128, 100_000, 1_024, 2).unwrap();
+        assert_eq!(
+            caps,
+            ConnectionCaps {
+                total: 96,
+                unauthenticated: 48,
+                http: 16,
             }
         );
     }
 
     #[test]
     fn a_high_descriptor_limit_leaves_the_configured_caps() {
-        let caps = connection_caps(1 << 20, 128, 100_000, 1_024).unwrap();
+        let caps = connection_caps(1 << 20, 128, 100_000, 1_024, 2).unwrap();
         assert_eq!(
             caps,
             ConnectionCaps {
                 total: 100_000,
-                unauthenticated: 1_024
+                unauthenticated: 1_024,
+                http: crate::http_listener::CONNECTIONS,
             }
         );
-        let unlimited = connection_caps(u64::MAX, 128, 5_000, 1_024).unwrap();
+        let unlimited = connection_caps(u64::MAX, 128, 5_000, 1_024, 2).unwrap();
         assert_eq!(unlimited.total, 5_000);
     }
 
     #[test]
     fn unauthenticated_connections_never_take_all_the_room() {
-        let caps = connection_caps(1 << 20, 128, 10, 1_024).unwrap();
+        let caps = connection_caps(1 << 20, 128, 10, 1_024, 1).unwrap();
         assert_eq!(caps.total, 10);
         assert_eq!(caps.unauthenticated, 5);
     }
 
     #[test]
     fn a_limit_inside_the_reserve_is_refused_with_what_to_do() {
-        let err = connection_caps(100, 128, 100_000, 1_024).unwrap_err();
+        let err = connection_caps(100, 128, 100_000, 1_024, 1).unwrap_err();
         assert!(err.contains("limits.fd_reserve (128)"), "{err}");
         assert!(err.contains("ulimit -Hn"), "{err}");
     }

@@ -2,12 +2,17 @@
 //! one accept loop that holds every peer to bounds, token or not.
 //!
 //! - At most [`Bounds::connections`] connections at once, and
-//!   [`Bounds::per_source`] from one source (an IPv6 source is its prefix), so one
-//!   host cannot take every slot: a connection over its source's share is closed
-//!   before a byte of it is read.
+//!   [`Bounds::per_source`] from one source (an IPv6 source is its prefix). A
+//!   newcomer over either cap is not kept out: the oldest *idle* connection (no
+//!   request being answered; one still sending its head, or its TLS handshake, is
+//!   idle) is closed for it, of its own source first. Connections that say nothing,
+//!   or trickle, cannot hold the listener against operators or the probes; only
+//!   requests being answered are never cut, and they are bounded in time. One
+//!   source churning connections only ever closes its own.
 //! - A request head must arrive whole within [`Bounds::head`] of the moment the
 //!   connection is ready for it (hyper's header read timeout, absolute: a byte now
-//!   and then does not extend it). That also closes a kept-alive connection left idle.
+//!   and then does not extend it). That also closes a kept-alive connection left
+//!   idle. A head is at most 16 KiB and 32 header lines.
 //! - A TLS handshake must finish within [`Bounds::handshake`].
 //! - A write that makes no progress for [`Bounds::stall`] fails the connection: a
 //!   peer that does not read its answer, or does not take a TLS close, holds nothing
@@ -20,7 +25,7 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use portcullis_core::source_key::SourceKey;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -28,15 +33,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
+
+/// Connections one HTTP listener holds at most; the descriptor budget counts them
+/// (`descriptors::connection_caps`).
+pub const CONNECTIONS: usize = 64;
 
 /// What one listener allows each peer.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
-    /// Connections open at once; more wait to be accepted.
+    /// Connections open at once.
     pub connections: usize,
-    /// Connections open at once from one source; more are closed at once.
+    /// Connections open at once from one source.
     pub per_source: usize,
     /// From ready for a request to its head read whole.
     pub head: Duration,
@@ -49,12 +58,13 @@ pub struct Bounds {
 }
 
 impl Bounds {
-    /// The bounds of both HTTP listeners: a few operators, a browser, a scraper and
-    /// probes are all they serve.
-    pub fn new(handshake: Duration, ipv6_prefix: u8) -> Bounds {
+    /// The bounds of the HTTP listeners: a few operators, a browser, a scraper and
+    /// probes are all they serve. `connections` is what the descriptor budget gave.
+    pub fn new(connections: usize, handshake: Duration, ipv6_prefix: u8) -> Bounds {
+        let connections = connections.max(1);
         Bounds {
-            connections: 256,
-            per_source: 16,
+            connections,
+            per_source: (connections / 4).clamp(1, 16),
             head: Duration::from_secs(10),
             stall: Duration::from_secs(30),
             handshake,
@@ -63,39 +73,140 @@ impl Bounds {
     }
 }
 
-/// Connections open per source; a slot frees itself when dropped.
-#[derive(Clone, Default)]
-struct Sources(Arc<Mutex<HashMap<SourceKey, usize>>>);
+/// The connections open on one listener, oldest first, each with its source and
+/// how many of its requests are being answered.
+#[derive(Clone)]
+struct Pool(Arc<Mutex<Open>>);
 
-struct Slot {
-    sources: Sources,
-    key: SourceKey,
+struct Open {
+    connections: usize,
+    per_source: usize,
+    next: u64,
+    open: BTreeMap<u64, Conn>,
+    sources: HashMap<SourceKey, usize>,
 }
 
-impl Sources {
-    /// A slot for `key`, unless it already holds `cap`.
-    fn take(&self, key: SourceKey, cap: usize) -> Option<Slot> {
-        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(key).or_insert(0);
-        if *n >= cap {
+struct Conn {
+    source: SourceKey,
+    answering: usize,
+    /// Dropped to close the connection.
+    _shed: oneshot::Sender<()>,
+}
+
+/// One admitted connection's place; it leaves the pool when dropped.
+struct Member {
+    pool: Pool,
+    id: u64,
+}
+
+/// A request being answered: its connection is not shed meanwhile.
+struct Answering {
+    pool: Pool,
+    id: u64,
+}
+
+impl Pool {
+    fn new(connections: usize, per_source: usize) -> Pool {
+        Pool(Arc::new(Mutex::new(Open {
+            connections,
+            per_source,
+            next: 0,
+            open: BTreeMap::new(),
+            sources: HashMap::new(),
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for a connection from `source`, making room by closing the oldest idle
+    /// connection (of `source` first, when it is at its cap); None when every
+    /// connection in the way is answering a request. The receiver fires when this
+    /// connection is shed in turn.
+    fn admit(&self, source: SourceKey) -> Option<(Member, oneshot::Receiver<()>)> {
+        let mut open = self.lock();
+        if open.sources.get(&source).copied().unwrap_or(0) >= open.per_source
+            && !open.shed_oldest_idle(Some(source))
+        {
             return None;
         }
-        *n += 1;
-        Some(Slot {
-            sources: self.clone(),
-            key,
-        })
+        if open.open.len() >= open.connections && !open.shed_oldest_idle(None) {
+            return None;
+        }
+        let id = open.next;
+        open.next += 1;
+        let (tx, rx) = oneshot::channel();
+        open.open.insert(
+            id,
+            Conn {
+                source,
+                answering: 0,
+                _shed: tx,
+            },
+        );
+        *open.sources.entry(source).or_insert(0) += 1;
+        Some((
+            Member {
+                pool: self.clone(),
+                id,
+            },
+            rx,
+        ))
     }
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.sources.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.key) {
+impl Open {
+    fn shed_oldest_idle(&mut self, of: Option<SourceKey>) -> bool {
+        let oldest = self
+            .open
+            .iter()
+            .find(|(_, c)| c.answering == 0 && of.is_none_or(|s| c.source == s))
+            .map(|(id, _)| *id);
+        match oldest {
+            Some(id) => {
+                self.leave(id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Take `id` out (its sender dropped: the connection closes, if it is not gone).
+    fn leave(&mut self, id: u64) {
+        if let Some(conn) = self.open.remove(&id)
+            && let Some(n) = self.sources.get_mut(&conn.source)
+        {
             *n -= 1;
             if *n == 0 {
-                open.remove(&self.key);
+                self.sources.remove(&conn.source);
             }
+        }
+    }
+}
+
+impl Member {
+    fn answering(&self) -> Answering {
+        if let Some(c) = self.pool.lock().open.get_mut(&self.id) {
+            c.answering += 1;
+        }
+        Answering {
+            pool: self.pool.clone(),
+            id: self.id,
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.pool.lock().leave(self.id);
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if let Some(c) = self.pool.lock().open.get_mut(&self.id) {
+            c.answering = c.answering.saturating_sub(1);
         }
     }
 }
@@ -111,16 +222,9 @@ pub async fn serve(
     what: &'static str,
     mut stop: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(bounds.connections));
-    let sources = Sources::default();
+    let pool = Pool::new(bounds.connections, bounds.per_source);
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stopped(&mut stop) => break,
-        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
@@ -133,35 +237,47 @@ pub async fn serve(
             },
             _ = stopped(&mut stop) => break,
         };
-        let key = SourceKey::new(peer.ip(), bounds.ipv6_prefix);
-        let Some(slot) = sources.take(key, bounds.per_source) else {
-            tracing::debug!(listener = what, %peer, cap = bounds.per_source, "connection over its source's cap closed");
+        // Reap what has finished, so the set holds only what runs.
+        while tasks.try_join_next().is_some() {}
+        let source = SourceKey::new(peer.ip(), bounds.ipv6_prefix);
+        let Some((member, shed)) = pool.admit(source) else {
+            tracing::debug!(listener = what, %peer, "every connection in the way is answering: closed");
             continue;
         };
         let acceptor = tls.as_ref().map(|rx| rx.borrow().clone());
         let (app, stop) = (app.clone(), stop.clone());
-        tokio::spawn(async move {
-            let _held = (permit, slot);
+        tasks.spawn(async move {
             let _ = tcp.set_nodelay(true);
             let io = Stalled::new(tcp, bounds.stall);
-            match acceptor {
-                None => connection(io, peer, app, bounds, stop).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(bounds.handshake, acceptor.accept(io)).await {
-                        Ok(Ok(tls)) => connection(tls, peer, app, bounds, stop).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(listener = what, %peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => {
-                            tracing::debug!(listener = what, %peer, "TLS handshake timed out")
+            let member = Arc::new(member);
+            let served = async {
+                match acceptor {
+                    None => connection(io, peer, app, bounds, member.clone(), stop).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(bounds.handshake, acceptor.accept(io)).await {
+                            Ok(Ok(tls)) => {
+                                connection(tls, peer, app, bounds, member.clone(), stop).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(listener = what, %peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => {
+                                tracing::debug!(listener = what, %peer, "TLS handshake timed out")
+                            }
                         }
                     }
                 }
+            };
+            tokio::select! {
+                _ = served => {}
+                // Closed to make room for a newcomer (the connection drops here).
+                _ = shed => tracing::debug!(listener = what, %peer, "idle connection closed for a newcomer"),
             }
         });
     }
-    // Wait for the connections to finish (the caller bounds how long).
-    let _ = permits.acquire_many(bounds.connections as u32).await;
+    // No new connections: the socket is closed now, not after the drain.
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Once `stop` is true (the watch's guard is not held across an await).
@@ -176,6 +292,7 @@ async fn connection<I>(
     peer: SocketAddr,
     app: Router,
     bounds: Bounds,
+    member: Arc<Member>,
     mut stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -183,12 +300,20 @@ async fn connection<I>(
     let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
         request.extensions_mut().insert(ConnectInfo(peer));
         let mut app = app.clone();
-        tower_service::Service::call(&mut app, request)
+        // Not shed while the answer is being made (its body may still be written).
+        let answering = member.answering();
+        async move {
+            let response = tower_service::Service::call(&mut app, request).await;
+            drop(answering);
+            response
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(bounds.head)
+        .max_buf_size(16 * 1024)
+        .max_headers(32)
         .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
@@ -354,19 +479,59 @@ mod tests {
         assert_eq!(reader.await.unwrap(), answer);
     }
 
+    fn key(ip: &str) -> SourceKey {
+        SourceKey::new(ip.parse().unwrap(), 64)
+    }
+
     #[test]
-    fn a_source_holds_at_most_its_cap_and_gets_its_slots_back() {
-        let sources = Sources::default();
-        let a = SourceKey::new("10.0.0.1".parse().unwrap(), 64);
-        let b = SourceKey::new("10.0.0.2".parse().unwrap(), 64);
-        let held: Vec<Slot> = (0..3).map(|_| sources.take(a, 3).unwrap()).collect();
-        assert!(sources.take(a, 3).is_none());
-        assert!(sources.take(b, 3).is_some());
-        drop(held);
-        assert!(sources.take(a, 3).is_some());
-        assert!(
-            sources.0.lock().unwrap().get(&a).is_none(),
-            "no entry is kept for a source gone"
+    fn a_source_at_its_cap_sheds_its_own_oldest_idle_connection() {
+        let pool = Pool::new(8, 2);
+        let (a1, mut shed_a1) = pool.admit(key("10.0.0.1")).unwrap();
+        let (_a2, mut shed_a2) = pool.admit(key("10.0.0.1")).unwrap();
+        let (_b1, mut shed_b1) = pool.admit(key("10.0.0.2")).unwrap();
+        // A third from 10.0.0.1 closes its first, not 10.0.0.2's older one.
+        let (_a3, _) = pool.admit(key("10.0.0.1")).unwrap();
+        assert_eq!(
+            shed_a1.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
         );
+        assert_eq!(shed_a2.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        assert_eq!(shed_b1.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        drop(a1);
+        assert_eq!(pool.lock().open.len(), 3);
+        assert_eq!(pool.lock().sources[&key("10.0.0.1")], 2);
+    }
+
+    #[test]
+    fn a_full_listener_sheds_the_oldest_idle_and_never_one_answering() {
+        let pool = Pool::new(2, 2);
+        let (a, mut shed_a) = pool.admit(key("10.0.0.1")).unwrap();
+        let (b, mut shed_b) = pool.admit(key("10.0.0.2")).unwrap();
+        let answering = a.answering();
+        let (c, _) = pool.admit(key("10.0.0.3")).expect("room made");
+        assert_eq!(
+            shed_a.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty),
+            "answering: kept"
+        );
+        assert_eq!(
+            shed_b.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "idle: shed"
+        );
+        let c_answering = c.answering();
+        assert!(
+            pool.admit(key("10.0.0.4")).is_none(),
+            "all answering: the newcomer is refused"
+        );
+        drop((answering, c_answering));
+        assert!(
+            pool.admit(key("10.0.0.4")).is_some(),
+            "idle again: room is made"
+        );
+        drop(b);
+        // Everything dropped: nothing is left behind.
+        drop((a, c));
+        assert!(pool.lock().open.is_empty() && pool.lock().sources.is_empty());
     }
 }

@@ -390,11 +390,14 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     let handshake_timeout = *config.tls.handshake_timeout;
     // Descriptors: as many as allowed, and connections capped below them.
     let nofile = descriptors::raise_nofile_limit();
+    let http_listeners =
+        usize::from(observability_listener.is_some()) + usize::from(admin_http.is_some());
     let caps = descriptors::connection_caps(
         nofile.soft,
         config.limits.fd_reserve,
         config.limits.max_connections,
         config.limits.max_unauthenticated,
+        http_listeners,
     )
     .map_err(UsageError)?;
     match (&nofile.error, nofile.raised_from) {
@@ -409,6 +412,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
     tracing::info!(
         connections = caps.total,
         unauthenticated = caps.unauthenticated,
+        http_per_listener = caps.http,
         reserve = config.limits.fd_reserve,
         "connection caps"
     );
@@ -623,6 +627,7 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         report.push((bound.label(), bound.local.to_string()));
         tasks.push(tokio::spawn(admin::http::serve(
             bound,
+            caps.http,
             admin_state.clone(),
             metrics.clone(),
             shutdown_rx.clone(),
@@ -685,7 +690,11 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
             listener,
             None,
             app,
-            crate::http_listener::Bounds::new(handshake_timeout, config.auth.ipv6_source_prefix),
+            crate::http_listener::Bounds::new(
+                caps.http,
+                handshake_timeout,
+                config.auth.ipv6_source_prefix,
+            ),
             "observability",
             shutdown_rx.clone(),
         )));
@@ -777,8 +786,16 @@ async fn serve(config: Config, path: Option<std::path::PathBuf>) -> Result<()> {
         );
     }
     let _ = std::fs::remove_file(&admin_socket);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+    // The listeners' tasks get a second to finish what they answer; then they are
+    // ended (not left running past the audit's last line).
+    for mut t in tasks {
+        if tokio::time::timeout(Duration::from_secs(1), &mut t)
+            .await
+            .is_err()
+        {
+            t.abort();
+            let _ = t.await;
+        }
     }
     audit.record(AuditEntry::new("stop", "allow").reason("gateway stopped"));
     drop(audit);

@@ -32,6 +32,7 @@ use portcullis_core::audit::AuditEntry;
 use portcullis_core::metrics::Metrics;
 use portcullis_core::principal::PrincipalKind;
 use portcullis_core::refusal::Refusal;
+use portcullis_core::source_key::SourceKey;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -142,6 +143,8 @@ pub struct Http {
     /// The token in force (a reload sends a new one).
     pub token: watch::Receiver<Arc<Token>>,
     pub metrics: Arc<Metrics>,
+    /// The IPv6 prefix length of one source, for the audit of refusals.
+    pub ipv6_prefix: u8,
 }
 
 tokio::task_local! {
@@ -216,12 +219,14 @@ async fn require_token(
         None => ("no bearer token", "Bearer realm=\"portcullis-admin\""),
     };
     h.metrics.refused(Refusal::AdminUnauthorized);
-    // One reason per cause, not per path: the caller chooses the path, and each
-    // distinct reason would be a line of its own in the audit's aggregation.
+    // One reason per cause, not per path, and the source as the caps count it (an
+    // IPv6 host is its prefix): the caller chooses its path and its address within
+    // its prefix, and each distinct value would be a line of its own in the audit.
+    let source = SourceKey::new(peer.ip(), h.ipv6_prefix);
     h.admin.write_audit(
         AuditEntry::new("admin", "refuse")
             .protocol("admin-http")
-            .source(peer.ip())
+            .source(source)
             .reason(why),
     );
     let mut response = error(
@@ -231,6 +236,11 @@ async fn require_token(
     response.headers_mut().insert(
         WWW_AUTHENTICATE,
         axum::http::HeaderValue::from_static(challenge),
+    );
+    // A caller without the token keeps no connection open.
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
     );
     response
 }
@@ -242,13 +252,18 @@ impl Http {
         O: Handler + Send + 'static,
         O::Reply: Send + 'static,
     {
-        let state = match CALLER.try_with(|caller| *caller) {
-            Ok(caller) => Arc::new(AdminState {
-                caller: Some(caller),
-                ..(*self.admin).clone()
-            }),
-            Err(_) => self.admin.clone(),
+        // Every route runs behind the token check, which names the caller; a route
+        // reached without one would be audited as the socket's: refused instead.
+        let Ok(caller) = CALLER.try_with(|caller| *caller) else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "request reached an operation without its caller checked".into(),
+            );
         };
+        let state = Arc::new(AdminState {
+            caller: Some(caller),
+            ..(*self.admin).clone()
+        });
         match tokio::task::spawn_blocking(move || op.run(&state)).await {
             Ok(Ok(reply)) => json_response(success, &reply),
             Ok(Err(e)) => failure(e),
@@ -650,7 +665,8 @@ pub struct Bound {
     listener: TcpListener,
     token: watch::Receiver<Arc<Token>>,
     tls: Option<watch::Receiver<TlsAcceptor>>,
-    bounds: crate::http_listener::Bounds,
+    handshake: Duration,
+    ipv6_prefix: u8,
     pub rekey: Arc<Rekey>,
     pub local: SocketAddr,
 }
@@ -692,10 +708,8 @@ pub async fn bind(config: &portcullis_config::Config) -> anyhow::Result<Option<B
         listener,
         token,
         tls,
-        bounds: crate::http_listener::Bounds::new(
-            *config.tls.handshake_timeout,
-            config.auth.ipv6_source_prefix,
-        ),
+        handshake: *config.tls.handshake_timeout,
+        ipv6_prefix: config.auth.ipv6_source_prefix,
         rekey: Arc::new(Rekey {
             token: token_tx,
             tls: tls_tx,
@@ -704,9 +718,10 @@ pub async fn bind(config: &portcullis_config::Config) -> anyhow::Result<Option<B
     }))
 }
 
-/// Serve the API until `stop` turns true.
+/// Serve the API until `stop` turns true, with at most `connections` open.
 pub async fn serve(
     bound: Bound,
+    connections: usize,
     admin: Arc<AdminState>,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
@@ -715,13 +730,16 @@ pub async fn serve(
         listener,
         token,
         tls,
-        bounds,
+        handshake,
+        ipv6_prefix,
         ..
     } = bound;
+    let bounds = crate::http_listener::Bounds::new(connections, handshake, ipv6_prefix);
     let app = router(Http {
         admin,
         token,
         metrics,
+        ipv6_prefix,
     });
     crate::http_listener::serve(listener, tls, app, bounds, "admin API", stop).await;
 }
