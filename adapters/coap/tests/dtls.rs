@@ -842,6 +842,7 @@ impl Admit for Counting {
         self.alive.fetch_add(1, Ordering::SeqCst);
         Some(Box::new(Token(self.alive.clone())))
     }
+    fn header_refused(&self, _: SocketAddr, _: dtls::HeaderRefused<'_>) {}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
