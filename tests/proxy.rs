@@ -374,3 +374,266 @@ fn config_check_names_a_bad_balancer_entry() {
         "{err}"
     );
 }
+
+// CoAP over DTLS: a UDP balancer puts a v2 header in front of every datagram.
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The CoAP listener's balancer; the tests' other sources (127.0.0.1, 127.0.0.2) are
+/// not balancers.
+const COAP_BEHIND: &str = r#"
+[proxy_protocol]
+coap_dtls = ["127.0.0.3"]
+"#;
+const BALANCER: &str = "127.0.0.3";
+
+/// PROXY, UDP over IPv4, naming `client`.
+fn udp_header(client: &str) -> Vec<u8> {
+    header_with(0x21, 0x12, client.parse().unwrap(), &[])
+}
+
+/// Register a device with a generated pre-shared key; the key, as printed once.
+fn add_psk_device(gw: &Gateway, id: &str) -> String {
+    let out = gw.cli_ok(&["device", "add", id, "--psk-generate"]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("psk: "))
+        .unwrap_or_else(|| panic!("no psk line in {out:?}"))
+        .trim()
+        .to_string()
+}
+
+/// `coap-client-openssl` posting `payload` to `coaps://to/t/telemetry/temp` with
+/// `id`'s key, giving up after `wait` seconds; whether it got a 2.04, and what it said.
+fn coap_post(to: SocketAddr, id: &str, key: &str, payload: &str, wait: u32) -> (bool, String) {
+    let out = std::process::Command::new("coap-client-openssl")
+        .args(["-u", id, "-k", key, "-B", &wait.to_string(), "-v", "7"])
+        .args(["-m", "post", "-e", payload])
+        .arg(format!("coaps://{to}/t/telemetry/temp"))
+        .output()
+        .expect("coap-client-openssl (Debian libcoap3-bin)");
+    let said = text(&out);
+    (out.status.success() && said.contains("c:2.04"), said)
+}
+
+/// A UDP load balancer: datagrams to its front (127.0.0.1) go to `backend` from
+/// 127.0.0.3 with `header` in front of each; answers go back to whoever sent last,
+/// as they came. Stops when dropped.
+struct Relay {
+    front: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn start(backend: SocketAddr, header: Vec<u8>) -> Relay {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let up = UdpSocket::bind((BALANCER, 0)).unwrap();
+        up.connect(backend).unwrap();
+        let poll = Some(Duration::from_millis(50));
+        front.set_read_timeout(poll).unwrap();
+        up.set_read_timeout(poll).unwrap();
+        let relay = Relay {
+            front: front.local_addr().unwrap(),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        let (down, up2) = (front.try_clone().unwrap(), up.try_clone().unwrap());
+        let (stop, last) = (relay.stop.clone(), client.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    *last.lock().unwrap() = Some(from);
+                    let mut d = header.clone();
+                    d.extend_from_slice(&buf[..n]);
+                    let _ = up.send(&d);
+                }
+            }
+        });
+        let stop = relay.stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = up2.recv(&mut buf)
+                    && let Some(to) = *client.lock().unwrap()
+                {
+                    let _ = down.send_to(&buf[..n], to);
+                }
+            }
+        });
+        relay
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn coap_behind_a_balancer_the_datagrams_header_names_the_device_for_audit_and_bans() {
+    let gw = Gateway::start_with(COAP_BEHIND);
+    let key = add_psk_device(&gw, "coap-p1");
+    gw.add_service_cert("analytics");
+    let sub = Sub::start(&gw.client(
+        gw.service_tls,
+        "analytics",
+        &["-t", "devices/+/telemetry/#", "-v", "-q", "1"],
+    ));
+    gw.wait_audit(&["\"connect\"", "\"analytics\""]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let relay = Relay::start(gw.coap_dtls, udp_header("203.0.113.7:4242"));
+    let (ok, said) = coap_post(relay.front, "coap-p1", &key, "21.5", 10);
+    assert!(ok, "{said}");
+    let line = sub
+        .expect("21.5", T)
+        .unwrap_or_else(|seen| panic!("telemetry not received; saw {seen:?}"));
+    assert_eq!(line, "devices/coap-p1/telemetry/temp 21.5");
+    let line = gw.wait_audit(&["\"connect\"", "\"allow\"", "coap-p1", "203.0.113.7:4242"]);
+    assert!(!line.contains(BALANCER), "{line}");
+
+    // A ban on the claimed address refuses the device behind the balancer...
+    gw.cli_ok(&["ban", "add", "203.0.113.7/32"]);
+    let (ok, said) = coap_post(relay.front, "coap-p1", &key, "22.5", 3);
+    assert!(!ok, "{said}");
+    assert!(gw.refusals("connect", "banned") >= 1);
+    gw.wait_audit(&["\"refuse\"", "banned", "203.0.113.7"]);
+    // ...not another client behind it, nor a device straight from 127.0.0.1.
+    let other = Relay::start(gw.coap_dtls, udp_header("203.0.113.8:4242"));
+    let (ok, said) = coap_post(other.front, "coap-p1", &key, "23.5", 10);
+    assert!(ok, "{said}");
+    gw.wait_audit(&["\"connect\"", "\"allow\"", "coap-p1", "203.0.113.8:4242"]);
+    let (ok, said) = coap_post(gw.coap_dtls, "coap-p1", &key, "24.5", 10);
+    assert!(ok, "{said}");
+    gw.wait_audit(&["\"connect\"", "\"allow\"", "coap-p1", "127.0.0.1:"]);
+    assert!(sub.expect("24.5", T).is_ok());
+}
+
+#[test]
+fn coap_local_is_the_balancers_own_datagram() {
+    let gw = Gateway::start_with(COAP_BEHIND);
+    let key = add_psk_device(&gw, "coap-p2");
+    // LOCAL with an address block the gateway must ignore.
+    let local = header_with(0x20, 0x12, "203.0.113.7:4242".parse().unwrap(), &[]);
+    let relay = Relay::start(gw.coap_dtls, local);
+    let (ok, said) = coap_post(relay.front, "coap-p2", &key, "1", 10);
+    assert!(ok, "{said}");
+    gw.wait_audit(&["\"connect\"", "\"allow\"", "coap-p2", "127.0.0.3:"]);
+    assert!(!gw.audit().contains("203.0.113.7"), "{}", gw.audit());
+}
+
+#[test]
+fn coap_datagrams_with_a_header_from_a_source_that_is_not_a_balancer_are_refused() {
+    let gw = Gateway::start_with(COAP_BEHIND);
+    let key = add_psk_device(&gw, "coap-p3");
+    let raw = UdpSocket::bind("127.0.0.2:0").unwrap();
+    let mut claim = udp_header("203.0.113.7:4242");
+    claim.extend_from_slice(&[22, 0xfe, 0xff, 0, 0]);
+    raw.send_to(&claim, gw.coap_dtls).unwrap();
+    raw.send_to(
+        b"PROXY UDP4 203.0.113.7 127.0.0.1 4242 5684\r\n",
+        gw.coap_dtls,
+    )
+    .unwrap();
+    let counted = wait_for(T, || {
+        (gw.refusals("connect", "proxy_header_not_allowed") == 2).then_some(())
+    });
+    assert!(counted.is_some(), "not counted twice");
+    let line = gw.wait_audit(&["\"refuse\"", "proxy_header_not_allowed", "127.0.0.2:"]);
+    assert!(!line.contains("203.0.113.7"), "{line}");
+    // The same source without a header is a device like any other.
+    let (ok, said) = coap_post(gw.coap_dtls, "coap-p3", &key, "1", 10);
+    assert!(ok, "{said}");
+}
+
+#[test]
+fn coap_framing_errors_from_the_balancer_are_refused_and_the_next_datagram_works() {
+    let gw = Gateway::start_with(COAP_BEHIND);
+    let key = add_psk_device(&gw, "coap-p4");
+    let good = udp_header("203.0.113.7:4242");
+    let with = |at: usize, b: u8| {
+        let mut h = good.clone();
+        h[at] = b;
+        h
+    };
+    let mut past_the_end = good.clone();
+    past_the_end[14..16].copy_from_slice(&100u16.to_be_bytes());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bad signature", with(4, b'X'), "signature"),
+        (
+            "v1 text",
+            b"PROXY UDP4 203.0.113.7 127.0.0.1 4242 5684\r\n".to_vec(),
+            "version 1 (text)",
+        ),
+        ("version 3", with(12, 0x31), "version 3"),
+        ("command 2", with(12, 0x22), "command 0x2"),
+        (
+            "truncated",
+            good[..20].to_vec(),
+            "ends within its PROXY header",
+        ),
+        ("STREAM on UDP", with(13, 0x11), "Stream"),
+        (
+            "length past the datagram",
+            past_the_end,
+            "ends within its PROXY header",
+        ),
+        (
+            "TLV past the end",
+            header_with(
+                0x21,
+                0x12,
+                "203.0.113.7:4242".parse().unwrap(),
+                &[4, 0, 9, 1],
+            ),
+            "TLV at offset 12",
+        ),
+        // A ClientHello's first bytes, with no header.
+        ("no header at all", vec![22, 0xfe, 0xff, 0, 0], "signature"),
+    ];
+    let balancer = UdpSocket::bind((BALANCER, 0)).unwrap();
+    for (n, (what, bytes, words)) in cases.iter().enumerate() {
+        balancer.send_to(bytes, gw.coap_dtls).unwrap();
+        let counted = wait_for(T, || {
+            (gw.refusals("handshake", "proxy_header_invalid") == n as u64 + 1).then_some(())
+        });
+        assert!(counted.is_some(), "{what} was not counted");
+        gw.wait_audit(&["\"refuse\"", "proxy_header_invalid", words, "127.0.0.3:"]);
+    }
+    // Straight from the balancer's address without a header: refused too.
+    let (ok, _) = coap_post_from_balancer(&gw, "coap-p4", &key);
+    assert!(!ok);
+    // None of it was charged to the client a good header names.
+    let relay = Relay::start(gw.coap_dtls, good);
+    let (ok, said) = coap_post(relay.front, "coap-p4", &key, "1", 10);
+    assert!(ok, "{said}");
+    gw.wait_audit(&["\"connect\"", "\"allow\"", "coap-p4", "203.0.113.7:4242"]);
+}
+
+/// `coap-client-openssl` bound to the balancer's address, with no header.
+fn coap_post_from_balancer(gw: &Gateway, id: &str, key: &str) -> (bool, String) {
+    let out = std::process::Command::new("coap-client-openssl")
+        .args(["-u", id, "-k", key, "-B", "3", "-a", BALANCER])
+        .args(["-m", "post", "-e", "x"])
+        .arg(format!("coaps://{}/t/telemetry/temp", gw.coap_dtls))
+        .output()
+        .expect("coap-client-openssl (Debian libcoap3-bin)");
+    let said = text(&out);
+    (out.status.success() && said.contains("c:2.04"), said)
+}
+
+#[test]
+fn without_a_coap_balancer_a_header_is_only_a_stray_datagram() {
+    let gw = Gateway::start();
+    let key = add_psk_device(&gw, "coap-p5");
+    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+    raw.send_to(&udp_header("203.0.113.7:4242"), gw.coap_dtls)
+        .unwrap();
+    let (ok, said) = coap_post(gw.coap_dtls, "coap-p5", &key, "1", 10);
+    assert!(ok, "{said}");
+    assert_eq!(gw.refusals("connect", "proxy_header_not_allowed"), 0);
+    assert!(!gw.audit().contains("203.0.113.7"));
+}

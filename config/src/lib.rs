@@ -1117,6 +1117,7 @@ impl Config {
         self.proxy_protocol.validate(
             self.listeners.device_tls.is_some(),
             self.listeners.device_plain.is_some(),
+            self.listeners.coap_dtls.is_some(),
         )?;
         let r = &self.rate_limits;
         for (key, v) in [

@@ -15,6 +15,9 @@ pub struct ProxyProtocol {
     pub device_tls: Vec<String>,
     /// The same for `listeners.device_plain` (a balancer on the same host).
     pub device_plain: Vec<String>,
+    /// Load balancers whose datagrams to `listeners.coap_dtls` each start with a
+    /// PROXY v2 header (UDP balancers send one per datagram).
+    pub coap_dtls: Vec<String>,
     /// Time a balancer's connection has to deliver its whole header.
     pub header_timeout: Secs,
 }
@@ -24,6 +27,7 @@ impl Default for ProxyProtocol {
         ProxyProtocol {
             device_tls: Vec::new(),
             device_plain: Vec::new(),
+            coap_dtls: Vec::new(),
             header_timeout: Secs::from_secs(5),
         }
     }
@@ -64,11 +68,22 @@ impl ProxyProtocol {
             .collect()
     }
 
-    /// `tls_on` and `plain_on`: whether the listeners are on.
-    pub(crate) fn validate(&self, tls_on: bool, plain_on: bool) -> Result<(), (String, String)> {
+    /// The balancers of the CoAP over DTLS listener.
+    pub fn coap_dtls_balancers(&self) -> Vec<IpNet> {
+        self.coap_dtls.iter().filter_map(|t| network(t)).collect()
+    }
+
+    /// `tls_on`, `plain_on`, `coap_on`: whether the listeners are on.
+    pub(crate) fn validate(
+        &self,
+        tls_on: bool,
+        plain_on: bool,
+        coap_on: bool,
+    ) -> Result<(), (String, String)> {
         for (name, list, on) in [
             ("device_tls", &self.device_tls, tls_on),
             ("device_plain", &self.device_plain, plain_on),
+            ("coap_dtls", &self.coap_dtls, coap_on),
         ] {
             let key = format!("proxy_protocol.{name}");
             if !list.is_empty() && !on {
@@ -116,6 +131,7 @@ mod tests {
         let c = Config::default();
         assert!(c.proxy_protocol.device_tls_balancers().is_empty());
         assert!(c.proxy_protocol.device_plain_balancers().is_empty());
+        assert!(c.proxy_protocol.coap_dtls_balancers().is_empty());
     }
 
     #[test]
@@ -133,6 +149,7 @@ mod tests {
             .collect();
         assert_eq!(tls, ["10.0.0.0/24", "2001:db8::1/128"]);
         assert_eq!(c.proxy_protocol.device_plain_balancers().len(), 1);
+        assert!(c.proxy_protocol.coap_dtls_balancers().is_empty());
         assert_eq!(c.proxy_protocol.header_timeout.as_secs(), 3);
     }
 
@@ -174,5 +191,34 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.key, "proxy_protocol.device_tls");
+    }
+
+    #[test]
+    fn the_coap_listener_takes_its_own_list_with_the_same_rules() {
+        let c = Config::parse(
+            "[proxy_protocol]\ncoap_dtls = [\"10.0.0.7/24\", \"::ffff:10.1.0.5\"]\n",
+            "x.toml",
+        )
+        .unwrap();
+        let nets: Vec<String> = c
+            .proxy_protocol
+            .coap_dtls_balancers()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/24", "10.1.0.5/32"]);
+        assert!(c.proxy_protocol.device_tls_balancers().is_empty());
+        let err = Config::parse(
+            "[proxy_protocol]\ncoap_dtls = [\"10.0.0.1\", \"0.0.0.0/0\"]\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "proxy_protocol.coap_dtls[1]");
+        let err = Config::parse(
+            "[listeners]\ncoap_dtls = \"off\"\n[proxy_protocol]\ncoap_dtls = [\"10.0.0.1\"]\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "proxy_protocol.coap_dtls");
     }
 }

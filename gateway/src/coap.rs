@@ -1,17 +1,21 @@
-//! The CoAP listeners of `serve`: the DTLS endpoint bound from `[listeners] coap_dtls`
-//! and `[coap]`, the pre-shared keys from the registry, plain CoAP on loopback from
-//! `[listeners] coap` (off by default), and the CoAP layer over each.
+//! The CoAP listeners of `serve`: the DTLS endpoint bound from `[listeners] coap_dtls`,
+//! `[coap]` and `[proxy_protocol] coap_dtls`, the pre-shared keys from the registry,
+//! plain CoAP on loopback from `[listeners] coap` (off by default), and the CoAP layer
+//! over each.
 
 use crate::usage::UsageError;
 use anyhow::Result;
-use portcullis_coap::dtls::{self, Settings, Stats};
+use portcullis_coap::dtls::{self, HeaderRefused, Settings, Stats};
 use portcullis_coap::keys::RegistryKeys;
 use portcullis_coap::plain;
 use portcullis_coap::session::{self, CoapState, Context};
 use portcullis_config::Config;
+use portcullis_core::audit::AuditEntry;
 use portcullis_core::device_key::MasterKeys;
 use portcullis_core::metrics::Metrics;
 use portcullis_core::parking::ParkedSessions;
+use portcullis_core::proxy_header::{HeaderError, LoadBalancers};
+use portcullis_core::refusal::Refusal;
 use portcullis_core::registry::Registry;
 use portcullis_core::source_gate::{Admitted, SourceGate};
 use portcullis_core::source_key::SourceKey;
@@ -33,15 +37,22 @@ pub struct CoapListener {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// The DTLS endpoint's bounds, from the configuration.
+/// The DTLS endpoint's bounds and load balancers, from the configuration.
 fn settings(config: &Config) -> Settings {
     let c = &config.coap;
+    // A datagram carries its whole header: no header timeout, nothing waits for one.
+    let balancers = LoadBalancers::new(
+        config.proxy_protocol.coap_dtls_balancers(),
+        *config.proxy_protocol.header_timeout,
+        1,
+    );
     Settings {
         max_sessions: c.max_sessions,
         max_half_open: c.max_handshakes,
         max_per_source: c.max_sessions_per_source,
         handshake_timeout: *c.handshake_timeout,
         idle_timeout: *c.idle_timeout,
+        balancers: balancers.map(Arc::new),
         ..Settings::default()
     }
 }
@@ -92,6 +103,29 @@ impl dtls::Admit for Gate {
         pre_auth.authenticated();
         Some(Box::new(slot))
     }
+
+    /// Counted and audited as on the MQTT listeners (the audit's aggregator keeps a
+    /// flood to a line per window).
+    fn header_refused(&self, from: SocketAddr, why: HeaderRefused<'_>) {
+        let (refusal, detail) = match why {
+            HeaderRefused::NotAllowed => (
+                Refusal::ProxyHeaderNotAllowed,
+                "a PROXY header from a source not in proxy_protocol.coap_dtls".to_string(),
+            ),
+            HeaderRefused::Invalid(HeaderError::Truncated(n)) => (
+                Refusal::ProxyHeaderInvalid,
+                format!("datagram of {n} bytes ends within its PROXY header"),
+            ),
+            HeaderRefused::Invalid(e) => (Refusal::ProxyHeaderInvalid, e.to_string()),
+        };
+        self.gate.metrics.refused(refusal);
+        self.gate.audit.record(
+            AuditEntry::new("connect", "refuse")
+                .source(from)
+                .protocol("proxy")
+                .reason(format!("{}: {detail} (CoAP over DTLS)", refusal.label())),
+        );
+    }
 }
 
 /// Bind the CoAP listeners that are configured, and start their layer.
@@ -117,6 +151,12 @@ pub async fn start(
     let mut stats = Arc::new(Stats::default());
     if let Some(addr) = config.listeners.coap_dtls {
         let keys = Arc::new(RegistryKeys::new(registry, master));
+        if !config.proxy_protocol.coap_dtls.is_empty() {
+            tracing::info!(
+                listener = "device listener (CoAP over DTLS, UDP)",
+                "PROXY protocol v2 from the listed load balancers"
+            );
+        }
         let endpoint = dtls::bind(addr, settings(config), keys, gate.clone())
             .await
             .map_err(|e| UsageError(e.to_string()))?;

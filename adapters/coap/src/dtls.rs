@@ -40,9 +40,20 @@
 //!
 //! Every call into dimpl is made under `catch_unwind`: a panic drops that one peer
 //! (`Closed::Failed("internal error")`), never the task.
+//!
+//! Behind a UDP load balancer (`Settings::balancers`), each datagram from a listed
+//! balancer starts with a PROXY protocol v2 header naming the client it came from
+//! (`proxy_header`). That client is the peer for everything above: the session, the
+//! cookie, the caps, the gate. Only the wire differs: what is sent to the peer goes to
+//! the balancer that carried its datagrams (`Peer::route`), without a header. The
+//! route is set when the handshake begins and moves only with a datagram that
+//! authenticated, so a forged datagram cannot redirect a session's answers. A
+//! datagram from a balancer without a valid header, and one from any other source
+//! that carries a header, is dropped and reported (`Admit::header_refused`).
 
 use dimpl::crypto::Dtls12CipherSuite;
 use dimpl::{Config, Dtls, Output, PskResolver};
+use portcullis_core::proxy_header::{self, Header, HeaderError, LoadBalancers, Transport};
 use portcullis_core::source_key::{DEFAULT_IPV6_PREFIX, SourceKey};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -93,6 +104,9 @@ pub struct Settings {
     /// dropped and counted (CoAP retransmits); an established session's start and end
     /// wait for room.
     pub queue: usize,
+    /// The load balancers whose datagrams each start with a PROXY v2 header; None: no
+    /// header is taken from anyone.
+    pub balancers: Option<Arc<LoadBalancers>>,
 }
 
 impl Default for Settings {
@@ -104,6 +118,7 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             queue: 4096,
+            balancers: None,
         }
     }
 }
@@ -120,6 +135,19 @@ pub trait Admit: Send + Sync + 'static {
     /// `None` refuses (the datagram is dropped without a word). The token returned is
     /// held as long as the address's handshake or session lives, and dropped with it.
     fn admit(&self, peer: SocketAddr) -> Option<Box<dyn Send + Sync>>;
+
+    /// A datagram from `from` dropped over its PROXY header (only with
+    /// `Settings::balancers`): for the gateway to count and audit.
+    fn header_refused(&self, from: SocketAddr, why: HeaderRefused<'_>);
+}
+
+/// Why a datagram was dropped over its PROXY header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderRefused<'a> {
+    /// From a listed balancer, without a valid v2 header for a datagram.
+    Invalid(&'a HeaderError),
+    /// From a source that is not a listed balancer, starting with a header.
+    NotAllowed,
 }
 
 /// A gate that admits every source.
@@ -129,6 +157,8 @@ impl Admit for AdmitAll {
     fn admit(&self, _: SocketAddr) -> Option<Box<dyn Send + Sync>> {
         Some(Box::new(()))
     }
+
+    fn header_refused(&self, _: SocketAddr, _: HeaderRefused<'_>) {}
 }
 
 /// Why a session ended.
@@ -217,6 +247,8 @@ pub struct Stats {
     pub replaced: AtomicU64,
     /// Peers dropped because their DTLS state panicked.
     pub panics: AtomicU64,
+    /// Datagrams dropped over their PROXY header (`HeaderRefused`).
+    pub header_refused: AtomicU64,
     /// Addresses with a session, established or in handshake.
     pub sessions: AtomicU64,
     /// Handshakes in progress (a re-handshake beside a session included).
@@ -659,6 +691,9 @@ struct Peer {
     /// The time slice of the cookie this handshake began with.
     cookie_slice: u64,
     source: SourceKey,
+    /// Where its datagrams go: its own address, or the balancer that carried its
+    /// ClientHello or, later, its last datagram that authenticated.
+    route: SocketAddr,
     /// The gate's token, dropped with the state.
     _admitted: Box<dyn Send + Sync>,
 }
@@ -682,6 +717,8 @@ struct Drained {
     /// Something authenticated came (application data, close_notify).
     authenticated: bool,
     end: Option<Closed>,
+    /// Where the packets go (the peer's route).
+    to: Option<SocketAddr>,
 }
 
 struct Task {
@@ -811,7 +848,10 @@ impl Task {
         loop {
             tokio::select! {
                 r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, peer)) => self.datagram(peer, &buf[..n]).await,
+                    Ok((n, from)) => match self.settings.balancers.clone() {
+                        None => self.datagram(from, from, &buf[..n]).await,
+                        Some(lb) => self.proxied(&lb, from, &buf[..n]).await,
+                    },
                     Err(e) => {
                         // ICMP errors surface here on some systems: not fatal.
                         tracing::debug!(error = %e, "DTLS socket read");
@@ -852,10 +892,42 @@ impl Task {
             .map(|_| current)
     }
 
-    async fn datagram(&mut self, peer: SocketAddr, datagram: &[u8]) {
+    /// A datagram on a listener behind balancers: the peer its header names, or the
+    /// source itself if it is not a balancer; dropped and reported if its header is
+    /// wrong or not allowed.
+    async fn proxied(&mut self, lb: &LoadBalancers, from: SocketAddr, datagram: &[u8]) {
+        let error;
+        let refused = if !lb.allows(from.ip()) {
+            if !proxy_header::looks_like_header(datagram) {
+                return self.datagram(from, from, datagram).await;
+            }
+            HeaderRefused::NotAllowed
+        } else {
+            match proxy_header::parse(datagram, Transport::Datagram) {
+                Ok((Header::Proxy { source, .. }, len)) => {
+                    return self.datagram(source, from, &datagram[len..]).await;
+                }
+                // The balancer's own datagram (a health check).
+                Ok((Header::Local, len)) => {
+                    return self.datagram(from, from, &datagram[len..]).await;
+                }
+                Err(e) => {
+                    error = e;
+                    HeaderRefused::Invalid(&error)
+                }
+            }
+        };
+        count(&self.stats.header_refused);
+        let gate = &self.gate;
+        let _ = guarded(|| gate.header_refused(from, refused));
+    }
+
+    /// One datagram from `peer`, which came from `from` (the balancer that carried
+    /// it, or `peer` itself).
+    async fn datagram(&mut self, peer: SocketAddr, from: SocketAddr, datagram: &[u8]) {
         let now = Instant::now();
         if let Some(hello) = ClientHello::read(datagram) {
-            self.client_hello(peer, &hello, datagram, now).await;
+            self.client_hello(peer, from, &hello, datagram, now).await;
             return;
         }
         let current = (peer, Slot::Current);
@@ -868,18 +940,19 @@ impl Task {
         // and to a handshake beside it if the session could not read it.
         let plaintext = datagram.len() >= RECORD_HEADER && datagram[3..5] == [0, 0];
         if plaintext && self.peers.contains_key(&next) {
-            self.feed(next, datagram, now, false).await;
+            self.feed(next, from, datagram, now, false).await;
             return;
         }
-        let read = self.feed(current, datagram, now, false).await;
+        let read = self.feed(current, from, datagram, now, false).await;
         if !plaintext && !read && self.peers.contains_key(&next) {
-            self.feed(next, datagram, now, false).await;
+            self.feed(next, from, datagram, now, false).await;
         }
     }
 
     async fn client_hello(
         &mut self,
         peer: SocketAddr,
+        from: SocketAddr,
         hello: &ClientHello<'_>,
         datagram: &[u8],
         now: Instant,
@@ -888,7 +961,7 @@ impl Task {
         if let Some(key) = self.half_open_at(peer)
             && self.peers[&key].random == hello.random
         {
-            self.feed(key, datagram, now, true).await;
+            self.feed(key, from, datagram, now, true).await;
             return;
         }
         // A late copy of the ClientHello that began the session: nothing new.
@@ -903,7 +976,8 @@ impl Task {
             if !hello.cookie.is_empty() {
                 count(&self.stats.cookie_refused);
             }
-            self.hello_verify(peer, hello, datagram.len(), now).await;
+            self.hello_verify(peer, from, hello, datagram.len(), now)
+                .await;
             return;
         };
         // The address proved it receives what is sent to it: a handshake may begin.
@@ -911,20 +985,21 @@ impl Task {
             count(&self.stats.replaced);
             self.drop_peer(key, Closed::Replaced).await;
         }
-        let Some(key) = self.admit(peer, hello, slice, now) else {
+        let Some(key) = self.admit(peer, from, hello, slice, now) else {
             return;
         };
         if let Err(why) = self.prime(key, hello, datagram, now) {
             self.drop_peer(key, why).await;
             return;
         }
-        self.feed(key, datagram, now, true).await;
+        self.feed(key, from, datagram, now, true).await;
     }
 
-    /// Answer a ClientHello without a good cookie; nothing is kept.
+    /// Answer a ClientHello without a good cookie, by way of `from`; nothing is kept.
     async fn hello_verify(
         &mut self,
         peer: SocketAddr,
+        from: SocketAddr,
         hello: &ClientHello<'_>,
         received: usize,
         now: Instant,
@@ -939,13 +1014,14 @@ impl Task {
         };
         let answer = hello::verify_request(hello, &cookie);
         count(&self.stats.hello_verify_sent);
-        let _ = self.socket.send_to(&answer, peer).await;
+        let _ = self.socket.send_to(&answer, from).await;
     }
 
     /// The caps, then the gate; the state, if both admit it.
     fn admit(
         &mut self,
         peer: SocketAddr,
+        from: SocketAddr,
         hello: &ClientHello<'_>,
         cookie_slice: u64,
         now: Instant,
@@ -991,6 +1067,7 @@ impl Task {
                 random: hello.random,
                 cookie_slice,
                 source,
+                route: from,
                 _admitted: admitted,
             }),
         );
@@ -1054,8 +1131,16 @@ impl Task {
         Ok(())
     }
 
-    /// Hand one datagram to a state; whether something authenticated came of it.
-    async fn feed(&mut self, key: Key, datagram: &[u8], now: Instant, hello: bool) -> bool {
+    /// Hand one datagram, which came from `from`, to a state; whether something
+    /// authenticated came of it.
+    async fn feed(
+        &mut self,
+        key: Key,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        hello: bool,
+    ) -> bool {
         let Some(p) = self.peers.get_mut(&key) else {
             return false;
         };
@@ -1088,7 +1173,7 @@ impl Task {
             }
             Ok(Ok(())) => {}
         }
-        self.flush(key, now).await
+        self.flush(key, Some(from), now).await
     }
 
     async fn send(&mut self, peer: SocketAddr, session: u64, data: &[u8]) {
@@ -1104,7 +1189,7 @@ impl Task {
             Ok(Err(e)) => return self.drop_peer(key, Closed::Failed(e.to_string())).await,
             Ok(Ok(_)) => {}
         }
-        self.flush(key, Instant::now()).await;
+        self.flush(key, None, Instant::now()).await;
     }
 
     async fn close(&mut self, peer: SocketAddr, session: u64) {
@@ -1117,13 +1202,14 @@ impl Task {
         }
         // close_notify, if it can be said.
         if let Ok(Ok(())) = guarded(|| p.dtls.close()) {
-            self.flush(key, Instant::now()).await;
+            self.flush(key, None, Instant::now()).await;
         }
         self.drop_peer(key, Closed::Local).await;
     }
 
-    /// Take what the state has for the wire and for the CoAP layer.
-    fn drain(&mut self, key: Key, now: Instant) -> Drained {
+    /// Take what the state has for the wire and for the CoAP layer; `from`: where the
+    /// datagram just handed over came from.
+    fn drain(&mut self, key: Key, from: Option<SocketAddr>, now: Instant) -> Drained {
         self.wire.clear();
         self.wire_ends.clear();
         self.data.clear();
@@ -1131,6 +1217,7 @@ impl Task {
         let Some(p) = self.peers.get_mut(&key) else {
             return drained;
         };
+        drained.to = Some(p.route);
         enum Step {
             More,
             Grow(usize),
@@ -1200,17 +1287,23 @@ impl Task {
         if !data.is_empty() {
             drained.authenticated = true;
             p.heard = now;
+            // Authenticated: the way it came is the way back.
+            if let Some(from) = from {
+                p.route = from;
+                drained.to = Some(from);
+            }
         }
         drained
     }
 
     /// Send what the state has for the wire, and pass on what it has for the CoAP
-    /// layer; whether something authenticated came.
-    async fn flush(&mut self, mut key: Key, now: Instant) -> bool {
-        let drained = self.drain(key, now);
+    /// layer; whether something authenticated came. `from`: as `drain`.
+    async fn flush(&mut self, mut key: Key, from: Option<SocketAddr>, now: Instant) -> bool {
+        let drained = self.drain(key, from, now);
+        let to = drained.to.unwrap_or(key.0);
         let mut start = 0;
         for &end in &self.wire_ends {
-            let _ = self.socket.send_to(&self.wire[start..end], key.0).await;
+            let _ = self.socket.send_to(&self.wire[start..end], to).await;
             start = end;
         }
         if drained.connected {
@@ -1299,7 +1392,7 @@ impl Task {
                     self.drop_peer(key, why).await;
                 }
                 Ok(Ok(())) => {
-                    self.flush(key, now).await;
+                    self.flush(key, None, now).await;
                 }
             }
         }

@@ -842,6 +842,7 @@ impl Admit for Counting {
         self.alive.fetch_add(1, Ordering::SeqCst);
         Some(Box::new(Token(self.alive.clone())))
     }
+    fn header_refused(&self, _: SocketAddr, _: dtls::HeaderRefused<'_>) {}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1017,4 +1018,182 @@ async fn a_hundred_thousand_damaged_records_never_panic_or_disturb_a_session() {
         seen > CASES as u64 / 4,
         "only {seen} of the first datagrams arrived"
     );
+}
+
+// Behind a UDP load balancer: a PROXY protocol v2 header in front of each datagram.
+
+use portcullis_coap::dtls::HeaderRefused;
+use portcullis_core::proxy_header::LoadBalancers;
+use std::sync::Mutex;
+
+/// The endpoint's balancer: an address of its own on loopback.
+const BALANCER: &str = "127.0.0.3";
+
+fn balancers() -> Option<Arc<LoadBalancers>> {
+    let net = format!("{BALANCER}/32").parse().unwrap();
+    LoadBalancers::new(vec![net], Duration::from_secs(1), 1).map(Arc::new)
+}
+
+/// PROXY, UDP over IPv4, naming `client`.
+fn udp_header(client: SocketAddr) -> Vec<u8> {
+    let std::net::IpAddr::V4(ip) = client.ip() else {
+        panic!("IPv4 client")
+    };
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x12, 0, 12]);
+    h.extend_from_slice(&ip.octets());
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&client.port().to_be_bytes());
+    h.extend_from_slice(&5684u16.to_be_bytes());
+    h
+}
+
+/// A UDP balancer for one device: what comes to its front goes to `server` from
+/// the balancer's address with `header` in front; what comes back goes to the device
+/// as it came, and is counted.
+struct Relay {
+    front: SocketAddr,
+    returned: Arc<AtomicU64>,
+}
+
+async fn relay(server: SocketAddr, header: Vec<u8>) -> Relay {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let up = Arc::new(UdpSocket::bind((BALANCER, 0)).await.unwrap());
+    up.connect(server).await.unwrap();
+    let device = Arc::new(Mutex::new(None::<SocketAddr>));
+    let returned = Arc::new(AtomicU64::new(0));
+    let (f, u, d) = (front.clone(), up.clone(), device.clone());
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = f.recv_from(&mut buf).await {
+            *d.lock().unwrap() = Some(from);
+            let mut datagram = header.clone();
+            datagram.extend_from_slice(&buf[..n]);
+            let _ = u.send(&datagram).await;
+        }
+    });
+    let (f, count) = (front.clone(), returned.clone());
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = up.recv(&mut buf).await {
+            let to = *device.lock().unwrap();
+            if let Some(to) = to {
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = f.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    Relay {
+        front: front.local_addr().unwrap(),
+        returned,
+    }
+}
+
+/// Admits everyone; remembers the datagrams refused over their header.
+#[derive(Default)]
+struct HeaderRefusals(Mutex<Vec<(SocketAddr, String)>>);
+
+impl Admit for HeaderRefusals {
+    fn admit(&self, _: SocketAddr) -> Option<Box<dyn Send + Sync>> {
+        Some(Box::new(()))
+    }
+
+    fn header_refused(&self, from: SocketAddr, why: HeaderRefused<'_>) {
+        self.0.lock().unwrap().push((from, format!("{why:?}")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_balancer_the_header_names_the_peer_and_answers_go_back_through_it() {
+    let refusals = Arc::new(HeaderRefusals::default());
+    let settings = Settings {
+        balancers: balancers(),
+        ..Settings::default()
+    };
+    let mut ep = endpoint_with(settings, refusals.clone()).await;
+    let claimed: SocketAddr = "203.0.113.7:4242".parse().unwrap();
+    let first = relay(ep.local, udp_header(claimed)).await;
+    let mut device = Device::new(first.front, "dev1", KEY.as_bytes()).await;
+    assert!(device.handshake(T).await);
+    let Event::Connected { peer, session, .. } = next(&mut ep).await else {
+        panic!("not connected");
+    };
+    assert_eq!(peer, claimed);
+    device.send(&get(1)).await;
+    let Event::Data { peer, data } = next(&mut ep).await else {
+        panic!("no request");
+    };
+    assert_eq!((peer, data), (claimed, get(1)));
+
+    // A forged datagram for the device from another port of the balancer's address:
+    // it does not decrypt, so the answers keep the device's way.
+    let forger = UdpSocket::bind((BALANCER, 0)).await.unwrap();
+    let mut forged = udp_header(claimed);
+    forged.extend_from_slice(&device.sent);
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    forger.send_to(&forged, ep.local).await.unwrap();
+    // Then one with no header, from the same socket: once it is refused, the forged
+    // one before it has been read.
+    forger.send_to(&[22, 254, 253], ep.local).await.unwrap();
+    until("the datagram without a header refused", || {
+        stat(&ep.stats.header_refused) == 1
+    })
+    .await;
+    ep.sender
+        .send(claimed, session, content_reply(&get(1), b"one"));
+    let answer = device.data().await.expect("an answer");
+    assert!(answer.ends_with(b"one"), "{answer:?}");
+    let mut buf = [0u8; 64];
+    let heard = tokio::time::timeout(Duration::from_millis(300), forger.recv(&mut buf)).await;
+    assert!(heard.is_err(), "the forger got an answer");
+
+    // An authenticated datagram by another way moves the device's answers to it.
+    let second = relay(ep.local, udp_header(claimed)).await;
+    device.server = second.front;
+    device.send(&get(2)).await;
+    let Event::Data { data, .. } = next_of(&mut ep, claimed).await else {
+        panic!("no request");
+    };
+    assert_eq!(data, get(2));
+    let before = first.returned.load(Ordering::SeqCst);
+    ep.sender
+        .send(claimed, session, content_reply(&get(2), b"two"));
+    let answer = device.data().await.expect("an answer");
+    assert!(answer.ends_with(b"two"), "{answer:?}");
+    assert_eq!(second.returned.load(Ordering::SeqCst), 1);
+    assert_eq!(first.returned.load(Ordering::SeqCst), before);
+
+    // A header from a source that is not a balancer.
+    let stranger = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    stranger.send_to(&forged, ep.local).await.unwrap();
+    until("the stranger's header refused", || {
+        stat(&ep.stats.header_refused) == 2
+    })
+    .await;
+    let seen = refusals.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].0, forger.local_addr().unwrap());
+    assert!(seen[0].1.starts_with("Invalid(BadSignature"), "{seen:?}");
+    assert_eq!(
+        seen[1],
+        (stranger.local_addr().unwrap(), "NotAllowed".to_string())
+    );
+    assert_eq!(stat(&ep.stats.sessions), 1);
+    assert_eq!(stat(&ep.stats.panics), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_balancers_a_header_is_only_a_stray_datagram() {
+    let refusals = Arc::new(HeaderRefusals::default());
+    let ep = endpoint_with(Settings::default(), refusals.clone()).await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let claimed: SocketAddr = "203.0.113.7:4242".parse().unwrap();
+    socket
+        .send_to(&udp_header(claimed), ep.local)
+        .await
+        .unwrap();
+    until("dropped as stray", || stat(&ep.stats.dropped_stray) == 1).await;
+    assert_eq!(stat(&ep.stats.header_refused), 0);
+    assert!(refusals.0.lock().unwrap().is_empty());
 }
