@@ -544,9 +544,29 @@ fn coap_datagrams_with_a_header_from_a_source_that_is_not_a_balancer_are_refused
     assert!(counted.is_some(), "not counted twice");
     let line = gw.wait_audit(&["\"refuse\"", "proxy_header_not_allowed", "127.0.0.2:"]);
     assert!(!line.contains("203.0.113.7"), "{line}");
+    // UDP sources can be forged: a burst from many is each counted, and the audit
+    // gets about a line a second of it, not a line each.
+    let before = gw.refusals("connect", "proxy_header_not_allowed");
+    for n in 3..=40u8 {
+        let forged = UdpSocket::bind(format!("127.0.2.{n}:0")).unwrap();
+        forged.send_to(&claim, gw.coap_dtls).unwrap();
+    }
+    let counted = wait_for(T, || {
+        (gw.refusals("connect", "proxy_header_not_allowed") == before + 38).then_some(())
+    });
+    assert!(counted.is_some(), "each counted");
     // The same source without a header is a device like any other.
     let (ok, said) = coap_post(gw.coap_dtls, "coap-p3", &key, "1", 10);
     assert!(ok, "{said}");
+    // Its login is written after the burst's refusals, in order.
+    let audit = gw.wait_audit(&["\"connect\"", "\"allow\"", "coap-p3"]);
+    assert!(!audit.is_empty());
+    let lines = gw
+        .audit()
+        .lines()
+        .filter(|l| l.contains("proxy_header_not_allowed") && l.contains("127.0.2."))
+        .count();
+    assert!(lines <= 3, "{lines} audit lines for 38 forged sources");
 }
 
 #[test]

@@ -67,6 +67,10 @@ struct Gate {
     refused: Mutex<HashMap<SourceKey, Instant>>,
     /// Prefix length of one IPv6 source, as the gate counts them.
     ipv6_prefix: u8,
+    /// When a PROXY header from a source that is not a balancer was last audited.
+    /// Such a datagram's source may be forged (UDP): each is counted, but at most one
+    /// a second is audited, so forged sources cannot write a line each.
+    not_allowed_audited: Mutex<Option<Instant>>,
 }
 
 /// How long a refused source is refused without asking the gate again.
@@ -105,8 +109,22 @@ impl dtls::Admit for Gate {
     }
 
     /// Counted and audited as on the MQTT listeners (the audit's aggregator keeps a
-    /// flood to a line per window).
+    /// flood from the balancers to a line per window); one from any other source is
+    /// audited at most once a second (`not_allowed_audited`).
     fn header_refused(&self, from: SocketAddr, why: HeaderRefused<'_>) {
+        if why == HeaderRefused::NotAllowed {
+            let now = Instant::now();
+            let mut last = self
+                .not_allowed_audited
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| now.duration_since(at) < REFUSED_FOR) {
+                drop(last);
+                self.gate.metrics.refused(Refusal::ProxyHeaderNotAllowed);
+                return;
+            }
+            *last = Some(now);
+        }
         let (refusal, detail) = match why {
             HeaderRefused::NotAllowed => (
                 Refusal::ProxyHeaderNotAllowed,
@@ -144,6 +162,7 @@ pub async fn start(
         gate,
         refused: Mutex::new(HashMap::new()),
         ipv6_prefix: config.auth.ipv6_source_prefix,
+        not_allowed_audited: Mutex::new(None),
     });
     let parked = ctx.parked.clone();
     let mut tasks = Vec::new();
