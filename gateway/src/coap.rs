@@ -67,10 +67,18 @@ struct Gate {
     refused: Mutex<HashMap<SourceKey, Instant>>,
     /// Prefix length of one IPv6 source, as the gate counts them.
     ipv6_prefix: u8,
-    /// When a PROXY header from a source that is not a balancer was last audited.
-    /// Such a datagram's source may be forged (UDP): each is counted, but at most one
-    /// a second is audited, so forged sources cannot write a line each.
-    not_allowed_audited: Mutex<Option<Instant>>,
+    /// When each kind of PROXY header refusal was last audited. A datagram's source
+    /// may be forged (UDP), a balancer's included: each refusal is counted, but each
+    /// kind (not allowed, or each framing error) is audited at most once a second,
+    /// so forged sources and lengths cannot write a line each.
+    header_audited: Mutex<HashMap<HeaderKind, Instant>>,
+}
+
+/// A kind of PROXY header refusal, for `Gate::header_audited`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum HeaderKind {
+    NotAllowed,
+    Invalid(std::mem::Discriminant<HeaderError>),
 }
 
 /// How long a refused source is refused without asking the gate again.
@@ -108,22 +116,30 @@ impl dtls::Admit for Gate {
         Some(Box::new(slot))
     }
 
-    /// Counted and audited as on the MQTT listeners (the audit's aggregator keeps a
-    /// flood from the balancers to a line per window); one from any other source is
-    /// audited at most once a second (`not_allowed_audited`).
+    /// Counted as on the MQTT listeners, and audited at most once a second per kind
+    /// (`header_audited`).
     fn header_refused(&self, from: SocketAddr, why: HeaderRefused<'_>) {
-        if why == HeaderRefused::NotAllowed {
+        let (kind, refusal) = match why {
+            HeaderRefused::NotAllowed => (HeaderKind::NotAllowed, Refusal::ProxyHeaderNotAllowed),
+            HeaderRefused::Invalid(e) => (
+                HeaderKind::Invalid(std::mem::discriminant(e)),
+                Refusal::ProxyHeaderInvalid,
+            ),
+        };
+        self.gate.metrics.refused(refusal);
+        {
             let now = Instant::now();
-            let mut last = self
-                .not_allowed_audited
+            let mut audited = self
+                .header_audited
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|at| now.duration_since(at) < REFUSED_FOR) {
-                drop(last);
-                self.gate.metrics.refused(Refusal::ProxyHeaderNotAllowed);
+            if audited
+                .get(&kind)
+                .is_some_and(|at| now.duration_since(*at) < REFUSED_FOR)
+            {
                 return;
             }
-            *last = Some(now);
+            audited.insert(kind, now);
         }
         let (refusal, detail) = match why {
             HeaderRefused::NotAllowed => (
@@ -136,7 +152,6 @@ impl dtls::Admit for Gate {
             ),
             HeaderRefused::Invalid(e) => (Refusal::ProxyHeaderInvalid, e.to_string()),
         };
-        self.gate.metrics.refused(refusal);
         self.gate.audit.record(
             AuditEntry::new("connect", "refuse")
                 .source(from)
@@ -162,7 +177,7 @@ pub async fn start(
         gate,
         refused: Mutex::new(HashMap::new()),
         ipv6_prefix: config.auth.ipv6_source_prefix,
-        not_allowed_audited: Mutex::new(None),
+        header_audited: Mutex::new(HashMap::new()),
     });
     let parked = ctx.parked.clone();
     let mut tasks = Vec::new();

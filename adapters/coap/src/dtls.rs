@@ -1287,8 +1287,17 @@ impl Task {
         if !data.is_empty() {
             drained.authenticated = true;
             p.heard = now;
-            // Authenticated: the way it came is the way back.
-            if let Some(from) = from {
+            // Authenticated: the way it came is the way back, if it came the same
+            // kind of way (through a balancer, or straight): a record captured on
+            // the device's own network and raced to the gateway straight cannot
+            // take a session that runs through a balancer off it, nor the reverse.
+            let balancer = |a: SocketAddr| {
+                self.settings
+                    .balancers
+                    .as_ref()
+                    .is_some_and(|lb| lb.allows(a.ip()))
+            };
+            if let Some(from) = from.filter(|f| balancer(*f) == balancer(p.route)) {
                 p.route = from;
                 drained.to = Some(from);
             }
