@@ -50,7 +50,23 @@ def page(d):
     }
 
 
+def steady(d, read):
+    """`read(d)` once it reads the page whole: the page redraws its tables on every
+    poll, so an element found just before a redraw is stale by the time it is read;
+    read again then."""
+    def attempt(d):
+        try:
+            return (read(d),)
+        except StaleElementReferenceException:
+            return None
+    return WebDriverWait(d, WAIT).until(attempt)[0]
+
+
 def row(d, device):
+    return steady(d, lambda d: row_once(d, device))
+
+
+def row_once(d, device):
     for tr in d.find_elements(By.CSS_SELECTOR, "#devices tbody tr"):
         if tr.get_attribute("data-device") == device:
             cells = {
@@ -134,16 +150,19 @@ def run(d, base, cmd):
         return page(d)
     if what == "rates":
         # Two readings at least, so every rate is a number.
-        wait.until(lambda d: all(
+        wait.until(lambda d: steady(d, lambda d: all(
             c.text not in ("", "…")
-            for c in d.find_elements(By.CSS_SELECTOR, "#rates td.rate")))
-        out = {}
-        for tr in d.find_elements(By.CSS_SELECTOR, "#rates tbody tr"):
-            out[tr.get_attribute("data-what")] = {
-                "rate": tr.find_element(By.CSS_SELECTOR, "td.rate").text,
-                "total": int(tr.find_element(By.CSS_SELECTOR, "td.total").text),
-            }
-        return {"rates": out, "census": d.find_element(By.ID, "census").text}
+            for c in d.find_elements(By.CSS_SELECTOR, "#rates td.rate"))))
+
+        def rates(d):
+            out = {}
+            for tr in d.find_elements(By.CSS_SELECTOR, "#rates tbody tr"):
+                out[tr.get_attribute("data-what")] = {
+                    "rate": tr.find_element(By.CSS_SELECTOR, "td.rate").text,
+                    "total": int(tr.find_element(By.CSS_SELECTOR, "td.total").text),
+                }
+            return {"rates": out, "census": d.find_element(By.ID, "census").text}
+        return steady(d, rates)
     if what == "events":
         wait.until(lambda d: cmd["needle"] in d.find_element(By.ID, "events").text)
         return {"events": d.find_element(By.ID, "events").text}
