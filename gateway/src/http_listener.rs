@@ -300,7 +300,8 @@ async fn connection<I>(
     let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
         request.extensions_mut().insert(ConnectInfo(peer));
         let mut app = app.clone();
-        // Not shed while the answer is being made (its body may still be written).
+        // Not shed while the answer is being made; once made, writing it out is
+        // bounded by the stall deadline (and the connection is idle again).
         let answering = member.answering();
         async move {
             let response = tower_service::Service::call(&mut app, request).await;
