@@ -15,16 +15,6 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const CLIENT: &str = "coap-client-openssl";
 const T: Duration = Duration::from_secs(15);
 
-/// Register a device with a generated pre-shared key; the key, as printed once.
-fn add_psk_device(gw: &Gateway, id: &str) -> String {
-    let out = gw.cli_ok(&["device", "add", id, "--psk-generate"]);
-    out.lines()
-        .find_map(|l| l.strip_prefix("psk: "))
-        .unwrap_or_else(|| panic!("no psk line in {out:?}"))
-        .trim()
-        .to_string()
-}
-
 /// `coap-client-openssl -u ID -k KEY` with `args`, then `coaps://ADDR{path}`,
 /// verbose (it prints every message it sends and receives: `c:2.04` is a 2.04).
 fn coap(addr: SocketAddr, id: &str, key: &str, args: &[&str], path: &str) -> Output {
@@ -69,7 +59,7 @@ fn service_sub(gw: &Gateway, filter: &str) -> Sub {
 #[test]
 fn confirmable_telemetry_from_a_psk_device_reaches_a_service_subscriber() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-1");
+    let key = gw.add_device_psk("coap-1");
     let sub = service_sub(&gw, "devices/+/telemetry/#");
     let out = coap(
         gw.coap_dtls,
@@ -118,7 +108,7 @@ fn send_command(gw: &Gateway, id: &str, name: &str, payload: &str) {
 #[test]
 fn an_observe_on_the_commands_resource_receives_a_command_from_a_service() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-2");
+    let key = gw.add_device_psk("coap-2");
     // Observe /c for up to 20 s (coap-client prints each notification's payload).
     let mut cmd = Command::new("stdbuf");
     cmd.args([
@@ -150,7 +140,7 @@ fn an_observe_on_the_commands_resource_receives_a_command_from_a_service() {
 #[test]
 fn a_wrong_key_and_an_unknown_identity_are_refused_alike_and_back_off_applies() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-3");
+    let key = gw.add_device_psk("coap-3");
     let post = |id: &str, key: &str| {
         coap_waiting(
             gw.coap_dtls,
@@ -188,7 +178,7 @@ fn a_wrong_key_and_an_unknown_identity_are_refused_alike_and_back_off_applies() 
 #[test]
 fn a_block_wise_upload_is_reassembled_and_a_too_large_body_is_refused_with_4_13() {
     let gw = Gateway::start_with("[coap]\nmax_body_size = 200\n");
-    let key = add_psk_device(&gw, "coap-4");
+    let key = gw.add_device_psk("coap-4");
     let sub = service_sub(&gw, "devices/+/telemetry/#");
     // 150 bytes in blocks of 32: five Block1 blocks, one message.
     let body: String = (0..150)
@@ -226,7 +216,7 @@ fn a_block_wise_upload_is_reassembled_and_a_too_large_body_is_refused_with_4_13(
 #[test]
 fn a_sleepy_device_gets_its_command_in_the_answer_to_a_post_that_waits() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-5");
+    let key = gw.add_device_psk("coap-5");
     let sub = service_sub(&gw, "devices/+/telemetry/#");
     // A first session registers the device's mailbox; it keeps collecting after.
     let out = coap(
@@ -287,7 +277,7 @@ fn a_flooding_device_is_told_4_29_with_max_age_and_quarantined_by_its_behaviour_
         "",
         "messages_per_second = 0.2\nmessage_burst = 2.0\n",
     );
-    let key = add_psk_device(&gw, "coap-6");
+    let key = gw.add_device_psk("coap-6");
     let sub = service_sub(&gw, "devices/+/telemetry/#");
     let mut told = Vec::new();
     for n in 0..10 {
@@ -356,7 +346,7 @@ async fn device(gw: &Gateway, id: &str, key: &str) -> Client {
 #[test]
 fn a_retransmitted_request_is_answered_again_and_forwarded_once() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-7");
+    let key = gw.add_device_psk("coap-7");
     let sub = service_sub(&gw, "devices/+/telemetry/#");
     runtime().block_on(async {
         let mut dev = device(&gw, "coap-7", &key).await;
@@ -395,7 +385,7 @@ fn a_retransmitted_request_is_answered_again_and_forwarded_once() {
 fn an_unacknowledged_notification_is_retransmitted_then_dropped_and_the_command_kept() {
     // ACK_TIMEOUT 200 ms: sent at 0, ~0.2, ~0.6, ~1.4, ~3 s, given up at ~6 s.
     let gw = Gateway::start_with("[coap]\nack_timeout = \"200ms\"\n");
-    let key = add_psk_device(&gw, "coap-8");
+    let key = gw.add_device_psk("coap-8");
     runtime().block_on(async {
         let mut dev = device(&gw, "coap-8", &key).await;
         let observe = Request {
@@ -452,7 +442,7 @@ fn an_unacknowledged_notification_is_retransmitted_then_dropped_and_the_command_
 #[test]
 fn a_reset_notification_drops_the_relation_and_a_new_address_keeps_the_session() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-9");
+    let key = gw.add_device_psk("coap-9");
     runtime().block_on(async {
         let observe = Request {
             method: RequestType::Get,
@@ -508,7 +498,7 @@ fn a_reset_notification_drops_the_relation_and_a_new_address_keeps_the_session()
 #[test]
 fn banning_a_coap_device_ends_its_session_and_refuses_it_until_lifted() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-10");
+    let key = gw.add_device_psk("coap-10");
     runtime().block_on(async {
         let mut dev = device(&gw, "coap-10", &key).await;
         let ok = dev
@@ -552,7 +542,7 @@ fn banning_a_coap_device_ends_its_session_and_refuses_it_until_lifted() {
 #[test]
 fn a_new_observe_relation_gets_the_devices_retained_command_first() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-11");
+    let key = gw.add_device_psk("coap-11");
     // Retained by a service before the device ever observes.
     gw.add_service_cert("commander");
     let out = mosquitto(
@@ -606,7 +596,7 @@ subscribe = ["devices/+/results"]
 #[test]
 fn a_device_posts_a_commands_result_to_its_response_topic_with_the_correlation_data() {
     let gw = Gateway::start_with(&format!("{OPS}\n[coap]\nmax_body_size = 64\n"));
-    let key = add_psk_device(&gw, "coap-12");
+    let key = gw.add_device_psk("coap-12");
     gw.issue("ops");
     gw.cli_ok(&["service", "add", "ops", "--cert-any", "--group", "ops"]);
     // The reader needs an identity of its own (one session per identity).
@@ -704,7 +694,7 @@ fn a_device_posts_a_commands_result_to_its_response_topic_with_the_correlation_d
 #[test]
 fn a_command_too_large_for_one_coap_message_is_dropped_and_counted_and_blocks_nothing() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-13");
+    let key = gw.add_device_psk("coap-13");
     runtime().block_on(async {
         let mut dev = device(&gw, "coap-13", &key).await;
         let observe = Request {
@@ -736,7 +726,7 @@ fn a_command_too_large_for_one_coap_message_is_dropped_and_counted_and_blocks_no
 #[test]
 fn a_confirmable_request_is_still_recognised_after_many_non_confirmable_ones() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-14");
+    let key = gw.add_device_psk("coap-14");
     let sub = service_sub(&gw, "devices/+/telemetry/#");
     runtime().block_on(async {
         let mut dev = device(&gw, "coap-14", &key).await;

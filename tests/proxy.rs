@@ -394,16 +394,6 @@ fn udp_header(client: &str) -> Vec<u8> {
     header_with(0x21, 0x12, client.parse().unwrap(), &[])
 }
 
-/// Register a device with a generated pre-shared key; the key, as printed once.
-fn add_psk_device(gw: &Gateway, id: &str) -> String {
-    let out = gw.cli_ok(&["device", "add", id, "--psk-generate"]);
-    out.lines()
-        .find_map(|l| l.strip_prefix("psk: "))
-        .unwrap_or_else(|| panic!("no psk line in {out:?}"))
-        .trim()
-        .to_string()
-}
-
 /// `coap-client-openssl` posting `payload` to `coaps://to/t/telemetry/temp` with
 /// `id`'s key, giving up after `wait` seconds; whether it got a 2.04, and what it said.
 fn coap_post(to: SocketAddr, id: &str, key: &str, payload: &str, wait: u32) -> (bool, String) {
@@ -475,7 +465,7 @@ impl Drop for Relay {
 #[test]
 fn coap_behind_a_balancer_the_datagrams_header_names_the_device_for_audit_and_bans() {
     let gw = Gateway::start_with(COAP_BEHIND);
-    let key = add_psk_device(&gw, "coap-p1");
+    let key = gw.add_device_psk("coap-p1");
     gw.add_service_cert("analytics");
     let sub = Sub::start(&gw.client(
         gw.service_tls,
@@ -515,7 +505,7 @@ fn coap_behind_a_balancer_the_datagrams_header_names_the_device_for_audit_and_ba
 #[test]
 fn coap_local_is_the_balancers_own_datagram() {
     let gw = Gateway::start_with(COAP_BEHIND);
-    let key = add_psk_device(&gw, "coap-p2");
+    let key = gw.add_device_psk("coap-p2");
     // LOCAL with an address block the gateway must ignore.
     let local = header_with(0x20, 0x12, "203.0.113.7:4242".parse().unwrap(), &[]);
     let relay = Relay::start(gw.coap_dtls, local);
@@ -528,7 +518,7 @@ fn coap_local_is_the_balancers_own_datagram() {
 #[test]
 fn coap_datagrams_with_a_header_from_a_source_that_is_not_a_balancer_are_refused() {
     let gw = Gateway::start_with(COAP_BEHIND);
-    let key = add_psk_device(&gw, "coap-p3");
+    let key = gw.add_device_psk("coap-p3");
     let raw = UdpSocket::bind("127.0.0.2:0").unwrap();
     let mut claim = udp_header("203.0.113.7:4242");
     claim.extend_from_slice(&[22, 0xfe, 0xff, 0, 0]);
@@ -572,7 +562,7 @@ fn coap_datagrams_with_a_header_from_a_source_that_is_not_a_balancer_are_refused
 #[test]
 fn coap_framing_errors_from_the_balancer_are_refused_and_the_next_datagram_works() {
     let gw = Gateway::start_with(COAP_BEHIND);
-    let key = add_psk_device(&gw, "coap-p4");
+    let key = gw.add_device_psk("coap-p4");
     let good = udp_header("203.0.113.7:4242");
     let with = |at: usize, b: u8| {
         let mut h = good.clone();
@@ -677,7 +667,7 @@ fn coap_post_from_balancer(gw: &Gateway, id: &str, key: &str) -> (bool, String) 
 #[test]
 fn without_a_coap_balancer_a_header_is_only_a_stray_datagram() {
     let gw = Gateway::start();
-    let key = add_psk_device(&gw, "coap-p5");
+    let key = gw.add_device_psk("coap-p5");
     let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
     raw.send_to(&udp_header("203.0.113.7:4242"), gw.coap_dtls)
         .unwrap();

@@ -101,11 +101,19 @@ impl ProxyProtocol {
                         ),
                     ));
                 };
-                if net.prefix_len() == 0 {
+                // Wider than a /8 (IPv4) or a /32 (IPv6, a whole provider's
+                // allocation) is no list of balancers: it would let a large part of
+                // the Internet claim any address.
+                let widest = match net {
+                    IpNet::V4(_) => 8,
+                    IpNet::V6(_) => 32,
+                };
+                if net.prefix_len() < widest {
                     return Err((
                         format!("{key}[{i}]"),
                         format!(
-                            "{text:?} would let every source claim any address; list the load balancers only"
+                            "{text:?} is wider than a /{widest} and would let a large part of the \
+                             Internet claim any address; list the load balancers only"
                         ),
                     ));
                 }
@@ -182,6 +190,34 @@ mod tests {
         let err =
             Config::parse("[proxy_protocol]\ndevice_plain = [\"::/0\"]\n", "x.toml").unwrap_err();
         assert_eq!(err.key, "proxy_protocol.device_plain[0]");
+        // Two halves of everything are no better than everything.
+        for wide in [
+            "0.0.0.0/1",
+            "128.0.0.0/1",
+            "10.0.0.0/7",
+            "::/1",
+            "2000::/3",
+            "2001:db8::/31",
+        ] {
+            let err = Config::parse(
+                &format!("[proxy_protocol]\ndevice_tls = [\"10.0.0.1\", \"{wide}\"]\n"),
+                "x.toml",
+            )
+            .unwrap_err();
+            assert_eq!(err.key, "proxy_protocol.device_tls[1]", "{wide}");
+            assert!(
+                err.reason.contains("list the load balancers only"),
+                "{}",
+                err.reason
+            );
+        }
+        for narrow in ["10.0.0.0/8", "2001:db8::/32", "::ffff:10.0.0.0/104"] {
+            Config::parse(
+                &format!("[proxy_protocol]\ndevice_tls = [\"{narrow}\"]\n"),
+                "x.toml",
+            )
+            .unwrap_or_else(|e| panic!("{narrow}: {e}"));
+        }
         let err =
             Config::parse("[proxy_protocol]\nheader_timeout = \"0s\"\n", "x.toml").unwrap_err();
         assert_eq!(err.key, "proxy_protocol.header_timeout");

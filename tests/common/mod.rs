@@ -360,6 +360,16 @@ impl Gateway {
         paths
     }
 
+    /// Register a device with a generated pre-shared key: the key, as printed once.
+    pub fn add_device_psk(&self, id: &str) -> String {
+        let out = self.cli_ok(&["device", "add", id, "--psk-generate"]);
+        out.lines()
+            .find_map(|l| l.strip_prefix("psk: "))
+            .unwrap_or_else(|| panic!("no psk line in {out:?}"))
+            .trim()
+            .to_string()
+    }
+
     pub fn add_device_secret(&self, id: &str, secret: &str) {
         let out = self.cli_stdin(&["device", "add", id, "--secret-stdin"], Some(secret));
         assert!(
