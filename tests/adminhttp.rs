@@ -7,89 +7,19 @@
 
 mod common;
 
-use common::raw::{Raw, publish_v4_raw};
+use common::admin::*;
+use common::raw::Raw;
 use common::*;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
-const TOKEN: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
 const DOC: &str = include_str!("../docs/admin-api.openapi.json");
-
-/// A gateway with the HTTP admin API on, and the API's address.
-struct Api {
-    gw: Gateway,
-    addr: SocketAddr,
-    /// The token file (its dir is the test's own).
-    token: PathBuf,
-    _token_dir: tempfile::TempDir,
-}
-
-/// The token in a file of its own, owner-only (the gateway refuses one others may read).
-fn token_file(text: &str, mode: u32) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("admin-token");
-    std::fs::write(&path, text).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-    (dir, path)
-}
-
-fn admin_table(token: &Path, extra: &str) -> String {
-    format!(
-        "[admin]\nhttp_listen = \"127.0.0.1:0\"\nhttp_token_file = \"{}\"\n{extra}\n",
-        token.display()
-    )
-}
-
-impl Api {
-    fn start(extra: &str) -> Api {
-        let (dir, token) = token_file(&format!("{TOKEN}\n"), 0o600);
-        let gw = Gateway::start_with(&format!("{}{extra}", admin_table(&token, "")));
-        let addr = banner_addr(&gw, "admin API over HTTP");
-        Api {
-            gw,
-            addr,
-            token,
-            _token_dir: dir,
-        }
-    }
-
-    /// A request with the right token: status and JSON body.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let (status, _, body) = request(
-            self.addr,
-            method,
-            path,
-            Some(&format!("Bearer {TOKEN}")),
-            body.map(|b| b.to_string()),
-        );
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
-        )
-    }
-
-    /// A request that must answer `want`: its JSON body.
-    fn ok(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
-        let (status, reply) = self.call(method, path, body);
-        assert_eq!(status, want, "{method} {path}: {reply}");
-        reply
-    }
-}
-
-fn banner_addr(gw: &Gateway, label: &str) -> SocketAddr {
-    gw.banner
-        .iter()
-        .find(|l| l.contains(label))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no {label} in {:?}", gw.banner))
-}
 
 /// One HTTP/1.0 request: status, head, body.
 fn request(
@@ -628,27 +558,11 @@ fn bodies_are_bounded_and_bad_ones_are_named() {
     assert_eq!(api.ok("GET", "/api/v1/devices", None, 200), json!([]));
 }
 
-/// A device on the plain listener, authenticated with its secret (MQTT 3.1.1).
-fn device(gw: &Gateway, id: &str) -> Raw {
-    let mut raw = Raw::connect(gw.device_plain);
-    assert_eq!(
-        raw.connect_v4(id, Some((id, SECRET))),
-        Some(0),
-        "{id} connects"
-    );
-    raw
-}
-
 #[test]
 fn a_ban_and_a_kick_through_http_end_sessions_and_refuse_a_real_client() {
     let api = Api::start("");
-    api.ok(
-        "POST",
-        "/api/v1/devices",
-        Some(json!({ "id": "sensor-1", "secret": SECRET })),
-        201,
-    );
-    let mut raw = device(&api.gw, "sensor-1");
+    api.add_device("sensor-1", SECRET);
+    let mut raw = device(&api.gw, "sensor-1", SECRET);
     let clients = wait_for(T, || {
         let list = api.ok("GET", "/api/v1/clients", None, 200);
         (list.as_array().unwrap().len() == 1).then_some(list)
@@ -666,7 +580,7 @@ fn a_ban_and_a_kick_through_http_end_sessions_and_refuse_a_real_client() {
     assert_eq!(kicked["sessions_ended"], 1);
     assert!(raw.closed_within(T).0, "the kicked session is closed");
 
-    let mut raw = device(&api.gw, "sensor-1");
+    let mut raw = device(&api.gw, "sensor-1", SECRET);
     let ban = json!({ "target": "device/sensor-1", "reason": "stolen" });
     let banned = api.ok("POST", "/api/v1/bans", Some(ban), 201);
     assert_eq!(banned["sessions_ended"], 1, "{banned}");
@@ -678,31 +592,14 @@ fn a_ban_and_a_kick_through_http_end_sessions_and_refuse_a_real_client() {
         line.contains("\"protocol\":\"admin-http\"") && line.contains("127.0.0.1"),
         "{line}"
     );
-    let publish = |gw: &Gateway| {
-        let args = gw.client(
-            gw.device_plain,
-            "sensor-1",
-            &[
-                "-u",
-                "sensor-1",
-                "-P",
-                SECRET,
-                "-t",
-                "devices/sensor-1/telemetry",
-                "-m",
-                "hi",
-            ],
-        );
-        mosquitto("mosquitto_pub", &args, T)
-    };
-    let refused = publish(&api.gw);
+    let refused = mosquitto_pub_telemetry(&api.gw, "sensor-1", SECRET);
     assert!(
         !refused.status.success(),
         "a banned device is refused: {}",
         text(&refused)
     );
     api.ok("DELETE", "/api/v1/bans/device%2Fsensor-1", None, 200);
-    let allowed = publish(&api.gw);
+    let allowed = mosquitto_pub_telemetry(&api.gw, "sensor-1", SECRET);
     assert!(
         allowed.status.success(),
         "the ban is lifted: {}",
@@ -711,46 +608,14 @@ fn a_ban_and_a_kick_through_http_end_sessions_and_refuse_a_real_client() {
     assert_eq!(api.ok("GET", "/api/v1/bans", None, 200), json!([]));
 }
 
-/// A service group that may watch telemetry.
-const OPS: &str = r#"
-[service_groups.ops]
-trust = ["{data_dir}/pki/ca.pem"]
-subscribe = ["devices/+/telemetry/#"]
-"#;
-
 #[test]
 fn a_quarantine_through_http_keeps_a_devices_telemetry_from_services_until_released() {
     let api = Api::start(OPS);
     let gw = &api.gw;
-    gw.issue("ops");
-    gw.cli_ok(&["service", "add", "ops", "--cert-any", "--group", "ops"]);
-    let sub = Sub::start(&gw.client(
-        gw.service_tls,
-        "ops",
-        &["-v", "-t", "devices/+/telemetry/#"],
-    ));
-    gw.wait_audit(&["\"connect\"", "\"ops\"", "\"allow\""]);
-    api.ok(
-        "POST",
-        "/api/v1/devices",
-        Some(json!({ "id": "sensor-1", "secret": SECRET })),
-        201,
-    );
-    let mut raw = device(gw, "sensor-1");
-    let publish = |raw: &mut Raw, payload: &str| {
-        raw.send(&publish_v4_raw(
-            b"devices/sensor-1/telemetry",
-            payload.as_bytes(),
-            0,
-            0,
-        ));
-    };
-    // The subscription may not be in place yet: publish until one arrives.
-    wait_for(T, || {
-        publish(&mut raw, "before");
-        sub.expect("before", Duration::from_millis(200)).ok()
-    })
-    .expect("telemetry reaches the service before the quarantine");
+    let sub = ops_watching(gw);
+    api.add_device("sensor-1", SECRET);
+    let mut raw = device(gw, "sensor-1", SECRET);
+    publish_until_seen(&mut raw, "sensor-1", &sub, "before");
 
     let state = api.ok(
         "POST",
@@ -768,25 +633,15 @@ fn a_quarantine_through_http_keeps_a_devices_telemetry_from_services_until_relea
             .contains("firmware under investigation"),
         "{listed}"
     );
-    publish(&mut raw, "during");
+    publish_telemetry(&mut raw, "sensor-1", "during");
     // Dropped: the message reached the gateway and went no further.
-    wait_for(T, || {
-        (gw.metric("portcullis_quarantine_dropped_total ") >= 1).then_some(())
-    })
-    .expect("the quarantined device's message is dropped");
+    wait_quarantine_drop(gw);
 
     let released = api.ok("POST", "/api/v1/quarantine/sensor-1/release", None, 200);
     assert_eq!(released["state"], "released");
-    publish(&mut raw, "after");
+    publish_telemetry(&mut raw, "sensor-1", "after");
     // In order on one session: what comes after the "before"s is "after", not "during".
-    let next = loop {
-        let line = sub
-            .expect("devices/sensor-1/telemetry", T)
-            .expect("telemetry flows again after release");
-        if !line.ends_with(" before") {
-            break line;
-        }
-    };
+    let next = next_past_before(&sub, "sensor-1");
     assert_eq!(
         next, "devices/sensor-1/telemetry after",
         "nothing sent in quarantine reached the service"
@@ -1004,12 +859,8 @@ fn a_trickling_request_head_is_cut_off_at_its_deadline_on_both_listeners() {
 fn get_from(addr: SocketAddr, source: &str, path: &str) -> u16 {
     let mut raw = Raw::connect_from(addr, source.parse().unwrap());
     raw.send(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
-    let (_, got) = raw.closed_within(T);
-    String::from_utf8_lossy(&got)
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    raw.stream.set_read_timeout(Some(T)).unwrap();
+    read_response(&raw.stream).0
 }
 
 /// Idle connections held by one host, or by several, keep no one out: a newcomer

@@ -9,72 +9,18 @@
 
 mod common;
 
-use common::raw::{Raw, publish_v4_raw};
+use common::admin::*;
 use common::*;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
-const TOKEN: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-/// A service group that may watch telemetry.
-const OPS: &str = r#"
-[service_groups.ops]
-trust = ["{data_dir}/pki/ca.pem"]
-subscribe = ["devices/+/telemetry/#"]
-"#;
-
-struct Api {
-    gw: Gateway,
-    addr: SocketAddr,
-    token: std::path::PathBuf,
-    _token_dir: tempfile::TempDir,
-}
-
-impl Api {
-    fn start(extra: &str) -> Api {
-        let dir = tempfile::tempdir().unwrap();
-        let token = dir.path().join("admin-token");
-        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let gw = Gateway::start_with(&format!(
-            "[admin]\nhttp_listen = \"127.0.0.1:0\"\nhttp_token_file = \"{}\"\n{extra}",
-            token.display()
-        ));
-        let addr = gw
-            .banner
-            .iter()
-            .find(|l| l.contains("admin API over HTTP"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no admin API in {:?}", gw.banner));
-        Api {
-            gw,
-            addr,
-            token,
-            _token_dir: dir,
-        }
-    }
-
-    fn ok(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
-        let (status, _, text) = request(
-            self.addr,
-            method,
-            path,
-            Some(&format!("Bearer {TOKEN}")),
-            body,
-        );
-        assert_eq!(status, want, "{method} {path}: {text}");
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    }
-}
 
 /// One HTTP/1.0 request: status, head (lower-case header names), body.
 fn request(
@@ -97,12 +43,7 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 #[test]
 fn the_page_files_alone_are_served_without_the_token_with_a_strict_policy() {
     let api = Api::start("");
-    api.ok(
-        "POST",
-        "/api/v1/devices",
-        Some(json!({ "id": "sensor-1", "secret": SECRET })),
-        201,
-    );
+    api.add_device("sensor-1", SECRET);
     let (status, head, _) = request(api.addr, "GET", "/", None, None);
     assert_eq!(status, 303, "{head}");
     assert_eq!(header(&head, "location"), Some("/dashboard/"));
@@ -227,12 +168,6 @@ impl Drop for Browser {
     }
 }
 
-fn device(gw: &Gateway, id: &str) -> Raw {
-    let mut raw = Raw::connect(gw.device_plain);
-    assert_eq!(raw.connect_v4(id, Some((id, SECRET))), Some(0), "{id}");
-    raw
-}
-
 fn fetched_api(page: &Value) -> Vec<String> {
     page["fetched"]
         .as_array()
@@ -248,21 +183,9 @@ fn fetched_api(page: &Value) -> Vec<String> {
 fn the_dashboard_needs_the_token_shows_devices_and_its_buttons_act_on_the_gateway() {
     let api = Api::start(OPS);
     let gw = &api.gw;
-    gw.issue("ops");
-    gw.cli_ok(&["service", "add", "ops", "--cert-any", "--group", "ops"]);
-    let sub = Sub::start(&gw.client(
-        gw.service_tls,
-        "ops",
-        &["-v", "-t", "devices/+/telemetry/#"],
-    ));
-    gw.wait_audit(&["\"connect\"", "\"ops\"", "\"allow\""]);
+    let sub = ops_watching(gw);
     for id in ["sensor-1", "sensor-2"] {
-        api.ok(
-            "POST",
-            "/api/v1/devices",
-            Some(json!({ "id": id, "secret": SECRET })),
-            201,
-        );
+        api.add_device(id, SECRET);
     }
     // A reason is free text: markup in it must show as text, never run.
     let hostile = "<b id=\"xss\">bold</b><img src=x>";
@@ -272,20 +195,8 @@ fn the_dashboard_needs_the_token_shows_devices_and_its_buttons_act_on_the_gatewa
         Some(json!({ "reason": hostile })),
         200,
     );
-    let mut raw = device(gw, "sensor-1");
-    let publish = |raw: &mut Raw, payload: &str| {
-        raw.send(&publish_v4_raw(
-            b"devices/sensor-1/telemetry",
-            payload.as_bytes(),
-            0,
-            0,
-        ));
-    };
-    wait_for(T, || {
-        publish(&mut raw, "before");
-        sub.expect("before", Duration::from_millis(200)).ok()
-    })
-    .expect("telemetry reaches the service");
+    let mut raw = device(gw, "sensor-1", SECRET);
+    publish_until_seen(&mut raw, "sensor-1", &sub, "before");
 
     let mut b = Browser::start(&format!("http://{}", api.addr));
 
@@ -389,26 +300,16 @@ fn the_dashboard_needs_the_token_shows_devices_and_its_buttons_act_on_the_gatewa
             .contains("odd traffic seen on the dashboard"),
         "{row}"
     );
-    publish(&mut raw, "during");
-    wait_for(T, || {
-        (gw.metric("portcullis_quarantine_dropped_total ") >= 1).then_some(())
-    })
-    .expect("the quarantined device's message is dropped");
+    publish_telemetry(&mut raw, "sensor-1", "during");
+    wait_quarantine_drop(gw);
 
     // Release from the page: telemetry flows again, and what was sent in quarantine
     // never reached the service.
     let done =
         b.run(json!({"do": "click", "id": "sensor-1", "action": "release", "confirm": true}));
     assert_eq!(done["status"], "sensor-1 is now released", "{done}");
-    publish(&mut raw, "after");
-    let next = loop {
-        let line = sub
-            .expect("devices/sensor-1/telemetry", T)
-            .expect("telemetry flows again after release");
-        if !line.ends_with(" before") {
-            break line;
-        }
-    };
+    publish_telemetry(&mut raw, "sensor-1", "after");
+    let next = next_past_before(&sub, "sensor-1");
     assert_eq!(next, "devices/sensor-1/telemetry after");
 
     // Kick: the session ends.
@@ -417,7 +318,7 @@ fn the_dashboard_needs_the_token_shows_devices_and_its_buttons_act_on_the_gatewa
     assert!(raw.closed_within(T).0, "the kicked session is closed");
 
     // Ban: a real client is refused.
-    let mut raw = device(gw, "sensor-1");
+    let mut raw = device(gw, "sensor-1", SECRET);
     let done = b.run(json!({"do": "click", "id": "sensor-1", "action": "ban",
         "confirm": true, "reason": "stolen"}));
     assert_eq!(
@@ -428,21 +329,7 @@ fn the_dashboard_needs_the_token_shows_devices_and_its_buttons_act_on_the_gatewa
     let bans = api.ok("GET", "/api/v1/bans", None, 200);
     assert_eq!(bans[0]["target"], "device sensor-1", "{bans}");
     assert_eq!(bans[0]["reason"], "stolen", "{bans}");
-    let args = gw.client(
-        gw.device_plain,
-        "sensor-1",
-        &[
-            "-u",
-            "sensor-1",
-            "-P",
-            SECRET,
-            "-t",
-            "devices/sensor-1/telemetry",
-            "-m",
-            "hi",
-        ],
-    );
-    let refused = mosquitto("mosquitto_pub", &args, T);
+    let refused = mosquitto_pub_telemetry(gw, "sensor-1", SECRET);
     assert!(!refused.status.success(), "{}", text(&refused));
     // Lift: the ban is gone and the device connects again.
     let done = b.run(json!({"do": "lift", "target": "device sensor-1"}));
@@ -452,7 +339,7 @@ fn the_dashboard_needs_the_token_shows_devices_and_its_buttons_act_on_the_gatewa
     );
     assert_eq!(done["status"], "ban on device sensor-1 lifted", "{done}");
     assert_eq!(api.ok("GET", "/api/v1/bans", None, 200), json!([]));
-    let allowed = mosquitto("mosquitto_pub", &args, T);
+    let allowed = mosquitto_pub_telemetry(gw, "sensor-1", SECRET);
     assert!(allowed.status.success(), "{}", text(&allowed));
 
     // The token stays in the tab: not in a cookie, local storage or the URL; a reload

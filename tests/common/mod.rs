@@ -2,6 +2,7 @@
 //! listeners, and drives it with real clients (mosquitto_pub/sub) and raw MQTT.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod raw;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -538,6 +539,11 @@ pub fn http_request(
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(body.as_bytes()).unwrap();
+    read_response(s)
+}
+
+/// Everything until the server closes: status (0 if none), head, body.
+pub fn read_response(mut s: impl Read) -> (u16, String, String) {
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let status = text
@@ -554,15 +560,7 @@ pub fn http_get_raw(addr: SocketAddr, path: &str, headers: &str) -> (u16, String
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{headers}\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_string(), body.to_string())
+    read_response(s)
 }
 
 /// Run a mosquitto client to completion with a time limit (killed past it).
