@@ -47,12 +47,8 @@ impl Stats {
                 c
             }
         };
-        let time_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         Stats {
-            time_ms,
+            time_ms: portcullis_core::registry::now_unix_ms(),
             messages_in: load(&metrics.messages_accepted),
             messages_out: load(&metrics.messages_delivered),
             bytes_in: load(&metrics.bytes_accepted),
